@@ -1,0 +1,52 @@
+# The few commands a newcomer needs. Every target works from any state: running one twice is harmless.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+WEDBACKUP := $(BIN)/wedbackup
+WEDDINGS ?= 200
+SEED ?= 7
+HEADLESS ?=
+BENCH_QUICK ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: install stack-up stack-down demo dev test bench reliability validate clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip wheel
+	$(BIN)/pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+stack-up: install
+	$(WEDBACKUP) stack up
+
+stack-down:
+	@if [ -x $(WEDBACKUP) ]; then $(WEDBACKUP) stack down; fi
+
+# Backs up every wedding of a fresh demo database through Dagster, prints a summary, then leaves the
+# Dagster UI on http://127.0.0.1:3000 (HEADLESS=1: stop after the summary).
+demo: stack-up
+	eval "$$($(WEDBACKUP) stack env)" && $(WEDBACKUP) demo --weddings $(WEDDINGS) --seed $(SEED) $(if $(HEADLESS),--headless,)
+
+# The Dagster UI (webserver + daemon) on the running stack, in the foreground.
+dev: stack-up
+	eval "$$($(WEDBACKUP) stack env)" && $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+validate: install
+	eval "$$($(WEDBACKUP) stack env)" && $(BIN)/dagster definitions validate -w workspace.yaml
+
+# The whole test suite against the real stack (started once for the session by the test fixtures).
+test: install validate
+	$(BIN)/pytest -q
+
+bench: stack-up
+	eval "$$($(WEDBACKUP) stack env)" && $(BIN)/python -m benchmarks.run $(if $(BENCH_QUICK),--quick,)
+
+reliability: stack-up
+	eval "$$($(WEDBACKUP) stack env)" && $(BIN)/pytest -q -m reliability wedbackup_dagster_tests/reliability
+
+clean: stack-down
+	rm -rf .wedbackup

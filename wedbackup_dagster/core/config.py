@@ -1,0 +1,200 @@
+"""wedbackup's configuration: every setting comes from the environment (or a `.env` file), is validated
+once, and a bad or missing one stops with an error naming the variable — never echoing its value."""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+# One table of every variable the project reads: README's configuration table is generated from it
+# (see `wedbackup config table`), so the two cannot drift apart.
+VARIABLES: dict[str, tuple[str, str, bool]] = {
+    # name: (description, default or "", secret)
+    "WEDBACKUP_SOURCE_DSN": ("PostgreSQL DSN of the wedding platform database to back up", "", True),
+    "WEDBACKUP_CATALOGUE_DSN": (
+        "PostgreSQL DSN of the catalogue (backups, wedding keys, audit); may be the same server", "", True),
+    "WEDBACKUP_SCRATCH_DSN": (
+        "DSN with CREATEDB rights where verified_restore makes throw-away databases "
+        "(default: the source server, database `postgres`)", "", True),
+    "WEDBACKUP_VAULT_DIR": ("on-site vault directory: copy #1 of every sealed archive", ".wedbackup/vault", False),
+    "WEDBACKUP_MASTER_KEY": ("master key(s) `KEYID:BASE64(32 bytes)`, comma-separated, first is current", "", True),
+    "WEDBACKUP_MASTER_KEY_FILE": ("file holding the same text as WEDBACKUP_MASTER_KEY (used when that is unset)",
+                                  "", False),
+    "WEDBACKUP_S3_ENDPOINT_URL": ("S3 endpoint (empty for AWS itself)", "", False),
+    "WEDBACKUP_S3_BUCKET": ("S3 bucket for replicas", "wedbackup-replicas", False),
+    "WEDBACKUP_S3_REGION": ("S3 region", "eu-west-1", False),
+    "WEDBACKUP_S3_PREFIX": ("key prefix inside the S3 bucket", "wedbackup", False),
+    "WEDBACKUP_S3_STORAGE_CLASS": ("S3 storage class for replicas", "STANDARD", False),
+    "WEDBACKUP_S3_SSE": ("S3 server-side encryption (`AES256`, `aws:kms` or empty)", "AES256", False),
+    "AWS_ACCESS_KEY_ID": ("S3 access key id", "", True),
+    "AWS_SECRET_ACCESS_KEY": ("S3 secret access key", "", True),
+    "WEDBACKUP_GCS_BUCKET": ("GCS bucket for replicas", "wedbackup-replicas", False),
+    "WEDBACKUP_GCS_PROJECT": ("GCP project of the bucket", "wedbackup-local", False),
+    "WEDBACKUP_GCS_PREFIX": ("object prefix inside the GCS bucket", "wedbackup", False),
+    "WEDBACKUP_GCS_STORAGE_CLASS": ("GCS storage class for replicas", "STANDARD", False),
+    "STORAGE_EMULATOR_HOST": ("GCS emulator URL (local stack only; unset for Google Cloud)", "", False),
+    "WEDBACKUP_AZURE_CONNECTION_STRING": ("Azure Blob connection string (account key or SAS)", "", True),
+    "WEDBACKUP_AZURE_CONTAINER": ("Azure Blob container for replicas", "wedbackup-replicas", False),
+    "WEDBACKUP_AZURE_PREFIX": ("blob name prefix inside the container", "wedbackup", False),
+    "WEDBACKUP_AZURE_TIER": ("Azure access tier for replicas (Hot, Cool, Cold, Archive)", "Cool", False),
+    "WEDBACKUP_STATE_DIR": ("where the local stack keeps its data, logs and PIDs", ".wedbackup", False),
+    "DAGSTER_HOME": ("Dagster instance directory (the local stack sets it up)", ".wedbackup/dagster_home", False),
+}
+
+SECRET_VARIABLES = frozenset(name for name, (_, _, secret) in VARIABLES.items() if secret)
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,200}$")
+
+
+def load_dotenv_if_present(path: str | os.PathLike[str] = ".env") -> None:
+    """Read a `.env` file into the environment without overriding variables already set."""
+    from dotenv import load_dotenv
+
+    if Path(path).is_file():
+        load_dotenv(path, override=False)
+
+
+def _dsn(environ: Mapping[str, str], name: str, default: str | None = None) -> str:
+    value = environ.get(name, "") or (default or "")
+    if not value:
+        raise ConfigError(name, "is not set (a PostgreSQL DSN such as postgresql://user@host:5432/db)")
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        parts = conninfo_to_dict(value)
+    except Exception:  # noqa: BLE001 - psycopg's message may quote the DSN, password included
+        raise ConfigError(name, "is not a valid PostgreSQL connection string") from None
+    if not parts.get("dbname") and not parts.get("host"):
+        raise ConfigError(name, "names neither a host nor a database")
+    return value
+
+
+def _choice(environ: Mapping[str, str], name: str, allowed: set[str]) -> str:
+    value = environ.get(name) or VARIABLES[name][1]
+    if value not in allowed:
+        raise ConfigError(name, f"must be one of {sorted(allowed)}")
+    return value
+
+
+def _matching(environ: Mapping[str, str], name: str, pattern: re.Pattern[str], what: str) -> str:
+    value = environ.get(name) or VARIABLES[name][1]
+    if not pattern.match(value) or ".." in value:
+        raise ConfigError(name, f"is not a valid {what}")
+    return value
+
+
+def _url(environ: Mapping[str, str], name: str) -> str:
+    value = environ.get(name, "")
+    if value:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(name, "must be an http(s) URL")
+    return value
+
+
+def scratch_dsn_from(source_dsn: str) -> str:
+    """The maintenance database on the source's server: where scratch databases are created."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    parts = conninfo_to_dict(source_dsn)
+    parts["dbname"] = "postgres"
+    return make_conninfo(**parts)
+
+
+@dataclass(frozen=True)
+class S3Target:
+    bucket: str
+    region: str
+    prefix: str
+    endpoint_url: str
+    storage_class: str
+    sse: str
+    media: str = "object-storage"
+    offsite: bool = True
+
+
+@dataclass(frozen=True)
+class GCSTarget:
+    bucket: str
+    project: str
+    prefix: str
+    storage_class: str
+    emulator_host: str
+    media: str = "object-storage"
+    offsite: bool = True
+
+
+@dataclass(frozen=True)
+class AzureTarget:
+    container: str
+    prefix: str
+    tier: str
+    connection_string: str = field(repr=False)
+    media: str = "object-storage"
+    offsite: bool = True
+
+
+@dataclass(frozen=True)
+class Settings:
+    source_dsn: str = field(repr=False)
+    catalogue_dsn: str = field(repr=False)
+    scratch_dsn: str = field(repr=False)
+    vault_dir: Path
+    s3: S3Target
+    gcs: GCSTarget
+    azure: AzureTarget
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        source = _dsn(env, "WEDBACKUP_SOURCE_DSN")
+        catalogue = _dsn(env, "WEDBACKUP_CATALOGUE_DSN")
+        scratch = _dsn(env, "WEDBACKUP_SCRATCH_DSN", default=scratch_dsn_from(source))
+        vault = Path(env.get("WEDBACKUP_VAULT_DIR") or VARIABLES["WEDBACKUP_VAULT_DIR"][1])
+        s3 = S3Target(
+            bucket=_matching(env, "WEDBACKUP_S3_BUCKET", _BUCKET, "bucket name"),
+            region=_matching(env, "WEDBACKUP_S3_REGION", re.compile(r"^[a-z0-9-]{2,32}$"), "region"),
+            prefix=_matching(env, "WEDBACKUP_S3_PREFIX", _PREFIX, "key prefix"),
+            endpoint_url=_url(env, "WEDBACKUP_S3_ENDPOINT_URL"),
+            storage_class=_choice(env, "WEDBACKUP_S3_STORAGE_CLASS", {
+                "STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR",
+                "GLACIER", "DEEP_ARCHIVE"}),
+            sse=_choice(env, "WEDBACKUP_S3_SSE", {"AES256", "aws:kms", "none"}),
+        )
+        gcs = GCSTarget(
+            bucket=_matching(env, "WEDBACKUP_GCS_BUCKET", _BUCKET, "bucket name"),
+            project=_matching(env, "WEDBACKUP_GCS_PROJECT", re.compile(r"^[a-z0-9-]{2,64}$"), "project id"),
+            prefix=_matching(env, "WEDBACKUP_GCS_PREFIX", _PREFIX, "object prefix"),
+            storage_class=_choice(env, "WEDBACKUP_GCS_STORAGE_CLASS", {
+                "STANDARD", "NEARLINE", "COLDLINE", "ARCHIVE"}),
+            emulator_host=_url(env, "STORAGE_EMULATOR_HOST"),
+        )
+        azure_cs = env.get("WEDBACKUP_AZURE_CONNECTION_STRING", "")
+        if azure_cs and "=" not in azure_cs:
+            raise ConfigError("WEDBACKUP_AZURE_CONNECTION_STRING", "is not an Azure connection string")
+        azure = AzureTarget(
+            container=_matching(env, "WEDBACKUP_AZURE_CONTAINER", re.compile(r"^[a-z0-9](?:[a-z0-9-]{1,61})[a-z0-9]$"),
+                                "container name"),
+            prefix=_matching(env, "WEDBACKUP_AZURE_PREFIX", _PREFIX, "blob prefix"),
+            tier=_choice(env, "WEDBACKUP_AZURE_TIER", {"Hot", "Cool", "Cold", "Archive"}),
+            connection_string=azure_cs,
+        )
+        return cls(source_dsn=source, catalogue_dsn=catalogue, scratch_dsn=scratch, vault_dir=vault,
+                   s3=s3, gcs=gcs, azure=azure)
+
+
+def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
+    """Replace every secret setting's value (and any DSN password) appearing in `text` by `***`."""
+    env = os.environ if environ is None else environ
+    out = text
+    for name in SECRET_VARIABLES:
+        value = env.get(name)
+        if value and len(value) >= 4:
+            out = out.replace(value, "***")
+    return re.sub(r"(postgres(?:ql)?://[^:/@\s]+:)[^@\s]+@", r"\1***@", out)

@@ -72,6 +72,9 @@ def _dsn(environ: Mapping[str, str], name: str, default: str | None = None) -> s
         raise ConfigError(name, "is not a valid PostgreSQL connection string") from None
     if not parts.get("dbname") and not parts.get("host"):
         raise ConfigError(name, "names neither a host nor a database")
+    port = str(parts.get("port") or "5432")
+    if not all(p.isdigit() and 0 < int(p) < 65536 for p in port.split(",")):
+        raise ConfigError(name, "has a port that is not a number between 1 and 65535")
     return value
 
 

@@ -1,0 +1,106 @@
+"""The on-site vault: copy #1 of every sealed archive, on local disk. Archives are written to a temporary
+file, fsynced, then renamed to their content address, so a crash never leaves a half-written archive
+under a real name and a retry can never overwrite a good copy with different bytes."""
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import WedbackupError
+
+PARTITION_RE = re.compile(r"^(?:platform|[A-Za-z0-9_-]{1,64})$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+SUFFIX = ".wbk"
+
+
+def check_partition(partition: str) -> str:
+    """A partition key is `platform` or a wedding id; anything else could escape a path or prefix."""
+    if not isinstance(partition, str) or not PARTITION_RE.match(partition):
+        raise WedbackupError(f"partition {partition!r} is not a wedding id or 'platform'")
+    return partition
+
+
+def check_sha256(sha256: str) -> str:
+    if not isinstance(sha256, str) or not SHA256_RE.match(sha256):
+        raise WedbackupError(f"{sha256!r} is not a lower-case hex SHA-256")
+    return sha256
+
+
+@dataclass(frozen=True)
+class VaultEntry:
+    partition: str
+    sha256: str
+    path: Path
+    size: int
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Vault:
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    def path_for(self, partition: str, sha256: str) -> Path:
+        return self.root / check_partition(partition) / f"{check_sha256(sha256)}{SUFFIX}"
+
+    @contextmanager
+    def incoming(self, partition: str) -> Iterator[tuple[BinaryIO, Path]]:
+        """A temporary file in the partition's folder; removed unless `commit()` renamed it."""
+        folder = self.root / check_partition(partition)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".incoming-{uuid.uuid4().hex}"
+        fh = open(tmp, "xb")
+        try:
+            yield fh, tmp
+        finally:
+            if not fh.closed:
+                fh.close()
+            tmp.unlink(missing_ok=True)
+
+    def commit(self, fh: BinaryIO, tmp: Path, partition: str, sha256: str) -> VaultEntry:
+        """fsync the temporary file, then rename it to its content address (atomic on POSIX)."""
+        fh.flush()
+        os.fsync(fh.fileno())
+        fh.close()
+        final = self.path_for(partition, sha256)
+        size = tmp.stat().st_size
+        if final.exists() and final.stat().st_size == size:
+            # Same content address and size: the identical archive is already there; keep the old one.
+            tmp.unlink(missing_ok=True)
+        else:
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        return VaultEntry(partition, sha256, final, size)
+
+    def get(self, partition: str, sha256: str) -> VaultEntry | None:
+        path = self.path_for(partition, sha256)
+        if not path.exists():
+            return None
+        return VaultEntry(partition, sha256, path, path.stat().st_size)
+
+    def entries(self, partition: str | None = None) -> Iterator[VaultEntry]:
+        folders = [self.root / check_partition(partition)] if partition else sorted(
+            p for p in self.root.glob("*") if p.is_dir())
+        for folder in folders:
+            for path in sorted(folder.glob(f"*{SUFFIX}")):
+                yield VaultEntry(folder.name, path.stem, path, path.stat().st_size)
+
+    def clean_incoming(self) -> int:
+        """Remove temporary files a killed run left behind; they were never renamed, so never valid."""
+        removed = 0
+        for tmp in self.root.glob("*/.incoming-*"):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+        return removed

@@ -1,0 +1,55 @@
+"""Settings: every malformed or missing variable stops with an error naming it, never echoing a secret."""
+from __future__ import annotations
+
+import pytest
+
+from wedbackup_dagster.core.config import VARIABLES, Settings, redact
+from wedbackup_dagster.core.errors import ConfigError
+
+GOOD = {
+    "WEDBACKUP_SOURCE_DSN": "postgresql://app:s3cr3t-pass@127.0.0.1:5432/wedding_platform",
+    "WEDBACKUP_CATALOGUE_DSN": "postgresql://app:s3cr3t-pass@127.0.0.1:5432/catalogue",
+}
+
+
+def test_defaults_fill_in_everything_but_the_databases():
+    s = Settings.from_env(GOOD)
+    assert s.s3.bucket == VARIABLES["WEDBACKUP_S3_BUCKET"][1]
+    assert s.azure.tier == "Cool"
+    assert "dbname=postgres" in s.scratch_dsn or s.scratch_dsn.endswith("/postgres")
+    assert "s3cr3t-pass" not in repr(s)
+
+
+@pytest.mark.parametrize("missing", ["WEDBACKUP_SOURCE_DSN", "WEDBACKUP_CATALOGUE_DSN"])
+def test_missing_dsn_names_the_variable(missing):
+    env = {k: v for k, v in GOOD.items() if k != missing}
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env(env)
+    assert err.value.variable == missing
+    assert missing in str(err.value)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("WEDBACKUP_SOURCE_DSN", "postgresql://app:s3cr3t-pass@host:notaport/db"),
+    ("WEDBACKUP_S3_BUCKET", "Bad_Bucket"),
+    ("WEDBACKUP_S3_PREFIX", "../escape"),
+    ("WEDBACKUP_GCS_PREFIX", "a/../../b"),
+    ("WEDBACKUP_S3_STORAGE_CLASS", "SHINY"),
+    ("WEDBACKUP_AZURE_TIER", "Lukewarm"),
+    ("WEDBACKUP_S3_ENDPOINT_URL", "ftp://x"),
+    ("WEDBACKUP_AZURE_CONNECTION_STRING", "s3cr3t-pass-without-structure"),
+    ("WEDBACKUP_AZURE_CONTAINER", "UPPER"),
+])
+def test_malformed_value_names_variable_and_hides_value(name, value):
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({**GOOD, name: value})
+    assert name in str(err.value)
+    assert "s3cr3t-pass" not in str(err.value)
+
+
+def test_redact_hides_secret_settings_and_dsn_passwords():
+    env = {**GOOD, "AWS_SECRET_ACCESS_KEY": "AKIA-very-secret"}
+    text = f"failed {GOOD['WEDBACKUP_SOURCE_DSN']} with AKIA-very-secret and postgresql://u:other@h/db"
+    out = redact(text, env)
+    assert "s3cr3t-pass" not in out and "AKIA-very-secret" not in out and "other@" not in out
+    assert "postgresql://u:***@h/db" in out

@@ -96,3 +96,17 @@ class ReplicaChecksumMismatch(ReplicaError):
 
 class ReplicaKeyRejected(ProviderError, ValueError):
     """A partition, checksum, key or metadata value would not make a safe object inside the replica prefix."""
+
+
+class SnapshotError(WedbackupError):
+    """A snapshot could not be taken (pg_dump failed, the source is unreachable); names the database."""
+
+
+class SnapshotFormatError(ArchiveError):
+    """The snapshot stream inside an (authenticated) archive does not parse: truncated, garbled, or
+    written by another format version. Names the archive or stream it came from."""
+
+
+class RestoreError(WedbackupError):
+    """A restore could not be applied to its target (rows or DDL refused); names the table at fault.
+    Nothing is committed: restores run in one transaction."""

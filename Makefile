@@ -43,6 +43,7 @@ test: install validate
 	$(BIN)/pytest -q
 
 bench: stack-up
+	@command -v age >/dev/null || { apt-get update -q && apt-get install -y -q age zstd; }
 	eval "$$($(WEDBACKUP) stack env)" && $(BIN)/python -m benchmarks.run $(if $(BENCH_QUICK),--quick,)
 
 reliability: stack-up

@@ -1,8 +1,192 @@
-"""`wedbackup backup` and `wedbackup restore`: the round trip through Dagster, from the command line."""
+"""`wedbackup backup`, `wedbackup restore` and `wedbackup demo`: the round trip through Dagster from the
+command line, so every backup and restore is a recorded run in the same instance the UI shows."""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from .core.errors import WedbackupError
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # filled in by the pipeline
-    return None
+def _instance():
+    import dagster as dg
+
+    return dg.DagsterInstance.get()
+
+
+def _selected_keys(args: argparse.Namespace, all_keys: list[str]) -> list[str]:
+    if getattr(args, "all", False):
+        return all_keys
+    if getattr(args, "platform", False):
+        return ["platform"]
+    unknown = [w for w in args.wedding if w not in all_keys]
+    if unknown:
+        raise WedbackupError(f"unknown wedding(s): {', '.join(unknown[:10])} (not in the source database)")
+    return list(args.wedding)
+
+
+def _print_runs(results) -> bool:
+    ok = True
+    for r in results:
+        span = r.first if r.first == r.last else f"{r.first}..{r.last}"
+        print(f"  run {r.run_id[:8]}  partitions {span:<20} {'ok' if r.success else 'FAILED'}")
+        for f in r.failures:
+            print(f"      {f.splitlines()[0][:200]}")
+        ok = ok and r.success
+    return ok
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from .backups.launch import register_partitions, run_job_for
+    from .core.config import Settings
+
+    settings = Settings.from_env()
+    instance = _instance()
+    keys = register_partitions(instance, settings.source_dsn)
+    selected = _selected_keys(args, keys)
+    _ensure_targets(settings)
+    print(f"backing up {len(selected)} partition(s) through Dagster")
+    results = run_job_for("backup_weddings", selected, instance=instance)
+    return 0 if _print_runs(results) else 1
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from .backups.restore_job import TARGET_DSN_VARIABLE
+    from .core.config import Settings, redact
+
+    Settings.from_env()
+    partition = "platform" if args.platform else args.wedding
+    os.environ[TARGET_DSN_VARIABLE] = args.target_dsn
+    from .definitions import defs
+
+    job = defs.resolve_job_def("restore_wedding")
+    config = {"partition": partition}
+    if args.source:
+        config["provider"] = args.source
+    result = job.execute_in_process(instance=_instance(), raise_on_error=False,
+                                    run_config={"ops": {"restore_partition": {"config": config}}})
+    if result.success:
+        print(f"restored {partition} (run {result.run_id[:8]})")
+        return 0
+    for event in result.all_events:
+        if event.event_type_value == "STEP_FAILURE":
+            print(redact(f"restore failed: {event.event_specific_data.error.message.strip()}"), file=sys.stderr)
+    return 1
+
+
+def _ensure_targets(settings) -> None:
+    """Create the replica buckets/containers when missing (the local stack starts empty)."""
+    from .core import replicas
+
+    replicas.ensure_targets(settings)
+
+
+def _summary(instance, keys: list[str]) -> str:
+    from .core.catalogue import Catalogue
+    from .core.config import Settings
+
+    settings = Settings.from_env()
+    with Catalogue(settings.catalogue_dsn).connect() as conn:
+        row = conn.execute(
+            """SELECT count(DISTINCT b.partition) AS partitions, count(*) AS archives,
+                      coalesce(sum(b.raw_bytes), 0) AS raw, coalesce(sum(b.size), 0) AS sealed,
+                      coalesce(sum(b.rows), 0) AS rows
+               FROM (SELECT DISTINCT ON (partition) * FROM wedbackup.backups
+                     ORDER BY partition, snapshot_time DESC) b""").fetchone()
+        copies = conn.execute(
+            """SELECT c.provider, count(*) AS n, count(c.verified_at) AS verified
+               FROM wedbackup.copies c JOIN (SELECT DISTINCT ON (partition) id FROM wedbackup.backups
+                                             ORDER BY partition, snapshot_time DESC) b ON b.id = c.backup_id
+               GROUP BY c.provider ORDER BY c.provider""").fetchall()
+    lines = [
+        f"partitions backed up: {row['partitions']} of {len(keys)} (weddings + platform)",
+        f"rows: {row['rows']:,}   raw: {row['raw'] / 1e6:.1f} MB   sealed: {row['sealed'] / 1e6:.1f} MB"
+        f"   ratio {row['raw'] / max(row['sealed'], 1):.1f}x",
+    ]
+    for c in copies:
+        lines.append(f"  copies on {c['provider']:<6} {c['n']:>5}   verified by restore: {c['verified']}")
+    return "\n".join(lines)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .backups.launch import register_partitions, run_job_for
+    from .core import demo_data
+    from .core.config import Settings
+
+    settings = Settings.from_env()
+    started = time.perf_counter()
+    print(f"1/4 demo database: {args.weddings} weddings (seed {args.seed})")
+    demo_data.generate(settings.source_dsn, weddings=args.weddings, seed=args.seed)
+    _ensure_targets(settings)
+    instance = _instance()
+    keys = register_partitions(instance, settings.source_dsn)
+    print(f"2/4 partitions registered in Dagster: {len(keys)}")
+    print("3/4 backing up every partition through Dagster (dump, seal, vault, S3, GCS, Azure, verified restore)")
+    results = run_job_for("backup_weddings", keys, instance=instance)
+    ok = _print_runs(results)
+    print("4/4 summary")
+    print(_summary(instance, keys))
+    print(f"done in {time.perf_counter() - started:.0f} s{'' if ok else ' (with failures, see above)'}")
+    if not args.headless:
+        url = start_ui()
+        print(f"Dagster UI: {url}  (stop everything with: make stack-down)")
+    return 0 if ok else 1
+
+
+def start_ui() -> str:
+    """Start `dagster dev` in the background as a stack service, so `wedbackup stack down` stops it."""
+    from .core.stack import Stack, port, port_open, project_root
+
+    stack = Stack.default()
+    p = port("dagster")
+    url = f"http://127.0.0.1:{p}"
+    if port_open(p):
+        return url
+    dagster = os.path.join(os.path.dirname(sys.executable), "dagster")
+
+    def reset_signals() -> None:
+        # Started from a script, dagster dev would inherit ignored SIGINT/SIGTERM and never stop.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    stack.log_dir.mkdir(parents=True, exist_ok=True)
+    log = open(stack.log_dir / "dagster.log", "ab")
+    proc = subprocess.Popen([dagster, "dev", "-w", str(project_root() / "workspace.yaml"), "-h", "127.0.0.1",
+                             "-p", str(p)], cwd=project_root(), stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=reset_signals)
+    stack.pid_dir.mkdir(parents=True, exist_ok=True)
+    (stack.pid_dir / "dagster.pid").write_text(str(proc.pid))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not port_open(p):
+        if proc.poll() is not None:
+            raise WedbackupError(f"dagster dev exited early; see {stack.log_dir / 'dagster.log'}")
+        time.sleep(0.5)
+    return url
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    backup = sub.add_parser("backup", help="back up weddings through Dagster")
+    group = backup.add_mutually_exclusive_group(required=True)
+    group.add_argument("--all", action="store_true", help="every wedding and the platform")
+    group.add_argument("--wedding", nargs="+", metavar="ID", help="these weddings")
+    group.add_argument("--platform", action="store_true", help="the platform partition only")
+    backup.set_defaults(func=cmd_backup)
+
+    restore = sub.add_parser("restore", help="restore a wedding or the platform from its newest backup")
+    which = restore.add_mutually_exclusive_group(required=True)
+    which.add_argument("--wedding", metavar="ID")
+    which.add_argument("--platform", action="store_true")
+    restore.add_argument("--target-dsn", required=True, help="database to restore into")
+    restore.add_argument("--from", dest="source", choices=["vault", "s3", "gcs", "azure"],
+                         help="which copy to restore (default: the vault)")
+    restore.set_defaults(func=cmd_restore)
+
+    demo = sub.add_parser("demo", help="fill a demo database, back it all up, print a summary, start the UI")
+    demo.add_argument("--weddings", type=int, default=60)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--headless", action="store_true", help="stop after the summary")
+    demo.set_defaults(func=cmd_demo)

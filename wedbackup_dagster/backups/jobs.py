@@ -1,0 +1,22 @@
+"""Jobs over the backup assets. They run in-process: one run covers many weddings, and starting a
+process per step would cost more than backing up a typical wedding (see benchmarks/)."""
+import dagster as dg
+
+from .constants import VERIFIED_RESTORE
+from .partitions import weddings_partitions
+
+backup_weddings = dg.define_asset_job(
+    name="backup_weddings",
+    selection=dg.AssetSelection.groups("wedding_backups"),
+    partitions_def=weddings_partitions,
+    executor_def=dg.in_process_executor,
+    description="Snapshot, seal, replicate and verify the selected weddings.",
+)
+
+reverify_weddings = dg.define_asset_job(
+    name="reverify_weddings",
+    selection=dg.AssetSelection.assets(VERIFIED_RESTORE),
+    partitions_def=weddings_partitions,
+    executor_def=dg.in_process_executor,
+    description="Restore and check existing backups again, without taking new ones.",
+)

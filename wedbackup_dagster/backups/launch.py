@@ -1,0 +1,54 @@
+"""Launching backup work through Dagster from the command line: partitions registered, then one
+in-process run per contiguous range of weddings, recorded in the instance like any other run."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+from ..core.discovery import PLATFORM, contiguous_ranges, wedding_ids
+from .partitions import validated_keys, weddings_partitions
+
+
+@dataclass
+class LaunchResult:
+    run_id: str
+    first: str
+    last: str
+    success: bool
+    failures: list[str]
+
+
+def register_partitions(instance: dg.DagsterInstance, source_dsn: str) -> list[str]:
+    """Add `platform` and every wedding of the source database as partitions (new ones only)."""
+    name = weddings_partitions.name
+    known = set(instance.get_dynamic_partitions(name))
+    wanted = [PLATFORM, *wedding_ids(source_dsn)]
+    new = [k for k in validated_keys(wanted) if k not in known]
+    for i in range(0, len(new), 1000):
+        instance.add_dynamic_partitions(name, new[i:i + 1000])
+    return wanted
+
+
+def run_job_for(job_name: str, keys: list[str], *, instance: dg.DagsterInstance | None = None,
+                run_config: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> list[LaunchResult]:
+    from ..definitions import defs
+
+    instance = instance or dg.DagsterInstance.get()
+    job = defs.resolve_job_def(job_name)
+    ordered = list(instance.get_dynamic_partitions(weddings_partitions.name))
+    results = []
+    for first, last in contiguous_ranges(validated_keys(keys), ordered):
+        run_tags = dict(tags or {})
+        if first == last:
+            outcome = job.execute_in_process(instance=instance, partition_key=first, raise_on_error=False,
+                                             run_config=run_config, tags=run_tags)
+        else:
+            run_tags.update({ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last})
+            outcome = job.execute_in_process(instance=instance, raise_on_error=False, run_config=run_config,
+                                             tags=run_tags)
+        failures = [e.message or "" for e in outcome.all_events if e.event_type_value == "STEP_FAILURE"]
+        results.append(LaunchResult(outcome.run_id, first, last, outcome.success, failures))
+    return results

@@ -1,0 +1,223 @@
+"""The backup engine: for one partition (a wedding or `platform`), take the snapshot and seal it into
+the vault in one stream, record it in the catalogue, upload it to a provider, and prove it restores.
+Plain Python: the Dagster assets are thin calls into this class."""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from .archive import ArchiveStats, ArchiveWriter, open_archive
+from .catalogue import BackupRecord, Catalogue
+from .config import Settings
+from .errors import ProviderError, VerificationError, WedbackupError
+from .keys import MasterKeyring, SecretKey, load_master_keyring
+from .vault import Vault, VaultEntry, check_partition
+
+PROVIDERS = ("s3", "gcs", "azure")
+
+
+@dataclass
+class BackupOutcome:
+    partition: str
+    backup: BackupRecord
+    stats: ArchiveStats
+    vault: VaultEntry
+    manifest: dict[str, Any]
+    seconds: float
+
+
+@dataclass
+class ReplicaOutcome:
+    partition: str
+    backup: BackupRecord
+    record: Any  # replicas.ReplicaRecord
+    seconds: float
+
+
+@dataclass
+class VerifyOutcome:
+    partition: str
+    backup: BackupRecord
+    provider: str
+    seconds: float
+    download_seconds: float
+    restore_seconds: float
+    tables: list[dict[str, Any]] = field(default_factory=list)
+    fk_checked: int = 0
+    fk_external: int = 0
+
+
+class _CountingSink:
+    """Passes snapshot bytes into the sealer; the sealer does the counting and hashing."""
+
+    def __init__(self, writer: ArchiveWriter):
+        self._writer = writer
+
+    def write(self, data: bytes) -> int:
+        self._writer.write(data)
+        return len(data)
+
+
+class Engine:
+    def __init__(self, settings: Settings, keyring: MasterKeyring, catalogue: Catalogue | None = None):
+        self.settings = settings
+        self.keyring = keyring
+        self.catalogue = catalogue or Catalogue(settings.catalogue_dsn)
+        self.vault = Vault(settings.vault_dir)
+        self.catalogue.migrate()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Engine:
+        env = os.environ if environ is None else environ
+        return cls(Settings.from_env(env), load_master_keyring(env))
+
+    # ---- keys --------------------------------------------------------------------------------------
+    def resolve_key(self, key_id: str) -> SecretKey:
+        return self.catalogue.key_by_id(key_id, self.keyring)
+
+    # ---- db_dump + encrypted_archive -------------------------------------------------------------
+    @contextmanager
+    def snapshot_session(self) -> Iterator[Any]:
+        from .snapshot import SnapshotSession
+
+        with SnapshotSession(self.settings.source_dsn) as session:
+            yield session
+
+    def back_up(self, partition: str, session: Any) -> BackupOutcome:
+        """Snapshot → zstd → AES-256-GCM → vault (atomic) → catalogue. Plaintext never touches disk."""
+        check_partition(partition)
+        started = time.perf_counter()
+        wedding_key = self.catalogue.wedding_key(partition, self.keyring)
+        with self.vault.incoming(partition) as (fh, tmp):
+            writer = ArchiveWriter(fh, wedding_key=wedding_key, label={"partition": partition, "app": "wedbackup"})
+            try:
+                manifest = session.take(partition, _CountingSink(writer))
+            except BaseException:
+                writer.abort()
+                raise
+            stats = writer.close()
+            entry = self.vault.commit(fh, tmp, partition, stats.sha256)
+        manifest_dict = manifest.to_dict() if hasattr(manifest, "to_dict") else dict(manifest)
+        backup = self.catalogue.record_backup(partition=partition, archive_sha256=stats.sha256, size=stats.sealed_bytes,
+                                              key_id=stats.key_id, manifest=manifest_dict)
+        self.catalogue.record_copy(backup.id, provider="vault", uri=entry.path.as_uri(), object_key=entry.path.name,
+                                   version_id=None, size=entry.size, checksum=stats.sha256, storage_class="local-disk",
+                                   region=None, media="disk", offsite=False)
+        return BackupOutcome(partition, backup, stats, entry, manifest_dict, time.perf_counter() - started)
+
+    # ---- replicas ------------------------------------------------------------------------------------
+    def replicate(self, partition: str, replica: Any) -> ReplicaOutcome:
+        """Upload the partition's newest archive to one provider (a no-op when it is already there)."""
+        started = time.perf_counter()
+        backup = self.catalogue.require_latest_backup(check_partition(partition))
+        entry = self.vault.get(partition, backup.archive_sha256)
+        if entry is None:
+            raise WedbackupError(f"wedding {partition}: archive {backup.archive_sha256[:12]}… is missing from the "
+                                 f"vault ({self.vault.root}); take a new backup")
+        record = replica.upload(entry.path, partition=partition, sha256=backup.archive_sha256, size=entry.size,
+                                metadata={"partition": partition, "key-id": backup.key_id})
+        self.catalogue.record_copy(backup.id, provider=record.provider, uri=record.uri, object_key=record.key,
+                                   version_id=record.version_id, size=record.size, checksum=record.provider_checksum,
+                                   storage_class=record.storage_class, region=record.region, media=record.media,
+                                   offsite=record.offsite)
+        return ReplicaOutcome(partition, backup, record, time.perf_counter() - started)
+
+    # ---- verified_restore ------------------------------------------------------------------------------
+    def choose_provider(self, backup: BackupRecord, available: list[str], asked: str | None = None) -> str:
+        """Rotate through the copies so that, over time, every provider's copy is restored."""
+        copies = {c.provider for c in self.catalogue.copies(backup.id)}
+        if asked:
+            if asked not in copies:
+                raise ProviderError(asked, f"holds no copy of wedding {backup.partition}'s newest backup")
+            return asked
+        candidates = [p for p in available if p in copies] or (["vault"] if "vault" in copies else [])
+        if not candidates:
+            raise WedbackupError(f"wedding {backup.partition}: no copy of the newest backup to verify")
+        return candidates[self.catalogue.restore_count(backup.id) % len(candidates)]
+
+    @contextmanager
+    def _fetched_copy(self, backup: BackupRecord, chosen: str, replicas: Mapping[str, Any]) -> Iterator[Any]:
+        """A temporary file holding the chosen copy, its SHA-256 checked against the catalogue."""
+        folder = self.vault.root if self.vault.root.exists() else None
+        with tempfile.TemporaryFile(dir=folder) as tmp:
+            if chosen == "vault":
+                entry = self.vault.get(backup.partition, backup.archive_sha256)
+                if entry is None:
+                    raise WedbackupError(f"wedding {backup.partition}: the vault copy "
+                                         f"{backup.archive_sha256[:12]}… is missing")
+                with open(entry.path, "rb") as src:
+                    while block := src.read(1 << 20):
+                        tmp.write(block)
+            else:
+                copy = next(c for c in self.catalogue.copies(backup.id) if c.provider == chosen)
+                replicas[chosen].download(copy.object_key, tmp, expected_sha256=backup.archive_sha256)
+            tmp.seek(0)
+            yield tmp
+
+    def _archive_name(self, backup: BackupRecord, chosen: str) -> str:
+        return f"{chosen}:{backup.partition}/{backup.archive_sha256[:16]}"
+
+    def verify(self, partition: str, replicas: Mapping[str, Any], provider: str | None = None) -> VerifyOutcome:
+        """Download one copy, decrypt, restore into a scratch database, compare with the manifest."""
+        from . import restore
+
+        backup = self.catalogue.require_latest_backup(check_partition(partition))
+        chosen = self.choose_provider(backup, [p for p in PROVIDERS if p in replicas], provider)
+        started = time.perf_counter()
+        ok = False
+        detail: dict[str, Any] = {}
+        try:
+            with self._fetched_copy(backup, chosen, replicas) as tmp:
+                download_seconds = time.perf_counter() - started
+                chunks = open_archive(tmp, name=self._archive_name(backup, chosen), resolve_key=self.resolve_key)
+                restore_started = time.perf_counter()
+                with restore.scratch_database(self.settings.scratch_dsn, label=partition) as scratch_dsn:
+                    report = restore.restore_snapshot(chunks, scratch_dsn, create_schema=True)
+                    verify = restore.verify_restored(scratch_dsn, report.manifest)
+                restore_seconds = time.perf_counter() - restore_started
+            ok = True
+            outcome = VerifyOutcome(partition, backup, chosen, time.perf_counter() - started, download_seconds,
+                                    restore_seconds, tables=_table_rows(verify), fk_checked=verify.fk_checked,
+                                    fk_external=verify.fk_external)
+            detail = {"tables": len(outcome.tables), "fk_checked": outcome.fk_checked}
+            return outcome
+        except WedbackupError as exc:
+            detail = {"error": str(exc)[:500]}
+            raise
+        finally:
+            self.catalogue.record_restore(backup.id, provider=chosen, ok=ok, seconds=time.perf_counter() - started,
+                                          detail=detail)
+
+    def restore_to(self, partition: str, target_dsn: str, replicas: Mapping[str, Any],
+                   provider: str | None = None) -> Any:
+        """Restore the newest backup of a partition into a target database and check it."""
+        from . import restore
+
+        backup = self.catalogue.require_latest_backup(check_partition(partition))
+        copies = {c.provider for c in self.catalogue.copies(backup.id)}
+        chosen = provider or ("vault" if "vault" in copies and self.vault.get(partition, backup.archive_sha256)
+                              else self.choose_provider(backup, [p for p in PROVIDERS if p in replicas]))
+        started = time.perf_counter()
+        with self._fetched_copy(backup, chosen, replicas) as tmp:
+            chunks = open_archive(tmp, name=self._archive_name(backup, chosen), resolve_key=self.resolve_key)
+            report = restore.restore_snapshot(chunks, target_dsn, create_schema="auto")
+        self.catalogue.audit("restore", partition, {"archive_sha256": backup.archive_sha256, "copy": chosen,
+                                                    "seconds": round(time.perf_counter() - started, 3)})
+        return backup, chosen, report
+
+
+def _table_rows(report: Any) -> list[dict[str, Any]]:
+    rows = []
+    for t in getattr(report, "tables", []):
+        rows.append(t if isinstance(t, dict) else dict(t.__dict__))
+    return rows
+
+
+def raise_if_mismatch(report: Any, partition: str) -> None:
+    if not getattr(report, "ok", True):
+        raise VerificationError(f"wedding {partition}: restored copy does not match its manifest")

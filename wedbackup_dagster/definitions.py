@@ -1,0 +1,13 @@
+"""The wedbackup code location: every Dagster object of the project, wired to its resources."""
+import dagster as dg
+
+from .backups.assets import backup_assets
+from .backups.jobs import backup_weddings, reverify_weddings
+from .backups.resources import build_resources
+from .backups.restore_job import restore_wedding
+
+defs = dg.Definitions(
+    assets=backup_assets,
+    jobs=[backup_weddings, reverify_weddings, restore_wedding],
+    resources=build_resources(),
+)

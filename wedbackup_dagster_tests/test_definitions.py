@@ -1,0 +1,31 @@
+"""The code location loads with nothing configured, and its assets say what they are."""
+import dagster as dg
+
+from wedbackup_dagster.backups.constants import GROUP, REPLICA_KEYS, UPLOAD_POOLS
+from wedbackup_dagster.definitions import defs
+
+
+def test_definitions_load_and_validate():
+    dg.Definitions.validate_loadable(defs)
+
+
+def test_every_asset_has_kinds_owners_group_and_wedding_partitions():
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert {"db_dump", "encrypted_archive", "s3_replica", "gcs_replica", "azure_replica",
+            "verified_restore"} <= keys
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        assert node.owners, key
+        assert node.kinds, key
+        assert node.group_name == GROUP, key
+        assert node.partitions_def is not None and node.partitions_def.name == "weddings"
+
+
+def test_each_provider_uploads_in_its_own_pool():
+    graph = defs.resolve_asset_graph()
+    for provider, key in REPLICA_KEYS.items():
+        assets_def = graph.assets_def_for_key(key)
+        pools = {op.pool for op in assets_def.node_def.iterate_op_defs()} if hasattr(
+            assets_def.node_def, "iterate_op_defs") else {assets_def.op.pool}
+        assert pools == {UPLOAD_POOLS[provider]}

@@ -39,3 +39,38 @@ def test_env_output_round_trips_through_a_shell(stack):
     script = export_lines(env) + '\nprintf %s "$WEDBACKUP_SOURCE_DSN"'
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout
     assert out == env["WEDBACKUP_SOURCE_DSN"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_second_stack_up_twice_then_down_leaves_no_process(tmp_path, monkeypatch):
+    """A stack in its own state dir and ports: `up` twice is harmless, `down` stops exactly what it started."""
+    import os
+
+    from wedbackup_dagster.core.stack import Stack, _pid_alive
+
+    for name in ("postgres", "s3", "gcs"):
+        monkeypatch.setenv(f"WEDBACKUP_{name.upper()}_PORT", str(_free_port()))
+    other = Stack(tmp_path / "state")
+    services = ("postgres", "s3", "gcs")
+    try:
+        other.up(services)
+        pids = {name: other.recorded_pid(name) for name in services}
+        other.up(services)  # again: nothing new is started
+        assert {name: other.recorded_pid(name) for name in services} == pids
+        for name in services:
+            assert _pid_alive(pids[name]), name
+        with psycopg.connect(other.dsn("postgres")) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        other.down()
+    for name, pid in pids.items():
+        assert not _pid_alive(pid), f"{name} (pid {pid}) still running after down"
+        assert not port_open(int(os.environ[f"WEDBACKUP_{name.upper()}_PORT"]))
+    assert list((tmp_path / "state" / "pids").glob("*.pid")) == []

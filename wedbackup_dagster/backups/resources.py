@@ -28,10 +28,10 @@ class AzureBlobResource(dg.ConfigurableResource):
     connection_string: str
 
     def get_service(self) -> Any:
-        from azure.storage.blob import BlobServiceClient
+        from ..core.replicas.azure import azure_service_from_connection_string
 
-        return BlobServiceClient.from_connection_string(self.connection_string, connection_timeout=10,
-                                                        read_timeout=60, retry_total=2)
+        # Short timeouts and one quick retry: the SDK's default retry would hold a down provider for minutes.
+        return azure_service_from_connection_string(self.connection_string)
 
 
 def _optional(name: str, default: str | None = None) -> Any:

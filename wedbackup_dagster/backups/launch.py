@@ -49,6 +49,16 @@ def run_job_for(job_name: str, keys: list[str], *, instance: dg.DagsterInstance 
             run_tags.update({ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last})
             outcome = job.execute_in_process(instance=instance, raise_on_error=False, run_config=run_config,
                                              tags=run_tags)
-        failures = [e.message or "" for e in outcome.all_events if e.event_type_value == "STEP_FAILURE"]
+        failures = [_failure_text(e) for e in outcome.all_events if e.event_type_value == "STEP_FAILURE"]
         results.append(LaunchResult(outcome.run_id, first, last, outcome.success, failures))
     return results
+
+
+def _failure_text(event: dg.DagsterEvent) -> str:
+    """The step's own words: our Failure's description names the weddings and what went wrong."""
+    data = event.step_failure_data
+    if data.user_failure_data and data.user_failure_data.description:
+        return f"{event.step_key}: {data.user_failure_data.description}"
+    if data.error:
+        return f"{event.step_key}: {data.error.message.strip()}"
+    return event.message or event.step_key or "step failed"

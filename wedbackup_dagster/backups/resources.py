@@ -34,21 +34,27 @@ class AzureBlobResource(dg.ConfigurableResource):
         return azure_service_from_connection_string(self.connection_string)
 
 
-def _optional(name: str, default: str | None = None) -> Any:
-    # EnvVar keeps the value out of the UI; a plain default is used when the variable is unset.
-    return dg.EnvVar(name) if os.environ.get(name) else default
+class S3ReplicaResource(S3Resource):
+    """dagster-aws's S3Resource, completed from the WEDBACKUP_* / AWS_* environment when the client is
+    made (not when the code location loads), so the endpoint and keys are those of the running process
+    and never appear in the resource's config."""
+
+    def get_client(self) -> Any:
+        settings = Settings.from_env()
+        resolved = S3Resource(
+            endpoint_url=self.endpoint_url or settings.s3.endpoint_url or None,
+            region_name=self.region_name or settings.s3.region,
+            aws_access_key_id=self.aws_access_key_id or os.environ.get("AWS_ACCESS_KEY_ID") or None,
+            aws_secret_access_key=self.aws_secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
+            max_attempts=self.max_attempts,
+        )
+        return resolved.get_client()
 
 
 def build_resources() -> dict[str, Any]:
     return {
         "wedbackup": WedbackupEngineResource(),
-        "s3": S3Resource(
-            endpoint_url=_optional("WEDBACKUP_S3_ENDPOINT_URL"),
-            region_name=_optional("WEDBACKUP_S3_REGION", "eu-west-1"),
-            aws_access_key_id=_optional("AWS_ACCESS_KEY_ID"),
-            aws_secret_access_key=_optional("AWS_SECRET_ACCESS_KEY"),
-            max_attempts=3,
-        ),
-        "gcs": GCSResource(project=_optional("WEDBACKUP_GCS_PROJECT", "wedbackup-local")),
+        "s3": S3ReplicaResource(max_attempts=2),
+        "gcs": GCSResource(project=dg.EnvVar("WEDBACKUP_GCS_PROJECT")),
         "azure": AzureBlobResource(connection_string=dg.EnvVar("WEDBACKUP_AZURE_CONNECTION_STRING")),
     }

@@ -41,7 +41,7 @@ def restore_partition(context: dg.OpExecutionContext, config: RestoreConfig, wed
         "copy": chosen,
         "archive_sha256": backup.archive_sha256,
         "snapshot_time": str(backup.snapshot_time),
-        "rows": dg.MetadataValue.int(int(getattr(report, "rows", 0) or 0)),
+        "rows": dg.MetadataValue.int(report.total_rows),
     })
 
 

@@ -1,0 +1,638 @@
+"""Restore a snapshot stream into a target database (one transaction, all-or-nothing, checked against
+its manifest), verify a restored copy independently, and provide throw-away scratch databases."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from wedbackup_dagster.core import tenancy
+from wedbackup_dagster.core.errors import (RestoreError, SchemaMismatchError, SnapshotFormatError,
+                                           VerificationError)
+from wedbackup_dagster.core.snapshot import (DATA, FORMAT_NAME, FORMAT_VERSION, FRAME_HEADER_SIZE, HEADER, MAGIC,
+                                             MANIFEST, MAX_DATA_RECORD, MAX_META_RECORD, PLATFORM, POST_DATA,
+                                             PRE_DATA, RECORD_TYPES, TABLE_BEGIN, TABLE_END, Manifest, copy_out,
+                                             database_label, describe_schema, partition_selects,
+                                             schema_fingerprint, schema_is_empty, use_qualified_names)
+
+# --- reading the stream -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Record:
+    kind: bytes  # one of snapshot.RECORD_TYPES
+    payload: bytes
+    offset: int  # where the record starts in the stream, for error messages
+    source: str = "snapshot stream"
+
+    @property
+    def kind_name(self) -> str:
+        return RECORD_TYPES[self.kind]
+
+    def json(self) -> dict[str, Any]:
+        try:
+            value = json.loads(self.payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SnapshotFormatError(self.source, f"{self.kind_name} record at offset {self.offset} "
+                                                   f"is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+        if not isinstance(value, dict):
+            raise SnapshotFormatError(self.source, f"{self.kind_name} record at offset {self.offset} "
+                                                   f"is not a JSON object")
+        return value
+
+    def text(self) -> str:
+        try:
+            return self.payload.decode()
+        except UnicodeDecodeError:
+            raise SnapshotFormatError(self.source, f"{self.kind_name} record at offset {self.offset} "
+                                                   f"is not UTF-8 text") from None
+
+
+# What may follow each record: header, pre-data, post-data, then (table-begin data* table-end)*, manifest.
+_NEXT = {
+    None: {HEADER},
+    HEADER: {PRE_DATA},
+    PRE_DATA: {POST_DATA},
+    POST_DATA: {TABLE_BEGIN, MANIFEST},
+    TABLE_BEGIN: {DATA, TABLE_END},
+    DATA: {DATA, TABLE_END},
+    TABLE_END: {TABLE_BEGIN, MANIFEST},
+    MANIFEST: set(),
+}
+
+
+def read_snapshot(chunks: Iterable[bytes], *, name: str = "snapshot stream") -> Iterator[Record]:
+    """Parse the framed snapshot stream from chunks of any size (records may span chunks). Memory is
+    bounded by the largest record. A truncated, garbled or out-of-order stream raises
+    SnapshotFormatError naming `name` and the offset."""
+    buf = bytearray()
+    offset = 0  # stream offset of buf[0]
+    magic_seen = False
+    last: bytes | None = None
+    for chunk in chunks:
+        if not chunk:
+            continue
+        buf += chunk
+        if not magic_seen:
+            if len(buf) < len(MAGIC):
+                if not MAGIC.startswith(bytes(buf)):
+                    raise SnapshotFormatError(name, "not a wedbackup snapshot stream (bad magic)")
+                continue
+            if bytes(buf[:len(MAGIC)]) != MAGIC:
+                raise SnapshotFormatError(name, "not a wedbackup snapshot stream (bad magic)")
+            del buf[:len(MAGIC)]
+            offset = len(MAGIC)
+            magic_seen = True
+        while len(buf) >= FRAME_HEADER_SIZE:
+            kind = bytes(buf[:1])
+            length = int.from_bytes(buf[1:FRAME_HEADER_SIZE], "big")
+            if kind not in RECORD_TYPES:
+                raise SnapshotFormatError(name, f"unknown record type {kind!r} at offset {offset}: "
+                                                f"the stream is garbled")
+            if kind not in _NEXT[last]:
+                after = RECORD_TYPES[last] if last else "the start"
+                raise SnapshotFormatError(name, f"{RECORD_TYPES[kind]} record at offset {offset} cannot "
+                                                f"follow {after}: the stream is garbled")
+            limit = MAX_DATA_RECORD if kind == DATA else MAX_META_RECORD
+            if length > limit:
+                raise SnapshotFormatError(name, f"{RECORD_TYPES[kind]} record at offset {offset} declares "
+                                                f"{length} bytes, more than the limit of {limit}: the stream is garbled")
+            end = FRAME_HEADER_SIZE + length
+            if len(buf) < end:
+                break
+            payload = bytes(buf[FRAME_HEADER_SIZE:end])
+            del buf[:end]
+            yield Record(kind, payload, offset, name)
+            offset += end
+            last = kind
+    if not magic_seen:
+        raise SnapshotFormatError(name, "empty or truncated before the snapshot's first record")
+    if buf:
+        if last == MANIFEST:
+            raise SnapshotFormatError(name, f"{len(buf)} unexpected bytes after the manifest at offset {offset}")
+        raise SnapshotFormatError(name, f"truncated: the stream ends inside a record at offset {offset}")
+    if last != MANIFEST:
+        where = RECORD_TYPES[last] if last else "the start"
+        raise SnapshotFormatError(name, f"truncated: the stream ends after {where} at offset {offset}, "
+                                        f"before its manifest")
+
+
+def read_manifest(chunks: Iterable[bytes], *, name: str = "snapshot stream") -> Manifest:
+    """The manifest of a snapshot stream (reads the whole stream, holding one record at a time)."""
+    manifest = None
+    for record in read_snapshot(chunks, name=name):
+        if record.kind == MANIFEST:
+            manifest = Manifest.from_dict(record.json())
+    assert manifest is not None  # read_snapshot guarantees a manifest ends the stream
+    return manifest
+
+
+# --- reports ----------------------------------------------------------------------------------------
+
+@dataclass
+class TableReport:
+    table: str
+    rows: int
+    bytes: int
+    seconds: float
+    ok: bool = True
+    problem: str = ""
+
+
+@dataclass
+class RestoreReport:
+    partition: str
+    target: str  # database label, never a DSN
+    tables: list[TableReport]
+    created_schema: bool
+    schema_fingerprint: str
+    schema_matches: bool  # after the restore, the target's fingerprint equals the archive's
+    sequences: list[dict[str, Any]] = field(default_factory=list)
+    triggers_held: list[str] = field(default_factory=list)  # user triggers disabled during the load
+    unvalidated_foreign_keys: list[str] = field(default_factory=list)  # created NOT VALID: parents elsewhere
+    seconds: float = 0.0
+
+    @property
+    def total_rows(self) -> int:
+        return sum(t.rows for t in self.tables)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.bytes for t in self.tables)
+
+    def table_rows(self) -> list[dict[str, Any]]:
+        """One dict per table, for a UI table or a DataFrame."""
+        return [asdict(t) for t in self.tables]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(total_rows=self.total_rows, total_bytes=self.total_bytes)
+        return d
+
+
+@dataclass
+class ForeignKeyCheck:
+    constraint: str
+    table: str
+    parent: str
+    status: str  # "ok", "orphans", "external, not checked"
+    orphans: int = 0
+
+
+@dataclass
+class VerifyReport:
+    partition: str
+    target: str
+    tables: list[TableReport]
+    foreign_keys: list[ForeignKeyCheck]
+    seconds: float = 0.0
+
+    @property
+    def problems(self) -> list[str]:
+        out = [f"table {t.table}: {t.problem}" for t in self.tables if not t.ok]
+        out += [f"foreign key {f.constraint} on {f.table}: {f.orphans} row(s) without a parent in {f.parent}"
+                for f in self.foreign_keys if f.status == "orphans"]
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def total_rows(self) -> int:
+        return sum(t.rows for t in self.tables)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.bytes for t in self.tables)
+
+    def table_rows(self) -> list[dict[str, Any]]:
+        return [asdict(t) for t in self.tables]
+
+    def raise_if_failed(self) -> None:
+        if not self.ok:
+            raise VerificationError(f"restore of {_partition_label(self.partition)} into {self.target} does not "
+                                    f"match its manifest: " + "; ".join(self.problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(ok=self.ok, problems=self.problems, total_rows=self.total_rows, total_bytes=self.total_bytes)
+        return d
+
+
+def _partition_label(partition: str) -> str:
+    return "the platform partition" if partition == PLATFORM else f"wedding {partition}"
+
+
+# --- schema comparison ------------------------------------------------------------------------------
+
+def schema_differences(archive: Iterable[Iterable[str]], target: Iterable[Iterable[str]], limit: int = 25) -> list[str]:
+    """Readable differences between two schema descriptions ([kind, key, detail] lines)."""
+    a = {(k, key): d for k, key, d in archive}
+    t = {(k, key): d for k, key, d in target}
+    out = []
+    for k, key in sorted(a.keys() | t.keys()):
+        if (k, key) not in t:
+            out.append(f"{k} {key} ({a[(k, key)]}) is in the archive but not in the target")
+        elif (k, key) not in a:
+            out.append(f"{k} {key} ({t[(k, key)]}) is in the target but not in the archive")
+        elif a[(k, key)] != t[(k, key)]:
+            out.append(f"{k} {key} differs: archive has {a[(k, key)]!r}, target has {t[(k, key)]!r}")
+    if len(out) > limit:
+        out = out[:limit] + [f"... and {len(out) - limit} more"]
+    return out
+
+
+# --- post-data DDL ----------------------------------------------------------------------------------
+
+# pg_dump's plain output heads every object with "-- Name: ...; Type: ...; Schema: ...; Owner: ..."
+_TOC = re.compile(r"^--\n-- Name: (?P<name>.*); Type: (?P<type>.*?); Schema: (?P<schema>.*?); Owner: .*\n--\n",
+                  re.MULTILINE)
+
+
+def _split_ddl(script: str) -> list[tuple[str, str, str, str, str]]:
+    """(type, schema, name, heading, body) per pg_dump entry; the preamble (SETs) has type ''."""
+    matches = list(_TOC.finditer(script))
+    first = matches[0].start() if matches else len(script)
+    out = [("", "", "", "", script[:first])]
+    for i, m in enumerate(matches):
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(script)
+        out.append((m["type"], m["schema"], m["name"], m.group(0), script[m.end():end]))
+    return out
+
+
+def _post_data_script(post_data: str, external_fks: set[tuple[str, str, str]]) -> tuple[str, list[str]]:
+    """The post-data script with foreign keys to tables outside the archive made NOT VALID: their
+    parent rows live in another partition, so they cannot be validated here (new rows still are)."""
+    if not external_fks:
+        return post_data, []
+    parts, relaxed = [], []
+    for typ, schema, name, heading, body in _split_ddl(post_data):
+        table, _, constraint = name.partition(" ")
+        if typ == "FK CONSTRAINT" and (schema, table, constraint) in external_fks:
+            statement = body.rstrip()
+            # pg_dump writes one FK per entry, as a single ALTER TABLE ... ADD CONSTRAINT statement.
+            if statement.endswith(";") and statement.count(";") == 1:
+                body = statement[:-1] + " NOT VALID;\n\n"
+                relaxed.append(f"{schema}.{table}.{constraint}")
+        parts.append(heading + body)
+    return "".join(parts), relaxed
+
+
+# --- restoring --------------------------------------------------------------------------------------
+
+_SEQUENCES_SQL = """
+WITH t AS (SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+           JOIN unnest(%(schemas)s::text[], %(names)s::text[]) AS r(s, n) ON r.s = n.nspname AND r.n = c.relname)
+SELECT DISTINCT sn.nspname::text, s.relname::text, tn.nspname::text, tc.relname::text, a.attname::text
+FROM (
+    SELECT d.objid AS seq, d.refobjid AS tab, d.refobjsubid AS att FROM pg_catalog.pg_depend d
+    WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+      AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.deptype IN ('a', 'i')
+      AND d.refobjid IN (SELECT oid FROM t)
+    UNION
+    SELECT d.refobjid, ad.adrelid, ad.adnum FROM pg_catalog.pg_attrdef ad
+    JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass AND d.objid = ad.oid
+     AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+    WHERE ad.adrelid IN (SELECT oid FROM t)
+) x
+JOIN pg_catalog.pg_class s ON s.oid = x.seq AND s.relkind = 'S'
+JOIN pg_catalog.pg_namespace sn ON sn.oid = s.relnamespace
+JOIN pg_catalog.pg_sequence sq ON sq.seqrelid = s.oid AND sq.seqincrement > 0
+JOIN pg_catalog.pg_class tc ON tc.oid = x.tab JOIN pg_catalog.pg_namespace tn ON tn.oid = tc.relnamespace
+JOIN pg_catalog.pg_attribute a ON a.attrelid = x.tab AND a.attnum = x.att
+ORDER BY 1, 2, 3, 4, 5
+"""
+
+_USER_TRIGGERS_SQL = """
+SELECT n.nspname::text, c.relname::text, tg.tgname::text, tg.tgenabled::text
+FROM pg_catalog.pg_trigger tg JOIN pg_catalog.pg_class c ON c.oid = tg.tgrelid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+JOIN unnest(%(schemas)s::text[], %(names)s::text[]) AS r(s, n) ON r.s = n.nspname AND r.n = c.relname
+WHERE NOT tg.tgisinternal AND tg.tgenabled <> 'D'
+ORDER BY 1, 2, 3
+"""
+
+_ENABLE = {"O": sql.SQL("ENABLE TRIGGER"), "A": sql.SQL("ENABLE ALWAYS TRIGGER"), "R": sql.SQL("ENABLE REPLICA TRIGGER")}
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def restore_snapshot(chunks: Iterable[bytes], target_dsn: str, *, create_schema: bool | str = "auto",
+                     name: str = "snapshot stream") -> RestoreReport:
+    """Restore a snapshot stream into the target, in ONE transaction: committed only when every table
+    matches the manifest. `create_schema`: True applies the archive's DDL (target must be empty of it),
+    False requires the target's schema to match the archive's fingerprint, "auto" picks by whether the
+    target is empty. Raises SchemaMismatchError, VerificationError, RestoreError, SnapshotFormatError."""
+    if create_schema not in (True, False, "auto"):
+        raise ValueError(f"create_schema must be True, False or 'auto', not {create_schema!r}")
+    started = time.monotonic()
+    target = database_label(target_dsn)
+    records = read_snapshot(chunks, name=name)
+    header = next(records).json()
+    if header.get("format") != FORMAT_NAME or header.get("version") != FORMAT_VERSION:
+        raise SnapshotFormatError(name, f"snapshot format {header.get('format')!r} version {header.get('version')!r} "
+                                        f"is not {FORMAT_NAME} version {FORMAT_VERSION}")
+    pre_data = next(records).text()
+    post_data = next(records).text()
+    partition = str(header["partition"])
+    try:
+        conn = psycopg.connect(target_dsn, autocommit=True, application_name="wedbackup-restore")
+    except psycopg.OperationalError as e:
+        raise RestoreError(f"cannot connect to {target}: {_first_line(e)}") from None
+    with conn:
+        conn.execute("BEGIN")
+        try:
+            report = _restore_in_transaction(conn, records, header, pre_data, post_data, create_schema, target,
+                                             name)
+            conn.execute("COMMIT")
+        except BaseException:
+            if not conn.closed:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("ROLLBACK")
+            raise
+    report.seconds = round(time.monotonic() - started, 6)
+    report.partition = partition
+    return report
+
+
+def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, Any], pre_data: str,
+                            post_data: str, create_schema: bool | str, target: str, name: str) -> RestoreReport:
+    use_qualified_names(conn)
+    partition = str(header["partition"])
+    what = _partition_label(partition)
+    if create_schema == "auto":
+        create_schema = schema_is_empty(describe_schema(conn))
+    if create_schema:
+        try:
+            conn.execute(pre_data)
+        except psycopg.Error as e:
+            raise RestoreError(f"restore of {what} into {target}: the schema (pre-data DDL) cannot be created: "
+                               f"{_first_line(e)}") from None
+        use_qualified_names(conn)
+    else:
+        found = schema_fingerprint(conn)
+        if found != header["schema_fingerprint"]:
+            diffs = schema_differences(header.get("schema", []), describe_schema(conn))
+            raise SchemaMismatchError(
+                f"restore of {what} into {target}: the target's schema differs from the archive's "
+                f"(fingerprint {found[:12]} vs {header['schema_fingerprint'][:12]}):\n  " + "\n  ".join(diffs))
+
+    tables: list[TableReport] = []
+    seen: dict[str, tuple[int, int, str]] = {}
+    table_names: list[tuple[str, str]] = []
+    held: list[tuple[str, str, str, str]] = []
+    manifest_record: Record | None = None
+    with conn.cursor() as cur:
+        for record in records:
+            if record.kind == MANIFEST:
+                manifest_record = record
+                break
+            begin = record.json()  # read_snapshot guarantees a table-begin here
+            schema, tname, columns = begin["schema"], begin["name"], begin["columns"]
+            table = f"{schema}.{tname}"
+            table_names.append((schema, tname))
+            if not create_schema:
+                held += _hold_triggers(conn, schema, tname)
+            t0 = time.monotonic()
+            digest, rows, nbytes = hashlib.sha256(), 0, 0
+            query = sql.SQL("COPY {} ({}) FROM STDIN").format(
+                sql.Identifier(schema, tname), sql.SQL(", ").join(map(sql.Identifier, columns)))
+            end_record = None
+            try:
+                with cur.copy(query) as copy:
+                    for rec in records:
+                        if rec.kind != DATA:
+                            end_record = rec
+                            break
+                        digest.update(rec.payload)
+                        rows += rec.payload.count(b"\n")
+                        nbytes += len(rec.payload)
+                        copy.write(rec.payload)
+            except psycopg.Error as e:
+                raise RestoreError(f"restore of {what} into {target}: table {table} refused its rows: "
+                                   f"{_first_line(e)}") from None
+            sha = digest.hexdigest()
+            end = end_record.json()
+            if (end.get("rows"), end.get("bytes"), end.get("sha256")) != (rows, nbytes, sha):
+                raise VerificationError(f"restore of {what} into {target}: table {table} does not match its "
+                                        f"record: {rows} rows / sha256 {sha[:16]}… restored, "
+                                        f"{end.get('rows')} rows / sha256 {str(end.get('sha256'))[:16]}… recorded")
+            seen[table] = (rows, nbytes, sha)
+            tables.append(TableReport(table, rows, nbytes, round(time.monotonic() - t0, 6)))
+    if manifest_record is None:  # read_snapshot raises first; kept for a clear message if that changes
+        raise SnapshotFormatError(name, "the stream has no manifest")
+    manifest = Manifest.from_dict(manifest_record.json())
+    _compare_with_manifest(manifest, seen, what, target)
+
+    unvalidated: list[str] = []
+    if create_schema:
+        # A wedding's rows point at platform rows (vendors) that are not in its archive. The platform
+        # partition's tenant-table rows reach no wedding, so their keys are NULL (or were orphans under
+        # an FK the source itself had NOT VALID, which pg_dump writes as such): its FKs all validate.
+        restored = set(table_names)
+        external = set() if partition == PLATFORM else {
+            (fk["schema"], fk["table"], fk["name"]) for fk in header.get("foreign_keys", [])
+            if (fk["schema"], fk["table"]) in restored and (fk["ref_schema"], fk["ref_table"]) not in restored}
+        script, unvalidated = _post_data_script(post_data, external)
+        try:
+            conn.execute(script)
+        except psycopg.Error as e:
+            raise RestoreError(f"restore of {what} into {target}: constraints and indexes (post-data DDL) "
+                               f"cannot be applied: {_first_line(e)}") from None
+        use_qualified_names(conn)
+    sequences = _advance_sequences(conn, table_names)
+    for schema, tname, trigger, state in held:
+        conn.execute(sql.SQL("ALTER TABLE {} {} {}").format(sql.Identifier(schema, tname), _ENABLE[state],
+                                                            sql.Identifier(trigger)))
+    matches = schema_fingerprint(conn) == header["schema_fingerprint"]
+    return RestoreReport(partition=partition, target=target, tables=tables, created_schema=bool(create_schema),
+                         schema_fingerprint=header["schema_fingerprint"], schema_matches=matches,
+                         sequences=sequences, triggers_held=[f"{s}.{t}: {g}" for s, t, g, _ in held],
+                         unvalidated_foreign_keys=unvalidated)
+
+
+def _compare_with_manifest(manifest: Manifest, seen: Mapping[str, tuple[int, int, str]], what: str,
+                           target: str) -> None:
+    listed = {t.table: t for t in manifest.tables}
+    for table in listed.keys() ^ seen.keys():
+        raise VerificationError(f"restore of {what} into {target}: table {table} is "
+                                f"{'in the manifest but not in the stream' if table in listed else 'in the stream but not in the manifest'}")
+    for table, (rows, nbytes, sha) in seen.items():
+        m = listed[table]
+        if (m.rows, m.bytes, m.sha256) != (rows, nbytes, sha):
+            raise VerificationError(f"restore of {what} into {target}: table {table} does not match the manifest: "
+                                    f"{rows} rows / sha256 {sha[:16]}… restored, "
+                                    f"{m.rows} rows / sha256 {m.sha256[:16]}… in the manifest")
+
+
+def _hold_triggers(conn, schema: str, table: str) -> list[tuple[str, str, str, str]]:
+    """Disable the table's enabled user triggers for the load: restored rows are already what the
+    triggers made of them once, and must not be changed (or cause writes elsewhere) a second time."""
+    held = conn.execute(_USER_TRIGGERS_SQL, {"schemas": [schema], "names": [table]}).fetchall()
+    for s, t, trigger, _ in held:
+        conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER {}").format(sql.Identifier(s, t), sql.Identifier(trigger)))
+    return held
+
+
+def _advance_sequences(conn, tables: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Move every sequence feeding a restored column (serial, identity, or a nextval() default) past
+    the largest restored value, never backwards."""
+    if not tables:
+        return []
+    out = []
+    found = conn.execute(_SEQUENCES_SQL, {"schemas": [s for s, _ in tables], "names": [n for _, n in tables]}).fetchall()
+    for seq_schema, seq_name, schema, table, column in found:
+        seq = sql.Identifier(seq_schema, seq_name)
+        row = conn.execute(sql.SQL(
+            "SELECT pg_catalog.setval({seq_text}::pg_catalog.regclass, m.v, true)"
+            " FROM (SELECT pg_catalog.max({col})::bigint AS v FROM {table}) m, {seq} s"
+            " WHERE m.v IS NOT NULL AND (m.v > s.last_value OR (m.v = s.last_value AND NOT s.is_called))").format(
+            seq_text=sql.Literal(seq.as_string(conn)), col=sql.Identifier(column),
+            table=sql.Identifier(schema, table), seq=seq)).fetchone()
+        out.append({"sequence": f"{seq_schema}.{seq_name}", "column": f"{schema}.{table}.{column}",
+                    "set_to": row[0] if row else None})
+    return out
+
+
+# --- verification -----------------------------------------------------------------------------------
+
+_FK_OF_TABLES_SQL = """
+SELECT con.conname::text, cn.nspname::text, c.relname::text, pn.nspname::text, p.relname::text,
+       ARRAY(SELECT a.attname::text FROM unnest(con.conkey) WITH ORDINALITY k(attnum, ord)
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum ORDER BY k.ord),
+       ARRAY(SELECT a.attname::text FROM unnest(con.confkey) WITH ORDINALITY k(attnum, ord)
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum ORDER BY k.ord)
+FROM pg_catalog.pg_constraint con
+JOIN pg_catalog.pg_class c ON c.oid = con.conrelid JOIN pg_catalog.pg_namespace cn ON cn.oid = c.relnamespace
+JOIN pg_catalog.pg_class p ON p.oid = con.confrelid JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace
+JOIN unnest(%(schemas)s::text[], %(names)s::text[]) AS r(s, n) ON r.s = cn.nspname AND r.n = c.relname
+WHERE con.contype = 'f' AND con.conparentid = 0
+ORDER BY 2, 3, 1
+"""
+
+
+def _selects_for(manifest: Manifest, plan_or_selects) -> dict[str, tuple[sql.Composable, dict | None]]:
+    params = None if manifest.partition == PLATFORM else {"wedding_id": manifest.partition}
+    if plan_or_selects is None:
+        return {t.table: (sql.SQL(t.select_sql), t.params) for t in manifest.tables}
+    if isinstance(plan_or_selects, tenancy.TenancyPlan):
+        return {str(t.table): (select, params) for t, select in partition_selects(plan_or_selects, manifest.partition)}
+    return {name: (s if isinstance(s, sql.Composable) else sql.SQL(s), params) for name, s in plan_or_selects.items()}
+
+
+def verify_restored(target_dsn: str, manifest: Manifest, plan_or_selects=None) -> VerifyReport:
+    """Recompute every table's row count and SHA-256 on the target with the snapshot's own SELECTs
+    (from the manifest, or rebuilt from a tenancy plan, or given as {table: select}), and count rows
+    whose foreign keys point at no parent. Returns a report; `report.raise_if_failed()` to insist."""
+    started = time.monotonic()
+    target = database_label(target_dsn)
+    selects = _selects_for(manifest, plan_or_selects)
+    tables: list[TableReport] = []
+    checks: list[ForeignKeyCheck] = []
+    with psycopg.connect(target_dsn, autocommit=True, application_name="wedbackup-verify") as conn:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        try:
+            use_qualified_names(conn)
+            with conn.cursor() as cur:
+                for m in manifest.tables:
+                    t0 = time.monotonic()
+                    if m.table not in selects:
+                        tables.append(TableReport(m.table, 0, 0, 0.0, False, "no SELECT to verify it with"))
+                        continue
+                    select, params = selects[m.table]
+                    try:
+                        with conn.transaction():
+                            rows, nbytes, sha = _checksum(conn, select, params)
+                    except psycopg.Error as e:
+                        tables.append(TableReport(m.table, 0, 0, round(time.monotonic() - t0, 6), False,
+                                                  f"cannot be read on the target: {_first_line(e)}"))
+                        continue
+                    problem = ""
+                    if rows != m.rows:
+                        problem = f"{rows} rows restored, {m.rows} in the manifest"
+                    elif sha != m.sha256 or nbytes != m.bytes:
+                        problem = f"sha256 {sha[:16]}… restored, {m.sha256[:16]}… in the manifest"
+                    tables.append(TableReport(m.table, rows, nbytes, round(time.monotonic() - t0, 6), not problem, problem))
+            checks = _check_foreign_keys(conn, manifest)
+        finally:
+            conn.execute("ROLLBACK")
+    return VerifyReport(partition=manifest.partition, target=target, tables=tables, foreign_keys=checks,
+                        seconds=round(time.monotonic() - started, 6))
+
+
+def _checksum(conn, select: sql.Composable, params) -> tuple[int, int, str]:
+    digest = hashlib.sha256()
+    counts = [0, 0]
+
+    def add(buf: bytearray) -> None:
+        digest.update(buf)
+        counts[0] += buf.count(b"\n")
+        counts[1] += len(buf)
+
+    copy_out(conn, sql.SQL("COPY ({}) TO STDOUT").format(select), params, add)
+    return counts[0], counts[1], digest.hexdigest()
+
+
+def _check_foreign_keys(conn, manifest: Manifest) -> list[ForeignKeyCheck]:
+    restored = {(t.schema, t.name) for t in manifest.tables}
+    fks = conn.execute(_FK_OF_TABLES_SQL, {"schemas": [s for s, _ in restored],
+                                           "names": [n for _, n in restored]}).fetchall()
+    out = []
+    for conname, cs, ct, ps, pt, cols, pcols in fks:
+        child, parent = sql.Identifier(cs, ct), sql.Identifier(ps, pt)
+        if (ps, pt) not in restored:
+            has_rows = conn.execute(sql.SQL("SELECT EXISTS (SELECT FROM {})").format(parent)).fetchone()[0]
+            if not has_rows:
+                out.append(ForeignKeyCheck(conname, f"{cs}.{ct}", f"{ps}.{pt}", "external, not checked"))
+                continue
+        # MATCH SIMPLE: a row with any NULL in the key points nowhere and is not checked.
+        query = sql.SQL("SELECT count(*) FROM {child} AS c WHERE {notnull} AND NOT EXISTS "
+                        "(SELECT FROM {parent} AS p WHERE {match})").format(
+            child=child, parent=parent,
+            notnull=sql.SQL(" AND ").join(sql.SQL("{} IS NOT NULL").format(sql.Identifier("c", c)) for c in cols),
+            match=sql.SQL(" AND ").join(sql.SQL("{} = {}").format(sql.Identifier("p", p), sql.Identifier("c", c))
+                                        for c, p in zip(cols, pcols)))
+        orphans = conn.execute(query).fetchone()[0]
+        out.append(ForeignKeyCheck(conname, f"{cs}.{ct}", f"{ps}.{pt}", "ok" if orphans == 0 else "orphans", orphans))
+    return out
+
+
+# --- scratch databases ------------------------------------------------------------------------------
+
+SCRATCH_PREFIX = "wedbackup_scratch_"
+
+
+def scratch_name(label: str) -> str:
+    """A unique database name, safe whatever the label: lower-case letters, digits, underscores."""
+    safe = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")[:24]
+    return f"{SCRATCH_PREFIX}{safe + '_' if safe else ''}{uuid.uuid4().hex[:12]}"
+
+
+@contextlib.contextmanager
+def scratch_database(admin_dsn: str, *, label: str) -> Iterator[str]:
+    """A new empty database on the admin DSN's server, yielded as a DSN, dropped afterwards (WITH
+    (FORCE), so leftover sessions do not keep it alive) even when the body fails."""
+    name = scratch_name(label)
+    ident = sql.Identifier(name)
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(ident))
+    parts = conninfo_to_dict(admin_dsn)
+    parts["dbname"] = name
+    try:
+        yield make_conninfo(**parts)
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))

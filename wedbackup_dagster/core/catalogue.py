@@ -4,6 +4,7 @@ backup of wedding 42" one indexed query instead of a scan of Dagster's event log
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -114,11 +115,22 @@ class CopyRecord:
 class Catalogue:
     def __init__(self, dsn: str):
         self.dsn = dsn
+        self._conn: psycopg.Connection | None = None
 
     @contextmanager
     def connect(self) -> Iterator[psycopg.Connection]:
-        with psycopg.connect(self.dsn, row_factory=dict_row) as conn:
+        """One transaction on the catalogue's long-lived connection (a new connection per call cost more
+        than backing up a small wedding); reopened when the server dropped it."""
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            conn = self._conn = psycopg.connect(self.dsn, row_factory=dict_row, autocommit=True)
+        with conn.transaction():
             yield conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def migrate(self) -> None:
         with self.connect() as conn:
@@ -136,25 +148,27 @@ class Catalogue:
     # ---- wedding keys ------------------------------------------------------------------------------
     def wedding_key(self, partition: str, keyring: MasterKeyring, *, create: bool = True) -> SecretKey:
         """The live key of a wedding (made and stored wrapped on first use)."""
-        with self.connect() as conn:
-            row = conn.execute(
-                "SELECT key_id, wrapped, master_key_id FROM wedbackup.wedding_keys "
-                "WHERE partition = %s AND shredded_at IS NULL", (partition,)).fetchone()
-            if row is None:
+        for _ in range(2):
+            with self.connect() as conn:
+                row = conn.execute(
+                    "SELECT key_id, wrapped, master_key_id FROM wedbackup.wedding_keys "
+                    "WHERE partition = %s AND shredded_at IS NULL", (partition,)).fetchone()
+                if row is not None:
+                    return self._unwrap(row["key_id"], partition, row["wrapped"], row["master_key_id"], keyring)
                 if not create:
                     raise KeyError_(f"wedding {partition} has no live key")
-                import uuid
-
                 key_id = f"{partition}.{uuid.uuid4().hex[:12]}"
                 material = new_data_key()
                 master = keyring.current
                 wrapped = wrap_key(master, material, _context(partition, key_id))
-                conn.execute(
+                # Two runs racing to create the key: the unique index lets one win; the other reads it.
+                inserted = conn.execute(
                     "INSERT INTO wedbackup.wedding_keys (key_id, partition, wrapped, master_key_id) "
-                    "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING", (key_id, partition, wrapped, master.key_id))
-                conn.commit()
-                return self.wedding_key(partition, keyring, create=False)
-            return self._unwrap(row["key_id"], partition, row["wrapped"], row["master_key_id"], keyring)
+                    "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING key_id",
+                    (key_id, partition, wrapped, master.key_id)).fetchone()
+                if inserted:
+                    return SecretKey(key_id, material)
+        raise KeyError_(f"wedding {partition}: could not create or read its key")
 
     def key_by_id(self, key_id: str, keyring: MasterKeyring) -> SecretKey:
         with self.connect() as conn:
@@ -175,7 +189,8 @@ class Catalogue:
 
     # ---- backups and copies ------------------------------------------------------------------------
     def record_backup(self, *, partition: str, archive_sha256: str, size: int, key_id: str,
-                      manifest: dict[str, Any]) -> BackupRecord:
+                      manifest: dict[str, Any], vault_copy: dict[str, Any] | None = None) -> BackupRecord:
+        """Record a new backup (and, in the same transaction, its vault copy) and audit it."""
         with self.connect() as conn:
             row = conn.execute(
                 """INSERT INTO wedbackup.backups (partition, archive_sha256, size, key_id, snapshot_time, txid,
@@ -192,6 +207,8 @@ class Catalogue:
                  "manifest": json.dumps(manifest)}).fetchone()
             conn.execute("INSERT INTO wedbackup.audit (action, partition, detail) VALUES ('backup', %s, %s)",
                          (partition, json.dumps({"archive_sha256": archive_sha256, "size": size})))
+            if vault_copy is not None:
+                self.record_copy(row["id"], **vault_copy)
         return _backup(row)
 
     def latest_backup(self, partition: str) -> BackupRecord | None:

@@ -42,6 +42,8 @@ VARIABLES: dict[str, tuple[str, str, bool]] = {
     "WEDBACKUP_AZURE_CONTAINER": ("Azure Blob container for replicas", "wedbackup-replicas", False),
     "WEDBACKUP_AZURE_PREFIX": ("blob name prefix inside the container", "wedbackup", False),
     "WEDBACKUP_AZURE_TIER": ("Azure access tier for replicas (Hot, Cool, Cold, Archive)", "Cool", False),
+    "WEDBACKUP_ZSTD_LEVEL": ("zstd level for sealed archives (1-19); 1 was faster and no larger on the demo data",
+                             "1", False),
     "WEDBACKUP_STATE_DIR": ("where the local stack keeps its data, logs and PIDs", ".wedbackup", False),
     "DAGSTER_HOME": ("Dagster instance directory (the local stack sets it up)", ".wedbackup/dagster_home", False),
 }
@@ -149,6 +151,7 @@ class Settings:
     catalogue_dsn: str = field(repr=False)
     scratch_dsn: str = field(repr=False)
     vault_dir: Path
+    zstd_level: int
     s3: S3Target
     gcs: GCSTarget
     azure: AzureTarget
@@ -160,6 +163,9 @@ class Settings:
         catalogue = _dsn(env, "WEDBACKUP_CATALOGUE_DSN")
         scratch = _dsn(env, "WEDBACKUP_SCRATCH_DSN", default=scratch_dsn_from(source))
         vault = Path(env.get("WEDBACKUP_VAULT_DIR") or VARIABLES["WEDBACKUP_VAULT_DIR"][1])
+        level_text = env.get("WEDBACKUP_ZSTD_LEVEL") or VARIABLES["WEDBACKUP_ZSTD_LEVEL"][1]
+        if not level_text.isdigit() or not 1 <= int(level_text) <= 19:
+            raise ConfigError("WEDBACKUP_ZSTD_LEVEL", "must be a whole number from 1 to 19")
         s3 = S3Target(
             bucket=_matching(env, "WEDBACKUP_S3_BUCKET", _BUCKET, "bucket name"),
             region=_matching(env, "WEDBACKUP_S3_REGION", re.compile(r"^[a-z0-9-]{2,32}$"), "region"),
@@ -189,6 +195,7 @@ class Settings:
             connection_string=azure_cs,
         )
         return cls(source_dsn=source, catalogue_dsn=catalogue, scratch_dsn=scratch, vault_dir=vault,
+                   zstd_level=int(level_text),
                    s3=s3, gcs=gcs, azure=azure)
 
 

@@ -3,6 +3,7 @@ the vault in one stream, record it in the catalogue, upload it to a provider, an
 Plain Python: the Dagster assets are thin calls into this class."""
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import time
@@ -14,7 +15,7 @@ from typing import Any
 from .archive import ArchiveStats, ArchiveWriter, open_archive
 from .catalogue import BackupRecord, Catalogue
 from .config import Settings
-from .errors import ProviderError, WedbackupError
+from .errors import ArchiveError, ProviderError, WedbackupError
 from .keys import MasterKeyring, SecretKey, load_master_keyring
 from .snapshot import Manifest
 from .vault import Vault, VaultEntry, check_partition
@@ -65,6 +66,8 @@ class _CountingSink:
 
 
 class Engine:
+    share_seconds = 5.0  # see SnapshotSession: how long consecutive weddings may share one snapshot
+
     def __init__(self, settings: Settings, keyring: MasterKeyring, catalogue: Catalogue | None = None):
         self.settings = settings
         self.keyring = keyring
@@ -86,7 +89,8 @@ class Engine:
     def snapshot_session(self) -> Iterator[Any]:
         from .snapshot import SnapshotSession
 
-        with SnapshotSession(self.settings.source_dsn) as session:
+        # Weddings backed up within a few seconds of each other share one consistent snapshot.
+        with SnapshotSession(self.settings.source_dsn, share_seconds=self.share_seconds) as session:
             yield session
 
     def back_up(self, partition: str, session: Any) -> BackupOutcome:
@@ -95,7 +99,8 @@ class Engine:
         started = time.perf_counter()
         wedding_key = self.catalogue.wedding_key(partition, self.keyring)
         with self.vault.incoming(partition) as (fh, tmp):
-            writer = ArchiveWriter(fh, wedding_key=wedding_key, label={"partition": partition, "app": "wedbackup"})
+            writer = ArchiveWriter(fh, wedding_key=wedding_key, label={"partition": partition, "app": "wedbackup"},
+                                   level=self.settings.zstd_level)
             try:
                 manifest = session.snapshot(partition, _CountingSink(writer))
             except BaseException:
@@ -104,11 +109,11 @@ class Engine:
             stats = writer.close()
             entry = self.vault.commit(fh, tmp, partition, stats.sha256)
         manifest_dict = manifest.to_dict() if hasattr(manifest, "to_dict") else dict(manifest)
+        vault_copy = dict(provider="vault", uri=entry.path.as_uri(), object_key=entry.path.name, version_id=None,
+                          size=entry.size, checksum=stats.sha256, storage_class="local-disk", region=None,
+                          media="disk", offsite=False)
         backup = self.catalogue.record_backup(partition=partition, archive_sha256=stats.sha256, size=stats.sealed_bytes,
-                                              key_id=stats.key_id, manifest=manifest_dict)
-        self.catalogue.record_copy(backup.id, provider="vault", uri=entry.path.as_uri(), object_key=entry.path.name,
-                                   version_id=None, size=entry.size, checksum=stats.sha256, storage_class="local-disk",
-                                   region=None, media="disk", offsite=False)
+                                              key_id=stats.key_id, manifest=manifest_dict, vault_copy=vault_copy)
         return BackupOutcome(partition, backup, stats, entry, manifest_dict, time.perf_counter() - started)
 
     # ---- replicas ------------------------------------------------------------------------------------
@@ -154,9 +159,14 @@ class Engine:
                 if entry is None:
                     raise WedbackupError(f"wedding {backup.partition}: the vault copy "
                                          f"{backup.archive_sha256[:12]}… is missing")
+                digest = hashlib.sha256()
                 with open(entry.path, "rb") as src:
                     while block := src.read(1 << 20):
+                        digest.update(block)
                         tmp.write(block)
+                if digest.hexdigest() != backup.archive_sha256:
+                    raise ArchiveError(self._archive_name(backup, chosen),
+                                       "its SHA-256 no longer matches the catalogue: the vault copy is damaged")
             else:
                 copy = next(c for c in self.catalogue.copies(backup.id) if c.provider == chosen)
                 replicas[chosen].download(copy.object_key, tmp, expected_sha256=backup.archive_sha256)

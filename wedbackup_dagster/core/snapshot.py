@@ -508,13 +508,20 @@ def partition_selects(plan: tenancy.TenancyPlan, partition: str
 
 
 class SnapshotSession:
-    """One source connection reused for many snapshots in sequence, each its own REPEATABLE READ
-    transaction; the tenancy plan and the DDL are reused while the schema fingerprint is unchanged."""
+    """One source connection reused for many snapshots in sequence; the tenancy plan and the DDL are
+    reused while the schema fingerprint is unchanged.
+
+    With `share_seconds` > 0, consecutive snapshots taken within that many seconds of the first share
+    one REPEATABLE READ READ ONLY transaction: each wedding is still read from one consistent snapshot
+    (the same one), and the per-transaction work (BEGIN, schema fingerprint) is paid once per batch
+    instead of once per wedding. The window bounds how long the transaction may hold back vacuum."""
 
     def __init__(self, source_dsn: str, plan: tenancy.TenancyPlan | None = None, *,
                  root: tenancy.TableName = tenancy.TableName("public", "weddings"),
-                 overrides: dict[str, object] | None = None):
+                 overrides: dict[str, object] | None = None, share_seconds: float = 0.0):
         self.source_dsn = source_dsn
+        self.share_seconds = share_seconds
+        self._shared: tuple[float, tuple[Any, ...]] | None = None  # (opened at, transaction facts)
         self._fixed_plan = plan
         self._root = root
         self._overrides = overrides
@@ -530,6 +537,12 @@ class SnapshotSession:
 
     def close(self) -> None:
         if self._conn is not None:
+            if self._shared is not None and not self._conn.closed:
+                try:
+                    self._conn.execute("COMMIT")
+                except psycopg.Error:
+                    pass
+            self._shared = None
             self._conn.close()
             self._conn = None
 
@@ -557,10 +570,15 @@ class SnapshotSession:
         partition = str(partition)
         conn = self._connection()
         started = time.monotonic()
+        if self._shared is not None and started - self._shared[0] > self.share_seconds:
+            self._shared = None
+            conn.execute("COMMIT")
         try:
             manifest = self._snapshot_in_transaction(conn, partition, sink)
-            conn.execute("COMMIT")
+            if self.share_seconds <= 0:
+                conn.execute("COMMIT")
         except BaseException:
+            self._shared = None
             if not conn.closed:
                 try:
                     conn.execute("ROLLBACK")
@@ -574,17 +592,23 @@ class SnapshotSession:
         # The first query takes the transaction's snapshot: time, xmin and schema are all as of it.
         # One round trip (simple protocol): begin, qualified names (see use_qualified_names), and the
         # snapshot's identity.
-        cur = conn.execute(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;"
-            " SELECT pg_catalog.set_config('search_path', '', true), pg_catalog.now(),"
-            " pg_catalog.pg_current_snapshot()::text,"
-            " pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text::bigint,"
-            " pg_catalog.current_setting('server_version')")
-        cur.nextset()
-        _, snap_time, snapshot, xmin, server_version = cur.fetchone()
-        fingerprint = schema_fingerprint(conn)
-        ddl = schema_ddl(conn, self.source_dsn, fingerprint)
-        plan = self._plan(conn, fingerprint)
+        if self._shared is not None:
+            snap_time, snapshot, xmin, server_version, fingerprint, ddl, plan = self._shared[1]
+        else:
+            opened = time.monotonic()
+            cur = conn.execute(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;"
+                " SELECT pg_catalog.set_config('search_path', '', true), pg_catalog.now(),"
+                " pg_catalog.pg_current_snapshot()::text,"
+                " pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text::bigint,"
+                " pg_catalog.current_setting('server_version')")
+            cur.nextset()
+            _, snap_time, snapshot, xmin, server_version = cur.fetchone()
+            fingerprint = schema_fingerprint(conn)
+            ddl = schema_ddl(conn, self.source_dsn, fingerprint)
+            plan = self._plan(conn, fingerprint)
+            if self.share_seconds > 0:
+                self._shared = (opened, (snap_time, snapshot, xmin, server_version, fingerprint, ddl, plan))
         params = None
         if partition != PLATFORM:
             self._check_wedding(conn, plan, partition)

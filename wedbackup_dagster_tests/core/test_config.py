@@ -53,3 +53,9 @@ def test_redact_hides_secret_settings_and_dsn_passwords():
     out = redact(text, env)
     assert "s3cr3t-pass" not in out and "AKIA-very-secret" not in out and "other@" not in out
     assert "postgresql://u:***@h/db" in out
+
+
+@pytest.mark.parametrize("level", ["0", "20", "fast", "-1"])
+def test_zstd_level_out_of_range(level):
+    with pytest.raises(ConfigError, match="WEDBACKUP_ZSTD_LEVEL"):
+        Settings.from_env({**GOOD, "WEDBACKUP_ZSTD_LEVEL": level})

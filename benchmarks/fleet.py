@@ -1,0 +1,148 @@
+"""Fleet benchmark: back up every partition of a generated database through the real engine (snapshot,
+zstd, AES-256-GCM, atomic vault write, catalogue), with N worker processes, next to
+`pg_dump -Fp | zstd -3 | age` and `pg_dump -Fc` on the same database, in the same run."""
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+
+def _pg_bin(tool: str) -> str:
+    for candidate in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{tool}"), reverse=True):
+        return str(candidate)
+    return shutil.which(tool) or tool
+
+
+def _pg_env(dsn: str) -> dict[str, str]:
+    from psycopg.conninfo import conninfo_to_dict
+
+    parts = conninfo_to_dict(dsn)
+    return {**os.environ, "PGHOST": str(parts.get("host", "")), "PGPORT": str(parts.get("port", "5432")),
+            "PGUSER": str(parts.get("user", "")), "PGPASSWORD": str(parts.get("password", "")),
+            "PGDATABASE": str(parts.get("dbname", ""))}
+
+
+def baseline_pg_dump_zstd_age(dsn: str, workdir: Path) -> dict[str, Any]:
+    keyfile = workdir / "age.key"
+    if not keyfile.exists():
+        subprocess.run(["age-keygen", "-o", str(keyfile)], check=True, capture_output=True)
+    recipient = subprocess.run(["age-keygen", "-y", str(keyfile)], check=True, capture_output=True,
+                               text=True).stdout.strip()
+    out = workdir / "baseline.sql.zst.age"
+    started = time.perf_counter()
+    subprocess.run(f"{_pg_bin('pg_dump')} -Fp | zstd -3 -q -c | age -r {recipient} > {out}", shell=True,
+                   check=True, env=_pg_env(dsn))
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "bytes": out.stat().st_size}
+
+
+def baseline_pg_dump_custom(dsn: str, workdir: Path) -> dict[str, Any]:
+    out = workdir / "baseline.dump"
+    started = time.perf_counter()
+    subprocess.run([_pg_bin("pg_dump"), "-Fc", "-f", str(out)], check=True, env=_pg_env(dsn))
+    return {"seconds": time.perf_counter() - started, "bytes": out.stat().st_size}
+
+
+def _worker(args: tuple[dict[str, str], list[str]]) -> dict[str, Any]:
+    env, keys = args
+    os.environ.update(env)
+    from wedbackup_dagster.core.engine import Engine
+
+    engine = Engine.from_env()
+    sealed = raw = 0
+    started = time.perf_counter()
+    with engine.snapshot_session() as session:
+        for key in keys:
+            outcome = engine.back_up(key, session)
+            sealed += outcome.stats.sealed_bytes
+            raw += outcome.stats.raw_bytes
+    return {"seconds": time.perf_counter() - started, "sealed": sealed, "raw": raw, "partitions": len(keys),
+            "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+
+
+def fleet(env: dict[str, str], keys: list[str], workers: int) -> dict[str, Any]:
+    slices = [keys[i::workers] for i in range(workers)]
+    started = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        parts = list(pool.map(_worker, [(env, s) for s in slices]))
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "workers": workers, "partitions": len(keys),
+            "sealed_bytes": sum(p["sealed"] for p in parts), "raw_bytes": sum(p["raw"] for p in parts),
+            "peak_rss_mb_per_worker": round(max(p["max_rss_kb"] for p in parts) / 1024, 1)}
+
+
+def prepare_database(admin_dsn: str, name: str, weddings: int, seed: int, document_bytes: int) -> tuple[str, dict]:
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from wedbackup_dagster.core import demo_data
+
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    parts = conninfo_to_dict(admin_dsn)
+    parts["dbname"] = name
+    dsn = make_conninfo(**parts)
+    summary = demo_data.generate(dsn, weddings=weddings, seed=seed, document_bytes=document_bytes)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")
+    return dsn, summary
+
+
+def run(*, weddings: int, seed: int, document_bytes: int, workers: int) -> dict[str, Any]:
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from wedbackup_dagster.core.discovery import wedding_ids
+
+    admin = os.environ["WEDBACKUP_SCRATCH_DSN"]
+    dsn, summary = prepare_database(admin, "wedbackup_bench_source", weddings, seed, document_bytes)
+    parts = conninfo_to_dict(admin)
+    parts["dbname"] = "wedbackup_bench_catalogue"
+    catalogue = make_conninfo(**parts)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS wedbackup_bench_catalogue WITH (FORCE)")
+        conn.execute("CREATE DATABASE wedbackup_bench_catalogue")
+    keys = ["platform", *wedding_ids(dsn)]
+    db_bytes = summary.get("total_bytes") or summary.get("bytes") or 0
+    with tempfile.TemporaryDirectory(prefix="wedbackup-bench-") as tmp:
+        work = Path(tmp)
+        env = {"WEDBACKUP_SOURCE_DSN": dsn, "WEDBACKUP_CATALOGUE_DSN": catalogue,
+               "WEDBACKUP_VAULT_DIR": str(work / "vault")}
+        # Warm the cache the same way for both sides: one untimed pass of each first.
+        baseline_pg_dump_zstd_age(dsn, work)
+        ours_warm = fleet(env, keys, workers)
+        del ours_warm
+        shutil.rmtree(work / "vault", ignore_errors=True)
+        # Interleave the timed runs so drift on a shared machine hits both sides alike.
+        base, ours = [], []
+        for _ in range(2):
+            base.append(baseline_pg_dump_zstd_age(dsn, work))
+            shutil.rmtree(work / "vault", ignore_errors=True)
+            ours.append(fleet(env, keys, workers))
+        custom = baseline_pg_dump_custom(dsn, work)
+    best_base = min(b["seconds"] for b in base)
+    best_ours = min(o["seconds"] for o in ours)
+    fleet_result = min(ours, key=lambda o: o["seconds"])
+    return {
+        "database": {"weddings": weddings, "partitions": len(keys), "bytes": db_bytes, "seed": seed,
+                     "document_bytes": document_bytes},
+        "baseline_pg_dump_zstd_age_seconds": round(best_base, 2),
+        "baseline_pg_dump_zstd_age_bytes": base[0]["bytes"],
+        "baseline_pg_dump_custom_seconds": round(custom["seconds"], 2),
+        "fleet_seconds": round(best_ours, 2),
+        "fleet": fleet_result,
+        "fleet_wall_ratio_vs_pg_dump_zstd_age": round(best_ours / best_base, 3),
+        "fleet_wall_ratio_vs_pg_dump_custom": round(best_ours / custom["seconds"], 3),
+        "fleet_bytes_per_second": round(fleet_result["raw_bytes"] / best_ours),
+        "all_runs": {"baseline": [round(b["seconds"], 2) for b in base],
+                     "fleet": [round(o["seconds"], 2) for o in ours]},
+    }

@@ -1,0 +1,161 @@
+"""The engine against bad input, on the real stack: every failure names the archive, wedding or provider,
+and nothing already backed up is harmed."""
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from wedbackup_dagster.core import demo_data
+from wedbackup_dagster.core.config import Settings
+from wedbackup_dagster.core.engine import Engine
+from wedbackup_dagster.core.errors import (
+    ArchiveError,
+    ConfigError,
+    ProviderError,
+    SchemaMismatchError,
+    UnknownWeddingError,
+)
+from wedbackup_dagster.core.keys import MasterKeyring, SecretKey, load_master_keyring
+from wedbackup_dagster.core.replicas import GCSReplica, S3Replica, ensure_targets
+from wedbackup_dagster.core.replicas.azure import AzureReplica, azure_service_from
+from wedbackup_dagster.core.replicas.gcs import gcs_client_from
+from wedbackup_dagster.core.replicas.s3 import s3_client_from
+
+WEDDING = "3"
+
+
+@pytest.fixture
+def env(stack, make_database, tmp_path, monkeypatch, s3_bucket, gcs_bucket, azure_container):
+    source = make_database()
+    values = {
+        "WEDBACKUP_SOURCE_DSN": source, "WEDBACKUP_CATALOGUE_DSN": make_database(),
+        "WEDBACKUP_VAULT_DIR": str(tmp_path / "vault"), "WEDBACKUP_S3_BUCKET": s3_bucket,
+        "WEDBACKUP_GCS_BUCKET": gcs_bucket, "WEDBACKUP_AZURE_CONTAINER": azure_container,
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    demo_data.generate(source, weddings=6, seed=5, document_bytes=256)
+    import os
+
+    return dict(os.environ)
+
+
+@pytest.fixture
+def engine(env) -> Engine:
+    e = Engine.from_env(env)
+    ensure_targets(e.settings)
+    return e
+
+
+def replicas_for(settings: Settings, env) -> dict:
+    return {
+        "s3": S3Replica(s3_client_from(settings.s3, env), settings.s3),
+        "gcs": GCSReplica(gcs_client_from(settings.gcs), settings.gcs),
+        "azure": AzureReplica(azure_service_from(settings.azure), settings.azure),
+    }
+
+
+def back_up(engine: Engine, partition: str = WEDDING):
+    with engine.snapshot_session() as session:
+        return engine.back_up(partition, session)
+
+
+def test_each_copy_verifies_and_a_wedding_restores_next_to_the_platform(engine, env, make_database):
+    replicas = replicas_for(engine.settings, env)
+    back_up(engine, "platform")
+    outcome = back_up(engine)
+    for provider, replica in replicas.items():
+        engine.replicate(WEDDING, replica)
+        engine.replicate("platform", replica)
+    for provider in ("vault", "s3", "gcs", "azure"):
+        verified = engine.verify(WEDDING, replicas, provider=provider)
+        assert verified.provider == provider and verified.tables
+    target = make_database()
+    engine.restore_to("platform", target, replicas)
+    backup, chosen, report = engine.restore_to(WEDDING, target, replicas, provider="gcs")
+    assert chosen == "gcs" and backup.archive_sha256 == outcome.stats.sha256
+    assert report.total_rows == sum(t["rows"] for t in outcome.manifest["tables"])
+
+
+def test_flipped_bit_in_vault_copy_is_named_and_other_copies_still_restore(engine, env):
+    replicas = replicas_for(engine.settings, env)
+    outcome = back_up(engine)
+    engine.replicate(WEDDING, replicas["s3"])
+    data = bytearray(outcome.vault.path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    outcome.vault.path.write_bytes(bytes(data))
+    with pytest.raises(ArchiveError) as err:
+        engine.verify(WEDDING, replicas, provider="vault")
+    assert f"vault:{WEDDING}/" in str(err.value)
+    assert engine.verify(WEDDING, replicas, provider="s3").provider == "s3"
+
+
+def test_truncated_vault_copy_is_named(engine, env):
+    outcome = back_up(engine)
+    data = outcome.vault.path.read_bytes()
+    outcome.vault.path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ArchiveError, match=f"vault:{WEDDING}/"):
+        engine.verify(WEDDING, {}, provider="vault")
+
+
+def test_corrupted_replica_is_named_and_vault_copy_unharmed(engine, env):
+    replicas = replicas_for(engine.settings, env)
+    outcome = back_up(engine)
+    record = engine.replicate(WEDDING, replicas["s3"]).record
+    client = s3_client_from(engine.settings.s3, env)
+    client.put_object(Bucket=engine.settings.s3.bucket, Key=record.key, Body=b"not the archive")
+    with pytest.raises(ProviderError) as err:
+        engine.verify(WEDDING, replicas, provider="s3")
+    assert "s3" in str(err.value) and record.key in str(err.value)
+    assert outcome.vault.path.exists()
+    assert engine.verify(WEDDING, replicas, provider="vault").provider == "vault"
+
+
+def test_wrong_master_key_cannot_open_and_says_which_archive(engine, env):
+    back_up(engine)
+    current = load_master_keyring(env).current
+    impostor = Engine(engine.settings, MasterKeyring([SecretKey.generate(current.key_id)]))
+    with pytest.raises(Exception) as err:
+        impostor.verify(WEDDING, {}, provider="vault")
+    assert current.key_id in str(err.value) or WEDDING in str(err.value)
+    assert current.material.hex() not in str(err.value)
+    assert engine.verify(WEDDING, {}, provider="vault").provider == "vault"  # the right key still works
+
+
+def test_missing_master_key_names_the_variable(env):
+    without = {k: v for k, v in env.items() if not k.startswith("WEDBACKUP_MASTER_KEY")}
+    with pytest.raises(ConfigError, match="WEDBACKUP_MASTER_KEY"):
+        Engine.from_env(without)
+
+
+def test_unknown_wedding_leaves_nothing_behind(engine):
+    first = back_up(engine)
+    with pytest.raises(UnknownWeddingError, match="999999"):
+        back_up(engine, "999999")
+    assert not (engine.vault.root / "999999").exists() or not list((engine.vault.root / "999999").iterdir())
+    assert engine.catalogue.latest_backup("999999") is None
+    assert engine.catalogue.latest_backup(WEDDING).archive_sha256 == first.stats.sha256
+
+
+def test_wedding_deleted_after_a_backup_keeps_that_backup(engine, env):
+    first = back_up(engine)
+    with psycopg.connect(env["WEDBACKUP_SOURCE_DSN"]) as conn:
+        conn.execute("DELETE FROM weddings WHERE id = %s", (int(WEDDING),))
+    with pytest.raises(UnknownWeddingError, match=WEDDING):
+        back_up(engine)
+    assert first.vault.path.exists()
+    assert engine.catalogue.latest_backup(WEDDING).archive_sha256 == first.stats.sha256
+    assert engine.verify(WEDDING, {}, provider="vault").provider == "vault"
+
+
+def test_schema_changed_between_backup_and_restore_is_reported(engine, make_database):
+    back_up(engine, "platform")
+    back_up(engine)
+    target = make_database()
+    engine.restore_to("platform", target, {})
+    with psycopg.connect(target) as conn:
+        conn.execute("ALTER TABLE guests ADD COLUMN seat_number int")
+    with pytest.raises(SchemaMismatchError, match="guests"):
+        engine.restore_to(WEDDING, target, {})
+    with psycopg.connect(target) as conn:
+        assert conn.execute("SELECT count(*) FROM guests").fetchone()[0] == 0  # nothing half-restored

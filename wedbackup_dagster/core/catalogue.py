@@ -81,6 +81,35 @@ MIGRATIONS = [
         detail      jsonb NOT NULL DEFAULT '{}'
     );
     """,
+    # 2: what automation needs: the known partitions (with their wedding date, for tiers), a cheap
+    # fingerprint of the source rows behind each backup, and provider health.
+    """
+    CREATE TABLE IF NOT EXISTS wedbackup.partitions (
+        partition          text PRIMARY KEY,
+        wedding_date       date,              -- NULL for the platform partition
+        source_updated_at  timestamptz,       -- newest updated_at seen in the source for this wedding
+        discovered_at      timestamptz NOT NULL DEFAULT now(),
+        removed_at         timestamptz        -- set when the wedding left the source (erased or deleted)
+    );
+    CREATE INDEX IF NOT EXISTS partitions_date ON wedbackup.partitions (wedding_date) WHERE removed_at IS NULL;
+    ALTER TABLE wedbackup.backups ADD COLUMN IF NOT EXISTS source_fingerprint text;
+    CREATE TABLE IF NOT EXISTS wedbackup.provider_health (
+        id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        provider    text NOT NULL,
+        at          timestamptz NOT NULL DEFAULT now(),
+        ok          boolean NOT NULL,
+        seconds     double precision,
+        error       text                   -- a redacted, person-readable reason; never a secret
+    );
+    CREATE INDEX IF NOT EXISTS provider_health_recent ON wedbackup.provider_health (provider, at DESC);
+    CREATE TABLE IF NOT EXISTS wedbackup.provider_state (
+        provider              text PRIMARY KEY,
+        ok                    boolean NOT NULL,
+        consecutive_failures  int NOT NULL DEFAULT 0,
+        since                 timestamptz NOT NULL DEFAULT now(),   -- when the current state began
+        last_checked          timestamptz NOT NULL DEFAULT now()
+    );
+    """,
 ]
 
 

@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # Dagster flags the beta/preview APIs we rely on (backfill policies, partitioned checks) on every load.
+    warnings.filterwarnings("ignore", message=r".*(beta|preview).*", module=r"dagster.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"dagster.*")
     load_dotenv_if_present()
     args = build_parser().parse_args(argv)
     try:

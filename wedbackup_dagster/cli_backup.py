@@ -18,6 +18,11 @@ def _instance():
     return dg.DagsterInstance.get()
 
 
+# Dagster's console logger prints every event at DEBUG; the command line shows its own summary instead.
+# Every event is still stored in the instance, so the UI shows the runs in full.
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
 def _selected_keys(args: argparse.Namespace, all_keys: list[str]) -> list[str]:
     if getattr(args, "all", False):
         return all_keys
@@ -50,7 +55,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     selected = _selected_keys(args, keys)
     _ensure_targets(settings)
     print(f"backing up {len(selected)} partition(s) through Dagster")
-    results = run_job_for("backup_weddings", selected, instance=instance)
+    results = run_job_for("backup_weddings", selected, instance=instance, run_config=QUIET)
     return 0 if _print_runs(results) else 1
 
 
@@ -68,7 +73,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.source:
         config["provider"] = args.source
     result = job.execute_in_process(instance=_instance(), raise_on_error=False,
-                                    run_config={"ops": {"restore_partition": {"config": config}}})
+                                    run_config={**QUIET, "ops": {"restore_partition": {"config": config}}})
     if result.success:
         print(f"restored {partition} (run {result.run_id[:8]})")
         return 0
@@ -93,15 +98,16 @@ def _summary(instance, keys: list[str]) -> str:
     with Catalogue(settings.catalogue_dsn).connect() as conn:
         row = conn.execute(
             """SELECT count(DISTINCT b.partition) AS partitions, count(*) AS archives,
-                      coalesce(sum(b.raw_bytes), 0) AS raw, coalesce(sum(b.size), 0) AS sealed,
-                      coalesce(sum(b.rows), 0) AS rows
-               FROM (SELECT DISTINCT ON (partition) * FROM wedbackup.backups
-                     ORDER BY partition, snapshot_time DESC) b""").fetchone()
+                      coalesce(sum(b.raw_bytes), 0)::bigint AS raw, coalesce(sum(b.size), 0)::bigint AS sealed,
+                      coalesce(sum(b.rows), 0)::bigint AS rows
+               FROM (SELECT DISTINCT ON (partition) * FROM wedbackup.backups WHERE partition = ANY(%(keys)s)
+                     ORDER BY partition, snapshot_time DESC) b""", {"keys": keys}).fetchone()
         copies = conn.execute(
             """SELECT c.provider, count(*) AS n, count(c.verified_at) AS verified
                FROM wedbackup.copies c JOIN (SELECT DISTINCT ON (partition) id FROM wedbackup.backups
+                                             WHERE partition = ANY(%(keys)s)
                                              ORDER BY partition, snapshot_time DESC) b ON b.id = c.backup_id
-               GROUP BY c.provider ORDER BY c.provider""").fetchall()
+               GROUP BY c.provider ORDER BY c.provider""", {"keys": keys}).fetchall()
     lines = [
         f"partitions backed up: {row['partitions']} of {len(keys)} (weddings + platform)",
         f"rows: {row['rows']:,}   raw: {row['raw'] / 1e6:.1f} MB   sealed: {row['sealed'] / 1e6:.1f} MB"
@@ -126,7 +132,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     keys = register_partitions(instance, settings.source_dsn)
     print(f"2/4 partitions registered in Dagster: {len(keys)}")
     print("3/4 backing up every partition through Dagster (dump, seal, vault, S3, GCS, Azure, verified restore)")
-    results = run_job_for("backup_weddings", keys, instance=instance)
+    results = run_job_for("backup_weddings", keys, instance=instance, run_config=QUIET)
     ok = _print_runs(results)
     print("4/4 summary")
     print(_summary(instance, keys))

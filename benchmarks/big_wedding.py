@@ -66,8 +66,8 @@ def run(*, megabytes: int) -> dict[str, Any]:
         conn.execute(
             "INSERT INTO documents (wedding_id, filename, mime, content, uploaded_at) "
             "SELECT 1, 'scan-' || i || '.pdf', 'application/pdf', "
-            "convert_to(repeat(md5(i::text), 1024) || (SELECT string_agg(md5(random()::text || i), '') "
-            "FROM generate_series(1, 1024)), 'UTF8'), now() FROM generate_series(1, %s) i", (rows,))
+            "convert_to(repeat(md5(i::text), 1024) || (SELECT string_agg(md5(random()::text || g || i), '') "
+            "FROM generate_series(1, 1024) g), 'UTF8'), now() FROM generate_series(1, %s) i", (rows,))
         size = conn.execute("SELECT pg_total_relation_size('documents')").fetchone()[0]
     with tempfile.TemporaryDirectory(prefix="wedbackup-big-") as vault:
         env = {"WEDBACKUP_SOURCE_DSN": dsns["source"], "WEDBACKUP_CATALOGUE_DSN": dsns["catalogue"],

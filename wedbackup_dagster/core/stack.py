@@ -141,6 +141,7 @@ class Stack:
 
     def env(self) -> dict[str, str]:
         s = self.local_secrets()
+        self._prepare_dagster_home()  # DAGSTER_HOME must exist even before the first `up`
         azure = (
             f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
             f"BlobEndpoint=http://127.0.0.1:{port('azure')}/{AZURITE_ACCOUNT};"

@@ -9,7 +9,7 @@ import os
 import platform
 from pathlib import Path
 
-from . import big_wedding, fleet
+from . import big_wedding, fleet, reverify, tick
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -32,6 +32,12 @@ def main() -> None:
     }
     # One very large wedding: latency and, above all, bounded memory (peak RSS of the worker process).
     result["single_wedding"] = big_wedding.run(megabytes=200 if args.quick else 1024)
+    # Re-verify a fleet through Dagster in batched runs (verified_restore and its checks, no new dump).
+    result["reverify"] = reverify.run(weddings=50 if args.quick else 200)
+    result["reverify_weddings_per_minute"] = result["reverify"]["reverify_weddings_per_minute"]
+    result["reverify_runs"] = result["reverify"]["runs"]
+    # One backup-schedule tick, and the discovery / change-capture sensor ticks, over 100,000 weddings.
+    result["tick"] = tick.run(weddings=100_000)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(result, indent=2, default=str))
     f = result["fleet"]
@@ -48,6 +54,11 @@ def main() -> None:
         f"{result['single_wedding']['dump_seal_peak_rss_mb']} MB |",
         f"| largest wedding: verified restore | {result['single_wedding']['verified_restore_seconds']} s, "
         f"peak RSS {result['single_wedding']['verified_restore_peak_rss_mb']} MB |",
+        f"| re-verify {result['reverify']['weddings']} weddings through Dagster | "
+        f"{result['reverify_weddings_per_minute']} weddings/min in {result['reverify_runs']} runs |",
+        f"| backup schedule tick, 100k weddings | {result['tick']['schedule_tick_seconds_100k']} s "
+        f"({result['tick']['run_requests']} runs for {result['tick']['due_weddings_requested']} due weddings) |",
+        f"| wedding_discovery tick, 100k weddings | {result['tick']['sensor_tick_seconds_100k']} s |",
     ])
     (RESULTS / "latest.md").write_text(table + "\n")
     print(json.dumps(result, indent=2, default=str))

@@ -9,7 +9,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import psycopg
@@ -60,6 +60,7 @@ def run(weddings: int = 100_000) -> dict[str, Any]:
     from wedbackup_dagster.core.stack import Stack
 
     stack = Stack.default()
+    saved = dict(os.environ)
     os.environ.update(stack.env())
     name = f"bench_tick_{uuid.uuid4().hex[:8]}"
     admin = stack.dsn("postgres")
@@ -95,24 +96,101 @@ def run(weddings: int = 100_000) -> dict[str, Any]:
                 dg.RunRequest(run_key=k, partition_key=k).with_resolved_tags_and_config(
                     target_definition=job, dynamic_partitions_requests=[], dynamic_partitions_store=instance)
             validate_2000 = time.perf_counter() - t
-            # wedding_discovery would read the source; its catalogue/Dagster diff over 100k is timed here
-            # through the sync alone (the source read is one indexed SELECT of id, wedding_date).
-            t = time.perf_counter()
-            Catalogue(catalogue_dsn).sync_partitions([(r[0], r[1]) for r in fleet])
-            sync_seconds = time.perf_counter() - t
+            sensors = _sensor_ticks(stack, instance, fleet)
         due = sum(int(r.tags["wedbackup/due_weddings"]) for r in requests)
+        # What partition-range runs would have needed for the same due weddings (ranges over insertion
+        # order, at most 4 not-due weddings carried per gap).
+        due_keys = [k for r in requests for k in r.run_config["ops"]["snapshot_and_seal_list"]["config"]["weddings"]]
+        ranges = batch_ranges(due_keys, keys, max_extra_per_gap=4, max_run_size=500)
+        position = {k: i for i, k in enumerate(keys)}
+        range_extra = sum(position[b] - position[a] + 1 - n for a, b, n in ranges)
         return {
             "weddings": weddings,
             "schedule_tick_seconds_100k": round(tick_seconds, 3),
             "run_requests": len(requests),
             "due_weddings_requested": due,
             "weddings_per_run": round(due / max(len(requests), 1), 1),
+            "range_runs_instead": len(ranges),
+            "range_runs_extra_weddings": range_extra,
             "covered_unchanged": _covered(catalogue_dsn),
             "validate_2000_partition_key_requests_seconds": round(validate_2000, 3),
             "add_dynamic_partitions_seconds": round(add_seconds, 3),
             "seed_catalogue_seconds": round(seed_seconds, 3),
-            "sensor_tick_seconds_100k": round(sync_seconds, 3),
+            **sensors,
         }
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def batch_ranges(due: Iterable[str], ordered: Sequence[str], *, max_extra_per_gap: int,
+                 max_run_size: int) -> list[tuple[str, str, int]]:
+    """Cover the due keys with few ranges over `ordered` (the partitions' insertion order), as
+    (first, last, due keys inside): a range may carry up to `max_extra_per_gap` not-due keys between
+    two due ones (one batched wedding costs less than one more run) and spans at most `max_run_size`
+    keys. Keys not in `ordered` are left out (not yet a Dagster partition)."""
+    position = {k: i for i, k in enumerate(ordered)}
+    points = sorted({position[k] for k in due if k in position})
+    ranges: list[tuple[str, str, int]] = []
+    if not points:
+        return ranges
+    start = prev = points[0]
+    count = 1
+    for p in points[1:]:
+        if p - prev - 1 <= max_extra_per_gap and p - start + 1 <= max_run_size:
+            prev, count = p, count + 1
+            continue
+        ranges.append((ordered[start], ordered[prev], count))
+        start = prev = p
+        count = 1
+    ranges.append((ordered[start], ordered[prev], count))
+    return ranges
+
+
+def _sensor_ticks(stack: Any, instance: Any, fleet: list[tuple]) -> dict[str, float]:
+    """wedding_discovery and change capture over the same weddings, in a throw-away source database
+    (weddings with date and updated_at, guests): a full diff tick (cursor stale, every partition already
+    known), a tick with nothing changed, and a change-capture tick after 100 guests changed."""
+    import dagster as dg
+
+    from wedbackup_dagster.automation.discovery import wedding_change_capture, wedding_discovery
+
+    name = f"bench_src_{uuid.uuid4().hex[:8]}"
+    admin = stack.dsn("postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')  # name is ours, made above from hex digits
+    try:
+        dsn = stack.dsn(name)
+        os.environ["WEDBACKUP_SOURCE_DSN"] = dsn
+        with psycopg.connect(dsn) as conn:
+            conn.execute("CREATE TABLE weddings (id bigint PRIMARY KEY, wedding_date date NOT NULL, "
+                         "updated_at timestamptz NOT NULL DEFAULT now())")
+            conn.execute("CREATE TABLE guests (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, wedding_id bigint "
+                         "NOT NULL REFERENCES weddings (id), name text, updated_at timestamptz NOT NULL DEFAULT now())")
+            with conn.cursor().copy("COPY weddings (id, wedding_date, updated_at) FROM STDIN") as copy:
+                for partition, wedding_date, _, _ in fleet[1:]:
+                    copy.write_row((int(partition), wedding_date, "2026-01-01T00:00:00Z"))
+            conn.execute("INSERT INTO guests (wedding_id, name, updated_at) SELECT id, 'g', '2026-01-01T00:00:00Z' "
+                         "FROM weddings")
+            conn.execute("CREATE INDEX ON guests (updated_at)")
+            conn.execute("CREATE INDEX ON weddings (updated_at)")
+            conn.execute("ANALYZE")
+        out = {}
+        t = time.perf_counter()
+        data = wedding_discovery.evaluate_tick(dg.build_sensor_context(instance=instance, cursor="stale"))
+        out["sensor_tick_seconds_100k"] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+        wedding_discovery.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=data.cursor))
+        out["discovery_tick_unchanged_seconds_100k"] = round(time.perf_counter() - t, 3)
+        with psycopg.connect(dsn) as conn:
+            conn.execute("UPDATE guests SET name = 'changed', updated_at = now() WHERE wedding_id <= 100")
+        t = time.perf_counter()
+        wedding_change_capture.evaluate_tick(dg.build_sensor_context(instance=instance,
+                                                                     cursor="2026-06-01T00:00:00+00:00"))
+        out["change_capture_tick_seconds_100k"] = round(time.perf_counter() - t, 3)
+        return out
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -1,8 +1,104 @@
-"""`wedbackup verify …` and other checking commands (filled in by the checks work)."""
+"""`wedbackup verify (--all | --wedding ID … | --older-than DAYS)`: re-verify existing backups through
+Dagster (verified_restore and its checks, no new dump), in batched multi-wedding runs."""
 from __future__ import annotations
 
 import argparse
+import time
+from datetime import datetime, timedelta, timezone
+
+from .core.errors import WedbackupError
+
+DEFAULT_BATCH = 100
+
+
+def select_for_verify(verified: dict[str, datetime | None], *, all_: bool = False, weddings: list[str] | None = None,
+                      older_than_days: float | None = None, now: datetime | None = None) -> list[str]:
+    """Which partitions to re-verify, from {partition with a backup: when its newest backup last restored}."""
+    if all_:
+        return sorted(verified, key=_order)
+    if weddings:
+        unknown = [w for w in weddings if w not in verified]
+        if unknown:
+            raise WedbackupError(f"wedding(s) without a backup in the catalogue: {', '.join(unknown[:10])}")
+        return list(dict.fromkeys(weddings))
+    if older_than_days is None or older_than_days < 0:
+        raise WedbackupError("--older-than needs a number of days ≥ 0")
+    cutoff = (now or datetime.now(timezone.utc)) - timedelta(days=older_than_days)
+    return sorted((p for p, at in verified.items() if at is None or at < cutoff), key=_order)
+
+
+def _order(partition: str) -> tuple[int, str]:
+    return (0, f"{int(partition):020d}") if partition.isdigit() else (1, partition)
+
+
+def batches(keys: list[str], ordered: list[str], size: int) -> list[list[str]]:
+    """Keys in the partitions' insertion order, cut into runs of at most `size` weddings: a run per batch
+    keeps a failure or a retry small, and lets several run workers share a large re-verification."""
+    wanted = set(keys)
+    in_order = [k for k in ordered if k in wanted]
+    return [in_order[i:i + size] for i in range(0, len(in_order), size)]
+
+
+def reverify(keys: list[str], *, instance, batch_size: int = DEFAULT_BATCH) -> dict:
+    """Run reverify_weddings over `keys` in batched runs; for runs that failed, run the checks again so every
+    wedding of those runs has its own check results. Returns counts, failures and the runs."""
+    from .backups.launch import run_job_for
+    from .backups.partitions import weddings_partitions
+    from .checks.check_jobs import run_checks_for
+
+    ordered = list(instance.get_dynamic_partitions(weddings_partitions.name))
+    started = time.perf_counter()
+    results = []
+    for batch in batches(keys, ordered, max(1, batch_size)):
+        results.extend(run_job_for("reverify_weddings", batch, instance=instance))
+    seconds = time.perf_counter() - started
+    check_results = []
+    for r in results:
+        if not r.success:
+            span = ordered[ordered.index(r.first):ordered.index(r.last) + 1]
+            check_results.extend(run_checks_for(span, instance=instance))
+    return {"weddings": len(keys), "runs": results, "check_runs": check_results, "seconds": seconds,
+            "weddings_per_minute": round(len(keys) / seconds * 60, 1) if seconds and keys else 0.0}
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from .backups.launch import register_partitions
+    from .cli_backup import _print_runs
+    from .core.catalogue import Catalogue
+    from .core.config import Settings
+    from .core.rules import CheckQueries
+
+    settings = Settings.from_env()
+    instance = dg.DagsterInstance.get()
+    register_partitions(instance, settings.source_dsn)
+    catalogue = Catalogue(settings.catalogue_dsn)
+    catalogue.migrate()
+    verified = CheckQueries(catalogue).last_verified()
+    catalogue.close()
+    keys = select_for_verify(verified, all_=args.all, weddings=args.wedding, older_than_days=args.older_than)
+    if not keys:
+        print("nothing to verify")
+        return 0
+    print(f"re-verifying {len(keys)} partition(s) through Dagster (verified_restore, no new dump)")
+    outcome = reverify(keys, instance=instance, batch_size=args.batch_size)
+    ok = _print_runs(outcome["runs"])
+    if outcome["check_runs"]:
+        print("checks re-run for the weddings of failed runs:")
+        _print_runs(outcome["check_runs"])
+    print(f"{outcome['weddings']} partition(s) in {len(outcome['runs'])} run(s), {outcome['seconds']:.1f} s, "
+          f"{outcome['weddings_per_minute']} per minute")
+    return 0 if ok else 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    return None
+    verify = sub.add_parser("verify", help="re-verify existing backups (restore and check) without new dumps")
+    which = verify.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every partition that has a backup")
+    which.add_argument("--wedding", nargs="+", metavar="ID", help="these weddings (or platform)")
+    which.add_argument("--older-than", type=float, metavar="DAYS",
+                       help="partitions whose newest backup was last verified more than DAYS days ago, or never")
+    verify.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, metavar="N",
+                        help=f"weddings per Dagster run (default {DEFAULT_BATCH})")
+    verify.set_defaults(func=cmd_verify)

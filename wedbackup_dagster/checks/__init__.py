@@ -5,3 +5,11 @@ restore matches manifest, freshness) and the cross-provider backup_inventory."""
 assets: list = []
 asset_checks: list = []
 jobs: list = []
+
+from .inventory import backup_inventory, reconcile_inventory  # noqa: E402
+from .check_jobs import check_weddings  # noqa: E402
+from .wedding_checks import wedding_checks  # noqa: E402
+
+assets.append(backup_inventory)
+asset_checks.extend(wedding_checks)
+jobs.extend([check_weddings, reconcile_inventory])

@@ -44,6 +44,15 @@ VARIABLES: dict[str, tuple[str, str, bool]] = {
     "WEDBACKUP_AZURE_TIER": ("Azure access tier for replicas (Hot, Cool, Cold, Archive)", "Cool", False),
     "WEDBACKUP_ZSTD_LEVEL": ("zstd level for sealed archives (1-19); 1 was faster and no larger on the demo data",
                              "1", False),
+    "WEDBACKUP_POLICY_FILE": ("JSON or YAML file of backup policy settings (tiers, RPOs, season, schedule); "
+                              "unset: the built-in defaults", "", False),
+    "WEDBACKUP_PROVIDER_DOWN_AFTER": ("consecutive failed canaries (one per 30 s health tick) before a provider "
+                                      "counts as down; one success brings it back", "2", False),
+    "WEDBACKUP_CANARY_TIMEOUT": ("seconds one provider canary (write, read back, delete) may take", "10", False),
+    "WEDBACKUP_ALERT_WEBHOOK_URL": ("http(s) URL that run-failure alerts are POSTed to as JSON (unset: alerts "
+                                    "are only logged); secret, as webhook URLs often carry a token", "", True),
+    "WEDBACKUP_STORAGE_PRICES": ("storage prices for backup_inventory's cost estimate, "
+                                 "`provider:CLASS=USD_per_GB_month,…` over the built-in list prices", "", False),
     "WEDBACKUP_STATE_DIR": ("where the local stack keeps its data, logs and PIDs", ".wedbackup", False),
     "DAGSTER_HOME": ("Dagster instance directory (the local stack sets it up)", ".wedbackup/dagster_home", False),
 }

@@ -1,10 +1,15 @@
-"""Which weddings exist in the source database right now: the partition keys to back up."""
+"""Which weddings exist in the source database right now (the partition keys to back up, with their
+dates), and which of them changed since an updated_at watermark."""
 from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from datetime import date, datetime, timezone
 
 import psycopg
 from psycopg import sql
 
-from .tenancy import TableName
+from .tenancy import TableName, discover
 
 PLATFORM = "platform"
 
@@ -12,7 +17,8 @@ PLATFORM = "platform"
 def wedding_ids(source_dsn: str, root: TableName = TableName("public", "weddings"), key: str = "id") -> list[str]:
     """Every wedding id, as partition keys, in id order."""
     with psycopg.connect(source_dsn) as conn:
-        rows = conn.execute(sql.SQL("SELECT {k}::text FROM {t} ORDER BY {k}").format(
+        # Alias the text form: `ORDER BY id` would otherwise sort the text (1, 10, 100, 2, …).
+        rows = conn.execute(sql.SQL("SELECT {k}::text AS partition_key FROM {t} ORDER BY {k}").format(
             k=sql.Identifier(key), t=root.ident())).fetchall()
     return [r[0] for r in rows]
 
@@ -37,3 +43,58 @@ def contiguous_ranges(selected: list[str], ordered: list[str]) -> list[tuple[str
     if start is not None:
         ranges.append((start, prev))
     return ranges
+
+
+def wedding_dates(source_dsn: str, root: TableName = TableName("public", "weddings"), key: str = "id",
+                  date_column: str = "wedding_date") -> list[tuple[str, date]]:
+    """Every wedding id (as a partition key) with its date, in id order: what discovery and tiers need."""
+    with psycopg.connect(source_dsn) as conn:
+        # Ordered by the table's own column: a bare `ORDER BY id` would sort the text output column.
+        return conn.execute(sql.SQL("SELECT w.{k}::text, w.{d} FROM {t} AS w ORDER BY w.{k}").format(
+            k=sql.Identifier(key), d=sql.Identifier(date_column), t=root.ident())).fetchall()
+
+
+def digest(rows: Iterable[tuple[str, date | None]]) -> str:
+    """A short fingerprint of the partition list: equal digests mean nothing to add, remove or re-date."""
+    h = hashlib.sha256()
+    for partition, wedding_date in rows:
+        h.update(f"{partition}\t{wedding_date}\n".encode())
+    return h.hexdigest()[:32]
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def changed_weddings(source_dsn: str, since: datetime | None, *, column: str = "updated_at",
+                     root: TableName = TableName("public", "weddings")) -> tuple[dict[str, datetime], datetime]:
+    """Which weddings (and `platform`) have rows whose `column` is newer than `since`, with the newest
+    such time each, and the new watermark (the newest time seen, else `since`). One snapshot across
+    every table that has the column; tables without it are invisible here (see README, Automation)."""
+    since = since or EPOCH
+    changes: dict[str, datetime] = {}
+    with psycopg.connect(source_dsn) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        plan = discover(conn, root)
+        for table in plan.tenant_tables:
+            if column not in table.columns:
+                continue
+            # The same join chain as the snapshot's wedding filter, grouped by the wedding id it ends in.
+            joined, id_columns = table._reach()
+            wedding = sql.Identifier(f"t{len(joined) - 1}", id_columns[0])
+            stamp = sql.Identifier("t0", column)
+            query = sql.SQL("SELECT {w}::text, max({s}) FROM {chain} WHERE {s} > %s AND {w} IS NOT NULL "
+                            "GROUP BY 1").format(w=wedding, s=stamp, chain=table._join_chain(joined, 0))
+            for wedding_id, at in conn.execute(query, (since,)):
+                if at > changes.get(wedding_id, EPOCH):
+                    changes[wedding_id] = at
+        for table in plan.platform_tables:
+            if column not in table.columns:
+                continue
+            at = conn.execute(sql.SQL("SELECT max({c}) FROM {t} WHERE {c} > %s").format(
+                c=sql.Identifier(column), t=table.table.ident()), (since,)).fetchone()[0]
+            if at is not None and at > changes.get(PLATFORM, EPOCH):
+                changes[PLATFORM] = at
+    watermark = max([since, *changes.values()])
+    return changes, watermark
+

@@ -8,7 +8,7 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 from dagster_gcp import GCSResource
 
-from ..backups.assets import archive_metadata, dump_metadata, replica_metadata, verify_metadata
+from ..backups.assets import archive_metadata, dump_metadata, make_replica, replica_metadata, verify_metadata
 from ..backups.constants import (
     DB_DUMP,
     ENCRYPTED_ARCHIVE,
@@ -28,16 +28,6 @@ Step = dict[str, Any]  # {"ok": [wedding ids that succeeded], "failed": {wedding
 
 class WeddingListConfig(dg.Config):
     weddings: list[str]  # partition keys (wedding ids or `platform`), in the order to back them up
-
-
-def _replica(provider: str, settings: Any, client: Any) -> Any:
-    from ..core import replicas
-
-    if provider == "s3":
-        return replicas.S3Replica(client, settings.s3)
-    if provider == "gcs":
-        return replicas.GCSReplica(client, settings.gcs)
-    return replicas.AzureReplica(client, settings.azure)
 
 
 def _each(context: dg.OpExecutionContext, keys: list[str], work) -> tuple[Step, list[dg.AssetMaterialization]]:
@@ -60,12 +50,16 @@ def snapshot_and_seal_list(context: dg.OpExecutionContext, config: WeddingListCo
                            wedbackup: WedbackupEngineResource):
     engine = wedbackup.engine()
     with engine.snapshot_session() as session:
-        def work(key: str) -> list[dg.AssetMaterialization]:
-            o = engine.back_up(key, session)
-            return [dg.AssetMaterialization(DB_DUMP, partition=key, metadata=dump_metadata(o)),
-                    dg.AssetMaterialization(ENCRYPTED_ARCHIVE, partition=key, metadata=archive_metadata(o))]
+        outcomes = dict(engine.back_up_each(validated_keys(config.weddings), session))
 
-        step, events = _each(context, validated_keys(config.weddings), work)
+    def work(key: str) -> list[dg.AssetMaterialization]:
+        o = outcomes[key]
+        if isinstance(o, WedbackupError):
+            raise o
+        return [dg.AssetMaterialization(DB_DUMP, partition=key, metadata=dump_metadata(o)),
+                dg.AssetMaterialization(ENCRYPTED_ARCHIVE, partition=key, metadata=archive_metadata(o))]
+
+    step, events = _each(context, list(outcomes), work)
     yield from events
     yield dg.Output(step)
 
@@ -73,7 +67,7 @@ def snapshot_and_seal_list(context: dg.OpExecutionContext, config: WeddingListCo
 def _replicate(context: dg.OpExecutionContext, provider: str, sealed: Step, wedbackup: WedbackupEngineResource,
                client: Any):
     engine = wedbackup.engine()
-    replica = _replica(provider, wedbackup.settings(), client)
+    replica = make_replica(provider, wedbackup.settings(), client)
 
     def work(key: str) -> list[dg.AssetMaterialization]:
         o = engine.replicate(key, replica)
@@ -109,7 +103,7 @@ def verified_restore_list(context: dg.OpExecutionContext, sealed: Step, s3_done:
     engine = wedbackup.engine()
     settings = wedbackup.settings()
     clients = {"s3": s3.get_client(), "gcs": gcs.get_client(), "azure": azure.get_service()}
-    replicas = {p: _replica(p, settings, clients[p]) for p in PROVIDERS}
+    replicas = {p: make_replica(p, settings, clients[p]) for p in PROVIDERS}
     uploaded = [k for k in sealed["ok"] if any(k in step["ok"] for step in (s3_done, gcs_done, azure_done))]
 
     def work(key: str) -> list[dg.AssetMaterialization]:

@@ -138,22 +138,20 @@ def snapshot_and_seal(context: dg.AssetExecutionContext, wedbackup: WedbackupEng
     done: PerKeyMetadata = {}
     failures: dict[str, str] = {}
     with engine.snapshot_session() as session:
-        for key in validated_keys(context.partition_keys):
-            try:
-                outcome = engine.back_up(key, session)
-            except WedbackupError as exc:
-                context.log.error(str(exc))
-                failures[key] = str(exc)
+        # Weddings go in batches: one COPY per table per batch, one sealed archive per wedding.
+        for key, outcome in engine.back_up_each(validated_keys(context.partition_keys), session):
+            if isinstance(outcome, WedbackupError):
+                context.log.error(str(outcome))
+                failures[key] = str(outcome)
                 continue
             done[key] = {DB_DUMP: dump_metadata(outcome), ENCRYPTED_ARCHIVE: archive_metadata(outcome)}
     yield from _finish(context, [DB_DUMP, ENCRYPTED_ARCHIVE], done, failures, "backup")
 
 
-def _replica(provider: str, context: dg.AssetExecutionContext, engine_resource: WedbackupEngineResource,
-             client: Any) -> Any:
+def make_replica(provider: str, settings: Any, client: Any) -> Any:
+    """The core replica of one provider, over a client made by that provider's Dagster resource."""
     from ..core import replicas
 
-    settings = engine_resource.settings()
     if provider == "s3":
         return replicas.S3Replica(client, settings.s3)
     if provider == "gcs":
@@ -164,7 +162,7 @@ def _replica(provider: str, context: dg.AssetExecutionContext, engine_resource: 
 def _replicate_all(context: dg.AssetExecutionContext, provider: str, wedbackup: WedbackupEngineResource,
                    client: Any) -> Iterator[Any]:
     engine = wedbackup.engine()
-    replica = _replica(provider, context, wedbackup, client)
+    replica = make_replica(provider, wedbackup.settings(), client)
     done: PerKeyMetadata = {}
     failures: dict[str, str] = {}
     for key in validated_keys(context.partition_keys):
@@ -218,7 +216,8 @@ def verified_restore(context: dg.AssetExecutionContext, config: VerifyConfig, we
                      s3: S3Resource, gcs: GCSResource, azure: AzureBlobResource) -> Iterator[Any]:
     engine = wedbackup.engine()
     clients: Mapping[str, Any] = {"s3": s3.get_client(), "gcs": gcs.get_client(), "azure": azure.get_service()}
-    replicas = {p: _replica(p, context, wedbackup, clients[p]) for p in PROVIDERS}
+    settings = wedbackup.settings()
+    replicas = {p: make_replica(p, settings, clients[p]) for p in PROVIDERS}
     done: PerKeyMetadata = {}
     failures: dict[str, str] = {}
     for key in validated_keys(context.partition_keys):

@@ -10,7 +10,7 @@ from dagster_gcp import GCSResource
 from ..core.config import redact
 from ..core.engine import PROVIDERS
 from ..core.errors import ConfigError
-from .assets import _replica
+from .assets import make_replica
 from .partitions import validated_keys
 from .resources import AzureBlobResource, WedbackupEngineResource
 
@@ -32,7 +32,8 @@ def restore_partition(context: dg.OpExecutionContext, config: RestoreConfig, wed
         raise ConfigError(config.target_dsn_env, "is not set: the DSN of the database to restore into")
     engine = wedbackup.engine()
     clients = {"s3": s3.get_client, "gcs": gcs.get_client, "azure": azure.get_service}
-    replicas = {p: _replica(p, context, wedbackup, clients[p]()) for p in PROVIDERS
+    settings = wedbackup.settings()
+    replicas = {p: make_replica(p, settings, clients[p]()) for p in PROVIDERS
                 if config.provider in (None, p)}
     backup, chosen, report = engine.restore_to(partition, target, replicas, provider=config.provider)
     context.log.info(redact(f"restored {partition} from {chosen} copy {backup.archive_sha256[:16]}"))

@@ -7,7 +7,7 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 from dagster_gcp import GCSResource
 
-from ..backups.assets import _replica
+from ..backups.assets import make_replica
 from ..backups.constants import OWNERS
 from ..backups.resources import AzureBlobResource, WedbackupEngineResource
 from ..core import inventory as inv
@@ -53,7 +53,7 @@ def backup_inventory(context: dg.AssetExecutionContext, config: InventoryConfig,
                      s3: S3Resource, gcs: GCSResource, azure: AzureBlobResource) -> Iterator[Any]:
     engine = wedbackup.engine()
     clients = {"s3": s3.get_client(), "gcs": gcs.get_client(), "azure": azure.get_service()}
-    replicas = {p: _replica(p, context, wedbackup, c) for p, c in clients.items()}
+    replicas = {p: make_replica(p, wedbackup.settings(), c) for p, c in clients.items()}
     try:
         found = inv.take_inventory(engine.catalogue, replicas, engine.vault, prices=inv.prices_from_env(),
                                    check_checksums=config.check_checksums)

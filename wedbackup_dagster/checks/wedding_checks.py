@@ -9,7 +9,7 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 from dagster_gcp import GCSResource
 
-from ..backups.assets import _replica
+from ..backups.assets import make_replica
 from ..backups.constants import ENCRYPTED_ARCHIVE, REPLICA_KEYS, VERIFIED_RESTORE
 from ..backups.partitions import validated_keys, weddings_partitions
 from ..backups.resources import AzureBlobResource, WedbackupEngineResource
@@ -137,7 +137,7 @@ class _CopyView:
 
 def _replica_check(provider: str, context: dg.AssetCheckExecutionContext, wedbackup: WedbackupEngineResource,
                    client: Any) -> Iterator[Any]:
-    replica = _replica(provider, context, wedbackup, client)
+    replica = make_replica(provider, wedbackup.settings(), client)
     outcomes = _evaluate(wedbackup, lambda e: replica_outcomes(e, provider, replica, _keys(context)))
     yield from _report(context, REPLICA_KEYS[provider], "replica_checksum", outcomes)
 

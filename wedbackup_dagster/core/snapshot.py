@@ -15,17 +15,17 @@ import subprocess
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import psycopg
 from psycopg import pq, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from wedbackup_dagster.core import tenancy
-from wedbackup_dagster.core.errors import SnapshotError, UnknownWeddingError
+from wedbackup_dagster.core.errors import SnapshotError, UnknownWeddingError, WedbackupError
 
 PLATFORM = "platform"
 FORMAT_NAME = "wedbackup-snapshot"
@@ -44,6 +44,8 @@ RECORD_TYPES = {HEADER: "header", PRE_DATA: "pre_data", POST_DATA: "post_data", 
                 DATA: "data", TABLE_END: "table_end", MANIFEST: "manifest"}
 FRAME_HEADER_SIZE = 9
 _WEDDING_PLACEHOLDER = b"%(wedding_id)s"
+_WEDDINGS_PLACEHOLDER = b"%(wedding_ids)s"  # a batch's array of wedding ids
+_T = TypeVar("_T")
 
 # COPY hands over one row per block; rows are coalesced so framing and sink calls stay rare, and a
 # single huge row is cut into pieces so a reader never needs more than MAX_DATA_RECORD at once.
@@ -406,15 +408,7 @@ def copy_out(conn, query: sql.Composable | bytes, params, on_buffer) -> None:
         text = psycopg.ClientCursor(conn).mogrify(query, params).encode()
     else:
         text = query.as_bytes(conn)
-    pgconn = conn.pgconn
-    pgconn.send_query(text)
-    while pgconn.flush():
-        select.select([], [pgconn.socket], [])
-    while True:  # the first result says COPY OUT (or why not)
-        result = _next_result(pgconn)
-        if result is None or result.status == pq.ExecStatus.COPY_OUT:
-            break
-        _raise_for(result, pgconn)
+    pgconn = _start_copy(conn, text)
     get = pgconn.get_copy_data
     buf = bytearray()
     while True:
@@ -431,6 +425,24 @@ def copy_out(conn, query: sql.Composable | bytes, params, on_buffer) -> None:
             break
     if buf:
         on_buffer(buf)
+    _finish_copy(pgconn)
+
+
+def _start_copy(conn, text: bytes):
+    """Send a COPY ... TO STDOUT and wait until the server starts sending rows (or says why not)."""
+    pgconn = conn.pgconn
+    pgconn.send_query(text)
+    while pgconn.flush():
+        select.select([], [pgconn.socket], [])
+    while True:  # the first result says COPY OUT (or why not)
+        result = _next_result(pgconn)
+        if result is None or result.status == pq.ExecStatus.COPY_OUT:
+            break
+        _raise_for(result, pgconn)
+    return pgconn
+
+
+def _finish_copy(pgconn) -> None:
     while (result := _next_result(pgconn)) is not None:
         _raise_for(result, pgconn)
 
@@ -568,13 +580,47 @@ class SnapshotSession:
     def snapshot(self, partition: str, sink: Sink) -> Manifest:
         """Write the framed snapshot of `partition` (a wedding id, or "platform") to `sink`."""
         partition = str(partition)
-        conn = self._connection()
         started = time.monotonic()
-        if self._shared is not None and started - self._shared[0] > self.share_seconds:
+        manifest = self._in_transaction(lambda conn: self._write_partition(conn, self._begin(conn), partition, sink))
+        manifest.seconds = round(time.monotonic() - started, 6)
+        return manifest
+
+    def snapshot_many(self, partitions: Sequence[str], sinks: Mapping[str, Sink]
+                      ) -> dict[str, Manifest | WedbackupError]:
+        """Snapshot many weddings from one consistent snapshot, each into its own sink (`sinks[wedding_id]`),
+        with one COPY per table for the whole batch instead of one per wedding and table.
+
+        Each wedding's stream is byte for byte what `snapshot()` writes in the same transaction (only
+        the manifest's `seconds` differ: a batch's time is shared out evenly). Returns each wedding's
+        Manifest, or the error that kept it out (UnknownWeddingError; a sink that failed, wrapped in
+        SnapshotError unless it already was a WedbackupError) while the others go on. An error of the
+        source database fails the whole batch and is raised. The platform partition goes through
+        `snapshot()`."""
+        weddings = list(dict.fromkeys(str(p) for p in partitions))
+        if PLATFORM in weddings:
+            raise SnapshotError("snapshot_many takes weddings only: snapshot the platform partition with snapshot()")
+        missing = [p for p in weddings if p not in sinks]
+        if missing:
+            raise SnapshotError(f"snapshot_many: no sink for wedding(s) {', '.join(missing[:10])}")
+        if not weddings:
+            return {}
+        started = time.monotonic()
+        results = self._in_transaction(lambda conn: self._write_many(conn, self._begin(conn), weddings, sinks))
+        share = round((time.monotonic() - started) / len(weddings), 6)
+        for result in results.values():
+            if isinstance(result, Manifest):
+                result.seconds = share
+        return results
+
+    def _in_transaction(self, work: Callable[[psycopg.Connection], _T]) -> _T:
+        """Run `work` inside the session's snapshot transaction (shared within `share_seconds`); any
+        error rolls it back, so the next call starts a fresh one."""
+        conn = self._connection()
+        if self._shared is not None and time.monotonic() - self._shared[0] > self.share_seconds:
             self._shared = None
             conn.execute("COMMIT")
         try:
-            manifest = self._snapshot_in_transaction(conn, partition, sink)
+            result = work(conn)
             if self.share_seconds <= 0:
                 conn.execute("COMMIT")
         except BaseException:
@@ -585,35 +631,36 @@ class SnapshotSession:
                 except psycopg.Error:
                     conn.close()
             raise
-        manifest.seconds = round(time.monotonic() - started, 6)
-        return manifest
+        return result
 
-    def _snapshot_in_transaction(self, conn, partition: str, sink: Sink) -> Manifest:
+    def _begin(self, conn) -> tuple[Any, ...]:
+        """The transaction's facts (time, snapshot, xmin, server version, fingerprint, DDL, plan): the
+        shared transaction's, else those of a new one begun here."""
+        if self._shared is not None:
+            return self._shared[1]
         # The first query takes the transaction's snapshot: time, xmin and schema are all as of it.
         # One round trip (simple protocol): begin, qualified names (see use_qualified_names), and the
         # snapshot's identity.
-        if self._shared is not None:
-            snap_time, snapshot, xmin, server_version, fingerprint, ddl, plan = self._shared[1]
-        else:
-            opened = time.monotonic()
-            cur = conn.execute(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;"
-                " SELECT pg_catalog.set_config('search_path', '', true), pg_catalog.now(),"
-                " pg_catalog.pg_current_snapshot()::text,"
-                " pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text::bigint,"
-                " pg_catalog.current_setting('server_version')")
-            cur.nextset()
-            _, snap_time, snapshot, xmin, server_version = cur.fetchone()
-            fingerprint = schema_fingerprint(conn)
-            ddl = schema_ddl(conn, self.source_dsn, fingerprint)
-            plan = self._plan(conn, fingerprint)
-            if self.share_seconds > 0:
-                self._shared = (opened, (snap_time, snapshot, xmin, server_version, fingerprint, ddl, plan))
-        params = None
-        if partition != PLATFORM:
-            self._check_wedding(conn, plan, partition)
-            params = {"wedding_id": partition}
+        opened = time.monotonic()
+        cur = conn.execute(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;"
+            " SELECT pg_catalog.set_config('search_path', '', true), pg_catalog.now(),"
+            " pg_catalog.pg_current_snapshot()::text,"
+            " pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text::bigint,"
+            " pg_catalog.current_setting('server_version')")
+        cur.nextset()
+        _, snap_time, snapshot, xmin, server_version = cur.fetchone()
+        fingerprint = schema_fingerprint(conn)
+        ddl = schema_ddl(conn, self.source_dsn, fingerprint)
+        plan = self._plan(conn, fingerprint)
+        facts = (snap_time, snapshot, xmin, server_version, fingerprint, ddl, plan)
+        if self.share_seconds > 0:
+            self._shared = (opened, facts)
+        return facts
 
+    def _write_head(self, conn, facts: tuple[Any, ...], partition: str, sink: Sink) -> None:
+        """Magic, header, pre-data and post-data: everything before the first table."""
+        snap_time, snapshot, xmin, server_version, fingerprint, ddl, plan = facts
         header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "partition": partition,
                   "snapshot_time": snap_time.isoformat(), "txid": xmin, "snapshot": snapshot,
                   "server_version": server_version, "server_version_num": conn.info.server_version,
@@ -624,25 +671,113 @@ class SnapshotSession:
         write_record(sink, PRE_DATA, ddl.pre_data.encode())
         write_record(sink, POST_DATA, ddl.post_data.encode())
 
-        tables: list[TableManifest] = []
-        literal = sql.Literal(partition).as_bytes(conn) if params else b""
-        for t, select_sql, parts in self._statements(conn, plan, partition == PLATFORM):
-            t0 = time.monotonic()
-            write_record(sink, TABLE_BEGIN, _json_bytes({
-                "schema": t.table.schema, "name": t.table.name, "columns": list(t.columns),
-                "select_sql": select_sql, "params": params, "order_by": list(t.order_by)}))
-            rows, nbytes, sha = _copy_table(conn, literal.join(parts), None, sink)
-            write_record(sink, TABLE_END, _json_bytes({"rows": rows, "bytes": nbytes, "sha256": sha}))
-            tables.append(TableManifest(schema=t.table.schema, name=t.table.name, columns=list(t.columns),
-                                        rows=rows, bytes=nbytes, sha256=sha, select_sql=select_sql,
-                                        params=params, order_by=list(t.order_by), path=_path_text(t),
-                                        seconds=round(time.monotonic() - t0, 6)))
-
+    @staticmethod
+    def _finish(facts: tuple[Any, ...], partition: str, tables: list[TableManifest], sink: Sink) -> Manifest:
+        snap_time, snapshot, xmin, server_version, fingerprint, _, plan = facts
         manifest = Manifest(partition=partition, snapshot_time=snap_time.isoformat(), txid=xmin,
                             snapshot=snapshot, server_version=server_version, schema_fingerprint=fingerprint,
                             tables=tables, plan=plan_description(plan))
         write_record(sink, MANIFEST, manifest.to_json().encode())
         return manifest
+
+    def _write_partition(self, conn, facts: tuple[Any, ...], partition: str, sink: Sink) -> Manifest:
+        plan = facts[6]
+        params = None
+        if partition != PLATFORM:
+            self._check_wedding(conn, plan, partition)
+            params = {"wedding_id": partition}
+        self._write_head(conn, facts, partition, sink)
+        tables: list[TableManifest] = []
+        literal = sql.Literal(partition).as_bytes(conn) if params else b""
+        for t, select_sql, parts in self._statements(conn, plan, partition == PLATFORM):
+            t0 = time.monotonic()
+            write_record(sink, TABLE_BEGIN, _table_begin(t, select_sql, params))
+            rows, nbytes, sha = _copy_table(conn, literal.join(parts), None, sink)
+            write_record(sink, TABLE_END, _json_bytes({"rows": rows, "bytes": nbytes, "sha256": sha}))
+            tables.append(_table_manifest(t, select_sql, params, rows, nbytes, sha, time.monotonic() - t0))
+        return self._finish(facts, partition, tables, sink)
+
+    def _write_many(self, conn, facts: tuple[Any, ...], weddings: list[str], sinks: Mapping[str, Sink]
+                    ) -> dict[str, Manifest | WedbackupError]:
+        plan = facts[6]
+        results: dict[str, Manifest | WedbackupError] = {}
+        keys = self._find_weddings(conn, plan, weddings)
+        batch = [p for p in weddings if keys[p] == p]
+        # A wedding found under another spelling of its key ("07" for 7) goes alone, through the
+        # per-wedding SELECT: the batch routes rows by the key's text as COPY prints it.
+        alone = [p for p in weddings if isinstance(keys[p], str) and keys[p] != p]
+        for p in weddings:
+            if isinstance(keys[p], WedbackupError):
+                results[p] = keys[p]
+        streams = {p: _GuardedSink(p, sinks[p]) for p in (*batch, *alone)}
+        if batch:
+            for p in batch:
+                self._write_head(conn, facts, p, streams[p])
+            tables: dict[str, list[TableManifest]] = {p: [] for p in batch}
+            literal = sql.Literal(_array_literal(batch)).as_bytes(conn)
+            per_wedding = self._statements(conn, plan, False)
+            for (t, select_sql, _), parts in zip(per_wedding, self._batch_statements(conn, plan)):
+                t0 = time.monotonic()
+                outs: dict[bytes, _TableOut] = {}
+                for p in batch:
+                    write_record(streams[p], TABLE_BEGIN, _table_begin(t, select_sql, {"wedding_id": p}))
+                    outs[p.encode()] = _TableOut(streams[p])
+                _copy_batch(conn, literal.join(parts), outs, t.table)
+                share = (time.monotonic() - t0) / len(batch)
+                for p in batch:
+                    out = outs[p.encode()]
+                    sha = out.digest.hexdigest()
+                    write_record(out.sink, TABLE_END, _json_bytes({"rows": out.rows, "bytes": out.bytes,
+                                                                   "sha256": sha}))
+                    tables[p].append(_table_manifest(t, select_sql, {"wedding_id": p}, out.rows, out.bytes, sha,
+                                                     share))
+            for p in batch:
+                results[p] = self._finish(facts, p, tables[p], streams[p])
+        for p in alone:
+            results[p] = self._write_partition(conn, facts, p, streams[p])
+        for p, stream in streams.items():
+            if stream.error is not None:
+                results[p] = stream.error
+        return {p: results[p] for p in weddings}
+
+    def _find_weddings(self, conn, plan: tenancy.TenancyPlan, weddings: list[str]
+                       ) -> dict[str, str | UnknownWeddingError]:
+        """wedding id → its key's text in the root table, or why there is no such wedding. One query
+        for the batch; one more for each id it did not find as spelled (or for all of them when some
+        id is not even a valid key: that error ends the batch query)."""
+        root_key = self._root_key(plan)
+        query = sql.SQL("SELECT {key}::text FROM {root} WHERE {key} = ANY({ids})").format(
+            key=root_key, root=plan.root.ident(), ids=sql.Literal(_array_literal(weddings)))
+        try:
+            found = {row[0] for row in self._query_in_savepoint(conn, query)}
+        except (psycopg.DataError, psycopg.ProgrammingError):
+            found = set()
+        return {p: p if p in found else self._find_wedding(conn, plan, p) for p in weddings}
+
+    def _find_wedding(self, conn, plan: tenancy.TenancyPlan, wedding_id: str) -> str | UnknownWeddingError:
+        """One wedding's key text, or the error `snapshot()` raises for it, without ending the transaction."""
+        query = sql.SQL("SELECT {key}::text FROM {root} WHERE {key} = {id}").format(
+            key=self._root_key(plan), root=plan.root.ident(), id=sql.Literal(wedding_id))
+        try:
+            rows = self._query_in_savepoint(conn, query)
+        except (psycopg.DataError, psycopg.ProgrammingError):
+            return UnknownWeddingError(wedding_id, f"not a valid key for {plan.root}.{plan.root_key[0]}")
+        if not rows:
+            return UnknownWeddingError(wedding_id, f"no such wedding in {plan.root} of the source database")
+        return rows[0][0]
+
+    @staticmethod
+    def _query_in_savepoint(conn, query: sql.Composable) -> list[tuple]:
+        """Rows of `query`; an error in it is rolled back to a savepoint, so the snapshot transaction
+        (and what the other weddings of a batch read) survives it. One round trip when it succeeds."""
+        text = sql.SQL("SAVEPOINT wedbackup_check; {}; RELEASE SAVEPOINT wedbackup_check").format(query)
+        try:
+            cur = conn.execute(text.as_string(conn))
+        except psycopg.Error:
+            conn.execute("ROLLBACK TO SAVEPOINT wedbackup_check; RELEASE SAVEPOINT wedbackup_check")
+            raise
+        cur.nextset()
+        return cur.fetchall()
 
     def _statements(self, conn, plan: tenancy.TenancyPlan, platform: bool) -> list[tuple[Any, str, list[bytes]]]:
         """Each table's SELECT (as the manifest records it) and its COPY rendered once per plan, cut
@@ -660,18 +795,154 @@ class SnapshotSession:
             cached = self._rendered[key] = (plan, statements)
         return cached[1]
 
+    def _batch_statements(self, conn, plan: tenancy.TenancyPlan) -> list[list[bytes]]:
+        """Each tenant table's batch COPY (same order as `_statements`), cut at the wedding_ids placeholder."""
+        key = (id(plan), "batch")
+        cached = self._rendered.get(key)
+        if cached is None or cached[0] is not plan:
+            statements = []
+            for t in plan.tenant_tables:
+                copy = sql.SQL("COPY ({}) TO STDOUT").format(t.wedding_batch_select()).as_bytes(conn)
+                parts = copy.split(_WEDDINGS_PLACEHOLDER)
+                if len(parts) != 2 or b"%" in b"".join(parts):
+                    raise SnapshotError(f"the batch SELECT of {t.table} holds an unexpected placeholder: "
+                                        f"{copy[:200]!r}")
+                statements.append(parts)
+            cached = self._rendered[key] = (plan, statements)
+        return cached[1]
+
     @staticmethod
-    def _check_wedding(conn, plan: tenancy.TenancyPlan, wedding_id: str) -> None:
+    def _root_key(plan: tenancy.TenancyPlan) -> sql.Identifier:
         if len(plan.root_key) != 1:
             raise SnapshotError(f"tenant root {plan.root} must have a single-column key, has {list(plan.root_key)}")
-        query = sql.SQL("SELECT EXISTS (SELECT FROM {} WHERE {} = %s)").format(
-            plan.root.ident(), sql.Identifier(plan.root_key[0]))
+        return sql.Identifier(plan.root_key[0])
+
+    @classmethod
+    def _check_wedding(cls, conn, plan: tenancy.TenancyPlan, wedding_id: str) -> None:
+        query = sql.SQL("SELECT EXISTS (SELECT FROM {} WHERE {} = %s)").format(plan.root.ident(), cls._root_key(plan))
         try:
             found = conn.execute(query, (wedding_id,)).fetchone()[0]
         except (psycopg.DataError, psycopg.ProgrammingError):
             raise UnknownWeddingError(wedding_id, f"not a valid key for {plan.root}.{plan.root_key[0]}") from None
         if not found:
             raise UnknownWeddingError(wedding_id, f"no such wedding in {plan.root} of the source database")
+
+
+def _table_begin(t: tenancy.TenantTable | tenancy.PlatformTable, select_sql: str,
+                 params: dict[str, str] | None) -> bytes:
+    return _json_bytes({"schema": t.table.schema, "name": t.table.name, "columns": list(t.columns),
+                        "select_sql": select_sql, "params": params, "order_by": list(t.order_by)})
+
+
+def _table_manifest(t: tenancy.TenantTable | tenancy.PlatformTable, select_sql: str, params: dict[str, str] | None,
+                    rows: int, nbytes: int, sha: str, seconds: float) -> TableManifest:
+    return TableManifest(schema=t.table.schema, name=t.table.name, columns=list(t.columns), rows=rows, bytes=nbytes,
+                         sha256=sha, select_sql=select_sql, params=params, order_by=list(t.order_by),
+                         path=_path_text(t), seconds=round(seconds, 6))
+
+
+def _array_literal(values: Iterable[str]) -> str:
+    """A PostgreSQL array literal of `values`, every element quoted (the server casts it to the key's type)."""
+    return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
+
+
+class _GuardedSink:
+    """One wedding's sink inside a batch: a failing write is remembered and ends only that wedding's
+    stream, so the batch's COPY (and the other weddings) carry on."""
+
+    def __init__(self, wedding_id: str, sink: Sink):
+        self.wedding_id = wedding_id
+        self._sink = sink
+        self.error: WedbackupError | None = None
+
+    def write(self, data: bytes | bytearray) -> None:
+        if self.error is not None:
+            return
+        try:
+            self._sink.write(data)
+        except Exception as e:
+            if isinstance(e, WedbackupError):
+                self.error = e
+            else:
+                self.error = SnapshotError(
+                    f"wedding {self.wedding_id}: writing its snapshot failed: {type(e).__name__}: {e}")
+                self.error.__cause__ = e
+
+
+class _TableOut:
+    """One wedding's rows of one table: counted, hashed and written as DATA records, as `_copy_table` does."""
+
+    __slots__ = ("sink", "digest", "rows", "bytes")
+
+    def __init__(self, sink: Sink):
+        self.sink = sink
+        self.digest = hashlib.sha256()
+        self.rows = 0
+        self.bytes = 0
+
+    def emit(self, buf: bytearray) -> None:
+        self.digest.update(buf)
+        self.rows += buf.count(b"\n")
+        self.bytes += len(buf)
+        _write_data(self.sink, buf)
+
+
+def _copy_batch(conn, query: bytes, outs: Mapping[bytes, _TableOut], table: tenancy.TableName) -> None:
+    """Run a batch COPY (each row led by its wedding's key and a tab, rows grouped by wedding) and hand
+    each wedding its own rows without that key, framed exactly as `copy_out` frames a COPY of that
+    wedding alone: a DATA record closes at the first row end at or past DATA_RECORD_TARGET.
+
+    The server sends one message per row (the protocol promises it for COPY OUT), so the key is cut
+    off each message as it arrives: a slice per row, which costs less than searching the text for
+    row starts when rows are large (documents), and no more when they are small."""
+    pgconn = _start_copy(conn, query)
+    get = pgconn.get_copy_data
+    target = DATA_RECORD_TARGET
+    out: _TableOut | None = None
+    seen: set[bytes] = set()
+    prefix = b""
+    cut = 0
+    buf = bytearray()
+    while True:
+        nbytes, data = get(1)
+        if nbytes > 0:
+            if out is None or data[:cut] != prefix:  # the next wedding's rows begin
+                if buf:
+                    out.emit(buf)
+                    buf = bytearray()
+                row = bytes(data)
+                key = row[:max(0, row.find(b"\t"))]
+                out = outs.get(key)
+                if out is None or key in seen or not row.endswith(b"\n"):
+                    _drain_copy(pgconn)
+                    what = "a row of no wedding in the batch" if out is None else \
+                        "rows of one wedding in two places" if key in seen else "a message that is not one row"
+                    raise SnapshotError(f"the batch COPY of {table} returned {what} (key {key[:80]!r})")
+                seen.add(key)
+                cut = len(key) + 1
+                prefix = row[:cut]
+            buf += data[cut:]
+            if len(buf) >= target:
+                out.emit(buf)
+                buf = bytearray()
+        elif nbytes == 0:  # nothing buffered: wait for the socket without holding the GIL
+            select.select([pgconn.socket], [], [])
+            pgconn.consume_input()
+        else:
+            break
+    if buf:
+        out.emit(buf)
+    _finish_copy(pgconn)
+
+
+def _drain_copy(pgconn) -> None:
+    """Read a COPY to its end, so the connection is ready for the rollback that follows an error."""
+    while True:
+        nbytes, _ = pgconn.get_copy_data(0)
+        if nbytes < 0:
+            break
+    while _next_result(pgconn) is not None:
+        pass
 
 
 def take_snapshot(source_dsn: str, plan_or_none: tenancy.TenancyPlan | None = None, *, partition: str,

@@ -92,6 +92,20 @@ class TenantTable:
             cols=_select_list(self.columns), from_=self._join_chain(joined, 0), where=where,
             order=_order_list(self.order_by, self.collatable, self.keyed))
 
+    def wedding_batch_select(self) -> sql.Composed:
+        """SELECT of this table's rows for many weddings at once; one parameter `%(wedding_ids)s`, an
+        array of wedding ids. Each row is prefixed with the wedding-filter column, and rows come grouped
+        by it; within a wedding, rows, their order and their text are exactly `wedding_select()`'s."""
+        joined, last_filter_cols = self._reach()
+        if len(last_filter_cols) != 1:
+            raise TenancyError(f"{self.table}: a batch SELECT needs a single wedding-filter column, "
+                               f"has {list(last_filter_cols)}")
+        wedding = sql.Identifier(_alias(len(joined) - 1), last_filter_cols[0])
+        return sql.SQL("SELECT {wedding}, {cols} FROM {from_} WHERE {wedding} = ANY(%(wedding_ids)s) "
+                       "ORDER BY {wedding}, {order}").format(
+            wedding=wedding, cols=_select_list(self.columns), from_=self._join_chain(joined, 0),
+            order=_order_list(self.order_by, self.collatable, self.keyed))
+
     def platform_select(self) -> sql.Composed | None:
         """SELECT of this table's rows that reach no wedding (NULL along a nullable path), else None."""
         if not self.path or all(not h.nullable and h.validated for h in self.path):

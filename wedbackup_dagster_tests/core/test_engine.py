@@ -14,6 +14,7 @@ from wedbackup_dagster.core.errors import (
     ProviderError,
     SchemaMismatchError,
     UnknownWeddingError,
+    WedbackupError,
 )
 from wedbackup_dagster.core.keys import MasterKeyring, SecretKey, load_master_keyring
 from wedbackup_dagster.core.replicas import GCSReplica, S3Replica, ensure_targets
@@ -159,3 +160,46 @@ def test_schema_changed_between_backup_and_restore_is_reported(engine, make_data
         engine.restore_to(WEDDING, target, {})
     with psycopg.connect(target) as conn:
         assert conn.execute("SELECT count(*) FROM guests").fetchone()[0] == 0  # nothing half-restored
+
+
+def test_back_up_many_seals_each_wedding_as_back_up_does_and_skips_the_unknown(engine, env):
+    with engine.snapshot_session() as session:
+        outcomes = engine.back_up_many(["2", WEDDING, "999999", "../etc", "platform", "5"], session)
+    assert list(outcomes) == ["2", WEDDING, "999999", "../etc", "platform", "5"]
+    assert isinstance(outcomes["999999"], UnknownWeddingError) and "999999" in str(outcomes["999999"])
+    assert "'../etc'" in str(outcomes["../etc"]) and "back_up" in str(outcomes["platform"])
+    assert engine.catalogue.latest_backup("999999") is None
+    assert not list(engine.vault.root.glob("999999/*")) and not list(engine.vault.root.glob("platform/*"))
+    for wedding in ("2", WEDDING, "5"):
+        outcome = outcomes[wedding]
+        assert engine.catalogue.latest_backup(wedding).archive_sha256 == outcome.stats.sha256
+        assert outcome.vault.path.exists() and outcome.manifest["partition"] == wedding
+    # The same rows, bytes and checksums as a backup of that wedding on its own.
+    alone = back_up(engine, WEDDING)
+    strip = lambda m: [(t["name"], t["rows"], t["bytes"], t["sha256"], t["select_sql"]) for t in m["tables"]]
+    assert strip(alone.manifest) == strip(outcomes[WEDDING].manifest)
+    assert alone.manifest["total_rows"] > 0
+    # Each archive opens with its own wedding's key and restores and verifies.
+    assert outcomes["5"].stats.key_id.startswith("5.") and outcomes["2"].stats.key_id.startswith("2.")
+    assert engine.verify("5", {}, provider="vault").tables
+
+
+def test_back_up_many_a_failed_write_leaves_no_archive_and_the_others_commit(engine, monkeypatch):
+    real_writer = engine._archive_writer
+
+    def writer_for(partition, fh, wedding_key=None):
+        writer = real_writer(partition, fh, wedding_key)
+        if partition == "4":
+            def full_disk(data):
+                raise OSError("no space left on device")
+            writer.write = full_disk
+        return writer
+
+    monkeypatch.setattr(engine, "_archive_writer", writer_for)
+    with engine.snapshot_session() as session:
+        outcomes = engine.back_up_many(["1", "4", "6"], session)
+    assert isinstance(outcomes["4"], WedbackupError) and "wedding 4" in str(outcomes["4"])
+    assert "no space" in str(outcomes["4"])
+    assert engine.catalogue.latest_backup("4") is None and not list((engine.vault.root / "4").iterdir())
+    assert engine.catalogue.latest_backup("1").archive_sha256 == outcomes["1"].stats.sha256
+    assert engine.verify("6", {}, provider="vault").provider == "vault"

@@ -348,3 +348,148 @@ def test_framing_cuts_huge_rows_into_bounded_records(make_database):
     sizes = [len(r.payload) for r in read_snapshot([data]) if r.kind == snap.DATA]
     assert len(sizes) == 4 and max(sizes) == snap.MAX_DATA_RECORD
     assert manifest.table("public.weddings").rows == 1
+
+
+# --- many weddings per COPY ---------------------------------------------------------------------------
+
+def without_timing(stream: bytes) -> list[tuple[bytes, bytes]]:
+    """The stream's records, with the manifest's timing fields (the only ones allowed to differ) zeroed."""
+    out = []
+    for r in read_snapshot([stream]):
+        payload = r.payload
+        if r.kind == snap.MANIFEST:
+            m = json.loads(payload)
+            m["seconds"] = 0
+            for t in m["tables"]:
+                t["seconds"] = 0
+            payload = json.dumps(m, sort_keys=True).encode()
+        out.append((r.kind, bytes(payload)))
+    return out
+
+
+def batch_and_singles(dsn: str, weddings: list[str]) -> tuple[dict, dict, dict, dict]:
+    """snapshot_many of `weddings`, then snapshot() of each, all in one shared transaction."""
+    with SnapshotSession(dsn, share_seconds=600) as session:
+        sinks = {w: io.BytesIO() for w in weddings}
+        results = session.snapshot_many(weddings, sinks)
+        singles, single_manifests = {}, {}
+        for w in weddings:
+            if isinstance(results[w], Manifest):
+                out = io.BytesIO()
+                single_manifests[w] = session.snapshot(w, out)
+                singles[w] = out.getvalue()
+    return results, {w: s.getvalue() for w, s in sinks.items()}, singles, single_manifests
+
+
+def assert_same_streams(results, streams, singles, single_manifests) -> None:
+    for w, single in singles.items():
+        assert streams[w] == single or without_timing(streams[w]) == without_timing(single), w
+        batch_m, single_m = results[w].to_dict(), single_manifests[w].to_dict()
+        for m in (batch_m, single_m):
+            m["seconds"] = 0
+            for t in m["tables"]:
+                t["seconds"] = 0
+        assert batch_m == single_m, w
+
+
+def test_snapshot_many_writes_each_wedding_exactly_as_snapshot_does(make_database):
+    dsn = make_platform_db(make_database)
+    with psycopg.connect(dsn, autocommit=True) as conn:  # a wedding with no rows in most tables
+        conn.execute("INSERT INTO weddings (couple) VALUES ('Empty & Quiet')")
+    results, streams, singles, single_manifests = batch_and_singles(dsn, ["3", "1", "4", "2"])
+    assert list(results) == ["3", "1", "4", "2"]
+    assert all(isinstance(m, Manifest) for m in results.values())
+    assert_same_streams(results, streams, singles, single_manifests)
+    assert results["1"].table("public.guests").rows == 4 and results["4"].table("public.guests").rows == 0
+    # Each wedding got its own rows only (guest_dietary reaches weddings through guests: two hops).
+    assert results["2"].table("public.guest_dietary").rows == 1
+    assert b"Alice" not in streams["2"] and b"Zo\xc3\xab" in streams["2"]
+
+
+def test_snapshot_many_with_large_runs_huge_rows_and_unkeyed_tables(make_database):
+    """Weddings whose rows span many COPY buffers and DATA records, a row over MAX_DATA_RECORD, a table
+    without a primary key (ordered by every column's text), a text key, and a key spelt differently."""
+    dsn = make_database()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("""
+            CREATE TABLE weddings (id text PRIMARY KEY, couple text);
+            CREATE TABLE notes (id int PRIMARY KEY, wedding_id text NOT NULL REFERENCES weddings(id), body text);
+            CREATE TABLE tags (wedding_id text REFERENCES weddings(id), tag text, weight float8);
+            CREATE TABLE ints (id bigint PRIMARY KEY);
+            INSERT INTO weddings VALUES ('a', 'A'), ('B', 'b'), ('c-1', 'tab	in name'), ('d_2', NULL), ('e', 'e');
+            -- Interleaved ids: a wedding's rows are not contiguous in the table, only in the COPY.
+            INSERT INTO notes SELECT g, (ARRAY['a', 'B', 'c-1', 'a', 'a'])[1 + g % 5],
+                                     repeat(md5(g::text), 1 + g % 13) FROM generate_series(1, 6000) g;
+            INSERT INTO notes VALUES (7000, 'd_2', repeat('huge', 400000)), (7001, 'd_2', 'after huge');
+            INSERT INTO tags SELECT (ARRAY['a', 'B', NULL])[1 + g % 3], 'tag ' || (g % 7), g % 4
+                             FROM generate_series(1, 900) g;
+            INSERT INTO tags SELECT 'e', 'same', 1 FROM generate_series(1, 3);
+        """)
+    results, streams, singles, single_manifests = batch_and_singles(dsn, ["B", "a", "d_2", "e", "c-1"])
+    assert_same_streams(results, streams, singles, single_manifests)
+    assert results["a"].table("public.notes").bytes > 3 * snap.DATA_RECORD_TARGET
+    sizes = [len(r.payload) for r in read_snapshot([streams["d_2"]]) if r.kind == snap.DATA]
+    assert max(sizes) == snap.MAX_DATA_RECORD and results["d_2"].table("public.notes").rows == 2
+    assert results["e"].table("public.tags").rows == 3
+    assert results["a"].table("public.tags").rows == 300
+
+
+def test_snapshot_many_reports_unknown_weddings_and_carries_on(make_database):
+    dsn = make_platform_db(make_database)
+    with SnapshotSession(dsn, share_seconds=600) as session:
+        sinks = {w: io.BytesIO() for w in ("1", "424242", "03", "2")}
+        results = session.snapshot_many(list(sinks), sinks)
+        assert isinstance(results["424242"], UnknownWeddingError) and "424242" in str(results["424242"])
+        assert sinks["424242"].getvalue() == b""
+        # "03" is wedding 3 spelt another way: snapshotted as snapshot("03") would.
+        assert results["03"].table("public.guests").rows == 1 and results["03"].partition == "03"
+        assert results["1"].table("public.guests").rows == 4 and results["2"].table("public.guests").rows == 1
+        # Not even a valid key: named as such, and the other weddings (and the transaction) go on.
+        sinks = {w: io.BytesIO() for w in ("not-a-number", "1")}
+        results = session.snapshot_many(list(sinks), sinks)
+        assert isinstance(results["not-a-number"], UnknownWeddingError)
+        assert "not a valid key" in str(results["not-a-number"])
+        assert results["1"].table("public.guests").rows == 4
+        assert session.snapshot("2", io.BytesIO()).table("public.guests").rows == 1
+        with pytest.raises(SnapshotError, match="platform"):
+            session.snapshot_many([snap.PLATFORM], {snap.PLATFORM: io.BytesIO()})
+
+
+def test_snapshot_many_a_failing_sink_fails_only_its_wedding(make_database):
+    dsn = make_platform_db(make_database)
+
+    class FullDisk(io.BytesIO):
+        def write(self, b):
+            if b"Line\\nBreak" in bytes(b):  # in the middle of the guests COPY
+                raise OSError("no space left on device")
+            return super().write(b)
+
+    with SnapshotSession(dsn) as session:
+        sinks = {"2": io.BytesIO(), "1": FullDisk(), "3": io.BytesIO()}
+        results = session.snapshot_many(["2", "1", "3"], sinks)
+        assert isinstance(results["1"], SnapshotError) and "wedding 1" in str(results["1"])
+        assert "no space" in str(results["1"])
+        assert results["2"].table("public.guests").rows == 1 and results["3"].table("public.guests").rows == 1
+        assert list(read_snapshot([sinks["3"].getvalue()]))[-1].kind == snap.MANIFEST
+        assert session.snapshot_many(["1"], {"1": io.BytesIO()})["1"].table("public.guests").rows == 4
+
+
+def test_snapshot_many_sees_one_snapshot(make_database):
+    dsn = make_platform_db(make_database)
+
+    class MeddlingSink(io.BytesIO):
+        fired = False
+
+        def write(self, b):
+            if not self.fired and b"Alice & Bob" in bytes(b):
+                self.fired = True
+                with psycopg.connect(dsn, autocommit=True) as other:
+                    other.execute("INSERT INTO guests (wedding_id, name) VALUES (1, 'Late'), (2, 'Late')")
+            return super().write(b)
+
+    sinks = {"1": MeddlingSink(), "2": io.BytesIO()}
+    with SnapshotSession(dsn) as session:
+        results = session.snapshot_many(["1", "2"], sinks)
+    assert sinks["1"].fired
+    assert results["1"].table("public.guests").rows == 4 and results["2"].table("public.guests").rows == 1
+    assert b"Late" not in sinks["1"].getvalue() + sinks["2"].getvalue()

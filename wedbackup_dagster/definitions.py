@@ -8,10 +8,10 @@ from .backups.resources import build_resources
 from .backups.restore_job import restore_wedding
 
 defs = dg.Definitions(
-    assets=[*backup_assets, *checks.assets],
-    asset_checks=list(checks.asset_checks),
-    jobs=[backup_weddings, reverify_weddings, restore_wedding, *automation.jobs, *checks.jobs],
-    schedules=list(automation.schedules),
-    sensors=list(automation.sensors),
+    assets=[*backup_assets, *checks.asset_defs],
+    asset_checks=checks.check_defs,
+    jobs=[backup_weddings, reverify_weddings, restore_wedding, *automation.job_defs, *checks.job_defs],
+    schedules=automation.schedule_defs,
+    sensors=automation.sensor_defs,
     resources=build_resources(),
 )

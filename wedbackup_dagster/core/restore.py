@@ -19,7 +19,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from wedbackup_dagster.core import tenancy
 from wedbackup_dagster.core.errors import (RestoreError, SchemaMismatchError, SnapshotFormatError,
                                            VerificationError)
-from wedbackup_dagster.core.snapshot import (DATA, FORMAT_NAME, FORMAT_VERSION, FRAME_HEADER_SIZE, HEADER, MAGIC,
+from wedbackup_dagster.core.snapshot import (TableTotals,
+                                             DATA, FORMAT_NAME, FORMAT_VERSION, FRAME_HEADER_SIZE, HEADER, MAGIC,
                                              MANIFEST, MAX_DATA_RECORD, MAX_META_RECORD, PLATFORM, POST_DATA,
                                              PRE_DATA, RECORD_TYPES, TABLE_BEGIN, TABLE_END, Manifest, copy_out,
                                              database_label, describe_schema, partition_selects,
@@ -150,7 +151,7 @@ class TableReport:
 
 
 @dataclass
-class RestoreReport:
+class RestoreReport(TableTotals):
     partition: str
     target: str  # database label, never a DSN
     tables: list[TableReport]
@@ -161,18 +162,6 @@ class RestoreReport:
     triggers_held: list[str] = field(default_factory=list)  # user triggers disabled during the load
     unvalidated_foreign_keys: list[str] = field(default_factory=list)  # created NOT VALID: parents elsewhere
     seconds: float = 0.0
-
-    @property
-    def total_rows(self) -> int:
-        return sum(t.rows for t in self.tables)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.bytes for t in self.tables)
-
-    def table_rows(self) -> list[dict[str, Any]]:
-        """One dict per table, for a UI table or a DataFrame."""
-        return [asdict(t) for t in self.tables]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -190,7 +179,7 @@ class ForeignKeyCheck:
 
 
 @dataclass
-class VerifyReport:
+class VerifyReport(TableTotals):
     partition: str
     target: str
     tables: list[TableReport]
@@ -207,17 +196,6 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-    @property
-    def total_rows(self) -> int:
-        return sum(t.rows for t in self.tables)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.bytes for t in self.tables)
-
-    def table_rows(self) -> list[dict[str, Any]]:
-        return [asdict(t) for t in self.tables]
 
     def raise_if_failed(self) -> None:
         if not self.ok:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -84,8 +84,24 @@ class TableManifest:
         return tenancy.TableName(self.schema, self.name)
 
 
+class TableTotals:
+    """Totals over `self.tables` (each with `rows` and `bytes`): shared by manifests and restore reports."""
+
+    @property
+    def total_rows(self) -> int:
+        return sum(t.rows for t in self.tables)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.bytes for t in self.tables)
+
+    def table_rows(self) -> list[dict[str, Any]]:
+        """One dict per table, for a UI table or a DataFrame."""
+        return [asdict(t) for t in self.tables]
+
+
 @dataclass
-class Manifest:
+class Manifest(TableTotals):
     """What a snapshot holds: enough to verify a restore and to rebuild every table's SELECT."""
 
     partition: str
@@ -98,14 +114,6 @@ class Manifest:
     plan: dict[str, Any]
     format_version: int = FORMAT_VERSION
     seconds: float = 0.0
-
-    @property
-    def total_rows(self) -> int:
-        return sum(t.rows for t in self.tables)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.bytes for t in self.tables)
 
     @property
     def wedding_id(self) -> str | None:

@@ -40,7 +40,9 @@ validate: install
 	env -u DAGSTER_HOME $(BIN)/dagster definitions validate -w workspace.yaml
 
 # The whole test suite against the real stack (started once for the session by the test fixtures).
+# Debian's docker-compose validates deployments/docker-compose (`config` needs no Docker engine).
 test: install validate
+	@command -v docker-compose >/dev/null || { apt-get update -q && apt-get install -y -q docker-compose; }
 	$(BIN)/pytest -q
 
 bench: stack-up

@@ -38,8 +38,8 @@ def production_home(make_database, tmp_path, monkeypatch) -> Path:
     home = tmp_path / "dagster_home"
     home.mkdir()
     # Unchanged, run launcher included: DagsterInstance loads its run launcher only when a run is
-    # launched, and these runs execute in-process, so the DockerRunLauncher (which needs a Docker engine
-    # and dagster-docker, neither present here) is never loaded. Everything else is the production file.
+    # launched, and these runs execute in-process, so the DockerRunLauncher (which would need a Docker
+    # engine, absent here) never launches anything. Nothing of the production file is swapped.
     shutil.copy(PRODUCTION_DAGSTER_YAML, home / "dagster.yaml")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     return home
@@ -67,9 +67,15 @@ def test_production_instance_keeps_everything_in_postgres(production_home):
         assert {limit["key"] for limit in settings.run_queue_config.tag_concurrency_limits} >= {
             "dagster/backfill", "wedbackup/catchup"}
         assert settings.pool_config.default_pool_limit == 2
-        # The launcher named in the file is the Docker one (loaded lazily, see production_home).
-        launcher = yaml.safe_load(PRODUCTION_DAGSTER_YAML.read_text())["run_launcher"]
-        assert (launcher["module"], launcher["class"]) == ("dagster_docker", "DockerRunLauncher")
+        # The file's DockerRunLauncher config is valid for dagster-docker: building the launcher checks
+        # it (env_vars, network, container_kwargs) without talking to a Docker engine.
+        from dagster_docker import DockerRunLauncher
+
+        launcher = instance.run_launcher
+        assert isinstance(launcher, DockerRunLauncher)
+        assert launcher.networks == ["wedbackup"]
+        assert "WEDBACKUP_MASTER_KEY_FILE" in launcher.env_vars
+        assert launcher.container_kwargs["volumes"][0] == "wedbackup_vault:/var/lib/wedbackup/vault"
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     DAGSTER_HOME=/opt/dagster/dagster_home \
+    DAGSTER_COMPUTE_LOG_DIR=/var/lib/dagster/compute-logs \
     WEDBACKUP_VAULT_DIR=/var/lib/wedbackup/vault
 
 RUN apt-get update -q \
@@ -24,8 +25,8 @@ RUN apt-get update -q \
  && curl -fsSL https://www.postgresql.org/media/keys/ACCC4CF8.asc \
       | gpg --dearmor -o /usr/share/postgresql-common/pgdg/apt.postgresql.org.gpg \
  && . /etc/os-release \
- && echo "deb [signed-by=/usr/share/postgresql-common/pgdg/apt.postgresql.org.gpg] https://apt.postgresql.org/pub/repos/apt ${VERSION_CODENAME}-pgdg main" \
-      > /etc/apt/sources.list.d/pgdg.list \
+ && echo "deb [signed-by=/usr/share/postgresql-common/pgdg/apt.postgresql.org.gpg]" \
+      "https://apt.postgresql.org/pub/repos/apt ${VERSION_CODENAME}-pgdg main" > /etc/apt/sources.list.d/pgdg.list \
  && apt-get update -q \
  && apt-get install -y -q --no-install-recommends "postgresql-client-${PG_MAJOR}" \
  && apt-get purge -y -q curl gnupg && apt-get autoremove -y -q \
@@ -46,7 +47,7 @@ COPY deployments/docker-compose/dagster.yaml deployments/docker-compose/workspac
 
 # Never root: a run worker holds the master key and the provider credentials.
 RUN useradd --system --uid 10001 --home-dir /opt/dagster --shell /usr/sbin/nologin wedbackup \
- && install -d -o wedbackup -g wedbackup "${WEDBACKUP_VAULT_DIR}" \
+ && install -d -o wedbackup -g wedbackup "${WEDBACKUP_VAULT_DIR}" "${DAGSTER_COMPUTE_LOG_DIR}" \
  && chown -R wedbackup:wedbackup ${DAGSTER_HOME}
 USER wedbackup
 

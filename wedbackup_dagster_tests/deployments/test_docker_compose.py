@@ -94,11 +94,16 @@ def test_run_workers_join_the_compose_network_and_share_the_vault(resolved):
     launcher = yaml.safe_load(PRODUCTION_DAGSTER_YAML.read_text())["run_launcher"]["config"]
     assert launcher["network"] in resolved["networks"] and resolved["networks"][launcher["network"]]["name"] == \
         launcher["network"]
-    vault = launcher["container_kwargs"]["volumes"][0].split(":")
-    assert vault[1] == "/var/lib/wedbackup/vault" and resolved["volumes"][vault[0]]["name"] == vault[0]
+    mounts = {m.split(":")[1]: m for m in launcher["container_kwargs"]["volumes"]}
     code_mounts = resolved["services"]["wedbackup-code"]["volumes"]
-    assert any(m.startswith(f"{vault[0]}:{vault[1]}") for m in code_mounts)
-    assert set(launcher["container_kwargs"]["volumes"][1:]) <= set(code_mounts)  # the same secrets files
+    vault = mounts["/var/lib/wedbackup/vault"]
+    assert f"{vault}:rw" in code_mounts and resolved["volumes"][vault.split(":")[0]]["name"] == vault.split(":")[0]
+    assert mounts["/run/secrets/wedbackup"] in code_mounts  # the same secrets files, read-only
+    assert mounts["/run/secrets/wedbackup"].endswith(":ro")
+    # Steps' stdout/stderr written by run containers, read by the webserver.
+    logs = mounts["/var/lib/dagster/compute-logs"].split(":")[0]
+    assert resolved["volumes"][logs]["name"] == logs
+    assert f"{logs}:/var/lib/dagster/compute-logs:ro" in resolved["services"]["dagster-webserver"]["volumes"]
 
 
 def test_every_setting_reaches_the_code_server_and_every_run_worker(resolved):

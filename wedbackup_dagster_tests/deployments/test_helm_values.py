@@ -13,7 +13,7 @@ from dagster._core.instance.config import dagster_instance_config
 
 from wedbackup_dagster.core.config import SECRET_VARIABLES, VARIABLES
 
-from .conftest import HELM_VALUES, LOCAL_ONLY_VARIABLES, REPO
+from .conftest import HELM_VALUES, REPO
 
 # Measured (README "Benchmarks" and "Running in production"): peak RSS of one backup worker on batches
 # of 32 weddings, and Python with the code location loaded.
@@ -76,8 +76,6 @@ def test_every_setting_is_either_plain_env_or_in_a_named_secret(values):
     for name in SECRET_VARIABLES - {"WEDBACKUP_MASTER_KEY"}:  # the master key is a file
         assert f"--from-literal={name}=" in section, f"README's kubectl secret commands lack {name}"
         assert name not in plain
-    # What is neither a secret nor set in values.yaml takes wedbackup's default.
-    assert plain <= set(VARIABLES) - (LOCAL_ONLY_VARIABLES - {"WEDBACKUP_VAULT_DIR"}) | {"GOOGLE_APPLICATION_CREDENTIALS"}
 
 
 def test_postgresql_and_run_launcher_use_the_chart_value_names(values):

@@ -3,6 +3,7 @@ pointed at a fresh database, runs a real backup; its runs, materializations and 
 read back from PostgreSQL by a second instance, as the webserver and daemon of a deployment would."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -37,6 +38,7 @@ def production_home(make_database, tmp_path, monkeypatch) -> Path:
         monkeypatch.setenv(name, value)
     home = tmp_path / "dagster_home"
     home.mkdir()
+    monkeypatch.setenv("DAGSTER_COMPUTE_LOG_DIR", str(tmp_path / "compute-logs"))  # the image sets it
     # Unchanged, run launcher included: DagsterInstance loads its run launcher only when a run is
     # launched, and these runs execute in-process, so the DockerRunLauncher (which would need a Docker
     # engine, absent here) never launches anything. Nothing of the production file is swapped.
@@ -46,8 +48,6 @@ def production_home(make_database, tmp_path, monkeypatch) -> Path:
 
 
 def storage_dsn() -> str:
-    import os
-
     return psycopg.conninfo.make_conninfo(
         host=os.environ["DAGSTER_POSTGRES_HOST"], port=os.environ["DAGSTER_POSTGRES_PORT"],
         dbname=os.environ["DAGSTER_POSTGRES_DB"], user=os.environ["DAGSTER_POSTGRES_USER"],
@@ -138,8 +138,6 @@ def test_compose_pool_service_sets_each_pool_limit_in_postgres(production_home):
             limits[name] = value.rsplit(":-", 1)[1].rstrip("}")
     script = service["command"][0].replace("$$", "$")
     bin_dir = str(Path(sys.executable).parent)
-    import os
-
     env = {**os.environ, **limits, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     proc = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from datetime import timezone
 
 from .core.errors import WedbackupError
 
@@ -39,8 +40,8 @@ def cmd_points(args: argparse.Namespace) -> int:
     print(f"recovery points of {label}, newest first")
     print(f"  {'snapshot time (UTC)':<27}{'sha256':<14}{'size':>10}{'rows':>9}  {'copies':<22}verified")
     for p in points:
-        when = p.snapshot_time.astimezone(recovery.timezone.utc).isoformat(timespec="seconds")
-        verified = f"yes ({p.verified_at.astimezone(recovery.timezone.utc):%Y-%m-%d %H:%M})" if p.verified else "no"
+        when = p.snapshot_time.astimezone(timezone.utc).isoformat(timespec="seconds")
+        verified = f"yes ({p.verified_at.astimezone(timezone.utc):%Y-%m-%d %H:%M})" if p.verified else "no"
         print(f"  {when:<27}{p.archive_sha256[:12]:<14}{p.size:>10,}{p.rows:>9,}  {','.join(p.copies):<22}{verified}")
     return 0
 

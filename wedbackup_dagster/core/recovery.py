@@ -603,8 +603,6 @@ def restore_in_place(chunks: Iterable[bytes], dsn: str, wedding_id: str, *, name
                 raise RestoreError(f"restore of {what} into {target} would change rows outside the wedding; nothing "
                                    f"was written: " + "; ".join(outside))
         tables = [_diff(conn, by_name[str(t.table)]) for t in tenant_order]
-        for c in tables:
-            progress(f"{c.table}: add {c.add}, remove {c.remove}, change {c.change}")
         report = RecoveryReport(partition, "in_place", target, dry_run, tables)
         if dry_run:
             report.seconds = round(time.monotonic() - started, 6)

@@ -35,7 +35,8 @@ def test_points_lists_the_recovery_points_newest_first(backed_up, capsys):
     assert main(["points", "--wedding", "2", "--json"]) == 0
     points = json.loads(capsys.readouterr().out)
     assert [p["verified"] for p in points] == [True, True] and len(points[0]["archive_sha256"]) == 64
-    assert points[0]["snapshot_time"] > points[1]["snapshot_time"] and points[0]["copies"] == ["azure", "gcs", "s3", "vault"]
+    assert points[0]["snapshot_time"] > points[1]["snapshot_time"]
+    assert points[0]["copies"] == ["azure", "gcs", "s3", "vault"]
     assert main(["points", "--wedding", "4"]) == 1
     assert "wedding 4: no recovery points" in capsys.readouterr().out
 

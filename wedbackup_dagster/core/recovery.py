@@ -277,7 +277,8 @@ def _live_plan(conn, header: Mapping[str, Any], what: str, target: str) -> tenan
     live = plan_description(plan)["tenant_tables"]
     archived = header.get("plan", {}).get("tenant_tables", {})
     if live != archived:
-        diffs = [f"{t}: archive {archived.get(t, '(not a tenant table)')!r}, live {live.get(t, '(not a tenant table)')!r}"
+        none = "(not a tenant table)"
+        diffs = [f"{t}: archive {archived.get(t, none)!r}, live {live.get(t, none)!r}"
                  for t in sorted(live.keys() | archived.keys()) if live.get(t) != archived.get(t)]
         raise SchemaMismatchError(f"restore of {what} into {target}: the live database routes tables to weddings "
                                   f"differently from the archive; nothing was written:\n  " + "\n  ".join(diffs))
@@ -578,70 +579,83 @@ def restore_in_place(chunks: Iterable[bytes], dsn: str, wedding_id: str, *, name
         raise RestoreError(f"archive {name} holds {_label(str(header['partition']))}, not wedding {partition}")
     what = f"wedding {partition}"
     target = database_label(dsn)
-    params = {"wedding_id": partition}
-    with _connect(dsn, target, "wedbackup-restore-in-place") as conn, _transaction(conn, commit=not dry_run):
-        # READ COMMITTED: after each lock, the next statement sees what was committed before it was granted.
-        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout * 1000)}ms")))
-        use_qualified_names(conn)
-        check_schema(conn, header, what, target, strict=False)
-        plan = _live_plan(conn, header, what, target)
-        staged, manifest = _load(conn, records, what, target, progress, _temp_stage(conn))
-        _primary_keys(conn, staged)
-        by_name = {t.qualified: t for t in staged}
-        tenant_order = [t for t in plan.tenant_tables if str(t.table) in by_name]
-        if not dry_run:
-            try:
-                for t in tenant_order:  # parents first: a locked parent keeps new children out
-                    n = conn.execute(sql.SQL("SELECT count(*) FROM ({}) AS locked").format(
-                        t.wedding_rows([sql.SQL("1")], lock=True)), params).fetchone()[0]
-                    progress(f"{t.table}: {n:,} live rows locked")
-            except psycopg.errors.LockNotAvailable:
-                raise RestoreError(f"restore of {what} into {target}: its rows stayed locked by another session "
-                                   f"for more than {lock_timeout:g} s; nothing was written") from None
-            outside = _outside_references(conn, plan, partition)
-            if outside:
-                raise RestoreError(f"restore of {what} into {target} would change rows outside the wedding; nothing "
-                                   f"was written: " + "; ".join(outside))
-        tables = [_diff(conn, by_name[str(t.table)]) for t in tenant_order]
-        report = RecoveryReport(partition, "in_place", target, dry_run, tables)
-        if dry_run:
-            report.seconds = round(time.monotonic() - started, 6)
-            return report
-        conn.execute("SET CONSTRAINTS ALL DEFERRED")
-        for t in reversed(tenant_order):  # children first
-            # By primary key (an index probe per row); a table without one by row identity.
-            keys = list(t.order_by) if t.keyed else None
-            outer = (sql.SQL(", ").join(sql.Identifier("x", c) for c in keys) if keys
-                     else sql.SQL("x.tableoid, x.ctid"))
-            inner = [sql.Identifier("t0", c) for c in keys] if keys else list(_ROW_ID)
-            deleted = conn.execute(sql.SQL("DELETE FROM {} AS x WHERE ({}) IN ({})").format(
-                t.table.ident(), outer, t.wedding_rows(inner)), params).rowcount
-            progress(f"{t.table}: {deleted:,} rows deleted")
-        for t in tenant_order:  # parents first
-            s = by_name[str(t.table)]
-            cols = sql.SQL(", ").join(map(sql.Identifier, s.columns))
-            try:
-                inserted = conn.execute(sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(
-                    s.live, cols, cols, s.table)).rowcount
-            except psycopg.Error as e:
-                raise RestoreError(f"restore of {what} into {target}: table {s.qualified} refused the archive's rows: "
-                                   f"{_first_line(e)}; nothing was written") from None
-            progress(f"{s.qualified}: {inserted:,} rows inserted")
-        try:
-            conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
-        except psycopg.Error as e:
-            raise RestoreError(f"restore of {what} into {target}: a deferred constraint fails: {_first_line(e)}; "
-                               f"nothing was written") from None
-        for s in staged:
-            rows, nbytes, sha = _checksum(conn, sql.SQL(s.select_sql), s.params)
-            m = manifest.table(s.qualified)
-            if (rows, nbytes, sha) != (m.rows, m.bytes, m.sha256):
-                raise VerificationError(f"restore of {what} into {target}: table {s.qualified} does not match the "
-                                        f"manifest after loading ({rows} rows / sha256 {sha[:16]}… vs {m.rows} / "
-                                        f"{m.sha256[:16]}…): a trigger may have changed the rows; nothing was written")
-        report.sequences = _advance_sequences(conn, [(s.schema, s.name) for s in staged])
-        progress(f"{what}: {sum(s.rows for s in staged):,} rows checked against the manifest; committing")
+    try:
+        with _connect(dsn, target, "wedbackup-restore-in-place") as conn, _transaction(conn, commit=not dry_run):
+            report = _replace_wedding(conn, header, records, partition, target, dry_run=dry_run,
+                                      lock_timeout=lock_timeout, progress=progress)
+    except psycopg.errors.LockNotAvailable:
+        raise RestoreError(f"restore of {what} into {target}: a lock it needs was held by another session for "
+                           f"more than {lock_timeout:g} s; nothing was written (try again later)") from None
+    except psycopg.errors.DeadlockDetected:
+        raise RestoreError(f"restore of {what} into {target}: deadlocked with another session writing to the "
+                           f"wedding; nothing was written (try again)") from None
     report.seconds = round(time.monotonic() - started, 6)
+    return report
+
+
+def _replace_wedding(conn, header: Mapping[str, Any], records: Iterator[Record], partition: str, target: str, *,
+                     dry_run: bool, lock_timeout: float, progress: Progress) -> RecoveryReport:
+    """The body of restore_in_place's transaction (see there); raises to roll back."""
+    what = f"wedding {partition}"
+    params = {"wedding_id": partition}
+    # READ COMMITTED: after each lock, the next statement sees what was committed before it was granted.
+    conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout * 1000)}ms")))
+    use_qualified_names(conn)
+    check_schema(conn, header, what, target, strict=False)
+    plan = _live_plan(conn, header, what, target)
+    staged, manifest = _load(conn, records, what, target, progress, _temp_stage(conn))
+    _primary_keys(conn, staged)
+    by_name = {t.qualified: t for t in staged}
+    tenant_order = [t for t in plan.tenant_tables if str(t.table) in by_name]
+    if not dry_run:  # a dry run reads without locking: it must not hold up the application
+        for t in tenant_order:  # parents first: a locked parent keeps new children out
+            n = conn.execute(sql.SQL("SELECT count(*) FROM ({}) AS locked").format(
+                t.wedding_rows([sql.SQL("1")], lock=True)), params).fetchone()[0]
+            progress(f"{t.table}: {n:,} live rows locked")
+    outside = _outside_references(conn, plan, partition)
+    if outside:
+        raise RestoreError(f"restore of {what} into {target} would change rows outside the wedding; nothing "
+                           f"was written: " + "; ".join(outside))
+    tables = [_diff(conn, by_name[str(t.table)]) for t in tenant_order]
+    report = RecoveryReport(partition, "in_place", target, dry_run, tables)
+    if dry_run:
+        return report
+    conn.execute("SET CONSTRAINTS ALL DEFERRED")
+    for t in reversed(tenant_order):  # children first
+        # By primary key (an index probe per row); a table without one by row identity.
+        keys = list(t.order_by) if t.keyed else None
+        outer = (sql.SQL(", ").join(sql.Identifier("x", c) for c in keys) if keys
+                 else sql.SQL("x.tableoid, x.ctid"))
+        inner = [sql.Identifier("t0", c) for c in keys] if keys else list(_ROW_ID)
+        deleted = conn.execute(sql.SQL("DELETE FROM {} AS x WHERE ({}) IN ({})").format(
+            t.table.ident(), outer, t.wedding_rows(inner)), params).rowcount
+        progress(f"{t.table}: {deleted:,} rows deleted")
+    for t in tenant_order:  # parents first
+        s = by_name[str(t.table)]
+        cols = sql.SQL(", ").join(map(sql.Identifier, s.columns))
+        try:
+            inserted = conn.execute(sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(
+                s.live, cols, cols, s.table)).rowcount
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected):
+            raise
+        except psycopg.Error as e:
+            raise RestoreError(f"restore of {what} into {target}: table {s.qualified} refused the archive's rows: "
+                               f"{_first_line(e)}; nothing was written") from None
+        progress(f"{s.qualified}: {inserted:,} rows inserted")
+    try:
+        conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
+    except psycopg.Error as e:
+        raise RestoreError(f"restore of {what} into {target}: a deferred constraint fails: {_first_line(e)}; "
+                           f"nothing was written") from None
+    for s in staged:
+        rows, nbytes, sha = _checksum(conn, sql.SQL(s.select_sql), s.params)
+        m = manifest.table(s.qualified)
+        if (rows, nbytes, sha) != (m.rows, m.bytes, m.sha256):
+            raise VerificationError(f"restore of {what} into {target}: table {s.qualified} does not match the "
+                                    f"manifest after loading ({rows} rows / sha256 {sha[:16]}… vs {m.rows} / "
+                                    f"{m.sha256[:16]}…): a trigger may have changed the rows; nothing was written")
+    report.sequences = _advance_sequences(conn, [(s.schema, s.name) for s in staged])
+    progress(f"{what}: {sum(s.rows for s in staged):,} rows checked against the manifest; committing")
     return report
 
 
@@ -690,8 +704,9 @@ def recover(engine: Any, request: RecoveryRequest, replicas: Mapping[str, Any], 
                          include_unverified=request.include_unverified)
     backup = engine.catalogue.backup_by_sha(point.archive_sha256)
     chosen = _choose_copy(engine, backup, replicas, request.provider)
+    state = "verified" if point.verified else "NOT verified"
     progress(f"{_label(partition)}: recovery point {backup.snapshot_time.isoformat()} (archive "
-             f"{backup.archive_sha256[:12]}, {'verified' if point.verified else 'NOT verified'}), from the {chosen} copy")
+             f"{backup.archive_sha256[:12]}, {state}), from the {chosen} copy")
     if request.mode == "target" and not target_dsn:
         raise WedbackupError("a restore into another database needs its DSN (--target-dsn)")
     dsn = target_dsn if target_dsn and request.mode != "in_place" else engine.settings.source_dsn
@@ -711,6 +726,9 @@ def recover(engine: Any, request: RecoveryRequest, replicas: Mapping[str, Any], 
             report = restore_to_database(chunks, dsn, name=name, dry_run=request.dry_run, progress=progress)
     report.archive_sha256, report.snapshot_time, report.copy = (backup.archive_sha256,
                                                                 backup.snapshot_time.isoformat(), chosen)
+    if not request.dry_run and request.mode == "in_place":
+        # The live rows changed without touching updated_at: tell the schedule, so a fresh backup follows.
+        engine.catalogue.record_source_changes({partition: datetime.now(timezone.utc)})
     if not request.dry_run:
         engine.catalogue.audit("restore", partition, {
             "mode": request.mode, "archive_sha256": backup.archive_sha256, "copy": chosen, "as_of": as_of.isoformat(),

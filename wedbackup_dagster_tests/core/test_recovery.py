@@ -274,7 +274,8 @@ def test_dry_run_counts_rows_to_add_remove_and_change_and_writes_nothing(engine)
         conn.execute("UPDATE guests SET meal_choice = 'fish-' || id WHERE id IN (SELECT id FROM guests "
                      "WHERE wedding_id = 2 ORDER BY id LIMIT 3)")
         conn.execute("DELETE FROM guests WHERE id = (SELECT max(g.id) FROM guests g WHERE g.wedding_id = 2 AND "
-                     "g.first_name NOT IN ('A', 'B') AND NOT EXISTS (SELECT FROM guest_dietary d WHERE d.guest_id = g.id))")
+                     "g.first_name NOT IN ('A', 'B') AND NOT EXISTS (SELECT FROM guest_dietary d "
+                     "WHERE d.guest_id = g.id))")
         conn.execute("UPDATE weddings SET title = 'Changed' WHERE id = 2")
         seq = sequence_value(conn, "guests")
     before = rows_of(src, WEDDING)
@@ -316,20 +317,41 @@ def test_a_schema_that_differs_stops_before_writing_with_a_report(engine):
         run(engine, "schema", schema="inspect_mismatch")
     assert rows_of(src, WEDDING) == before
     with source(engine) as conn:
-        assert not conn.execute("SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = 'inspect_mismatch')").fetchone()[0]
+        query = "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = 'inspect_mismatch')"
+        assert not conn.execute(query).fetchone()[0]
 
 
 def test_rows_of_another_wedding_pointing_into_the_wedding_stop_an_in_place_restore(engine):
     src = engine.settings.source_dsn
     back_up(engine)
     with source(engine) as conn:  # wedding 3's payment points at one of wedding 2's vendor bookings
-        conn.execute("UPDATE payments SET wedding_vendor_id = (SELECT min(id) FROM wedding_vendors WHERE wedding_id = 2)"
+        conn.execute("UPDATE payments SET wedding_vendor_id = "
+                     "(SELECT min(id) FROM wedding_vendors WHERE wedding_id = 2)"
                      " WHERE id = (SELECT min(id) FROM payments WHERE wedding_id = 3)")
         conn.execute("DELETE FROM documents WHERE wedding_id = 2")
     before, others = rows_of(src, WEDDING), rows_of(src, WEDDING, others=True)
-    with pytest.raises(RestoreError, match=r"outside the wedding.*public\.payments.*payments_wedding_vendor_id_fkey"):
-        run(engine)
+    for dry_run in (True, False):
+        refused = r"outside the wedding.*public\.payments.*payments_wedding_vendor_id_fkey"
+        with pytest.raises(RestoreError, match=refused):
+            run(engine, dry_run=dry_run)
     assert rows_of(src, WEDDING) == before and rows_of(src, WEDDING, others=True) == others
+
+
+def test_a_wedding_row_held_by_the_application_times_out_cleanly(engine):
+    src = engine.settings.source_dsn
+    back_up(engine)
+    with source(engine) as conn:
+        conn.execute("DELETE FROM documents WHERE wedding_id = 2")
+    before = rows_of(src, WEDDING)
+    with psycopg.connect(src) as app:  # an open transaction holding one of the wedding's guests
+        app.execute("UPDATE guests SET meal_choice = 'fish' "
+                    "WHERE id = (SELECT min(id) FROM guests WHERE wedding_id = 2)")
+        started = time.monotonic()
+        with pytest.raises(RestoreError, match="held by another session for more than 0.5 s; nothing was written"):
+            run(engine, lock_timeout=0.5)
+        assert time.monotonic() - started < 20
+        app.rollback()
+    assert rows_of(src, WEDDING) == before
 
 
 def test_unknown_wedding_and_no_point_before_the_time_are_clear_errors(engine):
@@ -338,7 +360,8 @@ def test_unknown_wedding_and_no_point_before_the_time_are_clear_errors(engine):
         run(engine, partition="999")
     first = recovery_points(engine.catalogue, WEDDING)[0].snapshot_time
     early = first - timedelta(hours=1)
-    with pytest.raises(NoRecoveryPointError, match=re.escape(f"wedding 2: has no backup at or before {early.isoformat()}")):
+    expected = f"wedding 2: has no backup at or before {early.isoformat()}"
+    with pytest.raises(NoRecoveryPointError, match=re.escape(expected)):
         run(engine, as_of=early)
     back_up(engine, verify=False)
     later = recovery_points(engine.catalogue, WEDDING)[0]
@@ -360,8 +383,17 @@ def test_a_deleted_wedding_comes_back_in_place(engine):
         conn.execute("DELETE FROM vendor_reviews WHERE wedding_id = 2")
         conn.execute("DELETE FROM weddings WHERE id = 2")
     assert rows_of(src, WEDDING)["guests"] == []
+    engine.catalogue.sync_partitions([(WEDDING, None)])
     run(engine)
     assert rows_of(src, WEDDING) == archived and rows_of(src, WEDDING, others=True) == others
+    # The restore changed the live rows without touching updated_at: the schedule is told, and audited.
+    with engine.catalogue.connect() as conn:
+        changed = conn.execute("SELECT source_updated_at FROM wedbackup.partitions WHERE partition = '2'").fetchone()
+        audit = conn.execute("SELECT detail FROM wedbackup.audit WHERE action = 'restore' "
+                             "AND partition = '2'").fetchone()
+    assert changed["source_updated_at"] is not None
+    assert audit["detail"]["mode"] == "in_place"
+    assert audit["detail"]["totals"]["add"] == sum(map(len, archived.values()))
 
 
 # --- pure parts ---------------------------------------------------------------------------------

@@ -224,40 +224,49 @@ def _transaction(conn: psycopg.Connection, commit: bool) -> Iterator[None]:
 # --- schema comparison ------------------------------------------------------------------------------
 
 def _schema_of(kind: str, key: str) -> str | None:
-    """The (quoted) schema a description line belongs to; None for extensions, which have none."""
+    """The schema (its plain name) a description line belongs to; None for extensions, which have none.
+    Keys are qualified with quote_ident: `public.guests.id`, or a quoted name with doubled quotes inside."""
     if kind == "extension":
         return None
-    if kind == "schema":
-        return key
-    if key.startswith('"'):
-        i = 1
-        while True:
-            j = key.index('"', i)
-            if key[j + 1:j + 2] == '"':
-                i = j + 2
-                continue
-            return key[:j + 1]
-    return key.split(".", 1)[0]
+    if not key.startswith('"'):
+        return key.split(".", 1)[0]
+    i, name = 1, []
+    while True:
+        j = key.index('"', i)
+        name.append(key[i:j])
+        if key[j + 1:j + 2] != '"':
+            return '"'.join(name)
+        i = j + 2
 
 
-def restricted_differences(archive: Iterable[Iterable[str]], target: Iterable[Iterable[str]]) -> list[str]:
-    """`schema_differences`, ignoring what the target has in schemas the archive does not know (another
-    application's, or an inspection schema made by `restore --into-schema`): those cannot change how the
-    archive's rows load."""
+def restricted_differences(archive: Iterable[Iterable[str]], target: Iterable[Iterable[str]],
+                           schemas: Iterable[str] | None = None) -> list[str]:
+    """`schema_differences` over the given schemas only (default: every schema the archive knows), so what
+    lives elsewhere — another application's schema, an inspection schema made by `restore --into-schema`
+    (in the target, or in an archive taken while it existed) — cannot stop a restore it does not affect."""
     archive = [list(line) for line in archive]
-    known = {_schema_of(k, key) for k, key, _ in archive} | {None}
-    return schema_differences(archive, [line for line in target if _schema_of(line[0], line[1]) in known])
+    keep = set(schemas) if schemas is not None else {_schema_of(k, key) for k, key, _ in archive}
+    keep.add(None)
+    return schema_differences([line for line in archive if _schema_of(line[0], line[1]) in keep],
+                              [line for line in target if _schema_of(line[0], line[1]) in keep])
 
 
 def check_schema(conn, header: Mapping[str, Any], what: str, target: str, *, strict: bool) -> None:
     """Stop before writing when the target's schema differs from the archive's. `strict` compares the
-    whole schema (what restore_snapshot does); otherwise only the schemas the archive knows."""
+    whole schema (what restore_snapshot does); otherwise only the schemas holding the wedding's tables
+    (for the platform partition: every schema the archive knows). Which tables belong to weddings, in any
+    schema, is checked by the tenancy plan (see _live_plan)."""
     found = schema_fingerprint(conn)
     if found == header["schema_fingerprint"]:
         return
     archive = header.get("schema", [])
-    diffs = (schema_differences(archive, describe_schema(conn)) if strict
-             else restricted_differences(archive, describe_schema(conn)))
+    if strict:
+        diffs = schema_differences(archive, describe_schema(conn))
+    else:
+        tenant_tables = header.get("plan", {}).get("tenant_tables", {})
+        schemas = ({t.split(".", 1)[0] for t in tenant_tables}
+                   if str(header.get("partition")) != PLATFORM and tenant_tables else None)
+        diffs = restricted_differences(archive, describe_schema(conn), schemas)
     if diffs:
         raise SchemaMismatchError(
             f"restore of {what} into {target}: the target's schema differs from the archive's "

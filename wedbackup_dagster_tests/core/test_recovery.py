@@ -155,9 +155,31 @@ def test_restored_as_of_each_of_three_points_equals_the_source_as_it_was_then(en
     assert rows_of(src, WEDDING, schema="inspect_point_2") == states[1]
     with pytest.raises(RestoreError, match="inspect_point_2 already exists"):
         run(engine, "schema", as_of=times[1], schema="inspect_point_2")
-    # The inspection schema lives next to the platform's tables without upsetting an in-place restore.
+    # The inspection schema lives next to the platform's tables without upsetting an in-place restore,
+    # nor does an archive taken while it existed, once it is gone.
     run(engine, as_of=times[2])
     assert rows_of(src, WEDDING) == states[2]
+    back_up(engine)
+    with source(engine) as conn:
+        conn.execute("DROP SCHEMA inspect_point_2 CASCADE")
+        conn.execute("DELETE FROM guests WHERE id = (SELECT max(id) FROM guests WHERE wedding_id = 2)")
+    run(engine)
+    assert rows_of(src, WEDDING) == states[2]
+
+    # Dry runs against another database and into a schema write nothing; the platform restores into a schema.
+    dry = run(engine, "target", as_of=times[2], target_dsn=target, dry_run=True)
+    assert rows_of(target, WEDDING) == states[0]
+    guests = {t.table: t for t in dry.tables}["public.guests"]
+    assert (guests.archive_rows, guests.live_rows) == (len(states[2]["guests"]), len(states[0]["guests"]))
+    assert guests.add + guests.remove + guests.change > 0
+    dry = run(engine, "schema", schema="never_made", dry_run=True)
+    assert dry.dry_run and dry.totals["add"] == sum(map(len, states[2].values()))
+    run(engine, "schema", partition="platform", schema="platform_then")
+    with source(engine) as conn:
+        assert not conn.execute("SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = 'never_made')").fetchone()[0]
+        vendors = "SELECT t::text FROM {}.vendors t ORDER BY id"
+        restored = conn.execute(vendors.format("platform_then")).fetchall()
+        assert restored and restored == conn.execute(vendors.format("public")).fetchall()
 
 
 # --- concurrency --------------------------------------------------------------------------------
@@ -431,6 +453,12 @@ def test_restricted_differences_ignore_schemas_the_archive_does_not_know():
     target = archive + [["schema", "inspect", ""], ["relation", "inspect.guests", "r p"],
                         ["column", '"odd.name".t.c', "ord 1 text"], ["schema", '"odd.name"', ""]]
     assert restricted_differences(archive, target) == []
+    assert restricted_differences(target, archive, ["public"]) == []  # an inspection schema in the archive
+    assert restricted_differences(target, archive) == [
+        'column "odd.name".t.c (ord 1 text) is in the archive but not in the target',
+        "relation inspect.guests (r p) is in the archive but not in the target",
+        'schema "odd.name" () is in the archive but not in the target',
+        "schema inspect () is in the archive but not in the target"]
     changed = [["schema", "public", ""], ["column", "public.guests.id", "ord 1 integer"]]
     assert restricted_differences(archive, changed) == [
         "column public.guests.id differs: archive has 'ord 1 bigint', target has 'ord 1 integer'"]

@@ -71,6 +71,13 @@ def test_restore_into_a_schema_and_as_of_a_time(backed_up, make_database, capsys
     assert "the platform partition: has no backup" in capsys.readouterr().err
     assert main(["restore", "--wedding", "2", "--as-of", "2001-01-01T00:00:00+00:00", "--target-dsn", target]) == 1
     assert "wedding 2: has no backup at or before 2001-01-01T00:00:00+00:00" in capsys.readouterr().err
+    # A schema in another database: one that has the platform's schema (here: its restored platform).
+    assert main(["backup", "--platform"]) == 0
+    assert main(["restore", "--platform", "--target-dsn", target]) == 0
+    assert main(["restore", "--wedding", "2", "--into-schema", "w2", "--target-dsn", target]) == 0
+    with psycopg.connect(target) as conn:
+        assert conn.execute(GUESTS.replace("FROM guests", "FROM w2.guests")).fetchone() == backed_up["archived"]
+        assert conn.execute("SELECT count(*) FROM public.guests").fetchone()[0] == 0
 
 
 def test_bad_requests_are_refused_before_any_run(backed_up, capsys):

@@ -13,11 +13,13 @@ from ..core import recovery
 from ..core.config import redact
 from ..core.engine import PROVIDERS
 from ..core.errors import ConfigError, WedbackupError
-from .assets import make_replica
+from .assets import _table, make_replica
 from .partitions import validated_keys
 from .resources import AzureBlobResource, WedbackupEngineResource
 
 TARGET_DSN_VARIABLE = "WEDBACKUP_RESTORE_TARGET_DSN"
+TABLE_COLUMNS = [("table", "string"), ("archive_rows", "int"), ("live_rows", "int"), ("add", "int"),
+                 ("remove", "int"), ("change", "int"), ("seconds", "float")]
 # Progress lines also go to this Python logger, so the command line can show them on stderr.
 progress_logger = logging.getLogger("wedbackup.restore")
 
@@ -81,7 +83,8 @@ def restore_partition(context: dg.OpExecutionContext, config: RestoreConfig, wed
         "rows_added": dg.MetadataValue.int(totals["add"]),
         "rows_removed": dg.MetadataValue.int(totals["remove"]),
         "rows_changed": dg.MetadataValue.int(totals["change"]),
-        "tables": dg.MetadataValue.md("```\n" + "\n".join(report.lines()) + "\n```"),
+        "tables": _table(report.to_dict()["tables"], TABLE_COLUMNS),
+        "report": dg.MetadataValue.md("```\n" + "\n".join(report.lines()) + "\n```"),
         "seconds": dg.MetadataValue.float(report.seconds),
     })
 

@@ -72,7 +72,10 @@ def test_in_place_dry_run_then_restore_through_dagster(backed_up):
     assert any(m.startswith("public.guests:") and m.endswith("rows inserted") for m in log)
     assert any("recovery point" in m for m in log) and any("rows locked" in m for m in log)
     meta = next(e for e in instance.all_logs(done.run_id) if e.dagster_event and e.dagster_event.is_successful_output)
-    assert meta.dagster_event.event_specific_data.metadata["rows_added"].value == 2
+    metadata = meta.dagster_event.event_specific_data.metadata
+    assert metadata["rows_added"].value == 2
+    guests = next(r for r in metadata["tables"].records if r.data["table"] == "public.guests")
+    assert (guests.data["add"], guests.data["remove"]) == (2, 0)
 
 
 def test_restore_into_another_database_reads_its_dsn_from_the_environment(backed_up, make_database, monkeypatch):

@@ -707,6 +707,10 @@ def recover(engine: Any, request: RecoveryRequest, replicas: Mapping[str, Any], 
     call a per-wedding lock should wrap."""
     if request.mode not in MODES:
         raise WedbackupError(f"restore mode {request.mode!r} is not one of {', '.join(MODES)}")
+    if request.mode == "target" and not target_dsn:
+        raise WedbackupError("a restore into another database needs its DSN (--target-dsn)")
+    if request.mode == "schema" and not request.schema:
+        raise WedbackupError("a restore into a schema needs its name (--into-schema NAME)")
     partition = check_partition(request.partition)
     as_of = request.as_of or datetime.now(timezone.utc)
     point = choose_point(recovery_points(engine.catalogue, partition), partition, as_of,
@@ -716,8 +720,6 @@ def recover(engine: Any, request: RecoveryRequest, replicas: Mapping[str, Any], 
     state = "verified" if point.verified else "NOT verified"
     progress(f"{_label(partition)}: recovery point {backup.snapshot_time.isoformat()} (archive "
              f"{backup.archive_sha256[:12]}, {state}), from the {chosen} copy")
-    if request.mode == "target" and not target_dsn:
-        raise WedbackupError("a restore into another database needs its DSN (--target-dsn)")
     dsn = target_dsn if target_dsn and request.mode != "in_place" else engine.settings.source_dsn
     name = engine._archive_name(backup, chosen)
     with engine._fetched_copy(backup, chosen, replicas) as tmp:
@@ -727,8 +729,6 @@ def recover(engine: Any, request: RecoveryRequest, replicas: Mapping[str, Any], 
             report = restore_in_place(chunks, dsn, partition, name=name, dry_run=request.dry_run,
                                       lock_timeout=request.lock_timeout, progress=progress)
         elif request.mode == "schema":
-            if not request.schema:
-                raise WedbackupError("a restore into a schema needs its name (--into-schema NAME)")
             report = restore_into_schema(chunks, dsn, request.schema, name=name, dry_run=request.dry_run,
                                          progress=progress)
         else:

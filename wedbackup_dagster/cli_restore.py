@@ -73,6 +73,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         config["schema_in_target"] = bool(args.target_dsn)
     if args.source:
         config["provider"] = args.source
+    if args.lock_timeout is not None:
+        config["lock_timeout_seconds"] = float(args.lock_timeout)
     if args.target_dsn:
         os.environ[TARGET_DSN_VARIABLE] = args.target_dsn  # read by the op; never put in the run config
     from .definitions import defs
@@ -139,6 +141,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="which copy to restore (default: the vault)")
     restore.add_argument("--include-unverified", action="store_true",
                          help="also consider backups that no restore has verified yet")
+    restore.add_argument("--lock-timeout", type=float, metavar="SECONDS",
+                         help="--in-place: how long to wait for one of the wedding's rows to be free (default 30)")
     restore.add_argument("--json", action="store_true", help="the report as JSON")
     restore.set_defaults(func=_restore_entry)
 

@@ -51,7 +51,7 @@ def test_restore_in_place_with_a_dry_run_first(backed_up, capsys):
     assert "rows read from the archive" in captured.err  # progress on stderr
     with psycopg.connect(source) as conn:
         assert conn.execute(GUESTS).fetchone() != backed_up["archived"]
-    assert main(["restore", "--wedding", "2", "--in-place", "--json"]) == 0
+    assert main(["restore", "--wedding", "2", "--in-place", "--lock-timeout", "5", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["mode"] == "in_place" and report["totals"]["add"] >= 1
     with psycopg.connect(source) as conn:

@@ -1,5 +1,5 @@
-"""`wedbackup backup`, `wedbackup restore` and `wedbackup demo`: the round trip through Dagster from the
-command line, so every backup and restore is a recorded run in the same instance the UI shows."""
+"""`wedbackup backup` and `wedbackup demo`: backups through Dagster from the command line, so every
+backup is a recorded run in the same instance the UI shows (restores: cli_restore.py)."""
 from __future__ import annotations
 
 import argparse
@@ -57,30 +57,6 @@ def cmd_backup(args: argparse.Namespace) -> int:
     print(f"backing up {len(selected)} partition(s) through Dagster")
     results = run_job_for("backup_weddings", selected, instance=instance, run_config=QUIET)
     return 0 if _print_runs(results) else 1
-
-
-def cmd_restore(args: argparse.Namespace) -> int:
-    from .backups.restore_job import TARGET_DSN_VARIABLE
-    from .core.config import Settings, redact
-
-    Settings.from_env()
-    partition = "platform" if args.platform else args.wedding
-    os.environ[TARGET_DSN_VARIABLE] = args.target_dsn
-    from .definitions import defs
-
-    job = defs.resolve_job_def("restore_wedding")
-    config = {"partition": partition}
-    if args.source:
-        config["provider"] = args.source
-    result = job.execute_in_process(instance=_instance(), raise_on_error=False,
-                                    run_config={**QUIET, "ops": {"restore_partition": {"config": config}}})
-    if result.success:
-        print(f"restored {partition} (run {result.run_id[:8]})")
-        return 0
-    for event in result.all_events:
-        if event.event_type_value == "STEP_FAILURE":
-            print(redact(f"restore failed: {event.event_specific_data.error.message.strip()}"), file=sys.stderr)
-    return 1
 
 
 def _ensure_targets(settings) -> None:
@@ -181,15 +157,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--wedding", nargs="+", metavar="ID", help="these weddings")
     group.add_argument("--platform", action="store_true", help="the platform partition only")
     backup.set_defaults(func=cmd_backup)
-
-    restore = sub.add_parser("restore", help="restore a wedding or the platform from its newest backup")
-    which = restore.add_mutually_exclusive_group(required=True)
-    which.add_argument("--wedding", metavar="ID")
-    which.add_argument("--platform", action="store_true")
-    restore.add_argument("--target-dsn", required=True, help="database to restore into")
-    restore.add_argument("--from", dest="source", choices=["vault", "s3", "gcs", "azure"],
-                         help="which copy to restore (default: the vault)")
-    restore.set_defaults(func=cmd_restore)
 
     demo = sub.add_parser("demo", help="fill a demo database, back it all up, print a summary, start the UI")
     demo.add_argument("--weddings", type=int, default=60)

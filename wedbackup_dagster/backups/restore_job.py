@@ -1,51 +1,96 @@
-"""The `restore_partition` job: restore one wedding (or the platform) from its newest backup into a
-target database. The target DSN is read from an environment variable named in the config, so no
-password ever lands in Dagster's run storage."""
+"""The `restore_wedding` job: restore one wedding (or the platform) as of a time — into another database,
+into a new schema for inspection, or in place in the live database — or dry-run it. Thin wiring over
+core/recovery.py. DSNs never enter the run config: the target's is read from an environment variable
+named in the config, the live database's from WEDBACKUP_SOURCE_DSN."""
+import logging
 import os
 
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 from dagster_gcp import GCSResource
 
+from ..core import recovery
 from ..core.config import redact
 from ..core.engine import PROVIDERS
-from ..core.errors import ConfigError
-from .assets import make_replica
+from ..core.errors import ConfigError, WedbackupError
+from .assets import _table, make_replica
 from .partitions import validated_keys
 from .resources import AzureBlobResource, WedbackupEngineResource
 
 TARGET_DSN_VARIABLE = "WEDBACKUP_RESTORE_TARGET_DSN"
+TABLE_COLUMNS = [("table", "string"), ("archive_rows", "int"), ("live_rows", "int"), ("add", "int"),
+                 ("remove", "int"), ("change", "int"), ("seconds", "float")]
+# Progress lines also go to this Python logger, so the command line can show them on stderr.
+progress_logger = logging.getLogger("wedbackup.restore")
 
 
 class RestoreConfig(dg.Config):
     partition: str
-    target_dsn_env: str = TARGET_DSN_VARIABLE
+    mode: str = "target"  # target (another database), schema (a new schema, to inspect), in_place
+    as_of: str | None = None  # ISO 8601 with timezone; default: now
+    schema_name: str | None = None  # mode schema: the new schema's name
+    schema_in_target: bool = False  # mode schema: in the target database instead of the source database
+    dry_run: bool = False  # report rows to add, remove and change; write nothing
+    include_unverified: bool = False  # also consider backups no restore has verified yet
+    target_dsn_env: str = TARGET_DSN_VARIABLE  # the variable holding the target's DSN (never the DSN itself)
     provider: str | None = None  # vault, s3, gcs or azure; default: the vault copy when present
+    lock_timeout_seconds: float = recovery.DEFAULT_LOCK_TIMEOUT  # in place: wait at most this long per lock
 
 
 @dg.op(tags={"kind": "restore"})
 def restore_partition(context: dg.OpExecutionContext, config: RestoreConfig, wedbackup: WedbackupEngineResource,
-                      s3: S3Resource, gcs: GCSResource, azure: AzureBlobResource) -> dg.Output:
+                      s3: S3Resource, gcs: GCSResource, azure: AzureBlobResource) -> dg.Output[dict]:
     partition = validated_keys([config.partition])[0]
-    target = os.environ.get(config.target_dsn_env, "")
-    if not target:
-        raise ConfigError(config.target_dsn_env, "is not set: the DSN of the database to restore into")
+    if config.mode not in recovery.MODES:
+        raise ConfigError("mode", f"must be one of {', '.join(recovery.MODES)}, not {config.mode!r}")
+    target = None
+    if config.mode == "target" or (config.mode == "schema" and config.schema_in_target):
+        target = os.environ.get(config.target_dsn_env, "")
+        if not target:
+            raise ConfigError(config.target_dsn_env, "is not set: the DSN of the database to restore into")
     engine = wedbackup.engine()
     clients = {"s3": s3.get_client, "gcs": gcs.get_client, "azure": azure.get_service}
     settings = wedbackup.settings()
-    replicas = {p: make_replica(p, settings, clients[p]()) for p in PROVIDERS
-                if config.provider in (None, p)}
-    backup, chosen, report = engine.restore_to(partition, target, replicas, provider=config.provider)
-    context.log.info(redact(f"restored {partition} from {chosen} copy {backup.archive_sha256[:16]}"))
-    return dg.Output(None, metadata={
+    # Only the providers that may be read are made: a down provider does not stop a restore from another.
+    replicas = {p: make_replica(p, settings, clients[p]()) for p in PROVIDERS if config.provider in (None, p)}
+    request = recovery.RecoveryRequest(
+        partition=partition, mode=config.mode, as_of=recovery.parse_as_of(config.as_of), dry_run=config.dry_run,
+        provider=config.provider, schema=config.schema_name, include_unverified=config.include_unverified,
+        lock_timeout=config.lock_timeout_seconds)
+
+    def progress(message: str) -> None:
+        message = redact(message)
+        context.log.info(message)
+        progress_logger.info(message)
+
+    try:
+        report = recovery.recover(engine, request, replicas, target_dsn=target, progress=progress)
+    except WedbackupError as exc:
+        # Our errors already say what is at fault; a Failure shows them as the step's own words.
+        raise dg.Failure(description=redact(str(exc))) from None
+    for line in report.lines():
+        context.log.info(line)
+    totals = report.totals
+    return dg.Output(report.to_dict(), metadata={
         "partition": partition,
-        "copy": chosen,
-        "archive_sha256": backup.archive_sha256,
-        "snapshot_time": str(backup.snapshot_time),
-        "rows": dg.MetadataValue.int(report.total_rows),
+        "mode": config.mode,
+        "dry_run": config.dry_run,
+        "target": report.target,
+        "copy": report.copy,
+        "archive_sha256": report.archive_sha256,
+        "snapshot_time": report.snapshot_time,
+        "rows": dg.MetadataValue.int(totals["archive_rows"]),
+        "rows_added": dg.MetadataValue.int(totals["add"]),
+        "rows_removed": dg.MetadataValue.int(totals["remove"]),
+        "rows_changed": dg.MetadataValue.int(totals["change"]),
+        "tables": _table(report.to_dict()["tables"], TABLE_COLUMNS),
+        "report": dg.MetadataValue.md("```\n" + "\n".join(report.lines()) + "\n```"),
+        "seconds": dg.MetadataValue.float(report.seconds),
     })
 
 
-@dg.job(executor_def=dg.in_process_executor, description="Restore one wedding or the platform into a database.")
+@dg.job(executor_def=dg.in_process_executor,
+        description="Restore one wedding or the platform as of a time: into another database, into a new schema "
+                    "to inspect, or in place (one transaction, only that wedding's rows); or dry-run it.")
 def restore_wedding():
     restore_partition()

@@ -132,6 +132,18 @@ class TenantTable:
             cols=_select_list(self.columns), table=_from_item(self.table, 0, self.only), where=where,
             order=_order_list(self.order_by, self.collatable, self.keyed))
 
+    def wedding_rows(self, expressions: Sequence[sql.Composable], *, lock: bool = False) -> sql.Composed:
+        """SELECT of `expressions` (over alias t0, this table) for one wedding's rows, unordered; one
+        parameter `%(wedding_id)s`. `lock` adds FOR UPDATE OF t0: the rows of this table only, never
+        the parents the path joins through. What restoring a wedding in place locks and deletes by."""
+        joined, last_filter_cols = self._reach()
+        alias = _alias(len(joined) - 1)
+        where = sql.SQL(" AND ").join(
+            sql.SQL("{} = %(wedding_id)s").format(sql.Identifier(alias, c)) for c in last_filter_cols)
+        return sql.SQL("SELECT {exprs} FROM {from_} WHERE {where}{lock}").format(
+            exprs=sql.SQL(", ").join(expressions), from_=self._join_chain(joined, 0), where=where,
+            lock=sql.SQL(" FOR UPDATE OF {}").format(sql.Identifier(_alias(0))) if lock else sql.SQL(""))
+
     def _reach(self) -> tuple[list[TableName], tuple[str, ...]]:
         """Tables to join (this one first) and the columns of the last one that equal the wedding_id.
 

@@ -1,0 +1,464 @@
+"""Recovery on the real stack: a wedding backed up at three points and restored as of each (in place, into
+another database, into a schema); an in-place restore while a concurrent writer keeps writing to other
+weddings; dry-run counts; schema mismatch; rows outside the wedding; unknown weddings and times."""
+from __future__ import annotations
+
+import re
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from wedbackup_dagster.core import demo_data, recovery
+from wedbackup_dagster.core.engine import Engine
+from wedbackup_dagster.core.errors import RestoreError, SchemaMismatchError, WedbackupError
+from wedbackup_dagster.core.recovery import (NoRecoveryPointError, RecoveryPoint, RecoveryRequest, choose_point,
+                                             parse_as_of, recover, recovery_points, restricted_differences)
+
+pytestmark = pytest.mark.stack
+
+WEDDING = "2"
+
+# Each wedding's rows, written by hand rather than taken from the tenancy plan under test.
+FILTERS = {
+    "weddings": "id = %(w)s",
+    "couple_members": "wedding_id = %(w)s",
+    "households": "wedding_id = %(w)s",
+    "guests": "wedding_id = %(w)s",
+    "guest_dietary": "guest_id IN (SELECT id FROM public.guests WHERE wedding_id = %(w)s)",
+    "wedding_vendors": "wedding_id = %(w)s",
+    "contracts": "wedding_vendor_id IN (SELECT id FROM public.wedding_vendors WHERE wedding_id = %(w)s)",
+    "documents": "wedding_id = %(w)s",
+    "timeline_events": "wedding_id = %(w)s",
+    "payments": "wedding_id = %(w)s",
+    "vendor_reviews": "wedding_id = %(w)s",
+}
+
+
+def rows_of(dsn: str, wedding: str, *, schema: str = "public", others: bool = False) -> dict[str, list[str]]:
+    """Every row (its full text, generated columns included) per table, in id order: the wedding's rows,
+    or with `others` every row that is NOT the wedding's (platform tables whole)."""
+    out = {}
+    with psycopg.connect(dsn) as conn:
+        for table in demo_data.TABLES:
+            if table in FILTERS:
+                cond = sql.SQL(FILTERS[table] if not others else f"NOT coalesce(({FILTERS[table]}), false)")
+            elif others:
+                cond = sql.SQL("true")
+            else:
+                continue
+            query = sql.SQL("SELECT t::text FROM {} AS t WHERE {} ORDER BY t.id").format(
+                sql.Identifier(schema, table), cond)
+            out[table] = [r[0] for r in conn.execute(query, {"w": int(wedding)})]
+    return out
+
+
+@pytest.fixture
+def env(stack, make_database, tmp_path, monkeypatch):
+    source = make_database()
+    values = {"WEDBACKUP_SOURCE_DSN": source, "WEDBACKUP_CATALOGUE_DSN": make_database(),
+              "WEDBACKUP_VAULT_DIR": str(tmp_path / "vault")}
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    demo_data.generate(source, weddings=4, seed=11, document_bytes=64)
+    import os
+
+    return dict(os.environ)
+
+
+@pytest.fixture
+def engine(env) -> Engine:
+    e = Engine.from_env(env)
+    yield e
+    e.catalogue.close()
+
+
+def back_up(engine: Engine, partition: str = WEDDING, *, verify: bool = True):
+    with engine.snapshot_session() as session:
+        outcome = engine.back_up(partition, session)
+    if verify:
+        engine.verify(partition, {})  # restores the vault copy into a scratch database: a verified point
+    return outcome
+
+
+def run(engine: Engine, mode: str = "in_place", *, partition: str = WEDDING, as_of=None, **kw):
+    progress = kw.pop("progress", None) or (lambda m: None)
+    target_dsn = kw.pop("target_dsn", None)
+    return recover(engine, RecoveryRequest(partition=partition, mode=mode, as_of=as_of, **kw), {},
+                   target_dsn=target_dsn, progress=progress)
+
+
+def source(engine: Engine):
+    return psycopg.connect(engine.settings.source_dsn, autocommit=True)
+
+
+def sequence_value(conn, table: str) -> int:
+    return conn.execute(sql.SQL("SELECT last_value FROM {}").format(sql.Identifier(
+        "public", f"{table}_id_seq"))).fetchone()[0]
+
+
+# --- three recovery points ----------------------------------------------------------------------
+
+def test_restored_as_of_each_of_three_points_equals_the_source_as_it_was_then(engine, make_database):
+    src = engine.settings.source_dsn
+    states, times = [], []
+    back_up(engine)
+    states.append(rows_of(src, WEDDING))
+    with source(engine) as conn:  # point 2: a guest added, one changed, a dietary row and a document removed
+        conn.execute("INSERT INTO guests (wedding_id, first_name, last_name, email) "
+                     "VALUES (2, 'Ada', 'Lovelace', 'ada@example.org')")
+        conn.execute("UPDATE guests SET rsvp = 'declined', meal_choice = 'vegan' "
+                     "WHERE id = (SELECT min(id) FROM guests WHERE wedding_id = 2)")
+        conn.execute("DELETE FROM guest_dietary WHERE id = (SELECT min(d.id) FROM guest_dietary d "
+                     "JOIN guests g ON g.id = d.guest_id WHERE g.wedding_id = 2)")
+        conn.execute("DELETE FROM documents WHERE id = (SELECT min(id) FROM documents WHERE wedding_id = 2)")
+    back_up(engine)
+    states.append(rows_of(src, WEDDING))
+    with source(engine) as conn:  # point 3: a guest (and their dietary rows) gone, the wedding renamed
+        conn.execute("DELETE FROM guests WHERE id = (SELECT max(id) FROM guests WHERE wedding_id = 2 "
+                     "AND first_name <> 'Ada')")
+        conn.execute("UPDATE weddings SET title = 'Renamed', tags = '{moved}' WHERE id = 2")
+        conn.execute("INSERT INTO timeline_events (wedding_id, starts_at, title) VALUES (2, now(), 'Afterparty')")
+    back_up(engine)
+    states.append(rows_of(src, WEDDING))
+    assert states[0] != states[1] != states[2]
+    points = recovery_points(engine.catalogue, WEDDING)
+    assert len(points) == 3 and all(p.verified for p in points)
+    times = [p.snapshot_time for p in reversed(points)]  # oldest first, like states
+    others_before = rows_of(src, WEDDING, others=True)
+
+    # The live wedding changes once more (rows no point has): each restore must replace them too.
+    with source(engine) as conn:
+        conn.execute("INSERT INTO guests (wedding_id, first_name, last_name) VALUES (2, 'Late', 'Arrival')")
+        guests_seq = sequence_value(conn, "guests")
+    for i in (0, 2, 1):  # out of order: every direction of change
+        report = run(engine, as_of=times[i] + timedelta(milliseconds=1))
+        assert report.snapshot_time == times[i].isoformat() and not report.dry_run
+        assert rows_of(src, WEDDING) == states[i], f"in-place restore as of point {i + 1}"
+        assert rows_of(src, WEDDING, others=True) == others_before
+    with source(engine) as conn:
+        assert sequence_value(conn, "guests") >= guests_seq  # never backwards
+        conn.execute("INSERT INTO guests (wedding_id, first_name, last_name) VALUES (2, 'Still', 'Works')")
+
+    # Into another database (platform first, then the wedding) and into a schema for inspection.
+    target = make_database()
+    back_up(engine, "platform")
+    run(engine, "target", partition="platform", target_dsn=target)
+    run(engine, "target", as_of=times[0], target_dsn=target)
+    assert rows_of(target, WEDDING) == states[0]
+    report = run(engine, "schema", as_of=times[1], schema="inspect_point_2")
+    assert report.target.endswith("schema inspect_point_2")
+    assert rows_of(src, WEDDING, schema="inspect_point_2") == states[1]
+    with pytest.raises(RestoreError, match="inspect_point_2 already exists"):
+        run(engine, "schema", as_of=times[1], schema="inspect_point_2")
+    # The inspection schema lives next to the platform's tables without upsetting an in-place restore,
+    # nor does an archive taken while it existed, once it is gone.
+    run(engine, as_of=times[2])
+    assert rows_of(src, WEDDING) == states[2]
+    back_up(engine)
+    with source(engine) as conn:
+        conn.execute("DROP SCHEMA inspect_point_2 CASCADE")
+        conn.execute("DELETE FROM guests WHERE id = (SELECT max(id) FROM guests WHERE wedding_id = 2)")
+    run(engine)
+    assert rows_of(src, WEDDING) == states[2]
+
+    # Dry runs against another database and into a schema write nothing; the platform restores into a schema.
+    dry = run(engine, "target", as_of=times[2], target_dsn=target, dry_run=True)
+    assert rows_of(target, WEDDING) == states[0]
+    guests = {t.table: t for t in dry.tables}["public.guests"]
+    assert (guests.archive_rows, guests.live_rows) == (len(states[2]["guests"]), len(states[0]["guests"]))
+    assert guests.add + guests.remove + guests.change > 0
+    dry = run(engine, "schema", schema="never_made", dry_run=True)
+    assert dry.dry_run and dry.totals["add"] == sum(map(len, states[2].values()))
+    run(engine, "schema", partition="platform", schema="platform_then")
+    with source(engine) as conn:
+        assert not conn.execute("SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = 'never_made')").fetchone()[0]
+        vendors = "SELECT t::text FROM {}.vendors t ORDER BY id"
+        restored = conn.execute(vendors.format("platform_then")).fetchall()
+        assert restored and restored == conn.execute(vendors.format("public")).fetchall()
+
+
+# --- concurrency --------------------------------------------------------------------------------
+
+class Writer(threading.Thread):
+    """The application, writing to other weddings as fast as it can: each statement its own transaction,
+    every value explicit (no now(), ids returned), so the same log replayed elsewhere gives the same rows.
+    Only tables without an updated_at trigger are updated, for the same reason."""
+
+    def __init__(self, dsn: str, weddings: list[int]):
+        super().__init__(daemon=True)
+        self.dsn, self.weddings = dsn, weddings
+        self.log: list[tuple[str, tuple]] = []
+        self.errors: list[BaseException] = []
+        self.stop = threading.Event()
+        self.count = 0
+
+    def run(self) -> None:
+        try:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                conn.execute("SET lock_timeout = '5s'")  # blocked by the restore would be a failure
+                members = {w: conn.execute("SELECT id FROM couple_members WHERE wedding_id = %s ORDER BY id",
+                                           (w,)).fetchall() for w in self.weddings}
+                contracts = {w: conn.execute("SELECT c.id FROM contracts c JOIN wedding_vendors v "
+                                             "ON v.id = c.wedding_vendor_id WHERE v.wedding_id = %s ORDER BY c.id",
+                                             (w,)).fetchall() for w in self.weddings}
+                i = 0
+                while not self.stop.is_set():
+                    w = self.weddings[i % len(self.weddings)]
+                    at = datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=i)
+                    gid = conn.execute(
+                        "INSERT INTO guests (wedding_id, first_name, last_name, created_at, updated_at) "
+                        "VALUES (%s, %s, %s, %s, %s) RETURNING id", (w, f"Guest{i}", "Writer", at, at)).fetchone()[0]
+                    self.log.append(("INSERT INTO guests (id, wedding_id, first_name, last_name, created_at, "
+                                     "updated_at) VALUES (%s, %s, %s, %s, %s, %s)", (gid, w, f"Guest{i}", "Writer",
+                                                                                     at, at)))
+                    did = conn.execute("INSERT INTO guest_dietary (guest_id, requirement, severity) "
+                                       "VALUES (%s, 'vegan', 2) RETURNING id", (gid,)).fetchone()[0]
+                    self.log.append(("INSERT INTO guest_dietary (id, guest_id, requirement, severity) "
+                                     "VALUES (%s, %s, 'vegan', 2)", (did, gid)))
+                    for stmt, ids in (("UPDATE couple_members SET name = %s WHERE id = %s", members[w]),
+                                      ("UPDATE contracts SET notes = %s WHERE id = %s", contracts[w])):
+                        if ids:
+                            args = (f"edit {i}", ids[i % len(ids)][0])
+                            conn.execute(stmt, args)
+                            self.log.append((stmt, args))
+                    i += 1
+                    self.count = i
+        except BaseException as exc:  # reported by the test
+            self.errors.append(exc)
+
+    def wait_for(self, more: int, timeout: float = 30) -> None:
+        goal = self.count + more
+        deadline = time.monotonic() + timeout
+        while self.count < goal and not self.errors and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not self.errors, self.errors
+        assert self.count >= goal, f"the writer did only {self.count} of {goal} rounds"
+
+
+def test_in_place_restore_leaves_other_weddings_as_a_concurrent_writer_made_them(engine, make_database):
+    src = engine.settings.source_dsn
+    back_up(engine)
+    archived = rows_of(src, WEDDING)
+    with source(engine) as conn:  # the wedding drifts from its archive
+        conn.execute("DELETE FROM guests WHERE wedding_id = 2 AND id IN (SELECT id FROM guests WHERE wedding_id = 2 "
+                     "ORDER BY id LIMIT 3)")
+        conn.execute("INSERT INTO guests (wedding_id, first_name, last_name) VALUES (2, 'New', 'Guest')")
+        conn.execute("UPDATE weddings SET venue = 'Elsewhere' WHERE id = 2")
+    # What every other wedding looks like before the writer starts: a copy of the whole database.
+    expected = make_database(template=conninfo_to_dict(src)["dbname"])
+
+    writer = Writer(src, [1, 3, 4])
+    seen_blocked: list[str] = []
+
+    def progress(message: str) -> None:
+        # Inside the restore's transaction, with the wedding's rows locked: the writer must go on, and a
+        # write to the restored wedding must wait.
+        if message.endswith("rows deleted") and not seen_blocked:
+            writer.wait_for(15)
+            with psycopg.connect(src, autocommit=True) as other:
+                other.execute("SET lock_timeout = '300ms'")
+                with pytest.raises(psycopg.errors.LockNotAvailable):
+                    other.execute("INSERT INTO guests (wedding_id, first_name, last_name) VALUES (2, 'Blocked', 'X')")
+                seen_blocked.append(message)
+
+    writer.start()
+    try:
+        writer.wait_for(10)
+        report = run(engine, progress=progress)
+        writer.wait_for(10)
+    finally:
+        writer.stop.set()
+        writer.join(30)
+    assert not writer.errors, writer.errors
+    assert seen_blocked
+    assert {t.table: (t.add, t.remove) for t in report.tables}["public.guests"] == (3, 1)
+
+    assert rows_of(src, WEDDING) == archived
+    with psycopg.connect(expected, autocommit=True) as conn:
+        for stmt, args in writer.log:
+            conn.execute(stmt, args)
+    assert rows_of(src, WEDDING, others=True) == rows_of(expected, WEDDING, others=True)
+    assert len(writer.log) > 40
+
+
+# --- dry run ------------------------------------------------------------------------------------
+
+def test_dry_run_counts_rows_to_add_remove_and_change_and_writes_nothing(engine):
+    src = engine.settings.source_dsn
+    back_up(engine)
+    with source(engine) as conn:
+        conn.execute("INSERT INTO guests (wedding_id, first_name, last_name) VALUES (2, 'A', 'One'), (2, 'B', 'Two')")
+        conn.execute("UPDATE guests SET meal_choice = 'fish-' || id WHERE id IN (SELECT id FROM guests "
+                     "WHERE wedding_id = 2 ORDER BY id LIMIT 3)")
+        conn.execute("DELETE FROM guests WHERE id = (SELECT max(g.id) FROM guests g WHERE g.wedding_id = 2 AND "
+                     "g.first_name NOT IN ('A', 'B') AND NOT EXISTS (SELECT FROM guest_dietary d "
+                     "WHERE d.guest_id = g.id))")
+        conn.execute("UPDATE weddings SET title = 'Changed' WHERE id = 2")
+        seq = sequence_value(conn, "guests")
+    before = rows_of(src, WEDDING)
+    others = rows_of(src, WEDDING, others=True)
+
+    report = run(engine, dry_run=True)
+    counts = {t.table: (t.add, t.remove, t.change) for t in report.tables}
+    assert counts.pop("public.guests") == (1, 2, 3)
+    assert counts.pop("public.weddings") == (0, 0, 1)
+    assert set(counts.values()) == {(0, 0, 0)}
+    assert report.dry_run and "would add 1, remove 2, change 4" in "\n".join(report.lines())
+    assert rows_of(src, WEDDING) == before and rows_of(src, WEDDING, others=True) == others
+    with source(engine) as conn:
+        assert sequence_value(conn, "guests") == seq
+    # The real restore does what the dry run said.
+    real = run(engine)
+    assert {t.table: (t.add, t.remove, t.change) for t in real.tables} == \
+        {t.table: (t.add, t.remove, t.change) for t in report.tables}
+    assert run(engine, dry_run=True).totals == {**real.totals, "add": 0, "remove": 0, "change": 0,
+                                                "live_rows": real.totals["archive_rows"]}
+
+
+# --- refusals -----------------------------------------------------------------------------------
+
+def test_a_schema_that_differs_stops_before_writing_with_a_report(engine):
+    src = engine.settings.source_dsn
+    back_up(engine)
+    with source(engine) as conn:
+        conn.execute("ALTER TABLE guests ADD COLUMN nickname text")
+        conn.execute("ALTER TABLE households ALTER COLUMN name TYPE varchar(200)")
+    before = rows_of(src, WEDDING)
+    for dry_run in (True, False):
+        with pytest.raises(SchemaMismatchError) as caught:
+            run(engine, dry_run=dry_run)
+        text = str(caught.value)
+        assert "wedding 2" in text and "nothing was written" in text
+        assert "public.guests.nickname" in text and "public.households.name" in text
+    with pytest.raises(SchemaMismatchError, match="public.guests.nickname"):
+        run(engine, "schema", schema="inspect_mismatch")
+    assert rows_of(src, WEDDING) == before
+    with source(engine) as conn:
+        query = "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = 'inspect_mismatch')"
+        assert not conn.execute(query).fetchone()[0]
+
+
+def test_rows_of_another_wedding_pointing_into_the_wedding_stop_an_in_place_restore(engine):
+    src = engine.settings.source_dsn
+    back_up(engine)
+    with source(engine) as conn:  # wedding 3's payment points at one of wedding 2's vendor bookings
+        conn.execute("UPDATE payments SET wedding_vendor_id = "
+                     "(SELECT min(id) FROM wedding_vendors WHERE wedding_id = 2)"
+                     " WHERE id = (SELECT min(id) FROM payments WHERE wedding_id = 3)")
+        conn.execute("DELETE FROM documents WHERE wedding_id = 2")
+    before, others = rows_of(src, WEDDING), rows_of(src, WEDDING, others=True)
+    for dry_run in (True, False):
+        refused = r"outside the wedding.*public\.payments.*payments_wedding_vendor_id_fkey"
+        with pytest.raises(RestoreError, match=refused):
+            run(engine, dry_run=dry_run)
+    assert rows_of(src, WEDDING) == before and rows_of(src, WEDDING, others=True) == others
+
+
+def test_a_wedding_row_held_by_the_application_times_out_cleanly(engine):
+    src = engine.settings.source_dsn
+    back_up(engine)
+    with source(engine) as conn:
+        conn.execute("DELETE FROM documents WHERE wedding_id = 2")
+    before = rows_of(src, WEDDING)
+    with psycopg.connect(src) as app:  # an open transaction holding one of the wedding's guests
+        app.execute("UPDATE guests SET meal_choice = 'fish' "
+                    "WHERE id = (SELECT min(id) FROM guests WHERE wedding_id = 2)")
+        started = time.monotonic()
+        with pytest.raises(RestoreError, match="held by another session for more than 0.5 s; nothing was written"):
+            run(engine, lock_timeout=0.5)
+        assert time.monotonic() - started < 20
+        app.rollback()
+    assert rows_of(src, WEDDING) == before
+
+
+def test_unknown_wedding_and_no_point_before_the_time_are_clear_errors(engine):
+    back_up(engine)
+    with pytest.raises(NoRecoveryPointError, match="wedding 999: has no backup in the catalogue"):
+        run(engine, partition="999")
+    first = recovery_points(engine.catalogue, WEDDING)[0].snapshot_time
+    early = first - timedelta(hours=1)
+    expected = f"wedding 2: has no backup at or before {early.isoformat()}"
+    with pytest.raises(NoRecoveryPointError, match=re.escape(expected)):
+        run(engine, as_of=early)
+    back_up(engine, verify=False)
+    later = recovery_points(engine.catalogue, WEDDING)[0]
+    assert not later.verified
+    # The newest verified point is the older one; the unverified one only when asked for.
+    assert run(engine, dry_run=True).archive_sha256 != later.archive_sha256
+    assert run(engine, dry_run=True, include_unverified=True).archive_sha256 == later.archive_sha256
+    with pytest.raises(WedbackupError, match="platform partition is shared"):
+        recovery.restore_in_place([], engine.settings.source_dsn, "platform", name="x")
+
+
+def test_a_deleted_wedding_comes_back_in_place(engine):
+    src = engine.settings.source_dsn
+    back_up(engine)
+    archived, others = rows_of(src, WEDDING), rows_of(src, WEDDING, others=True)
+    with source(engine) as conn:
+        # Deleting a wedding cascades to its children; its reviews would only lose their wedding_id (and
+        # become platform rows, which an in-place restore must not take over), so they go first.
+        conn.execute("DELETE FROM vendor_reviews WHERE wedding_id = 2")
+        conn.execute("DELETE FROM weddings WHERE id = 2")
+    assert rows_of(src, WEDDING)["guests"] == []
+    engine.catalogue.sync_partitions([(WEDDING, None)])
+    run(engine)
+    assert rows_of(src, WEDDING) == archived and rows_of(src, WEDDING, others=True) == others
+    # The restore changed the live rows without touching updated_at: the schedule is told, and audited.
+    with engine.catalogue.connect() as conn:
+        changed = conn.execute("SELECT source_updated_at FROM wedbackup.partitions WHERE partition = '2'").fetchone()
+        audit = conn.execute("SELECT detail FROM wedbackup.audit WHERE action = 'restore' "
+                             "AND partition = '2'").fetchone()
+    assert changed["source_updated_at"] is not None
+    assert audit["detail"]["mode"] == "in_place"
+    assert audit["detail"]["totals"]["add"] == sum(map(len, archived.values()))
+
+
+# --- pure parts ---------------------------------------------------------------------------------
+
+def _point(i: int, hours: int, verified: bool) -> RecoveryPoint:
+    t = datetime(2026, 11, 30, 12, tzinfo=timezone.utc) + timedelta(hours=hours)
+    return RecoveryPoint(i, "7", t, f"{i:064x}", 100, 10, ("vault",), t if verified else None)
+
+
+def test_choose_point_takes_the_newest_verified_at_or_before_the_time():
+    points = [_point(3, 2, False), _point(2, 1, True), _point(1, 0, True)]  # newest first
+    at = datetime(2026, 11, 30, 13, tzinfo=timezone.utc)
+    assert choose_point(points, "7", at).backup_id == 2  # exactly at its time
+    assert choose_point(points, "7", at + timedelta(hours=5)).backup_id == 2  # point 3 is not verified
+    assert choose_point(points, "7", at + timedelta(hours=5), include_unverified=True).backup_id == 3
+    assert choose_point(points, "7", at - timedelta(seconds=1)).backup_id == 1
+    with pytest.raises(NoRecoveryPointError, match="wedding 7: has no backup at or before"):
+        choose_point(points, "7", at - timedelta(hours=2))
+    with pytest.raises(NoRecoveryPointError, match="no verified backup at or before .* 1 unverified"):
+        choose_point([_point(3, 2, False)], "7", at + timedelta(hours=5))
+
+
+def test_parse_as_of_needs_a_timezone():
+    assert parse_as_of("2026-11-30T18:00:00Z") == datetime(2026, 11, 30, 18, tzinfo=timezone.utc)
+    assert parse_as_of("2026-11-30T19:00:00+01:00") == datetime(2026, 11, 30, 18, tzinfo=timezone.utc)
+    assert parse_as_of(None).tzinfo is not None
+    with pytest.raises(WedbackupError, match="has no timezone"):
+        parse_as_of("2026-11-30T18:00:00")
+    with pytest.raises(WedbackupError, match="not an ISO 8601 time"):
+        parse_as_of("yesterday")
+
+
+def test_restricted_differences_ignore_schemas_the_archive_does_not_know():
+    archive = [["schema", "public", ""], ["column", "public.guests.id", "ord 1 bigint"]]
+    target = archive + [["schema", "inspect", ""], ["relation", "inspect.guests", "r p"],
+                        ["column", '"odd.name".t.c', "ord 1 text"], ["schema", '"odd.name"', ""]]
+    assert restricted_differences(archive, target) == []
+    assert restricted_differences(target, archive, ["public"]) == []  # an inspection schema in the archive
+    assert restricted_differences(target, archive) == [
+        'column "odd.name".t.c (ord 1 text) is in the archive but not in the target',
+        "relation inspect.guests (r p) is in the archive but not in the target",
+        'schema "odd.name" () is in the archive but not in the target',
+        "schema inspect () is in the archive but not in the target"]
+    changed = [["schema", "public", ""], ["column", "public.guests.id", "ord 1 integer"]]
+    assert restricted_differences(archive, changed) == [
+        "column public.guests.id differs: archive has 'ord 1 bigint', target has 'ord 1 integer'"]

@@ -18,6 +18,10 @@ from .partitions import validated_keys
 from .resources import AzureBlobResource, WedbackupEngineResource
 
 TARGET_DSN_VARIABLE = "WEDBACKUP_RESTORE_TARGET_DSN"
+# A "target" restore overwrites its target, so it may never be pointed (from the UI's launchpad, say) at a
+# database wedbackup itself depends on: the catalogue, or the live platform (that is what --in-place is for,
+# with its own checks).
+FORBIDDEN_TARGET_VARIABLES = frozenset({"WEDBACKUP_SOURCE_DSN", "WEDBACKUP_CATALOGUE_DSN"})
 TABLE_COLUMNS = [("table", "string"), ("archive_rows", "int"), ("live_rows", "int"), ("add", "int"),
                  ("remove", "int"), ("change", "int"), ("seconds", "float")]
 # Progress lines also go to this Python logger, so the command line can show them on stderr.
@@ -45,6 +49,9 @@ def restore_partition(context: dg.OpExecutionContext, config: RestoreConfig, wed
         raise ConfigError("mode", f"must be one of {', '.join(recovery.MODES)}, not {config.mode!r}")
     target = None
     if config.mode == "target" or (config.mode == "schema" and config.schema_in_target):
+        if config.target_dsn_env in FORBIDDEN_TARGET_VARIABLES:
+            raise ConfigError("target_dsn_env", f"may not name {config.target_dsn_env}: restore into the live "
+                                                "database with mode in_place, never as a target")
         target = os.environ.get(config.target_dsn_env, "")
         if not target:
             raise ConfigError(config.target_dsn_env, "is not set: the DSN of the database to restore into")

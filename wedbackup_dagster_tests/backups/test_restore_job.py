@@ -98,3 +98,13 @@ def test_restore_into_another_database_reads_its_dsn_from_the_environment(backed
     error = next(e for e in failed.all_events if e.event_type_value == "STEP_FAILURE")
     assert "wedding 3: has no backup at or before 2000-01-01T00:00:00+00:00" in \
         error.step_failure_data.user_failure_data.description
+
+
+def test_a_target_restore_refuses_the_live_and_catalogue_databases(backed_up):
+    """From the launchpad anyone can type a variable name: the source and the catalogue are never targets."""
+    instance = backed_up["instance"]
+    for variable in ("WEDBACKUP_SOURCE_DSN", "WEDBACKUP_CATALOGUE_DSN"):
+        result = execute(instance, {"partition": "3", "target_dsn_env": variable})
+        assert not result.success
+        failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+        assert variable in str(failure.step_failure_data.error)

@@ -49,9 +49,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
     from .backups.launch import register_partitions, run_job_for
     from .core.config import Settings
 
+    from .core.catalogue import Catalogue
+
     settings = Settings.from_env()
     instance = _instance()
-    keys = register_partitions(instance, settings.source_dsn)
+    catalogue = Catalogue(settings.catalogue_dsn)
+    catalogue.migrate()
+    keys = register_partitions(instance, settings.source_dsn, catalogue.erased_partitions())
     selected = _selected_keys(args, keys)
     _ensure_targets(settings)
     print(f"backing up {len(selected)} partition(s) through Dagster")

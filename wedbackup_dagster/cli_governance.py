@@ -23,8 +23,15 @@ def _print_failures(result, what: str) -> None:
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE":
             data = event.step_failure_data
-            text = (data.user_failure_data.description if data.user_failure_data and data.user_failure_data.description
-                    else data.error.message.strip() if data.error else event.message)
+            if data.user_failure_data and data.user_failure_data.description:
+                text = data.user_failure_data.description
+            elif data.error:
+                error = data.error
+                while error.cause is not None:  # Dagster wraps our error: its own words are innermost
+                    error = error.cause
+                text = error.message.strip()
+            else:
+                text = event.message or "step failed"
             print(redact(f"{what} failed: {text}"), file=sys.stderr)
 
 

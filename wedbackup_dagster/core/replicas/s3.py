@@ -146,6 +146,7 @@ class S3Replica:
         if existing is not None:
             matches, checksum, digests = self._matches(key, existing, Path(path), digests)
             if matches:
+                existing = self._ensure_lock(key, existing)
                 return self._record(key, existing, digests, checksum, already_present=True)
             note = (f"replaced version {existing.get('VersionId')} at {key}: it had {existing.get('ContentLength')} "
                     f"bytes and checksum {existing.get('ChecksumSHA256') or 'none'}, not this archive")
@@ -161,6 +162,7 @@ class S3Replica:
             raise ReplicaChecksumMismatch(
                 PROVIDER, key, f"after upload S3 reports {head.get('ContentLength')} bytes and checksum "
                                f"{checksum or 'none'}, which is not this archive; the bad version was deleted")
+        head = self._ensure_lock(key, head)
         return self._record(key, head, digests, checksum, already_present=False, repaired=bool(note), note=note)
 
     def _transfer(self, path: Path, key: str, meta: dict[str, str], part_size: int | None,
@@ -177,8 +179,7 @@ class S3Replica:
         if self.target.object_lock != "none":
             # Write-once: S3 refuses to delete or overwrite this version until the date (README, Immutability).
             extra["ObjectLockMode"] = self.target.object_lock.upper()
-            extra["ObjectLockRetainUntilDate"] = (datetime.now(timezone.utc)
-                                                  + timedelta(days=self.target.object_lock_days))
+            extra["ObjectLockRetainUntilDate"] = self._retain_until()
         config = TransferConfig(
             multipart_threshold=self.multipart_threshold,
             multipart_chunksize=part_size or self.part_size,
@@ -195,6 +196,23 @@ class S3Replica:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             raise self._fail(key, "upload", exc) from None
+
+    def _retain_until(self) -> datetime:
+        return datetime.now(timezone.utc) + timedelta(days=self.target.object_lock_days)
+
+    def _ensure_lock(self, key: str, head: dict[str, Any]) -> dict[str, Any]:
+        """With Object Lock configured, the version must carry a lock: one uploaded before the setting was
+        turned on, or by a path that dropped it (moto ignores the lock of a multipart upload), gets one now
+        with PutObjectRetention. Returns the head to record."""
+        if self.target.object_lock == "none" or _lock(head)["locked_until"] is not None:
+            return head
+        try:
+            self.client.put_object_retention(
+                Bucket=self.target.bucket, Key=key, VersionId=head["VersionId"],
+                Retention={"Mode": self.target.object_lock.upper(), "RetainUntilDate": self._retain_until()})
+        except (ClientError, BotoCoreError) as exc:
+            raise self._fail(key, "set Object Lock retention (is Object Lock enabled on the bucket?)", exc) from None
+        return self._head_object(key, version_id=head.get("VersionId")) or head
 
     def _abort_multipart(self, key: str) -> None:
         try:

@@ -9,7 +9,8 @@ calendar month, on the policy's clock). A backup is kept when any of these holds
 - it is the newest of its day and younger than `daily_days` days (30);
 - it is the newest of its ISO week and younger than `weekly_weeks` weeks (12);
 - it is the newest of its month and younger than `monthly_months` calendar months (12).
-Everything else is deleted. The order of the executor makes a crash harmless: the backup is first marked
+Everything else is deleted, and so is whatever is left of an erased wedding (copies an Object Lock kept
+through the erasure). The order of the executor makes a crash harmless: the backup is first marked
 (`deleting_since`), then each copy is deleted at its provider and only then its row; the backup row goes
 last, once no copy row is left. A re-run finishes the job (deleting an absent object is not an error)."""
 from __future__ import annotations
@@ -22,6 +23,9 @@ from typing import Any
 
 from .errors import ReplicaLocked, WedbackupError
 from .policy import PLATFORM, Policy, RetentionRule
+
+
+ERASED = "wedding erased (GDPR): the key is destroyed; deleting what a lock kept"
 
 
 @dataclass(frozen=True)
@@ -209,7 +213,11 @@ def prune(catalogue: Any, vault: Any, replicas: Mapping[str, Any], policy: Polic
     """Apply the retention policy to the catalogue's backups (of one partition, or all)."""
     now = now or datetime.now(timezone.utc)
     rows = catalogue.backups_with_copies(partition)
-    plan = plan_retention(backup_points(rows, policy, now), now, policy.retention, tz=policy.zone())
+    # An erased wedding keeps nothing: what is left of it are copies a lock kept; delete them once it ends.
+    erased = catalogue.erased_partitions()
+    plan = plan_retention(backup_points([r for r in rows if r["partition"] not in erased], policy, now), now,
+                          policy.retention, tz=policy.zone())
+    plan.delete.update({r["id"]: ERASED for r in rows if r["partition"] in erased})
     doomed = [r for r in rows if r["id"] in plan.delete]
     report = PruneReport(dry_run, now, plan.keep, [])
     if dry_run:

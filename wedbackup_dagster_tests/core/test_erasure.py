@@ -122,6 +122,15 @@ def test_a_locked_copy_stays_but_no_key_the_catalogue_holds_opens_it(make_govern
     assert erasure["detail"]["locked"][0]["note"] == "unreadable because the key is destroyed"
     assert [c.provider for c in cat.copies(backup_id)] == ["s3"]  # the catalogue still knows it is there
 
+    # Retention finishes the erasure once the lock ends; until then it reports the copy as locked again.
+    from wedbackup_dagster.core.policy import Policy
+    from wedbackup_dagster.core.retention import ERASED, prune
+
+    swept = prune(cat, engine.vault, replicas, Policy())
+    [leftover] = [d for d in swept.deletions if d.partition == "4"]
+    assert leftover.reason == ERASED and set(leftover.locked) == {"s3"} and not leftover.failed
+    assert all(d.partition == "4" for d in swept.deletions)  # wedding 1's only backup is its newest
+
     data = s3.client.get_object(Bucket=s3.target.bucket, Key=s3_copy.object_key)["Body"].read()
     with pytest.raises(ArchiveError):
         b"".join(open_archive(io.BytesIO(data), name="locked", resolve_key=engine.resolve_key))

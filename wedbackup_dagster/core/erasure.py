@@ -91,7 +91,7 @@ def erasure_preview(catalogue: Any, partition: str) -> dict[str, Any]:
 
 def _stored_keys(replica: Any, partition: str) -> set[str]:
     """Every object key the provider holds under the wedding's folder, noncurrent versions included
-    where the replica can list them (S3 `version_keys`); else the live objects."""
+    where the replica can list them (`version_keys`: S3, GCS, Azure); else the live objects."""
     sub = f"weddings/{partition}/"
     lister = getattr(replica, "version_keys", None)
     if lister is not None:

@@ -44,8 +44,13 @@ def test_erasure_destroys_keys_and_every_copy_and_version(make_governance_fleet)
     stray = f"{'f' * 64}.wbk"
     replicas["gcs"].bucket.blob(f"{replicas['gcs'].prefix}/weddings/2/{stray}").upload_from_string(b"stray")
     replicas["azure"].container.upload_blob(f"{replicas['azure'].prefix}/weddings/2/{stray}", b"stray")
+    # A key whose newest entry is a delete marker over an old version: invisible to a plain listing.
+    hidden = f"{s3.prefix}/weddings/2/{'e' * 64}.wbk"
+    s3.client.put_object(Bucket=s3.target.bucket, Key=hidden, Body=b"old")
+    s3.client.delete_object(Bucket=s3.target.bucket, Key=hidden)
+    assert not [o for o in s3.list("weddings/2/") if o.key == hidden]
     before = stored(fleet, "2")
-    assert len(before["s3"]) == 3 and len(before["gcs"]) == len(before["azure"]) == 3 and len(before["vault"]) == 2
+    assert len(before["s3"]) == 5 and len(before["gcs"]) == len(before["azure"]) == 3 and len(before["vault"]) == 2
 
     preview = erasure_preview(cat, "2")
     assert preview["backups"] == 2 and preview["live_keys"] == 1
@@ -54,7 +59,7 @@ def test_erasure_destroys_keys_and_every_copy_and_version(make_governance_fleet)
     report = erase_wedding(cat, engine.vault, replicas, "2", requested_by="dpo@example.com")
     assert report.complete and report.keys_shredded == 1 and report.locked == []
     assert stored(fleet, "2") == {"s3": [], "gcs": [], "azure": [], "vault": []}
-    assert sorted(report.stray_deleted) == sorted([f"gcs:{replicas['gcs'].prefix}/weddings/2/{stray}",
+    assert sorted(report.stray_deleted) == sorted([f"s3:{hidden}", f"gcs:{replicas['gcs'].prefix}/weddings/2/{stray}",
                                                    f"azure:{replicas['azure'].prefix}/weddings/2/{stray}"])
     assert cat.backups_with_copies("2") == []
     with cat.connect() as conn:
@@ -67,13 +72,13 @@ def test_erasure_destroys_keys_and_every_copy_and_version(make_governance_fleet)
     assert audit[-2:] == ["key-shredded", "erasure"]
     [erasure] = cat.erasures()
     assert (erasure["partition"], erasure["wedding_id"], erasure["requested_by"]) == ("2", "2", "dpo@example.com")
-    assert erasure["copies_deleted"] == 8 + 2 and erasure["copies_locked"] == 0 and erasure["completed_at"]
+    assert erasure["copies_deleted"] == 8 + 3 and erasure["copies_locked"] == 0 and erasure["completed_at"]
 
     # Idempotent: a second run finds nothing more to do and changes nothing recorded.
     again = erase_wedding(cat, engine.vault, replicas, "2", requested_by="someone else")
     assert again.complete and again.keys_shredded == 0 and again.copies_deleted == 0
     assert cat.erasures()[0]["requested_by"] == "dpo@example.com"
-    assert cat.erasures()[0]["copies_deleted"] == 10
+    assert cat.erasures()[0]["copies_deleted"] == 11
 
     # The erased wedding is never backed up again; the other wedding is untouched and still restores.
     with engine.snapshot_session() as session, pytest.raises(KeyError_, match="erased"):

@@ -114,8 +114,8 @@ def erase_wedding(catalogue: Any, vault: Any, replicas: Mapping[str, Any], parti
     for row in rows:
         report.deletions.append(delete_backup_copies(catalogue, vault, replicas, row))
     # Anything the catalogue does not know of (a lost row, an upload whose run died before recording it).
-    still_locked = {(p, c["object_key"]) for r in catalogue.backups_with_copies(partition)
-                    for c in r["copies"] for p in [c["provider"]] if c["locked_until"] is not None}
+    still_locked = {(c["provider"], c["object_key"]) for r in catalogue.backups_with_copies(partition)
+                    for c in r["copies"] if c["locked_until"] is not None}
     for provider, replica in replicas.items():
         try:
             keys = _stored_keys(replica, partition)
@@ -132,8 +132,14 @@ def erase_wedding(catalogue: Any, vault: Any, replicas: Mapping[str, Any], parti
                 report.stray_locked[f"{provider}:{key}"] = exc.locked_until
             except WedbackupError as exc:
                 report.failed.append(str(exc)[:300])
-    for entry in list(vault.entries(partition)) if (vault.root / partition).is_dir() else []:
-        report.vault_deleted += vault.remove(partition, entry.sha256)
+    folder = vault.root / partition
+    if folder.is_dir():
+        for entry in list(vault.entries(partition)):
+            report.vault_deleted += vault.remove(partition, entry.sha256)
+        try:
+            folder.rmdir()  # not even the wedding's folder name stays behind
+        except OSError:
+            pass  # a backup run is writing into it: its archive has a destroyed key; the sweep deletes it
     catalogue.finish_erasure(partition, deleted=report.copies_deleted, locked=len(report.locked),
                              detail=report.detail(), complete=report.complete)
     return report

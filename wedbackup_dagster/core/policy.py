@@ -263,6 +263,9 @@ def _validate(p: Policy) -> None:
             raise ConfigError(f"tiers.{tier}.fresh_copy_every", "must not be negative")
         if rule.max_run_size < 1:
             raise ConfigError(f"tiers.{tier}.max_run_size", "must be at least 1")
+    missing = [t for t in TIERS if t not in p.retention]
+    if missing:
+        raise ConfigError(f"retention.tiers.{missing[0]}", "is missing")
     if p.wedding_day_rpo <= timedelta(0):
         raise ConfigError("wedding_day_rpo", "must be positive")
     if not p.critical_days < p.high_days:

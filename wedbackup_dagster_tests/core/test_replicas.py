@@ -538,3 +538,13 @@ def test_s3_object_lock_upload_records_the_lock_and_refuses_deletion(stack, s3_c
         replica.delete(record.key)
     assert refused.value.locked_until == record.locked_until and refused.value.mode == "compliance"
     assert replica.versions(record.key) == [record.version_id]  # still there, unchanged
+
+
+def test_ensure_bucket_enables_object_lock_when_configured(stack, s3_client):
+    from wedbackup_dagster_tests.conftest import unique_name
+
+    target = replace(_s3_target(unique_name("wbl"), stack.env()), object_lock="governance")
+    assert ensure_bucket(s3_client, target)
+    config = s3_client.get_object_lock_configuration(Bucket=target.bucket)["ObjectLockConfiguration"]
+    assert config["ObjectLockEnabled"] == "Enabled"
+    assert s3_client.get_bucket_versioning(Bucket=target.bucket)["Status"] == "Enabled"

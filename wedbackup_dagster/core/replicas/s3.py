@@ -74,6 +74,8 @@ def ensure_bucket(client, target: S3Target) -> bool:
         kwargs: dict[str, Any] = {"Bucket": target.bucket}
         if target.region != "us-east-1":
             kwargs["CreateBucketConfiguration"] = {"LocationConstraint": target.region}
+        if target.object_lock != "none":
+            kwargs["ObjectLockEnabledForBucket"] = True  # only possible at creation (it also turns versioning on)
         client.create_bucket(**kwargs)
         client.put_bucket_versioning(Bucket=target.bucket, VersioningConfiguration={"Status": "Enabled"})
     except (ClientError, BotoCoreError) as exc:

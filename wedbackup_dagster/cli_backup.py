@@ -47,9 +47,8 @@ def _print_runs(results) -> bool:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     from .backups.launch import register_partitions, run_job_for
-    from .core.config import Settings
-
     from .core.catalogue import Catalogue
+    from .core.config import Settings
 
     settings = Settings.from_env()
     instance = _instance()

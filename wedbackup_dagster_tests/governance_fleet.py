@@ -1,6 +1,6 @@
 """A small fleet for the erasure and retention tests (their modules import these fixtures): a demo
-source, a catalogue, a vault, one bucket per provider (the S3 one with Object Lock when asked), all real, wired through the environment; backups are
-taken and replicated with the engine directly (the Dagster jobs have their own tests)."""
+source, a catalogue, a vault, one bucket per provider (the S3 one with Object Lock when asked), all
+real, wired through the environment; backups are taken and replicated with the engine directly."""
 from __future__ import annotations
 
 import dagster as dg

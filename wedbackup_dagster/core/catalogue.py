@@ -582,7 +582,8 @@ class Catalogue:
             return conn.execute(
                 """SELECT b.id, b.partition, b.archive_sha256, b.key_id, b.snapshot_time, b.created_at,
                           b.deleting_since, p.wedding_date,
-                          (EXISTS (SELECT FROM wedbackup.copies v WHERE v.backup_id = b.id AND v.verified_at IS NOT NULL)
+                          (EXISTS (SELECT FROM wedbackup.copies v
+                                   WHERE v.backup_id = b.id AND v.verified_at IS NOT NULL)
                            OR EXISTS (SELECT FROM wedbackup.restores r WHERE r.backup_id = b.id AND r.ok)) AS verified,
                           coalesce((SELECT jsonb_agg(jsonb_build_object(
                                         'provider', c.provider, 'object_key', c.object_key, 'uri', c.uri,

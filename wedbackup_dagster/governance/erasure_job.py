@@ -25,7 +25,9 @@ def erase_wedding_backups(context: dg.OpExecutionContext, config: EraseConfig, w
                                    partition, requested_by=config.requested_by)
     if context.instance.has_dynamic_partition(weddings_partitions.name, partition):
         context.instance.delete_dynamic_partition(weddings_partitions.name, partition)
-    locked = [f"{c.get('provider') or c.get('uri')}: until {c['locked_until']:%Y-%m-%d}" for c in report.locked]
+    locked = [f"{c.get('provider') or c.get('uri')}: "
+              + (f"until {c['locked_until']:%Y-%m-%d}" if c["locked_until"] else "legal hold, no end date")
+              for c in report.locked]
     context.log.info(f"wedding {partition}: {report.keys_shredded} key(s) destroyed, {report.copies_deleted} "
                      f"copies deleted, {len(locked)} locked (unreadable)")
     metadata = {

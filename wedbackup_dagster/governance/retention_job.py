@@ -24,14 +24,15 @@ def prune_backups(context: dg.OpExecutionContext, config: PruneConfig, wedbackup
                              Policy.from_env(), dry_run=config.dry_run, partition=config.partition)
     summary = report.summary()
     context.log.info(f"retention: {summary}")
-    metadata = {k: v for k, v in summary.items()}
-    metadata["locked"] = dg.MetadataValue.json(
-        [f"{d.partition}/{d.archive_sha256[:12]} {p} until {u}" for d in report.locked for p, u in d.locked.items()][:100])
+    metadata = dict(summary)
+    locked = [f"{d.partition}/{d.archive_sha256[:12]} {p} until {u}"
+              for d in report.locked for p, u in d.locked.items()]
+    metadata["locked"] = dg.MetadataValue.json(locked[:100])
     if report.failed:
+        failed = [f"{p}: {e}" for d in report.failed for p, e in d.failed.items()]
         raise dg.Failure(description=f"retention: {len(report.failed)} backup(s) kept copies that could not be "
                                      f"deleted (provider unreachable?); the next sweep retries: "
-                                     f"{'; '.join(f'{p}: {e}' for d in report.failed[:3] for p, e in d.failed.items())}",
-                         metadata=metadata)
+                                     f"{'; '.join(failed[:3])}", metadata=metadata)
     return dg.Output(None, metadata=metadata)
 
 

@@ -548,3 +548,23 @@ def test_ensure_bucket_enables_object_lock_when_configured(stack, s3_client):
     config = s3_client.get_object_lock_configuration(Bucket=target.bucket)["ObjectLockConfiguration"]
     assert config["ObjectLockEnabled"] == "Enabled"
     assert s3_client.get_bucket_versioning(Bucket=target.bucket)["Status"] == "Enabled"
+
+
+def test_s3_legal_hold_is_reported_as_a_lock_without_end(stack, s3_client, s3_lock_bucket, tmp_path):
+    from wedbackup_dagster.core.errors import ReplicaLocked
+
+    replica = S3Replica(s3_client, _s3_target(s3_lock_bucket, stack.env()))
+    path = tmp_path / "archive.wbk"
+    path.write_bytes(os.urandom(2048))
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    record = replica.upload(path, partition="7", sha256=sha, size=2048, metadata={})
+    assert record.locked_until is None  # no lock configured
+    s3_client.put_object_legal_hold(Bucket=s3_lock_bucket, Key=record.key, VersionId=record.version_id,
+                                    LegalHold={"Status": "ON"})
+    with pytest.raises(ReplicaLocked, match="legal hold") as refused:
+        replica.delete(record.key)
+    assert refused.value.locked_until is None and refused.value.mode == "legal-hold"
+    s3_client.put_object_legal_hold(Bucket=s3_lock_bucket, Key=record.key, VersionId=record.version_id,
+                                    LegalHold={"Status": "OFF"})
+    replica.delete(record.key)
+    assert replica.versions(record.key) == []

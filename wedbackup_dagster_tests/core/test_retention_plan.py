@@ -16,7 +16,8 @@ NOW = datetime(2026, 6, 15, 10, 0, tzinfo=UTC)  # a Monday
 START = NOW - timedelta(days=400)
 
 
-def history(partition: str = "42", tier: str = "archived", verified_before: datetime | None = None) -> list[BackupPoint]:
+def history(partition: str = "42", tier: str = "archived",
+            verified_before: datetime | None = None) -> list[BackupPoint]:
     """A backup at 00, 06, 12 and 18 UTC of every day for 400 days up to NOW."""
     first = datetime.combine(START.date(), time(0), UTC)
     out, t, i = [], first, 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
 from collections.abc import Iterator, Mapping
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -354,12 +354,16 @@ class S3Replica:
     def _locked(self, key: str, version_ids: list[str | None]) -> ReplicaError:
         """ReplicaLocked naming the latest retain-until among the refused versions; a refusal that no lock
         explains stays a plain ReplicaError (a permissions problem, not immutability)."""
-        until, mode = None, None
+        until, mode, held = None, None, False
         for version_id in version_ids:
             head = self._head_object(key, version_id=version_id) or {}
             lock = _lock(head)
+            held = held or head.get("ObjectLockLegalHoldStatus") == "ON"
             if lock["locked_until"] is not None and (until is None or lock["locked_until"] > until):
                 until, mode = lock["locked_until"], lock["lock_mode"]
+        if until is None and held:
+            return ReplicaLocked(PROVIDER, key, f"delete refused: {len(version_ids)} version(s) under an Object "
+                                                "Lock legal hold (no end date: lifted by hand)", mode="legal-hold")
         if until is None:
             return ReplicaError(PROVIDER, key, f"delete refused (AccessDenied) for {len(version_ids)} version(s), "
                                                "and no Object Lock explains it: check the bucket policy")

@@ -30,7 +30,7 @@ def _selected_keys(args: argparse.Namespace, all_keys: list[str]) -> list[str]:
         return ["platform"]
     unknown = [w for w in args.wedding if w not in all_keys]
     if unknown:
-        raise WedbackupError(f"unknown wedding(s): {', '.join(unknown[:10])} (not in the source database)")
+        raise WedbackupError(f"unknown wedding(s): {', '.join(unknown[:10])} (not in the source database, or erased)")
     return list(args.wedding)
 
 

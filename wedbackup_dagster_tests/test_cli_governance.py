@@ -35,6 +35,9 @@ def test_erase_refuses_without_confirm_then_erases_through_dagster(fleet, capsys
     assert "erased wedding 2" in out and "1 key(s) destroyed, 4 copies deleted, 0 locked" in out
     assert [(e["partition"], e["requested_by"]) for e in cat.erasures()] == [("2", "ticket-77")]
     assert {r.job_name for r in dg.DagsterInstance.get().get_runs()} == {"erase_wedding"}
+    # Its row is still in the source, but `backup` will not take it again.
+    assert main(["backup", "--wedding", "2"]) == 2
+    assert "unknown wedding(s): 2 (not in the source database, or erased)" in capsys.readouterr().err
     assert main(["erase", "--wedding", "../x", "--confirm"]) == 2
     assert "../x" in capsys.readouterr().err
 

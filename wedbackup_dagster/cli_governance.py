@@ -88,7 +88,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         for d in report.deletions:
             print(f"  would delete {d.partition:<10} {d.snapshot_time:%Y-%m-%d %H:%M}  {d.archive_sha256[:12]}  "
                   f"{d.reason}")
-        print(f"dry run: {len(report.deletions)} backup(s) to delete, {len(report.kept)} kept")
+        print(f"dry run: {len(report.deletions)} backup(s) to delete, {report.kept} kept")
         return 0
     from .definitions import defs
 

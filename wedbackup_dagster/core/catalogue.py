@@ -575,9 +575,10 @@ class Catalogue:
         with self.connect() as conn:
             return {r["partition"] for r in conn.execute("SELECT partition FROM wedbackup.erasures").fetchall()}
 
-    def backups_with_copies(self, partition: str | None = None) -> list[dict[str, Any]]:
-        """Every backup (of one partition, or all) with its copies and what retention needs to judge it:
-        the partition's wedding date, and whether the backup was ever verified by a restore."""
+    def backups_with_copies(self, partition: str | list[str] | None = None) -> list[dict[str, Any]]:
+        """Every backup (of one partition, of a list of them, or all) with its copies and what retention
+        needs to judge it: the partition's wedding date, and whether it was ever verified by a restore."""
+        partitions = [partition] if isinstance(partition, str) else partition
         with self.connect() as conn:
             return conn.execute(
                 """SELECT b.id, b.partition, b.archive_sha256, b.key_id, b.snapshot_time, b.created_at,
@@ -591,8 +592,18 @@ class Catalogue:
                                         'lock_mode', c.lock_mode) ORDER BY c.provider)
                                     FROM wedbackup.copies c WHERE c.backup_id = b.id), '[]') AS copies
                    FROM wedbackup.backups b LEFT JOIN wedbackup.partitions p ON p.partition = b.partition
-                   WHERE %(partition)s::text IS NULL OR b.partition = %(partition)s
-                   ORDER BY b.partition, b.snapshot_time, b.id""", {"partition": partition}).fetchall()
+                   WHERE %(partitions)s::text[] IS NULL OR b.partition = ANY(%(partitions)s)
+                   ORDER BY b.partition, b.snapshot_time, b.id""", {"partitions": partitions}).fetchall()
+
+    def prunable_partitions(self) -> list[str]:
+        """Partitions retention may have work in: more than one backup (a lone one is its newest), or
+        erased (whatever is left of them goes)."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                """SELECT partition FROM wedbackup.backups GROUP BY partition HAVING count(*) > 1
+                   UNION SELECT b.partition FROM wedbackup.backups b JOIN wedbackup.erasures e USING (partition)
+                   ORDER BY 1""").fetchall()
+        return [r["partition"] for r in rows]
 
     def mark_deleting(self, backup_ids: list[int]) -> None:
         if backup_ids:

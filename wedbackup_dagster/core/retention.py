@@ -180,7 +180,7 @@ def delete_backup_copies(catalogue: Any, vault: Any, replicas: Mapping[str, Any]
 class PruneReport:
     dry_run: bool
     now: datetime
-    kept: dict[int, list[str]]
+    kept: int  # backups kept, of the partitions that had more than one (or were erased)
     deletions: list[CopyDeletion]
 
     @property
@@ -192,7 +192,7 @@ class PruneReport:
         return [d for d in self.deletions if d.failed]
 
     def summary(self) -> dict[str, Any]:
-        return {"dry_run": self.dry_run, "kept": len(self.kept), "deleted": len(self.deletions),
+        return {"dry_run": self.dry_run, "kept": self.kept, "deleted": len(self.deletions),
                 "copies_deleted": sum(len(d.deleted) for d in self.deletions),
                 "copies_locked": sum(len(d.locked) for d in self.deletions),
                 "copies_failed": sum(len(d.failed) for d in self.deletions)}
@@ -208,26 +208,33 @@ def backup_points(rows: Iterable[Mapping[str, Any]], policy: Policy, now: dateti
             for r in rows]
 
 
+PARTITIONS_PER_PASS = 500  # partitions read and judged at a time: memory stays bounded on a large fleet
+
+
 def prune(catalogue: Any, vault: Any, replicas: Mapping[str, Any], policy: Policy, *,
           now: datetime | None = None, dry_run: bool = False, partition: str | None = None) -> PruneReport:
-    """Apply the retention policy to the catalogue's backups (of one partition, or all)."""
+    """Apply the retention policy to the catalogue's backups (of one partition, or all), a few hundred
+    partitions at a time."""
     now = now or datetime.now(timezone.utc)
-    rows = catalogue.backups_with_copies(partition)
-    # An erased wedding keeps nothing: what is left of it are copies a lock kept; delete them once it ends.
+    report = PruneReport(dry_run, now, 0, [])
     erased = catalogue.erased_partitions()
-    plan = plan_retention(backup_points([r for r in rows if r["partition"] not in erased], policy, now), now,
-                          policy.retention, tz=policy.zone())
-    plan.delete.update({r["id"]: ERASED for r in rows if r["partition"] in erased})
-    doomed = [r for r in rows if r["id"] in plan.delete]
-    report = PruneReport(dry_run, now, plan.keep, [])
-    if dry_run:
-        report.deletions = [CopyDeletion(r["id"], r["partition"], r["archive_sha256"], r["snapshot_time"],
-                                         plan.delete[r["id"]]) for r in doomed]
-        return report
-    catalogue.mark_deleting([r["id"] for r in doomed])
-    for row in doomed:
-        outcome = delete_backup_copies(catalogue, vault, replicas, row)
-        outcome.reason = plan.delete[row["id"]]
-        catalogue.audit("prune", row["partition"], outcome.as_dict())
-        report.deletions.append(outcome)
+    partitions = [partition] if partition else catalogue.prunable_partitions()
+    for start in range(0, len(partitions), PARTITIONS_PER_PASS):
+        rows = catalogue.backups_with_copies(partitions[start:start + PARTITIONS_PER_PASS])
+        # An erased wedding keeps nothing: what is left of it are copies a lock kept; they go once it ends.
+        plan = plan_retention(backup_points([r for r in rows if r["partition"] not in erased], policy, now), now,
+                              policy.retention, tz=policy.zone())
+        plan.delete.update({r["id"]: ERASED for r in rows if r["partition"] in erased})
+        report.kept += len(plan.keep)
+        doomed = [r for r in rows if r["id"] in plan.delete]
+        if dry_run:
+            report.deletions += [CopyDeletion(r["id"], r["partition"], r["archive_sha256"], r["snapshot_time"],
+                                              plan.delete[r["id"]]) for r in doomed]
+            continue
+        catalogue.mark_deleting([r["id"] for r in doomed])
+        for row in doomed:
+            outcome = delete_backup_copies(catalogue, vault, replicas, row)
+            outcome.reason = plan.delete[row["id"]]
+            catalogue.audit("prune", row["partition"], outcome.as_dict())
+            report.deletions.append(outcome)
     return report

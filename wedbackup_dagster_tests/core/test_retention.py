@@ -38,23 +38,30 @@ def object_exists(fleet: dict, provider: str, key: str) -> bool:
     return fleet["replicas"][provider].head(key) is not None
 
 
-def test_prune_deletes_exactly_what_the_policy_says_everywhere(make_governance_fleet):
+def test_prune_deletes_exactly_what_the_policy_says_everywhere(make_governance_fleet, monkeypatch):
+    from wedbackup_dagster.core import retention
+
+    monkeypatch.setattr(retention, "PARTITIONS_PER_PASS", 1)  # one partition per pass: passes add up
     fleet = make_governance_fleet(weddings=3)
     cat, engine, replicas = fleet["catalogue"], fleet["engine"], fleet["replicas"]
     ids = fake_history(fleet, "2", sorted(HISTORY))
-    other = fake_history(fleet, "3", [datetime(2024, 1, 1, tzinfo=UTC)])  # a lone old backup: the newest
+    # Two old backups of another wedding: the older goes, the newer is its newest and stays.
+    other = fake_history(fleet, "3", [datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 1, 2, tzinfo=UTC)])
+    lone = fake_history(fleet, "1", [datetime(2023, 1, 1, tzinfo=UTC)])  # a lone backup is its newest
     copies = {i: {c.provider: c for c in cat.copies(i)} for i in ids.values()}
     assert all(set(c) == {"vault", "s3", "gcs", "azure"} for c in copies.values())
 
+    everything = set(ids.values()) | set(other.values()) | set(lone.values())
     planned = prune(cat, engine.vault, replicas, Policy(), now=NOW, dry_run=True)
-    doomed = {ids[t] for t, keep in HISTORY.items() if not keep}
+    doomed = {ids[t] for t, keep in HISTORY.items() if not keep} | {other[datetime(2024, 1, 1, tzinfo=UTC)]}
     assert {d.backup_id for d in planned.deletions} == doomed
-    assert {b["id"] for b in cat.backups_with_copies()} == set(ids.values()) | set(other.values())  # dry run
+    assert planned.kept == 3 + 1  # of the partitions with more than one backup
+    assert {b["id"] for b in cat.backups_with_copies()} == everything  # a dry run deletes nothing
 
     report = prune(cat, engine.vault, replicas, Policy(), now=NOW)
     assert {d.backup_id for d in report.deletions} == doomed
     assert all(d.forgotten and sorted(d.deleted) == ["azure", "gcs", "s3", "vault"] for d in report.deletions)
-    assert {b["id"] for b in cat.backups_with_copies()} == (set(ids.values()) - doomed) | set(other.values())
+    assert {b["id"] for b in cat.backups_with_copies()} == everything - doomed
     for backup_id, by_provider in copies.items():
         gone = backup_id in doomed
         for provider, copy in by_provider.items():

@@ -58,3 +58,18 @@ def test_prune_dry_run_lists_then_prune_deletes(fleet, capsys):
     assert "1 backup(s) deleted" in capsys.readouterr().out
     assert [b["id"] for b in cat.backups_with_copies("1")] == [new]
     assert {r.job_name for r in dg.DagsterInstance.get().get_runs()} == {"retention_sweep"}
+
+
+def test_verify_skips_what_a_lock_kept_of_an_erased_wedding(make_governance_fleet, tmp_path, monkeypatch, capsys):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    fleet = make_governance_fleet(weddings=2, object_lock="governance")
+    back_up(fleet, "1")
+    back_up(fleet, "2")
+    assert main(["erase", "--wedding", "2", "--confirm"]) == 0
+    assert "1 locked" in capsys.readouterr().out
+    assert len(fleet["catalogue"].backups_with_copies("2")) == 1  # the locked S3 copy, still catalogued
+    assert main(["verify", "--all"]) == 0
+    assert "re-verifying 1 partition(s)" in capsys.readouterr().out

@@ -114,8 +114,9 @@ def erase_wedding(catalogue: Any, vault: Any, replicas: Mapping[str, Any], parti
     for row in rows:
         report.deletions.append(delete_backup_copies(catalogue, vault, replicas, row))
     # Anything the catalogue does not know of (a lost row, an upload whose run died before recording it).
-    still_locked = {(c["provider"], c["object_key"]) for r in catalogue.backups_with_copies(partition)
-                    for c in r["copies"] if c["locked_until"] is not None}
+    # Copies still catalogued (locked, or their provider failed above) were just tried and are reported.
+    remaining = {(c["provider"], c["object_key"]) for r in catalogue.backups_with_copies(partition)
+                 for c in r["copies"]}
     for provider, replica in replicas.items():
         try:
             keys = _stored_keys(replica, partition)
@@ -123,7 +124,7 @@ def erase_wedding(catalogue: Any, vault: Any, replicas: Mapping[str, Any], parti
             report.failed.append(f"{provider}: listing the wedding's objects failed: {exc}")
             continue
         for key in sorted(keys):
-            if (provider, key) in still_locked:
+            if (provider, key) in remaining:
                 continue
             try:
                 replica.delete(key)

@@ -30,7 +30,7 @@ def _selected_keys(args: argparse.Namespace, all_keys: list[str]) -> list[str]:
         return ["platform"]
     unknown = [w for w in args.wedding if w not in all_keys]
     if unknown:
-        raise WedbackupError(f"unknown wedding(s): {', '.join(unknown[:10])} (not in the source database)")
+        raise WedbackupError(f"unknown wedding(s): {', '.join(unknown[:10])} (not in the source database, or erased)")
     return list(args.wedding)
 
 
@@ -47,11 +47,14 @@ def _print_runs(results) -> bool:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     from .backups.launch import register_partitions, run_job_for
+    from .core.catalogue import Catalogue
     from .core.config import Settings
 
     settings = Settings.from_env()
     instance = _instance()
-    keys = register_partitions(instance, settings.source_dsn)
+    catalogue = Catalogue(settings.catalogue_dsn)
+    catalogue.migrate()
+    keys = register_partitions(instance, settings.source_dsn, catalogue.erased_partitions())
     selected = _selected_keys(args, keys)
     _ensure_targets(settings)
     print(f"backing up {len(selected)} partition(s) through Dagster")

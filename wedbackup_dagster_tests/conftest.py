@@ -103,3 +103,12 @@ def azure_container(azure_service) -> str:
     name = unique_name("wb")
     azure_service.create_container(name)
     return name
+
+
+@pytest.fixture
+def s3_lock_bucket(s3_client) -> str:
+    """A fresh S3 bucket with Object Lock enabled (and so versioning) on the moto stand-in."""
+    name = unique_name("wbl")
+    s3_client.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"},
+                            ObjectLockEnabledForBucket=True)
+    return name

@@ -34,12 +34,14 @@ def _source_dsn() -> str:
                 "(in batches), and keeps the catalogue's partition list and wedding dates current.",
 )
 def wedding_discovery(context: dg.SensorEvaluationContext):
-    present = [(PLATFORM, None), *wedding_dates(_source_dsn())]
-    fingerprint = digest(present)
-    if context.cursor == fingerprint:
-        return dg.SkipReason("no wedding added, removed or re-dated since the last tick")
     catalogue = catalogue_from_env()
     try:
+        # An erased wedding stays out even while its row is still in the source (README, GDPR erasure).
+        erased = catalogue.erased_partitions()
+        present = [(PLATFORM, None), *(w for w in wedding_dates(_source_dsn()) if w[0] not in erased)]
+        fingerprint = digest(present)
+        if context.cursor == fingerprint:
+            return dg.SkipReason("no wedding added, removed or re-dated since the last tick")
         changed, removed = catalogue.sync_partitions(present)
     finally:
         catalogue.close()

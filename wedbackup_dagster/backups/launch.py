@@ -21,11 +21,13 @@ class LaunchResult:
     failures: list[str]
 
 
-def register_partitions(instance: dg.DagsterInstance, source_dsn: str) -> list[str]:
-    """Add `platform` and every wedding of the source database as partitions (new ones only)."""
+def register_partitions(instance: dg.DagsterInstance, source_dsn: str, erased: frozenset[str] | set[str] = frozenset()
+                        ) -> list[str]:
+    """Add `platform` and every wedding of the source database as partitions (new ones only), except
+    the `erased` weddings (GDPR erasure: never backed up again, even while still in the source)."""
     name = weddings_partitions.name
     known = set(instance.get_dynamic_partitions(name))
-    wanted = [PLATFORM, *wedding_ids(source_dsn)]
+    wanted = [PLATFORM, *(w for w in wedding_ids(source_dsn) if w not in erased)]
     new = [k for k in validated_keys(wanted) if k not in known]
     for i in range(0, len(new), 1000):
         instance.add_dynamic_partitions(name, new[i:i + 1000])

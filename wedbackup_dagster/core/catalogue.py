@@ -118,6 +118,27 @@ MIGRATIONS = [
     ALTER TABLE wedbackup.partitions ADD COLUMN IF NOT EXISTS covered_at timestamptz;
     ALTER TABLE wedbackup.partitions ADD COLUMN IF NOT EXISTS requested_at timestamptz;
     """,
+    """
+    -- migration: retention, erasure and immutability (issue 6 parts 2, 4, 5; core/erasure.py, core/retention.py)
+    -- One row per erased wedding: started when its key is shredded, completed once no copy is left that
+    -- retention allows deleting. Copies under Object Lock stay (unreadable) and are counted in copies_locked.
+    CREATE TABLE IF NOT EXISTS wedbackup.erasures (
+        partition       text PRIMARY KEY,
+        wedding_id      text NOT NULL,
+        erased_at       timestamptz NOT NULL DEFAULT now(),
+        requested_by    text NOT NULL,
+        copies_deleted  int NOT NULL DEFAULT 0,
+        copies_locked   int NOT NULL DEFAULT 0,
+        completed_at    timestamptz,
+        detail          jsonb NOT NULL DEFAULT '{}'
+    );
+    -- Object Lock: until when the provider refuses to delete this copy (NULL: not locked).
+    ALTER TABLE wedbackup.copies ADD COLUMN IF NOT EXISTS locked_until timestamptz;
+    ALTER TABLE wedbackup.copies ADD COLUMN IF NOT EXISTS lock_mode text;
+    -- Set before a backup's copies are deleted (prune, erasure): a crash part-way leaves it marked, so
+    -- readers and the next sweep know its remaining copy rows may point at objects already gone.
+    ALTER TABLE wedbackup.backups ADD COLUMN IF NOT EXISTS deleting_since timestamptz;
+    """,
 ]
 
 
@@ -194,6 +215,11 @@ class Catalogue:
                     return self._unwrap(row["key_id"], partition, row["wrapped"], row["master_key_id"], keyring)
                 if not create:
                     raise KeyError_(f"wedding {partition} has no live key")
+                # An erased wedding never gets a new key, so nothing of it is backed up again (README, GDPR erasure).
+                if conn.execute("SELECT erased_at FROM wedbackup.erasures WHERE partition = %s",
+                                (partition,)).fetchone() is not None:
+                    raise KeyError_(f"wedding {partition} was erased (GDPR): it gets no new key and is not "
+                                    "backed up again")
                 key_id = f"{partition}.{uuid.uuid4().hex[:12]}"
                 material = new_data_key()
                 master = keyring.current
@@ -268,18 +294,19 @@ class Catalogue:
 
     def record_copy(self, backup_id: int, *, provider: str, uri: str, object_key: str, version_id: str | None,
                     size: int, checksum: str | None, storage_class: str | None, region: str | None, media: str,
-                    offsite: bool) -> None:
+                    offsite: bool, locked_until: datetime | None = None, lock_mode: str | None = None) -> None:
         with self.connect() as conn:
             conn.execute(
                 """INSERT INTO wedbackup.copies (backup_id, provider, uri, object_key, version_id, size, checksum,
-                       storage_class, region, media, offsite)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                       storage_class, region, media, offsite, locked_until, lock_mode)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
                    ON CONFLICT (backup_id, provider) DO UPDATE SET uri = EXCLUDED.uri,
                        object_key = EXCLUDED.object_key, version_id = EXCLUDED.version_id, size = EXCLUDED.size,
                        checksum = EXCLUDED.checksum, storage_class = EXCLUDED.storage_class,
-                       region = EXCLUDED.region, stored_at = now()""",
+                       region = EXCLUDED.region, stored_at = now(), locked_until = EXCLUDED.locked_until,
+                       lock_mode = EXCLUDED.lock_mode""",
                 (backup_id, provider, uri, object_key, version_id, size, checksum, storage_class, region, media,
-                 offsite))
+                 offsite, locked_until, lock_mode))
 
     def copies(self, backup_id: int) -> list[CopyRecord]:
         with self.connect() as conn:
@@ -499,6 +526,109 @@ class Catalogue:
                                   "ORDER BY provider").fetchall()
         return {"backups": backups["n"], "partitions": backups["p"],
                 "copies": {r["provider"]: r["n"] for r in copies}}
+
+    # ==== erasure, retention, immutability (issue 6 parts 2, 4, 5; core/erasure.py, core/retention.py) ====
+    def shred_wedding_key(self, partition: str) -> int:
+        """Crypto-shredding: destroy every key the wedding ever had (wrapped = NULL, shredded_at = now()),
+        so no archive sealed for it can be opened again by anyone. Returns how many keys were destroyed
+        now (0 when they already were: shredding is idempotent)."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                "UPDATE wedbackup.wedding_keys SET wrapped = NULL, shredded_at = coalesce(shredded_at, now()) "
+                "WHERE partition = %s AND wrapped IS NOT NULL RETURNING key_id", (partition,)).fetchall()
+            if rows:
+                conn.execute("INSERT INTO wedbackup.audit (action, partition, detail) VALUES ('key-shredded', %s, %s)",
+                             (partition, json.dumps({"keys": [r["key_id"] for r in rows]})))
+        return len(rows)
+
+    def begin_erasure(self, partition: str, wedding_id: str, requested_by: str) -> dict[str, Any]:
+        """The erasure record of a wedding, made on the first request (a repeated request keeps the first
+        one's time and requester); the partition is marked removed in the same transaction."""
+        with self.connect() as conn:
+            conn.execute("INSERT INTO wedbackup.erasures (partition, wedding_id, requested_by) VALUES (%s, %s, %s) "
+                         "ON CONFLICT (partition) DO NOTHING", (partition, wedding_id, requested_by))
+            conn.execute(
+                """INSERT INTO wedbackup.partitions AS p (partition, removed_at) VALUES (%s, now())
+                   ON CONFLICT (partition) DO UPDATE SET removed_at = coalesce(p.removed_at, now())""",
+                (partition,))
+            return conn.execute("SELECT * FROM wedbackup.erasures WHERE partition = %s", (partition,)).fetchone()
+
+    def finish_erasure(self, partition: str, *, deleted: int, locked: int, detail: dict[str, Any],
+                       complete: bool) -> None:
+        """Record what this pass of an erasure did (deleted copies add up over passes; locked is what
+        remains locked now) and audit it; `complete` once nothing deletable is left."""
+        with self.connect() as conn:
+            conn.execute(
+                """UPDATE wedbackup.erasures SET copies_deleted = copies_deleted + %s, copies_locked = %s,
+                       detail = %s, completed_at = CASE WHEN %s THEN coalesce(completed_at, now()) END
+                   WHERE partition = %s""",
+                (deleted, locked, json.dumps(detail, default=str), complete, partition))
+            conn.execute("INSERT INTO wedbackup.audit (action, partition, detail) VALUES ('erasure', %s, %s)",
+                         (partition, json.dumps({"deleted": deleted, "locked": locked, "complete": complete,
+                                                 **detail}, default=str)))
+
+    def erasures(self) -> list[dict[str, Any]]:
+        with self.connect() as conn:
+            return conn.execute("SELECT * FROM wedbackup.erasures ORDER BY erased_at, partition").fetchall()
+
+    def erased_partitions(self) -> set[str]:
+        with self.connect() as conn:
+            return {r["partition"] for r in conn.execute("SELECT partition FROM wedbackup.erasures").fetchall()}
+
+    def backups_with_copies(self, partition: str | list[str] | None = None) -> list[dict[str, Any]]:
+        """Every backup (of one partition, of a list of them, or all) with its copies and what retention
+        needs to judge it: the partition's wedding date, and whether it was ever verified by a restore."""
+        partitions = [partition] if isinstance(partition, str) else partition
+        with self.connect() as conn:
+            return conn.execute(
+                """SELECT b.id, b.partition, b.archive_sha256, b.key_id, b.snapshot_time, b.created_at,
+                          b.deleting_since, p.wedding_date,
+                          (EXISTS (SELECT FROM wedbackup.copies v
+                                   WHERE v.backup_id = b.id AND v.verified_at IS NOT NULL)
+                           OR EXISTS (SELECT FROM wedbackup.restores r WHERE r.backup_id = b.id AND r.ok)) AS verified,
+                          coalesce((SELECT jsonb_agg(jsonb_build_object(
+                                        'provider', c.provider, 'object_key', c.object_key, 'uri', c.uri,
+                                        'version_id', c.version_id, 'locked_until', c.locked_until,
+                                        'lock_mode', c.lock_mode) ORDER BY c.provider)
+                                    FROM wedbackup.copies c WHERE c.backup_id = b.id), '[]') AS copies
+                   FROM wedbackup.backups b LEFT JOIN wedbackup.partitions p ON p.partition = b.partition
+                   WHERE %(partitions)s::text[] IS NULL OR b.partition = ANY(%(partitions)s)
+                   ORDER BY b.partition, b.snapshot_time, b.id""", {"partitions": partitions}).fetchall()
+
+    def prunable_partitions(self) -> list[str]:
+        """Partitions retention may have work in: more than one backup (a lone one is its newest), or
+        erased (whatever is left of them goes)."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                """SELECT partition FROM wedbackup.backups GROUP BY partition HAVING count(*) > 1
+                   UNION SELECT b.partition FROM wedbackup.backups b JOIN wedbackup.erasures e USING (partition)
+                   ORDER BY 1""").fetchall()
+        return [r["partition"] for r in rows]
+
+    def mark_deleting(self, backup_ids: list[int]) -> None:
+        if backup_ids:
+            with self.connect() as conn:
+                conn.execute("UPDATE wedbackup.backups SET deleting_since = coalesce(deleting_since, now()) "
+                             "WHERE id = ANY(%s)", (backup_ids,))
+
+    def forget_copy(self, backup_id: int, provider: str) -> None:
+        """The copy is gone from storage: drop its row (called only after the provider confirmed)."""
+        with self.connect() as conn:
+            conn.execute("DELETE FROM wedbackup.copies WHERE backup_id = %s AND provider = %s", (backup_id, provider))
+
+    def record_lock(self, backup_id: int, provider: str, locked_until: datetime | None, mode: str | None) -> None:
+        with self.connect() as conn:
+            conn.execute("UPDATE wedbackup.copies SET locked_until = %s, lock_mode = %s "
+                         "WHERE backup_id = %s AND provider = %s", (locked_until, mode, backup_id, provider))
+
+    def forget_backup_if_uncopied(self, backup_id: int) -> bool:
+        """Drop a backup's row once no copy of it is left anywhere (its restores go with it)."""
+        with self.connect() as conn:
+            row = conn.execute("DELETE FROM wedbackup.backups b WHERE id = %s AND NOT EXISTS "
+                               "(SELECT FROM wedbackup.copies c WHERE c.backup_id = b.id) RETURNING id",
+                               (backup_id,)).fetchone()
+        return row is not None
+
 
 
 def _context(partition: str, key_id: str) -> bytes:

@@ -31,6 +31,10 @@ VARIABLES: dict[str, tuple[str, str, bool]] = {
     "WEDBACKUP_S3_PREFIX": ("key prefix inside the S3 bucket", "wedbackup", False),
     "WEDBACKUP_S3_STORAGE_CLASS": ("S3 storage class for replicas", "STANDARD", False),
     "WEDBACKUP_S3_SSE": ("S3 server-side encryption (`AES256`, `aws:kms` or empty)", "AES256", False),
+    "WEDBACKUP_S3_OBJECT_LOCK": ("S3 Object Lock mode of new replicas: `none`, `governance` or `compliance` "
+                                 "(the bucket must have Object Lock enabled)", "none", False),
+    "WEDBACKUP_S3_OBJECT_LOCK_DAYS": ("days each new S3 replica stays locked when Object Lock is on (1-36500)",
+                                      "30", False),
     "AWS_ACCESS_KEY_ID": ("S3 access key id", "", True),
     "AWS_SECRET_ACCESS_KEY": ("S3 secret access key", "", True),
     "WEDBACKUP_GCS_BUCKET": ("GCS bucket for replicas", "wedbackup-replicas", False),
@@ -112,6 +116,13 @@ def _url(environ: Mapping[str, str], name: str) -> str:
     return value
 
 
+def _lock_days(environ: Mapping[str, str]) -> int:
+    text = environ.get("WEDBACKUP_S3_OBJECT_LOCK_DAYS") or VARIABLES["WEDBACKUP_S3_OBJECT_LOCK_DAYS"][1]
+    if not text.isdigit() or not 1 <= int(text) <= 36500:
+        raise ConfigError("WEDBACKUP_S3_OBJECT_LOCK_DAYS", "must be a whole number of days from 1 to 36500")
+    return int(text)
+
+
 def scratch_dsn_from(source_dsn: str) -> str:
     """The maintenance database on the source's server: where scratch databases are created."""
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -131,6 +142,8 @@ class S3Target:
     sse: str
     media: str = "object-storage"
     offsite: bool = True
+    object_lock: str = "none"  # none | governance | compliance
+    object_lock_days: int = 30
 
 
 @dataclass(frozen=True)
@@ -184,6 +197,8 @@ class Settings:
                 "STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR",
                 "GLACIER", "DEEP_ARCHIVE"}),
             sse=_choice(env, "WEDBACKUP_S3_SSE", {"AES256", "aws:kms", "none"}),
+            object_lock=_choice(env, "WEDBACKUP_S3_OBJECT_LOCK", {"none", "governance", "compliance"}),
+            object_lock_days=_lock_days(env),
         )
         gcs = GCSTarget(
             bucket=_matching(env, "WEDBACKUP_GCS_BUCKET", _BUCKET, "bucket name"),

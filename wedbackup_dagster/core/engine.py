@@ -224,7 +224,8 @@ class Engine:
         self.catalogue.record_copy(backup.id, provider=record.provider, uri=record.uri, object_key=record.key,
                                    version_id=record.version_id, size=record.size, checksum=record.provider_checksum,
                                    storage_class=record.storage_class, region=record.region, media=record.media,
-                                   offsite=record.offsite)
+                                   offsite=record.offsite, locked_until=getattr(record, "locked_until", None),
+                                   lock_mode=getattr(record, "lock_mode", None))
         return ReplicaOutcome(partition, backup, record, time.perf_counter() - started)
 
     # ---- verified_restore ------------------------------------------------------------------------------
@@ -316,6 +317,10 @@ class Engine:
         with self._fetched_copy(backup, chosen, replicas) as tmp:
             chunks = open_archive(tmp, name=self._archive_name(backup, chosen), resolve_key=self.resolve_key)
             report = restore.restore_snapshot(chunks, target_dsn, create_schema="auto")
+        if partition == PLATFORM:  # platform archives still name erased weddings: erase them again
+            from .erasure import reapply_erasures
+
+            reapply_erasures(target_dsn, self.catalogue)  # audited there, table by table
         self.catalogue.audit("restore", partition, {"archive_sha256": backup.archive_sha256, "copy": chosen,
                                                     "seconds": round(time.perf_counter() - started, 3)})
         return backup, chosen, report

@@ -94,6 +94,16 @@ class ReplicaChecksumMismatch(ReplicaError):
     """The bytes at the provider are not the archive we uploaded (tampering, bit rot, or a wrong object)."""
 
 
+class ReplicaLocked(ReplicaError):
+    """The provider refused to delete a copy because a retention lock (S3 Object Lock) still holds it:
+    reported and recorded (with the date the lock ends), never a crash of the erasure or prune."""
+
+    def __init__(self, provider: str, key: str | None, problem: str, *, locked_until=None, mode: str | None = None):
+        self.locked_until = locked_until
+        self.mode = mode
+        super().__init__(provider, key, problem)
+
+
 class ReplicaKeyRejected(ProviderError, ValueError):
     """A partition, checksum, key or metadata value would not make a safe object inside the replica prefix."""
 

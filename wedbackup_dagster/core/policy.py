@@ -47,6 +47,22 @@ def _default_tiers() -> dict[str, TierRule]:
 
 
 @dataclass(frozen=True)
+class RetentionRule:
+    """Grandfather-father-son retention of one tier's backups (core/retention.py applies it): everything
+    younger than keep_all, then the newest backup of each day for `daily_days` days, of each ISO week for
+    `weekly_weeks` weeks and of each calendar month for `monthly_months` months."""
+
+    keep_all: timedelta = timedelta(hours=48)
+    daily_days: int = 30
+    weekly_weeks: int = 12
+    monthly_months: int = 12
+
+
+def _default_retention() -> dict[str, RetentionRule]:
+    return {tier: RetentionRule() for tier in TIERS}
+
+
+@dataclass(frozen=True)
 class Band:
     """The weddings dated lo..hi (inclusive; None = open) and their tier and effective RPO today."""
 
@@ -72,6 +88,7 @@ class Policy:
     # A run over a range of weddings carries the not-due ones between due ones; at most this many per
     # gap: a wedding's backup (~0.15 s batched) is cheaper than a run (~2 s), but not for free.
     max_extra_per_gap: int = 4
+    retention: Mapping[str, RetentionRule] = field(default_factory=_default_retention)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -144,7 +161,7 @@ class Policy:
         if not isinstance(data, Mapping):
             raise ConfigError(source, "must be a mapping of policy settings")
         known = {"tiers", "critical_days", "wedding_day_rpo", "high_days", "recent_days", "season", "timezone",
-                 "cron", "max_extra_per_gap"}
+                 "cron", "max_extra_per_gap", "retention"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{source}.{unknown[0]}", f"is not a policy setting (known: {', '.join(sorted(known))})")
@@ -203,6 +220,8 @@ class Policy:
             if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
                 raise ConfigError(f"{source}.season.factor", "must be a number in (0, 1]")
             kwargs["season_factor"] = float(factor)
+        if "retention" in data:
+            kwargs["retention"] = _retention(data["retention"], f"{source}.retention")
         try:
             return replace(base, **kwargs)
         except ConfigError as exc:
@@ -244,6 +263,9 @@ def _validate(p: Policy) -> None:
             raise ConfigError(f"tiers.{tier}.fresh_copy_every", "must not be negative")
         if rule.max_run_size < 1:
             raise ConfigError(f"tiers.{tier}.max_run_size", "must be at least 1")
+    missing = [t for t in TIERS if t not in p.retention]
+    if missing:
+        raise ConfigError(f"retention.tiers.{missing[0]}", "is missing")
     if p.wedding_day_rpo <= timedelta(0):
         raise ConfigError("wedding_day_rpo", "must be positive")
     if not p.critical_days < p.high_days:
@@ -262,6 +284,40 @@ def _validate(p: Policy) -> None:
         raise ConfigError("timezone", "is not a known IANA time zone (e.g. Europe/London)") from None
     if not isinstance(p.cron, str) or len(p.cron.split()) != 5:
         raise ConfigError("cron", "must be a five-field cron expression such as '*/5 * * * *'")
+
+
+_RETENTION_KEYS = ("keep_all", "daily_days", "weekly_weeks", "monthly_months")
+
+
+def _retention_rule(data: Any, where: str, base: RetentionRule) -> RetentionRule:
+    if not isinstance(data, Mapping):
+        raise ConfigError(where, f"must be a mapping ({', '.join(_RETENTION_KEYS)})")
+    extra = sorted(set(data) - set(_RETENTION_KEYS))
+    if extra:
+        raise ConfigError(f"{where}.{extra[0]}", f"is not a retention setting (known: {', '.join(_RETENTION_KEYS)})")
+    return RetentionRule(
+        keep_all=_duration(data.get("keep_all", base.keep_all), f"{where}.keep_all", allow_zero=True),
+        daily_days=_int(data.get("daily_days", base.daily_days), f"{where}.daily_days", lo=0, hi=3650),
+        weekly_weeks=_int(data.get("weekly_weeks", base.weekly_weeks), f"{where}.weekly_weeks", lo=0, hi=520),
+        monthly_months=_int(data.get("monthly_months", base.monthly_months), f"{where}.monthly_months", lo=0,
+                            hi=1200))
+
+
+def _retention(data: Any, where: str) -> dict[str, RetentionRule]:
+    """`retention: {keep_all: 48h, daily_days: 30, ..., tiers: {archived: {daily_days: 7}}}`: the top-level
+    values apply to every tier, a tier's own values override them."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(where, "must be a mapping of retention settings (and `tiers`)")
+    overall = _retention_rule({k: v for k, v in data.items() if k != "tiers"}, where, RetentionRule())
+    per_tier = data.get("tiers") or {}
+    if not isinstance(per_tier, Mapping):
+        raise ConfigError(f"{where}.tiers", "must be a mapping of tier name to retention settings")
+    out = {tier: overall for tier in TIERS}
+    for tier, rule in per_tier.items():
+        if tier not in TIERS:
+            raise ConfigError(f"{where}.tiers.{tier}", f"is not a tier (tiers: {', '.join(TIERS)})")
+        out[tier] = _retention_rule(rule, f"{where}.tiers.{tier}", overall)
+    return out
 
 
 def _duration(value: Any, where: str, *, allow_zero: bool = False) -> timedelta:

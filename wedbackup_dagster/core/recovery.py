@@ -79,6 +79,7 @@ SELECT b.id, b.partition, b.snapshot_time, b.archive_sha256, b.size, b.rows,
                 '{}') AS copies,
        (SELECT max(r.at) FROM wedbackup.restores r WHERE r.backup_id = b.id AND r.ok) AS verified_at
 FROM wedbackup.backups b WHERE b.partition = %s
+  AND b.deleting_since IS NULL  -- being pruned: its copies may already be gone
 ORDER BY b.snapshot_time DESC, b.id DESC
 """
 
@@ -733,6 +734,16 @@ def recover(engine: Any, request: RecoveryRequest, replicas: Mapping[str, Any], 
                                          progress=progress)
         else:
             report = restore_to_database(chunks, dsn, name=name, dry_run=request.dry_run, progress=progress)
+    if partition == PLATFORM and not request.dry_run:
+        if request.mode == "target":
+            # Platform archives taken before an erasure still name the erased weddings: erase them again.
+            from .erasure import reapply_erasures
+
+            for line in reapply_erasures(dsn, engine.catalogue):
+                progress(f"re-applied a recorded erasure: {line}")
+        elif engine.catalogue.erasures():
+            progress(f"warning: schema {request.schema} may hold platform rows of erased weddings; recorded "
+                     f"erasures are re-applied only by a restore into a database")
     report.archive_sha256, report.snapshot_time, report.copy = (backup.archive_sha256,
                                                                 backup.snapshot_time.isoformat(), chosen)
     if not request.dry_run and request.mode == "in_place":

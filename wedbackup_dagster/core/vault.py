@@ -97,6 +97,17 @@ class Vault:
             for path in sorted(folder.glob(f"*{SUFFIX}")):
                 yield VaultEntry(folder.name, path.stem, path, path.stat().st_size)
 
+    def remove(self, partition: str, sha256: str) -> bool:
+        """Delete one archive (retention, erasure); True when it was there. The folder is synced, so the
+        deletion survives a crash like a commit does."""
+        path = self.path_for(partition, sha256)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        _fsync_dir(path.parent)
+        return True
+
     def clean_incoming(self) -> int:
         """Remove temporary files a killed run left behind; they were never renamed, so never valid."""
         removed = 0

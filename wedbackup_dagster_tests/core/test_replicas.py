@@ -510,3 +510,61 @@ def test_azure_sas_never_reaches_uris_or_errors(request, stack, azure_service, a
     with pytest.raises(ProviderError) as caught:
         replica.download(f"{PREFIX}/weddings/{WEDDING}/{'0' * 64}.wbk", io.BytesIO())
     assert signature not in str(caught.value) and sas not in str(caught.value)
+
+
+# ------------------------------------------------------------------------------------ Object Lock
+
+
+@pytest.mark.parametrize("size", [1024, 6 * MiB], ids=["single-put", "multipart"])
+def test_s3_object_lock_upload_records_the_lock_and_refuses_deletion(stack, s3_client, s3_lock_bucket, tmp_path,
+                                                                      size):
+    from datetime import datetime, timedelta, timezone
+
+    from wedbackup_dagster.core.errors import ReplicaLocked
+
+    target = replace(_s3_target(s3_lock_bucket, stack.env()), object_lock="compliance", object_lock_days=2)
+    replica = S3Replica(s3_client, target, multipart_threshold=5 * MiB, part_size=5 * MiB)
+    path = tmp_path / "archive.wbk"
+    path.write_bytes(os.urandom(size))
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    record = replica.upload(path, partition="42", sha256=sha, size=size, metadata={})
+    soon = datetime.now(timezone.utc) + timedelta(days=2)
+    assert record.lock_mode == "compliance"
+    assert abs((record.locked_until - soon).total_seconds()) < 120
+    assert replica.head(record.key).locked_until == record.locked_until
+    assert replica.upload(path, partition="42", sha256=sha, size=size, metadata={}).already_present
+
+    with pytest.raises(ReplicaLocked, match="Object Lock") as refused:
+        replica.delete(record.key)
+    assert refused.value.locked_until == record.locked_until and refused.value.mode == "compliance"
+    assert replica.versions(record.key) == [record.version_id]  # still there, unchanged
+
+
+def test_ensure_bucket_enables_object_lock_when_configured(stack, s3_client):
+    from wedbackup_dagster_tests.conftest import unique_name
+
+    target = replace(_s3_target(unique_name("wbl"), stack.env()), object_lock="governance")
+    assert ensure_bucket(s3_client, target)
+    config = s3_client.get_object_lock_configuration(Bucket=target.bucket)["ObjectLockConfiguration"]
+    assert config["ObjectLockEnabled"] == "Enabled"
+    assert s3_client.get_bucket_versioning(Bucket=target.bucket)["Status"] == "Enabled"
+
+
+def test_s3_legal_hold_is_reported_as_a_lock_without_end(stack, s3_client, s3_lock_bucket, tmp_path):
+    from wedbackup_dagster.core.errors import ReplicaLocked
+
+    replica = S3Replica(s3_client, _s3_target(s3_lock_bucket, stack.env()))
+    path = tmp_path / "archive.wbk"
+    path.write_bytes(os.urandom(2048))
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    record = replica.upload(path, partition="7", sha256=sha, size=2048, metadata={})
+    assert record.locked_until is None  # no lock configured
+    s3_client.put_object_legal_hold(Bucket=s3_lock_bucket, Key=record.key, VersionId=record.version_id,
+                                    LegalHold={"Status": "ON"})
+    with pytest.raises(ReplicaLocked, match="legal hold") as refused:
+        replica.delete(record.key)
+    assert refused.value.locked_until is None and refused.value.mode == "legal-hold"
+    s3_client.put_object_legal_hold(Bucket=s3_lock_bucket, Key=record.key, VersionId=record.version_id,
+                                    LegalHold={"Status": "OFF"})
+    replica.delete(record.key)
+    assert replica.versions(record.key) == []

@@ -274,6 +274,14 @@ class AzureReplica:
         except Exception as exc:  # noqa: BLE001
             raise self._fail(key, "delete", exc) from None
 
+    def version_keys(self, prefix: str = "") -> set[str]:
+        """Every blob name under `prefix` with any version, previous versions included (erasure)."""
+        full = check_list_prefix(PROVIDER, self.prefix, prefix)
+        try:
+            return {b.name for b in self.container.list_blobs(name_starts_with=full, include=["versions"])}
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail(full, "list versions", exc) from None
+
     def list(self, prefix: str = "") -> Iterator[ListedObject]:
         full = check_list_prefix(PROVIDER, self.prefix, prefix)
         try:

@@ -53,6 +53,9 @@ class ReplicaRecord:
     repaired: bool = False
     note: str = ""
     etag: str | None = None
+    # Object Lock (S3): the copy cannot be deleted before locked_until (mode governance or compliance).
+    locked_until: datetime | None = None
+    lock_mode: str | None = None
 
 
 @dataclass(frozen=True)

@@ -230,6 +230,15 @@ class GCSReplica:
             except Exception as exc:  # noqa: BLE001
                 raise self._fail(key, f"delete generation {generation}", exc) from None
 
+    def version_keys(self, prefix: str = "") -> set[str]:
+        """Every object name under `prefix` with any generation, noncurrent ones included (erasure)."""
+        full = check_list_prefix(PROVIDER, self.prefix, prefix)
+        try:
+            return {b.name for b in self.client.list_blobs(self.bucket, prefix=full, versions=True,
+                                                             timeout=self.timeout, retry=self.retry)}
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail(full, "list generations", exc) from None
+
     def list(self, prefix: str = "") -> Iterator[ListedObject]:
         full = check_list_prefix(PROVIDER, self.prefix, prefix)
         try:

@@ -6,6 +6,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -16,7 +17,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from s3transfer.utils import ChunksizeAdjuster
 
 from wedbackup_dagster.core.config import S3Target
-from wedbackup_dagster.core.errors import ReplicaChecksumMismatch, ReplicaError
+from wedbackup_dagster.core.errors import ReplicaChecksumMismatch, ReplicaError, ReplicaLocked
 
 from .base import (
     CANARY_DIR,
@@ -73,6 +74,8 @@ def ensure_bucket(client, target: S3Target) -> bool:
         kwargs: dict[str, Any] = {"Bucket": target.bucket}
         if target.region != "us-east-1":
             kwargs["CreateBucketConfiguration"] = {"LocationConstraint": target.region}
+        if target.object_lock != "none":
+            kwargs["ObjectLockEnabledForBucket"] = True  # only possible at creation (it also turns versioning on)
         client.create_bucket(**kwargs)
         client.put_bucket_versioning(Bucket=target.bucket, VersioningConfiguration={"Status": "Enabled"})
     except (ClientError, BotoCoreError) as exc:
@@ -88,6 +91,18 @@ def _secrets(client) -> list[str | None]:
         return [frozen.secret_key, frozen.token] if frozen else []
     except Exception:  # noqa: BLE001
         return []
+
+
+def _lock(head: dict[str, Any]) -> dict[str, Any]:
+    """ReplicaRecord's lock fields from a head_object answer: a retain-until date in the past locks nothing."""
+    until = head.get("ObjectLockRetainUntilDate")
+    if isinstance(until, str):
+        until = datetime.fromisoformat(until.replace("Z", "+00:00"))
+    if until is not None and until.tzinfo is None:
+        until = until.replace(tzinfo=timezone.utc)
+    if until is None or until <= datetime.now(timezone.utc):
+        return {"locked_until": None, "lock_mode": None}
+    return {"locked_until": until, "lock_mode": str(head.get("ObjectLockMode") or "").lower() or None}
 
 
 def _error_code(exc: ClientError) -> str:
@@ -133,6 +148,7 @@ class S3Replica:
         if existing is not None:
             matches, checksum, digests = self._matches(key, existing, Path(path), digests)
             if matches:
+                existing = self._ensure_lock(key, existing)
                 return self._record(key, existing, digests, checksum, already_present=True)
             note = (f"replaced version {existing.get('VersionId')} at {key}: it had {existing.get('ContentLength')} "
                     f"bytes and checksum {existing.get('ChecksumSHA256') or 'none'}, not this archive")
@@ -148,6 +164,7 @@ class S3Replica:
             raise ReplicaChecksumMismatch(
                 PROVIDER, key, f"after upload S3 reports {head.get('ContentLength')} bytes and checksum "
                                f"{checksum or 'none'}, which is not this archive; the bad version was deleted")
+        head = self._ensure_lock(key, head)
         return self._record(key, head, digests, checksum, already_present=False, repaired=bool(note), note=note)
 
     def _transfer(self, path: Path, key: str, meta: dict[str, str], part_size: int | None,
@@ -161,6 +178,10 @@ class S3Replica:
             extra["StorageClass"] = self.target.storage_class
         if self.target.sse and self.target.sse != "none":
             extra["ServerSideEncryption"] = self.target.sse
+        if self.target.object_lock != "none":
+            # Write-once: S3 refuses to delete or overwrite this version until the date (README, Immutability).
+            extra["ObjectLockMode"] = self.target.object_lock.upper()
+            extra["ObjectLockRetainUntilDate"] = self._retain_until()
         config = TransferConfig(
             multipart_threshold=self.multipart_threshold,
             multipart_chunksize=part_size or self.part_size,
@@ -177,6 +198,23 @@ class S3Replica:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             raise self._fail(key, "upload", exc) from None
+
+    def _retain_until(self) -> datetime:
+        return datetime.now(timezone.utc) + timedelta(days=self.target.object_lock_days)
+
+    def _ensure_lock(self, key: str, head: dict[str, Any]) -> dict[str, Any]:
+        """With Object Lock configured, the version must carry a lock: one uploaded before the setting was
+        turned on, or by a path that dropped it (moto ignores the lock of a multipart upload), gets one now
+        with PutObjectRetention. Returns the head to record."""
+        if self.target.object_lock == "none" or _lock(head)["locked_until"] is not None:
+            return head
+        try:
+            self.client.put_object_retention(
+                Bucket=self.target.bucket, Key=key, VersionId=head["VersionId"],
+                Retention={"Mode": self.target.object_lock.upper(), "RetainUntilDate": self._retain_until()})
+        except (ClientError, BotoCoreError) as exc:
+            raise self._fail(key, "set Object Lock retention (is Object Lock enabled on the bucket?)", exc) from None
+        return self._head_object(key, version_id=head.get("VersionId")) or head
 
     def _abort_multipart(self, key: str) -> None:
         try:
@@ -242,7 +280,7 @@ class S3Replica:
             size=int(head["ContentLength"]), sha256=digests.sha256, provider_checksum=checksum,
             storage_class=head.get("StorageClass") or "STANDARD", region=self.target.region,
             media=self.target.media, offsite=self.target.offsite, already_present=already_present,
-            repaired=repaired, note=note, etag=(head.get("ETag") or "").strip('"') or None)
+            repaired=repaired, note=note, etag=(head.get("ETag") or "").strip('"') or None, **_lock(head))
 
     # ------------------------------------------------------------------------ read, list, delete
 
@@ -258,7 +296,7 @@ class S3Replica:
             size=int(head["ContentLength"]), sha256=sha, provider_checksum=head.get("ChecksumSHA256") or "",
             storage_class=head.get("StorageClass") or "STANDARD", region=self.target.region,
             media=self.target.media, offsite=self.target.offsite, already_present=True,
-            etag=(head.get("ETag") or "").strip('"') or None)
+            etag=(head.get("ETag") or "").strip('"') or None, **_lock(head))
 
     def download(self, key: str, dest: BinaryIO, *, expected_sha256: str | None = None,
                  version_id: str | None = None) -> int:
@@ -300,12 +338,38 @@ class S3Replica:
             for start in range(0, len(doomed), 1000):
                 result = self.client.delete_objects(Bucket=self.target.bucket,
                                                     Delete={"Objects": doomed[start:start + 1000], "Quiet": True})
-                if result.get("Errors"):
-                    first = result["Errors"][0]
+                errors = result.get("Errors") or []
+                refused = [e for e in errors if e.get("Code") == "AccessDenied"]
+                if refused:
+                    # Object Lock refuses with AccessDenied: say until when, from the version's own head
+                    # (moto's get_object_retention is unreliable; head_object carries the same fields).
+                    raise self._locked(key, [e.get("VersionId") for e in refused])
+                if errors:
+                    first = errors[0]
                     raise ReplicaError(PROVIDER, key, f"delete refused for version {first.get('VersionId')}: "
                                                       f"{first.get('Code')} {first.get('Message')}")
         except (ClientError, BotoCoreError) as exc:
             raise self._fail(key, "delete", exc) from None
+
+    def _locked(self, key: str, version_ids: list[str | None]) -> ReplicaError:
+        """ReplicaLocked naming the latest retain-until among the refused versions; a refusal that no lock
+        explains stays a plain ReplicaError (a permissions problem, not immutability)."""
+        until, mode, held = None, None, False
+        for version_id in version_ids:
+            head = self._head_object(key, version_id=version_id) or {}
+            lock = _lock(head)
+            held = held or head.get("ObjectLockLegalHoldStatus") == "ON"
+            if lock["locked_until"] is not None and (until is None or lock["locked_until"] > until):
+                until, mode = lock["locked_until"], lock["lock_mode"]
+        if until is None and held:
+            return ReplicaLocked(PROVIDER, key, f"delete refused: {len(version_ids)} version(s) under an Object "
+                                                "Lock legal hold (no end date: lifted by hand)", mode="legal-hold")
+        if until is None:
+            return ReplicaError(PROVIDER, key, f"delete refused (AccessDenied) for {len(version_ids)} version(s), "
+                                               "and no Object Lock explains it: check the bucket policy")
+        return ReplicaLocked(PROVIDER, key, f"delete refused: {len(version_ids)} version(s) under Object Lock "
+                                            f"({mode}) until {until:%Y-%m-%d %H:%M} UTC",
+                             locked_until=until, mode=mode)
 
     def versions(self, key: str) -> list[str]:
         """Version ids held for `key` (newest first); for checks and tests."""
@@ -315,6 +379,19 @@ class S3Replica:
         except (ClientError, BotoCoreError) as exc:
             raise self._fail(key, "list versions", exc) from None
         return [v["VersionId"] for v in out.get("Versions", []) if v["Key"] == key]
+
+    def version_keys(self, prefix: str = "") -> set[str]:
+        """Every key under `prefix` with any version or delete marker: list() shows live objects only, and
+        an erasure must also find keys whose newest entry is a delete marker over older versions."""
+        full = check_list_prefix(PROVIDER, self.prefix, prefix)
+        keys: set[str] = set()
+        try:
+            for page in self.client.get_paginator("list_object_versions").paginate(Bucket=self.target.bucket,
+                                                                                   Prefix=full):
+                keys.update(e["Key"] for e in page.get("Versions", []) + page.get("DeleteMarkers", []))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._fail(full, "list versions", exc) from None
+        return keys
 
     def list(self, prefix: str = "") -> Iterator[ListedObject]:
         full = check_list_prefix(PROVIDER, self.prefix, prefix)

@@ -1,0 +1,52 @@
+"""The `retention_sweep` job and its daily schedule: prune every wedding's backups to the retention policy
+(core.retention.prune, rules from WEDBACKUP_POLICY_FILE). Locked copies are reported, not failures;
+a provider that could not be reached fails the run (the next sweep retries)."""
+import dagster as dg
+from dagster_aws.s3 import S3Resource
+from dagster_gcp import GCSResource
+
+from ..backups.resources import AzureBlobResource, WedbackupEngineResource
+from ..core import retention
+from ..core.policy import Policy
+from .replicas import all_replicas
+
+
+class PruneConfig(dg.Config):
+    dry_run: bool = False
+    partition: str | None = None  # one wedding only; default: every partition
+
+
+@dg.op(tags={"kind": "retention"})
+def prune_backups(context: dg.OpExecutionContext, config: PruneConfig, wedbackup: WedbackupEngineResource,
+                  s3: S3Resource, gcs: GCSResource, azure: AzureBlobResource) -> dg.Output:
+    engine = wedbackup.engine()
+    report = retention.prune(engine.catalogue, engine.vault, all_replicas(wedbackup, s3, gcs, azure),
+                             Policy.from_env(), dry_run=config.dry_run, partition=config.partition)
+    summary = report.summary()
+    context.log.info(f"retention: {summary}")
+    metadata = dict(summary)
+    locked = [f"{d.partition}/{d.archive_sha256[:12]} {p} until {u}"
+              for d in report.locked for p, u in d.locked.items()]
+    metadata["locked"] = dg.MetadataValue.json(locked[:100])
+    if report.failed:
+        failed = [f"{p}: {e}" for d in report.failed for p, e in d.failed.items()]
+        raise dg.Failure(description=f"retention: {len(report.failed)} backup(s) kept copies that could not be "
+                                     f"deleted (provider unreachable?); the next sweep retries: "
+                                     f"{'; '.join(failed[:3])}", metadata=metadata)
+    return dg.Output(None, metadata=metadata)
+
+
+@dg.job(executor_def=dg.in_process_executor,
+        description="Delete the backups the retention policy no longer keeps, on every provider and in the vault.")
+def retention_sweep():
+    prune_backups()
+
+
+retention_sweep_schedule = dg.ScheduleDefinition(
+    name="retention_sweep",
+    job=retention_sweep,
+    cron_schedule="30 3 * * *",  # daily, at a quiet hour
+    execution_timezone="Europe/London",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Daily: prune backups to the retention policy (grandfather-father-son per tier).",
+)

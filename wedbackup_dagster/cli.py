@@ -62,11 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=7)
     demo.set_defaults(func=_cmd_demo_data)
 
-    from . import cli_automation, cli_backup, cli_checks
+    from . import cli_automation, cli_backup, cli_checks, cli_keys
 
     cli_backup.register(sub)
     cli_automation.register(sub)
     cli_checks.register(sub)
+    cli_keys.register(sub)
     return parser
 
 

@@ -118,6 +118,30 @@ MIGRATIONS = [
     ALTER TABLE wedbackup.partitions ADD COLUMN IF NOT EXISTS covered_at timestamptz;
     ALTER TABLE wedbackup.partitions ADD COLUMN IF NOT EXISTS requested_at timestamptz;
     """,
+    """
+    -- migration: keys (encrypted key-store backups, core/keybackup.py; rotation needs no schema change)
+    CREATE TABLE IF NOT EXISTS wedbackup.key_backups (
+        id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        sha256        text NOT NULL UNIQUE,   -- of the sealed file: its name everywhere
+        size          bigint NOT NULL,
+        master_key_id text NOT NULL,          -- the master key it is sealed with (and its keys wrapped by)
+        key_count     int NOT NULL,
+        key_set       text NOT NULL,          -- fingerprint of the live key ids it holds (unchanged: no new one)
+        created_at    timestamptz NOT NULL DEFAULT now(),
+        deleted_at    timestamptz             -- set once every copy of it was deleted
+    );
+    CREATE TABLE IF NOT EXISTS wedbackup.key_backup_copies (
+        key_backup_id bigint NOT NULL REFERENCES wedbackup.key_backups (id) ON DELETE CASCADE,
+        provider      text NOT NULL,          -- vault | s3 | gcs | azure
+        uri           text NOT NULL,
+        object_key    text NOT NULL,
+        version_id    text,
+        size          bigint NOT NULL,
+        checksum      text,
+        stored_at     timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (key_backup_id, provider)
+    );
+    """,
 ]
 
 
@@ -217,6 +241,19 @@ class Catalogue:
         if row["wrapped"] is None:
             raise KeyError_(f"wedding key {key_id} was destroyed (erasure) at {row['shredded_at']:%Y-%m-%d}")
         return self._unwrap(key_id, row["partition"], row["wrapped"], row["master_key_id"], keyring)
+
+    def shred_wedding_key(self, partition: str) -> list[str]:
+        """Crypto-shred a wedding: its live key's wrapped bytes are destroyed (the row stays, as the record
+        of the erasure). Returns the shredded key ids (none when the wedding had no live key). Key-store
+        backups still hold the key until keybackup.refresh_key_backups runs."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                "UPDATE wedbackup.wedding_keys SET wrapped = NULL, shredded_at = now() "
+                "WHERE partition = %s AND shredded_at IS NULL RETURNING key_id", (partition,)).fetchall()
+            if rows:
+                conn.execute("INSERT INTO wedbackup.audit (action, partition, detail) VALUES ('key-shredded', %s, %s)",
+                             (partition, json.dumps({"key_ids": [r["key_id"] for r in rows]})))
+        return [r["key_id"] for r in rows]
 
     @staticmethod
     def _unwrap(key_id: str, partition: str, wrapped: bytes, master_key_id: str,

@@ -308,6 +308,15 @@ def _newest_recorded(catalogue: Catalogue) -> dict[str, Any] | None:
     return row
 
 
+def key_backup_is_current(catalogue: Catalogue, keyring: MasterKeyring) -> tuple[bool, str]:
+    """(whether the newest key backup holds exactly the live keys under the current master key, the live
+    key set's fingerprint): two cheap queries, for sensors."""
+    catalogue.migrate()
+    fingerprint, _ = key_set_fingerprint(catalogue, keyring.current.key_id)
+    newest = _newest_recorded(catalogue)
+    return newest is not None and newest["key_set"] == fingerprint, fingerprint
+
+
 # ---------------------------------------------------------------------------------------- operations
 
 

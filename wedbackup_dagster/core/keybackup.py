@@ -13,6 +13,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -320,6 +321,20 @@ def key_backup_is_current(catalogue: Catalogue, keyring: MasterKeyring) -> tuple
 # ---------------------------------------------------------------------------------------- operations
 
 
+@contextmanager
+def _one_at_a_time(catalogue: Catalogue) -> Iterator[None]:
+    """One key-backup writer or deleter at a time across processes: otherwise a routine backup's pruning or
+    an erasure's refresh could delete a key backup another run has just written. A session-level advisory
+    lock on the catalogue's connection (re-entrant, so refresh can hold it around back_up_key_store)."""
+    with catalogue.connect() as conn:
+        conn.execute("SELECT pg_advisory_lock(hashtext('wedbackup-key-backups'))")
+    try:
+        yield
+    finally:
+        with catalogue.connect() as conn:
+            conn.execute("SELECT pg_advisory_unlock(hashtext('wedbackup-key-backups'))")
+
+
 def back_up_key_store(settings: Any, catalogue: Catalogue, replicas: Mapping[str, Any],
                       keyring: MasterKeyring | None = None, *, force: bool = False,
                       keep: int | None = KEEP_KEY_BACKUPS) -> KeyBackupResult:
@@ -330,6 +345,12 @@ def back_up_key_store(settings: Any, catalogue: Catalogue, replicas: Mapping[str
     upload succeeded; None keeps all). A provider that fails is named in `failures`; the others go on."""
     keyring = keyring or load_master_keyring(os.environ)
     catalogue.migrate()
+    with _one_at_a_time(catalogue):
+        return _back_up_key_store(settings, catalogue, replicas, keyring, force=force, keep=keep)
+
+
+def _back_up_key_store(settings: Any, catalogue: Catalogue, replicas: Mapping[str, Any], keyring: MasterKeyring,
+                       *, force: bool, keep: int | None) -> KeyBackupResult:
     master = keyring.current
     fingerprint, count = key_set_fingerprint(catalogue, master.key_id)
     newest = _newest_recorded(catalogue)
@@ -423,8 +444,11 @@ def refresh_key_backups(settings: Any, catalogue: Catalogue, replicas: Mapping[s
     older key backup, all versions, at every replica and in the vault. Raises KeyBackupError naming the
     provider when the new backup could not be written everywhere or an older one could not be deleted
     (everything possible is still done first), so an erasure never reports success with a key left behind."""
-    result = back_up_key_store(settings, catalogue, replicas, keyring, force=True, keep=None)
-    deleted, leftovers = delete_key_backups(settings, catalogue, replicas, keep={result.sha256})
+    keyring = keyring or load_master_keyring(os.environ)
+    catalogue.migrate()
+    with _one_at_a_time(catalogue):
+        result = back_up_key_store(settings, catalogue, replicas, keyring, force=True, keep=None)
+        deleted, leftovers = delete_key_backups(settings, catalogue, replicas, keep={result.sha256})
     result.deleted = deleted
     result.failures.update({p: f"could not delete an older key backup: {m}" for p, m in leftovers.items()})
     catalogue.audit("key-backups-refreshed", None, result.to_dict() | {"copies": sorted(result.copies)})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timezone
 from typing import Any
 
 from .catalogue import Catalogue, _context as wedding_key_context
@@ -132,7 +133,8 @@ class KeyStatus:
             state = "up to date" if self.backup_current else (
                 f"out of date ({self.keys_since_backup} key(s) newer)" if self.keys_since_backup
                 else "out of date (key set or master key changed)")
-            out.append(f"key backup: {b['sha256'][:16]}… {b['created_at']:%Y-%m-%d %H:%M} UTC, {b['key_count']} keys, "
+            when = b["created_at"].astimezone(timezone.utc)
+            out.append(f"key backup: {b['sha256'][:16]}… {when:%Y-%m-%d %H:%M} UTC, {b['key_count']} keys, "
                        f"sealed with {b['master_key_id']}, copies: {', '.join(b['providers']) or 'none'}; {state}")
         return out
 
@@ -142,7 +144,8 @@ def key_status(catalogue: Catalogue, keyring: MasterKeyring) -> KeyStatus:
     catalogue.migrate()
     by_master = _wrapped_by(catalogue)
     with catalogue.connect() as conn:
-        shredded = conn.execute("SELECT count(*) AS n FROM wedbackup.wedding_keys WHERE wrapped IS NULL").fetchone()["n"]
+        shredded = conn.execute("SELECT count(*) AS n FROM wedbackup.wedding_keys "
+                                "WHERE wrapped IS NULL").fetchone()["n"]
         sealed = {r["master_key_id"]: r["n"] for r in conn.execute(
             "SELECT master_key_id, count(*) AS n FROM wedbackup.key_backups WHERE deleted_at IS NULL "
             "GROUP BY master_key_id").fetchall()}

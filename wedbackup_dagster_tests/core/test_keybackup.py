@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 
 import psycopg
@@ -213,3 +214,124 @@ def test_damaged_or_foreign_key_backups_fail_naming_the_file(engine):
         restore_key_store(s3, engine.catalogue, engine.keyring)
     for material in (current.material,):
         assert base64.b64encode(material).decode() not in str(result.to_dict())
+
+
+# ---------------------------------------------------------------------------- pure: format and keys
+
+
+def _entries(master: SecretKey, n: int = 3) -> list:
+    from wedbackup_dagster.core.keybackup import KeyEntry
+    from wedbackup_dagster.core.keys import wrap_key
+
+    out = []
+    for i in range(n):
+        key_id = f"{i}.abc{i}"
+        out.append(KeyEntry(key_id, str(i), wrap_key(master, os.urandom(32), _context(str(i), key_id)),
+                            master.key_id, "2026-12-01T00:00:00+00:00"))
+    return out
+
+
+def test_format_round_trip_and_what_it_refuses():
+    from wedbackup_dagster.core.archive import seal_bytes
+    from wedbackup_dagster.core.keybackup import sealing_key, write_key_backup
+
+    master = SecretKey.generate("m1")
+    ring = MasterKeyring([master])
+    buf = io.BytesIO()
+    stats = write_key_backup(buf, _entries(master), master, created_at="2026-12-01T00:00:00+00:00")
+    data = buf.getvalue()
+    assert stats.key_id == "m1" and len(data) == stats.sealed_bytes
+    contents = read_key_backup_bytes(data, name="kb", keyring=ring)
+    assert [e.partition for e in contents.entries] == ["0", "1", "2"] and contents.master_key_id == "m1"
+    assert sealing_key(master).material != master.material  # derived, not the master key itself
+    # No wedding key and no master key appears in the sealed bytes or an entry's repr.
+    assert master.material not in data and base64.b64encode(master.material) not in data
+    assert "wrapped" not in repr(contents.entries[0])
+
+    # Entries wrapped by another master key than the seal's are refused when writing.
+    other = SecretKey.generate("m0")
+    with pytest.raises(Exception, match="wrapped by its sealing master key"):
+        write_key_backup(io.BytesIO(), _entries(other), master, created_at="x")
+
+    # Authenticated but wrong: a count that does not add up, an unknown version, an entry that does not open.
+    def sealed(lines: list[dict]) -> bytes:
+        payload = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+        return seal_bytes(payload, wedding_key=sealing_key(master),
+                          label={"app": "wedbackup", "kind": "wedbackup-key-store"})[0]
+
+    head = {"format": "wedbackup-key-store", "version": 1, "created_at": "x", "master_key_id": "m1", "key_count": 2}
+    line = {"key_id": "5.x", "partition": "5", "master_key_id": "m1", "created_at": "x",
+            "wrapped": base64.b64encode(_entries(master, 1)[0].wrapped).decode()}  # wrapped for wedding 0
+    with pytest.raises(KeyBackupError, match="kb-count: says it holds 2 keys but holds 1"):
+        read_key_backup_bytes(sealed([head, line]), name="kb-count", keyring=ring)
+    with pytest.raises(KeyBackupError, match="kb-version: unknown key backup format"):
+        read_key_backup_bytes(sealed([head | {"version": 9}]), name="kb-version", keyring=ring)
+    with pytest.raises(KeyBackupError, match="kb-entry: wedding key 5.x: .*does not open"):
+        read_key_backup_bytes(sealed([head | {"key_count": 1}, line]), name="kb-entry", keyring=ring)
+    with pytest.raises(KeyBackupError, match="kb-json: its contents do not parse"):
+        read_key_backup_bytes(seal_bytes(b"{not json\n", wedding_key=sealing_key(master),
+                                         label={"kind": "wedbackup-key-store"})[0], name="kb-json", keyring=ring)
+
+
+def test_key_backup_object_keys_stay_apart_from_archives():
+    from wedbackup_dagster.core.errors import ReplicaKeyRejected
+    from wedbackup_dagster.core.replicas import key_backup_key, parse_archive_key, parse_key_backup_key
+    from wedbackup_dagster.core.replicas.base import upload_key
+
+    sha = "ab" * 32
+    key = key_backup_key("s3", "wedbackup", sha)
+    assert key == f"wedbackup/keys/{sha}.wbk"
+    assert parse_key_backup_key("wedbackup", key) == sha and parse_archive_key("wedbackup", key) == (None, None)
+    assert parse_key_backup_key("wedbackup", f"wedbackup/weddings/1/{sha}.wbk") is None
+    assert upload_key("s3", "wedbackup", None, "7", sha) == f"wedbackup/weddings/7/{sha}.wbk"
+    assert upload_key("s3", "wedbackup", key, "key-store", sha) == key
+    with pytest.raises(ReplicaKeyRejected):
+        upload_key("s3", "wedbackup", "elsewhere/keys/x.wbk", "key-store", sha)
+    with pytest.raises(ReplicaKeyRejected):
+        key_backup_key("s3", "wedbackup", "../x")
+
+
+# ------------------------------------------------------------------------------ stack: the edges
+
+
+def test_a_provider_down_is_named_older_backups_are_kept_and_refresh_refuses_success(engine):
+    from dataclasses import replace
+
+    replicas = replicas_of(engine)
+    back_up(engine, ["1", "2"], replicas)
+    first = back_up_key_store(engine.settings, engine.catalogue, replicas, engine.keyring)
+    s = engine.settings
+    broken = dict(replicas, s3=S3Replica(s3_client_from(s.s3, os.environ), replace(s.s3, bucket="no-such-bucket-kb")))
+    second = back_up_key_store(s, engine.catalogue, broken, engine.keyring, force=True)
+    assert not second.ok and set(second.failures) == {"s3"} and "s3" in second.failures["s3"]
+    assert set(second.copies) == {"vault", "gcs", "azure"} and second.deleted == {}  # nothing pruned
+    assert {k for k, _ in key_backup_objects(replicas)["s3"]} == {f"wedbackup/keys/{first.sha256}.wbk"}
+
+    engine.catalogue.shred_wedding_key("1")
+    with pytest.raises(KeyBackupError, match=r"key backups \(s3\)"):
+        refresh_key_backups(engine.settings, engine.catalogue, broken, engine.keyring)
+    # Everything reachable was still cleaned: GCS, Azure and the vault hold only the new backup.
+    objects = key_backup_objects(replicas)
+    assert len(objects["gcs"]) == len(objects["azure"]) == 1
+    assert len(list(vault_key_backup_dir(engine.settings).glob("*.wbk"))) == 1
+    # With S3 back, refresh finishes the job.
+    result = refresh_key_backups(engine.settings, engine.catalogue, replicas, engine.keyring)
+    assert result.key_count == 1 and result.deleted.get("s3") == 1
+    assert [k for k, _ in key_backup_objects(replicas)["s3"]] == [f"wedbackup/keys/{result.sha256}.wbk"]
+
+
+def test_routine_backups_keep_the_newest_few_and_the_inventory_sees_no_orphans(engine):
+    from wedbackup_dagster.core.inventory import take_inventory
+
+    replicas = replicas_of(engine)
+    back_up(engine, ["1"], replicas)
+    made = [back_up_key_store(engine.settings, engine.catalogue, replicas, engine.keyring, force=True, keep=2).sha256
+            for _ in range(3)]
+    for provider, objects in key_backup_objects(replicas).items():
+        assert sorted(k for k, _ in objects) == sorted(f"wedbackup/keys/{sha}.wbk" for sha in made[1:]), provider
+    assert sorted(p.stem for p in vault_key_backup_dir(engine.settings).glob("*.wbk")) == sorted(made[1:])
+    with psycopg.connect(engine.settings.catalogue_dsn) as conn:
+        rows = conn.execute("SELECT sha256, deleted_at IS NOT NULL FROM wedbackup.key_backups").fetchall()
+    assert dict(rows) == {made[0]: True, made[1]: False, made[2]: False}
+    inventory = take_inventory(engine.catalogue, {"s3": replicas["s3"]}, engine.vault)
+    assert inventory.orphans.empty and inventory.serious.empty

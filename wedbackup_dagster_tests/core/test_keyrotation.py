@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 
 import psycopg
 import pytest
 
-from wedbackup_dagster import cli
 from wedbackup_dagster.core.catalogue import Catalogue
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import KeyError_
@@ -71,6 +69,9 @@ def test_rotate_then_retire_the_old_master_key_and_every_archive_still_restores(
         assert outcome.tables
     status = key_status(rotated.catalogue, retired)
     assert status.unreadable == {} and status.backup_current
+    shown = json.dumps(status.to_dict(), default=str) + "\n".join(status.lines())
+    for key in (old, new):
+        assert base64.b64encode(key.material).decode() not in shown and key.material.hex() not in shown
 
 
 def test_a_crash_half_way_leaves_every_key_readable_and_a_rerun_finishes(engine):
@@ -111,52 +112,3 @@ def test_a_crash_half_way_leaves_every_key_readable_and_a_rerun_finishes(engine)
     with psycopg.connect(dsn) as conn:
         audits = conn.execute("SELECT detail FROM wedbackup.audit WHERE action = 'key-rotation'").fetchall()
     assert [a[0]["total"] for a in audits] == [2]
-
-
-def test_cli_keys_status_rotate_backup_show_no_key_material(engine, capsys, monkeypatch):
-    replicas = replicas_of(engine)
-    back_up(engine, ["1", "2"], replicas)
-    old = engine.keyring.current
-    dsn = engine.settings.catalogue_dsn
-    with psycopg.connect(dsn) as conn:
-        wrapped = [bytes(r[0]) for r in conn.execute("SELECT wrapped FROM wedbackup.wedding_keys").fetchall()]
-    wedding_keys = [engine.catalogue.wedding_key(p, engine.keyring, create=False).material for p in ("1", "2")]
-    secrets = [base64.b64encode(m).decode() for m in [old.material, *wedding_keys, *wrapped]]
-
-    assert cli.main(["keys", "status"]) == 0
-    out = capsys.readouterr().out
-    assert "key backup: NONE" in out and f"current: {old.key_id}" in out
-    assert cli.main(["keys", "backup"]) == 0
-    out = capsys.readouterr().out
-    assert "2 wedding key(s)" in out and all(p in out for p in ("vault", "s3", "gcs", "azure"))
-    assert cli.main(["keys", "backup"]) == 0
-    assert "kept: unchanged" in capsys.readouterr().out
-
-    new = SecretKey.generate("master-cli")
-    secrets.append(base64.b64encode(new.material).decode())
-    monkeypatch.setenv("WEDBACKUP_MASTER_KEY", ring_text(new, old))
-    assert cli.main(["keys", "rotate"]) == 0
-    out = capsys.readouterr().out
-    assert f"2 wedding key(s) moved from {old.key_id}" in out and "older key backup(s) deleted" in out
-    assert cli.main(["keys", "status"]) == 0
-    out = capsys.readouterr().out
-    assert "safe to retire" in out and "up to date" in out
-    assert cli.main(["keys", "status", "--json"]) == 0
-    raw = capsys.readouterr().out
-    status = json.loads(raw)
-    assert {m["master_key_id"]: m["retire_safe"] for m in status["masters"]} == {"master-cli": False,
-                                                                                old.key_id: True}
-    assert status["newest_backup"]["master_key_id"] == "master-cli"
-    for secret in secrets:
-        assert secret not in out and secret not in raw
-
-    monkeypatch.setenv("WEDBACKUP_MASTER_KEY", ring_text(new))  # retired
-    with psycopg.connect(dsn) as conn:
-        conn.execute("DELETE FROM wedbackup.wedding_keys")
-    assert cli.main(["keys", "restore", "--from", "azure"]) == 0
-    assert "2 restored" in capsys.readouterr().out
-    restored = Engine(engine.settings, MasterKeyring([new]), Catalogue(dsn))
-    assert restored.verify("2", replicas, provider="s3").tables
-    assert cli.main(["keys", "new", "--id", "next"]) == 0
-    assert capsys.readouterr().out.startswith("next:")
-    assert os.environ["WEDBACKUP_MASTER_KEY"].split(":")[1] not in out

@@ -196,10 +196,11 @@ def reader_key_id(fh: BinaryIO) -> str:
 
 
 def key_set_fingerprint(catalogue: Catalogue, master_key_id: str) -> tuple[str, int]:
-    """(fingerprint, count) of the live key ids: a key backup with the same fingerprint holds the same keys."""
+    """(fingerprint, count) of the live key ids: a key backup with the same fingerprint holds the same keys.
+    Ids in byte order (COLLATE "C", as Python sorts them), whatever the catalogue's collation."""
     with catalogue.connect() as conn:
         row = conn.execute(
-            "SELECT count(*) AS n, coalesce(string_agg(key_id, ',' ORDER BY key_id), '') AS ids "
+            "SELECT count(*) AS n, coalesce(string_agg(key_id, ',' ORDER BY key_id COLLATE \"C\"), '') AS ids "
             "FROM wedbackup.wedding_keys WHERE wrapped IS NOT NULL AND shredded_at IS NULL").fetchone()
     digest = hashlib.sha256(f"{master_key_id}|{row['ids']}".encode()).hexdigest()
     return digest, row["n"]
@@ -212,7 +213,7 @@ def live_key_entries(catalogue: Catalogue, keyring: MasterKeyring) -> list[KeyEn
     with catalogue.connect() as conn:
         rows = conn.execute(
             "SELECT key_id, partition, wrapped, master_key_id, created_at FROM wedbackup.wedding_keys "
-            "WHERE wrapped IS NOT NULL AND shredded_at IS NULL ORDER BY key_id").fetchall()
+            "WHERE wrapped IS NOT NULL AND shredded_at IS NULL ORDER BY key_id COLLATE \"C\"").fetchall()
     entries = []
     for r in rows:
         wrapped = bytes(r["wrapped"])
@@ -361,8 +362,9 @@ def _back_up_key_store(settings: Any, catalogue: Catalogue, replicas: Mapping[st
         return KeyBackupResult(newest["sha256"], newest["key_count"], newest["master_key_id"],
                                skipped="unchanged: the newest key backup holds every live key and is everywhere")
 
-    entries = live_key_entries(catalogue, keyring)
+    # The time is taken before the keys are read: a key made meanwhile counts as newer than this backup.
     created_at = datetime.now(timezone.utc).isoformat()
+    entries = live_key_entries(catalogue, keyring)
     path, stats = _write_to_vault(vault_key_backup_dir(settings),
                                   lambda fh: write_key_backup(fh, entries, master, created_at=created_at))
     key_set = hashlib.sha256(f"{master.key_id}|{','.join(e.key_id for e in entries)}".encode()).hexdigest()

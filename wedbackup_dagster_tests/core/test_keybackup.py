@@ -19,6 +19,7 @@ from wedbackup_dagster.core.errors import ArchiveError, KeyBackupError
 from wedbackup_dagster.core.keybackup import (
     back_up_key_store,
     fetch_key_backup,
+    key_backup_is_current,
     read_key_backup_bytes,
     read_vault_key_backup,
     refresh_key_backups,
@@ -116,6 +117,8 @@ def test_key_backup_everywhere_and_a_lost_catalogue_gets_its_keys_back(engine):
     for partition in ("1", "2", "3", "4"):
         outcome = restored.verify(partition, replicas, provider="s3")  # real restore into a scratch database
         assert outcome.tables and outcome.provider == "s3"
+    # The restored backup is recorded and counts as current: the next routine backup writes nothing new.
+    assert key_backup_is_current(fresh, engine.keyring)[0]
     # A second restore changes nothing.
     second = restore_key_store(replicas["gcs"], fresh, engine.keyring)
     assert (second.restored, second.known, second.conflicts) == (0, 4, [])

@@ -236,9 +236,9 @@ def vault_key_backup_dir(settings: Any) -> Path:
 
 def _write_to_vault(folder: Path, write: Callable[[BinaryIO], ArchiveStats]) -> tuple[Path, ArchiveStats]:
     """Write through a temporary file, fsync, rename to `<sha256>.wbk` (atomic): never a half-written backup."""
-    folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".incoming-{uuid.uuid4().hex}"
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         with open(tmp, "xb") as fh:
             stats = write(fh)
             fh.flush()
@@ -246,6 +246,8 @@ def _write_to_vault(folder: Path, write: Callable[[BinaryIO], ArchiveStats]) -> 
         final = folder / f"{check_sha256(stats.sha256)}{SUFFIX}"
         os.replace(tmp, final)
         _fsync_dir(folder)
+    except OSError as exc:
+        raise KeyBackupError(f"vault:{folder}", f"could not be written: {exc.strerror or type(exc).__name__}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return final, stats
@@ -353,7 +355,7 @@ def back_up_key_store(settings: Any, catalogue: Catalogue, replicas: Mapping[str
 def _back_up_key_store(settings: Any, catalogue: Catalogue, replicas: Mapping[str, Any], keyring: MasterKeyring,
                        *, force: bool, keep: int | None) -> KeyBackupResult:
     master = keyring.current
-    fingerprint, count = key_set_fingerprint(catalogue, master.key_id)
+    fingerprint, _ = key_set_fingerprint(catalogue, master.key_id)
     newest = _newest_recorded(catalogue)
     wanted = {"vault", *replicas}
     if (not force and newest is not None and newest["key_set"] == fingerprint
@@ -420,13 +422,16 @@ def delete_key_backups(settings: Any, catalogue: Catalogue, replicas: Mapping[st
         except Exception as exc:  # noqa: BLE001 - an SDK error outside the replica's own wrapping
             failures[provider] = f"{type(exc).__name__}"
     folder = vault_key_backup_dir(settings)
-    if folder.is_dir():
-        for path in sorted(folder.glob(f"*{SUFFIX}")):
+    try:
+        for path in sorted(folder.glob(f"*{SUFFIX}")) if folder.is_dir() else []:
             if path.stem not in keep:
                 path.unlink(missing_ok=True)
                 deleted["vault"] = deleted.get("vault", 0) + 1
                 _forget_copy(catalogue, "vault", path.stem)
-        _fsync_dir(folder)
+        if folder.is_dir():
+            _fsync_dir(folder)
+    except OSError as exc:
+        failures["vault"] = f"{folder}: {exc.strerror or type(exc).__name__}"
     with catalogue.connect() as conn:
         conn.execute("UPDATE wedbackup.key_backups k SET deleted_at = now() WHERE deleted_at IS NULL "
                      "AND NOT (sha256 = ANY(%s)) AND NOT EXISTS (SELECT FROM wedbackup.key_backup_copies c "

@@ -47,3 +47,37 @@ def test_key_store_backup_job_then_rotate_keys_job(engine, monkeypatch):
         assert conn.execute("SELECT master_key_id FROM wedbackup.key_backups WHERE deleted_at IS NULL"
                             ).fetchall() == [("master-job",)]
     assert key_backup_is_current(catalogue, MasterKeyring([new]))[0] is True
+
+
+def test_sensor_asks_for_a_key_backup_only_when_a_backup_run_made_a_new_key(engine):
+    from wedbackup_dagster.keys import key_store_backup_after_backups
+
+    instance = dg.DagsterInstance.ephemeral()
+
+    @dg.op
+    def noop():
+        return None
+
+    @dg.job
+    def finished():
+        noop()
+
+    run = finished.execute_in_process(instance=instance)
+    event = next(e for e in run.all_events if e.event_type_value == "PIPELINE_SUCCESS")
+
+    def evaluate():
+        context = dg.build_run_status_sensor_context(
+            sensor_name="key_store_backup_after_backups", dagster_event=event, dagster_instance=instance,
+            dagster_run=run.dagster_run)
+        return key_store_backup_after_backups(context)
+
+    replicas = replicas_of(engine)
+    back_up(engine, ["1"], replicas)
+    asked = evaluate()
+    assert isinstance(asked, dg.RunRequest) and asked.run_key.startswith("keys-")
+    assert evaluate().run_key == asked.run_key  # same key set, same run key: Dagster launches it once
+    defs.resolve_job_def("key_store_backup").execute_in_process(instance=instance)
+    assert isinstance(evaluate(), dg.SkipReason)
+    back_up(engine, ["2"], replicas)  # a new wedding key
+    again = evaluate()
+    assert isinstance(again, dg.RunRequest) and again.run_key != asked.run_key

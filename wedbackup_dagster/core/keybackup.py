@@ -465,14 +465,26 @@ def refresh_key_backups(settings: Any, catalogue: Catalogue, replicas: Mapping[s
     return result
 
 
-def newest_key_backup(replica: Any) -> tuple[str, Any] | None:
-    """(sha256, listed object) of the newest key backup at a provider, or None when it holds none."""
-    found = _provider_key_backups(replica)
-    return found[0] if found else None
+def newest_key_backup(replica: Any, keyring: MasterKeyring, *, tmp_dir: str | None = None
+                      ) -> tuple[str, KeyBackupContents] | None:
+    """(sha256, contents) of the newest key backup at a provider by the creation time sealed inside it, or
+    None when it holds none. Every one listed is downloaded and authenticated (pruning keeps them few): a
+    listing's modification time is not authenticated and has one-second resolution at S3, so two backups
+    of the same second would be ordered by chance. One that does not open stops it, named."""
+    best: tuple[datetime, str, KeyBackupContents] | None = None
+    for sha, _ in _provider_key_backups(replica):
+        contents = fetch_key_backup(replica, sha, keyring, tmp_dir=tmp_dir, check_keys=False)
+        try:
+            created = datetime.fromisoformat(contents.created_at)
+        except (TypeError, ValueError):
+            raise KeyBackupError(contents.name, "its creation time does not parse") from None
+        if best is None or created > best[0]:
+            best = (created, sha, contents)
+    return (best[1], best[2]) if best else None
 
 
-def fetch_key_backup(replica: Any, sha256: str, keyring: MasterKeyring, *, tmp_dir: str | None = None
-                     ) -> KeyBackupContents:
+def fetch_key_backup(replica: Any, sha256: str, keyring: MasterKeyring, *, tmp_dir: str | None = None,
+                     check_keys: bool = True) -> KeyBackupContents:
     """Download one key backup (SHA-256 checked as it streams), open and verify it."""
     key = key_backup_key(replica.provider, replica.prefix, sha256)
     name = f"{replica.provider}:{key}"
@@ -482,7 +494,7 @@ def fetch_key_backup(replica: Any, sha256: str, keyring: MasterKeyring, *, tmp_d
         except WedbackupError as exc:
             raise KeyBackupError(name, f"could not be downloaded: {exc}") from None
         tmp.seek(0)
-        return read_key_backup(tmp, name=name, keyring=keyring)
+        return read_key_backup(tmp, name=name, keyring=keyring, check_keys=check_keys)
 
 
 def restore_key_store(replica: Any, catalogue: Catalogue, keyring: MasterKeyring, *, sha256: str | None = None,
@@ -494,7 +506,7 @@ def restore_key_store(replica: Any, catalogue: Catalogue, keyring: MasterKeyring
     catalogue.migrate()
     report = KeyRestoreReport(provider=replica.provider)
     if sha256 is None:
-        newest = newest_key_backup(replica)
+        newest = newest_key_backup(replica, keyring, tmp_dir=tmp_dir)
         if newest is None:
             raise KeyBackupError(f"{replica.provider}:{replica.prefix}/{PROVIDER_KEY_BACKUP_DIR}/",
                                  "holds no key backup")

@@ -67,10 +67,10 @@ def rebuild_from(replica: Any, catalogue: Catalogue, keyring: MasterKeyring, *, 
     report = RebuildReport(provider=replica.provider)
     if restore_keys:
         try:
-            newest = newest_key_backup(replica)  # none yet (a store from before key backups): nothing to restore
-            keys = restore_key_store(replica, catalogue, keyring, sha256=newest[0],
-                                     tmp_dir=str(vault.root) if vault is not None and vault.root.is_dir() else None
-                                     ) if newest else None
+            key_tmp = str(vault.root) if vault is not None and vault.root.is_dir() else None
+            # None: no key backup yet (a store from before them), nothing to restore.
+            newest = newest_key_backup(replica, keyring, tmp_dir=key_tmp)
+            keys = restore_key_store(replica, catalogue, keyring, sha256=newest[0], tmp_dir=key_tmp) if newest else None
             if keys is not None:
                 report.key_backup, report.keys_restored = keys.key_backup, keys.restored
                 report.skipped.extend(keys.conflicts)

@@ -62,13 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=7)
     demo.set_defaults(func=_cmd_demo_data)
 
-    from . import cli_automation, cli_backup, cli_checks, cli_governance, cli_restore
+    from . import cli_automation, cli_backup, cli_checks, cli_governance, cli_keys, cli_restore
 
     cli_backup.register(sub)
     cli_automation.register(sub)
     cli_checks.register(sub)
     cli_restore.register(sub)
     cli_governance.register(sub)
+    cli_keys.register(sub)
     return parser
 
 

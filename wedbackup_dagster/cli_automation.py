@@ -45,6 +45,8 @@ def cmd_catalogue_rebuild(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict()))
     else:
+        if report.key_backup:
+            print(f"  {report.keys_restored} wedding key(s) restored from {report.key_backup}")
         print(f"  {report.listed} archive(s) listed; {report.backups_added} backup(s) added, "
               f"{report.backups_known} already known")
         for provider, n in sorted(report.copies_written.items()):
@@ -105,7 +107,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     catalogue = sub.add_parser("catalogue", help="the catalogue of backups: rebuild from storage, status")
     verbs = catalogue.add_subparsers(dest="verb", required=True)
     rebuild = verbs.add_parser("rebuild", help="reconstruct backups and copies from one provider's listing and "
-                                               "the manifests inside the archives (wedding keys must be present)")
+                                               "the manifests inside the archives (missing wedding keys come from the "
+                                               "provider's newest key backup)")
     rebuild.add_argument("--from", dest="provider", choices=PROVIDERS, required=True)
     rebuild.add_argument("--no-vault", action="store_true", help="do not record vault copies")
     rebuild.add_argument("--json", action="store_true")

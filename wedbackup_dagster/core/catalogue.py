@@ -139,6 +139,30 @@ MIGRATIONS = [
     -- readers and the next sweep know its remaining copy rows may point at objects already gone.
     ALTER TABLE wedbackup.backups ADD COLUMN IF NOT EXISTS deleting_since timestamptz;
     """,
+    """
+    -- migration: keys (encrypted key-store backups, core/keybackup.py; rotation needs no schema change)
+    CREATE TABLE IF NOT EXISTS wedbackup.key_backups (
+        id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        sha256        text NOT NULL UNIQUE,   -- of the sealed file: its name everywhere
+        size          bigint NOT NULL,
+        master_key_id text NOT NULL,          -- the master key it is sealed with (and its keys wrapped by)
+        key_count     int NOT NULL,
+        key_set       text NOT NULL,          -- fingerprint of the live key ids it holds (unchanged: no new one)
+        created_at    timestamptz NOT NULL DEFAULT now(),
+        deleted_at    timestamptz             -- set once every copy of it was deleted
+    );
+    CREATE TABLE IF NOT EXISTS wedbackup.key_backup_copies (
+        key_backup_id bigint NOT NULL REFERENCES wedbackup.key_backups (id) ON DELETE CASCADE,
+        provider      text NOT NULL,          -- vault | s3 | gcs | azure
+        uri           text NOT NULL,
+        object_key    text NOT NULL,
+        version_id    text,
+        size          bigint NOT NULL,
+        checksum      text,
+        stored_at     timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (key_backup_id, provider)
+    );
+    """,
 ]
 
 

@@ -40,6 +40,7 @@ class ErasureReport:
     stray_locked: dict[str, datetime | None] = field(default_factory=dict)  # uri -> locked until
     vault_deleted: int = 0
     failed: list[str] = field(default_factory=list)
+    key_backup: str | None = None  # sha256 of the key-store backup written without the destroyed key
 
     @property
     def copies_deleted(self) -> int:
@@ -58,7 +59,7 @@ class ErasureReport:
         return not self.failed and not any(d.failed for d in self.deletions)
 
     def detail(self) -> dict[str, Any]:
-        return {"keys_shredded": self.keys_shredded, "backups": len(self.deletions),
+        return {"keys_shredded": self.keys_shredded, "backups": len(self.deletions), "key_backup": self.key_backup,
                 "locked": [{**c, "locked_until": str(c["locked_until"]),
                             "note": "unreadable because the key is destroyed"} for c in self.locked],
                 "stray_deleted": self.stray_deleted[:50], "vault_deleted": self.vault_deleted,
@@ -100,14 +101,23 @@ def _stored_keys(replica: Any, partition: str) -> set[str]:
 
 
 def erase_wedding(catalogue: Any, vault: Any, replicas: Mapping[str, Any], partition: str, *,
-                  requested_by: str) -> ErasureReport:
+                  requested_by: str, settings: Any | None = None) -> ErasureReport:
     """Erase one wedding's backups everywhere (see the module docstring). Provider outages do not stop
-    it: they are reported (the erasure stays incomplete) and a re-run finishes it."""
+    it: they are reported (the erasure stays incomplete) and a re-run finishes it. With `settings`, the
+    key-store backups are replaced by one without the destroyed key (what the erase_wedding job does):
+    until then an older key backup, opened with the master key, would still hold it."""
     _wedding_partition(partition)
     record = catalogue.begin_erasure(partition, partition, requested_by)
     shredded = catalogue.shred_wedding_key(partition)
-    # key-store backups: refresh_key_backups(...) is called here (merge)
     report = ErasureReport(partition, record["requested_by"], record["erased_at"], shredded)
+    if settings is not None:
+        # Every run, not only the one that shredded: a re-run after an outage must finish this too.
+        from .keybackup import refresh_key_backups
+
+        try:
+            report.key_backup = refresh_key_backups(settings, catalogue, replicas).sha256
+        except WedbackupError as exc:
+            report.failed.append(f"key backups still hold the destroyed key: {exc}")
 
     rows = catalogue.backups_with_copies(partition)
     catalogue.mark_deleting([r["id"] for r in rows])

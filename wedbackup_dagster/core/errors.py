@@ -120,3 +120,15 @@ class SnapshotFormatError(ArchiveError):
 class RestoreError(WedbackupError):
     """A restore could not be applied to its target (rows or DDL refused); names the table at fault.
     Nothing is committed: restores run in one transaction."""
+
+
+class KeyBackupError(ArchiveError):
+    """An encrypted key-store backup cannot be read, written or deleted: names the file or object at fault
+    (truncated, tampered, sealed with a master key that is not configured), never a key."""
+
+    def __init__(self, backup: str, problem: str):
+        super().__init__(backup, problem)
+        self.args = (f"key backup {backup}: {problem}",)
+
+    def __str__(self) -> str:
+        return self.args[0]

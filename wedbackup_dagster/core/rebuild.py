@@ -30,11 +30,13 @@ class RebuildReport:
     backups_known: int = 0  # already in the catalogue: only the copy rows were (re)written
     copies_written: dict[str, int] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # "<key>: why" for archives that could not be read
+    key_backup: str | None = None  # the key-store backup wedding keys were restored from
+    keys_restored: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"provider": self.provider, "listed": self.listed, "backups_added": self.backups_added,
                 "backups_known": self.backups_known, "copies_written": self.copies_written,
-                "skipped": self.skipped}
+                "skipped": self.skipped, "key_backup": self.key_backup, "keys_restored": self.keys_restored}
 
 
 def read_archive_manifest(replica: Any, key: str, sha256: str, resolve_key: Callable[[str], Any],
@@ -52,13 +54,28 @@ def read_archive_manifest(replica: Any, key: str, sha256: str, resolve_key: Call
 
 
 def rebuild_from(replica: Any, catalogue: Catalogue, keyring: MasterKeyring, *, vault: Vault | None = None,
-                 progress: Callable[[int, str], None] | None = None) -> RebuildReport:
+                 progress: Callable[[int, str], None] | None = None, restore_keys: bool = True) -> RebuildReport:
     """Add every archive `replica` lists to the catalogue: the backup row (from the archive's manifest,
     unless a row with that SHA-256 exists) and its copy at the provider, plus the vault copy when the
     vault holds the same file. Additive and idempotent: nothing already in the catalogue is removed.
-    Wedding keys are not rebuilt here: an archive whose key is not in the catalogue is skipped, named."""
+    First, with `restore_keys`, wedding keys the catalogue lacks come back from the provider's newest
+    key-store backup (core/keybackup.py); an archive whose key is still missing (or shredded) is skipped."""
+    from .errors import KeyBackupError
+    from .keybackup import newest_key_backup, restore_key_store
+
     catalogue.migrate()
     report = RebuildReport(provider=replica.provider)
+    if restore_keys:
+        try:
+            key_tmp = str(vault.root) if vault is not None and vault.root.is_dir() else None
+            # None: no key backup yet (a store from before them), nothing to restore.
+            newest = newest_key_backup(replica, keyring, tmp_dir=key_tmp)
+            keys = restore_key_store(replica, catalogue, keyring, sha256=newest[0], tmp_dir=key_tmp) if newest else None
+            if keys is not None:
+                report.key_backup, report.keys_restored = keys.key_backup, keys.restored
+                report.skipped.extend(keys.conflicts)
+        except KeyBackupError as exc:
+            report.skipped.append(f"wedding keys: {exc}")
     region_of = getattr(replica, "region", None)  # GCS only learns its region from the bucket
 
     def resolve_key(key_id: str) -> Any:

@@ -17,6 +17,7 @@ from .errors import WedbackupError
 PARTITION_RE = re.compile(r"^(?:platform|[A-Za-z0-9_-]{1,64})$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 SUFFIX = ".wbk"
+KEY_BACKUP_DIR = "keys.d"  # encrypted key-store backups (core/keybackup.py); the dot keeps it from being a partition
 
 
 def check_partition(partition: str) -> str:
@@ -91,8 +92,9 @@ class Vault:
         return VaultEntry(partition, sha256, path, path.stat().st_size)
 
     def entries(self, partition: str | None = None) -> Iterator[VaultEntry]:
+        # Only partition folders: the key-store backups (KEY_BACKUP_DIR) are not archives of a wedding.
         folders = [self.root / check_partition(partition)] if partition else sorted(
-            p for p in self.root.glob("*") if p.is_dir())
+            p for p in self.root.glob("*") if p.is_dir() and PARTITION_RE.match(p.name))
         for folder in folders:
             for path in sorted(folder.glob(f"*{SUFFIX}")):
                 yield VaultEntry(folder.name, path.stem, path, path.stat().st_size)

@@ -22,7 +22,7 @@ def erase_wedding_backups(context: dg.OpExecutionContext, config: EraseConfig, w
     partition = validated_keys([config.partition])[0]
     engine = wedbackup.engine()
     report = erasure.erase_wedding(engine.catalogue, engine.vault, all_replicas(wedbackup, s3, gcs, azure),
-                                   partition, requested_by=config.requested_by)
+                                   partition, requested_by=config.requested_by, settings=engine.settings)
     if context.instance.has_dynamic_partition(weddings_partitions.name, partition):
         context.instance.delete_dynamic_partition(weddings_partitions.name, partition)
     locked = [f"{c.get('provider') or c.get('uri')}: "

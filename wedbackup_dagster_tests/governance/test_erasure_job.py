@@ -7,6 +7,12 @@ import dagster as dg
 
 from wedbackup_dagster.automation.discovery import wedding_discovery
 from wedbackup_dagster.backups.launch import register_partitions
+from wedbackup_dagster.core.keybackup import (
+    _provider_key_backups,
+    back_up_key_store,
+    newest_key_backup,
+    vault_key_backup_dir,
+)
 from wedbackup_dagster.definitions import defs
 from wedbackup_dagster_tests.governance_fleet import (  # noqa: F401 - fixtures
     back_up,
@@ -30,6 +36,9 @@ def test_erase_job_removes_copies_and_the_partition_and_discovery_keeps_it_out(m
     back_up(fleet, "3")
     keys = register_partitions(instance, fleet["source"])
     assert "2" in instance.get_dynamic_partitions("weddings")
+    engine = fleet["engine"]
+    before = back_up_key_store(engine.settings, cat, fleet["replicas"], engine.keyring)
+    assert before.key_count >= 2
 
     result = erase(instance, "2")
     assert result.success
@@ -40,6 +49,17 @@ def test_erase_job_removes_copies_and_the_partition_and_discovery_keeps_it_out(m
     assert [e["partition"] for e in cat.erasures()] == ["2"]
     assert cat.backups_with_copies("2") == []
     assert {c.provider for c in cat.copies(cat.require_latest_backup("3").id)} == {"vault", "s3", "gcs", "azure"}
+
+    # The key-store backups were replaced by one without wedding 2's key: the older one is gone everywhere,
+    # and what is left holds wedding 3's key but not wedding 2's.
+    assert meta["complete"].value
+    for provider, replica in fleet["replicas"].items():
+        sha, contents = newest_key_backup(replica, engine.keyring)
+        assert sha != before.sha256, provider
+        held = {e.partition for e in contents.entries}
+        assert "3" in held and "2" not in held, provider
+        assert [s for s, _ in _provider_key_backups(replica)] == [sha], provider
+    assert [p.stem for p in vault_key_backup_dir(engine.settings).glob("*.wbk")] == [sha]
 
     # The wedding's row is still in the source: discovery must not bring the partition back.
     data = wedding_discovery.evaluate_tick(dg.build_sensor_context(instance=instance))

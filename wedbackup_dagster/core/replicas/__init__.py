@@ -12,7 +12,9 @@ from .base import (
     archive_key,
     check_key,
     digest_file,
+    key_backup_key,
     parse_archive_key,
+    parse_key_backup_key,
     validate_partition,
     validate_sha256,
 )
@@ -33,7 +35,7 @@ def ensure_targets(settings) -> dict[str, bool]:
 __all__ = [
     "ensure_targets",
     "PLATFORM_PARTITION", "FileDigests", "ListedObject", "Replica", "ReplicaRecord", "archive_key", "check_key",
-    "digest_file", "parse_archive_key", "validate_partition", "validate_sha256",
+    "digest_file", "key_backup_key", "parse_archive_key", "parse_key_backup_key", "validate_partition", "validate_sha256",
     "S3Replica", "s3_client_from", "ensure_bucket",
     "GCSReplica", "gcs_client_from", "ensure_gcs_bucket",
     "AzureReplica", "azure_service_from", "ensure_container",

@@ -35,6 +35,7 @@ from .base import (
     parse_archive_key,
     provider_error,
     read_blocks,
+    upload_key,
 )
 
 PROVIDER = "azure"
@@ -130,8 +131,9 @@ class AzureReplica:
         return props.size == digests.size and self._md5_of(props) == digests.md5
 
     def upload(self, path: Path, *, partition: str, sha256: str, size: int, metadata: dict[str, str],
-               progress: ProgressCallback | None = None) -> ReplicaRecord:
-        key = self.object_key(partition, sha256)
+               progress: ProgressCallback | None = None, key: str | None = None) -> ReplicaRecord:
+        # `key`: somewhere other than the archive's content address (a key-store backup, core/keybackup.py).
+        key = upload_key(PROVIDER, self.prefix, key, partition, sha256)
         meta = object_metadata(PROVIDER, partition, sha256, metadata)
         digests = digest_file(Path(path), md5=True)
         check_archive_file(Path(path), digests, sha256, size)

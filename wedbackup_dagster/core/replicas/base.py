@@ -19,6 +19,8 @@ from wedbackup_dagster.core.errors import ArchiveError, ReplicaError, ReplicaKey
 PLATFORM_PARTITION = "platform"
 ARCHIVE_SUFFIX = ".wbk"
 CANARY_DIR = "_canary"
+KEY_BACKUP_DIR = "keys"  # encrypted key-store backups: <prefix>/keys/<sha256>.wbk (core/keybackup.py)
+KEY_BACKUP_METADATA_PARTITION = "key-store"  # what a key backup's `partition` metadata says
 READ_BLOCK = 1 << 20  # one MiB: the most any replica holds of an archive per read
 
 _PARTITION = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -136,6 +138,30 @@ def parse_archive_key(prefix: str, key: str) -> tuple[str | None, str | None]:
     if len(parts) == 3 and parts[0] == "weddings" and _PARTITION.fullmatch(parts[1]):
         return parts[1], sha
     return None, None
+
+
+def key_backup_key(provider: str, prefix: str, sha256: str) -> str:
+    """The content-addressed key of an encrypted key-store backup: apart from every archive key, so no
+    archive listing, rebuild or inventory mistakes one for a wedding's archive."""
+    validate_sha256(provider, sha256)
+    return f"{prefix}/{KEY_BACKUP_DIR}/{sha256}{ARCHIVE_SUFFIX}"
+
+
+def parse_key_backup_key(prefix: str, key: str) -> str | None:
+    """The SHA-256 of one of our key-backup keys, or None for anything else."""
+    head = f"{prefix}/{KEY_BACKUP_DIR}/"
+    name = key[len(head):] if key.startswith(head) else ""
+    if not name.endswith(ARCHIVE_SUFFIX) or not _SHA256.fullmatch(name[: -len(ARCHIVE_SUFFIX)]):
+        return None
+    return name[: -len(ARCHIVE_SUFFIX)]
+
+
+def upload_key(provider: str, prefix: str, key: str | None, partition: str, sha256: str) -> str:
+    """Where an upload goes: the archive's content address, or a caller's key (a key-store backup) that
+    must lie inside the prefix."""
+    if key is None:
+        return archive_key(provider, prefix, partition, sha256)
+    return check_key(provider, prefix, key)
 
 
 def check_key(provider: str, prefix: str, key: str) -> str:

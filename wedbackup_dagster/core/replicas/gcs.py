@@ -32,6 +32,7 @@ from .base import (
     object_metadata,
     parse_archive_key,
     provider_error,
+    upload_key,
 )
 
 PROVIDER = "gcs"
@@ -126,8 +127,9 @@ class GCSReplica:
                 and blob.md5_hash == b64(digests.md5 or b""))
 
     def upload(self, path: Path, *, partition: str, sha256: str, size: int, metadata: dict[str, str],
-               progress: ProgressCallback | None = None) -> ReplicaRecord:
-        key = self.object_key(partition, sha256)
+               progress: ProgressCallback | None = None, key: str | None = None) -> ReplicaRecord:
+        # `key`: somewhere other than the archive's content address (a key-store backup, core/keybackup.py).
+        key = upload_key(PROVIDER, self.prefix, key, partition, sha256)
         meta = object_metadata(PROVIDER, partition, sha256, metadata)
         digests = digest_file(Path(path), md5=True, crc32c=True)
         check_archive_file(Path(path), digests, sha256, size)

@@ -35,6 +35,7 @@ from .base import (
     object_metadata,
     parse_archive_key,
     provider_error,
+    upload_key,
 )
 
 PROVIDER = "s3"
@@ -135,8 +136,9 @@ class S3Replica:
     # ----------------------------------------------------------------------------------- upload
 
     def upload(self, path: Path, *, partition: str, sha256: str, size: int, metadata: dict[str, str],
-               progress: ProgressCallback | None = None) -> ReplicaRecord:
-        key = self.object_key(partition, sha256)
+               progress: ProgressCallback | None = None, key: str | None = None) -> ReplicaRecord:
+        # `key`: somewhere other than the archive's content address (a key-store backup, core/keybackup.py).
+        key = upload_key(PROVIDER, self.prefix, key, partition, sha256)
         meta = object_metadata(PROVIDER, partition, sha256, metadata)
         multipart = size >= self.multipart_threshold
         part_size = ChunksizeAdjuster().adjust_chunksize(self.part_size, size) if multipart else None

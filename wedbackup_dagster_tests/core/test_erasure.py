@@ -117,8 +117,19 @@ def test_a_locked_copy_stays_but_no_key_the_catalogue_holds_opens_it(make_govern
     locked_until = next(c["locked_until"] for c in row["copies"] if c["provider"] == "s3")
     assert locked_until is not None  # recorded at upload (copies.locked_until)
 
-    report = erase_wedding(cat, engine.vault, replicas, "4", requested_by="dpo")
+    from wedbackup_dagster.core.keybackup import _provider_key_backups, back_up_key_store
+
+    older = back_up_key_store(engine.settings, cat, replicas, engine.keyring)
+    older_key = f"{s3.prefix}/keys/{older.sha256}.wbk"
+    assert "ObjectLockMode" not in s3.client.head_object(Bucket=s3.target.bucket, Key=older_key)
+
+    report = erase_wedding(cat, engine.vault, replicas, "4", requested_by="dpo", settings=engine.settings)
     assert report.complete  # a lock is reported, not a failure
+    # Key-store backups are never locked, so the one holding wedding 4's key is gone, every version.
+    assert report.key_backup and report.key_backup != older.sha256
+    assert [sha for sha, _ in _provider_key_backups(s3)] == [report.key_backup]
+    versions = s3.client.list_object_versions(Bucket=s3.target.bucket, Prefix=older_key)
+    assert not versions.get("Versions") and not versions.get("DeleteMarkers")
     [locked] = report.locked
     assert locked["provider"] == "s3" and locked["locked_until"] is not None
     left = stored(fleet, "4")

@@ -138,6 +138,9 @@ class S3Replica:
     def upload(self, path: Path, *, partition: str, sha256: str, size: int, metadata: dict[str, str],
                progress: ProgressCallback | None = None, key: str | None = None) -> ReplicaRecord:
         # `key`: somewhere other than the archive's content address (a key-store backup, core/keybackup.py).
+        # Only archives are written under Object Lock: a key-store backup must stay deletable, or a locked
+        # one would keep an erased wedding's key readable (with a master key we hold) until its lock ends.
+        lock = key is None and self.target.object_lock != "none"
         key = upload_key(PROVIDER, self.prefix, key, partition, sha256)
         meta = object_metadata(PROVIDER, partition, sha256, metadata)
         multipart = size >= self.multipart_threshold
@@ -150,12 +153,12 @@ class S3Replica:
         if existing is not None:
             matches, checksum, digests = self._matches(key, existing, Path(path), digests)
             if matches:
-                existing = self._ensure_lock(key, existing)
+                existing = self._ensure_lock(key, existing) if lock else existing
                 return self._record(key, existing, digests, checksum, already_present=True)
             note = (f"replaced version {existing.get('VersionId')} at {key}: it had {existing.get('ContentLength')} "
                     f"bytes and checksum {existing.get('ChecksumSHA256') or 'none'}, not this archive")
 
-        self._transfer(Path(path), key, meta, part_size, progress)
+        self._transfer(Path(path), key, meta, part_size, progress, lock=lock)
 
         head = self._head_object(key)
         if head is None:
@@ -166,11 +169,11 @@ class S3Replica:
             raise ReplicaChecksumMismatch(
                 PROVIDER, key, f"after upload S3 reports {head.get('ContentLength')} bytes and checksum "
                                f"{checksum or 'none'}, which is not this archive; the bad version was deleted")
-        head = self._ensure_lock(key, head)
+        head = self._ensure_lock(key, head) if lock else head
         return self._record(key, head, digests, checksum, already_present=False, repaired=bool(note), note=note)
 
     def _transfer(self, path: Path, key: str, meta: dict[str, str], part_size: int | None,
-                  progress: ProgressCallback | None) -> None:
+                  progress: ProgressCallback | None, *, lock: bool) -> None:
         extra: dict[str, Any] = {
             "ChecksumAlgorithm": "SHA256",
             "Metadata": meta,
@@ -180,7 +183,7 @@ class S3Replica:
             extra["StorageClass"] = self.target.storage_class
         if self.target.sse and self.target.sse != "none":
             extra["ServerSideEncryption"] = self.target.sse
-        if self.target.object_lock != "none":
+        if lock:
             # Write-once: S3 refuses to delete or overwrite this version until the date (README, Immutability).
             extra["ObjectLockMode"] = self.target.object_lock.upper()
             extra["ObjectLockRetainUntilDate"] = self._retain_until()

@@ -44,6 +44,8 @@ VARIABLES: dict[str, tuple[str, str, bool]] = {
     "WEDBACKUP_AZURE_TIER": ("Azure access tier for replicas (Hot, Cool, Cold, Archive)", "Cool", False),
     "WEDBACKUP_ZSTD_LEVEL": ("zstd level for sealed archives (1-19); 1 was faster and no larger on the demo data",
                              "1", False),
+    "WEDBACKUP_LOCK_TIMEOUT": ("seconds a backup or restore of a wedding waits while another backup or restore "
+                               "of the same wedding runs (then it fails, naming the holder)", "600", False),
     "WEDBACKUP_POLICY_FILE": ("JSON or YAML file of backup policy settings (tiers, RPOs, season, schedule); "
                               "unset: the built-in defaults", "", False),
     "WEDBACKUP_PROVIDER_DOWN_AFTER": ("consecutive failed canaries (one per 30 s health tick) before a provider "
@@ -164,6 +166,7 @@ class Settings:
     s3: S3Target
     gcs: GCSTarget
     azure: AzureTarget
+    lock_timeout: float = 600.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -193,6 +196,13 @@ class Settings:
                 "STANDARD", "NEARLINE", "COLDLINE", "ARCHIVE"}),
             emulator_host=_url(env, "STORAGE_EMULATOR_HOST"),
         )
+        lock_text = env.get("WEDBACKUP_LOCK_TIMEOUT") or VARIABLES["WEDBACKUP_LOCK_TIMEOUT"][1]
+        try:
+            lock_timeout = float(lock_text)
+        except ValueError:
+            lock_timeout = -1.0
+        if not 0 <= lock_timeout <= 86400 or lock_timeout != lock_timeout:
+            raise ConfigError("WEDBACKUP_LOCK_TIMEOUT", "must be a number of seconds from 0 to 86400")
         azure_cs = env.get("WEDBACKUP_AZURE_CONNECTION_STRING", "")
         if azure_cs and "=" not in azure_cs:
             raise ConfigError("WEDBACKUP_AZURE_CONNECTION_STRING", "is not an Azure connection string")
@@ -205,7 +215,7 @@ class Settings:
         )
         return cls(source_dsn=source, catalogue_dsn=catalogue, scratch_dsn=scratch, vault_dir=vault,
                    zstd_level=int(level_text),
-                   s3=s3, gcs=gcs, azure=azure)
+                   s3=s3, gcs=gcs, azure=azure, lock_timeout=lock_timeout)
 
 
 def redact(text: str, environ: Mapping[str, str] | None = None) -> str:

@@ -10,6 +10,7 @@ import sys
 import time
 
 from .core.errors import WedbackupError
+from .core.vault import check_partition, shown
 
 
 def _instance():
@@ -30,7 +31,7 @@ def _selected_keys(args: argparse.Namespace, all_keys: list[str]) -> list[str]:
         return ["platform"]
     unknown = [w for w in args.wedding if w not in all_keys]
     if unknown:
-        raise WedbackupError(f"unknown wedding(s): {', '.join(unknown[:10])} (not in the source database)")
+        raise WedbackupError(f"unknown wedding(s): {', '.join(map(shown, unknown[:10]))} (not in the source database)")
     return list(args.wedding)
 
 
@@ -45,10 +46,18 @@ def _print_runs(results) -> bool:
     return ok
 
 
+def _check_weddings(ids: list[str] | None) -> None:
+    """Wedding ids from the command line become partition keys, paths and object keys: refuse anything
+    that is not one before touching a database or Dagster."""
+    for wedding in ids or []:
+        check_partition(wedding)
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
     from .backups.launch import register_partitions, run_job_for
     from .core.config import Settings
 
+    _check_weddings(args.wedding)
     settings = Settings.from_env()
     instance = _instance()
     keys = register_partitions(instance, settings.source_dsn)
@@ -63,6 +72,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from .backups.restore_job import TARGET_DSN_VARIABLE
     from .core.config import Settings, redact
 
+    _check_weddings([args.wedding] if args.wedding else None)
     Settings.from_env()
     partition = "platform" if args.platform else args.wedding
     os.environ[TARGET_DSN_VARIABLE] = args.target_dsn

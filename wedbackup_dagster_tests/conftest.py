@@ -25,6 +25,9 @@ def stack() -> Iterator[Stack]:
     try:
         yield st
     finally:
+        from . import secrets_guard
+
+        secrets_guard.scan_database_server(st)  # while the server still runs
         os.environ.clear()
         os.environ.update(saved)
         if not was_up and not os.environ.get("WEDBACKUP_KEEP_STACK"):

@@ -6,7 +6,7 @@ anything the suite wrote. Searched with core/secretscan.py:
   compute logs), just before the instance's temporary directory is deleted;
 * every catalogue database a test made (`make_database`), just before it is dropped, and at the end every
   database on the test PostgreSQL (schema `wedbackup`, and Dagster's PostgreSQL storage tables if any);
-* every file under pytest's temporary directory and under the stack's DAGSTER_HOME;
+* every file under pytest's temporary directory, the stack's DAGSTER_HOME and the stack's logs;
 * every test's captured stdout, stderr and log records, including what tests read with capsys/capfd.
 
 A finding fails the session (exit status 1) and is listed by where it was and which secret it was,
@@ -33,6 +33,7 @@ class Guard:
         self._scanner: SecretScanner | None = None
         self._loaded = False
         self.current_test = "the session"
+        self.server_scanned = False
         self._lock = threading.Lock()
 
     @property
@@ -136,6 +137,23 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         GUARD.text(f"captured {name} of {report.nodeid}", content)  # each phase repeats the earlier ones
 
 
+def scan_database_server(stack: Any) -> None:
+    """Every database on the stack's PostgreSQL (schema wedbackup, Dagster's tables). Called by the `stack`
+    fixture before it stops a stack it started, and at the end of the session if it has not run yet."""
+    scanner = GUARD.scanner
+    if not enabled() or scanner is None or GUARD.server_scanned:
+        return
+    import psycopg
+
+    try:
+        found, _ = scan_server(stack.dsn("postgres"), scanner, schemas=["wedbackup"], tables=DAGSTER_TABLES)
+    except psycopg.OperationalError:
+        return  # not running: said in the summary
+    GUARD.add(found)
+    GUARD.counts["databases"] += 1
+    GUARD.server_scanned = True
+
+
 def final_scan(session: pytest.Session) -> None:
     scanner = GUARD.scanner
     if scanner is None:
@@ -143,15 +161,13 @@ def final_scan(session: pytest.Session) -> None:
     from wedbackup_dagster.core.stack import Stack
 
     stack = Stack.default()
-    with contextlib.suppress(Exception):  # a stack that is already down has no databases left to scan
-        found, _ = scan_server(stack.dsn("postgres"), scanner, schemas=["wedbackup"], tables=DAGSTER_TABLES)
-        GUARD.add(found)
-        GUARD.counts["databases"] += 1
+    scan_database_server(stack)
     basetemp = session.config._tmp_path_factory.getbasetemp() if hasattr(session.config, "_tmp_path_factory") \
         else None
     if basetemp is not None:
         GUARD.tree(Path(basetemp), "pytest's temporary files")
     GUARD.tree(Path(stack.dagster_home), "DAGSTER_HOME")
+    GUARD.tree(Path(stack.log_dir), "the local stack's logs")
 
 
 @pytest.hookimpl(trylast=True)
@@ -160,6 +176,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     final_scan(session)
     counts = ", ".join(f"{n} {what}" for what, n in GUARD.counts.items())
+    if not GUARD.server_scanned:
+        counts += "; the database server was not running at the end, so not scanned as a whole"
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if GUARD.findings:
         lines = [f"\nSECRETS FOUND: {len(GUARD.findings)} (scanned {counts}; values not shown)"]

@@ -178,8 +178,11 @@ class Engine:
         try:
             for partition in set(weddings) - set(locked):
                 results[partition] = locks.busy_error(partition, "backup")
+            # Locks granted at once: the shared snapshot (at most share_seconds old) is kept. Renewing it per
+            # batch would cost a schema fingerprint per batch (measured ~30-60 ms, ~9% of the fleet); the
+            # only case it would change is a restore that committed in those seconds, backed up next time.
+            # A wedding that was busy goes through back_up, which waits and always takes a fresh snapshot.
             if locked:
-                self._fresh_snapshot_after(session, time.monotonic())
                 self._back_up_many_locked(locked, session, results)
         finally:
             locks.release(locked)

@@ -246,3 +246,39 @@ def test_tables_and_columns_with_hostile_names_are_backed_up_and_restored_exactl
     with psycopg.connect(source) as conn:  # nothing was injected along the way
         assert conn.execute("SELECT count(*) FROM public.weddings").fetchone()[0] == 3
     assert vault.is_dir() and not list(tmp_path.rglob("pwned")) and not Path("pwned").exists()
+
+
+def test_a_hostile_dagster_partition_key_fails_its_run_naming_the_key(stack, make_database, tmp_path, monkeypatch):
+    bad, worse = "../../etc", "1; DROP TABLE weddings"
+    import dagster as dg
+
+    from wedbackup_dagster.cli_backup import QUIET
+    from wedbackup_dagster.definitions import defs
+
+    source, catalogue = make_database(), make_database()
+    vault = tmp_path / "vault"
+    for name, value in {"WEDBACKUP_SOURCE_DSN": source, "WEDBACKUP_CATALOGUE_DSN": catalogue,
+                        "WEDBACKUP_VAULT_DIR": str(vault), "WEDBACKUP_RESTORE_TARGET_DSN": source}.items():
+        monkeypatch.setenv(name, value)
+    demo_data.generate(source, weddings=2, seed=3, document_bytes=64)
+
+    def failures(result) -> str:
+        return " ".join(e.step_failure_data.error.to_string() for e in result.all_events
+                        if e.event_type_value == "STEP_FAILURE")  # with its cause: our WedbackupError
+
+    with dg.instance_for_test() as instance:
+        # Someone added the key behind wedbackup's back (discovery only ever adds ids from the source).
+        instance.add_dynamic_partitions("weddings", [bad])
+        backup = defs.resolve_job_def("backup_weddings").execute_in_process(
+            instance=instance, partition_key=bad, raise_on_error=False, run_config=QUIET)
+        assert not backup.success and repr(bad) in failures(backup) and "is not a wedding id" in failures(backup)
+        restore_run = defs.resolve_job_def("restore_wedding").execute_in_process(
+            instance=instance, raise_on_error=False,
+            run_config={**QUIET, "ops": {"restore_partition": {"config": {"partition": worse}}}})
+        assert not restore_run.success and repr(worse) in failures(restore_run)
+    assert not vault.exists() or not any(vault.rglob("*"))
+    with psycopg.connect(catalogue) as conn:
+        exists = conn.execute("SELECT to_regclass('wedbackup.backups') IS NOT NULL").fetchone()[0]
+        assert not exists or conn.execute("SELECT count(*) FROM wedbackup.backups").fetchone()[0] == 0
+    with psycopg.connect(source) as conn:
+        assert conn.execute("SELECT count(*) FROM public.weddings").fetchone()[0] == 2

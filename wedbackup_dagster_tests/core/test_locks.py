@@ -255,3 +255,32 @@ def test_partition_lock_wraps_any_writer_of_a_wedding(env):
     with other.snapshot_session() as session:
         other.back_up(WEDDING, session)
     assert_intact_and_serialised(engine, WEDDING, 2)
+
+
+BACK_UP_IN_A_PROCESS = """
+import sys, time
+from wedbackup_dagster.core.engine import Engine
+engine = Engine.from_env()
+go = float(sys.argv[2])
+while time.time() < go:  # both processes start their backup at the same instant
+    time.sleep(0.005)
+with engine.snapshot_session() as session:
+    outcome = engine.back_up(sys.argv[1], session)
+print(outcome.stats.sha256)
+"""
+
+
+def test_two_processes_backing_up_the_same_wedding_at_once_do_not_overlap(env):
+    import subprocess
+    import sys
+
+    go = time.time() + 8  # time for both interpreters to import wedbackup on a busy machine
+    procs = [subprocess.Popen([sys.executable, "-c", BACK_UP_IN_A_PROCESS, WEDDING, str(go)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    shas = {out.strip() for out, _ in outputs}
+    assert len(shas) == 2
+    engine = Engine.from_env(env)
+    assert {r["archive_sha256"] for r in backups_of(engine, WEDDING)} == shas
+    assert_intact_and_serialised(engine, WEDDING, 2)

@@ -282,3 +282,23 @@ def test_a_hostile_dagster_partition_key_fails_its_run_naming_the_key(stack, mak
         assert not exists or conn.execute("SELECT count(*) FROM wedbackup.backups").fetchone()[0] == 0
     with psycopg.connect(source) as conn:
         assert conn.execute("SELECT count(*) FROM public.weddings").fetchone()[0] == 2
+
+
+@pytest.mark.parametrize("data", [
+    {1: "x", "tiers": {}},  # mixed key types used to crash sorted()
+    {None: 1, "a\nb": 2},
+    {"tiers": {"critical\n; DROP": {"rpo": "1h"}}},
+    {"tiers": {"critical": {"rpo": "1h", 7: 1, "x": 2}}},
+    {"season": {"months\x00": [1], 3: 4}},
+    {"x" * 10_000: 1},
+    {"tiers": {"critical": {"rpo": "$(rm -rf /)"}}},
+    {"tiers": {"critical": {"rpo": "1h\n"}}, "critical_days": "7; DROP"},
+])
+def test_a_hostile_policy_file_is_refused_naming_the_setting_escaped(data):
+    from wedbackup_dagster.core.policy import Policy
+
+    with pytest.raises(ConfigError) as err:
+        Policy.from_mapping(data)
+    message = str(err.value)
+    assert message.startswith("configuration policy") and len(message) < 400
+    assert "\n" not in message and "\x00" not in message

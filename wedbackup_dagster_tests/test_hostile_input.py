@@ -302,3 +302,27 @@ def test_a_hostile_policy_file_is_refused_naming_the_setting_escaped(data):
     message = str(err.value)
     assert message.startswith("configuration policy") and len(message) < 400
     assert "\n" not in message and "\x00" not in message
+
+
+@pytest.mark.parametrize("target", ["host=x hunter2hunter2", "hunter2hunter2", "host=x password='hunter2hunter2",
+                                    "postgresql://u:hunter2hunter2@127.0.0.1:1/db",
+                                    "host=127.0.0.1 port=1 password=hunter2hunter2 dbname=x"])
+def test_a_malformed_restore_target_is_a_restore_error_that_never_echoes_it(target):
+    # The target DSN is the one connection string that comes straight from a person (restore --target-dsn);
+    # psycopg's own parse error quoted it, password included.
+    import io
+    import json
+
+    from wedbackup_dagster.core import restore
+    from wedbackup_dagster.core.errors import RestoreError
+    from wedbackup_dagster.core.snapshot import HEADER, MAGIC, MANIFEST, POST_DATA, PRE_DATA, write_record
+
+    stream = io.BytesIO()
+    stream.write(MAGIC)
+    write_record(stream, HEADER, json.dumps({"format": "wedbackup-snapshot", "version": 1, "partition": "3",
+                                             "schema_fingerprint": "x"}).encode())
+    for kind, payload in ((PRE_DATA, b""), (POST_DATA, b""), (MANIFEST, b"{}")):
+        write_record(stream, kind, payload)
+    with pytest.raises(RestoreError, match="cannot connect to") as err:
+        restore.restore_snapshot([stream.getvalue()], target)
+    assert "hunter2" not in str(err.value)

@@ -402,6 +402,9 @@ def restore_snapshot(chunks: Iterable[bytes], target_dsn: str, *, create_schema:
         conn = psycopg.connect(target_dsn, autocommit=True, application_name="wedbackup-restore")
     except psycopg.OperationalError as e:
         raise RestoreError(f"cannot connect to {target}: {_first_line(e)}") from None
+    except psycopg.Error:
+        # psycopg's parse errors quote the connection string (`missing "=" after "<password>"`): never echo it.
+        raise RestoreError(f"cannot connect to {target}: the connection string does not parse") from None
     with conn:
         conn.execute("BEGIN")
         try:

@@ -326,3 +326,12 @@ def test_a_malformed_restore_target_is_a_restore_error_that_never_echoes_it(targ
     with pytest.raises(RestoreError, match="cannot connect to") as err:
         restore.restore_snapshot([stream.getvalue()], target)
     assert "hunter2" not in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["restore into host=db password=hunter2hunter2 dbname=x failed",
+                                  "host=db password='hunter2 hunter2' port=1", "PASSWORD = hunter2hunter2",
+                                  "postgresql://app:hunter2hunter2@db/x", "password='hunter2hunter2"])
+def test_redact_hides_passwords_in_both_forms_of_a_dsn(text):
+    from wedbackup_dagster.core.config import redact
+
+    assert "hunter2" not in redact(text, {}) and "***" in redact(text, {})

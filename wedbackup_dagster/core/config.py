@@ -244,4 +244,6 @@ def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
         value = env.get(name)
         if value and len(value) >= 4:
             out = out.replace(value, "***")
-    return re.sub(r"(postgres(?:ql)?://[^:/@\s]+:)[^@\s]+@", r"\1***@", out)
+    out = re.sub(r"(postgres(?:ql)?://[^:/@\s]+:)[^@\s]+@", r"\1***@", out)
+    # The key=value form of a DSN ("host=db password=…"), quoted or not.
+    return re.sub(r"(?i)\b(password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|[^\s'\"]+)", r"\1***", out)

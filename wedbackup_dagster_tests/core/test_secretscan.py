@@ -142,3 +142,32 @@ def test_a_session_that_leaks_a_stack_secret_fails_and_says_where(stack, pyteste
     clean = pytester.runpytest_subprocess(*args, timeout=300)
     assert clean.ret == 0, clean.stdout.str()
     assert "secrets scan: 0 secrets found" in clean.stdout.str()
+
+
+def test_the_guard_reads_every_dagster_test_instance_before_it_is_deleted(stack):
+    import dagster as dg
+
+    from wedbackup_dagster_tests import secrets_guard
+
+    secret = stack.local_secrets()["s3_secret"]
+
+    @dg.op
+    def leaky(context):
+        context.log.info(f"uploading with {secret}")  # into the run's event log only: the console is quiet
+
+    @dg.job
+    def leaky_job():
+        leaky()
+
+    before = set(secrets_guard.GUARD.findings)
+    with dg.instance_for_test() as instance:
+        root = instance.root_directory
+        leaky_job.execute_in_process(instance=instance, run_config={
+            "loggers": {"console": {"config": {"log_level": "CRITICAL"}}}})
+    new = set(secrets_guard.GUARD.findings) - before
+    # Take the planted finding back out, so this session's own guard still speaks only of real leaks.
+    secrets_guard.GUARD.findings -= new
+    assert new, "the guard did not scan the Dagster instance"
+    assert all(f.secret == "AWS_SECRET_ACCESS_KEY" and root in f.where for f in new)
+    assert any(f.where.startswith("Dagster instance of ") for f in new)
+    assert not os.path.exists(root)

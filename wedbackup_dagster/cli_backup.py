@@ -10,6 +10,7 @@ import sys
 import time
 
 from .core.errors import WedbackupError
+from .core.vault import check_partition, shown
 
 
 def _instance():
@@ -30,7 +31,7 @@ def _selected_keys(args: argparse.Namespace, all_keys: list[str]) -> list[str]:
         return ["platform"]
     unknown = [w for w in args.wedding if w not in all_keys]
     if unknown:
-        raise WedbackupError(f"unknown wedding(s): {', '.join(unknown[:10])} (not in the source database, or erased)")
+        raise WedbackupError(f"unknown wedding(s): {', '.join(map(shown, unknown[:10]))} (not in the source database, or erased)")
     return list(args.wedding)
 
 
@@ -45,11 +46,19 @@ def _print_runs(results) -> bool:
     return ok
 
 
+def _check_weddings(ids: list[str] | None) -> None:
+    """Wedding ids from the command line become partition keys, paths and object keys: refuse anything
+    that is not one before touching a database or Dagster."""
+    for wedding in ids or []:
+        check_partition(wedding)
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
     from .backups.launch import register_partitions, run_job_for
     from .core.catalogue import Catalogue
     from .core.config import Settings
 
+    _check_weddings(args.wedding)
     settings = Settings.from_env()
     instance = _instance()
     catalogue = Catalogue(settings.catalogue_dsn)

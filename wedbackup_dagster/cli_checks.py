@@ -7,6 +7,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 from .core.errors import WedbackupError
+from .core.vault import shown
 
 DEFAULT_BATCH = 100
 
@@ -19,7 +20,7 @@ def select_for_verify(verified: dict[str, datetime | None], *, all_: bool = Fals
     if weddings:
         unknown = [w for w in weddings if w not in verified]
         if unknown:
-            raise WedbackupError(f"wedding(s) without a backup in the catalogue: {', '.join(unknown[:10])}")
+            raise WedbackupError(f"wedding(s) without a backup in the catalogue: {', '.join(map(shown, unknown[:10]))}")
         return list(dict.fromkeys(weddings))
     if older_than_days is None or older_than_days < 0:
         raise WedbackupError("--older-than needs a number of days ≥ 0")

@@ -14,7 +14,10 @@ from .core.errors import WedbackupError
 
 
 def _partition(args: argparse.Namespace) -> str:
-    return "platform" if args.platform else args.wedding
+    """The partition asked for; a wedding id that is not one is refused before any database or Dagster."""
+    from .core.vault import check_partition
+
+    return "platform" if args.platform else check_partition(args.wedding)
 
 
 def cmd_points(args: argparse.Namespace) -> int:
@@ -22,8 +25,8 @@ def cmd_points(args: argparse.Namespace) -> int:
     from .core.catalogue import Catalogue
     from .core.config import Settings
 
+    partition = _partition(args)  # a hostile id stops here, before any setting or database is read
     settings = Settings.from_env()
-    partition = _partition(args)
     catalogue = Catalogue(settings.catalogue_dsn)
     try:
         catalogue.migrate()
@@ -52,8 +55,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from .core import recovery
     from .core.config import Settings, redact
 
+    partition = _partition(args)  # a hostile id stops here, before any setting or database is read
     Settings.from_env()
-    partition = _partition(args)
     recovery.parse_as_of(args.as_of)  # a bad time stops here, before a run is made
     if args.in_place:
         mode = "in_place"

@@ -10,6 +10,9 @@ import pytest
 
 from wedbackup_dagster.core.stack import Stack
 
+# After the session, nothing the suite wrote may hold a secret of the stack (see secrets_guard.py).
+pytest_plugins = ["wedbackup_dagster_tests.secrets_guard", "pytester"]
+
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
@@ -22,6 +25,9 @@ def stack() -> Iterator[Stack]:
     try:
         yield st
     finally:
+        from . import secrets_guard
+
+        secrets_guard.scan_database_server(st)  # while the server still runs
         os.environ.clear()
         os.environ.update(saved)
         if not was_up and not os.environ.get("WEDBACKUP_KEEP_STACK"):
@@ -53,6 +59,10 @@ def make_database(stack: Stack) -> Iterator[Callable[..., str]]:
         return stack.dsn(name)
 
     yield make
+    from . import secrets_guard
+
+    for name in created:
+        secrets_guard.scan_database_before_drop(stack.dsn(name), name)
     with psycopg.connect(stack.dsn("postgres"), autocommit=True) as conn:
         for name in created:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

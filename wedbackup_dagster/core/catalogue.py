@@ -17,6 +17,7 @@ from psycopg.rows import dict_row
 
 from .errors import KeyError_, UnknownWeddingError
 from .keys import MasterKeyring, SecretKey, new_data_key, unwrap_key, wrap_key
+from .locks import PartitionLocks
 
 SCHEMA_VERSION = 1
 
@@ -198,6 +199,14 @@ class Catalogue:
     def __init__(self, dsn: str):
         self.dsn = dsn
         self._conn: psycopg.Connection | None = None
+        self._locks: PartitionLocks | None = None
+
+    @property
+    def partition_locks(self) -> PartitionLocks:
+        """This catalogue's per-partition locks (core/locks.py), on a connection of their own."""
+        if self._locks is None:
+            self._locks = PartitionLocks(self.dsn)
+        return self._locks
 
     @contextmanager
     def connect(self) -> Iterator[psycopg.Connection]:
@@ -213,6 +222,8 @@ class Catalogue:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._locks is not None:
+            self._locks.close()
 
     def migrate(self) -> None:
         with self.connect() as conn:

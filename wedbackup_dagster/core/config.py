@@ -48,6 +48,8 @@ VARIABLES: dict[str, tuple[str, str, bool]] = {
     "WEDBACKUP_AZURE_TIER": ("Azure access tier for replicas (Hot, Cool, Cold, Archive)", "Cool", False),
     "WEDBACKUP_ZSTD_LEVEL": ("zstd level for sealed archives (1-19); 1 was faster and no larger on the demo data",
                              "1", False),
+    "WEDBACKUP_LOCK_TIMEOUT": ("seconds a backup or restore of a wedding waits while another backup or restore "
+                               "of the same wedding runs (then it fails, naming the holder)", "600", False),
     "WEDBACKUP_POLICY_FILE": ("JSON or YAML file of backup policy settings (tiers, RPOs, season, schedule); "
                               "unset: the built-in defaults", "", False),
     "WEDBACKUP_PROVIDER_DOWN_AFTER": ("consecutive failed canaries (one per 30 s health tick) before a provider "
@@ -102,9 +104,26 @@ def _choice(environ: Mapping[str, str], name: str, allowed: set[str]) -> str:
 
 def _matching(environ: Mapping[str, str], name: str, pattern: re.Pattern[str], what: str) -> str:
     value = environ.get(name) or VARIABLES[name][1]
-    if not pattern.match(value) or ".." in value:
+    # fullmatch: a pattern's `$` also matches before a trailing newline.
+    if not pattern.fullmatch(value) or ".." in value:
         raise ConfigError(name, f"is not a valid {what}")
     return value
+
+
+def _prefix(environ: Mapping[str, str], name: str, what: str) -> str:
+    """An object-key prefix: segments of [A-Za-z0-9._-] joined by single '/', none of them '.' or '..',
+    no leading or trailing '/': every key under it stays under it, whatever a provider normalises."""
+    value = _matching(environ, name, _PREFIX, what)
+    if any(segment in ("", ".", "..") for segment in value.split("/")):
+        raise ConfigError(name, f"is not a valid {what} (empty, '.' or '..' path segment)")
+    return value
+
+
+def _path(environ: Mapping[str, str], name: str) -> Path:
+    value = environ.get(name) or VARIABLES[name][1]
+    if any(ord(c) < 0x20 or c == "\x7f" for c in value):
+        raise ConfigError(name, "contains a control character (NUL, newline, ...): not a usable directory")
+    return Path(value)
 
 
 def _url(environ: Mapping[str, str], name: str) -> str:
@@ -177,6 +196,7 @@ class Settings:
     s3: S3Target
     gcs: GCSTarget
     azure: AzureTarget
+    lock_timeout: float = 600.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -184,14 +204,15 @@ class Settings:
         source = _dsn(env, "WEDBACKUP_SOURCE_DSN")
         catalogue = _dsn(env, "WEDBACKUP_CATALOGUE_DSN")
         scratch = _dsn(env, "WEDBACKUP_SCRATCH_DSN", default=scratch_dsn_from(source))
-        vault = Path(env.get("WEDBACKUP_VAULT_DIR") or VARIABLES["WEDBACKUP_VAULT_DIR"][1])
+        vault = _path(env, "WEDBACKUP_VAULT_DIR")
         level_text = env.get("WEDBACKUP_ZSTD_LEVEL") or VARIABLES["WEDBACKUP_ZSTD_LEVEL"][1]
-        if not level_text.isdigit() or not 1 <= int(level_text) <= 19:
+        # [0-9], not str.isdigit(): "²" is a digit to Python but not a number to int().
+        if not re.fullmatch(r"[0-9]{1,2}", level_text) or not 1 <= int(level_text) <= 19:
             raise ConfigError("WEDBACKUP_ZSTD_LEVEL", "must be a whole number from 1 to 19")
         s3 = S3Target(
             bucket=_matching(env, "WEDBACKUP_S3_BUCKET", _BUCKET, "bucket name"),
             region=_matching(env, "WEDBACKUP_S3_REGION", re.compile(r"^[a-z0-9-]{2,32}$"), "region"),
-            prefix=_matching(env, "WEDBACKUP_S3_PREFIX", _PREFIX, "key prefix"),
+            prefix=_prefix(env, "WEDBACKUP_S3_PREFIX", "key prefix"),
             endpoint_url=_url(env, "WEDBACKUP_S3_ENDPOINT_URL"),
             storage_class=_choice(env, "WEDBACKUP_S3_STORAGE_CLASS", {
                 "STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR",
@@ -203,24 +224,31 @@ class Settings:
         gcs = GCSTarget(
             bucket=_matching(env, "WEDBACKUP_GCS_BUCKET", _BUCKET, "bucket name"),
             project=_matching(env, "WEDBACKUP_GCS_PROJECT", re.compile(r"^[a-z0-9-]{2,64}$"), "project id"),
-            prefix=_matching(env, "WEDBACKUP_GCS_PREFIX", _PREFIX, "object prefix"),
+            prefix=_prefix(env, "WEDBACKUP_GCS_PREFIX", "object prefix"),
             storage_class=_choice(env, "WEDBACKUP_GCS_STORAGE_CLASS", {
                 "STANDARD", "NEARLINE", "COLDLINE", "ARCHIVE"}),
             emulator_host=_url(env, "STORAGE_EMULATOR_HOST"),
         )
+        lock_text = env.get("WEDBACKUP_LOCK_TIMEOUT") or VARIABLES["WEDBACKUP_LOCK_TIMEOUT"][1]
+        try:
+            lock_timeout = float(lock_text)
+        except ValueError:
+            lock_timeout = -1.0
+        if not 0 <= lock_timeout <= 86400:  # NaN fails this too
+            raise ConfigError("WEDBACKUP_LOCK_TIMEOUT", "must be a number of seconds from 0 to 86400")
         azure_cs = env.get("WEDBACKUP_AZURE_CONNECTION_STRING", "")
         if azure_cs and "=" not in azure_cs:
             raise ConfigError("WEDBACKUP_AZURE_CONNECTION_STRING", "is not an Azure connection string")
         azure = AzureTarget(
             container=_matching(env, "WEDBACKUP_AZURE_CONTAINER", re.compile(r"^[a-z0-9](?:[a-z0-9-]{1,61})[a-z0-9]$"),
                                 "container name"),
-            prefix=_matching(env, "WEDBACKUP_AZURE_PREFIX", _PREFIX, "blob prefix"),
+            prefix=_prefix(env, "WEDBACKUP_AZURE_PREFIX", "blob prefix"),
             tier=_choice(env, "WEDBACKUP_AZURE_TIER", {"Hot", "Cool", "Cold", "Archive"}),
             connection_string=azure_cs,
         )
         return cls(source_dsn=source, catalogue_dsn=catalogue, scratch_dsn=scratch, vault_dir=vault,
                    zstd_level=int(level_text),
-                   s3=s3, gcs=gcs, azure=azure)
+                   s3=s3, gcs=gcs, azure=azure, lock_timeout=lock_timeout)
 
 
 def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
@@ -231,4 +259,6 @@ def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
         value = env.get(name)
         if value and len(value) >= 4:
             out = out.replace(value, "***")
-    return re.sub(r"(postgres(?:ql)?://[^:/@\s]+:)[^@\s]+@", r"\1***@", out)
+    out = re.sub(r"(postgres(?:ql)?://[^:/@\s]+:)[^@\s]+@", r"\1***@", out)
+    # The key=value form of a DSN ("host=db password=…"), quoted or not.
+    return re.sub(r"(?i)\b(password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|[^\s'\"]+)", r"\1***", out)

@@ -132,3 +132,15 @@ class KeyBackupError(ArchiveError):
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+class PartitionBusyError(WedbackupError):
+    """Another backup or restore of the same partition held its lock for longer than we may wait."""
+
+    def __init__(self, partition: str, purpose: str, waited: float, holder: str):
+        self.partition = partition
+        self.holder = holder
+        what = "the platform partition" if partition == "platform" else f"wedding {partition}"
+        waited_text = f"after waiting {waited:.1f} s" if waited > 0 else "without waiting"
+        super().__init__(f"{what}: {purpose} not started {waited_text}: another backup or restore of it is "
+                         f"running (lock held by {holder})")

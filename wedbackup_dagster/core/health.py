@@ -3,6 +3,7 @@ state that follows from consecutive failures, recorded in the catalogue (history
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -31,7 +32,7 @@ class HealthSettings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> HealthSettings:
         env = os.environ if environ is None else environ
         down_text = env.get(DOWN_AFTER_VARIABLE) or str(DEFAULT_DOWN_AFTER)
-        if not down_text.isdigit() or not 1 <= int(down_text) <= 100:
+        if not re.fullmatch(r"[0-9]{1,3}", down_text) or not 1 <= int(down_text) <= 100:
             raise ConfigError(DOWN_AFTER_VARIABLE, "must be a whole number from 1 to 100")
         timeout_text = env.get(CANARY_TIMEOUT_VARIABLE) or str(DEFAULT_CANARY_TIMEOUT)
         try:

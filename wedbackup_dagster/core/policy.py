@@ -18,6 +18,15 @@ CRITICAL, HIGH, NORMAL, RECENT, ARCHIVED, PLATFORM = "critical", "high", "normal
 TIERS = (CRITICAL, HIGH, NORMAL, RECENT, ARCHIVED, PLATFORM)
 POLICY_FILE_VARIABLE = "WEDBACKUP_POLICY_FILE"
 
+def _name(key: Any) -> str:
+    """A key from the policy file as it may appear in an error: as written when it is a plain name,
+    else escaped and bounded (a hostile file must not flood or forge the log)."""
+    if isinstance(key, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", key):
+        return key
+    text = repr(key)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
 
@@ -162,23 +171,23 @@ class Policy:
             raise ConfigError(source, "must be a mapping of policy settings")
         known = {"tiers", "critical_days", "wedding_day_rpo", "high_days", "recent_days", "season", "timezone",
                  "cron", "max_extra_per_gap", "retention"}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=repr)  # YAML keys may be numbers or null, not only text
         if unknown:
-            raise ConfigError(f"{source}.{unknown[0]}", f"is not a policy setting (known: {', '.join(sorted(known))})")
+            raise ConfigError(f"{source}.{_name(unknown[0])}", f"is not a policy setting (known: {', '.join(sorted(known))})")
         base = cls()
         tiers = dict(base.tiers)
         overrides = data.get("tiers") or {}
         if not isinstance(overrides, Mapping):
             raise ConfigError(f"{source}.tiers", "must be a mapping of tier name to settings")
         for tier, rule in overrides.items():
-            where = f"{source}.tiers.{tier}"
+            where = f"{source}.tiers.{_name(tier)}"
             if tier not in TIERS:
                 raise ConfigError(where, f"is not a tier (tiers: {', '.join(TIERS)})")
             if not isinstance(rule, Mapping):
                 raise ConfigError(where, "must be a mapping")
-            extra = sorted(set(rule) - {"rpo", "priority", "fresh_copy_every", "max_run_size"})
+            extra = sorted(set(rule) - {"rpo", "priority", "fresh_copy_every", "max_run_size"}, key=repr)
             if extra:
-                raise ConfigError(f"{where}.{extra[0]}", "is not a tier setting")
+                raise ConfigError(f"{where}.{_name(extra[0])}", "is not a tier setting")
             current = tiers[tier]
             tiers[tier] = TierRule(
                 rpo=_duration(rule.get("rpo", current.rpo), f"{where}.rpo"),
@@ -190,9 +199,9 @@ class Policy:
         season = data.get("season") or {}
         if not isinstance(season, Mapping):
             raise ConfigError(f"{source}.season", "must be a mapping (months, tiers, factor)")
-        bad = sorted(set(season) - {"months", "tiers", "factor"})
+        bad = sorted(set(season) - {"months", "tiers", "factor"}, key=repr)
         if bad:
-            raise ConfigError(f"{source}.season.{bad[0]}", "is not a season setting")
+            raise ConfigError(f"{source}.season.{_name(bad[0])}", "is not a season setting")
         kwargs: dict[str, Any] = {"tiers": tiers}
         for name in ("critical_days", "high_days", "recent_days"):
             if name in data:

@@ -20,6 +20,7 @@ from .archive import open_archive
 from .catalogue import BackupRecord, Catalogue
 from .errors import (ProviderError, RestoreError, SchemaMismatchError, SnapshotFormatError, UnknownWeddingError,
                      VerificationError, WedbackupError)
+from .locks import partition_lock
 from .restore import (Record, _advance_sequences, _checksum, _compare_with_manifest, _first_line, read_snapshot,
                       restore_snapshot, schema_differences)
 from .snapshot import (DATA, FORMAT_NAME, FORMAT_VERSION, MANIFEST, PLATFORM, Manifest, database_label,
@@ -206,6 +207,9 @@ def _connect(dsn: str, target: str, application_name: str) -> psycopg.Connection
         return psycopg.connect(dsn, autocommit=True, application_name=application_name)
     except psycopg.OperationalError as e:
         raise RestoreError(f"cannot connect to {target}: {_first_line(e)}") from None
+    except psycopg.Error:
+        # psycopg's parse errors quote the connection string, password and all: never pass them on.
+        raise RestoreError(f"cannot connect to {target}: the connection string does not parse") from None
 
 
 @contextlib.contextmanager
@@ -727,8 +731,13 @@ def recover(engine: Any, request: RecoveryRequest, replicas: Mapping[str, Any], 
         progress(f"fetched the {chosen} copy ({backup.size:,} bytes, SHA-256 checked)")
         chunks = open_archive(tmp, name=name, resolve_key=engine.resolve_key)
         if request.mode == "in_place":
-            report = restore_in_place(chunks, dsn, partition, name=name, dry_run=request.dry_run,
-                                      lock_timeout=request.lock_timeout, progress=progress)
+            # The wedding's lock (core/locks.py): no backup of it snapshots while its rows are replaced,
+            # so no archive ever holds half of a restore. A dry run writes nothing and needs none.
+            held = (contextlib.nullcontext() if request.dry_run
+                    else partition_lock(engine.catalogue, partition, purpose="in-place restore"))
+            with held:
+                report = restore_in_place(chunks, dsn, partition, name=name, dry_run=request.dry_run,
+                                          lock_timeout=request.lock_timeout, progress=progress)
         elif request.mode == "schema":
             report = restore_into_schema(chunks, dsn, request.schema, name=name, dry_run=request.dry_run,
                                          progress=progress)

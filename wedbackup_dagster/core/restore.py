@@ -17,6 +17,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from wedbackup_dagster.core import tenancy
+from wedbackup_dagster.core.vault import PARTITION_RE
 from wedbackup_dagster.core.errors import (RestoreError, SchemaMismatchError, SnapshotFormatError,
                                            VerificationError)
 from wedbackup_dagster.core.snapshot import (TableTotals,
@@ -133,9 +134,83 @@ def read_manifest(chunks: Iterable[bytes], *, name: str = "snapshot stream") -> 
     manifest = None
     for record in read_snapshot(chunks, name=name):
         if record.kind == MANIFEST:
-            manifest = Manifest.from_dict(record.json())
-    assert manifest is not None  # read_snapshot guarantees a manifest ends the stream
+            manifest = manifest_of(record)
+    if manifest is None:  # read_snapshot raises first; kept for a clear message if that changes
+        raise SnapshotFormatError(name, "the stream has no manifest")
     return manifest
+
+
+# --- record contents --------------------------------------------------------------------------------
+# A stream that authenticated can still be garbled (written by a broken writer, or by someone holding the
+# key): every field the restore relies on is checked, so a bad one is a SnapshotFormatError naming the
+# stream, never a KeyError or TypeError from deep inside.
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _garbled(record: Record, problem: str) -> SnapshotFormatError:
+    return SnapshotFormatError(record.source, f"{record.kind_name} record at offset {record.offset} {problem}")
+
+
+def header_of(record: Record) -> dict[str, Any]:
+    """The header record's JSON, with the fields a restore uses checked."""
+    header = record.json()
+    if header.get("format") != FORMAT_NAME or header.get("version") != FORMAT_VERSION:
+        raise SnapshotFormatError(record.source, f"snapshot format {str(header.get('format'))[:40]!r} version "
+                                                 f"{str(header.get('version'))[:10]!r} is not {FORMAT_NAME} "
+                                                 f"version {FORMAT_VERSION}")
+    if not isinstance(header.get("partition"), str) or not PARTITION_RE.match(header["partition"]):
+        raise _garbled(record, "does not name a valid partition")
+    if not isinstance(header.get("schema_fingerprint"), str):
+        raise _garbled(record, "has no schema fingerprint")
+    schema = header.get("schema", [])
+    if not isinstance(schema, list) or not all(
+            isinstance(line, list) and len(line) == 3 and all(isinstance(x, str) for x in line) for line in schema):
+        raise _garbled(record, "has a schema description that is not a list of [kind, key, detail]")
+    fks = header.get("foreign_keys", [])
+    if not isinstance(fks, list) or not all(
+            isinstance(fk, dict) and all(isinstance(fk.get(k), str)
+                                         for k in ("schema", "table", "name", "ref_schema", "ref_table"))
+            for fk in fks):
+        raise _garbled(record, "has a foreign key list that is not a list of constraints")
+    return header
+
+
+def table_begin_of(record: Record) -> tuple[str, str, list[str]]:
+    """(schema, table, columns) of a table-begin record."""
+    begin = record.json()
+    schema, name, columns = begin.get("schema"), begin.get("name"), begin.get("columns")
+    if not (isinstance(schema, str) and schema and isinstance(name, str) and name and isinstance(columns, list)
+            and columns and all(isinstance(c, str) and c for c in columns)):
+        raise _garbled(record, "does not name a table and its columns")
+    return schema, name, columns
+
+
+_MANIFEST_TABLE_TYPES = {"schema": str, "name": str, "columns": list, "rows": int, "bytes": int, "sha256": str,
+                         "select_sql": str}
+
+
+def manifest_of(record: Record) -> Manifest:
+    """The manifest record as a Manifest, its fields checked (types, totals that are whole numbers)."""
+    d = record.json()
+    tables = d.get("tables")
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise _garbled(record, "has no list of tables")
+    for t in tables:
+        for key, kind in _MANIFEST_TABLE_TYPES.items():
+            value = t.get(key)
+            if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 0)):
+                raise _garbled(record, f"has a table whose {key!r} is missing or not a {kind.__name__}")
+        if not (t.get("params") is None or isinstance(t.get("params"), dict)):
+            raise _garbled(record, "has a table whose 'params' is not an object")
+    for key, kind in (("partition", str), ("snapshot_time", str), ("schema_fingerprint", str), ("plan", dict)):
+        if not isinstance(d.get(key), kind):
+            raise _garbled(record, f"has no {key!r} ({kind.__name__})")
+    try:
+        return Manifest.from_dict(d)
+    except (KeyError, TypeError, ValueError) as e:
+        raise _garbled(record, f"is not a manifest ({type(e).__name__}: {str(e)[:80]})") from None
 
 
 # --- reports ----------------------------------------------------------------------------------------
@@ -319,10 +394,7 @@ def restore_snapshot(chunks: Iterable[bytes], target_dsn: str, *, create_schema:
     started = time.monotonic()
     target = database_label(target_dsn)
     records = read_snapshot(chunks, name=name)
-    header = next(records).json()
-    if header.get("format") != FORMAT_NAME or header.get("version") != FORMAT_VERSION:
-        raise SnapshotFormatError(name, f"snapshot format {header.get('format')!r} version {header.get('version')!r} "
-                                        f"is not {FORMAT_NAME} version {FORMAT_VERSION}")
+    header = header_of(next(records))
     pre_data = next(records).text()
     post_data = next(records).text()
     partition = str(header["partition"])
@@ -330,6 +402,9 @@ def restore_snapshot(chunks: Iterable[bytes], target_dsn: str, *, create_schema:
         conn = psycopg.connect(target_dsn, autocommit=True, application_name="wedbackup-restore")
     except psycopg.OperationalError as e:
         raise RestoreError(f"cannot connect to {target}: {_first_line(e)}") from None
+    except psycopg.Error:
+        # psycopg's parse errors quote the connection string (`missing "=" after "<password>"`): never echo it.
+        raise RestoreError(f"cannot connect to {target}: the connection string does not parse") from None
     with conn:
         conn.execute("BEGIN")
         try:
@@ -378,8 +453,7 @@ def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, A
             if record.kind == MANIFEST:
                 manifest_record = record
                 break
-            begin = record.json()  # read_snapshot guarantees a table-begin here
-            schema, tname, columns = begin["schema"], begin["name"], begin["columns"]
+            schema, tname, columns = table_begin_of(record)  # read_snapshot guarantees a table-begin here
             table = f"{schema}.{tname}"
             table_names.append((schema, tname))
             if not create_schema:
@@ -412,7 +486,11 @@ def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, A
             tables.append(TableReport(table, rows, nbytes, round(time.monotonic() - t0, 6)))
     if manifest_record is None:  # read_snapshot raises first; kept for a clear message if that changes
         raise SnapshotFormatError(name, "the stream has no manifest")
-    manifest = Manifest.from_dict(manifest_record.json())
+    # Read the stream to its end: read_snapshot refuses anything after the manifest (found by fuzzing:
+    # a restore used to stop at the manifest and so accepted trailing garbage).
+    for extra in records:
+        raise SnapshotFormatError(name, f"{extra.kind_name} record at offset {extra.offset} after the manifest")
+    manifest = manifest_of(manifest_record)
     _compare_with_manifest(manifest, seen, what, target)
 
     unvalidated: list[str] = []

@@ -566,6 +566,15 @@ class SnapshotSession:
             self._conn.close()
             self._conn = None
 
+    def start_after(self, moment: float) -> None:
+        """The next snapshot begins after `moment` (a time.monotonic() value): a shared transaction opened
+        before it is ended. The engine calls this once it holds a partition's lock, so a backup that waited
+        for a restore of the same wedding reads what the restore committed, not an older shared snapshot."""
+        if self._shared is not None and self._shared[0] <= moment:
+            self._shared = None
+            if self._conn is not None and not self._conn.closed:
+                self._conn.execute("COMMIT")
+
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
             try:

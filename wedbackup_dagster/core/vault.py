@@ -20,16 +20,24 @@ SUFFIX = ".wbk"
 KEY_BACKUP_DIR = "keys.d"  # encrypted key-store backups (core/keybackup.py); the dot keeps it from being a partition
 
 
+def shown(value: object) -> str:
+    """A hostile value in an error message: escaped (repr) and bounded, so it cannot flood or forge a log."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def check_partition(partition: str) -> str:
-    """A partition key is `platform` or a wedding id; anything else could escape a path or prefix."""
-    if not isinstance(partition, str) or not PARTITION_RE.match(partition):
-        raise WedbackupError(f"partition {partition!r} is not a wedding id or 'platform'")
+    """A partition key is `platform` or a wedding id; anything else could escape a path or prefix.
+    fullmatch, not match: `$` would let a trailing newline through."""
+    if not isinstance(partition, str) or not PARTITION_RE.fullmatch(partition):
+        raise WedbackupError(f"partition {shown(partition)} is not a wedding id ([A-Za-z0-9_-], at most 64) "
+                             "or 'platform'")
     return partition
 
 
 def check_sha256(sha256: str) -> str:
-    if not isinstance(sha256, str) or not SHA256_RE.match(sha256):
-        raise WedbackupError(f"{sha256!r} is not a lower-case hex SHA-256")
+    if not isinstance(sha256, str) or not SHA256_RE.fullmatch(sha256):
+        raise WedbackupError(f"{shown(sha256)} is not a lower-case hex SHA-256")
     return sha256
 
 

@@ -462,3 +462,28 @@ def test_restricted_differences_ignore_schemas_the_archive_does_not_know():
     changed = [["schema", "public", ""], ["column", "public.guests.id", "ord 1 integer"]]
     assert restricted_differences(archive, changed) == [
         "column public.guests.id differs: archive has 'ord 1 bigint', target has 'ord 1 integer'"]
+
+
+def test_an_in_place_restore_waits_for_a_backup_of_the_same_wedding(env):
+    """core/locks.py: while another process (a backup, say) holds the wedding's lock, an in-place restore
+    does not start; past WEDBACKUP_LOCK_TIMEOUT it fails naming the holder and writes nothing."""
+    from wedbackup_dagster.core.errors import PartitionBusyError
+    from wedbackup_dagster.core.locks import partition_lock
+
+    restorer = Engine.from_env({**env, "WEDBACKUP_LOCK_TIMEOUT": "0.5"})
+    other = Engine.from_env(env)
+    try:
+        back_up(restorer)
+        with source(restorer) as conn:
+            conn.execute("UPDATE weddings SET venue = 'Elsewhere' WHERE id = %s", (int(WEDDING),))
+        before = rows_of(restorer.settings.source_dsn, WEDDING)
+        with partition_lock(other.catalogue, WEDDING, purpose="backup"):
+            with pytest.raises(PartitionBusyError, match=f"wedding {WEDDING}.*backup"):
+                run(restorer)
+            assert rows_of(restorer.settings.source_dsn, WEDDING) == before  # nothing written
+            assert run(restorer, dry_run=True).dry_run  # a dry run writes nothing and takes no lock
+        run(restorer)  # the lock is free again: the restore goes ahead
+        assert rows_of(restorer.settings.source_dsn, WEDDING) != before
+    finally:
+        restorer.catalogue.close()
+        other.catalogue.close()

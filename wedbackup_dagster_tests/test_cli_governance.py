@@ -37,7 +37,7 @@ def test_erase_refuses_without_confirm_then_erases_through_dagster(fleet, capsys
     assert {r.job_name for r in dg.DagsterInstance.get().get_runs()} == {"erase_wedding"}
     # Its row is still in the source, but `backup` will not take it again.
     assert main(["backup", "--wedding", "2"]) == 2
-    assert "unknown wedding(s): 2 (not in the source database, or erased)" in capsys.readouterr().err
+    assert "unknown wedding(s): '2' (not in the source database, or erased)" in capsys.readouterr().err
     assert main(["erase", "--wedding", "../x", "--confirm"]) == 2
     assert "../x" in capsys.readouterr().err
 

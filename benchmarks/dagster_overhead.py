@@ -1,0 +1,214 @@
+"""Dagster's overhead per wedding: the backup schedule's own way of launching work — batched runs of the
+`backup_wedding_list` job (max_run_size weddings each, the NORMAL tier's 500) on an instance made from
+the project's dagster.yaml — timed against the very same engine calls made without Dagster (as
+benchmarks/fleet.py drives the core engine), interleaved in one invocation, best of N.
+
+overhead per wedding = (best Dagster wall − best plain wall) / weddings, plus the measured start-up of
+one run's process (loading the code location, what the run launcher pays per run) spread over a run's
+weddings. What the runs cover is stated in the result (`steps`): the replica uploads and the verified
+restore cost far more than Dagster does (verify ≈ 0.5 s per wedding), so at 10,000 weddings only the
+dump+seal step runs, which also makes the difference of two walls the least noisy."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SEAL = "snapshot_and_seal_list"
+REPLICA_OPS = {"s3": "s3_replica_list", "gcs": "gcs_replica_list", "azure": "azure_replica_list"}
+
+
+def _instance(home: Path, storage: str, dsn: str | None):
+    """A Dagster instance from the project's dagster.yaml (SQLite storage under DAGSTER_HOME), or the same
+    file with PostgreSQL storage at `dsn` (what a deployment would use)."""
+    import dagster as dg
+
+    home.mkdir(parents=True, exist_ok=True)
+    text = (ROOT / "dagster.yaml").read_text()
+    if storage == "postgres":
+        text += f"\nstorage:\n  postgres:\n    postgres_url: {json.dumps(dsn)}\n"
+    (home / "dagster.yaml").write_text(text)
+    return dg.DagsterInstance.from_config(str(home))
+
+
+def _buckets(env: dict[str, str], name: str) -> None:
+    import boto3
+    from azure.storage.blob import BlobServiceClient
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    region = env["WEDBACKUP_S3_REGION"]
+    s3 = boto3.client("s3", endpoint_url=env["WEDBACKUP_S3_ENDPOINT_URL"], region_name=region,
+                      aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    s3.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": region})
+    storage.Client(project=env["WEDBACKUP_GCS_PROJECT"], credentials=AnonymousCredentials()).create_bucket(name)
+    BlobServiceClient.from_connection_string(env["WEDBACKUP_AZURE_CONNECTION_STRING"]).create_container(name)
+
+
+def plain(keys: list[str], run_size: int, providers: list[str]) -> float:
+    """The same work as the Dagster runs, straight through the core engine: per run-sized chunk, one
+    snapshot session and back_up_each, then each provider's uploads."""
+    from wedbackup_dagster.backups.assets import make_replica
+    from wedbackup_dagster.backups.resources import build_resources
+    from wedbackup_dagster.core.engine import Engine
+    from wedbackup_dagster.core.errors import WedbackupError
+
+    resources = build_resources()
+    started = time.perf_counter()
+    for i in range(0, len(keys), run_size):
+        chunk = keys[i:i + run_size]
+        engine = Engine.from_env()
+        with engine.snapshot_session() as session:
+            ok = [k for k, o in engine.back_up_each(chunk, session) if not isinstance(o, WedbackupError)]
+        if len(ok) != len(chunk):
+            raise RuntimeError(f"plain run: {len(chunk) - len(ok)} wedding(s) failed")
+        for provider in providers:
+            res = resources[provider]
+            client = res.get_service() if provider == "azure" else res.get_client()
+            replica = make_replica(provider, engine.settings, client)
+            for key in ok:
+                engine.replicate(key, replica)
+        engine.catalogue.close()
+    return time.perf_counter() - started
+
+
+def dagster_runs(instance: Any, keys: list[str], run_size: int, providers: list[str]) -> dict[str, Any]:
+    """`backup_wedding_list` in batched runs of `run_size`, in process on `instance` (what the run worker
+    does once the launcher has started it), with the ops of `providers` selected."""
+    from wedbackup_dagster.automation.batch_job import list_run_config
+    from wedbackup_dagster.definitions import defs
+
+    job = defs.resolve_job_def("backup_wedding_list")
+    selection = [SEAL, *(REPLICA_OPS[p] for p in providers)]
+    events = 0
+    started = time.perf_counter()
+    for i in range(0, len(keys), run_size):
+        chunk = keys[i:i + run_size]
+        result = job.execute_in_process(instance=instance, run_config=list_run_config(chunk), op_selection=selection,
+                                        raise_on_error=True)
+        events += len(instance.all_logs(result.run_id))
+    return {"seconds": time.perf_counter() - started, "events": events}
+
+
+def run_start_seconds(repeats: int = 2) -> float:
+    """One run's process start-up, as the run launcher pays it: a new interpreter loading the code
+    location (best of `repeats`)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import wedbackup_dagster.definitions"], check=True, cwd=ROOT)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def measure(weddings: int, *, providers: list[str], repeats: int, run_size: int, document_bytes: int,
+            storage: str = "sqlite", seed: int = 7) -> dict[str, Any]:
+    import psycopg
+    from psycopg import sql
+
+    from wedbackup_dagster.backups.launch import register_partitions
+    from wedbackup_dagster.core import demo_data
+    from wedbackup_dagster.core.stack import Stack
+
+    stack = Stack.default()
+    env = stack.env()
+    saved = dict(os.environ)
+    tag = uuid.uuid4().hex[:8]
+    names = [f"bench_overhead_src_{tag}", f"bench_overhead_cat_{tag}", f"bench_overhead_dagster_{tag}"]
+    bucket = f"bench-overhead-{tag}"
+    with psycopg.connect(stack.dsn("postgres"), autocommit=True) as conn:
+        for name in names:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    work = Path(tempfile.mkdtemp(prefix="wedbackup-overhead-"))
+    try:
+        os.environ.update(env)
+        os.environ.update({"WEDBACKUP_SOURCE_DSN": stack.dsn(names[0]), "WEDBACKUP_CATALOGUE_DSN": stack.dsn(names[1]),
+                           "WEDBACKUP_VAULT_DIR": str(work / "vault"), "WEDBACKUP_S3_BUCKET": bucket,
+                           "WEDBACKUP_GCS_BUCKET": bucket, "WEDBACKUP_AZURE_CONTAINER": bucket})
+        os.environ.pop("DAGSTER_HOME", None)
+        if providers:
+            _buckets(env, bucket)
+        demo_data.generate(stack.dsn(names[0]), weddings=weddings, seed=seed, document_bytes=document_bytes)
+        instance = _instance(work / "dagster_home", storage, stack.dsn(names[2]))
+        keys = [k for k in register_partitions(instance, stack.dsn(names[0])) if k != "platform"]
+        # Warm both paths once (imports, first connections, the catalogue's keys), untimed, on a slice.
+        warm = keys[:min(len(keys), 20)]
+        plain(warm, run_size, providers)
+        dagster_runs(instance, warm, run_size, providers)
+        plains, dagsters = [], []
+        for _ in range(repeats):
+            plains.append(plain(keys, run_size, providers))
+            dagsters.append(dagster_runs(instance, keys, run_size, providers))
+        start = run_start_seconds()
+        instance.dispose()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        shutil.rmtree(work, ignore_errors=True)
+        with psycopg.connect(stack.dsn("postgres"), autocommit=True) as conn:
+            for name in names:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    best_plain = min(plains)
+    best_dagster = min(d["seconds"] for d in dagsters)
+    runs = -(-weddings // run_size)
+    in_run_ms = (best_dagster - best_plain) / weddings * 1000
+    return {
+        "weddings": weddings,
+        "steps": [SEAL, *(REPLICA_OPS[p] for p in providers)],
+        "storage": storage,
+        "document_bytes": document_bytes,
+        "run_size": run_size,
+        "runs": runs,
+        "events_per_wedding": round(dagsters[0]["events"] / weddings, 2),
+        "plain_seconds": round(best_plain, 2),
+        "dagster_seconds": round(best_dagster, 2),
+        "ratio_dagster_vs_plain": round(best_dagster / best_plain, 3),
+        "in_run_overhead_ms_per_wedding": round(in_run_ms, 2),
+        "run_start_seconds": round(start, 2),
+        "overhead_ms_per_wedding": round(in_run_ms + start * runs / weddings * 1000, 2),
+        "all_runs": {"plain": [round(p, 2) for p in plains], "dagster": [round(d["seconds"], 2) for d in dagsters]},
+    }
+
+
+def run(*, quick: bool = False, storage: str = "sqlite") -> dict[str, Any]:
+    """1,000 weddings through dump+seal and the three uploads, and 10,000 small weddings through dump+seal
+    (quick: 200 and 1,000); the headline is the worse of the two."""
+    from wedbackup_dagster.core.policy import NORMAL, Policy
+
+    run_size = Policy.from_env().tiers[NORMAL].max_run_size
+    small, large = (200, 1000) if quick else (1000, 10_000)
+    sizes = {
+        str(small): measure(small, providers=list(REPLICA_OPS), repeats=2, run_size=run_size, document_bytes=2048,
+                            storage=storage),
+        str(large): measure(large, providers=[], repeats=1 if not quick else 2, run_size=run_size,
+                            document_bytes=256, storage=storage),
+    }
+    return {"dagster_overhead_ms_per_wedding": max(s["overhead_ms_per_wedding"] for s in sizes.values()),
+            "target_ms_per_wedding": 20, "sizes": sizes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--weddings", type=int, default=200)
+    parser.add_argument("--providers", default="s3,gcs,azure", help="comma-separated, or empty for dump+seal only")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--run-size", type=int, default=500)
+    parser.add_argument("--document-bytes", type=int, default=2048)
+    parser.add_argument("--storage", choices=["sqlite", "postgres"], default="sqlite")
+    args = parser.parse_args()
+    providers = [p for p in args.providers.split(",") if p]
+    print(json.dumps(measure(args.weddings, providers=providers, repeats=args.repeats, run_size=args.run_size,
+                             document_bytes=args.document_bytes, storage=args.storage), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -81,21 +81,42 @@ def plain(keys: list[str], run_size: int, providers: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def dagster_runs(instance: Any, keys: list[str], run_size: int, providers: list[str]) -> dict[str, Any]:
-    """`backup_wedding_list` in batched runs of `run_size`, in process on `instance` (what the run worker
-    does once the launcher has started it), with the ops of `providers` selected."""
+def dagster_runs(instance: Any, keys: list[str], run_size: int, providers: list[str], mode: str = "list",
+                 event_batch_size: int = 0) -> dict[str, Any]:
+    """Batched runs of `run_size` weddings, in process on `instance` (what the run worker does once the
+    launcher has started it). mode "list": `backup_wedding_list` (the schedule's job), the ops of
+    `providers` selected; its ops yield one AssetMaterialization per wedding and asset. mode "range": the
+    `backup_weddings` asset job over a partition range (keys contiguous), whose per-partition
+    materializations come from one output per asset (metadata via add_asset_metadata): the only events
+    Dagster 1.13 writes in batches when DAGSTER_EVENT_BATCH_SIZE > 0."""
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
     from wedbackup_dagster.automation.batch_job import list_run_config
+    from wedbackup_dagster.backups.constants import DB_DUMP, ENCRYPTED_ARCHIVE, REPLICA_KEYS
     from wedbackup_dagster.definitions import defs
 
-    job = defs.resolve_job_def("backup_wedding_list")
-    selection = [SEAL, *(REPLICA_OPS[p] for p in providers)]
+    saved = os.environ.get("DAGSTER_EVENT_BATCH_SIZE")
+    os.environ["DAGSTER_EVENT_BATCH_SIZE"] = str(event_batch_size)
     events = 0
     started = time.perf_counter()
-    for i in range(0, len(keys), run_size):
-        chunk = keys[i:i + run_size]
-        result = job.execute_in_process(instance=instance, run_config=list_run_config(chunk), op_selection=selection,
-                                        raise_on_error=True)
-        events += len(instance.all_logs(result.run_id))
+    try:
+        for i in range(0, len(keys), run_size):
+            chunk = keys[i:i + run_size]
+            if mode == "list":
+                job = defs.resolve_job_def("backup_wedding_list")
+                result = job.execute_in_process(instance=instance, run_config=list_run_config(chunk),
+                                                op_selection=[SEAL, *(REPLICA_OPS[p] for p in providers)])
+            else:
+                job = defs.resolve_job_def("backup_weddings")
+                result = job.execute_in_process(
+                    instance=instance, asset_selection=[DB_DUMP, ENCRYPTED_ARCHIVE, *(REPLICA_KEYS[p] for p in providers)],
+                    tags={ASSET_PARTITION_RANGE_START_TAG: chunk[0], ASSET_PARTITION_RANGE_END_TAG: chunk[-1]})
+            events += len(instance.all_logs(result.run_id))
+    finally:
+        if saved is None:
+            os.environ.pop("DAGSTER_EVENT_BATCH_SIZE", None)
+        else:
+            os.environ["DAGSTER_EVENT_BATCH_SIZE"] = saved
     return {"seconds": time.perf_counter() - started, "events": events}
 
 
@@ -111,7 +132,7 @@ def run_start_seconds(repeats: int = 2) -> float:
 
 
 def measure(weddings: int, *, providers: list[str], repeats: int, run_size: int, document_bytes: int,
-            storage: str = "sqlite", seed: int = 7) -> dict[str, Any]:
+            storage: str = "sqlite", mode: str = "list", event_batch_size: int = 0, seed: int = 7) -> dict[str, Any]:
     import psycopg
     from psycopg import sql
 
@@ -143,11 +164,11 @@ def measure(weddings: int, *, providers: list[str], repeats: int, run_size: int,
         # Warm both paths once (imports, first connections, the catalogue's keys), untimed, on a slice.
         warm = keys[:min(len(keys), 20)]
         plain(warm, run_size, providers)
-        dagster_runs(instance, warm, run_size, providers)
+        dagster_runs(instance, warm, run_size, providers, mode, event_batch_size)
         plains, dagsters = [], []
         for _ in range(repeats):
             plains.append(plain(keys, run_size, providers))
-            dagsters.append(dagster_runs(instance, keys, run_size, providers))
+            dagsters.append(dagster_runs(instance, keys, run_size, providers, mode, event_batch_size))
         start = run_start_seconds()
         instance.dispose()
     finally:
@@ -163,8 +184,10 @@ def measure(weddings: int, *, providers: list[str], repeats: int, run_size: int,
     in_run_ms = (best_dagster - best_plain) / weddings * 1000
     return {
         "weddings": weddings,
-        "steps": [SEAL, *(REPLICA_OPS[p] for p in providers)],
+        "steps": ["dump+seal", *(f"{p} upload" for p in providers)],
         "storage": storage,
+        "job": "backup_wedding_list" if mode == "list" else "backup_weddings (partition range)",
+        "event_batch_size": event_batch_size,
         "document_bytes": document_bytes,
         "run_size": run_size,
         "runs": runs,
@@ -204,10 +227,13 @@ def main() -> None:
     parser.add_argument("--run-size", type=int, default=500)
     parser.add_argument("--document-bytes", type=int, default=2048)
     parser.add_argument("--storage", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--mode", choices=["list", "range"], default="list")
+    parser.add_argument("--event-batch-size", type=int, default=0)
     args = parser.parse_args()
     providers = [p for p in args.providers.split(",") if p]
     print(json.dumps(measure(args.weddings, providers=providers, repeats=args.repeats, run_size=args.run_size,
-                             document_bytes=args.document_bytes, storage=args.storage), indent=2))
+                             document_bytes=args.document_bytes, storage=args.storage, mode=args.mode,
+                             event_batch_size=args.event_batch_size), indent=2))
 
 
 if __name__ == "__main__":

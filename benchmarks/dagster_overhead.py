@@ -28,14 +28,23 @@ REPLICA_OPS = {"s3": "s3_replica_list", "gcs": "gcs_replica_list", "azure": "azu
 
 
 def _instance(home: Path, storage: str, dsn: str | None):
-    """A Dagster instance from the project's dagster.yaml (SQLite storage under DAGSTER_HOME), or the same
-    file with PostgreSQL storage at `dsn` (what a deployment would use)."""
+    """A Dagster instance from the project's dagster.yaml (storage "sqlite": SQLite under DAGSTER_HOME), or
+    the same file with dagster-postgres storage at `dsn` ("postgres"), or with its event log holding a
+    pooled connection ("postgres-pooled", wedbackup_dagster.instance_storage)."""
     import dagster as dg
 
     home.mkdir(parents=True, exist_ok=True)
     text = (ROOT / "dagster.yaml").read_text()
+    url = json.dumps(dsn)
     if storage == "postgres":
-        text += f"\nstorage:\n  postgres:\n    postgres_url: {json.dumps(dsn)}\n"
+        text += f"\nstorage:\n  postgres:\n    postgres_url: {url}\n"
+    elif storage == "postgres-pooled":
+        # dagster-postgres's run and schedule storage, and its event log holding a pooled connection.
+        for part, module, cls in (("run_storage", "dagster_postgres.run_storage", "PostgresRunStorage"),
+                                  ("schedule_storage", "dagster_postgres.schedule_storage", "PostgresScheduleStorage"),
+                                  ("event_log_storage", "wedbackup_dagster.instance_storage",
+                                   "PooledPostgresEventLogStorage")):
+            text += f"\n{part}:\n  module: {module}\n  class: {cls}\n  config:\n    postgres_url: {url}\n"
     (home / "dagster.yaml").write_text(text)
     return dg.DagsterInstance.from_config(str(home))
 
@@ -131,8 +140,14 @@ def run_start_seconds(repeats: int = 2) -> float:
     return best
 
 
+Variant = tuple[str, str, int]  # (storage, mode, DAGSTER_EVENT_BATCH_SIZE)
+PROJECT = ("sqlite", "list", 0)  # what the schedule does today: the project's dagster.yaml, the list job
+
+
 def measure(weddings: int, *, providers: list[str], repeats: int, run_size: int, document_bytes: int,
-            storage: str = "sqlite", mode: str = "list", event_batch_size: int = 0, seed: int = 7) -> dict[str, Any]:
+            variants: list[Variant] = (PROJECT,), seed: int = 7) -> dict[str, Any]:
+    """Per variant: the Dagster runs over every wedding against the plain engine, interleaved
+    (plain, variant 1, variant 2, …, repeated), best of `repeats` each, on one generated database."""
     import psycopg
     from psycopg import sql
 
@@ -144,12 +159,14 @@ def measure(weddings: int, *, providers: list[str], repeats: int, run_size: int,
     env = stack.env()
     saved = dict(os.environ)
     tag = uuid.uuid4().hex[:8]
-    names = [f"bench_overhead_src_{tag}", f"bench_overhead_cat_{tag}", f"bench_overhead_dagster_{tag}"]
+    names = [f"bench_overhead_src_{tag}", f"bench_overhead_cat_{tag}"]
+    names += [f"bench_overhead_dagster_{tag}_{i}" for i in range(len(variants))]
     bucket = f"bench-overhead-{tag}"
     with psycopg.connect(stack.dsn("postgres"), autocommit=True) as conn:
         for name in names:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     work = Path(tempfile.mkdtemp(prefix="wedbackup-overhead-"))
+    instances = []
     try:
         os.environ.update(env)
         os.environ.update({"WEDBACKUP_SOURCE_DSN": stack.dsn(names[0]), "WEDBACKUP_CATALOGUE_DSN": stack.dsn(names[1]),
@@ -159,19 +176,25 @@ def measure(weddings: int, *, providers: list[str], repeats: int, run_size: int,
         if providers:
             _buckets(env, bucket)
         demo_data.generate(stack.dsn(names[0]), weddings=weddings, seed=seed, document_bytes=document_bytes)
-        instance = _instance(work / "dagster_home", storage, stack.dsn(names[2]))
-        keys = [k for k in register_partitions(instance, stack.dsn(names[0])) if k != "platform"]
-        # Warm both paths once (imports, first connections, the catalogue's keys), untimed, on a slice.
+        keys: list[str] = []
+        for i, (storage, _, _) in enumerate(variants):
+            instances.append(_instance(work / f"dagster_home_{i}", storage, stack.dsn(names[2 + i])))
+            keys = [k for k in register_partitions(instances[-1], stack.dsn(names[0])) if k != "platform"]
+        # Warm every path once (imports, first connections, the catalogue's keys), untimed, on a slice.
         warm = keys[:min(len(keys), 20)]
         plain(warm, run_size, providers)
-        dagster_runs(instance, warm, run_size, providers, mode, event_batch_size)
-        plains, dagsters = [], []
+        for instance, (_, mode, batch) in zip(instances, variants):
+            dagster_runs(instance, warm, run_size, providers, mode, batch)
+        plains: list[float] = []
+        dagsters: list[list[dict[str, Any]]] = [[] for _ in variants]
         for _ in range(repeats):
             plains.append(plain(keys, run_size, providers))
-            dagsters.append(dagster_runs(instance, keys, run_size, providers, mode, event_batch_size))
+            for i, (instance, (_, mode, batch)) in enumerate(zip(instances, variants)):
+                dagsters[i].append(dagster_runs(instance, keys, run_size, providers, mode, batch))
         start = run_start_seconds()
-        instance.dispose()
     finally:
+        for instance in instances:
+            instance.dispose()
         os.environ.clear()
         os.environ.update(saved)
         shutil.rmtree(work, ignore_errors=True)
@@ -179,43 +202,60 @@ def measure(weddings: int, *, providers: list[str], repeats: int, run_size: int,
             for name in names:
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
     best_plain = min(plains)
-    best_dagster = min(d["seconds"] for d in dagsters)
     runs = -(-weddings // run_size)
-    in_run_ms = (best_dagster - best_plain) / weddings * 1000
+    start_ms = start * runs / weddings * 1000
+    results = []
+    for (storage, mode, batch), timed in zip(variants, dagsters):
+        best = min(d["seconds"] for d in timed)
+        in_run_ms = (best - best_plain) / weddings * 1000
+        results.append({
+            "storage": storage, "job": "backup_wedding_list" if mode == "list" else "backup_weddings (range)",
+            "event_batch_size": batch,
+            "events_per_wedding": round(timed[0]["events"] / weddings, 2),
+            "dagster_seconds": round(best, 2),
+            "ratio_dagster_vs_plain": round(best / best_plain, 3),
+            "in_run_overhead_ms_per_wedding": round(in_run_ms, 2),
+            "overhead_ms_per_wedding": round(in_run_ms + start_ms, 2),
+            "all_runs": [round(d["seconds"], 2) for d in timed],
+        })
     return {
         "weddings": weddings,
         "steps": ["dump+seal", *(f"{p} upload" for p in providers)],
-        "storage": storage,
-        "job": "backup_wedding_list" if mode == "list" else "backup_weddings (partition range)",
-        "event_batch_size": event_batch_size,
         "document_bytes": document_bytes,
         "run_size": run_size,
         "runs": runs,
-        "events_per_wedding": round(dagsters[0]["events"] / weddings, 2),
+        "repeats": repeats,
         "plain_seconds": round(best_plain, 2),
-        "dagster_seconds": round(best_dagster, 2),
-        "ratio_dagster_vs_plain": round(best_dagster / best_plain, 3),
-        "in_run_overhead_ms_per_wedding": round(in_run_ms, 2),
+        "plain_all_runs": [round(p, 2) for p in plains],
         "run_start_seconds": round(start, 2),
-        "overhead_ms_per_wedding": round(in_run_ms + start * runs / weddings * 1000, 2),
-        "all_runs": {"plain": [round(p, 2) for p in plains], "dagster": [round(d["seconds"], 2) for d in dagsters]},
+        "run_start_ms_per_wedding": round(start_ms, 2),
+        "variants": results,
     }
 
 
-def run(*, quick: bool = False, storage: str = "sqlite") -> dict[str, Any]:
-    """1,000 weddings through dump+seal and the three uploads, and 10,000 small weddings through dump+seal
-    (quick: 200 and 1,000); the headline is the worse of the two."""
+def run(*, quick: bool = False) -> dict[str, Any]:
+    """Two fleet sizes — 1,000 weddings through dump+seal and the three uploads, and 10,000 small weddings
+    through dump+seal (quick: 100 and 1,000) — each with the project's storage (the headline figure)
+    next to PostgreSQL storage, plain and with the pooled event log, measured side by side."""
     from wedbackup_dagster.core.policy import NORMAL, Policy
 
     run_size = Policy.from_env().tiers[NORMAL].max_run_size
-    small, large = (200, 1000) if quick else (1000, 10_000)
+    small, large = (100, 1000) if quick else (1000, 10_000)
+    variants = [PROJECT, ("postgres", "list", 0), ("postgres-pooled", "list", 0)]
     sizes = {
         str(small): measure(small, providers=list(REPLICA_OPS), repeats=2, run_size=run_size, document_bytes=2048,
-                            storage=storage),
-        str(large): measure(large, providers=[], repeats=1 if not quick else 2, run_size=run_size,
-                            document_bytes=256, storage=storage),
+                            variants=variants),
+        str(large): measure(large, providers=[], repeats=1, run_size=run_size, document_bytes=256,
+                            variants=variants),
     }
-    return {"dagster_overhead_ms_per_wedding": max(s["overhead_ms_per_wedding"] for s in sizes.values()),
+
+    def headline(storage: str) -> float:
+        return max(v["overhead_ms_per_wedding"] for s in sizes.values() for v in s["variants"]
+                   if v["storage"] == storage)
+
+    return {"dagster_overhead_ms_per_wedding": headline("sqlite"),
+            "dagster_overhead_ms_per_wedding_postgres": headline("postgres"),
+            "dagster_overhead_ms_per_wedding_postgres_pooled": headline("postgres-pooled"),
             "target_ms_per_wedding": 20, "sizes": sizes}
 
 
@@ -226,14 +266,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--run-size", type=int, default=500)
     parser.add_argument("--document-bytes", type=int, default=2048)
-    parser.add_argument("--storage", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--storage", default="sqlite",
+                        help="comma-separated: sqlite (the project's), postgres, postgres-pooled")
     parser.add_argument("--mode", choices=["list", "range"], default="list")
     parser.add_argument("--event-batch-size", type=int, default=0)
     args = parser.parse_args()
     providers = [p for p in args.providers.split(",") if p]
+    variants = [(storage, args.mode, args.event_batch_size) for storage in args.storage.split(",")]
     print(json.dumps(measure(args.weddings, providers=providers, repeats=args.repeats, run_size=args.run_size,
-                             document_bytes=args.document_bytes, storage=args.storage, mode=args.mode,
-                             event_batch_size=args.event_batch_size), indent=2))
+                             document_bytes=args.document_bytes, variants=variants), indent=2))
 
 
 if __name__ == "__main__":

@@ -67,13 +67,19 @@ def _buckets(env: dict[str, str], name: str) -> None:
 
 def plain(keys: list[str], run_size: int, providers: list[str]) -> float:
     """The same work as the Dagster runs, straight through the core engine: per run-sized chunk, one
-    snapshot session and back_up_each, then each provider's uploads."""
-    from wedbackup_dagster.backups.assets import make_replica
-    from wedbackup_dagster.backups.resources import build_resources
+    snapshot session and back_up_each, then each provider's uploads (clients made once per chunk, as
+    the ops' resources make them once per step)."""
     from wedbackup_dagster.core.engine import Engine
     from wedbackup_dagster.core.errors import WedbackupError
+    from wedbackup_dagster.core.replicas import (
+        AzureReplica,
+        GCSReplica,
+        S3Replica,
+        azure_service_from,
+        gcs_client_from,
+        s3_client_from,
+    )
 
-    resources = build_resources()
     started = time.perf_counter()
     for i in range(0, len(keys), run_size):
         chunk = keys[i:i + run_size]
@@ -82,10 +88,11 @@ def plain(keys: list[str], run_size: int, providers: list[str]) -> float:
             ok = [k for k, o in engine.back_up_each(chunk, session) if not isinstance(o, WedbackupError)]
         if len(ok) != len(chunk):
             raise RuntimeError(f"plain run: {len(chunk) - len(ok)} wedding(s) failed")
+        s = engine.settings
         for provider in providers:
-            res = resources[provider]
-            client = res.get_service() if provider == "azure" else res.get_client()
-            replica = make_replica(provider, engine.settings, client)
+            replica = {"s3": lambda: S3Replica(s3_client_from(s.s3), s.s3),
+                       "gcs": lambda: GCSReplica(gcs_client_from(s.gcs), s.gcs),
+                       "azure": lambda: AzureReplica(azure_service_from(s.azure), s.azure)}[provider]()
             for key in ok:
                 engine.replicate(key, replica)
         engine.catalogue.close()

@@ -126,8 +126,9 @@ def dagster_runs(instance: Any, keys: list[str], run_size: int, providers: list[
                                                 op_selection=[SEAL, *(REPLICA_OPS[p] for p in providers)])
             else:
                 job = defs.resolve_job_def("backup_weddings")
+                selection = [DB_DUMP, ENCRYPTED_ARCHIVE, *(REPLICA_KEYS[p] for p in providers)]
                 result = job.execute_in_process(
-                    instance=instance, asset_selection=[DB_DUMP, ENCRYPTED_ARCHIVE, *(REPLICA_KEYS[p] for p in providers)],
+                    instance=instance, asset_selection=selection,
                     tags={ASSET_PARTITION_RANGE_START_TAG: chunk[0], ASSET_PARTITION_RANGE_END_TAG: chunk[-1]})
             events += len(instance.all_logs(result.run_id))
     finally:

@@ -9,9 +9,20 @@ import os
 import platform
 from pathlib import Path
 
-from . import big_wedding, fleet, reverify, tick
+from . import big_wedding, dagster_overhead, fleet, replicas, reverify, tick
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _overhead_rows(overhead: dict) -> list[str]:
+    rows = []
+    for size in overhead["sizes"].values():
+        for v in size["variants"]:
+            rows.append(f"| Dagster overhead, {size['weddings']} weddings ({' + '.join(size['steps'])}), "
+                        f"{v['storage']} | {v['overhead_ms_per_wedding']} ms/wedding "
+                        f"({v['in_run_overhead_ms_per_wedding']} in the runs + {size['run_start_ms_per_wedding']} "
+                        f"run start-up; {v['ratio_dagster_vs_plain']}x the plain engine) |")
+    return rows
 
 
 def main() -> None:
@@ -38,6 +49,13 @@ def main() -> None:
     result["reverify_runs"] = result["reverify"]["runs"]
     # One backup-schedule tick, and the discovery / change-capture sensor ticks, over 100,000 weddings.
     result["tick"] = tick.run(weddings=100_000)
+    # Dagster's cost per wedding in the schedule's batched list runs, against the same engine calls without
+    # Dagster; the project's SQLite storage next to PostgreSQL storage (plain and with a pooled event log).
+    result["dagster_overhead"] = dagster_overhead.run(quick=args.quick)
+    result["dagster_overhead_ms_per_wedding"] = result["dagster_overhead"]["dagster_overhead_ms_per_wedding"]
+    # Upload throughput to the local stand-ins (not clouds: no network, their own overheads).
+    result["replicas"] = replicas.run(quick=args.quick)
+    result["replica_upload_mb_per_s"] = result["replicas"]["replica_upload_mb_per_s"]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(result, indent=2, default=str))
     f = result["fleet"]
@@ -59,6 +77,10 @@ def main() -> None:
         f"| backup schedule tick, 100k weddings | {result['tick']['schedule_tick_seconds_100k']} s "
         f"({result['tick']['run_requests']} runs for {result['tick']['due_weddings_requested']} due weddings) |",
         f"| wedding_discovery tick, 100k weddings | {result['tick']['sensor_tick_seconds_100k']} s |",
+        *_overhead_rows(result["dagster_overhead"]),
+        *(f"| {p} upload ({result['replicas']['stand_ins'][p]}) | {v['large_mb_per_s']} MB/s "
+          f"({result['replicas']['large_file_mb']:.0f} MB file), {v['small_files_per_s']} files/s (64 kB) |"
+          for p, v in result["replicas"]["providers"].items()),
     ])
     (RESULTS / "latest.md").write_text(table + "\n")
     print(json.dumps(result, indent=2, default=str))

@@ -155,7 +155,8 @@ def make_replica(provider: str, settings: Any, client: Any) -> Any:
     if provider == "s3":
         return replicas.S3Replica(client, settings.s3)
     if provider == "gcs":
-        return replicas.GCSReplica(client, settings.gcs)
+        timeout = settings.provider_timeout
+        return replicas.GCSReplica(client, settings.gcs, timeout=(min(5.0, timeout), timeout))
     return replicas.AzureReplica(client, settings.azure)
 
 

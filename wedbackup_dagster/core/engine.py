@@ -13,6 +13,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
+
 from .archive import ArchiveStats, ArchiveWriter, open_archive
 from .catalogue import BackupRecord, Catalogue
 from .config import Settings
@@ -99,6 +101,7 @@ class Engine:
         """Snapshot → zstd → AES-256-GCM → vault (atomic) → catalogue. Plaintext never touches disk."""
         check_partition(partition)
         started = time.perf_counter()
+        self.vault.clean_incoming(partition)  # what a killed run of this partition left behind
         with self.vault.incoming(partition) as (fh, tmp):
             writer = self._archive_writer(partition, fh)
             try:
@@ -150,6 +153,8 @@ class Engine:
             except WedbackupError as exc:
                 results[partition] = exc
         sealed: dict[str, tuple[Manifest, ArchiveStats, VaultEntry]] = {}
+        for partition in wedding_keys:
+            self.vault.clean_incoming(partition)  # what a killed run of this wedding left behind
         with ExitStack() as incoming:
             open_archives: dict[str, tuple[Any, Any, ArchiveWriter]] = {}
             try:
@@ -276,6 +281,7 @@ class Engine:
 
         backup = self.catalogue.require_latest_backup(check_partition(partition))
         chosen = self.choose_provider(backup, [p for p in PROVIDERS if p in replicas], provider)
+        self._drop_abandoned_scratch(restore)
         started = time.perf_counter()
         ok = False
         detail: dict[str, Any] = {}
@@ -302,6 +308,16 @@ class Engine:
         finally:
             self.catalogue.record_restore(backup.id, provider=chosen, ok=ok, seconds=time.perf_counter() - started,
                                           detail=detail)
+
+    def _drop_abandoned_scratch(self, restore: Any) -> None:
+        """Once per engine: drop the scratch databases a killed verification left on the scratch server."""
+        if getattr(self, "_scratch_swept", False):
+            return
+        try:
+            restore.drop_abandoned_scratch_databases(self.settings.scratch_dsn)
+            self._scratch_swept = True
+        except psycopg.Error:
+            pass  # tidying only: the verification itself reports a server that cannot be reached
 
     def restore_to(self, partition: str, target_dsn: str, replicas: Mapping[str, Any],
                    provider: str | None = None) -> Any:

@@ -137,6 +137,7 @@ class S3Replica:
             note = (f"replaced version {existing.get('VersionId')} at {key}: it had {existing.get('ContentLength')} "
                     f"bytes and checksum {existing.get('ChecksumSHA256') or 'none'}, not this archive")
 
+        self._abort_abandoned_multipart(key)
         self._transfer(Path(path), key, meta, part_size, progress)
 
         head = self._head_object(key)
@@ -177,6 +178,23 @@ class S3Replica:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             raise self._fail(key, "upload", exc) from None
+
+    def _abort_abandoned_multipart(self, key: str) -> None:
+        """Abort unfinished multipart uploads in this archive's folder (this wedding's archives): a process
+        killed mid-upload never aborts its own, and S3 keeps (and bills) their parts until someone does.
+        A wedding's uploads to one provider run one at a time, so none of them is live."""
+        folder = key.rsplit("/", 1)[0] + "/"
+        try:
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.target.bucket,
+                                                                                     Prefix=folder):
+                for upload in page.get("Uploads", []):
+                    self.client.abort_multipart_upload(Bucket=self.target.bucket, Key=upload["Key"],
+                                                       UploadId=upload["UploadId"])
+        except ClientError as exc:
+            if _error_code(exc) != "NoSuchUpload":
+                raise self._fail(key, "abort abandoned multipart uploads", exc) from None
+        except BotoCoreError as exc:
+            raise self._fail(key, "abort abandoned multipart uploads", exc) from None
 
     def _abort_multipart(self, key: str) -> None:
         try:

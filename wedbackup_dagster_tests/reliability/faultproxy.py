@@ -35,6 +35,8 @@ class FaultSchedule:
     rate: float
     weights: Mapping[str, float] = field(default_factory=dict)
     stall_seconds: float = 3.0
+    limit: int | None = None  # at most this many faults, then everything passes
+    tcp_after: tuple[int, int] = (0, 256 << 10)  # a TCP fault strikes after this many bytes (random in range)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rate <= 1:
@@ -100,7 +102,7 @@ class FaultProxy:
             self.requests += 1
             hit = self._rng.random() < self.schedule.rate
             kind = self._rng.choices(self._kinds, self._weights)[0] if hit and self._kinds else None
-            if kind and self.enabled:
+            if kind and self.enabled and (self.schedule.limit is None or sum(self.counts.values()) < self.schedule.limit):
                 self.counts[kind] += 1
                 return kind
             return None
@@ -154,7 +156,7 @@ class FaultProxy:
     def _serve_tcp(self, client: socket.socket, upstream_ref: list) -> None:
         kind = self._decide()
         # The fault strikes after a random amount of traffic: during the handshake, a query or a COPY.
-        budget = self._rng_int(0, 256 << 10) if kind else -1
+        budget = self._rng_int(*self.schedule.tcp_after) if kind else -1
         upstream = upstream_ref[0] = self._connect_upstream()
         relayed = 0
         peers = {client: upstream, upstream: client}

@@ -135,7 +135,9 @@ def test_soak_under_random_provider_and_database_faults(stack, make_database, tm
                     run_ok += result.success
                     for failure in result.failures:
                         failures[failure.split(":", 1)[0]] += 1
-                        messages.extend(line.strip()[:220] for line in failure.splitlines() if "wedding" in line)
+                        lines_of = failure.splitlines()
+                        messages.extend(line.strip()[:220] for line in lines_of[:1] + [
+                            line for line in lines_of[1:] if "wedding" in line])
                         assert failure.strip(), "a failed step must say what failed"
                 still = [w for w in pending if not _complete(cat, w, since)]
                 for w in set(pending) - set(still):

@@ -1,0 +1,58 @@
+"""Regression tests for what the soak found, each with one fault injected on purpose: a verification
+whose download is cut short retries it instead of failing the wedding, and a scratch server that drops
+the connection fails only that wedding, with an error naming it (not a bare driver error)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from wedbackup_dagster.core import demo_data
+from wedbackup_dagster.core.engine import Engine
+from wedbackup_dagster.core.errors import RestoreError
+from wedbackup_dagster.core.replicas import S3Replica, s3_client_from
+
+from .conftest import fault_proxies
+from .faultproxy import FaultSchedule
+
+pytestmark = [pytest.mark.stack]
+
+
+@pytest.fixture
+def backed_up(stack, make_database, tmp_path, monkeypatch, s3_bucket, s3_client):
+    source, catalogue = make_database(), make_database()
+    for name, value in {"WEDBACKUP_SOURCE_DSN": source, "WEDBACKUP_CATALOGUE_DSN": catalogue,
+                        "WEDBACKUP_VAULT_DIR": str(tmp_path / "vault"), "WEDBACKUP_S3_BUCKET": s3_bucket}.items():
+        monkeypatch.setenv(name, value)
+    demo_data.generate(source, weddings=2, seed=3, document_bytes=20_000)
+    engine = Engine.from_env()
+    with engine.snapshot_session() as session:
+        engine.back_up("1", session)
+    engine.replicate("1", S3Replica(s3_client, engine.settings.s3))
+    return engine
+
+
+def test_a_download_cut_short_is_retried_and_the_verification_passes(stack, backed_up, monkeypatch):
+    engine = backed_up
+    schedule = FaultSchedule(seed=1, rate=1.0, weights={"truncate": 1}, limit=1)
+    with fault_proxies(stack.env(), {"s3": schedule}) as (proxies, routed):
+        target = engine.settings.s3
+        proxied = S3Replica(s3_client_from(dataclasses.replace(target, endpoint_url=routed["WEDBACKUP_S3_ENDPOINT_URL"]),
+                                           stack.env()), target)
+        monkeypatch.setattr(engine, "download_attempts", 2)
+        outcome = engine.verify("1", {"s3": proxied}, provider="s3")
+        assert outcome.provider == "s3" and proxies["s3"].counts == {"truncate": 1}
+
+
+def test_a_lost_scratch_connection_fails_the_wedding_by_name(stack, backed_up):
+    engine = backed_up
+    # Reset at the first byte: the scratch server's admin session is lost before CREATE DATABASE.
+    schedule = FaultSchedule(seed=1, rate=1.0, weights={"reset": 1}, tcp_after=(0, 0))
+    with fault_proxies(stack.env(), {"postgres": schedule}) as (proxies, routed):
+        broken = Engine(dataclasses.replace(engine.settings, scratch_dsn=routed["WEDBACKUP_SCRATCH_DSN"]),
+                        engine.keyring, engine.catalogue)
+        with pytest.raises(RestoreError, match=r"wedding 1: the verification restore failed \(scratch server: "):
+            broken.verify("1", {}, provider="vault")
+        assert proxies["postgres"].counts["reset"] >= 1
+    assert engine.catalogue.restore_count(engine.catalogue.require_latest_backup("1").id) == 1  # recorded, not ok
+

@@ -25,6 +25,7 @@ class AuditReport:
     multipart_uploads: int = 0
     uncommitted_blobs: int = 0
     vault_temp_files: int = 0
+    s3_extra_versions: int = 0  # identical re-uploads kept as versions (an SDK retry of a PUT whose answer was lost)
     problems: list[str] = field(default_factory=list)
 
     def ok(self) -> bool:
@@ -113,6 +114,10 @@ def audit(engine: Engine, replicas: dict[str, Any], *, scratch_prefix: str | Non
     if s3 is not None:
         uploads = s3.client.list_multipart_uploads(Bucket=s3.target.bucket).get("Uploads", [])
         report.multipart_uploads = len(uploads)
+        versions: Counter = Counter()
+        for page in s3.client.get_paginator("list_object_versions").paginate(Bucket=s3.target.bucket):
+            versions.update(v["Key"] for v in page.get("Versions", []))
+        report.s3_extra_versions = sum(n - 1 for n in versions.values())
         if uploads:
             report.problems.append(f"s3: {len(uploads)} unfinished multipart upload(s): "
                                    f"{[u['Key'] for u in uploads[:3]]}")

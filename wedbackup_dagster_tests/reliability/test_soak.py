@@ -172,7 +172,8 @@ def test_soak_under_random_provider_and_database_faults(stack, make_database, tm
         "objects checked: " + ", ".join(f"{k} {v}" for k, v in sorted(report.objects_checked.items()))
         + f"; catalogue copies checked {report.copies_checked}; corrupt or partial {len(report.problems)}; "
           f"unfinished multipart uploads {report.multipart_uploads}; vault temp files {report.vault_temp_files}; "
-          f"azure uncommitted-only blobs {report.uncommitted_blobs}",
+          f"azure uncommitted-only blobs {report.uncommitted_blobs}; s3 extra identical versions "
+          f"{report.s3_extra_versions}",
         "secrets found: " + str(sum(secrets_found.values())) + " ("
         + ", ".join(f"{k} {v}" for k, v in secrets_found.items()) + f") in {len(texts)} log texts",
     ]

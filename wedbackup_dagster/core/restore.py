@@ -535,6 +535,8 @@ def verify_restored(target_dsn: str, manifest: Manifest, plan_or_selects=None) -
                         with conn.transaction():
                             rows, nbytes, sha = _checksum(conn, select, params)
                     except psycopg.Error as e:
+                        if conn.closed or conn.broken:
+                            raise  # the connection is gone: this error, not a later "connection is closed"
                         tables.append(TableReport(m.table, 0, 0, round(time.monotonic() - t0, 6), False,
                                                   f"cannot be read on the target: {_first_line(e)}"))
                         continue
@@ -546,7 +548,9 @@ def verify_restored(target_dsn: str, manifest: Manifest, plan_or_selects=None) -
                     tables.append(TableReport(m.table, rows, nbytes, round(time.monotonic() - t0, 6), not problem, problem))
             checks = _check_foreign_keys(conn, manifest)
         finally:
-            conn.execute("ROLLBACK")
+            if not conn.closed and not conn.broken:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("ROLLBACK")
     return VerifyReport(partition=manifest.partition, target=target, tables=tables, foreign_keys=checks,
                         seconds=round(time.monotonic() - started, 6))
 

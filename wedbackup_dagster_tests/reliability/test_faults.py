@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import psycopg
 import pytest
 
 from wedbackup_dagster.core import demo_data
@@ -56,3 +57,22 @@ def test_a_lost_scratch_connection_fails_the_wedding_by_name(stack, backed_up):
         assert proxies["postgres"].counts["reset"] >= 1
     assert engine.catalogue.restore_count(engine.catalogue.require_latest_backup("1").id) == 1  # recorded, not ok
 
+
+
+def test_a_connection_lost_mid_verification_reports_the_loss_itself(stack, backed_up):
+    from psycopg.conninfo import conninfo_to_dict
+
+    from wedbackup_dagster.core.restore import verify_restored
+    from wedbackup_dagster.core.snapshot import Manifest
+
+    engine = backed_up
+    manifest = Manifest.from_dict(engine.catalogue.require_latest_backup("1").manifest)
+    # The source holds exactly the rows the manifest describes: verify against it, cut after 16 KiB.
+    schedule = FaultSchedule(seed=1, rate=1.0, weights={"reset": 1}, tcp_after=(16 << 10, 16 << 10))
+    env = {**stack.env(), "WEDBACKUP_SOURCE_DSN": engine.settings.source_dsn}
+    assert verify_restored(engine.settings.source_dsn, manifest).ok
+    with fault_proxies(env, {"postgres": schedule}) as (_, routed):
+        assert conninfo_to_dict(routed["WEDBACKUP_SOURCE_DSN"])["port"] != conninfo_to_dict(env["WEDBACKUP_SOURCE_DSN"])["port"]
+        with pytest.raises(psycopg.OperationalError) as caught:
+            verify_restored(routed["WEDBACKUP_SOURCE_DSN"], manifest)
+    assert "the connection is closed" not in str(caught.value)  # the loss itself, not a ROLLBACK after it

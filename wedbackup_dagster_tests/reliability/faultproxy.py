@@ -102,7 +102,8 @@ class FaultProxy:
             self.requests += 1
             hit = self._rng.random() < self.schedule.rate
             kind = self._rng.choices(self._kinds, self._weights)[0] if hit and self._kinds else None
-            if kind and self.enabled and (self.schedule.limit is None or sum(self.counts.values()) < self.schedule.limit):
+            within_limit = self.schedule.limit is None or sum(self.counts.values()) < self.schedule.limit
+            if kind and self.enabled and within_limit:
                 self.counts[kind] += 1
                 return kind
             return None

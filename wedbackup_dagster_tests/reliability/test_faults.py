@@ -38,8 +38,8 @@ def test_a_download_cut_short_is_retried_and_the_verification_passes(stack, back
     schedule = FaultSchedule(seed=1, rate=1.0, weights={"truncate": 1}, limit=1)
     with fault_proxies(stack.env(), {"s3": schedule}) as (proxies, routed):
         target = engine.settings.s3
-        proxied = S3Replica(s3_client_from(dataclasses.replace(target, endpoint_url=routed["WEDBACKUP_S3_ENDPOINT_URL"]),
-                                           stack.env()), target)
+        via_proxy = dataclasses.replace(target, endpoint_url=routed["WEDBACKUP_S3_ENDPOINT_URL"])
+        proxied = S3Replica(s3_client_from(via_proxy, stack.env()), target)
         monkeypatch.setattr(engine, "download_attempts", 2)
         outcome = engine.verify("1", {"s3": proxied}, provider="s3")
         assert outcome.provider == "s3" and proxies["s3"].counts == {"truncate": 1}
@@ -72,7 +72,8 @@ def test_a_connection_lost_mid_verification_reports_the_loss_itself(stack, backe
     env = {**stack.env(), "WEDBACKUP_SOURCE_DSN": engine.settings.source_dsn}
     assert verify_restored(engine.settings.source_dsn, manifest).ok
     with fault_proxies(env, {"postgres": schedule}) as (_, routed):
-        assert conninfo_to_dict(routed["WEDBACKUP_SOURCE_DSN"])["port"] != conninfo_to_dict(env["WEDBACKUP_SOURCE_DSN"])["port"]
+        port = conninfo_to_dict(routed["WEDBACKUP_SOURCE_DSN"])["port"]
+        assert port != conninfo_to_dict(env["WEDBACKUP_SOURCE_DSN"])["port"]  # through the proxy
         with pytest.raises(psycopg.OperationalError) as caught:
             verify_restored(routed["WEDBACKUP_SOURCE_DSN"], manifest)
     assert "the connection is closed" not in str(caught.value)  # the loss itself, not a ROLLBACK after it

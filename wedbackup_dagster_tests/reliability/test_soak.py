@@ -107,11 +107,11 @@ def test_soak_under_random_provider_and_database_faults(stack, make_database, tm
     ensure_targets(engine.settings)
 
     http = {"http_500": 2, "http_503": 2, "slowdown": 1, "http_429": 1, "reset": 2, "stall": 1, "truncate": 2}
-    schedules = {
-        "s3": FaultSchedule(seed=SEED, rate=RATE, weights={**http, "http_429": 0}, stall_seconds=PROVIDER_TIMEOUT + 1),
-        "gcs": FaultSchedule(seed=SEED + 1, rate=RATE, weights={**http, "slowdown": 0}, stall_seconds=PROVIDER_TIMEOUT + 1),
-        "azure": FaultSchedule(seed=SEED + 2, rate=RATE, weights={**http, "slowdown": 0},
-                               stall_seconds=PROVIDER_TIMEOUT + 1),
+    stall = PROVIDER_TIMEOUT + 1
+    schedules = {  # S3 throttles with 503 SlowDown, GCS and Azure with 429
+        "s3": FaultSchedule(seed=SEED, rate=RATE, weights={**http, "http_429": 0}, stall_seconds=stall),
+        "gcs": FaultSchedule(seed=SEED + 1, rate=RATE, weights={**http, "slowdown": 0}, stall_seconds=stall),
+        "azure": FaultSchedule(seed=SEED + 2, rate=RATE, weights={**http, "slowdown": 0}, stall_seconds=stall),
         "postgres": FaultSchedule(seed=SEED + 3, rate=RATE * 1.5, weights={"reset": 2, "stall": 1}, stall_seconds=3),
     }
     outcomes: Counter[str] = Counter()
@@ -163,7 +163,8 @@ def test_soak_under_random_provider_and_database_faults(stack, make_database, tm
     lines = [
         f"reliability soak: seed {SEED}, {len(keys)} weddings x {ROUNDS} rounds, fault rate {RATE:g} per request "
         f"({RATE * 1.5:g} per PostgreSQL connection), {time.monotonic() - started:.0f} s",
-        "faults injected: " + ", ".join(f"{k} {v}" for k, v in sorted(by_kind.items())) + f" (total {sum(by_kind.values())})",
+        "faults injected: " + ", ".join(f"{k} {v}" for k, v in sorted(by_kind.items()))
+        + f" (total {sum(by_kind.values())})",
         *[f"  {name:8} {requests[name]:5} requests/connections, faults: "
           + (", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none") for name, c in faults.items()],
         f"runs: {len(runs)} ({run_ok} succeeded, {len(runs) - run_ok} failed and retried); failed steps: "

@@ -77,3 +77,21 @@ def test_a_connection_lost_mid_verification_reports_the_loss_itself(stack, backe
         with pytest.raises(psycopg.OperationalError) as caught:
             verify_restored(routed["WEDBACKUP_SOURCE_DSN"], manifest)
     assert "the connection is closed" not in str(caught.value)  # the loss itself, not a ROLLBACK after it
+
+
+def test_a_source_lost_mid_snapshot_is_a_snapshot_error_naming_the_database(stack, backed_up):
+    from wedbackup_dagster.core.errors import SnapshotError
+
+    engine = backed_up
+    env = {**stack.env(), "WEDBACKUP_SOURCE_DSN": engine.settings.source_dsn}
+    # Only the first connection (the snapshot session's own, opened before pg_dump's) is cut.
+    schedule = FaultSchedule(seed=1, rate=1.0, weights={"reset": 1}, tcp_after=(16 << 10, 16 << 10), limit=1)
+    with fault_proxies(env, {"postgres": schedule}) as (_, routed):
+        cut = Engine(dataclasses.replace(engine.settings, source_dsn=routed["WEDBACKUP_SOURCE_DSN"]),
+                     engine.keyring, engine.catalogue)
+        with pytest.raises(SnapshotError, match=r"snapshot of database \w+ on 127\.0\.0\.1:\d+ failed: the "
+                                                r"connection was lost"):
+            with cut.snapshot_session() as session:
+                cut.back_up_many(["1", "2"], session)
+    assert list(engine.vault.root.glob("*/.incoming-*")) == []  # the half-sealed archives were removed
+    assert engine.catalogue.latest_backup("2") is None

@@ -146,7 +146,10 @@ def test_soak_under_random_provider_and_database_faults(stack, make_database, tm
             assert not pending, f"round {round_no}: weddings {pending} not backed up after {attempt} runs"
         faults = {name: dict(p.counts) for name, p in proxies.items()}
         requests = {name: p.requests for name, p in proxies.items()}
-        logs = [str(e) for run_id in runs for e in instance.all_logs(run_id)]
+        entries = [e for run_id in runs for e in instance.all_logs(run_id)]
+        logs = [str(e) for e in entries]
+        step_retries = Counter(e.step_key for e in entries
+                               if e.dagster_event and e.dagster_event.event_type_value == "STEP_UP_FOR_RETRY")
 
     report = audit(engine, direct_replicas(engine, s3_client, gcs_client, azure_service),
                    scratch_prefix=scratch_prefix, admin_dsn=env["WEDBACKUP_SCRATCH_DSN"])
@@ -168,7 +171,8 @@ def test_soak_under_random_provider_and_database_faults(stack, make_database, tm
         *[f"  {name:8} {requests[name]:5} requests/connections, faults: "
           + (", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none") for name, c in faults.items()],
         f"runs: {len(runs)} ({run_ok} succeeded, {len(runs) - run_ok} failed and retried); failed steps: "
-        + (", ".join(f"{k} {v}" for k, v in sorted(failures.items())) or "none"),
+        + (", ".join(f"{k} {v}" for k, v in sorted(failures.items())) or "none") + "; step attempts retried by "
+        "Dagster's retry policy: " + (", ".join(f"{k} {v}" for k, v in sorted(step_retries.items())) or "none"),
         "outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())) + ", never completed 0",
         "objects checked: " + ", ".join(f"{k} {v}" for k, v in sorted(report.objects_checked.items()))
         + f"; catalogue copies checked {report.copies_checked}; corrupt or partial {len(report.problems)}; "

@@ -137,14 +137,21 @@ def snapshot_and_seal(context: dg.AssetExecutionContext, wedbackup: WedbackupEng
     engine = wedbackup.engine()
     done: PerKeyMetadata = {}
     failures: dict[str, str] = {}
-    with engine.snapshot_session() as session:
-        # Weddings go in batches: one COPY per table per batch, one sealed archive per wedding.
-        for key, outcome in engine.back_up_each(validated_keys(context.partition_keys), session):
-            if isinstance(outcome, WedbackupError):
-                context.log.error(str(outcome))
-                failures[key] = str(outcome)
-                continue
-            done[key] = {DB_DUMP: dump_metadata(outcome), ENCRYPTED_ARCHIVE: archive_metadata(outcome)}
+    keys = validated_keys(context.partition_keys)
+    try:
+        with engine.snapshot_session() as session:
+            # Weddings go in batches: one COPY per table per batch, one sealed archive per wedding.
+            for key, outcome in engine.back_up_each(keys, session):
+                if isinstance(outcome, WedbackupError):
+                    context.log.error(str(outcome))
+                    failures[key] = str(outcome)
+                    continue
+                done[key] = {DB_DUMP: dump_metadata(outcome), ENCRYPTED_ARCHIVE: archive_metadata(outcome)}
+    except WedbackupError as exc:
+        # The source failed under a whole batch (e.g. the connection was lost): the weddings already sealed
+        # are recorded, every other one is named with the reason.
+        context.log.error(str(exc))
+        failures.update({k: str(exc) for k in keys if k not in done and k not in failures})
     yield from _finish(context, [DB_DUMP, ENCRYPTED_ARCHIVE], done, failures, "backup")
 
 
@@ -155,7 +162,8 @@ def make_replica(provider: str, settings: Any, client: Any) -> Any:
     if provider == "s3":
         return replicas.S3Replica(client, settings.s3)
     if provider == "gcs":
-        return replicas.GCSReplica(client, settings.gcs)
+        timeout = settings.provider_timeout
+        return replicas.GCSReplica(client, settings.gcs, timeout=(min(5.0, timeout), timeout))
     return replicas.AzureReplica(client, settings.azure)
 
 

@@ -3,6 +3,7 @@ dagster-aws S3Resource, dagster-gcp GCSResource and an azure-storage-blob resour
 from an environment variable (EnvVar), so no secret is in code, config or the UI."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -10,7 +11,7 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 from dagster_gcp import GCSResource
 
-from ..core.config import Settings
+from ..core.config import Settings, provider_timeout_from
 from ..core.engine import Engine
 
 
@@ -31,7 +32,7 @@ class AzureBlobResource(dg.ConfigurableResource):
         from ..core.replicas.azure import azure_service_from_connection_string
 
         # Short timeouts and one quick retry: the SDK's default retry would hold a down provider for minutes.
-        return azure_service_from_connection_string(self.connection_string)
+        return azure_service_from_connection_string(self.connection_string, read_timeout=provider_timeout_from())
 
 
 class S3ReplicaResource(S3Resource):
@@ -40,15 +41,20 @@ class S3ReplicaResource(S3Resource):
     and never appear in the resource's config."""
 
     def get_client(self) -> Any:
+        from ..core.replicas.s3 import client_config, s3_client_from
+
         settings = Settings.from_env()
-        resolved = S3Resource(
-            endpoint_url=self.endpoint_url or settings.s3.endpoint_url or None,
-            region_name=self.region_name or settings.s3.region,
-            aws_access_key_id=self.aws_access_key_id or os.environ.get("AWS_ACCESS_KEY_ID") or None,
-            aws_secret_access_key=self.aws_secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
-            max_attempts=self.max_attempts,
-        )
-        return resolved.get_client()
+        target = dataclasses.replace(settings.s3, endpoint_url=self.endpoint_url or settings.s3.endpoint_url,
+                                     region=self.region_name or settings.s3.region)
+        credentials = {
+            "AWS_ACCESS_KEY_ID": self.aws_access_key_id or os.environ.get("AWS_ACCESS_KEY_ID") or "",
+            "AWS_SECRET_ACCESS_KEY": self.aws_secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY") or "",
+        }
+        # dagster-aws's client keeps botocore's 60 s connect and read timeouts whatever we configure: a
+        # provider that accepts and then hangs held each attempt for a minute. WEDBACKUP_PROVIDER_TIMEOUT bounds it.
+        timeout = settings.provider_timeout
+        return s3_client_from(target, credentials, config=client_config(
+            connect_timeout=min(5.0, timeout), read_timeout=timeout, max_attempts=self.max_attempts))
 
 
 def build_resources() -> dict[str, Any]:

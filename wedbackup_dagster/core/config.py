@@ -46,6 +46,9 @@ VARIABLES: dict[str, tuple[str, str, bool]] = {
     "WEDBACKUP_AZURE_CONTAINER": ("Azure Blob container for replicas", "wedbackup-replicas", False),
     "WEDBACKUP_AZURE_PREFIX": ("blob name prefix inside the container", "wedbackup", False),
     "WEDBACKUP_AZURE_TIER": ("Azure access tier for replicas (Hot, Cool, Cold, Archive)", "Cool", False),
+    "WEDBACKUP_PROVIDER_TIMEOUT": ("seconds one S3 / GCS / Azure request may wait on the network (connect, and "
+                                   "each read of the answer) before the SDK retries or the upload fails", "60",
+                                   False),
     "WEDBACKUP_ZSTD_LEVEL": ("zstd level for sealed archives (1-19); 1 was faster and no larger on the demo data",
                              "1", False),
     "WEDBACKUP_LOCK_TIMEOUT": ("seconds a backup or restore of a wedding waits while another backup or restore "
@@ -197,6 +200,7 @@ class Settings:
     gcs: GCSTarget
     azure: AzureTarget
     lock_timeout: float = 600.0
+    provider_timeout: float = 60.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -248,7 +252,22 @@ class Settings:
         )
         return cls(source_dsn=source, catalogue_dsn=catalogue, scratch_dsn=scratch, vault_dir=vault,
                    zstd_level=int(level_text),
-                   s3=s3, gcs=gcs, azure=azure, lock_timeout=lock_timeout)
+                   s3=s3, gcs=gcs, azure=azure, lock_timeout=lock_timeout,
+                   provider_timeout=provider_timeout_from(env))
+
+
+def provider_timeout_from(environ: Mapping[str, str] | None = None) -> float:
+    """WEDBACKUP_PROVIDER_TIMEOUT: without it a provider that accepts a connection and then says nothing
+    holds an upload step for the SDKs' own read timeouts (60 s per attempt), retries included."""
+    env = os.environ if environ is None else environ
+    text = env.get("WEDBACKUP_PROVIDER_TIMEOUT") or VARIABLES["WEDBACKUP_PROVIDER_TIMEOUT"][1]
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.5 <= value <= 600:
+        raise ConfigError("WEDBACKUP_PROVIDER_TIMEOUT", "must be a number of seconds from 0.5 to 600")
+    return value
 
 
 def redact(text: str, environ: Mapping[str, str] | None = None) -> str:

@@ -13,13 +13,16 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
+
 from .archive import ArchiveStats, ArchiveWriter, open_archive
 from .catalogue import BackupRecord, Catalogue
 from .config import Settings
-from .errors import ArchiveError, PartitionBusyError, ProviderError, WedbackupError
+from .errors import (ArchiveError, PartitionBusyError, ProviderError, ReplicaChecksumMismatch, ReplicaError,
+                     RestoreError, WedbackupError)
 from .keys import MasterKeyring, SecretKey, load_master_keyring
 from .locks import partition_lock
-from .snapshot import PLATFORM, Manifest
+from .snapshot import PLATFORM, Manifest, database_label
 from .vault import Vault, VaultEntry, check_partition
 
 PROVIDERS = ("s3", "gcs", "azure")
@@ -115,6 +118,7 @@ class Engine:
 
     def _back_up_locked(self, partition: str, session: Any) -> BackupOutcome:
         started = time.perf_counter()
+        self.vault.clean_incoming(partition)  # what a killed run of this partition left behind
         with self.vault.incoming(partition) as (fh, tmp):
             writer = self._archive_writer(partition, fh)
             try:
@@ -199,6 +203,8 @@ class Engine:
             except WedbackupError as exc:
                 results[partition] = exc
         sealed: dict[str, tuple[Manifest, ArchiveStats, VaultEntry]] = {}
+        for partition in wedding_keys:
+            self.vault.clean_incoming(partition)  # what a killed run of this wedding left behind
         with ExitStack() as incoming:
             open_archives: dict[str, tuple[Any, Any, ArchiveWriter]] = {}
             try:
@@ -312,9 +318,29 @@ class Engine:
                                        "its SHA-256 no longer matches the catalogue: the vault copy is damaged")
             else:
                 copy = next(c for c in self.catalogue.copies(backup.id) if c.provider == chosen)
-                replicas[chosen].download(copy.object_key, tmp, expected_sha256=backup.archive_sha256)
+                self._download(replicas[chosen], copy.object_key, tmp, backup)
             tmp.seek(0)
             yield tmp
+
+    download_attempts = 3
+
+    def _download(self, replica: Any, key: str, tmp: Any, backup: BackupRecord) -> None:
+        """One copy into `tmp`, checked against the catalogue's SHA-256. A transient failure (the connection
+        dropped, the answer was cut short) is retried from the start; whole-length bytes with another hash
+        are damage at the provider and are raised at once, never retried away."""
+        for attempt in range(self.download_attempts):
+            tmp.seek(0)
+            tmp.truncate()
+            try:
+                replica.download(key, tmp, expected_sha256=backup.archive_sha256)
+                return
+            except ReplicaChecksumMismatch:
+                if tmp.tell() >= backup.size or attempt == self.download_attempts - 1:
+                    raise
+            except ReplicaError:
+                if attempt == self.download_attempts - 1:
+                    raise
+            time.sleep(0.5 * 2 ** attempt)
 
     def _archive_name(self, backup: BackupRecord, chosen: str) -> str:
         return f"{chosen}:{backup.partition}/{backup.archive_sha256[:16]}"
@@ -325,6 +351,7 @@ class Engine:
 
         backup = self.catalogue.require_latest_backup(check_partition(partition))
         chosen = self.choose_provider(backup, [p for p in PROVIDERS if p in replicas], provider)
+        self._drop_abandoned_scratch(restore)
         started = time.perf_counter()
         ok = False
         detail: dict[str, Any] = {}
@@ -348,9 +375,27 @@ class Engine:
         except WedbackupError as exc:
             detail = {"error": str(exc)[:500]}
             raise
+        except psycopg.Error as exc:
+            # The scratch server failed under us (connection lost, server gone): name the wedding and the
+            # server, so the step reports this wedding and goes on with the others.
+            error = RestoreError(f"wedding {partition}: the verification restore failed (scratch server: "
+                                 f"{database_label(self.settings.scratch_dsn)}): {type(exc).__name__}: "
+                                 f"{(str(exc).strip().splitlines() or [''])[0][:300]}")
+            detail = {"error": str(error)[:500]}
+            raise error from None
         finally:
             self.catalogue.record_restore(backup.id, provider=chosen, ok=ok, seconds=time.perf_counter() - started,
                                           detail=detail)
+
+    def _drop_abandoned_scratch(self, restore: Any) -> None:
+        """Once per engine: drop the scratch databases a killed verification left on the scratch server."""
+        if getattr(self, "_scratch_swept", False):
+            return
+        try:
+            restore.drop_abandoned_scratch_databases(self.settings.scratch_dsn)
+            self._scratch_swept = True
+        except psycopg.Error:
+            pass  # tidying only: the verification itself reports a server that cannot be reached
 
     def restore_to(self, partition: str, target_dsn: str, replicas: Mapping[str, Any],
                    provider: str | None = None) -> Any:

@@ -613,6 +613,8 @@ def verify_restored(target_dsn: str, manifest: Manifest, plan_or_selects=None) -
                         with conn.transaction():
                             rows, nbytes, sha = _checksum(conn, select, params)
                     except psycopg.Error as e:
+                        if conn.closed or conn.broken:
+                            raise  # the connection is gone: this error, not a later "connection is closed"
                         tables.append(TableReport(m.table, 0, 0, round(time.monotonic() - t0, 6), False,
                                                   f"cannot be read on the target: {_first_line(e)}"))
                         continue
@@ -624,7 +626,9 @@ def verify_restored(target_dsn: str, manifest: Manifest, plan_or_selects=None) -
                     tables.append(TableReport(m.table, rows, nbytes, round(time.monotonic() - t0, 6), not problem, problem))
             checks = _check_foreign_keys(conn, manifest)
         finally:
-            conn.execute("ROLLBACK")
+            if not conn.closed and not conn.broken:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("ROLLBACK")
     return VerifyReport(partition=manifest.partition, target=target, tables=tables, foreign_keys=checks,
                         seconds=round(time.monotonic() - started, 6))
 
@@ -677,18 +681,66 @@ def scratch_name(label: str) -> str:
     return f"{SCRATCH_PREFIX}{safe + '_' if safe else ''}{uuid.uuid4().hex[:12]}"
 
 
+def _scratch_lock_key(name: str) -> sql.Composable:
+    return sql.SQL("hashtextextended({}, 0)").format(sql.Literal(name))
+
+
 @contextlib.contextmanager
 def scratch_database(admin_dsn: str, *, label: str) -> Iterator[str]:
     """A new empty database on the admin DSN's server, yielded as a DSN, dropped afterwards (WITH
-    (FORCE), so leftover sessions do not keep it alive) even when the body fails."""
+    (FORCE), so leftover sessions do not keep it alive) even when the body fails.
+
+    The admin session holds an advisory lock named after the database for its whole life, so
+    `drop_abandoned_scratch_databases` can tell a scratch database in use from one a killed process left."""
     name = scratch_name(label)
     ident = sql.Identifier(name)
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(ident))
-    parts = conninfo_to_dict(admin_dsn)
-    parts["dbname"] = name
+    admin = psycopg.connect(admin_dsn, autocommit=True)
     try:
-        yield make_conninfo(**parts)
+        admin.execute(sql.SQL("SELECT pg_advisory_lock({})").format(_scratch_lock_key(name)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(ident))
+        parts = conninfo_to_dict(admin_dsn)
+        parts["dbname"] = name
+        try:
+            yield make_conninfo(**parts)
+        finally:
+            _drop_scratch(admin, admin_dsn, ident)
     finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+        admin.close()
+
+
+def _drop_scratch(admin, admin_dsn: str, ident: sql.Identifier) -> None:  # noqa: ANN001
+    """DROP the scratch database, reconnecting when the admin session was lost meanwhile (a network blip
+    must not leave a database behind); the last failure is raised."""
+    drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident)
+    for attempt in range(3):
+        try:
+            if admin.closed or admin.broken:
+                with psycopg.connect(admin_dsn, autocommit=True) as fresh:
+                    fresh.execute(drop)
+            else:
+                admin.execute(drop)
+            return
+        except psycopg.OperationalError:
+            if attempt == 2:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
+def drop_abandoned_scratch_databases(admin_dsn: str) -> list[str]:
+    """Drop the scratch databases no live restore holds (their advisory lock is free and nobody is
+    connected): what a killed verification left behind. Returns their names."""
+    dropped = []
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        names = [r[0] for r in conn.execute(
+            "SELECT d.datname FROM pg_database d WHERE starts_with(d.datname, %s) AND NOT EXISTS "
+            "(SELECT 1 FROM pg_stat_activity a WHERE a.datname = d.datname)", (SCRATCH_PREFIX,))]
+        for name in names:
+            key = _scratch_lock_key(name)
+            if not conn.execute(sql.SQL("SELECT pg_try_advisory_lock({})").format(key)).fetchone()[0]:
+                continue  # a live restore owns it
+            try:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+                dropped.append(name)
+            finally:
+                conn.execute(sql.SQL("SELECT pg_advisory_unlock({})").format(key))
+    return dropped

@@ -640,13 +640,18 @@ class SnapshotSession:
             result = work(conn)
             if self.share_seconds <= 0:
                 conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             self._shared = None
             if not conn.closed:
                 try:
                     conn.execute("ROLLBACK")
                 except psycopg.Error:
                     conn.close()
+            if isinstance(exc, psycopg.OperationalError):
+                # The source went away mid-snapshot: say which database, not just the driver's words.
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise SnapshotError(f"snapshot of {database_label(self.source_dsn)} failed: the connection was "
+                                    f"lost ({_redact(first, self.source_dsn)})") from None
             raise
         return result
 

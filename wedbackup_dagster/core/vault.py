@@ -3,6 +3,7 @@ file, fsynced, then renamed to their content address, so a crash never leaves a 
 under a real name and a retry can never overwrite a good copy with different bytes."""
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import uuid
@@ -71,6 +72,9 @@ class Vault:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".incoming-{uuid.uuid4().hex}"
         fh = open(tmp, "xb")
+        # Held while the archive is written: clean_incoming tells a live writer's file from one a killed
+        # process left (the kernel drops the lock with the process, kill -9 included).
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
             yield fh, tmp
         finally:
@@ -118,10 +122,24 @@ class Vault:
         _fsync_dir(path.parent)
         return True
 
-    def clean_incoming(self) -> int:
-        """Remove temporary files a killed run left behind; they were never renamed, so never valid."""
+    def clean_incoming(self, partition: str | None = None) -> int:
+        """Remove temporary files a killed run left behind (never renamed, so never valid archives); a file
+        a live writer still holds locked is left alone. Returns how many were removed."""
         removed = 0
-        for tmp in self.root.glob("*/.incoming-*"):
-            tmp.unlink(missing_ok=True)
-            removed += 1
+        pattern = f"{check_partition(partition)}/.incoming-*" if partition else "*/.incoming-*"
+        for tmp in self.root.glob(pattern):
+            try:
+                fd = os.open(tmp, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue  # a live writer holds it
+            try:
+                tmp.unlink(missing_ok=True)
+                removed += 1
+            finally:
+                os.close(fd)
         return removed

@@ -59,3 +59,23 @@ def test_redact_hides_secret_settings_and_dsn_passwords():
 def test_zstd_level_out_of_range(level):
     with pytest.raises(ConfigError, match="WEDBACKUP_ZSTD_LEVEL"):
         Settings.from_env({**GOOD, "WEDBACKUP_ZSTD_LEVEL": level})
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "ten", "601"])
+def test_provider_timeout_out_of_range_names_the_variable(value):
+    with pytest.raises(ConfigError, match="WEDBACKUP_PROVIDER_TIMEOUT"):
+        Settings.from_env({**GOOD, "WEDBACKUP_PROVIDER_TIMEOUT": value})
+
+
+def test_provider_timeout_reaches_the_pipelines_s3_and_azure_clients(monkeypatch):
+    from wedbackup_dagster.backups.resources import AzureBlobResource, S3ReplicaResource
+
+    for name, value in {**GOOD, "WEDBACKUP_PROVIDER_TIMEOUT": "2.5", "WEDBACKUP_S3_ENDPOINT_URL": "http://127.0.0.1:9",
+                        "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret"}.items():
+        monkeypatch.setenv(name, value)
+    assert Settings.from_env().provider_timeout == 2.5
+    client = S3ReplicaResource(max_attempts=2).get_client()
+    assert client.meta.config.read_timeout == 2.5 and client.meta.config.connect_timeout == 2.5
+    service = AzureBlobResource(connection_string="DefaultEndpointsProtocol=http;AccountName=a;AccountKey=YQ==;"
+                                                  "BlobEndpoint=http://127.0.0.1:9/a;").get_service()
+    assert service._pipeline._transport.connection_config.read_timeout == 2.5

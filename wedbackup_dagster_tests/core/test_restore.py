@@ -3,6 +3,7 @@ every wedding), schema mismatch, damaged streams, all-or-nothing, verification, 
 from __future__ import annotations
 
 import io
+import uuid
 
 import psycopg
 import pytest
@@ -277,3 +278,22 @@ def test_scratch_database_is_dropped_even_when_the_body_fails(stack):
     with pytest.raises(psycopg.OperationalError):
         lingering.execute("SELECT 1")  # its session was terminated by DROP ... WITH (FORCE)
     lingering.close()
+
+
+def test_abandoned_scratch_databases_are_dropped_but_live_ones_kept(stack, monkeypatch):
+    from wedbackup_dagster.core import restore as restore_module
+
+    prefix = f"{SCRATCH_PREFIX}sweep{uuid.uuid4().hex[:6]}_"
+    monkeypatch.setattr(restore_module, "SCRATCH_PREFIX", prefix)
+    admin = stack.dsn("postgres")
+    abandoned = f"{prefix}left_behind"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(abandoned)))
+    with scratch_database(admin, label="live") as dsn:
+        live = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+        assert restore_module.drop_abandoned_scratch_databases(admin) == [abandoned]
+        with psycopg.connect(dsn) as conn:  # the live one is untouched
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    with psycopg.connect(admin) as conn:
+        left = conn.execute("SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (prefix,)).fetchall()
+    assert left == [] and live.startswith(prefix)

@@ -57,3 +57,13 @@ def test_hostile_partition_rejected(tmp_path, partition):
 def test_hostile_sha_rejected(tmp_path, sha):
     with pytest.raises(WedbackupError):
         Vault(tmp_path).path_for("42", sha)
+
+
+def test_cleaning_spares_a_temp_file_a_live_writer_holds(tmp_path):
+    vault = Vault(tmp_path)
+    (tmp_path / "9").mkdir()
+    (tmp_path / "9" / ".incoming-dead").write_bytes(b"x")
+    with vault.incoming("9") as (fh, tmp):
+        fh.write(b"being written")
+        assert vault.clean_incoming("9") == 1  # only the abandoned one
+        assert tmp.exists()

@@ -41,6 +41,15 @@ from .base import (
 PROVIDER = "s3"
 DEFAULT_MULTIPART_THRESHOLD = 64 << 20
 DEFAULT_PART_SIZE = 64 << 20
+def abandoned_uploads(uploads: list[dict[str, Any]], cutoff: datetime) -> list[dict[str, Any]]:
+    """The multipart uploads (list_multipart_uploads' `Uploads`) started before `cutoff`; one without a
+    start time counts as abandoned (nothing says it is live)."""
+    return [u for u in uploads if not (isinstance(u.get("Initiated"), datetime) and u["Initiated"] > cutoff)]
+
+
+# A multipart upload older than this is abandoned (its process died): longer than run monitoring lets a run
+# last (2 h, dagster.yaml), so a live upload of another run is never aborted.
+ABANDONED_MULTIPART_SECONDS = 3 * 3600.0
 _PARTS_SUFFIX = re.compile(r"-(\d+)$")
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchVersion"}
 
@@ -114,8 +123,10 @@ class S3Replica:
     provider = PROVIDER
 
     def __init__(self, client, target: S3Target, *, multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
-                 part_size: int = DEFAULT_PART_SIZE, max_concurrency: int = 4):
+                 part_size: int = DEFAULT_PART_SIZE, max_concurrency: int = 4,
+                 abandoned_after: float = ABANDONED_MULTIPART_SECONDS):
         self.client = client
+        self.abandoned_after = abandoned_after
         self.target = target
         self.prefix = target.prefix
         self.multipart_threshold = multipart_threshold
@@ -158,6 +169,7 @@ class S3Replica:
             note = (f"replaced version {existing.get('VersionId')} at {key}: it had {existing.get('ContentLength')} "
                     f"bytes and checksum {existing.get('ChecksumSHA256') or 'none'}, not this archive")
 
+        self._abort_abandoned_multipart(key)
         self._transfer(Path(path), key, meta, part_size, progress, lock=lock)
 
         head = self._head_object(key)
@@ -220,6 +232,24 @@ class S3Replica:
         except (ClientError, BotoCoreError) as exc:
             raise self._fail(key, "set Object Lock retention (is Object Lock enabled on the bucket?)", exc) from None
         return self._head_object(key, version_id=head.get("VersionId")) or head
+
+    def _abort_abandoned_multipart(self, key: str) -> None:
+        """Abort unfinished multipart uploads in this archive's folder (this wedding's archives): a process
+        killed mid-upload never aborts its own, and S3 keeps (and bills) their parts until someone does.
+        Only uploads started longer ago than `abandoned_after` (default: longer than any run may last,
+        README's run monitoring) are aborted: another run may be uploading the same wedding right now."""
+        folder = key.rsplit("/", 1)[0] + "/"
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=self.abandoned_after)
+        try:
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.target.bucket,
+                                                                                     Prefix=folder):
+                for upload in abandoned_uploads(page.get("Uploads", []), cutoff):
+                    self.client.abort_multipart_upload(Bucket=self.target.bucket, Key=upload["Key"],
+                                                       UploadId=upload["UploadId"])
+        except (ClientError, BotoCoreError):
+            # Tidying only (and a role may lack s3:ListBucketMultipartUploads): the upload itself goes on, and
+            # if S3 is down it reports that. A later upload of the wedding tries again.
+            pass
 
     def _abort_multipart(self, key: str) -> None:
         try:

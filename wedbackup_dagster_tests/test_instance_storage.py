@@ -1,7 +1,5 @@
 """The pooled PostgreSQL event log: a run's events are stored (and readable) as with dagster-postgres,
 over a connection the storage keeps instead of one new connection per write."""
-import json
-
 import dagster as dg
 import sqlalchemy
 
@@ -20,8 +18,10 @@ def probe_job():
     many_materializations()
 
 
-def test_events_are_stored_over_a_kept_connection(tmp_path, make_database):
-    url = json.dumps(make_database())
+def test_events_are_stored_over_a_kept_connection(tmp_path, make_database, monkeypatch):
+    # The URL comes from the environment, as in a deployment: a password never lands in dagster.yaml.
+    monkeypatch.setenv("WEDBACKUP_TEST_DAGSTER_PG_URL", make_database())
+    url = "{env: WEDBACKUP_TEST_DAGSTER_PG_URL}"
     (tmp_path / "dagster.yaml").write_text(
         "run_storage:\n  module: dagster_postgres.run_storage\n  class: PostgresRunStorage\n"
         f"  config:\n    postgres_url: {url}\n"

@@ -21,8 +21,8 @@ from .catalogue import BackupRecord, Catalogue
 from .errors import (ProviderError, RestoreError, SchemaMismatchError, SnapshotFormatError, UnknownWeddingError,
                      VerificationError, WedbackupError)
 from .locks import partition_lock
-from .restore import (Record, _advance_sequences, _checksum, _compare_with_manifest, _first_line, read_snapshot,
-                      restore_snapshot, schema_differences)
+from .restore import (Record, _advance_sequences, _checksum, _compare_with_manifest, _first_line, foreign_keys_sql,
+                      read_snapshot, restore_snapshot, schema_differences)
 from .snapshot import (DATA, FORMAT_NAME, FORMAT_VERSION, MANIFEST, PLATFORM, Manifest, database_label,
                        describe_schema, plan_description, schema_fingerprint, schema_is_empty, use_qualified_names)
 from .vault import check_partition
@@ -525,19 +525,7 @@ def restore_into_schema(chunks: Iterable[bytes], dsn: str, schema: str, *, name:
 
 # --- restoring: in place ----------------------------------------------------------------------------
 
-_REFERENCES_SQL = """
-SELECT con.conname::text, cn.nspname::text, c.relname::text, pn.nspname::text, p.relname::text,
-       ARRAY(SELECT a.attname::text FROM unnest(con.conkey) WITH ORDINALITY k(attnum, ord)
-             JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum ORDER BY k.ord),
-       ARRAY(SELECT a.attname::text FROM unnest(con.confkey) WITH ORDINALITY k(attnum, ord)
-             JOIN pg_catalog.pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum ORDER BY k.ord)
-FROM pg_catalog.pg_constraint con
-JOIN pg_catalog.pg_class c ON c.oid = con.conrelid JOIN pg_catalog.pg_namespace cn ON cn.oid = c.relnamespace
-JOIN pg_catalog.pg_class p ON p.oid = con.confrelid JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace
-JOIN unnest(%(schemas)s::text[], %(names)s::text[]) AS r(s, n) ON r.s = pn.nspname AND r.n = p.relname
-WHERE con.contype = 'f' AND con.conparentid = 0
-ORDER BY 2, 3, 1
-"""
+_REFERENCES_SQL = foreign_keys_sql("referenced")  # keys pointing INTO the given tables
 
 _ROW_ID = (sql.SQL("t0.tableoid"), sql.SQL("t0.ctid"))  # a row's identity while we hold its lock
 

@@ -565,7 +565,12 @@ def _advance_sequences(conn, tables: list[tuple[str, str]]) -> list[dict[str, An
 
 # --- verification -----------------------------------------------------------------------------------
 
-_FK_OF_TABLES_SQL = """
+def foreign_keys_sql(of: str) -> str:
+    """Every foreign key (name, schema, table, referenced schema, referenced table, columns, referenced
+    columns) whose referencing table (`of="referencing"`) or referenced table (`of="referenced"`) is one
+    of the (%(schemas)s, %(names)s) pairs. Partitions' inherited copies of a key are left out."""
+    side = {"referencing": "cn.nspname AND r.n = c.relname", "referenced": "pn.nspname AND r.n = p.relname"}[of]
+    return f"""
 SELECT con.conname::text, cn.nspname::text, c.relname::text, pn.nspname::text, p.relname::text,
        ARRAY(SELECT a.attname::text FROM unnest(con.conkey) WITH ORDINALITY k(attnum, ord)
              JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum ORDER BY k.ord),
@@ -574,10 +579,13 @@ SELECT con.conname::text, cn.nspname::text, c.relname::text, pn.nspname::text, p
 FROM pg_catalog.pg_constraint con
 JOIN pg_catalog.pg_class c ON c.oid = con.conrelid JOIN pg_catalog.pg_namespace cn ON cn.oid = c.relnamespace
 JOIN pg_catalog.pg_class p ON p.oid = con.confrelid JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace
-JOIN unnest(%(schemas)s::text[], %(names)s::text[]) AS r(s, n) ON r.s = cn.nspname AND r.n = c.relname
+JOIN unnest(%(schemas)s::text[], %(names)s::text[]) AS r(s, n) ON r.s = {side}
 WHERE con.contype = 'f' AND con.conparentid = 0
 ORDER BY 2, 3, 1
 """
+
+
+_FK_OF_TABLES_SQL = foreign_keys_sql("referencing")
 
 
 def _selects_for(manifest: Manifest, plan_or_selects) -> dict[str, tuple[sql.Composable, dict | None]]:

@@ -5,7 +5,6 @@ that locks and replaces exactly that wedding's rows) — with a dry-run diff fir
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -21,9 +20,10 @@ from .catalogue import BackupRecord, Catalogue
 from .errors import (ProviderError, RestoreError, SchemaMismatchError, SnapshotFormatError, UnknownWeddingError,
                      VerificationError, WedbackupError)
 from .locks import partition_lock
-from .restore import (Record, _advance_sequences, _checksum, _compare_with_manifest, _first_line, foreign_keys_sql,
-                      read_snapshot, restore_snapshot, schema_differences)
-from .snapshot import (DATA, FORMAT_NAME, FORMAT_VERSION, MANIFEST, PLATFORM, Manifest, database_label,
+from .restore import (Record, _advance_sequences, _checksum, _compare_with_manifest, _first_line, check_table_end,
+                      copy_table_in, foreign_keys_sql, manifest_of, read_snapshot, read_to_end, restore_snapshot,
+                      schema_differences, table_begin_of)
+from .snapshot import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, PLATFORM, Manifest, database_label,
                        describe_schema, plan_description, schema_fingerprint, schema_is_empty, use_qualified_names)
 from .vault import check_partition
 
@@ -334,36 +334,24 @@ def _load(conn, records: Iterator[Record], what: str, target: str, progress: Pro
             if record.kind == MANIFEST:
                 manifest_record = record
                 break
+            schema, name, columns = table_begin_of(record)  # checked: a garbled record is the format's error
             begin = record.json()
-            schema, name, columns = begin["schema"], begin["name"], begin["columns"]
             table = f"{schema}.{name}"
             into = make_table(begin, len(staged))
             t0 = last = time.monotonic()
-            digest, rows, nbytes = hashlib.sha256(), 0, 0
-            end_record = None
-            query = sql.SQL("COPY {} ({}) FROM STDIN").format(into, sql.SQL(", ").join(map(sql.Identifier, columns)))
+
+            def tick(rows: int) -> None:  # called only while this table is copied
+                nonlocal last
+                if time.monotonic() - last >= PROGRESS_EVERY:
+                    last = time.monotonic()
+                    progress(f"{table}: {rows:,} rows read from the archive so far")
+
             try:
-                with cur.copy(query) as copy:
-                    for rec in records:
-                        if rec.kind != DATA:
-                            end_record = rec
-                            break
-                        digest.update(rec.payload)
-                        rows += rec.payload.count(b"\n")
-                        nbytes += len(rec.payload)
-                        copy.write(rec.payload)
-                        if time.monotonic() - last >= PROGRESS_EVERY:
-                            last = time.monotonic()
-                            progress(f"{table}: {rows:,} rows read from the archive so far")
+                rows, nbytes, sha, end_record = copy_table_in(cur, into, columns, records, on_chunk=tick)
             except psycopg.Error as e:
                 raise RestoreError(f"restore of {what} into {target}: table {table} refused the archive's rows: "
                                    f"{_first_line(e)}") from None
-            sha = digest.hexdigest()
-            end = end_record.json()
-            if (end.get("rows"), end.get("bytes"), end.get("sha256")) != (rows, nbytes, sha):
-                raise VerificationError(f"restore of {what} into {target}: table {table} does not match its "
-                                        f"record: {rows} rows / sha256 {sha[:16]}… read, {end.get('rows')} rows / "
-                                        f"sha256 {str(end.get('sha256'))[:16]}… recorded")
+            check_table_end(end_record, rows, nbytes, sha, what=what, target=target, table=table, done="read")
             seen[table] = (rows, nbytes, sha)
             order_by = list(begin.get("order_by") or [])
             staged.append(_Staged(schema, name, list(columns), into, rows, begin["select_sql"], begin.get("params"),
@@ -371,7 +359,8 @@ def _load(conn, records: Iterator[Record], what: str, target: str, progress: Pro
             progress(f"{table}: {rows:,} rows read from the archive ({time.monotonic() - t0:.1f} s)")
     if manifest_record is None:
         raise SnapshotFormatError("snapshot stream", "the stream has no manifest")
-    manifest = Manifest.from_dict(manifest_record.json())
+    read_to_end(records, "snapshot stream")
+    manifest = manifest_of(manifest_record)
     _compare_with_manifest(manifest, seen, what, target)
     return staged, manifest
 

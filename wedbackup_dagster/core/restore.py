@@ -8,7 +8,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -383,6 +383,43 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def copy_table_in(cur, into: sql.Composable, columns: list[str], records: Iterator[Record],
+                  on_chunk: Callable[[int], None] | None = None) -> tuple[int, int, str, Record | None]:
+    """COPY one table's data records, up to the record that ends them, into `into`, hashing as they go.
+    Returns (rows, bytes, sha256, the record that ended the data); `on_chunk(rows so far)` after each
+    chunk. psycopg's errors pass through: the caller names the restore they belong to."""
+    digest, rows, nbytes = hashlib.sha256(), 0, 0
+    query = sql.SQL("COPY {} ({}) FROM STDIN").format(into, sql.SQL(", ").join(map(sql.Identifier, columns)))
+    with cur.copy(query) as copy:
+        for rec in records:
+            if rec.kind != DATA:
+                return rows, nbytes, digest.hexdigest(), rec
+            digest.update(rec.payload)
+            rows += rec.payload.count(b"\n")
+            nbytes += len(rec.payload)
+            copy.write(rec.payload)
+            if on_chunk is not None:
+                on_chunk(rows)
+    return rows, nbytes, digest.hexdigest(), None
+
+
+def check_table_end(end_record: Record | None, rows: int, nbytes: int, sha: str, *, what: str, target: str,
+                    table: str, done: str) -> None:
+    """The rows just copied (`done`: "restored", "read") are exactly what the table-end record says."""
+    end = end_record.json() if end_record is not None else {}
+    if (end.get("rows"), end.get("bytes"), end.get("sha256")) != (rows, nbytes, sha):
+        raise VerificationError(f"restore of {what} into {target}: table {table} does not match its "
+                                f"record: {rows} rows / sha256 {sha[:16]}… {done}, "
+                                f"{end.get('rows')} rows / sha256 {str(end.get('sha256'))[:16]}… recorded")
+
+
+def read_to_end(records: Iterator[Record], name: str) -> None:
+    """Read the stream past its manifest: read_snapshot refuses anything there (found by fuzzing: a
+    restore used to stop at the manifest and so accepted trailing garbage)."""
+    for extra in records:
+        raise SnapshotFormatError(name, f"{extra.kind_name} record at offset {extra.offset} after the manifest")
+
+
 def restore_snapshot(chunks: Iterable[bytes], target_dsn: str, *, create_schema: bool | str = "auto",
                      name: str = "snapshot stream") -> RestoreReport:
     """Restore a snapshot stream into the target, in ONE transaction: committed only when every table
@@ -459,37 +496,17 @@ def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, A
             if not create_schema:
                 held += _hold_triggers(conn, schema, tname)
             t0 = time.monotonic()
-            digest, rows, nbytes = hashlib.sha256(), 0, 0
-            query = sql.SQL("COPY {} ({}) FROM STDIN").format(
-                sql.Identifier(schema, tname), sql.SQL(", ").join(map(sql.Identifier, columns)))
-            end_record = None
             try:
-                with cur.copy(query) as copy:
-                    for rec in records:
-                        if rec.kind != DATA:
-                            end_record = rec
-                            break
-                        digest.update(rec.payload)
-                        rows += rec.payload.count(b"\n")
-                        nbytes += len(rec.payload)
-                        copy.write(rec.payload)
+                rows, nbytes, sha, end_record = copy_table_in(cur, sql.Identifier(schema, tname), columns, records)
             except psycopg.Error as e:
                 raise RestoreError(f"restore of {what} into {target}: table {table} refused its rows: "
                                    f"{_first_line(e)}") from None
-            sha = digest.hexdigest()
-            end = end_record.json()
-            if (end.get("rows"), end.get("bytes"), end.get("sha256")) != (rows, nbytes, sha):
-                raise VerificationError(f"restore of {what} into {target}: table {table} does not match its "
-                                        f"record: {rows} rows / sha256 {sha[:16]}… restored, "
-                                        f"{end.get('rows')} rows / sha256 {str(end.get('sha256'))[:16]}… recorded")
+            check_table_end(end_record, rows, nbytes, sha, what=what, target=target, table=table, done="restored")
             seen[table] = (rows, nbytes, sha)
             tables.append(TableReport(table, rows, nbytes, round(time.monotonic() - t0, 6)))
     if manifest_record is None:  # read_snapshot raises first; kept for a clear message if that changes
         raise SnapshotFormatError(name, "the stream has no manifest")
-    # Read the stream to its end: read_snapshot refuses anything after the manifest (found by fuzzing:
-    # a restore used to stop at the manifest and so accepted trailing garbage).
-    for extra in records:
-        raise SnapshotFormatError(name, f"{extra.kind_name} record at offset {extra.offset} after the manifest")
+    read_to_end(records, name)
     manifest = manifest_of(manifest_record)
     _compare_with_manifest(manifest, seen, what, target)
 

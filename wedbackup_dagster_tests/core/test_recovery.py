@@ -487,3 +487,28 @@ def test_an_in_place_restore_waits_for_a_backup_of_the_same_wedding(env):
     finally:
         restorer.catalogue.close()
         other.catalogue.close()
+
+
+def test_junk_after_the_manifest_stops_a_recovery_and_writes_nothing(engine):
+    """The fuzzer's finding for restore_snapshot holds for recovery's loads too (one copy_table_in, one
+    read_to_end): a stream with a record after its manifest is refused before anything is committed."""
+    from wedbackup_dagster.core.archive import open_archive
+    from wedbackup_dagster.core.errors import SnapshotFormatError
+    from wedbackup_dagster.core.snapshot import MANIFEST
+
+    outcome = back_up(engine, verify=False)
+    entry = engine.vault.get(WEDDING, outcome.backup.archive_sha256)
+    with open(entry.path, "rb") as fh:
+        stream = b"".join(open_archive(fh, name="vault copy", resolve_key=engine.resolve_key))
+    junk = MANIFEST + (0).to_bytes(8, "big")
+    src = engine.settings.source_dsn
+    with source(engine) as conn:  # the live wedding drifts from the archive: a restore would show
+        conn.execute("UPDATE weddings SET venue = 'Elsewhere' WHERE id = %s", (int(WEDDING),))
+    before = rows_of(src, WEDDING)
+    with pytest.raises(SnapshotFormatError, match="after the manifest|cannot follow manifest"):
+        recovery.restore_into_schema([stream, junk], src, "wedding_then", name="junk")
+    with pytest.raises(SnapshotFormatError, match="after the manifest|cannot follow manifest"):
+        recovery.restore_in_place([stream, junk], src, WEDDING, name="junk")
+    with source(engine) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'wedding_then'").fetchone()[0] == 0
+    assert rows_of(src, WEDDING) == before

@@ -7,6 +7,7 @@ import argparse
 import getpass
 import json
 import sys
+from typing import Any
 
 from .cli_backup import QUIET, _instance
 from .core.config import redact
@@ -35,6 +36,19 @@ def _print_failures(result, what: str) -> None:
             print(redact(f"{what} failed: {text}"), file=sys.stderr)
 
 
+
+def _run_job(job_name: str, op_name: str, config: dict[str, Any], what: str):
+    """Run a one-op job in-process in the instance the UI reads: (result, the op's output metadata), or
+    None after printing each failing step's message (redacted)."""
+    from .definitions import defs
+
+    result = defs.resolve_job_def(job_name).execute_in_process(
+        instance=_instance(), raise_on_error=False, run_config={**QUIET, "ops": {op_name: {"config": config}}})
+    if not result.success:
+        _print_failures(result, what)
+        return None
+    return result, _step_metadata(result)
+
 def cmd_erase(args: argparse.Namespace) -> int:
     from .core.catalogue import Catalogue
     from .core.config import Settings
@@ -53,16 +67,11 @@ def cmd_erase(args: argparse.Namespace) -> int:
     if not args.confirm:
         print("refusing without --confirm (this cannot be undone)", file=sys.stderr)
         return 1
-    from .definitions import defs
-
-    job = defs.resolve_job_def("erase_wedding")
     config = {"partition": args.wedding, "requested_by": args.requested_by or getpass.getuser()}
-    result = job.execute_in_process(instance=_instance(), raise_on_error=False,
-                                    run_config={**QUIET, "ops": {"erase_wedding_backups": {"config": config}}})
-    if not result.success:
-        _print_failures(result, "erasure")
+    ran = _run_job("erase_wedding", "erase_wedding_backups", config, "erasure")
+    if ran is None:
         return 1
-    meta = _step_metadata(result)
+    result, meta = ran
     print(f"erased wedding {args.wedding} (run {result.run_id[:8]}): {meta.get('keys_shredded')} key(s) destroyed, "
           f"{meta.get('copies_deleted')} copies deleted, {meta.get('copies_locked')} locked")
     for line in meta.get("locked") or []:
@@ -90,16 +99,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
                   f"{d.reason}")
         print(f"dry run: {len(report.deletions)} backup(s) to delete, {report.kept} kept")
         return 0
-    from .definitions import defs
-
-    job = defs.resolve_job_def("retention_sweep")
-    config = {"dry_run": False, "partition": args.wedding}
-    result = job.execute_in_process(instance=_instance(), raise_on_error=False,
-                                    run_config={**QUIET, "ops": {"prune_backups": {"config": config}}})
-    if not result.success:
-        _print_failures(result, "prune")
+    ran = _run_job("retention_sweep", "prune_backups", {"dry_run": False, "partition": args.wedding}, "prune")
+    if ran is None:
         return 1
-    meta = _step_metadata(result)
+    result, meta = ran
     print(f"pruned (run {result.run_id[:8]}): {meta.get('deleted')} backup(s) deleted, {meta.get('kept')} kept, "
           f"{meta.get('copies_locked')} locked copies left")
     for line in meta.get("locked") or []:

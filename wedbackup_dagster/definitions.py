@@ -6,6 +6,10 @@ from .backups.assets import backup_assets
 from .backups.jobs import backup_weddings, reverify_weddings
 from .backups.resources import build_resources
 from .backups.restore_job import restore_wedding
+from .event_batches import enable_event_batching
+
+# Runs store their per-wedding materializations in batches (see event_batches.py).
+enable_event_batching()
 
 defs = dg.Definitions(
     assets=[*backup_assets, *checks.asset_defs],

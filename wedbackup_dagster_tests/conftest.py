@@ -122,3 +122,20 @@ def s3_lock_bucket(s3_client) -> str:
     s3_client.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"},
                             ObjectLockEnabledForBucket=True)
     return name
+
+
+@pytest.fixture
+def postgres_dagster_instance(tmp_path, make_database, monkeypatch):
+    """A Dagster instance on stock dagster-postgres storage (what deployments/ runs) in a fresh database; its
+    URL comes from the environment, as in a deployment, so no password lands in the dagster.yaml."""
+    import dagster as dg
+
+    monkeypatch.setenv("WEDBACKUP_TEST_DAGSTER_PG_URL", make_database())
+    home = tmp_path / "dagster_home_pg"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(
+        "storage:\n  postgres:\n    postgres_url: {env: WEDBACKUP_TEST_DAGSTER_PG_URL}\n"
+        "telemetry:\n  enabled: false\n")
+    instance = dg.DagsterInstance.from_config(str(home))
+    yield instance
+    instance.dispose()

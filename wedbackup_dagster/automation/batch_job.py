@@ -1,7 +1,8 @@
 """`backup_wedding_list`: the same pipeline as the backup assets (snapshot+seal, S3, GCS, Azure, verified
 restore) over an explicit list of weddings from the run config, recording each wedding's materializations
-itself. The schedule and change capture use it: due weddings are scattered over the partitions' insertion
-order, and a partition-range run would take them one run each (see README, Automation)."""
+itself, in batches (wedbackup_dagster/event_batches.py). The schedule and change capture use it: due
+weddings are scattered over the partitions' insertion order, and a partition-range run would take them
+one run each (see README, Automation)."""
 from typing import Any
 
 import dagster as dg
@@ -22,6 +23,7 @@ from ..backups.partitions import validated_keys
 from ..backups.resources import AzureBlobResource, WedbackupEngineResource
 from ..core.engine import PROVIDERS
 from ..core.errors import WedbackupError
+from ..event_batches import in_batches
 
 Step = dict[str, Any]  # {"ok": [wedding ids that succeeded], "failed": {wedding id: reason}}
 
@@ -60,7 +62,7 @@ def snapshot_and_seal_list(context: dg.OpExecutionContext, config: WeddingListCo
                 dg.AssetMaterialization(ENCRYPTED_ARCHIVE, partition=key, metadata=archive_metadata(o))]
 
     step, events = _each(context, list(outcomes), work)
-    yield from events
+    yield from in_batches(context, events)
     yield dg.Output(step)
 
 
@@ -74,7 +76,7 @@ def _replicate(context: dg.OpExecutionContext, provider: str, sealed: Step, wedb
         return [dg.AssetMaterialization(REPLICA_KEYS[provider], partition=key, metadata=replica_metadata(o))]
 
     step, events = _each(context, sealed["ok"], work)
-    yield from events
+    yield from in_batches(context, events)
     yield dg.Output(step)
 
 
@@ -111,7 +113,7 @@ def verified_restore_list(context: dg.OpExecutionContext, sealed: Step, s3_done:
         return [dg.AssetMaterialization(VERIFIED_RESTORE, partition=key, metadata=verify_metadata(o))]
 
     step, events = _each(context, uploaded, work)
-    yield from events
+    yield from in_batches(context, events)
     steps = (("backup", sealed), ("s3", s3_done), ("gcs", gcs_done), ("azure", azure_done), ("verify", step))
     failures = {f"{what} {k}": msg for what, done in steps for k, msg in done["failed"].items()}
     if failures:

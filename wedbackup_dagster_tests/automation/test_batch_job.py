@@ -71,3 +71,28 @@ def test_a_failing_wedding_is_named_and_the_others_still_land(fleet):
     assert fleet["catalogue"].restore_count(fleet["catalogue"].require_latest_backup("1").id) == 1
     assert latest(fleet["instance"], VERIFIED_RESTORE, "1") is not None
     assert latest(fleet["instance"], DB_DUMP, "4") is None
+
+
+def test_the_runs_materializations_are_stored_in_one_batch_per_asset(fleet, postgres_dagster_instance, monkeypatch):
+    import os
+
+    from wedbackup_dagster.definitions import defs
+    from wedbackup_dagster.event_batches import BATCH_SIZE_SETTING
+    from wedbackup_dagster_tests.test_event_batches import batch_writes
+
+    # Loading the code location (as a run worker does) turned batching on.
+    assert int(os.environ[BATCH_SIZE_SETTING]) > 0
+    instance = postgres_dagster_instance
+    register_partitions(instance, fleet["source"])
+    sizes = batch_writes(instance, monkeypatch)
+    result = defs.resolve_job_def("backup_wedding_list").execute_in_process(
+        run_config=list_run_config(["1", "3", "5"]), instance=instance)
+    assert result.success
+    # Six assets, three weddings each: six writes of three events instead of eighteen single ones.
+    assert sizes == [3] * 6
+    cat = fleet["catalogue"]
+    for key in ("1", "3", "5"):
+        sha = cat.require_latest_backup(key).archive_sha256
+        assert latest(instance, ENCRYPTED_ARCHIVE, key).metadata["archive_sha256"].value == sha
+        for asset_key in (DB_DUMP, *REPLICA_KEYS.values(), VERIFIED_RESTORE):
+            assert latest(instance, asset_key, key) is not None, (asset_key, key)

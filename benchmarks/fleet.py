@@ -1,6 +1,7 @@
 """Fleet benchmark: back up every partition of a generated database through the real engine (snapshot,
 zstd, AES-256-GCM, atomic vault write, catalogue), with N worker processes, next to
-`pg_dump -Fp | zstd -3 | age` and `pg_dump -Fc` on the same database, in the same run."""
+`pg_dump -Fp | zstd -3 | age` and `pg_dump -Fc` on the same database, in the same run; then the median
+wedding's own dump+seal and verified-restore latency."""
 from __future__ import annotations
 
 import os
@@ -88,6 +89,39 @@ def fleet(env: dict[str, str], keys: list[str], workers: int) -> dict[str, Any]:
             "peak_rss_mb_per_worker": round(max(p["max_rss_kb"] for p in parts) / 1024, 1)}
 
 
+def median_wedding(env: dict[str, str], repeats: int = 3) -> dict[str, Any]:
+    """A median wedding's own latency: the wedding whose newest backup in the catalogue of `env` has the
+    median raw size, backed up alone (dump+seal+vault) and then verified by a restore from the vault, one
+    at a time as a single-wedding run does it; best of `repeats` each."""
+    from wedbackup_dagster.core.engine import Engine
+
+    with psycopg.connect(env["WEDBACKUP_CATALOGUE_DSN"]) as conn:
+        sizes = conn.execute(
+            "SELECT DISTINCT ON (partition) partition, raw_bytes FROM wedbackup.backups "
+            "WHERE partition <> 'platform' ORDER BY partition, created_at DESC").fetchall()
+    wedding, raw_bytes = sorted(sizes, key=lambda row: (row[1], row[0]))[len(sizes) // 2]
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        engine = Engine.from_env()
+        dumps, restores = [], []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            with engine.snapshot_session() as session:
+                outcome = engine.back_up(wedding, session)
+            dumps.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            engine.verify(wedding, {}, provider="vault")
+            restores.append(time.perf_counter() - started)
+        engine.catalogue.close()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return {"wedding": wedding, "raw_bytes": raw_bytes, "sealed_bytes": outcome.stats.sealed_bytes,
+            "dump_seal_seconds": round(min(dumps), 3), "verified_restore_seconds": round(min(restores), 3),
+            "all_runs": {"dump_seal": [round(d, 3) for d in dumps], "verified_restore": [round(r, 3) for r in restores]}}
+
+
 def prepare_database(admin_dsn: str, name: str, weddings: int, seed: int, document_bytes: int) -> tuple[str, dict]:
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -136,6 +170,7 @@ def run(*, weddings: int, seed: int, document_bytes: int, workers: int) -> dict[
             shutil.rmtree(work / "vault", ignore_errors=True)
             ours.append(fleet(env, keys, workers))
         custom = baseline_pg_dump_custom(dsn, work)
+        median = median_wedding(env)
     best_base = min(b["seconds"] for b in base)
     best_ours = min(o["seconds"] for o in ours)
     fleet_result = min(ours, key=lambda o: o["seconds"])
@@ -150,6 +185,24 @@ def run(*, weddings: int, seed: int, document_bytes: int, workers: int) -> dict[
         "fleet_wall_ratio_vs_pg_dump_zstd_age": round(best_ours / best_base, 3),
         "fleet_wall_ratio_vs_pg_dump_custom": round(best_ours / custom["seconds"], 3),
         "fleet_bytes_per_second": round(fleet_result["raw_bytes"] / best_ours),
+        "median_wedding": median,
         "all_runs": {"baseline": [round(b["seconds"], 2) for b in base],
                      "fleet": [round(o["seconds"], 2) for o in ours]},
     }
+
+
+if __name__ == "__main__":
+    # `python -m benchmarks.fleet --median`: the median wedding alone, on the databases a full run leaves.
+    import json
+    import sys
+
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    if sys.argv[1:] != ["--median"]:
+        sys.exit("usage: python -m benchmarks.fleet --median (the fleet itself runs from benchmarks.run)")
+    parts = conninfo_to_dict(os.environ["WEDBACKUP_SCRATCH_DSN"])
+    with tempfile.TemporaryDirectory(prefix="wedbackup-bench-") as tmp:
+        print(json.dumps(median_wedding({
+            "WEDBACKUP_SOURCE_DSN": make_conninfo(**{**parts, "dbname": "wedbackup_bench_source"}),
+            "WEDBACKUP_CATALOGUE_DSN": make_conninfo(**{**parts, "dbname": "wedbackup_bench_catalogue"}),
+            "WEDBACKUP_VAULT_DIR": str(Path(tmp) / "vault")}), indent=2))

@@ -70,6 +70,8 @@ def main() -> None:
         f"| wedbackup fleet (dump+seal+vault, {f['fleet']['workers']} workers) | {f['fleet_seconds']} s |",
         f"| ratio vs pg_dump\\|zstd\\|age | {f['fleet_wall_ratio_vs_pg_dump_zstd_age']} |",
         f"| peak RSS per worker | {f['fleet']['peak_rss_mb_per_worker']} MB |",
+        f"| median wedding ({f['median_wedding']['raw_bytes'] / 1e6:.1f} MB as COPY text): dump+seal / verified "
+        f"restore | {f['median_wedding']['dump_seal_seconds']} s / {f['median_wedding']['verified_restore_seconds']} s |",
         f"| largest wedding: {result['single_wedding']['wedding_bytes'] / 1e6:.0f} MB, dump+seal | "
         f"{result['single_wedding']['dump_seal_seconds']} s, peak RSS "
         f"{result['single_wedding']['dump_seal_peak_rss_mb']} MB |",

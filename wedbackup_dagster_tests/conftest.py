@@ -139,3 +139,24 @@ def postgres_dagster_instance(tmp_path, make_database, monkeypatch):
     instance = dg.DagsterInstance.from_config(str(home))
     yield instance
     instance.dispose()
+
+
+@pytest.fixture
+def demo_env(stack, make_database, tmp_path, monkeypatch, s3_bucket, gcs_bucket, azure_container):
+    """Factory: `demo_env(weddings=, seed=, document_bytes=, **extra)` -> {"source": dsn, "catalogue": dsn}. A
+    fresh source database of demo weddings, an empty catalogue, a vault under tmp_path and this test's
+    buckets, all set in the WEDBACKUP_* environment (with `extra` variables set or overriding)."""
+    from wedbackup_dagster.core import demo_data
+
+    def make(*, weddings: int, seed: int, document_bytes: int, **extra: str) -> dict[str, str]:
+        source, catalogue = make_database(), make_database()
+        for name, value in {
+            "WEDBACKUP_SOURCE_DSN": source, "WEDBACKUP_CATALOGUE_DSN": catalogue,
+            "WEDBACKUP_VAULT_DIR": str(tmp_path / "vault"), "WEDBACKUP_S3_BUCKET": s3_bucket,
+            "WEDBACKUP_GCS_BUCKET": gcs_bucket, "WEDBACKUP_AZURE_CONTAINER": azure_container, **extra,
+        }.items():
+            monkeypatch.setenv(name, value)
+        demo_data.generate(source, weddings=weddings, seed=seed, document_bytes=document_bytes)
+        return {"source": source, "catalogue": catalogue}
+
+    return make

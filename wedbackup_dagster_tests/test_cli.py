@@ -6,23 +6,14 @@ import psycopg
 import pytest
 
 from wedbackup_dagster.cli import main
-from wedbackup_dagster.core import demo_data
 
 
 @pytest.fixture
-def cli_env(stack, make_database, tmp_path, monkeypatch, s3_bucket, gcs_bucket, azure_container):
-    source = make_database()
+def cli_env(demo_env, tmp_path):
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    for name, value in {
-        "WEDBACKUP_SOURCE_DSN": source, "WEDBACKUP_CATALOGUE_DSN": make_database(),
-        "WEDBACKUP_VAULT_DIR": str(tmp_path / "vault"), "WEDBACKUP_S3_BUCKET": s3_bucket,
-        "WEDBACKUP_GCS_BUCKET": gcs_bucket, "WEDBACKUP_AZURE_CONTAINER": azure_container,
-        "DAGSTER_HOME": str(home),
-    }.items():
-        monkeypatch.setenv(name, value)
-    demo_data.generate(source, weddings=5, seed=3, document_bytes=128)
+    source = demo_env(weddings=5, seed=3, document_bytes=128, DAGSTER_HOME=str(home))["source"]
     return {"source": source, "home": home}
 
 

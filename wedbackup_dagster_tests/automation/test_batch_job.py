@@ -10,22 +10,15 @@ import pytest
 from wedbackup_dagster.automation.batch_job import list_run_config
 from wedbackup_dagster.backups.constants import DB_DUMP, ENCRYPTED_ARCHIVE, REPLICA_KEYS, VERIFIED_RESTORE
 from wedbackup_dagster.backups.launch import register_partitions
-from wedbackup_dagster.core import demo_data
 from wedbackup_dagster.core.catalogue import Catalogue
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.replicas import ensure_targets
 
 
 @pytest.fixture
-def fleet(stack, make_database, tmp_path, monkeypatch, s3_bucket, gcs_bucket, azure_container):
-    source, catalogue = make_database(), make_database()
-    for name, value in {
-        "WEDBACKUP_SOURCE_DSN": source, "WEDBACKUP_CATALOGUE_DSN": catalogue,
-        "WEDBACKUP_VAULT_DIR": str(tmp_path / "vault"), "WEDBACKUP_S3_BUCKET": s3_bucket,
-        "WEDBACKUP_GCS_BUCKET": gcs_bucket, "WEDBACKUP_AZURE_CONTAINER": azure_container,
-    }.items():
-        monkeypatch.setenv(name, value)
-    demo_data.generate(source, weddings=5, seed=5, document_bytes=256)
+def fleet(demo_env):
+    dsns = demo_env(weddings=5, seed=5, document_bytes=256)
+    source, catalogue = dsns["source"], dsns["catalogue"]
     ensure_targets(Engine.from_env().settings)
     with dg.instance_for_test() as instance:
         register_partitions(instance, source)

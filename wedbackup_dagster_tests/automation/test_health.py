@@ -19,7 +19,6 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from wedbackup_dagster.automation.health import post_alert, provider_health, run_failure_alerts
 from wedbackup_dagster.backups.constants import S3_REPLICA
 from wedbackup_dagster.backups.launch import register_partitions
-from wedbackup_dagster.core import demo_data
 from wedbackup_dagster.core.catalogue import Catalogue
 from wedbackup_dagster.core.config import Settings
 from wedbackup_dagster.core.engine import Engine
@@ -50,17 +49,10 @@ def states(cursor: str) -> dict[str, tuple[bool, int]]:
 
 
 @pytest.fixture
-def fleet(stack, make_database, tmp_path, monkeypatch, s3_bucket, gcs_bucket, azure_container):
+def fleet(demo_env):
     """Nine demo weddings; the catalogue has backups of platform and weddings 1-7, only some copied to S3."""
-    source = make_database()
-    for name, value in {
-        "WEDBACKUP_SOURCE_DSN": source, "WEDBACKUP_CATALOGUE_DSN": make_database(),
-        "WEDBACKUP_VAULT_DIR": str(tmp_path / "vault"), "WEDBACKUP_S3_BUCKET": s3_bucket,
-        "WEDBACKUP_GCS_BUCKET": gcs_bucket, "WEDBACKUP_AZURE_CONTAINER": azure_container,
-        "WEDBACKUP_CANARY_TIMEOUT": "3", "WEDBACKUP_PROVIDER_DOWN_AFTER": "2",
-    }.items():
-        monkeypatch.setenv(name, value)
-    demo_data.generate(source, weddings=9, seed=9, document_bytes=128)
+    source = demo_env(weddings=9, seed=9, document_bytes=128, WEDBACKUP_CANARY_TIMEOUT="3",
+                      WEDBACKUP_PROVIDER_DOWN_AFTER="2")["source"]
     engine = Engine.from_env()
     ensure_targets(engine.settings)
     s3 = S3Replica(s3_client_from(engine.settings.s3, os.environ), engine.settings.s3)

@@ -12,7 +12,6 @@ from psycopg import sql
 
 from wedbackup_dagster.backups.constants import DB_DUMP, ENCRYPTED_ARCHIVE, S3_REPLICA, VERIFIED_RESTORE
 from wedbackup_dagster.backups.launch import register_partitions, run_job_for
-from wedbackup_dagster.core import demo_data
 from wedbackup_dagster.core.catalogue import Catalogue
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.replicas import ensure_targets
@@ -36,16 +35,9 @@ def table_fingerprints(dsn: str) -> dict[str, tuple[int, str]]:
 
 
 @pytest.fixture
-def pipeline(stack, make_database, tmp_path, monkeypatch, s3_bucket, gcs_bucket, azure_container):
-    source = make_database()
-    catalogue = make_database()
-    for name, value in {
-        "WEDBACKUP_SOURCE_DSN": source, "WEDBACKUP_CATALOGUE_DSN": catalogue,
-        "WEDBACKUP_VAULT_DIR": str(tmp_path / "vault"), "WEDBACKUP_S3_BUCKET": s3_bucket,
-        "WEDBACKUP_GCS_BUCKET": gcs_bucket, "WEDBACKUP_AZURE_CONTAINER": azure_container,
-    }.items():
-        monkeypatch.setenv(name, value)
-    demo_data.generate(source, weddings=24, seed=11, document_bytes=512)
+def pipeline(demo_env):
+    dsns = demo_env(weddings=24, seed=11, document_bytes=512)
+    source, catalogue = dsns["source"], dsns["catalogue"]
     engine = Engine.from_env()
     ensure_targets(engine.settings)
     with dg.instance_for_test() as instance:

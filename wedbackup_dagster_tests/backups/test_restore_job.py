@@ -9,7 +9,6 @@ import psycopg
 import pytest
 
 from wedbackup_dagster.backups.restore_job import TARGET_DSN_VARIABLE
-from wedbackup_dagster.core import demo_data
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.replicas import S3Replica, ensure_targets
 from wedbackup_dagster.core.replicas.s3 import s3_client_from
@@ -21,15 +20,8 @@ GUESTS = "SELECT count(*), md5(coalesce(string_agg(g::text, '|' ORDER BY g.id), 
 
 
 @pytest.fixture
-def backed_up(stack, make_database, tmp_path, monkeypatch, s3_bucket, gcs_bucket, azure_container):
-    source = make_database()
-    for name, value in {
-        "WEDBACKUP_SOURCE_DSN": source, "WEDBACKUP_CATALOGUE_DSN": make_database(),
-        "WEDBACKUP_VAULT_DIR": str(tmp_path / "vault"), "WEDBACKUP_S3_BUCKET": s3_bucket,
-        "WEDBACKUP_GCS_BUCKET": gcs_bucket, "WEDBACKUP_AZURE_CONTAINER": azure_container,
-    }.items():
-        monkeypatch.setenv(name, value)
-    demo_data.generate(source, weddings=4, seed=2, document_bytes=64)
+def backed_up(demo_env):
+    source = demo_env(weddings=4, seed=2, document_bytes=64)["source"]
     engine = Engine.from_env()
     ensure_targets(engine.settings)
     for partition in ("platform", "3"):

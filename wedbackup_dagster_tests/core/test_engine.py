@@ -5,7 +5,6 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from wedbackup_dagster.core import demo_data
 from wedbackup_dagster.core.config import Settings
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import (
@@ -26,16 +25,8 @@ WEDDING = "3"
 
 
 @pytest.fixture
-def env(stack, make_database, tmp_path, monkeypatch, s3_bucket, gcs_bucket, azure_container):
-    source = make_database()
-    values = {
-        "WEDBACKUP_SOURCE_DSN": source, "WEDBACKUP_CATALOGUE_DSN": make_database(),
-        "WEDBACKUP_VAULT_DIR": str(tmp_path / "vault"), "WEDBACKUP_S3_BUCKET": s3_bucket,
-        "WEDBACKUP_GCS_BUCKET": gcs_bucket, "WEDBACKUP_AZURE_CONTAINER": azure_container,
-    }
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    demo_data.generate(source, weddings=6, seed=5, document_bytes=256)
+def env(demo_env):
+    demo_env(weddings=6, seed=5, document_bytes=256)
     import os
 
     return dict(os.environ)

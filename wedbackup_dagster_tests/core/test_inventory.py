@@ -7,7 +7,7 @@ import socket
 import pandas as pd
 import pytest
 
-from wedbackup_dagster.core import demo_data, inventory as inv
+from wedbackup_dagster.core import inventory as inv
 from wedbackup_dagster.core.errors import ConfigError
 from wedbackup_dagster.core.replicas import AzureReplica, GCSReplica, S3Replica, ensure_targets
 
@@ -78,20 +78,14 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_inventory_on_the_real_stack(stack, make_database, tmp_path, monkeypatch, s3_bucket, gcs_bucket,
-                                     azure_container, s3_client):
+def test_inventory_on_the_real_stack(demo_env, s3_bucket, monkeypatch, s3_client):
     from wedbackup_dagster.core.config import Settings
     from wedbackup_dagster.core.engine import Engine
     from wedbackup_dagster.core.replicas.azure import azure_service_from
     from wedbackup_dagster.core.replicas.gcs import gcs_client_from
     from wedbackup_dagster.core.replicas.s3 import s3_client_from
 
-    source, catalogue = make_database(), make_database()
-    for name, value in {"WEDBACKUP_SOURCE_DSN": source, "WEDBACKUP_CATALOGUE_DSN": catalogue,
-                        "WEDBACKUP_VAULT_DIR": str(tmp_path / "vault"), "WEDBACKUP_S3_BUCKET": s3_bucket,
-                        "WEDBACKUP_GCS_BUCKET": gcs_bucket, "WEDBACKUP_AZURE_CONTAINER": azure_container}.items():
-        monkeypatch.setenv(name, value)
-    demo_data.generate(source, weddings=3, seed=3, document_bytes=256)
+    demo_env(weddings=3, seed=3, document_bytes=256)
     engine = Engine.from_env()
     settings = engine.settings
     ensure_targets(settings)

@@ -11,7 +11,6 @@ import os
 import psycopg
 import pytest
 
-from wedbackup_dagster.core import demo_data
 from wedbackup_dagster.core.archive import open_archive
 from wedbackup_dagster.core.catalogue import Catalogue
 from wedbackup_dagster.core.engine import Engine
@@ -36,15 +35,8 @@ from wedbackup_dagster.core.replicas.s3 import s3_client_from
 
 
 @pytest.fixture
-def engine(stack, make_database, tmp_path, monkeypatch, s3_bucket, gcs_bucket, azure_container) -> Engine:
-    source = make_database()
-    for name, value in {
-        "WEDBACKUP_SOURCE_DSN": source, "WEDBACKUP_CATALOGUE_DSN": make_database(),
-        "WEDBACKUP_VAULT_DIR": str(tmp_path / "vault"), "WEDBACKUP_S3_BUCKET": s3_bucket,
-        "WEDBACKUP_GCS_BUCKET": gcs_bucket, "WEDBACKUP_AZURE_CONTAINER": azure_container,
-    }.items():
-        monkeypatch.setenv(name, value)
-    demo_data.generate(source, weddings=4, seed=5, document_bytes=256)
+def engine(demo_env) -> Engine:
+    demo_env(weddings=4, seed=5, document_bytes=256)
     e = Engine.from_env()
     ensure_targets(e.settings)
     return e

@@ -9,7 +9,6 @@ import psycopg
 import pytest
 
 from wedbackup_dagster import cli
-from wedbackup_dagster.core import demo_data
 from wedbackup_dagster.core.catalogue import Catalogue
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.rebuild import rebuild_from
@@ -43,15 +42,8 @@ def drop_backups(dsn: str) -> None:
 
 
 @pytest.fixture
-def engine(stack, make_database, tmp_path, monkeypatch, s3_bucket, gcs_bucket, azure_container) -> Engine:
-    source = make_database()
-    for name, value in {
-        "WEDBACKUP_SOURCE_DSN": source, "WEDBACKUP_CATALOGUE_DSN": make_database(),
-        "WEDBACKUP_VAULT_DIR": str(tmp_path / "vault"), "WEDBACKUP_S3_BUCKET": s3_bucket,
-        "WEDBACKUP_GCS_BUCKET": gcs_bucket, "WEDBACKUP_AZURE_CONTAINER": azure_container,
-    }.items():
-        monkeypatch.setenv(name, value)
-    demo_data.generate(source, weddings=5, seed=3, document_bytes=256)
+def engine(demo_env) -> Engine:
+    demo_env(weddings=5, seed=3, document_bytes=256)
     e = Engine.from_env()
     ensure_targets(e.settings)
     return e

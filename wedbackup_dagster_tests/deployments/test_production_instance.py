@@ -18,7 +18,6 @@ from psycopg.conninfo import conninfo_to_dict
 from wedbackup_dagster.backups.constants import (AZURE_REPLICA, DB_DUMP, ENCRYPTED_ARCHIVE, GCS_REPLICA,
                                                  S3_REPLICA, VERIFIED_RESTORE)
 from wedbackup_dagster.backups.launch import register_partitions, run_job_for
-from wedbackup_dagster.core import demo_data
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.replicas import ensure_targets
 
@@ -79,17 +78,8 @@ def test_production_instance_keeps_everything_in_postgres(production_home):
 
 
 @pytest.fixture
-def backup_setup(stack, make_database, production_home, tmp_path, monkeypatch, s3_bucket, gcs_bucket,
-                 azure_container):
-    source = make_database()
-    catalogue = make_database()
-    for name, value in {
-        "WEDBACKUP_SOURCE_DSN": source, "WEDBACKUP_CATALOGUE_DSN": catalogue,
-        "WEDBACKUP_VAULT_DIR": str(tmp_path / "vault"), "WEDBACKUP_S3_BUCKET": s3_bucket,
-        "WEDBACKUP_GCS_BUCKET": gcs_bucket, "WEDBACKUP_AZURE_CONTAINER": azure_container,
-    }.items():
-        monkeypatch.setenv(name, value)
-    demo_data.generate(source, weddings=4, seed=5, document_bytes=256)
+def backup_setup(demo_env, production_home):
+    source = demo_env(weddings=4, seed=5, document_bytes=256)["source"]
     ensure_targets(Engine.from_env().settings)
     return {"source": source, "home": production_home}
 

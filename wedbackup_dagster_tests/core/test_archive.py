@@ -74,11 +74,12 @@ def unseal(blob: bytes, resolve=RESOLVE, name: str = NAME) -> bytes:
     return open_archive_bytes(blob, name=name, resolve_key=resolve)
 
 
-def read_collecting(blob: bytes, resolve=RESOLVE) -> tuple[bytes, BaseException | None]:
-    """Plaintext released before any failure, and the failure."""
+def read_collecting(blob: bytes, resolve=RESOLVE, name: str = NAME) -> tuple[bytes, BaseException | None]:
+    """Plaintext released before any failure, and the failure. Any exception that is not the format's own
+    (ArchiveError and its subclasses) escapes and fails the test."""
     got = bytearray()
     try:
-        for piece in open_archive(io.BytesIO(blob), name=NAME, resolve_key=resolve):
+        for piece in open_archive(io.BytesIO(blob), name=name, resolve_key=resolve):
             got += piece
     except ArchiveError as exc:
         return bytes(got), exc

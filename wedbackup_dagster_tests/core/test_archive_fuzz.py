@@ -17,11 +17,13 @@ from hypothesis import strategies as st
 from psycopg import sql
 
 from wedbackup_dagster.core import demo_data, restore
-from wedbackup_dagster.core.archive import open_archive, seal_bytes
+from wedbackup_dagster.core.archive import seal_bytes
 from wedbackup_dagster.core.errors import ArchiveError, KeyError_, SnapshotFormatError, WedbackupError
 from wedbackup_dagster.core.keys import SecretKey
 from wedbackup_dagster.core.snapshot import (DATA, FRAME_HEADER_SIZE, MAGIC, MANIFEST, Manifest,
                                              SnapshotSession)
+
+from .test_archive import read_collecting
 
 KEY = SecretKey("fuzz-7.k1", bytes(range(32)))
 NAME = "vault:7/fuzzed"
@@ -158,15 +160,9 @@ def mutate(blob: bytes, mutation, other: bytes) -> bytes:
 
 
 def read_through(blob: bytes) -> tuple[bytes, BaseException | None]:
-    """What a consumer sees: the plaintext released before any failure, and the failure. Any exception
-    that is not the format's own (ArchiveError and its subclasses) escapes and fails the test."""
-    got = bytearray()
-    try:
-        for piece in open_archive(io.BytesIO(blob), name=NAME, resolve_key=resolve):
-            got += piece
-    except ArchiveError as exc:
-        return bytes(got), exc
-    return bytes(got), None
+    """What a consumer sees: the plaintext released before any failure, and the failure (test_archive's
+    reader, with this module's key and archive name)."""
+    return read_collecting(blob, resolve=resolve, name=NAME)
 
 
 def assert_clean_error(exc: BaseException) -> None:

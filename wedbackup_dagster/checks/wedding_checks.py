@@ -295,8 +295,12 @@ def shrinkage_outcomes(engine: Engine, keys: list[str]) -> dict[str, Outcome]:
     engine.catalogue.record_shrinkage([rules.shrinkage_flag(v) for vs in verdicts.values() for v in vs
                                        if not v.passed])
     open_flags: dict[str, list[dict[str, Any]]] = {}
-    for flag in engine.catalogue.shrinkage_flags(keys, open_only=True):
-        open_flags.setdefault(flag["partition"], []).append(flag)
+    acknowledged: dict[int, dict[str, Any]] = {}
+    for flag in engine.catalogue.shrinkage_flags(keys):
+        if flag["acknowledged_at"] is None:
+            open_flags.setdefault(flag["partition"], []).append(flag)
+        else:
+            acknowledged[flag["backup_id"]] = flag
     out: dict[str, Outcome] = {}
     for key in keys:
         if not verdicts.get(key):
@@ -304,18 +308,23 @@ def shrinkage_outcomes(engine: Engine, keys: list[str]) -> dict[str, Outcome]:
             continue
         v = verdicts[key][-1]
         rows = [{"table": t.table, "before": t.before, "after": -1 if t.after is None else t.after,
-                 "lost": t.lost, "lost_pct": round(100 * t.fraction, 1), "flag": t.level or "-"}
+                 "lost": t.lost, "lost_pct": round(100 * t.fraction, 1),
+                 "flag": (t.level or "-") + (" (gone)" if t.after is None else "")}
                 for t in (*v.tables, v.total)]
         rows += [{"table": t, "before": 0, "after": 0, "lost": 0, "lost_pct": 0.0, "flag": "new"}
                  for t in v.new_tables]
         flags = open_flags.get(key, [])
         older = [f for f in flags if f["backup_id"] != v.backup_id]
         description = v.summary
+        ack = acknowledged.get(v.backup_id) if not v.passed else None
+        if ack is not None:
+            description += (f"; acknowledged by {ack['acknowledged_by']} at {_ts(ack['acknowledged_at'])}"
+                            + (f": {ack['note']}" if ack["note"] else ""))
         if older:
             description += "; not yet acknowledged: " + " | ".join(f["summary"] for f in older)
         if flags:
             description += f" — check, then `wedbackup ack --wedding {key}` (retention keeps the pre-drop backups)"
-        levels = {v.level} | {f["level"] for f in flags}
+        levels = ({v.level} if ack is None else set()) | {f["level"] for f in flags}
         metadata = {
             "tables": _table(rows, [("table", "string"), ("before", "int"), ("after", "int"), ("lost", "int"),
                                     ("lost_pct", "float"), ("flag", "string")]),
@@ -325,7 +334,7 @@ def shrinkage_outcomes(engine: Engine, keys: list[str]) -> dict[str, Outcome]:
                 {str(i) for f in flags for i in (f["baseline_id"], f["previous_id"]) if i is not None})),
             "thresholds": f"warn ≥ {rule.warn:.0%}, error ≥ {rule.error:.0%} of ≥ {rule.min_rows} rows",
         }
-        passed = v.passed and not flags
+        passed = (v.passed or ack is not None) and not flags
         out[key] = (passed, description, metadata, ERROR if "error" in levels else WARN)
     return out
 

@@ -292,15 +292,14 @@ def shrinkage_outcomes(engine: Engine, keys: list[str]) -> dict[str, Outcome]:
     rule = Policy.from_env().shrinkage
     verdicts = rules.find_shrinkage(engine.catalogue, keys, warn=rule.warn, error=rule.error,
                                     min_rows=rule.min_rows)
-    engine.catalogue.record_shrinkage([rules.shrinkage_flag(v) for vs in verdicts.values() for v in vs
-                                       if not v.passed])
+    catalogue = engine.catalogue
+    catalogue.record_shrinkage(rules.new_shrinkage_flags((v for vs in verdicts.values() for v in vs),
+                                                         catalogue.shrinkage_flags(keys)))
+    known = catalogue.shrinkage_flags(keys)
     open_flags: dict[str, list[dict[str, Any]]] = {}
-    acknowledged: dict[int, dict[str, Any]] = {}
-    for flag in engine.catalogue.shrinkage_flags(keys):
+    for flag in known:
         if flag["acknowledged_at"] is None:
             open_flags.setdefault(flag["partition"], []).append(flag)
-        else:
-            acknowledged[flag["backup_id"]] = flag
     out: dict[str, Outcome] = {}
     for key in keys:
         if not verdicts.get(key):
@@ -314,9 +313,11 @@ def shrinkage_outcomes(engine: Engine, keys: list[str]) -> dict[str, Outcome]:
         rows += [{"table": t, "before": 0, "after": 0, "lost": 0, "lost_pct": 0.0, "flag": "new"}
                  for t in v.new_tables]
         flags = open_flags.get(key, [])
-        older = [f for f in flags if f["backup_id"] != v.backup_id]
+        covering = [] if v.passed else rules.covering_flags(v, known)
+        # Its drop was acknowledged (every flag spanning it is): it passes, saying who.
+        ack = covering[-1] if covering and all(f["acknowledged_at"] for f in covering) else None
+        older = [f for f in flags if f not in covering]
         description = v.summary
-        ack = acknowledged.get(v.backup_id) if not v.passed else None
         if ack is not None:
             description += (f"; acknowledged by {ack['acknowledged_by']} at {_ts(ack['acknowledged_at'])}"
                             + (f": {ack['note']}" if ack["note"] else ""))
@@ -350,10 +351,21 @@ def shrinkage(context: dg.AssetCheckExecutionContext, wedbackup: WedbackupEngine
                        _evaluate(wedbackup, lambda e: shrinkage_outcomes(e, _keys(context))))
 
 
-def shrinkage_evaluations(engine: Engine, keys: list[str]) -> list[dg.AssetCheckEvaluation]:
-    """The shrinkage check's evaluations of `keys`, for a job that backs weddings up outside the assets
-    (automation's backup_wedding_list) to log, so its weddings show their check result per partition."""
-    return list(_evaluations(DB_DUMP, "shrinkage", shrinkage_outcomes(engine, keys))) if keys else []
+def log_shrinkage_evaluations(context: dg.OpExecutionContext, engine: Engine, keys: list[str]) -> None:
+    """Log the shrinkage check's evaluations of `keys` from a job that backs weddings up outside the assets
+    (automation's backup_wedding_list), so its weddings show their check result per partition. The backups
+    are taken already: a check that cannot be evaluated is logged, never fails them (check_weddings, and
+    retention's own scan, still judge them)."""
+    if not keys:
+        return
+    try:
+        evaluations = list(_evaluations(DB_DUMP, "shrinkage", shrinkage_outcomes(engine, keys)))
+    except Exception as exc:  # noqa: BLE001 - whatever broke the check must not fail the backups
+        context.log.error(f"shrinkage check not evaluated for {len(keys)} wedding(s): {type(exc).__name__}: "
+                          f"{str(exc)[:300]}")
+        return
+    for evaluation in evaluations:
+        context.log_event(evaluation)
 
 
 wedding_checks = [archive_integrity, s3_replica_checksum, gcs_replica_checksum, azure_replica_checksum,

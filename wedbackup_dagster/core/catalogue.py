@@ -172,6 +172,7 @@ MIGRATIONS = [
     CREATE TABLE IF NOT EXISTS wedbackup.shrinkage_flags (
         backup_id        bigint PRIMARY KEY,   -- the backup whose rows dropped
         partition        text NOT NULL,
+        snapshot_time    timestamptz NOT NULL, -- its snapshot: a later comparison spanning it is the same drop
         baseline_id      bigint NOT NULL,      -- the verified backup it was compared with
         previous_id      bigint,               -- the newest backup taken before it (verified or not)
         level            text NOT NULL,        -- warn | error
@@ -694,11 +695,11 @@ class Catalogue:
         with self.connect() as conn:
             for f in flags:
                 row = conn.execute(
-                    """INSERT INTO wedbackup.shrinkage_flags (backup_id, partition, baseline_id, previous_id, level,
-                           summary, detail) VALUES (%s, %s, %s, %s, %s, %s, %s)
+                    """INSERT INTO wedbackup.shrinkage_flags (backup_id, partition, snapshot_time, baseline_id,
+                           previous_id, level, summary, detail) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
                        ON CONFLICT (backup_id) DO NOTHING RETURNING backup_id""",
-                    (f["backup_id"], f["partition"], f["baseline_id"], f["previous_id"], f["level"], f["summary"],
-                     json.dumps(f["detail"]))).fetchone()
+                    (f["backup_id"], f["partition"], f["snapshot_time"], f["baseline_id"], f["previous_id"],
+                     f["level"], f["summary"], json.dumps(f["detail"]))).fetchone()
                 if row is not None:
                     new += 1
                     conn.execute("INSERT INTO wedbackup.audit (action, partition, detail) "

@@ -239,14 +239,14 @@ def shrinkage_holds(catalogue: Any, partitions: list[str], policy: Policy, *, re
     rule = policy.shrinkage
     verdicts = rules.find_shrinkage(catalogue, partitions, warn=rule.warn, error=rule.error,
                                     min_rows=rule.min_rows, history=True)
-    found = [rules.shrinkage_flag(v) for vs in verdicts.values() for v in vs if not v.passed]
-    known = {f["backup_id"]: f for f in catalogue.shrinkage_flags(partitions)}
+    known = catalogue.shrinkage_flags(partitions)
+    found = rules.new_shrinkage_flags((v for vs in verdicts.values() for v in vs), known)
     if record:
-        catalogue.record_shrinkage([f for f in found if f["backup_id"] not in known])
-        known = {f["backup_id"]: f for f in catalogue.shrinkage_flags(partitions)}
+        catalogue.record_shrinkage(found)
+        known = catalogue.shrinkage_flags(partitions)
     else:
-        known.update({f["backup_id"]: f for f in found if f["backup_id"] not in known})
-    return hold_reasons(f for f in known.values() if f.get("acknowledged_at") is None)
+        known = [*known, *found]
+    return hold_reasons(f for f in known if f.get("acknowledged_at") is None)
 
 
 PARTITIONS_PER_PASS = 500  # partitions read and judged at a time: memory stays bounded on a large fleet

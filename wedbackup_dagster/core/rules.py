@@ -397,6 +397,7 @@ class Shrinkage:
     baseline_id: int | None = None  # None: no earlier verified backup, nothing to compare
     previous_id: int | None = None  # the newest backup taken before this one (verified or not)
     baseline_time: datetime | None = None
+    snapshot_time: datetime | None = None  # of the backup judged
 
     @property
     def passed(self) -> bool:
@@ -421,7 +422,7 @@ class Shrinkage:
 def shrinkage(partition: str, current: Mapping[str, int], baseline: Mapping[str, int] | None, *,
               warn: float, error: float, min_rows: int, backup_id: int | None = None,
               baseline_id: int | None = None, previous_id: int | None = None,
-              baseline_time: datetime | None = None) -> Shrinkage:
+              baseline_time: datetime | None = None, snapshot_time: datetime | None = None) -> Shrinkage:
     """Per-table row counts of a new backup (`current`, table -> rows) against the baseline's.
 
     A table of the baseline is judged when it held at least `min_rows` rows there; it lost the fraction
@@ -439,7 +440,7 @@ def shrinkage(partition: str, current: Mapping[str, int], baseline: Mapping[str,
     if baseline is None:
         total = sum(current.values())
         return Shrinkage(partition, "ok", (), TableDrop("total", total, total), tuple(sorted(current)),
-                         backup_id, None, previous_id, None)
+                         backup_id, None, previous_id, None, snapshot_time)
     tables = tuple(TableDrop(t, before, current.get(t), level_of(before, current.get(t)))
                    for t, before in sorted(baseline.items()))
     before, after = sum(baseline.values()), sum(current.values())
@@ -447,12 +448,13 @@ def shrinkage(partition: str, current: Mapping[str, int], baseline: Mapping[str,
     levels = {t.level for t in (*tables, total)}
     level = "error" if "error" in levels else "warn" if "warn" in levels else "ok"
     return Shrinkage(partition, level, tables, total, tuple(sorted(set(current) - set(baseline))), backup_id,
-                     baseline_id, previous_id, baseline_time)
+                     baseline_id, previous_id, baseline_time, snapshot_time)
 
 
 def shrinkage_flag(s: Shrinkage) -> dict[str, Any]:
     """A flagged verdict as the catalogue records it (`Catalogue.record_shrinkage`)."""
-    return {"backup_id": s.backup_id, "partition": s.partition, "baseline_id": s.baseline_id,
+    return {"backup_id": s.backup_id, "partition": s.partition, "snapshot_time": s.snapshot_time,
+            "baseline_id": s.baseline_id,
             "previous_id": s.previous_id, "level": s.level, "summary": s.summary,
             "detail": {"tables": [{"table": t.table, "before": t.before, "after": t.after, "level": t.level}
                                   for t in s.flagged],
@@ -511,6 +513,30 @@ def find_shrinkage(catalogue: Catalogue, partitions: list[str], *, warn: float, 
             verdicts.append(shrinkage(
                 partition, b.counts, base.counts if base else None, warn=warn, error=error, min_rows=min_rows,
                 backup_id=b.id, baseline_id=base.id if base else None,
-                previous_id=backups[i - 1].id if i else None, baseline_time=base.snapshot_time if base else None))
+                previous_id=backups[i - 1].id if i else None, baseline_time=base.snapshot_time if base else None,
+                snapshot_time=b.snapshot_time))
         out[partition] = verdicts
+    return out
+
+
+def covering_flags(s: Shrinkage, flags: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The recorded flags (`Catalogue.shrinkage_flags` rows) that are this verdict's drop already: of its
+    wedding, on a backup taken after its baseline and no later than it. Once the flagged backup is pruned,
+    a later backup compared with the same (or an older) baseline spans the same drop: it is not flagged
+    again, and an acknowledgement of the first flag covers it."""
+    if s.baseline_time is None or s.snapshot_time is None:
+        return []
+    return [f for f in flags if f["partition"] == s.partition
+            and (f["backup_id"] == s.backup_id or s.baseline_time < f["snapshot_time"] <= s.snapshot_time)]
+
+
+def new_shrinkage_flags(verdicts: Iterable[Shrinkage], flags: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The flagged verdicts no recorded flag covers yet, as rows for `Catalogue.record_shrinkage`."""
+    known = list(flags)
+    out: list[dict[str, Any]] = []
+    for v in verdicts:
+        if not v.passed and not covering_flags(v, known):
+            row = shrinkage_flag(v)
+            out.append(row)
+            known.append(row)  # a later backup of the same history spanning this drop is that drop
     return out

@@ -114,3 +114,10 @@ def test_retention_keeps_what_a_flag_holds_and_says_why():
     held = plan_retention([BackupPoint(p.id, p.partition, p.snapshot_time, p.verified, hold=holds.get(p.id, ""))
                            for p in points], now, RetentionRule())
     assert set(held.delete) == {3} and held.keep[1] == [holds[1]] and held.keep[2] == [holds[2]]
+
+
+def test_a_hostile_shrinkage_key_is_named_escaped_and_bounded():
+    with pytest.raises(ConfigError) as err:
+        Policy.from_mapping({"shrinkage": {"warn\n; DROP" * 500: 1, 3: 2}})
+    message = str(err.value)
+    assert message.startswith("configuration policy.shrinkage.") and len(message) < 400 and "\n" not in message

@@ -686,7 +686,6 @@ class Catalogue:
                                (backup_id,)).fetchone()
         return row is not None
 
-
     # ==== shrinkage flags (issue 14; core/rules.py shrinkage, core/retention.py) =========================
     def record_shrinkage(self, flags: list[dict[str, Any]]) -> int:
         """Record flagged drops (rules.shrinkage_flag); a backup already flagged keeps its first flag (and
@@ -720,8 +719,9 @@ class Catalogue:
 
     def acknowledge_shrinkage(self, partition: str, *, by: str, note: str | None = None,
                               backup_id: int | None = None) -> list[dict[str, Any]]:
-        """A person checked the drop: acknowledge the wedding's open flags (or the one naming `backup_id`,
-        as the flagged backup or its baseline), audited; retention may then delete what they held."""
+        """A person checked the drop: acknowledge the wedding's open flags (or those naming `backup_id` as
+        the flagged backup, its baseline or the backup before it), audited; retention may then delete what
+        they held."""
         if not by.strip():
             raise WedbackupError(f"wedding {partition}: acknowledging a drop needs the name of who checked it (--by)")
         with self.connect() as conn:
@@ -738,6 +738,7 @@ class Catalogue:
                                                      "released": sorted({i for r in rows for i in (
                                                          r["baseline_id"], r["previous_id"]) if i is not None})})))
         return rows
+
 
 
 def _context(partition: str, key_id: str) -> bytes:

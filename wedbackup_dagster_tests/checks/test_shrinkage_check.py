@@ -96,9 +96,16 @@ def test_a_sharp_drop_is_flagged_held_from_retention_until_acknowledged(fleet, c
     assert f"wedbackup ack --wedding {wiped}" in out
     engine = fleet["engine"]
     replicas = engine_replicas(engine.settings)
-    report = prune(cat, engine.vault, replicas, Policy())
-    assert [d.backup_id for d in report.deletions] == [baseline[steady]]
-    assert {h["backup_id"] for h in report.held} == {baseline[wiped], baseline[thinned]}
+    # The retention job (as scheduled): its metadata lists what is held, and why.
+    sweep = defs.resolve_job_def("retention_sweep").execute_in_process(
+        instance=instance, run_config={"ops": {"prune_backups": {"config": {"dry_run": False}}}})
+    assert sweep.success
+    [meta] = [e.event_specific_data.metadata for e in sweep.all_events if e.event_type_value == "STEP_OUTPUT"]
+    assert meta["deleted"].value == 1 and meta["backups_held"].value == 2  # the steady wedding's old backup
+    held = meta["held"].value
+    assert len(held) == 2 and all(any(h.startswith(f"{w}/#{baseline[w]}: held: rows dropped sharply in backup #")
+                                      for h in held) for w in (wiped, thinned))
+    assert baseline[steady] not in [b["id"] for b in cat.backups_with_copies(steady)]
     assert cat.backups_with_copies(wiped)[0]["id"] == baseline[wiped]
 
     # A person checks: `wedbackup ack` (CLI) for one wedding, the acknowledge_shrinkage job (UI) for the other.

@@ -1,5 +1,6 @@
 """`wedbackup verify (--all | --wedding ID … | --older-than DAYS)`: re-verify existing backups through
-Dagster (verified_restore and its checks, no new dump), in batched multi-wedding runs."""
+Dagster (verified_restore and its checks, no new dump), in batched multi-wedding runs; `wedbackup ack`:
+acknowledge a wedding's flagged drop in rows (the shrinkage check), or list the open flags."""
 from __future__ import annotations
 
 import argparse
@@ -95,6 +96,35 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_ack(args: argparse.Namespace) -> int:
+    from .checks.shrinkage_ack import acknowledge
+    from .core.catalogue import Catalogue
+    from .core.config import Settings
+
+    catalogue = Catalogue(Settings.from_env().catalogue_dsn)
+    catalogue.migrate()
+    try:
+        if args.list or not args.wedding:
+            if not args.list:
+                raise WedbackupError("ack needs --wedding ID (and --by WHO), or --list")
+            flags = catalogue.shrinkage_flags(open_only=True)
+            for f in flags:
+                print(f"  {f['partition']:<10} backup #{f['backup_id']:<6} {f['level'].upper():<5} "
+                      f"flagged {f['flagged_at']:%Y-%m-%d %H:%M}  {f['summary']}")
+            print(f"{len(flags)} unacknowledged shrinkage flag(s)")
+            return 0
+        if not args.by:
+            raise WedbackupError(f"wedding {shown(args.wedding)}: ack needs --by WHO (recorded in the audit trail)")
+        rows = acknowledge(catalogue, args.wedding, by=args.by, backup_id=args.backup, note=args.note)
+    finally:
+        catalogue.close()
+    for r in rows:
+        print(f"  acknowledged backup #{r['backup_id']} ({r['level'].upper()}): {r['summary']}")
+    print(f"wedding {args.wedding}: {len(rows)} flag(s) acknowledged by {args.by}; retention may now delete the "
+          "backups they held")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     verify = sub.add_parser("verify", help="re-verify existing backups (restore and check) without new dumps")
     which = verify.add_mutually_exclusive_group(required=True)
@@ -105,3 +135,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     verify.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, metavar="N",
                         help=f"weddings per Dagster run (default {DEFAULT_BATCH})")
     verify.set_defaults(func=cmd_verify)
+
+    ack = sub.add_parser("ack", help="acknowledge a wedding's flagged drop in rows (shrinkage check) once checked")
+    ack.add_argument("--wedding", metavar="ID", help="the wedding whose drop a person checked")
+    ack.add_argument("--backup", type=int, metavar="ID",
+                     help="only the flag naming this backup id (flagged, baseline or previous); default: all open")
+    ack.add_argument("--by", metavar="WHO", help="who checked it (recorded in the audit trail)")
+    ack.add_argument("--note", help="why the drop is fine (recorded with the acknowledgement)")
+    ack.add_argument("--list", action="store_true", help="list the unacknowledged flags of every wedding")
+    ack.set_defaults(func=cmd_ack)

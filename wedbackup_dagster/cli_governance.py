@@ -91,12 +91,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
         catalogue.migrate()
         report = retention.prune(catalogue, None, {}, Policy.from_env(), dry_run=True, partition=args.wedding)
         if args.json:
-            print(json.dumps({"summary": report.summary(), "delete": [d.as_dict() for d in report.deletions]},
-                             default=str))
+            print(json.dumps({"summary": report.summary(), "delete": [d.as_dict() for d in report.deletions],
+                              "held": report.held}, default=str))
             return 0
         for d in report.deletions:
             print(f"  would delete {d.partition:<10} {d.snapshot_time:%Y-%m-%d %H:%M}  {d.archive_sha256[:12]}  "
                   f"{d.reason}")
+        for h in report.held:
+            print(f"  keeps        {h['partition']:<10} {h['snapshot_time']:%Y-%m-%d %H:%M}  backup #{h['backup_id']}  "
+                  f"{h['reason']}")
         print(f"dry run: {len(report.deletions)} backup(s) to delete, {report.kept} kept")
         return 0
     ran = _run_job("retention_sweep", "prune_backups", {"dry_run": False, "partition": args.wedding}, "prune")
@@ -105,6 +108,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     result, meta = ran
     print(f"pruned (run {result.run_id[:8]}): {meta.get('deleted')} backup(s) deleted, {meta.get('kept')} kept, "
           f"{meta.get('copies_locked')} locked copies left")
+    for line in meta.get("held") or []:
+        print(f"  held: {line}")
     for line in meta.get("locked") or []:
         print(f"  locked: {line}")
     return 0

@@ -38,7 +38,8 @@ def test_automation_and_checks_are_registered():
                                               "run_failure_alerts", "key_store_backup_after_backups"}
     assert {j.name for j in defs.jobs} >= {"backup_weddings", "backup_wedding_list", "reverify_weddings",
                                            "restore_wedding", "check_weddings", "reconcile_inventory",
-                                           "erase_wedding", "retention_sweep", "key_store_backup", "rotate_keys"}
+                                           "erase_wedding", "retention_sweep", "key_store_backup", "rotate_keys",
+                                           "acknowledge_shrinkage"}
     checks = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
     assert checks == {"archive_integrity", "replica_checksum", "three_two_one", "restore_matches_manifest",
-                      "freshness", "inventory_consistent"}
+                      "freshness", "inventory_consistent", "shrinkage"}

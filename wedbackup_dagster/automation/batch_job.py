@@ -20,6 +20,7 @@ from ..backups.constants import (
     VERIFIED_RESTORE,
 )
 from ..backups.partitions import validated_keys
+from ..checks.wedding_checks import log_shrinkage_evaluations
 from ..backups.resources import AzureBlobResource, WedbackupEngineResource
 from ..core.engine import PROVIDERS
 from ..core.errors import WedbackupError
@@ -63,6 +64,8 @@ def snapshot_and_seal_list(context: dg.OpExecutionContext, config: WeddingListCo
 
     step, events = _each(context, list(outcomes), work)
     yield from in_batches(context, events)
+    # The shrinkage check of each new backup, as backup_weddings runs it (recorded per wedding partition).
+    log_shrinkage_evaluations(context, engine, step["ok"])
     yield dg.Output(step)
 
 

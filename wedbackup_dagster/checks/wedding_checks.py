@@ -1,6 +1,6 @@
 """Asset checks per wedding partition: archive integrity (blocking), replica checksum per provider, 3-2-1,
-restore matches manifest, and freshness by tier. Each check is one step even in a batched run: it
-evaluates every wedding of the run and reports one result per wedding partition."""
+restore matches manifest, freshness by tier, shrinkage (a sharp drop in rows). Each check is one step even
+in a batched run: it evaluates every wedding of the run and reports one result per wedding partition."""
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -10,7 +10,7 @@ from dagster_aws.s3 import S3Resource
 from dagster_gcp import GCSResource
 
 from ..backups.assets import make_replica
-from ..backups.constants import ENCRYPTED_ARCHIVE, REPLICA_KEYS, VERIFIED_RESTORE
+from ..backups.constants import DB_DUMP, ENCRYPTED_ARCHIVE, REPLICA_KEYS, VERIFIED_RESTORE
 from ..backups.partitions import validated_keys, weddings_partitions
 from ..backups.resources import AzureBlobResource, WedbackupEngineResource
 from ..core import rules
@@ -27,15 +27,19 @@ def _report(context: dg.AssetCheckExecutionContext, asset_key: dg.AssetKey, name
             outcomes: dict[str, Outcome], *, blocking: bool = False) -> Iterator[Any]:
     """One evaluation per wedding partition (AssetCheckResult would carry one partition only), then the
     check's output so the step completes. A failed blocking evaluation fails the step after all are reported."""
-    failed = 0
-    for key, (passed, description, metadata, severity) in outcomes.items():
-        failed += not passed
-        yield dg.AssetCheckEvaluation(asset_key=asset_key, check_name=name, passed=passed, partition=key,
-                                      description=description, metadata=metadata, severity=severity,
-                                      blocking=blocking)
+    yield from _evaluations(asset_key, name, outcomes, blocking=blocking)
+    failed = sum(1 for passed, *_ in outcomes.values() if not passed)
     if failed:
         context.log.warning(f"{name}: {failed} of {len(outcomes)} wedding(s) failed")
     yield dg.Output(None)
+
+
+def _evaluations(asset_key: dg.AssetKey, name: str, outcomes: dict[str, Outcome], *, blocking: bool = False
+                 ) -> Iterator[dg.AssetCheckEvaluation]:
+    for key, (passed, description, metadata, severity) in outcomes.items():
+        yield dg.AssetCheckEvaluation(asset_key=asset_key, check_name=name, passed=passed, partition=key,
+                                      description=description, metadata=metadata, severity=severity,
+                                      blocking=blocking)
 
 
 def _keys(context: dg.AssetCheckExecutionContext) -> list[str]:
@@ -276,5 +280,93 @@ def freshness(context: dg.AssetCheckExecutionContext, wedbackup: WedbackupEngine
                        _evaluate(wedbackup, lambda e: freshness_outcomes(e, _keys(context))))
 
 
+# -------------------------------------------------------------------------------------- shrinkage
+
+
+def shrinkage_outcomes(engine: Engine, keys: list[str]) -> dict[str, Outcome]:
+    """The newest backup's rows against the previous verified backup's (core.rules.shrinkage, thresholds
+    from the policy file). A flagged drop is recorded in the catalogue, and every flag nobody acknowledged
+    keeps the wedding's check failing (at its level) while retention holds the pre-drop backups."""
+    from ..core.policy import Policy
+
+    rule = Policy.from_env().shrinkage
+    verdicts = rules.find_shrinkage(engine.catalogue, keys, warn=rule.warn, error=rule.error,
+                                    min_rows=rule.min_rows)
+    catalogue = engine.catalogue
+    catalogue.record_shrinkage(rules.new_shrinkage_flags((v for vs in verdicts.values() for v in vs),
+                                                         catalogue.shrinkage_flags(keys)))
+    known = catalogue.shrinkage_flags(keys)
+    open_flags: dict[str, list[dict[str, Any]]] = {}
+    for flag in known:
+        if flag["acknowledged_at"] is None:
+            open_flags.setdefault(flag["partition"], []).append(flag)
+    out: dict[str, Outcome] = {}
+    for key in keys:
+        if not verdicts.get(key):
+            out[key] = (True, f"wedding {key}: no backup in the catalogue, nothing to compare", {}, WARN)
+            continue
+        v = verdicts[key][-1]
+        rows = [{"table": t.table, "before": t.before, "after": -1 if t.after is None else t.after,
+                 "lost": t.lost, "lost_pct": round(100 * t.fraction, 1),
+                 "flag": (t.level or "-") + (" (gone)" if t.after is None else "")}
+                for t in (*v.tables, v.total)]
+        rows += [{"table": t, "before": 0, "after": 0, "lost": 0, "lost_pct": 0.0, "flag": "new"}
+                 for t in v.new_tables]
+        flags = open_flags.get(key, [])
+        covering = [] if v.passed else rules.covering_flags(v, known)
+        # Its drop was acknowledged (every flag spanning it is): it passes, saying who.
+        ack = covering[-1] if covering and all(f["acknowledged_at"] for f in covering) else None
+        older = [f for f in flags if f not in covering]
+        description = v.summary
+        if ack is not None:
+            description += (f"; acknowledged by {ack['acknowledged_by']} at {_ts(ack['acknowledged_at'])}"
+                            + (f": {ack['note']}" if ack["note"] else ""))
+        if older:
+            description += "; not yet acknowledged: " + " | ".join(f["summary"] for f in older)
+        if flags:
+            description += f" — check, then `wedbackup ack --wedding {key}` (retention keeps the pre-drop backups)"
+        levels = ({v.level} if ack is None else set()) | {f["level"] for f in flags}
+        metadata = {
+            "tables": _table(rows, [("table", "string"), ("before", "int"), ("after", "int"), ("lost", "int"),
+                                    ("lost_pct", "float"), ("flag", "string")]),
+            "backup_id": v.backup_id or 0, "baseline_backup_id": v.baseline_id or 0,
+            "baseline_snapshot": _ts(v.baseline_time), "total_before": v.total.before, "total_after": v.total.after,
+            "unacknowledged_flags": len(flags), "held_backup_ids": ", ".join(sorted(
+                {str(i) for f in flags for i in (f["baseline_id"], f["previous_id"]) if i is not None})),
+            "thresholds": f"warn ≥ {rule.warn:.0%}, error ≥ {rule.error:.0%} of ≥ {rule.min_rows} rows",
+        }
+        passed = (v.passed or ack is not None) and not flags
+        out[key] = (passed, description, metadata, ERROR if "error" in levels else WARN)
+    return out
+
+
+@dg.asset_check(asset=DB_DUMP, name="shrinkage", partitions_def=weddings_partitions,
+                description="The newest backup's rows per table and in total against the wedding's previous verified "
+                            "backup: WARN when a table (or the total) that held at least min_rows rows lost at least "
+                            "`warn` of them (a table emptied or gone loses all), ERROR past `error` (policy file, "
+                            "`shrinkage`). A flag stays until acknowledged (`wedbackup ack`, job "
+                            "acknowledge_shrinkage); until then retention keeps the backups before the drop.")
+def shrinkage(context: dg.AssetCheckExecutionContext, wedbackup: WedbackupEngineResource) -> Iterator[Any]:
+    yield from _report(context, DB_DUMP, "shrinkage",
+                       _evaluate(wedbackup, lambda e: shrinkage_outcomes(e, _keys(context))))
+
+
+def log_shrinkage_evaluations(context: dg.OpExecutionContext, engine: Engine, keys: list[str]) -> None:
+    """Log the shrinkage check's evaluations of `keys` from a job that backs weddings up outside the assets
+    (automation's backup_wedding_list), so its weddings show their check result per partition. The backups
+    are taken already: a check that cannot be evaluated is logged, never fails them (check_weddings, and
+    retention's own scan, still judge them)."""
+    if not keys:
+        return
+    try:
+        evaluations = list(_evaluations(DB_DUMP, "shrinkage", shrinkage_outcomes(engine, keys)))
+    except Exception as exc:  # noqa: BLE001 - whatever broke the check must not fail the backups
+        context.log.error(f"shrinkage check not evaluated for {len(keys)} wedding(s): {type(exc).__name__}: "
+                          f"{str(exc)[:300]}")
+        return
+    for evaluation in evaluations:
+        context.log_event(evaluation)
+
+
 wedding_checks = [archive_integrity, s3_replica_checksum, gcs_replica_checksum, azure_replica_checksum,
-                  three_two_one, restore_matches_manifest, freshness]
+                  three_two_one, restore_matches_manifest, freshness, shrinkage]

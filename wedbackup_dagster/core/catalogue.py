@@ -15,7 +15,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from .errors import KeyError_, UnknownWeddingError
+from .errors import KeyError_, UnknownWeddingError, WedbackupError
 from .keys import MasterKeyring, SecretKey, new_data_key, unwrap_key, wrap_key
 from .locks import PartitionLocks
 
@@ -163,6 +163,28 @@ MIGRATIONS = [
         stored_at     timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (key_backup_id, provider)
     );
+    """,
+    """
+    -- migration: shrinkage flags (issue 14; core/rules.py shrinkage, core/retention.py). A backup whose rows
+    -- dropped sharply against its wedding's previous verified backup; until a person acknowledges it,
+    -- retention keeps the baseline and the backup taken just before. No foreign keys: a flag outlives
+    -- the backups it names (its audit value does not end when retention deletes them after the ack).
+    CREATE TABLE IF NOT EXISTS wedbackup.shrinkage_flags (
+        backup_id        bigint PRIMARY KEY,   -- the backup whose rows dropped
+        partition        text NOT NULL,
+        snapshot_time    timestamptz NOT NULL, -- its snapshot: a later comparison spanning it is the same drop
+        baseline_id      bigint NOT NULL,      -- the verified backup it was compared with
+        previous_id      bigint,               -- the newest backup taken before it (verified or not)
+        level            text NOT NULL,        -- warn | error
+        summary          text NOT NULL,        -- tables and counts, in words
+        detail           jsonb NOT NULL,
+        flagged_at       timestamptz NOT NULL DEFAULT now(),
+        acknowledged_at  timestamptz,
+        acknowledged_by  text,
+        note             text
+    );
+    CREATE INDEX IF NOT EXISTS shrinkage_flags_open ON wedbackup.shrinkage_flags (partition)
+        WHERE acknowledged_at IS NULL;
     """,
 ]
 
@@ -663,6 +685,59 @@ class Catalogue:
                                "(SELECT FROM wedbackup.copies c WHERE c.backup_id = b.id) RETURNING id",
                                (backup_id,)).fetchone()
         return row is not None
+
+    # ==== shrinkage flags (issue 14; core/rules.py shrinkage, core/retention.py) =========================
+    def record_shrinkage(self, flags: list[dict[str, Any]]) -> int:
+        """Record flagged drops (rules.shrinkage_flag); a backup already flagged keeps its first flag (and
+        its acknowledgement). Each new flag is audited. Returns how many were new."""
+        new = 0
+        with self.connect() as conn:
+            for f in flags:
+                row = conn.execute(
+                    """INSERT INTO wedbackup.shrinkage_flags (backup_id, partition, snapshot_time, baseline_id,
+                           previous_id, level, summary, detail) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+                       ON CONFLICT (backup_id) DO NOTHING RETURNING backup_id""",
+                    (f["backup_id"], f["partition"], f["snapshot_time"], f["baseline_id"], f["previous_id"],
+                     f["level"], f["summary"], json.dumps(f["detail"]))).fetchone()
+                if row is not None:
+                    new += 1
+                    conn.execute("INSERT INTO wedbackup.audit (action, partition, detail) "
+                                 "VALUES ('shrinkage-flagged', %s, %s)",
+                                 (f["partition"], json.dumps({k: f[k] for k in (
+                                     "backup_id", "baseline_id", "previous_id", "level", "summary")})))
+        return new
+
+    def shrinkage_flags(self, partitions: list[str] | None = None, *, open_only: bool = False
+                        ) -> list[dict[str, Any]]:
+        """Flags (of these partitions, or all), oldest first; open_only: not yet acknowledged."""
+        with self.connect() as conn:
+            return conn.execute(
+                """SELECT * FROM wedbackup.shrinkage_flags
+                   WHERE (%(parts)s::text[] IS NULL OR partition = ANY(%(parts)s))
+                     AND (NOT %(open)s OR acknowledged_at IS NULL)
+                   ORDER BY flagged_at, backup_id""", {"parts": partitions, "open": open_only}).fetchall()
+
+    def acknowledge_shrinkage(self, partition: str, *, by: str, note: str | None = None,
+                              backup_id: int | None = None) -> list[dict[str, Any]]:
+        """A person checked the drop: acknowledge the wedding's open flags (or those naming `backup_id` as
+        the flagged backup, its baseline or the backup before it), audited; retention may then delete what
+        they held."""
+        if not by.strip():
+            raise WedbackupError(f"wedding {partition}: acknowledging a drop needs the name of who checked it (--by)")
+        with self.connect() as conn:
+            rows = conn.execute(
+                """UPDATE wedbackup.shrinkage_flags SET acknowledged_at = now(), acknowledged_by = %(by)s,
+                       note = %(note)s
+                   WHERE partition = %(partition)s AND acknowledged_at IS NULL
+                     AND (%(id)s::bigint IS NULL OR %(id)s IN (backup_id, baseline_id, previous_id))
+                   RETURNING *""", {"by": by, "note": note, "partition": partition, "id": backup_id}).fetchall()
+            if rows:
+                conn.execute("INSERT INTO wedbackup.audit (action, partition, detail) "
+                             "VALUES ('shrinkage-acknowledged', %s, %s)",
+                             (partition, json.dumps({"by": by, "note": note, "flags": [r["backup_id"] for r in rows],
+                                                     "released": sorted({i for r in rows for i in (
+                                                         r["baseline_id"], r["previous_id"]) if i is not None})})))
+        return rows
 
 
 

@@ -1,5 +1,6 @@
 """Backup policy: which tier a wedding is in (by days to its date), each tier's RPO, queue priority and
-batching, tightened in wedding season. One configuration object, loadable from a JSON or YAML file."""
+batching, tightened in wedding season; retention; the shrinkage check's thresholds. One configuration
+object, loadable from a JSON or YAML file."""
 from __future__ import annotations
 
 import json
@@ -74,6 +75,17 @@ def _default_retention() -> dict[str, RetentionRule]:
 
 
 @dataclass(frozen=True)
+class ShrinkageRule:
+    """Thresholds of the shrinkage check (core/rules.py `shrinkage`): a table, or the wedding's total, whose
+    previous verified backup held at least `min_rows` rows and which lost at least `warn` (a fraction, 0-1) of
+    them is flagged WARN; at least `error` of them, ERROR. A table emptied or gone is a loss of 1.0."""
+
+    warn: float = 0.5
+    error: float = 0.9
+    min_rows: int = 20
+
+
+@dataclass(frozen=True)
 class Band:
     """The weddings dated lo..hi (inclusive; None = open) and their tier and effective RPO today."""
 
@@ -100,6 +112,7 @@ class Policy:
     # gap: a wedding's backup (~0.15 s batched) is cheaper than a run (~2 s), but not for free.
     max_extra_per_gap: int = 4
     retention: Mapping[str, RetentionRule] = field(default_factory=_default_retention)
+    shrinkage: ShrinkageRule = field(default_factory=ShrinkageRule)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -172,7 +185,7 @@ class Policy:
         if not isinstance(data, Mapping):
             raise ConfigError(source, "must be a mapping of policy settings")
         known = {"tiers", "critical_days", "wedding_day_rpo", "high_days", "recent_days", "season", "timezone",
-                 "cron", "max_extra_per_gap", "retention"}
+                 "cron", "max_extra_per_gap", "retention", "shrinkage"}
         unknown = sorted(set(data) - known, key=repr)  # YAML keys may be numbers or null, not only text
         if unknown:
             raise ConfigError(f"{source}.{_name(unknown[0])}", f"is not a policy setting (known: {', '.join(sorted(known))})")
@@ -233,6 +246,8 @@ class Policy:
             kwargs["season_factor"] = float(factor)
         if "retention" in data:
             kwargs["retention"] = _retention(data["retention"], f"{source}.retention")
+        if "shrinkage" in data:
+            kwargs["shrinkage"] = _shrinkage(data["shrinkage"], f"{source}.shrinkage")
         try:
             return replace(base, **kwargs)
         except ConfigError as exc:
@@ -329,6 +344,30 @@ def _retention(data: Any, where: str) -> dict[str, RetentionRule]:
             raise ConfigError(f"{where}.tiers.{tier}", f"is not a tier (tiers: {', '.join(TIERS)})")
         out[tier] = _retention_rule(rule, f"{where}.tiers.{tier}", overall)
     return out
+
+
+_SHRINKAGE_KEYS = ("warn", "error", "min_rows")
+
+
+def _shrinkage(data: Any, where: str) -> ShrinkageRule:
+    """`shrinkage: {warn: 0.5, error: 0.9, min_rows: 20}` (every key optional)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(where, f"must be a mapping ({', '.join(_SHRINKAGE_KEYS)})")
+    extra = sorted(set(data) - set(_SHRINKAGE_KEYS), key=repr)
+    if extra:
+        raise ConfigError(f"{where}.{_name(extra[0])}",
+                          f"is not a shrinkage setting (known: {', '.join(_SHRINKAGE_KEYS)})")
+    base = ShrinkageRule()
+    fractions = {}
+    for name in ("warn", "error"):
+        value = data.get(name, getattr(base, name))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ConfigError(f"{where}.{name}", "must be a fraction of rows lost, a number in (0, 1] such as 0.5")
+        fractions[name] = float(value)
+    if fractions["warn"] > fractions["error"]:
+        raise ConfigError(f"{where}.warn", f"must not exceed error ({fractions['error']:g})")
+    min_rows = _int(data.get("min_rows", base.min_rows), f"{where}.min_rows", lo=1, hi=1_000_000_000)
+    return ShrinkageRule(warn=fractions["warn"], error=fractions["error"], min_rows=min_rows)
 
 
 def _duration(value: Any, where: str, *, allow_zero: bool = False) -> timedelta:

@@ -8,7 +8,10 @@ calendar month, on the policy's clock). A backup is kept when any of these holds
 - its snapshot is younger than `keep_all` (48 h);
 - it is the newest of its day and younger than `daily_days` days (30);
 - it is the newest of its ISO week and younger than `weekly_weeks` weeks (12);
-- it is the newest of its month and younger than `monthly_months` calendar months (12).
+- it is the newest of its month and younger than `monthly_months` calendar months (12);
+- it is held by a shrinkage flag nobody acknowledged yet: the verified backup a sharp drop in rows was
+  measured against, and the backup taken just before the drop (`hold_reasons`; flags are found and
+  recorded by `prune` itself over every backup's history, so a drop the check never saw still holds).
 Everything else is deleted, and so is whatever is left of an erased wedding (copies an Object Lock kept
 through the erasure). The order of the executor makes a crash harmless: the backup is first marked
 (`deleting_since`), then each copy is deleted at its provider and only then its row; the backup row goes
@@ -37,6 +40,7 @@ class BackupPoint:
     snapshot_time: datetime
     verified: bool = False
     tier: str = "normal"
+    hold: str = ""  # why a person must look before it may go (an unacknowledged shrinkage flag)
 
 
 @dataclass
@@ -102,6 +106,8 @@ def plan_retention(backups: Iterable[BackupPoint], now: datetime,
         for b in points:
             if b.snapshot_time > now - rule.keep_all:
                 reasons[b.id].insert(0, f"younger than {_span(rule.keep_all)}")
+            if b.hold:
+                reasons[b.id].append(b.hold)
             if reasons.get(b.id):
                 plan.keep[b.id] = reasons[b.id]
             else:
@@ -182,6 +188,8 @@ class PruneReport:
     now: datetime
     kept: int  # backups kept, of the partitions that had more than one (or were erased)
     deletions: list[CopyDeletion]
+    # Backups a shrinkage flag holds: partition, backup_id, snapshot_time, every reason it is kept.
+    held: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def locked(self) -> list[CopyDeletion]:
@@ -195,17 +203,50 @@ class PruneReport:
         return {"dry_run": self.dry_run, "kept": self.kept, "deleted": len(self.deletions),
                 "copies_deleted": sum(len(d.deleted) for d in self.deletions),
                 "copies_locked": sum(len(d.locked) for d in self.deletions),
-                "copies_failed": sum(len(d.failed) for d in self.deletions)}
+                "copies_failed": sum(len(d.failed) for d in self.deletions), "backups_held": len(self.held)}
 
 
-def backup_points(rows: Iterable[Mapping[str, Any]], policy: Policy, now: datetime) -> list[BackupPoint]:
+def backup_points(rows: Iterable[Mapping[str, Any]], policy: Policy, now: datetime,
+                  holds: Mapping[int, str] | None = None) -> list[BackupPoint]:
     """Catalogue rows as planning input, each wedding's tier judged today from its wedding date."""
     today = policy.today(now)
+    holds = holds or {}
     return [BackupPoint(id=r["id"], partition=r["partition"], snapshot_time=r["snapshot_time"],
-                        verified=bool(r["verified"]),
+                        verified=bool(r["verified"]), hold=holds.get(r["id"], ""),
                         # No wedding date known (platform, or a wedding never discovered): the platform's rule.
                         tier=PLATFORM if r["partition"] == PLATFORM else policy.tier(r["wedding_date"], today))
             for r in rows]
+
+
+def hold_reasons(flags: Iterable[Mapping[str, Any]]) -> dict[int, str]:
+    """backup id -> why it is held, from open shrinkage flags (`Catalogue.shrinkage_flags` rows or
+    `rules.shrinkage_flag` dicts): the baseline and the backup just before each flagged drop."""
+    out: dict[int, str] = {}
+    for f in flags:
+        why = (f"held: rows dropped sharply in backup #{f['backup_id']} ({f['level'].upper()}), not yet "
+               f"acknowledged — check, then `wedbackup ack --wedding {f['partition']}`")
+        for backup_id in (f["baseline_id"], f.get("previous_id")):
+            if backup_id is not None:
+                out.setdefault(backup_id, why)
+    return out
+
+
+def shrinkage_holds(catalogue: Any, partitions: list[str], policy: Policy, *, record: bool) -> dict[int, str]:
+    """Find sharp drops over every backup of `partitions` (rules.find_shrinkage), record the new ones
+    (unless `record` is False: a dry run), and return what the unacknowledged flags hold."""
+    from . import rules
+
+    rule = policy.shrinkage
+    verdicts = rules.find_shrinkage(catalogue, partitions, warn=rule.warn, error=rule.error,
+                                    min_rows=rule.min_rows, history=True)
+    known = catalogue.shrinkage_flags(partitions)
+    found = rules.new_shrinkage_flags((v for vs in verdicts.values() for v in vs), known)
+    if record:
+        catalogue.record_shrinkage(found)
+        known = catalogue.shrinkage_flags(partitions)
+    else:
+        known = [*known, *found]
+    return hold_reasons(f for f in known if f.get("acknowledged_at") is None)
 
 
 PARTITIONS_PER_PASS = 500  # partitions read and judged at a time: memory stays bounded on a large fleet
@@ -220,12 +261,17 @@ def prune(catalogue: Any, vault: Any, replicas: Mapping[str, Any], policy: Polic
     erased = catalogue.erased_partitions()
     partitions = [partition] if partition else catalogue.prunable_partitions()
     for start in range(0, len(partitions), PARTITIONS_PER_PASS):
-        rows = catalogue.backups_with_copies(partitions[start:start + PARTITIONS_PER_PASS])
+        batch = partitions[start:start + PARTITIONS_PER_PASS]
+        rows = catalogue.backups_with_copies(batch)
+        holds = shrinkage_holds(catalogue, [p for p in batch if p not in erased], policy, record=not dry_run)
         # An erased wedding keeps nothing: what is left of it are copies a lock kept; they go once it ends.
-        plan = plan_retention(backup_points([r for r in rows if r["partition"] not in erased], policy, now), now,
-                              policy.retention, tz=policy.zone())
+        plan = plan_retention(backup_points([r for r in rows if r["partition"] not in erased], policy, now, holds),
+                              now, policy.retention, tz=policy.zone())
         plan.delete.update({r["id"]: ERASED for r in rows if r["partition"] in erased})
         report.kept += len(plan.keep)
+        report.held += [{"partition": r["partition"], "backup_id": r["id"], "snapshot_time": r["snapshot_time"],
+                         "reason": "; ".join(plan.keep[r["id"]])}
+                        for r in rows if r["id"] in holds and r["id"] in plan.keep]
         doomed = [r for r in rows if r["id"] in plan.delete]
         if dry_run:
             report.deletions += [CopyDeletion(r["id"], r["partition"], r["archive_sha256"], r["snapshot_time"],

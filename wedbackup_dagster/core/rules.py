@@ -1,6 +1,7 @@
 """The rules every wedding's backup must keep — 3-2-1 over its copies, freshness against its tier's RPO,
-a sealed vault archive that authenticates end to end, replicas the providers still vouch for — as plain
-functions, plus the read-only catalogue queries that feed them (many weddings per query)."""
+a sealed vault archive that authenticates end to end, replicas the providers still vouch for, no sharp drop
+in rows against the previous verified backup (shrinkage) — as plain functions, plus the read-only catalogue
+queries that feed them (many weddings per query)."""
 from __future__ import annotations
 
 import hashlib
@@ -10,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+
+from psycopg import sql
 
 from .catalogue import Catalogue
 from .errors import ArchiveError
@@ -349,4 +352,191 @@ def freshness_of(evidence: Mapping[str, WeddingEvidence], *, now: datetime | Non
         tier = tier_for_partition(partition) if tier_for_partition else tier_from_date(ev.wedding_date, now.date())
         out[partition] = freshness(partition, ev.newest_verified, now=now, rpo=rpo_for_partition(partition),
                                    tier=tier)
+    return out
+
+
+# ------------------------------------------------------------------------------------- shrinkage
+
+
+@dataclass(frozen=True)
+class TableDrop:
+    """One table's rows in the baseline backup and in the new one (`after` None: the table is gone)."""
+
+    table: str
+    before: int
+    after: int | None
+    level: str = ""  # "error" | "warn" | "" (not flagged)
+
+    @property
+    def lost(self) -> int:
+        return max(self.before - (self.after or 0), 0)
+
+    @property
+    def fraction(self) -> float:
+        return self.lost / self.before if self.before else 0.0
+
+    @property
+    def text(self) -> str:
+        if self.after is None:
+            return f"{self.table} {self.before} → gone"
+        if self.after == 0 and self.before:
+            return f"{self.table} {self.before} → 0 (emptied)"
+        return f"{self.table} {self.before} → {self.after} (-{self.fraction:.0%})"
+
+
+@dataclass(frozen=True)
+class Shrinkage:
+    """The shrinkage verdict of one backup against its wedding's previous verified backup (the baseline)."""
+
+    partition: str
+    level: str  # "error" | "warn" | "ok"
+    tables: tuple[TableDrop, ...]  # every table of the baseline, in name order
+    total: TableDrop
+    new_tables: tuple[str, ...] = ()
+    backup_id: int | None = None
+    baseline_id: int | None = None  # None: no earlier verified backup, nothing to compare
+    previous_id: int | None = None  # the newest backup taken before this one (verified or not)
+    baseline_time: datetime | None = None
+    snapshot_time: datetime | None = None  # of the backup judged
+
+    @property
+    def passed(self) -> bool:
+        return self.level == "ok"
+
+    @property
+    def flagged(self) -> tuple[TableDrop, ...]:
+        return tuple(t for t in self.tables if t.level)
+
+    @property
+    def summary(self) -> str:
+        if self.baseline_id is None and self.backup_id is not None:
+            return f"wedding {self.partition}: no earlier verified backup to compare backup #{self.backup_id} with"
+        since = f"backup #{self.backup_id} against verified backup #{self.baseline_id}"
+        if self.passed:
+            return (f"wedding {self.partition}: no sharp drop in rows ({since}; total "
+                    f"{self.total.before} → {self.total.after})")
+        drops = ", ".join(t.text for t in self.flagged) or "no single table"
+        return f"wedding {self.partition}: rows dropped sharply ({since}): {drops}; {self.total.text}"
+
+
+def shrinkage(partition: str, current: Mapping[str, int], baseline: Mapping[str, int] | None, *,
+              warn: float, error: float, min_rows: int, backup_id: int | None = None,
+              baseline_id: int | None = None, previous_id: int | None = None,
+              baseline_time: datetime | None = None, snapshot_time: datetime | None = None) -> Shrinkage:
+    """Per-table row counts of a new backup (`current`, table -> rows) against the baseline's.
+
+    A table of the baseline is judged when it held at least `min_rows` rows there; it lost the fraction
+    (before - after) / before (a table emptied, or gone from the new backup, lost 1.0; growth loses 0).
+    It is flagged ERROR when that fraction is ≥ `error`, WARN when ≥ `warn`. The wedding's total (every
+    table of each backup) is judged the same way. Tables new since the baseline are listed, never flagged;
+    tables below `min_rows`, including zero-row ones, are never judged. No baseline: nothing to compare."""
+
+    def level_of(before: int, after: int | None) -> str:
+        if before < min_rows:
+            return ""
+        lost = max(before - (after or 0), 0) / before
+        return "error" if lost >= error else "warn" if lost >= warn else ""
+
+    if baseline is None:
+        total = sum(current.values())
+        return Shrinkage(partition, "ok", (), TableDrop("total", total, total), tuple(sorted(current)),
+                         backup_id, None, previous_id, None, snapshot_time)
+    tables = tuple(TableDrop(t, before, current.get(t), level_of(before, current.get(t)))
+                   for t, before in sorted(baseline.items()))
+    before, after = sum(baseline.values()), sum(current.values())
+    total = TableDrop("total", before, after, level_of(before, after))
+    levels = {t.level for t in (*tables, total)}
+    level = "error" if "error" in levels else "warn" if "warn" in levels else "ok"
+    return Shrinkage(partition, level, tables, total, tuple(sorted(set(current) - set(baseline))), backup_id,
+                     baseline_id, previous_id, baseline_time, snapshot_time)
+
+
+def shrinkage_flag(s: Shrinkage) -> dict[str, Any]:
+    """A flagged verdict as the catalogue records it (`Catalogue.record_shrinkage`)."""
+    return {"backup_id": s.backup_id, "partition": s.partition, "snapshot_time": s.snapshot_time,
+            "baseline_id": s.baseline_id,
+            "previous_id": s.previous_id, "level": s.level, "summary": s.summary,
+            "detail": {"tables": [{"table": t.table, "before": t.before, "after": t.after, "level": t.level}
+                                  for t in s.flagged],
+                       "total": {"before": s.total.before, "after": s.total.after, "level": s.total.level}}}
+
+
+@dataclass(frozen=True)
+class CountedBackup:
+    id: int
+    snapshot_time: datetime
+    verified: bool  # restored successfully at least once
+    counts: dict[str, int]  # table -> rows, from its manifest
+
+
+def counted_backups(catalogue: Catalogue, partitions: list[str], *, newest_only: bool
+                    ) -> dict[str, list[CountedBackup]]:
+    """Each partition's backups (oldest first) with their per-table row counts from the manifests; with
+    `newest_only`, just those shrinkage needs for the newest one: it, its baseline and the one before it."""
+    where = "b.partition = ANY(%(parts)s) AND b.deleting_since IS NULL"
+    if newest_only:
+        where += """ AND b.id IN (
+            SELECT x.id FROM (SELECT DISTINCT ON (partition) id, partition, snapshot_time FROM wedbackup.backups
+                              WHERE partition = ANY(%(parts)s) ORDER BY partition, snapshot_time DESC, id DESC) n,
+            LATERAL (SELECT n.id UNION ALL
+                     (SELECT o.id FROM wedbackup.backups o WHERE o.partition = n.partition
+                      AND (o.snapshot_time, o.id) < (n.snapshot_time, n.id) ORDER BY o.snapshot_time DESC,
+                      o.id DESC LIMIT 1) UNION ALL
+                     (SELECT o.id FROM wedbackup.backups o WHERE o.partition = n.partition
+                      AND (o.snapshot_time, o.id) < (n.snapshot_time, n.id)
+                      AND EXISTS (SELECT FROM wedbackup.restores r WHERE r.backup_id = o.id AND r.ok)
+                      ORDER BY o.snapshot_time DESC, o.id DESC LIMIT 1)) x)"""
+    query = sql.SQL("""SELECT b.id, b.partition, b.snapshot_time,
+                   EXISTS (SELECT FROM wedbackup.restores r WHERE r.backup_id = b.id AND r.ok) AS verified,
+                   (SELECT coalesce(jsonb_object_agg((t->>'schema') || '.' || (t->>'name'), (t->>'rows')::bigint),
+                                    '{{}}') FROM jsonb_array_elements(b.manifest->'tables') t) AS counts
+                FROM wedbackup.backups b WHERE {where} ORDER BY b.partition, b.snapshot_time, b.id""").format(
+        where=sql.SQL(where))
+    out: dict[str, list[CountedBackup]] = {p: [] for p in partitions}
+    with catalogue.connect() as conn:
+        for r in conn.execute(query, {"parts": partitions}).fetchall():
+            out[r["partition"]].append(CountedBackup(r["id"], r["snapshot_time"], r["verified"],
+                                                     {k: int(v) for k, v in r["counts"].items()}))
+    return out
+
+
+def find_shrinkage(catalogue: Catalogue, partitions: list[str], *, warn: float, error: float, min_rows: int,
+                   history: bool = False) -> dict[str, list[Shrinkage]]:
+    """Shrinkage of each partition's newest backup (history: of every backup) against the newest verified
+    backup taken before it. A partition without backups maps to []."""
+    out: dict[str, list[Shrinkage]] = {}
+    for partition, backups in counted_backups(catalogue, partitions, newest_only=not history).items():
+        verdicts = []
+        for i in range(0 if history else max(len(backups) - 1, 0), len(backups)):
+            b = backups[i]
+            base = next((o for o in reversed(backups[:i]) if o.verified), None)
+            verdicts.append(shrinkage(
+                partition, b.counts, base.counts if base else None, warn=warn, error=error, min_rows=min_rows,
+                backup_id=b.id, baseline_id=base.id if base else None,
+                previous_id=backups[i - 1].id if i else None, baseline_time=base.snapshot_time if base else None,
+                snapshot_time=b.snapshot_time))
+        out[partition] = verdicts
+    return out
+
+
+def covering_flags(s: Shrinkage, flags: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The recorded flags (`Catalogue.shrinkage_flags` rows) that are this verdict's drop already: of its
+    wedding, on a backup taken after its baseline and no later than it. Once the flagged backup is pruned,
+    a later backup compared with the same (or an older) baseline spans the same drop: it is not flagged
+    again, and an acknowledgement of the first flag covers it."""
+    if s.baseline_time is None or s.snapshot_time is None:
+        return []
+    return [f for f in flags if f["partition"] == s.partition
+            and (f["backup_id"] == s.backup_id or s.baseline_time < f["snapshot_time"] <= s.snapshot_time)]
+
+
+def new_shrinkage_flags(verdicts: Iterable[Shrinkage], flags: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The flagged verdicts no recorded flag covers yet, as rows for `Catalogue.record_shrinkage`."""
+    known = list(flags)
+    out: list[dict[str, Any]] = []
+    for v in verdicts:
+        if not v.passed and not covering_flags(v, known):
+            row = shrinkage_flag(v)
+            out.append(row)
+            known.append(row)  # a later backup of the same history spanning this drop is that drop
     return out

@@ -28,6 +28,9 @@ def prune_backups(context: dg.OpExecutionContext, config: PruneConfig, wedbackup
     locked = [f"{d.partition}/{d.archive_sha256[:12]} {p} until {u}"
               for d in report.locked for p, u in d.locked.items()]
     metadata["locked"] = dg.MetadataValue.json(locked[:100])
+    # Backups a flagged drop in rows holds until a person acknowledges it (`wedbackup ack`), with their reasons.
+    metadata["held"] = dg.MetadataValue.json([f"{h['partition']}/#{h['backup_id']}: {h['reason']}"
+                                              for h in report.held[:100]])
     if report.failed:
         failed = [f"{p}: {e}" for d in report.failed for p, e in d.failed.items()]
         raise dg.Failure(description=f"retention: {len(report.failed)} backup(s) kept copies that could not be "

@@ -20,7 +20,7 @@ from .conftest import evaluations, run_checks
 CHECKS = [("encrypted_archive", "archive_integrity"), ("s3_replica", "replica_checksum"),
           ("gcs_replica", "replica_checksum"), ("azure_replica", "replica_checksum"),
           ("verified_restore", "three_two_one"), ("verified_restore", "restore_matches_manifest"),
-          ("verified_restore", "freshness")]
+          ("verified_restore", "freshness"), ("db_dump", "shrinkage")]
 
 
 def _closed_port() -> int:
@@ -37,9 +37,9 @@ def _copy(fleet, wedding: str, provider: str):
 
 def test_every_check_passes_for_every_wedding_of_a_healthy_backup_run(fleet):
     instance, weddings = fleet["instance"], fleet["weddings"]
-    # A backup run carries only the blocking integrity check; check_weddings evaluates the others.
+    # A backup run carries the blocking integrity check and shrinkage; check_weddings evaluates the others.
     in_backup = evaluations(instance, fleet["backup_run"])
-    assert {key[:2] for key in in_backup} == {("encrypted_archive", "archive_integrity")}
+    assert {key[:2] for key in in_backup} == {("encrypted_archive", "archive_integrity"), ("db_dump", "shrinkage")}
     assert all(ev.passed for ev in in_backup.values())
     got = run_checks(instance, weddings)
     for asset, check in CHECKS:
@@ -47,7 +47,7 @@ def test_every_check_passes_for_every_wedding_of_a_healthy_backup_run(fleet):
             ev = got[(asset, check, wedding)]
             assert ev.passed, (asset, check, wedding, ev.description)
     specs = [spec for check in wedding_checks for spec in check.check_specs]
-    assert len(specs) == 7 and all(spec.partitions_def is weddings_partitions for spec in specs)
+    assert len(specs) == 8 and all(spec.partitions_def is weddings_partitions for spec in specs)
     # 3-2-1 lists each copy: where, media, offsite, when verified.
     table = got[("verified_restore", "three_two_one", weddings[0])].metadata["copies"]
     rows = {r.data["where"]: r.data for r in table.records}

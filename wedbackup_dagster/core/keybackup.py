@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import psycopg
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -198,7 +199,7 @@ def reader_key_id(fh: BinaryIO) -> str:
 def key_set_fingerprint(catalogue: Catalogue, master_key_id: str) -> tuple[str, int]:
     """(fingerprint, count) of the live key ids: a key backup with the same fingerprint holds the same keys.
     Ids in byte order (COLLATE "C", as Python sorts them), whatever the catalogue's collation."""
-    with catalogue.connect() as conn:
+    with _connect(catalogue) as conn:
         row = conn.execute(
             "SELECT count(*) AS n, coalesce(string_agg(key_id, ',' ORDER BY key_id COLLATE \"C\"), '') AS ids "
             "FROM wedbackup.wedding_keys WHERE wrapped IS NOT NULL AND shredded_at IS NULL").fetchone()
@@ -210,7 +211,7 @@ def live_key_entries(catalogue: Catalogue, keyring: MasterKeyring) -> list[KeyEn
     """Every live wedding key, wrapped by the current master key (re-wrapped in memory where the catalogue
     still has it under an older one). A key whose master key is not configured stops the backup, named."""
     current = keyring.current
-    with catalogue.connect() as conn:
+    with _connect(catalogue) as conn:
         rows = conn.execute(
             "SELECT key_id, partition, wrapped, master_key_id, created_at FROM wedbackup.wedding_keys "
             "WHERE wrapped IS NOT NULL AND shredded_at IS NULL ORDER BY key_id COLLATE \"C\"").fetchall()
@@ -282,7 +283,7 @@ def _hidden_s3_keys(replica: Any) -> set[str]:
 
 def _record(catalogue: Catalogue, *, sha256: str, size: int, master_key_id: str, key_count: int, key_set: str,
             created_at: str | None = None) -> int:
-    with catalogue.connect() as conn:
+    with _connect(catalogue) as conn:
         row = conn.execute(
             "INSERT INTO wedbackup.key_backups (sha256, size, master_key_id, key_count, key_set, created_at) "
             "VALUES (%s, %s, %s, %s, %s, coalesce(%s::timestamptz, now())) "
@@ -293,7 +294,7 @@ def _record(catalogue: Catalogue, *, sha256: str, size: int, master_key_id: str,
 
 def _record_copy(catalogue: Catalogue, backup_id: int, *, provider: str, uri: str, object_key: str,
                  version_id: str | None, size: int, checksum: str | None) -> None:
-    with catalogue.connect() as conn:
+    with _connect(catalogue) as conn:
         conn.execute(
             """INSERT INTO wedbackup.key_backup_copies (key_backup_id, provider, uri, object_key, version_id, size,
                    checksum) VALUES (%s, %s, %s, %s, %s, %s, %s)
@@ -304,7 +305,7 @@ def _record_copy(catalogue: Catalogue, backup_id: int, *, provider: str, uri: st
 
 
 def _newest_recorded(catalogue: Catalogue) -> dict[str, Any] | None:
-    with catalogue.connect() as conn:
+    with _connect(catalogue) as conn:
         row = conn.execute(
             "SELECT k.*, coalesce(array_agg(c.provider) FILTER (WHERE c.provider IS NOT NULL), '{}') AS providers "
             "FROM wedbackup.key_backups k LEFT JOIN wedbackup.key_backup_copies c ON c.key_backup_id = k.id "
@@ -324,18 +325,58 @@ def key_backup_is_current(catalogue: Catalogue, keyring: MasterKeyring) -> tuple
 # ---------------------------------------------------------------------------------------- operations
 
 
+_LOCK_NAME = "wedbackup-key-backups"
+
+
+@dataclass
+class _HeldLock:
+    conn: Any  # the catalogue connection whose session holds the lock
+    depth: int = 1
+
+
 @contextmanager
 def _one_at_a_time(catalogue: Catalogue) -> Iterator[None]:
     """One key-backup writer or deleter at a time across processes: otherwise a routine backup's pruning or
     an erasure's refresh could delete a key backup another run has just written. A session-level advisory
-    lock on the catalogue's connection (re-entrant, so refresh can hold it around back_up_key_store)."""
+    lock on the catalogue's connection, the one the work runs on (re-entrant, so refresh can hold it around
+    back_up_key_store). When that connection is reopened meanwhile, `_connect` re-takes the lock or fails."""
+    held = getattr(catalogue, "_key_backup_lock", None)
+    if held is not None:
+        with _connect(catalogue):  # still ours (re-taken after a reconnect), or KeyBackupError
+            held.depth += 1
+        try:
+            yield
+        finally:
+            held.depth -= 1
+        return
     with catalogue.connect() as conn:
-        conn.execute("SELECT pg_advisory_lock(hashtext('wedbackup-key-backups'))")
+        conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (_LOCK_NAME,))
+    held = catalogue._key_backup_lock = _HeldLock(conn)  # type: ignore[attr-defined]
     try:
         yield
     finally:
-        with catalogue.connect() as conn:
-            conn.execute("SELECT pg_advisory_unlock(hashtext('wedbackup-key-backups'))")
+        catalogue._key_backup_lock = None  # type: ignore[attr-defined]
+        try:
+            if not held.conn.closed and not held.conn.broken:
+                held.conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_LOCK_NAME,))
+        except psycopg.OperationalError:
+            pass  # the session is gone, and its lock with it
+
+
+@contextmanager
+def _connect(catalogue: Catalogue) -> Iterator[Any]:
+    """`catalogue.connect()` for key-backup work: inside `_one_at_a_time`, it proves the lock is still held by
+    the connection it hands out. A reconnect (the server released the lock with the old session) re-takes
+    it at once or fails naming the lock: never key-backup work without it."""
+    with catalogue.connect() as conn:
+        held = getattr(catalogue, "_key_backup_lock", None)
+        if held is not None and conn is not held.conn:
+            if not conn.execute("SELECT pg_try_advisory_lock(hashtext(%s)) AS ok", (_LOCK_NAME,)).fetchone()["ok"]:
+                raise KeyBackupError("lock", "was lost with its catalogue connection and another run "
+                                     "holds it now: this run stopped before writing or deleting anything more; "
+                                     "run it again")
+            held.conn = conn
+        yield conn
 
 
 def back_up_key_store(settings: Any, catalogue: Catalogue, replicas: Mapping[str, Any],
@@ -388,7 +429,7 @@ def _back_up_key_store(settings: Any, catalogue: Catalogue, replicas: Mapping[st
                      version_id=record.version_id, size=record.size, checksum=record.provider_checksum)
         result.copies[provider] = record.uri
     if keep is not None and result.ok:
-        with catalogue.connect() as conn:
+        with _connect(catalogue) as conn:
             rows = conn.execute("SELECT sha256 FROM wedbackup.key_backups WHERE deleted_at IS NULL "
                                 "ORDER BY created_at DESC, id DESC LIMIT %s", (max(1, keep),)).fetchall()
         kept = {r["sha256"] for r in rows} | {stats.sha256}
@@ -404,7 +445,7 @@ def delete_key_backups(settings: Any, catalogue: Catalogue, replicas: Mapping[st
     listing or the catalogue knows of), and the vault file. Returns (deleted per provider, failures)."""
     deleted: dict[str, int] = {}
     failures: dict[str, str] = {}
-    with catalogue.connect() as conn:
+    with _connect(catalogue) as conn:
         known = conn.execute(
             "SELECT k.sha256, c.provider, c.object_key FROM wedbackup.key_backups k "
             "JOIN wedbackup.key_backup_copies c ON c.key_backup_id = k.id").fetchall()
@@ -432,7 +473,7 @@ def delete_key_backups(settings: Any, catalogue: Catalogue, replicas: Mapping[st
             _fsync_dir(folder)
     except OSError as exc:
         failures["vault"] = f"{folder}: {exc.strerror or type(exc).__name__}"
-    with catalogue.connect() as conn:
+    with _connect(catalogue) as conn:
         conn.execute("UPDATE wedbackup.key_backups k SET deleted_at = now() WHERE deleted_at IS NULL "
                      "AND NOT (sha256 = ANY(%s)) AND NOT EXISTS (SELECT FROM wedbackup.key_backup_copies c "
                      "WHERE c.key_backup_id = k.id)", (sorted(keep),))
@@ -440,7 +481,7 @@ def delete_key_backups(settings: Any, catalogue: Catalogue, replicas: Mapping[st
 
 
 def _forget_copy(catalogue: Catalogue, provider: str, sha256: str | None) -> None:
-    with catalogue.connect() as conn:
+    with _connect(catalogue) as conn:
         conn.execute("DELETE FROM wedbackup.key_backup_copies c USING wedbackup.key_backups k "
                      "WHERE c.key_backup_id = k.id AND k.sha256 = %s AND c.provider = %s", (sha256, provider))
 
@@ -514,7 +555,7 @@ def restore_key_store(replica: Any, catalogue: Catalogue, keyring: MasterKeyring
     contents = fetch_key_backup(replica, sha256, keyring, tmp_dir=tmp_dir)
     report.key_backup = contents.name
     report.in_backup = len(contents.entries)
-    with catalogue.connect() as conn:
+    with _connect(catalogue) as conn:
         for e in contents.entries:
             inserted = conn.execute(
                 "INSERT INTO wedbackup.wedding_keys (key_id, partition, wrapped, master_key_id, created_at) "

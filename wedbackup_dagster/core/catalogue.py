@@ -579,14 +579,17 @@ class Catalogue:
                              (partition, json.dumps({"keys": [r["key_id"] for r in rows]})))
         return len(rows)
 
-    def begin_erasure(self, partition: str, wedding_id: str, requested_by: str) -> dict[str, Any]:
+    def begin_erasure(self, partition: str, wedding_id: str, requested_by: str, *, erased_at: Any = None,
+                      detail: dict[str, Any] | None = None) -> dict[str, Any]:
         """The erasure record of a wedding, made on the first request (a repeated request keeps the first
         one's time and requester); the partition is marked removed in the same transaction. Serialised with
         key creation (`lock_partition_keys`): a key made before this commits is shredded afterwards."""
         with self.connect() as conn:
             lock_partition_keys(conn, partition)
-            conn.execute("INSERT INTO wedbackup.erasures (partition, wedding_id, requested_by) VALUES (%s, %s, %s) "
-                         "ON CONFLICT (partition) DO NOTHING", (partition, wedding_id, requested_by))
+            # erased_at and detail are given when the record comes back from a key backup (core/keybackup.py).
+            conn.execute("INSERT INTO wedbackup.erasures (partition, wedding_id, requested_by, erased_at, detail) "
+                         "VALUES (%s, %s, %s, coalesce(%s::timestamptz, now()), %s) ON CONFLICT (partition) DO NOTHING",
+                         (partition, wedding_id, requested_by, erased_at, json.dumps(detail or {})))
             conn.execute(
                 """INSERT INTO wedbackup.partitions AS p (partition, removed_at) VALUES (%s, now())
                    ON CONFLICT (partition) DO UPDATE SET removed_at = coalesce(p.removed_at, now())""",

@@ -164,6 +164,14 @@ MIGRATIONS = [
         PRIMARY KEY (key_backup_id, provider)
     );
     """,
+    """
+    -- migration: keys outside the catalogue (issue 14 defect 9; core/keybackup.py): when a wedding key first
+    -- reached a key-store backup with a copy in the vault and at least one provider. NULL: it lives only here,
+    -- so the backups it opens do not count for 3-2-1 yet.
+    ALTER TABLE wedbackup.wedding_keys ADD COLUMN IF NOT EXISTS key_backup_at timestamptz;
+    CREATE INDEX IF NOT EXISTS wedding_keys_awaiting_backup ON wedbackup.wedding_keys (key_id)
+        WHERE key_backup_at IS NULL AND wrapped IS NOT NULL;
+    """,
 ]
 
 

@@ -448,6 +448,8 @@ def _back_up_key_store(settings: Any, catalogue: Catalogue, replicas: Mapping[st
     if (not force and newest is not None and newest["key_set"] == fingerprint
             and wanted <= set(newest["providers"])
             and (vault_key_backup_dir(settings) / f"{newest['sha256']}{SUFFIX}").is_file()):
+        if set(newest["providers"]) - {"vault"}:  # keys from before this was recorded: the newest holds them all
+            _mark_backed_up(catalogue, None)
         return KeyBackupResult(newest["sha256"], newest["key_count"], newest["master_key_id"],
                                skipped="unchanged: the newest key backup holds every live key and is everywhere")
 
@@ -476,6 +478,8 @@ def _back_up_key_store(settings: Any, catalogue: Catalogue, replicas: Mapping[st
         _record_copy(catalogue, backup_id, provider=provider, uri=record.uri, object_key=record.key,
                      version_id=record.version_id, size=record.size, checksum=record.provider_checksum)
         result.copies[provider] = record.uri
+    if "vault" in result.copies and len(result.copies) > 1:  # outside the catalogue: at the vault and a provider
+        _mark_backed_up(catalogue, [e.key_id for e in entries])
     if keep is not None and result.ok:
         with _connect(catalogue) as conn:
             rows = conn.execute("SELECT sha256 FROM wedbackup.key_backups WHERE deleted_at IS NULL "
@@ -485,6 +489,29 @@ def _back_up_key_store(settings: Any, catalogue: Catalogue, replicas: Mapping[st
         result.failures.update({p: f"could not delete an older key backup: {m}" for p, m in leftovers.items()})
     catalogue.audit("key-backup", None, result.to_dict() | {"copies": sorted(result.copies)})
     return result
+
+
+def _mark_backed_up(catalogue: Catalogue, key_ids: list[str] | None) -> None:
+    """Record that these live keys (None: every live key) are in a key backup at the vault and a provider."""
+    with _connect(catalogue) as conn:
+        conn.execute("UPDATE wedbackup.wedding_keys SET key_backup_at = now() WHERE key_backup_at IS NULL "
+                     "AND wrapped IS NOT NULL AND (%(ids)s::text[] IS NULL OR key_id = ANY(%(ids)s))", {"ids": key_ids})
+
+
+def keys_awaiting_backup(catalogue: Catalogue) -> int:
+    """How many live wedding keys are in no key backup at the vault and a provider (they live only in the
+    catalogue): one indexed count, so every backup run can ask."""
+    with _connect(catalogue) as conn:
+        return conn.execute("SELECT count(*) AS n FROM wedbackup.wedding_keys "
+                            "WHERE key_backup_at IS NULL AND wrapped IS NOT NULL").fetchone()["n"]
+
+
+def keys_outside_catalogue(catalogue: Catalogue, key_ids: list[str]) -> set[str]:
+    """Those of `key_ids` that a key backup at the vault and at least one provider holds."""
+    with _connect(catalogue) as conn:
+        rows = conn.execute("SELECT key_id FROM wedbackup.wedding_keys WHERE key_id = ANY(%s) "
+                            "AND key_backup_at IS NOT NULL", (list(key_ids),)).fetchall()
+    return {r["key_id"] for r in rows}
 
 
 def delete_key_backups(settings: Any, catalogue: Catalogue, replicas: Mapping[str, Any], *,

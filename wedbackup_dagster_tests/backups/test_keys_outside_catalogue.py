@@ -12,6 +12,7 @@ from wedbackup_dagster.checks.wedding_checks import three_two_one_outcomes
 from wedbackup_dagster.core import rules
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.keybackup import back_up_key_store, keys_awaiting_backup
+from wedbackup_dagster.core.keyrotation import key_status
 from wedbackup_dagster.core.replicas import ensure_targets
 from wedbackup_dagster_tests.checks.conftest import engine_replicas
 
@@ -67,6 +68,9 @@ def test_copies_do_not_count_while_the_key_lives_only_in_the_catalogue(fleet):
     assert keys_awaiting_backup(engine.catalogue) == 1
     passed, message, _, _ = three_two_one_outcomes(engine, ["2"])["2"]
     assert not passed and rules.KEY_ONLY_IN_CATALOGUE in message and "0 verified copies" in message
+    status = key_status(engine.catalogue, engine.keyring)
+    assert status.keys_only_in_catalogue == 1
+    assert any(line.startswith("wedding keys only in the catalogue: 1") for line in status.lines())
 
     # A key backup that reaches only the vault does not take it out of the catalogue alone.
     back_up_key_store(engine.settings, engine.catalogue, {}, engine.keyring)
@@ -74,5 +78,6 @@ def test_copies_do_not_count_while_the_key_lives_only_in_the_catalogue(fleet):
     back_up_key_store(engine.settings, engine.catalogue, {"gcs": replicas["gcs"]}, engine.keyring)
     passed, message, _, _ = three_two_one_outcomes(engine, ["2"])["2"]
     assert passed, message
+    assert key_status(engine.catalogue, engine.keyring).keys_only_in_catalogue == 0
     assert engine.back_up_new_keys(replicas) is None  # nothing left to do: one indexed count
 

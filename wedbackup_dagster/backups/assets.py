@@ -210,6 +210,14 @@ def azure_replica(context: dg.AssetExecutionContext, wedbackup: WedbackupEngineR
     yield from _replicate_all(context, "azure", wedbackup, azure.get_service())
 
 
+def log_key_backup(context: Any, result: Any) -> None:
+    """Say what the run's key-store backup did (Engine.back_up_new_keys; None: every key was backed up)."""
+    if result is not None:
+        context.log.info(f"key-store backup {result.sha256[:16]}: {result.key_count} wedding keys at "
+                         f"{', '.join(sorted(result.copies))}" + (f"; failed: {', '.join(sorted(result.failures))}"
+                                                                  if result.failures else ""))
+
+
 class VerifyConfig(dg.Config):
     provider: str | None = None  # which copy to restore; default: rotate through the providers
 
@@ -226,6 +234,7 @@ def verified_restore(context: dg.AssetExecutionContext, config: VerifyConfig, we
     clients: Mapping[str, Any] = {"s3": s3.get_client(), "gcs": gcs.get_client(), "azure": azure.get_service()}
     settings = wedbackup.settings()
     replicas = {p: make_replica(p, settings, clients[p]) for p in PROVIDERS}
+    log_key_backup(context, engine.back_up_new_keys(replicas))  # a backup is not done while its key is only here
     done: PerKeyMetadata = {}
     failures: dict[str, str] = {}
     for key in validated_keys(context.partition_keys):

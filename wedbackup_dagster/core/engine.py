@@ -397,6 +397,24 @@ class Engine:
         except psycopg.Error:
             pass  # tidying only: the verification itself reports a server that cannot be reached
 
+    # ---- key backups (issue 14 defect 9) --------------------------------------------------------------
+    def back_up_new_keys(self, replicas: Mapping[str, Any]) -> Any:
+        """Once per backup run, however it was launched: when a wedding key lives only in the catalogue, a
+        key-store backup to the vault and `replicas` (core/keybackup.py). Until one is at the vault and at
+        least one provider, the backups those keys open are not done: raises KeyBackupError naming the
+        providers that failed. None when every live key was already backed up (one indexed count)."""
+        from .errors import KeyBackupError
+        from .keybackup import back_up_key_store, keys_awaiting_backup
+
+        if not keys_awaiting_backup(self.catalogue):
+            return None
+        result = back_up_key_store(self.settings, self.catalogue, replicas, self.keyring)
+        if "vault" not in result.copies or len(result.copies) < 2:
+            failed = "; ".join(f"{p}: {m}" for p, m in sorted(result.failures.items())) or "no provider given"
+            raise KeyBackupError(result.sha256 or "of this run", "did not reach the vault and at least one "
+                                 f"provider, so new wedding keys live only in the catalogue: {failed}")
+        return result
+
     def restore_to(self, partition: str, target_dsn: str, replicas: Mapping[str, Any],
                    provider: str | None = None) -> Any:
         """Restore the newest backup of a partition into a target database and check it. Holds the

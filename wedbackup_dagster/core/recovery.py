@@ -494,6 +494,9 @@ def restore_into_schema(chunks: Iterable[bytes], dsn: str, schema: str, *, name:
                                f"name (or drop it first: DROP SCHEMA ... CASCADE)")
         check_schema(conn, header, what, target, strict=False)
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        # Marked as an inspection copy of this partition: in no platform backup, dropped by its erasure.
+        conn.execute(sql.SQL("COMMENT ON SCHEMA {} IS {}").format(
+            sql.Identifier(schema), sql.Literal(tenancy.INSPECTION_MARKER + partition)))
         names: dict[str, int] = {}
 
         def make(begin: dict[str, Any], i: int) -> sql.Identifier:

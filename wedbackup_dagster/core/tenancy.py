@@ -290,11 +290,21 @@ class _Table:
         return next(c[2] for c in self.columns if c[0] == column)
 
 
+# The comment `restore --into-schema` puts on the schema it makes (core/recovery.py), followed by the
+# partition: a copy for inspection, in no partition (so in no platform backup); erasure drops it.
+INSPECTION_MARKER = "wedbackup:inspection-schema:"
+
+
 def _read_catalogue(conn) -> tuple[dict[TableName, _Table], list[Hop]]:
     with conn.cursor() as cur:
+        inspection = {r[0] for r in cur.execute(
+            "SELECT nspname::text FROM pg_catalog.pg_namespace WHERE pg_catalog.starts_with(coalesce("
+            "pg_catalog.obj_description(oid, 'pg_namespace'), ''), %s)", (INSPECTION_MARKER,))}
         by_oid: dict[int, _Table] = {}
         for oid, schema, name, relkind, has_children, att, typ, notnull, generated, coll in \
                 cur.execute(_TABLES_SQL):
+            if schema in inspection:
+                continue  # its foreign keys then point at no known table and are skipped below too
             t = by_oid.get(oid)
             if t is None:
                 t = by_oid[oid] = _Table(TableName(schema, name), relkind, bool(has_children))

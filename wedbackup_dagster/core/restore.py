@@ -250,8 +250,9 @@ class ForeignKeyCheck:
     constraint: str
     table: str
     parent: str
-    status: str  # "ok", "orphans", "external, not checked"
+    status: str  # "ok", "orphans", "external, not checked", "unreadable"
     orphans: int = 0
+    problem: str = ""  # why an unreadable key could not be checked
 
 
 @dataclass
@@ -267,6 +268,8 @@ class VerifyReport(TableTotals):
         out = [f"table {t.table}: {t.problem}" for t in self.tables if not t.ok]
         out += [f"foreign key {f.constraint} on {f.table}: {f.orphans} row(s) without a parent in {f.parent}"
                 for f in self.foreign_keys if f.status == "orphans"]
+        out += [f"foreign key {f.constraint} on {f.table}: cannot be checked: {f.problem}"
+                for f in self.foreign_keys if f.status == "unreadable"]
         return out
 
     @property
@@ -746,23 +749,33 @@ def _check_foreign_keys(conn, manifest: Manifest) -> list[ForeignKeyCheck]:
                                            "names": [n for _, n in restored]}).fetchall()
     out = []
     for conname, cs, ct, ps, pt, cols, pcols, ckind, pkind in fks:
-        # A foreign key binds the two tables' own rows: not their INHERITS children's (exact_table).
-        child, parent = exact_table(cs, ct, ckind), exact_table(ps, pt, pkind)
-        if (ps, pt) not in restored:
-            has_rows = conn.execute(sql.SQL("SELECT EXISTS (SELECT FROM {})").format(parent)).fetchone()[0]
-            if not has_rows:
-                out.append(ForeignKeyCheck(conname, f"{cs}.{ct}", f"{ps}.{pt}", "external, not checked"))
-                continue
-        # MATCH SIMPLE: a row with any NULL in the key points nowhere and is not checked.
-        query = sql.SQL("SELECT count(*) FROM {child} AS c WHERE {notnull} AND NOT EXISTS "
-                        "(SELECT FROM {parent} AS p WHERE {match})").format(
-            child=child, parent=parent,
-            notnull=sql.SQL(" AND ").join(sql.SQL("{} IS NOT NULL").format(sql.Identifier("c", c)) for c in cols),
-            match=sql.SQL(" AND ").join(sql.SQL("{} = {}").format(sql.Identifier("p", p), sql.Identifier("c", c))
-                                        for c, p in zip(cols, pcols)))
-        orphans = conn.execute(query).fetchone()[0]
-        out.append(ForeignKeyCheck(conname, f"{cs}.{ct}", f"{ps}.{pt}", "ok" if orphans == 0 else "orphans", orphans))
+        try:
+            with conn.transaction():
+                out.append(_check_foreign_key(conn, restored, conname, cs, ct, ps, pt, cols, pcols, ckind, pkind))
+        except psycopg.Error as e:
+            if conn.closed or conn.broken:
+                raise
+            out.append(ForeignKeyCheck(conname, f"{cs}.{ct}", f"{ps}.{pt}", "unreadable", problem=_first_line(e)))
     return out
+
+
+def _check_foreign_key(conn, restored: set[tuple[str, str]], conname: str, cs: str, ct: str, ps: str, pt: str,
+                       cols: list[str], pcols: list[str], ckind: str, pkind: str) -> ForeignKeyCheck:
+    # A foreign key binds the two tables' own rows: not their INHERITS children's (exact_table).
+    child, parent = exact_table(cs, ct, ckind), exact_table(ps, pt, pkind)
+    if (ps, pt) not in restored:
+        has_rows = conn.execute(sql.SQL("SELECT EXISTS (SELECT FROM {})").format(parent)).fetchone()[0]
+        if not has_rows:
+            return ForeignKeyCheck(conname, f"{cs}.{ct}", f"{ps}.{pt}", "external, not checked")
+    # MATCH SIMPLE: a row with any NULL in the key points nowhere and is not checked.
+    query = sql.SQL("SELECT count(*) FROM {child} AS c WHERE {notnull} AND NOT EXISTS "
+                    "(SELECT FROM {parent} AS p WHERE {match})").format(
+        child=child, parent=parent,
+        notnull=sql.SQL(" AND ").join(sql.SQL("{} IS NOT NULL").format(sql.Identifier("c", c)) for c in cols),
+        match=sql.SQL(" AND ").join(sql.SQL("{} = {}").format(sql.Identifier("p", p), sql.Identifier("c", c))
+                                    for c, p in zip(cols, pcols)))
+    orphans = conn.execute(query).fetchone()[0]
+    return ForeignKeyCheck(conname, f"{cs}.{ct}", f"{ps}.{pt}", "ok" if orphans == 0 else "orphans", orphans)
 
 
 # --- scratch databases ------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from wedbackup_dagster.core import demo_data, recovery
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.errors import RestoreError, SchemaMismatchError, WedbackupError
+from wedbackup_dagster.core.errors import RestoreError, SchemaMismatchError, VerificationError, WedbackupError
 from wedbackup_dagster.core.recovery import (NoRecoveryPointError, RecoveryPoint, RecoveryRequest, choose_point,
                                              parse_as_of, recover, recovery_points, restricted_differences)
 from wedbackup_dagster.core.snapshot import take_snapshot
@@ -679,3 +679,38 @@ def test_in_place_restore_refuses_an_archive_without_all_of_the_weddings_tables(
     with pytest.raises(SchemaMismatchError, match="table public.notes of wedding 1 is not in the archive"):
         recovery.restore_in_place([b"".join(out)], src, "1", name="crafted archive")
     assert table_text(src, "SELECT couple FROM public.weddings WHERE id = 1") == ["changed"]
+
+
+def test_dry_runs_of_the_platform_partition_compare_by_the_rebuilt_platform_selects(make_database):
+    """The platform's rows in a dry run are read by its SELECTs rebuilt from the target's plan (platform
+    tables whole, a tenant table's rows that reach no wedding), never by the archive's text."""
+    from wedbackup_dagster_tests.core.test_snapshot import make_platform_db
+
+    src = make_platform_db(make_database)
+    data = snapshot_of(src, "platform")
+    same = recovery.restore_to_database([data], src, name="platform archive", dry_run=True)
+    assert {t.table for t in same.tables} >= {"public.vendors", "public.audit_log", "public.documents"}
+    assert same.totals["archive_rows"] == same.totals["live_rows"] > 0
+    assert (same.totals["add"], same.totals["remove"], same.totals["change"]) == (0, 0, 0)
+    with psycopg.connect(src, autocommit=True) as conn:
+        conn.execute("UPDATE public.documents SET title = 'changed' WHERE wedding_id IS NULL")
+        conn.execute("UPDATE public.documents SET title = 'a wedding''s, not the platform''s' WHERE wedding_id = 1")
+    changed = recovery.restore_to_database([data], src, name="platform archive", dry_run=True)
+    assert {t.table: t.change for t in changed.tables}["public.documents"] == 1
+
+
+def test_a_trigger_that_rewrites_restored_rows_rolls_an_in_place_restore_back(make_database):
+    """README: triggers fire as for any insert; one that changes the inserted rows fails the checksum
+    step (rebuilt from the plan) and nothing is committed."""
+    src = tiny_source(make_database, """
+CREATE FUNCTION public.shout() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN NEW.body := NEW.body || '!'; RETURN NEW; END $$;
+""")
+    with psycopg.connect(src, autocommit=True) as conn:
+        conn.execute("CREATE TRIGGER shout BEFORE INSERT ON public.notes FOR EACH ROW EXECUTE FUNCTION public.shout()")
+    data = snapshot_of(src)
+    with psycopg.connect(src, autocommit=True) as conn:
+        conn.execute("UPDATE public.notes SET body = 'changed' WHERE id = 1")
+    with pytest.raises(VerificationError, match="table public.notes does not match the manifest after loading"):
+        recovery.restore_in_place([data], src, "1", name="test archive")
+    assert table_text(src, "SELECT body FROM public.notes ORDER BY id") == ["changed", "two", "three", "four"]

@@ -21,11 +21,11 @@ from .errors import (ProviderError, RestoreError, SchemaMismatchError, SnapshotF
                      VerificationError, WedbackupError)
 from .locks import partition_lock
 from .restore import (Record, _advance_sequences, _checksum, _compare_with_manifest, _first_line, check_table_end,
-                      copy_table_in, foreign_keys_sql, is_row_security_refusal, manifest_of, no_row_security,
-                      plan_matching, read_snapshot, read_to_end, restore_snapshot, schema_differences,
-                      table_begin_of)
-from .snapshot import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, PLATFORM, Manifest, database_label,
-                       describe_schema, partition_selects, schema_fingerprint, schema_is_empty, use_qualified_names)
+                      copy_table_in, foreign_keys_sql, header_of, is_row_security_refusal, manifest_of,
+                      no_row_security, plan_matching, read_snapshot, read_to_end, restore_snapshot,
+                      schema_differences, table_begin_of)
+from .snapshot import (MANIFEST, PLATFORM, Manifest, database_label, describe_schema, partition_selects,
+                       schema_fingerprint, schema_is_empty, use_qualified_names)
 from .vault import check_partition
 
 Progress = Callable[[str], None]
@@ -194,10 +194,7 @@ class RecoveryReport:
 
 def _open_stream(chunks: Iterable[bytes], name: str) -> tuple[dict[str, Any], Iterator[Record]]:
     records = read_snapshot(chunks, name=name)
-    header = next(records).json()
-    if header.get("format") != FORMAT_NAME or header.get("version") != FORMAT_VERSION:
-        raise SnapshotFormatError(name, f"snapshot format {header.get('format')!r} version {header.get('version')!r} "
-                                        f"is not {FORMAT_NAME} version {FORMAT_VERSION}")
+    header = header_of(next(records))  # format, version and every field a restore relies on, checked
     next(records)  # pre-data DDL: the target already has the schema (in-place, schema) or restore_snapshot runs
     next(records)  # post-data DDL
     return header, records
@@ -460,7 +457,7 @@ def _dry_run(chunks: Iterable[bytes], dsn: str, target: str, mode: str, *, name:
             tables = []
             for record in records:
                 if record.kind == MANIFEST:
-                    manifest = Manifest.from_dict(record.json())
+                    manifest = manifest_of(record)
                     tables = [TableChange(t.table, t.rows, 0, t.rows) for t in manifest.tables]
             return RecoveryReport(partition, mode, target, True, tables, seconds=round(time.monotonic() - started, 6))
         check_schema(conn, header, what, target, strict=(mode == "target"))

@@ -175,6 +175,9 @@ def header_of(record: Record) -> dict[str, Any]:
                                          for k in ("schema", "table", "name", "ref_schema", "ref_table"))
             for fk in fks):
         raise _garbled(record, "has a foreign key list that is not a list of constraints")
+    plan = header.get("plan", {})
+    if not isinstance(plan, dict) or not isinstance(plan.get("tenant_tables", {}), dict):
+        raise _garbled(record, "has a tenancy plan that is not an object with a tenant_tables object")
     return header
 
 
@@ -656,6 +659,8 @@ def plan_matching(conn, plan: Mapping[str, Any], what: str, target: str) -> tena
     live_plan = tenancy.discover(conn, plan_root(plan))
     live = plan_description(live_plan)["tenant_tables"]
     archived = plan.get("tenant_tables", {})
+    if not isinstance(archived, Mapping):
+        archived = {}  # garbled: every live tenant table is then a difference
     if live != archived:
         none = "(not a tenant table)"
         diffs = [f"{t}: archive {archived.get(t, none)!r}, {target} {live.get(t, none)!r}"

@@ -714,3 +714,30 @@ BEGIN NEW.body := NEW.body || '!'; RETURN NEW; END $$;
     with pytest.raises(VerificationError, match="table public.notes does not match the manifest after loading"):
         recovery.restore_in_place([data], src, "1", name="test archive")
     assert table_text(src, "SELECT body FROM public.notes ORDER BY id") == ["changed", "two", "three", "four"]
+
+
+@pytest.mark.parametrize("field,value", [("plan", ["not", "an", "object"]), ("plan", {"tenant_tables": [1]}),
+                                         ("schema_fingerprint", None)])
+def test_a_garbled_archive_header_is_a_format_error_in_every_restore_mode(make_database, field, value):
+    """The header of an archive (authenticated, but written by a broken or hostile writer) is checked field
+    by field before anything is read from it: it used to end in AttributeError or KeyError."""
+    from wedbackup_dagster.core import snapshot as snap
+    from wedbackup_dagster.core.errors import SnapshotFormatError
+    from wedbackup_dagster.core.restore import read_snapshot
+
+    src = tiny_source(make_database)
+    out = [snap.MAGIC]
+    for r in read_snapshot([snapshot_of(src)]):
+        payload = r.payload
+        if r.kind == snap.HEADER:
+            d = json.loads(payload)
+            d[field] = value
+            payload = json.dumps(d).encode()
+        out.append(r.kind + len(payload).to_bytes(8, "big") + payload)
+    archive = b"".join(out)
+    for restore in (lambda: recovery.restore_in_place([archive], src, "1", name="garbled archive"),
+                    lambda: recovery.restore_in_place([archive], src, "1", name="garbled archive", dry_run=True),
+                    lambda: recovery.restore_into_schema([archive], src, "never_made", name="garbled archive"),
+                    lambda: recovery.restore_to_database([archive], src, name="garbled archive", dry_run=True)):
+        with pytest.raises(SnapshotFormatError, match="garbled archive"):
+            restore()

@@ -15,7 +15,10 @@ Routing rules:
   `discover` raises TenancyError naming the table and its candidate paths.
 - A declaratively partitioned table is one table (its parent); its partitions are not listed. FKs
   declared directly on, or pointing directly at, a single partition are not used for routing.
-- Legacy inheritance parents are read with ONLY, so their children's rows are not counted twice.
+- Legacy inheritance parents are read with ONLY, so their children's rows are not counted twice; every
+  statement that reads, locks or deletes one table's rows addresses exactly that table (`exact()`),
+  never its INHERITS children (another wedding's rows may sit there with colliding keys). A
+  declaratively partitioned table is addressed without ONLY: its partitions are its rows.
 
 Overrides: a mapping from "schema.table" (unquoted, as `str(TableName)` prints it) to either
 - "platform": the table's rows all go to the platform partition, and no other table routes through it;
@@ -144,6 +147,10 @@ class TenantTable:
             exprs=sql.SQL(", ").join(expressions), from_=self._join_chain(joined, 0), where=where,
             lock=sql.SQL(" FOR UPDATE OF {}").format(sql.Identifier(_alias(0))) if lock else sql.SQL(""))
 
+    def exact(self) -> sql.Composable:
+        """This table in a FROM, DELETE, UPDATE or LOCK: with ONLY when it has inheritance children."""
+        return _exact(self.table, self.only)
+
     def _reach(self) -> tuple[list[TableName], tuple[str, ...]]:
         """Tables to join (this one first) and the columns of the last one that equal the wedding_id.
 
@@ -179,6 +186,10 @@ class PlatformTable:
     keyed: bool = True
     only: bool = False  # the table has inheritance children: read its own rows only
 
+    def exact(self) -> sql.Composable:
+        """This table in a FROM, DELETE, UPDATE or LOCK: with ONLY when it has inheritance children."""
+        return _exact(self.table, frozenset({self.table}) if self.only else frozenset())
+
     def platform_select(self) -> sql.Composed:
         only = frozenset({self.table}) if self.only else frozenset()
         return sql.SQL("SELECT {cols} FROM {table} ORDER BY {order}").format(
@@ -200,6 +211,12 @@ class TenancyPlan:
                 return t
         return None
 
+    def exact(self, table: TableName) -> sql.Composable:
+        """Any table addressed exactly: as the plan knows it, else (a single partition, which plans leave
+        out) with ONLY, which for an ordinary table is the table itself."""
+        found = self.find(table)
+        return found.exact() if found is not None else sql.SQL("ONLY {}").format(table.ident())
+
 
 # --- SQL pieces -------------------------------------------------------------------------------------
 
@@ -207,9 +224,12 @@ def _alias(i: int) -> str:
     return f"t{i}"
 
 
+def _exact(table: TableName, only: frozenset[TableName]) -> sql.Composable:
+    return sql.SQL("ONLY {}").format(table.ident()) if table in only else table.ident()
+
+
 def _from_item(table: TableName, i: int, only: frozenset[TableName]) -> sql.Composable:
-    prefix = sql.SQL("ONLY ") if table in only else sql.SQL("")
-    return sql.SQL("{}{} AS {}").format(prefix, table.ident(), sql.Identifier(_alias(i)))
+    return sql.SQL("{} AS {}").format(_exact(table, only), sql.Identifier(_alias(i)))
 
 
 def _select_list(columns: Sequence[str]) -> sql.Composable:

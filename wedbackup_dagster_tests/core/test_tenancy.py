@@ -450,6 +450,34 @@ def test_legacy_inheritance_children_are_not_counted_twice(conn):
     assert_partitions_exact(conn, plan)
 
 
+def test_exact_addresses_only_the_table_itself(conn):
+    """What reads, locks and deletes use (issue 14, defect 3): ONLY for an INHERITS parent, so a DELETE
+    never reaches a child's rows; a partitioned table as itself (ONLY would address no rows at all)."""
+    conn.execute("""
+        CREATE TABLE weddings (id bigint PRIMARY KEY);
+        CREATE TABLE notes (id bigint PRIMARY KEY, wedding_id bigint NOT NULL REFERENCES weddings);
+        CREATE TABLE archived_notes () INHERITS (notes);
+        CREATE TABLE events (id int NOT NULL, wedding_id bigint NOT NULL REFERENCES weddings,
+                             PRIMARY KEY (id, wedding_id)) PARTITION BY HASH (wedding_id);
+        CREATE TABLE events_0 PARTITION OF events FOR VALUES WITH (MODULUS 1, REMAINDER 0);
+        INSERT INTO weddings VALUES (1), (2);
+        INSERT INTO notes VALUES (1, 1);
+        INSERT INTO archived_notes VALUES (1, 2);
+        INSERT INTO events VALUES (1, 1), (1, 2);
+    """)
+    plan = discover(conn)
+    text = {str(t.table): t.exact().as_string(conn) for t in (*plan.tenant_tables, *plan.platform_tables)}
+    assert text == {"public.weddings": '"public"."weddings"', "public.notes": 'ONLY "public"."notes"',
+                    "public.archived_notes": '"public"."archived_notes"', "public.events": '"public"."events"'}
+    assert plan.exact(T("events_0")).as_string(conn) == 'ONLY "public"."events_0"'  # a partition: not in plans
+    notes = plan.find(T("notes"))
+    deleted = conn.execute(sql.SQL("DELETE FROM {} AS x WHERE x.id IN ({})").format(
+        notes.exact(), notes.wedding_rows([sql.SQL("t0.id")])), {"wedding_id": 1}).rowcount
+    assert deleted == 1 and conn.execute("SELECT count(*) FROM archived_notes").fetchone()[0] == 1
+    events = plan.find(T("events"))
+    assert conn.execute(sql.SQL("DELETE FROM {} WHERE wedding_id = 1").format(events.exact())).rowcount == 1
+
+
 def test_generated_and_dropped_columns_are_excluded(conn):
     conn.execute("""
         CREATE TABLE weddings (id bigint PRIMARY KEY);

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .archive import ArchiveStats, ArchiveWriter, open_archive
+from .archive import ArchiveStats, ArchiveWriter, loads_untrusted, open_archive
 from .catalogue import Catalogue, _context as wedding_key_context
 from .errors import ArchiveError, ArchiveKeyUnavailable, KeyBackupError, KeyError_, WedbackupError
 from .keys import MasterKeyring, SecretKey, load_master_keyring, unwrap_key, wrap_key
@@ -150,13 +150,13 @@ def read_key_backup(fh: BinaryIO, *, name: str, keyring: MasterKeyring, check_ke
         if (reader.header.label or {}).get("kind") != FORMAT_NAME:
             raise KeyBackupError(name, "is a wedbackup archive but not a key-store backup")
         lines = _lines(reader)
-        head = json.loads(next(lines, b"{}"))
+        head = loads_untrusted(next(lines, b"{}"))
         if head.get("format") != FORMAT_NAME or head.get("version") != FORMAT_VERSION:
             raise KeyBackupError(name, f"unknown key backup format {head.get('format')!r} version "
                                        f"{head.get('version')!r} (this build reads {FORMAT_NAME} {FORMAT_VERSION})")
         entries = []
         for raw in lines:
-            item = json.loads(raw)
+            item = loads_untrusted(raw)
             entries.append(KeyEntry(item["key_id"], item["partition"], base64.b64decode(item["wrapped"], validate=True),
                                     item["master_key_id"], item["created_at"]))
         if not reader.complete:
@@ -168,7 +168,7 @@ def read_key_backup(fh: BinaryIO, *, name: str, keyring: MasterKeyring, check_ke
         raise
     except ArchiveError as exc:
         raise KeyBackupError(name, exc.problem) from None
-    except (ValueError, KeyError, TypeError) as exc:  # JSON or base64 that authenticated but does not parse
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # authenticated JSON or base64 that does not parse
         raise KeyBackupError(name, f"its contents do not parse ({type(exc).__name__})") from None
     if head.get("key_count") != len(entries):
         raise KeyBackupError(name, f"says it holds {head.get('key_count')} keys but holds {len(entries)}")

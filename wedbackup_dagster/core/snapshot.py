@@ -145,7 +145,9 @@ class Manifest(TableTotals):
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
-        return cls.from_dict(json.loads(text))
+        from wedbackup_dagster.core.archive import loads_untrusted
+
+        return cls.from_dict(loads_untrusted(text))
 
 
 # --- the schema: description, fingerprint, DDL ------------------------------------------------------

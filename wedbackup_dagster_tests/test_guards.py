@@ -13,6 +13,7 @@ import pytest
 
 from wedbackup_dagster.core.archive import MAGIC, read_header
 from wedbackup_dagster.core.errors import ArchiveCorrupt, SnapshotFormatError
+from wedbackup_dagster_tests.test_cli import cli_env  # noqa: F401  (a fixture)
 
 NESTED = b"[" * 20_000 + b"]" * 20_000  # deeper than json's recursion limit, small enough for a header label
 
@@ -81,3 +82,114 @@ def test_a_key_backup_with_nested_json_is_a_key_backup_error():
     sealed.seek(0)
     with pytest.raises(KeyBackupError, match="keys.wbk.*do not parse"):
         read_key_backup(sealed, name="keys.wbk", keyring=keyring)
+
+
+# --- 1. the restore target guard compares databases, not variable names ------------------------------
+
+@pytest.fixture
+def pooler(stack):
+    """A plain TCP relay on another port in front of the stack's PostgreSQL, as a pooler or proxy would be:
+    no DSN comparison can tell that it reaches the same server."""
+    from wedbackup_dagster_tests.reliability.faultproxy import FaultProxy, FaultSchedule
+
+    port = int(stack.env()["WEDBACKUP_SOURCE_DSN"].rsplit(":", 1)[1].split("/")[0])
+    with FaultProxy("pooler", ("127.0.0.1", port), FaultSchedule(seed=1, rate=0.0), mode="tcp") as proxy:
+        yield proxy.port
+
+
+def through(dsn: str, port: int) -> str:
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    return make_conninfo(**{**conninfo_to_dict(dsn), "port": str(port)})
+
+
+def spellings(dsn: str, tmp_path, monkeypatch) -> dict[str, str]:
+    """The same database written other ways: keyword form, another host alias, extra parameters, a
+    service file, PG* variables, hostaddr."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    p = conninfo_to_dict(dsn)
+    service = tmp_path / "pg_service.conf"
+    service.write_text(f"[prod]\nhost={p['host']}\nport={p['port']}\ndbname={p['dbname']}\nuser={p['user']}\n")
+    monkeypatch.setenv("PGSERVICEFILE", str(service))
+    for variable, value in (("PGHOST", "localhost"), ("PGPORT", p["port"]), ("PGUSER", p["user"]),
+                            ("PGPASSWORD", p["password"])):
+        monkeypatch.setenv(variable, value)
+    return {
+        "keyword form": f"host={p['host']} port={p['port']} dbname={p['dbname']} user={p['user']} "
+                        f"password={p['password']}",
+        "localhost": f"postgresql://{p['user']}:{p['password']}@localhost:{p['port']}/{p['dbname']}",
+        "extra parameters": f"{dsn}?application_name=innocent&connect_timeout=7&sslmode=disable",
+        "service file": "service=prod",
+        "PG* variables": f"dbname={p['dbname']}",
+        "hostaddr": f"host=db.invalid hostaddr=127.0.0.1 port={p['port']} dbname={p['dbname']} "
+                    f"user={p['user']} password={p['password']}",
+    }
+
+
+def test_the_source_and_the_catalogue_are_refused_as_targets_in_every_spelling(demo_env, make_database, tmp_path,
+                                                                               monkeypatch, pooler):
+    from wedbackup_dagster.core.dbidentity import check_restore_target, same_database
+    from wedbackup_dagster.core.errors import RestoreError
+
+    env = demo_env(weddings=2, seed=5, document_bytes=64)
+    source, catalogue = env["source"], env["catalogue"]
+    other = make_database()
+    live_spellings = {**spellings(source, tmp_path, monkeypatch), "through a pooler": through(source, pooler)}
+    for label, live in live_spellings.items():
+        with pytest.raises(RestoreError, match="live source database") as err:
+            check_restore_target(live, source_dsn=source, catalogue_dsn=catalogue, mode="target")
+        assert live not in str(err.value), label  # never the DSN itself
+        check_restore_target(live, source_dsn=source, catalogue_dsn=catalogue, mode="schema")  # inspection: allowed
+        assert same_database(live, source), label
+    for label, cat in {**spellings(catalogue, tmp_path, monkeypatch), "pooler": through(catalogue, pooler)}.items():
+        for mode in ("target", "schema"):
+            with pytest.raises(RestoreError, match="catalogue database"):
+                check_restore_target(cat, source_dsn=source, catalogue_dsn=catalogue, mode=mode)
+    check_restore_target(other, source_dsn=source, catalogue_dsn=catalogue, mode="target")
+    assert not same_database(other, source) and not same_database(through(other, pooler), source)
+
+
+def test_the_command_line_and_the_engine_refuse_the_source_written_another_way(cli_env, tmp_path, monkeypatch,
+                                                                               capsys, pooler):
+    from wedbackup_dagster.cli import main
+    from wedbackup_dagster.core.engine import Engine
+    from wedbackup_dagster.core.errors import RestoreError
+
+    source = cli_env["source"]
+    assert main(["backup", "--wedding", "2"]) == 0
+    with psycopg.connect(source) as conn:
+        before = conn.execute("SELECT count(*) FROM guests").fetchone()
+    live = spellings(source, tmp_path, monkeypatch)
+    capsys.readouterr()
+    for label in ("keyword form", "localhost"):
+        assert main(["restore", "--wedding", "2", "--target-dsn", live[label]]) == 1, label
+        err = capsys.readouterr().err
+        assert "the restore target is the live source database" in err and "--in-place" in err, label
+        assert live[label] not in err
+    for target in (live["extra parameters"], through(source, pooler)):
+        with pytest.raises(RestoreError, match="live source database"):
+            Engine.from_env().restore_to("2", target, {})
+    with psycopg.connect(source) as conn:
+        assert conn.execute("SELECT count(*) FROM guests").fetchone() == before
+
+
+# --- 2. the catalogue is not the source ---------------------------------------------------------------
+
+def test_a_catalogue_that_is_the_source_is_refused_naming_both_variables(demo_env, tmp_path, monkeypatch, pooler):
+    from wedbackup_dagster.core.config import Settings
+    from wedbackup_dagster.core.engine import Engine
+    from wedbackup_dagster.core.errors import ConfigError
+
+    env = demo_env(weddings=2, seed=5, document_bytes=64)
+    live = spellings(env["source"], tmp_path, monkeypatch)
+    for label in ("keyword form", "service file", "localhost"):  # caught from the DSNs alone
+        monkeypatch.setenv("WEDBACKUP_CATALOGUE_DSN", live[label])
+        with pytest.raises(ConfigError, match="WEDBACKUP_CATALOGUE_DSN.*same database as WEDBACKUP_SOURCE_DSN"):
+            Settings.from_env()
+    monkeypatch.setenv("WEDBACKUP_CATALOGUE_DSN", through(env["source"], pooler))  # only the servers tell
+    with pytest.raises(ConfigError, match="WEDBACKUP_CATALOGUE_DSN.*same database as WEDBACKUP_SOURCE_DSN"):
+        Engine.from_env()
+    monkeypatch.setenv("WEDBACKUP_CATALOGUE_DSN", env["catalogue"])
+    Engine.from_env()
+

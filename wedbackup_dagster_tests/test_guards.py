@@ -193,3 +193,48 @@ def test_a_catalogue_that_is_the_source_is_refused_naming_both_variables(demo_en
     monkeypatch.setenv("WEDBACKUP_CATALOGUE_DSN", env["catalogue"])
     Engine.from_env()
 
+
+# --- 4. one wedding, one partition name ---------------------------------------------------------------
+
+def test_a_wedding_id_spelt_another_way_gets_no_partition_archive_or_key_of_its_own(demo_env, capsys):
+    from wedbackup_dagster.core.engine import Engine
+    from wedbackup_dagster.core.errors import KeyError_, UnknownWeddingError
+
+    demo_env(weddings=5, seed=5, document_bytes=64)
+    engine = Engine.from_env()
+    with engine.snapshot_session() as session:
+        with pytest.raises(UnknownWeddingError, match=r"wedding 03: public\.weddings\.id writes this wedding's key "
+                                                      r"as '3'.*as wedding 3"):
+            engine.back_up("03", session)
+        batch = engine.back_up_many(["003", "2", "3"], session)
+    assert isinstance(batch["003"], UnknownWeddingError) and "'3'" in str(batch["003"])
+    assert not isinstance(batch["2"], Exception) and not isinstance(batch["3"], Exception)
+    with psycopg.connect(engine.settings.catalogue_dsn) as conn:
+        partitions = [r[0] for r in conn.execute("SELECT partition FROM wedbackup.backups ORDER BY 1")]
+    assert partitions == ["2", "3"]
+    assert not [f for p in ("03", "003") for f in (engine.vault.root / p).glob("*.wbk")]
+    # Once wedding 3 has its key and backups, no other spelling of it gets a key of its own.
+    with pytest.raises(KeyError_, match=r"wedding '0003' is another spelling of wedding '3'.*use '3'"):
+        engine.catalogue.wedding_key("0003", engine.keyring)
+    # The command line only knows the source's own spelling.
+    from wedbackup_dagster.cli import main
+
+    capsys.readouterr()
+    assert main(["backup", "--wedding", "03"]) == 2
+    assert "unknown wedding(s): '03'" in capsys.readouterr().err
+
+
+def test_other_spellings_match_exactly_the_same_id():
+    import re
+
+    from wedbackup_dagster.core.vault import other_spellings
+
+    def same(a: str, b: str) -> bool:
+        pattern = other_spellings(a)
+        return pattern is not None and re.search(pattern.replace("(?i)", ""), b, re.I if "(?i)" in pattern else 0) \
+            is not None
+
+    assert same("7", "07") and same("07", "7") and same("0", "000") and same("-7", "-007")
+    assert not same("7", "70") and not same("7", "17") and not same("-7", "7") and not same("07", "0")
+    uuid = "0b9f6b4e-1c2d-4e5f-8a9b-0c1d2e3f4a5b"
+    assert same(uuid, uuid.upper()) and other_spellings("wedding_a") is None and other_spellings("platform") is None

@@ -132,7 +132,8 @@ class SecretScanner:
         """Which secrets `data` holds (labels only), plus any SAS signature, known or not."""
         blob = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else bytes(data)
         found = {label for needle, label in self._needles.items() if needle in blob}
-        if _SAS_SIGNATURE.search(blob):
+        # The regular expression costs ~50 ms per MiB; the plain search that rules most blocks out, ~1 ms.
+        if b"sig=" in blob.lower() and _SAS_SIGNATURE.search(blob):
             found.add("a SAS token signature (sig=…)")
         return sorted(found)
 

@@ -38,7 +38,7 @@ class ServerIdentity:
         return (self.started, self.port, self.database_oid) == (other.started, other.port, other.database_oid)
 
 
-def server_identity(dsn: str, *, timeout: int = 10) -> ServerIdentity | None:
+def server_identity(dsn: str, *, timeout: int = 5) -> ServerIdentity | None:
     """The identity of the database `dsn` reaches, or None when it cannot be reached (the caller then
     falls back to comparing DSNs; the restore itself reports the unreachable server)."""
     import psycopg

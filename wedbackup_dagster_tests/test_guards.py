@@ -294,3 +294,14 @@ def test_the_guard_knows_a_catalogue_s_wedding_keys_as_raw_bytes(demo_env):
         conn.execute("DROP TABLE wedbackup.leak")  # planted here only: the session's own guard scans it too
     assert [str(f) for f in found] == [f"wedding key {key.key_id} as raw bytes found in database cat, "
                                        "wedbackup.leak.b"]
+
+
+def test_restore_and_points_name_the_spelling_the_catalogue_knows(cli_env, make_database, capsys):
+    from wedbackup_dagster.cli import main
+
+    assert main(["backup", "--wedding", "2"]) == 0
+    capsys.readouterr()
+    for argv in (["points", "--wedding", "002"], ["restore", "--wedding", "02", "--target-dsn", make_database()]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"wedding {argv[2]!r} is recorded as wedding '2'" in err and "use --wedding 2" in err

@@ -286,6 +286,7 @@ class Catalogue:
                 # check above waits for this key (and shreds it); one that committed first is seen below.
                 lock_partition_keys(conn, partition)
                 _refuse_erased(conn, partition)
+                self._refuse_second_spelling(conn, partition)
                 key_id = f"{partition}.{uuid.uuid4().hex[:12]}"
                 material = new_data_key()
                 master = keyring.current
@@ -298,6 +299,23 @@ class Catalogue:
                 if inserted:
                     return SecretKey(key_id, material)
         raise KeyError_(f"wedding {partition}: could not create or read its key")
+
+    @staticmethod
+    def _refuse_second_spelling(conn: psycopg.Connection, partition: str) -> None:
+        """"07" and "7" are one wedding: once one spelling has a key and a backup, another never gets a key
+        (and so no backup) of its own. (A spelling the source does not use gets no archive: the snapshot
+        refuses it, so a key it was given first blocks nothing.)"""
+        from .vault import other_spellings
+
+        pattern = other_spellings(partition)
+        if pattern is None:
+            return
+        row = conn.execute("SELECT k.partition FROM wedbackup.wedding_keys k WHERE k.partition <> %s AND "
+                           "k.partition ~ %s AND EXISTS (SELECT FROM wedbackup.backups b WHERE b.partition = "
+                           "k.partition) LIMIT 1", (partition, pattern)).fetchone()
+        if row is not None:
+            raise KeyError_(f"wedding {partition!r} is another spelling of wedding {row['partition']!r}, which has "
+                            f"its key and backups already: one wedding has one partition; use {row['partition']!r}")
 
     def key_by_id(self, key_id: str, keyring: MasterKeyring) -> SecretKey:
         with self.connect() as conn:

@@ -90,8 +90,8 @@ def _dsn(environ: Mapping[str, str], name: str, default: str | None = None) -> s
         parts = conninfo_to_dict(value)
     except Exception:  # noqa: BLE001 - psycopg's message may quote the DSN, password included
         raise ConfigError(name, "is not a valid PostgreSQL connection string") from None
-    if not parts.get("dbname") and not parts.get("host"):
-        raise ConfigError(name, "names neither a host nor a database")
+    if not parts.get("dbname") and not parts.get("host") and not parts.get("service"):
+        raise ConfigError(name, "names neither a host nor a database (nor a service)")
     port = str(parts.get("port") or "5432")
     if not all(p.isdigit() and 0 < int(p) < 65536 for p in port.split(",")):
         raise ConfigError(name, "has a port that is not a number between 1 and 65535")
@@ -207,6 +207,9 @@ class Settings:
         env = os.environ if environ is None else environ
         source = _dsn(env, "WEDBACKUP_SOURCE_DSN")
         catalogue = _dsn(env, "WEDBACKUP_CATALOGUE_DSN")
+        from .dbidentity import check_catalogue_not_source
+
+        check_catalogue_not_source(source, catalogue, connect=False)  # the servers are compared by the engine
         scratch = _dsn(env, "WEDBACKUP_SCRATCH_DSN", default=scratch_dsn_from(source))
         vault = _path(env, "WEDBACKUP_VAULT_DIR")
         level_text = env.get("WEDBACKUP_ZSTD_LEVEL") or VARIABLES["WEDBACKUP_ZSTD_LEVEL"][1]

@@ -18,6 +18,7 @@ import psycopg
 from .archive import ArchiveStats, ArchiveWriter, open_archive
 from .catalogue import BackupRecord, Catalogue
 from .config import Settings
+from .dbidentity import check_catalogue_not_source, check_restore_target
 from .errors import (ArchiveError, PartitionBusyError, ProviderError, ReplicaChecksumMismatch, ReplicaError,
                      RestoreError, WedbackupError)
 from .keys import MasterKeyring, SecretKey, load_master_keyring
@@ -77,6 +78,9 @@ class Engine:
     def __init__(self, settings: Settings, keyring: MasterKeyring, catalogue: Catalogue | None = None):
         self.settings = settings
         self.keyring = keyring
+        # The catalogue must not be the source (its keys would be sealed into platform archives), however
+        # the two DSNs are written: compared by the database each reaches.
+        check_catalogue_not_source(settings.source_dsn, settings.catalogue_dsn, connect=True)
         self.catalogue = catalogue or Catalogue(settings.catalogue_dsn)
         self.vault = Vault(settings.vault_dir)
         self.catalogue.migrate()
@@ -420,6 +424,8 @@ class Engine:
         """Restore the newest backup of a partition into a target database and check it. Holds the
         partition's lock: a backup of the same wedding waits until the restore has committed (and then
         snapshots what it restored), and the restore waits for a running backup."""
+        check_restore_target(target_dsn, source_dsn=self.settings.source_dsn,
+                             catalogue_dsn=self.settings.catalogue_dsn, mode="target")
         with partition_lock(self.catalogue, check_partition(partition), purpose="restore"):
             return self._restore_to_locked(partition, target_dsn, replicas, provider)
 

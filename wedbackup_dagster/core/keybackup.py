@@ -24,7 +24,7 @@ import psycopg
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .archive import ArchiveStats, ArchiveWriter, open_archive
+from .archive import ArchiveStats, ArchiveWriter, loads_untrusted, open_archive
 from .catalogue import Catalogue, _context as wedding_key_context
 from .errors import ArchiveError, ArchiveKeyUnavailable, KeyBackupError, KeyError_, WedbackupError
 from .keys import MasterKeyring, SecretKey, load_master_keyring, unwrap_key, wrap_key
@@ -173,14 +173,14 @@ def read_key_backup(fh: BinaryIO, *, name: str, keyring: MasterKeyring, check_ke
         if (reader.header.label or {}).get("kind") != FORMAT_NAME:
             raise KeyBackupError(name, "is a wedbackup archive but not a key-store backup")
         lines = _lines(reader)
-        head = json.loads(next(lines, b"{}"))
+        head = loads_untrusted(next(lines, b"{}"))
         if head.get("format") != FORMAT_NAME or head.get("version") not in READABLE_VERSIONS:
             raise KeyBackupError(name, f"unknown key backup format {head.get('format')!r} version "
                                        f"{head.get('version')!r} (this build reads {FORMAT_NAME} "
                                        f"{', '.join(map(str, READABLE_VERSIONS))})")
         entries, erasures = [], []
         for raw in lines:
-            item = json.loads(raw)
+            item = loads_untrusted(raw)
             if "erasure" in item and head["version"] >= 2:
                 x = item["erasure"]
                 erasures.append(ErasureEntry(str(x["partition"]), str(x["wedding_id"]), str(x["erased_at"]),
@@ -197,7 +197,7 @@ def read_key_backup(fh: BinaryIO, *, name: str, keyring: MasterKeyring, check_ke
         raise
     except ArchiveError as exc:
         raise KeyBackupError(name, exc.problem) from None
-    except (ValueError, KeyError, TypeError) as exc:  # JSON or base64 that authenticated but does not parse
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # authenticated JSON or base64 that does not parse
         raise KeyBackupError(name, f"its contents do not parse ({type(exc).__name__})") from None
     if head.get("key_count") != len(entries):
         raise KeyBackupError(name, f"says it holds {head.get('key_count')} keys but holds {len(entries)}")

@@ -17,6 +17,7 @@ from psycopg import sql
 from . import tenancy
 from .archive import open_archive
 from .catalogue import BackupRecord, Catalogue
+from .dbidentity import check_restore_target
 from .errors import (ProviderError, RestoreError, SchemaMismatchError, SnapshotFormatError, UnknownWeddingError,
                      VerificationError, WedbackupError)
 from .locks import partition_lock
@@ -712,6 +713,9 @@ def recover(engine: Any, request: RecoveryRequest, replicas: Mapping[str, Any], 
         raise WedbackupError("a restore into another database needs its DSN (--target-dsn)")
     if request.mode == "schema" and not request.schema:
         raise WedbackupError("a restore into a schema needs its name (--into-schema NAME)")
+    if target_dsn and request.mode != "in_place":  # the database it reaches, however the DSN is written
+        check_restore_target(target_dsn, source_dsn=engine.settings.source_dsn,
+                             catalogue_dsn=engine.settings.catalogue_dsn, mode=request.mode)
     partition = check_partition(request.partition)
     as_of = request.as_of or datetime.now(timezone.utc)
     point = choose_point(recovery_points(engine.catalogue, partition), partition, as_of,

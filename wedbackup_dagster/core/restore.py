@@ -17,6 +17,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from wedbackup_dagster.core import tenancy
+from wedbackup_dagster.core.archive import loads_untrusted
 from wedbackup_dagster.core.vault import PARTITION_RE
 from wedbackup_dagster.core.errors import (RestoreError, SchemaMismatchError, SnapshotFormatError,
                                            VerificationError)
@@ -44,7 +45,7 @@ class Record:
 
     def json(self) -> dict[str, Any]:
         try:
-            value = json.loads(self.payload)
+            value = loads_untrusted(self.payload)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SnapshotFormatError(self.source, f"{self.kind_name} record at offset {self.offset} "
                                                    f"is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None

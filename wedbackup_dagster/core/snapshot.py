@@ -145,7 +145,9 @@ class Manifest(TableTotals):
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
-        return cls.from_dict(json.loads(text))
+        from wedbackup_dagster.core.archive import loads_untrusted
+
+        return cls.from_dict(loads_untrusted(text))
 
 
 # --- the schema: description, fingerprint, DDL ------------------------------------------------------
@@ -725,13 +727,14 @@ class SnapshotSession:
         results: dict[str, Manifest | WedbackupError] = {}
         keys = self._find_weddings(conn, plan, weddings)
         batch = [p for p in weddings if keys[p] == p]
-        # A wedding found under another spelling of its key ("07" for 7) goes alone, through the
-        # per-wedding SELECT: the batch routes rows by the key's text as COPY prints it.
-        alone = [p for p in weddings if isinstance(keys[p], str) and keys[p] != p]
+        # A wedding found under another spelling of its key ("07" for 7) is refused: one wedding, one
+        # partition (and the batch routes rows by the key's text as COPY prints it).
         for p in weddings:
+            if isinstance(keys[p], str) and keys[p] != p:
+                keys[p] = _other_spelling(plan, p, keys[p])
             if isinstance(keys[p], WedbackupError):
                 results[p] = keys[p]
-        streams = {p: _GuardedSink(p, sinks[p]) for p in (*batch, *alone)}
+        streams = {p: _GuardedSink(p, sinks[p]) for p in batch}
         if batch:
             for p in batch:
                 self._write_head(conn, facts, p, streams[p])
@@ -755,8 +758,6 @@ class SnapshotSession:
                                                      share))
             for p in batch:
                 results[p] = self._finish(facts, p, tables[p], streams[p])
-        for p in alone:
-            results[p] = self._write_partition(conn, facts, p, streams[p])
         for p, stream in streams.items():
             if stream.error is not None:
                 results[p] = stream.error
@@ -841,13 +842,24 @@ class SnapshotSession:
 
     @classmethod
     def _check_wedding(cls, conn, plan: tenancy.TenancyPlan, wedding_id: str) -> None:
-        query = sql.SQL("SELECT EXISTS (SELECT FROM {} WHERE {} = %s)").format(plan.root.ident(), cls._root_key(plan))
+        query = sql.SQL("SELECT {key}::text FROM {root} WHERE {key} = %s").format(
+            root=plan.root.ident(), key=cls._root_key(plan))
         try:
-            found = conn.execute(query, (wedding_id,)).fetchone()[0]
+            found = conn.execute(query, (wedding_id,)).fetchone()
         except (psycopg.DataError, psycopg.ProgrammingError):
             raise UnknownWeddingError(wedding_id, f"not a valid key for {plan.root}.{plan.root_key[0]}") from None
-        if not found:
+        if found is None:
             raise UnknownWeddingError(wedding_id, f"no such wedding in {plan.root} of the source database")
+        if found[0] != wedding_id:
+            raise _other_spelling(plan, wedding_id, found[0])
+
+
+def _other_spelling(plan: tenancy.TenancyPlan, wedding_id: str, canonical: str) -> UnknownWeddingError:
+    """The error for a wedding id the root table prints otherwise ("07" for 7): backing it up under both
+    names would give one wedding two partitions, each with its own key."""
+    return UnknownWeddingError(wedding_id, f"{plan.root}.{plan.root_key[0]} writes this wedding's key as "
+                                           f"{canonical!r}: back it up and restore it as wedding {canonical} "
+                                           "(one wedding, one partition)")
 
 
 def _table_begin(t: tenancy.TenantTable | tenancy.PlatformTable, select_sql: str,

@@ -441,8 +441,12 @@ def test_snapshot_many_reports_unknown_weddings_and_carries_on(make_database):
         results = session.snapshot_many(list(sinks), sinks)
         assert isinstance(results["424242"], UnknownWeddingError) and "424242" in str(results["424242"])
         assert sinks["424242"].getvalue() == b""
-        # "03" is wedding 3 spelt another way: snapshotted as snapshot("03") would.
-        assert results["03"].table("public.guests").rows == 1 and results["03"].partition == "03"
+        # "03" is wedding 3 spelt another way: refused naming the source's spelling (one wedding, one
+        # partition), as snapshot("03") is.
+        assert isinstance(results["03"], UnknownWeddingError) and "as '3'" in str(results["03"])
+        assert sinks["03"].getvalue() == b""
+        with pytest.raises(UnknownWeddingError, match="as '3'"):
+            session.snapshot("03", io.BytesIO())
         assert results["1"].table("public.guests").rows == 4 and results["2"].table("public.guests").rows == 1
         # Not even a valid key: named as such, and the other weddings (and the transaction) go on.
         sinks = {w: io.BytesIO() for w in ("not-a-number", "1")}

@@ -19,7 +19,7 @@ from .archive import ArchiveStats, ArchiveWriter, open_archive
 from .catalogue import BackupRecord, Catalogue
 from .config import Settings
 from .errors import (ArchiveError, PartitionBusyError, ProviderError, ReplicaChecksumMismatch, ReplicaError,
-                     RestoreError, WedbackupError)
+                     RestoreError, SnapshotRetryable, WedbackupError)
 from .keys import MasterKeyring, SecretKey, load_master_keyring
 from .locks import partition_lock
 from .snapshot import PLATFORM, Manifest, database_label
@@ -98,7 +98,8 @@ class Engine:
         from .snapshot import SnapshotSession
 
         # Weddings backed up within a few seconds of each other share one consistent snapshot.
-        with SnapshotSession(self.settings.source_dsn, share_seconds=self.share_seconds) as session:
+        with SnapshotSession(self.settings.source_dsn, share_seconds=self.share_seconds,
+                             lock_timeout=self.settings.snapshot_lock_timeout) as session:
             yield session
 
     @staticmethod
@@ -138,21 +139,37 @@ class Engine:
         weddings = [p for p in partitions if p != "platform"]
         if "platform" in partitions:
             try:
-                yield "platform", self.back_up("platform", session)
+                yield "platform", self._retrying(lambda: self.back_up("platform", session))
             except WedbackupError as exc:
                 yield "platform", exc
         busy: list[str] = []
         for i in range(0, len(weddings), self.batch_size):
-            for partition, outcome in self.back_up_many(weddings[i:i + self.batch_size], session).items():
+            batch = weddings[i:i + self.batch_size]
+            for partition, outcome in self._retrying(lambda: self.back_up_many(batch, session)).items():
                 if isinstance(outcome, PartitionBusyError):
                     busy.append(partition)
                 else:
                     yield partition, outcome
         for partition in busy:
             try:
-                yield partition, self.back_up(partition, session)
+                yield partition, self._retrying(lambda: self.back_up(partition, session))
             except WedbackupError as exc:
                 yield partition, exc
+
+    snapshot_attempts = 3  # a snapshot that met concurrent DDL is taken this many times in all before failing
+
+    def _retrying(self, work: Any) -> Any:
+        """`work()`, taken again (with a fresh snapshot, after a short pause) when it fails with
+        SnapshotRetryable: a table rewritten or truncated under the snapshot, or a lock not granted in
+        WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT. Nothing of a failed attempt is kept (no vault file, no record)."""
+        for attempt in range(self.snapshot_attempts):
+            try:
+                return work()
+            except SnapshotRetryable:
+                if attempt == self.snapshot_attempts - 1:
+                    raise
+                time.sleep(min(5.0, 0.5 * 2 ** attempt))
+        raise AssertionError("unreachable")
 
     def back_up_many(self, partitions: list[str], session: Any) -> dict[str, BackupOutcome | WedbackupError]:
         """`back_up` for a batch of weddings read from one snapshot with one COPY per table for the whole

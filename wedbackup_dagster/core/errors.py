@@ -112,6 +112,11 @@ class SnapshotError(WedbackupError):
     """A snapshot could not be taken (pg_dump failed, the source is unreachable); names the database."""
 
 
+class SnapshotRetryable(SnapshotError):
+    """The snapshot met concurrent DDL (a table rewritten, truncated or dropped, or its lock not granted in
+    time): this snapshot would be incomplete, so it fails; a new one, taken later, is expected to succeed."""
+
+
 class SnapshotFormatError(ArchiveError):
     """The snapshot stream inside an (authenticated) archive does not parse: truncated, garbled, or
     written by another format version. Names the archive or stream it came from."""

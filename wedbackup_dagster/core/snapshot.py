@@ -25,7 +25,7 @@ from psycopg import pq, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from wedbackup_dagster.core import tenancy
-from wedbackup_dagster.core.errors import SnapshotError, UnknownWeddingError, WedbackupError
+from wedbackup_dagster.core.errors import SnapshotError, SnapshotRetryable, UnknownWeddingError, WedbackupError
 
 PLATFORM = "platform"
 FORMAT_NAME = "wedbackup-snapshot"
@@ -52,6 +52,8 @@ _T = TypeVar("_T")
 DATA_RECORD_TARGET = 256 * 1024
 MAX_DATA_RECORD = 1024 * 1024
 MAX_META_RECORD = 256 * 1024 * 1024  # header, DDL, manifest: large schemas, still bounded
+# How long the snapshot waits for its ACCESS SHARE lock on a table (WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT).
+DEFAULT_LOCK_TIMEOUT = 30.0
 
 
 class Sink(Protocol):
@@ -75,6 +77,9 @@ class TableManifest:
     order_by: list[str] = field(default_factory=list)
     path: str = ""  # how the table's rows reach a wedding, for people
     seconds: float = 0.0
+    # count(*) of the same rows in the same snapshot by another query (no ORDER BY, no column list,
+    # counted by the server): equal to `rows` in every archive written. None in archives written before it.
+    counted: int | None = None
 
     @property
     def table(self) -> str:
@@ -351,7 +356,8 @@ def pg_tool(tool: str, server_version_num: int) -> str:
     raise SnapshotError(f"{tool} for PostgreSQL {major} not found: install postgresql-client-{major}")
 
 
-def _run_pg_dump(dsn: str, server_version_num: int, section: str, snapshot_id: str) -> str:
+def _run_pg_dump(dsn: str, server_version_num: int, section: str, snapshot_id: str,
+                 lock_timeout: float | None = None) -> str:
     parts = conninfo_to_dict(dsn)
     env = dict(os.environ)
     password = parts.pop("password", None)
@@ -360,16 +366,19 @@ def _run_pg_dump(dsn: str, server_version_num: int, section: str, snapshot_id: s
     argv = [pg_tool("pg_dump", server_version_num), "--schema-only", "--no-owner", "--no-privileges",
             "--no-publications", "--no-subscriptions", "--no-security-labels", "--no-tablespaces",
             f"--section={section}", f"--snapshot={snapshot_id}", "--dbname", make_conninfo(**parts)]
+    if lock_timeout is not None:  # pg_dump locks every table too: a held lock fails it, bounded like ours
+        argv.insert(1, f"--lock-wait-timeout={max(1, round(lock_timeout * 1000))}ms")
     proc = subprocess.run(argv, env=env, capture_output=True, timeout=600)
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace").strip()
         if password:
             err = err.replace(password, "***")
-        raise SnapshotError(f"pg_dump --section={section} of {database_label(dsn)} failed: {err[-2000:]}")
+        error = SnapshotRetryable if "could not obtain lock" in err else SnapshotError
+        raise error(f"pg_dump --section={section} of {database_label(dsn)} failed: {err[-2000:]}")
     return _PSQL_META.sub("", proc.stdout.decode())
 
 
-def schema_ddl(conn, dsn: str, fingerprint: str) -> SchemaDDL:
+def schema_ddl(conn, dsn: str, fingerprint: str, *, lock_timeout: float | None = None) -> SchemaDDL:
     """The DDL for `fingerprint`, dumped once per server and schema: pg_dump imports this
     transaction's snapshot, so the DDL is exactly the schema the data is read under."""
     key = (conn.info.host, conn.info.port, conn.info.dbname, fingerprint)
@@ -380,8 +389,8 @@ def schema_ddl(conn, dsn: str, fingerprint: str) -> SchemaDDL:
             return hit
     version = conn.info.server_version
     snapshot_id = conn.execute("SELECT pg_catalog.pg_export_snapshot()").fetchone()[0]
-    pre = _run_pg_dump(dsn, version, "pre-data", snapshot_id)
-    post = _run_pg_dump(dsn, version, "post-data", snapshot_id)
+    pre = _run_pg_dump(dsn, version, "pre-data", snapshot_id, lock_timeout)
+    post = _run_pg_dump(dsn, version, "post-data", snapshot_id, lock_timeout)
     ddl = SchemaDDL(fingerprint=fingerprint, pre_data=pre, post_data=post,
                     description=tuple(tuple(r) for r in describe_schema(conn)),
                     foreign_keys=tuple(foreign_keys(conn)))
@@ -538,9 +547,11 @@ class SnapshotSession:
 
     def __init__(self, source_dsn: str, plan: tenancy.TenancyPlan | None = None, *,
                  root: tenancy.TableName = tenancy.TableName("public", "weddings"),
-                 overrides: dict[str, object] | None = None, share_seconds: float = 0.0):
+                 overrides: dict[str, object] | None = None, share_seconds: float = 0.0,
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT):
         self.source_dsn = source_dsn
         self.share_seconds = share_seconds
+        self.lock_timeout = lock_timeout  # seconds to wait for each table's ACCESS SHARE lock
         self._shared: tuple[float, tuple[Any, ...]] | None = None  # (opened at, transaction facts)
         self._fixed_plan = plan
         self._root = root
@@ -633,6 +644,7 @@ class SnapshotSession:
         """Run `work` inside the session's snapshot transaction (shared within `share_seconds`); any
         error rolls it back, so the next call starts a fresh one."""
         conn = self._connection()
+        user = conn.info.user
         if self._shared is not None and time.monotonic() - self._shared[0] > self.share_seconds:
             self._shared = None
             conn.execute("COMMIT")
@@ -647,6 +659,15 @@ class SnapshotSession:
                     conn.execute("ROLLBACK")
                 except psycopg.Error:
                     conn.close()
+            refusal = row_security_refusal(exc, f"snapshot of {database_label(self.source_dsn)}", user)
+            if refusal is not None:
+                raise refusal from None
+            if isinstance(exc, psycopg.errors.LockNotAvailable) and not conn.closed:
+                # Reading the schema (pg_get_expr & co. open the tables) waited past lock_timeout.
+                raise SnapshotRetryable(
+                    f"snapshot of {database_label(self.source_dsn)}: reading the schema waited longer than the "
+                    f"snapshot lock timeout ({self.lock_timeout:g} s, WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT) for "
+                    f"{_lock_holders(conn)}; retry when that transaction has ended") from None
             if isinstance(exc, psycopg.OperationalError):
                 # The source went away mid-snapshot: say which database, not just the driver's words.
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -663,22 +684,63 @@ class SnapshotSession:
         # The first query takes the transaction's snapshot: time, xmin and schema are all as of it.
         # One round trip (simple protocol): begin, qualified names (see use_qualified_names), and the
         # snapshot's identity.
+        # row_security off, as pg_dump sets it: a table the role would read filtered by a row-level
+        # security policy is refused by the server (see row_security_refusal), never copied short.
         opened = time.monotonic()
+        lock_ms = max(1, round(self.lock_timeout * 1000))
         cur = conn.execute(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;"
-            " SELECT pg_catalog.set_config('search_path', '', true), pg_catalog.now(),"
+            " SELECT pg_catalog.set_config('search_path', '', true), pg_catalog.set_config('row_security', 'off', true),"
+            f" pg_catalog.set_config('lock_timeout', '{lock_ms}ms', true), pg_catalog.now(),"
             " pg_catalog.pg_current_snapshot()::text,"
             " pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text::bigint,"
             " pg_catalog.current_setting('server_version')")
         cur.nextset()
-        _, snap_time, snapshot, xmin, server_version = cur.fetchone()
+        _, _, _, snap_time, snapshot, xmin, server_version = cur.fetchone()
         fingerprint = schema_fingerprint(conn)
-        ddl = schema_ddl(conn, self.source_dsn, fingerprint)
+        ddl = schema_ddl(conn, self.source_dsn, fingerprint, lock_timeout=self.lock_timeout)
         plan = self._plan(conn, fingerprint)
+        self._lock_tables(conn, plan)
         facts = (snap_time, snapshot, xmin, server_version, fingerprint, ddl, plan)
         if self.share_seconds > 0:
             self._shared = (opened, facts)
         return facts
+
+    def _lock_tables(self, conn, plan: tenancy.TenancyPlan) -> None:
+        """ACCESS SHARE on every table of the plan (a partitioned table with its partitions), as pg_dump
+        takes them, so no TRUNCATE or table-rewriting ALTER (not MVCC-safe: a snapshot from before them
+        reads the new, empty file) can commit until this transaction ends; then make sure none committed
+        between the snapshot and the locks: every table's file (relfilenode as of the snapshot) must
+        still be its file now (pg_relation_filenode reads the current catalogue). Once per transaction:
+        a shared transaction's weddings are all read under these locks."""
+        tables = [t.table for t in (*plan.tenant_tables, *plan.platform_tables)]
+        names = {"schemas": [t.schema for t in tables], "names": [t.name for t in tables]}
+        kinds = {ord_: (oid, kind) for ord_, oid, kind in conn.execute(_PLAN_RELATIONS_SQL, names)}
+        for i, table in enumerate(tables, start=1):
+            if i not in kinds:  # created after the snapshot began, or gone before it: the plan is stale
+                raise SnapshotRetryable(f"snapshot of {database_label(self.source_dsn)}: table {table} of the "
+                                        "tenancy plan is not in the snapshot's catalogue; retry the snapshot")
+            oid, kind = kinds[i]
+            # ONLY for an ordinary table (its inheritance children are plan tables of their own); a
+            # partitioned table's partitions hold its rows and are locked with it.
+            only = sql.SQL("ONLY ") if kind == "r" else sql.SQL("")
+            try:
+                conn.execute(sql.SQL("LOCK TABLE {}{} IN ACCESS SHARE MODE").format(only, table.ident()))
+            except psycopg.errors.LockNotAvailable:
+                conn.execute("ROLLBACK")  # the transaction is lost anyway; now pg_locks can be read
+                raise SnapshotRetryable(
+                    f"snapshot of {database_label(self.source_dsn)}: table {table} stayed locked for longer "
+                    f"than the snapshot lock timeout ({self.lock_timeout:g} s, WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT) "
+                    f"by {_lock_holders(conn, oid)}; retry when that transaction has ended") from None
+            except psycopg.errors.UndefinedTable:
+                raise SnapshotRetryable(f"snapshot of {database_label(self.source_dsn)}: table {table} was "
+                                        "dropped or renamed during the snapshot; retry the snapshot") from None
+        changed = [tables[i - 1] for (i,) in conn.execute(_REWRITTEN_SQL, names)]
+        if changed:
+            raise SnapshotRetryable(
+                f"snapshot of {database_label(self.source_dsn)}: table(s) {', '.join(map(str, changed))} were "
+                "rewritten, truncated or dropped during the snapshot (TRUNCATE, VACUUM FULL, CLUSTER or a "
+                "table-rewriting ALTER committed after it began): the snapshot would read them short; retry")
 
     def _write_head(self, conn, facts: tuple[Any, ...], partition: str, sink: Sink) -> None:
         """Magic, header, pre-data and post-data: everything before the first table."""
@@ -772,6 +834,8 @@ class SnapshotSession:
             key=root_key, root=plan.root.ident(), ids=sql.Literal(_array_literal(weddings)))
         try:
             found = {row[0] for row in self._query_in_savepoint(conn, query)}
+        except psycopg.errors.InsufficientPrivilege:
+            raise
         except (psycopg.DataError, psycopg.ProgrammingError):
             found = set()
         return {p: p if p in found else self._find_wedding(conn, plan, p) for p in weddings}
@@ -782,6 +846,8 @@ class SnapshotSession:
             key=self._root_key(plan), root=plan.root.ident(), id=sql.Literal(wedding_id))
         try:
             rows = self._query_in_savepoint(conn, query)
+        except psycopg.errors.InsufficientPrivilege:
+            raise
         except (psycopg.DataError, psycopg.ProgrammingError):
             return UnknownWeddingError(wedding_id, f"not a valid key for {plan.root}.{plan.root_key[0]}")
         if not rows:
@@ -844,10 +910,84 @@ class SnapshotSession:
         query = sql.SQL("SELECT EXISTS (SELECT FROM {} WHERE {} = %s)").format(plan.root.ident(), cls._root_key(plan))
         try:
             found = conn.execute(query, (wedding_id,)).fetchone()[0]
+        except psycopg.errors.InsufficientPrivilege:
+            raise
         except (psycopg.DataError, psycopg.ProgrammingError):
             raise UnknownWeddingError(wedding_id, f"not a valid key for {plan.root}.{plan.root_key[0]}") from None
         if not found:
             raise UnknownWeddingError(wedding_id, f"no such wedding in {plan.root} of the source database")
+
+
+# The plan's tables as of the snapshot, numbered from 1 in the order given: oid and relkind.
+_PLAN_RELATIONS_SQL = """
+SELECT p.ord, c.oid, c.relkind::text
+FROM unnest(%(schemas)s::text[], %(names)s::text[]) WITH ORDINALITY AS p(s, n, ord)
+JOIN pg_catalog.pg_namespace ns ON ns.nspname = p.s
+JOIN pg_catalog.pg_class c ON c.relnamespace = ns.oid AND c.relname = p.n
+"""
+
+# Which plan tables (numbered as above) no longer have the file the snapshot sees: the catalogue rows
+# are read under the snapshot, pg_relation_filenode() reads the current catalogue. Partitions count
+# as their parent.
+_REWRITTEN_SQL = """
+WITH RECURSIVE tree AS (
+    SELECT c.oid, p.ord
+    FROM unnest(%(schemas)s::text[], %(names)s::text[]) WITH ORDINALITY AS p(s, n, ord)
+    JOIN pg_catalog.pg_namespace ns ON ns.nspname = p.s
+    JOIN pg_catalog.pg_class c ON c.relnamespace = ns.oid AND c.relname = p.n
+    UNION ALL
+    SELECT i.inhrelid, tree.ord FROM tree
+    JOIN pg_catalog.pg_inherits i ON i.inhparent = tree.oid
+    JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid AND c.relispartition
+)
+SELECT DISTINCT tree.ord FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.oid
+WHERE c.relkind = 'r' AND c.relfilenode IS DISTINCT FROM pg_catalog.pg_relation_filenode(c.oid)
+ORDER BY 1
+"""
+
+
+def _lock_holders(conn, oid: int | None = None) -> str:
+    """Who holds (or queues ahead for) an ACCESS EXCLUSIVE lock on the table `oid` (else on any table of
+    this database): table, pid, role, application and transaction age, never the query text (it may hold
+    secrets). Read outside any transaction."""
+    try:
+        rows = conn.execute(
+            "SELECT n.nspname || '.' || c.relname, l.pid, l.granted, a.usename::text, a.application_name, "
+            "extract(epoch FROM pg_catalog.now() - a.xact_start)::int "
+            "FROM pg_catalog.pg_locks l LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid "
+            "LEFT JOIN pg_catalog.pg_class c ON c.oid = l.relation "
+            "LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock' "
+            "AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()) "
+            "AND (l.relation = %(oid)s::oid OR %(oid)s::oid IS NULL) AND l.pid <> pg_catalog.pg_backend_pid() "
+            "ORDER BY NOT l.granted, l.pid", {"oid": oid}).fetchall()
+    except psycopg.Error:
+        return "another session (pg_locks could not be read)"
+    if not rows:
+        return "another session (gone by now)"
+    return "; ".join(f"pid {pid} ({'holding' if granted else 'waiting for'} ACCESS EXCLUSIVE"
+                     f"{'' if oid else ' on ' + str(table)}, role {user}, application {app or '-'}, "
+                     f"transaction open {age if age is not None else '?'} s)"
+                     for table, pid, granted, user, app, age in rows[:5])
+
+
+_ROW_SECURITY_REFUSAL = re.compile(r'row-level security policy for table "((?:[^"]|"")+)"')
+
+
+def row_security_refusal(exc: BaseException, what: str, role: str | None) -> SnapshotError | None:
+    """The server's refusal to read a table past its row-level security policy (with row_security =
+    off, a role that would see rows filtered gets an error instead) as an error naming the table and
+    what the role needs; None for any other error."""
+    if not isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return None
+    found = _ROW_SECURITY_REFUSAL.search(str(exc))
+    if found is None:
+        return None
+    table = found.group(1).replace('""', '"')
+    return SnapshotError(
+        f"{what}: table {table} has row-level security, and role {role} would read it filtered by its policy, "
+        f"so nothing was backed up from a short read: give the backup role BYPASSRLS (ALTER ROLE {role} "
+        "BYPASSRLS), or make it the owner of the table without FORCE ROW LEVEL SECURITY")
 
 
 def _table_begin(t: tenancy.TenantTable | tenancy.PlatformTable, select_sql: str,

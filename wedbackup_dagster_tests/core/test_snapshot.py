@@ -246,7 +246,8 @@ def test_pg_dump_failure_names_the_database_never_the_password(make_database, mo
     monkeypatch.setattr(snap, "_DDL_CACHE", snap.OrderedDict())
     real_run = snap._run_pg_dump
     # A real pg_dump failure: it cannot import a snapshot that does not exist.
-    monkeypatch.setattr(snap, "_run_pg_dump", lambda d, v, section, _id: real_run(d, v, section, "00000003-0000DEAD-1"))
+    monkeypatch.setattr(snap, "_run_pg_dump",
+                        lambda d, v, section, _id, *more: real_run(d, v, section, "00000003-0000DEAD-1", *more))
     with pytest.raises(SnapshotError) as e:
         take_snapshot(dsn, None, partition="1", sink=io.BytesIO())
     message = str(e.value)

@@ -1,0 +1,264 @@
+"""A snapshot holds every row its wedding had, or fails naming what it could not read (issue 14): row-level
+security, TRUNCATE and table-rewriting ALTER racing the snapshot (also in a shared multi-wedding
+transaction), bounded lock waits and their retry, the independent count, rows in no partition.
+Real PostgreSQL, a real role without BYPASSRLS, real concurrent sessions; no mocks."""
+from __future__ import annotations
+
+import io
+import secrets
+import threading
+import time
+import uuid
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from wedbackup_dagster.core import discovery
+from wedbackup_dagster.core import snapshot as snap
+from wedbackup_dagster.core.errors import SnapshotError, SnapshotRetryable
+from wedbackup_dagster.core.snapshot import SnapshotSession, take_snapshot
+
+from .test_snapshot import make_platform_db
+
+pytestmark = pytest.mark.stack
+
+# Wedding 1's rows in guest_dietary (guests 1 and 2), wedding 2's (guest 4): see test_snapshot.DATA.
+DIETARY = {"1": 2, "2": 1}
+
+
+def wait_for(predicate, what: str, timeout: float = 30.0) -> None:
+    """Poll `predicate` (a fact read from pg_locks / pg_stat_activity) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def waiting_on_lock(dsn: str, pid: int) -> bool:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute("SELECT EXISTS (SELECT FROM pg_locks WHERE pid = %s AND NOT granted)", (pid,)).fetchone()[0]
+
+
+def snapshot_pids(dsn: str) -> list[int]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return [r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name = "
+                                           "'wedbackup-snapshot' AND datname = current_database()")]
+
+
+def snapshot_waits(dsn: str) -> bool:
+    return any(waiting_on_lock(dsn, pid) for pid in snapshot_pids(dsn))
+
+
+def warm_ddl_cache(dsn: str) -> None:
+    """pg_dump runs once per schema fingerprint: after this, snapshots of the same schema do not run it
+    (so a held lock meets the snapshot's own LOCK TABLE / COPY, not pg_dump's)."""
+    take_snapshot(dsn, None, partition="1", sink=io.BytesIO())
+
+
+def in_thread(work) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["result"] = work()
+        except BaseException as e:  # handed to the test
+            out["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+# --- 1. row-level security ----------------------------------------------------------------------------
+
+@pytest.fixture
+def rls_role(make_database):
+    """A database with the test schema and a LOGIN role that may SELECT every table but lacks BYPASSRLS;
+    yields (owner dsn, role dsn). The role is dropped afterwards."""
+    dsn = make_platform_db(make_database)
+    role = f"wb_rls_{uuid.uuid4().hex[:10]}"
+    password = secrets.token_urlsafe(18)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOBYPASSRLS PASSWORD {}").format(
+            sql.Identifier(role), sql.Literal(password)))
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {r}; GRANT SELECT ON ALL TABLES IN SCHEMA public "
+                             "TO {r}; GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO {r}").format(
+            r=sql.Identifier(role)))
+    params = conninfo_to_dict(dsn)
+    params.update(user=role, password=password)
+    try:
+        yield dsn, make_conninfo(**params), password
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_a_table_with_row_level_security_fails_the_snapshot_instead_of_copying_it_filtered(rls_role):
+    dsn, role_dsn, password = rls_role
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE guests ENABLE ROW LEVEL SECURITY")
+        conn.execute("CREATE POLICY only_yes ON guests FOR SELECT USING (rsvp = 'yes')")
+    # Before: 1 of wedding 1's 4 guests was copied, and the archive verified.
+    with pytest.raises(SnapshotError) as err:
+        take_snapshot(role_dsn, None, partition="1", sink=io.BytesIO())
+    message = str(err.value)
+    assert "table guests" in message and "row-level security" in message and "BYPASSRLS" in message
+    assert "FORCE ROW LEVEL SECURITY" in message and password not in message
+    # The batch path too, and the session survives the error for a role that may read everything.
+    with SnapshotSession(role_dsn) as session:
+        with pytest.raises(SnapshotError, match="table guests has row-level security"):
+            session.snapshot_many(["1", "2"], {"1": io.BytesIO(), "2": io.BytesIO()})
+    # The owner (no FORCE ROW LEVEL SECURITY) reads every row.
+    _, manifest = snapshot_bytes(dsn, "1")
+    assert manifest.table("public.guests").rows == 4
+
+
+def test_row_level_security_on_the_root_fails_discovery_instead_of_missing_weddings(rls_role):
+    dsn, role_dsn, password = rls_role
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE weddings ENABLE ROW LEVEL SECURITY")
+        conn.execute("CREATE POLICY dated ON weddings FOR SELECT USING (wedding_date IS NOT NULL)")
+    # Before: wedding 3 (no date) was silently not discovered, so never backed up.
+    for listing in (discovery.wedding_ids, discovery.wedding_dates):
+        with pytest.raises(SnapshotError, match="table weddings has row-level security.*BYPASSRLS") as err:
+            listing(role_dsn)
+        assert password not in str(err.value) and "listing weddings" in str(err.value)
+    with pytest.raises(SnapshotError, match="table weddings has row-level security"):
+        discovery.changed_weddings(role_dsn, None)
+    # A wedding the policy hides is not taken for an unknown wedding either: the refusal is named.
+    with pytest.raises(SnapshotError, match="table weddings has row-level security"):
+        take_snapshot(role_dsn, None, partition="3", sink=io.BytesIO())
+    assert discovery.wedding_ids(dsn) == ["1", "2", "3"]
+
+
+def snapshot_bytes(dsn: str, partition: str):
+    out = io.BytesIO()
+    manifest = take_snapshot(dsn, None, partition=partition, sink=out)
+    return out.getvalue(), manifest
+
+
+# --- 2. TRUNCATE and table-rewriting ALTER racing the snapshot --------------------------------------------
+
+@pytest.mark.parametrize("ddl", ["ALTER TABLE guest_dietary ALTER COLUMN severity TYPE double precision",
+                                 "TRUNCATE guest_dietary"])
+@pytest.mark.parametrize("batch", [False, True], ids=["single", "batch"])
+def test_a_rewrite_committed_between_the_snapshot_and_its_lock_fails_the_snapshot(make_database, ddl, batch):
+    """The window pg_dump leaves open: the DDL is in progress when the snapshot begins (so the snapshot
+    cannot see it) and commits while the snapshot waits for the table. Before: the table was read from
+    its new, empty file: an archive with 0 rows in guest_dietary that verified."""
+    dsn = make_platform_db(make_database)
+    warm_ddl_cache(dsn)
+    with psycopg.connect(dsn) as migration:
+        migration.execute(ddl)  # in a transaction: holds ACCESS EXCLUSIVE until the commit below
+        sinks = {"1": io.BytesIO(), "2": io.BytesIO()}
+        with SnapshotSession(dsn) as session:
+            work = (lambda: session.snapshot_many(["1", "2"], sinks)) if batch else \
+                (lambda: {"1": session.snapshot("1", sinks["1"])})
+            thread, out = in_thread(work)
+            wait_for(lambda: snapshot_waits(dsn), "the snapshot to wait for guest_dietary")
+            migration.commit()
+            thread.join(60)
+            error = out.get("error")
+            if error is None:  # before the fix: a short archive
+                rows = {p: m.table("public.guest_dietary").rows for p, m in out["result"].items()}
+                pytest.fail(f"the snapshot read guest_dietary short after a concurrent {ddl.split()[0]}: {rows}")
+            assert isinstance(error, SnapshotRetryable), error
+            assert "public.guest_dietary" in str(error) and "retry" in str(error)
+            # The retry is a fresh snapshot, complete.
+            manifest = session.snapshot("1", io.BytesIO())
+    expected = 0 if ddl.startswith("TRUNCATE") else DIETARY["1"]
+    assert manifest.table("public.guest_dietary").rows == expected
+
+
+class _HookSink(io.BytesIO):
+    """A sink that runs `hook` once, at the first bytes of the stream (the snapshot has begun and, with
+    the fix, holds its locks)."""
+
+    def __init__(self, hook):
+        super().__init__()
+        self._hook = hook
+
+    def write(self, data) -> int:
+        if self._hook is not None:
+            hook, self._hook = self._hook, None
+            hook()
+        return super().write(data)
+
+
+def start_truncate(dsn: str) -> tuple[threading.Thread, dict]:
+    """TRUNCATE guest_dietary in another session; return once it has committed or is waiting for a lock."""
+    conn = psycopg.connect(dsn, autocommit=True)
+    pid = conn.info.backend_pid
+    thread, out = in_thread(lambda: conn.execute("TRUNCATE guest_dietary"))
+    wait_for(lambda: not thread.is_alive() or waiting_on_lock(dsn, pid), "the TRUNCATE to commit or wait")
+    out["conn"] = conn
+    return thread, out
+
+
+def finish(thread: threading.Thread, out: dict) -> None:
+    thread.join(60)
+    out["conn"].close()
+    assert "error" not in out, out.get("error")
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["single", "batch"])
+def test_a_truncate_during_the_snapshot_waits_for_it(make_database, batch):
+    """Before: nothing held guest_dietary until its COPY, so a TRUNCATE committed mid-snapshot and the
+    COPY read the new, empty file."""
+    dsn = make_platform_db(make_database)
+    started: dict = {}
+    sinks = {"1": _HookSink(lambda: started.update(truncate=start_truncate(dsn))), "2": io.BytesIO()}
+    with SnapshotSession(dsn) as session:
+        if batch:
+            manifests = session.snapshot_many(["1", "2"], sinks)
+        else:
+            manifests = {"1": session.snapshot("1", sinks["1"])}
+    finish(*started["truncate"])
+    for partition, manifest in manifests.items():
+        assert manifest.table("public.guest_dietary").rows == DIETARY[partition]
+
+
+def test_the_shared_transaction_holds_its_locks_for_every_wedding(make_database):
+    """Weddings read from one shared snapshot (share_seconds) stay under the locks taken at its start:
+    a TRUNCATE after the first wedding waits; before, the second wedding's guest_dietary was empty."""
+    dsn = make_platform_db(make_database)
+    with SnapshotSession(dsn, share_seconds=300) as session:
+        first = session.snapshot("1", io.BytesIO())
+        truncate = start_truncate(dsn)
+        second = session.snapshot("2", io.BytesIO())
+        assert second.snapshot == first.snapshot  # one shared transaction
+    finish(*truncate)
+    assert first.table("public.guest_dietary").rows == DIETARY["1"]
+    assert second.table("public.guest_dietary").rows == DIETARY["2"]
+
+
+@pytest.mark.parametrize("table, rows", [("wedding_vendors", 2), ("timeline_items", 3)])
+def test_a_lock_not_granted_in_time_fails_the_snapshot_naming_table_and_holder(make_database, table, rows):
+    """Before: the snapshot waited for ever. wedding_vendors is first waited for by the snapshot's LOCK
+    TABLE; timeline_items (a default, an index) already by the schema fingerprint's catalogue functions."""
+    dsn = make_platform_db(make_database)
+    warm_ddl_cache(dsn)
+    with psycopg.connect(dsn, application_name="nightly-migration") as migration:
+        migration.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(table)))
+        started = time.monotonic()
+        with pytest.raises(SnapshotRetryable) as err, SnapshotSession(dsn, lock_timeout=0.3) as session:
+            session.snapshot("1", io.BytesIO())
+        assert time.monotonic() - started < 20
+        message = str(err.value)
+        assert f"public.{table}" in message and "WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT" in message
+        assert f"pid {migration.info.backend_pid}" in message and "nightly-migration" in message
+        migration.rollback()
+        # The same session takes the next snapshot normally.
+        assert session.snapshot("1", io.BytesIO()).table(f"public.{table}").rows == rows
+
+
+def test_the_snapshot_lock_timeout_setting(monkeypatch):
+    from wedbackup_dagster.core.config import snapshot_lock_timeout_from
+
+    assert snapshot_lock_timeout_from({}) == snap.DEFAULT_LOCK_TIMEOUT == 30.0
+    assert snapshot_lock_timeout_from({"WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT": "2.5"}) == 2.5

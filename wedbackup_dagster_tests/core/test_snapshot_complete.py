@@ -262,3 +262,33 @@ def test_the_snapshot_lock_timeout_setting(monkeypatch):
 
     assert snapshot_lock_timeout_from({}) == snap.DEFAULT_LOCK_TIMEOUT == 30.0
     assert snapshot_lock_timeout_from({"WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT": "2.5"}) == 2.5
+
+
+def test_the_backup_retries_a_snapshot_whose_lock_was_not_granted(demo_env):
+    """Engine.back_up_each (what the Dagster step and the batch job call) takes a SnapshotRetryable
+    snapshot again with a fresh transaction. Before: the step failed every wedding of the batch."""
+    import os
+
+    from wedbackup_dagster.core.engine import BackupOutcome, Engine
+
+    env = demo_env(weddings=3, seed=7, document_bytes=64, WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT="0.3")
+    engine = Engine.from_env(dict(os.environ))
+    assert engine.settings.snapshot_lock_timeout == 0.3
+    source = env["source"]
+    weddings = discovery.wedding_ids(source)
+
+    with psycopg.connect(source, application_name="nightly-migration") as migration:
+        migration.execute("LOCK TABLE guest_dietary IN ACCESS EXCLUSIVE MODE")
+
+        def release_after_first_timeout() -> None:
+            wait_for(lambda: snapshot_waits(source), "the snapshot to wait for guest_dietary")
+            wait_for(lambda: not snapshot_waits(source), "the first attempt to time out")
+            migration.rollback()
+
+        releaser, out = in_thread(release_after_first_timeout)
+        with engine.snapshot_session() as session:
+            outcomes = dict(engine.back_up_each(["platform", *weddings], session))
+        releaser.join(30)
+    assert "error" not in out, out.get("error")
+    assert all(isinstance(o, BackupOutcome) for o in outcomes.values()), outcomes
+    assert set(outcomes) == {"platform", *weddings}

@@ -19,10 +19,10 @@ from .archive import ArchiveStats, ArchiveWriter, open_archive
 from .catalogue import BackupRecord, Catalogue
 from .config import Settings
 from .errors import (ArchiveError, PartitionBusyError, ProviderError, ReplicaChecksumMismatch, ReplicaError,
-                     RestoreError, SnapshotRetryable, WedbackupError)
+                     RestoreError, SnapshotRetryable, VerificationError, WedbackupError)
 from .keys import MasterKeyring, SecretKey, load_master_keyring
 from .locks import partition_lock
-from .snapshot import PLATFORM, Manifest, database_label
+from .snapshot import PLATFORM, Manifest, count_mismatches, database_label
 from .vault import Vault, VaultEntry, check_partition
 
 PROVIDERS = ("s3", "gcs", "azure")
@@ -379,8 +379,15 @@ class Engine:
                 restore_started = time.perf_counter()
                 with restore.scratch_database(self.settings.scratch_dsn, label=partition) as scratch_dsn:
                     restore.restore_snapshot(chunks, scratch_dsn, create_schema=True)
-                    verify = restore.verify_restored(scratch_dsn, Manifest.from_dict(backup.manifest))
+                    manifest = Manifest.from_dict(backup.manifest)
+                    verify = restore.verify_restored(scratch_dsn, manifest)
                     verify.raise_if_failed()
+                    # Not only the manifest's rows (read by the same COPY): the independent count too.
+                    short = count_mismatches(manifest, {t.table: t.rows for t in verify.tables})
+                    if short:
+                        what = "the platform partition" if partition == PLATFORM else f"wedding {partition}"
+                        raise VerificationError(f"{what}: the restored copy does not hold the rows counted at "
+                                                f"snapshot time: {'; '.join(short[:10])}")
                 restore_seconds = time.perf_counter() - restore_started
             ok = True
             fks = [f.status for f in verify.foreign_keys]

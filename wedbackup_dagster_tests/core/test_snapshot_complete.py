@@ -17,7 +17,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from wedbackup_dagster.core import discovery
 from wedbackup_dagster.core import snapshot as snap
-from wedbackup_dagster.core.errors import SnapshotError, SnapshotRetryable
+from wedbackup_dagster.core.errors import SnapshotError, SnapshotIncomplete, SnapshotRetryable
 from wedbackup_dagster.core.snapshot import SnapshotSession, take_snapshot
 
 from .test_snapshot import make_platform_db
@@ -292,3 +292,89 @@ def test_the_backup_retries_a_snapshot_whose_lock_was_not_granted(demo_env):
     assert "error" not in out, out.get("error")
     assert all(isinstance(o, BackupOutcome) for o in outcomes.values()), outcomes
     assert set(outcomes) == {"platform", *weddings}
+
+
+# --- 3. the independent count --------------------------------------------------------------------------
+
+def test_every_table_of_every_partition_records_an_independent_count(make_database):
+    dsn = make_platform_db(make_database)
+    with SnapshotSession(dsn) as session:
+        batch = session.snapshot_many(["1", "2", "3"], {p: io.BytesIO() for p in "123"})
+        platform = session.snapshot("platform", io.BytesIO())
+        single = session.snapshot("2", io.BytesIO())
+    for manifest in (*batch.values(), platform, single):
+        assert manifest.tables and all(t.counted == t.rows for t in manifest.tables), manifest.partition
+    assert batch["1"].table("public.guest_dietary").counted == DIETARY["1"]
+    assert single.table("public.guest_dietary").counted == batch["2"].table("public.guest_dietary").counted == 1
+    # The field is optional: a manifest written before it still reads, with nothing to compare.
+    old = batch["1"].to_dict()
+    for t in old["tables"]:
+        del t["counted"]
+    assert all(t.counted is None for t in snap.Manifest.from_dict(old).tables)
+    assert snap.count_mismatches(snap.Manifest.from_dict(old), {}) == []
+
+
+def drop_first_row(buf: bytearray) -> bytearray:
+    return bytearray(buf[buf.index(b"\n") + 1:])
+
+
+def test_a_copy_that_hands_over_fewer_rows_than_the_count_fails_the_wedding(make_database, monkeypatch):
+    """A read path that loses a row (injected here into the COPY reader) no longer makes a short archive:
+    before, the manifest recorded the rows the COPY handed over, and the restore 'verified' against it."""
+    dsn = make_platform_db(make_database)
+    real_copy_out = snap.copy_out
+    lost = []
+
+    def lossy_copy_out(conn, query, params, on_buffer):
+        def handed(buf):
+            if b"guest_dietary" in query and not lost:
+                lost.append(buf[:buf.index(b"\n")])
+                buf = drop_first_row(buf)
+            on_buffer(buf)
+        real_copy_out(conn, query, params, handed)
+
+    monkeypatch.setattr(snap, "copy_out", lossy_copy_out)
+    with pytest.raises(SnapshotIncomplete) as err:
+        take_snapshot(dsn, None, partition="1", sink=io.BytesIO())
+    assert lost and "wedding 1" in str(err.value) and "public.guest_dietary" in str(err.value)
+    assert "handed over 1 rows but count(*)" in str(err.value) and "found 2" in str(err.value)
+
+
+def test_the_batch_fails_only_the_wedding_whose_copy_came_short(make_database, monkeypatch):
+    dsn = make_platform_db(make_database)
+    state = {"table": None, "dropped": False}
+    real_batch, real_emit = snap._copy_batch, snap._TableOut.emit
+
+    def batch(conn, query, outs, table):
+        state["table"] = table.name
+        return real_batch(conn, query, outs, table)
+
+    def emit(self, buf):
+        if state["table"] == "guest_dietary" and not state["dropped"]:  # wedding 1's rows come first
+            state["dropped"] = True
+            buf = drop_first_row(buf)
+        real_emit(self, buf)
+
+    monkeypatch.setattr(snap, "_copy_batch", batch)
+    monkeypatch.setattr(snap._TableOut, "emit", emit)
+    with SnapshotSession(dsn) as session:
+        results = session.snapshot_many(["1", "2"], {"1": io.BytesIO(), "2": io.BytesIO()})
+    assert isinstance(results["1"], SnapshotIncomplete) and "public.guest_dietary" in str(results["1"])
+    assert results["2"].table("public.guest_dietary").rows == results["2"].table("public.guest_dietary").counted == 1
+
+
+def test_verification_compares_restored_rows_with_the_independent_count(make_database):
+    from wedbackup_dagster.core.restore import restore_snapshot, verify_restored
+
+    dsn = make_platform_db(make_database)
+    stream, manifest = snapshot_bytes(dsn, "1")
+    target = make_database()
+    restore_snapshot([stream], target, create_schema=True)
+    report = verify_restored(target, manifest)
+    report.raise_if_failed()
+    restored = {t.table: t.rows for t in report.tables}
+    assert snap.count_mismatches(manifest, restored) == []
+    # A manifest whose rows agree with a short copy but not with its count is caught.
+    manifest.table("public.guests").counted += 1
+    assert snap.count_mismatches(manifest, restored) == [
+        "table public.guests: 4 rows restored, 5 counted independently at snapshot time"]

@@ -120,6 +120,10 @@ class Manifest(TableTotals):
     plan: dict[str, Any]
     format_version: int = FORMAT_VERSION
     seconds: float = 0.0
+    # Platform partition only (None elsewhere, and before): validated foreign keys the source's rows break
+    # (rows that reach no wedding are carried here), see broken_foreign_keys:
+    # [{"schema", "table", "constraint", "parent", "rows", "source_rows"}].
+    broken_foreign_keys: list[dict[str, Any]] | None = None
 
     @property
     def wedding_id(self) -> str | None:
@@ -757,11 +761,12 @@ class SnapshotSession:
         write_record(sink, POST_DATA, ddl.post_data.encode())
 
     @staticmethod
-    def _finish(facts: tuple[Any, ...], partition: str, tables: list[TableManifest], sink: Sink) -> Manifest:
+    def _finish(facts: tuple[Any, ...], partition: str, tables: list[TableManifest], sink: Sink,
+                broken_foreign_keys: list[dict[str, Any]] | None = None) -> Manifest:
         snap_time, snapshot, xmin, server_version, fingerprint, _, plan = facts
         manifest = Manifest(partition=partition, snapshot_time=snap_time.isoformat(), txid=xmin,
                             snapshot=snapshot, server_version=server_version, schema_fingerprint=fingerprint,
-                            tables=tables, plan=plan_description(plan))
+                            tables=tables, plan=plan_description(plan), broken_foreign_keys=broken_foreign_keys)
         write_record(sink, MANIFEST, manifest.to_json().encode())
         return manifest
 
@@ -782,7 +787,8 @@ class SnapshotSession:
             _check_count(partition, t, rows, counted)
             write_record(sink, TABLE_END, _json_bytes({"rows": rows, "bytes": nbytes, "sha256": sha}))
             tables.append(_table_manifest(t, select_sql, params, rows, nbytes, sha, time.monotonic() - t0, counted))
-        return self._finish(facts, partition, tables, sink)
+        broken = broken_foreign_keys(conn, plan) if partition == PLATFORM else None
+        return self._finish(facts, partition, tables, sink, broken)
 
     def _write_many(self, conn, facts: tuple[Any, ...], weddings: list[str], sinks: Mapping[str, Sink]
                     ) -> dict[str, Manifest | WedbackupError]:
@@ -991,6 +997,82 @@ SELECT DISTINCT tree.ord FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.oi
 WHERE c.relkind = 'r' AND c.relfilenode IS DISTINCT FROM pg_catalog.pg_relation_filenode(c.oid)
 ORDER BY 1
 """
+
+
+# Validated foreign keys of user tables, with the columns they match and whether each side is read
+# with ONLY (an ordinary table: a legacy inheritance child's rows are not bound by its parent's FKs).
+_VALIDATED_FOREIGN_KEYS_SQL = """
+SELECT con.conname::text, cn.nspname::text, c.relname::text, pn.nspname::text, p.relname::text,
+       c.relkind = 'r', p.relkind = 'r',
+       ARRAY(SELECT a.attname::text FROM unnest(con.conkey) WITH ORDINALITY k(attnum, ord)
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum ORDER BY k.ord),
+       ARRAY(SELECT a.attname::text FROM unnest(con.confkey) WITH ORDINALITY k(attnum, ord)
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum ORDER BY k.ord)
+FROM pg_catalog.pg_constraint con
+JOIN pg_catalog.pg_class c ON c.oid = con.conrelid JOIN pg_catalog.pg_namespace cn ON cn.oid = c.relnamespace
+JOIN pg_catalog.pg_class p ON p.oid = con.confrelid JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace
+WHERE con.contype = 'f' AND con.convalidated AND con.conparentid = 0
+  AND cn.nspname <> 'information_schema' AND cn.nspname !~ '^pg_'
+ORDER BY 2, 3, 1
+"""
+
+
+def broken_foreign_keys(conn, plan: tenancy.TenancyPlan) -> list[dict[str, Any]]:
+    """For the platform partition: validated foreign keys that rows of the source break (a non-NULL key with
+    no parent row: possible after session_replication_role = replica or disabled triggers), in the
+    caller's snapshot. Empty when every key holds (one query: an anti-join per key).
+
+    Rows that break a key on their path reach no wedding and the platform carries them; their other keys
+    then point at rows of weddings, not in the platform archive. So, only when something is broken, each
+    key is also counted as the platform archive's own rows break it: `rows` (what a restore of the archive
+    must create NOT VALID, and finds as orphans), `source_rows` (broken on the source itself)."""
+    keys = conn.execute(_VALIDATED_FOREIGN_KEYS_SQL).fetchall()
+
+    def rows_of(schema: str, name: str, only: bool) -> sql.Composable:
+        return sql.SQL("{}{}").format(sql.SQL("ONLY " if only else ""), sql.Identifier(schema, name))
+
+    source = _orphan_counts(conn, [(rows_of(cs, ct, co), rows_of(ps, pt, po), cols, pcols)
+                                   for _, cs, ct, ps, pt, co, po, cols, pcols in keys])
+    if not any(source):
+        return []
+    selects = {(t.table.schema, t.table.name): select for t, select in partition_selects(plan, PLATFORM)}
+    in_archive = [i for i, k in enumerate(keys) if (k[1], k[2]) in selects]
+    archive = dict(zip(in_archive, _orphan_counts(conn, [
+        (sql.SQL("({})").format(selects[(cs, ct)]),
+         sql.SQL("({})").format(selects[(ps, pt)]) if (ps, pt) in selects else None, cols, pcols)
+        for cs, ct, ps, pt, cols, pcols in ((keys[i][1], keys[i][2], keys[i][3], keys[i][4], keys[i][7], keys[i][8])
+                                            for i in in_archive)])))
+    return [{"schema": k[1], "table": k[2], "constraint": k[0], "parent": f"{k[3]}.{k[4]}",
+             "rows": archive.get(i, 0), "source_rows": source[i]}
+            for i, k in enumerate(keys) if source[i] or archive.get(i)]
+
+
+def _orphan_counts(conn, checks: list[tuple[sql.Composable, sql.Composable | None, list[str], list[str]]]
+                   ) -> list[int]:
+    """For each (child rows, parent rows or None for none, columns, parent columns): how many child rows
+    have a non-NULL key that no parent row matches (MATCH SIMPLE). One query for all."""
+    if not checks:
+        return []
+    parts = []
+    for i, (child, parent, cols, pcols) in enumerate(checks):
+        notnull = sql.SQL(" AND ").join(sql.SQL("{} IS NOT NULL").format(sql.Identifier("c", c)) for c in cols)
+        missing = sql.SQL("TRUE") if parent is None else sql.SQL("NOT EXISTS (SELECT FROM {} AS p WHERE {})").format(
+            parent, sql.SQL(" AND ").join(sql.SQL("{} = {}").format(sql.Identifier("p", q), sql.Identifier("c", c))
+                                          for c, q in zip(cols, pcols)))
+        parts.append(sql.SQL("SELECT {}, count(*) FROM {} AS c WHERE {} AND {}").format(
+            sql.Literal(i), child, notnull, missing))
+    counts = dict(conn.execute(sql.SQL(" UNION ALL ").join(parts)).fetchall())
+    return [counts[i] for i in range(len(checks))]
+
+
+def broken_key_names(manifest: Manifest) -> set[tuple[str, str, str]]:
+    """(schema, table, constraint) of every foreign key a platform manifest says the source's rows break:
+    a restore of that partition creates them NOT VALID. Entries of another shape are ignored."""
+    keys = manifest.broken_foreign_keys
+    if not isinstance(keys, list):
+        return set()
+    return {(fk["schema"], fk["table"], fk["constraint"]) for fk in keys
+            if isinstance(fk, dict) and all(isinstance(fk.get(k), str) for k in ("schema", "table", "constraint"))}
 
 
 def _lock_holders(conn, oid: int | None = None) -> str:

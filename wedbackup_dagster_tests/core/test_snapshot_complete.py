@@ -378,3 +378,80 @@ def test_verification_compares_restored_rows_with_the_independent_count(make_dat
     manifest.table("public.guests").counted += 1
     assert snap.count_mismatches(manifest, restored) == [
         "table public.guests: 4 rows restored, 5 counted independently at snapshot time"]
+
+
+# --- 4. rows in no partition ------------------------------------------------------------------------------
+
+BREAK_FOREIGN_KEYS = """
+SET session_replication_role = replica;  -- what a careless data fix does: no FK triggers fire
+INSERT INTO guests (id, wedding_id, name) VALUES (900, 999, 'Lost guest');  -- wedding 999 does not exist
+INSERT INTO guest_dietary (guest_id, requirement) VALUES (900, 'lost diet');  -- its guest exists, no wedding
+INSERT INTO documents (wedding_id, title) VALUES (998, 'lost document');  -- nullable path, broken key
+RESET session_replication_role;
+"""
+
+
+def test_rows_that_break_a_validated_foreign_key_are_carried_by_the_platform(make_database):
+    """Before: those rows reached no wedding and were in no partition (the platform took only NULL keys),
+    so no backup held them. Now the partitions together are the whole database again, the platform
+    manifest names every broken key with its row count, and the platform archive restores and verifies."""
+    from wedbackup_dagster.core.restore import restore_snapshot, verify_restored
+
+    dsn = make_platform_db(make_database)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(BREAK_FOREIGN_KEYS)
+        whole = {t: conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier("public", t))).fetchone()[0]
+                 for t in ("weddings", "guests", "guest_dietary", "timeline_items", "wedding_vendors", "documents")}
+    with SnapshotSession(dsn) as session:
+        weddings = session.snapshot_many(["1", "2", "3"], {p: io.BytesIO() for p in "123"})
+        platform_stream = io.BytesIO()
+        platform = session.snapshot("platform", platform_stream)
+    def rows(manifest, table: str) -> int:  # a table missing from a partition holds none of its rows
+        return next((t.rows for t in manifest.tables if t.table == f"public.{table}"), 0)
+
+    union = {t: sum(rows(m, t) for m in (*weddings.values(), platform)) for t in whole}
+    assert union == whole  # before: guests 6 of 7, guest_dietary 4 of 5, documents 3 of 4
+    assert platform.table("public.guests").rows == 1 and platform.table("public.guest_dietary").rows == 1
+    assert platform.table("public.documents").rows == 2  # the template without a wedding, the lost one
+    assert sorted((fk["table"], fk["constraint"], fk["rows"]) for fk in platform.broken_foreign_keys) == [
+        ("documents", "documents_wedding_id_fkey", 1), ("guests", "guests_wedding_id_fkey", 1)]
+    assert all(m.broken_foreign_keys is None for m in weddings.values())
+
+    # The platform archive restores (those keys NOT VALID, as their rows need) and verifies, the orphans
+    # counted where they are.
+    target = make_database()
+    report = restore_snapshot([platform_stream.getvalue()], target, create_schema=True)
+    assert {"public.guests.guests_wedding_id_fkey", "public.documents.documents_wedding_id_fkey"} <= \
+        set(report.unvalidated_foreign_keys)
+    verified = verify_restored(target, platform)
+    assert verified.ok, verified.problems
+    assert {f.constraint: f.status for f in verified.foreign_keys}["guest_dietary_guest_id_fkey"] == "ok"
+    assert snap.broken_key_names(platform) == {("public", "guests", "guests_wedding_id_fkey"),
+                                               ("public", "documents", "documents_wedding_id_fkey")}
+
+
+def test_the_platform_backup_with_broken_keys_verifies_and_reports_them(demo_env):
+    """End to end through the engine and db_dump's metadata: the platform backup holds the rows, verifies,
+    and says which keys are broken and how many rows (before: the rows were in no backup at all)."""
+    import os
+
+    from wedbackup_dagster.backups.assets import dump_metadata
+    from wedbackup_dagster.core.engine import Engine
+
+    env = demo_env(weddings=3, seed=11, document_bytes=64)
+    with psycopg.connect(env["source"], autocommit=True) as conn:
+        conn.execute("SET session_replication_role = replica")
+        lost = conn.execute("UPDATE guests SET wedding_id = 424242 WHERE id = (SELECT min(id) FROM guests) "
+                            "RETURNING id").fetchone()[0]
+        conn.execute("RESET session_replication_role")
+    engine = Engine.from_env(dict(os.environ))
+    with engine.snapshot_session() as session:
+        outcome = engine.back_up("platform", session)
+    guests = [t for t in outcome.manifest["tables"] if t["name"] == "guests"]
+    assert guests and guests[0]["rows"] == guests[0]["counted"] == 1  # before: no guests in the platform
+    broken = {fk["constraint"]: (fk["rows"], fk["source_rows"]) for fk in outcome.manifest["broken_foreign_keys"]}
+    assert broken["guests_wedding_id_fkey"] == (1, 1)
+    metadata = dump_metadata(outcome)
+    assert metadata["rows_breaking_foreign_keys"].value == 1
+    verified = engine.verify("platform", {})  # the vault copy: restored into a scratch database, checked
+    assert {t["table"]: t["rows"] for t in verified.tables}["public.guests"] == 1 and lost

@@ -154,6 +154,10 @@ class Engine:
                 yield "platform", self._retrying(lambda: self.back_up("platform", session))
             except WedbackupError as exc:
                 yield "platform", exc
+            # The weddings do not share the platform's snapshot: it began before the platform backup (which
+            # reads every tenant table for rows in no wedding), so a batch whose locks are granted at once
+            # would read from before another run's backups of its weddings committed meanwhile.
+            self._fresh_snapshot_after(session, time.monotonic())
         busy: list[str] = []
         for i in range(0, len(weddings), self.batch_size):
             batch = weddings[i:i + self.batch_size]

@@ -695,7 +695,8 @@ class SnapshotSession:
         lock_ms = max(1, round(self.lock_timeout * 1000))
         cur = conn.execute(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;"
-            " SELECT pg_catalog.set_config('search_path', '', true), pg_catalog.set_config('row_security', 'off', true),"
+            " SELECT pg_catalog.set_config('search_path', '', true),"
+            " pg_catalog.set_config('row_security', 'off', true),"
             f" pg_catalog.set_config('lock_timeout', '{lock_ms}ms', true), pg_catalog.now(),"
             " pg_catalog.pg_current_snapshot()::text,"
             " pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text::bigint,"
@@ -912,8 +913,9 @@ class SnapshotSession:
         cached = self._rendered.get(key)
         if cached is None or cached[0] is not plan:
             count = [sql.SQL("count(*)")]
-            counts = [(sql.SQL("SELECT count(*) FROM ({}) AS s").format(select) if platform
-                       else t.wedding_rows(count)) for t, select in partition_selects(plan, PLATFORM if platform else "0")]
+            selects = partition_selects(plan, PLATFORM if platform else "0")
+            counts = [sql.SQL("SELECT count(*) FROM ({}) AS s").format(select) if platform else t.wedding_rows(count)
+                      for t, select in selects]
             query = sql.SQL("SELECT ARRAY[{}]::pg_catalog.int8[]").format(
                 sql.SQL(", ").join(sql.SQL("({})").format(c) for c in counts)).as_bytes(conn)
             cached = self._rendered[key] = (plan, query.split(_WEDDING_PLACEHOLDER))

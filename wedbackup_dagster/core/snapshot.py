@@ -780,7 +780,8 @@ class SnapshotSession:
         self._write_head(conn, facts, partition, sink)
         tables: list[TableManifest] = []
         literal = sql.Literal(partition).as_bytes(conn) if params else b""
-        counts = conn.execute(literal.join(self._count_statement(conn, plan, partition == PLATFORM))).fetchone()[0]
+        counts = conn.execute(self._count_statement(conn, plan, partition == PLATFORM), params,
+                              prepare=True).fetchone()[0]
         for (t, select_sql, parts), counted in zip(self._statements(conn, plan, partition == PLATFORM), counts):
             t0 = time.monotonic()
             write_record(sink, TABLE_BEGIN, _table_begin(t, select_sql, params))
@@ -811,7 +812,8 @@ class SnapshotSession:
             literal = sql.Literal(_array_literal(batch)).as_bytes(conn)
             per_wedding = self._statements(conn, plan, False)
             # The independent count: one grouped count per table for the whole batch, one round trip.
-            counts = {(i, w): n for i, w, n in conn.execute(literal.join(self._batch_count_statement(conn, plan)))}
+            counts = {(i, w): n for i, w, n in conn.execute(self._batch_count_statement(conn, plan),
+                                                             {"wedding_ids": _array_literal(batch)}, prepare=True)}
             incomplete: dict[str, SnapshotIncomplete] = {}
             for i, ((t, select_sql, _), parts) in enumerate(zip(per_wedding, self._batch_statements(conn, plan))):
                 t0 = time.monotonic()
@@ -904,11 +906,12 @@ class SnapshotSession:
             cached = self._rendered[key] = (plan, statements)
         return cached[1]
 
-    def _count_statement(self, conn, plan: tenancy.TenancyPlan, platform: bool) -> list[bytes]:
+    def _count_statement(self, conn, plan: tenancy.TenancyPlan, platform: bool) -> bytes:
         """One query counting every table's rows of a partition (same order as `_statements`), as an
         array: count(*) over the table's filter with no ORDER BY and no column list, so the server picks
         its own plan (often another index, or none) and counts, independently of the COPY's rows as the
-        client splits them. Cut at the wedding_id placeholder, rendered once per plan."""
+        client splits them. Rendered once per plan; `%(wedding_id)s` is a real parameter (sent untyped,
+        so the server types it from the key column), so the session prepares the query once."""
         key = (id(plan), "count", platform)
         cached = self._rendered.get(key)
         if cached is None or cached[0] is not plan:
@@ -918,12 +921,12 @@ class SnapshotSession:
                       for t, select in selects]
             query = sql.SQL("SELECT ARRAY[{}]::pg_catalog.int8[]").format(
                 sql.SQL(", ").join(sql.SQL("({})").format(c) for c in counts)).as_bytes(conn)
-            cached = self._rendered[key] = (plan, query.split(_WEDDING_PLACEHOLDER))
+            cached = self._rendered[key] = (plan, _only_placeholder(query, _WEDDING_PLACEHOLDER, "count"))
         return cached[1]
 
-    def _batch_count_statement(self, conn, plan: tenancy.TenancyPlan) -> list[bytes]:
+    def _batch_count_statement(self, conn, plan: tenancy.TenancyPlan) -> bytes:
         """`_count_statement` for a batch: (table's index in the plan, wedding key's text, count) rows,
-        one grouped count per tenant table, all in one query; cut at the wedding_ids placeholder."""
+        one grouped count per tenant table, all in one query; `%(wedding_ids)s` is a real parameter."""
         key = (id(plan), "batch-count")
         cached = self._rendered.get(key)
         if cached is None or cached[0] is not plan:
@@ -935,7 +938,7 @@ class SnapshotSession:
                                      "GROUP BY 2").format(i=sql.Literal(i), w=wedding,
                                                           chain=t._join_chain(joined, 0)))
             query = sql.SQL(" UNION ALL ").join(parts).as_bytes(conn)
-            cached = self._rendered[key] = (plan, query.split(_WEDDINGS_PLACEHOLDER))
+            cached = self._rendered[key] = (plan, _only_placeholder(query, _WEDDINGS_PLACEHOLDER, "batch count"))
         return cached[1]
 
     def _batch_statements(self, conn, plan: tenancy.TenancyPlan) -> list[list[bytes]]:
@@ -1119,6 +1122,14 @@ def row_security_refusal(exc: BaseException, what: str, role: str | None) -> Sna
         f"{what}: table {table} has row-level security, and role {role} would read it filtered by its policy, "
         f"so nothing was backed up from a short read: give the backup role BYPASSRLS (ALTER ROLE {role} "
         "BYPASSRLS), or make it the owner of the table without FORCE ROW LEVEL SECURITY")
+
+
+def _only_placeholder(query: bytes, placeholder: bytes, what: str) -> bytes:
+    """`query` when its only `%` characters are `placeholder`s (a name holding a % would be taken for a
+    parameter), else a SnapshotError naming the query, as `_statements` raises for the COPYs."""
+    if b"%" in b"".join(query.split(placeholder)):
+        raise SnapshotError(f"the {what} query holds an unexpected placeholder: {query[:200]!r}")
+    return query
 
 
 def _table_begin(t: tenancy.TenantTable | tenancy.PlatformTable, select_sql: str,

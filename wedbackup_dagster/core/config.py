@@ -53,6 +53,9 @@ VARIABLES: dict[str, tuple[str, str, bool]] = {
                              "1", False),
     "WEDBACKUP_LOCK_TIMEOUT": ("seconds a backup or restore of a wedding waits while another backup or restore "
                                "of the same wedding runs (then it fails, naming the holder)", "600", False),
+    "WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT": ("seconds a snapshot waits for its ACCESS SHARE lock on each table (a "
+                                        "migration holding the table); then that snapshot fails and is retried",
+                                        "30", False),
     "WEDBACKUP_POLICY_FILE": ("JSON or YAML file of backup policy settings (tiers, RPOs, season, schedule); "
                               "unset: the built-in defaults", "", False),
     "WEDBACKUP_PROVIDER_DOWN_AFTER": ("consecutive failed canaries (one per 30 s health tick) before a provider "
@@ -201,6 +204,7 @@ class Settings:
     azure: AzureTarget
     lock_timeout: float = 600.0
     provider_timeout: float = 60.0
+    snapshot_lock_timeout: float = 30.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -256,7 +260,8 @@ class Settings:
         return cls(source_dsn=source, catalogue_dsn=catalogue, scratch_dsn=scratch, vault_dir=vault,
                    zstd_level=int(level_text),
                    s3=s3, gcs=gcs, azure=azure, lock_timeout=lock_timeout,
-                   provider_timeout=provider_timeout_from(env))
+                   provider_timeout=provider_timeout_from(env),
+                   snapshot_lock_timeout=snapshot_lock_timeout_from(env))
 
 
 def provider_timeout_from(environ: Mapping[str, str] | None = None) -> float:
@@ -270,6 +275,19 @@ def provider_timeout_from(environ: Mapping[str, str] | None = None) -> float:
         value = -1.0
     if not 0.5 <= value <= 600:
         raise ConfigError("WEDBACKUP_PROVIDER_TIMEOUT", "must be a number of seconds from 0.5 to 600")
+    return value
+
+
+def snapshot_lock_timeout_from(environ: Mapping[str, str] | None = None) -> float:
+    """WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT: how long a snapshot waits for each table's ACCESS SHARE lock."""
+    env = os.environ if environ is None else environ
+    text = env.get("WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT") or VARIABLES["WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT"][1]
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.1 <= value <= 3600:  # NaN fails this too; 0 would mean "wait for ever" to PostgreSQL
+        raise ConfigError("WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT", "must be a number of seconds from 0.1 to 3600")
     return value
 
 

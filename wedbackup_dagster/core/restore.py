@@ -24,7 +24,8 @@ from wedbackup_dagster.core.errors import (RestoreError, SchemaMismatchError, Sn
 from wedbackup_dagster.core.snapshot import (TableTotals,
                                              DATA, FORMAT_NAME, FORMAT_VERSION, FRAME_HEADER_SIZE, HEADER, MAGIC,
                                              MANIFEST, MAX_DATA_RECORD, MAX_META_RECORD, PLATFORM, POST_DATA,
-                                             PRE_DATA, RECORD_TYPES, TABLE_BEGIN, TABLE_END, Manifest, copy_out,
+                                             PRE_DATA, RECORD_TYPES, TABLE_BEGIN, TABLE_END, Manifest,
+                                             broken_key_names, copy_out,
                                              database_label, describe_schema, partition_selects,
                                              plan_description, schema_fingerprint, schema_is_empty,
                                              use_qualified_names)
@@ -555,7 +556,9 @@ def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, A
         # partition's tenant-table rows reach no wedding, so their keys are NULL (or were orphans under
         # an FK the source itself had NOT VALID, which pg_dump writes as such): its FKs all validate.
         restored = set(table_names)
-        external = set() if partition == PLATFORM else {
+        # The platform also carries rows that broke a validated foreign key on the source (snapshot's
+        # broken_foreign_keys): that key cannot validate here either, so it is created NOT VALID.
+        external = broken_key_names(manifest) if partition == PLATFORM else {
             (fk["schema"], fk["table"], fk["name"]) for fk in header.get("foreign_keys", [])
             if (fk["schema"], fk["table"]) in restored and (fk["ref_schema"], fk["ref_table"]) not in restored}
         script, unvalidated = _post_data_script(post_data, external)

@@ -6,8 +6,10 @@ TenancyPlan, discover().
 
 The partitions are exact: for every table, the rows of all weddings' `wedding_select()` plus its
 `platform_select()` are all its rows, each exactly once. A row belongs to the wedding its FK path
-reaches; a row whose path stops short (a NULL anywhere along it, or an orphan under a NOT VALID
-foreign key) belongs to the platform. Every referenced key is unique, so no row reaches two weddings.
+reaches; a row whose path stops short (a NULL anywhere along it, or an orphan: under a NOT VALID
+foreign key, or under a validated one that session_replication_role = replica or disabled triggers let
+rows break) belongs to the platform, so the partitions together always hold the whole database. Every
+referenced key is unique, so no row reaches two weddings.
 
 Routing rules:
 - The shortest FK path to the root wins. Self-references never route. Two or more shortest paths
@@ -110,27 +112,19 @@ class TenantTable:
             order=_order_list(self.order_by, self.collatable, self.keyed))
 
     def platform_select(self) -> sql.Composed | None:
-        """SELECT of this table's rows that reach no wedding (NULL along a nullable path), else None."""
-        if not self.path or all(not h.nullable and h.validated for h in self.path):
+        """SELECT of this table's rows that reach no wedding, None for the root: a NULL along the path, or
+        a parent that does not exist (an orphan under a NOT VALID foreign key, or under a validated one
+        broken by session_replication_role = replica or disabled triggers). The whole chain up to the
+        root is joined, so a row is here exactly when no existing wedding's `wedding_select()` holds it."""
+        if not self.path:
             return None
-        joined, _ = self._reach()
-        last = self.path[-1]
-        dropped_root = len(joined) == len(self.path)
-        last_alias = _alias(len(joined) - 1)
-        if len(joined) == 1:  # one validated FK straight to the root: only a NULL keeps a row out
-            where = sql.SQL(" OR ").join(sql.SQL("{} IS NULL").format(sql.Identifier(last_alias, c))
-                                         for c in last.child_columns)
-        else:
-            # A row reaches a wedding when the whole chain of parents exists (when the root join was
-            # left out, a non-NULL validated last FK stands for it); platform rows are the complement.
-            first = self.path[0]
-            cond = [sql.SQL("{} = {}").format(sql.Identifier(_alias(1), p), sql.Identifier(_alias(0), c))
-                    for c, p in zip(first.child_columns, first.parent_columns)]
-            if dropped_root:
-                cond += [sql.SQL("{} IS NOT NULL").format(sql.Identifier(last_alias, c))
-                         for c in last.child_columns]
-            where = sql.SQL("NOT EXISTS (SELECT FROM {chain} WHERE {cond})").format(
-                chain=self._join_chain(joined, 1), cond=sql.SQL(" AND ").join(cond))
+        tables = [self.table] + [h.parent for h in self.path]
+        first = self.path[0]
+        cond = sql.SQL(" AND ").join(
+            sql.SQL("{} = {}").format(sql.Identifier(_alias(1), p), sql.Identifier(_alias(0), c))
+            for c, p in zip(first.child_columns, first.parent_columns))
+        where = sql.SQL("NOT EXISTS (SELECT FROM {chain} WHERE {cond})").format(
+            chain=self._join_chain(tables, 1), cond=cond)
         return sql.SQL("SELECT {cols} FROM {table} WHERE {where} ORDER BY {order}").format(
             cols=_select_list(self.columns), table=_from_item(self.table, 0, self.only), where=where,
             order=_order_list(self.order_by, self.collatable, self.keyed))

@@ -17,7 +17,7 @@ import logging
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -62,9 +62,33 @@ class _Job:
     fk_external: int = 0
 
 
+@dataclass
+class _Read:
+    """A wedding's archive read into memory, already checked against its own manifests: each table's
+    name, columns and COPY text (what `_Scratch.load_many` loads with one COPY per table per batch)."""
+
+    job: _Job
+    tables: dict[str, tuple[list[str], list[bytes]]]
+
+
+class _Collect:
+    """Stands in for a cursor in `restore.copy_table_in`, which then hashes and checks the rows as for a
+    restore but keeps them in memory instead of sending them."""
+
+    def __init__(self) -> None:
+        self.payloads: list[bytes] = []
+
+    @contextlib.contextmanager
+    def copy(self, query: Any) -> Iterator[_Collect]:
+        yield self
+
+    def write(self, payload: bytes) -> None:
+        self.payloads.append(payload)
+
+
 class _Scratch:
-    """The batch's scratch database: schema from the first archive that loads, the tenancy plan read
-    back from it, then one transaction per wedding."""
+    """The batch's scratch database: schema from the first archive read (in its own transaction), the
+    tenancy plan read back from it; weddings loaded together (`load_many`) or one by one (`load`)."""
 
     def __init__(self, conn: psycopg.Connection, dsn: str):
         self.conn = conn
@@ -72,25 +96,77 @@ class _Scratch:
         self.fingerprint: str | None = None
         self.plan: tenancy.TenancyPlan | None = None
         self.selects: dict[str, str] = {}  # table -> its per-wedding SELECT as the manifest renders it
+        self.columns: dict[str, list[str]] = {}  # table -> the columns COPY moves
 
     def load(self, job: _Job, chunks: Any, name: str) -> None:
+        """Stream one wedding's archive into the scratch database in its own transaction (memory bounded
+        whatever its size)."""
+        records = self._open(job, chunks, name)
+        with self._transaction(), self.conn.cursor() as cur:
+            self._read(job, records, name, cur)
+
+    def read(self, job: _Job, chunks: Any, name: str) -> _Read:
+        """One wedding's archive into memory, checked (to be loaded by `load_many`)."""
+        records = self._open(job, chunks, name)
+        return _Read(job, self._read(job, records, name, None))
+
+    def load_many(self, reads: list[_Read]) -> list[tuple[_Read, str]]:
+        """Every wedding read, with ONE COPY per table, in one transaction. When that fails (a wedding's
+        rows break a key or constraint), each wedding is loaded again in its own transaction: returns the
+        weddings that failed there, with why."""
+        if not reads:
+            return []
+        try:
+            with self._transaction(), self.conn.cursor() as cur:
+                for t in self.plan.tenant_tables:
+                    table = str(t.table)
+                    parts = [r.tables[table][1] for r in reads if table in r.tables]
+                    if parts:
+                        self._copy_in(cur, table, [p for payloads in parts for p in payloads])
+            return []
+        except psycopg.Error:
+            if self.conn.closed or self.conn.broken:
+                raise
+        failed = []
+        for r in reads:
+            try:
+                with self._transaction(), self.conn.cursor() as cur:
+                    for table, (_, payloads) in r.tables.items():
+                        self._copy_in(cur, table, payloads)
+            except psycopg.Error as e:
+                if self.conn.closed or self.conn.broken:
+                    raise
+                failed.append((r, f"restore of wedding {r.job.partition} into {self.target}: "
+                                  f"{restore._first_line(e)}"))
+        return failed
+
+    def _copy_in(self, cur: Any, table: str, payloads: list[bytes]) -> None:
+        schema, _, name = table.partition(".")
+        query = sql.SQL("COPY {} ({}) FROM STDIN").format(
+            sql.Identifier(schema, name), sql.SQL(", ").join(map(sql.Identifier, self.columns[table])))
+        with cur.copy(query) as copy:
+            for payload in payloads:
+                copy.write(payload)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
         conn = self.conn
         conn.execute("BEGIN")
-        created = False
         try:
             use_qualified_names(conn)  # COPY reads values (regclass, …) as the snapshot wrote them
-            created = self._load(job, chunks, name)
+            yield
             conn.execute("COMMIT")
         except BaseException:
             if not conn.closed and not conn.broken:
                 with contextlib.suppress(psycopg.Error):
                     conn.execute("ROLLBACK")
-            if created:  # the schema went with the rollback: the next wedding creates it again
-                self.fingerprint, self.plan, self.selects = None, None, {}
             raise
 
-    def _load(self, job: _Job, chunks: Any, name: str) -> bool:
-        p, what = job.partition, f"wedding {job.partition}"
+    def _open(self, job: _Job, chunks: Any, name: str) -> Iterator[Any]:
+        """The archive's records after its header and DDL: the header names this wedding, the schema is
+        the batch's (created from this archive when it is the first), every table is routed as in the
+        wedding's manifest."""
+        p = job.partition
         records = restore.read_snapshot(chunks, name=name)
         header = restore.header_of(next(records))
         pre_data = next(records).text()
@@ -98,35 +174,46 @@ class _Scratch:
         if header["partition"] != p:
             raise VerificationError(f"wedding {p}: its archive {name} holds partition "
                                     f"{str(header['partition'])[:40]!r}, not this wedding")
-        created = False
         if self.fingerprint is None:
-            self._create_schema(header, pre_data, post_data)
-            created = True
+            with self._transaction():
+                self._create_schema(header, pre_data, post_data)
         elif header["schema_fingerprint"] != self.fingerprint:
             raise _Alone(f"schema {header['schema_fingerprint'][:12]} differs from the batch's")
         for t in job.manifest.tables:
             if self.selects.get(t.table) != t.select_sql:
                 raise _Alone(f"table {t.table} is not routed in the scratch database as in its manifest")
+        return records
+
+    def _read(self, job: _Job, records: Iterator[Any], name: str, cur: Any
+              ) -> dict[str, tuple[list[str], list[bytes]]]:
+        """The tables' rows, COPYed into `cur` (or kept in memory when `cur` is None), each checked against
+        its table-end record; then the archive's own manifest and the catalogue's, table by table."""
+        p, what = job.partition, f"wedding {job.partition}"
         seen: dict[str, tuple[int, int, str]] = {}
+        kept: dict[str, tuple[list[str], list[bytes]]] = {}
         manifest_record = None
-        with self.conn.cursor() as cur:
-            for record in records:
-                if record.kind == MANIFEST:
-                    manifest_record = record
-                    break
-                schema, tname, columns = restore.table_begin_of(record)
-                table = f"{schema}.{tname}"
-                if table not in self.selects:
-                    raise VerificationError(f"wedding {p}: its archive {name} holds table {table}, which is no "
-                                            f"tenant table of its schema")
-                try:
-                    rows, nbytes, sha, end = restore.copy_table_in(cur, sql.Identifier(schema, tname), columns, records)
-                except psycopg.Error as e:
-                    raise VerificationError(f"restore of {what} into {self.target}: table {table} refused its "
-                                            f"rows: {restore._first_line(e)}") from None
-                restore.check_table_end(end, rows, nbytes, sha, what=what, target=self.target, table=table,
-                                        done="restored")
-                seen[table] = (rows, nbytes, sha)
+        for record in records:
+            if record.kind == MANIFEST:
+                manifest_record = record
+                break
+            schema, tname, columns = restore.table_begin_of(record)
+            table = f"{schema}.{tname}"
+            if table not in self.selects or table in seen:
+                raise VerificationError(f"wedding {p}: its archive {name} holds table {table} "
+                                        f"{'twice' if table in seen else 'which is no tenant table of its schema'}")
+            if columns != self.columns[table]:
+                raise _Alone(f"table {table} has other columns than the batch's")
+            into = _Collect() if cur is None else cur
+            try:
+                rows, nbytes, sha, end = restore.copy_table_in(into, sql.Identifier(schema, tname), columns, records)
+            except psycopg.Error as e:
+                raise VerificationError(f"restore of {what} into {self.target}: table {table} refused its "
+                                        f"rows: {restore._first_line(e)}") from None
+            restore.check_table_end(end, rows, nbytes, sha, what=what, target=self.target, table=table,
+                                    done="restored")
+            seen[table] = (rows, nbytes, sha)
+            if cur is None:
+                kept[table] = (columns, into.payloads)
         if manifest_record is None:
             raise VerificationError(f"wedding {p}: its archive {name} has no manifest")
         restore.read_to_end(records, name)
@@ -136,7 +223,7 @@ class _Scratch:
                                     f"{embedded.partition[:40]!r}'s")
         restore._compare_with_manifest(embedded, seen, what, self.target)  # the archive is self-consistent
         restore._compare_with_manifest(job.manifest, seen, what, self.target)  # and is the catalogue's backup
-        return created
+        return kept
 
     def _create_schema(self, header: dict[str, Any], pre_data: str, post_data: str) -> None:
         """The archive's DDL on the empty scratch, before any rows: keys, indexes and the foreign keys
@@ -160,6 +247,7 @@ class _Scratch:
             conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(t.table.ident()))
         self.plan = plan
         self.selects = {str(t.table): t.wedding_select().as_string(conn) for t in plan.tenant_tables}
+        self.columns = {str(t.table): list(t.columns) for t in plan.tenant_tables}
         self.fingerprint = header["schema_fingerprint"]
 
     def check(self, jobs: list[_Job]) -> None:
@@ -267,11 +355,11 @@ def _compare(job: _Job, table: str, out: _TableOut) -> None:
 
 
 def verify_many(engine: Any, partitions: list[str], replicas: Mapping[str, Any], provider: str | None = None,
-                *, prefetch: int = 4, on_result: Callable[[str, Any], None] | None = None
-                ) -> Iterator[tuple[str, Any]]:
+                *, prefetch: int = 4, memory_bytes: int = 64 << 20) -> Iterator[tuple[str, Any]]:
     """`Engine.verify` for many weddings, sharing one scratch database: yields (partition, VerifyOutcome
-    or the WedbackupError that failed it), in the order given. Copies are fetched `prefetch` at a time
-    in threads while earlier ones load. The platform partition, and every wedding that fails or cannot
+    or the WedbackupError that failed it). Copies are fetched `prefetch` at a time in threads while
+    earlier ones are read; weddings are read into memory and loaded with one COPY per table for up to
+    `memory_bytes` of COPY text at a time (a larger wedding streams in alone, in its own transaction). The platform partition, and every wedding that fails or cannot
     be checked in the batch, go through `Engine.verify` alone (its verdict and records are final);
     each wedding verified in the batch is recorded as `verify` records it (restore row, copy verified)."""
     jobs: list[_Job] = []
@@ -288,7 +376,7 @@ def verify_many(engine: Any, partitions: list[str], replicas: Mapping[str, Any],
         except WedbackupError as exc:
             yield p, exc
     if jobs:
-        yield from _verify_batch(engine, jobs, replicas, alone, prefetch)
+        yield from _verify_batch(engine, jobs, replicas, prefetch, memory_bytes)
     for p in alone:
         try:
             yield p, engine.verify(p, replicas, provider=provider)
@@ -296,8 +384,8 @@ def verify_many(engine: Any, partitions: list[str], replicas: Mapping[str, Any],
             yield p, exc
 
 
-def _verify_batch(engine: Any, jobs: list[_Job], replicas: Mapping[str, Any], alone: list[str],
-                  prefetch: int) -> Iterator[tuple[str, Any]]:
+def _verify_batch(engine: Any, jobs: list[_Job], replicas: Mapping[str, Any], prefetch: int,
+                  memory_bytes: int) -> Iterator[tuple[str, Any]]:
     engine._drop_abandoned_scratch(restore)
     started = time.perf_counter()
 
@@ -320,8 +408,28 @@ def _verify_batch(engine: Any, jobs: list[_Job], replicas: Mapping[str, Any], al
         job.download_seconds = time.perf_counter() - t0
         return stack, tmp
 
+    keys = engine.catalogue.keys_by_id([j.backup.key_id for j in jobs], engine.keyring)
+
+    def resolve_key(key_id: str) -> Any:
+        return keys[key_id] if key_id in keys else engine.resolve_key(key_id)
+
     loaded: list[_Job] = []
     retry: list[_Job] = []
+    reads: list[_Read] = []
+    held = 0
+
+    def flush() -> None:
+        """Load the weddings read so far (one COPY per table), freeing their memory."""
+        nonlocal reads, held
+        failed = {id(r): why for r, why in scratch.load_many(reads)}
+        for r in reads:
+            if id(r) in failed:
+                r.job.problems.append(failed[id(r)])
+                retry.append(r.job)
+            else:
+                loaded.append(r.job)
+        reads, held = [], 0
+
     with restore.scratch_database(engine.settings.scratch_dsn, label="batch") as dsn, \
             psycopg.connect(dsn, autocommit=True, application_name="wedbackup-batch-verify") as conn, \
             ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="wedbackup-fetch") as pool:
@@ -345,11 +453,15 @@ def _verify_batch(engine: Any, jobs: list[_Job], replicas: Mapping[str, Any], al
                 continue
             with stack:
                 t0 = time.perf_counter()
+                name = engine._archive_name(job.backup, job.provider)
                 try:
-                    chunks = open_archive(tmp, name=engine._archive_name(job.backup, job.provider),
-                                          resolve_key=engine.resolve_key)
-                    scratch.load(job, chunks, engine._archive_name(job.backup, job.provider))
-                    loaded.append(job)
+                    chunks = open_archive(tmp, name=name, resolve_key=resolve_key)
+                    if job.manifest.total_bytes > memory_bytes:  # a large wedding streams in on its own
+                        scratch.load(job, chunks, name)
+                        loaded.append(job)
+                    else:
+                        reads.append(scratch.read(job, chunks, name))
+                        held += job.manifest.total_bytes
                 except (WedbackupError, _Alone) as exc:
                     job.problems.append(str(exc))
                     retry.append(job)
@@ -359,18 +471,21 @@ def _verify_batch(engine: Any, jobs: list[_Job], replicas: Mapping[str, Any], al
                     job.problems.append(restore._first_line(exc))
                     retry.append(job)
                 job.load_seconds = time.perf_counter() - t0
+            if held >= memory_bytes:
+                flush()
+        flush()
         try:
             scratch.check(loaded)
         except WedbackupError as exc:  # the batch read-back itself failed: every wedding is tried alone
             for job in loaded:
                 job.problems.append(str(exc))
     share = (time.perf_counter() - started) / max(1, len(jobs))
-    for job in loaded:
-        if job.problems:
-            retry.append(job)
-            continue
-        detail = {"tables": len(job.manifest.tables), "fk_checked": job.fk_checked, "batch": len(jobs)}
-        engine.catalogue.record_restore(job.backup.id, provider=job.provider, ok=True, seconds=share, detail=detail)
+    retry += [job for job in loaded if job.problems]
+    verified = [job for job in loaded if not job.problems]
+    engine.catalogue.record_restores([
+        (job.backup.id, job.provider, True, share,
+         {"tables": len(job.manifest.tables), "fk_checked": job.fk_checked, "batch": len(jobs)}) for job in verified])
+    for job in verified:
         yield job.partition, VerifyOutcome(job.partition, job.backup, job.provider, share, job.download_seconds,
                                            share - job.download_seconds, tables=_table_rows(job.manifest),
                                            fk_checked=job.fk_checked, fk_external=job.fk_external)

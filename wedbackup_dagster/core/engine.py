@@ -387,13 +387,13 @@ class Engine:
             self.catalogue.record_restore(backup.id, provider=chosen, ok=ok, seconds=time.perf_counter() - started,
                                           detail=detail)
 
-    verify_batch_size = 200  # weddings sharing one scratch database in verify_each
+    verify_batch_size = 500  # weddings sharing one scratch database in verify_each
 
     def verify_each(self, partitions: list[str], replicas: Mapping[str, Any], provider: str | None = None
                     ) -> Iterator[tuple[str, VerifyOutcome | WedbackupError]]:
         """`verify` for many partitions: weddings in batches, each batch restored into ONE scratch database
         and checked per wedding against its own manifest (core/batch_verify.py); a wedding that fails there
-        is verified alone. Yields each partition's outcome or its error, in the order given."""
+        is verified alone. Yields each partition's outcome or its error (those verified alone last)."""
         from .batch_verify import verify_many
 
         for i in range(0, len(partitions), self.verify_batch_size):

@@ -160,3 +160,14 @@ def test_an_archive_holding_another_weddings_rows_is_caught(engine, alone):
     assert isinstance(results["2"], WedbackupError) and "wedding 2" in str(results["2"])
     assert all(isinstance(results[w], VerifyOutcome) for w in WEDDINGS if w != "2"), results
     assert "2" in alone and set(alone) <= {"2", "7"}  # 7's rows collided with the forgery in the batch
+
+
+def test_weddings_over_the_memory_budget_stream_in_one_by_one_and_still_fail_alone(engine, alone):
+    backup = engine.catalogue.require_latest_backup("4")
+    with engine.catalogue.connect() as conn:  # the catalogue's manifest of wedding 4 says one row more
+        conn.execute("UPDATE wedbackup.backups SET manifest = jsonb_set(manifest, '{tables,1,rows}', "
+                     "to_jsonb((manifest #>> '{tables,1,rows}')::int + 1)) WHERE id = %s", (backup.id,))
+    results = dict(batch_verify.verify_many(engine, WEDDINGS, {}, "vault", memory_bytes=0))
+    assert isinstance(results["4"], WedbackupError) and "wedding 4" in str(results["4"])
+    assert all(isinstance(results[w], VerifyOutcome) for w in WEDDINGS if w != "4")
+    assert alone == ["4"]

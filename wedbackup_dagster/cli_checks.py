@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 from .core.errors import WedbackupError
 from .core.vault import shown
 
-DEFAULT_BATCH = 100
+DEFAULT_BATCH = 500  # a run's verified_restore loads its weddings into one scratch database per 500
 
 
 def select_for_verify(verified: dict[str, datetime | None], *, all_: bool = False, weddings: list[str] | None = None,

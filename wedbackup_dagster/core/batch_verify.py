@@ -359,9 +359,10 @@ def verify_many(engine: Any, partitions: list[str], replicas: Mapping[str, Any],
     """`Engine.verify` for many weddings, sharing one scratch database: yields (partition, VerifyOutcome
     or the WedbackupError that failed it). Copies are fetched `prefetch` at a time in threads while
     earlier ones are read; weddings are read into memory and loaded with one COPY per table for up to
-    `memory_bytes` of COPY text at a time (a larger wedding streams in alone, in its own transaction). The platform partition, and every wedding that fails or cannot
-    be checked in the batch, go through `Engine.verify` alone (its verdict and records are final);
-    each wedding verified in the batch is recorded as `verify` records it (restore row, copy verified)."""
+    `memory_bytes` of COPY text at a time (a larger wedding streams in alone, in its own transaction).
+    The platform partition, and every wedding that fails or cannot be checked in the batch, go through
+    `Engine.verify` alone (its verdict and records are final); each wedding verified in the batch is
+    recorded as `verify` records it (restore row, copy verified)."""
     jobs: list[_Job] = []
     alone: list[str] = []
     for p in dict.fromkeys(partitions):

@@ -73,16 +73,22 @@ class _Read:
 
 class _Collect:
     """Stands in for a cursor in `restore.copy_table_in`, which then hashes and checks the rows as for a
-    restore but keeps them in memory instead of sending them."""
+    restore but keeps them in memory instead of sending them; never more than the wedding's manifest
+    says it holds (a stream that is longer is a mismatch anyway), so memory stays bounded."""
 
-    def __init__(self) -> None:
+    def __init__(self, job: _Job, held: list[int]) -> None:
         self.payloads: list[bytes] = []
+        self._job, self._held = job, held
 
     @contextlib.contextmanager
     def copy(self, query: Any) -> Iterator[_Collect]:
         yield self
 
     def write(self, payload: bytes) -> None:
+        self._held[0] += len(payload)
+        if self._held[0] > self._job.manifest.total_bytes:
+            raise VerificationError(f"wedding {self._job.partition}: its archive holds more than the "
+                                    f"{self._job.manifest.total_bytes} bytes of rows its manifest lists")
         self.payloads.append(payload)
 
 
@@ -192,6 +198,7 @@ class _Scratch:
         seen: dict[str, tuple[int, int, str]] = {}
         kept: dict[str, tuple[list[str], list[bytes]]] = {}
         manifest_record = None
+        held = [0]
         for record in records:
             if record.kind == MANIFEST:
                 manifest_record = record
@@ -203,7 +210,7 @@ class _Scratch:
                                         f"{'twice' if table in seen else 'which is no tenant table of its schema'}")
             if columns != self.columns[table]:
                 raise _Alone(f"table {table} has other columns than the batch's")
-            into = _Collect() if cur is None else cur
+            into = _Collect(job, held) if cur is None else cur
             try:
                 rows, nbytes, sha, end = restore.copy_table_in(into, sql.Identifier(schema, tname), columns, records)
             except psycopg.Error as e:
@@ -233,7 +240,8 @@ class _Scratch:
         try:
             conn.execute(pre_data)
             use_qualified_names(conn)
-            restored = {tuple(str(name).partition(".")[::2]) for name in _plan_of(header).get("tenant_tables", {})}
+            tenant_tables = _plan_of(header).get("tenant_tables", {})
+            restored = {tuple(str(name).partition(".")[::2]) for name in tenant_tables}
             external = {(fk["schema"], fk["table"], fk["name"]) for fk in header.get("foreign_keys", [])
                         if (fk["ref_schema"], fk["ref_table"]) not in restored}
             script = _without(post_data, external)
@@ -276,7 +284,6 @@ class _Scratch:
         tenants = {(t.table.schema, t.table.name): t for t in plan.tenant_tables}
         fks = self.conn.execute(restore.foreign_keys_sql("referencing"),
                                 {"schemas": [s for s, _ in tenants], "names": [n for _, n in tenants]}).fetchall()
-        by_id = {j.partition: j for j in jobs}
         for conname, cs, ct, ps, pt, cols, pcols in fks:
             parent = tenants.get((ps, pt))
             if parent is None:

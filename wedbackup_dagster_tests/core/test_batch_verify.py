@@ -171,3 +171,15 @@ def test_weddings_over_the_memory_budget_stream_in_one_by_one_and_still_fail_alo
     assert isinstance(results["4"], WedbackupError) and "wedding 4" in str(results["4"])
     assert all(isinstance(results[w], VerifyOutcome) for w in WEDDINGS if w != "4")
     assert alone == ["4"]
+
+
+def test_an_archive_longer_than_its_manifest_is_never_held_in_memory_past_it(engine, alone, caplog):
+    backup = engine.catalogue.require_latest_backup("8")
+    with engine.catalogue.connect() as conn:  # the catalogue lists fewer bytes of rows than wedding 8's copy has
+        conn.execute("UPDATE wedbackup.backups SET manifest = jsonb_set(manifest, '{tables,0,bytes}', '0') "
+                     "WHERE id = %s", (backup.id,))
+    with caplog.at_level(logging.WARNING, logger="wedbackup.verify"):
+        results = verify_all(engine)
+    assert isinstance(results["8"], WedbackupError) and "wedding 8" in str(results["8"])
+    assert all(isinstance(results[w], VerifyOutcome) for w in WEDDINGS if w != "8")
+    assert alone == ["8"] and any("holds more than" in r.getMessage() for r in caplog.records)

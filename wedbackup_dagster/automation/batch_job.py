@@ -120,8 +120,7 @@ def verified_restore_list(context: dg.OpExecutionContext, sealed: Step, s3_done:
     # Weddings in batches, each batch restored into one scratch database and checked wedding by wedding.
     progress = Progress("verified restore", len(uploaded), context.log.info)
     outcomes = {}
-    for key, outcome in engine.verify_each(uploaded, replicas):
-        progress.step()
+    for key, outcome in engine.verify_each(uploaded, replicas, on_progress=progress.step):
         outcomes[key] = outcome
 
     def work(key: str) -> list[dg.AssetMaterialization]:

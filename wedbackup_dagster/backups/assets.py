@@ -237,8 +237,7 @@ def verified_restore(context: dg.AssetExecutionContext, config: VerifyConfig, we
     keys = validated_keys(context.partition_keys)
     progress = Progress("verified restore", len(keys), context.log.info)
     # Weddings in batches, each batch restored into one scratch database and checked wedding by wedding.
-    for key, outcome in engine.verify_each(keys, replicas, provider=config.provider):
-        progress.step()
+    for key, outcome in engine.verify_each(keys, replicas, provider=config.provider, on_progress=progress.step):
         if isinstance(outcome, WedbackupError):
             context.log.error(str(outcome))
             failures[key] = str(outcome)

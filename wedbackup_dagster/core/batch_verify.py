@@ -17,7 +17,7 @@ import logging
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -362,14 +362,17 @@ def _compare(job: _Job, table: str, out: _TableOut) -> None:
 
 
 def verify_many(engine: Any, partitions: list[str], replicas: Mapping[str, Any], provider: str | None = None,
-                *, prefetch: int = 4, memory_bytes: int = 64 << 20) -> Iterator[tuple[str, Any]]:
+                *, prefetch: int = 4, memory_bytes: int = 64 << 20,
+                on_progress: Callable[[], object] | None = None) -> Iterator[tuple[str, Any]]:
     """`Engine.verify` for many weddings, sharing one scratch database: yields (partition, VerifyOutcome
     or the WedbackupError that failed it). Copies are fetched `prefetch` at a time in threads while
     earlier ones are read; weddings are read into memory and loaded with one COPY per table for up to
     `memory_bytes` of COPY text at a time (a larger wedding streams in alone, in its own transaction).
     The platform partition, and every wedding that fails or cannot be checked in the batch, go through
     `Engine.verify` alone (its verdict and records are final); each wedding verified in the batch is
-    recorded as `verify` records it (restore row, copy verified)."""
+    recorded as `verify` records it (restore row, copy verified). `on_progress()` once per partition as its
+    work is done (a batch's results come when its read-back ends: this is what a progress line counts)."""
+    step = on_progress or (lambda: None)
     jobs: list[_Job] = []
     alone: list[str] = []
     for p in dict.fromkeys(partitions):
@@ -382,18 +385,21 @@ def verify_many(engine: Any, partitions: list[str], replicas: Mapping[str, Any],
             key = next((c.object_key for c in engine.catalogue.copies(backup.id) if c.provider == chosen), None)
             jobs.append(_Job(p, backup, chosen, Manifest.from_dict(backup.manifest), key))
         except WedbackupError as exc:
+            step()
             yield p, exc
     if jobs:
-        yield from _verify_batch(engine, jobs, replicas, prefetch, memory_bytes)
+        yield from _verify_batch(engine, jobs, replicas, prefetch, memory_bytes, step)
     for p in alone:
         try:
-            yield p, engine.verify(p, replicas, provider=provider)
+            outcome = engine.verify(p, replicas, provider=provider)
         except WedbackupError as exc:
-            yield p, exc
+            outcome = exc
+        step()
+        yield p, outcome
 
 
 def _verify_batch(engine: Any, jobs: list[_Job], replicas: Mapping[str, Any], prefetch: int,
-                  memory_bytes: int) -> Iterator[tuple[str, Any]]:
+                  memory_bytes: int, step: Callable[[], object]) -> Iterator[tuple[str, Any]]:
     engine._drop_abandoned_scratch(restore)
     started = time.perf_counter()
 
@@ -450,6 +456,7 @@ def _verify_batch(engine: Any, jobs: list[_Job], replicas: Mapping[str, Any], pr
                 break
         while pending:
             job, future = pending.popleft()
+            step()  # counted once its copy is taken up, whatever comes of it (the read-back is the short tail)
             nxt = next(queue, None)
             if nxt is not None:
                 pending.append((nxt, pool.submit(fetch, nxt)))

@@ -62,8 +62,10 @@ def restores(engine: Engine) -> dict[str, list[bool]]:
 
 
 def test_a_batch_verifies_every_wedding_in_one_scratch_database_and_records_each(engine, alone, env_replicas):
-    results = dict(engine.verify_each(WEDDINGS, env_replicas))
+    ticks: list[int] = []
+    results = dict(engine.verify_each(WEDDINGS, env_replicas, on_progress=lambda: ticks.append(1)))
     assert all(isinstance(o, VerifyOutcome) for o in results.values()), results
+    assert len(ticks) == len(WEDDINGS)  # progress: once per wedding, as its copy is taken up
     assert alone == []  # nobody needed a scratch database of their own
     assert restores(engine) == {w: [True] for w in WEDDINGS}
     providers = {o.provider for o in results.values()}

@@ -388,7 +388,22 @@ def verify_many(engine: Any, partitions: list[str], replicas: Mapping[str, Any],
             step()
             yield p, exc
     if jobs:
-        yield from _verify_batch(engine, jobs, replicas, prefetch, memory_bytes, step)
+        done: set[str] = set()
+        try:
+            for p, outcome in _verify_batch(engine, jobs, replicas, prefetch, memory_bytes, step):
+                done.add(p)
+                yield p, outcome
+        except psycopg.Error as exc:
+            # The scratch server failed under the batch (unreachable, connection lost): each wedding not yet
+            # reported is verified alone, which names it and the server in its own error, as before batching.
+            log.warning("the batch's scratch database failed (%s); verifying its weddings alone",
+                        restore._first_line(exc)[:300])
+            for job in jobs:
+                if job.partition not in done:
+                    try:
+                        yield job.partition, engine.verify(job.partition, replicas, provider=job.provider)
+                    except WedbackupError as err:
+                        yield job.partition, err
     for p in alone:
         try:
             outcome = engine.verify(p, replicas, provider=provider)

@@ -185,3 +185,18 @@ def test_an_archive_longer_than_its_manifest_is_never_held_in_memory_past_it(eng
     assert isinstance(results["8"], WedbackupError) and "wedding 8" in str(results["8"])
     assert all(isinstance(results[w], VerifyOutcome) for w in WEDDINGS if w != "8")
     assert alone == ["8"] and any("holds more than" in r.getMessage() for r in caplog.records)
+
+
+def test_a_scratch_server_that_cannot_be_reached_fails_each_wedding_by_name(engine):
+    import dataclasses
+
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    parts = conninfo_to_dict(engine.settings.scratch_dsn)
+    parts.update(port="1", connect_timeout="2")
+    broken = Engine(dataclasses.replace(engine.settings, scratch_dsn=make_conninfo(**parts)), engine.keyring)
+    results = dict(broken.verify_each(WEDDINGS[:3], {}, provider="vault"))
+    assert set(results) == set(WEDDINGS[:3])
+    for wedding, outcome in results.items():
+        assert isinstance(outcome, WedbackupError)
+        assert str(outcome).startswith(f"wedding {wedding}: the verification restore failed (scratch server: ")

@@ -359,6 +359,10 @@ def _compare(job: _Job, table: str, out: _TableOut) -> None:
         job.problems.append(f"table {table}: {out.rows} rows read back, {m.rows} in the manifest")
     elif (out.bytes, sha) != (m.bytes, m.sha256):
         job.problems.append(f"table {table}: sha256 {sha[:16]}… read back, {m.sha256[:16]}… in the manifest")
+    if m.counted is not None and out.rows != m.counted:
+        # The independent count taken in the same snapshot (snapshot.count_mismatches, as Engine.verify checks).
+        job.problems.append(f"table {table}: {out.rows} rows read back, {m.counted} counted independently at "
+                            "snapshot time")
 
 
 def verify_many(engine: Any, partitions: list[str], replicas: Mapping[str, Any], provider: str | None = None,

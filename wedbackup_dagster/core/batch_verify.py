@@ -284,7 +284,7 @@ class _Scratch:
         tenants = {(t.table.schema, t.table.name): t for t in plan.tenant_tables}
         fks = self.conn.execute(restore.foreign_keys_sql("referencing"),
                                 {"schemas": [s for s, _ in tenants], "names": [n for _, n in tenants]}).fetchall()
-        for conname, cs, ct, ps, pt, cols, pcols in fks:
+        for conname, cs, ct, ps, pt, cols, pcols, *_relkinds in fks:
             parent = tenants.get((ps, pt))
             if parent is None:
                 for j in jobs:
@@ -307,8 +307,7 @@ def _plan_of(header: dict[str, Any]) -> dict[str, Any]:
 
 
 def _root(header: dict[str, Any]) -> tenancy.TableName:
-    schema, _, name = str(_plan_of(header).get("root", "public.weddings")).partition(".")
-    return tenancy.TableName(schema, name)
+    return restore.plan_root(_plan_of(header))
 
 
 def _without(post_data: str, external: set[tuple[str, str, str]]) -> str:

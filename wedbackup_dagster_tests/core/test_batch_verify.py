@@ -200,3 +200,17 @@ def test_a_scratch_server_that_cannot_be_reached_fails_each_wedding_by_name(engi
     for wedding, outcome in results.items():
         assert isinstance(outcome, WedbackupError)
         assert str(outcome).startswith(f"wedding {wedding}: the verification restore failed (scratch server: ")
+
+
+def test_rows_that_differ_from_the_independent_count_fail_that_wedding_in_the_batch(engine, alone):
+    """The snapshot's independent count (`counted`, issue 14) is checked in the batch as alone: a backup whose
+    rows match its manifest's checksums but not the count taken by another path does not verify."""
+    backup = engine.catalogue.require_latest_backup("4")
+    with engine.catalogue.connect() as conn:
+        conn.execute("UPDATE wedbackup.backups SET manifest = jsonb_set(manifest, '{tables,0,counted}', "
+                     "to_jsonb((manifest #>> '{tables,0,rows}')::int + 1)) WHERE id = %s", (backup.id,))
+    results = verify_all(engine)
+    assert alone == ["4"]  # the batch caught it; alone, Engine.verify's verdict is the one recorded
+    assert isinstance(results["4"], WedbackupError) and "counted independently" in str(results["4"])
+    assert all(isinstance(results[w], VerifyOutcome) for w in WEDDINGS if w != "4")
+    assert restores(engine)["4"] == [False]

@@ -173,12 +173,11 @@ def _replicate_all(context: dg.AssetExecutionContext, provider: str, wedbackup: 
     replica = make_replica(provider, wedbackup.settings(), client)
     done: PerKeyMetadata = {}
     failures: dict[str, str] = {}
-    for key in validated_keys(context.partition_keys):
-        try:
-            outcome = engine.replicate(key, replica)
-        except WedbackupError as exc:
-            context.log.error(str(exc))
-            failures[key] = str(exc)
+    # Many weddings' archives upload at once (WEDBACKUP_UPLOAD_CONCURRENCY), each recorded on its own.
+    for key, outcome in engine.replicate_each(validated_keys(context.partition_keys), replica):
+        if isinstance(outcome, WedbackupError):
+            context.log.error(str(outcome))
+            failures[key] = str(outcome)
             continue
         done[key] = {REPLICA_KEYS[provider]: replica_metadata(outcome)}
     yield from _finish(context, [REPLICA_KEYS[provider]], done, failures, f"{provider} upload")

@@ -157,7 +157,12 @@ def wedding_backfill_consolidation(context: dg.SensorEvaluationContext):
     if not backfills:
         return dg.SkipReason("no backfill waiting")
     ordered = list(instance.get_dynamic_partitions(weddings_partitions.name))
-    graph = context.repository_def.asset_graph
+    if context.repository_def is not None:
+        graph = context.repository_def.asset_graph
+    else:  # evaluated outside a code location (a bare build_sensor_context)
+        from ..definitions import defs
+
+        graph = defs.resolve_asset_graph()
     wedding_assets = {key for key in graph.materializable_asset_keys
                       if graph.get(key).partitions_def == weddings_partitions}
     requests: list[dg.RunRequest] = []

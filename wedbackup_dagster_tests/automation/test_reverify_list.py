@@ -72,6 +72,12 @@ def test_a_scattered_reverification_of_1000_weddings_becomes_four_list_runs(inst
     # The backfill is cancelled, so Dagster's daemon makes no more range runs and cancels the queued ones.
     assert instance.get_backfill(backfill_id).status == BulkActionStatus.CANCELING
     assert isinstance(tick(instance), dg.SkipReason)  # asked once only
+    # Outside a code location (no repository in the context) the sensor finds the asset graph itself.
+    again = launch_backfill(instance, [VERIFIED_RESTORE], scattered[:300])
+    requests = wedding_backfill_consolidation(dg.build_sensor_context(instance=instance))
+    assert [r.run_config for r in requests] == [reverify_run_config(scattered[:250]),
+                                                reverify_run_config(scattered[250:300])]
+    assert instance.get_backfill(again).status == BulkActionStatus.CANCELING
 
 
 def test_a_scattered_backup_backfill_becomes_backup_list_runs(instance):

@@ -38,13 +38,16 @@ REPLICA_OPS = {"s3": "s3_replica_list", "gcs": "gcs_replica_list", "azure": "azu
 
 
 def _instance(home: Path, storage: str, dsn: str | None):
-    """A Dagster instance from the project's dagster.yaml (storage "sqlite": SQLite under DAGSTER_HOME), or
+    """A Dagster instance from the project's dagster.yaml with SQLite storage under `home` ("sqlite"), or
     the same file with dagster-postgres storage at `dsn` ("postgres"), or with its event log holding a
     pooled connection ("postgres-pooled", wedbackup_dagster.instance_storage)."""
     import dagster as dg
+    import yaml
 
     home.mkdir(parents=True, exist_ok=True)
-    text = (ROOT / "dagster.yaml").read_text()
+    config = yaml.safe_load((ROOT / "dagster.yaml").read_text())
+    config.pop("storage", None)  # the local stack's choice (instance_storage.LocalStackStorage): set below
+    text = yaml.safe_dump(config)
     url = json.dumps(dsn)
     if storage == "postgres":
         text += f"\nstorage:\n  postgres:\n    postgres_url: {url}\n"

@@ -1,4 +1,12 @@
-"""Dagster instance storage for deployments: dagster-postgres's event log, holding its connection open.
+"""Dagster instance storage: the local instance's choice of storage (LocalStackStorage), and for deployments
+dagster-postgres's event log holding its connection open (PooledPostgresEventLogStorage).
+
+LocalStackStorage is what the project's dagster.yaml (linked into the local stack's DAGSTER_HOME) selects:
+stock dagster-postgres, the storage production runs on, in the stack's own `dagster` database when
+WEDBACKUP_DAGSTER_PG_URL is set (`wedbackup stack env` sets it; the URL lives only in the environment, never
+in a file); Dagster's SQLite storage under DAGSTER_HOME where no stack runs. A run worker or subprocess
+reloading the instance makes the same choice from the same environment.
+
 
 dagster-postgres opens a new PostgreSQL connection for every statement batch (NullPool), so each event
 written on its own costs two connection set-ups (the event row, then the asset index). This storage is
@@ -10,10 +18,16 @@ dagster.yaml as `event_log_storage: {module: wedbackup_dagster.instance_storage,
 PooledPostgresEventLogStorage, config: {postgres_url: ...}}` (same config as dagster-postgres)."""
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
+import dagster as dg
 import sqlalchemy.pool as db_pool
+from dagster._core.storage.base_storage import DagsterStorage
+from dagster._core.storage.sqlite_storage import DagsterSqliteStorage
+from dagster._serdes import ConfigurableClass, ConfigurableClassData
+from dagster_postgres import DagsterPostgresStorage
 from dagster_postgres.event_log import PostgresEventLogStorage
 from dagster_postgres.utils import create_pg_engine, get_token_provider_from_config, pg_url_from_config
 
@@ -40,3 +54,27 @@ class PooledPostgresEventLogStorage(PostgresEventLogStorage):
         return cls(inst_data=inst_data, postgres_url=pg_url_from_config(config_value),
                    should_autocreate_tables=config_value.get("should_autocreate_tables", True),
                    token_provider=get_token_provider_from_config(config_value))
+
+
+PG_URL_SETTING = "WEDBACKUP_DAGSTER_PG_URL"
+
+
+class LocalStackStorage(DagsterStorage, ConfigurableClass):
+    """dagster.yaml: `storage: {custom: {module: wedbackup_dagster.instance_storage, class: LocalStackStorage,
+    config: {postgres_url_env: WEDBACKUP_DAGSTER_PG_URL, sqlite_base_dir: {env: DAGSTER_HOME}}}}`. Builds
+    DagsterPostgresStorage when the variable named by `postgres_url_env` is set, else DagsterSqliteStorage in
+    `sqlite_base_dir` (the layout of Dagster's default instance, so an existing local history stays readable).
+    Only a factory: Dagster requires it to be a DagsterStorage, but it is never instantiated itself."""
+
+    @classmethod
+    def config_type(cls) -> dict[str, Any]:
+        return {"postgres_url_env": dg.Field(str, is_required=False, default_value=PG_URL_SETTING),
+                "sqlite_base_dir": dg.StringSource}
+
+    @classmethod
+    def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: Mapping[str, Any]
+                          ) -> DagsterStorage:
+        url = os.environ.get(config_value.get("postgres_url_env") or PG_URL_SETTING)
+        if url:
+            return DagsterPostgresStorage(url, inst_data=inst_data)
+        return DagsterSqliteStorage(config_value["sqlite_base_dir"], inst_data=inst_data)

@@ -35,8 +35,10 @@ def test_each_provider_uploads_in_its_own_pool():
 def test_automation_and_checks_are_registered():
     assert {s.name for s in defs.schedules} == {"backup_schedule", "retention_sweep", "key_store_backup_schedule"}
     assert {s.name for s in defs.sensors} == {"wedding_discovery", "wedding_change_capture", "provider_health",
-                                              "run_failure_alerts", "key_store_backup_after_backups"}
+                                              "run_failure_alerts", "key_store_backup_after_backups",
+                                              "wedding_backfill_consolidation"}
     assert {j.name for j in defs.jobs} >= {"backup_weddings", "backup_wedding_list", "reverify_weddings",
+                                           "reverify_wedding_list",
                                            "restore_wedding", "check_weddings", "reconcile_inventory",
                                            "erase_wedding", "retention_sweep", "key_store_backup", "rotate_keys",
                                            "acknowledge_shrinkage"}

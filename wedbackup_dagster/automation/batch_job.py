@@ -85,8 +85,13 @@ def _replicate(context: dg.OpExecutionContext, provider: str, sealed: Step, wedb
     engine = wedbackup.engine()
     replica = make_replica(provider, wedbackup.settings(), client)
 
+    # The uploads run side by side (WEDBACKUP_UPLOAD_CONCURRENCY); each wedding's outcome is kept on its own.
+    outcomes = dict(engine.replicate_each(sealed["ok"], replica))
+
     def work(key: str) -> list[dg.AssetMaterialization]:
-        o = engine.replicate(key, replica)
+        o = outcomes[key]
+        if isinstance(o, WedbackupError):
+            raise o
         return [dg.AssetMaterialization(REPLICA_KEYS[provider], partition=key, metadata=replica_metadata(o))]
 
     step, events = _each(context, sealed["ok"], work, f"{provider} upload")

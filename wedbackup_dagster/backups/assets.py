@@ -198,13 +198,12 @@ def _replicate_all(context: dg.AssetExecutionContext, provider: str, wedbackup: 
     failures: dict[str, str] = {}
     keys = validated_keys(context.partition_keys)
     progress = Progress(f"{provider} upload", len(keys), context.log.info)
-    for key in keys:
+    # Many weddings' archives upload at once (WEDBACKUP_UPLOAD_CONCURRENCY), each recorded on its own.
+    for key, outcome in engine.replicate_each(keys, replica):
         progress.step()
-        try:
-            outcome = engine.replicate(key, replica)
-        except WedbackupError as exc:
-            context.log.error(str(exc))
-            failures[key] = str(exc)
+        if isinstance(outcome, WedbackupError):
+            context.log.error(str(outcome))
+            failures[key] = str(outcome)
             continue
         done[key] = {REPLICA_KEYS[provider]: replica_metadata(outcome)}
     yield from _finish(context, [REPLICA_KEYS[provider]], done, failures, f"{provider} upload")

@@ -54,7 +54,9 @@ class S3ReplicaResource(S3Resource):
         # provider that accepts and then hangs held each attempt for a minute. WEDBACKUP_PROVIDER_TIMEOUT bounds it.
         timeout = settings.provider_timeout
         return s3_client_from(target, credentials, config=client_config(
-            connect_timeout=min(5.0, timeout), read_timeout=timeout, max_attempts=self.max_attempts))
+            connect_timeout=min(5.0, timeout), read_timeout=timeout, max_attempts=self.max_attempts,
+            # The upload threads share this client (boto3 clients are thread-safe), each up to 4 part uploads.
+            max_pool_connections=max(10, 4 * settings.upload_concurrency)))
 
 
 def build_resources() -> dict[str, Any]:

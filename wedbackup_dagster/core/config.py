@@ -49,6 +49,8 @@ VARIABLES: dict[str, tuple[str, str, bool]] = {
     "WEDBACKUP_PROVIDER_TIMEOUT": ("seconds one S3 / GCS / Azure request may wait on the network (connect, and "
                                    "each read of the answer) before the SDK retries or the upload fails", "60",
                                    False),
+    "WEDBACKUP_UPLOAD_CONCURRENCY": ("archives one replica step uploads to its provider at once (1-64); each "
+                                     "provider's step has its own threads", "8", False),
     "WEDBACKUP_ZSTD_LEVEL": ("zstd level for sealed archives (1-19); 1 was faster and no larger on the demo data",
                              "1", False),
     "WEDBACKUP_LOCK_TIMEOUT": ("seconds a backup or restore of a wedding waits while another backup or restore "
@@ -205,6 +207,7 @@ class Settings:
     lock_timeout: float = 600.0
     provider_timeout: float = 60.0
     snapshot_lock_timeout: float = 30.0
+    upload_concurrency: int = 8
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -260,8 +263,15 @@ class Settings:
         return cls(source_dsn=source, catalogue_dsn=catalogue, scratch_dsn=scratch, vault_dir=vault,
                    zstd_level=int(level_text),
                    s3=s3, gcs=gcs, azure=azure, lock_timeout=lock_timeout,
-                   provider_timeout=provider_timeout_from(env),
+                   provider_timeout=provider_timeout_from(env), upload_concurrency=_upload_concurrency(env),
                    snapshot_lock_timeout=snapshot_lock_timeout_from(env))
+
+
+def _upload_concurrency(env: Mapping[str, str]) -> int:
+    text = env.get("WEDBACKUP_UPLOAD_CONCURRENCY") or VARIABLES["WEDBACKUP_UPLOAD_CONCURRENCY"][1]
+    if not re.fullmatch(r"[0-9]{1,2}", text) or not 1 <= int(text) <= 64:
+        raise ConfigError("WEDBACKUP_UPLOAD_CONCURRENCY", "must be a whole number from 1 to 64")
+    return int(text)
 
 
 def provider_timeout_from(environ: Mapping[str, str] | None = None) -> float:

@@ -8,7 +8,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -305,19 +305,66 @@ class Engine:
     def replicate(self, partition: str, replica: Any) -> ReplicaOutcome:
         """Upload the partition's newest archive to one provider (a no-op when it is already there)."""
         started = time.perf_counter()
+        backup, entry = self._replica_source(partition)
+        record = self._upload(replica, partition, backup, entry)
+        return self._record_copy(partition, backup, record, time.perf_counter() - started)
+
+    def replicate_each(self, partitions: list[str], replica: Any, workers: int | None = None
+                       ) -> Iterator[tuple[str, ReplicaOutcome | WedbackupError]]:
+        """Upload many partitions' newest archives to one provider, `workers` at a time (default
+        WEDBACKUP_UPLOAD_CONCURRENCY), yielding each partition's outcome or error as it completes.
+        Only the uploads run in threads (the providers' clients are thread-safe: boto3 clients,
+        google-cloud-storage's Client and azure-storage-blob's clients say so); every catalogue read and
+        write stays on this thread, on the catalogue's one connection. An unexpected error (a bug, not a
+        provider's refusal) cancels the uploads not yet started and propagates."""
+        workers = max(1, workers or self.settings.upload_concurrency)
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"wedbackup-upload-{replica.provider}")
+        pending: dict[Any, tuple[str, BackupRecord]] = {}
+        try:
+            for partition in partitions:
+                try:
+                    backup, entry = self._replica_source(partition)
+                except WedbackupError as exc:
+                    yield partition, exc
+                    continue
+                future = pool.submit(self._timed_upload, replica, partition, backup, entry)
+                pending[future] = (partition, backup)
+            for future in as_completed(pending):
+                partition, backup = pending.pop(future)
+                try:
+                    record, seconds = future.result()
+                    outcome: ReplicaOutcome | WedbackupError = self._record_copy(partition, backup, record, seconds)
+                except WedbackupError as exc:
+                    outcome = exc
+                yield partition, outcome
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _replica_source(self, partition: str) -> tuple[BackupRecord, VaultEntry]:
         backup = self.catalogue.require_latest_backup(check_partition(partition))
         entry = self.vault.get(partition, backup.archive_sha256)
         if entry is None:
             raise WedbackupError(f"wedding {partition}: archive {backup.archive_sha256[:12]}… is missing from the "
                                  f"vault ({self.vault.root}); take a new backup")
-        record = replica.upload(entry.path, partition=partition, sha256=backup.archive_sha256, size=entry.size,
-                                metadata={"partition": partition, "key-id": backup.key_id})
+        return backup, entry
+
+    @staticmethod
+    def _upload(replica: Any, partition: str, backup: BackupRecord, entry: VaultEntry) -> Any:
+        return replica.upload(entry.path, partition=partition, sha256=backup.archive_sha256, size=entry.size,
+                              metadata={"partition": partition, "key-id": backup.key_id})
+
+    def _timed_upload(self, replica: Any, partition: str, backup: BackupRecord, entry: VaultEntry
+                      ) -> tuple[Any, float]:
+        started = time.perf_counter()
+        return self._upload(replica, partition, backup, entry), time.perf_counter() - started
+
+    def _record_copy(self, partition: str, backup: BackupRecord, record: Any, seconds: float) -> ReplicaOutcome:
         self.catalogue.record_copy(backup.id, provider=record.provider, uri=record.uri, object_key=record.key,
                                    version_id=record.version_id, size=record.size, checksum=record.provider_checksum,
                                    storage_class=record.storage_class, region=record.region, media=record.media,
                                    offsite=record.offsite, locked_until=getattr(record, "locked_until", None),
                                    lock_mode=getattr(record, "lock_mode", None))
-        return ReplicaOutcome(partition, backup, record, time.perf_counter() - started)
+        return ReplicaOutcome(partition, backup, record, seconds)
 
     # ---- verified_restore ------------------------------------------------------------------------------
     def choose_provider(self, backup: BackupRecord, available: list[str], asked: str | None = None) -> str:

@@ -32,6 +32,7 @@ S3_ACCESS_KEY = "wedbackup-local"
 DB_USER = "wedbackup"
 SOURCE_DB = "wedding_platform"
 CATALOGUE_DB = "wedbackup_catalogue"
+DAGSTER_DB = "dagster"  # the local Dagster instance's storage (dagster.yaml, instance_storage.LocalStackStorage)
 
 
 def project_root() -> Path:
@@ -162,6 +163,7 @@ class Stack:
             "WEDBACKUP_GCS_PROJECT": "wedbackup-local",
             "WEDBACKUP_AZURE_CONNECTION_STRING": azure,
             "DAGSTER_HOME": str(self.dagster_home),
+            "WEDBACKUP_DAGSTER_PG_URL": self.dsn(DAGSTER_DB),
         }
 
     # ---- process bookkeeping ---------------------------------------------------------------------
@@ -217,6 +219,12 @@ class Stack:
     def start_postgres(self) -> None:
         p = port("postgres")
         if port_open(p):
+            # A stack started by an older version lacks the `dagster` database. A server that is not this
+            # stack's (another password) is left alone, as before; Dagster then names the missing database.
+            try:
+                self._create_databases()
+            except Exception:  # noqa: BLE001 - psycopg's errors; nothing here may print the DSN
+                pass
             return
         self._ensure_postgres_installed()
         pg_root = self.pg_data.parent
@@ -276,7 +284,7 @@ class Stack:
 
         with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
             existing = {r[0] for r in conn.execute("SELECT datname FROM pg_database")}
-            for db in (SOURCE_DB, CATALOGUE_DB):
+            for db in (SOURCE_DB, CATALOGUE_DB, DAGSTER_DB):
                 if db not in existing:
                     conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
 

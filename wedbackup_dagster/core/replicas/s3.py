@@ -54,10 +54,13 @@ _PARTS_SUFFIX = re.compile(r"-(\d+)$")
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchVersion"}
 
 
-def client_config(connect_timeout: float = 5, read_timeout: float = 60, max_attempts: int = 2) -> Config:
-    """Short timeouts and few retries: a provider that is down should fail a run in seconds, not minutes."""
+def client_config(connect_timeout: float = 5, read_timeout: float = 60, max_attempts: int = 2,
+                  max_pool_connections: int = 10) -> Config:
+    """Short timeouts and few retries: a provider that is down should fail a run in seconds, not minutes.
+    `max_pool_connections`: enough for every upload thread sharing the client (botocore's default is 10)."""
     return Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
-                  retries={"max_attempts": max_attempts, "mode": "standard"})
+                  retries={"max_attempts": max_attempts, "mode": "standard"},
+                  max_pool_connections=max_pool_connections)
 
 
 def s3_client_from(target: S3Target, env: Mapping[str, str] | None = None, *, config: Config | None = None):

@@ -1,0 +1,108 @@
+"""Uploads side by side (Engine.replicate_each) on the real stand-ins: many weddings' archives go to a
+provider at once, bounded by WEDBACKUP_UPLOAD_CONCURRENCY; a provider refusing some objects fails just those
+weddings, by name, while the others are recorded, and no partial object is left anywhere."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from wedbackup_dagster.core.config import Settings
+from wedbackup_dagster.core.engine import Engine, ReplicaOutcome
+from wedbackup_dagster.core.errors import ConfigError, WedbackupError
+from wedbackup_dagster.core.replicas import ensure_targets
+from wedbackup_dagster.core.replicas.azure import AzureReplica, azure_service_from
+
+WEDDINGS = [str(i) for i in range(1, 25)]
+REFUSED = {"5", "12", "20"}  # their keys hold a leased blob of other content: Azure refuses to overwrite it
+JUNK = b"not this archive"
+
+
+class CountingAzureReplica(AzureReplica):
+    """The real Azure replica, counting how many of its uploads are in flight at once."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.most_at_once = 0
+
+    def upload(self, *args, **kwargs):
+        with self._lock:
+            self.in_flight += 1
+            self.most_at_once = max(self.most_at_once, self.in_flight)
+        try:
+            return super().upload(*args, **kwargs)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+
+def lease_other_content(replica: AzureReplica, key: str) -> None:
+    """Another writer's blob at `key`, held by an infinite lease: every write without its lease id fails."""
+    blob = replica.container.get_blob_client(key)
+    blob.upload_blob(JUNK, overwrite=True)
+    blob.acquire_lease(lease_duration=-1)
+
+
+@pytest.fixture
+def sealed(demo_env):
+    demo_env(weddings=len(WEDDINGS), seed=11, document_bytes=256, WEDBACKUP_UPLOAD_CONCURRENCY="6")
+    engine = Engine.from_env()
+    ensure_targets(engine.settings)
+    with engine.snapshot_session() as session:
+        for key, outcome in engine.back_up_each(WEDDINGS, session):
+            assert not isinstance(outcome, WedbackupError), outcome
+    return engine
+
+
+def test_many_weddings_upload_at_once_and_a_refused_object_fails_only_its_wedding(sealed: Engine):
+    engine = sealed
+    assert engine.settings.upload_concurrency == 6
+    replica = CountingAzureReplica(azure_service_from(engine.settings.azure), engine.settings.azure)
+    keys = {w: replica.object_key(w, engine.catalogue.require_latest_backup(w).archive_sha256) for w in WEDDINGS}
+    for wedding in REFUSED:
+        lease_other_content(replica, keys[wedding])
+
+    outcomes = dict(engine.replicate_each(WEDDINGS, replica))
+
+    assert sorted(outcomes, key=int) == WEDDINGS
+    assert 1 < replica.most_at_once <= 6  # side by side, bounded by the setting
+    failed = {w: o for w, o in outcomes.items() if isinstance(o, WedbackupError)}
+    assert set(failed) == REFUSED
+    for wedding, error in failed.items():
+        assert "azure" in str(error) and keys[wedding] in str(error)  # names the provider and the wedding's object
+    for wedding in set(WEDDINGS) - REFUSED:
+        outcome = outcomes[wedding]
+        assert isinstance(outcome, ReplicaOutcome) and not outcome.record.already_present
+        backup = engine.catalogue.require_latest_backup(wedding)
+        assert {c.provider for c in engine.catalogue.copies(backup.id)} == {"vault", "azure"}
+        assert replica.head(keys[wedding]).size == backup.size
+    for wedding in REFUSED:
+        backup = engine.catalogue.require_latest_backup(wedding)
+        assert "azure" not in {c.provider for c in engine.catalogue.copies(backup.id)}
+        # No partial object: the other writer's blob is untouched and no upload committed anything else.
+        assert replica.container.get_blob_client(keys[wedding]).download_blob().readall() == JUNK
+    listed = {o.key: o.size for o in replica.list()}
+    assert set(listed) == set(keys.values())
+    assert all(listed[keys[w]] == engine.catalogue.require_latest_backup(w).size for w in set(WEDDINGS) - REFUSED)
+
+    # A re-run uploads nothing twice: the recorded ones are already there, the refused ones still fail.
+    again = dict(engine.replicate_each(WEDDINGS, replica, workers=3))
+    assert {w for w, o in again.items() if isinstance(o, WedbackupError)} == REFUSED
+    assert all(o.record.already_present for w, o in again.items() if w not in REFUSED)
+
+
+def test_a_wedding_without_a_backup_is_named_and_the_others_upload(sealed: Engine):
+    replica = AzureReplica(azure_service_from(sealed.settings.azure), sealed.settings.azure)
+    outcomes = dict(sealed.replicate_each(["3", "999", "4"], replica, workers=2))
+    assert isinstance(outcomes["3"], ReplicaOutcome) and isinstance(outcomes["4"], ReplicaOutcome)
+    assert isinstance(outcomes["999"], WedbackupError) and "999" in str(outcomes["999"])
+
+
+@pytest.mark.parametrize("value", ["0", "65", "eight", "-1", "²"])
+def test_upload_concurrency_out_of_range_names_the_setting(monkeypatch, value):
+    env = {"WEDBACKUP_SOURCE_DSN": "postgresql://u@h/s", "WEDBACKUP_CATALOGUE_DSN": "postgresql://u@h/c",
+           "WEDBACKUP_UPLOAD_CONCURRENCY": value}
+    with pytest.raises(ConfigError, match="WEDBACKUP_UPLOAD_CONCURRENCY"):
+        Settings.from_env(env)

@@ -19,6 +19,7 @@ PooledPostgresEventLogStorage, config: {postgres_url: ...}}` (same config as dag
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,15 +62,16 @@ PG_URL_SETTING = "WEDBACKUP_DAGSTER_PG_URL"
 
 class LocalStackStorage(DagsterStorage, ConfigurableClass):
     """dagster.yaml: `storage: {custom: {module: wedbackup_dagster.instance_storage, class: LocalStackStorage,
-    config: {postgres_url_env: WEDBACKUP_DAGSTER_PG_URL, sqlite_base_dir: {env: DAGSTER_HOME}}}}`. Builds
-    DagsterPostgresStorage when the variable named by `postgres_url_env` is set, else DagsterSqliteStorage in
-    `sqlite_base_dir` (the layout of Dagster's default instance, so an existing local history stays readable).
+    config: {postgres_url_env: WEDBACKUP_DAGSTER_PG_URL}}}`. Builds DagsterPostgresStorage when the variable
+    named by `postgres_url_env` is set, else DagsterSqliteStorage in `sqlite_base_dir` (default $DAGSTER_HOME:
+    the layout of Dagster's default instance, so an existing local history stays readable; with neither, as
+    under `dagster definitions validate` without DAGSTER_HOME, a throw-away temporary directory).
     Only a factory: Dagster requires it to be a DagsterStorage, but it is never instantiated itself."""
 
     @classmethod
     def config_type(cls) -> dict[str, Any]:
         return {"postgres_url_env": dg.Field(str, is_required=False, default_value=PG_URL_SETTING),
-                "sqlite_base_dir": dg.StringSource}
+                "sqlite_base_dir": dg.Field(dg.StringSource, is_required=False)}
 
     @classmethod
     def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: Mapping[str, Any]
@@ -77,4 +79,7 @@ class LocalStackStorage(DagsterStorage, ConfigurableClass):
         url = os.environ.get(config_value.get("postgres_url_env") or PG_URL_SETTING)
         if url:
             return DagsterPostgresStorage(url, inst_data=inst_data)
-        return DagsterSqliteStorage(config_value["sqlite_base_dir"], inst_data=inst_data)
+        base_dir = config_value.get("sqlite_base_dir") or os.environ.get("DAGSTER_HOME")
+        if not base_dir:
+            base_dir = tempfile.mkdtemp(prefix="wedbackup-dagster-")
+        return DagsterSqliteStorage(base_dir, inst_data=inst_data)

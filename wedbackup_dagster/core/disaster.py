@@ -1,0 +1,532 @@
+"""Disaster recovery: the whole platform back into an empty database (`restore --all`) — the platform
+partition first, then every wedding's newest verified backup at or before one time, in parallel, each wedding in
+its own transaction together with its row in the target's progress table (schema `wedbackup_restore`), so a
+crashed or killed run, run again with `resume`, neither redoes nor duplicates a wedding — and the runbook of a
+disaster scenario (`dr plan`). Plain Python: the `restore_platform` job and `wedbackup restore --all` /
+`wedbackup dr plan` are thin calls into this module."""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from types import SimpleNamespace
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from .archive import open_archive
+from .errors import ArchiveError, ProviderError, RestoreError, WedbackupError
+from .recovery import NoRecoveryPointError, RecoveryPoint, choose_point, recovery_points
+from .restore import _check_foreign_keys, _advance_sequences, _first_line, restore_snapshot
+from .snapshot import PLATFORM, RESTORE_PROGRESS_SCHEMA, database_label, describe_schema, schema_is_empty
+
+Progress = Callable[[str], None]
+LOCATIONS = ("vault", "s3", "gcs", "azure")
+PROGRESS_EVERY = 2.0  # seconds between progress lines
+# A copy that fails in these ways is that copy's fault: the wedding moves on to its next copy.
+_COPY_FAULTS = (ArchiveError, ProviderError, OSError)
+_SERIALISATION = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+
+_PROGRESS_DDL = sql.SQL("""
+CREATE SCHEMA {s};
+CREATE TABLE {s}.run (only_one boolean PRIMARY KEY DEFAULT true CHECK (only_one),
+                      as_of timestamptz NOT NULL, started_at timestamptz NOT NULL DEFAULT now(),
+                      include_unverified boolean NOT NULL);
+CREATE TABLE {s}.partitions (partition text PRIMARY KEY, archive_sha256 text NOT NULL,
+                             snapshot_time timestamptz NOT NULL, copy text NOT NULL, rows bigint NOT NULL,
+                             bytes bigint NOT NULL, seconds double precision NOT NULL,
+                             restored_at timestamptz NOT NULL DEFAULT now());
+""").format(s=sql.Identifier(RESTORE_PROGRESS_SCHEMA))
+
+# Enabled user triggers that a COPY fires (INSERT, tgtype bit 2): only then must each load hold them off.
+_INSERT_TRIGGERS_SQL = """
+SELECT n.nspname::text || '.' || c.relname::text || ': ' || tg.tgname::text
+FROM pg_catalog.pg_trigger tg JOIN pg_catalog.pg_class c ON c.oid = tg.tgrelid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE NOT tg.tgisinternal AND tg.tgenabled <> 'D' AND (tg.tgtype & 4) <> 0
+  AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+ORDER BY 1
+"""
+
+_TABLES_SQL = """
+SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+  AND n.nspname <> %s
+ORDER BY 1, 2
+"""
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _label(partition: str) -> str:
+    return "the platform partition" if partition == PLATFORM else f"wedding {partition}"
+
+
+def _partition_order(partition: str) -> tuple[int, int, str]:
+    return (0, int(partition), "") if partition.isdigit() else (1, 0, partition)
+
+
+# --- which database is which --------------------------------------------------------------------------
+
+def database_identity(dsn: str) -> tuple[str, str] | None:
+    """(cluster system identifier, database name) — the same database however its DSN is written (host
+    name or address, port, options, user); None when it cannot be reached."""
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5, application_name="wedbackup-dr") as conn:
+            row = conn.execute("SELECT system_identifier::text, current_database()::text "
+                               "FROM pg_catalog.pg_control_system()").fetchone()
+    except psycopg.Error:
+        return None
+    return row[0], row[1]
+
+
+def refuse_protected_target(target_dsn: str, protected: Mapping[str, str]) -> None:
+    """Stop when the target is one of the `protected` databases ({"the live source (WEDBACKUP_SOURCE_DSN)":
+    dsn, …}), compared by cluster identity and database name, never by the DSN's text."""
+    target = database_identity(target_dsn)
+    if target is None:
+        raise RestoreError(f"cannot connect to the target, {database_label(target_dsn)}: check --target-dsn")
+    for what, dsn in protected.items():
+        if dsn and database_identity(dsn) == target:
+            raise RestoreError(f"the target, {database_label(target_dsn)}, is {what}: restore --all writes a "
+                               f"whole platform and only into a new, empty database")
+
+
+# --- the report ---------------------------------------------------------------------------------------
+
+@dataclass
+class PartitionResult:
+    partition: str
+    ok: bool
+    archive_sha256: str = ""
+    snapshot_time: str = ""
+    copy: str = ""
+    rows: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    attempts: list[str] = field(default_factory=list)  # copies that failed first, with why
+    error: str = ""
+
+
+@dataclass
+class PlatformReport:
+    target: str
+    as_of: str
+    partitions_total: int = 0  # platform + every wedding planned (erased weddings excluded)
+    restored_now: int = 0
+    restored_before: int = 0  # committed by an earlier (interrupted) run, not redone
+    rows: int = 0  # of every partition in the target
+    bytes: int = 0  # archive bytes of every partition in the target
+    phases: dict[str, float] = field(default_factory=lambda: {"download": 0.0, "decrypt": 0.0, "load": 0.0,
+                                                               "check": 0.0})
+    newest_point: str = ""
+    oldest_point: str = ""
+    copies_used: dict[str, int] = field(default_factory=dict)
+    fallbacks: list[str] = field(default_factory=list)  # "wedding 7: s3 failed (…), restored from gcs"
+    failed: dict[str, str] = field(default_factory=dict)  # partition -> reason
+    erased: list[str] = field(default_factory=list)  # erased weddings: not restored, by design
+    erasures_reapplied: list[str] = field(default_factory=list)
+    foreign_key_problems: list[str] = field(default_factory=list)
+    sequences_checked: int = 0
+    seconds: float = 0.0
+    complete: bool = False
+    stopped: str = ""  # why the run stopped early (it can be resumed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        state = "complete" if self.complete else ("STOPPED: " + self.stopped if self.stopped else "INCOMPLETE")
+        done = self.restored_now + self.restored_before
+        out = [f"restore --all into {self.target} as of {self.as_of}: {state}",
+               f"  partitions restored: {done} of {self.partitions_total} ({self.restored_now} now, "
+               f"{self.restored_before} by an earlier run)",
+               f"  rows {self.rows:,}, archive bytes {self.bytes:,}, {self.seconds:.1f} s",
+               "  phases (s, summed over workers): " + ", ".join(f"{k} {v:.2f}" for k, v in self.phases.items()),
+               f"  recovery points used: newest {self.newest_point or '-'}, oldest {self.oldest_point or '-'}",
+               "  copies used: " + (", ".join(f"{k} {v}" for k, v in sorted(self.copies_used.items())) or "-")]
+        out += [f"  fell back: {line}" for line in self.fallbacks]
+        out += [f"  erased, not restored: wedding {p}" for p in self.erased]
+        out += [f"  re-applied erasure: {line}" for line in self.erasures_reapplied]
+        out += [f"  NOT RESTORED {_label(p)}: {why}" for p, why in sorted(self.failed.items(),
+                                                                          key=lambda kv: _partition_order(kv[0]))]
+        out += [f"  FOREIGN KEY: {line}" for line in self.foreign_key_problems]
+        return out
+
+
+@dataclass(frozen=True)
+class RestoreAllOptions:
+    as_of: datetime | None = None  # None: now (or, resuming, the time the first run chose)
+    providers: tuple[str, ...] | None = None  # copies to use, in order; default vault, s3, gcs, azure
+    jobs: int = 4
+    resume: bool = False
+    include_unverified: bool = False
+    stop_after: int | None = None  # test hook: stop (as a crash would) after this many weddings this run
+
+
+def copy_order(first: str | None) -> tuple[str, ...]:
+    """`--from X`: X first, then the other providers as fall-backs (the vault only when X is the vault)."""
+    if first is None:
+        return LOCATIONS
+    if first not in LOCATIONS:
+        raise WedbackupError(f"--from {first!r} is not one of {', '.join(LOCATIONS)}")
+    return (first,) + tuple(p for p in LOCATIONS if p not in (first, "vault"))
+
+
+# --- the target's state -------------------------------------------------------------------------------
+
+def _progress_exists(conn) -> bool:
+    return conn.execute("SELECT to_regclass(%s) IS NOT NULL",
+                        (f"{RESTORE_PROGRESS_SCHEMA}.partitions",)).fetchone()[0]
+
+
+def _what_is_there(conn) -> list[str]:
+    """The target's objects beyond what a new database has (its bookkeeping schema excluded)."""
+    description = describe_schema(conn)
+    if schema_is_empty(description):
+        return []
+    return [f"{kind} {key}" for kind, key, _ in description
+            if not (kind == "extension" or (kind == "schema" and key == "public"))]
+
+
+def _done(conn) -> dict[str, dict[str, Any]]:
+    rows = conn.execute(sql.SQL("SELECT partition, archive_sha256, snapshot_time, copy, rows, bytes FROM {}").format(
+        sql.Identifier(RESTORE_PROGRESS_SCHEMA, "partitions"))).fetchall()
+    return {r[0]: {"archive_sha256": r[1], "snapshot_time": r[2], "copy": r[3], "rows": r[4], "bytes": r[5]}
+            for r in rows}
+
+
+def _prepare_target(conn, target: str, options: RestoreAllOptions, as_of: datetime) -> tuple[datetime, dict]:
+    """Refuse a target in use; make the progress tables (new run) or read them (resume). Returns the run's
+    as-of time and the partitions already committed."""
+    if _progress_exists(conn):
+        row = conn.execute(sql.SQL("SELECT as_of FROM {}").format(
+            sql.Identifier(RESTORE_PROGRESS_SCHEMA, "run"))).fetchone()
+        done = _done(conn)
+        if not options.resume:
+            raise RestoreError(f"the target, {target}, holds an unfinished restore --all ({len(done)} partition(s) "
+                               f"committed, as of {row[0].isoformat() if row else '?'}): run again with --resume to "
+                               f"finish it, or restore into a new empty database")
+        if row is None:
+            raise RestoreError(f"the target, {target}: its {RESTORE_PROGRESS_SCHEMA} schema has no run record; "
+                               f"restore into a new empty database")
+        if options.as_of is not None and options.as_of != row[0]:
+            raise RestoreError(f"--as-of {options.as_of.isoformat()} differs from the interrupted run's "
+                               f"{row[0].isoformat()}: resume without --as-of (one common point for all)")
+        return row[0], done
+    there = _what_is_there(conn)
+    if there:
+        more = f" and {len(there) - 8} more" if len(there) > 8 else ""
+        hint = (" (--resume continues only a restore --all that wedbackup started in this database)"
+                if options.resume else "")
+        raise RestoreError(f"the target, {target}, is not empty: {', '.join(there[:8])}{more}; restore --all "
+                           f"writes only into a new, empty database{hint}")
+    with conn.transaction():
+        conn.execute(_PROGRESS_DDL)
+        conn.execute(sql.SQL("INSERT INTO {} (as_of, include_unverified) VALUES (%s, %s)").format(
+            sql.Identifier(RESTORE_PROGRESS_SCHEMA, "run")), (as_of, options.include_unverified))
+    return as_of, {}
+
+
+# --- one partition ------------------------------------------------------------------------------------
+
+def _timed(chunks: Iterable[bytes], spent: list[float]) -> Iterator[bytes]:
+    """The archive's plaintext chunks, adding the time spent producing them (decrypt + decompress)."""
+    it = iter(chunks)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            chunk = next(it)
+        except StopIteration:
+            spent[0] += time.perf_counter() - t0
+            return
+        spent[0] += time.perf_counter() - t0
+        yield chunk
+
+
+def _record_progress(partition: str, backup: Any, copy: str) -> Callable[[Any, Any], None]:
+    started = time.perf_counter()
+
+    def record(conn, report) -> None:  # inside the partition's own transaction: committed with its rows
+        conn.execute(sql.SQL("INSERT INTO {} (partition, archive_sha256, snapshot_time, copy, rows, bytes, seconds) "
+                             "VALUES (%s, %s, %s, %s, %s, %s, %s)").format(
+            sql.Identifier(RESTORE_PROGRESS_SCHEMA, "partitions")),
+            (partition, backup.archive_sha256, backup.snapshot_time, copy, report.total_rows, backup.size,
+             round(time.perf_counter() - started, 6)))
+    return record
+
+
+def restore_partition(engine: Any, replicas: Mapping[str, Any], target_dsn: str, point: RecoveryPoint,
+                      order: Iterable[str], *, hold_triggers: bool) -> PartitionResult:
+    """One partition's chosen backup into the target, from the first copy in `order` that works: a copy
+    that cannot be fetched, fails its SHA-256 or cannot be decrypted moves on to the next one."""
+    partition = point.partition
+    result = PartitionResult(partition, False, point.archive_sha256, point.snapshot_time.isoformat(),
+                             bytes=point.size)
+    backup = engine.catalogue.backup_by_sha(point.archive_sha256)
+    held = {c.provider for c in engine.catalogue.copies(backup.id)}
+    candidates = []
+    for p in order:
+        if p not in held:
+            continue
+        if p == "vault" and engine.vault.get(partition, backup.archive_sha256) is None:
+            result.attempts.append("vault: the copy is missing from the vault")
+        elif p != "vault" and p not in replicas:
+            result.attempts.append(f"{p}: not configured for this restore")
+        else:
+            candidates.append(p)
+    started = time.perf_counter()
+    for copy in candidates:
+        for attempt in range(3):  # a deadlock with another worker is retried; anything else is not
+            decrypt = [0.0]
+            t0 = time.perf_counter()
+            try:
+                with engine._fetched_copy(backup, copy, replicas) as tmp:
+                    download = time.perf_counter() - t0
+                    name = engine._archive_name(backup, copy)
+                    chunks = _timed(open_archive(tmp, name=name, resolve_key=engine.resolve_key), decrypt)
+                    t1 = time.perf_counter()
+                    report = restore_snapshot(chunks, target_dsn, create_schema=partition == PLATFORM, name=name,
+                                              hold_triggers=hold_triggers,
+                                              before_commit=_record_progress(partition, backup, copy))
+                    load = time.perf_counter() - t1 - decrypt[0]
+            except _COPY_FAULTS as exc:
+                result.attempts.append(f"{copy}: {str(exc)[:300]}")
+                break
+            except _SERIALISATION:
+                if attempt == 2:
+                    result.attempts.append(f"{copy}: deadlocked three times with other workers")
+                    break
+                continue
+            except psycopg.errors.UniqueViolation as exc:
+                result.error = f"already in the target (another run restoring it?): {_first_line(exc)}"
+                return result
+            except WedbackupError as exc:
+                result.error = str(exc)
+                return result
+            except psycopg.Error as exc:
+                result.error = f"the target failed: {type(exc).__name__}: {_first_line(exc)[:300]}"
+                return result
+            result.ok, result.copy, result.rows = True, copy, report.total_rows
+            result.phases = {"download": download, "decrypt": decrypt[0], "load": max(load, 0.0)}
+            result.seconds = round(time.perf_counter() - started, 6)
+            return result
+    tried = "; ".join(result.attempts) or f"copies at {', '.join(sorted(held)) or 'no location'}, none usable"
+    result.error = f"no copy could be restored: {tried}"
+    return result
+
+
+# --- the whole platform -------------------------------------------------------------------------------
+
+def planned_partitions(catalogue: Any) -> tuple[list[str], list[str]]:
+    """(weddings to restore, erased weddings): every wedding with a backup or known to discovery."""
+    with catalogue.connect() as conn:
+        backed_up = {r["partition"] for r in conn.execute(
+            "SELECT DISTINCT partition FROM wedbackup.backups WHERE deleting_since IS NULL").fetchall()}
+    known = backed_up | set(catalogue.live_partitions())
+    known.discard(PLATFORM)
+    erased = catalogue.erased_partitions()
+    weddings = sorted(known - erased, key=_partition_order)
+    return weddings, sorted(known & erased, key=_partition_order)
+
+
+class _Ticker:
+    """done/total, rate and ETA, at most every PROGRESS_EVERY seconds (and at the end)."""
+
+    def __init__(self, total: int, done: int, progress: Progress):
+        self.total, self.done, self.progress = total, done, progress
+        self.started, self.last, self.now_done, self.failed = time.monotonic(), 0.0, 0, 0
+
+    def tick(self, ok: bool, final: bool = False) -> None:
+        if ok:
+            self.done, self.now_done = self.done + 1, self.now_done + 1
+        else:
+            self.failed += 1
+        now = time.monotonic()
+        if not final and now - self.last < PROGRESS_EVERY and self.done + self.failed < self.total:
+            return
+        self.last = now
+        elapsed = max(now - self.started, 1e-6)
+        rate = (self.now_done + self.failed) / elapsed
+        left = self.total - self.done - self.failed
+        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
+        self.progress(f"[{self.done}/{self.total}] {rate:.1f} partitions/s, ETA {eta}"
+                      + (f", {self.failed} failed" if self.failed else ""))
+
+
+def restore_all(engine: Any, replicas: Mapping[str, Any], target_dsn: str, options: RestoreAllOptions = RestoreAllOptions(),
+                *, progress: Progress = _quiet, protected: Mapping[str, str] | None = None) -> PlatformReport:
+    """The whole platform into an empty database (see the module's first lines). `protected`: databases the
+    target may not be (default: the live source and the catalogue of the engine's settings)."""
+    started = time.perf_counter()
+    settings = engine.settings
+    if protected is None:
+        protected = {"the live source database (WEDBACKUP_SOURCE_DSN)": settings.source_dsn,
+                     "the catalogue database (WEDBACKUP_CATALOGUE_DSN)": settings.catalogue_dsn}
+    refuse_protected_target(target_dsn, protected)
+    target = database_label(target_dsn)
+    order = tuple(options.providers or LOCATIONS)
+    for p in order:
+        if p not in LOCATIONS:
+            raise WedbackupError(f"copy location {p!r} is not one of {', '.join(LOCATIONS)}")
+    jobs = max(1, int(options.jobs))
+    with psycopg.connect(target_dsn, autocommit=True, application_name="wedbackup-restore-all") as coord:
+        # One restore --all per target at a time: the lock lives as long as this connection.
+        if not coord.execute("SELECT pg_try_advisory_lock(hashtext('wedbackup-restore-all'))").fetchone()[0]:
+            raise RestoreError(f"another restore --all is running into {target}; wait for it (or stop it) first")
+        as_of, done = _prepare_target(coord, target, options, options.as_of or datetime.now(timezone.utc))
+        report = PlatformReport(target, as_of.isoformat())
+        weddings, report.erased = planned_partitions(engine.catalogue)
+        report.partitions_total = len(weddings) + 1
+        report.restored_before = len(done)
+        progress(f"restore --all into {target} as of {as_of.isoformat()}: platform + {len(weddings)} wedding(s), "
+                 f"{len(done)} already committed, {jobs} worker(s), copies from {', '.join(order)}")
+        points: dict[str, RecoveryPoint] = {}
+        for partition in [PLATFORM] + weddings:
+            if partition in done:
+                continue
+            try:
+                points[partition] = choose_point(recovery_points(engine.catalogue, partition), partition, as_of,
+                                                 include_unverified=options.include_unverified)
+            except NoRecoveryPointError as exc:
+                report.failed[partition] = str(exc)
+        ticker = _Ticker(report.partitions_total, len(done), progress)
+        if PLATFORM not in done:
+            if PLATFORM in report.failed:
+                raise RestoreError(f"restore --all into {target}: {report.failed[PLATFORM]}; nothing of the "
+                                   f"weddings can be restored without the platform's schema and rows")
+            result = restore_partition(engine, replicas, target_dsn, points.pop(PLATFORM), order, hold_triggers=True)
+            _account(report, result)
+            if not result.ok:
+                raise RestoreError(f"restore --all into {target}: the platform partition could not be restored: "
+                                   f"{result.error}")
+            ticker.tick(True)
+        report.erasures_reapplied += _reapply(engine, target_dsn)
+        inserting = coord.execute(_INSERT_TRIGGERS_SQL).fetchall()
+        if inserting:
+            progress(f"user triggers fire on INSERT ({', '.join(r[0] for r in inserting[:5])}): each wedding holds "
+                     f"them off while it loads, which serialises the workers on those tables")
+        todo = [points[p] for p in weddings if p in points]
+        stopped = _run_weddings(engine, replicas, target_dsn, todo, order, jobs, options.stop_after, report, ticker,
+                                hold_triggers=bool(inserting))
+        if stopped:
+            report.stopped = stopped
+        else:
+            t0 = time.perf_counter()
+            _check(coord, engine, target_dsn, report, progress)
+            report.phases["check"] += time.perf_counter() - t0
+        _summarise(coord, report)
+        report.complete = not stopped and not report.failed and not report.foreign_key_problems
+        if report.complete:  # a finished target holds the platform only: nothing of wedbackup's
+            coord.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(RESTORE_PROGRESS_SCHEMA)))
+    report.seconds = round(time.perf_counter() - started, 3)
+    for k in report.phases:
+        report.phases[k] = round(report.phases[k], 3)
+    if not stopped:
+        engine.catalogue.audit("restore-all", PLATFORM, {
+            "target": target, "as_of": report.as_of, "complete": report.complete,
+            "restored": report.restored_now + report.restored_before, "failed": sorted(report.failed)[:50],
+            "seconds": report.seconds, "phases": report.phases})
+    return report
+
+
+def _account(report: PlatformReport, result: PartitionResult) -> None:
+    if result.ok:
+        report.restored_now += 1
+        report.copies_used[result.copy] = report.copies_used.get(result.copy, 0) + 1
+        for k, v in result.phases.items():
+            report.phases[k] += v
+        if result.attempts:
+            report.fallbacks.append(f"{_label(result.partition)}: " + "; ".join(result.attempts)
+                                    + f"; restored from {result.copy}")
+    else:
+        report.failed[result.partition] = result.error
+
+
+def _run_weddings(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo: list[RecoveryPoint],
+                  order: tuple[str, ...], jobs: int, stop_after: int | None, report: PlatformReport,
+                  ticker: _Ticker, *, hold_triggers: bool) -> str:
+    """Every wedding on `jobs` workers, each with its own engine (the catalogue connection is not shared
+    between threads). Returns why it stopped early, or ''."""
+    local = threading.local()
+    engines: list[Any] = []
+    lock = threading.Lock()
+
+    def worker_engine() -> Any:
+        if getattr(local, "engine", None) is None:
+            local.engine = type(engine)(engine.settings, engine.keyring)
+            with lock:
+                engines.append(local.engine)
+        return local.engine
+
+    def one(point: RecoveryPoint) -> PartitionResult:
+        return restore_partition(worker_engine(), replicas, target_dsn, point, order, hold_triggers=hold_triggers)
+
+    restored = 0
+    pending: set[Future] = set()
+    queue = list(reversed(todo))
+    try:
+        with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="wedbackup-dr") as pool:
+            while queue or pending:
+                while queue and len(pending) < jobs * 2:
+                    pending.add(pool.submit(one, queue.pop()))
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    result = future.result()
+                    _account(report, result)
+                    ticker.tick(result.ok)
+                    restored += result.ok
+                if stop_after is not None and restored >= stop_after:
+                    queue.clear()
+                    for future in pending:
+                        future.cancel()
+                    for future in pending:
+                        if not future.cancelled():
+                            _account(report, future.result())
+                    return f"stopped after {restored} wedding(s) by the test hook stop_after"
+    finally:
+        for e in engines:
+            e.catalogue.close()
+    return ""
+
+
+def _reapply(engine: Any, target_dsn: str) -> list[str]:
+    from .erasure import reapply_erasures
+
+    return reapply_erasures(target_dsn, engine.catalogue)
+
+
+def _check(coord, engine: Any, target_dsn: str, report: PlatformReport, progress: Progress) -> None:
+    """After every wedding: erasures again, every sequence past its column's largest value (the workers'
+    setval calls raced each other), and every foreign key of every table counted for orphans."""
+    report.erasures_reapplied += _reapply(engine, target_dsn)
+    tables = [tuple(r) for r in coord.execute(_TABLES_SQL, (RESTORE_PROGRESS_SCHEMA,)).fetchall()]
+    with coord.transaction():
+        report.sequences_checked = len(_advance_sequences(coord, tables))
+    manifest = SimpleNamespace(tables=[SimpleNamespace(schema=s, name=n) for s, n in tables])
+    with coord.transaction():
+        coord.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        checks = _check_foreign_keys(coord, manifest)
+    report.foreign_key_problems = [f"{c.constraint} on {c.table}: {c.orphans} row(s) point at no row of {c.parent}"
+                                   for c in checks if c.status == "orphans"]
+    progress(f"checked {len(checks)} foreign key(s) and {report.sequences_checked} sequence(s)"
+             + (f": {len(report.foreign_key_problems)} problem(s)" if report.foreign_key_problems else ": all good"))
+
+
+def _summarise(coord, report: PlatformReport) -> None:
+    """Totals over every partition in the target (this run's and earlier runs')."""
+    row = coord.execute(sql.SQL("SELECT coalesce(sum(rows), 0), coalesce(sum(bytes), 0), max(snapshot_time), "
+                                "min(snapshot_time) FROM {}").format(
+        sql.Identifier(RESTORE_PROGRESS_SCHEMA, "partitions"))).fetchone()
+    report.rows, report.bytes = int(row[0]), int(row[1])
+    report.newest_point = row[2].isoformat() if row[2] else ""
+    report.oldest_point = row[3].isoformat() if row[3] else ""
+

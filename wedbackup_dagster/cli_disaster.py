@@ -1,0 +1,93 @@
+"""`wedbackup restore --all` (the whole platform into an empty database, through the `restore_platform` Dagster
+job, resumable) and `wedbackup dr plan` (the runbook of a disaster scenario from the catalogue's state)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .core.errors import WedbackupError
+
+
+def cmd_restore_all(args: argparse.Namespace) -> int:
+    from .backups.restore_job import TARGET_DSN_VARIABLE, progress_logger
+    from .cli_backup import QUIET, _instance
+    from .core import disaster, recovery
+    from .core.config import Settings, redact
+
+    if not args.target_dsn:
+        raise WedbackupError("restore --all needs the empty database to restore into: --target-dsn DSN")
+    if args.in_place or args.into_schema or args.dry_run:
+        raise WedbackupError("restore --all writes a whole platform into a new database: it goes without "
+                             "--in-place, --into-schema and --dry-run (see `wedbackup dr plan` for what it would use)")
+    if args.jobs < 1:
+        raise WedbackupError(f"--jobs {args.jobs}: at least 1")
+    Settings.from_env()
+    if args.as_of:
+        recovery.parse_as_of(args.as_of)  # a bad time stops here, before a run is made
+    disaster.copy_order(args.source)
+    config = {"jobs": args.jobs, "resume": bool(args.resume), "include_unverified": bool(args.include_unverified)}
+    if args.as_of:
+        config["as_of"] = args.as_of
+    if args.source:
+        config["copy_from"] = args.source
+    os.environ[TARGET_DSN_VARIABLE] = args.target_dsn  # read by the op; never put in the run config
+    from .definitions import defs
+
+    job = defs.resolve_job_def("restore_platform")
+    handler = logging.StreamHandler(sys.stderr)  # progress (done/total, rate, ETA) on stderr as it goes
+    handler.setFormatter(logging.Formatter("  %(message)s"))
+    progress_logger.addHandler(handler)
+    previous_level = progress_logger.level
+    progress_logger.setLevel(logging.INFO)
+    progress_logger.propagate = False
+    try:
+        result = job.execute_in_process(instance=_instance(), raise_on_error=False,
+                                        tags={"wedbackup/restore_mode": "all"},
+                                        run_config={**QUIET, "ops": {"restore_all_partitions": {"config": config}}})
+    finally:
+        progress_logger.removeHandler(handler)
+        progress_logger.setLevel(previous_level)
+    if result.success:
+        report = result.output_for_node("restore_all_partitions")
+        if args.json:
+            print(json.dumps(report, indent=2, default=str))
+        else:
+            print("\n".join(disaster.PlatformReport(**report).lines()))
+        return 0 if report["complete"] else 1
+    for event in result.all_events:
+        if event.event_type_value == "STEP_FAILURE":
+            data = event.step_failure_data
+            text = (data.user_failure_data.description if data.user_failure_data and data.user_failure_data.description
+                    else data.error.message.strip() if data.error else "the restore step failed")
+            print(redact(f"restore --all failed: {text}"), file=sys.stderr)
+    return 1
+
+
+def cmd_dr_plan(args: argparse.Namespace) -> int:
+    from .core import disaster
+    from .core.catalogue import Catalogue
+    from .core.config import Settings
+
+    disaster.parse_scenario(args.scenario)  # a bad scenario stops here, before any database is read
+    catalogue = Catalogue(Settings.from_env().catalogue_dsn)
+    try:
+        catalogue.migrate()
+        plan = disaster.recovery_plan(catalogue, args.scenario, jobs=args.jobs)
+    finally:
+        catalogue.close()
+    print(json.dumps(plan.to_dict(), indent=2, default=str) if args.json else "\n".join(plan.lines()))
+    return 1 if plan.missing else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    dr = sub.add_parser("dr", help="disaster recovery: runbooks per scenario (the restore is `restore --all`)")
+    verbs = dr.add_subparsers(dest="verb", required=True)
+    plan = verbs.add_parser("plan", help="the runbook of a disaster scenario, from the catalogue's actual state")
+    plan.add_argument("--scenario", required=True, metavar="SCENARIO",
+                      help="source-lost | vault-lost | catalogue-lost | provider-lost:NAME (s3, gcs, azure)")
+    plan.add_argument("--jobs", type=int, default=4, metavar="N", help="workers the estimate assumes")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=cmd_dr_plan)

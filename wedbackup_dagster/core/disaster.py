@@ -130,6 +130,8 @@ class PlatformReport:
     newest_point: str = ""
     oldest_point: str = ""
     copies_used: dict[str, int] = field(default_factory=dict)
+    per_copy: dict[str, dict[str, float]] = field(default_factory=dict)  # location -> bytes, seconds (this run)
+    slowest: dict[str, Any] = field(default_factory=dict)  # this run's slowest partition and its seconds
     fallbacks: list[str] = field(default_factory=list)  # "wedding 7: s3 failed (…), restored from gcs"
     failed: dict[str, str] = field(default_factory=dict)  # partition -> reason
     erased: list[str] = field(default_factory=list)  # erased weddings: not restored, by design
@@ -443,6 +445,11 @@ def _account(report: PlatformReport, result: PartitionResult) -> None:
     if result.ok:
         report.restored_now += 1
         report.copies_used[result.copy] = report.copies_used.get(result.copy, 0) + 1
+        spent = report.per_copy.setdefault(result.copy, {"bytes": 0, "seconds": 0.0})
+        spent["bytes"] += result.bytes
+        spent["seconds"] += result.seconds
+        if result.seconds > report.slowest.get("seconds", -1.0):
+            report.slowest = {"partition": result.partition, "seconds": round(result.seconds, 3)}
         for k, v in result.phases.items():
             report.phases[k] += v
         if result.attempts:
@@ -740,3 +747,96 @@ def _steps(kind: str, lost: str | None, surviving: list[str], best: str, target:
         steps.append("the partitions listed MISSING cannot be restored from the surviving copies: back them up "
                      "now if the source still has them (wedbackup backup --wedding ID …)")
     return steps
+
+
+# --- drills -------------------------------------------------------------------------------------------
+
+DRILL_LABEL = "dr-drill"
+RTO_TARGET_SECONDS = 4 * 3600.0  # the seeds: the whole system back within 4 hours
+PARTITION_TARGET_SECONDS = 60.0  # … and each (critical) wedding within a minute
+
+
+@dataclass
+class DrillReport:
+    provider: str
+    started_at: str
+    restore: PlatformReport
+    rto_seconds: float  # the whole restore, scratch database made to checks done
+    rpo_seconds: float  # from the oldest recovery point used to the drill's start
+    throughput: dict[str, float]  # bytes per second of partition restore time, per copy location
+    earlier: list[dict[str, Any]] = field(default_factory=list)  # the previous drills, newest first
+
+    @property
+    def complete(self) -> bool:
+        return self.restore.complete
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["complete"] = self.complete
+        return d
+
+    def markdown(self, rto_target: float = RTO_TARGET_SECONDS) -> str:
+        r = self.restore
+        out = [f"# DR drill from {self.provider} ({self.started_at})", "",
+               f"**{'Complete' if self.complete else 'INCOMPLETE'}**: {r.restored_now} of {r.partitions_total} "
+               f"partition(s) restored into a scratch database and checked against their manifests, "
+               f"{r.rows:,} rows, {r.bytes:,} archive bytes.", "",
+               f"- achieved RTO: **{self.rto_seconds:.1f} s** (target {rto_target:.0f} s)",
+               f"- achieved RPO: oldest recovery point {r.oldest_point or '-'} ({self.rpo_seconds / 3600:.1f} h "
+               f"before the drill), newest {r.newest_point or '-'}",
+               f"- slowest partition: {r.slowest.get('partition', '-')} ({r.slowest.get('seconds', 0)} s)", "",
+               "| phase | seconds (summed over workers) |", "|---|---|"]
+        out += [f"| {k} | {v:.2f} |" for k, v in r.phases.items()]
+        out += ["", "| copy | partitions | bytes/s |", "|---|---|---|"]
+        out += [f"| {k} | {r.copies_used.get(k, 0)} | {v:,.0f} |" for k, v in self.throughput.items()]
+        if self.earlier:
+            out += ["", "| earlier drill | provider | RTO s | complete |", "|---|---|---|---|"]
+            out += [f"| {d.get('started_at', '?')} | {d.get('provider', '?')} | {d.get('rto_seconds', '?')} | "
+                    f"{d.get('complete', '?')} |" for d in self.earlier[:8]]
+        if r.failed or r.foreign_key_problems or r.fallbacks:
+            out += ["", "Problems:"] + [f"- {line}" for line in r.lines()[6:]]
+        return "\n".join(out)
+
+
+def drill(engine: Any, replicas: Mapping[str, Any], provider: str, *, jobs: int = 4,
+          progress: Progress = _quiet) -> DrillReport:
+    """The whole platform restored from `provider` (falling back to the other providers, never the vault)
+    into a scratch database on the scratch server, checked (every table against its manifest while it loads,
+    foreign keys and sequences at the end), timed per phase, and dropped. Recorded in the audit trail
+    (`dr-drill`) so the next drill shows the trend and `dr plan` its rates."""
+    from .restore import scratch_database
+
+    if provider not in PROVIDER_LOCATIONS:
+        raise WedbackupError(f"a drill restores from a provider ({', '.join(PROVIDER_LOCATIONS)}), never the vault; "
+                             f"not {provider!r}")
+    earlier = _earlier_drills(engine.catalogue)
+    started_at = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    order = copy_order(provider)
+    with scratch_database(engine.settings.scratch_dsn, label=DRILL_LABEL) as scratch:
+        report = restore_all(engine, replicas, scratch, RestoreAllOptions(providers=order, jobs=jobs),
+                             progress=progress)
+    rto = round(time.perf_counter() - t0, 3)
+    oldest = datetime.fromisoformat(report.oldest_point) if report.oldest_point else started_at
+    throughput = {k: round(v["bytes"] / v["seconds"], 1) if v["seconds"] else 0.0
+                  for k, v in report.per_copy.items()}
+    result = DrillReport(provider, started_at.isoformat(), report, rto,
+                         round((started_at - oldest).total_seconds(), 1), throughput, earlier)
+    engine.catalogue.audit("dr-drill", PLATFORM, {
+        "provider": provider, "started_at": result.started_at, "rto_seconds": rto, "complete": result.complete,
+        "rpo_seconds": result.rpo_seconds, "partitions": report.partitions_total, "phases": report.phases,
+        "throughput": throughput, "failed": sorted(report.failed)[:50]})
+    return result
+
+
+def _earlier_drills(catalogue: Any, limit: int = 8) -> list[dict[str, Any]]:
+    with catalogue.connect() as conn:
+        rows = conn.execute("SELECT detail FROM wedbackup.audit WHERE action = 'dr-drill' ORDER BY id DESC LIMIT %s",
+                            (limit,)).fetchall()
+    return [r["detail"] for r in rows]
+
+
+def drill_provider(now: datetime | None = None) -> str:
+    """The provider of this week's drill: s3, gcs, azure in turn by ISO week, so every provider is proved."""
+    week = (now or datetime.now(timezone.utc)).isocalendar()[1]
+    return PROVIDER_LOCATIONS[week % len(PROVIDER_LOCATIONS)]

@@ -53,9 +53,9 @@ def cmd_restore_all(args: argparse.Namespace) -> int:
     if result.success:
         report = result.output_for_node("restore_all_partitions")
         if args.json:
-            print(json.dumps(report, indent=2, default=str))
+            print(redact(json.dumps(report, indent=2, default=str)))
         else:
-            print("\n".join(disaster.PlatformReport(**report).lines()))
+            print(redact("\n".join(disaster.PlatformReport(**report).lines())))
         return 0 if report["complete"] else 1
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE":

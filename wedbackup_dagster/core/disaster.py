@@ -402,6 +402,7 @@ def restore_all(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
             except NoRecoveryPointError as exc:
                 report.failed[partition] = str(exc)
         ticker = _Ticker(report.partitions_total, len(done), progress)
+        ticker.failed = len(report.failed)  # no recovery point: counted, never started
         if PLATFORM not in done:
             if PLATFORM in report.failed:
                 raise RestoreError(f"restore --all into {target}: {report.failed[PLATFORM]}; nothing of the "
@@ -476,7 +477,11 @@ def _run_weddings(engine: Any, replicas: Mapping[str, Any], target_dsn: str, tod
         return local.engine
 
     def one(point: RecoveryPoint) -> PartitionResult:
-        return restore_partition(worker_engine(), replicas, target_dsn, point, order, hold_triggers=hold_triggers)
+        try:
+            return restore_partition(worker_engine(), replicas, target_dsn, point, order, hold_triggers=hold_triggers)
+        except Exception as exc:  # noqa: BLE001 — one wedding's surprise must not stop the others
+            return PartitionResult(point.partition, False, point.archive_sha256, point.snapshot_time.isoformat(),
+                                   error=f"{type(exc).__name__}: {str(exc)[:300]}")
 
     restored = 0
     pending: set[Future] = set()

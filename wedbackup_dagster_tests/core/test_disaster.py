@@ -159,3 +159,56 @@ def test_refuses_a_target_in_use_the_source_and_the_catalogue(platform, make_dat
         disaster.restore_all(engine, platform["replicas"], platform["source"], s3_only())
     password = parts.get("password")
     assert not password or password not in str(err.value)
+
+
+def test_after_a_catalogue_loss_the_platform_comes_back_from_s3_and_the_key_backup(platform, make_database):
+    """Catalogue lost too: a new one rebuilt from S3 alone (wedding keys from the key-store backup sealed
+    with the master key), then restore --all of the newest backups (verification history is not in storage)."""
+    import dataclasses
+
+    from wedbackup_dagster.core.keybackup import back_up_key_store
+    from wedbackup_dagster.core.rebuild import rebuild_from
+
+    engine, replicas = platform["engine"], platform["replicas"]
+    back_up_key_store(engine.settings, engine.catalogue, {"s3": replicas["s3"]}, engine.keyring)
+    fresh = Engine(dataclasses.replace(engine.settings, catalogue_dsn=make_database()), engine.keyring)
+    try:
+        rebuilt = rebuild_from(replicas["s3"], fresh.catalogue, fresh.keyring)
+        assert rebuilt.keys_restored == WEDDINGS + 1 and rebuilt.backups_added == WEDDINGS + 1, rebuilt.to_dict()
+        plan = disaster.recovery_plan(fresh.catalogue, "source-lost")
+        assert set(plan.missing) == {"platform", *platform["weddings"]}  # nothing verified in a rebuilt catalogue
+        target = make_database()
+        with pytest.raises(RestoreError, match="no verified backup"):
+            disaster.restore_all(fresh, replicas, target, s3_only())
+        restored = make_database()
+        report = disaster.restore_all(fresh, replicas, restored, s3_only(include_unverified=True))
+        assert report.complete, report.lines()
+        assert table_sums(restored) == platform["expected"]
+    finally:
+        fresh.catalogue.close()
+
+
+def test_insert_triggers_are_held_off_while_the_workers_load(demo_env, make_database):
+    """A user trigger that fires on INSERT would change restored rows: each load holds it off (and the run
+    says the workers queue on those tables), and it is enabled again afterwards."""
+    source = demo_env(weddings=3, seed=8, document_bytes=64)["source"]
+    with psycopg.connect(source) as conn:
+        conn.execute("CREATE FUNCTION public.shout() RETURNS trigger LANGUAGE plpgsql AS "
+                     "$$ BEGIN NEW.first_name := upper(NEW.first_name) || '!'; RETURN NEW; END $$")
+        conn.execute("CREATE TRIGGER shout BEFORE INSERT ON public.guests FOR EACH ROW EXECUTE FUNCTION public.shout()")
+    engine = Engine.from_env()
+    ensure_targets(engine.settings)
+    try:
+        with engine.snapshot_session() as session:
+            for p in ("platform", "1", "2", "3"):
+                engine.back_up(p, session)
+        target, lines = make_database(), []
+        report = disaster.restore_all(engine, {}, target, disaster.RestoreAllOptions(jobs=3, include_unverified=True),
+                                      progress=lines.append)
+        assert report.complete, report.lines()
+        assert any("user triggers fire on INSERT (public.guests: shout)" in line for line in lines)
+        assert table_sums(target) == table_sums(source)
+        with psycopg.connect(target) as conn:
+            assert conn.execute("SELECT tgenabled FROM pg_trigger WHERE tgname = 'shout'").fetchone()[0] == "O"
+    finally:
+        engine.catalogue.close()

@@ -329,7 +329,8 @@ def restore_partition(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
 # --- the whole platform -------------------------------------------------------------------------------
 
 def planned_partitions(catalogue: Any) -> tuple[list[str], list[str]]:
-    """(weddings to restore, erased weddings): every wedding with a backup or known to discovery."""
+    """(weddings to restore, erased weddings): every wedding with a backup or known to discovery, and every
+    wedding the catalogue records as erased (its backups are gone: it is named, never restored)."""
     with catalogue.connect() as conn:
         backed_up = {r["partition"] for r in conn.execute(
             "SELECT DISTINCT partition FROM wedbackup.backups WHERE deleting_since IS NULL").fetchall()}
@@ -337,7 +338,7 @@ def planned_partitions(catalogue: Any) -> tuple[list[str], list[str]]:
     known.discard(PLATFORM)
     erased = catalogue.erased_partitions()
     weddings = sorted(known - erased, key=_partition_order)
-    return weddings, sorted(known & erased, key=_partition_order)
+    return weddings, sorted(erased, key=_partition_order)
 
 
 class _Ticker:

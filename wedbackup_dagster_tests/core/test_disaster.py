@@ -212,3 +212,21 @@ def test_insert_triggers_are_held_off_while_the_workers_load(demo_env, make_data
             assert conn.execute("SELECT tgenabled FROM pg_trigger WHERE tgname = 'shout'").fetchone()[0] == "O"
     finally:
         engine.catalogue.close()
+
+
+def test_an_erased_wedding_stays_erased_after_restore_all(platform, make_database):
+    """GDPR: wedding 2 erased after the backups. restore --all skips it (named) and removes it again from the
+    platform partition's rows, which were backed up before the erasure."""
+    from wedbackup_dagster.core.erasure import erase_wedding
+
+    engine = platform["engine"]
+    erase_wedding(engine.catalogue, engine.vault, platform["replicas"], "2", requested_by="test")
+    target = make_database()
+    report = disaster.restore_all(engine, platform["replicas"], target, s3_only())
+    assert report.complete and report.erased == ["2"] and report.partitions_total == WEDDINGS
+    assert "erased, not restored: wedding 2" in "\n".join(report.lines())
+    assert any("platform_audit" in line for line in report.erasures_reapplied)
+    with psycopg.connect(target) as conn:
+        assert conn.execute("SELECT count(*) FROM weddings WHERE id = 2").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM platform_audit WHERE entity = 'wedding' AND entity_id::text = '2'"
+                            ).fetchone()[0] == 0

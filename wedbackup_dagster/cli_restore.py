@@ -20,6 +20,22 @@ def _partition(args: argparse.Namespace) -> str:
     return "platform" if args.platform else check_partition(args.wedding)
 
 
+def _refuse_other_spelling(catalogue, partition: str) -> None:
+    """A wedding id with no backups of its own that the catalogue records under another spelling ("02" for
+    2): one wedding has one partition, so say which name to use instead of finding nothing."""
+    from .core.vault import other_spellings
+
+    pattern = other_spellings(partition)
+    if pattern is None:
+        return
+    with catalogue.connect() as conn:
+        names = [r["partition"] for r in conn.execute(
+            "SELECT DISTINCT partition FROM wedbackup.backups WHERE partition ~ %s ORDER BY 1", (pattern,))]
+    if names and partition not in names:
+        raise WedbackupError(f"wedding {partition!r} is recorded as wedding {names[0]!r} (the source's spelling of "
+                             f"its key): use --wedding {names[0]}")
+
+
 def cmd_points(args: argparse.Namespace) -> int:
     from .core import recovery
     from .core.catalogue import Catalogue
@@ -30,6 +46,7 @@ def cmd_points(args: argparse.Namespace) -> int:
     catalogue = Catalogue(settings.catalogue_dsn)
     try:
         catalogue.migrate()
+        _refuse_other_spelling(catalogue, partition)
         points = recovery.recovery_points(catalogue, partition)
     finally:
         catalogue.close()
@@ -55,9 +72,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from .core import recovery
     from .core.config import Settings, redact
 
+    from .core.catalogue import Catalogue
+
     partition = _partition(args)  # a hostile id stops here, before any setting or database is read
-    Settings.from_env()
+    settings = Settings.from_env()
     recovery.parse_as_of(args.as_of)  # a bad time stops here, before a run is made
+    catalogue = Catalogue(settings.catalogue_dsn)
+    try:
+        catalogue.migrate()
+        _refuse_other_spelling(catalogue, partition)
+    finally:
+        catalogue.close()
     if args.in_place:
         mode = "in_place"
         if partition == "platform":

@@ -4,8 +4,9 @@ anything the suite wrote. Searched with core/secretscan.py:
 
 * every Dagster instance a test made (`dg.instance_for_test`: its SQLite event log, run storage and
   compute logs), just before the instance's temporary directory is deleted;
-* every catalogue database a test made (`make_database`), just before it is dropped, and at the end every
-  database on the test PostgreSQL (schema `wedbackup`, and Dagster's PostgreSQL storage tables if any);
+* every catalogue database a test made (`make_database`), just before it is dropped (also for the raw bytes
+  of its own wedding keys), and at the end every database on the test PostgreSQL (schema `wedbackup`, and
+  Dagster's PostgreSQL storage tables if any);
 * every file under pytest's temporary directory, the stack's DAGSTER_HOME and the stack's logs;
 * every test's captured stdout, stderr and log records, including what tests read with capsys/capfd.
 
@@ -21,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from wedbackup_dagster.core.secretscan import Finding, SecretScanner, scan_server, secret_parts
+from wedbackup_dagster.core.secretscan import (Finding, SecretScanner, scan_server, secret_parts,
+                                               wedding_key_secrets)
 
 DAGSTER_TABLES = ("event_logs", "runs", "run_tags", "job_ticks", "kvs", "secondary_indexes")
 
@@ -31,6 +33,7 @@ class Guard:
         self.findings: set[Finding] = set()
         self.counts = {"outputs": 0, "dagster instances": 0, "databases": 0, "files": 0}
         self._scanner: SecretScanner | None = None
+        self._env: dict[str, str] = {}
         self._loaded = False
         self.current_test = "the session"
         self.server_scanned = False
@@ -44,7 +47,8 @@ class Guard:
 
             stack = Stack.default()
             if stack.secrets_file.exists():
-                self._scanner = SecretScanner(secret_parts(stack.env()))
+                self._env = stack.env()
+                self._scanner = SecretScanner(secret_parts(self._env))
                 self._loaded = True
         return self._scanner
 
@@ -65,7 +69,8 @@ class Guard:
 
     def database(self, dsn: str, what: str) -> None:
         if self.scanner is not None:
-            found, _ = self.scanner.scan_database(dsn, label=what, schemas=["wedbackup"], tables=DAGSTER_TABLES)
+            scanner = self.scanner.with_secrets(wedding_key_secrets(dsn, self._env))  # a catalogue's own keys
+            found, _ = scanner.scan_database(dsn, label=what, schemas=["wedbackup"], tables=DAGSTER_TABLES)
             self.counts["databases"] += 1
             self.add(found)
 

@@ -93,6 +93,7 @@ HOSTILE_SETTINGS = [
     ("WEDBACKUP_S3_SSE", ["AES256 ", "$(id)"]),
     ("WEDBACKUP_ZSTD_LEVEL", ["²", "1e3", "3\n", "-1", "0x3", "٣", "3; rm"]),
     ("WEDBACKUP_LOCK_TIMEOUT", ["nan", "inf", "-0.5", "1e9", "10s"]),
+    ("WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT", ["nan", "inf", "0", "-1", "1e9", "10s"]),
     ("WEDBACKUP_VAULT_DIR", ["vault\x00/etc", "vault\n", "\x1b[31mvault"]),
     ("WEDBACKUP_S3_ENDPOINT_URL", ["file:///etc/passwd", "javascript:alert(1)", "http://", "127.0.0.1:9000"]),
     ("WEDBACKUP_SOURCE_DSN", ["postgresql://app:Sup3rSecretPw@db:99999/x", "postgresql://app:Sup3rSecretPw@db:x/y",

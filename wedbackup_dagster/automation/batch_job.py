@@ -9,7 +9,8 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 from dagster_gcp import GCSResource
 
-from ..backups.assets import archive_metadata, dump_metadata, make_replica, replica_metadata, verify_metadata
+from ..backups.assets import (archive_metadata, dump_metadata, log_key_backup, make_replica, replica_metadata,
+                              verify_metadata)
 from ..backups.constants import (
     DB_DUMP,
     ENCRYPTED_ARCHIVE,
@@ -109,6 +110,7 @@ def verified_restore_list(context: dg.OpExecutionContext, sealed: Step, s3_done:
     settings = wedbackup.settings()
     clients = {"s3": s3.get_client(), "gcs": gcs.get_client(), "azure": azure.get_service()}
     replicas = {p: make_replica(p, settings, clients[p]) for p in PROVIDERS}
+    log_key_backup(context, engine.back_up_new_keys(replicas))  # a backup is not done while its key is only here
     uploaded = [k for k in sealed["ok"] if any(k in step["ok"] for step in (s3_done, gcs_done, azure_done))]
 
     def work(key: str) -> list[dg.AssetMaterialization]:

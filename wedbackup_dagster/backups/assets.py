@@ -72,7 +72,21 @@ def dump_metadata(o: BackupOutcome) -> dict[str, Any]:
         "txid": dg.MetadataValue.text(str(m.get("txid", ""))),
         "server_version": dg.MetadataValue.text(str(m.get("server_version", ""))),
         "schema_fingerprint": dg.MetadataValue.text(str(m.get("schema_fingerprint", ""))[:16]),
+        **_broken_keys_metadata(m),
     }
+
+
+def _broken_keys_metadata(m: dict[str, Any]) -> dict[str, Any]:
+    """Platform only: rows that break a validated foreign key on the source (those on a wedding path reach
+    no wedding; the platform archive carries them), per key, so the UI shows them on every platform backup."""
+    if m.get("partition") != "platform" or not isinstance(m.get("broken_foreign_keys"), list):
+        return {}
+    rows = [{"table": f"{fk.get('schema')}.{fk.get('table')}", "constraint": str(fk.get("constraint")),
+             "parent": str(fk.get("parent")), "rows": int(fk.get("source_rows") or 0)}
+            for fk in m["broken_foreign_keys"] if isinstance(fk, dict) and fk.get("source_rows")]
+    return {"rows_breaking_foreign_keys": dg.MetadataValue.int(sum(r["rows"] for r in rows)),
+            "broken_foreign_keys": _table(rows, [("table", "string"), ("constraint", "string"),
+                                                 ("parent", "string"), ("rows", "int")])}
 
 
 def archive_metadata(o: BackupOutcome) -> dict[str, Any]:
@@ -146,6 +160,12 @@ def snapshot_and_seal(context: dg.AssetExecutionContext, wedbackup: WedbackupEng
                     context.log.error(str(outcome))
                     failures[key] = str(outcome)
                     continue
+                for fk in outcome.manifest.get("broken_foreign_keys") or []:
+                    if fk.get("source_rows"):
+                        context.log.warning(
+                            f"{fk['source_rows']} row(s) of {fk['schema']}.{fk['table']} break foreign key "
+                            f"{fk['constraint']} (no parent in {fk['parent']}); rows that reach no wedding "
+                            "this way are carried by the platform backup. Repair or delete them on the source.")
                 done[key] = {DB_DUMP: dump_metadata(outcome), ENCRYPTED_ARCHIVE: archive_metadata(outcome)}
     except WedbackupError as exc:
         # The source failed under a whole batch (e.g. the connection was lost): the weddings already sealed
@@ -210,6 +230,14 @@ def azure_replica(context: dg.AssetExecutionContext, wedbackup: WedbackupEngineR
     yield from _replicate_all(context, "azure", wedbackup, azure.get_service())
 
 
+def log_key_backup(context: Any, result: Any) -> None:
+    """Say what the run's key-store backup did (Engine.back_up_new_keys; None: every key was backed up)."""
+    if result is not None:
+        context.log.info(f"key-store backup {result.sha256[:16]}: {result.key_count} wedding keys at "
+                         f"{', '.join(sorted(result.copies))}" + (f"; failed: {', '.join(sorted(result.failures))}"
+                                                                  if result.failures else ""))
+
+
 class VerifyConfig(dg.Config):
     provider: str | None = None  # which copy to restore; default: rotate through the providers
 
@@ -226,6 +254,7 @@ def verified_restore(context: dg.AssetExecutionContext, config: VerifyConfig, we
     clients: Mapping[str, Any] = {"s3": s3.get_client(), "gcs": gcs.get_client(), "azure": azure.get_service()}
     settings = wedbackup.settings()
     replicas = {p: make_replica(p, settings, clients[p]) for p in PROVIDERS}
+    log_key_backup(context, engine.back_up_new_keys(replicas))  # a backup is not done while its key is only here
     done: PerKeyMetadata = {}
     failures: dict[str, str] = {}
     for key in validated_keys(context.partition_keys):

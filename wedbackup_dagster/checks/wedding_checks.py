@@ -176,7 +176,10 @@ def azure_replica_checksum(context: dg.AssetCheckExecutionContext, wedbackup: We
 
 
 def three_two_one_outcomes(engine: Engine, keys: list[str]) -> dict[str, Outcome]:
+    from ..core.keybackup import keys_outside_catalogue
+
     evidence = rules.CheckQueries(engine.catalogue).evidence(keys)
+    backed_up = keys_outside_catalogue(engine.catalogue, [ev.key_id for ev in evidence.values() if ev.key_id])
 
     def vault_size(partition: str, sha256: str) -> int | None:
         entry = engine.vault.get(partition, sha256) if sha256 else None
@@ -188,7 +191,7 @@ def three_two_one_outcomes(engine: Engine, keys: list[str]) -> dict[str, Outcome
         if ev.backup_id is None:
             out[key] = (False, f"wedding {key}: no backup in the catalogue", {}, ERROR)
             continue
-        verdict = rules.three_two_one(rules.copy_evidence(ev, vault_size))
+        verdict = rules.three_two_one(rules.copy_evidence(ev, vault_size), key_backed_up=ev.key_id in backed_up)
         rows = [{"where": c.provider, "uri": c.uri, "media": c.media, "offsite": c.offsite, "present": c.present,
                  "verified": c.verified, "checksum_confirmed": _ts(c.confirmed_at), "restored": _ts(c.restored_at)}
                 for c in verdict.copies]
@@ -207,7 +210,9 @@ def three_two_one_outcomes(engine: Engine, keys: list[str]) -> dict[str, Outcome
                 description="At least 3 verified copies of the newest backup (the vault among them), on at least 2 "
                             "kinds of media, at least 1 offsite. A copy is verified when its checksum was confirmed "
                             "as it was stored (by the provider at upload; by sealing and an atomic rename in the "
-                            "vault, whose file must still be there) or a restore from it succeeded.")
+                            "vault, whose file must still be there) or a restore from it succeeded. No copy counts "
+                            "while the backup's wedding key is in no key-store backup at the vault and a provider: "
+                            "losing the catalogue would make them all unreadable.")
 def three_two_one(context: dg.AssetCheckExecutionContext, wedbackup: WedbackupEngineResource) -> Iterator[Any]:
     yield from _report(context, VERIFIED_RESTORE, "three_two_one",
                        _evaluate(wedbackup, lambda e: three_two_one_outcomes(e, _keys(context))))

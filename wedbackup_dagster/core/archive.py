@@ -284,6 +284,16 @@ class _Fields:
         return s.unpack(self.take(s.size, what))[0]
 
 
+def loads_untrusted(data: bytes | str) -> Any:
+    """json.loads for bytes an attacker may have written (archive labels, snapshot records, manifests,
+    key backups): JSON nested deeper than the parser's recursion limit raised RecursionError, which no
+    format handler caught; it is now a JSONDecodeError (a ValueError) like any other malformed JSON."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", "", 0) from None
+
+
 def _read_parsed_header(fileobj: BinaryIO, name: str) -> _ParsedHeader:
     preamble = _read_exact(fileobj, _PREAMBLE.size)
     if not preamble:
@@ -328,7 +338,7 @@ def _read_parsed_header(fileobj: BinaryIO, name: str) -> _ParsedHeader:
     label: dict[str, Any] | None = None
     if label_bytes:
         try:
-            label = json.loads(label_bytes.decode("utf-8"))
+            label = loads_untrusted(label_bytes.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             raise ArchiveCorrupt(name, "header is malformed: the label is not valid JSON") from None
         if not isinstance(label, dict):

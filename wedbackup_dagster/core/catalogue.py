@@ -186,6 +186,14 @@ MIGRATIONS = [
     CREATE INDEX IF NOT EXISTS shrinkage_flags_open ON wedbackup.shrinkage_flags (partition)
         WHERE acknowledged_at IS NULL;
     """,
+    """
+    -- migration: keys outside the catalogue (issue 14 defect 9; core/keybackup.py): when a wedding key first
+    -- reached a key-store backup with a copy in the vault and at least one provider. NULL: it lives only here,
+    -- so the backups it opens do not count for 3-2-1 yet.
+    ALTER TABLE wedbackup.wedding_keys ADD COLUMN IF NOT EXISTS key_backup_at timestamptz;
+    CREATE INDEX IF NOT EXISTS wedding_keys_awaiting_backup ON wedbackup.wedding_keys (key_id)
+        WHERE key_backup_at IS NULL AND wrapped IS NOT NULL;
+    """,
 ]
 
 
@@ -262,21 +270,23 @@ class Catalogue:
 
     # ---- wedding keys ------------------------------------------------------------------------------
     def wedding_key(self, partition: str, keyring: MasterKeyring, *, create: bool = True) -> SecretKey:
-        """The live key of a wedding (made and stored wrapped on first use)."""
+        """The live key of a wedding (made and stored wrapped on first use). An erased wedding's key is
+        never read or made, even while its erasure is still shredding (README, GDPR erasure)."""
         for _ in range(2):
             with self.connect() as conn:
                 row = conn.execute(
                     "SELECT key_id, wrapped, master_key_id FROM wedbackup.wedding_keys "
                     "WHERE partition = %s AND shredded_at IS NULL", (partition,)).fetchone()
+                _refuse_erased(conn, partition)
                 if row is not None:
                     return self._unwrap(row["key_id"], partition, row["wrapped"], row["master_key_id"], keyring)
                 if not create:
                     raise KeyError_(f"wedding {partition} has no live key")
-                # An erased wedding never gets a new key, so nothing of it is backed up again (README, GDPR erasure).
-                if conn.execute("SELECT erased_at FROM wedbackup.erasures WHERE partition = %s",
-                                (partition,)).fetchone() is not None:
-                    raise KeyError_(f"wedding {partition} was erased (GDPR): it gets no new key and is not "
-                                    "backed up again")
+                # Key creation and erasure of one partition are serialised: an erasure that began after the
+                # check above waits for this key (and shreds it); one that committed first is seen below.
+                lock_partition_keys(conn, partition)
+                _refuse_erased(conn, partition)
+                self._refuse_second_spelling(conn, partition)
                 key_id = f"{partition}.{uuid.uuid4().hex[:12]}"
                 material = new_data_key()
                 master = keyring.current
@@ -290,11 +300,30 @@ class Catalogue:
                     return SecretKey(key_id, material)
         raise KeyError_(f"wedding {partition}: could not create or read its key")
 
+    @staticmethod
+    def _refuse_second_spelling(conn: psycopg.Connection, partition: str) -> None:
+        """"07" and "7" are one wedding: once one spelling has a key and a backup, another never gets a key
+        (and so no backup) of its own. (A spelling the source does not use gets no archive: the snapshot
+        refuses it, so a key it was given first blocks nothing.)"""
+        from .vault import other_spellings
+
+        pattern = other_spellings(partition)
+        if pattern is None:
+            return
+        row = conn.execute("SELECT k.partition FROM wedbackup.wedding_keys k WHERE k.partition <> %s AND "
+                           "k.partition ~ %s AND EXISTS (SELECT FROM wedbackup.backups b WHERE b.partition = "
+                           "k.partition) LIMIT 1", (partition, pattern)).fetchone()
+        if row is not None:
+            raise KeyError_(f"wedding {partition!r} is another spelling of wedding {row['partition']!r}, which has "
+                            f"its key and backups already: one wedding has one partition; use {row['partition']!r}")
+
     def key_by_id(self, key_id: str, keyring: MasterKeyring) -> SecretKey:
         with self.connect() as conn:
             row = conn.execute(
                 "SELECT partition, wrapped, master_key_id, shredded_at FROM wedbackup.wedding_keys "
                 "WHERE key_id = %s", (key_id,)).fetchone()
+            if row is not None:
+                _refuse_erased(conn, row["partition"])
         if row is None:
             raise KeyError_(f"wedding key {key_id} is not in the catalogue")
         if row["wrapped"] is None:
@@ -598,12 +627,17 @@ class Catalogue:
                              (partition, json.dumps({"keys": [r["key_id"] for r in rows]})))
         return len(rows)
 
-    def begin_erasure(self, partition: str, wedding_id: str, requested_by: str) -> dict[str, Any]:
+    def begin_erasure(self, partition: str, wedding_id: str, requested_by: str, *, erased_at: Any = None,
+                      detail: dict[str, Any] | None = None) -> dict[str, Any]:
         """The erasure record of a wedding, made on the first request (a repeated request keeps the first
-        one's time and requester); the partition is marked removed in the same transaction."""
+        one's time and requester); the partition is marked removed in the same transaction. Serialised with
+        key creation (`lock_partition_keys`): a key made before this commits is shredded afterwards."""
         with self.connect() as conn:
-            conn.execute("INSERT INTO wedbackup.erasures (partition, wedding_id, requested_by) VALUES (%s, %s, %s) "
-                         "ON CONFLICT (partition) DO NOTHING", (partition, wedding_id, requested_by))
+            lock_partition_keys(conn, partition)
+            # erased_at and detail are given when the record comes back from a key backup (core/keybackup.py).
+            conn.execute("INSERT INTO wedbackup.erasures (partition, wedding_id, requested_by, erased_at, detail) "
+                         "VALUES (%s, %s, %s, coalesce(%s::timestamptz, now()), %s) ON CONFLICT (partition) DO NOTHING",
+                         (partition, wedding_id, requested_by, erased_at, json.dumps(detail or {})))
             conn.execute(
                 """INSERT INTO wedbackup.partitions AS p (partition, removed_at) VALUES (%s, now())
                    ON CONFLICT (partition) DO UPDATE SET removed_at = coalesce(p.removed_at, now())""",
@@ -739,6 +773,24 @@ class Catalogue:
                                                          r["baseline_id"], r["previous_id"]) if i is not None})})))
         return rows
 
+
+
+KEY_LOCK_NAMESPACE = "wedbackup-wedding-key"
+
+
+def lock_partition_keys(conn: psycopg.Connection, partition: str) -> None:
+    """Serialise making a wedding's key with erasing it: a transaction-level advisory lock, released at commit
+    (its own namespace: the session locks of core/locks.py are held by backups that make keys)."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(%s))", (KEY_LOCK_NAMESPACE, partition))
+
+
+def _refuse_erased(conn: psycopg.Connection, partition: str) -> None:
+    row = conn.execute("SELECT erased_at, requested_by FROM wedbackup.erasures WHERE partition = %s",
+                       (partition,)).fetchone()
+    if row is not None:
+        raise KeyError_(f"wedding {partition} was erased (GDPR erasure recorded {row['erased_at']:%Y-%m-%d %H:%M} "
+                        f"by {row['requested_by']}): its key is not read or made again, and nothing of it is "
+                        "backed up or restored; see `wedbackup erase` and README, GDPR erasure")
 
 
 def _context(partition: str, key_id: str) -> bytes:

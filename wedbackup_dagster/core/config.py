@@ -53,6 +53,9 @@ VARIABLES: dict[str, tuple[str, str, bool]] = {
                              "1", False),
     "WEDBACKUP_LOCK_TIMEOUT": ("seconds a backup or restore of a wedding waits while another backup or restore "
                                "of the same wedding runs (then it fails, naming the holder)", "600", False),
+    "WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT": ("seconds a snapshot waits for its ACCESS SHARE lock on each table (a "
+                                        "migration holding the table); then that snapshot fails and is retried",
+                                        "30", False),
     "WEDBACKUP_POLICY_FILE": ("JSON or YAML file of backup policy settings (tiers, RPOs, season, schedule); "
                               "unset: the built-in defaults", "", False),
     "WEDBACKUP_PROVIDER_DOWN_AFTER": ("consecutive failed canaries (one per 30 s health tick) before a provider "
@@ -90,8 +93,8 @@ def _dsn(environ: Mapping[str, str], name: str, default: str | None = None) -> s
         parts = conninfo_to_dict(value)
     except Exception:  # noqa: BLE001 - psycopg's message may quote the DSN, password included
         raise ConfigError(name, "is not a valid PostgreSQL connection string") from None
-    if not parts.get("dbname") and not parts.get("host"):
-        raise ConfigError(name, "names neither a host nor a database")
+    if not parts.get("dbname") and not parts.get("host") and not parts.get("service"):
+        raise ConfigError(name, "names neither a host nor a database (nor a service)")
     port = str(parts.get("port") or "5432")
     if not all(p.isdigit() and 0 < int(p) < 65536 for p in port.split(",")):
         raise ConfigError(name, "has a port that is not a number between 1 and 65535")
@@ -201,12 +204,16 @@ class Settings:
     azure: AzureTarget
     lock_timeout: float = 600.0
     provider_timeout: float = 60.0
+    snapshot_lock_timeout: float = 30.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         source = _dsn(env, "WEDBACKUP_SOURCE_DSN")
         catalogue = _dsn(env, "WEDBACKUP_CATALOGUE_DSN")
+        from .dbidentity import check_catalogue_not_source
+
+        check_catalogue_not_source(source, catalogue, connect=False)  # the servers are compared by the engine
         scratch = _dsn(env, "WEDBACKUP_SCRATCH_DSN", default=scratch_dsn_from(source))
         vault = _path(env, "WEDBACKUP_VAULT_DIR")
         level_text = env.get("WEDBACKUP_ZSTD_LEVEL") or VARIABLES["WEDBACKUP_ZSTD_LEVEL"][1]
@@ -253,7 +260,8 @@ class Settings:
         return cls(source_dsn=source, catalogue_dsn=catalogue, scratch_dsn=scratch, vault_dir=vault,
                    zstd_level=int(level_text),
                    s3=s3, gcs=gcs, azure=azure, lock_timeout=lock_timeout,
-                   provider_timeout=provider_timeout_from(env))
+                   provider_timeout=provider_timeout_from(env),
+                   snapshot_lock_timeout=snapshot_lock_timeout_from(env))
 
 
 def provider_timeout_from(environ: Mapping[str, str] | None = None) -> float:
@@ -267,6 +275,19 @@ def provider_timeout_from(environ: Mapping[str, str] | None = None) -> float:
         value = -1.0
     if not 0.5 <= value <= 600:
         raise ConfigError("WEDBACKUP_PROVIDER_TIMEOUT", "must be a number of seconds from 0.5 to 600")
+    return value
+
+
+def snapshot_lock_timeout_from(environ: Mapping[str, str] | None = None) -> float:
+    """WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT: how long a snapshot waits for each table's ACCESS SHARE lock."""
+    env = os.environ if environ is None else environ
+    text = env.get("WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT") or VARIABLES["WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT"][1]
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.1 <= value <= 3600:  # NaN fails this too; 0 would mean "wait for ever" to PostgreSQL
+        raise ConfigError("WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT", "must be a number of seconds from 0.1 to 3600")
     return value
 
 

@@ -20,7 +20,8 @@ from psycopg import sql
 
 from .archive import open_archive
 from .errors import ArchiveError, ProviderError, RestoreError, WedbackupError
-from .recovery import NoRecoveryPointError, RecoveryPoint, choose_point, recovery_points
+from .dbidentity import check_restore_target
+from .recovery import NoRecoveryPointError, RecoveryPoint, _connect, choose_point, recovery_points
 from .restore import _check_foreign_keys, _advance_sequences, _first_line, restore_snapshot
 from .snapshot import PLATFORM, RESTORE_PROGRESS_SCHEMA, database_label, describe_schema, schema_is_empty
 
@@ -71,32 +72,6 @@ def _label(partition: str) -> str:
 
 def _partition_order(partition: str) -> tuple[int, int, str]:
     return (0, int(partition), "") if partition.isdigit() else (1, 0, partition)
-
-
-# --- which database is which --------------------------------------------------------------------------
-
-def database_identity(dsn: str) -> tuple[str, str] | None:
-    """(cluster system identifier, database name) — the same database however its DSN is written (host
-    name or address, port, options, user); None when it cannot be reached."""
-    try:
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=5, application_name="wedbackup-dr") as conn:
-            row = conn.execute("SELECT system_identifier::text, current_database()::text "
-                               "FROM pg_catalog.pg_control_system()").fetchone()
-    except psycopg.Error:
-        return None
-    return row[0], row[1]
-
-
-def refuse_protected_target(target_dsn: str, protected: Mapping[str, str]) -> None:
-    """Stop when the target is one of the `protected` databases ({"the live source (WEDBACKUP_SOURCE_DSN)":
-    dsn, …}), compared by cluster identity and database name, never by the DSN's text."""
-    target = database_identity(target_dsn)
-    if target is None:
-        raise RestoreError(f"cannot connect to the target, {database_label(target_dsn)}: check --target-dsn")
-    for what, dsn in protected.items():
-        if dsn and database_identity(dsn) == target:
-            raise RestoreError(f"the target, {database_label(target_dsn)}, is {what}: restore --all writes a "
-                               f"whole platform and only into a new, empty database")
 
 
 # --- the report ---------------------------------------------------------------------------------------
@@ -366,23 +341,20 @@ class _Ticker:
 
 
 def restore_all(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
-                options: RestoreAllOptions = RestoreAllOptions(), *, progress: Progress = _quiet,
-                protected: Mapping[str, str] | None = None) -> PlatformReport:
-    """The whole platform into an empty database (see the module's first lines). `protected`: databases the
-    target may not be (default: the live source and the catalogue of the engine's settings)."""
+                options: RestoreAllOptions = RestoreAllOptions(), *, progress: Progress = _quiet) -> PlatformReport:
+    """The whole platform into an empty database (see the module's first lines). The target may be neither
+    the live source nor the catalogue, however its DSN is written (core/dbidentity.py)."""
     started = time.perf_counter()
     settings = engine.settings
-    if protected is None:
-        protected = {"the live source database (WEDBACKUP_SOURCE_DSN)": settings.source_dsn,
-                     "the catalogue database (WEDBACKUP_CATALOGUE_DSN)": settings.catalogue_dsn}
-    refuse_protected_target(target_dsn, protected)
+    check_restore_target(target_dsn, source_dsn=settings.source_dsn, catalogue_dsn=settings.catalogue_dsn,
+                         mode="target")
     target = database_label(target_dsn)
     order = tuple(options.providers or LOCATIONS)
     for p in order:
         if p not in LOCATIONS:
             raise WedbackupError(f"copy location {p!r} is not one of {', '.join(LOCATIONS)}")
     jobs = max(1, int(options.jobs))
-    with psycopg.connect(target_dsn, autocommit=True, application_name="wedbackup-restore-all") as coord:
+    with _connect(target_dsn, f"the target, {target}", "wedbackup-restore-all") as coord:
         # One restore --all per target at a time: the lock lives as long as this connection.
         if not coord.execute("SELECT pg_try_advisory_lock(hashtext('wedbackup-restore-all'))").fetchone()[0]:
             raise RestoreError(f"another restore --all is running into {target}; wait for it (or stop it) first")
@@ -529,8 +501,10 @@ def _check(coord, engine: Any, target_dsn: str, report: PlatformReport, progress
     with coord.transaction():
         coord.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         checks = _check_foreign_keys(coord, manifest)
-    report.foreign_key_problems = [f"{c.constraint} on {c.table}: {c.orphans} row(s) point at no row of {c.parent}"
-                                   for c in checks if c.status == "orphans"]
+    report.foreign_key_problems = [
+        f"{c.constraint} on {c.table}: {c.orphans} row(s) point at no row of {c.parent}" if c.status == "orphans"
+        else f"{c.constraint} on {c.table}: could not be checked: {c.problem}"
+        for c in checks if c.status in ("orphans", "unreadable")]
     progress(f"checked {len(checks)} foreign key(s) and {report.sequences_checked} sequence(s)"
              + (f": {len(report.foreign_key_problems)} problem(s)" if report.foreign_key_problems else ": all good"))
 

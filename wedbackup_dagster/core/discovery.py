@@ -3,20 +3,41 @@ dates), and which of them changed since an updated_at watermark."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import date, datetime, timezone
 
 import psycopg
 from psycopg import sql
 
+from .snapshot import database_label, row_security_refusal
 from .tenancy import TableName, discover
 
 PLATFORM = "platform"
 
 
+@contextmanager
+def _source(source_dsn: str, what: str, *, repeatable_read: bool = False) -> Iterator[psycopg.Connection]:
+    """A connection to the source that reads with row_security off, as the snapshot does: a role that
+    a row-level security policy would show fewer rows gets an error naming the table, instead of
+    silently not finding weddings (or their changes)."""
+    with psycopg.connect(source_dsn) as conn:
+        if repeatable_read:
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            conn.read_only = True
+        conn.execute("SET row_security = off")
+        try:
+            yield conn
+        except psycopg.errors.InsufficientPrivilege as exc:
+            refusal = row_security_refusal(exc, f"{what} in {database_label(source_dsn)}", conn.info.user)
+            if refusal is None:
+                raise
+            raise refusal from None
+
+
 def wedding_ids(source_dsn: str, root: TableName = TableName("public", "weddings"), key: str = "id") -> list[str]:
     """Every wedding id, as partition keys, in id order."""
-    with psycopg.connect(source_dsn) as conn:
+    with _source(source_dsn, "listing weddings") as conn:
         # Alias the text form: `ORDER BY id` would otherwise sort the text (1, 10, 100, 2, …).
         rows = conn.execute(sql.SQL("SELECT {k}::text AS partition_key FROM {t} ORDER BY {k}").format(
             k=sql.Identifier(key), t=root.ident())).fetchall()
@@ -48,7 +69,7 @@ def contiguous_ranges(selected: list[str], ordered: list[str]) -> list[tuple[str
 def wedding_dates(source_dsn: str, root: TableName = TableName("public", "weddings"), key: str = "id",
                   date_column: str = "wedding_date") -> list[tuple[str, date]]:
     """Every wedding id (as a partition key) with its date, in id order: what discovery and tiers need."""
-    with psycopg.connect(source_dsn) as conn:
+    with _source(source_dsn, "listing weddings") as conn:
         # Ordered by the table's own column: a bare `ORDER BY id` would sort the text output column.
         return conn.execute(sql.SQL("SELECT w.{k}::text, w.{d} FROM {t} AS w ORDER BY w.{k}").format(
             k=sql.Identifier(key), d=sql.Identifier(date_column), t=root.ident())).fetchall()
@@ -72,9 +93,7 @@ def changed_weddings(source_dsn: str, since: datetime | None, *, column: str = "
     every table that has the column; tables without it are invisible here (see README, Automation)."""
     since = since or EPOCH
     changes: dict[str, datetime] = {}
-    with psycopg.connect(source_dsn) as conn:
-        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        conn.read_only = True
+    with _source(source_dsn, "looking for changed weddings", repeatable_read=True) as conn:
         plan = discover(conn, root)
         for table in plan.tenant_tables:
             if column not in table.columns:

@@ -5,7 +5,9 @@ every provider and in the vault where retention allows. A copy under Object Lock
 (wedbackup.erasures) and the audit trail, and is idempotent: running it again completes a partial one.
 
 `reapply_erasures` removes erased weddings' rows from a database restored from the platform partition
-(whose archives are sealed with the platform key, not the wedding's, so they still name erased weddings)."""
+(whose archives are sealed with the platform key, not the wedding's, so they still name erased weddings).
+`drop_inspection_schemas` removes what `restore --into-schema` left in the source: the wedding's own
+inspection schemas, and its rows in platform ones (both marked by tenancy.INSPECTION_MARKER)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -18,7 +20,8 @@ from psycopg import sql
 
 from .errors import ReplicaLocked, WedbackupError
 from .retention import CopyDeletion, delete_backup_copies
-from .tenancy import TableName, discover
+from .snapshot import database_label
+from .tenancy import INSPECTION_MARKER, TableName, discover
 from .vault import check_partition
 
 PLATFORM = "platform"
@@ -41,6 +44,7 @@ class ErasureReport:
     vault_deleted: int = 0
     failed: list[str] = field(default_factory=list)
     key_backup: str | None = None  # sha256 of the key-store backup written without the destroyed key
+    inspection: list[str] = field(default_factory=list)  # inspection schemas dropped or cleaned in the source
 
     @property
     def copies_deleted(self) -> int:
@@ -63,6 +67,7 @@ class ErasureReport:
                 "locked": [{**c, "locked_until": str(c["locked_until"]),
                             "note": "unreadable because the key is destroyed"} for c in self.locked],
                 "stray_deleted": self.stray_deleted[:50], "vault_deleted": self.vault_deleted,
+                "inspection": self.inspection[:50],
                 "failed": (self.failed + [f"{p}: {e}" for d in self.deletions for p, e in d.failed.items()])[:50]}
 
 
@@ -105,7 +110,8 @@ def erase_wedding(catalogue: Any, vault: Any, replicas: Mapping[str, Any], parti
     """Erase one wedding's backups everywhere (see the module docstring). Provider outages do not stop
     it: they are reported (the erasure stays incomplete) and a re-run finishes it. With `settings`, the
     key-store backups are replaced by one without the destroyed key (what the erase_wedding job does):
-    until then an older key backup, opened with the master key, would still hold it."""
+    until then an older key backup, opened with the master key, would still hold it; and the wedding's
+    inspection schemas in the source database are dropped (`drop_inspection_schemas`)."""
     _wedding_partition(partition)
     record = catalogue.begin_erasure(partition, partition, requested_by)
     shredded = catalogue.shred_wedding_key(partition)
@@ -118,6 +124,11 @@ def erase_wedding(catalogue: Any, vault: Any, replicas: Mapping[str, Any], parti
             report.key_backup = refresh_key_backups(settings, catalogue, replicas).sha256
         except WedbackupError as exc:
             report.failed.append(f"key backups still hold the destroyed key: {exc}")
+        try:
+            report.inspection = drop_inspection_schemas(settings.source_dsn, partition)
+        except psycopg.Error as exc:
+            report.failed.append(f"inspection schemas in {database_label(settings.source_dsn)} were not dropped "
+                                 f"({type(exc).__name__}: {str(exc).strip()[:200]}); run the erasure again")
 
     rows = catalogue.backups_with_copies(partition)
     catalogue.mark_deleting([r["id"] for r in rows])
@@ -159,6 +170,42 @@ def erase_wedding(catalogue: Any, vault: Any, replicas: Mapping[str, Any], parti
 # ------------------------------------------------------------------------------------ re-applying
 
 
+def drop_inspection_schemas(dsn: str, partition: str) -> list[str]:
+    """In the database at `dsn`, in one transaction: drop every schema `restore --into-schema` made of the
+    wedding `partition`, and delete the rows naming it (`wedding_id`, or `entity`='wedding' + `entity_id`)
+    from the tables of platform inspection schemas. One line per schema dropped or table cleaned."""
+    done: list[str] = []
+    with psycopg.connect(dsn) as conn:
+        marked = conn.execute(
+            "SELECT nspname::text, substr(obj_description(oid, 'pg_namespace'), %(n)s) FROM pg_namespace "
+            "WHERE starts_with(coalesce(obj_description(oid, 'pg_namespace'), ''), %(m)s) ORDER BY 1",
+            {"m": INSPECTION_MARKER, "n": len(INSPECTION_MARKER) + 1}).fetchall()
+        for schema, owner in marked:
+            if owner == partition:
+                conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+                done.append(f"schema {schema}: dropped (an inspection copy of wedding {partition})")
+            elif owner == PLATFORM:
+                columns: dict[str, set[str]] = {}
+                for table, column in conn.execute("SELECT table_name::text, column_name::text FROM "
+                                                  "information_schema.columns WHERE table_schema = %s", (schema,)):
+                    columns.setdefault(table, set()).add(column)
+                for table, cols in sorted(columns.items()):
+                    _delete_naming(conn, TableName(schema, table), cols, [partition], done)
+    return done
+
+
+def _delete_naming(conn: psycopg.Connection, table: TableName, columns: set[str], ids: list[str],
+                   done: list[str]) -> None:
+    """Delete a platform table's rows that name one of the weddings `ids` without a foreign key."""
+    if WEDDING_ID_COLUMN in columns:
+        _delete(conn, sql.SQL("DELETE FROM {} WHERE {}::text = ANY(%(ids)s)").format(
+            table.ident(), sql.Identifier(WEDDING_ID_COLUMN)), ids, table, done)
+    if set(ENTITY_COLUMNS) <= columns:
+        kind, ref = (sql.Identifier(c) for c in ENTITY_COLUMNS)
+        _delete(conn, sql.SQL("DELETE FROM {} WHERE {} = %(kind)s AND {}::text = ANY(%(ids)s)").format(
+            table.ident(), kind, ref), ids, table, done, kind=ENTITY_WEDDING)
+
+
 def reapply_erasures(target_dsn: str, catalogue: Any, root: TableName = TableName("public", "weddings")
                      ) -> list[str]:
     """Delete every recorded erased wedding's rows from a restored database, in one transaction: its
@@ -185,14 +232,7 @@ def reapply_erasures(target_dsn: str, catalogue: Any, root: TableName = TableNam
                                                      match=match)
             _delete(conn, query, ids, table.table, done)
         for table in plan.platform_tables:
-            columns = set(table.columns)
-            if WEDDING_ID_COLUMN in columns:
-                _delete(conn, sql.SQL("DELETE FROM {} WHERE {}::text = ANY(%(ids)s)").format(
-                    table.table.ident(), sql.Identifier(WEDDING_ID_COLUMN)), ids, table.table, done)
-            if set(ENTITY_COLUMNS) <= columns:
-                kind, ref = (sql.Identifier(c) for c in ENTITY_COLUMNS)
-                _delete(conn, sql.SQL("DELETE FROM {} WHERE {} = %(kind)s AND {}::text = ANY(%(ids)s)").format(
-                    table.table.ident(), kind, ref), ids, table.table, done, kind=ENTITY_WEDDING)
+            _delete_naming(conn, table.table, set(table.columns), ids, done)
     if done:
         catalogue.audit("erasures-reapplied", PLATFORM, {"weddings": len(ids), "tables": done})
     return done

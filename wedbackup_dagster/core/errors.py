@@ -112,6 +112,16 @@ class SnapshotError(WedbackupError):
     """A snapshot could not be taken (pg_dump failed, the source is unreachable); names the database."""
 
 
+class SnapshotIncomplete(SnapshotError):
+    """A table's COPY handed over a different number of rows than an independent count(*) of the same
+    rows in the same snapshot: the archive would not hold its wedding's rows, so it is not written."""
+
+
+class SnapshotRetryable(SnapshotError):
+    """The snapshot met concurrent DDL (a table rewritten, truncated or dropped, or its lock not granted in
+    time): this snapshot would be incomplete, so it fails; a new one, taken later, is expected to succeed."""
+
+
 class SnapshotFormatError(ArchiveError):
     """The snapshot stream inside an (authenticated) archive does not parse: truncated, garbled, or
     written by another format version. Names the archive or stream it came from."""

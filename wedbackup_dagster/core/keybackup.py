@@ -2,7 +2,8 @@
 wedding key (wrapped by the current master key) sealed into one file in the archive format, with a key
 derived from that master key, written atomically into the vault and uploaded to every provider under
 `<prefix>/keys/<sha256>.wbk`. Shredded keys are never written; `refresh_key_backups` writes a new backup
-and deletes every older one everywhere (erasure). The format is docs/KEYBACKUP.md."""
+and deletes every older one everywhere (erasure). Since format version 2 it also holds the erasure list, so
+a catalogue rebuilt after a loss still refuses erased weddings. The format is docs/KEYBACKUP.md."""
 from __future__ import annotations
 
 import base64
@@ -19,10 +20,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import psycopg
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .archive import ArchiveStats, ArchiveWriter, open_archive
+from .archive import ArchiveStats, ArchiveWriter, loads_untrusted, open_archive
 from .catalogue import Catalogue, _context as wedding_key_context
 from .errors import ArchiveError, ArchiveKeyUnavailable, KeyBackupError, KeyError_, WedbackupError
 from .keys import MasterKeyring, SecretKey, load_master_keyring, unwrap_key, wrap_key
@@ -32,7 +34,8 @@ from .vault import KEY_BACKUP_DIR as VAULT_KEY_BACKUP_DIR
 from .vault import SUFFIX, _fsync_dir, check_sha256
 
 FORMAT_NAME = "wedbackup-key-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: erasure lines after the key lines (version 1 files, without them, still read)
+READABLE_VERSIONS = (1, 2)
 # HKDF info: the sealing key is derived from the master key, never the master key itself, so the two
 # uses (wrapping wedding keys, sealing key backups) cannot be confused.
 _HKDF_INFO = b"wedbackup-key-store-backup-v1"
@@ -53,12 +56,23 @@ class KeyEntry:
         return f"KeyEntry(key_id={self.key_id!r}, partition={self.partition!r}, master_key_id={self.master_key_id!r})"
 
 
+@dataclass(frozen=True)
+class ErasureEntry:
+    """One recorded GDPR erasure as a key backup holds it: enough to refuse the wedding after a catalogue loss."""
+
+    partition: str
+    wedding_id: str
+    erased_at: str
+    requested_by: str
+
+
 @dataclass
 class KeyBackupContents:
     name: str
     master_key_id: str
     created_at: str
     entries: list[KeyEntry]
+    erasures: list[ErasureEntry] = field(default_factory=list)
 
 
 @dataclass
@@ -90,10 +104,13 @@ class KeyRestoreReport:
     restored: int = 0  # inserted into wedding_keys
     known: int = 0  # already in the catalogue (live or shredded: a shredded key is never brought back)
     conflicts: list[str] = field(default_factory=list)  # partition already has another live key
+    erasures_restored: int = 0  # erasure records the catalogue lacked, brought back
+    erased_skipped: int = 0  # keys of erased weddings in the backup: never brought back
 
     def to_dict(self) -> dict[str, Any]:
         return {"provider": self.provider, "key_backup": self.key_backup, "in_backup": self.in_backup,
-                "restored": self.restored, "known": self.known, "conflicts": self.conflicts}
+                "restored": self.restored, "known": self.known, "conflicts": self.conflicts,
+                "erasures_restored": self.erasures_restored, "erased_skipped": self.erased_skipped}
 
 
 # ------------------------------------------------------------------------------------------ the format
@@ -109,18 +126,24 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def write_key_backup(fh: BinaryIO, entries: list[KeyEntry], master: SecretKey, *, created_at: str) -> ArchiveStats:
-    """Seal `entries` (all wrapped by `master`) as JSON lines into `fh`: a header line, one line per key."""
+def write_key_backup(fh: BinaryIO, entries: list[KeyEntry], master: SecretKey, *, created_at: str,
+                     erasures: list[ErasureEntry] = ()) -> ArchiveStats:
+    """Seal `entries` (all wrapped by `master`) and `erasures` as JSON lines into `fh`: a header line, one
+    line per key, one line per erasure."""
     if any(e.master_key_id != master.key_id for e in entries):
         raise KeyError_(f"every key in a key backup must be wrapped by its sealing master key {master.key_id!r}")
     writer = ArchiveWriter(fh, wedding_key=sealing_key(master), label={"app": "wedbackup", "kind": FORMAT_NAME})
     try:
         head = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "created_at": created_at,
-                "master_key_id": master.key_id, "key_count": len(entries)}
+                "master_key_id": master.key_id, "key_count": len(entries), "erasure_count": len(erasures)}
         writer.write(json.dumps(head, sort_keys=True).encode() + b"\n")
         for e in entries:
             line = {"key_id": e.key_id, "partition": e.partition, "master_key_id": e.master_key_id,
                     "wrapped": _b64(e.wrapped), "created_at": e.created_at}
+            writer.write(json.dumps(line, sort_keys=True).encode() + b"\n")
+        for x in erasures:
+            line = {"erasure": {"partition": x.partition, "wedding_id": x.wedding_id, "erased_at": x.erased_at,
+                                "requested_by": x.requested_by}}
             writer.write(json.dumps(line, sort_keys=True).encode() + b"\n")
     except BaseException:
         writer.abort()
@@ -150,13 +173,19 @@ def read_key_backup(fh: BinaryIO, *, name: str, keyring: MasterKeyring, check_ke
         if (reader.header.label or {}).get("kind") != FORMAT_NAME:
             raise KeyBackupError(name, "is a wedbackup archive but not a key-store backup")
         lines = _lines(reader)
-        head = json.loads(next(lines, b"{}"))
-        if head.get("format") != FORMAT_NAME or head.get("version") != FORMAT_VERSION:
+        head = loads_untrusted(next(lines, b"{}"))
+        if head.get("format") != FORMAT_NAME or head.get("version") not in READABLE_VERSIONS:
             raise KeyBackupError(name, f"unknown key backup format {head.get('format')!r} version "
-                                       f"{head.get('version')!r} (this build reads {FORMAT_NAME} {FORMAT_VERSION})")
-        entries = []
+                                       f"{head.get('version')!r} (this build reads {FORMAT_NAME} "
+                                       f"{', '.join(map(str, READABLE_VERSIONS))})")
+        entries, erasures = [], []
         for raw in lines:
-            item = json.loads(raw)
+            item = loads_untrusted(raw)
+            if "erasure" in item and head["version"] >= 2:
+                x = item["erasure"]
+                erasures.append(ErasureEntry(str(x["partition"]), str(x["wedding_id"]), str(x["erased_at"]),
+                                             str(x["requested_by"])))
+                continue
             entries.append(KeyEntry(item["key_id"], item["partition"], base64.b64decode(item["wrapped"], validate=True),
                                     item["master_key_id"], item["created_at"]))
         if not reader.complete:
@@ -168,17 +197,19 @@ def read_key_backup(fh: BinaryIO, *, name: str, keyring: MasterKeyring, check_ke
         raise
     except ArchiveError as exc:
         raise KeyBackupError(name, exc.problem) from None
-    except (ValueError, KeyError, TypeError) as exc:  # JSON or base64 that authenticated but does not parse
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # authenticated JSON or base64 that does not parse
         raise KeyBackupError(name, f"its contents do not parse ({type(exc).__name__})") from None
     if head.get("key_count") != len(entries):
         raise KeyBackupError(name, f"says it holds {head.get('key_count')} keys but holds {len(entries)}")
+    if head.get("erasure_count", 0) != len(erasures):
+        raise KeyBackupError(name, f"says it holds {head.get('erasure_count')} erasures but holds {len(erasures)}")
     if check_keys:
         for e in entries:
             try:
                 unwrap_key(keyring.get(e.master_key_id), e.wrapped, wedding_key_context(e.partition, e.key_id))
             except KeyError_ as exc:
                 raise KeyBackupError(name, f"wedding key {e.key_id}: {exc}") from None
-    return KeyBackupContents(name, head["master_key_id"], head["created_at"], entries)
+    return KeyBackupContents(name, head["master_key_id"], head["created_at"], entries, erasures)
 
 
 def reader_key_id(fh: BinaryIO) -> str:
@@ -196,21 +227,37 @@ def reader_key_id(fh: BinaryIO) -> str:
 
 
 def key_set_fingerprint(catalogue: Catalogue, master_key_id: str) -> tuple[str, int]:
-    """(fingerprint, count) of the live key ids: a key backup with the same fingerprint holds the same keys.
-    Ids in byte order (COLLATE "C", as Python sorts them), whatever the catalogue's collation."""
-    with catalogue.connect() as conn:
+    """(fingerprint, count) of the live key ids and erased partitions: a key backup with the same fingerprint
+    holds the same keys and erasures. Ids in byte order (COLLATE "C", as Python sorts them), whatever the
+    catalogue's collation."""
+    with _connect(catalogue) as conn:
         row = conn.execute(
             "SELECT count(*) AS n, coalesce(string_agg(key_id, ',' ORDER BY key_id COLLATE \"C\"), '') AS ids "
             "FROM wedbackup.wedding_keys WHERE wrapped IS NOT NULL AND shredded_at IS NULL").fetchone()
-    digest = hashlib.sha256(f"{master_key_id}|{row['ids']}".encode()).hexdigest()
-    return digest, row["n"]
+        erased = conn.execute("SELECT coalesce(string_agg(partition, ',' ORDER BY partition COLLATE \"C\"), '') "
+                              "AS p FROM wedbackup.erasures").fetchone()["p"]
+    return _key_set(master_key_id, row["ids"], erased), row["n"]
+
+
+def _key_set(master_key_id: str, key_ids: str, erased: str) -> str:
+    # Without erasures, the fingerprint of format version 1: their key backups stay current.
+    text = f"{master_key_id}|{key_ids}" + (f"|erased:{erased}" if erased else "")
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def erasure_entries(catalogue: Catalogue) -> list[ErasureEntry]:
+    """Every recorded erasure, in partition byte order, as a key backup holds it."""
+    with _connect(catalogue) as conn:
+        rows = conn.execute("SELECT partition, wedding_id, erased_at, requested_by FROM wedbackup.erasures "
+                            "ORDER BY partition COLLATE \"C\"").fetchall()
+    return [ErasureEntry(r["partition"], r["wedding_id"], r["erased_at"].isoformat(), r["requested_by"]) for r in rows]
 
 
 def live_key_entries(catalogue: Catalogue, keyring: MasterKeyring) -> list[KeyEntry]:
     """Every live wedding key, wrapped by the current master key (re-wrapped in memory where the catalogue
     still has it under an older one). A key whose master key is not configured stops the backup, named."""
     current = keyring.current
-    with catalogue.connect() as conn:
+    with _connect(catalogue) as conn:
         rows = conn.execute(
             "SELECT key_id, partition, wrapped, master_key_id, created_at FROM wedbackup.wedding_keys "
             "WHERE wrapped IS NOT NULL AND shredded_at IS NULL ORDER BY key_id COLLATE \"C\"").fetchall()
@@ -282,7 +329,7 @@ def _hidden_s3_keys(replica: Any) -> set[str]:
 
 def _record(catalogue: Catalogue, *, sha256: str, size: int, master_key_id: str, key_count: int, key_set: str,
             created_at: str | None = None) -> int:
-    with catalogue.connect() as conn:
+    with _connect(catalogue) as conn:
         row = conn.execute(
             "INSERT INTO wedbackup.key_backups (sha256, size, master_key_id, key_count, key_set, created_at) "
             "VALUES (%s, %s, %s, %s, %s, coalesce(%s::timestamptz, now())) "
@@ -293,7 +340,7 @@ def _record(catalogue: Catalogue, *, sha256: str, size: int, master_key_id: str,
 
 def _record_copy(catalogue: Catalogue, backup_id: int, *, provider: str, uri: str, object_key: str,
                  version_id: str | None, size: int, checksum: str | None) -> None:
-    with catalogue.connect() as conn:
+    with _connect(catalogue) as conn:
         conn.execute(
             """INSERT INTO wedbackup.key_backup_copies (key_backup_id, provider, uri, object_key, version_id, size,
                    checksum) VALUES (%s, %s, %s, %s, %s, %s, %s)
@@ -304,7 +351,7 @@ def _record_copy(catalogue: Catalogue, backup_id: int, *, provider: str, uri: st
 
 
 def _newest_recorded(catalogue: Catalogue) -> dict[str, Any] | None:
-    with catalogue.connect() as conn:
+    with _connect(catalogue) as conn:
         row = conn.execute(
             "SELECT k.*, coalesce(array_agg(c.provider) FILTER (WHERE c.provider IS NOT NULL), '{}') AS providers "
             "FROM wedbackup.key_backups k LEFT JOIN wedbackup.key_backup_copies c ON c.key_backup_id = k.id "
@@ -324,18 +371,58 @@ def key_backup_is_current(catalogue: Catalogue, keyring: MasterKeyring) -> tuple
 # ---------------------------------------------------------------------------------------- operations
 
 
+_LOCK_NAME = "wedbackup-key-backups"
+
+
+@dataclass
+class _HeldLock:
+    conn: Any  # the catalogue connection whose session holds the lock
+    depth: int = 1
+
+
 @contextmanager
 def _one_at_a_time(catalogue: Catalogue) -> Iterator[None]:
     """One key-backup writer or deleter at a time across processes: otherwise a routine backup's pruning or
     an erasure's refresh could delete a key backup another run has just written. A session-level advisory
-    lock on the catalogue's connection (re-entrant, so refresh can hold it around back_up_key_store)."""
+    lock on the catalogue's connection, the one the work runs on (re-entrant, so refresh can hold it around
+    back_up_key_store). When that connection is reopened meanwhile, `_connect` re-takes the lock or fails."""
+    held = getattr(catalogue, "_key_backup_lock", None)
+    if held is not None:
+        with _connect(catalogue):  # still ours (re-taken after a reconnect), or KeyBackupError
+            held.depth += 1
+        try:
+            yield
+        finally:
+            held.depth -= 1
+        return
     with catalogue.connect() as conn:
-        conn.execute("SELECT pg_advisory_lock(hashtext('wedbackup-key-backups'))")
+        conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (_LOCK_NAME,))
+    held = catalogue._key_backup_lock = _HeldLock(conn)  # type: ignore[attr-defined]
     try:
         yield
     finally:
-        with catalogue.connect() as conn:
-            conn.execute("SELECT pg_advisory_unlock(hashtext('wedbackup-key-backups'))")
+        catalogue._key_backup_lock = None  # type: ignore[attr-defined]
+        try:
+            if not held.conn.closed and not held.conn.broken:
+                held.conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_LOCK_NAME,))
+        except psycopg.OperationalError:
+            pass  # the session is gone, and its lock with it
+
+
+@contextmanager
+def _connect(catalogue: Catalogue) -> Iterator[Any]:
+    """`catalogue.connect()` for key-backup work: inside `_one_at_a_time`, it proves the lock is still held by
+    the connection it hands out. A reconnect (the server released the lock with the old session) re-takes
+    it at once or fails naming the lock: never key-backup work without it."""
+    with catalogue.connect() as conn:
+        held = getattr(catalogue, "_key_backup_lock", None)
+        if held is not None and conn is not held.conn:
+            if not conn.execute("SELECT pg_try_advisory_lock(hashtext(%s)) AS ok", (_LOCK_NAME,)).fetchone()["ok"]:
+                raise KeyBackupError("lock", "was lost with its catalogue connection and another run "
+                                     "holds it now: this run stopped before writing or deleting anything more; "
+                                     "run it again")
+            held.conn = conn
+        yield conn
 
 
 def back_up_key_store(settings: Any, catalogue: Catalogue, replicas: Mapping[str, Any],
@@ -361,21 +448,25 @@ def _back_up_key_store(settings: Any, catalogue: Catalogue, replicas: Mapping[st
     if (not force and newest is not None and newest["key_set"] == fingerprint
             and wanted <= set(newest["providers"])
             and (vault_key_backup_dir(settings) / f"{newest['sha256']}{SUFFIX}").is_file()):
+        if set(newest["providers"]) - {"vault"}:  # keys from before this was recorded: the newest holds them all
+            _mark_backed_up(catalogue, None)
         return KeyBackupResult(newest["sha256"], newest["key_count"], newest["master_key_id"],
                                skipped="unchanged: the newest key backup holds every live key and is everywhere")
 
     # The time is taken before the keys are read: a key made meanwhile counts as newer than this backup.
     created_at = datetime.now(timezone.utc).isoformat()
     entries = live_key_entries(catalogue, keyring)
-    path, stats = _write_to_vault(vault_key_backup_dir(settings),
-                                  lambda fh: write_key_backup(fh, entries, master, created_at=created_at))
-    key_set = hashlib.sha256(f"{master.key_id}|{','.join(e.key_id for e in entries)}".encode()).hexdigest()
+    erasures = erasure_entries(catalogue)
+    path, stats = _write_to_vault(vault_key_backup_dir(settings), lambda fh: write_key_backup(
+        fh, entries, master, created_at=created_at, erasures=erasures))
+    key_set = _key_set(master.key_id, ",".join(e.key_id for e in entries), ",".join(x.partition for x in erasures))
     backup_id = _record(catalogue, sha256=stats.sha256, size=stats.sealed_bytes, master_key_id=master.key_id,
                         key_count=len(entries), key_set=key_set, created_at=created_at)
     _record_copy(catalogue, backup_id, provider="vault", uri=path.as_uri(), object_key=path.name, version_id=None,
                  size=stats.sealed_bytes, checksum=stats.sha256)
     result = KeyBackupResult(stats.sha256, len(entries), master.key_id, copies={"vault": path.as_uri()})
-    metadata = {"kind": FORMAT_NAME, "master-key-id": master.key_id, "key-count": str(len(entries))}
+    metadata = {"kind": FORMAT_NAME, "master-key-id": master.key_id, "key-count": str(len(entries)),
+                "erasure-count": str(len(erasures))}
     for provider, replica in replicas.items():
         try:
             record = replica.upload(path, partition=KEY_BACKUP_METADATA_PARTITION, sha256=stats.sha256,
@@ -387,8 +478,10 @@ def _back_up_key_store(settings: Any, catalogue: Catalogue, replicas: Mapping[st
         _record_copy(catalogue, backup_id, provider=provider, uri=record.uri, object_key=record.key,
                      version_id=record.version_id, size=record.size, checksum=record.provider_checksum)
         result.copies[provider] = record.uri
+    if "vault" in result.copies and len(result.copies) > 1:  # outside the catalogue: at the vault and a provider
+        _mark_backed_up(catalogue, [e.key_id for e in entries])
     if keep is not None and result.ok:
-        with catalogue.connect() as conn:
+        with _connect(catalogue) as conn:
             rows = conn.execute("SELECT sha256 FROM wedbackup.key_backups WHERE deleted_at IS NULL "
                                 "ORDER BY created_at DESC, id DESC LIMIT %s", (max(1, keep),)).fetchall()
         kept = {r["sha256"] for r in rows} | {stats.sha256}
@@ -398,13 +491,36 @@ def _back_up_key_store(settings: Any, catalogue: Catalogue, replicas: Mapping[st
     return result
 
 
+def _mark_backed_up(catalogue: Catalogue, key_ids: list[str] | None) -> None:
+    """Record that these live keys (None: every live key) are in a key backup at the vault and a provider."""
+    with _connect(catalogue) as conn:
+        conn.execute("UPDATE wedbackup.wedding_keys SET key_backup_at = now() WHERE key_backup_at IS NULL "
+                     "AND wrapped IS NOT NULL AND (%(ids)s::text[] IS NULL OR key_id = ANY(%(ids)s))", {"ids": key_ids})
+
+
+def keys_awaiting_backup(catalogue: Catalogue) -> int:
+    """How many live wedding keys are in no key backup at the vault and a provider (they live only in the
+    catalogue): one indexed count, so every backup run can ask."""
+    with _connect(catalogue) as conn:
+        return conn.execute("SELECT count(*) AS n FROM wedbackup.wedding_keys "
+                            "WHERE key_backup_at IS NULL AND wrapped IS NOT NULL").fetchone()["n"]
+
+
+def keys_outside_catalogue(catalogue: Catalogue, key_ids: list[str]) -> set[str]:
+    """Those of `key_ids` that a key backup at the vault and at least one provider holds."""
+    with _connect(catalogue) as conn:
+        rows = conn.execute("SELECT key_id FROM wedbackup.wedding_keys WHERE key_id = ANY(%s) "
+                            "AND key_backup_at IS NOT NULL", (list(key_ids),)).fetchall()
+    return {r["key_id"] for r in rows}
+
+
 def delete_key_backups(settings: Any, catalogue: Catalogue, replicas: Mapping[str, Any], *,
                        keep: set[str]) -> tuple[dict[str, int], dict[str, str]]:
     """Delete every key backup whose SHA-256 is not in `keep`: every version at every replica (whatever its
     listing or the catalogue knows of), and the vault file. Returns (deleted per provider, failures)."""
     deleted: dict[str, int] = {}
     failures: dict[str, str] = {}
-    with catalogue.connect() as conn:
+    with _connect(catalogue) as conn:
         known = conn.execute(
             "SELECT k.sha256, c.provider, c.object_key FROM wedbackup.key_backups k "
             "JOIN wedbackup.key_backup_copies c ON c.key_backup_id = k.id").fetchall()
@@ -432,7 +548,7 @@ def delete_key_backups(settings: Any, catalogue: Catalogue, replicas: Mapping[st
             _fsync_dir(folder)
     except OSError as exc:
         failures["vault"] = f"{folder}: {exc.strerror or type(exc).__name__}"
-    with catalogue.connect() as conn:
+    with _connect(catalogue) as conn:
         conn.execute("UPDATE wedbackup.key_backups k SET deleted_at = now() WHERE deleted_at IS NULL "
                      "AND NOT (sha256 = ANY(%s)) AND NOT EXISTS (SELECT FROM wedbackup.key_backup_copies c "
                      "WHERE c.key_backup_id = k.id)", (sorted(keep),))
@@ -440,7 +556,7 @@ def delete_key_backups(settings: Any, catalogue: Catalogue, replicas: Mapping[st
 
 
 def _forget_copy(catalogue: Catalogue, provider: str, sha256: str | None) -> None:
-    with catalogue.connect() as conn:
+    with _connect(catalogue) as conn:
         conn.execute("DELETE FROM wedbackup.key_backup_copies c USING wedbackup.key_backups k "
                      "WHERE c.key_backup_id = k.id AND k.sha256 = %s AND c.provider = %s", (sha256, provider))
 
@@ -514,8 +630,13 @@ def restore_key_store(replica: Any, catalogue: Catalogue, keyring: MasterKeyring
     contents = fetch_key_backup(replica, sha256, keyring, tmp_dir=tmp_dir)
     report.key_backup = contents.name
     report.in_backup = len(contents.entries)
-    with catalogue.connect() as conn:
+    report.erasures_restored = restore_erasures(catalogue, contents)
+    erased = catalogue.erased_partitions()
+    with _connect(catalogue) as conn:
         for e in contents.entries:
+            if e.partition in erased:  # an erasure wins over any key backup that still holds the key
+                report.erased_skipped += 1
+                continue
             inserted = conn.execute(
                 "INSERT INTO wedbackup.wedding_keys (key_id, partition, wrapped, master_key_id, created_at) "
                 "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING key_id",
@@ -528,8 +649,8 @@ def restore_key_store(replica: Any, catalogue: Catalogue, keyring: MasterKeyring
             else:
                 report.conflicts.append(f"wedding {e.partition}: key {e.key_id} not restored, the catalogue has "
                                         "another live key for it")
-    key_set = hashlib.sha256(f"{contents.master_key_id}|{','.join(sorted(e.key_id for e in contents.entries))}"
-                             .encode()).hexdigest()
+    key_set = _key_set(contents.master_key_id, ",".join(sorted(e.key_id for e in contents.entries)),
+                       ",".join(sorted(x.partition for x in contents.erasures)))
     head = replica.head(key_backup_key(replica.provider, replica.prefix, sha256))
     backup_id = _record(catalogue, sha256=sha256, size=head.size if head else 0,
                         master_key_id=contents.master_key_id, key_count=len(contents.entries), key_set=key_set,
@@ -539,6 +660,23 @@ def restore_key_store(replica: Any, catalogue: Catalogue, keyring: MasterKeyring
                      version_id=head.version_id, size=head.size, checksum=head.provider_checksum)
     catalogue.audit("key-restore", None, report.to_dict() | {"conflicts": len(report.conflicts)})
     return report
+
+
+def restore_erasures(catalogue: Catalogue, contents: KeyBackupContents) -> int:
+    """Bring back the erasure records a key backup holds that the catalogue lacks (with their original time and
+    requester), each wedding marked removed, and shred any live key the catalogue has for one of them: an
+    erased wedding is not discovered, keyed or backed up again. Returns how many records came back."""
+    known = catalogue.erased_partitions()
+    restored = 0
+    for x in contents.erasures:
+        if x.partition not in known:
+            catalogue.begin_erasure(x.partition, x.wedding_id, x.requested_by, erased_at=x.erased_at,
+                                    detail={"restored_from": contents.name})
+            restored += 1
+        catalogue.shred_wedding_key(x.partition)
+    if restored:
+        catalogue.audit("erasures-restored", None, {"erasures": restored, "key_backup": contents.name})
+    return restored
 
 
 def read_vault_key_backup(path: Path, keyring: MasterKeyring) -> KeyBackupContents:

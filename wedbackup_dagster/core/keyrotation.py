@@ -11,7 +11,7 @@ from typing import Any
 
 from .catalogue import Catalogue, _context as wedding_key_context
 from .errors import KeyError_
-from .keybackup import key_set_fingerprint
+from .keybackup import key_set_fingerprint, keys_awaiting_backup
 from .keys import MasterKeyring, unwrap_key, wrap_key
 
 DEFAULT_BATCH = 500
@@ -107,13 +107,14 @@ class KeyStatus:
     newest_backup: dict[str, Any] | None  # sha256, created_at, master_key_id, key_count, providers
     backup_current: bool  # the newest key backup holds exactly today's live keys under the current master key
     keys_since_backup: int  # live wedding keys created after the newest key backup
+    keys_only_in_catalogue: int = 0  # live wedding keys in no key backup at the vault and a provider
 
     def to_dict(self) -> dict[str, Any]:
         return {"current": self.current, "configured": self.configured,
                 "masters": [m.to_dict() for m in self.masters], "live_keys": self.live_keys,
                 "shredded_keys": self.shredded_keys, "unreadable": self.unreadable,
                 "newest_backup": self.newest_backup, "backup_current": self.backup_current,
-                "keys_since_backup": self.keys_since_backup}
+                "keys_since_backup": self.keys_since_backup, "keys_only_in_catalogue": self.keys_only_in_catalogue}
 
     def lines(self) -> list[str]:
         out = [f"master keys configured: {', '.join(self.configured)} (current: {self.current})",
@@ -136,6 +137,9 @@ class KeyStatus:
             when = b["created_at"].astimezone(timezone.utc)
             out.append(f"key backup: {b['sha256'][:16]}… {when:%Y-%m-%d %H:%M} UTC, {b['key_count']} keys, "
                        f"sealed with {b['master_key_id']}, copies: {', '.join(b['providers']) or 'none'}; {state}")
+        if self.keys_only_in_catalogue:
+            out.append(f"wedding keys only in the catalogue: {self.keys_only_in_catalogue} (in no key backup at the "
+                       "vault and a provider; their backups do not count for 3-2-1): run `wedbackup keys backup`")
         return out
 
 
@@ -175,4 +179,4 @@ def key_status(catalogue: Catalogue, keyring: MasterKeyring) -> KeyStatus:
                      unreadable={m: n for m, n in by_master.items() if m not in keyring},
                      newest_backup=newest_dict,
                      backup_current=newest is not None and newest["key_set"] == fingerprint,
-                     keys_since_backup=since)
+                     keys_since_backup=since, keys_only_in_catalogue=keys_awaiting_backup(catalogue))

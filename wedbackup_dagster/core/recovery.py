@@ -17,14 +17,16 @@ from psycopg import sql
 from . import tenancy
 from .archive import open_archive
 from .catalogue import BackupRecord, Catalogue
+from .dbidentity import check_restore_target
 from .errors import (ProviderError, RestoreError, SchemaMismatchError, SnapshotFormatError, UnknownWeddingError,
                      VerificationError, WedbackupError)
 from .locks import partition_lock
 from .restore import (Record, _advance_sequences, _checksum, _compare_with_manifest, _first_line, check_table_end,
-                      copy_table_in, foreign_keys_sql, manifest_of, read_snapshot, read_to_end, restore_snapshot,
+                      copy_table_in, foreign_keys_sql, header_of, is_row_security_refusal, manifest_of,
+                      no_row_security, plan_matching, read_snapshot, read_to_end, restore_snapshot,
                       schema_differences, table_begin_of)
-from .snapshot import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, PLATFORM, Manifest, database_label,
-                       describe_schema, plan_description, schema_fingerprint, schema_is_empty, use_qualified_names)
+from .snapshot import (MANIFEST, PLATFORM, Manifest, database_label, describe_schema, partition_selects,
+                       schema_fingerprint, schema_is_empty, use_qualified_names)
 from .vault import check_partition
 
 Progress = Callable[[str], None]
@@ -193,10 +195,7 @@ class RecoveryReport:
 
 def _open_stream(chunks: Iterable[bytes], name: str) -> tuple[dict[str, Any], Iterator[Record]]:
     records = read_snapshot(chunks, name=name)
-    header = next(records).json()
-    if header.get("format") != FORMAT_NAME or header.get("version") != FORMAT_VERSION:
-        raise SnapshotFormatError(name, f"snapshot format {header.get('format')!r} version {header.get('version')!r} "
-                                        f"is not {FORMAT_NAME} version {FORMAT_VERSION}")
+    header = header_of(next(records))  # format, version and every field a restore relies on, checked
     next(records)  # pre-data DDL: the target already has the schema (in-place, schema) or restore_snapshot runs
     next(records)  # post-data DDL
     return header, records
@@ -279,24 +278,12 @@ def check_schema(conn, header: Mapping[str, Any], what: str, target: str, *, str
             + "\n  ".join(diffs))
 
 
-def _root_of(header: Mapping[str, Any]) -> tenancy.TableName:
-    schema, _, name = str(header.get("plan", {}).get("root", "public.weddings")).partition(".")
-    return tenancy.TableName(schema, name)
-
-
 def _live_plan(conn, header: Mapping[str, Any], what: str, target: str) -> tenancy.TenancyPlan:
     """The live database's tenancy plan, which must route the same tables the same way as the archive's:
-    otherwise deleting the wedding would miss (or cascade into) rows the archive does not hold."""
-    plan = tenancy.discover(conn, _root_of(header))
-    live = plan_description(plan)["tenant_tables"]
-    archived = header.get("plan", {}).get("tenant_tables", {})
-    if live != archived:
-        none = "(not a tenant table)"
-        diffs = [f"{t}: archive {archived.get(t, none)!r}, live {live.get(t, none)!r}"
-                 for t in sorted(live.keys() | archived.keys()) if live.get(t) != archived.get(t)]
-        raise SchemaMismatchError(f"restore of {what} into {target}: the live database routes tables to weddings "
-                                  f"differently from the archive; nothing was written:\n  " + "\n  ".join(diffs))
-    return plan
+    otherwise deleting the wedding would miss (or cascade into) rows the archive does not hold. Every
+    statement on live rows is built from it (never from the archive's SQL text)."""
+    plan = header.get("plan")
+    return plan_matching(conn, plan if isinstance(plan, Mapping) else {}, what, target)
 
 
 # --- staging the archive's rows ---------------------------------------------------------------------
@@ -308,10 +295,12 @@ class _Staged:
     columns: list[str]
     table: sql.Identifier  # where the rows were loaded (a temp table, or the inspection schema's table)
     rows: int
-    select_sql: str  # the snapshot's SELECT of the partition's rows (on the source's schema)
-    params: dict[str, str] | None
     order_by: list[str]
     keyed: bool
+    # The partition's rows in the target, built from the live tenancy plan by _attach_plan (never the
+    # archive's select_sql), and its parameters.
+    select: sql.Composable | None = None
+    params: dict[str, str] | None = None
 
     @property
     def qualified(self) -> str:
@@ -354,8 +343,8 @@ def _load(conn, records: Iterator[Record], what: str, target: str, progress: Pro
             check_table_end(end_record, rows, nbytes, sha, what=what, target=target, table=table, done="read")
             seen[table] = (rows, nbytes, sha)
             order_by = list(begin.get("order_by") or [])
-            staged.append(_Staged(schema, name, list(columns), into, rows, begin["select_sql"], begin.get("params"),
-                                  order_by, keyed=bool(order_by) and order_by != list(columns)))
+            staged.append(_Staged(schema, name, list(columns), into, rows, order_by,
+                                  keyed=bool(order_by) and order_by != list(columns)))
             progress(f"{table}: {rows:,} rows read from the archive ({time.monotonic() - t0:.1f} s)")
     if manifest_record is None:
         raise SnapshotFormatError("snapshot stream", "the stream has no manifest")
@@ -365,23 +354,32 @@ def _load(conn, records: Iterator[Record], what: str, target: str, progress: Pro
     return staged, manifest
 
 
-def _primary_keys(conn, staged: list[_Staged]) -> None:
-    """Which staged tables have a primary key (order_by alone cannot say when the key is every column)."""
-    if not staged:
-        return
-    rows = conn.execute(
-        "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_constraint con "
-        "JOIN pg_catalog.pg_class c ON c.oid = con.conrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-        "JOIN unnest(%(s)s::text[], %(n)s::text[]) AS r(s, n) ON r.s = n.nspname AND r.n = c.relname "
-        "WHERE con.contype = 'p'", {"s": [t.schema for t in staged], "n": [t.name for t in staged]}).fetchall()
-    keyed = set(rows)
-    for t in staged:
-        t.keyed = (t.schema, t.name) in keyed and bool(t.order_by)
+def _attach_plan(staged: list[_Staged], plan: tenancy.TenancyPlan, partition: str, what: str, target: str) -> None:
+    """Give every staged table the SELECT of the partition's rows built from the target's plan (the same
+    SELECT the snapshot ran, rebuilt) and its order; the archive must hold exactly the partition's tables
+    of that plan, each with the plan's columns, or nothing is compared, locked or written."""
+    selects = {str(t.table): (t, select) for t, select in partition_selects(plan, partition)}
+    names = [s.qualified for s in staged]
+    problems = [f"table {n} is in the archive but not in {_label(partition)}'s tables of the target"
+                for n in names if n not in selects]
+    problems += [f"table {n} of {_label(partition)} is not in the archive" for n in selects if n not in names]
+    for s in staged:
+        if s.qualified in selects and tuple(s.columns) != tuple(selects[s.qualified][0].columns):
+            problems.append(f"table {s.qualified} has columns {s.columns} in the archive, "
+                            f"{list(selects[s.qualified][0].columns)} in the target")
+    if problems:
+        raise SchemaMismatchError(f"restore of {what} into {target}: the archive's tables do not match the "
+                                  f"target's plan; nothing was written: " + "; ".join(problems))
+    params = None if partition == PLATFORM else {"wedding_id": partition}
+    for s in staged:
+        t, s.select = selects[s.qualified]
+        s.params, s.order_by, s.keyed = params, list(t.order_by), t.keyed
 
 
 def _live_rows(t: _Staged) -> sql.Composable:
-    """The target's current rows of the partition in this table, by the snapshot's own SELECT."""
-    return sql.SQL("({})").format(sql.SQL(t.select_sql))
+    """The target's current rows of the partition in this table, by the snapshot's SELECT rebuilt."""
+    assert t.select is not None, "_attach_plan first"
+    return sql.SQL("({})").format(t.select)
 
 
 def _diff(conn, t: _Staged) -> TableChange:
@@ -450,22 +448,23 @@ def _dry_run(chunks: Iterable[bytes], dsn: str, target: str, mode: str, *, name:
     header, records = _open_stream(chunks, name)
     partition = str(header["partition"])
     what = _label(partition)
-    with _connect(dsn, target, "wedbackup-restore-dry-run") as conn, _transaction(conn, commit=False):
+    with _connect(dsn, target, "wedbackup-restore-dry-run") as conn, _transaction(conn, commit=False), \
+            _row_security_named(what, target):
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         use_qualified_names(conn)
+        no_row_security(conn)
         if mode == "target" and schema_is_empty(describe_schema(conn)):
             # An empty database would get the archive's schema: every row is new.
             tables = []
             for record in records:
                 if record.kind == MANIFEST:
-                    manifest = Manifest.from_dict(record.json())
+                    manifest = manifest_of(record)
                     tables = [TableChange(t.table, t.rows, 0, t.rows) for t in manifest.tables]
             return RecoveryReport(partition, mode, target, True, tables, seconds=round(time.monotonic() - started, 6))
         check_schema(conn, header, what, target, strict=(mode == "target"))
-        if mode == "in_place":
-            _live_plan(conn, header, what, target)
+        plan = _live_plan(conn, header, what, target)  # whichever mode: the target's rows are read by it
         staged, _ = _load(conn, records, what, target, progress, _temp_stage(conn))
-        _primary_keys(conn, staged)
+        _attach_plan(staged, plan, partition, what, target)
         tables = [_diff(conn, t) for t in staged]
     return RecoveryReport(partition, mode, target, True, tables, seconds=round(time.monotonic() - started, 6))
 
@@ -494,6 +493,9 @@ def restore_into_schema(chunks: Iterable[bytes], dsn: str, schema: str, *, name:
                                f"name (or drop it first: DROP SCHEMA ... CASCADE)")
         check_schema(conn, header, what, target, strict=False)
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        # Marked as an inspection copy of this partition: in no platform backup, dropped by its erasure.
+        conn.execute(sql.SQL("COMMENT ON SCHEMA {} IS {}").format(
+            sql.Identifier(schema), sql.Literal(tenancy.INSPECTION_MARKER + partition)))
         names: dict[str, int] = {}
 
         def make(begin: dict[str, Any], i: int) -> sql.Identifier:
@@ -514,6 +516,18 @@ def restore_into_schema(chunks: Iterable[bytes], dsn: str, schema: str, *, name:
 
 # --- restoring: in place ----------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _row_security_named(what: str, target: str) -> Iterator[None]:
+    """A row-security refusal (row_security is off in every transaction reading live rows) as a
+    RestoreError naming the restore, the table and what the role needs."""
+    try:
+        yield
+    except psycopg.Error as e:
+        if not is_row_security_refusal(e):
+            raise
+        raise RestoreError(f"restore of {what} into {target}: {_first_line(e)}; nothing was written") from None
+
+
 _REFERENCES_SQL = foreign_keys_sql("referenced")  # keys pointing INTO the given tables
 
 _ROW_ID = (sql.SQL("t0.tableoid"), sql.SQL("t0.ctid"))  # a row's identity while we hold its lock
@@ -527,13 +541,14 @@ def _outside_references(conn, plan: tenancy.TenancyPlan, wedding_id: str) -> lis
                                          "names": [t.name for t in tenants]}).fetchall()
     params = {"wedding_id": wedding_id}
     out = []
-    for conname, cs, ct, ps, pt, cols, pcols in fks:
+    for conname, cs, ct, ps, pt, cols, pcols, _, _ in fks:
         parent = tenants[tenancy.TableName(ps, pt)]
         child_name = tenancy.TableName(cs, ct)
         child_cols = sql.SQL(", ").join(sql.Identifier("x", c) for c in cols)
         referenced = parent.wedding_rows([sql.Identifier("t0", c) for c in pcols])
+        # Exactly the referencing table: a foreign key binds its own rows, not its INHERITS children's.
         query = sql.SQL("SELECT count(*) FROM {child} AS x WHERE ({cols}) IN ({referenced})").format(
-            child=child_name.ident(), cols=child_cols, referenced=referenced)
+            child=plan.exact(child_name), cols=child_cols, referenced=referenced)
         if child_name in tenants:
             own = tenants[child_name].wedding_rows(list(_ROW_ID))
             query = sql.SQL("{} AND (x.tableoid, x.ctid) NOT IN ({})").format(query, own)
@@ -571,7 +586,8 @@ def restore_in_place(chunks: Iterable[bytes], dsn: str, wedding_id: str, *, name
     what = f"wedding {partition}"
     target = database_label(dsn)
     try:
-        with _connect(dsn, target, "wedbackup-restore-in-place") as conn, _transaction(conn, commit=not dry_run):
+        with _connect(dsn, target, "wedbackup-restore-in-place") as conn, _transaction(conn, commit=not dry_run), \
+                _row_security_named(what, target):
             report = _replace_wedding(conn, header, records, partition, target, dry_run=dry_run,
                                       lock_timeout=lock_timeout, progress=progress)
     except psycopg.errors.LockNotAvailable:
@@ -592,10 +608,11 @@ def _replace_wedding(conn, header: Mapping[str, Any], records: Iterator[Record],
     # READ COMMITTED: after each lock, the next statement sees what was committed before it was granted.
     conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout * 1000)}ms")))
     use_qualified_names(conn)
+    no_row_security(conn)
     check_schema(conn, header, what, target, strict=False)
     plan = _live_plan(conn, header, what, target)
     staged, manifest = _load(conn, records, what, target, progress, _temp_stage(conn))
-    _primary_keys(conn, staged)
+    _attach_plan(staged, plan, partition, what, target)
     by_name = {t.qualified: t for t in staged}
     tenant_order = [t for t in plan.tenant_tables if str(t.table) in by_name]
     if not dry_run:  # a dry run reads without locking: it must not hold up the application
@@ -618,14 +635,17 @@ def _replace_wedding(conn, header: Mapping[str, Any], records: Iterator[Record],
         outer = (sql.SQL(", ").join(sql.Identifier("x", c) for c in keys) if keys
                  else sql.SQL("x.tableoid, x.ctid"))
         inner = [sql.Identifier("t0", c) for c in keys] if keys else list(_ROW_ID)
+        # Exactly this table (ONLY): its INHERITS children may hold other weddings' rows with the same keys.
         deleted = conn.execute(sql.SQL("DELETE FROM {} AS x WHERE ({}) IN ({})").format(
-            t.table.ident(), outer, t.wedding_rows(inner)), params).rowcount
+            t.exact(), outer, t.wedding_rows(inner)), params).rowcount
         progress(f"{t.table}: {deleted:,} rows deleted")
     for t in tenant_order:  # parents first
         s = by_name[str(t.table)]
         cols = sql.SQL(", ").join(map(sql.Identifier, s.columns))
         try:
-            inserted = conn.execute(sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(
+            # OVERRIDING SYSTEM VALUE: the archive's values go into GENERATED ALWAYS identity columns as
+            # COPY puts them (sequences are moved past them below); a no-op for every other column.
+            inserted = conn.execute(sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {}").format(
                 s.live, cols, cols, s.table)).rowcount
         except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected):
             raise
@@ -639,7 +659,7 @@ def _replace_wedding(conn, header: Mapping[str, Any], records: Iterator[Record],
         raise RestoreError(f"restore of {what} into {target}: a deferred constraint fails: {_first_line(e)}; "
                            f"nothing was written") from None
     for s in staged:
-        rows, nbytes, sha = _checksum(conn, sql.SQL(s.select_sql), s.params)
+        rows, nbytes, sha = _checksum(conn, s.select, s.params)
         m = manifest.table(s.qualified)
         if (rows, nbytes, sha) != (m.rows, m.bytes, m.sha256):
             raise VerificationError(f"restore of {what} into {target}: table {s.qualified} does not match the "
@@ -693,6 +713,9 @@ def recover(engine: Any, request: RecoveryRequest, replicas: Mapping[str, Any], 
         raise WedbackupError("a restore into another database needs its DSN (--target-dsn)")
     if request.mode == "schema" and not request.schema:
         raise WedbackupError("a restore into a schema needs its name (--into-schema NAME)")
+    if target_dsn and request.mode != "in_place":  # the database it reaches, however the DSN is written
+        check_restore_target(target_dsn, source_dsn=engine.settings.source_dsn,
+                             catalogue_dsn=engine.settings.catalogue_dsn, mode=request.mode)
     partition = check_partition(request.partition)
     as_of = request.as_of or datetime.now(timezone.utc)
     point = choose_point(recovery_points(engine.catalogue, partition), partition, as_of,

@@ -17,15 +17,18 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from wedbackup_dagster.core import tenancy
+from wedbackup_dagster.core.archive import loads_untrusted
 from wedbackup_dagster.core.vault import PARTITION_RE
 from wedbackup_dagster.core.errors import (RestoreError, SchemaMismatchError, SnapshotFormatError,
                                            VerificationError)
 from wedbackup_dagster.core.snapshot import (TableTotals,
                                              DATA, FORMAT_NAME, FORMAT_VERSION, FRAME_HEADER_SIZE, HEADER, MAGIC,
                                              MANIFEST, MAX_DATA_RECORD, MAX_META_RECORD, PLATFORM, POST_DATA,
-                                             PRE_DATA, RECORD_TYPES, TABLE_BEGIN, TABLE_END, Manifest, copy_out,
+                                             PRE_DATA, RECORD_TYPES, TABLE_BEGIN, TABLE_END, Manifest,
+                                             broken_key_names, copy_out,
                                              database_label, describe_schema, partition_selects,
-                                             schema_fingerprint, schema_is_empty, use_qualified_names)
+                                             plan_description, schema_fingerprint, schema_is_empty,
+                                             use_qualified_names)
 
 # --- reading the stream -----------------------------------------------------------------------------
 
@@ -43,7 +46,7 @@ class Record:
 
     def json(self) -> dict[str, Any]:
         try:
-            value = json.loads(self.payload)
+            value = loads_untrusted(self.payload)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SnapshotFormatError(self.source, f"{self.kind_name} record at offset {self.offset} "
                                                    f"is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
@@ -174,6 +177,9 @@ def header_of(record: Record) -> dict[str, Any]:
                                          for k in ("schema", "table", "name", "ref_schema", "ref_table"))
             for fk in fks):
         raise _garbled(record, "has a foreign key list that is not a list of constraints")
+    plan = header.get("plan", {})
+    if not isinstance(plan, dict) or not isinstance(plan.get("tenant_tables", {}), dict):
+        raise _garbled(record, "has a tenancy plan that is not an object with a tenant_tables object")
     return header
 
 
@@ -249,8 +255,9 @@ class ForeignKeyCheck:
     constraint: str
     table: str
     parent: str
-    status: str  # "ok", "orphans", "external, not checked"
+    status: str  # "ok", "orphans", "external, not checked", "unreadable"
     orphans: int = 0
+    problem: str = ""  # why an unreadable key could not be checked
 
 
 @dataclass
@@ -266,6 +273,8 @@ class VerifyReport(TableTotals):
         out = [f"table {t.table}: {t.problem}" for t in self.tables if not t.ok]
         out += [f"foreign key {f.constraint} on {f.table}: {f.orphans} row(s) without a parent in {f.parent}"
                 for f in self.foreign_keys if f.status == "orphans"]
+        out += [f"foreign key {f.constraint} on {f.table}: cannot be checked: {f.problem}"
+                for f in self.foreign_keys if f.status == "unreadable"]
         return out
 
     @property
@@ -347,7 +356,8 @@ def _post_data_script(post_data: str, external_fks: set[tuple[str, str, str]]) -
 _SEQUENCES_SQL = """
 WITH t AS (SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
            JOIN unnest(%(schemas)s::text[], %(names)s::text[]) AS r(s, n) ON r.s = n.nspname AND r.n = c.relname)
-SELECT DISTINCT sn.nspname::text, s.relname::text, tn.nspname::text, tc.relname::text, a.attname::text
+SELECT DISTINCT sn.nspname::text, s.relname::text, tn.nspname::text, tc.relname::text, a.attname::text,
+       tc.relkind::text
 FROM (
     SELECT d.objid AS seq, d.refobjid AS tab, d.refobjsubid AS att FROM pg_catalog.pg_depend d
     WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
@@ -368,7 +378,7 @@ ORDER BY 1, 2, 3, 4, 5
 """
 
 _USER_TRIGGERS_SQL = """
-SELECT n.nspname::text, c.relname::text, tg.tgname::text, tg.tgenabled::text
+SELECT n.nspname::text, c.relname::text, tg.tgname::text, tg.tgenabled::text, c.relkind::text
 FROM pg_catalog.pg_trigger tg JOIN pg_catalog.pg_class c ON c.oid = tg.tgrelid
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 JOIN unnest(%(schemas)s::text[], %(names)s::text[]) AS r(s, n) ON r.s = n.nspname AND r.n = c.relname
@@ -380,7 +390,31 @@ _ENABLE = {"O": sql.SQL("ENABLE TRIGGER"), "A": sql.SQL("ENABLE ALWAYS TRIGGER")
 
 
 def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    """The error's first line; a row-security refusal (see no_row_security) also says what the role needs."""
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if is_row_security_refusal(e):
+        line += (" (row security is off, as for pg_dump, so that a policy cannot silently hide rows: the "
+                 "connecting role needs BYPASSRLS — ALTER ROLE <role> BYPASSRLS — or must own the table, "
+                 "which then must not FORCE ROW LEVEL SECURITY)")
+    return line
+
+
+def is_row_security_refusal(e: BaseException) -> bool:
+    return isinstance(e, psycopg.errors.InsufficientPrivilege) and "row-level security" in str(e)
+
+
+def no_row_security(conn) -> None:
+    """row_security off for the rest of the transaction, as pg_dump sets it: a table whose policy would
+    filter what this role sees raises (InsufficientPrivilege, naming the table) instead of silently
+    reading, locking or deleting fewer rows."""
+    conn.execute("SELECT pg_catalog.set_config('row_security', 'off', true)")
+
+
+def exact_table(schema: str, name: str, relkind: str) -> sql.Composable:
+    """A table in a FROM, ALTER or DELETE addressing exactly its own rows: ONLY for an ordinary table
+    (never its legacy INHERITS children); a partitioned table ('p') as itself, its partitions being its rows."""
+    ident = sql.Identifier(schema, name)
+    return ident if relkind == "p" else sql.SQL("ONLY {}").format(ident)
 
 
 def copy_table_in(cur, into: sql.Composable, columns: list[str], records: Iterator[Record],
@@ -468,11 +502,17 @@ def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, A
                             post_data: str, create_schema: bool | str, target: str, name: str, *,
                             hold_triggers: bool = True) -> RestoreReport:
     use_qualified_names(conn)
+    no_row_security(conn)
     partition = str(header["partition"])
     what = _partition_label(partition)
     if create_schema == "auto":
         create_schema = schema_is_empty(describe_schema(conn))
     if create_schema:
+        # The one place SQL text from an archive is executed: its pre- and post-data DDL (pg_dump's
+        # script, sealed and authenticated with the archive), only into a target that holds nothing of
+        # ours yet. Every other statement of a restore or a verification is built here from names and
+        # columns with psycopg.sql; nothing else an archive carries (header, table records, manifest,
+        # select_sql) is ever run.
         try:
             conn.execute(pre_data)
         except psycopg.Error as e:
@@ -490,7 +530,7 @@ def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, A
     tables: list[TableReport] = []
     seen: dict[str, tuple[int, int, str]] = {}
     table_names: list[tuple[str, str]] = []
-    held: list[tuple[str, str, str, str]] = []
+    held: list[tuple[str, str, str, str, str]] = []
     manifest_record: Record | None = None
     with conn.cursor() as cur:
         for record in records:
@@ -523,24 +563,26 @@ def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, A
         # partition's tenant-table rows reach no wedding, so their keys are NULL (or were orphans under
         # an FK the source itself had NOT VALID, which pg_dump writes as such): its FKs all validate.
         restored = set(table_names)
-        external = set() if partition == PLATFORM else {
+        # The platform also carries rows that broke a validated foreign key on the source (snapshot's
+        # broken_foreign_keys): that key cannot validate here either, so it is created NOT VALID.
+        external = broken_key_names(manifest) if partition == PLATFORM else {
             (fk["schema"], fk["table"], fk["name"]) for fk in header.get("foreign_keys", [])
             if (fk["schema"], fk["table"]) in restored and (fk["ref_schema"], fk["ref_table"]) not in restored}
         script, unvalidated = _post_data_script(post_data, external)
-        try:
+        try:  # the archive's DDL into an empty target: see the pre-data above
             conn.execute(script)
         except psycopg.Error as e:
             raise RestoreError(f"restore of {what} into {target}: constraints and indexes (post-data DDL) "
                                f"cannot be applied: {_first_line(e)}") from None
         use_qualified_names(conn)
     sequences = _advance_sequences(conn, table_names)
-    for schema, tname, trigger, state in held:
-        conn.execute(sql.SQL("ALTER TABLE {} {} {}").format(sql.Identifier(schema, tname), _ENABLE[state],
+    for schema, tname, trigger, state, relkind in held:
+        conn.execute(sql.SQL("ALTER TABLE {} {} {}").format(exact_table(schema, tname, relkind), _ENABLE[state],
                                                             sql.Identifier(trigger)))
     matches = schema_fingerprint(conn) == header["schema_fingerprint"]
     return RestoreReport(partition=partition, target=target, tables=tables, created_schema=bool(create_schema),
                          schema_fingerprint=header["schema_fingerprint"], schema_matches=matches,
-                         sequences=sequences, triggers_held=[f"{s}.{t}: {g}" for s, t, g, _ in held],
+                         sequences=sequences, triggers_held=[f"{s}.{t}: {g}" for s, t, g, _, _ in held],
                          unvalidated_foreign_keys=unvalidated)
 
 
@@ -558,12 +600,13 @@ def _compare_with_manifest(manifest: Manifest, seen: Mapping[str, tuple[int, int
                                     f"{m.rows} rows / sha256 {m.sha256[:16]}… in the manifest")
 
 
-def _hold_triggers(conn, schema: str, table: str) -> list[tuple[str, str, str, str]]:
+def _hold_triggers(conn, schema: str, table: str) -> list[tuple[str, str, str, str, str]]:
     """Disable the table's enabled user triggers for the load: restored rows are already what the
     triggers made of them once, and must not be changed (or cause writes elsewhere) a second time."""
     held = conn.execute(_USER_TRIGGERS_SQL, {"schemas": [schema], "names": [table]}).fetchall()
-    for s, t, trigger, _ in held:
-        conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER {}").format(sql.Identifier(s, t), sql.Identifier(trigger)))
+    for s, t, trigger, _, relkind in held:
+        conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER {}").format(exact_table(s, t, relkind),
+                                                                         sql.Identifier(trigger)))
     return held
 
 
@@ -574,14 +617,14 @@ def _advance_sequences(conn, tables: list[tuple[str, str]]) -> list[dict[str, An
         return []
     out = []
     found = conn.execute(_SEQUENCES_SQL, {"schemas": [s for s, _ in tables], "names": [n for _, n in tables]}).fetchall()
-    for seq_schema, seq_name, schema, table, column in found:
+    for seq_schema, seq_name, schema, table, column, relkind in found:
         seq = sql.Identifier(seq_schema, seq_name)
         row = conn.execute(sql.SQL(
             "SELECT pg_catalog.setval({seq_text}::pg_catalog.regclass, m.v, true)"
             " FROM (SELECT pg_catalog.max({col})::bigint AS v FROM {table}) m, {seq} s"
             " WHERE m.v IS NOT NULL AND (m.v > s.last_value OR (m.v = s.last_value AND NOT s.is_called))").format(
             seq_text=sql.Literal(seq.as_string(conn)), col=sql.Identifier(column),
-            table=sql.Identifier(schema, table), seq=seq)).fetchone()
+            table=exact_table(schema, table, relkind), seq=seq)).fetchone()
         out.append({"sequence": f"{seq_schema}.{seq_name}", "column": f"{schema}.{table}.{column}",
                     "set_to": row[0] if row else None})
     return out
@@ -591,15 +634,17 @@ def _advance_sequences(conn, tables: list[tuple[str, str]]) -> list[dict[str, An
 
 def foreign_keys_sql(of: str) -> str:
     """Every foreign key (name, schema, table, referenced schema, referenced table, columns, referenced
-    columns) whose referencing table (`of="referencing"`) or referenced table (`of="referenced"`) is one
-    of the (%(schemas)s, %(names)s) pairs. Partitions' inherited copies of a key are left out."""
+    columns, the two tables' relkinds) whose referencing table (`of="referencing"`) or referenced table
+    (`of="referenced"`) is one of the (%(schemas)s, %(names)s) pairs. Partitions' inherited copies of a
+    key are left out."""
     side = {"referencing": "cn.nspname AND r.n = c.relname", "referenced": "pn.nspname AND r.n = p.relname"}[of]
     return f"""
 SELECT con.conname::text, cn.nspname::text, c.relname::text, pn.nspname::text, p.relname::text,
        ARRAY(SELECT a.attname::text FROM unnest(con.conkey) WITH ORDINALITY k(attnum, ord)
              JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum ORDER BY k.ord),
        ARRAY(SELECT a.attname::text FROM unnest(con.confkey) WITH ORDINALITY k(attnum, ord)
-             JOIN pg_catalog.pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum ORDER BY k.ord)
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum ORDER BY k.ord),
+       c.relkind::text, p.relkind::text
 FROM pg_catalog.pg_constraint con
 JOIN pg_catalog.pg_class c ON c.oid = con.conrelid JOIN pg_catalog.pg_namespace cn ON cn.oid = c.relnamespace
 JOIN pg_catalog.pg_class p ON p.oid = con.confrelid JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace
@@ -612,28 +657,61 @@ ORDER BY 2, 3, 1
 _FK_OF_TABLES_SQL = foreign_keys_sql("referencing")
 
 
-def _selects_for(manifest: Manifest, plan_or_selects) -> dict[str, tuple[sql.Composable, dict | None]]:
+def plan_root(plan: Mapping[str, Any]) -> tenancy.TableName:
+    """The tenant root a manifest's or header's plan description names (default public.weddings)."""
+    schema, _, name = str(plan.get("root", "public.weddings")).partition(".")
+    return tenancy.TableName(schema, name)
+
+
+def plan_matching(conn, plan: Mapping[str, Any], what: str, target: str) -> tenancy.TenancyPlan:
+    """The tenancy plan discovered on `conn`, which must route the same tables the same way as the
+    archive's plan description: every statement run on restored or live rows is built from it, never
+    from SQL text an archive or the catalogue holds."""
+    live_plan = tenancy.discover(conn, plan_root(plan))
+    live = plan_description(live_plan)["tenant_tables"]
+    archived = plan.get("tenant_tables", {})
+    if not isinstance(archived, Mapping):
+        archived = {}  # garbled: every live tenant table is then a difference
+    if live != archived:
+        none = "(not a tenant table)"
+        diffs = [f"{t}: archive {archived.get(t, none)!r}, {target} {live.get(t, none)!r}"
+                 for t in sorted(live.keys() | archived.keys()) if live.get(t) != archived.get(t)]
+        raise SchemaMismatchError(f"restore of {what} into {target}: the target routes tables to weddings "
+                                  f"differently from the archive; nothing was written:\n  " + "\n  ".join(diffs))
+    return live_plan
+
+
+def _selects_for(conn, manifest: Manifest, plan_or_selects, target: str
+                 ) -> dict[str, tuple[sql.Composable, dict | None]]:
+    """Each table's SELECT of the partition's rows, built from a tenancy plan (the one given, else the one
+    discovered on the target) or given as composed SQL. The manifest's `select_sql` is a record for
+    people and is never executed: a crafted manifest could hold any statement."""
     params = None if manifest.partition == PLATFORM else {"wedding_id": manifest.partition}
     if plan_or_selects is None:
-        return {t.table: (sql.SQL(t.select_sql), t.params) for t in manifest.tables}
+        plan_or_selects = plan_matching(conn, manifest.plan, _partition_label(manifest.partition), target)
     if isinstance(plan_or_selects, tenancy.TenancyPlan):
         return {str(t.table): (select, params) for t, select in partition_selects(plan_or_selects, manifest.partition)}
-    return {name: (s if isinstance(s, sql.Composable) else sql.SQL(s), params) for name, s in plan_or_selects.items()}
+    if not all(isinstance(s, sql.Composable) for s in plan_or_selects.values()):
+        raise TypeError("verify_restored takes a TenancyPlan or {table: psycopg.sql.Composable}, not SQL text")
+    return {name: (s, params) for name, s in plan_or_selects.items()}
 
 
 def verify_restored(target_dsn: str, manifest: Manifest, plan_or_selects=None) -> VerifyReport:
-    """Recompute every table's row count and SHA-256 on the target with the snapshot's own SELECTs
-    (from the manifest, or rebuilt from a tenancy plan, or given as {table: select}), and count rows
-    whose foreign keys point at no parent. Returns a report; `report.raise_if_failed()` to insist."""
+    """Recompute every table's row count and SHA-256 on the target with SELECTs built from a tenancy
+    plan (given, or discovered on the target and checked against the manifest's) or given as
+    {table: composed select}, and count rows whose foreign keys point at no parent. Row security is
+    off (a policy that would filter a table is an error naming it). Returns a report;
+    `report.raise_if_failed()` to insist."""
     started = time.monotonic()
     target = database_label(target_dsn)
-    selects = _selects_for(manifest, plan_or_selects)
     tables: list[TableReport] = []
     checks: list[ForeignKeyCheck] = []
     with psycopg.connect(target_dsn, autocommit=True, application_name="wedbackup-verify") as conn:
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         try:
             use_qualified_names(conn)
+            no_row_security(conn)
+            selects = _selects_for(conn, manifest, plan_or_selects, target)
             with conn.cursor() as cur:
                 for m in manifest.tables:
                     t0 = time.monotonic()
@@ -656,6 +734,9 @@ def verify_restored(target_dsn: str, manifest: Manifest, plan_or_selects=None) -
                     elif sha != m.sha256 or nbytes != m.bytes:
                         problem = f"sha256 {sha[:16]}… restored, {m.sha256[:16]}… in the manifest"
                     tables.append(TableReport(m.table, rows, nbytes, round(time.monotonic() - t0, 6), not problem, problem))
+            listed = {m.table for m in manifest.tables}
+            tables += [TableReport(name, 0, 0, 0.0, False, "belongs to the partition but is not in the manifest")
+                       for name in selects if name not in listed]
             checks = _check_foreign_keys(conn, manifest)
         finally:
             if not conn.closed and not conn.broken:
@@ -683,23 +764,34 @@ def _check_foreign_keys(conn, manifest: Manifest) -> list[ForeignKeyCheck]:
     fks = conn.execute(_FK_OF_TABLES_SQL, {"schemas": [s for s, _ in restored],
                                            "names": [n for _, n in restored]}).fetchall()
     out = []
-    for conname, cs, ct, ps, pt, cols, pcols in fks:
-        child, parent = sql.Identifier(cs, ct), sql.Identifier(ps, pt)
-        if (ps, pt) not in restored:
-            has_rows = conn.execute(sql.SQL("SELECT EXISTS (SELECT FROM {})").format(parent)).fetchone()[0]
-            if not has_rows:
-                out.append(ForeignKeyCheck(conname, f"{cs}.{ct}", f"{ps}.{pt}", "external, not checked"))
-                continue
-        # MATCH SIMPLE: a row with any NULL in the key points nowhere and is not checked.
-        query = sql.SQL("SELECT count(*) FROM {child} AS c WHERE {notnull} AND NOT EXISTS "
-                        "(SELECT FROM {parent} AS p WHERE {match})").format(
-            child=child, parent=parent,
-            notnull=sql.SQL(" AND ").join(sql.SQL("{} IS NOT NULL").format(sql.Identifier("c", c)) for c in cols),
-            match=sql.SQL(" AND ").join(sql.SQL("{} = {}").format(sql.Identifier("p", p), sql.Identifier("c", c))
-                                        for c, p in zip(cols, pcols)))
-        orphans = conn.execute(query).fetchone()[0]
-        out.append(ForeignKeyCheck(conname, f"{cs}.{ct}", f"{ps}.{pt}", "ok" if orphans == 0 else "orphans", orphans))
+    for conname, cs, ct, ps, pt, cols, pcols, ckind, pkind in fks:
+        try:
+            with conn.transaction():
+                out.append(_check_foreign_key(conn, restored, conname, cs, ct, ps, pt, cols, pcols, ckind, pkind))
+        except psycopg.Error as e:
+            if conn.closed or conn.broken:
+                raise
+            out.append(ForeignKeyCheck(conname, f"{cs}.{ct}", f"{ps}.{pt}", "unreadable", problem=_first_line(e)))
     return out
+
+
+def _check_foreign_key(conn, restored: set[tuple[str, str]], conname: str, cs: str, ct: str, ps: str, pt: str,
+                       cols: list[str], pcols: list[str], ckind: str, pkind: str) -> ForeignKeyCheck:
+    # A foreign key binds the two tables' own rows: not their INHERITS children's (exact_table).
+    child, parent = exact_table(cs, ct, ckind), exact_table(ps, pt, pkind)
+    if (ps, pt) not in restored:
+        has_rows = conn.execute(sql.SQL("SELECT EXISTS (SELECT FROM {})").format(parent)).fetchone()[0]
+        if not has_rows:
+            return ForeignKeyCheck(conname, f"{cs}.{ct}", f"{ps}.{pt}", "external, not checked")
+    # MATCH SIMPLE: a row with any NULL in the key points nowhere and is not checked.
+    query = sql.SQL("SELECT count(*) FROM {child} AS c WHERE {notnull} AND NOT EXISTS "
+                    "(SELECT FROM {parent} AS p WHERE {match})").format(
+        child=child, parent=parent,
+        notnull=sql.SQL(" AND ").join(sql.SQL("{} IS NOT NULL").format(sql.Identifier("c", c)) for c in cols),
+        match=sql.SQL(" AND ").join(sql.SQL("{} = {}").format(sql.Identifier("p", p), sql.Identifier("c", c))
+                                    for c, p in zip(cols, pcols)))
+    orphans = conn.execute(query).fetchone()[0]
+    return ForeignKeyCheck(conname, f"{cs}.{ct}", f"{ps}.{pt}", "ok" if orphans == 0 else "orphans", orphans)
 
 
 # --- scratch databases ------------------------------------------------------------------------------

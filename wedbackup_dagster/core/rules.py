@@ -87,16 +87,21 @@ class ThreeTwoOne:
         return head if self.passed else f"{head}: " + "; ".join(self.problems)
 
 
+KEY_ONLY_IN_CATALOGUE = ("its wedding key is in no key-store backup at the vault and a provider yet, so no copy "
+                         "counts: losing the catalogue would make every one unreadable (`wedbackup keys backup`)")
+
+
 def three_two_one(copies: Iterable[CopyEvidence], *, min_copies: int = 3, min_media: int = 2,
-                  min_offsite: int = 1) -> ThreeTwoOne:
+                  min_offsite: int = 1, key_backed_up: bool = True) -> ThreeTwoOne:
     """At least 3 verified copies (the vault among them), on at least 2 kinds of media, at least 1 offsite.
-    Only verified copies count towards any of the three numbers."""
+    Only verified copies count towards any of the three numbers, and none while the key that opens them
+    lives only in the catalogue (`key_backed_up` False: in no key-store backup at the vault and a provider)."""
     copies = tuple(sorted(copies, key=lambda c: c.provider))
-    good = [c for c in copies if c.verified]
+    good = [c for c in copies if c.verified and key_backed_up]
     media = tuple(sorted({c.media for c in good}))
     offsite = sum(1 for c in good if c.offsite)
     has_vault = any(c.provider == "vault" for c in good)
-    problems = []
+    problems = [] if key_backed_up else [KEY_ONLY_IN_CATALOGUE]
     if len(good) < min_copies:
         problems.append(f"only {len(good)} verified copies, need {min_copies}")
     if not has_vault:

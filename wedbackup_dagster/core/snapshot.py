@@ -25,7 +25,8 @@ from psycopg import pq, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from wedbackup_dagster.core import tenancy
-from wedbackup_dagster.core.errors import SnapshotError, UnknownWeddingError, WedbackupError
+from wedbackup_dagster.core.errors import (SnapshotError, SnapshotIncomplete, SnapshotRetryable, UnknownWeddingError,
+                                           WedbackupError)
 
 PLATFORM = "platform"
 FORMAT_NAME = "wedbackup-snapshot"
@@ -52,6 +53,8 @@ _T = TypeVar("_T")
 DATA_RECORD_TARGET = 256 * 1024
 MAX_DATA_RECORD = 1024 * 1024
 MAX_META_RECORD = 256 * 1024 * 1024  # header, DDL, manifest: large schemas, still bounded
+# How long the snapshot waits for its ACCESS SHARE lock on a table (WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT).
+DEFAULT_LOCK_TIMEOUT = 30.0
 
 
 class Sink(Protocol):
@@ -75,6 +78,9 @@ class TableManifest:
     order_by: list[str] = field(default_factory=list)
     path: str = ""  # how the table's rows reach a wedding, for people
     seconds: float = 0.0
+    # count(*) of the same rows in the same snapshot by another query (no ORDER BY, no column list,
+    # counted by the server): equal to `rows` in every archive written. None in archives written before it.
+    counted: int | None = None
 
     @property
     def table(self) -> str:
@@ -114,6 +120,10 @@ class Manifest(TableTotals):
     plan: dict[str, Any]
     format_version: int = FORMAT_VERSION
     seconds: float = 0.0
+    # Platform partition only (None elsewhere, and before): validated foreign keys the source's rows break
+    # (rows that reach no wedding are carried here), see broken_foreign_keys:
+    # [{"schema", "table", "constraint", "parent", "rows", "source_rows"}].
+    broken_foreign_keys: list[dict[str, Any]] | None = None
 
     @property
     def wedding_id(self) -> str | None:
@@ -145,7 +155,9 @@ class Manifest(TableTotals):
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
-        return cls.from_dict(json.loads(text))
+        from wedbackup_dagster.core.archive import loads_untrusted
+
+        return cls.from_dict(loads_untrusted(text))
 
 
 # --- the schema: description, fingerprint, DDL ------------------------------------------------------
@@ -353,7 +365,8 @@ def pg_tool(tool: str, server_version_num: int) -> str:
     raise SnapshotError(f"{tool} for PostgreSQL {major} not found: install postgresql-client-{major}")
 
 
-def _run_pg_dump(dsn: str, server_version_num: int, section: str, snapshot_id: str) -> str:
+def _run_pg_dump(dsn: str, server_version_num: int, section: str, snapshot_id: str,
+                 lock_timeout: float | None = None) -> str:
     parts = conninfo_to_dict(dsn)
     env = dict(os.environ)
     password = parts.pop("password", None)
@@ -362,16 +375,19 @@ def _run_pg_dump(dsn: str, server_version_num: int, section: str, snapshot_id: s
     argv = [pg_tool("pg_dump", server_version_num), "--schema-only", "--no-owner", "--no-privileges",
             "--no-publications", "--no-subscriptions", "--no-security-labels", "--no-tablespaces",
             f"--section={section}", f"--snapshot={snapshot_id}", "--dbname", make_conninfo(**parts)]
+    if lock_timeout is not None:  # pg_dump locks every table too: a held lock fails it, bounded like ours
+        argv.insert(1, f"--lock-wait-timeout={max(1, round(lock_timeout * 1000))}ms")
     proc = subprocess.run(argv, env=env, capture_output=True, timeout=600)
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace").strip()
         if password:
             err = err.replace(password, "***")
-        raise SnapshotError(f"pg_dump --section={section} of {database_label(dsn)} failed: {err[-2000:]}")
+        error = SnapshotRetryable if "could not obtain lock" in err else SnapshotError
+        raise error(f"pg_dump --section={section} of {database_label(dsn)} failed: {err[-2000:]}")
     return _PSQL_META.sub("", proc.stdout.decode())
 
 
-def schema_ddl(conn, dsn: str, fingerprint: str) -> SchemaDDL:
+def schema_ddl(conn, dsn: str, fingerprint: str, *, lock_timeout: float | None = None) -> SchemaDDL:
     """The DDL for `fingerprint`, dumped once per server and schema: pg_dump imports this
     transaction's snapshot, so the DDL is exactly the schema the data is read under."""
     key = (conn.info.host, conn.info.port, conn.info.dbname, fingerprint)
@@ -382,8 +398,8 @@ def schema_ddl(conn, dsn: str, fingerprint: str) -> SchemaDDL:
             return hit
     version = conn.info.server_version
     snapshot_id = conn.execute("SELECT pg_catalog.pg_export_snapshot()").fetchone()[0]
-    pre = _run_pg_dump(dsn, version, "pre-data", snapshot_id)
-    post = _run_pg_dump(dsn, version, "post-data", snapshot_id)
+    pre = _run_pg_dump(dsn, version, "pre-data", snapshot_id, lock_timeout)
+    post = _run_pg_dump(dsn, version, "post-data", snapshot_id, lock_timeout)
     ddl = SchemaDDL(fingerprint=fingerprint, pre_data=pre, post_data=post,
                     description=tuple(tuple(r) for r in describe_schema(conn)),
                     foreign_keys=tuple(foreign_keys(conn)))
@@ -540,15 +556,17 @@ class SnapshotSession:
 
     def __init__(self, source_dsn: str, plan: tenancy.TenancyPlan | None = None, *,
                  root: tenancy.TableName = tenancy.TableName("public", "weddings"),
-                 overrides: dict[str, object] | None = None, share_seconds: float = 0.0):
+                 overrides: dict[str, object] | None = None, share_seconds: float = 0.0,
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT):
         self.source_dsn = source_dsn
         self.share_seconds = share_seconds
+        self.lock_timeout = lock_timeout  # seconds to wait for each table's ACCESS SHARE lock
         self._shared: tuple[float, tuple[Any, ...]] | None = None  # (opened at, transaction facts)
         self._fixed_plan = plan
         self._root = root
         self._overrides = overrides
         self._plans: dict[str, tenancy.TenancyPlan] = {}
-        self._rendered: dict[tuple[int, bool], tuple[tenancy.TenancyPlan, list]] = {}
+        self._rendered: dict[tuple, tuple[tenancy.TenancyPlan, list]] = {}
         self._conn: psycopg.Connection | None = None
 
     def __enter__(self) -> SnapshotSession:
@@ -635,6 +653,7 @@ class SnapshotSession:
         """Run `work` inside the session's snapshot transaction (shared within `share_seconds`); any
         error rolls it back, so the next call starts a fresh one."""
         conn = self._connection()
+        user = conn.info.user
         if self._shared is not None and time.monotonic() - self._shared[0] > self.share_seconds:
             self._shared = None
             conn.execute("COMMIT")
@@ -649,6 +668,15 @@ class SnapshotSession:
                     conn.execute("ROLLBACK")
                 except psycopg.Error:
                     conn.close()
+            refusal = row_security_refusal(exc, f"snapshot of {database_label(self.source_dsn)}", user)
+            if refusal is not None:
+                raise refusal from None
+            if isinstance(exc, psycopg.errors.LockNotAvailable) and not conn.closed:
+                # Reading the schema (pg_get_expr & co. open the tables) waited past lock_timeout.
+                raise SnapshotRetryable(
+                    f"snapshot of {database_label(self.source_dsn)}: reading the schema waited longer than the "
+                    f"snapshot lock timeout ({self.lock_timeout:g} s, WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT) for "
+                    f"{_lock_holders(conn)}; retry when that transaction has ended") from None
             if isinstance(exc, psycopg.OperationalError):
                 # The source went away mid-snapshot: say which database, not just the driver's words.
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -665,22 +693,64 @@ class SnapshotSession:
         # The first query takes the transaction's snapshot: time, xmin and schema are all as of it.
         # One round trip (simple protocol): begin, qualified names (see use_qualified_names), and the
         # snapshot's identity.
+        # row_security off, as pg_dump sets it: a table the role would read filtered by a row-level
+        # security policy is refused by the server (see row_security_refusal), never copied short.
         opened = time.monotonic()
+        lock_ms = max(1, round(self.lock_timeout * 1000))
         cur = conn.execute(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;"
-            " SELECT pg_catalog.set_config('search_path', '', true), pg_catalog.now(),"
+            " SELECT pg_catalog.set_config('search_path', '', true),"
+            " pg_catalog.set_config('row_security', 'off', true),"
+            f" pg_catalog.set_config('lock_timeout', '{lock_ms}ms', true), pg_catalog.now(),"
             " pg_catalog.pg_current_snapshot()::text,"
             " pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text::bigint,"
             " pg_catalog.current_setting('server_version')")
         cur.nextset()
-        _, snap_time, snapshot, xmin, server_version = cur.fetchone()
+        _, _, _, snap_time, snapshot, xmin, server_version = cur.fetchone()
         fingerprint = schema_fingerprint(conn)
-        ddl = schema_ddl(conn, self.source_dsn, fingerprint)
+        ddl = schema_ddl(conn, self.source_dsn, fingerprint, lock_timeout=self.lock_timeout)
         plan = self._plan(conn, fingerprint)
+        self._lock_tables(conn, plan)
         facts = (snap_time, snapshot, xmin, server_version, fingerprint, ddl, plan)
         if self.share_seconds > 0:
             self._shared = (opened, facts)
         return facts
+
+    def _lock_tables(self, conn, plan: tenancy.TenancyPlan) -> None:
+        """ACCESS SHARE on every table of the plan (a partitioned table with its partitions), as pg_dump
+        takes them, so no TRUNCATE or table-rewriting ALTER (not MVCC-safe: a snapshot from before them
+        reads the new, empty file) can commit until this transaction ends; then make sure none committed
+        between the snapshot and the locks: every table's file (relfilenode as of the snapshot) must
+        still be its file now (pg_relation_filenode reads the current catalogue). Once per transaction:
+        a shared transaction's weddings are all read under these locks."""
+        tables = [t.table for t in (*plan.tenant_tables, *plan.platform_tables)]
+        names = {"schemas": [t.schema for t in tables], "names": [t.name for t in tables]}
+        kinds = {ord_: (oid, kind) for ord_, oid, kind in conn.execute(_PLAN_RELATIONS_SQL, names)}
+        for i, table in enumerate(tables, start=1):
+            if i not in kinds:  # created after the snapshot began, or gone before it: the plan is stale
+                raise SnapshotRetryable(f"snapshot of {database_label(self.source_dsn)}: table {table} of the "
+                                        "tenancy plan is not in the snapshot's catalogue; retry the snapshot")
+            oid, kind = kinds[i]
+            # ONLY for an ordinary table (its inheritance children are plan tables of their own); a
+            # partitioned table's partitions hold its rows and are locked with it.
+            only = sql.SQL("ONLY ") if kind == "r" else sql.SQL("")
+            try:
+                conn.execute(sql.SQL("LOCK TABLE {}{} IN ACCESS SHARE MODE").format(only, table.ident()))
+            except psycopg.errors.LockNotAvailable:
+                conn.execute("ROLLBACK")  # the transaction is lost anyway; now pg_locks can be read
+                raise SnapshotRetryable(
+                    f"snapshot of {database_label(self.source_dsn)}: table {table} stayed locked for longer "
+                    f"than the snapshot lock timeout ({self.lock_timeout:g} s, WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT) "
+                    f"by {_lock_holders(conn, oid)}; retry when that transaction has ended") from None
+            except psycopg.errors.UndefinedTable:
+                raise SnapshotRetryable(f"snapshot of {database_label(self.source_dsn)}: table {table} was "
+                                        "dropped or renamed during the snapshot; retry the snapshot") from None
+        changed = [tables[i - 1] for (i,) in conn.execute(_REWRITTEN_SQL, names)]
+        if changed:
+            raise SnapshotRetryable(
+                f"snapshot of {database_label(self.source_dsn)}: table(s) {', '.join(map(str, changed))} were "
+                "rewritten, truncated or dropped during the snapshot (TRUNCATE, VACUUM FULL, CLUSTER or a "
+                "table-rewriting ALTER committed after it began): the snapshot would read them short; retry")
 
     def _write_head(self, conn, facts: tuple[Any, ...], partition: str, sink: Sink) -> None:
         """Magic, header, pre-data and post-data: everything before the first table."""
@@ -696,11 +766,12 @@ class SnapshotSession:
         write_record(sink, POST_DATA, ddl.post_data.encode())
 
     @staticmethod
-    def _finish(facts: tuple[Any, ...], partition: str, tables: list[TableManifest], sink: Sink) -> Manifest:
+    def _finish(facts: tuple[Any, ...], partition: str, tables: list[TableManifest], sink: Sink,
+                broken_foreign_keys: list[dict[str, Any]] | None = None) -> Manifest:
         snap_time, snapshot, xmin, server_version, fingerprint, _, plan = facts
         manifest = Manifest(partition=partition, snapshot_time=snap_time.isoformat(), txid=xmin,
                             snapshot=snapshot, server_version=server_version, schema_fingerprint=fingerprint,
-                            tables=tables, plan=plan_description(plan))
+                            tables=tables, plan=plan_description(plan), broken_foreign_keys=broken_foreign_keys)
         write_record(sink, MANIFEST, manifest.to_json().encode())
         return manifest
 
@@ -713,13 +784,17 @@ class SnapshotSession:
         self._write_head(conn, facts, partition, sink)
         tables: list[TableManifest] = []
         literal = sql.Literal(partition).as_bytes(conn) if params else b""
-        for t, select_sql, parts in self._statements(conn, plan, partition == PLATFORM):
+        counts = conn.execute(self._count_statement(conn, plan, partition == PLATFORM), params,
+                              prepare=True).fetchone()[0]
+        for (t, select_sql, parts), counted in zip(self._statements(conn, plan, partition == PLATFORM), counts):
             t0 = time.monotonic()
             write_record(sink, TABLE_BEGIN, _table_begin(t, select_sql, params))
             rows, nbytes, sha = _copy_table(conn, literal.join(parts), None, sink)
+            _check_count(partition, t, rows, counted)
             write_record(sink, TABLE_END, _json_bytes({"rows": rows, "bytes": nbytes, "sha256": sha}))
-            tables.append(_table_manifest(t, select_sql, params, rows, nbytes, sha, time.monotonic() - t0))
-        return self._finish(facts, partition, tables, sink)
+            tables.append(_table_manifest(t, select_sql, params, rows, nbytes, sha, time.monotonic() - t0, counted))
+        broken = broken_foreign_keys(conn, plan) if partition == PLATFORM else None
+        return self._finish(facts, partition, tables, sink, broken)
 
     def _write_many(self, conn, facts: tuple[Any, ...], weddings: list[str], sinks: Mapping[str, Sink]
                     ) -> dict[str, Manifest | WedbackupError]:
@@ -727,20 +802,25 @@ class SnapshotSession:
         results: dict[str, Manifest | WedbackupError] = {}
         keys = self._find_weddings(conn, plan, weddings)
         batch = [p for p in weddings if keys[p] == p]
-        # A wedding found under another spelling of its key ("07" for 7) goes alone, through the
-        # per-wedding SELECT: the batch routes rows by the key's text as COPY prints it.
-        alone = [p for p in weddings if isinstance(keys[p], str) and keys[p] != p]
+        # A wedding found under another spelling of its key ("07" for 7) is refused: one wedding, one
+        # partition (and the batch routes rows by the key's text as COPY prints it).
         for p in weddings:
+            if isinstance(keys[p], str) and keys[p] != p:
+                keys[p] = _other_spelling(plan, p, keys[p])
             if isinstance(keys[p], WedbackupError):
                 results[p] = keys[p]
-        streams = {p: _GuardedSink(p, sinks[p]) for p in (*batch, *alone)}
+        streams = {p: _GuardedSink(p, sinks[p]) for p in batch}
         if batch:
             for p in batch:
                 self._write_head(conn, facts, p, streams[p])
             tables: dict[str, list[TableManifest]] = {p: [] for p in batch}
             literal = sql.Literal(_array_literal(batch)).as_bytes(conn)
             per_wedding = self._statements(conn, plan, False)
-            for (t, select_sql, _), parts in zip(per_wedding, self._batch_statements(conn, plan)):
+            # The independent count: one grouped count per table for the whole batch, one round trip.
+            counts = {(i, w): n for i, w, n in conn.execute(self._batch_count_statement(conn, plan),
+                                                             {"wedding_ids": _array_literal(batch)}, prepare=True)}
+            incomplete: dict[str, SnapshotIncomplete] = {}
+            for i, ((t, select_sql, _), parts) in enumerate(zip(per_wedding, self._batch_statements(conn, plan))):
                 t0 = time.monotonic()
                 outs: dict[bytes, _TableOut] = {}
                 for p in batch:
@@ -751,14 +831,17 @@ class SnapshotSession:
                 for p in batch:
                     out = outs[p.encode()]
                     sha = out.digest.hexdigest()
+                    counted = counts.get((i, p), 0)
+                    try:
+                        _check_count(p, t, out.rows, counted)
+                    except SnapshotIncomplete as e:
+                        incomplete.setdefault(p, e)
                     write_record(out.sink, TABLE_END, _json_bytes({"rows": out.rows, "bytes": out.bytes,
                                                                    "sha256": sha}))
                     tables[p].append(_table_manifest(t, select_sql, {"wedding_id": p}, out.rows, out.bytes, sha,
-                                                     share))
+                                                     share, counted))
             for p in batch:
-                results[p] = self._finish(facts, p, tables[p], streams[p])
-        for p in alone:
-            results[p] = self._write_partition(conn, facts, p, streams[p])
+                results[p] = incomplete[p] if p in incomplete else self._finish(facts, p, tables[p], streams[p])
         for p, stream in streams.items():
             if stream.error is not None:
                 results[p] = stream.error
@@ -774,6 +857,8 @@ class SnapshotSession:
             key=root_key, root=plan.root.ident(), ids=sql.Literal(_array_literal(weddings)))
         try:
             found = {row[0] for row in self._query_in_savepoint(conn, query)}
+        except psycopg.errors.InsufficientPrivilege:
+            raise
         except (psycopg.DataError, psycopg.ProgrammingError):
             found = set()
         return {p: p if p in found else self._find_wedding(conn, plan, p) for p in weddings}
@@ -784,6 +869,8 @@ class SnapshotSession:
             key=self._root_key(plan), root=plan.root.ident(), id=sql.Literal(wedding_id))
         try:
             rows = self._query_in_savepoint(conn, query)
+        except psycopg.errors.InsufficientPrivilege:
+            raise
         except (psycopg.DataError, psycopg.ProgrammingError):
             return UnknownWeddingError(wedding_id, f"not a valid key for {plan.root}.{plan.root_key[0]}")
         if not rows:
@@ -819,6 +906,41 @@ class SnapshotSession:
             cached = self._rendered[key] = (plan, statements)
         return cached[1]
 
+    def _count_statement(self, conn, plan: tenancy.TenancyPlan, platform: bool) -> bytes:
+        """One query counting every table's rows of a partition (same order as `_statements`), as an
+        array: count(*) over the table's filter with no ORDER BY and no column list, so the server picks
+        its own plan (often another index, or none) and counts, independently of the COPY's rows as the
+        client splits them. Rendered once per plan; `%(wedding_id)s` is a real parameter (sent untyped,
+        so the server types it from the key column), so the session prepares the query once."""
+        key = (id(plan), "count", platform)
+        cached = self._rendered.get(key)
+        if cached is None or cached[0] is not plan:
+            count = [sql.SQL("count(*)")]
+            selects = partition_selects(plan, PLATFORM if platform else "0")
+            counts = [sql.SQL("SELECT count(*) FROM ({}) AS s").format(select) if platform else t.wedding_rows(count)
+                      for t, select in selects]
+            query = sql.SQL("SELECT ARRAY[{}]::pg_catalog.int8[]").format(
+                sql.SQL(", ").join(sql.SQL("({})").format(c) for c in counts)).as_bytes(conn)
+            cached = self._rendered[key] = (plan, _only_placeholder(query, _WEDDING_PLACEHOLDER, "count"))
+        return cached[1]
+
+    def _batch_count_statement(self, conn, plan: tenancy.TenancyPlan) -> bytes:
+        """`_count_statement` for a batch: (table's index in the plan, wedding key's text, count) rows,
+        one grouped count per tenant table, all in one query; `%(wedding_ids)s` is a real parameter."""
+        key = (id(plan), "batch-count")
+        cached = self._rendered.get(key)
+        if cached is None or cached[0] is not plan:
+            parts = []
+            for i, t in enumerate(plan.tenant_tables):
+                joined, filter_columns = t._reach()
+                wedding = sql.Identifier(f"t{len(joined) - 1}", filter_columns[0])
+                parts.append(sql.SQL("SELECT {i}, {w}::text, count(*) FROM {chain} WHERE {w} = ANY(%(wedding_ids)s) "
+                                     "GROUP BY 2").format(i=sql.Literal(i), w=wedding,
+                                                          chain=t._join_chain(joined, 0)))
+            query = sql.SQL(" UNION ALL ").join(parts).as_bytes(conn)
+            cached = self._rendered[key] = (plan, _only_placeholder(query, _WEDDINGS_PLACEHOLDER, "batch count"))
+        return cached[1]
+
     def _batch_statements(self, conn, plan: tenancy.TenancyPlan) -> list[list[bytes]]:
         """Each tenant table's batch COPY (same order as `_statements`), cut at the wedding_ids placeholder."""
         key = (id(plan), "batch")
@@ -843,13 +965,182 @@ class SnapshotSession:
 
     @classmethod
     def _check_wedding(cls, conn, plan: tenancy.TenancyPlan, wedding_id: str) -> None:
-        query = sql.SQL("SELECT EXISTS (SELECT FROM {} WHERE {} = %s)").format(plan.root.ident(), cls._root_key(plan))
+        query = sql.SQL("SELECT {key}::text FROM {root} WHERE {key} = %s").format(
+            root=plan.root.ident(), key=cls._root_key(plan))
         try:
-            found = conn.execute(query, (wedding_id,)).fetchone()[0]
+            found = conn.execute(query, (wedding_id,)).fetchone()
+        except psycopg.errors.InsufficientPrivilege:
+            raise
         except (psycopg.DataError, psycopg.ProgrammingError):
             raise UnknownWeddingError(wedding_id, f"not a valid key for {plan.root}.{plan.root_key[0]}") from None
-        if not found:
+        if found is None:
             raise UnknownWeddingError(wedding_id, f"no such wedding in {plan.root} of the source database")
+        if found[0] != wedding_id:
+            raise _other_spelling(plan, wedding_id, found[0])
+
+
+def _other_spelling(plan: tenancy.TenancyPlan, wedding_id: str, canonical: str) -> UnknownWeddingError:
+    """The error for a wedding id the root table prints otherwise ("07" for 7): backing it up under both
+    names would give one wedding two partitions, each with its own key."""
+    return UnknownWeddingError(wedding_id, f"{plan.root}.{plan.root_key[0]} writes this wedding's key as "
+                                           f"{canonical!r}: back it up and restore it as wedding {canonical} "
+                                           "(one wedding, one partition)")
+
+
+# The plan's tables as of the snapshot, numbered from 1 in the order given: oid and relkind.
+_PLAN_RELATIONS_SQL = """
+SELECT p.ord, c.oid, c.relkind::text
+FROM unnest(%(schemas)s::text[], %(names)s::text[]) WITH ORDINALITY AS p(s, n, ord)
+JOIN pg_catalog.pg_namespace ns ON ns.nspname = p.s
+JOIN pg_catalog.pg_class c ON c.relnamespace = ns.oid AND c.relname = p.n
+"""
+
+# Which plan tables (numbered as above) no longer have the file the snapshot sees: the catalogue rows
+# are read under the snapshot, pg_relation_filenode() reads the current catalogue. Partitions count
+# as their parent.
+_REWRITTEN_SQL = """
+WITH RECURSIVE tree AS (
+    SELECT c.oid, p.ord
+    FROM unnest(%(schemas)s::text[], %(names)s::text[]) WITH ORDINALITY AS p(s, n, ord)
+    JOIN pg_catalog.pg_namespace ns ON ns.nspname = p.s
+    JOIN pg_catalog.pg_class c ON c.relnamespace = ns.oid AND c.relname = p.n
+    UNION ALL
+    SELECT i.inhrelid, tree.ord FROM tree
+    JOIN pg_catalog.pg_inherits i ON i.inhparent = tree.oid
+    JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid AND c.relispartition
+)
+SELECT DISTINCT tree.ord FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.oid
+WHERE c.relkind = 'r' AND c.relfilenode IS DISTINCT FROM pg_catalog.pg_relation_filenode(c.oid)
+ORDER BY 1
+"""
+
+
+# Validated foreign keys of user tables, with the columns they match and whether each side is read
+# with ONLY (an ordinary table: a legacy inheritance child's rows are not bound by its parent's FKs).
+_VALIDATED_FOREIGN_KEYS_SQL = """
+SELECT con.conname::text, cn.nspname::text, c.relname::text, pn.nspname::text, p.relname::text,
+       c.relkind = 'r', p.relkind = 'r',
+       ARRAY(SELECT a.attname::text FROM unnest(con.conkey) WITH ORDINALITY k(attnum, ord)
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum ORDER BY k.ord),
+       ARRAY(SELECT a.attname::text FROM unnest(con.confkey) WITH ORDINALITY k(attnum, ord)
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum ORDER BY k.ord)
+FROM pg_catalog.pg_constraint con
+JOIN pg_catalog.pg_class c ON c.oid = con.conrelid JOIN pg_catalog.pg_namespace cn ON cn.oid = c.relnamespace
+JOIN pg_catalog.pg_class p ON p.oid = con.confrelid JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace
+WHERE con.contype = 'f' AND con.convalidated AND con.conparentid = 0
+  AND cn.nspname <> 'information_schema' AND cn.nspname !~ '^pg_'
+ORDER BY 2, 3, 1
+"""
+
+
+def broken_foreign_keys(conn, plan: tenancy.TenancyPlan) -> list[dict[str, Any]]:
+    """For the platform partition: validated foreign keys that rows of the source break (a non-NULL key with
+    no parent row: possible after session_replication_role = replica or disabled triggers), in the
+    caller's snapshot. Empty when every key holds (one query: an anti-join per key).
+
+    Rows that break a key on their path reach no wedding and the platform carries them; their other keys
+    then point at rows of weddings, not in the platform archive. So, only when something is broken, each
+    key is also counted as the platform archive's own rows break it: `rows` (what a restore of the archive
+    must create NOT VALID, and finds as orphans), `source_rows` (broken on the source itself)."""
+    keys = conn.execute(_VALIDATED_FOREIGN_KEYS_SQL).fetchall()
+
+    def rows_of(schema: str, name: str, only: bool) -> sql.Composable:
+        return sql.SQL("{}{}").format(sql.SQL("ONLY " if only else ""), sql.Identifier(schema, name))
+
+    source = _orphan_counts(conn, [(rows_of(cs, ct, co), rows_of(ps, pt, po), cols, pcols)
+                                   for _, cs, ct, ps, pt, co, po, cols, pcols in keys])
+    if not any(source):
+        return []
+    selects = {(t.table.schema, t.table.name): select for t, select in partition_selects(plan, PLATFORM)}
+    in_archive = [i for i, k in enumerate(keys) if (k[1], k[2]) in selects]
+    archive = dict(zip(in_archive, _orphan_counts(conn, [
+        (sql.SQL("({})").format(selects[(cs, ct)]),
+         sql.SQL("({})").format(selects[(ps, pt)]) if (ps, pt) in selects else None, cols, pcols)
+        for cs, ct, ps, pt, cols, pcols in ((keys[i][1], keys[i][2], keys[i][3], keys[i][4], keys[i][7], keys[i][8])
+                                            for i in in_archive)])))
+    return [{"schema": k[1], "table": k[2], "constraint": k[0], "parent": f"{k[3]}.{k[4]}",
+             "rows": archive.get(i, 0), "source_rows": source[i]}
+            for i, k in enumerate(keys) if source[i] or archive.get(i)]
+
+
+def _orphan_counts(conn, checks: list[tuple[sql.Composable, sql.Composable | None, list[str], list[str]]]
+                   ) -> list[int]:
+    """For each (child rows, parent rows or None for none, columns, parent columns): how many child rows
+    have a non-NULL key that no parent row matches (MATCH SIMPLE). One query for all."""
+    if not checks:
+        return []
+    parts = []
+    for i, (child, parent, cols, pcols) in enumerate(checks):
+        notnull = sql.SQL(" AND ").join(sql.SQL("{} IS NOT NULL").format(sql.Identifier("c", c)) for c in cols)
+        missing = sql.SQL("TRUE") if parent is None else sql.SQL("NOT EXISTS (SELECT FROM {} AS p WHERE {})").format(
+            parent, sql.SQL(" AND ").join(sql.SQL("{} = {}").format(sql.Identifier("p", q), sql.Identifier("c", c))
+                                          for c, q in zip(cols, pcols)))
+        parts.append(sql.SQL("SELECT {}, count(*) FROM {} AS c WHERE {} AND {}").format(
+            sql.Literal(i), child, notnull, missing))
+    counts = dict(conn.execute(sql.SQL(" UNION ALL ").join(parts)).fetchall())
+    return [counts[i] for i in range(len(checks))]
+
+
+def broken_key_names(manifest: Manifest) -> set[tuple[str, str, str]]:
+    """(schema, table, constraint) of every foreign key a platform manifest says the source's rows break:
+    a restore of that partition creates them NOT VALID. Entries of another shape are ignored."""
+    keys = manifest.broken_foreign_keys
+    if not isinstance(keys, list):
+        return set()
+    return {(fk["schema"], fk["table"], fk["constraint"]) for fk in keys
+            if isinstance(fk, dict) and all(isinstance(fk.get(k), str) for k in ("schema", "table", "constraint"))}
+
+
+def _lock_holders(conn, oid: int | None = None) -> str:
+    """Who holds (or queues ahead for) an ACCESS EXCLUSIVE lock on the table `oid` (else on any table of
+    this database): table, pid, role, application and transaction age, never the query text (it may hold
+    secrets). Read outside any transaction."""
+    try:
+        rows = conn.execute(
+            "SELECT n.nspname || '.' || c.relname, l.pid, l.granted, a.usename::text, a.application_name, "
+            "extract(epoch FROM pg_catalog.now() - a.xact_start)::int "
+            "FROM pg_catalog.pg_locks l LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid "
+            "LEFT JOIN pg_catalog.pg_class c ON c.oid = l.relation "
+            "LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock' "
+            "AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()) "
+            "AND (l.relation = %(oid)s::oid OR %(oid)s::oid IS NULL) AND l.pid <> pg_catalog.pg_backend_pid() "
+            "ORDER BY NOT l.granted, l.pid", {"oid": oid}).fetchall()
+    except psycopg.Error:
+        return "another session (pg_locks could not be read)"
+    if not rows:
+        return "another session (gone by now)"
+    return "; ".join(f"pid {pid} ({'holding' if granted else 'waiting for'} ACCESS EXCLUSIVE"
+                     f"{'' if oid else ' on ' + str(table)}, role {user}, application {app or '-'}, "
+                     f"transaction open {age if age is not None else '?'} s)"
+                     for table, pid, granted, user, app, age in rows[:5])
+
+
+_ROW_SECURITY_REFUSAL = re.compile(r'row-level security policy for table "((?:[^"]|"")+)"')
+
+
+def row_security_refusal(exc: BaseException, what: str, role: str | None) -> SnapshotError | None:
+    """The server's refusal to read a table past its row-level security policy (with row_security =
+    off, a role that would see rows filtered gets an error instead) as an error naming the table and
+    what the role needs; None for any other error."""
+    if not isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return None
+    found = _ROW_SECURITY_REFUSAL.search(str(exc))
+    if found is None:
+        return None
+    table = found.group(1).replace('""', '"')
+    return SnapshotError(
+        f"{what}: table {table} has row-level security, and role {role} would read it filtered by its policy, "
+        f"so nothing was backed up from a short read: give the backup role BYPASSRLS (ALTER ROLE {role} "
+        "BYPASSRLS), or make it the owner of the table without FORCE ROW LEVEL SECURITY")
+
+
+def _only_placeholder(query: bytes, placeholder: bytes, what: str) -> bytes:
+    """`query` when its only `%` characters are `placeholder`s (a name holding a % would be taken for a
+    parameter), else a SnapshotError naming the query, as `_statements` raises for the COPYs."""
+    if b"%" in b"".join(query.split(placeholder)):
+        raise SnapshotError(f"the {what} query holds an unexpected placeholder: {query[:200]!r}")
+    return query
 
 
 def _table_begin(t: tenancy.TenantTable | tenancy.PlatformTable, select_sql: str,
@@ -859,10 +1150,30 @@ def _table_begin(t: tenancy.TenantTable | tenancy.PlatformTable, select_sql: str
 
 
 def _table_manifest(t: tenancy.TenantTable | tenancy.PlatformTable, select_sql: str, params: dict[str, str] | None,
-                    rows: int, nbytes: int, sha: str, seconds: float) -> TableManifest:
+                    rows: int, nbytes: int, sha: str, seconds: float, counted: int) -> TableManifest:
     return TableManifest(schema=t.table.schema, name=t.table.name, columns=list(t.columns), rows=rows, bytes=nbytes,
                          sha256=sha, select_sql=select_sql, params=params, order_by=list(t.order_by),
-                         path=_path_text(t), seconds=round(seconds, 6))
+                         path=_path_text(t), seconds=round(seconds, 6), counted=counted)
+
+
+def _check_count(partition: str, t: tenancy.TenantTable | tenancy.PlatformTable, rows: int, counted: int) -> None:
+    if rows != counted:
+        what = "the platform partition" if partition == PLATFORM else f"wedding {partition}"
+        raise SnapshotIncomplete(
+            f"snapshot of {what}: table {t.table}: the COPY handed over {rows} rows but count(*) of the same rows "
+            f"in the same snapshot found {counted}: the archive would be incomplete, so none is written; "
+            "report this (it is a defect in the read path, or a damaged index on the source: try REINDEX)")
+
+
+def count_mismatches(manifest: Manifest, restored_rows: Mapping[str, int]) -> list[str]:
+    """Tables whose restored row count differs from the independent count taken at snapshot time (the
+    manifest's `counted`; archives written before it have none and are not checked here)."""
+    problems = []
+    for t in manifest.tables:
+        if t.counted is not None and restored_rows.get(t.table) != t.counted:
+            problems.append(f"table {t.table}: {restored_rows.get(t.table)} rows restored, {t.counted} counted "
+                            "independently at snapshot time")
+    return problems
 
 
 def _array_literal(values: Iterable[str]) -> str:

@@ -6,8 +6,10 @@ TenancyPlan, discover().
 
 The partitions are exact: for every table, the rows of all weddings' `wedding_select()` plus its
 `platform_select()` are all its rows, each exactly once. A row belongs to the wedding its FK path
-reaches; a row whose path stops short (a NULL anywhere along it, or an orphan under a NOT VALID
-foreign key) belongs to the platform. Every referenced key is unique, so no row reaches two weddings.
+reaches; a row whose path stops short (a NULL anywhere along it, or an orphan: under a NOT VALID
+foreign key, or under a validated one that session_replication_role = replica or disabled triggers let
+rows break) belongs to the platform, so the partitions together always hold the whole database. Every
+referenced key is unique, so no row reaches two weddings.
 
 Routing rules:
 - The shortest FK path to the root wins. Self-references never route. Two or more shortest paths
@@ -15,7 +17,10 @@ Routing rules:
   `discover` raises TenancyError naming the table and its candidate paths.
 - A declaratively partitioned table is one table (its parent); its partitions are not listed. FKs
   declared directly on, or pointing directly at, a single partition are not used for routing.
-- Legacy inheritance parents are read with ONLY, so their children's rows are not counted twice.
+- Legacy inheritance parents are read with ONLY, so their children's rows are not counted twice; every
+  statement that reads, locks or deletes one table's rows addresses exactly that table (`exact()`),
+  never its INHERITS children (another wedding's rows may sit there with colliding keys). A
+  declaratively partitioned table is addressed without ONLY: its partitions are its rows.
 
 Overrides: a mapping from "schema.table" (unquoted, as `str(TableName)` prints it) to either
 - "platform": the table's rows all go to the platform partition, and no other table routes through it;
@@ -107,27 +112,19 @@ class TenantTable:
             order=_order_list(self.order_by, self.collatable, self.keyed))
 
     def platform_select(self) -> sql.Composed | None:
-        """SELECT of this table's rows that reach no wedding (NULL along a nullable path), else None."""
-        if not self.path or all(not h.nullable and h.validated for h in self.path):
+        """SELECT of this table's rows that reach no wedding, None for the root: a NULL along the path, or
+        a parent that does not exist (an orphan under a NOT VALID foreign key, or under a validated one
+        broken by session_replication_role = replica or disabled triggers). The whole chain up to the
+        root is joined, so a row is here exactly when no existing wedding's `wedding_select()` holds it."""
+        if not self.path:
             return None
-        joined, _ = self._reach()
-        last = self.path[-1]
-        dropped_root = len(joined) == len(self.path)
-        last_alias = _alias(len(joined) - 1)
-        if len(joined) == 1:  # one validated FK straight to the root: only a NULL keeps a row out
-            where = sql.SQL(" OR ").join(sql.SQL("{} IS NULL").format(sql.Identifier(last_alias, c))
-                                         for c in last.child_columns)
-        else:
-            # A row reaches a wedding when the whole chain of parents exists (when the root join was
-            # left out, a non-NULL validated last FK stands for it); platform rows are the complement.
-            first = self.path[0]
-            cond = [sql.SQL("{} = {}").format(sql.Identifier(_alias(1), p), sql.Identifier(_alias(0), c))
-                    for c, p in zip(first.child_columns, first.parent_columns)]
-            if dropped_root:
-                cond += [sql.SQL("{} IS NOT NULL").format(sql.Identifier(last_alias, c))
-                         for c in last.child_columns]
-            where = sql.SQL("NOT EXISTS (SELECT FROM {chain} WHERE {cond})").format(
-                chain=self._join_chain(joined, 1), cond=sql.SQL(" AND ").join(cond))
+        tables = [self.table] + [h.parent for h in self.path]
+        first = self.path[0]
+        cond = sql.SQL(" AND ").join(
+            sql.SQL("{} = {}").format(sql.Identifier(_alias(1), p), sql.Identifier(_alias(0), c))
+            for c, p in zip(first.child_columns, first.parent_columns))
+        where = sql.SQL("NOT EXISTS (SELECT FROM {chain} WHERE {cond})").format(
+            chain=self._join_chain(tables, 1), cond=cond)
         return sql.SQL("SELECT {cols} FROM {table} WHERE {where} ORDER BY {order}").format(
             cols=_select_list(self.columns), table=_from_item(self.table, 0, self.only), where=where,
             order=_order_list(self.order_by, self.collatable, self.keyed))
@@ -143,6 +140,10 @@ class TenantTable:
         return sql.SQL("SELECT {exprs} FROM {from_} WHERE {where}{lock}").format(
             exprs=sql.SQL(", ").join(expressions), from_=self._join_chain(joined, 0), where=where,
             lock=sql.SQL(" FOR UPDATE OF {}").format(sql.Identifier(_alias(0))) if lock else sql.SQL(""))
+
+    def exact(self) -> sql.Composable:
+        """This table in a FROM, DELETE, UPDATE or LOCK: with ONLY when it has inheritance children."""
+        return _exact(self.table, self.only)
 
     def _reach(self) -> tuple[list[TableName], tuple[str, ...]]:
         """Tables to join (this one first) and the columns of the last one that equal the wedding_id.
@@ -179,6 +180,10 @@ class PlatformTable:
     keyed: bool = True
     only: bool = False  # the table has inheritance children: read its own rows only
 
+    def exact(self) -> sql.Composable:
+        """This table in a FROM, DELETE, UPDATE or LOCK: with ONLY when it has inheritance children."""
+        return _exact(self.table, frozenset({self.table}) if self.only else frozenset())
+
     def platform_select(self) -> sql.Composed:
         only = frozenset({self.table}) if self.only else frozenset()
         return sql.SQL("SELECT {cols} FROM {table} ORDER BY {order}").format(
@@ -200,6 +205,12 @@ class TenancyPlan:
                 return t
         return None
 
+    def exact(self, table: TableName) -> sql.Composable:
+        """Any table addressed exactly: as the plan knows it, else (a single partition, which plans leave
+        out) with ONLY, which for an ordinary table is the table itself."""
+        found = self.find(table)
+        return found.exact() if found is not None else sql.SQL("ONLY {}").format(table.ident())
+
 
 # --- SQL pieces -------------------------------------------------------------------------------------
 
@@ -207,9 +218,12 @@ def _alias(i: int) -> str:
     return f"t{i}"
 
 
+def _exact(table: TableName, only: frozenset[TableName]) -> sql.Composable:
+    return sql.SQL("ONLY {}").format(table.ident()) if table in only else table.ident()
+
+
 def _from_item(table: TableName, i: int, only: frozenset[TableName]) -> sql.Composable:
-    prefix = sql.SQL("ONLY ") if table in only else sql.SQL("")
-    return sql.SQL("{}{} AS {}").format(prefix, table.ident(), sql.Identifier(_alias(i)))
+    return sql.SQL("{} AS {}").format(_exact(table, only), sql.Identifier(_alias(i)))
 
 
 def _select_list(columns: Sequence[str]) -> sql.Composable:
@@ -290,11 +304,21 @@ class _Table:
         return next(c[2] for c in self.columns if c[0] == column)
 
 
+# The comment `restore --into-schema` puts on the schema it makes (core/recovery.py), followed by the
+# partition: a copy for inspection, in no partition (so in no platform backup); erasure drops it.
+INSPECTION_MARKER = "wedbackup:inspection-schema:"
+
+
 def _read_catalogue(conn) -> tuple[dict[TableName, _Table], list[Hop]]:
     with conn.cursor() as cur:
+        inspection = {r[0] for r in cur.execute(
+            "SELECT nspname::text FROM pg_catalog.pg_namespace WHERE pg_catalog.starts_with(coalesce("
+            "pg_catalog.obj_description(oid, 'pg_namespace'), ''), %s)", (INSPECTION_MARKER,))}
         by_oid: dict[int, _Table] = {}
         for oid, schema, name, relkind, has_children, att, typ, notnull, generated, coll in \
                 cur.execute(_TABLES_SQL):
+            if schema in inspection:
+                continue  # its foreign keys then point at no known table and are skipped below too
             t = by_oid.get(oid)
             if t is None:
                 t = by_oid[oid] = _Table(TableName(schema, name), relkind, bool(has_children))

@@ -36,6 +36,21 @@ def check_partition(partition: str) -> str:
     return partition
 
 
+_INTEGER_ID = re.compile(r"(-?)0*([0-9]+)")
+_UUID_ID = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
+def other_spellings(partition: str) -> str | None:
+    """A PostgreSQL regular expression matching every way of writing the same wedding id as `partition`
+    ("7", "07", "007" for an integer key; any letter case for a uuid), or None when the id has no other
+    spelling. The source's own text of the key is the one canonical form (README, Hostile input)."""
+    if (m := _INTEGER_ID.fullmatch(partition)) is not None:
+        return f"^{m.group(1)}0*{m.group(2)}$"
+    if _UUID_ID.fullmatch(partition):
+        return f"(?i)^{partition}$"
+    return None
+
+
 def check_sha256(sha256: str) -> str:
     if not isinstance(sha256, str) or not SHA256_RE.fullmatch(sha256):
         raise WedbackupError(f"{shown(sha256)} is not a lower-case hex SHA-256")

@@ -226,6 +226,7 @@ def test_the_structure_aware_mutations_do_reach_every_error_class(sealed):
 # A snapshot stream damaged *before* sealing: it authenticates, so only the stream's own checks stand
 # between it and a restore. Record-level mutations aim at the framing.
 
+DEEP_JSON = b'{"a":' + b"[" * 5000 + b"]" * 5000 + b"}"  # past json's recursion limit (was a RecursionError)
 RECORD_MUTATION = st.one_of(
     BYTE_MUTATION,
     st.tuples(st.just("length"), st.integers(0, 1000), st.sampled_from([0, 1, 1 << 20, (1 << 20) + 1, 1 << 40,
@@ -234,7 +235,8 @@ RECORD_MUTATION = st.one_of(
     st.tuples(st.just("repeat-record"), st.integers(0, 1000), st.just(0)),
     st.tuples(st.just("json"), st.integers(0, 1000), st.sampled_from([b"[]", b"{}", b"null", b'{"tables": 5}',
                                                                       b'{"schema": 1, "name": [], "columns": "x"}',
-                                                                      b'{"partition": {"a": 1}}', b"\xff\xfe"])),
+                                                                      b'{"partition": {"a": 1}}', b"\xff\xfe",
+                                                                      DEEP_JSON])),
 )
 
 
@@ -354,7 +356,8 @@ def replace_record(stream: bytes, kind: bytes, payload: bytes) -> bytes:
 
 @pytest.mark.parametrize("payload", [b'{"tables": 5}', b'{"tables": [{"rows": "7"}]}', b'{"tables": [1]}',
                                      b'{"tables": []}', b"[]", b'{"tables": [{"schema": "public", "name": "x", '
-                                     b'"columns": [], "rows": true, "bytes": 1, "sha256": "", "select_sql": ""}]}'])
+                                     b'"columns": [], "rows": true, "bytes": 1, "sha256": "", "select_sql": ""}]}',
+                                     DEEP_JSON])
 def test_a_garbled_manifest_is_a_snapshot_format_error_not_a_type_error(wedding, payload):
     # Regression: Manifest.from_dict used to raise KeyError/TypeError on an authenticated but garbled manifest.
     stream, _ = wedding

@@ -9,7 +9,7 @@ import time
 import psycopg
 import pytest
 
-from wedbackup_dagster.core import demo_data, restore
+from wedbackup_dagster.core import demo_data, recovery, restore
 from wedbackup_dagster.core.archive import open_archive
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import ConfigError, PartitionBusyError
@@ -203,7 +203,7 @@ def test_a_backup_during_a_restore_waits_for_it_and_backs_up_what_it_restored(en
 
     times: dict[str, float] = {}
     in_restore = threading.Event()
-    real_restore = restore.restore_snapshot
+    real_restore = recovery.restore_in_place
 
     def slow_restore(*args, **kwargs):
         # The restore holds the wedding's lock while it writes the source; slow it down so the backup
@@ -214,10 +214,14 @@ def test_a_backup_during_a_restore_waits_for_it_and_backs_up_what_it_restored(en
         times["restore committed"] = time.monotonic()
         return report
 
-    monkeypatch.setattr(restore, "restore_snapshot", slow_restore)
+    monkeypatch.setattr(recovery, "restore_in_place", slow_restore)
 
     def restore_into_source():
-        return restorer.restore_to(WEDDING, source, {}, provider="vault")
+        # In place: the only restore that may write the live source (a target restore there is refused).
+        request = recovery.RecoveryRequest(partition=WEDDING, mode="in_place", provider="vault",
+                                           include_unverified=True)
+        report = recovery.recover(restorer, request, {})
+        return None, report.copy, report
 
     def back_up_meanwhile():
         assert in_restore.wait(30)
@@ -233,7 +237,7 @@ def test_a_backup_during_a_restore_waits_for_it_and_backs_up_what_it_restored(en
         return outcome
 
     (_, chosen, report), later = run_together(restore_into_source, back_up_meanwhile)
-    assert chosen == "vault" and report.total_rows == sum(t["rows"] for t in original.manifest["tables"])
+    assert chosen == "vault" and report.totals["archive_rows"] == sum(t["rows"] for t in original.manifest["tables"])
     assert times["backup asked"] < times["restore committed"] < times["backup done"]
     # ...and the backup taken after the wait holds the restored wedding, row for row.
     assert [(t["name"], t["rows"], t["sha256"]) for t in later.manifest["tables"]] == \

@@ -3,6 +3,8 @@ another database, into a schema); an in-place restore while a concurrent writer 
 weddings; dry-run counts; schema mismatch; rows outside the wedding; unknown weddings and times."""
 from __future__ import annotations
 
+import io
+import json
 import re
 import threading
 import time
@@ -15,9 +17,11 @@ from psycopg.conninfo import conninfo_to_dict
 
 from wedbackup_dagster.core import demo_data, recovery
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.errors import RestoreError, SchemaMismatchError, WedbackupError
+from wedbackup_dagster.core.errors import RestoreError, SchemaMismatchError, VerificationError, WedbackupError
 from wedbackup_dagster.core.recovery import (NoRecoveryPointError, RecoveryPoint, RecoveryRequest, choose_point,
                                              parse_as_of, recover, recovery_points, restricted_differences)
+from wedbackup_dagster.core.snapshot import take_snapshot
+from wedbackup_dagster_tests.core.test_adversarial_schemas import login_role, role_dsn  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.stack
 
@@ -512,3 +516,228 @@ def test_junk_after_the_manifest_stops_a_recovery_and_writes_nothing(engine):
     with source(engine) as conn:
         assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'wedding_then'").fetchone()[0] == 0
     assert rows_of(src, WEDDING) == before
+
+
+# --- issue 14: exactly the wedding's rows, whatever the schema and the role ------------------------
+
+TINY = """
+CREATE TABLE public.weddings (id integer PRIMARY KEY, couple text NOT NULL);
+CREATE TABLE public.notes (id integer PRIMARY KEY, wedding_id integer NOT NULL REFERENCES public.weddings,
+                           body text NOT NULL);
+INSERT INTO public.weddings VALUES (1, 'Ada & Bo'), (2, 'Cy & Di'), (3, 'Ed & Flo');
+INSERT INTO public.notes VALUES (1, 1, 'one'), (2, 1, 'two'), (3, 2, 'three'), (4, 3, 'four');
+"""
+
+
+def tiny_source(make_database, extra: str = "") -> str:
+    dsn = make_database()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(TINY + extra)
+    return dsn
+
+
+def snapshot_of(dsn: str, wedding: str = "1") -> bytes:
+    out = io.BytesIO()
+    take_snapshot(dsn, partition=wedding, sink=out)
+    return out.getvalue()
+
+
+def table_text(dsn: str, query: str) -> list[str]:
+    with psycopg.connect(dsn) as conn:
+        return [r[0] for r in conn.execute(query)]
+
+
+def test_in_place_restore_leaves_other_weddings_rows_in_an_inheritance_child(make_database):
+    """Defect 3: the DELETE without ONLY also reached the legacy INHERITS child, whose rows of weddings 2
+    and 3 share their ids with wedding 1's notes; the checksum step (ONLY) did not notice."""
+    src = tiny_source(make_database, """
+CREATE TABLE public.notes_archive (archived_on date NOT NULL DEFAULT '2025-01-01') INHERITS (public.notes);
+INSERT INTO public.notes_archive (id, wedding_id, body) VALUES (1, 2, 'archived note of 2'), (2, 3, 'of 3');
+""")
+    data = snapshot_of(src)
+    archive_rows = "SELECT t::text FROM public.notes_archive t ORDER BY id"
+    kept = table_text(src, archive_rows)
+    with psycopg.connect(src, autocommit=True) as conn:
+        conn.execute("UPDATE ONLY public.notes SET body = 'changed' WHERE wedding_id = 1")
+    report = recovery.restore_in_place([data], src, "1", name="test archive")
+    assert report.totals["change"] == 2
+    assert table_text(src, archive_rows) == kept
+    assert table_text(src, "SELECT body FROM ONLY public.notes WHERE wedding_id = 1 ORDER BY id") == ["one", "two"]
+
+
+def test_in_place_restore_of_generated_always_identity_rows_advances_the_sequence(make_database):
+    """Defect 4: COPY (verification) takes identity values, a plain INSERT (in place) refused them."""
+    src = tiny_source(make_database, """
+CREATE TABLE public.seats (id integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                           wedding_id integer NOT NULL REFERENCES public.weddings, label text NOT NULL);
+INSERT INTO public.seats (wedding_id, label) SELECT 1 + g % 3, 'seat ' || g FROM generate_series(1, 9) g;
+""")
+    data = snapshot_of(src)
+    with psycopg.connect(src, autocommit=True) as conn:
+        conn.execute("DELETE FROM public.seats WHERE wedding_id = 1")
+        conn.execute("ALTER TABLE public.seats ALTER COLUMN id RESTART WITH 1")
+    dry = recovery.restore_in_place([data], src, "1", name="test archive", dry_run=True)
+    assert (dry.totals["add"], dry.totals["remove"]) == (3, 0)
+    recovery.restore_in_place([data], src, "1", name="test archive")
+    assert table_text(src, "SELECT id::text FROM public.seats WHERE wedding_id = 1 ORDER BY id") == ["3", "6", "9"]
+    with psycopg.connect(src, autocommit=True) as conn:
+        new = conn.execute("INSERT INTO public.seats (wedding_id, label) VALUES (1, 'new') RETURNING id").fetchone()[0]
+    assert new == 10
+
+
+def _limited(dsn: str, login_role, *, rls: bool = True) -> str:
+    """`dsn` as a role that may read and write every table but has no BYPASSRLS, and notes with a policy
+    that hides half of them from it."""
+    name, password = login_role
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        ident = sql.Identifier(name)
+        conn.execute(sql.SQL("GRANT ALL ON ALL TABLES IN SCHEMA public TO {}").format(ident))
+        conn.execute(sql.SQL("GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {}").format(ident))
+        if rls:
+            conn.execute("ALTER TABLE public.notes ENABLE ROW LEVEL SECURITY")
+            conn.execute("CREATE POLICY odd_only ON public.notes USING (id % 2 = 1)")
+    return role_dsn(dsn, name, password)
+
+
+def test_in_place_restore_and_dry_run_refuse_a_table_whose_policy_hides_rows(login_role, make_database):
+    """Defect 1 (restore side): with row security on, the role's DELETE and diff saw only the rows the
+    policy shows; now row_security is off and the refusal names the table and what the role needs."""
+    src = tiny_source(make_database)
+    limited = _limited(src, login_role)
+    data = snapshot_of(src)  # as the superuser: every note
+    before = table_text(src, "SELECT t::text FROM public.notes t ORDER BY id")
+    for dry_run in (True, False):
+        with pytest.raises(RestoreError, match=r'wedding 1 .*row-level security policy for table "notes".*BYPASSRLS'):
+            recovery.restore_in_place([data], limited, "1", name="test archive", dry_run=dry_run)
+    assert table_text(src, "SELECT t::text FROM public.notes t ORDER BY id") == before
+    with psycopg.connect(src, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} BYPASSRLS").format(sql.Identifier(login_role[0])))
+    report = recovery.restore_in_place([data], limited, "1", name="test archive", dry_run=True)
+    assert report.totals == {"archive_rows": 3, "live_rows": 3, "add": 0, "remove": 0, "change": 0}
+
+
+def crafted(data: bytes, pid: int, params: dict | None = None) -> bytes:
+    """The stream with every table record's and the manifest's select_sql replaced by one that reads the
+    whole table and, as it does, terminates the session `pid` (and with `params` replaced, if given)."""
+    from wedbackup_dagster.core import snapshot as snap
+    from wedbackup_dagster.core.restore import read_snapshot
+
+    out = [snap.MAGIC]
+    for r in read_snapshot([data]):
+        payload = r.payload
+        if r.kind in (snap.TABLE_BEGIN, snap.MANIFEST):
+            d = json.loads(payload)
+            for t in d.get("tables", [d]):
+                t["select_sql"] = (f'SELECT * FROM "{t["schema"]}"."{t["name"]}" '
+                                   f"WHERE pg_catalog.pg_terminate_backend({pid})")
+                if params is not None:
+                    t["params"] = params
+            payload = json.dumps(d).encode()
+        out.append(r.kind + len(payload).to_bytes(8, "big") + payload)
+    return b"".join(out)
+
+
+def test_in_place_restore_never_runs_the_archives_select_sql(make_database):
+    """Defect 10: the diff and the checksum ran the table record's select_sql; a crafted archive's SQL
+    (here: terminating another session) ran with the restore's rights."""
+    src = tiny_source(make_database)
+    data = snapshot_of(src)
+    with psycopg.connect(src, autocommit=True) as victim:
+        pid = victim.info.backend_pid
+        archive = crafted(data, pid, {"wedding_id": "2"})
+        with psycopg.connect(src, autocommit=True) as conn:
+            conn.execute("UPDATE public.notes SET body = 'changed' WHERE id = 1")
+        dry = recovery.restore_in_place([archive], src, "1", name="crafted archive", dry_run=True)
+        report = recovery.restore_in_place([archive], src, "1", name="crafted archive")
+        assert victim.execute("SELECT 1").fetchone() == (1,)  # still connected: nothing of the archive ran
+    assert dry.totals["change"] == report.totals["change"] == 1  # wedding 1's rows, whatever params said
+    assert table_text(src, "SELECT body FROM public.notes ORDER BY id") == ["one", "two", "three", "four"]
+
+
+def test_in_place_restore_refuses_an_archive_without_all_of_the_weddings_tables(make_database):
+    """An archive (crafted, or from a writer that skipped a table) that leaves out one of the wedding's
+    tables was restored for the tables it has: here a bare foreign-key error from the driver, and with no
+    key between the tables a commit that left the missing one as it was. Now it is refused up front."""
+    from wedbackup_dagster.core import snapshot as snap
+    from wedbackup_dagster.core.restore import read_snapshot
+
+    src = tiny_source(make_database)
+    data = snapshot_of(src)
+    out, skipping = [snap.MAGIC], False
+    for r in read_snapshot([data]):
+        payload = r.payload
+        if r.kind == snap.TABLE_BEGIN:
+            skipping = json.loads(payload)["name"] == "notes"
+        if r.kind == snap.MANIFEST:
+            d = json.loads(payload)
+            d["tables"] = [t for t in d["tables"] if t["name"] != "notes"]
+            payload = json.dumps(d).encode()
+        if not (skipping and r.kind in (snap.TABLE_BEGIN, snap.DATA, snap.TABLE_END)):
+            out.append(r.kind + len(payload).to_bytes(8, "big") + payload)
+    with psycopg.connect(src, autocommit=True) as conn:
+        conn.execute("UPDATE public.weddings SET couple = 'changed' WHERE id = 1")
+    with pytest.raises(SchemaMismatchError, match="table public.notes of wedding 1 is not in the archive"):
+        recovery.restore_in_place([b"".join(out)], src, "1", name="crafted archive")
+    assert table_text(src, "SELECT couple FROM public.weddings WHERE id = 1") == ["changed"]
+
+
+def test_dry_runs_of_the_platform_partition_compare_by_the_rebuilt_platform_selects(make_database):
+    """The platform's rows in a dry run are read by its SELECTs rebuilt from the target's plan (platform
+    tables whole, a tenant table's rows that reach no wedding), never by the archive's text."""
+    from wedbackup_dagster_tests.core.test_snapshot import make_platform_db
+
+    src = make_platform_db(make_database)
+    data = snapshot_of(src, "platform")
+    same = recovery.restore_to_database([data], src, name="platform archive", dry_run=True)
+    assert {t.table for t in same.tables} >= {"public.vendors", "public.audit_log", "public.documents"}
+    assert same.totals["archive_rows"] == same.totals["live_rows"] > 0
+    assert (same.totals["add"], same.totals["remove"], same.totals["change"]) == (0, 0, 0)
+    with psycopg.connect(src, autocommit=True) as conn:
+        conn.execute("UPDATE public.documents SET title = 'changed' WHERE wedding_id IS NULL")
+        conn.execute("UPDATE public.documents SET title = 'a wedding''s, not the platform''s' WHERE wedding_id = 1")
+    changed = recovery.restore_to_database([data], src, name="platform archive", dry_run=True)
+    assert {t.table: t.change for t in changed.tables}["public.documents"] == 1
+
+
+def test_a_trigger_that_rewrites_restored_rows_rolls_an_in_place_restore_back(make_database):
+    """README: triggers fire as for any insert; one that changes the inserted rows fails the checksum
+    step (rebuilt from the plan) and nothing is committed."""
+    src = tiny_source(make_database, """
+CREATE FUNCTION public.shout() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN NEW.body := NEW.body || '!'; RETURN NEW; END $$;
+""")
+    with psycopg.connect(src, autocommit=True) as conn:
+        conn.execute("CREATE TRIGGER shout BEFORE INSERT ON public.notes FOR EACH ROW EXECUTE FUNCTION public.shout()")
+    data = snapshot_of(src)
+    with psycopg.connect(src, autocommit=True) as conn:
+        conn.execute("UPDATE public.notes SET body = 'changed' WHERE id = 1")
+    with pytest.raises(VerificationError, match="table public.notes does not match the manifest after loading"):
+        recovery.restore_in_place([data], src, "1", name="test archive")
+    assert table_text(src, "SELECT body FROM public.notes ORDER BY id") == ["changed", "two", "three", "four"]
+
+
+@pytest.mark.parametrize("field,value", [("plan", ["not", "an", "object"]), ("plan", {"tenant_tables": [1]}),
+                                         ("schema_fingerprint", None)])
+def test_a_garbled_archive_header_is_a_format_error_in_every_restore_mode(make_database, field, value):
+    """The header of an archive (authenticated, but written by a broken or hostile writer) is checked field
+    by field before anything is read from it: it used to end in AttributeError or KeyError."""
+    from wedbackup_dagster.core import snapshot as snap
+    from wedbackup_dagster.core.errors import SnapshotFormatError
+    from wedbackup_dagster.core.restore import read_snapshot
+
+    src = tiny_source(make_database)
+    out = [snap.MAGIC]
+    for r in read_snapshot([snapshot_of(src)]):
+        payload = r.payload
+        if r.kind == snap.HEADER:
+            d = json.loads(payload)
+            d[field] = value
+            payload = json.dumps(d).encode()
+        out.append(r.kind + len(payload).to_bytes(8, "big") + payload)
+    archive = b"".join(out)
+    for restore in (lambda: recovery.restore_in_place([archive], src, "1", name="garbled archive"),
+                    lambda: recovery.restore_in_place([archive], src, "1", name="garbled archive", dry_run=True),
+                    lambda: recovery.restore_into_schema([archive], src, "never_made", name="garbled archive"),
+                    lambda: recovery.restore_to_database([archive], src, name="garbled archive", dry_run=True)):
+        with pytest.raises(SnapshotFormatError, match="garbled archive"):
+            restore()

@@ -16,6 +16,7 @@ from wedbackup_dagster.core.errors import (RestoreError, SchemaMismatchError, Sn
 from wedbackup_dagster.core.restore import (SCRATCH_PREFIX, Record, read_manifest, read_snapshot,
                                             restore_snapshot, scratch_database, verify_restored)
 from wedbackup_dagster.core.snapshot import SnapshotSession, describe_schema
+from wedbackup_dagster_tests.core.test_adversarial_schemas import login_role, role_dsn  # noqa: F401 (a fixture)
 from wedbackup_dagster_tests.core.test_snapshot import (WEDDING_TABLES, make_platform_db, make_schema_db,
                                                         snapshot_bytes)
 
@@ -297,3 +298,54 @@ def test_abandoned_scratch_databases_are_dropped_but_live_ones_kept(stack, monke
     with psycopg.connect(admin) as conn:
         left = conn.execute("SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (prefix,)).fetchall()
     assert left == [] and live.startswith(prefix)
+
+
+# --- issue 14: verification rebuilds its SQL and reads with row security off -------------------------
+
+def test_verify_never_runs_the_manifests_select_sql(make_database):
+    """Defect 10: verification ran each table's select_sql from the manifest (the catalogue's copy, or
+    an archive's); a crafted one (here: terminating another session) ran with the verifier's rights."""
+    src = make_platform_db(make_database)
+    data, manifest = snapshot_bytes(src, "1")
+    dst = make_database()
+    restore_snapshot([data], dst, create_schema=True)
+    with psycopg.connect(dst, autocommit=True) as victim:
+        for t in manifest.tables:
+            t.select_sql = (f'SELECT * FROM "{t.schema}"."{t.name}" '
+                            f"WHERE pg_catalog.pg_terminate_backend({victim.info.backend_pid})")
+            t.params = {"wedding_id": "2"}
+        report = verify_restored(dst, manifest)
+        assert victim.execute("SELECT 1").fetchone() == (1,)  # still connected: nothing of the manifest ran
+    assert report.ok, report.problems
+    # Selects given as text are refused too: only composed SQL (or a plan) is run.
+    with pytest.raises(TypeError, match="not SQL text"):
+        verify_restored(dst, manifest, {t.table: t.select_sql for t in manifest.tables})
+
+
+def test_verify_names_a_table_whose_policy_the_role_cannot_bypass(login_role, make_database):
+    """Defect 1 (verification side): with row security on, a role without BYPASSRLS counted only the
+    rows a policy showed it; now the table is reported with what the role needs."""
+    src = make_platform_db(make_database)
+    data, manifest = snapshot_bytes(src, "1")
+    dst = make_database()
+    restore_snapshot([data], dst, create_schema=True)
+    name, password = login_role
+    with psycopg.connect(dst, autocommit=True) as conn:
+        conn.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}").format(sql.Identifier(name)))
+        conn.execute("ALTER TABLE public.guests ENABLE ROW LEVEL SECURITY")
+        conn.execute("CREATE POLICY only_yes ON public.guests USING (rsvp = 'yes')")
+    report = verify_restored(role_dsn(dst, name, password), manifest)
+    assert not report.ok
+    # guests, and guest_dietary whose rows are reached through guests.
+    problems = [p for p in report.problems if p.startswith("table ")]
+    assert [p.split(":")[0] for p in problems] == ["table public.guests", "table public.guest_dietary"]
+    for problem in problems:
+        assert ': cannot be read on the target: ' in problem and "BYPASSRLS" in problem
+        assert 'query would be affected by row-level security policy for table "guests"' in problem
+    # The foreign keys into and out of guests cannot be checked either, and say so (no crash).
+    assert {p.split(":")[0] for p in report.problems if "cannot be checked" in p} == {
+        "foreign key guest_dietary_guest_id_fkey on public.guest_dietary",
+        "foreign key guests_plus_one_of_fkey on public.guests", "foreign key guests_wedding_id_fkey on public.guests"}
+    with psycopg.connect(dst, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} BYPASSRLS").format(sql.Identifier(name)))
+    assert verify_restored(role_dsn(dst, name, password), manifest).ok

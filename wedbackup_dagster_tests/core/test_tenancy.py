@@ -130,7 +130,8 @@ def test_direct_fk_and_root(conn):
     g = tenant(plan, T("guests"))
     assert g.columns == ("id", "wedding_id", "name") and g.order_by == ("id",)
     assert len(g.path) == 1 and g.path[0].child_columns == ("wedding_id",) and not g.path[0].nullable
-    assert g.platform_select() is None  # NOT NULL + validated: no guest can miss a wedding
+    # NOT NULL + validated, yet a guest can miss a wedding (session_replication_role = replica): platform.
+    assert g.platform_select() is not None
     assert wedding_rows(conn, plan, T("guests"), 1) == [b"10\t1\tEve\n", b"12\t1\tGus\n"]
     assert wedding_rows(conn, plan, T("guests"), 3) == []
     assert_partitions_exact(conn, plan)
@@ -148,7 +149,7 @@ def test_two_hop_path_without_wedding_id_column(conn):
     plan = discover(conn)
     d = tenant(plan, T("guest_dietary"))
     assert [(h.child, h.parent) for h in d.path] == [(T("guest_dietary"), T("guests")), (T("guests"), W)]
-    assert d.platform_select() is None
+    assert d.platform_select() is not None  # only orphans of a broken foreign key
     assert wedding_rows(conn, plan, T("guest_dietary"), 1) == [b"100\t10\tvegan\n", b"102\t10\tnut-free\n"]
     assert_partitions_exact(conn, plan)
 
@@ -252,7 +253,7 @@ def test_self_reference_is_not_a_path(conn):
     """)
     plan = discover(conn)
     assert path_of(plan, T("timeline_events")) == ["timeline_events_wedding_id_fkey"]
-    assert tenant(plan, T("timeline_events")).platform_select() is None
+    assert tenant(plan, T("timeline_events")).platform_select() is not None  # orphans only
     assert platform_names(plan) == {T("categories")}
     assert wedding_rows(conn, plan, T("timeline_events"), 1) == [b"1\t1\t\\N\n", b"2\t1\t1\n"]
     assert_partitions_exact(conn, plan)
@@ -450,6 +451,34 @@ def test_legacy_inheritance_children_are_not_counted_twice(conn):
     assert_partitions_exact(conn, plan)
 
 
+def test_exact_addresses_only_the_table_itself(conn):
+    """What reads, locks and deletes use (issue 14, defect 3): ONLY for an INHERITS parent, so a DELETE
+    never reaches a child's rows; a partitioned table as itself (ONLY would address no rows at all)."""
+    conn.execute("""
+        CREATE TABLE weddings (id bigint PRIMARY KEY);
+        CREATE TABLE notes (id bigint PRIMARY KEY, wedding_id bigint NOT NULL REFERENCES weddings);
+        CREATE TABLE archived_notes () INHERITS (notes);
+        CREATE TABLE events (id int NOT NULL, wedding_id bigint NOT NULL REFERENCES weddings,
+                             PRIMARY KEY (id, wedding_id)) PARTITION BY HASH (wedding_id);
+        CREATE TABLE events_0 PARTITION OF events FOR VALUES WITH (MODULUS 1, REMAINDER 0);
+        INSERT INTO weddings VALUES (1), (2);
+        INSERT INTO notes VALUES (1, 1);
+        INSERT INTO archived_notes VALUES (1, 2);
+        INSERT INTO events VALUES (1, 1), (1, 2);
+    """)
+    plan = discover(conn)
+    text = {str(t.table): t.exact().as_string(conn) for t in (*plan.tenant_tables, *plan.platform_tables)}
+    assert text == {"public.weddings": '"public"."weddings"', "public.notes": 'ONLY "public"."notes"',
+                    "public.archived_notes": '"public"."archived_notes"', "public.events": '"public"."events"'}
+    assert plan.exact(T("events_0")).as_string(conn) == 'ONLY "public"."events_0"'  # a partition: not in plans
+    notes = plan.find(T("notes"))
+    deleted = conn.execute(sql.SQL("DELETE FROM {} AS x WHERE x.id IN ({})").format(
+        notes.exact(), notes.wedding_rows([sql.SQL("t0.id")])), {"wedding_id": 1}).rowcount
+    assert deleted == 1 and conn.execute("SELECT count(*) FROM archived_notes").fetchone()[0] == 1
+    events = plan.find(T("events"))
+    assert conn.execute(sql.SQL("DELETE FROM {} WHERE wedding_id = 1").format(events.exact())).rowcount == 1
+
+
 def test_generated_and_dropped_columns_are_excluded(conn):
     conn.execute("""
         CREATE TABLE weddings (id bigint PRIMARY KEY);
@@ -527,7 +556,7 @@ def test_override_chooses_path_and_forces_platform(conn):
     plan = discover(conn, overrides={"public.seatings": ["seat_guest_fk"], "public.reviews": "platform"})
     assert path_of(plan, T("seatings")) == ["seat_guest_fk", "guests_wedding_id_fkey"]
     assert path_of(plan, T("seating_notes"))[1:] == ["seat_guest_fk", "guests_wedding_id_fkey"]
-    assert tenant(plan, T("seatings")).platform_select() is None  # guest_id is NOT NULL
+    assert tenant(plan, T("seatings")).platform_select() is not None  # guest_id is NOT NULL: orphans only
     assert wedding_rows(conn, plan, T("seatings"), 2) == [b"2\t20\t\\N\n", b"3\t20\t1\n"]
     # reviews is platform, and review_replies, reachable only through it, follows it there
     assert {T("reviews"), T("review_replies")} <= platform_names(plan)
@@ -789,13 +818,14 @@ def test_every_row_is_in_exactly_one_partition(union_conn, data):
 
 def test_union_check_catches_a_wrong_plan(union_conn):
     """The property above can fail: a plan that loses the platform rows of a nullable path is caught."""
+    # (The plan claims guests is a root of its own: it has no platform rows then, and the guest without a
+    # wedding is lost.)
     union_conn.execute("""INSERT INTO weddings VALUES (1, '2024-05-01');
                           INSERT INTO guests VALUES (1, 1, 'with'), (2, NULL, 'without');""")
     plan = discover(union_conn, overrides=UNION_OVERRIDES)
     assert_partitions_exact(union_conn, plan)
     guests = tenant(plan, T("guests"))
-    blind = tuple(replace(h, nullable=False) for h in guests.path)  # wrongly claims no guest lacks a wedding
-    broken = replace(plan, tenant_tables=tuple(replace(t, path=blind) if t.table == guests.table else t
+    broken = replace(plan, tenant_tables=tuple(replace(t, path=()) if t.table == guests.table else t
                                                for t in plan.tenant_tables))
     with pytest.raises(AssertionError, match="public.guests: missing"):
         assert_partitions_exact(union_conn, broken)

@@ -147,6 +147,7 @@ class RestoreAllOptions:
     resume: bool = False
     include_unverified: bool = False
     stop_after: int | None = None  # test hook: stop (as a crash would) after this many weddings this run
+    window_seconds: float | None = None  # start no wedding after this long (a drill's window); resumable
 
 
 def copy_order(first: str | None) -> tuple[str, ...]:
@@ -392,7 +393,9 @@ def restore_all(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
             progress(f"user triggers fire on INSERT ({', '.join(r[0] for r in inserting[:5])}): each wedding holds "
                      f"them off while it loads, which serialises the workers on those tables")
         todo = [points[p] for p in weddings if p in points]
-        stopped = _run_weddings(engine, replicas, target_dsn, todo, order, jobs, options.stop_after, report, ticker,
+        deadline = None if options.window_seconds is None else started + options.window_seconds
+        stopped = _run_weddings(engine, replicas, target_dsn, todo, order, jobs, options.stop_after, deadline,
+                                report, ticker,
                                 hold_triggers=bool(inserting))
         if stopped:
             report.stopped = stopped
@@ -434,10 +437,11 @@ def _account(report: PlatformReport, result: PartitionResult) -> None:
 
 
 def _run_weddings(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo: list[RecoveryPoint],
-                  order: tuple[str, ...], jobs: int, stop_after: int | None, report: PlatformReport,
-                  ticker: _Ticker, *, hold_triggers: bool) -> str:
+                  order: tuple[str, ...], jobs: int, stop_after: int | None, deadline: float | None,
+                  report: PlatformReport, ticker: _Ticker, *, hold_triggers: bool) -> str:
     """Every wedding on `jobs` workers, each with its own engine (the catalogue connection is not shared
-    between threads). Returns why it stopped early, or ''."""
+    between threads); no wedding starts after `deadline` (time.perf_counter()). Returns why it stopped
+    early, or ''."""
     local = threading.local()
     engines: list[Any] = []
     lock = threading.Lock()
@@ -457,13 +461,20 @@ def _run_weddings(engine: Any, replicas: Mapping[str, Any], target_dsn: str, tod
                                    error=f"{type(exc).__name__}: {str(exc)[:300]}")
 
     restored = 0
+    stopped = ""
     pending: set[Future] = set()
     queue = list(reversed(todo))
     try:
         with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="wedbackup-dr") as pool:
             while queue or pending:
+                if queue and deadline is not None and time.perf_counter() >= deadline:
+                    stopped = (f"ran past its window: {len(queue)} wedding(s) not started (the weddings already "
+                               f"committed stay; run again with resume to finish)")
+                    queue.clear()
                 while queue and len(pending) < jobs * 2:
                     pending.add(pool.submit(one, queue.pop()))
+                if not pending:
+                    break
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
                     result = future.result()
@@ -481,7 +492,7 @@ def _run_weddings(engine: Any, replicas: Mapping[str, Any], target_dsn: str, tod
     finally:
         for e in engines:
             e.catalogue.close()
-    return ""
+    return stopped
 
 
 def _reapply(engine: Any, target_dsn: str) -> list[str]:
@@ -773,16 +784,20 @@ class DrillReport:
             out += ["", "| earlier drill | provider | RTO s | complete |", "|---|---|---|---|"]
             out += [f"| {d.get('started_at', '?')} | {d.get('provider', '?')} | {d.get('rto_seconds', '?')} | "
                     f"{d.get('complete', '?')} |" for d in self.earlier[:8]]
+        if r.stopped:
+            out += ["", f"**Stopped**: {r.stopped}"]
         if r.failed or r.foreign_key_problems or r.fallbacks:
             out += ["", "Problems:"] + [f"- {line}" for line in r.lines()[6:]]
         return "\n".join(out)
 
 
 def drill(engine: Any, replicas: Mapping[str, Any], provider: str, *, jobs: int = 4,
-          progress: Progress = _quiet) -> DrillReport:
+          window_seconds: float | None = None, progress: Progress = _quiet) -> DrillReport:
     """The whole platform restored from `provider` (falling back to the other providers, never the vault)
     into a scratch database on the scratch server, checked (every table against its manifest while it loads,
-    foreign keys and sequences at the end), timed per phase, and dropped. Recorded in the audit trail
+    foreign keys and sequences at the end), timed per phase, and dropped. A drill past `window_seconds`
+    starts no more weddings: it is reported incomplete (`restore.stopped`), its scratch dropped all the
+    same. Recorded in the audit trail
     (`dr-drill`) so the next drill shows the trend and `dr plan` its rates."""
     from .restore import scratch_database
 
@@ -794,7 +809,8 @@ def drill(engine: Any, replicas: Mapping[str, Any], provider: str, *, jobs: int 
     t0 = time.perf_counter()
     order = copy_order(provider)
     with scratch_database(engine.settings.scratch_dsn, label=DRILL_LABEL) as scratch:
-        report = restore_all(engine, replicas, scratch, RestoreAllOptions(providers=order, jobs=jobs),
+        report = restore_all(engine, replicas, scratch, RestoreAllOptions(providers=order, jobs=jobs,
+                                                                          window_seconds=window_seconds),
                              progress=progress)
     rto = round(time.perf_counter() - t0, 3)
     oldest = datetime.fromisoformat(report.oldest_point) if report.oldest_point else started_at
@@ -805,7 +821,7 @@ def drill(engine: Any, replicas: Mapping[str, Any], provider: str, *, jobs: int 
     engine.catalogue.audit("dr-drill", PLATFORM, {
         "provider": provider, "started_at": result.started_at, "rto_seconds": rto, "complete": result.complete,
         "rpo_seconds": result.rpo_seconds, "partitions": report.partitions_total, "phases": report.phases,
-        "throughput": throughput, "failed": sorted(report.failed)[:50]})
+        "throughput": throughput, "failed": sorted(report.failed)[:50], "stopped": report.stopped})
     return result
 
 

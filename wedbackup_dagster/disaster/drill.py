@@ -27,6 +27,7 @@ class DrillConfig(dg.Config):
     jobs: int = 4  # weddings restored at once
     rto_target_seconds: float = disaster.RTO_TARGET_SECONDS
     partition_target_seconds: float = disaster.PARTITION_TARGET_SECONDS
+    window_seconds: float = disaster.RTO_TARGET_SECONDS  # no wedding starts after this long; the drill is stopped
 
 
 @dg.asset(
@@ -49,7 +50,7 @@ def dr_drill_report(context: dg.AssetExecutionContext, config: DrillConfig, wedb
     engine = wedbackup.engine()
     try:
         report = disaster.drill(engine, all_replicas(wedbackup, s3, gcs, azure), provider, jobs=config.jobs,
-                                progress=lambda m: context.log.info(redact(m)))
+                                window_seconds=config.window_seconds, progress=lambda m: context.log.info(redact(m)))
     except WedbackupError as exc:
         raise dg.Failure(description=redact(str(exc))) from None
     finally:
@@ -70,13 +71,15 @@ def dr_drill_report(context: dg.AssetExecutionContext, config: DrillConfig, wedb
         "throughput": _table([{"copy": k, "bytes_per_second": v} for k, v in report.throughput.items()],
                              [("copy", "string"), ("bytes_per_second", "float")]),
         "not_restored": dg.MetadataValue.json(r.failed),
+        "stopped": r.stopped or "no",
     }
     problems = len(r.failed) + len(r.foreign_key_problems)
     yield dg.MaterializeResult(asset_key=DR_DRILL_REPORT, metadata=metadata, check_results=[
         dg.AssetCheckResult(
             check_name="drill_complete", passed=report.complete, severity=dg.AssetCheckSeverity.ERROR,
             description=(f"all {r.partitions_total} partition(s) restored and matching" if report.complete else
-                         redact("; ".join([f"{k}: {v}" for k, v in r.failed.items()] + r.foreign_key_problems)
+                         redact("; ".join(([f"stopped: {r.stopped}"] if r.stopped else [])
+                                          + [f"{k}: {v}" for k, v in r.failed.items()] + r.foreign_key_problems)
                                 [:2000])),
             metadata={"problems": dg.MetadataValue.int(problems)}),
         dg.AssetCheckResult(

@@ -82,3 +82,16 @@ def test_a_drill_restores_from_a_provider_reports_and_drops_its_scratch(backed_u
     summary = second.asset_materializations_for_node("dr_drill_report")[0].metadata["summary"].value
     assert "INCOMPLETE" in summary and "| earlier drill |" in summary  # the trend shows the first drill
     assert scratch_databases(engine) == []
+
+
+def test_a_drill_past_its_window_is_stopped_reported_and_its_scratch_dropped(backed_up):
+    engine, instance = backed_up["engine"], backed_up["instance"]
+    result = drill(instance, window_seconds=0.0)
+    assert result.success
+    checks = checks_of(result)
+    assert not checks["drill_complete"].passed
+    assert "stopped: ran past its window: 3 wedding(s) not started" in checks["drill_complete"].description
+    meta = result.asset_materializations_for_node("dr_drill_report")[0].metadata
+    assert meta["partitions_restored"].value == 1  # the platform only
+    assert "**Stopped**: ran past its window" in meta["summary"].value
+    assert scratch_databases(engine) == []

@@ -1,5 +1,6 @@
 """`wedbackup restore --all` (the whole platform into an empty database, through the `restore_platform` Dagster
-job, resumable) and `wedbackup dr plan` (the runbook of a disaster scenario from the catalogue's state)."""
+job, resumable), `wedbackup dr plan` (the runbook of a disaster scenario from the catalogue's state) and
+`wedbackup dr kit` (the master-key recovery kit's sheet, and a check of a kit's key file; never a key)."""
 from __future__ import annotations
 
 import argparse
@@ -82,6 +83,53 @@ def cmd_dr_plan(args: argparse.Namespace) -> int:
     return 1 if plan.missing else 0
 
 
+def cmd_dr_kit(args: argparse.Namespace) -> int:
+    from .core import disaster
+    from .core.config import Settings
+
+    settings = Settings.from_env()
+    if args.check:
+        from .cli_automation import _replica_for
+
+        if not args.provider:
+            raise WedbackupError("dr kit --check FILE needs the provider holding the key-store backups: "
+                                 "--from s3|gcs|azure")
+        result = disaster.check_kit_key_file(args.check, _replica_for(args.provider, settings))
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            keys = ", ".join(f"{k['id']} (fingerprint {k['fingerprint']})" for k in result["master_keys"])
+            print(f"key file {result['key_file']}: master key(s) {keys} open the newest key-store backup at "
+                  f"{result['provider']} ({result['key_backup'][:12]}, sealed by {result['sealed_by']}, "
+                  f"{result['wedding_keys']} wedding key(s), made {result['created_at']})")
+        return 0
+    from .core.catalogue import Catalogue
+    from .core.keys import load_master_keyring
+
+    catalogue = Catalogue(settings.catalogue_dsn)
+    try:
+        catalogue.migrate()
+        sheet = disaster.kit_sheet(load_master_keyring(os.environ), catalogue, settings)
+    finally:
+        catalogue.close()
+    if args.json:
+        print(json.dumps(sheet, indent=2))
+        return 0
+    print("recovery kit sheet (no secret here: keep it with the sealed copy of the master key file)")
+    for k in sheet["master_keys"]:
+        print(f"  master key {k['id']}{' (current)' if k['current'] else ''}: fingerprint {k['fingerprint']}")
+    newest = sheet["newest_key_backup"]
+    print("  newest key-store backup: " + ("none: run `wedbackup keys backup`" if newest is None else
+          f"{newest['sha256'][:12]} sealed by {newest['sealed_by']}, {newest['wedding_keys']} wedding key(s), "
+          f"{newest['created_at']}, copies at {', '.join(newest['copies'])}"))
+    for where, what in sheet["locations"].items():
+        print(f"  {where}: {what}")
+    print("  to recover:")
+    for step in sheet["recover"]:
+        print(f"    {step}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     dr = sub.add_parser("dr", help="disaster recovery: runbooks per scenario (the restore is `restore --all`)")
     verbs = dr.add_subparsers(dest="verb", required=True)
@@ -91,3 +139,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--jobs", type=int, default=4, metavar="N", help="workers the estimate assumes")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=cmd_dr_plan)
+    kit = verbs.add_parser("kit", help="the master-key recovery kit: its sheet (ids, fingerprints, locations), or "
+                                       "--check a kit's key file against a provider's key-store backup")
+    kit.add_argument("--check", metavar="FILE", help="a master key file (the kit's copy) to prove")
+    kit.add_argument("--from", dest="provider", choices=["s3", "gcs", "azure"],
+                     help="with --check: the provider whose newest key-store backup it must open")
+    kit.add_argument("--json", action="store_true")
+    kit.set_defaults(func=cmd_dr_kit)

@@ -130,3 +130,48 @@ def test_dr_plan_per_scenario_names_missing_and_stale(backed_up, capsys):
     assert "copies used, in order: vault, s3, azure" in capsys.readouterr().out
     assert main(["dr", "plan", "--scenario", "provider-lost:dropbox"]) == 2
     assert "provider-lost:s3" in capsys.readouterr().err
+
+
+def test_the_master_key_file_lost_on_the_machine_comes_back_from_the_recovery_kit(backed_up, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """The kit: a sealed copy of the master key file kept off the machine, and the sheet `dr kit` prints (ids,
+    fingerprints, locations: no secret). The machine's file lost, the kit's copy is proved against the newest
+    key-store backup at S3 and put back; no command prints the key."""
+    from wedbackup_dagster.core.keys import MASTER_KEY_ENV, MASTER_KEY_FILE_ENV, generate_master_key_text
+
+    text = os.environ.get(MASTER_KEY_ENV) or Path(os.environ[MASTER_KEY_FILE_ENV]).read_text()
+    # The machine's key file, and the kit's copy (in real life: a password manager or a sealed envelope).
+    machine, kit = tmp_path / "etc" / "master.key", tmp_path / "kit" / "master.key"
+    try:
+        machine.parent.mkdir()
+        machine.write_text(text)
+        monkeypatch.delenv(MASTER_KEY_ENV, raising=False)
+        monkeypatch.setenv(MASTER_KEY_FILE_ENV, str(machine))
+        kit.parent.mkdir()
+        kit.write_text(text)
+        assert main(["keys", "backup"]) == 0
+        capsys.readouterr()
+        assert main(["dr", "kit", "--json"]) == 0
+        sheet = json.loads(capsys.readouterr().out)
+        fingerprint = sheet["master_keys"][0]["fingerprint"]
+        assert sheet["newest_key_backup"]["copies"] and len(fingerprint) == 16
+
+        machine.unlink()  # lost
+        assert main(["dr", "kit", "--check", str(kit), "--from", "s3"]) == 0
+        out = capsys.readouterr().out
+        assert f"fingerprint {fingerprint}" in out and "open the newest key-store backup at s3" in out
+        wrong = tmp_path / "wrong.key"
+        wrong.write_text(generate_master_key_text(sheet["master_keys"][0]["id"]))
+        assert main(["dr", "kit", "--check", str(wrong), "--from", "s3"]) == 2
+        err = capsys.readouterr().err
+        assert "s3:" in err and "keys/" in err
+        for secret in (text.strip(), wrong.read_text().strip()):
+            assert secret.split(":", 1)[1] not in out + err
+
+        machine.write_text(kit.read_text())  # put back: everything works again
+        assert main(["dr", "plan", "--scenario", "source-lost"]) == 0
+        assert main(["dr", "kit"]) == 0
+        assert f"fingerprint {fingerprint}" in capsys.readouterr().out
+    finally:  # no key file may outlive the test (the secrets guard scans pytest's temporary files)
+        for path in (machine, kit, tmp_path / "wrong.key"):
+            path.unlink(missing_ok=True)

@@ -6,6 +6,7 @@ disaster scenario (`dr plan`). Plain Python: the `restore_platform` job and `wed
 `wedbackup dr plan` are thin calls into this module."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -22,7 +23,7 @@ from .archive import open_archive
 from .errors import ArchiveError, ProviderError, RestoreError, WedbackupError
 from .dbidentity import check_restore_target
 from .recovery import NoRecoveryPointError, RecoveryPoint, _connect, choose_point, recovery_points
-from .restore import _check_foreign_keys, _advance_sequences, _first_line, restore_snapshot
+from .restore import _advance_sequences, _check_foreign_keys, _first_line, restore_snapshot, scratch_database
 from .snapshot import PLATFORM, RESTORE_PROGRESS_SCHEMA, database_label, describe_schema, schema_is_empty
 
 Progress = Callable[[str], None]
@@ -756,6 +757,7 @@ class DrillReport:
     rpo_seconds: float  # from the oldest recovery point used to the drill's start
     throughput: dict[str, float]  # bytes per second of partition restore time, per copy location
     earlier: list[dict[str, Any]] = field(default_factory=list)  # the previous drills, newest first
+    catalogue_rebuilt: dict[str, Any] = field(default_factory=dict)  # the catalogue-lost variant: what came back
 
     @property
     def complete(self) -> bool:
@@ -775,8 +777,13 @@ class DrillReport:
                f"- achieved RTO: **{self.rto_seconds:.1f} s** (target {rto_target:.0f} s)",
                f"- achieved RPO: oldest recovery point {r.oldest_point or '-'} ({self.rpo_seconds / 3600:.1f} h "
                f"before the drill), newest {r.newest_point or '-'}",
-               f"- slowest partition: {r.slowest.get('partition', '-')} ({r.slowest.get('seconds', 0)} s)", "",
-               "| phase | seconds (summed over workers) |", "|---|---|"]
+               f"- slowest partition: {r.slowest.get('partition', '-')} ({r.slowest.get('seconds', 0)} s)"]
+        if self.catalogue_rebuilt:
+            c = self.catalogue_rebuilt
+            out.append(f"- catalogue-lost scenario: a scratch catalogue rebuilt from {c['provider']} in "
+                       f"{c['seconds']} s: {c['backups']} backup(s), {c['wedding_keys']} wedding key(s) from the "
+                       f"key-store backup ({len(c['skipped'])} archive(s) skipped)")
+        out += ["", "| phase | seconds (summed over workers) |", "|---|---|"]
         out += [f"| {k} | {v:.2f} |" for k, v in r.phases.items()]
         out += ["", "| copy | partitions | bytes/s |", "|---|---|---|"]
         out += [f"| {k} | {r.copies_used.get(k, 0)} | {v:,.0f} |" for k, v in self.throughput.items()]
@@ -792,37 +799,65 @@ class DrillReport:
 
 
 def drill(engine: Any, replicas: Mapping[str, Any], provider: str, *, jobs: int = 4,
-          window_seconds: float | None = None, progress: Progress = _quiet) -> DrillReport:
+          window_seconds: float | None = None, catalogue_lost: bool = False,
+          progress: Progress = _quiet) -> DrillReport:
     """The whole platform restored from `provider` (falling back to the other providers, never the vault)
     into a scratch database on the scratch server, checked (every table against its manifest while it loads,
     foreign keys and sequences at the end), timed per phase, and dropped. A drill past `window_seconds`
     starts no more weddings: it is reported incomplete (`restore.stopped`), its scratch dropped all the
-    same. Recorded in the audit trail
-    (`dr-drill`) so the next drill shows the trend and `dr plan` its rates."""
-    from .restore import scratch_database
-
+    same. `catalogue_lost`: the catalogue-lost scenario in full — a scratch catalogue rebuilt from that
+    provider alone (wedding keys from its key-store backup, opened with the master key), the restore driven
+    by it; it proves the keys are recoverable without the live catalogue. Recorded in the live catalogue's
+    audit trail (`dr-drill`) so the next drill shows the trend and `dr plan` its rates."""
     if provider not in PROVIDER_LOCATIONS:
         raise WedbackupError(f"a drill restores from a provider ({', '.join(PROVIDER_LOCATIONS)}), never the vault; "
                              f"not {provider!r}")
     earlier = _earlier_drills(engine.catalogue)
     started_at = datetime.now(timezone.utc)
     t0 = time.perf_counter()
-    order = copy_order(provider)
-    with scratch_database(engine.settings.scratch_dsn, label=DRILL_LABEL) as scratch:
-        report = restore_all(engine, replicas, scratch, RestoreAllOptions(providers=order, jobs=jobs,
-                                                                          window_seconds=window_seconds),
-                             progress=progress)
+    options = RestoreAllOptions(providers=copy_order(provider), jobs=jobs, window_seconds=window_seconds,
+                                include_unverified=catalogue_lost)
+    rebuilt: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        driver = engine
+        if catalogue_lost:
+            driver = stack.enter_context(_rebuilt_engine(engine, replicas[provider], rebuilt, progress))
+        scratch = stack.enter_context(scratch_database(engine.settings.scratch_dsn, label=DRILL_LABEL))
+        report = restore_all(driver, replicas, scratch, options, progress=progress)
     rto = round(time.perf_counter() - t0, 3)
     oldest = datetime.fromisoformat(report.oldest_point) if report.oldest_point else started_at
     throughput = {k: round(v["bytes"] / v["seconds"], 1) if v["seconds"] else 0.0
                   for k, v in report.per_copy.items()}
     result = DrillReport(provider, started_at.isoformat(), report, rto,
-                         round((started_at - oldest).total_seconds(), 1), throughput, earlier)
+                         round((started_at - oldest).total_seconds(), 1), throughput, earlier, rebuilt)
     engine.catalogue.audit("dr-drill", PLATFORM, {
         "provider": provider, "started_at": result.started_at, "rto_seconds": rto, "complete": result.complete,
         "rpo_seconds": result.rpo_seconds, "partitions": report.partitions_total, "phases": report.phases,
-        "throughput": throughput, "failed": sorted(report.failed)[:50], "stopped": report.stopped})
+        "throughput": throughput, "failed": sorted(report.failed)[:50], "stopped": report.stopped,
+        "catalogue_rebuilt": rebuilt or None})
     return result
+
+
+@contextlib.contextmanager
+def _rebuilt_engine(engine: Any, replica: Any, rebuilt: dict[str, Any], progress: Progress) -> Iterator[Any]:
+    """An engine over a scratch catalogue rebuilt from `replica` alone, dropped afterwards."""
+    import dataclasses
+
+    from .rebuild import rebuild_from
+
+    with scratch_database(engine.settings.scratch_dsn, label=DRILL_LABEL + "-catalogue") as catalogue_dsn:
+        other = type(engine)(dataclasses.replace(engine.settings, catalogue_dsn=catalogue_dsn), engine.keyring)
+        try:
+            t0 = time.perf_counter()
+            found = rebuild_from(replica, other.catalogue, other.keyring)
+            rebuilt.update(provider=replica.provider, seconds=round(time.perf_counter() - t0, 3),
+                           backups=found.backups_added, wedding_keys=found.keys_restored,
+                           key_backup=found.key_backup, skipped=found.skipped[:20])
+            progress(f"scratch catalogue rebuilt from {replica.provider}: {found.backups_added} backup(s), "
+                     f"{found.keys_restored} wedding key(s) from the key-store backup, {len(found.skipped)} skipped")
+            yield other
+        finally:
+            other.catalogue.close()
 
 
 def _earlier_drills(catalogue: Any, limit: int = 8) -> list[dict[str, Any]]:
@@ -830,6 +865,17 @@ def _earlier_drills(catalogue: Any, limit: int = 8) -> list[dict[str, Any]]:
         rows = conn.execute("SELECT detail FROM wedbackup.audit WHERE action = 'dr-drill' ORDER BY id DESC LIMIT %s",
                             (limit,)).fetchall()
     return [r["detail"] for r in rows]
+
+
+CATALOGUE_LOST_MODES = ("monthly", "always", "never")
+
+
+def drill_catalogue_lost(mode: str, now: datetime | None = None) -> bool:
+    """Whether this drill runs the catalogue-lost scenario: `monthly` (the default) for the first drill of
+    each month (a weekly drill in the month's first 7 days), `always`, or `never`."""
+    if mode not in CATALOGUE_LOST_MODES:
+        raise WedbackupError(f"catalogue_lost {mode!r} is not one of {', '.join(CATALOGUE_LOST_MODES)}")
+    return mode == "always" or (mode == "monthly" and (now or datetime.now(timezone.utc)).day <= 7)
 
 
 def drill_provider(now: datetime | None = None) -> str:

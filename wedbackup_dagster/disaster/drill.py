@@ -1,7 +1,8 @@
 """The DR drill: `dr_drill_report`, an asset a person reads in the UI (markdown summary, per-phase and per-copy
 tables, the trend against earlier drills), materialized by the `dr_drill` job and its weekly schedule. Each drill
 restores the whole platform from one provider (rotating by week; never the vault) into a scratch database,
-checks it, times it and drops it (core/disaster.drill). Checks: `drill_complete` (every partition restored and
+checks it, times it and drops it (core/disaster.drill); the month's first also rebuilds a scratch catalogue
+from that provider alone and restores through it (the catalogue-lost scenario). Checks: `drill_complete` (every partition restored and
 matching its manifest, every foreign key whole) and `drill_rto_within_target` (whole system within the target,
 default the seeds' 4 h; the slowest partition within its own, default 1 min)."""
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ class DrillConfig(dg.Config):
     rto_target_seconds: float = disaster.RTO_TARGET_SECONDS
     partition_target_seconds: float = disaster.PARTITION_TARGET_SECONDS
     window_seconds: float = disaster.RTO_TARGET_SECONDS  # no wedding starts after this long; the drill is stopped
+    catalogue_lost: str = "monthly"  # the catalogue-lost scenario in full: monthly (first drill), always, never
 
 
 @dg.asset(
@@ -50,7 +52,9 @@ def dr_drill_report(context: dg.AssetExecutionContext, config: DrillConfig, wedb
     engine = wedbackup.engine()
     try:
         report = disaster.drill(engine, all_replicas(wedbackup, s3, gcs, azure), provider, jobs=config.jobs,
-                                window_seconds=config.window_seconds, progress=lambda m: context.log.info(redact(m)))
+                                window_seconds=config.window_seconds,
+                                catalogue_lost=disaster.drill_catalogue_lost(config.catalogue_lost),
+                                progress=lambda m: context.log.info(redact(m)))
     except WedbackupError as exc:
         raise dg.Failure(description=redact(str(exc))) from None
     finally:
@@ -72,6 +76,7 @@ def dr_drill_report(context: dg.AssetExecutionContext, config: DrillConfig, wedb
                              [("copy", "string"), ("bytes_per_second", "float")]),
         "not_restored": dg.MetadataValue.json(r.failed),
         "stopped": r.stopped or "no",
+        "catalogue_rebuilt": dg.MetadataValue.json(report.catalogue_rebuilt or {}),
     }
     problems = len(r.failed) + len(r.foreign_key_problems)
     yield dg.MaterializeResult(asset_key=DR_DRILL_REPORT, metadata=metadata, check_results=[

@@ -39,7 +39,8 @@ def backed_up(demo_env):
 def drill(instance, **config):
     return defs.resolve_job_def("dr_drill").execute_in_process(
         instance=instance, raise_on_error=False,
-        run_config={"ops": {"dr_drill_report": {"config": {"provider": "s3", "jobs": 2, **config}}}})
+        run_config={"ops": {"dr_drill_report": {"config": {"provider": "s3", "jobs": 2, "catalogue_lost": "never",
+                                                           **config}}}})
 
 
 def checks_of(result) -> dict:
@@ -95,3 +96,25 @@ def test_a_drill_past_its_window_is_stopped_reported_and_its_scratch_dropped(bac
     assert meta["partitions_restored"].value == 1  # the platform only
     assert "**Stopped**: ran past its window" in meta["summary"].value
     assert scratch_databases(engine) == []
+
+
+def test_the_catalogue_lost_drill_rebuilds_a_scratch_catalogue_from_the_provider_alone(backed_up):
+    """The monthly variant: wedding keys come back from the provider's key-store backup with the master key,
+    the archives from its listing; the live catalogue is not read for the restore, and nothing is left."""
+    from wedbackup_dagster.core.keybackup import back_up_key_store
+
+    engine, instance = backed_up["engine"], backed_up["instance"]
+    s3 = S3Replica(s3_client_from(engine.settings.s3, os.environ), engine.settings.s3)
+    back_up_key_store(engine.settings, engine.catalogue, {"s3": s3}, engine.keyring)
+    result = drill(instance, catalogue_lost="always")
+    assert result.success
+    assert checks_of(result)["drill_complete"].passed
+    meta = result.asset_materializations_for_node("dr_drill_report")[0].metadata
+    rebuilt = meta["catalogue_rebuilt"].value
+    assert rebuilt["provider"] == "s3" and rebuilt["backups"] == 4 and rebuilt["wedding_keys"] == 4
+    assert "catalogue-lost scenario: a scratch catalogue rebuilt from s3" in meta["summary"].value
+    assert scratch_databases(engine) == []
+    bad = drill(instance, catalogue_lost="sometimes")
+    assert not bad.success
+    failure = next(e for e in bad.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "catalogue_lost 'sometimes' is not one of monthly, always, never" in str(failure.step_failure_data.error)

@@ -1,9 +1,10 @@
 """Disaster recovery: the whole platform back into an empty database (`restore --all`) — the platform
 partition first, then every wedding's newest verified backup at or before one time, in parallel, each wedding in
 its own transaction together with its row in the target's progress table (schema `wedbackup_restore`), so a
-crashed or killed run, run again with `resume`, neither redoes nor duplicates a wedding — and the runbook of a
-disaster scenario (`dr plan`). Plain Python: the `restore_platform` job and `wedbackup restore --all` /
-`wedbackup dr plan` are thin calls into this module."""
+crashed or killed run, run again with `resume`, neither redoes nor duplicates a wedding — the runbook of a
+disaster scenario (`dr plan`), the weekly drill into a scratch database, and the master-key recovery kit.
+Plain Python: the `restore_platform` and `dr_drill` jobs and `wedbackup restore --all` / `wedbackup dr …` are
+thin calls into this module."""
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +21,8 @@ import psycopg
 from psycopg import sql
 
 from .archive import open_archive
-from .errors import ArchiveError, ProviderError, RestoreError, WedbackupError
 from .dbidentity import check_restore_target
+from .errors import ArchiveError, ProviderError, RestoreError, WedbackupError
 from .recovery import NoRecoveryPointError, RecoveryPoint, _connect, choose_point, recovery_points
 from .restore import _advance_sequences, _check_foreign_keys, _first_line, restore_snapshot, scratch_database
 from .snapshot import PLATFORM, RESTORE_PROGRESS_SCHEMA, database_label, describe_schema, schema_is_empty
@@ -183,11 +184,12 @@ def _done(conn) -> dict[str, dict[str, Any]]:
             for r in rows}
 
 
-def _prepare_target(conn, target: str, options: RestoreAllOptions, as_of: datetime) -> tuple[datetime, dict]:
+def _prepare_target(conn, target: str, options: RestoreAllOptions, as_of: datetime
+                    ) -> tuple[datetime, bool, dict]:
     """Refuse a target in use; make the progress tables (new run) or read them (resume). Returns the run's
-    as-of time and the partitions already committed."""
+    as-of time, whether it takes unverified backups, and the partitions already committed."""
     if _progress_exists(conn):
-        row = conn.execute(sql.SQL("SELECT as_of FROM {}").format(
+        row = conn.execute(sql.SQL("SELECT as_of, include_unverified FROM {}").format(
             sql.Identifier(RESTORE_PROGRESS_SCHEMA, "run"))).fetchone()
         done = _done(conn)
         if not options.resume:
@@ -200,7 +202,7 @@ def _prepare_target(conn, target: str, options: RestoreAllOptions, as_of: dateti
         if options.as_of is not None and options.as_of != row[0]:
             raise RestoreError(f"--as-of {options.as_of.isoformat()} differs from the interrupted run's "
                                f"{row[0].isoformat()}: resume without --as-of (one common point for all)")
-        return row[0], done
+        return row[0], row[1] or options.include_unverified, done
     there = _what_is_there(conn)
     if there:
         more = f" and {len(there) - 8} more" if len(there) > 8 else ""
@@ -212,7 +214,7 @@ def _prepare_target(conn, target: str, options: RestoreAllOptions, as_of: dateti
         conn.execute(_PROGRESS_DDL)
         conn.execute(sql.SQL("INSERT INTO {} (as_of, include_unverified) VALUES (%s, %s)").format(
             sql.Identifier(RESTORE_PROGRESS_SCHEMA, "run")), (as_of, options.include_unverified))
-    return as_of, {}
+    return as_of, options.include_unverified, {}
 
 
 # --- one partition ------------------------------------------------------------------------------------
@@ -360,7 +362,8 @@ def restore_all(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
         # One restore --all per target at a time: the lock lives as long as this connection.
         if not coord.execute("SELECT pg_try_advisory_lock(hashtext('wedbackup-restore-all'))").fetchone()[0]:
             raise RestoreError(f"another restore --all is running into {target}; wait for it (or stop it) first")
-        as_of, done = _prepare_target(coord, target, options, options.as_of or datetime.now(timezone.utc))
+        as_of, include_unverified, done = _prepare_target(coord, target, options,
+                                                          options.as_of or datetime.now(timezone.utc))
         report = PlatformReport(target, as_of.isoformat())
         weddings, report.erased = planned_partitions(engine.catalogue)
         report.partitions_total = len(weddings) + 1
@@ -373,7 +376,7 @@ def restore_all(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
                 continue
             try:
                 points[partition] = choose_point(recovery_points(engine.catalogue, partition), partition, as_of,
-                                                 include_unverified=options.include_unverified)
+                                                 include_unverified=include_unverified)
             except NoRecoveryPointError as exc:
                 report.failed[partition] = str(exc)
         ticker = _Ticker(report.partitions_total, len(done), progress)

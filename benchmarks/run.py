@@ -9,7 +9,7 @@ import os
 import platform
 from pathlib import Path
 
-from . import big_wedding, dagster_overhead, fleet, replicas, reverify, tick
+from . import big_wedding, dagster_overhead, fleet, replicas, reverify, tick, whole_job
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -45,8 +45,17 @@ def main() -> None:
     }
     # One very large wedding: latency and, above all, bounded memory (peak RSS of the worker process).
     result["single_wedding"] = big_wedding.run(megabytes=200 if args.quick else 1024)
+    # The whole job through Dagster (`wedbackup backup --all`) against the scripted peer (pg_dump | zstd | age,
+    # three uploads, restore test), side by side: on the demo database (`demo-data --weddings 2000`) and on
+    # the fleet database above (about 1 GB).
+    result["whole_job_demo"] = whole_job.run(weddings=300 if args.quick else 2000, seed=7, document_bytes=4096,
+                                             label="demo")
+    result["whole_job_fleet"] = whole_job.run(weddings=weddings, seed=7, document_bytes=document_bytes,
+                                              label="fleet")
+    result["whole_job_ratio_vs_peer_demo"] = result["whole_job_demo"]["whole_job_ratio_vs_peer"]
+    result["whole_job_ratio_vs_peer_fleet"] = result["whole_job_fleet"]["whole_job_ratio_vs_peer"]
     # Re-verify a fleet through Dagster in batched runs (verified_restore and its checks, no new dump).
-    result["reverify"] = reverify.run(weddings=50 if args.quick else 200)
+    result["reverify"] = reverify.run(weddings=300 if args.quick else 2000, batch_size=500)
     result["reverify_weddings_per_minute"] = result["reverify"]["reverify_weddings_per_minute"]
     result["reverify_runs"] = result["reverify"]["runs"]
     # One backup-schedule tick, and the discovery / change-capture sensor ticks, over 100,000 weddings.
@@ -92,6 +101,10 @@ def main() -> None:
         f"{result['single_wedding']['dump_seal_peak_rss_mb']} MB |",
         f"| largest wedding: verified restore | {result['single_wedding']['verified_restore_seconds']} s, "
         f"peak RSS {result['single_wedding']['verified_restore_peak_rss_mb']} MB |",
+        *(f"| whole job, {result[k]['database']['weddings']} weddings ({what}): wedbackup through Dagster / "
+          f"scripted peer | {result[k]['wedbackup']['seconds']} s / {result[k]['peer']['seconds']} s = "
+          f"{result[k]['whole_job_ratio_vs_peer']}x |"
+          for k, what in (("whole_job_demo", "demo database"), ("whole_job_fleet", "fleet database"))),
         f"| re-verify {result['reverify']['weddings']} weddings through Dagster | "
         f"{result['reverify_weddings_per_minute']} weddings/min in {result['reverify_runs']} runs |",
         f"| backup schedule tick, 100k weddings | {result['tick']['schedule_tick_seconds_100k']} s "

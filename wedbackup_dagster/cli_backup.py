@@ -11,6 +11,7 @@ import time
 
 from .core.errors import WedbackupError
 from .core.vault import check_partition, shown
+from .progress import show_on_terminal
 
 
 def _instance():
@@ -67,8 +68,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
     selected = _selected_keys(args, keys)
     _ensure_targets(settings)
     print(f"backing up {len(selected)} partition(s) through Dagster")
+    show_on_terminal()
+    started = time.perf_counter()
     results = run_job_for("backup_weddings", selected, instance=instance, run_config=QUIET)
-    return 0 if _print_runs(results) else 1
+    ok = _print_runs(results)
+    print(f"whole job (dump, seal, vault, S3, GCS, Azure, verified restore, checks): "
+          f"{time.perf_counter() - started:.1f} s for {len(selected)} partition(s)")
+    return 0 if ok else 1
 
 
 def _ensure_targets(settings) -> None:
@@ -120,8 +126,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     keys = register_partitions(instance, settings.source_dsn)
     print(f"2/4 partitions registered in Dagster: {len(keys)}")
     print("3/4 backing up every partition through Dagster (dump, seal, vault, S3, GCS, Azure, verified restore)")
+    show_on_terminal()
+    job_started = time.perf_counter()
     results = run_job_for("backup_weddings", keys, instance=instance, run_config=QUIET)
     ok = _print_runs(results)
+    print(f"  whole job: {time.perf_counter() - job_started:.1f} s for {len(keys)} partitions")
     print("4/4 summary")
     print(_summary(instance, keys))
     print(f"done in {time.perf_counter() - started:.0f} s{'' if ok else ' (with failures, see above)'}")

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 from .core.errors import WedbackupError
 from .core.vault import shown
 
-DEFAULT_BATCH = 100
+DEFAULT_BATCH = 500  # a run's verified_restore loads its weddings into one scratch database per 500
 
 
 def select_for_verify(verified: dict[str, datetime | None], *, all_: bool = False, weddings: list[str] | None = None,
@@ -49,10 +49,14 @@ def reverify(keys: list[str], *, instance, batch_size: int = DEFAULT_BATCH) -> d
     from .checks.check_jobs import run_checks_for
 
     ordered = list(instance.get_dynamic_partitions(weddings_partitions.name))
+    from .progress import Progress
+
     started = time.perf_counter()
     results = []
+    progress = Progress("re-verification", len(keys), every=1)
     for batch in batches(keys, ordered, max(1, batch_size)):
         results.extend(run_job_for("reverify_weddings", batch, instance=instance))
+        progress.step(len(batch))
     seconds = time.perf_counter() - started
     check_results = []
     for r in results:
@@ -86,6 +90,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print("nothing to verify")
         return 0
     print(f"re-verifying {len(keys)} partition(s) through Dagster (verified_restore, no new dump)")
+    from .progress import show_on_terminal
+
+    show_on_terminal()
     outcome = reverify(keys, instance=instance, batch_size=args.batch_size)
     ok = _print_runs(outcome["runs"])
     if outcome["check_runs"]:

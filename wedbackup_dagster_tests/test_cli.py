@@ -17,8 +17,11 @@ def cli_env(demo_env, tmp_path):
     return {"source": source, "home": home}
 
 
-def test_backup_then_restore_round_trip_is_recorded_in_dagster(cli_env, make_database, capsys):
+def test_backup_then_restore_round_trip_is_recorded_in_dagster(cli_env, make_database, capfd):
     assert main(["backup", "--all"]) == 0
+    shown = capfd.readouterr()
+    # Progress while the run goes (weddings done of the total, rate, ETA), and the whole job's time.
+    assert "verified restore: 6 of 6 weddings (100%)" in shown.err and "whole job" in shown.out
     target = make_database()
     assert main(["restore", "--platform", "--target-dsn", target]) == 0
     assert main(["restore", "--wedding", "2", "--target-dsn", target, "--from", "azure"]) == 0
@@ -29,7 +32,7 @@ def test_backup_then_restore_round_trip_is_recorded_in_dagster(cli_env, make_dat
     instance = dg.DagsterInstance.get()  # DAGSTER_HOME is the throw-away home
     runs = instance.get_runs()
     assert {r.job_name for r in runs} == {"backup_weddings", "restore_wedding"}
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert "restored 2" in out
     assert cli_env["source"].split("@")[0].split(":")[-1] not in out  # no password printed
 

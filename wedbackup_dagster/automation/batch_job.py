@@ -26,6 +26,7 @@ from ..backups.resources import AzureBlobResource, WedbackupEngineResource
 from ..core.engine import PROVIDERS
 from ..core.errors import WedbackupError
 from ..event_batches import in_batches
+from ..progress import Progress
 
 Step = dict[str, Any]  # {"ok": [wedding ids that succeeded], "failed": {wedding id: reason}}
 
@@ -34,11 +35,15 @@ class WeddingListConfig(dg.Config):
     weddings: list[str]  # partition keys (wedding ids or `platform`), in the order to back them up
 
 
-def _each(context: dg.OpExecutionContext, keys: list[str], work) -> tuple[Step, list[dg.AssetMaterialization]]:
+def _each(context: dg.OpExecutionContext, keys: list[str], work, what: str = ""
+          ) -> tuple[Step, list[dg.AssetMaterialization]]:
     ok: list[str] = []
     failed: dict[str, str] = {}
     events: list[dg.AssetMaterialization] = []
+    progress = Progress(what, len(keys), context.log.info) if what else None
     for key in keys:
+        if progress is not None:
+            progress.step()
         try:
             events += work(key)
         except WedbackupError as exc:
@@ -53,8 +58,13 @@ def _each(context: dg.OpExecutionContext, keys: list[str], work) -> tuple[Step, 
 def snapshot_and_seal_list(context: dg.OpExecutionContext, config: WeddingListConfig,
                            wedbackup: WedbackupEngineResource):
     engine = wedbackup.engine()
+    keys = validated_keys(config.weddings)
+    progress = Progress("snapshot and seal", len(keys), context.log.info)
+    outcomes = {}
     with engine.snapshot_session() as session:
-        outcomes = dict(engine.back_up_each(validated_keys(config.weddings), session))
+        for key, outcome in engine.back_up_each(keys, session):
+            progress.step()
+            outcomes[key] = outcome
 
     def work(key: str) -> list[dg.AssetMaterialization]:
         o = outcomes[key]
@@ -79,7 +89,7 @@ def _replicate(context: dg.OpExecutionContext, provider: str, sealed: Step, wedb
         o = engine.replicate(key, replica)
         return [dg.AssetMaterialization(REPLICA_KEYS[provider], partition=key, metadata=replica_metadata(o))]
 
-    step, events = _each(context, sealed["ok"], work)
+    step, events = _each(context, sealed["ok"], work, f"{provider} upload")
     yield from in_batches(context, events)
     yield dg.Output(step)
 
@@ -112,9 +122,16 @@ def verified_restore_list(context: dg.OpExecutionContext, sealed: Step, s3_done:
     replicas = {p: make_replica(p, settings, clients[p]) for p in PROVIDERS}
     log_key_backup(context, engine.back_up_new_keys(replicas))  # a backup is not done while its key is only here
     uploaded = [k for k in sealed["ok"] if any(k in step["ok"] for step in (s3_done, gcs_done, azure_done))]
+    # Weddings in batches, each batch restored into one scratch database and checked wedding by wedding.
+    progress = Progress("verified restore", len(uploaded), context.log.info)
+    outcomes = {}
+    for key, outcome in engine.verify_each(uploaded, replicas, on_progress=progress.step):
+        outcomes[key] = outcome
 
     def work(key: str) -> list[dg.AssetMaterialization]:
-        o = engine.verify(key, replicas)
+        o = outcomes[key]
+        if isinstance(o, WedbackupError):
+            raise o
         return [dg.AssetMaterialization(VERIFIED_RESTORE, partition=key, metadata=verify_metadata(o))]
 
     step, events = _each(context, uploaded, work)

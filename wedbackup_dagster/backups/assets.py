@@ -11,6 +11,7 @@ from dagster_gcp import GCSResource
 
 from ..core.engine import PROVIDERS, BackupOutcome, ReplicaOutcome, VerifyOutcome
 from ..core.errors import WedbackupError
+from ..progress import Progress
 from .constants import (
     DB_DUMP,
     ENCRYPTED_ARCHIVE,
@@ -152,10 +153,12 @@ def snapshot_and_seal(context: dg.AssetExecutionContext, wedbackup: WedbackupEng
     done: PerKeyMetadata = {}
     failures: dict[str, str] = {}
     keys = validated_keys(context.partition_keys)
+    progress = Progress("snapshot and seal", len(keys), context.log.info)
     try:
         with engine.snapshot_session() as session:
             # Weddings go in batches: one COPY per table per batch, one sealed archive per wedding.
             for key, outcome in engine.back_up_each(keys, session):
+                progress.step()
                 if isinstance(outcome, WedbackupError):
                     context.log.error(str(outcome))
                     failures[key] = str(outcome)
@@ -193,7 +196,10 @@ def _replicate_all(context: dg.AssetExecutionContext, provider: str, wedbackup: 
     replica = make_replica(provider, wedbackup.settings(), client)
     done: PerKeyMetadata = {}
     failures: dict[str, str] = {}
-    for key in validated_keys(context.partition_keys):
+    keys = validated_keys(context.partition_keys)
+    progress = Progress(f"{provider} upload", len(keys), context.log.info)
+    for key in keys:
+        progress.step()
         try:
             outcome = engine.replicate(key, replica)
         except WedbackupError as exc:
@@ -257,12 +263,13 @@ def verified_restore(context: dg.AssetExecutionContext, config: VerifyConfig, we
     log_key_backup(context, engine.back_up_new_keys(replicas))  # a backup is not done while its key is only here
     done: PerKeyMetadata = {}
     failures: dict[str, str] = {}
-    for key in validated_keys(context.partition_keys):
-        try:
-            outcome = engine.verify(key, replicas, provider=config.provider)
-        except WedbackupError as exc:
-            context.log.error(str(exc))
-            failures[key] = str(exc)
+    keys = validated_keys(context.partition_keys)
+    progress = Progress("verified restore", len(keys), context.log.info)
+    # Weddings in batches, each batch restored into one scratch database and checked wedding by wedding.
+    for key, outcome in engine.verify_each(keys, replicas, provider=config.provider, on_progress=progress.step):
+        if isinstance(outcome, WedbackupError):
+            context.log.error(str(outcome))
+            failures[key] = str(outcome)
             continue
         done[key] = {VERIFIED_RESTORE: verify_metadata(outcome)}
     yield from _finish(context, [VERIFIED_RESTORE], done, failures, "verified restore")

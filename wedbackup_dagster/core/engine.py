@@ -432,6 +432,20 @@ class Engine:
             self.catalogue.record_restore(backup.id, provider=chosen, ok=ok, seconds=time.perf_counter() - started,
                                           detail=detail)
 
+    verify_batch_size = 500  # weddings sharing one scratch database in verify_each
+
+    def verify_each(self, partitions: list[str], replicas: Mapping[str, Any], provider: str | None = None,
+                    on_progress: Any = None) -> Iterator[tuple[str, VerifyOutcome | WedbackupError]]:
+        """`verify` for many partitions: weddings in batches, each batch restored into ONE scratch database
+        and checked per wedding against its own manifest (core/batch_verify.py); a wedding that fails there
+        is verified alone. Yields each partition's outcome or its error (those verified alone last);
+        `on_progress()` once per partition as its work is done."""
+        from .batch_verify import verify_many
+
+        for i in range(0, len(partitions), self.verify_batch_size):
+            yield from verify_many(self, partitions[i:i + self.verify_batch_size], replicas, provider,
+                                   on_progress=on_progress)
+
     def _drop_abandoned_scratch(self, restore: Any) -> None:
         """Once per engine: drop the scratch databases a killed verification left on the scratch server."""
         if getattr(self, "_scratch_swept", False):

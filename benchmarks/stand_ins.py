@@ -1,0 +1,65 @@
+"""A throw-away benchmark environment on the local stack: a demo source database, an empty catalogue, a
+vault directory and one bucket/container per provider stand-in, set in the WEDBACKUP_* environment for
+the duration and dropped afterwards (the databases; the stand-ins' buckets live in memory)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+
+@contextlib.contextmanager
+def bench_environment(prefix: str, *, weddings: int, seed: int, document_bytes: int) -> Iterator[dict[str, Any]]:
+    """Yields {"stack", "env", "source", "catalogue", "vault", "bucket", "s3", "gcs", "azure", "summary"}
+    (the clients are the providers' own SDK clients, for peers that upload without wedbackup)."""
+    import boto3
+    import psycopg
+    from azure.storage.blob import BlobServiceClient
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+    from psycopg import sql
+
+    from wedbackup_dagster.core import demo_data
+    from wedbackup_dagster.core.stack import Stack
+
+    stack = Stack.default()
+    stack.up()
+    env = stack.env()
+    saved = dict(os.environ)
+    tag = uuid.uuid4().hex[:8]
+    names = [f"{prefix}_src_{tag}", f"{prefix}_cat_{tag}"]
+    bucket = f"{prefix.replace('_', '-')}-{tag}"
+    with psycopg.connect(stack.dsn("postgres"), autocommit=True) as conn:
+        for name in names:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"{prefix}-") as work:
+            vault = os.path.join(work, "vault")
+            os.environ.update(env)
+            os.environ.update({"WEDBACKUP_SOURCE_DSN": stack.dsn(names[0]),
+                               "WEDBACKUP_CATALOGUE_DSN": stack.dsn(names[1]), "WEDBACKUP_VAULT_DIR": vault,
+                               "WEDBACKUP_S3_BUCKET": bucket, "WEDBACKUP_GCS_BUCKET": bucket,
+                               "WEDBACKUP_AZURE_CONTAINER": bucket})
+            region = env["WEDBACKUP_S3_REGION"]
+            s3 = boto3.client("s3", endpoint_url=env["WEDBACKUP_S3_ENDPOINT_URL"], region_name=region,
+                              aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+            s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": region})
+            gcs = storage.Client(project=env["WEDBACKUP_GCS_PROJECT"], credentials=AnonymousCredentials())
+            gcs.create_bucket(bucket)
+            azure = BlobServiceClient.from_connection_string(env["WEDBACKUP_AZURE_CONNECTION_STRING"])
+            azure.create_container(bucket)
+            summary = demo_data.generate(stack.dsn(names[0]), weddings=weddings, seed=seed,
+                                         document_bytes=document_bytes)
+            yield {"stack": stack, "env": env, "source": stack.dsn(names[0]), "catalogue": stack.dsn(names[1]),
+                   "vault": vault, "work": work, "bucket": bucket, "s3": s3, "gcs": gcs, "azure": azure,
+                   "summary": summary}
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        with psycopg.connect(stack.dsn("postgres"), autocommit=True) as conn:
+            for name in names:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

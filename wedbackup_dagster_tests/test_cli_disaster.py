@@ -40,7 +40,7 @@ def test_restore_all_from_s3_with_the_vault_gone(backed_up, make_database, capsy
     assert report["complete"] and report["copies_used"] == {"s3": 6} and report["restored_now"] == 6
     assert set(report["phases"]) == {"download", "decrypt", "load", "check"}
     assert report["newest_point"] and report["oldest_point"] and report["rows"] > 0
-    assert "[6/6]" in captured.err and "ETA" in captured.err  # progress on stderr
+    assert "restore --all: 6 of 6 weddings (100%)" in captured.err and "/min" in captured.err  # progress
     assert table_sums(target) == backed_up["expected"]
     password = target.split("@")[0].split(":")[-1]
     assert password not in captured.out + captured.err

@@ -26,6 +26,7 @@ from .errors import ArchiveError, ProviderError, RestoreError, WedbackupError
 from .recovery import NoRecoveryPointError, RecoveryPoint, _connect, choose_point, recovery_points
 from .restore import _advance_sequences, _check_foreign_keys, _first_line, restore_snapshot, scratch_database
 from .snapshot import PLATFORM, RESTORE_PROGRESS_SCHEMA, database_label, describe_schema, schema_is_empty
+from ..progress import Progress as Counter  # done of total, rate, ETA (plain Python, shared with the backups)
 
 Progress = Callable[[str], None]
 LOCATIONS = ("vault", "s3", "gcs", "azure")
@@ -320,30 +321,6 @@ def planned_partitions(catalogue: Any) -> tuple[list[str], list[str]]:
     return weddings, sorted(erased, key=_partition_order)
 
 
-class _Ticker:
-    """done/total, rate and ETA, at most every PROGRESS_EVERY seconds (and at the end)."""
-
-    def __init__(self, total: int, done: int, progress: Progress):
-        self.total, self.done, self.progress = total, done, progress
-        self.started, self.last, self.now_done, self.failed = time.monotonic(), 0.0, 0, 0
-
-    def tick(self, ok: bool, final: bool = False) -> None:
-        if ok:
-            self.done, self.now_done = self.done + 1, self.now_done + 1
-        else:
-            self.failed += 1
-        now = time.monotonic()
-        if not final and now - self.last < PROGRESS_EVERY and self.done + self.failed < self.total:
-            return
-        self.last = now
-        elapsed = max(now - self.started, 1e-6)
-        rate = (self.now_done + self.failed) / elapsed
-        left = self.total - self.done - self.failed
-        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
-        self.progress(f"[{self.done}/{self.total}] {rate:.1f} partitions/s, ETA {eta}"
-                      + (f", {self.failed} failed" if self.failed else ""))
-
-
 def restore_all(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
                 options: RestoreAllOptions = RestoreAllOptions(), *, progress: Progress = _quiet) -> PlatformReport:
     """The whole platform into an empty database (see the module's first lines). The target may be neither
@@ -379,8 +356,8 @@ def restore_all(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
                                                  include_unverified=include_unverified)
             except NoRecoveryPointError as exc:
                 report.failed[partition] = str(exc)
-        ticker = _Ticker(report.partitions_total, len(done), progress)
-        ticker.failed = len(report.failed)  # no recovery point: counted, never started
+        # This run's work: weddings without a recovery point are reported, never started.
+        ticker = Counter("restore --all", len(points), progress, every=50, seconds=PROGRESS_EVERY)
         if PLATFORM not in done:
             if PLATFORM in report.failed:
                 raise RestoreError(f"restore --all into {target}: {report.failed[PLATFORM]}; nothing of the "
@@ -390,7 +367,7 @@ def restore_all(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
             if not result.ok:
                 raise RestoreError(f"restore --all into {target}: the platform partition could not be restored: "
                                    f"{result.error}")
-            ticker.tick(True)
+            ticker.step()
         report.erasures_reapplied += _reapply(engine, target_dsn)
         inserting = coord.execute(_INSERT_TRIGGERS_SQL).fetchall()
         if inserting:
@@ -442,7 +419,7 @@ def _account(report: PlatformReport, result: PartitionResult) -> None:
 
 def _run_weddings(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo: list[RecoveryPoint],
                   order: tuple[str, ...], jobs: int, stop_after: int | None, deadline: float | None,
-                  report: PlatformReport, ticker: _Ticker, *, hold_triggers: bool) -> str:
+                  report: PlatformReport, ticker: Counter, *, hold_triggers: bool) -> str:
     """Every wedding on `jobs` workers, each with its own engine (the catalogue connection is not shared
     between threads); no wedding starts after `deadline` (time.perf_counter()). Returns why it stopped
     early, or ''."""
@@ -483,7 +460,7 @@ def _run_weddings(engine: Any, replicas: Mapping[str, Any], target_dsn: str, tod
                 for future in finished:
                     result = future.result()
                     _account(report, result)
-                    ticker.tick(result.ok)
+                    ticker.step()
                     restored += result.ok
                 if stop_after is not None and restored >= stop_after:
                     queue.clear()

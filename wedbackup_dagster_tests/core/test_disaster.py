@@ -89,7 +89,7 @@ def test_the_whole_platform_back_from_s3_alone_equals_the_source(platform, make_
     assert report.rows > 0 and report.bytes > 0 and report.newest_point >= report.oldest_point
     assert all(report.phases[k] >= 0 for k in ("download", "decrypt", "load", "check"))
     assert report.phases["load"] > 0 and report.phases["download"] > 0
-    assert any(line.startswith(f"[{WEDDINGS + 1}/{WEDDINGS + 1}]") and "ETA" in line for line in lines)
+    assert any(line.startswith(f"restore --all: {WEDDINGS + 1} of {WEDDINGS + 1} weddings (100%)") for line in lines)
     assert table_sums(target) == platform["expected"]
     with psycopg.connect(target) as conn:  # complete: nothing of wedbackup's own is left in the target
         assert conn.execute("SELECT to_regnamespace('wedbackup_restore')").fetchone()[0] is None

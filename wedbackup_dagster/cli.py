@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=7)
     demo.set_defaults(func=_cmd_demo_data)
 
-    from . import cli_automation, cli_backup, cli_checks, cli_governance, cli_keys, cli_restore
+    from . import cli_automation, cli_backup, cli_checks, cli_disaster, cli_governance, cli_keys, cli_restore
 
     cli_backup.register(sub)
     cli_automation.register(sub)
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_restore.register(sub)
     cli_governance.register(sub)
     cli_keys.register(sub)
+    cli_disaster.register(sub)
     return parser
 
 

@@ -154,6 +154,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     which = restore.add_mutually_exclusive_group(required=True)
     which.add_argument("--wedding", metavar="ID")
     which.add_argument("--platform", action="store_true", help="the platform partition (not --in-place)")
+    which.add_argument("--all", action="store_true",
+                       help="disaster recovery: the platform and every wedding into an empty --target-dsn "
+                            "(see cli_disaster.py: --jobs, --resume)")
+    restore.add_argument("--jobs", type=int, default=4, metavar="N", help="--all: weddings restored at once")
+    restore.add_argument("--resume", action="store_true",
+                         help="--all: finish an interrupted restore --all in the same target")
     restore.add_argument("--as-of", metavar="TIME",
                          help="ISO 8601 time with timezone, e.g. 2026-11-30T18:00:00+00:00 (default: now)")
     restore.add_argument("--target-dsn", metavar="DSN",
@@ -183,6 +189,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _restore_entry(args: argparse.Namespace) -> int:
+    if args.all:
+        from .cli_disaster import cmd_restore_all
+
+        return cmd_restore_all(args)
     if args.in_place and (args.target_dsn or args.into_schema):
         raise WedbackupError("--in-place restores into the live source database: it goes without --target-dsn "
                              "and --into-schema")

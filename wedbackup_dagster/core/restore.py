@@ -455,11 +455,15 @@ def read_to_end(records: Iterator[Record], name: str) -> None:
 
 
 def restore_snapshot(chunks: Iterable[bytes], target_dsn: str, *, create_schema: bool | str = "auto",
-                     name: str = "snapshot stream") -> RestoreReport:
+                     name: str = "snapshot stream", hold_triggers: bool = True,
+                     before_commit: Callable[[Any, RestoreReport], None] | None = None) -> RestoreReport:
     """Restore a snapshot stream into the target, in ONE transaction: committed only when every table
     matches the manifest. `create_schema`: True applies the archive's DDL (target must be empty of it),
     False requires the target's schema to match the archive's fingerprint, "auto" picks by whether the
-    target is empty. Raises SchemaMismatchError, VerificationError, RestoreError, SnapshotFormatError."""
+    target is empty. Raises SchemaMismatchError, VerificationError, RestoreError, SnapshotFormatError.
+    `hold_triggers=False` leaves the target's triggers enabled (no ALTER TABLE lock: parallel loads into the
+    same tables, for a caller that knows no user trigger fires on INSERT); `before_commit(conn, report)` runs
+    last inside the transaction (core/disaster.py records its progress row there)."""
     if create_schema not in (True, False, "auto"):
         raise ValueError(f"create_schema must be True, False or 'auto', not {create_schema!r}")
     started = time.monotonic()
@@ -480,7 +484,9 @@ def restore_snapshot(chunks: Iterable[bytes], target_dsn: str, *, create_schema:
         conn.execute("BEGIN")
         try:
             report = _restore_in_transaction(conn, records, header, pre_data, post_data, create_schema, target,
-                                             name)
+                                             name, hold_triggers=hold_triggers)
+            if before_commit is not None:
+                before_commit(conn, report)
             conn.execute("COMMIT")
         except BaseException:
             if not conn.closed:
@@ -493,7 +499,8 @@ def restore_snapshot(chunks: Iterable[bytes], target_dsn: str, *, create_schema:
 
 
 def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, Any], pre_data: str,
-                            post_data: str, create_schema: bool | str, target: str, name: str) -> RestoreReport:
+                            post_data: str, create_schema: bool | str, target: str, name: str, *,
+                            hold_triggers: bool = True) -> RestoreReport:
     use_qualified_names(conn)
     no_row_security(conn)
     partition = str(header["partition"])
@@ -533,7 +540,7 @@ def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, A
             schema, tname, columns = table_begin_of(record)  # read_snapshot guarantees a table-begin here
             table = f"{schema}.{tname}"
             table_names.append((schema, tname))
-            if not create_schema:
+            if not create_schema and hold_triggers:
                 held += _hold_triggers(conn, schema, tname)
             t0 = time.monotonic()
             try:

@@ -162,13 +162,15 @@ class Manifest(TableTotals):
 
 # --- the schema: description, fingerprint, DDL ------------------------------------------------------
 
+# `restore --all`'s bookkeeping in its target (core/disaster.py); never part of the data it restores.
+RESTORE_PROGRESS_SCHEMA = "wedbackup_restore"
 # One line per schema object, (kind, key, detail), read with search_path '' so every name is
 # qualified. Only what survives pg_dump → restore unchanged goes in: no OIDs, owners, ACLs, attnums
 # (dropped columns leave gaps), enum sort values, sequence positions or FK validation state.
 _DESCRIBE_SQL = r"""
 WITH ns AS (
     SELECT oid, nspname FROM pg_catalog.pg_namespace
-    WHERE nspname <> 'information_schema' AND nspname !~ '^pg_'
+    WHERE nspname <> 'information_schema' AND nspname !~ '^pg_' AND nspname <> 'wedbackup_restore'
 ), ext AS (
     SELECT classid, objid FROM pg_catalog.pg_depend WHERE deptype = 'e'
 ), rel AS (

@@ -23,7 +23,8 @@ def _blob_endpoint(connection_string: str) -> str:
     raise AssertionError("the local Azure connection string has no BlobEndpoint")
 
 
-def _via(dsn: str, proxy: FaultProxy, connect_timeout: int) -> str:
+def via(dsn: str, proxy: FaultProxy, connect_timeout: int = 5) -> str:
+    """The DSN `dsn` reached through `proxy` (its host and port replaced)."""
     parts = conninfo_to_dict(dsn)
     parts.update(host="127.0.0.1", port=str(proxy.port), connect_timeout=str(connect_timeout))
     return make_conninfo(**parts)
@@ -32,14 +33,17 @@ def _via(dsn: str, proxy: FaultProxy, connect_timeout: int) -> str:
 @contextmanager
 def fault_proxies(env: Mapping[str, str], schedules: Mapping[str, FaultSchedule], *,
                   pg_connect_timeout: int = 5) -> Iterator[tuple[dict[str, FaultProxy], dict[str, str]]]:
-    """One proxy per stand-in named in `schedules` (s3, gcs, azure, postgres) and the environment that
-    sends wedbackup's traffic through them. The catalogue stays direct: it is the ledger the end state is
-    checked against, and its own failure mode (a lost connection is reopened) is tested elsewhere."""
+    """One proxy per stand-in named in `schedules` (s3, gcs, azure, postgres, postgres_restore) and the
+    environment that sends wedbackup's traffic through them. The catalogue stays direct: it is the ledger
+    the end state is checked against, and its own failure mode (a lost connection is reopened) is tested
+    elsewhere."""
     upstream = {
         "s3": (_host_port(env["WEDBACKUP_S3_ENDPOINT_URL"]), "http"),
         "gcs": (_host_port(env["STORAGE_EMULATOR_HOST"]), "http"),
         "azure": (_host_port(_blob_endpoint(env["WEDBACKUP_AZURE_CONNECTION_STRING"])), "http"),
         "postgres": (_host_port("//" + conninfo_host(env["WEDBACKUP_SOURCE_DSN"])), "tcp"),
+        # The same server, for restore targets only (their DSNs are made with `via`): its own faults and counts.
+        "postgres_restore": (_host_port("//" + conninfo_host(env["WEDBACKUP_SOURCE_DSN"])), "tcp"),
     }
     with ExitStack() as stack:
         proxies = {name: stack.enter_context(FaultProxy(name, upstream[name][0], schedule, mode=upstream[name][1]))
@@ -54,8 +58,8 @@ def fault_proxies(env: Mapping[str, str], schedules: Mapping[str, FaultSchedule]
             host, port = upstream["azure"][0]
             routed["WEDBACKUP_AZURE_CONNECTION_STRING"] = cs.replace(f"{host}:{port}", proxies["azure"].address)
         if "postgres" in proxies:
-            routed["WEDBACKUP_SOURCE_DSN"] = _via(env["WEDBACKUP_SOURCE_DSN"], proxies["postgres"], pg_connect_timeout)
-            routed["WEDBACKUP_SCRATCH_DSN"] = _via(env["WEDBACKUP_SCRATCH_DSN"], proxies["postgres"],
+            routed["WEDBACKUP_SOURCE_DSN"] = via(env["WEDBACKUP_SOURCE_DSN"], proxies["postgres"], pg_connect_timeout)
+            routed["WEDBACKUP_SCRATCH_DSN"] = via(env["WEDBACKUP_SCRATCH_DSN"], proxies["postgres"],
                                                    pg_connect_timeout)
         yield proxies, routed
 

@@ -15,7 +15,8 @@ The contract checked for every input:
   inside a stream nothing checksums that text — the archive's AEAD does, which the archive half shows);
 - never another exception, never altered table data accepted. Either is a failure, kept with the
   (seed, index) that reproduces it. One exception, counted apart: a table repeated whole is accepted
-  by the restore's reader today, and JSON nested thousands deep (a stream record, an archive's header
+  by the restore's reader today, so is a table-begin record naming other columns than the manifest's,
+  and JSON nested thousands deep (a stream record, an archive's header
   label) raises RecursionError (defects in core/restore.py and core/archive.py, reported; each has a
   strict xfail test in test_mutations.py)."""
 from __future__ import annotations
@@ -73,6 +74,7 @@ class MutationReport:
     mutations: Counter = field(default_factory=Counter)  # "archive:flip", "stream:json", ...
     outcomes: Counter = field(default_factory=Counter)  # "archive: rejected (ArchiveCorrupt)", ...
     failures: list[str] = field(default_factory=list)  # the first few, each with its reproduction
+    failed_inputs: dict[str, bytes] = field(default_factory=dict)  # their damaged bytes, by "<layer>-<index>"
     failure_count: int = 0
     seconds: float = 0.0
 
@@ -80,10 +82,11 @@ class MutationReport:
     def total(self) -> int:
         return self.archives_read + self.streams_read
 
-    def fail(self, what: str) -> None:
+    def fail(self, what: str, key: str, data: bytes) -> None:
         self.failure_count += 1
         if len(self.failures) < 20:
             self.failures.append(what)
+            self.failed_inputs[key] = data
 
     def figures(self) -> dict[str, Any]:
         return {"seed": self.seed, "inputs_read": self.total, "archives_read": self.archives_read,
@@ -302,6 +305,11 @@ def check_stream(sample: Sample, original: Parsed, damaged: bytes) -> str:
         # Known defect, reported (test_a_stream_repeating_a_table_is_refused): the restore's reader takes
         # a table twice; only a verification against the catalogue's manifest afterwards notices.
         return "stream: KNOWN DEFECT, a repeated table accepted"
+    if parsed.tables != original.tables and ([t[:1] + t[2:] for t in parsed.tables]
+                                             == [t[:1] + t[2:] for t in original.tables]):
+        # Known defect, reported (test_a_table_begin_whose_columns_differ_from_the_manifest_is_refused): the
+        # columns a table's data is copied into are not compared with the manifest's.
+        return "stream: KNOWN DEFECT, table columns differing from the manifest accepted"
     if parsed.tables != original.tables:
         raise AssertionError("ALTERED DATA ACCEPTED: tables differ from the original's "
                              f"({len(parsed.tables)} vs {len(original.tables)} tables)")
@@ -338,7 +346,8 @@ def run(samples: list[Sample], count: int, *, seed: int, progress: Callable[[int
             report.outcomes[outcome] += 1
         except Exception as exc:  # noqa: BLE001 - every other exception is a finding, with its reproduction
             report.outcomes[f"{layer}: FAILED"] += 1
-            report.fail(f"seed {seed} index {index} ({layer} {sample.name}, {'+'.join(kinds)}): {_describe(exc)}")
+            report.fail(f"seed {seed} index {index} ({layer} {sample.name}, {'+'.join(kinds)}): {_describe(exc)}",
+                        f"{layer}-{index}", data)
         if progress is not None and index % 10_000 == 0:
             progress(index)
     report.seconds = time.monotonic() - started

@@ -1,6 +1,13 @@
 """Fixtures of the reliability tests: fault proxies in front of every stand-in of the running stack, and
-the settings that point wedbackup at them instead of at the stand-ins."""
+the settings that point wedbackup at them instead of at the stand-ins. At the end of a session with
+WEDBACKUP_RELIABILITY_OUT set, the soak's and the mutation loop's summaries written in it are joined into
+reliability-summary.json / .txt there."""
 from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
 
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -67,3 +74,20 @@ def fault_proxies(env: Mapping[str, str], schedules: Mapping[str, FaultSchedule]
 def conninfo_host(dsn: str) -> str:
     parts = conninfo_to_dict(dsn)
     return f"{parts.get('host') or '127.0.0.1'}:{parts.get('port') or 5432}"
+
+
+_SESSION_STARTED = time.time()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:  # noqa: ANN001
+    out = os.environ.get("WEDBACKUP_RELIABILITY_OUT")
+    if not out:
+        return
+    fresh = {name: Path(out, f"{name}-summary") for name in ("soak", "mutations")
+             if Path(out, f"{name}-summary.json").exists()
+             and Path(out, f"{name}-summary.json").stat().st_mtime >= _SESSION_STARTED}  # this session's only
+    if fresh:
+        Path(out, "reliability-summary.json").write_text(json.dumps(
+            {name: json.loads(base.with_suffix(".json").read_text()) for name, base in fresh.items()}, indent=2) + "\n")
+        Path(out, "reliability-summary.txt").write_text(
+            "\n".join(base.with_suffix(".txt").read_text() for base in fresh.values()))

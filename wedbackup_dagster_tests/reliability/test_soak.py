@@ -382,7 +382,8 @@ def test_soak_under_random_provider_and_database_faults(stack, make_database, tm
         "failed steps: " + (", ".join(f"{k} {v}" for k, v in sorted(tally.failures.items())) or "none")
         + "; step attempts retried by Dagster's retry policy: "
         + (", ".join(f"{k} {v}" for k, v in sorted(step_retries.items())) or "none"),
-        "outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(tally.outcomes.items())) + f", never completed {len(never)}",
+        "outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(tally.outcomes.items()))
+        + f", never completed {len(never)}",
         "objects checked: " + ", ".join(f"{k} {v}" for k, v in sorted(report.objects_checked.items()))
         + f"; catalogue copies checked {report.copies_checked}; erased weddings checked {report.erased_checked}; "
           f"corrupt or partial {len(report.problems)}; "

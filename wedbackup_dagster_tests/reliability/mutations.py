@@ -104,7 +104,8 @@ class MutationReport:
             f"{self.seconds:.0f} s",
             *[f"  {layer} mutations: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
               for layer, kinds in by_layer.items()],
-            "outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items())),
+            *[f"  {layer} outcomes: " + ", ".join(f"{k.split(': ', 1)[1]} {v}" for k, v in sorted(self.outcomes.items())
+                                                  if k.startswith(layer)) for layer in ("archive", "stream")],
             f"other exceptions or altered data accepted: {self.failure_count}",
             *[f"  {f}" for f in self.failures[:5]],
         ])

@@ -189,6 +189,10 @@ def _run_until_done(tally: Tally, job: str, keys: list[str], instance, done, wha
     return pending
 
 
+def _why(deadline: float) -> str:
+    return " (the time budget ran out)" if time.monotonic() > deadline else f" after {MAX_RUNS_PER_ROUND} runs"
+
+
 def _step_failures(result) -> list[str]:  # noqa: ANN001
     """Each failed step's own words; for an error that is not ours (a bare driver error), also its cause."""
     from wedbackup_dagster.backups.launch import _failure_text
@@ -311,7 +315,7 @@ def test_soak_under_random_provider_and_database_faults(stack, make_database, tm
                 left = _run_until_done(tally, "backup_weddings", keys, instance,
                                        lambda w: _complete(cat, w, since), "backup", deadline)
             if left:
-                unfinished.append(f"round {round_no}: weddings {left} not backed up")
+                unfinished.append(f"round {round_no}: weddings {left} not backed up{_why(deadline)}")
                 never += left
                 break
             since = _now(cat)
@@ -319,7 +323,7 @@ def test_soak_under_random_provider_and_database_faults(stack, make_database, tm
                 left = _run_until_done(tally, "reverify_weddings", keys, instance,
                                        lambda w: _verified_since(cat, w, since), "verification", deadline)
             if left:
-                unfinished.append(f"round {round_no}: weddings {left} not verified again")
+                unfinished.append(f"round {round_no}: weddings {left} not verified again{_why(deadline)}")
                 never += left
                 break
             with tally.phase("restore"):

@@ -8,6 +8,7 @@ WEDDINGS ?= 60
 SEED ?= 7
 HEADLESS ?=
 BENCH_QUICK ?=
+LONG ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: install stack-up stack-down demo dev test bench reliability validate clean
@@ -49,8 +50,12 @@ bench: stack-up
 	@command -v age >/dev/null || { apt-get update -q && apt-get install -y -q age zstd; }
 	eval "$$($(WEDBACKUP) stack env)" && $(BIN)/python -m benchmarks.run $(if $(BENCH_QUICK),--quick,)
 
+# The seeded fault soak and the mutation loop (summaries as text and JSON in .wedbackup/reliability/).
+# LONG=1: the long run, 1,000+ faults and 100,000 mutated archives and streams (README, Reliability).
 reliability: stack-up
-	eval "$$($(WEDBACKUP) stack env)" && $(BIN)/pytest -q -m reliability wedbackup_dagster_tests/reliability
+	eval "$$($(WEDBACKUP) stack env)" && $(if $(LONG),WEDBACKUP_RELIABILITY_LONG=1 ,)\
+	  WEDBACKUP_RELIABILITY_OUT=$(CURDIR)/.wedbackup/reliability \
+	  $(BIN)/pytest -q -m reliability wedbackup_dagster_tests/reliability
 
 clean: stack-down
 	rm -rf .wedbackup

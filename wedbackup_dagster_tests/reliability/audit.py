@@ -1,7 +1,8 @@
 """The end-state audit of the reliability tests: storage and catalogue checked against each other, straight
 at the stand-ins (never through a fault proxy). Every object at every provider is downloaded, its SHA-256
 compared with its content-addressed key and opened with its wedding's key; every catalogued copy must
-exist with its size and checksum; no unfinished multipart upload, no vault temp file, no scratch database."""
+exist with its size and checksum; no unfinished multipart upload, no vault temp file, no scratch database;
+and nothing left of an erased wedding (no object, no vault folder, no live key, the erasure complete)."""
 from __future__ import annotations
 
 import hashlib
@@ -16,12 +17,15 @@ from wedbackup_dagster.core.archive import open_archive
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import WedbackupError
 from wedbackup_dagster.core.replicas import AzureReplica, GCSReplica, S3Replica
+from wedbackup_dagster.core.replicas.base import parse_key_backup_key
 
 
 @dataclass
 class AuditReport:
     objects_checked: Counter = field(default_factory=Counter)  # by provider (vault included)
     copies_checked: int = 0
+    key_backups: Counter = field(default_factory=Counter)  # key-store backups at each provider (not archives)
+    erased_checked: int = 0
     multipart_uploads: int = 0
     uncommitted_blobs: int = 0
     vault_temp_files: int = 0
@@ -44,8 +48,9 @@ def _open_through(engine: Engine, data: bytes, name: str) -> None:
 
 
 def audit(engine: Engine, replicas: dict[str, Any], *, scratch_prefix: str | None = None,
-          admin_dsn: str | None = None) -> AuditReport:
+          admin_dsn: str | None = None, erased: tuple[str, ...] = ()) -> AuditReport:
     report = AuditReport()
+    _audit_erased(engine, replicas, erased, report)
     cat = engine.catalogue
     with cat.connect() as conn:
         copies = conn.execute(
@@ -58,6 +63,10 @@ def audit(engine: Engine, replicas: dict[str, Any], *, scratch_prefix: str | Non
         for obj in replica.list():
             report.objects_checked[provider] += 1
             where = f"{provider}:{obj.key}"
+            if obj.sha256 is None and parse_key_backup_key(replica.prefix, obj.key) is not None:
+                report.objects_checked[provider] -= 1
+                report.key_backups[provider] += 1  # sealed with the master key: keybackup's tests open them
+                continue
             if obj.sha256 is None:
                 report.problems.append(f"{where}: not a content-addressed archive key")
                 continue
@@ -137,3 +146,26 @@ def audit(engine: Engine, replicas: dict[str, Any], *, scratch_prefix: str | Non
         if left:
             report.problems.append(f"postgres: {len(left)} scratch database(s) left: {left[:3]}")
     return report
+
+
+def _audit_erased(engine: Engine, replicas: dict[str, Any], erased: tuple[str, ...], report: AuditReport) -> None:
+    """Each erased wedding: erasure recorded complete, no live key, nothing at any provider or in the vault."""
+    cat = engine.catalogue
+    with cat.connect() as conn:
+        done = {r["partition"]: r["completed_at"] for r in conn.execute(
+            "SELECT partition, completed_at FROM wedbackup.erasures").fetchall()}
+        live = {r["partition"] for r in conn.execute(
+            "SELECT DISTINCT partition FROM wedbackup.wedding_keys WHERE wrapped IS NOT NULL").fetchall()}
+    for wedding in erased:
+        report.erased_checked += 1
+        if done.get(wedding) is None:
+            report.problems.append(f"erased wedding {wedding}: erasure not recorded as complete")
+        if wedding in live:
+            report.problems.append(f"erased wedding {wedding}: a live wedding key is left in the catalogue")
+        for provider, replica in replicas.items():
+            left = [o.key for o in replica.list(f"weddings/{wedding}/")]
+            if left:
+                report.problems.append(f"erased wedding {wedding}: {len(left)} object(s) left at {provider}: "
+                                       f"{left[:2]}")
+        if (engine.vault.root / wedding).exists():
+            report.problems.append(f"erased wedding {wedding}: its vault folder is left")

@@ -1,6 +1,13 @@
 """Fixtures of the reliability tests: fault proxies in front of every stand-in of the running stack, and
-the settings that point wedbackup at them instead of at the stand-ins."""
+the settings that point wedbackup at them instead of at the stand-ins. At the end of a session with
+WEDBACKUP_RELIABILITY_OUT set, the soak's and the mutation loop's summaries written in it are joined into
+reliability-summary.json / .txt there."""
 from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
 
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -23,7 +30,8 @@ def _blob_endpoint(connection_string: str) -> str:
     raise AssertionError("the local Azure connection string has no BlobEndpoint")
 
 
-def _via(dsn: str, proxy: FaultProxy, connect_timeout: int) -> str:
+def via(dsn: str, proxy: FaultProxy, connect_timeout: int = 5) -> str:
+    """The DSN `dsn` reached through `proxy` (its host and port replaced)."""
     parts = conninfo_to_dict(dsn)
     parts.update(host="127.0.0.1", port=str(proxy.port), connect_timeout=str(connect_timeout))
     return make_conninfo(**parts)
@@ -32,14 +40,17 @@ def _via(dsn: str, proxy: FaultProxy, connect_timeout: int) -> str:
 @contextmanager
 def fault_proxies(env: Mapping[str, str], schedules: Mapping[str, FaultSchedule], *,
                   pg_connect_timeout: int = 5) -> Iterator[tuple[dict[str, FaultProxy], dict[str, str]]]:
-    """One proxy per stand-in named in `schedules` (s3, gcs, azure, postgres) and the environment that
-    sends wedbackup's traffic through them. The catalogue stays direct: it is the ledger the end state is
-    checked against, and its own failure mode (a lost connection is reopened) is tested elsewhere."""
+    """One proxy per stand-in named in `schedules` (s3, gcs, azure, postgres, postgres_restore) and the
+    environment that sends wedbackup's traffic through them. The catalogue stays direct: it is the ledger
+    the end state is checked against, and its own failure mode (a lost connection is reopened) is tested
+    elsewhere."""
     upstream = {
         "s3": (_host_port(env["WEDBACKUP_S3_ENDPOINT_URL"]), "http"),
         "gcs": (_host_port(env["STORAGE_EMULATOR_HOST"]), "http"),
         "azure": (_host_port(_blob_endpoint(env["WEDBACKUP_AZURE_CONNECTION_STRING"])), "http"),
         "postgres": (_host_port("//" + conninfo_host(env["WEDBACKUP_SOURCE_DSN"])), "tcp"),
+        # The same server, for restore targets only (their DSNs are made with `via`): its own faults and counts.
+        "postgres_restore": (_host_port("//" + conninfo_host(env["WEDBACKUP_SOURCE_DSN"])), "tcp"),
     }
     with ExitStack() as stack:
         proxies = {name: stack.enter_context(FaultProxy(name, upstream[name][0], schedule, mode=upstream[name][1]))
@@ -54,8 +65,8 @@ def fault_proxies(env: Mapping[str, str], schedules: Mapping[str, FaultSchedule]
             host, port = upstream["azure"][0]
             routed["WEDBACKUP_AZURE_CONNECTION_STRING"] = cs.replace(f"{host}:{port}", proxies["azure"].address)
         if "postgres" in proxies:
-            routed["WEDBACKUP_SOURCE_DSN"] = _via(env["WEDBACKUP_SOURCE_DSN"], proxies["postgres"], pg_connect_timeout)
-            routed["WEDBACKUP_SCRATCH_DSN"] = _via(env["WEDBACKUP_SCRATCH_DSN"], proxies["postgres"],
+            routed["WEDBACKUP_SOURCE_DSN"] = via(env["WEDBACKUP_SOURCE_DSN"], proxies["postgres"], pg_connect_timeout)
+            routed["WEDBACKUP_SCRATCH_DSN"] = via(env["WEDBACKUP_SCRATCH_DSN"], proxies["postgres"],
                                                    pg_connect_timeout)
         yield proxies, routed
 
@@ -63,3 +74,20 @@ def fault_proxies(env: Mapping[str, str], schedules: Mapping[str, FaultSchedule]
 def conninfo_host(dsn: str) -> str:
     parts = conninfo_to_dict(dsn)
     return f"{parts.get('host') or '127.0.0.1'}:{parts.get('port') or 5432}"
+
+
+_SESSION_STARTED = time.time()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:  # noqa: ANN001
+    out = os.environ.get("WEDBACKUP_RELIABILITY_OUT")
+    if not out:
+        return
+    fresh = {name: Path(out, f"{name}-summary") for name in ("soak", "mutations")
+             if Path(out, f"{name}-summary.json").exists()
+             and Path(out, f"{name}-summary.json").stat().st_mtime >= _SESSION_STARTED}  # this session's only
+    if fresh:
+        Path(out, "reliability-summary.json").write_text(json.dumps(
+            {name: json.loads(base.with_suffix(".json").read_text()) for name, base in fresh.items()}, indent=2) + "\n")
+        Path(out, "reliability-summary.txt").write_text(
+            "\n".join(base.with_suffix(".txt").read_text() for base in fresh.values()))

@@ -6,7 +6,8 @@ HTTP mode (moto S3, the GCS emulator, Azurite) parses just enough HTTP/1.1 to de
 RST instead of an answer), `stall` (no answer for longer than the client's timeout, then close) and
 `truncate` (the real answer, cut off in the middle of its body). TCP mode (PostgreSQL) decides per
 connection: `reset` or `stall` (traffic stops, then RST) after a random number of bytes. Every fault is
-counted by kind. Threads only, every socket has a timeout, and `stop()` closes everything."""
+counted by kind when it strikes (a TCP fault whose connection ends before its byte budget is not one).
+Threads only, every socket has a timeout, and `stop()` closes everything."""
 from __future__ import annotations
 
 import random
@@ -63,6 +64,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
         self.requests = 0  # requests (HTTP) or connections (TCP) seen
+        self._pending = 0  # TCP faults chosen that have not struck yet
         self.enabled = True
         self._stopping = threading.Event()
         self._open: set[socket.socket] = set()
@@ -96,17 +98,29 @@ class FaultProxy:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _decide(self) -> str | None:
-        """The fault for the next request or connection, or None to pass it through (seeded)."""
+    def _decide(self, *, count: bool = True) -> str | None:
+        """The fault for the next request or connection, or None to pass it through (seeded). Counted now,
+        or (count=False, a TCP fault that strikes only after its bytes) by `_struck` when it strikes."""
         with self._lock:
             self.requests += 1
             hit = self._rng.random() < self.schedule.rate
             kind = self._rng.choices(self._kinds, self._weights)[0] if hit and self._kinds else None
-            within_limit = self.schedule.limit is None or sum(self.counts.values()) < self.schedule.limit
+            within_limit = (self.schedule.limit is None
+                            or sum(self.counts.values()) + self._pending < self.schedule.limit)
             if kind and self.enabled and within_limit:
-                self.counts[kind] += 1
+                if count:
+                    self.counts[kind] += 1
+                else:
+                    self._pending += 1  # held against the limit until it strikes or its connection ends
                 return kind
             return None
+
+    def _settle(self, kind: str, *, struck: bool) -> None:
+        """A pending TCP fault struck (counted) or its connection ended first (not a fault after all)."""
+        with self._lock:
+            self._pending -= 1
+            if struck:
+                self.counts[kind] += 1
 
     def _track(self, sock: socket.socket) -> socket.socket:
         sock.settimeout(SOCKET_TIMEOUT)
@@ -155,27 +169,34 @@ class FaultProxy:
     # ---------------------------------------------------------------------------------- TCP
 
     def _serve_tcp(self, client: socket.socket, upstream_ref: list) -> None:
-        kind = self._decide()
-        # The fault strikes after a random amount of traffic: during the handshake, a query or a COPY.
-        budget = self._rng_int(*self.schedule.tcp_after) if kind else -1
-        upstream = upstream_ref[0] = self._connect_upstream()
-        relayed = 0
-        peers = {client: upstream, upstream: client}
-        while not self._stopping.is_set():
-            readable, _, _ = select.select(list(peers), [], [], 0.5)
-            for sock in readable:
-                data = sock.recv(65536)
-                if not data:
-                    return
-                if kind and relayed + len(data) > budget:
-                    if kind == "stall":
-                        self._stall(client, upstream)
-                    else:
-                        _reset(client)
-                        _reset(upstream)
-                    return
-                peers[sock].sendall(data)
-                relayed += len(data)
+        kind = self._decide(count=False)  # counted when it strikes: a connection may end before its budget
+        struck = False
+        try:
+            # The fault strikes after a random amount of traffic: during the handshake, a query or a COPY.
+            budget = self._rng_int(*self.schedule.tcp_after) if kind else -1
+            upstream = upstream_ref[0] = self._connect_upstream()
+            relayed = 0
+            peers = {client: upstream, upstream: client}
+            while not self._stopping.is_set():
+                readable, _, _ = select.select(list(peers), [], [], 0.5)
+                for sock in readable:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    if kind and relayed + len(data) > budget:
+                        struck = True
+                        self._settle(kind, struck=True)
+                        if kind == "stall":
+                            self._stall(client, upstream)
+                        else:
+                            _reset(client)
+                            _reset(upstream)
+                        return
+                    peers[sock].sendall(data)
+                    relayed += len(data)
+        finally:
+            if kind and not struck:
+                self._settle(kind, struck=False)
 
     def _rng_int(self, low: int, high: int) -> int:
         with self._lock:

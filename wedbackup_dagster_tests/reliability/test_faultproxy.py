@@ -93,3 +93,15 @@ def test_postgres_through_the_proxy_and_a_reset(stack, make_database):
             with psycopg.connect(routed["WEDBACKUP_SOURCE_DSN"]) as conn:
                 conn.execute("SELECT repeat('x', 1000000)").fetchone()
         assert proxies["postgres"].counts == {"reset": 1}
+
+
+def test_a_database_fault_is_counted_only_when_it_strikes(stack, make_database):
+    # Regression: a TCP fault was counted when chosen, so a connection that closed before its byte budget
+    # counted a fault that never happened (inflating the soak's figures).
+    env = stack.env()
+    dsn = make_database()
+    never = FaultSchedule(seed=3, rate=1.0, weights={"reset": 1}, tcp_after=(1 << 30, 1 << 30))
+    with fault_proxies({**env, "WEDBACKUP_SOURCE_DSN": dsn}, {"postgres": never}) as (proxies, routed):
+        with psycopg.connect(routed["WEDBACKUP_SOURCE_DSN"]) as conn:
+            assert conn.execute("SELECT 41 + 1").fetchone() == (42,)
+        assert proxies["postgres"].requests == 1 and proxies["postgres"].counts == {}

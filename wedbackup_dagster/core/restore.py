@@ -529,6 +529,7 @@ def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, A
 
     tables: list[TableReport] = []
     seen: dict[str, tuple[int, int, str]] = {}
+    stream_columns: dict[str, list[str]] = {}
     table_names: list[tuple[str, str]] = []
     held: list[tuple[str, str, str, str, str]] = []
     manifest_record: Record | None = None
@@ -539,7 +540,10 @@ def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, A
                 break
             schema, tname, columns = table_begin_of(record)  # read_snapshot guarantees a table-begin here
             table = f"{schema}.{tname}"
+            if table in seen:  # its rows would go in twice (nothing refuses them in a table without a key)
+                raise SnapshotFormatError(name, f"table {table} appears twice in the stream")
             table_names.append((schema, tname))
+            stream_columns[table] = list(columns)
             if not create_schema and hold_triggers:
                 held += _hold_triggers(conn, schema, tname)
             t0 = time.monotonic()
@@ -555,7 +559,7 @@ def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, A
         raise SnapshotFormatError(name, "the stream has no manifest")
     read_to_end(records, name)
     manifest = manifest_of(manifest_record)
-    _compare_with_manifest(manifest, seen, what, target)
+    _compare_with_manifest(manifest, seen, what, target, stream_columns)
 
     unvalidated: list[str] = []
     if create_schema:
@@ -587,11 +591,18 @@ def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, A
 
 
 def _compare_with_manifest(manifest: Manifest, seen: Mapping[str, tuple[int, int, str]], what: str,
-                           target: str) -> None:
+                           target: str, columns: Mapping[str, list[str]] | None = None) -> None:
+    """Every table of the stream is the manifest's, with its rows, bytes and SHA-256; and, given the columns
+    each table-begin record named, the manifest's columns in the same order (rows loaded into other columns
+    hash the same: the checksum is over the COPY text, not over which column each value went to)."""
     listed = {t.table: t for t in manifest.tables}
     for table in listed.keys() ^ seen.keys():
         raise VerificationError(f"restore of {what} into {target}: table {table} is "
                                 f"{'in the manifest but not in the stream' if table in listed else 'in the stream but not in the manifest'}")
+    for table, names in (columns or {}).items():
+        if table in listed and list(listed[table].columns) != list(names):
+            raise VerificationError(f"restore of {what} into {target}: table {table} was streamed into columns "
+                                    f"{names} but the manifest lists {list(listed[table].columns)}")
     for table, (rows, nbytes, sha) in seen.items():
         m = listed[table]
         if (m.rows, m.bytes, m.sha256) != (rows, nbytes, sha):

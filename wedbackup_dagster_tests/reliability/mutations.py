@@ -14,11 +14,9 @@ The contract checked for every input:
   while every table's data, columns, row count and checksum are the original's ("metadata altered":
   inside a stream nothing checksums that text — the archive's AEAD does, which the archive half shows);
 - never another exception, never altered table data accepted. Either is a failure, kept with the
-  (seed, index) that reproduces it. One exception, counted apart: a table repeated whole is accepted
-  by the restore's reader today, so is a table-begin record naming other columns than the manifest's,
-  and JSON nested thousands deep (a stream record, an archive's header
-  label) raises RecursionError (defects in core/restore.py and core/archive.py, reported; each has a
-  strict xfail test in test_mutations.py)."""
+  (seed, index) that reproduces it. (A repeated table, a table-begin naming other columns than the
+  manifest's, and JSON nested thousands deep were accepted or escaped until issue 14 fixed them; each
+  has a regression test in test_mutations.py.)"""
 from __future__ import annotations
 
 import hashlib
@@ -129,6 +127,7 @@ def parse_stream(stream: bytes, *, piece: int = 777) -> Parsed:
     pre_data = next(records_).text()
     post_data = next(records_).text()
     seen: dict[str, tuple[int, int, str]] = {}
+    columns_of: dict[str, list[str]] = {}
     tables: list[tuple] = []
     manifest_record = None
     for record in records_:
@@ -136,6 +135,9 @@ def parse_stream(stream: bytes, *, piece: int = 777) -> Parsed:
             manifest_record = record
             break
         schema, name, columns = restore.table_begin_of(record)
+        if f"{schema}.{name}" in seen:
+            raise SnapshotFormatError(NAME, f"table {schema}.{name} appears twice in the stream")
+        columns_of[f"{schema}.{name}"] = list(columns)
         digest, rows, nbytes, end = hashlib.sha256(), 0, 0, None
         for rec in records_:
             if rec.kind != DATA:
@@ -153,7 +155,7 @@ def parse_stream(stream: bytes, *, piece: int = 777) -> Parsed:
         raise SnapshotFormatError(NAME, "the stream has no manifest")
     restore.read_to_end(records_, NAME)
     manifest = restore.manifest_of(manifest_record)
-    restore._compare_with_manifest(manifest, seen, f"wedding {header['partition']}", NAME)
+    restore._compare_with_manifest(manifest, seen, f"wedding {header['partition']}", NAME, columns_of)
     metadata = (repr(header), pre_data, post_data, manifest.to_json())
     return Parsed(metadata, tuple(sorted(tables)))
 
@@ -270,12 +272,7 @@ def _describe(exc: BaseException) -> str:
 
 
 def check_archive(sample: Sample, damaged: bytes) -> str:
-    try:
-        got, exc = read_through(damaged)  # anything but ArchiveError escapes
-    except RecursionError:
-        # Known defect (issue 14, item 10: a crafted header label nested deeply is not the format's error),
-        # left to its own fix; test_a_deeply_nested_label_is_the_formats_error shows it.
-        return "archive: KNOWN DEFECT, RecursionError on a deeply nested label"
+    got, exc = read_through(damaged)  # anything but ArchiveError escapes
     if not sample.stream.startswith(got):
         raise AssertionError("released plaintext that is not a prefix of the original")
     if exc is None:
@@ -292,25 +289,12 @@ def check_archive(sample: Sample, damaged: bytes) -> str:
 def check_stream(sample: Sample, original: Parsed, damaged: bytes) -> str:
     try:
         parsed = parse_stream(damaged)
-    except RecursionError:
-        # Known defect, reported (test_deeply_nested_json_in_a_record_is_the_formats_error): Record.json
-        # lets json's RecursionError out of a metadata record nested thousands deep.
-        return "stream: KNOWN DEFECT, RecursionError on deeply nested JSON"
     except (SnapshotFormatError, VerificationError) as exc:
         if NAME not in str(exc):
             raise AssertionError(f"error does not name the archive: {exc}") from None
         return f"stream: rejected ({type(exc).__name__})"
     if damaged == sample.stream or parsed == original:
         return "stream: read back identical"
-    if set(parsed.tables) == set(original.tables) and len(parsed.tables) > len(original.tables):
-        # Known defect, reported (test_a_stream_repeating_a_table_is_refused): the restore's reader takes
-        # a table twice; only a verification against the catalogue's manifest afterwards notices.
-        return "stream: KNOWN DEFECT, a repeated table accepted"
-    if parsed.tables != original.tables and ([t[:1] + t[2:] for t in parsed.tables]
-                                             == [t[:1] + t[2:] for t in original.tables]):
-        # Known defect, reported (test_a_table_begin_whose_columns_differ_from_the_manifest_is_refused): the
-        # columns a table's data is copied into are not compared with the manifest's.
-        return "stream: KNOWN DEFECT, table columns differing from the manifest accepted"
     if parsed.tables != original.tables:
         raise AssertionError("ALTERED DATA ACCEPTED: tables differ from the original's "
                              f"({len(parsed.tables)} vs {len(original.tables)} tables)")

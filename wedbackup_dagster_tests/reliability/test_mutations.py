@@ -73,14 +73,11 @@ def test_mutation_loop(samples, tmp_path, capsys):
     _check(report, COUNT)
 
 
-# What the loop found in code outside the tests, reported to be fixed there: each fails today (strict xfail,
-# so a fix turns it into an unexpected pass — then drop the mark and the loop's KNOWN DEFECT branch).
+# What the loop found in code outside the tests (issue 14), each fixed there and kept as a regression test.
 
 NESTED = b"[" * 50_000 + b"]" * 50_000
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError,
-                   reason="core/restore.py Record.json: json's RecursionError escapes (found by the mutation loop)")
 def test_deeply_nested_json_in_a_record_is_the_formats_error(samples):
     from wedbackup_dagster.core import restore
     from wedbackup_dagster.core.errors import SnapshotFormatError
@@ -92,8 +89,6 @@ def test_deeply_nested_json_in_a_record_is_the_formats_error(samples):
         restore.read_manifest([replace_record(samples[0].stream, MANIFEST, NESTED)], name=NAME)
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError,
-                   reason="core/archive.py: a deeply nested header label escapes as RecursionError (issue 14 item 10)")
 def test_a_deeply_nested_label_is_the_formats_error(samples):
     from wedbackup_dagster.core.errors import ArchiveError
 
@@ -103,8 +98,6 @@ def test_a_deeply_nested_label_is_the_formats_error(samples):
     assert isinstance(exc, ArchiveError)
 
 
-@pytest.mark.xfail(strict=True, reason="core/restore.py restore_snapshot commits a stream that repeats a table "
-                                       "(rows doubled); found by the mutation loop")
 def test_a_stream_repeating_a_table_is_refused(stack, make_database):
     import psycopg
 
@@ -129,8 +122,6 @@ def test_a_stream_repeating_a_table_is_refused(stack, make_database):
     assert tables == 0, "the stream repeating table wedding_notes was restored (its rows twice)"
 
 
-@pytest.mark.xfail(strict=True, reason="core/restore.py: a table-begin record's columns are not compared with the "
-                                       "manifest's; found by the mutation loop")
 def test_a_table_begin_whose_columns_differ_from_the_manifest_is_refused(stack, make_database):
     import json as json_
     import psycopg

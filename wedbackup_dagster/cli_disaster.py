@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
 from .core.errors import WedbackupError
+from .progress import printed_on_stderr
 
 
 def cmd_restore_all(args: argparse.Namespace) -> int:
@@ -38,19 +38,11 @@ def cmd_restore_all(args: argparse.Namespace) -> int:
     from .definitions import defs
 
     job = defs.resolve_job_def("restore_platform")
-    handler = logging.StreamHandler(sys.stderr)  # progress (done/total, rate, ETA) on stderr as it goes
-    handler.setFormatter(logging.Formatter("  %(message)s"))
-    progress_logger.addHandler(handler)
-    previous_level = progress_logger.level
-    progress_logger.setLevel(logging.INFO)
-    progress_logger.propagate = False
-    try:
+    # Progress on stderr as the run goes; the run's own log (the UI) has the same lines.
+    with printed_on_stderr(progress_logger):
         result = job.execute_in_process(instance=_instance(), raise_on_error=False,
                                         tags={"wedbackup/restore_mode": "all"},
                                         run_config={**QUIET, "ops": {"restore_all_partitions": {"config": config}}})
-    finally:
-        progress_logger.removeHandler(handler)
-        progress_logger.setLevel(previous_level)
     if result.success:
         report = result.output_for_node("restore_all_partitions")
         if args.json:

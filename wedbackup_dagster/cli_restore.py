@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from datetime import timezone
 
 from .core.errors import WedbackupError
+from .progress import printed_on_stderr
 
 
 def _partition(args: argparse.Namespace) -> str:
@@ -109,20 +109,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     job = defs.resolve_job_def("restore_wedding")
     # Progress on stderr as the run goes; the run's own log (the UI) has the same lines.
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("  %(message)s"))
-    progress_logger.addHandler(handler)
-    previous_level = progress_logger.level
-    progress_logger.setLevel(logging.INFO)
-    progress_logger.propagate = False
-    try:
+    with printed_on_stderr(progress_logger):
         result = job.execute_in_process(
             instance=_instance(), raise_on_error=False,
             tags={"wedbackup/restore_mode": mode, "wedbackup/dry_run": str(bool(args.dry_run)).lower()},
             run_config={**QUIET, "ops": {"restore_partition": {"config": config}}})
-    finally:
-        progress_logger.removeHandler(handler)
-        progress_logger.setLevel(previous_level)
     if result.success:
         report = result.output_for_node("restore_partition")
         if args.json:

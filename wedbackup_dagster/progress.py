@@ -4,10 +4,11 @@ an ETA, every `every` weddings or `seconds` seconds and at the end. Each line go
 the command line prints (`show_on_terminal`), since its Dagster console logger is kept quiet."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 LOGGER = logging.getLogger("wedbackup.progress")
 
@@ -64,3 +65,21 @@ def show_on_terminal() -> None:
         LOGGER.addHandler(handler)
     LOGGER.setLevel(logging.INFO)
     LOGGER.propagate = False
+
+
+@contextlib.contextmanager
+def printed_on_stderr(logger: logging.Logger) -> Iterator[None]:
+    """While the block runs, `logger`'s INFO lines (a restore's progress) are printed on stderr and not
+    passed on; afterwards the logger is as it was."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("  %(message)s"))
+    logger.addHandler(handler)
+    previous_level, previous_propagate = logger.level, logger.propagate
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+        logger.propagate = previous_propagate

@@ -274,31 +274,29 @@ def _upload_concurrency(env: Mapping[str, str]) -> int:
     return int(text)
 
 
+def _seconds_setting(environ: Mapping[str, str] | None, name: str, low: float, high: float) -> float:
+    """A setting in seconds from `low` to `high` (its default from VARIABLES); else a ConfigError naming it."""
+    env = os.environ if environ is None else environ
+    text = env.get(name) or VARIABLES[name][1]
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not low <= value <= high:  # NaN fails this too
+        raise ConfigError(name, f"must be a number of seconds from {low:g} to {high:g}")
+    return value
+
+
 def provider_timeout_from(environ: Mapping[str, str] | None = None) -> float:
     """WEDBACKUP_PROVIDER_TIMEOUT: without it a provider that accepts a connection and then says nothing
     holds an upload step for the SDKs' own read timeouts (60 s per attempt), retries included."""
-    env = os.environ if environ is None else environ
-    text = env.get("WEDBACKUP_PROVIDER_TIMEOUT") or VARIABLES["WEDBACKUP_PROVIDER_TIMEOUT"][1]
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.5 <= value <= 600:
-        raise ConfigError("WEDBACKUP_PROVIDER_TIMEOUT", "must be a number of seconds from 0.5 to 600")
-    return value
+    return _seconds_setting(environ, "WEDBACKUP_PROVIDER_TIMEOUT", 0.5, 600)
 
 
 def snapshot_lock_timeout_from(environ: Mapping[str, str] | None = None) -> float:
-    """WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT: how long a snapshot waits for each table's ACCESS SHARE lock."""
-    env = os.environ if environ is None else environ
-    text = env.get("WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT") or VARIABLES["WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT"][1]
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.1 <= value <= 3600:  # NaN fails this too; 0 would mean "wait for ever" to PostgreSQL
-        raise ConfigError("WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT", "must be a number of seconds from 0.1 to 3600")
-    return value
+    """WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT: how long a snapshot waits for each table's ACCESS SHARE lock (at least
+    0.1 s: 0 would mean "wait for ever" to PostgreSQL)."""
+    return _seconds_setting(environ, "WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT", 0.1, 3600)
 
 
 def redact(text: str, environ: Mapping[str, str] | None = None) -> str:

@@ -2,6 +2,7 @@
 (each test gets its own databases, buckets and containers, so tests never see each other's data)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,6 +38,24 @@ def stack() -> Iterator[Stack]:
 def unique_name(prefix: str) -> str:
     """Lower-case, DNS-safe, unique: valid as a database, bucket and container name."""
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@contextlib.contextmanager
+def temporary_database(stack: Stack, prefix: str) -> Iterator[str]:
+    """A new empty database for a module-scoped fixture (make_database is per test): its DSN, force-dropped
+    afterwards."""
+    import psycopg
+    from psycopg import sql
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = stack.dsn("postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield stack.dsn(name)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture

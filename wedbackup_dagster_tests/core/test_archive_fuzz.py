@@ -23,6 +23,7 @@ from wedbackup_dagster.core.keys import SecretKey
 from wedbackup_dagster.core.snapshot import (DATA, FRAME_HEADER_SIZE, MAGIC, MANIFEST, Manifest,
                                              SnapshotSession)
 
+from ..conftest import temporary_database
 from .test_archive import read_collecting
 
 KEY = SecretKey("fuzz-7.k1", bytes(range(32)))
@@ -41,20 +42,12 @@ def resolve(key_id: str) -> SecretKey:
 @pytest.fixture(scope="module")
 def wedding(stack):
     """One real wedding's snapshot stream (demo data, small documents) and its manifest."""
-    name = f"fuzz_{uuid.uuid4().hex[:12]}"
-    admin = stack.dsn("postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        dsn = stack.dsn(name)
+    with temporary_database(stack, "fuzz") as dsn:
         demo_data.generate(dsn, weddings=2, seed=3, document_bytes=64)
         out = io.BytesIO()
         with SnapshotSession(dsn) as session:
             manifest = session.snapshot("1", out)
         yield out.getvalue(), manifest
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import pytest
 
 from wedbackup_dagster.core import demo_data
 
+from ..conftest import temporary_database
 from . import mutations
 
 pytestmark = [pytest.mark.stack]
@@ -27,21 +28,9 @@ QUICK = 2000
 @pytest.fixture(scope="module")
 def samples(stack):
     """Four real originals: three weddings of different sizes and the platform partition."""
-    import uuid
-
-    import psycopg
-    from psycopg import sql
-
-    name = f"mut_{uuid.uuid4().hex[:12]}"
-    admin = stack.dsn("postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        demo_data.generate(stack.dsn(name), weddings=3, seed=5, document_bytes=300)
-        yield mutations.samples_from(stack.dsn(name), ["1", "2", "3", "platform"])
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with temporary_database(stack, "mut") as dsn:
+        demo_data.generate(dsn, weddings=3, seed=5, document_bytes=300)
+        yield mutations.samples_from(dsn, ["1", "2", "3", "platform"])
 
 
 def _check(report: mutations.MutationReport, count: int) -> None:

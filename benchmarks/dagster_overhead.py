@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from wedbackup_dagster.event_batches import MATERIALIZATION_BATCH
+from wedbackup_dagster.instance.event_batches import MATERIALIZATION_BATCH
 
 ROOT = Path(__file__).resolve().parent.parent
 SEAL = "snapshot_and_seal_list"
@@ -40,7 +40,7 @@ REPLICA_OPS = {"s3": "s3_replica_list", "gcs": "gcs_replica_list", "azure": "azu
 def _instance(home: Path, storage: str, dsn: str | None):
     """A Dagster instance from the project's dagster.yaml with SQLite storage under `home` ("sqlite"), or
     the same file with dagster-postgres storage at `dsn` ("postgres"), or with its event log holding a
-    pooled connection ("postgres-pooled", wedbackup_dagster.instance_storage)."""
+    pooled connection ("postgres-pooled", wedbackup_dagster.instance.storage)."""
     import dagster as dg
     import yaml
 
@@ -55,7 +55,7 @@ def _instance(home: Path, storage: str, dsn: str | None):
         # dagster-postgres's run and schedule storage, and its event log holding a pooled connection.
         for part, module, cls in (("run_storage", "dagster_postgres.run_storage", "PostgresRunStorage"),
                                   ("schedule_storage", "dagster_postgres.schedule_storage", "PostgresScheduleStorage"),
-                                  ("event_log_storage", "wedbackup_dagster.instance_storage",
+                                  ("event_log_storage", "wedbackup_dagster.instance.storage",
                                    "PooledPostgresEventLogStorage")):
             text += f"\n{part}:\n  module: {module}\n  class: {cls}\n  config:\n    postgres_url: {url}\n"
     (home / "dagster.yaml").write_text(text)
@@ -161,7 +161,7 @@ def dagster_runs(instance: Any, keys: list[str], run_size: int, providers: list[
     Dagster 1.13 writes in batches when DAGSTER_EVENT_BATCH_SIZE > 0."""
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-    from wedbackup_dagster.automation.batch_job import list_run_config
+    from wedbackup_dagster.backups.list_pipeline import list_run_config
     from wedbackup_dagster.backups.constants import DB_DUMP, ENCRYPTED_ARCHIVE, REPLICA_KEYS
     from wedbackup_dagster.definitions import defs
 

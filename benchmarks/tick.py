@@ -54,8 +54,8 @@ def synthetic_fleet(n: int, now: dt.datetime, seed: int = 7) -> list[tuple[str, 
 def run(weddings: int = 100_000) -> dict[str, Any]:
     import dagster as dg
 
-    from wedbackup_dagster.automation.discovery import wedding_discovery
-    from wedbackup_dagster.automation.schedules import backup_schedule
+    from wedbackup_dagster.backups.sensors import wedding_discovery
+    from wedbackup_dagster.backups.schedules import backup_schedule
     from wedbackup_dagster.backups.partitions import weddings_partitions
     from wedbackup_dagster.core.stack import Stack
 
@@ -155,7 +155,7 @@ def _sensor_ticks(stack: Any, instance: Any, fleet: list[tuple]) -> dict[str, fl
     known), a tick with nothing changed, and a change-capture tick after 100 guests changed."""
     import dagster as dg
 
-    from wedbackup_dagster.automation.discovery import wedding_change_capture, wedding_discovery
+    from wedbackup_dagster.backups.sensors import wedding_change_capture, wedding_discovery
 
     name = f"bench_src_{uuid.uuid4().hex[:8]}"
     admin = stack.dsn("postgres")

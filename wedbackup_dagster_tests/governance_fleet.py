@@ -9,7 +9,7 @@ import pytest
 from wedbackup_dagster.core import demo_data
 from wedbackup_dagster.core.catalogue import Catalogue
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster_tests.checks.conftest import engine_replicas
+from wedbackup_dagster_tests.backups.conftest import engine_replicas
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 
 from wedbackup_dagster.core.archive import MAGIC, read_header
 from wedbackup_dagster.core.errors import ArchiveCorrupt, SnapshotFormatError
-from wedbackup_dagster_tests.test_cli import cli_env  # noqa: F401  (a fixture)
+from wedbackup_dagster_tests.cli.test_app import cli_env  # noqa: F401  (a fixture)
 
 NESTED = b"[" * 20_000 + b"]" * 20_000  # deeper than json's recursion limit, small enough for a header label
 
@@ -152,7 +152,7 @@ def test_the_source_and_the_catalogue_are_refused_as_targets_in_every_spelling(d
 
 def test_the_command_line_and_the_engine_refuse_the_source_written_another_way(cli_env, tmp_path, monkeypatch,
                                                                                capsys, pooler):
-    from wedbackup_dagster.cli import main
+    from wedbackup_dagster.cli.app import main
     from wedbackup_dagster.core.engine import Engine
     from wedbackup_dagster.core.errors import RestoreError
 
@@ -217,7 +217,7 @@ def test_a_wedding_id_spelt_another_way_gets_no_partition_archive_or_key_of_its_
     with pytest.raises(KeyError_, match=r"wedding '0003' is another spelling of wedding '3'.*use '3'"):
         engine.catalogue.wedding_key("0003", engine.keyring)
     # The command line only knows the source's own spelling.
-    from wedbackup_dagster.cli import main
+    from wedbackup_dagster.cli.app import main
 
     capsys.readouterr()
     assert main(["backup", "--wedding", "03"]) == 2
@@ -297,7 +297,7 @@ def test_the_guard_knows_a_catalogue_s_wedding_keys_as_raw_bytes(demo_env):
 
 
 def test_restore_and_points_name_the_spelling_the_catalogue_knows(cli_env, make_database, capsys):
-    from wedbackup_dagster.cli import main
+    from wedbackup_dagster.cli.app import main
 
     assert main(["backup", "--wedding", "2"]) == 0
     capsys.readouterr()

@@ -7,7 +7,7 @@ from dagster._serdes import serialize_value
 from dagster_postgres import PostgresRunStorage
 
 from wedbackup_dagster.core.stack import DAGSTER_DB, project_root
-from wedbackup_dagster.instance_storage import PG_URL_SETTING
+from wedbackup_dagster.instance.storage import PG_URL_SETTING
 
 
 @dg.op

@@ -11,7 +11,7 @@ from dagster_gcp import GCSResource
 
 from ..core.engine import PROVIDERS, BackupOutcome, ReplicaOutcome, VerifyOutcome
 from ..core.errors import WedbackupError
-from ..progress import Progress
+from ..shared.progress import Progress
 from .constants import (
     DB_DUMP,
     ENCRYPTED_ARCHIVE,
@@ -24,7 +24,7 @@ from .constants import (
     VERIFIED_RESTORE,
 )
 from .partitions import validated_keys, weddings_partitions
-from .resources import AzureBlobResource, WedbackupEngineResource
+from ..shared.resources import AzureBlobResource, WedbackupEngineResource
 
 BATCHED = dg.BackfillPolicy.single_run()
 # A provider hiccup is retried with growing pauses; uploads are content-addressed, so a retry after a

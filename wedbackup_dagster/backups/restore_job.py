@@ -15,7 +15,7 @@ from ..core.engine import PROVIDERS
 from ..core.errors import ConfigError, WedbackupError
 from .assets import _table, make_replica
 from .partitions import validated_keys
-from .resources import AzureBlobResource, WedbackupEngineResource
+from ..shared.resources import AzureBlobResource, WedbackupEngineResource
 
 TARGET_DSN_VARIABLE = "WEDBACKUP_RESTORE_TARGET_DSN"
 # A "target" restore overwrites its target, so it may never be pointed (from the UI's launchpad, say) at a

@@ -14,7 +14,7 @@ from dagster_gcp import GCSResource
 
 from ..backups.assets import _table
 from ..backups.constants import OWNERS
-from ..backups.resources import AzureBlobResource, WedbackupEngineResource
+from ..shared.resources import AzureBlobResource, WedbackupEngineResource
 from ..core import disaster
 from ..core.config import redact
 from ..core.errors import WedbackupError

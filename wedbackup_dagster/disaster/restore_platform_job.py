@@ -9,7 +9,7 @@ from dagster_aws.s3 import S3Resource
 from dagster_gcp import GCSResource
 
 from ..backups.assets import _table
-from ..backups.resources import AzureBlobResource, WedbackupEngineResource
+from ..shared.resources import AzureBlobResource, WedbackupEngineResource
 from ..backups.restore_job import FORBIDDEN_TARGET_VARIABLES, TARGET_DSN_VARIABLE, progress_logger
 from ..core import disaster, recovery
 from ..core.config import redact

@@ -6,7 +6,7 @@ from dagster_aws.s3 import S3Resource
 from dagster_gcp import GCSResource
 
 from ..backups.partitions import validated_keys, weddings_partitions
-from ..backups.resources import AzureBlobResource, WedbackupEngineResource
+from ..shared.resources import AzureBlobResource, WedbackupEngineResource
 from ..core import erasure
 from .replicas import all_replicas
 

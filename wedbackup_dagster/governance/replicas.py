@@ -7,7 +7,7 @@ from dagster_aws.s3 import S3Resource
 from dagster_gcp import GCSResource
 
 from ..backups.assets import make_replica
-from ..backups.resources import AzureBlobResource, WedbackupEngineResource
+from ..shared.resources import AzureBlobResource, WedbackupEngineResource
 from ..core.engine import PROVIDERS
 
 

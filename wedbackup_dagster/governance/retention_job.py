@@ -5,7 +5,7 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 from dagster_gcp import GCSResource
 
-from ..backups.resources import AzureBlobResource, WedbackupEngineResource
+from ..shared.resources import AzureBlobResource, WedbackupEngineResource
 from ..core import retention
 from ..core.policy import Policy
 from .replicas import all_replicas

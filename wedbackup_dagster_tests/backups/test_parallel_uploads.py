@@ -6,10 +6,10 @@ import dagster as dg
 import pytest
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from wedbackup_dagster.automation.batch_job import Step, WeddingListConfig, azure_replica_list
+from wedbackup_dagster.backups.list_pipeline import Step, WeddingListConfig, azure_replica_list
 from wedbackup_dagster.backups.constants import AZURE_REPLICA
 from wedbackup_dagster.backups.launch import register_partitions
-from wedbackup_dagster.backups.resources import build_resources
+from wedbackup_dagster.shared.resources import build_resources
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import WedbackupError
 from wedbackup_dagster.core.replicas import ensure_targets

@@ -68,7 +68,7 @@ def test_provider_timeout_out_of_range_names_the_variable(value):
 
 
 def test_provider_timeout_reaches_the_pipelines_s3_and_azure_clients(monkeypatch):
-    from wedbackup_dagster.backups.resources import AzureBlobResource, S3ReplicaResource
+    from wedbackup_dagster.shared.resources import AzureBlobResource, S3ReplicaResource
 
     for name, value in {**GOOD, "WEDBACKUP_PROVIDER_TIMEOUT": "2.5", "WEDBACKUP_S3_ENDPOINT_URL": "http://127.0.0.1:9",
                         "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret"}.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from wedbackup_dagster.automation.discovery import wedding_discovery
+from wedbackup_dagster.backups.sensors import wedding_discovery
 from wedbackup_dagster.backups.launch import register_partitions
 from wedbackup_dagster.core.keybackup import (
     _provider_key_backups,

@@ -1,0 +1,3 @@
+"""The `wedbackup` command line: `main.py` builds the parser from one module per command group (backup,
+restore, checks, catalogue, health, governance, keys, disaster); `common.py` holds what they share."""
+from .app import main  # noqa: F401  (console scripts installed before the package existed call cli:main)

@@ -1,0 +1,46 @@
+"""The `wedbackup` command line: the local stack, demo data, and the backup/restore round trip for people
+working without the UI. Backups and restores go through Dagster so every materialization is recorded."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..core.config import load_dotenv_if_present, redact
+from ..core.errors import WedbackupError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wedbackup", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from . import backup, catalogue, checks, dev, disaster, governance, health, keys, restore
+
+    dev.register(sub)
+    backup.register(sub)
+    catalogue.register(sub)
+    health.register(sub)
+    checks.register(sub)
+    restore.register(sub)
+    governance.register(sub)
+    keys.register(sub)
+    disaster.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # Dagster flags the beta/preview APIs we rely on (backfill policies, partitioned checks) on every load.
+    warnings.filterwarnings("ignore", message=r".*(beta|preview).*", module=r"dagster.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"dagster.*")
+    load_dotenv_if_present()
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except WedbackupError as exc:
+        print(f"wedbackup: {redact(str(exc))}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""What every command group of the command line shares: the Dagster instance runs are recorded in, the
+quiet run config, how a list of runs is printed, and the provider replicas the commands read and write."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+PROVIDERS = ("s3", "gcs", "azure")
+
+# Dagster's console logger prints every event at DEBUG; the command line shows its own summary instead.
+# Every event is still stored in the instance, so the UI shows the runs in full.
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+def dagster_instance():
+    """The instance the UI reads ($DAGSTER_HOME): every command's runs are recorded there."""
+    import dagster as dg
+
+    return dg.DagsterInstance.get()
+
+
+def print_runs(results) -> bool:
+    """One line per launched run (and its failures' first lines); True when every run succeeded."""
+    ok = True
+    for r in results:
+        span = r.first if r.first == r.last else f"{r.first}..{r.last}"
+        print(f"  run {r.run_id[:8]}  partitions {span:<20} {'ok' if r.success else 'FAILED'}")
+        for f in r.failures:
+            print(f"      {f.splitlines()[0][:200]}")
+        ok = ok and r.success
+    return ok
+
+
+def replica_for(provider: str, settings) -> Any:
+    """The core replica of one provider, its client built from the WEDBACKUP_* settings and the environment."""
+    from ..core.replicas import AzureReplica, GCSReplica, S3Replica
+    from ..core.replicas.azure import azure_service_from
+    from ..core.replicas.gcs import gcs_client_from
+    from ..core.replicas.s3 import s3_client_from
+
+    if provider == "s3":
+        return S3Replica(s3_client_from(settings.s3, os.environ), settings.s3)
+    if provider == "gcs":
+        return GCSReplica(gcs_client_from(settings.gcs), settings.gcs)
+    return AzureReplica(azure_service_from(settings.azure), settings.azure)

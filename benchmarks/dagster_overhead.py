@@ -1,6 +1,6 @@
 """Dagster's overhead per wedding: the backup schedule's own way of launching work — batched runs of the
 `backup_wedding_list` job (max_run_size weddings each, the NORMAL tier's 1,000), with the materializations
-batched as the code location sets up (wedbackup_dagster/event_batches.py), on the production instance
+batched as the code location sets up (wedbackup_dagster/instance/event_batches.py), on the production instance
 storage (stock dagster-postgres, as deployments/ runs it) — timed against the very same engine calls made
 without Dagster (as benchmarks/fleet.py drives the core engine), in one invocation, best of N.
 
@@ -12,7 +12,7 @@ fill), and the order of the passes reverses every repeat. What the runs cover is
 at both sizes, and at 10,000 weddings only dump+seal runs, so the benchmark fits in the bench's time; the
 headline scales the measured cost to the whole job's six materializations per wedding
 (`full_job_overhead_ms_per_wedding`). Next to production: the same storage writing materializations one
-by one (before batching), wedbackup's pooled event log (wedbackup_dagster/instance_storage.py) and the
+by one (before batching), wedbackup's pooled event log (wedbackup_dagster/instance/storage.py) and the
 local demo's SQLite."""
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _instance(home: Path, storage: str, dsn: str | None):
 
     home.mkdir(parents=True, exist_ok=True)
     config = yaml.safe_load((ROOT / "dagster.yaml").read_text())
-    config.pop("storage", None)  # the local stack's choice (instance_storage.LocalStackStorage): set below
+    config.pop("storage", None)  # the local stack's choice (instance.storage.LocalStackStorage): set below
     text = yaml.safe_dump(config)
     url = json.dumps(dsn)
     if storage == "postgres":
@@ -206,7 +206,7 @@ def run_start_seconds(repeats: int = 2) -> float:
 
 Variant = tuple[str, str, int]  # (storage, mode, DAGSTER_EVENT_BATCH_SIZE)
 # What the schedule's runs use in production: stock dagster-postgres (deployments/), the list job, and the
-# batched materializations the code location turns on (wedbackup_dagster/event_batches.py).
+# batched materializations the code location turns on (wedbackup_dagster/instance/event_batches.py).
 PRODUCTION: Variant = ("postgres", "list", MATERIALIZATION_BATCH)
 LOCAL: Variant = ("sqlite", "list", MATERIALIZATION_BATCH)  # the local demo's dagster.yaml (SQLite)
 BEFORE: Variant = ("postgres", "list", 0)  # production storage, materializations written one by one

@@ -6,19 +6,16 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
-from dagster_gcp import GCSResource
 
-from .assets import make_replica
 from .constants import DB_DUMP, ENCRYPTED_ARCHIVE, REPLICA_KEYS, VERIFIED_RESTORE
 from .partitions import validated_keys, weddings_partitions
-from ..shared.resources import AzureBlobResource, WedbackupEngineResource
+from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
 from ..core import rules
 from ..core.engine import Engine
 from ..core.errors import WedbackupError
 
-# Wiring point for core.policy (automation work): the RPO of a wedding, and optionally its tier. Until
-# policy lands every wedding has a 24 h RPO and its tier comes from the wedding date in the catalogue.
+# Freshness and shrinkage read the tier policy (core.policy, WEDBACKUP_POLICY_FILE): each wedding's RPO and
+# tier come from its date in the catalogue and the season, as for the backup schedule.
 
 Outcome = tuple[bool, str, dict[str, Any], dg.AssetCheckSeverity]
 
@@ -48,19 +45,15 @@ def _keys(context: dg.AssetCheckExecutionContext) -> list[str]:
 
 def _evaluate(wedbackup: WedbackupEngineResource, outcomes_of: Callable[[Engine], dict[str, Outcome]]
               ) -> dict[str, Outcome]:
-    """Run one check's evaluation with an engine whose catalogue connection is closed afterwards."""
-    engine = wedbackup.engine()
-    try:
-        return outcomes_of(engine)
-    finally:
-        engine.catalogue.close()
+    """Run one check's evaluation with the run's engine (its catalogue is closed when the run ends)."""
+    return outcomes_of(wedbackup.engine())
 
 
 def _ts(value: datetime | None) -> str:
     return value.astimezone(timezone.utc).isoformat(timespec="seconds") if value else ""
 
 
-def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> dg.MetadataValue:
+def metadata_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> dg.MetadataValue:
     schema = dg.TableSchema(columns=[dg.TableColumn(name, type_) for name, type_ in columns])
     return dg.MetadataValue.table(records=[dg.TableRecord({n: r.get(n) for n, _ in columns}) for r in rows],
                                   schema=schema)
@@ -140,8 +133,8 @@ class _CopyView:
 
 
 def _replica_check(provider: str, context: dg.AssetCheckExecutionContext, wedbackup: WedbackupEngineResource,
-                   client: Any) -> Iterator[Any]:
-    replica = make_replica(provider, wedbackup.settings(), client)
+                   replicas: ProviderReplicasResource) -> Iterator[Any]:
+    replica = replicas.replica(provider)
     outcomes = _evaluate(wedbackup, lambda e: replica_outcomes(e, provider, replica, _keys(context)))
     yield from _report(context, REPLICA_KEYS[provider], "replica_checksum", outcomes)
 
@@ -154,22 +147,22 @@ def _replica_description(provider: str) -> str:
 @dg.asset_check(asset=REPLICA_KEYS["s3"], name="replica_checksum", partitions_def=weddings_partitions,
                 description=_replica_description("s3"))
 def s3_replica_checksum(context: dg.AssetCheckExecutionContext, wedbackup: WedbackupEngineResource,
-                        s3: S3Resource) -> Iterator[Any]:
-    yield from _replica_check("s3", context, wedbackup, s3.get_client())
+                        replicas: ProviderReplicasResource) -> Iterator[Any]:
+    yield from _replica_check("s3", context, wedbackup, replicas)
 
 
 @dg.asset_check(asset=REPLICA_KEYS["gcs"], name="replica_checksum", partitions_def=weddings_partitions,
                 description=_replica_description("gcs"))
 def gcs_replica_checksum(context: dg.AssetCheckExecutionContext, wedbackup: WedbackupEngineResource,
-                         gcs: GCSResource) -> Iterator[Any]:
-    yield from _replica_check("gcs", context, wedbackup, gcs.get_client())
+                         replicas: ProviderReplicasResource) -> Iterator[Any]:
+    yield from _replica_check("gcs", context, wedbackup, replicas)
 
 
 @dg.asset_check(asset=REPLICA_KEYS["azure"], name="replica_checksum", partitions_def=weddings_partitions,
                 description=_replica_description("azure"))
 def azure_replica_checksum(context: dg.AssetCheckExecutionContext, wedbackup: WedbackupEngineResource,
-                           azure: AzureBlobResource) -> Iterator[Any]:
-    yield from _replica_check("azure", context, wedbackup, azure.get_service())
+                           replicas: ProviderReplicasResource) -> Iterator[Any]:
+    yield from _replica_check("azure", context, wedbackup, replicas)
 
 
 # ------------------------------------------------------------------------------------------ 3-2-1
@@ -196,7 +189,7 @@ def three_two_one_outcomes(engine: Engine, keys: list[str]) -> dict[str, Outcome
                  "verified": c.verified, "checksum_confirmed": _ts(c.confirmed_at), "restored": _ts(c.restored_at)}
                 for c in verdict.copies]
         metadata = {
-            "copies": _table(rows, [("where", "string"), ("uri", "string"), ("media", "string"), ("offsite", "bool"),
+            "copies": metadata_table(rows, [("where", "string"), ("uri", "string"), ("media", "string"), ("offsite", "bool"),
                                     ("present", "bool"), ("verified", "bool"), ("checksum_confirmed", "string"),
                                     ("restored", "string")]),
             "verified_copies": verdict.verified_copies, "media_kinds": ", ".join(verdict.media_kinds),
@@ -332,7 +325,7 @@ def shrinkage_outcomes(engine: Engine, keys: list[str]) -> dict[str, Outcome]:
             description += f" — check, then `wedbackup ack --wedding {key}` (retention keeps the pre-drop backups)"
         levels = ({v.level} if ack is None else set()) | {f["level"] for f in flags}
         metadata = {
-            "tables": _table(rows, [("table", "string"), ("before", "int"), ("after", "int"), ("lost", "int"),
+            "tables": metadata_table(rows, [("table", "string"), ("before", "int"), ("after", "int"), ("lost", "int"),
                                     ("lost_pct", "float"), ("flag", "string")]),
             "backup_id": v.backup_id or 0, "baseline_backup_id": v.baseline_id or 0,
             "baseline_snapshot": _ts(v.baseline_time), "total_before": v.total.before, "total_after": v.total.after,

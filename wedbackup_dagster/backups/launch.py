@@ -1,5 +1,6 @@
 """Launching backup work through Dagster from the command line: partitions registered, then one
-in-process run per contiguous range of weddings, recorded in the instance like any other run."""
+in-process run per contiguous range of weddings, recorded in the instance like any other run. This module
+reads the code location (definitions.py); nothing the code location loads imports it back."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,6 +52,24 @@ def run_job_for(job_name: str, keys: list[str], *, instance: dg.DagsterInstance 
             run_tags.update({ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last})
             outcome = job.execute_in_process(instance=instance, raise_on_error=False, run_config=run_config,
                                              tags=run_tags)
+        failures = [_failure_text(e) for e in outcome.all_events if e.event_type_value == "STEP_FAILURE"]
+        results.append(LaunchResult(outcome.run_id, first, last, outcome.success, failures))
+    return results
+
+
+def run_checks_for(keys: list[str], *, instance: dg.DagsterInstance) -> list:
+    """check_weddings over `keys`, one in-process run per contiguous range. Unlike run_job_for it always
+    passes the range as tags (a job of checks only has no assets for Dagster to take a single partition key's
+    definition from), so a range of one wedding is fine too."""
+    from ..definitions import defs
+    from .check_jobs import check_weddings
+
+    job = defs.resolve_job_def(check_weddings.name)
+    ordered = list(instance.get_dynamic_partitions(weddings_partitions.name))
+    results = []
+    for first, last in contiguous_ranges(validated_keys(keys), ordered):
+        outcome = job.execute_in_process(instance=instance, raise_on_error=False, tags={
+            ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last})
         failures = [_failure_text(e) for e in outcome.all_events if e.event_type_value == "STEP_FAILURE"]
         results.append(LaunchResult(outcome.run_id, first, last, outcome.success, failures))
     return results

@@ -1,152 +1,95 @@
-"""`backup_wedding_list`: the same pipeline as the backup assets (snapshot+seal, S3, GCS, Azure, verified
-restore) over an explicit list of weddings from the run config, recording each wedding's materializations
-itself, in batches (wedbackup_dagster/event_batches.py). The schedule and change capture use it: due
-weddings are scattered over the partitions' insertion order, and a partition-range run would take them
-one run each (see README, Automation)."""
+"""The list pipeline: `backup_wedding_list`, a second copy of the backup assets' pipeline (snapshot+seal,
+S3, GCS, Azure, verified restore) as ops over an explicit list of weddings from the run config, recording each
+wedding's materializations itself, in batches (instance/event_batches.py). It exists for measured reasons:
+the schedule's and change capture's due weddings are scattered over the partitions' insertion order, and a
+partition-range run would take them one run each (README, Automation; benchmarks/dagster_overhead.py). A
+wedding that fails is modelled as in the assets (shared/wedding_outcomes.py)."""
 from typing import Any
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
-from dagster_gcp import GCSResource
 
-from .assets import (archive_metadata, dump_metadata, log_key_backup, make_replica, replica_metadata,
-                              verify_metadata)
-from .constants import (
-    DB_DUMP,
-    ENCRYPTED_ARCHIVE,
-    REPLICA_KEYS,
-    RESTORE_POOL,
-    SOURCE_POOL,
-    UPLOAD_POOLS,
-    VERIFIED_RESTORE,
-)
-from .partitions import validated_keys
-from .checks import log_shrinkage_evaluations
-from ..shared.resources import AzureBlobResource, WedbackupEngineResource
-from ..core.engine import PROVIDERS
-from ..core.errors import WedbackupError
 from ..instance.event_batches import in_batches
+from ..shared.metadata import log_key_backup, replica_metadata, verify_metadata
 from ..shared.progress import Progress
-
-Step = dict[str, Any]  # {"ok": [wedding ids that succeeded], "failed": {wedding id: reason}}
-
+from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
+from ..shared.wedding_outcomes import WeddingOutcomes, WeddingsOfStep, failure_of_steps
+from .assets import sealed_metadata
+from .checks import log_shrinkage_evaluations
+from .constants import REPLICA_KEYS, RESTORE_POOL, SOURCE_POOL, UPLOAD_POOLS, VERIFIED_RESTORE
+from .partitions import validated_keys
 
 class WeddingListConfig(dg.Config):
     weddings: list[str]  # partition keys (wedding ids or `platform`), in the order to back them up
 
 
-def _each(context: dg.OpExecutionContext, keys: list[str], work, what: str = ""
-          ) -> tuple[Step, list[dg.AssetMaterialization]]:
-    ok: list[str] = []
-    failed: dict[str, str] = {}
-    events: list[dg.AssetMaterialization] = []
-    progress = Progress(what, len(keys), context.log.info) if what else None
-    for key in keys:
-        if progress is not None:
-            progress.step()
-        try:
-            events += work(key)
-        except WedbackupError as exc:
-            context.log.error(str(exc))
-            failed[key] = str(exc)
-            continue
-        ok.append(key)
-    return {"ok": ok, "failed": failed}, events
-
-
-@dg.op(pool=SOURCE_POOL, out=dg.Out(Step))
+@dg.op(pool=SOURCE_POOL, out=dg.Out(WeddingsOfStep))
 def snapshot_and_seal_list(context: dg.OpExecutionContext, config: WeddingListConfig,
                            wedbackup: WedbackupEngineResource):
     engine = wedbackup.engine()
     keys = validated_keys(config.weddings)
     progress = Progress("snapshot and seal", len(keys), context.log.info)
-    outcomes = {}
+    outcomes = WeddingOutcomes("backup")
     with engine.snapshot_session() as session:
         for key, outcome in engine.back_up_each(keys, session):
             progress.step()
-            outcomes[key] = outcome
-
-    def work(key: str) -> list[dg.AssetMaterialization]:
-        o = outcomes[key]
-        if isinstance(o, WedbackupError):
-            raise o
-        return [dg.AssetMaterialization(DB_DUMP, partition=key, metadata=dump_metadata(o)),
-                dg.AssetMaterialization(ENCRYPTED_ARCHIVE, partition=key, metadata=archive_metadata(o))]
-
-    step, events = _each(context, list(outcomes), work)
-    yield from in_batches(context, events)
+            outcomes.record(context, key, outcome, sealed_metadata)
+    yield from in_batches(context, outcomes.materializations())
     # The shrinkage check of each new backup, as backup_weddings runs it (recorded per wedding partition).
-    log_shrinkage_evaluations(context, engine, step["ok"])
-    yield dg.Output(step)
+    log_shrinkage_evaluations(context, engine, outcomes.ok)
+    yield dg.Output(outcomes.as_step())
 
 
-def _replicate(context: dg.OpExecutionContext, provider: str, sealed: Step, wedbackup: WedbackupEngineResource,
-               client: Any):
+def _replicate(context: dg.OpExecutionContext, provider: str, sealed: WeddingsOfStep,
+               wedbackup: WedbackupEngineResource, replicas: ProviderReplicasResource):
     engine = wedbackup.engine()
-    replica = make_replica(provider, wedbackup.settings(), client)
-
+    replica = replicas.replica(provider)
+    progress = Progress(f"{provider} upload", len(sealed["ok"]), context.log.info)
+    outcomes = WeddingOutcomes(f"{provider} upload")
     # The uploads run side by side (WEDBACKUP_UPLOAD_CONCURRENCY); each wedding's outcome is kept on its own.
-    outcomes = dict(engine.replicate_each(sealed["ok"], replica))
-
-    def work(key: str) -> list[dg.AssetMaterialization]:
-        o = outcomes[key]
-        if isinstance(o, WedbackupError):
-            raise o
-        return [dg.AssetMaterialization(REPLICA_KEYS[provider], partition=key, metadata=replica_metadata(o))]
-
-    step, events = _each(context, sealed["ok"], work, f"{provider} upload")
-    yield from in_batches(context, events)
-    yield dg.Output(step)
+    for key, outcome in engine.replicate_each(sealed["ok"], replica):
+        progress.step()
+        outcomes.record(context, key, outcome, lambda o: {REPLICA_KEYS[provider]: replica_metadata(o)})
+    yield from in_batches(context, outcomes.materializations())
+    yield dg.Output(outcomes.as_step())
 
 
 # One op per provider, each in its provider's pool: a slow or failing provider holds only its own slots.
-@dg.op(pool=UPLOAD_POOLS["s3"], out=dg.Out(Step))
-def s3_replica_list(context: dg.OpExecutionContext, sealed: Step, wedbackup: WedbackupEngineResource, s3: S3Resource):
-    yield from _replicate(context, "s3", sealed, wedbackup, s3.get_client())
+@dg.op(pool=UPLOAD_POOLS["s3"], out=dg.Out(WeddingsOfStep))
+def s3_replica_list(context: dg.OpExecutionContext, sealed: WeddingsOfStep, wedbackup: WedbackupEngineResource,
+                    replicas: ProviderReplicasResource):
+    yield from _replicate(context, "s3", sealed, wedbackup, replicas)
 
 
-@dg.op(pool=UPLOAD_POOLS["gcs"], out=dg.Out(Step))
-def gcs_replica_list(context: dg.OpExecutionContext, sealed: Step, wedbackup: WedbackupEngineResource,
-                     gcs: GCSResource):
-    yield from _replicate(context, "gcs", sealed, wedbackup, gcs.get_client())
+@dg.op(pool=UPLOAD_POOLS["gcs"], out=dg.Out(WeddingsOfStep))
+def gcs_replica_list(context: dg.OpExecutionContext, sealed: WeddingsOfStep, wedbackup: WedbackupEngineResource,
+                     replicas: ProviderReplicasResource):
+    yield from _replicate(context, "gcs", sealed, wedbackup, replicas)
 
 
-@dg.op(pool=UPLOAD_POOLS["azure"], out=dg.Out(Step))
-def azure_replica_list(context: dg.OpExecutionContext, sealed: Step, wedbackup: WedbackupEngineResource,
-                       azure: AzureBlobResource):
-    yield from _replicate(context, "azure", sealed, wedbackup, azure.get_service())
+@dg.op(pool=UPLOAD_POOLS["azure"], out=dg.Out(WeddingsOfStep))
+def azure_replica_list(context: dg.OpExecutionContext, sealed: WeddingsOfStep, wedbackup: WedbackupEngineResource,
+                       replicas: ProviderReplicasResource):
+    yield from _replicate(context, "azure", sealed, wedbackup, replicas)
 
 
 @dg.op(pool=RESTORE_POOL, out={})
-def verified_restore_list(context: dg.OpExecutionContext, sealed: Step, s3_done: Step, gcs_done: Step,
-                          azure_done: Step, wedbackup: WedbackupEngineResource, s3: S3Resource, gcs: GCSResource,
-                          azure: AzureBlobResource):
+def verified_restore_list(context: dg.OpExecutionContext, sealed: WeddingsOfStep, s3_done: WeddingsOfStep,
+                          gcs_done: WeddingsOfStep, azure_done: WeddingsOfStep, wedbackup: WedbackupEngineResource,
+                          replicas: ProviderReplicasResource):
     engine = wedbackup.engine()
-    settings = wedbackup.settings()
-    clients = {"s3": s3.get_client(), "gcs": gcs.get_client(), "azure": azure.get_service()}
-    replicas = {p: make_replica(p, settings, clients[p]) for p in PROVIDERS}
-    log_key_backup(context, engine.back_up_new_keys(replicas))  # a backup is not done while its key is only here
+    every_replica = replicas.all()
+    log_key_backup(context, engine.back_up_new_keys(every_replica))  # a backup is not done while its key is only here
     uploaded = [k for k in sealed["ok"] if any(k in step["ok"] for step in (s3_done, gcs_done, azure_done))]
     # Weddings in batches, each batch restored into one scratch database and checked wedding by wedding.
     progress = Progress("verified restore", len(uploaded), context.log.info)
-    outcomes = {}
-    for key, outcome in engine.verify_each(uploaded, replicas, on_progress=progress.step):
-        outcomes[key] = outcome
-
-    def work(key: str) -> list[dg.AssetMaterialization]:
-        o = outcomes[key]
-        if isinstance(o, WedbackupError):
-            raise o
-        return [dg.AssetMaterialization(VERIFIED_RESTORE, partition=key, metadata=verify_metadata(o))]
-
-    step, events = _each(context, uploaded, work)
-    yield from in_batches(context, events)
-    steps = (("backup", sealed), ("s3", s3_done), ("gcs", gcs_done), ("azure", azure_done), ("verify", step))
-    failures = {f"{what} {k}": msg for what, done in steps for k, msg in done["failed"].items()}
-    if failures:
-        lines = "\n".join(f"- {k}: {msg}" for k, msg in sorted(failures.items()))
-        raise dg.Failure(description=f"{len(failures)} step(s) failed for the listed weddings:\n{lines}",
-                         metadata={"failed": dg.MetadataValue.json(sorted(failures))})
+    outcomes = WeddingOutcomes("verify")
+    for key, outcome in engine.verify_each(uploaded, every_replica, on_progress=progress.step):
+        outcomes.record(context, key, outcome, lambda o: {VERIFIED_RESTORE: verify_metadata(o)})
+    yield from in_batches(context, outcomes.materializations())
+    failure = failure_of_steps((("backup", sealed), ("s3", s3_done), ("gcs", gcs_done), ("azure", azure_done),
+                                ("verify", outcomes.as_step())))
+    if failure is not None:
+        raise failure
 
 
 @dg.job(

@@ -6,16 +6,13 @@ import logging
 import os
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
-from dagster_gcp import GCSResource
 
 from ..core import recovery
 from ..core.config import redact
-from ..core.engine import PROVIDERS
 from ..core.errors import ConfigError, WedbackupError
-from .assets import _table, make_replica
+from ..shared.metadata import metadata_table
 from .partitions import validated_keys
-from ..shared.resources import AzureBlobResource, WedbackupEngineResource
+from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
 
 TARGET_DSN_VARIABLE = "WEDBACKUP_RESTORE_TARGET_DSN"
 # A "target" restore overwrites its target, so it may never be pointed (from the UI's launchpad, say) at a
@@ -43,7 +40,7 @@ class RestoreConfig(dg.Config):
 
 @dg.op(tags={"kind": "restore"})
 def restore_partition(context: dg.OpExecutionContext, config: RestoreConfig, wedbackup: WedbackupEngineResource,
-                      s3: S3Resource, gcs: GCSResource, azure: AzureBlobResource) -> dg.Output[dict]:
+                      replicas: ProviderReplicasResource) -> dg.Output[dict]:
     partition = validated_keys([config.partition])[0]
     if config.mode not in recovery.MODES:
         raise ConfigError("mode", f"must be one of {', '.join(recovery.MODES)}, not {config.mode!r}")
@@ -56,10 +53,8 @@ def restore_partition(context: dg.OpExecutionContext, config: RestoreConfig, wed
         if not target:
             raise ConfigError(config.target_dsn_env, "is not set: the DSN of the database to restore into")
     engine = wedbackup.engine()
-    clients = {"s3": s3.get_client, "gcs": gcs.get_client, "azure": azure.get_service}
-    settings = wedbackup.settings()
     # Only the providers that may be read are made: a down provider does not stop a restore from another.
-    replicas = {p: make_replica(p, settings, clients[p]()) for p in PROVIDERS if config.provider in (None, p)}
+    readable = replicas.all(only=None if config.provider is None else [config.provider])
     request = recovery.RecoveryRequest(
         partition=partition, mode=config.mode, as_of=recovery.parse_as_of(config.as_of), dry_run=config.dry_run,
         provider=config.provider, schema=config.schema_name, include_unverified=config.include_unverified,
@@ -71,7 +66,7 @@ def restore_partition(context: dg.OpExecutionContext, config: RestoreConfig, wed
         progress_logger.info(message)
 
     try:
-        report = recovery.recover(engine, request, replicas, target_dsn=target, progress=progress)
+        report = recovery.recover(engine, request, readable, target_dsn=target, progress=progress)
     except WedbackupError as exc:
         # Our errors already say what is at fault; a Failure shows them as the step's own words.
         raise dg.Failure(description=redact(str(exc))) from None
@@ -90,7 +85,7 @@ def restore_partition(context: dg.OpExecutionContext, config: RestoreConfig, wed
         "rows_added": dg.MetadataValue.int(totals["add"]),
         "rows_removed": dg.MetadataValue.int(totals["remove"]),
         "rows_changed": dg.MetadataValue.int(totals["change"]),
-        "tables": _table(report.to_dict()["tables"], TABLE_COLUMNS),
+        "tables": metadata_table(report.to_dict()["tables"], TABLE_COLUMNS),
         "report": dg.MetadataValue.md("```\n" + "\n".join(report.lines()) + "\n```"),
         "seconds": dg.MetadataValue.float(report.seconds),
     })

@@ -17,12 +17,14 @@ from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
 from .constants import DB_DUMP, ENCRYPTED_ARCHIVE, VERIFIED_RESTORE
 from .partitions import validated_keys, weddings_partitions
 from ..shared.resources import WedbackupEngineResource
-from ..cli.checks import select_for_verify
 from ..core.catalogue import Catalogue
 from ..core.discovery import contiguous_ranges
 from ..core.errors import WedbackupError
 from ..core.rules import CheckQueries
-from .list_pipeline import Step, backup_wedding_list, list_run_config, verified_restore_list
+from ..shared.wedding_outcomes import WeddingsOfStep
+from .assets import backup_assets
+from .list_pipeline import backup_wedding_list, list_run_config, verified_restore_list
+from .verify_selection import select_for_verify
 
 REVERIFY_JOB = "reverify_wedding_list"
 RUN_SIZE = 250  # weddings per consolidated run: a few runs, so several run workers can share a large selection
@@ -65,16 +67,13 @@ def selected_weddings(config: ReverifySelection, catalogue: Catalogue) -> list[s
                              older_than_days=config.not_verified_for_days)
 
 
-@dg.op(out=dg.Out(Step))
+@dg.op(out=dg.Out(WeddingsOfStep))
 def select_weddings(context: dg.OpExecutionContext, config: ReverifySelection,
-                    wedbackup: WedbackupEngineResource) -> Step:
-    catalogue = Catalogue(wedbackup.settings().catalogue_dsn)
+                    wedbackup: WedbackupEngineResource) -> WeddingsOfStep:
     try:
-        keys = selected_weddings(config, catalogue)
+        keys = selected_weddings(config, wedbackup.catalogue())
     except WedbackupError as exc:
         raise dg.Failure(description=str(exc)) from None
-    finally:
-        catalogue.close()
     context.log.info(f"re-verifying {len(keys)} partition(s)")
     return {"ok": keys, "failed": {}}
 
@@ -159,12 +158,10 @@ def wedding_backfill_consolidation(context: dg.SensorEvaluationContext):
     ordered = list(instance.get_dynamic_partitions(weddings_partitions.name))
     if context.repository_def is not None:
         graph = context.repository_def.asset_graph
-    else:  # evaluated outside a code location (a bare build_sensor_context)
-        from ..definitions import defs
-
-        graph = defs.resolve_asset_graph()
-    wedding_assets = {key for key in graph.materializable_asset_keys
-                      if graph.get(key).partitions_def == weddings_partitions}
+        wedding_assets = {key for key in graph.materializable_asset_keys
+                          if graph.get(key).partitions_def == weddings_partitions}
+    else:  # evaluated outside a code location (a bare build_sensor_context): the backup assets are those
+        wedding_assets = {key for a in backup_assets if a.partitions_def == weddings_partitions for key in a.keys}
     requests: list[dg.RunRequest] = []
     for backfill in backfills:
         plan = consolidation_plan(backfill, ordered, wedding_assets)

@@ -2,7 +2,6 @@
 past their tier's RPO, record the unchanged ones as still covered, and request few, large, prioritized
 runs for the rest — each run an explicit list of weddings, so Dagster never validates keys one by one."""
 import datetime as dt
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -10,8 +9,8 @@ import dagster as dg
 
 from .partitions import weddings_partitions
 from ..core.catalogue import Catalogue
-from ..core.config import _dsn
 from ..core.policy import Policy
+from ..shared.resources import WedbackupEngineResource
 from .list_pipeline import backup_wedding_list, list_run_config
 
 TIER_TAG = "wedbackup/tier"
@@ -30,12 +29,6 @@ class TickPlan:
     requested: list[str] = field(default_factory=list)  # due weddings in the requested runs
     covered: list[str] = field(default_factory=list)
     unregistered: list[str] = field(default_factory=list)  # due, but not (yet) a Dagster partition
-
-
-def catalogue_from_env() -> Catalogue:
-    catalogue = Catalogue(_dsn(os.environ, "WEDBACKUP_CATALOGUE_DSN"))
-    catalogue.migrate()
-    return catalogue
 
 
 def list_requests(due_by_tier: dict[str, list[str]], ordered: list[str], policy: Policy, *, key_prefix: str,
@@ -98,15 +91,10 @@ _POLICY = Policy.from_env()  # the cron and zone must be known when the code loc
                 "(nearest weddings first, tighter in wedding season), in few batched runs; weddings "
                 "unchanged since their newest backup are recorded as still covered instead.",
 )
-def backup_schedule(context: dg.ScheduleEvaluationContext):
+def backup_schedule(context: dg.ScheduleEvaluationContext, wedbackup: WedbackupEngineResource):
     now = _tick_time(context)
-    policy = Policy.from_env()
-    catalogue = catalogue_from_env()
-    try:
-        ordered = list(context.instance.get_dynamic_partitions(weddings_partitions.name))
-        plan = plan_tick(catalogue, policy, ordered, now)
-    finally:
-        catalogue.close()
+    ordered = list(context.instance.get_dynamic_partitions(weddings_partitions.name))
+    plan = plan_tick(wedbackup.catalogue(), wedbackup.policy(), ordered, now)
     if plan.unregistered:
         context.log.warning(f"{len(plan.unregistered)} due partition(s) are not Dagster partitions yet "
                             f"(wedding_discovery adds them): {', '.join(plan.unregistered[:10])}")

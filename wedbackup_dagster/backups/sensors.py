@@ -2,17 +2,16 @@
 weddings become dynamic partitions, erased ones leave) and change capture (an updated_at watermark; a
 change to a critical or high-tier wedding is backed up within the sensor's interval)."""
 import datetime as dt
-import os
 from collections import defaultdict
 
 import dagster as dg
 
 from .partitions import validated_keys, weddings_partitions
-from ..core.config import _dsn
 from ..core.discovery import PLATFORM, changed_weddings, digest, wedding_dates
-from ..core.policy import CRITICAL, HIGH, Policy
+from ..core.policy import CRITICAL, HIGH
+from ..shared.resources import WedbackupEngineResource
 from .list_pipeline import backup_wedding_list
-from .schedules import catalogue_from_env, list_requests
+from .schedules import list_requests
 
 # Dagster adds partitions far faster in big batches (100k: ~2 s in batches of 1,000, 12 s in batches of 100).
 PARTITION_BATCH = 10_000
@@ -22,10 +21,6 @@ WATERMARK_OVERLAP = dt.timedelta(minutes=2)
 URGENT_TIERS = (CRITICAL, HIGH)
 
 
-def _source_dsn() -> str:
-    return _dsn(os.environ, "WEDBACKUP_SOURCE_DSN")
-
-
 @dg.sensor(
     name="wedding_discovery",
     minimum_interval_seconds=60,
@@ -33,18 +28,15 @@ def _source_dsn() -> str:
     description="Adds every new wedding of the source database as a partition and removes erased ones "
                 "(in batches), and keeps the catalogue's partition list and wedding dates current.",
 )
-def wedding_discovery(context: dg.SensorEvaluationContext):
-    catalogue = catalogue_from_env()
-    try:
-        # An erased wedding stays out even while its row is still in the source (README, GDPR erasure).
-        erased = catalogue.erased_partitions()
-        present = [(PLATFORM, None), *(w for w in wedding_dates(_source_dsn()) if w[0] not in erased)]
-        fingerprint = digest(present)
-        if context.cursor == fingerprint:
-            return dg.SkipReason("no wedding added, removed or re-dated since the last tick")
-        changed, removed = catalogue.sync_partitions(present)
-    finally:
-        catalogue.close()
+def wedding_discovery(context: dg.SensorEvaluationContext, wedbackup: WedbackupEngineResource):
+    catalogue = wedbackup.catalogue()
+    # An erased wedding stays out even while its row is still in the source (README, GDPR erasure).
+    erased = catalogue.erased_partitions()
+    present = [(PLATFORM, None), *(w for w in wedding_dates(wedbackup.source_dsn()) if w[0] not in erased)]
+    fingerprint = digest(present)
+    if context.cursor == fingerprint:
+        return dg.SkipReason("no wedding added, removed or re-dated since the last tick")
+    changed, removed = catalogue.sync_partitions(present)
     keys = validated_keys([k for k, _ in present])
     wanted = set(keys)
     known = list(context.instance.get_dynamic_partitions(weddings_partitions.name))
@@ -81,35 +73,32 @@ def _watermark(cursor: str | None) -> dt.datetime | None:
                 "the catalogue (the schedule's fingerprint) and requests a backup at once for a changed "
                 "critical or high-tier wedding. Cursor: the updated_at watermark.",
 )
-def wedding_change_capture(context: dg.SensorEvaluationContext):
+def wedding_change_capture(context: dg.SensorEvaluationContext, wedbackup: WedbackupEngineResource):
     since = _watermark(context.cursor)
-    changes, newest = changed_weddings(_source_dsn(), since - WATERMARK_OVERLAP if since else None)
+    changes, newest = changed_weddings(wedbackup.source_dsn(), since - WATERMARK_OVERLAP if since else None)
     watermark = max(newest, since) if since else newest
     cursor = watermark.isoformat()
     if not changes:
         return dg.SensorResult(cursor=cursor, skip_reason=f"no change since {cursor}")
-    policy = Policy.from_env()
+    policy = wedbackup.policy()
     now = dt.datetime.now(dt.timezone.utc)
     today = policy.today(now)
-    catalogue = catalogue_from_env()
-    try:
-        rows = catalogue.record_source_changes(changes)
-        urgent: dict[str, list[str]] = defaultdict(list)
-        for row in rows:
-            tier = policy.tier(row["wedding_date"], today)
-            if row["partition"] == PLATFORM or tier not in URGENT_TIERS:
-                continue
-            changed = row["snapshot_time"] is None or row["source_updated_at"] > row["snapshot_time"]
-            asked = row["requested_at"] is not None and row["requested_at"] >= row["source_updated_at"]
-            if changed and not asked:
-                urgent[tier].append(row["partition"])
-        ordered = list(context.instance.get_dynamic_partitions(weddings_partitions.name))
-        requests, requested, _ = list_requests(
-            urgent, ordered, policy, key_prefix=f"change-{watermark.astimezone(dt.timezone.utc):%Y%m%dT%H%M%S%f}",
-            trigger="change")
-        catalogue.mark_requested(requested, now)
-    finally:
-        catalogue.close()
+    catalogue = wedbackup.catalogue()
+    rows = catalogue.record_source_changes(changes)
+    urgent: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        tier = policy.tier(row["wedding_date"], today)
+        if row["partition"] == PLATFORM or tier not in URGENT_TIERS:
+            continue
+        changed = row["snapshot_time"] is None or row["source_updated_at"] > row["snapshot_time"]
+        asked = row["requested_at"] is not None and row["requested_at"] >= row["source_updated_at"]
+        if changed and not asked:
+            urgent[tier].append(row["partition"])
+    ordered = list(context.instance.get_dynamic_partitions(weddings_partitions.name))
+    requests, requested, _ = list_requests(
+        urgent, ordered, policy, key_prefix=f"change-{watermark.astimezone(dt.timezone.utc):%Y%m%dT%H%M%S%f}",
+        trigger="change")
+    catalogue.mark_requested(requested, now)
     context.log.info(f"{len(changes)} partition(s) changed; {len(requested)} critical/high wedding(s) requested")
     if not requests:
         return dg.SensorResult(cursor=cursor, skip_reason=f"{len(changes)} partition(s) changed, none critical "

@@ -35,8 +35,6 @@ def acknowledge_shrinkage_op(context: dg.OpExecutionContext, config: Acknowledge
                            note=config.note)
     except WedbackupError as exc:
         raise dg.Failure(description=str(exc)) from None
-    finally:
-        engine.catalogue.close()
     context.log.info(f"wedding {config.wedding}: {len(rows)} shrinkage flag(s) acknowledged by {config.by}")
     return dg.Output(None, metadata={
         "acknowledged": len(rows), "by": config.by,

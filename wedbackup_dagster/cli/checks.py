@@ -5,32 +5,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from datetime import datetime, timedelta, timezone
 
+from ..backups.verify_selection import select_for_verify
 from ..core.errors import WedbackupError
 from ..core.vault import shown
 
 DEFAULT_BATCH = 500  # a run's verified_restore loads its weddings into one scratch database per 500
-
-
-def select_for_verify(verified: dict[str, datetime | None], *, all_: bool = False, weddings: list[str] | None = None,
-                      older_than_days: float | None = None, now: datetime | None = None) -> list[str]:
-    """Which partitions to re-verify, from {partition with a backup: when its newest backup last restored}."""
-    if all_:
-        return sorted(verified, key=_order)
-    if weddings:
-        unknown = [w for w in weddings if w not in verified]
-        if unknown:
-            raise WedbackupError(f"wedding(s) without a backup in the catalogue: {', '.join(map(shown, unknown[:10]))}")
-        return list(dict.fromkeys(weddings))
-    if older_than_days is None or older_than_days < 0:
-        raise WedbackupError("--older-than needs a number of days ≥ 0")
-    cutoff = (now or datetime.now(timezone.utc)) - timedelta(days=older_than_days)
-    return sorted((p for p, at in verified.items() if at is None or at < cutoff), key=_order)
-
-
-def _order(partition: str) -> tuple[int, str]:
-    return (0, f"{int(partition):020d}") if partition.isdigit() else (1, partition)
 
 
 def batches(keys: list[str], ordered: list[str], size: int) -> list[list[str]]:
@@ -46,7 +26,7 @@ def reverify(keys: list[str], *, instance, batch_size: int = DEFAULT_BATCH) -> d
     wedding of those runs has its own check results. Returns counts, failures and the runs."""
     from ..backups.launch import run_job_for
     from ..backups.partitions import weddings_partitions
-    from ..backups.check_jobs import run_checks_for
+    from ..backups.launch import run_checks_for
 
     ordered = list(instance.get_dynamic_partitions(weddings_partitions.name))
     from ..shared.progress import Progress

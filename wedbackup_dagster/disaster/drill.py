@@ -9,16 +9,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
-from dagster_gcp import GCSResource
 
-from ..backups.assets import _table
+from ..shared.metadata import metadata_table
 from ..backups.constants import OWNERS
-from ..shared.resources import AzureBlobResource, WedbackupEngineResource
+from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
 from ..core import disaster
 from ..core.config import redact
 from ..core.errors import WedbackupError
-from ..governance.replicas import all_replicas
 
 DR_DRILL_REPORT = dg.AssetKey("dr_drill_report")
 
@@ -47,18 +44,16 @@ class DrillConfig(dg.Config):
                 "throughput per copy location, and the trend against earlier drills.",
 )
 def dr_drill_report(context: dg.AssetExecutionContext, config: DrillConfig, wedbackup: WedbackupEngineResource,
-                    s3: S3Resource, gcs: GCSResource, azure: AzureBlobResource) -> Iterator[Any]:
+                    replicas: ProviderReplicasResource) -> Iterator[Any]:
     provider = config.provider or disaster.drill_provider()
     engine = wedbackup.engine()
     try:
-        report = disaster.drill(engine, all_replicas(wedbackup, s3, gcs, azure), provider, jobs=config.jobs,
+        report = disaster.drill(engine, replicas.all(), provider, jobs=config.jobs,
                                 window_seconds=config.window_seconds,
                                 catalogue_lost=disaster.drill_catalogue_lost(config.catalogue_lost),
                                 progress=lambda m: context.log.info(redact(m)))
     except WedbackupError as exc:
         raise dg.Failure(description=redact(str(exc))) from None
-    finally:
-        engine.catalogue.close()
     r = report.restore
     slowest = float(r.slowest.get("seconds", 0.0))
     rto_ok = report.rto_seconds <= config.rto_target_seconds and slowest <= config.partition_target_seconds
@@ -70,9 +65,9 @@ def dr_drill_report(context: dg.AssetExecutionContext, config: DrillConfig, wedb
         "partitions_restored": dg.MetadataValue.int(r.restored_now),
         "partitions_total": dg.MetadataValue.int(r.partitions_total),
         "rows": dg.MetadataValue.int(r.rows), "bytes": dg.MetadataValue.int(r.bytes),
-        "phases": _table([{"phase": k, "seconds": float(v)} for k, v in r.phases.items()],
+        "phases": metadata_table([{"phase": k, "seconds": float(v)} for k, v in r.phases.items()],
                          [("phase", "string"), ("seconds", "float")]),
-        "throughput": _table([{"copy": k, "bytes_per_second": v} for k, v in report.throughput.items()],
+        "throughput": metadata_table([{"copy": k, "bytes_per_second": v} for k, v in report.throughput.items()],
                              [("copy", "string"), ("bytes_per_second", "float")]),
         "not_restored": dg.MetadataValue.json(r.failed),
         "stopped": r.stopped or "no",

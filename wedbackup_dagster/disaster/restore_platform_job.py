@@ -5,16 +5,13 @@ the config names (default WEDBACKUP_RESTORE_TARGET_DSN), and may not be the sour
 import os
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
-from dagster_gcp import GCSResource
 
-from ..backups.assets import _table
-from ..shared.resources import AzureBlobResource, WedbackupEngineResource
+from ..shared.metadata import metadata_table
+from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
 from ..backups.restore_job import FORBIDDEN_TARGET_VARIABLES, TARGET_DSN_VARIABLE, progress_logger
 from ..core import disaster, recovery
 from ..core.config import redact
 from ..core.errors import ConfigError, WedbackupError
-from ..governance.replicas import all_replicas
 
 
 class RestorePlatformConfig(dg.Config):
@@ -31,8 +28,7 @@ PHASE_COLUMNS = [("phase", "string"), ("seconds", "float")]
 
 @dg.op(tags={"kind": "restore"})
 def restore_all_partitions(context: dg.OpExecutionContext, config: RestorePlatformConfig,
-                           wedbackup: WedbackupEngineResource, s3: S3Resource, gcs: GCSResource,
-                           azure: AzureBlobResource) -> dg.Output[dict]:
+                           wedbackup: WedbackupEngineResource, replicas: ProviderReplicasResource) -> dg.Output[dict]:
     if config.target_dsn_env in FORBIDDEN_TARGET_VARIABLES:
         raise ConfigError("target_dsn_env", f"may not name {config.target_dsn_env}: the whole platform is restored "
                                             f"only into a new, empty database")
@@ -53,7 +49,7 @@ def restore_all_partitions(context: dg.OpExecutionContext, config: RestorePlatfo
             providers=disaster.copy_order(config.copy_from), jobs=config.jobs, resume=config.resume,
             include_unverified=config.include_unverified)
         engine = wedbackup.engine()
-        report = disaster.restore_all(engine, all_replicas(wedbackup, s3, gcs, azure), target, options,
+        report = disaster.restore_all(engine, replicas.all(), target, options,
                                       progress=progress)
     except WedbackupError as exc:
         raise dg.Failure(description=redact(str(exc))) from None
@@ -67,7 +63,7 @@ def restore_all_partitions(context: dg.OpExecutionContext, config: RestorePlatfo
         "rows": dg.MetadataValue.int(report.rows), "bytes": dg.MetadataValue.int(report.bytes),
         "newest_recovery_point": report.newest_point, "oldest_recovery_point": report.oldest_point,
         "not_restored": dg.MetadataValue.json(report.failed),
-        "phases": _table([{"phase": k, "seconds": float(v)} for k, v in report.phases.items()], PHASE_COLUMNS),
+        "phases": metadata_table([{"phase": k, "seconds": float(v)} for k, v in report.phases.items()], PHASE_COLUMNS),
         "report": dg.MetadataValue.md("```\n" + redact("\n".join(report.lines())) + "\n```"),
         "seconds": dg.MetadataValue.float(report.seconds),
     }

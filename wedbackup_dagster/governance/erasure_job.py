@@ -2,13 +2,10 @@
 Dagster partition is removed. Fails, listing what is left, when a provider could not be reached; a re-run
 completes it. Locked copies are reported in the metadata, not failures."""
 import dagster as dg
-from dagster_aws.s3 import S3Resource
-from dagster_gcp import GCSResource
 
 from ..backups.partitions import validated_keys, weddings_partitions
-from ..shared.resources import AzureBlobResource, WedbackupEngineResource
+from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
 from ..core import erasure
-from .replicas import all_replicas
 
 
 class EraseConfig(dg.Config):
@@ -18,10 +15,10 @@ class EraseConfig(dg.Config):
 
 @dg.op(tags={"kind": "erasure"})
 def erase_wedding_backups(context: dg.OpExecutionContext, config: EraseConfig, wedbackup: WedbackupEngineResource,
-                          s3: S3Resource, gcs: GCSResource, azure: AzureBlobResource) -> dg.Output:
+                          replicas: ProviderReplicasResource) -> dg.Output:
     partition = validated_keys([config.partition])[0]
     engine = wedbackup.engine()
-    report = erasure.erase_wedding(engine.catalogue, engine.vault, all_replicas(wedbackup, s3, gcs, azure),
+    report = erasure.erase_wedding(engine.catalogue, engine.vault, replicas.all(),
                                    partition, requested_by=config.requested_by, settings=engine.settings)
     if context.instance.has_dynamic_partition(weddings_partitions.name, partition):
         context.instance.delete_dynamic_partition(weddings_partitions.name, partition)

@@ -2,13 +2,10 @@
 (core.retention.prune, rules from WEDBACKUP_POLICY_FILE). Locked copies are reported, not failures;
 a provider that could not be reached fails the run (the next sweep retries)."""
 import dagster as dg
-from dagster_aws.s3 import S3Resource
-from dagster_gcp import GCSResource
 
-from ..shared.resources import AzureBlobResource, WedbackupEngineResource
+from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
 from ..core import retention
 from ..core.policy import Policy
-from .replicas import all_replicas
 
 
 class PruneConfig(dg.Config):
@@ -18,9 +15,9 @@ class PruneConfig(dg.Config):
 
 @dg.op(tags={"kind": "retention"})
 def prune_backups(context: dg.OpExecutionContext, config: PruneConfig, wedbackup: WedbackupEngineResource,
-                  s3: S3Resource, gcs: GCSResource, azure: AzureBlobResource) -> dg.Output:
+                  replicas: ProviderReplicasResource) -> dg.Output:
     engine = wedbackup.engine()
-    report = retention.prune(engine.catalogue, engine.vault, all_replicas(wedbackup, s3, gcs, azure),
+    report = retention.prune(engine.catalogue, engine.vault, replicas.all(),
                              Policy.from_env(), dry_run=config.dry_run, partition=config.partition)
     summary = report.summary()
     context.log.info(f"retention: {summary}")

@@ -14,7 +14,7 @@ the asset's latest, so a group never mixes assets. Without the setting (or on SQ
 the same events are stored one by one: slower, never wrong.
 
 This uses Dagster's internal event API (`dagster._core.events`); the dagster version is pinned in
-pyproject.toml and wedbackup_dagster_tests/test_event_batches.py fails if that API changes."""
+pyproject.toml and wedbackup_dagster_tests/instance/test_event_batches.py fails if that API changes."""
 from __future__ import annotations
 
 import os

@@ -5,21 +5,11 @@ backup already holds every live key writes nothing, so running often is cheap.""
 import os
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
-from dagster_gcp import GCSResource
 
 from ..backups.list_pipeline import backup_wedding_list
-from ..backups.assets import make_replica
 from ..backups.jobs import backup_weddings
-from ..shared.resources import AzureBlobResource, WedbackupEngineResource
-from ..core.engine import PROVIDERS
+from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
 from ..core.errors import KeyBackupError
-
-
-def _replicas(wedbackup: WedbackupEngineResource, s3: S3Resource, gcs: GCSResource, azure: AzureBlobResource):
-    settings = wedbackup.settings()
-    clients = {"s3": s3.get_client, "gcs": gcs.get_client, "azure": azure.get_service}
-    return settings, {p: make_replica(p, settings, clients[p]()) for p in PROVIDERS}
 
 
 def _metadata(result) -> dict:
@@ -29,13 +19,12 @@ def _metadata(result) -> dict:
 
 
 @dg.op(tags={"kind": "keys"})
-def back_up_key_store_op(context: dg.OpExecutionContext, wedbackup: WedbackupEngineResource, s3: S3Resource,
-                         gcs: GCSResource, azure: AzureBlobResource) -> dg.Output:
+def back_up_key_store_op(context: dg.OpExecutionContext, wedbackup: WedbackupEngineResource,
+                         replicas: ProviderReplicasResource) -> dg.Output:
     from ..core.keybackup import back_up_key_store
 
     engine = wedbackup.engine()
-    settings, replicas = _replicas(wedbackup, s3, gcs, azure)
-    result = back_up_key_store(settings, engine.catalogue, replicas, engine.keyring)
+    result = back_up_key_store(wedbackup.settings(), engine.catalogue, replicas.all(), engine.keyring)
     if not result.ok:
         raise KeyBackupError(f"{result.sha256}", "; ".join(f"{p}: {m}" for p, m in sorted(result.failures.items())))
     context.log.info(f"key backup {result.sha256[:16]}: {result.key_count} wedding keys "
@@ -44,17 +33,16 @@ def back_up_key_store_op(context: dg.OpExecutionContext, wedbackup: WedbackupEng
 
 
 @dg.op(tags={"kind": "keys"})
-def rotate_master_key_op(context: dg.OpExecutionContext, wedbackup: WedbackupEngineResource, s3: S3Resource,
-                         gcs: GCSResource, azure: AzureBlobResource) -> dg.Output:
+def rotate_master_key_op(context: dg.OpExecutionContext, wedbackup: WedbackupEngineResource,
+                         replicas: ProviderReplicasResource) -> dg.Output:
     from ..core.keybackup import refresh_key_backups
     from ..core.keyrotation import rotate_master_key
 
     engine = wedbackup.engine()
     report = rotate_master_key(engine.catalogue, engine.keyring,
                                progress=lambda n: context.log.info(f"{n} wedding keys re-wrapped"))
-    settings, replicas = _replicas(wedbackup, s3, gcs, azure)
     # Older key backups are sealed with the old master key: replace them so it can be retired.
-    result = refresh_key_backups(settings, engine.catalogue, replicas, engine.keyring)
+    result = refresh_key_backups(wedbackup.settings(), engine.catalogue, replicas.all(), engine.keyring)
     return dg.Output(None, metadata={"master_key_id": report.master_key_id,
                                      "rewrapped": dg.MetadataValue.int(report.total),
                                      "already_current": dg.MetadataValue.int(report.already_current),
@@ -86,17 +74,11 @@ key_store_backup_schedule = dg.ScheduleDefinition(
     monitored_jobs=[backup_weddings, backup_wedding_list], request_job=key_store_backup,
     default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=60,
     description="After a successful backup run: a key backup when that run made a new wedding key.")
-def key_store_backup_after_backups(context: dg.RunStatusSensorContext):
-    from ..core.catalogue import Catalogue
-    from ..core.config import Settings
+def key_store_backup_after_backups(context: dg.RunStatusSensorContext, wedbackup: WedbackupEngineResource):
     from ..core.keybackup import key_backup_is_current
     from ..core.keys import load_master_keyring
 
-    catalogue = Catalogue(Settings.from_env().catalogue_dsn)
-    try:
-        current, fingerprint = key_backup_is_current(catalogue, load_master_keyring(os.environ))
-    finally:
-        catalogue.close()
+    current, fingerprint = key_backup_is_current(wedbackup.catalogue(), load_master_keyring(os.environ))
     if current:
         return dg.SkipReason("the newest key backup already holds every live wedding key")
     # One run per key set: many backup runs finishing together ask once.

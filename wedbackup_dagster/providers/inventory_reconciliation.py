@@ -4,12 +4,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
-from dagster_gcp import GCSResource
 
-from ..backups.assets import make_replica
 from ..backups.constants import OWNERS
-from ..shared.resources import AzureBlobResource, WedbackupEngineResource
+from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
 from ..core import inventory as inv
 
 BACKUP_INVENTORY = dg.AssetKey("backup_inventory")
@@ -50,15 +47,11 @@ def _plain(value: Any, type_: str) -> Any:
                 "provider and storage class (prices: WEDBACKUP_STORAGE_PRICES).",
 )
 def backup_inventory(context: dg.AssetExecutionContext, config: InventoryConfig, wedbackup: WedbackupEngineResource,
-                     s3: S3Resource, gcs: GCSResource, azure: AzureBlobResource) -> Iterator[Any]:
+                     replicas: ProviderReplicasResource) -> Iterator[Any]:
     engine = wedbackup.engine()
-    clients = {"s3": s3.get_client(), "gcs": gcs.get_client(), "azure": azure.get_service()}
-    replicas = {p: make_replica(p, wedbackup.settings(), c) for p, c in clients.items()}
-    try:
-        found = inv.take_inventory(engine.catalogue, replicas, engine.vault, prices=inv.prices_from_env(),
-                                   check_checksums=config.check_checksums)
-    finally:
-        engine.catalogue.close()
+    every_replica = replicas.all()
+    found = inv.take_inventory(engine.catalogue, every_replica, engine.vault, prices=inv.prices_from_env(),
+                               check_checksums=config.check_checksums)
     counts = found.counts()
     summary = found.summary_markdown()
     serious = sum(counts[k] for k in inv.SERIOUS)

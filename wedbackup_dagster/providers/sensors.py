@@ -2,7 +2,6 @@
 exactly the partitions that missed a provider once it recovers, and alerts for failed runs (log + webhook)."""
 
 import json
-import os
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -16,7 +15,7 @@ from ..backups.constants import REPLICA_KEYS
 from ..backups.jobs import backup_weddings
 from ..backups.partitions import weddings_partitions
 from ..core.catalogue import Catalogue
-from ..core.config import Settings, redact
+from ..core.config import redact
 from ..core.errors import ConfigError
 from ..core.health import (
     HealthSettings,
@@ -27,6 +26,7 @@ from ..core.health import (
     iso,
     states_from_catalogue,
 )
+from ..shared.resources import WedbackupEngineResource, url_setting
 
 HEALTH_INTERVAL_SECONDS = 30
 # Catch-up restores redundancy of backups that already exist (the vault and the other providers hold
@@ -36,7 +36,7 @@ CATCHUP_PRIORITY = "20"
 CATCHUP_TAG = "wedbackup/catchup"
 # Catch-up runs cover exactly the partitions that missed the provider, one run per range of insertion
 # order, up to this many runs. Past it (a long outage across scattered weddings would make thousands of
-# runs: DESIGN measured ~2.4 s each, and ~7 s just to validate 2,000 requests) the smallest gaps made only
+# runs, about 2.4 s each, and ~7 s just to validate 2,000 requests: README, Automation) the smallest gaps made only
 # of partitions that already have their copy are folded in: re-checking those is a no-op of milliseconds.
 MAX_CATCHUP_RUNS = 50
 CATCHUP_MAX_GAP = 0  # gaps of up to this many such partitions are folded even under MAX_CATCHUP_RUNS
@@ -82,50 +82,46 @@ def catchup_requests(provider: str, recovered_at: str, catalogue: Catalogue, ord
                 "WEDBACKUP_PROVIDER_DOWN_AFTER failures in a row; when it recovers, the partitions whose newest "
                 "backup missed it get replica runs for that provider only.",
 )
-def provider_health(context: dg.SensorEvaluationContext):
-    settings = Settings.from_env()
+def provider_health(context: dg.SensorEvaluationContext, wedbackup: WedbackupEngineResource):
+    settings = wedbackup.settings()
     health = HealthSettings.from_env()
-    catalogue = Catalogue(settings.catalogue_dsn)
-    try:
-        catalogue.migrate()
-        # The cursor is the sensor's own memory; the catalogue covers a new or reset sensor.
-        previous = cursor_states(context.cursor) or states_from_catalogue(catalogue)
-        checks = check_providers(canary_replicas(settings, health.canary_timeout), catalogue, previous,
-                                 settings=health, now=datetime.now(timezone.utc))
-        requests: list[dg.RunRequest] = []
-        notes: list[str] = []
-        ordered: list[str] | None = None
-        for provider, check in checks.items():
-            state = check.state
-            if check.transition == "down":
-                context.log.warning(f"provider {provider} is DOWN after {state.consecutive_failures} failed "
-                                    f"canaries: {check.probe.error}")
-            elif not check.probe.ok:
-                context.log.warning(f"provider {provider} canary failed ({state.consecutive_failures} in a row): "
-                                    f"{check.probe.error}")
-                if state.ok:
-                    notes.append(f"{provider} canary failed ({state.consecutive_failures} of "
-                                 f"{health.down_after} before it counts as down): {check.probe.error}")
-            if not state.ok:
-                # The gap, made visible: backups go on reaching the other providers, not this one.
-                gap = len(catalogue.partitions_missing_copy(provider))
-                notes.append(f"{provider} down since {state.since} ({state.consecutive_failures} failed canaries; "
-                              f"last: {check.probe.error}); newest backup of {gap} partition(s) lacks a "
-                              f"{provider} copy")
-            elif check.transition == "recovered":
-                if ordered is None:
-                    ordered = list(context.instance.get_dynamic_partitions(weddings_partitions.name))
-                new, covered, unknown = catchup_requests(provider, state.since, catalogue, ordered)
-                requests.extend(new)
-                context.log.info(f"provider {provider} recovered at {state.since}: {len(new)} catch-up run(s) "
-                                 f"for {len(covered)} partition(s)")
-                if unknown:
-                    context.log.warning(f"{len(unknown)} partition(s) missing a {provider} copy are not Dagster "
-                                        f"partitions (yet): {', '.join(unknown[:10])}")
-                notes.append(f"{provider} recovered: {len(covered)} partition(s) to catch up")
-        cursor = json.dumps({p: c.state.to_json() for p, c in sorted(checks.items())}, sort_keys=True)
-    finally:
-        catalogue.close()
+    catalogue = wedbackup.catalogue()
+    # The cursor is the sensor's own memory; the catalogue covers a new or reset sensor.
+    previous = cursor_states(context.cursor) or states_from_catalogue(catalogue)
+    checks = check_providers(canary_replicas(settings, health.canary_timeout), catalogue, previous,
+                             settings=health, now=datetime.now(timezone.utc))
+    requests: list[dg.RunRequest] = []
+    notes: list[str] = []
+    ordered: list[str] | None = None
+    for provider, check in checks.items():
+        state = check.state
+        if check.transition == "down":
+            context.log.warning(f"provider {provider} is DOWN after {state.consecutive_failures} failed "
+                                f"canaries: {check.probe.error}")
+        elif not check.probe.ok:
+            context.log.warning(f"provider {provider} canary failed ({state.consecutive_failures} in a row): "
+                                f"{check.probe.error}")
+            if state.ok:
+                notes.append(f"{provider} canary failed ({state.consecutive_failures} of "
+                             f"{health.down_after} before it counts as down): {check.probe.error}")
+        if not state.ok:
+            # The gap, made visible: backups go on reaching the other providers, not this one.
+            gap = len(catalogue.partitions_missing_copy(provider))
+            notes.append(f"{provider} down since {state.since} ({state.consecutive_failures} failed canaries; "
+                          f"last: {check.probe.error}); newest backup of {gap} partition(s) lacks a "
+                          f"{provider} copy")
+        elif check.transition == "recovered":
+            if ordered is None:
+                ordered = list(context.instance.get_dynamic_partitions(weddings_partitions.name))
+            new, covered, unknown = catchup_requests(provider, state.since, catalogue, ordered)
+            requests.extend(new)
+            context.log.info(f"provider {provider} recovered at {state.since}: {len(new)} catch-up run(s) "
+                             f"for {len(covered)} partition(s)")
+            if unknown:
+                context.log.warning(f"{len(unknown)} partition(s) missing a {provider} copy are not Dagster "
+                                    f"partitions (yet): {', '.join(unknown[:10])}")
+            notes.append(f"{provider} recovered: {len(covered)} partition(s) to catch up")
+    cursor = json.dumps({p: c.state.to_json() for p, c in sorted(checks.items())}, sort_keys=True)
     if requests:
         context.log.info("; ".join(notes))  # a tick with runs has no skip message: the states go to its log
         return dg.SensorResult(run_requests=requests, cursor=cursor)
@@ -197,11 +193,9 @@ def post_alert(url: str, alert: Mapping[str, Any], *, timeout: float = WEBHOOK_T
         return redact(f"webhook not reachable: {type(exc).__name__}: {reason}")
 
 
-def webhook_url(environ: Mapping[str, str] | None = None) -> str:
+def webhook_url() -> str:
     """The configured webhook, '' when unset; ConfigError (naming the variable, not the URL) when malformed."""
-    from ..core.config import _url
-
-    return _url(os.environ if environ is None else environ, WEBHOOK_VARIABLE)
+    return url_setting(WEBHOOK_VARIABLE)
 
 
 @dg.run_failure_sensor(
@@ -222,5 +216,3 @@ def run_failure_alerts(context: dg.RunFailureSensorContext):
         if problem:
             context.log.error(f"alert for run {alert['run_id']} not posted: {problem}")
 
-
-health_sensors = [provider_health, run_failure_alerts]

@@ -1,28 +1,83 @@
-"""Resources: the engine (source database, catalogue, vault, keys) and one client per provider —
-dagster-aws S3Resource, dagster-gcp GCSResource and an azure-storage-blob resource. Every value comes
-from an environment variable (EnvVar), so no secret is in code, config or the UI."""
+"""Resources: `wedbackup` (the engine — source database, catalogue, vault, keys — built once per run, and the
+settings, catalogue, source DSN and policy that sensors and schedules take from it), `replicas` (the core
+replica of every provider, over one client resource each: dagster-aws S3Resource, dagster-gcp GCSResource and
+an azure-storage-blob resource). Every value comes from an environment variable (EnvVar or the WEDBACKUP_*
+environment read when a run starts), so no secret is in code, config or the UI."""
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 from dagster_gcp import GCSResource
+from pydantic import PrivateAttr
 
+from ..core import config as core_config
+from ..core.catalogue import Catalogue
 from ..core.config import Settings, provider_timeout_from
-from ..core.engine import Engine
+from ..core.engine import PROVIDERS, Engine
+from ..core.keys import load_master_keyring
+from ..core.policy import Policy
+
+
+def dsn_setting(name: str) -> str:
+    """One DSN variable, checked as Settings checks it (ConfigError naming the variable, never the DSN), for
+    sensors and schedules, which need no other setting. core.config has no public reader of one DSN yet."""
+    return core_config._dsn(os.environ, name)  # noqa: SLF001 - the one use; make it public in core.config
+
+
+def url_setting(name: str) -> str:
+    """One URL variable ('' when unset), checked as Settings checks it; see dsn_setting."""
+    return core_config._url(os.environ, name)  # noqa: SLF001 - the one use; make it public in core.config
 
 
 class WedbackupEngineResource(dg.ConfigurableResource):
-    """The plain-Python engine, configured from the WEDBACKUP_* environment at run time."""
+    """The plain-Python engine, configured from the WEDBACKUP_* environment when a run (or a sensor or schedule
+    evaluation) starts. Dagster gives each run its own copy of the resource: the engine, its catalogue
+    connection and the settings are made once, on first use, and the catalogue is closed when the run ends."""
 
-    def engine(self) -> Engine:
-        return Engine.from_env()
+    _settings: Settings | None = PrivateAttr(default=None)
+    _engine: Engine | None = PrivateAttr(default=None)
+    _catalogue: Catalogue | None = PrivateAttr(default=None)
 
     def settings(self) -> Settings:
-        return Settings.from_env()
+        if self._settings is None:
+            self._settings = Settings.from_env()
+        return self._settings
+
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = Engine(self.settings(), load_master_keyring(os.environ))
+        return self._engine
+
+    def catalogue(self) -> Catalogue:
+        """The catalogue, migrated: the engine's when the run made one, else its own connection (sensors and
+        schedules need neither the master key nor the other settings)."""
+        if self._engine is not None:
+            return self._engine.catalogue
+        if self._catalogue is None:
+            catalogue = Catalogue(dsn_setting("WEDBACKUP_CATALOGUE_DSN"))
+            catalogue.migrate()
+            self._catalogue = catalogue
+        return self._catalogue
+
+    def source_dsn(self) -> str:
+        return dsn_setting("WEDBACKUP_SOURCE_DSN")
+
+    def policy(self) -> Policy:
+        return Policy.from_env()
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the catalogue connections this copy opened (the run's end does it; so may a caller)."""
+        for catalogue in (self._catalogue, self._engine.catalogue if self._engine is not None else None):
+            if catalogue is not None:
+                catalogue.close()
 
 
 class AzureBlobResource(dg.ConfigurableResource):
@@ -59,10 +114,56 @@ class S3ReplicaResource(S3Resource):
             max_pool_connections=max(10, 4 * settings.upload_concurrency)))
 
 
+def make_replica(provider: str, settings: Any, client: Any) -> Any:
+    """The core replica of one provider, over a client made by that provider's Dagster resource."""
+    from ..core import replicas
+
+    if provider == "s3":
+        return replicas.S3Replica(client, settings.s3)
+    if provider == "gcs":
+        timeout = settings.provider_timeout
+        return replicas.GCSReplica(client, settings.gcs, timeout=(min(5.0, timeout), timeout))
+    return replicas.AzureReplica(client, settings.azure)
+
+
+class ProviderReplicasResource(dg.ConfigurableResource):
+    """The core replicas of S3, GCS and Azure, each over its provider's client resource, with the WEDBACKUP_*
+    settings (buckets, prefixes, timeouts) of the running process. Clients are made when asked for, so a down
+    provider does not stop work that reads another."""
+
+    s3: S3ReplicaResource
+    gcs: GCSResource
+    azure: AzureBlobResource
+
+    _settings: Settings | None = PrivateAttr(default=None)
+
+    def _client(self, provider: str) -> Any:
+        if provider == "s3":
+            return self.s3.get_client()
+        if provider == "gcs":
+            return self.gcs.get_client()
+        return self.azure.get_service()
+
+    def replica(self, provider: str) -> Any:
+        if self._settings is None:
+            self._settings = Settings.from_env()
+        return make_replica(provider, self._settings, self._client(provider))
+
+    def all(self, only: Iterable[str] | None = None) -> dict[str, Any]:
+        """provider -> replica, for every provider (or those in `only`), in PROVIDERS order."""
+        wanted = set(PROVIDERS if only is None else only)
+        return {p: self.replica(p) for p in PROVIDERS if p in wanted}
+
+
 def build_resources() -> dict[str, Any]:
+    s3 = S3ReplicaResource(max_attempts=2)
+    gcs = GCSResource(project=dg.EnvVar("WEDBACKUP_GCS_PROJECT"))
+    azure = AzureBlobResource(connection_string=dg.EnvVar("WEDBACKUP_AZURE_CONNECTION_STRING"))
     return {
         "wedbackup": WedbackupEngineResource(),
-        "s3": S3ReplicaResource(max_attempts=2),
-        "gcs": GCSResource(project=dg.EnvVar("WEDBACKUP_GCS_PROJECT")),
-        "azure": AzureBlobResource(connection_string=dg.EnvVar("WEDBACKUP_AZURE_CONNECTION_STRING")),
+        "replicas": ProviderReplicasResource(s3=s3, gcs=gcs, azure=azure),
+        # The client resources themselves stay available under their own keys (ops that need a raw client).
+        "s3": s3,
+        "gcs": gcs,
+        "azure": azure,
     }

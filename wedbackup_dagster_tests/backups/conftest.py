@@ -102,7 +102,7 @@ def evaluations(instance: dg.DagsterInstance, run_id: str) -> dict[tuple[str, st
 def run_checks(instance: dg.DagsterInstance, keys: list[str]) -> dict:
     """Run the check_weddings job over `keys`; every evaluation of every run, merged."""
     out: dict = {}
-    from wedbackup_dagster.backups.check_jobs import run_checks_for
+    from wedbackup_dagster.backups.launch import run_checks_for
 
     for result in run_checks_for(keys, instance=instance):
         out.update(evaluations(instance, result.run_id))

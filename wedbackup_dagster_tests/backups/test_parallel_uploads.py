@@ -6,7 +6,8 @@ import dagster as dg
 import pytest
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from wedbackup_dagster.backups.list_pipeline import Step, WeddingListConfig, azure_replica_list
+from wedbackup_dagster.backups.list_pipeline import WeddingListConfig, azure_replica_list
+from wedbackup_dagster.shared.wedding_outcomes import WeddingsOfStep as Step
 from wedbackup_dagster.backups.constants import AZURE_REPLICA
 from wedbackup_dagster.backups.launch import register_partitions
 from wedbackup_dagster.shared.resources import build_resources

@@ -11,6 +11,7 @@ import psycopg
 from benchmarks.tick import seed_catalogue
 from wedbackup_dagster.backups.list_pipeline import list_run_config
 from wedbackup_dagster.backups.schedules import backup_schedule
+from wedbackup_dagster.shared.resources import WedbackupEngineResource
 
 JUNE = dt.datetime(2026, 6, 10, 12, 0, tzinfo=dt.timezone.utc)  # wedding season
 JANUARY = dt.datetime(2026, 1, 14, 12, 0, tzinfo=dt.timezone.utc)
@@ -18,7 +19,9 @@ H = dt.timedelta(hours=1)
 
 
 def tick(instance, when: dt.datetime):
-    return backup_schedule.evaluate_tick(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
+    with dg.build_schedule_context(instance=instance, scheduled_execution_time=when,
+                                   resources={"wedbackup": WedbackupEngineResource()}) as context:
+        return backup_schedule.evaluate_tick(context)
 
 
 def register(instance, keys: list[str]) -> None:

@@ -11,14 +11,19 @@ import psycopg
 from wedbackup_dagster.backups.list_pipeline import list_run_config
 from wedbackup_dagster.backups.sensors import wedding_change_capture, wedding_discovery
 from wedbackup_dagster.core.discovery import digest
+from wedbackup_dagster.shared.resources import WedbackupEngineResource
+
+RESOURCES = {"wedbackup": WedbackupEngineResource()}  # read from the environment when a tick starts
 
 
 def discover(instance, cursor=None):
-    return wedding_discovery.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=cursor))
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=RESOURCES) as context:
+        return wedding_discovery.evaluate_tick(context)
 
 
 def capture(instance, cursor=None):
-    return wedding_change_capture.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=cursor))
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=RESOURCES) as context:
+        return wedding_change_capture.evaluate_tick(context)
 
 
 def add_weddings(dsn: str, first: int, count: int, start: dt.date) -> list[tuple[str, dt.date]]:

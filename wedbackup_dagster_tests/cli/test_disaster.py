@@ -1,5 +1,5 @@
 """`wedbackup restore --all` (through the `restore_platform` job) and `wedbackup dr plan`, against the real stack
-and a throw-away Dagster home (the `cli_env` fixture of test_cli.py): the whole demo platform from S3 alone
+and a throw-away Dagster home (the `cli_env` fixture of cli/test_app.py): the whole demo platform from S3 alone
 with the vault gone, a run killed with SIGKILL part-way and resumed, and the runbooks of each scenario."""
 from __future__ import annotations
 

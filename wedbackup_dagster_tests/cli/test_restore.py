@@ -1,5 +1,5 @@
 """`wedbackup restore` and `wedbackup points`, run in-process against the real stack and a throw-away
-Dagster home (the `cli_env` fixture of test_cli.py)."""
+Dagster home (the `cli_env` fixture of cli/test_app.py)."""
 from __future__ import annotations
 
 import json

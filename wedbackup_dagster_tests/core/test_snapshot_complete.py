@@ -435,7 +435,7 @@ def test_the_platform_backup_with_broken_keys_verifies_and_reports_them(demo_env
     and says which keys are broken and how many rows (before: the rows were in no backup at all)."""
     import os
 
-    from wedbackup_dagster.backups.assets import dump_metadata
+    from wedbackup_dagster.shared.metadata import dump_metadata
     from wedbackup_dagster.core.engine import Engine
 
     env = demo_env(weddings=3, seed=11, document_bytes=64)

@@ -14,6 +14,7 @@ from wedbackup_dagster.core.keybackup import (
     vault_key_backup_dir,
 )
 from wedbackup_dagster.definitions import defs
+from wedbackup_dagster.shared.resources import WedbackupEngineResource
 from wedbackup_dagster_tests.governance_fleet import (  # noqa: F401 - fixtures
     back_up,
     governance_instance,
@@ -62,7 +63,8 @@ def test_erase_job_removes_copies_and_the_partition_and_discovery_keeps_it_out(m
     assert [p.stem for p in vault_key_backup_dir(engine.settings).glob("*.wbk")] == [sha]
 
     # The wedding's row is still in the source: discovery must not bring the partition back.
-    data = wedding_discovery.evaluate_tick(dg.build_sensor_context(instance=instance))
+    with dg.build_sensor_context(instance=instance, resources={"wedbackup": WedbackupEngineResource()}) as context:
+        data = wedding_discovery.evaluate_tick(context)
     added = [k for r in data.dynamic_partitions_requests or [] if isinstance(r, dg.AddDynamicPartitionsRequest)
              for k in r.partition_keys]
     assert "2" not in added

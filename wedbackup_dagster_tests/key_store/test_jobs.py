@@ -12,6 +12,7 @@ from wedbackup_dagster.core.keybackup import key_backup_is_current
 from wedbackup_dagster.core.keys import MasterKeyring, SecretKey
 from wedbackup_dagster.definitions import defs
 from wedbackup_dagster_tests.core.test_keybackup import back_up, engine, replicas_of  # noqa: F401
+from wedbackup_dagster.shared.resources import WedbackupEngineResource
 
 
 def _metadata(result, op: str) -> dict:
@@ -66,10 +67,10 @@ def test_sensor_asks_for_a_key_backup_only_when_a_backup_run_made_a_new_key(engi
     event = next(e for e in run.all_events if e.event_type_value == "PIPELINE_SUCCESS")
 
     def evaluate():
-        context = dg.build_run_status_sensor_context(
-            sensor_name="key_store_backup_after_backups", dagster_event=event, dagster_instance=instance,
-            dagster_run=run.dagster_run)
-        return key_store_backup_after_backups(context)
+        with dg.build_run_status_sensor_context(
+                sensor_name="key_store_backup_after_backups", dagster_event=event, dagster_instance=instance,
+                dagster_run=run.dagster_run, resources={"wedbackup": WedbackupEngineResource()}) as context:
+            return key_store_backup_after_backups(context)
 
     replicas = replicas_of(engine)
     back_up(engine, ["1"], replicas)

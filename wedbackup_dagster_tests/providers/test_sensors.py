@@ -39,8 +39,9 @@ def tick(instance: dg.DagsterInstance, cursor: str | None):
 
     # The code location's repository and the instance's partitions, as the daemon has them: run requests
     # are resolved against the jobs and their partition keys validated.
-    context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs)
-    with partition_loading_context(dynamic_partitions_store=instance):
+    with dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
+                                 resources={"wedbackup": defs.resources["wedbackup"]}) as context, \
+            partition_loading_context(dynamic_partitions_store=instance):
         return provider_health.evaluate_tick(context)
 
 

@@ -31,7 +31,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from wedbackup_dagster.backups import assets
+from wedbackup_dagster.shared import resources
 from wedbackup_dagster.backups.launch import register_partitions, run_job_for
 from wedbackup_dagster.backups.restore_job import TARGET_DSN_VARIABLE
 from wedbackup_dagster.core import demo_data, restore
@@ -273,7 +273,7 @@ def test_soak_under_random_provider_and_database_faults(stack, make_database, tm
     source, catalogue = make_database(), make_database()
     scratch_prefix = f"{restore.SCRATCH_PREFIX}soak{uuid.uuid4().hex[:6]}_"
     monkeypatch.setattr(restore, "SCRATCH_PREFIX", scratch_prefix)  # this soak's scratch databases, by name
-    monkeypatch.setattr(assets, "make_replica", _tuned_make_replica(assets.make_replica))
+    monkeypatch.setattr(resources, "make_replica", _tuned_make_replica(resources.make_replica))
     settings = {"WEDBACKUP_SOURCE_DSN": source, "WEDBACKUP_CATALOGUE_DSN": catalogue,
                 "WEDBACKUP_VAULT_DIR": str(tmp_path / "vault"), "WEDBACKUP_S3_BUCKET": s3_bucket,
                 "WEDBACKUP_GCS_BUCKET": gcs_bucket, "WEDBACKUP_AZURE_CONTAINER": azure_container,

@@ -1,4 +1,4 @@
-"""Progress lines (wedbackup_dagster/progress.py): done of total, rate and ETA, at most every N weddings or
+"""Progress lines (wedbackup_dagster/shared/progress.py): done of total, rate and ETA, at most every N weddings or
 S seconds, always at the end."""
 from __future__ import annotations
 

@@ -1,0 +1,81 @@
+"""The one model of "this wedding failed" in the wiring. A step covers many weddings; each either succeeded,
+with the metadata of every asset it materialized, or failed, with the reason in our error's own words. The
+backup assets and the list pipeline record their weddings here, record the successes and fail the step
+naming the failures the same way; between the list pipeline's ops a step travels as `WeddingsOfStep`."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dagster as dg
+
+from ..core.errors import WedbackupError
+
+PerAssetMetadata = dict[dg.AssetKey, dict[str, Any]]
+# {"ok": [partition keys that succeeded], "failed": {partition key: reason}}: a step's weddings as the list
+# pipeline hands them to its next op (WeddingOutcomes.as_step).
+WeddingsOfStep = dict[str, Any]
+
+
+@dataclass
+class WeddingOutcomes:
+    """The weddings of one step: `done` (key -> each asset's metadata) and `failed` (key -> reason)."""
+
+    what: str  # the step in words, for its failure: "backup", "s3 upload", "verify"
+    done: dict[str, PerAssetMetadata] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def record(self, context: Any, key: str, outcome: Any, metadata_of: Callable[[Any], PerAssetMetadata]) -> None:
+        """One wedding's outcome from the engine: its metadata, or (a WedbackupError) why it failed."""
+        if isinstance(outcome, WedbackupError):
+            context.log.error(str(outcome))
+            self.failed[key] = str(outcome)
+        else:
+            self.done[key] = metadata_of(outcome)
+
+    def fail_the_rest(self, context: Any, keys: Iterable[str], exc: WedbackupError) -> None:
+        """A failure under a whole batch (the source connection lost): every wedding not yet recorded failed."""
+        context.log.error(str(exc))
+        self.failed.update({k: str(exc) for k in keys if k not in self.done and k not in self.failed})
+
+    @property
+    def ok(self) -> list[str]:
+        return list(self.done)
+
+    def materializations(self) -> list[dg.AssetMaterialization]:
+        return [dg.AssetMaterialization(asset_key=asset_key, partition=key, metadata=metadata)
+                for key, per_asset in self.done.items() for asset_key, metadata in per_asset.items()]
+
+    def as_step(self) -> WeddingsOfStep:
+        return {"ok": self.ok, "failed": dict(self.failed)}
+
+    def failure(self) -> dg.Failure:
+        lines = "\n".join(f"- wedding {k}: {msg}" for k, msg in sorted(self.failed.items()))
+        return dg.Failure(description=f"{self.what} failed for {len(self.failed)} of "
+                                      f"{len(self.failed) + len(self.done)} partition(s):\n{lines}",
+                          metadata={"failed_partitions": dg.MetadataValue.json(sorted(self.failed))})
+
+    def finish_assets(self, context: dg.AssetExecutionContext, asset_keys: list[dg.AssetKey]) -> Iterator[Any]:
+        """An asset step's results: every wedding's own metadata; the step fails naming the failed weddings."""
+        if not self.failed:
+            for key, per_asset in self.done.items():
+                for asset_key, metadata in per_asset.items():
+                    context.add_asset_metadata(metadata, asset_key=asset_key, partition_key=key)
+            for asset_key in asset_keys:
+                yield dg.MaterializeResult(asset_key=asset_key)
+            return
+        # Some weddings failed: record the successes one by one (an output would mark every wedding of
+        # the run as materialized), then fail, so Dagster's retry and the UI show exactly what is missing.
+        yield from self.materializations()
+        raise self.failure()
+
+
+def failure_of_steps(steps: Sequence[tuple[str, WeddingsOfStep]]) -> dg.Failure | None:
+    """The list pipeline's end: one Failure naming every (step, wedding) that failed in any of its ops."""
+    failures = {f"{what} {k}": msg for what, step in steps for k, msg in step["failed"].items()}
+    if not failures:
+        return None
+    lines = "\n".join(f"- {k}: {msg}" for k, msg in sorted(failures.items()))
+    return dg.Failure(description=f"{len(failures)} step(s) failed for the listed weddings:\n{lines}",
+                      metadata={"failed": dg.MetadataValue.json(sorted(failures))})

@@ -13,7 +13,7 @@ def run(weddings: int = 200, *, batch_size: int = 100, seed: int = 7, document_b
     import dagster as dg
 
     from wedbackup_dagster.backups.launch import register_partitions
-    from wedbackup_dagster.cli.checks import reverify
+    from wedbackup_dagster.cli.cmd_checks import reverify
     from wedbackup_dagster.core.engine import Engine
     from wedbackup_dagster.core.replicas import AzureReplica, GCSReplica, S3Replica
     from wedbackup_dagster.core.replicas.azure import azure_service_from

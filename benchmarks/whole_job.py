@@ -53,7 +53,7 @@ def wedbackup_whole_job() -> dict[str, Any]:
     import dagster as dg
 
     from wedbackup_dagster.backups.launch import register_partitions, run_job_for
-    from wedbackup_dagster.cli.backup import QUIET
+    from wedbackup_dagster.cli.cmd_backup import QUIET
     from wedbackup_dagster.core.catalogue import Catalogue
     from wedbackup_dagster.core.config import Settings
     from wedbackup_dagster.core.replicas import ensure_targets

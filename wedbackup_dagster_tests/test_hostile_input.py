@@ -253,7 +253,7 @@ def test_a_hostile_dagster_partition_key_fails_its_run_naming_the_key(stack, mak
     bad, worse = "../../etc", "1; DROP TABLE weddings"
     import dagster as dg
 
-    from wedbackup_dagster.cli.backup import QUIET
+    from wedbackup_dagster.cli.cmd_backup import QUIET
     from wedbackup_dagster.definitions import defs
 
     source, catalogue = make_database(), make_database()

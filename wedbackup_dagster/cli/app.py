@@ -13,17 +13,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wedbackup", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from . import backup, catalogue, checks, dev, disaster, governance, health, keys, restore
+    from . import (cmd_backup, cmd_catalogue, cmd_checks, cmd_dev, cmd_disaster, cmd_governance, cmd_health,
+                   cmd_keys, cmd_restore)
 
-    dev.register(sub)
-    backup.register(sub)
-    catalogue.register(sub)
-    health.register(sub)
-    checks.register(sub)
-    restore.register(sub)
-    governance.register(sub)
-    keys.register(sub)
-    disaster.register(sub)
+    # In this order in `wedbackup --help`.
+    for group in (cmd_dev, cmd_backup, cmd_catalogue, cmd_health, cmd_checks, cmd_restore, cmd_governance,
+                  cmd_keys, cmd_disaster):
+        group.register(sub)
     return parser
 
 

@@ -31,6 +31,18 @@ def print_runs(results) -> bool:
     return ok
 
 
+def step_failures(result) -> list[str]:
+    """Each failed step's own words in an in-process run's result (our Failure's description, else the error)."""
+    texts = []
+    for event in result.all_events:
+        if event.event_type_value == "STEP_FAILURE":
+            data = event.step_failure_data
+            texts.append(data.user_failure_data.description
+                         if data.user_failure_data and data.user_failure_data.description
+                         else data.error.message.strip() if data.error else "the restore step failed")
+    return texts
+
+
 def replica_for(provider: str, settings) -> Any:
     """The core replica of one provider, its client built from the WEDBACKUP_* settings and the environment."""
     from ..core.replicas import AzureReplica, GCSReplica, S3Replica

@@ -9,7 +9,7 @@ import pytest
 
 from wedbackup_dagster.backups.constants import DB_DUMP, VERIFIED_RESTORE
 from wedbackup_dagster.cli.app import build_parser
-from wedbackup_dagster.cli.checks import batches, reverify, select_for_verify
+from wedbackup_dagster.cli.cmd_checks import batches, reverify, select_for_verify
 from wedbackup_dagster.core.errors import WedbackupError
 from wedbackup_dagster.core.rules import CheckQueries
 

@@ -68,7 +68,7 @@ def cmd_points(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     from ..backups.restore_job import TARGET_DSN_VARIABLE, progress_logger
-    from .common import QUIET, dagster_instance
+    from .common import QUIET, dagster_instance, step_failures
     from ..core import recovery
     from ..core.config import Settings, redact
 
@@ -123,12 +123,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
             print(f"{done} (run {result.run_id[:8]})")
             print(_report_lines(report))
         return 0
-    for event in result.all_events:
-        if event.event_type_value == "STEP_FAILURE":
-            data = event.step_failure_data
-            text = (data.user_failure_data.description if data.user_failure_data and data.user_failure_data.description
-                    else data.error.message.strip() if data.error else "the restore step failed")
-            print(redact(f"restore failed: {text}"), file=sys.stderr)
+    for text in step_failures(result):
+        print(redact(f"restore failed: {text}"), file=sys.stderr)
     return 1
 
 
@@ -147,7 +143,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--platform", action="store_true", help="the platform partition (not --in-place)")
     which.add_argument("--all", action="store_true",
                        help="disaster recovery: the platform and every wedding into an empty --target-dsn "
-                            "(see cli/disaster.py: --jobs, --resume)")
+                            "(see cli/cmd_disaster.py: --jobs, --resume)")
     restore.add_argument("--jobs", type=int, default=4, metavar="N", help="--all: weddings restored at once")
     restore.add_argument("--resume", action="store_true",
                          help="--all: finish an interrupted restore --all in the same target")
@@ -181,7 +177,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _restore_entry(args: argparse.Namespace) -> int:
     if args.all:
-        from .disaster import cmd_restore_all
+        from .cmd_disaster import cmd_restore_all
 
         return cmd_restore_all(args)
     if args.in_place and (args.target_dsn or args.into_schema):

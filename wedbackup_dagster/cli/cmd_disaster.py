@@ -14,7 +14,7 @@ from ..shared.progress import printed_on_stderr
 
 def cmd_restore_all(args: argparse.Namespace) -> int:
     from ..backups.restore_job import TARGET_DSN_VARIABLE, progress_logger
-    from .common import QUIET, dagster_instance
+    from .common import QUIET, dagster_instance, step_failures
     from ..core import disaster, recovery
     from ..core.config import Settings, redact
 
@@ -50,12 +50,8 @@ def cmd_restore_all(args: argparse.Namespace) -> int:
         else:
             print(redact("\n".join(disaster.PlatformReport(**report).lines())))
         return 0 if report["complete"] else 1
-    for event in result.all_events:
-        if event.event_type_value == "STEP_FAILURE":
-            data = event.step_failure_data
-            text = (data.user_failure_data.description if data.user_failure_data and data.user_failure_data.description
-                    else data.error.message.strip() if data.error else "the restore step failed")
-            print(redact(f"restore --all failed: {text}"), file=sys.stderr)
+    for text in step_failures(result):
+        print(redact(f"restore --all failed: {text}"), file=sys.stderr)
     return 1
 
 

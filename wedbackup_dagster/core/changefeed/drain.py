@@ -172,9 +172,16 @@ class ChangeFeed:
             # still in progress now (one may have taken its commit timestamp and not yet written its commit
             # record): coverage stops at the oldest of their starts. Seeing other sessions' transactions
             # needs superuser or pg_read_all_stats (the source check says so).
-            peek_time, oldest_open = conn.execute(
+            peek_time, oldest_open, inserted = conn.execute(
                 "SELECT pg_catalog.clock_timestamp(), (SELECT min(xact_start) FROM pg_catalog.pg_stat_activity "
-                "WHERE backend_xid IS NOT NULL AND pid <> pg_catalog.pg_backend_pid())").fetchone()
+                "WHERE backend_xid IS NOT NULL AND pid <> pg_catalog.pg_backend_pid()), "
+                "pg_catalog.pg_current_wal_insert_lsn()::text").fetchone()
+            # Decoding reads flushed WAL only: with synchronous_commit = off a commit can be acknowledged before
+            # its record is flushed, so wait (the WAL writer flushes within wal_writer_delay) until everything
+            # inserted before `peek_time` is flushed; else this drain does not claim to cover it.
+            flushed = self._wait_for_flush(conn, inserted)
+            if not flushed:
+                peek_time = oldest_open = feed["covered_until"]
             rows = conn.execute(
                 "SELECT data FROM pg_catalog.pg_logical_slot_peek_binary_changes(%s, NULL, %s, 'proto_version', '1', "
                 "'publication_names', %s)", (self.slot, self.max_changes, slots.publication_name(self.slot))).fetchall()
@@ -241,6 +248,17 @@ class ChangeFeed:
             result.safe_wal_size = state.get("safe_wal_size")
         result.seconds = round(time.monotonic() - started, 6)
         return result
+
+    @staticmethod
+    def _wait_for_flush(conn, lsn: str, timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            (done,) = conn.execute("SELECT pg_catalog.pg_current_wal_flush_lsn() >= %s::pg_lsn", (lsn,)).fetchone()
+            if done:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
 
     def _seal(self, drafts: dict[str, SegmentDraft], feed: dict[str, Any], result: DrainResult
               ) -> dict[str, dict[str, Any]]:

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli_governance.register(sub)
     cli_keys.register(sub)
     cli_disaster.register(sub)
+    from . import cli_changefeed
+
+    cli_changefeed.register(sub)
     return parser
 
 

@@ -29,7 +29,7 @@ from .routing import Router, seed_routes
 from .segments import SegmentDraft, SegmentTransaction, provider_key, seal, segment_vault
 from .store import FeedStore
 
-DEFAULT_SLOT = "wedbackup_feed"
+DEFAULT_SLOT = slots.DEFAULT_SLOT
 DEFAULT_MAX_CHANGES = 200_000  # pgoutput messages per peek: bounds a drain's memory
 
 

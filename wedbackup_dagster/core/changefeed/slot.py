@@ -180,3 +180,19 @@ def drop_slot(conn, slot: str) -> bool:
     found = conn.execute("SELECT pg_catalog.pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots "
                          "WHERE slot_name = %s", (slot,)).fetchall()
     return bool(found)
+
+
+SLOT_SETTING = "WEDBACKUP_CHANGEFEED_SLOT"
+DEFAULT_SLOT = "wedbackup_feed"
+
+
+def slot_from_env(environ) -> str:
+    """The slot's name from WEDBACKUP_CHANGEFEED_SLOT (default wedbackup_feed): PostgreSQL allows lower-case
+    letters, digits and underscores, at most 63."""
+    import re
+
+    name = environ.get(SLOT_SETTING) or DEFAULT_SLOT
+    if not re.fullmatch(r"[a-z0-9_]{1,63}", name):
+        raise ChangeFeedError(f"{SLOT_SETTING}={name!r}: a replication slot name is 1-63 lower-case letters, digits "
+                              "or underscores")
+    return name

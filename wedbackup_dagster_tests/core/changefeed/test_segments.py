@@ -1,0 +1,61 @@
+"""Segments are sealed with the wedding's key (erasure shreds them too), copied to S3, GCS and Azure under a
+content address with the provider's checksum, and a restore to a second works from a provider alone."""
+from __future__ import annotations
+
+import time
+
+import psycopg
+import pytest
+
+from wedbackup_dagster.cli_automation import _replica_for
+from wedbackup_dagster.core.changefeed.segments import read_segment
+from wedbackup_dagster.core.errors import ArchiveError, WedbackupError
+from wedbackup_dagster.core.recovery import RecoveryRequest, recover
+
+from .conftest import digest
+
+
+def test_segments_reach_every_provider_and_a_restore_works_without_the_vault(feed_env, make_database):
+    engine, feed, source = feed_env["engine"], feed_env["feed"], feed_env["source"]
+    with engine.snapshot_session() as session:
+        engine.back_up("5", session)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("UPDATE guests SET meal_choice = 'from the provider' WHERE wedding_id = 5")
+        conn.execute("DELETE FROM guest_dietary WHERE guest_id IN (SELECT id FROM guests WHERE wedding_id = 5)")
+        (at,) = conn.execute("SELECT clock_timestamp()").fetchone()
+        expected = digest(conn, "5")
+    time.sleep(0.01)
+    feed.drain()
+    replicas = {p: _replica_for(p, engine.settings) for p in ("s3", "gcs", "azure")}
+    for replica in replicas.values():
+        assert feed.replicate(replica)["uploaded"] >= 1
+        assert feed.replicate(replica)["uploaded"] == 0  # a re-run is a no-op
+    [seg] = feed.store.segments("5")
+    copies = {c["provider"]: c for c in feed.store.segment_copies(seg["id"])}
+    assert set(copies) == {"vault", "s3", "gcs", "azure"}
+    assert all(f"/changes/5/{seg['sha256']}.wbk" in copies[p]["object_key"] for p in ("s3", "gcs", "azure"))
+    assert all(copies[p]["checksum"] for p in ("s3", "gcs", "azure"))
+    for entry in list(feed.vault.entries("5")):  # the segments' vault copy is lost (the snapshot's stays)
+        entry.path.unlink()
+    target = make_database()
+    report = recover(engine, RecoveryRequest(partition="5", mode="target", as_of=at, include_unverified=True),
+                     {"gcs": replicas["gcs"]}, target_dsn=target)
+    assert report.replay["changes"] > 0
+    assert digest(target, "5") == expected
+
+
+def test_a_segment_is_sealed_with_the_wedding_key_and_erasure_makes_it_unreadable(feed_env):
+    engine, feed, source = feed_env["engine"], feed_env["feed"], feed_env["source"]
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("UPDATE weddings SET venue = 'sealed' WHERE id = 12")
+    feed.drain()
+    [entry] = list(feed.vault.entries("12"))
+    raw = entry.path.read_bytes()
+    assert b"sealed" not in raw and b"venue" not in raw
+    with open(entry.path, "rb") as fh:
+        opened = read_segment(fh, name="s", resolve_key=engine.resolve_key)
+    assert opened.transactions[0]["changes"][0][2]["venue"] == "sealed"
+    engine.catalogue.begin_erasure("12", "12", "test")
+    engine.catalogue.shred_wedding_key("12")
+    with open(entry.path, "rb") as fh, pytest.raises((ArchiveError, WedbackupError)):
+        read_segment(fh, name="s", resolve_key=engine.resolve_key)

@@ -64,8 +64,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
+    import time
+
     _, feed = _feed()
     while True:
+        started = time.monotonic()
         result = feed.drain()
         if args.json:
             print(_json(result.to_dict()))
@@ -78,6 +81,10 @@ def cmd_drain(args: argparse.Namespace) -> int:
                 print(f"  barrier: wedding {b['partition'] or 'ALL'} at {b['at']}: {b['reason']}")
             if result.erased:
                 print(f"  not sealed (erased): {', '.join(result.erased)}")
+        if args.follow:  # a long-running drainer: one pass every --follow seconds (lag in seconds)
+            if not result.more:
+                time.sleep(max(0.0, args.follow - (time.monotonic() - started)))
+            continue
         if not (args.until_caught_up and result.more):
             return 0
 
@@ -131,6 +138,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     drain = verbs.add_parser("drain", help="one drain pass: seal the captured changes, then advance the slot")
     drain.add_argument("--json", action="store_true")
     drain.add_argument("--until-caught-up", action="store_true", help="drain again while a pass was cut short")
+    drain.add_argument("--follow", type=float, metavar="SECONDS",
+                       help="keep draining, one pass every SECONDS (a long-running process; stop it with SIGTERM)")
     drain.set_defaults(func=cmd_drain)
     rep = verbs.add_parser("replicate", help="copy sealed segments to the providers that lack them")
     rep.add_argument("--provider", choices=PROVIDERS)

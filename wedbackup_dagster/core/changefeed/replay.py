@@ -136,6 +136,24 @@ def apply(conn, live_plan: tenancy.TenancyPlan, txns: list[dict[str, Any]], mani
     manifest_tables = {f"{t['schema']}.{t['name']}": t for t in manifest["tables"]}
     types_of: dict[str, dict[str, str]] = {}
     conn.execute("SET LOCAL session_replication_role = replica")
+    # Consecutive changes of the same shape (operation, table, columns) go in one executemany (pipelined);
+    # each changes at most one row (by primary key), so the batch's row count equals its length exactly when
+    # every change touched its one row.
+    pending: list[Any] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        shape, stmt, params, first_xid = pending
+        with conn.cursor() as cur:
+            cur.executemany(stmt, params)
+            touched = cur.rowcount
+        if touched != len(params):
+            raise ReplayRefused(f"wedding {partition}: replaying {len(params)} {shape[0]} change(s) on {shape[1]} "
+                                f"(from transaction {first_xid}) touched {touched} row(s), not one each: the restored "
+                                "snapshot and the change feed disagree; nothing was written")
+        pending.clear()
+
     for txn in txns:
         for name, cols in txn["columns"].items():
             known = manifest_tables.get(name)
@@ -148,36 +166,16 @@ def apply(conn, live_plan: tenancy.TenancyPlan, txns: list[dict[str, Any]], mani
             if t is None:
                 raise ReplayRefused(f"wedding {partition}: table {name} of the change feed is not a tenant table of "
                                     "the target's tenancy plan")
-            types = types_of.get(name) or types_of.setdefault(name, _types(conn, t.table))
-
-            def vals(d: dict[str, Any]) -> sql.Composable:
-                return sql.SQL(", ").join(sql.SQL("CAST({} AS {})").format(sql.Placeholder(), sql.SQL(types[c]))
-                                          for c in d)
-
-            def where(d: dict[str, Any]) -> sql.Composable:
-                return sql.SQL(" AND ").join(
-                    sql.SQL("{} = CAST({} AS {})").format(sql.Identifier(c), sql.Placeholder(), sql.SQL(types[c]))
-                    for c in d)
-
-            if op == "I":
-                stmt = sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({})").format(
-                    t.table.ident(), sql.SQL(", ").join(map(sql.Identifier, row)), vals(row))
-                params = list(row.values())
-            elif op == "U":
-                stmt = sql.SQL("UPDATE {} SET ({}) = ROW({}) WHERE {}").format(
-                    t.exact(), sql.SQL(", ").join(map(sql.Identifier, row)), vals(row), where(key))
-                params = [*row.values(), *key.values()]
-            else:
-                stmt = sql.SQL("DELETE FROM {} WHERE {}").format(t.exact(), where(key))
-                params = list(key.values())
-            n = conn.execute(stmt, params).rowcount
-            if n != 1:
-                raise ReplayRefused(f"wedding {partition}: replaying transaction {txn['xid']} ({op} on {name}, key "
-                                    f"{key}) touched {n} rows, not 1: the restored snapshot and the change feed "
-                                    "disagree; nothing was written")
+            shape = (op, name, tuple(row or ()), tuple(key or ()))
+            if pending and pending[0] != shape:
+                flush()
+            if not pending:
+                pending[:] = [shape, _statement(conn, t, op, row, key, types_of), [], txn["xid"]]
+            pending[2].append([*(row or {}).values(), *(key or {}).values()] if op != "D" else list(key.values()))
             counts = report.tables.setdefault(name, {"I": 0, "U": 0, "D": 0})
             counts[op] += 1
             report.changes += 1
+    flush()
     conn.execute("SET LOCAL session_replication_role = origin")
     params = {"wedding_id": partition}
     for name, counts in report.tables.items():
@@ -189,6 +187,27 @@ def apply(conn, live_plan: tenancy.TenancyPlan, txns: list[dict[str, Any]], mani
             raise ReplayRefused(f"wedding {partition}: after replay table {name} holds {rows} rows, the snapshot and "
                                 f"the segments say {expected}; nothing was written")
     return report
+
+
+def _statement(conn, t: tenancy.TenantTable, op: str, row: dict[str, Any] | None, key: dict[str, Any] | None,
+               types_of: dict[str, dict[str, str]]) -> sql.Composed:
+    name = str(t.table)
+    types = types_of.get(name) or types_of.setdefault(name, _types(conn, t.table))
+
+    def vals(d: dict[str, Any]) -> sql.Composable:
+        return sql.SQL(", ").join(sql.SQL("CAST({} AS {})").format(sql.Placeholder(), sql.SQL(types[c])) for c in d)
+
+    def where(d: dict[str, Any]) -> sql.Composable:
+        return sql.SQL(" AND ").join(
+            sql.SQL("{} = CAST({} AS {})").format(sql.Identifier(c), sql.Placeholder(), sql.SQL(types[c])) for c in d)
+
+    if op == "I":
+        return sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({})").format(
+            t.table.ident(), sql.SQL(", ").join(map(sql.Identifier, row)), vals(row))
+    if op == "U":
+        return sql.SQL("UPDATE {} SET ({}) = ROW({}) WHERE {}").format(
+            t.exact(), sql.SQL(", ").join(map(sql.Identifier, row)), vals(row), where(key))
+    return sql.SQL("DELETE FROM {} WHERE {}").format(t.exact(), where(key))
 
 
 class SegmentSource:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import psycopg
 from psycopg import sql
 
 from wedbackup_dagster.core import tenancy
@@ -30,6 +31,7 @@ from .store import FeedStore
 # Segments are chosen by commit time with this margin before the snapshot; the visibility rule then decides
 # exactly (a commit's timestamp precedes the moment it becomes visible by far less).
 SELECTION_MARGIN = timedelta(minutes=10)
+REPLAY_BATCH = 2000  # statements per pipeline sync
 
 
 @dataclass
@@ -136,23 +138,31 @@ def apply(conn, live_plan: tenancy.TenancyPlan, txns: list[dict[str, Any]], mani
     manifest_tables = {f"{t['schema']}.{t['name']}": t for t in manifest["tables"]}
     types_of: dict[str, dict[str, str]] = {}
     conn.execute("SET LOCAL session_replication_role = replica")
-    # Consecutive changes of the same shape (operation, table, columns) go in one executemany (pipelined);
-    # each changes at most one row (by primary key), so the batch's row count equals its length exactly when
-    # every change touched its one row.
-    pending: list[Any] = []
+    # Statements go out pipelined (no round trip each), a few thousand at a time; each must have touched
+    # exactly one row (by primary key), checked on its own result once the batch is synced.
+    statements: dict[tuple, bytes] = {}
+    batch: list[tuple[bytes, tuple, tuple]] = []
 
     def flush() -> None:
-        if not pending:
+        if not batch:
             return
-        shape, stmt, params, first_xid = pending
-        with conn.cursor() as cur:
-            cur.executemany(stmt, params)
-            touched = cur.rowcount
-        if touched != len(params):
-            raise ReplayRefused(f"wedding {partition}: replaying {len(params)} {shape[0]} change(s) on {shape[1]} "
-                                f"(from transaction {first_xid}) touched {touched} row(s), not one each: the restored "
-                                "snapshot and the change feed disagree; nothing was written")
-        pending.clear()
+        try:
+            with conn.pipeline():
+                cursors = []
+                for query, params, where in batch:
+                    cur = conn.cursor()
+                    cur.execute(query, params)
+                    cursors.append((cur, where))
+        except psycopg.Error as exc:
+            raise ReplayRefused(f"wedding {partition}: replaying the change feed failed ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}): the "
+                                "restored snapshot and the change feed disagree; nothing was written") from None
+        for cur, (xid, op, name, key) in cursors:
+            if cur.rowcount != 1:
+                raise ReplayRefused(f"wedding {partition}: replaying transaction {xid} ({op} on {name}, key {key}) "
+                                    f"touched {cur.rowcount} rows, not 1: the restored snapshot and the change feed "
+                                    "disagree; nothing was written")
+            cur.close()
+        batch.clear()
 
     for txn in txns:
         for name, cols in txn["columns"].items():
@@ -167,11 +177,13 @@ def apply(conn, live_plan: tenancy.TenancyPlan, txns: list[dict[str, Any]], mani
                 raise ReplayRefused(f"wedding {partition}: table {name} of the change feed is not a tenant table of "
                                     "the target's tenancy plan")
             shape = (op, name, tuple(row or ()), tuple(key or ()))
-            if pending and pending[0] != shape:
+            query = statements.get(shape)
+            if query is None:
+                query = statements[shape] = _statement(conn, t, op, row, key, types_of).as_bytes(conn)
+            params = (*(row or {}).values(), *(key or {}).values()) if op != "D" else tuple(key.values())
+            batch.append((query, params, (txn["xid"], op, name, key)))
+            if len(batch) >= REPLAY_BATCH:
                 flush()
-            if not pending:
-                pending[:] = [shape, _statement(conn, t, op, row, key, types_of), [], txn["xid"]]
-            pending[2].append([*(row or {}).values(), *(key or {}).values()] if op != "D" else list(key.values()))
             counts = report.tables.setdefault(name, {"I": 0, "U": 0, "D": 0})
             counts[op] += 1
             report.changes += 1

@@ -42,6 +42,18 @@ def _restore(engine, wedding: str, at, target: str):
                    target_dsn=target)
 
 
+def _assert_restores_after(feed_env, wedding: str, statement: str, target: str) -> None:
+    """Run `statement`, note the moment and the wedding's digest, drain, restore as of then into `target`:
+    equal."""
+    source = feed_env["source"]
+    _write(source, [(statement, ())])
+    at = _now(source)
+    expected = digest(source, wedding)
+    feed_env["feed"].drain()
+    _restore(feed_env["engine"], wedding, at, target)
+    assert digest(target, wedding) == expected
+
+
 def _sealed_transactions(engine) -> tuple[int, int]:
     """(transactions recorded in segments, distinct (wedding, xid, end LSN)) — read from the vault's segments."""
     from wedbackup_dagster.core.changefeed.segments import read_segment, segment_vault
@@ -118,13 +130,8 @@ def test_a_dropped_slot_is_named_the_gap_is_refused_and_a_new_feed_with_fresh_sn
     with pytest.raises(ReplayRefused):
         _restore(engine, "6", _now(source), make_database())
     _back_up(engine, "6")  # the fresh snapshot
-    _write(source, [("UPDATE weddings SET venue = 'after the fresh snapshot' WHERE id = 6", ())])
-    at = _now(source)
-    expected = digest(source, "6")
-    feed.drain()
-    target = make_database()
-    _restore(engine, "6", at, target)
-    assert digest(target, "6") == expected
+    _assert_restores_after(feed_env, "6", "UPDATE weddings SET venue = 'after the fresh snapshot' WHERE id = 6",
+                           make_database())
 
 
 def test_a_transaction_open_across_the_snapshot_is_replayed_exactly_once(feed_env, make_database):
@@ -178,10 +185,4 @@ def test_truncate_and_a_parent_moving_between_weddings_are_barriers_replay_never
         with pytest.raises(ReplayRefused, match="would cross a barrier"):
             _restore(engine, w, after, make_database())
     _back_up(engine, "1")  # a fresh snapshot restores continuity
-    _write(source, [("UPDATE weddings SET venue = 'later' WHERE id = 1", ())])
-    at = _now(source)
-    expected = digest(source, "1")
-    feed.drain()
-    target = make_database()
-    _restore(engine, "1", at, target)
-    assert digest(target, "1") == expected
+    _assert_restores_after(feed_env, "1", "UPDATE weddings SET venue = 'later' WHERE id = 1", make_database())

@@ -81,6 +81,7 @@ class ChangeFeed:
         self.zstd_level = zstd_level
         self.root = root
         self.overrides = overrides
+        self._keys: dict[str, Any] = {}  # wedding -> its live key, between drains
         self.store.migrate()
 
     @classmethod
@@ -264,11 +265,19 @@ class ChangeFeed:
     def _seal(self, drafts: dict[str, SegmentDraft], feed: dict[str, Any], result: DrainResult
               ) -> dict[str, dict[str, Any]]:
         keys = {}
+        # Wedding keys are kept between drains (reading one costs a catalogue transaction); the erasures are
+        # read afresh every drain, so a wedding erased since is never sealed again.
+        erased = self.catalogue.erased_partitions() if drafts else set()
         for wedding, draft in drafts.items():
             if not draft.transactions:
                 continue
             try:
-                keys[wedding] = self.catalogue.wedding_key(wedding, self.keyring)
+                if wedding in erased:
+                    self._keys.pop(wedding, None)
+                    raise KeyError_(f"wedding {wedding} was erased")
+                if wedding not in self._keys:
+                    self._keys[wedding] = self.catalogue.wedding_key(wedding, self.keyring)
+                keys[wedding] = self._keys[wedding]
             except KeyError_:
                 # Erased while its changes were buffered in the slot: nothing of it is sealed, ever.
                 result.erased.append(wedding)

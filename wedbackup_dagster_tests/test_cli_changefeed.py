@@ -38,6 +38,8 @@ def test_check_start_drain_status_and_restore_to_a_second(cli_env, make_database
         assert main(["changes", "status"]) == 0
         shown = capsys.readouterr().out
         assert f"slot {slot}: reserved" in shown and "captured up to" in shown
+        assert main(["points", "--wedding", "2"]) == 0
+        assert "+ change feed: any second from" in capsys.readouterr().out
         target = make_database()
         assert main(["restore", "--wedding", "2", "--as-of", at.isoformat(), "--target-dsn", target]) == 0
         assert digest(target, "2") == expected

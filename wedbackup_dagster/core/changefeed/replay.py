@@ -281,3 +281,33 @@ def _feed_tables_exist(catalogue: Any) -> bool:
     with catalogue.connect() as conn:
         row = conn.execute("SELECT pg_catalog.to_regclass('wedbackup.changefeed_feeds') IS NOT NULL AS present").fetchone()
     return bool(row["present"] if isinstance(row, dict) else row[0])
+
+
+def continuous_ranges(catalogue: Any, partition: str, points: list[Any], limit: int = 5
+                      ) -> dict[str, tuple[datetime, datetime, str]]:
+    """For `wedbackup points`: per recovery point (archive SHA-256; the newest `limit`), the continuous range
+    the change feed extends it over — from its snapshot to the first barrier after it or what the feed has
+    captured — and why it ends there. Points no feed covers are left out."""
+    if not _feed_tables_exist(catalogue):
+        return {}
+    store = FeedStore(catalogue)
+    feeds = store.feeds()
+    barriers = store.barriers(partition)
+    out = {}
+    for p in points[:limit]:
+        backup = catalogue.backup_by_sha(p.archive_sha256)
+        if backup is None or "snapshot" not in backup.manifest:
+            continue
+        snap = parse_snapshot(backup.manifest["snapshot"])
+        usable = [f for f in feeds if parse_snapshot(f["seed_snapshot"]).xmax <= snap.xmin
+                  and f["seed_time"] <= p.snapshot_time]
+        if not usable:
+            continue
+        feed = max(usable, key=lambda f: f["id"])
+        end, why = feed["covered_until"], "feed lost" if feed["lost_at"] else "captured so far"
+        for b in barriers:
+            if p.snapshot_time < b["at"] < end and b["feed_id"] in (None, feed["id"]):
+                end, why = b["at"], f"barrier: {b['reason']}"
+                break
+        out[p.archive_sha256] = (p.snapshot_time, end, why)
+    return out

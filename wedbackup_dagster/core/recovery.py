@@ -735,7 +735,9 @@ def recover(engine: Any, request: RecoveryRequest, replicas: Mapping[str, Any], 
     dsn = target_dsn if target_dsn and request.mode != "in_place" else engine.settings.source_dsn
     name = engine._archive_name(backup, chosen)
     replay = None
-    if not request.dry_run and partition != PLATFORM and request.mode in ("in_place", "target"):
+    if request.dry_run or request.mode == "schema":
+        progress("the change feed is not replayed in dry runs or into a schema: this is the snapshot alone")
+    elif partition != PLATFORM:
         from .changefeed.replay import prepare_for_restore  # to the second, when a change feed covers it
 
         replay = prepare_for_restore(engine, backup, request.as_of, replicas, progress)

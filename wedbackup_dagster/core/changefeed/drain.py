@@ -241,6 +241,9 @@ class ChangeFeed:
                 raise ChangeFeedError(f"another drain of slot {self.slot!r} recorded first; this one's segments "
                                       "were discarded (nothing lost: run it again)")
             result.segments = sealed
+            # The backup schedule's signal that a wedding changed (as the updated_at capture gives it), here with
+            # deletes and tables without updated_at included.
+            self.catalogue.record_source_changes({w: s["last_commit"] for w, s in sealed.items()})
             result.persisted_lsn = lsn_text(new_lsn)
             result.covered_until = covered
             self._advance(conn, new_lsn)

@@ -162,3 +162,34 @@ def test_a_moment_past_the_captured_feed_is_refused_naming_the_restorable_range(
     with pytest.raises(ReplayRefused, match="past what the change feed has captured.*nearest restorable points"):
         recover(engine, RecoveryRequest(partition="3", mode="target", as_of=covered + timedelta(hours=1),
                                         include_unverified=True), {}, target_dsn=make_database())
+
+
+def test_a_long_running_drainer_keeps_the_feed_seconds_behind_and_tells_the_schedule(feed_env):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    engine, feed, source = feed_env["engine"], feed_env["feed"], feed_env["source"]
+    engine.catalogue.sync_partitions([(w, None) for w in WEDDINGS])
+    env = {**os.environ, "WEDBACKUP_CHANGEFEED_SLOT": feed.slot, "PYTHONPATH": os.getcwd()}
+    drainer = subprocess.Popen([sys.executable, "-m", "wedbackup_dagster.cli", "changes", "drain", "--follow", "0.5"],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        with psycopg.connect(source, autocommit=True) as conn:
+            # A delete of a child row without updated_at: invisible to the updated_at capture.
+            conn.execute("DELETE FROM guest_dietary WHERE id = (SELECT d.id FROM guest_dietary d JOIN guests g ON "
+                         "g.id = d.guest_id WHERE g.wedding_id = 4 LIMIT 1)")
+            (at,) = conn.execute("SELECT clock_timestamp()").fetchone()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not feed.store.segments("4"):
+            time.sleep(0.2)
+        assert feed.store.segments("4"), drainer.stderr.read1().decode() if drainer.poll() is not None else ""
+        waited = feed.store.segments("4")[0]["created_at"] - at
+        assert waited.total_seconds() < 10
+    finally:
+        drainer.send_signal(signal.SIGTERM)
+        drainer.wait(30)
+    with engine.catalogue.connect() as conn:
+        row = conn.execute("SELECT source_updated_at FROM wedbackup.partitions WHERE partition = '4'").fetchone()
+    assert row["source_updated_at"] is not None and abs((row["source_updated_at"] - at).total_seconds()) < 1

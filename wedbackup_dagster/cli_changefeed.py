@@ -111,14 +111,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     state, live = status["slot_state"], status["feed"]
     now = datetime.now(timezone.utc)
     if state is None:
-        print(f"slot {feed.slot}: NOT on the source" + (" (the feed is recorded: it was dropped; run `wedbackup changes "
-                                                        "drain` to record the gap, then `changes start`)" if live else ""))
+        hint = (" (the feed is recorded: it was dropped; run `wedbackup changes drain` to record the gap, then "
+                "`changes start`)" if live else "")
+        print(f"slot {feed.slot}: NOT on the source{hint}")
     else:
         print(f"slot {feed.slot}: {state['wal_status']}, lag {state['lag_bytes'] or 0:,} bytes, retained WAL "
               f"{state['retained_bytes'] or 0:,} bytes, safe WAL size {state['safe_wal_size']}")
     if live:
-        print(f"captured up to {live['covered_until'].isoformat()} ({(now - live['covered_until']).total_seconds():.0f} s "
-              "ago)")
+        behind = (now - live["covered_until"]).total_seconds()
+        print(f"captured up to {live['covered_until'].isoformat()} ({behind:.0f} s ago)")
     print(f"  {'wedding':<12}{'newest change (UTC)':<34}{'segments':>9}{'changes':>9}")
     for w in status["weddings"]:
         print(f"  {w['partition']:<12}{w['newest_commit'].isoformat():<34}{w['segments']:>9}{w['changes']:>9}")

@@ -73,7 +73,8 @@ def change_feed(context: dg.AssetExecutionContext, config: DrainConfig, wedbacku
     engine = wedbackup.engine()
     feed = ChangeFeed.from_settings(engine.settings, engine.keyring, engine.catalogue, slot=slot_from_env(os.environ))
     if feed.store.live_feed(feed.slot) is None and not feed.store.feeds():
-        raise dg.Failure(description=f"no change feed on slot {feed.slot}: start it once with `wedbackup changes start`")
+        raise dg.Failure(description=f"no change feed on slot {feed.slot}: start it once with "
+                                     "`wedbackup changes start`")
     recovered = None
     results = []
     try:
@@ -118,7 +119,8 @@ def change_feed(context: dg.AssetExecutionContext, config: DrainConfig, wedbacku
                                          for p, c in copies.items()}),
         "weddings": dg.MetadataValue.table(
             records=[dg.TableRecord(w) for w in weddings],
-            schema=dg.TableSchema(columns=[dg.TableColumn("wedding", "string"), dg.TableColumn("newest_change", "string"),
+            schema=dg.TableSchema(columns=[dg.TableColumn("wedding", "string"),
+                                           dg.TableColumn("newest_change", "string"),
                                            dg.TableColumn("lag_seconds", "float"), dg.TableColumn("segments", "int"),
                                            dg.TableColumn("changes", "int")])),
     }

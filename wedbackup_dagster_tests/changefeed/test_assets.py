@@ -18,7 +18,8 @@ def _run(instance):
     return result, mat, checks
 
 
-def test_a_drain_run_shows_changes_lag_and_each_wedding_and_recovers_a_dropped_slot(feed_env, monkeypatch):  # noqa: F811
+def test_a_drain_run_shows_changes_lag_and_each_wedding_and_recovers_a_dropped_slot(
+        feed_env, monkeypatch):  # noqa: F811
     monkeypatch.setenv("WEDBACKUP_CHANGEFEED_SLOT", feed_env["slot"])
     with psycopg.connect(feed_env["source"], autocommit=True) as conn:
         conn.execute("UPDATE guests SET meal_choice = 'dagster' WHERE wedding_id IN (2, 3)")

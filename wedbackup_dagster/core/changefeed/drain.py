@@ -29,6 +29,7 @@ from .errors import ChangeFeedError, SlotLost
 from .routing import Router, seed_routes
 from .segments import SegmentDraft, SegmentTransaction, provider_key, seal, segment_vault
 from .store import FeedStore
+from .visibility import parse_snapshot, visible
 
 DEFAULT_SLOT = slots.DEFAULT_SLOT
 DEFAULT_MAX_CHANGES = 200_000  # pgoutput messages per peek: bounds a drain's memory
@@ -298,7 +299,8 @@ class ChangeFeed:
 
     def _set_fingerprint(self, feed_id: int, fingerprint: str) -> None:
         with self.catalogue.connect() as c:
-            c.execute("UPDATE wedbackup.changefeed_feeds SET plan_fingerprint = %s WHERE id = %s", (fingerprint, feed_id))
+            c.execute("UPDATE wedbackup.changefeed_feeds SET plan_fingerprint = %s WHERE id = %s",
+                      (fingerprint, feed_id))
 
     # ---- replicas ------------------------------------------------------------------------------------
     def replicate(self, replica: Any, limit: int = 1000) -> dict[str, Any]:
@@ -323,37 +325,3 @@ class ChangeFeed:
                                            checksum=record.provider_checksum)
             done += 1
         return {"provider": replica.provider, "uploaded": done, "failed": failed}
-
-
-# ---- transaction snapshots (pg_current_snapshot's text form) -----------------------------------------
-
-@dataclass(frozen=True)
-class TxSnapshot:
-    xmin: int
-    xmax: int
-    xip: frozenset[int]
-
-
-def parse_snapshot(text: str) -> TxSnapshot:
-    """`xmin:xmax:xip,…` as pg_current_snapshot() prints it (64-bit transaction ids)."""
-    try:
-        xmin, xmax, xip = str(text).split(":")
-        return TxSnapshot(int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x))
-    except ValueError:
-        raise ChangeFeedError(f"{text!r} is not a transaction snapshot (xmin:xmax:xip,…)") from None
-
-
-def widen_xid(xid: int, near: int) -> int:
-    """The 64-bit id of a 32-bit `xid` (as pgoutput sends it) nearest to the 64-bit `near`."""
-    candidate = ((near >> 32) << 32) | (xid & 0xFFFFFFFF)
-    if candidate > near + (1 << 31):
-        candidate -= 1 << 32
-    elif candidate < near - (1 << 31):
-        candidate += 1 << 32
-    return candidate
-
-
-def visible(xid: int, snap: TxSnapshot) -> bool:
-    """pg_visible_in_snapshot(xid, snap) for a committed transaction: did the snapshot see its changes?"""
-    full = widen_xid(xid, snap.xmax)
-    return full < snap.xmin or (full < snap.xmax and full not in snap.xip)

@@ -23,10 +23,10 @@ from psycopg import sql
 
 from wedbackup_dagster.core import tenancy
 
-from .drain import parse_snapshot, visible
 from .errors import ReplayRefused
 from .segments import provider_key, read_segment, segment_vault
 from .store import FeedStore
+from .visibility import parse_snapshot, visible
 
 # Segments are chosen by commit time with this margin before the snapshot; the visibility rule then decides
 # exactly (a commit's timestamp precedes the moment it becomes visible by far less).
@@ -154,7 +154,8 @@ def apply(conn, live_plan: tenancy.TenancyPlan, txns: list[dict[str, Any]], mani
                     cur.execute(query, params)
                     cursors.append((cur, where))
         except psycopg.Error as exc:
-            raise ReplayRefused(f"wedding {partition}: replaying the change feed failed ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}): the "
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ReplayRefused(f"wedding {partition}: replaying the change feed failed ({first}): the "
                                 "restored snapshot and the change feed disagree; nothing was written") from None
         for cur, (xid, op, name, key) in cursors:
             if cur.rowcount != 1:
@@ -168,7 +169,8 @@ def apply(conn, live_plan: tenancy.TenancyPlan, txns: list[dict[str, Any]], mani
         for name, cols in txn["columns"].items():
             known = manifest_tables.get(name)
             if known is None or [c for c in known["columns"] if c in cols] != list(cols):
-                raise ReplayRefused(f"wedding {partition}: table {name}'s columns in the change feed ({', '.join(cols)}) "
+                raise ReplayRefused(f"wedding {partition}: table {name}'s columns in the change feed "
+                                    f"({', '.join(cols)}) "
                                     f"are not the snapshot's ({', '.join(known['columns']) if known else 'absent'}): "
                                     "replay never crosses a schema change; restore a snapshot taken after it")
         for op, name, row, key in txn["changes"]:
@@ -259,6 +261,10 @@ class PreparedReplay:
         live_plan = tenancy.discover(conn)
         self.report = apply(conn, live_plan, self.txns, self.manifest, self.plan.partition, self.plan.as_of)
         self.report.segments = len(self.plan.segments)
+        # Replayed inserts may carry ids past what the snapshot held: sequences move past them (never back).
+        from wedbackup_dagster.core.restore import advance_sequences
+
+        advance_sequences(conn, [tuple(name.split(".", 1)) for name in self.report.tables])
 
 
 def prepare_for_restore(engine: Any, backup: Any, as_of: datetime | None, replicas: Mapping[str, Any],
@@ -279,7 +285,8 @@ def prepare_for_restore(engine: Any, backup: Any, as_of: datetime | None, replic
 
 def _feed_tables_exist(catalogue: Any) -> bool:
     with catalogue.connect() as conn:
-        row = conn.execute("SELECT pg_catalog.to_regclass('wedbackup.changefeed_feeds') IS NOT NULL AS present").fetchone()
+        row = conn.execute("SELECT pg_catalog.to_regclass('wedbackup.changefeed_feeds') IS NOT NULL AS present"
+                           ).fetchone()
     return bool(row["present"] if isinstance(row, dict) else row[0])
 
 

@@ -218,7 +218,8 @@ def seed_routes(conn, plan: tenancy.TenancyPlan) -> list[RouteKey | tuple[str, s
                                               for c in plan.root_key)
         flat = sorted({c for cols in wanted for c in cols})
         query = sql.SQL("SELECT {w}, {cols} FROM {joins}").format(
-            w=wedding, cols=sql.SQL(", ").join(sql.SQL("{}.{}::text").format(alias[0], sql.Identifier(c)) for c in flat),
+            w=wedding,
+            cols=sql.SQL(", ").join(sql.SQL("{}.{}::text").format(alias[0], sql.Identifier(c)) for c in flat),
             joins=sql.SQL(" ").join(joins))
         for row in conn.execute(query):
             values = dict(zip(flat, row[1:]))

@@ -110,7 +110,8 @@ class FeedStore:
                     "COPY wedbackup.changefeed_routes (feed_id, tbl, cols, key, partition) FROM STDIN") as copy:
                 for row in routes:
                     copy.write_row((feed_id, *row))
-            conn.execute("INSERT INTO wedbackup.audit (action, partition, detail) VALUES ('changefeed-start', NULL, %s)",
+            conn.execute("INSERT INTO wedbackup.audit (action, partition, detail) "
+                         "VALUES ('changefeed-start', NULL, %s)",
                          (json.dumps({"slot": slot, "feed": feed_id, "routes": len(routes)}),))
         return feed_id
 
@@ -154,10 +155,12 @@ class FeedStore:
                     """INSERT INTO wedbackup.changefeed_segments (feed_id, partition, sha256, size, key_id, first_lsn,
                            last_lsn, first_commit, last_commit, transactions, changes, tables)
                        VALUES (%(feed)s, %(partition)s, %(sha256)s, %(size)s, %(key_id)s, %(first_lsn)s, %(last_lsn)s,
-                           %(first_commit)s, %(last_commit)s, %(transactions)s, %(changes)s, %(tables)s) RETURNING id""",
+                           %(first_commit)s, %(last_commit)s, %(transactions)s, %(changes)s, %(tables)s)
+                       RETURNING id""",
                     {**s, "feed": feed_id, "tables": json.dumps(s["tables"])}).fetchone()["id"]
                 conn.execute(
-                    """INSERT INTO wedbackup.changefeed_segment_copies (segment_id, provider, uri, object_key, size, checksum)
+                    """INSERT INTO wedbackup.changefeed_segment_copies
+                           (segment_id, provider, uri, object_key, size, checksum)
                        VALUES (%s, 'vault', %s, %s, %s, %s)""",
                     (seg_id, s["uri"], s["object_key"], s["size"], s["sha256"]))
             upserts = [(k, v) for k, v in route_changes.items() if v is not None]
@@ -178,7 +181,8 @@ class FeedStore:
             for b in barriers:
                 conn.execute("INSERT INTO wedbackup.changefeed_barriers (feed_id, partition, lsn, at, reason) "
                              "VALUES (%s, %s, %s, %s, %s)", (feed_id, b["partition"], b["lsn"], b["at"], b["reason"]))
-            conn.execute("UPDATE wedbackup.changefeed_feeds SET persisted_lsn = %s, covered_until = greatest(covered_until, %s) "
+            conn.execute("UPDATE wedbackup.changefeed_feeds SET persisted_lsn = %s, "
+                         "covered_until = greatest(covered_until, %s) "
                          "WHERE id = %s", (persisted_lsn, covered_until, feed_id))
         return True
 
@@ -209,7 +213,8 @@ class FeedStore:
             conn.execute(
                 """INSERT INTO wedbackup.changefeed_segment_copies (segment_id, provider, uri, object_key, version_id,
                        size, checksum) VALUES (%s, %s, %s, %s, %s, %s, %s)
-                   ON CONFLICT (segment_id, provider) DO UPDATE SET uri = EXCLUDED.uri, object_key = EXCLUDED.object_key,
+                   ON CONFLICT (segment_id, provider) DO UPDATE SET uri = EXCLUDED.uri,
+                       object_key = EXCLUDED.object_key,
                        version_id = EXCLUDED.version_id, size = EXCLUDED.size, checksum = EXCLUDED.checksum""",
                 (segment_id, provider, uri, object_key, version_id, size, checksum))
 

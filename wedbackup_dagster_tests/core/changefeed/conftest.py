@@ -46,7 +46,8 @@ def digest(dsn_or_conn, wedding: str) -> dict[str, tuple[int, str]]:
         plan = tenancy.discover(conn)
         out = {}
         for t in plan.tenant_tables:
-            q = sql.SQL("SELECT count(*), md5(coalesce(string_agg(x::text, E'\\n' ORDER BY x::text COLLATE \"C\"), '')) "
+            q = sql.SQL("SELECT count(*), "
+                        "md5(coalesce(string_agg(x::text, E'\\n' ORDER BY x::text COLLATE \"C\"), '')) "
                         "FROM ({}) AS x").format(t.wedding_select())
             out[str(t.table)] = tuple(conn.execute(q, {"wedding_id": wedding}).fetchone())
         return out

@@ -9,7 +9,7 @@ import pytest
 
 from wedbackup_dagster.core.changefeed.decode import (UNCHANGED, Begin, Change, Commit, Decoder, Relation, Truncate,
                                                       lsn_text, parse_lsn, transactions)
-from wedbackup_dagster.core.changefeed.drain import parse_snapshot, visible, widen_xid
+from wedbackup_dagster.core.changefeed.visibility import parse_snapshot, visible, widen_xid
 from wedbackup_dagster.core.changefeed.errors import DecodeError
 
 T0 = 786_000_000_000_000  # microseconds since 2000-01-01

@@ -75,7 +75,8 @@ class Writer(threading.Thread):
                          "(SELECT FROM timeline_events c WHERE c.parent_event_id = x.id) ORDER BY random() LIMIT 1)",
                          (other, w))
         elif r < 0.82:  # a contract (two hops from its wedding, no updated_at) changes
-            conn.execute("UPDATE contracts SET notes = %s, amount = amount + 1 WHERE id = (SELECT c.id FROM contracts c "
+            conn.execute("UPDATE contracts SET notes = %s, amount = amount + 1 WHERE id = (SELECT c.id "
+                         "FROM contracts c "
                          "JOIN wedding_vendors v ON v.id = c.wedding_vendor_id WHERE v.wedding_id = %s ORDER BY "
                          "random() LIMIT 1)", (f"n{self.done}", w))
         elif r < 0.90:  # delete a guest: the cascade deletes its dietary rows too

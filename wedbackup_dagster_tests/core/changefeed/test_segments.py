@@ -59,3 +59,22 @@ def test_a_segment_is_sealed_with_the_wedding_key_and_erasure_makes_it_unreadabl
     engine.catalogue.shred_wedding_key("12")
     with open(entry.path, "rb") as fh, pytest.raises((ArchiveError, WedbackupError)):
         read_segment(fh, name="s", resolve_key=engine.resolve_key)
+
+
+def test_sequences_move_past_replayed_rows_in_the_target(feed_env, make_database):
+    engine, feed, source = feed_env["engine"], feed_env["feed"], feed_env["source"]
+    with engine.snapshot_session() as session:
+        engine.back_up("6", session)
+    with psycopg.connect(source, autocommit=True) as conn:
+        (new_id,) = conn.execute("INSERT INTO guests (wedding_id, first_name, last_name) VALUES (6, 'New', 'Id') "
+                                 "RETURNING id").fetchone()
+        (at,) = conn.execute("SELECT clock_timestamp()").fetchone()
+    time.sleep(0.01)
+    feed.drain()
+    target = make_database()
+    recover(engine, RecoveryRequest(partition="6", mode="target", as_of=at, include_unverified=True), {},
+            target_dsn=target)
+    with psycopg.connect(target, autocommit=True) as conn:  # the next guest in the target gets a fresh id
+        (next_id,) = conn.execute("INSERT INTO guests (wedding_id, first_name, last_name) VALUES (6, 'Next', 'Id') "
+                                  "RETURNING id").fetchone()
+    assert next_id > new_id

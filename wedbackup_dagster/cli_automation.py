@@ -23,6 +23,9 @@ def _replica_for(provider: str, settings):
     return AzureReplica(azure_service_from(settings.azure), settings.azure)
 
 
+replica_for = _replica_for  # public: the change feed's commands and tests make replicas the same way
+
+
 def cmd_catalogue_rebuild(args: argparse.Namespace) -> int:
     from .core.catalogue import Catalogue
     from .core.config import Settings

@@ -8,7 +8,7 @@ import json
 import os
 from datetime import datetime, timezone
 
-from .cli_automation import PROVIDERS, _replica_for
+from .cli_automation import PROVIDERS, replica_for
 
 
 def _feed():
@@ -95,7 +95,7 @@ def cmd_replicate(args: argparse.Namespace) -> int:
     for provider in PROVIDERS:
         if args.provider not in (None, provider):
             continue
-        out = feed.replicate(_replica_for(provider, settings))
+        out = feed.replicate(replica_for(provider, settings))
         print(f"{provider}: {out['uploaded']} segment(s) uploaded" + (f", {len(out['failed'])} failed" if out["failed"]
                                                                       else ""))
         failed += len(out["failed"])

@@ -7,7 +7,7 @@ import time
 import psycopg
 import pytest
 
-from wedbackup_dagster.cli_automation import _replica_for
+from wedbackup_dagster.cli_automation import replica_for
 from wedbackup_dagster.core.changefeed.segments import read_segment
 from wedbackup_dagster.core.errors import ArchiveError, WedbackupError
 from wedbackup_dagster.core.recovery import RecoveryRequest, recover
@@ -26,7 +26,7 @@ def test_segments_reach_every_provider_and_a_restore_works_without_the_vault(fee
         expected = digest(conn, "5")
     time.sleep(0.01)
     feed.drain()
-    replicas = {p: _replica_for(p, engine.settings) for p in ("s3", "gcs", "azure")}
+    replicas = {p: replica_for(p, engine.settings) for p in ("s3", "gcs", "azure")}
     for replica in replicas.values():
         assert feed.replicate(replica)["uploaded"] >= 1
         assert feed.replicate(replica)["uploaded"] == 0  # a re-run is a no-op

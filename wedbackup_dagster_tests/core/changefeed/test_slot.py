@@ -54,3 +54,59 @@ def test_a_missing_slot_is_named(stack, make_database):
     with psycopg.connect(make_database(), autocommit=True) as conn:
         with pytest.raises(ChangeFeedError, match="replication slot 'nobody' is gone"):
             slots.require_slot(conn, "nobody")
+
+
+@pytest.fixture(scope="module")
+def replica_level_server():
+    """A throwaway PostgreSQL cluster started with wal_level = replica (a few seconds: initdb and start),
+    trust-authenticated on 127.0.0.1 only, stopped and removed afterwards. Yields a DSN of its `postgres`."""
+    import glob
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    def as_postgres(argv):
+        return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
+
+    binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    if not binaries:
+        pytest.skip("PostgreSQL server binaries not found")
+    root = tempfile.mkdtemp(prefix="wbt-replica-level-", dir="/tmp")
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+    data = os.path.join(root, "data")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free_port = s.getsockname()[1]
+    try:
+        subprocess.run(as_postgres([f"{binaries[0]}/initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E",
+                                    "UTF8", "--locale=C.UTF-8"]), check=True, capture_output=True)
+        opts = (f"-p {free_port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c wal_level=replica "
+                "-c fsync=off")
+        subprocess.run(as_postgres([f"{binaries[0]}/pg_ctl", "-D", data, "-o", opts, "-l", os.path.join(root, "log"),
+                                    "-w", "-t", "60", "start"]), check=True, capture_output=True)
+        yield f"host=127.0.0.1 port={free_port} user=postgres dbname=postgres"
+    finally:
+        subprocess.run(as_postgres([f"{binaries[0]}/pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"]),
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_real_wal_level_replica_server_is_named_and_its_snapshots_still_work(replica_level_server):
+    import io
+
+    from wedbackup_dagster.core.snapshot import SnapshotSession
+
+    with psycopg.connect(replica_level_server, autocommit=True) as conn:
+        conn.execute("CREATE TABLE weddings (id bigint PRIMARY KEY, title text); INSERT INTO weddings VALUES (1, 'a')")
+        check = slots.check_source(conn, tenancy.discover(conn))
+        assert not check.ok and "wal_level is 'replica'" in check.problems[0]
+        with pytest.raises(ChangeFeedError, match="the source cannot feed changes: wal_level is 'replica'"):
+            slots.create_slot(conn, "never_made")
+        assert conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone()[0] == 0
+    sink = io.BytesIO()
+    with SnapshotSession(replica_level_server) as session:
+        manifest = session.snapshot("1", sink)
+    assert manifest.table("public.weddings").rows == 1 and manifest.snapshot

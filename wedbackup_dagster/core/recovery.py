@@ -475,7 +475,9 @@ def _dry_run(chunks: Iterable[bytes], dsn: str, target: str, mode: str, *, name:
 # --- restoring: into a new schema, for inspection ---------------------------------------------------
 
 def restore_into_schema(chunks: Iterable[bytes], dsn: str, schema: str, *, name: str, dry_run: bool = False,
-                        progress: Progress = _quiet) -> RecoveryReport:
+                        progress: Progress = _quiet,
+                        before_commit: Callable[[Any, dict[str, sql.Identifier]], None] | None = None
+                        ) -> RecoveryReport:
     """The partition's tables created in a NEW schema `schema` of the database at `dsn` (like the live
     tables: columns, generated columns, CHECK constraints, primary keys and indexes; no foreign keys,
     defaults or triggers), and the archive's rows loaded there, in one transaction. Refuses a schema
@@ -512,6 +514,8 @@ def restore_into_schema(chunks: Iterable[bytes], dsn: str, schema: str, *, name:
             return into
 
         staged, _ = _load(conn, records, what, target, progress, make)
+        if before_commit is not None and not dry_run:  # the change feed's replay, into the new tables
+            before_commit(conn, {t.qualified: t.table for t in staged})
         tables = [TableChange(t.qualified, t.rows, 0, t.rows) for t in staged]
         progress(f"{'would create' if dry_run else 'created'} schema {schema} with {len(staged)} table(s)")
     return RecoveryReport(partition, "schema", target, dry_run, tables, seconds=round(time.monotonic() - started, 6))
@@ -735,8 +739,8 @@ def recover(engine: Any, request: RecoveryRequest, replicas: Mapping[str, Any], 
     dsn = target_dsn if target_dsn and request.mode != "in_place" else engine.settings.source_dsn
     name = engine._archive_name(backup, chosen)
     replay = None
-    if request.dry_run or request.mode == "schema":
-        progress("the change feed is not replayed in dry runs or into a schema: this is the snapshot alone")
+    if request.dry_run:
+        progress("the change feed is not replayed in a dry run: this compares the snapshot alone")
     elif partition != PLATFORM:
         from .changefeed.replay import prepare_for_restore  # to the second, when a change feed covers it
 
@@ -755,7 +759,7 @@ def recover(engine: Any, request: RecoveryRequest, replicas: Mapping[str, Any], 
                                           before_commit=replay)
         elif request.mode == "schema":
             report = restore_into_schema(chunks, dsn, request.schema, name=name, dry_run=request.dry_run,
-                                         progress=progress)
+                                         progress=progress, before_commit=replay)
         else:
             report = restore_to_database(chunks, dsn, name=name, dry_run=request.dry_run, progress=progress,
                                          before_commit=replay)

@@ -131,8 +131,9 @@ def _types(conn, table: tenancy.TableName) -> dict[str, str]:
 
 
 def apply(conn, live_plan: tenancy.TenancyPlan, txns: list[dict[str, Any]], manifest: Mapping[str, Any],
-          partition: str, as_of: datetime) -> ReplayReport:
-    """Apply `txns` on `conn` (inside the restore's transaction) and check the outcome."""
+          partition: str, as_of: datetime, placed: Mapping[str, sql.Identifier] | None = None) -> ReplayReport:
+    """Apply `txns` on `conn` (inside the restore's transaction) and check the outcome. `placed`: where each
+    table's rows were restored instead of the table itself (`--into-schema`: a copy holding this wedding only)."""
     report = ReplayReport(partition, as_of.isoformat(), transactions=len(txns))
     tables = {str(t.table): t for t in live_plan.tenant_tables}
     manifest_tables = {f"{t['schema']}.{t['name']}": t for t in manifest["tables"]}
@@ -181,7 +182,10 @@ def apply(conn, live_plan: tenancy.TenancyPlan, txns: list[dict[str, Any]], mani
             shape = (op, name, tuple(row or ()), tuple(key or ()))
             query = statements.get(shape)
             if query is None:
-                query = statements[shape] = _statement(conn, t, op, row, key, types_of).as_bytes(conn)
+                into = placed.get(name) if placed is not None else None
+                if placed is not None and into is None:
+                    raise ReplayRefused(f"wedding {partition}: table {name} of the change feed was not restored")
+                query = statements[shape] = _statement(conn, t, op, row, key, types_of, into).as_bytes(conn)
             params = (*(row or {}).values(), *(key or {}).values()) if op != "D" else tuple(key.values())
             batch.append((query, params, (txn["xid"], op, name, key)))
             if len(batch) >= REPLAY_BATCH:
@@ -194,8 +198,11 @@ def apply(conn, live_plan: tenancy.TenancyPlan, txns: list[dict[str, Any]], mani
     params = {"wedding_id": partition}
     for name, counts in report.tables.items():
         expected = manifest_tables[name]["rows"] + counts["I"] - counts["D"]
-        (rows,) = conn.execute(sql.SQL("SELECT count(*) FROM ({}) AS r").format(
-            tables[name].wedding_rows([sql.SQL("1")])), params).fetchone()
+        if placed is not None:
+            (rows,) = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(placed[name])).fetchone()
+        else:
+            (rows,) = conn.execute(sql.SQL("SELECT count(*) FROM ({}) AS r").format(
+                tables[name].wedding_rows([sql.SQL("1")])), params).fetchone()
         counts["rows"] = rows
         if rows != expected:
             raise ReplayRefused(f"wedding {partition}: after replay table {name} holds {rows} rows, the snapshot and "
@@ -204,7 +211,7 @@ def apply(conn, live_plan: tenancy.TenancyPlan, txns: list[dict[str, Any]], mani
 
 
 def _statement(conn, t: tenancy.TenantTable, op: str, row: dict[str, Any] | None, key: dict[str, Any] | None,
-               types_of: dict[str, dict[str, str]]) -> sql.Composed:
+               types_of: dict[str, dict[str, str]], into: sql.Identifier | None = None) -> sql.Composed:
     name = str(t.table)
     types = types_of.get(name) or types_of.setdefault(name, _types(conn, t.table))
 
@@ -217,11 +224,11 @@ def _statement(conn, t: tenancy.TenantTable, op: str, row: dict[str, Any] | None
 
     if op == "I":
         return sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({})").format(
-            t.table.ident(), sql.SQL(", ").join(map(sql.Identifier, row)), vals(row))
+            into or t.table.ident(), sql.SQL(", ").join(map(sql.Identifier, row)), vals(row))
     if op == "U":
         return sql.SQL("UPDATE {} SET ({}) = ROW({}) WHERE {}").format(
-            t.exact(), sql.SQL(", ").join(map(sql.Identifier, row)), vals(row), where(key))
-    return sql.SQL("DELETE FROM {} WHERE {}").format(t.exact(), where(key))
+            into or t.exact(), sql.SQL(", ").join(map(sql.Identifier, row)), vals(row), where(key))
+    return sql.SQL("DELETE FROM {} WHERE {}").format(into or t.exact(), where(key))
 
 
 class SegmentSource:
@@ -257,10 +264,12 @@ class PreparedReplay:
         self.manifest = manifest
         self.report: ReplayReport | None = None
 
-    def __call__(self, conn) -> None:
+    def __call__(self, conn, placed: Mapping[str, sql.Identifier] | None = None) -> None:
         live_plan = tenancy.discover(conn)
-        self.report = apply(conn, live_plan, self.txns, self.manifest, self.plan.partition, self.plan.as_of)
+        self.report = apply(conn, live_plan, self.txns, self.manifest, self.plan.partition, self.plan.as_of, placed)
         self.report.segments = len(self.plan.segments)
+        if placed is not None:  # copies made LIKE the tables: no sequences of their own
+            return
         # Replayed inserts may carry ids past what the snapshot held: sequences move past them (never back).
         from wedbackup_dagster.core.restore import advance_sequences
 

@@ -78,3 +78,27 @@ def test_sequences_move_past_replayed_rows_in_the_target(feed_env, make_database
         (next_id,) = conn.execute("INSERT INTO guests (wedding_id, first_name, last_name) VALUES (6, 'Next', 'Id') "
                                   "RETURNING id").fetchone()
     assert next_id > new_id
+
+
+def test_into_a_schema_the_changes_are_replayed_too(feed_env):
+    engine, feed, source = feed_env["engine"], feed_env["feed"], feed_env["source"]
+    with engine.snapshot_session() as session:
+        engine.back_up("10", session)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("DELETE FROM guest_dietary WHERE guest_id IN (SELECT id FROM guests WHERE wedding_id = 10)")
+        conn.execute("UPDATE guests SET meal_choice = 'in the schema' WHERE wedding_id = 10")
+        conn.execute("INSERT INTO guests (wedding_id, first_name, last_name) VALUES (10, 'In', 'Schema')")
+        (at,) = conn.execute("SELECT clock_timestamp()").fetchone()
+        expected = conn.execute("SELECT count(*), md5(string_agg(g::text, '|' ORDER BY g.id)) FROM guests g "
+                                "WHERE wedding_id = 10").fetchone()
+        time.sleep(0.01)
+        conn.execute("UPDATE guests SET meal_choice = 'later' WHERE wedding_id = 10")
+    feed.drain()
+    report = recover(engine, RecoveryRequest(partition="10", mode="schema", schema="w10_then", as_of=at,
+                                             include_unverified=True), {})
+    assert report.replay["changes"] > 0
+    with psycopg.connect(source, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*), md5(string_agg(g::text, '|' ORDER BY g.id)) FROM w10_then.guests g"
+                            ).fetchone() == expected
+        assert conn.execute("SELECT count(*) FROM w10_then.guest_dietary").fetchone()[0] == 0
+        conn.execute("DROP SCHEMA w10_then CASCADE")

@@ -9,7 +9,7 @@ import os
 import platform
 from pathlib import Path
 
-from . import big_wedding, dagster_overhead, fleet, replicas, reverify, tick, whole_job
+from . import big_wedding, change_feed, dagster_overhead, fleet, replicas, reverify, tick, whole_job
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -68,6 +68,13 @@ def main() -> None:
     # Upload throughput to the local stand-ins (not clouds: no network, their own overheads).
     result["replicas"] = replicas.run(quick=args.quick)
     result["replica_upload_mb_per_s"] = result["replicas"]["replica_upload_mb_per_s"]
+    # The change feed (issue 18): sustained changes/s and lag under a write load, and a median wedding restored
+    # to 12 hours (by volume) after its snapshot, next to the same snapshot restored without replay.
+    result["change_feed"] = change_feed.run(weddings=100 if args.quick else 400, seconds=15 if args.quick else 30)
+    cf = result["change_feed"]
+    result["feed_sustained_changes_per_second"] = cf["feed_sustained_changes_per_second"]
+    result["feed_lag_max_seconds"] = cf["lag_commit_to_sealed_max_seconds"]
+    result["restore_median_wedding_12h_after_snapshot_seconds"] = cf["restore_median_wedding_12h_after_snapshot_seconds"]
     # The headline figures at the top level too, named as issue 7 asks for them.
     fl, single = result["fleet"], result["single_wedding"]
     result.update({
@@ -114,6 +121,13 @@ def main() -> None:
         *(f"| {p} upload ({result['replicas']['stand_ins'][p]}) | {v['large_mb_per_s']} MB/s "
           f"({result['replicas']['large_file_mb']:.0f} MB file), {v['small_files_per_s']} files/s (64 kB) |"
           for p, v in result["replicas"]["providers"].items()),
+        f"| change feed, {cf['weddings']} weddings, {cf['writers']} writers for {cf['load_seconds']} s: written / "
+        f"captured | {cf['write_changes_per_second']} / {cf['feed_sustained_changes_per_second']} changes/s; lag commit "
+        f"to sealed max {cf['lag_commit_to_sealed_max_seconds']} s, median {cf['lag_commit_to_sealed_median_seconds']} s "
+        f"(drain every {cf['drain_interval']} s) |",
+        f"| median wedding restored 12 h after its snapshot ({cf['twelve_hours']['transactions']:,} transactions, "
+        f"{cf['twelve_hours']['changes']:,} changes replayed) / the snapshot alone | "
+        f"{cf['twelve_hours']['restore_to_12h_seconds']} s / {cf['twelve_hours']['restore_snapshot_only_seconds']} s |",
     ])
     (RESULTS / "latest.md").write_text(table + "\n")
     print(json.dumps(result, indent=2, default=str))

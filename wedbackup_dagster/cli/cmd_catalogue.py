@@ -9,6 +9,7 @@ import sys
 
 from .common import PROVIDERS, replica_for
 
+
 def cmd_catalogue_rebuild(args: argparse.Namespace) -> int:
     from ..core.catalogue import Catalogue
     from ..core.config import Settings

@@ -48,6 +48,9 @@ def cmd_points(args: argparse.Namespace) -> int:
         catalogue.migrate()
         _refuse_other_spelling(catalogue, partition)
         points = recovery.recovery_points(catalogue, partition)
+        from ..core.changefeed.replay import continuous_ranges  # the change feed's reach past each snapshot
+
+        ranges = continuous_ranges(catalogue, partition, points) if partition != "platform" else {}
     finally:
         catalogue.close()
     if args.json:
@@ -63,6 +66,10 @@ def cmd_points(args: argparse.Namespace) -> int:
         when = p.snapshot_time.astimezone(timezone.utc).isoformat(timespec="seconds")
         verified = f"yes ({p.verified_at.astimezone(timezone.utc):%Y-%m-%d %H:%M})" if p.verified else "no"
         print(f"  {when:<27}{p.archive_sha256[:12]:<14}{p.size:>10,}{p.rows:>9,}  {','.join(p.copies):<22}{verified}")
+        if p.archive_sha256 in ranges:
+            start, end, why = ranges[p.archive_sha256]
+            print(f"    + change feed: any second from {start.astimezone(timezone.utc).isoformat(timespec='seconds')} "
+                  f"to {end.astimezone(timezone.utc).isoformat(timespec='seconds')} ({why})")
     return 0
 
 

@@ -69,6 +69,11 @@ VARIABLES: dict[str, tuple[str, str, bool]] = {
                                  "`provider:CLASS=USD_per_GB_month,…` over the built-in list prices", "", False),
     "WEDBACKUP_STATE_DIR": ("where the local stack keeps its data, logs and PIDs", ".wedbackup", False),
     "DAGSTER_HOME": ("Dagster instance directory (the local stack sets it up)", ".wedbackup/dagster_home", False),
+    # The change feed (issue 18, core/changefeed/, docs/CHANGEFEED.md).
+    "WEDBACKUP_CHANGEFEED_SLOT": ("logical replication slot of the change feed (its publication is "
+                                  "<slot>_pub)", "wedbackup_feed", False),
+    "WEDBACKUP_CHANGEFEED_MAX_LAG": ("seconds the change feed may trail before feed_lag_within_rpo warns", "10",
+                                     False),
 }
 
 SECRET_VARIABLES = frozenset(name for name, (_, _, secret) in VARIABLES.items() if secret)

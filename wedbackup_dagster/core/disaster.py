@@ -26,7 +26,7 @@ from .errors import ArchiveError, ProviderError, RestoreError, WedbackupError
 from .recovery import NoRecoveryPointError, RecoveryPoint, _connect, choose_point, recovery_points
 from .restore import _advance_sequences, _check_foreign_keys, _first_line, restore_snapshot, scratch_database
 from .snapshot import PLATFORM, RESTORE_PROGRESS_SCHEMA, database_label, describe_schema, schema_is_empty
-from ..progress import Progress as Counter  # done of total, rate, ETA (plain Python, shared with the backups)
+from wedbackup_dagster.shared.progress import Progress as Counter
 
 Progress = Callable[[str], None]
 LOCATIONS = ("vault", "s3", "gcs", "azure")

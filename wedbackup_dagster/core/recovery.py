@@ -159,6 +159,7 @@ class RecoveryReport:
     copy: str = ""
     sequences: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    replay: dict[str, Any] | None = None  # changes replayed on top of the snapshot (core/changefeed/replay.py)
 
     @property
     def totals(self) -> dict[str, int]:
@@ -426,14 +427,16 @@ def _temp_stage(conn) -> Callable[[dict[str, Any], int], sql.Identifier]:
 # --- restoring: into another database ---------------------------------------------------------------
 
 def restore_to_database(chunks: Iterable[bytes], dsn: str, *, name: str, dry_run: bool = False,
-                        progress: Progress = _quiet) -> RecoveryReport:
+                        progress: Progress = _quiet, before_commit: Callable[[Any], None] | None = None
+                        ) -> RecoveryReport:
     """The archive into another database (an empty one gets the archive's schema; otherwise its schema
     must match). A dry run compares the archive's rows with the target's rows of the partition."""
     target = database_label(dsn)
     if not dry_run:
         started = time.monotonic()
         progress(f"restoring into {target}")
-        report = restore_snapshot(chunks, dsn, create_schema="auto", name=name)
+        report = restore_snapshot(chunks, dsn, create_schema="auto", name=name,
+                                  before_commit=(lambda conn, _: before_commit(conn)) if before_commit else None)
         for t in report.tables:
             progress(f"{t.table}: {t.rows:,} rows restored")
         return RecoveryReport(report.partition, "target", target, False,
@@ -472,7 +475,9 @@ def _dry_run(chunks: Iterable[bytes], dsn: str, target: str, mode: str, *, name:
 # --- restoring: into a new schema, for inspection ---------------------------------------------------
 
 def restore_into_schema(chunks: Iterable[bytes], dsn: str, schema: str, *, name: str, dry_run: bool = False,
-                        progress: Progress = _quiet) -> RecoveryReport:
+                        progress: Progress = _quiet,
+                        before_commit: Callable[[Any, dict[str, sql.Identifier]], None] | None = None
+                        ) -> RecoveryReport:
     """The partition's tables created in a NEW schema `schema` of the database at `dsn` (like the live
     tables: columns, generated columns, CHECK constraints, primary keys and indexes; no foreign keys,
     defaults or triggers), and the archive's rows loaded there, in one transaction. Refuses a schema
@@ -509,6 +514,8 @@ def restore_into_schema(chunks: Iterable[bytes], dsn: str, schema: str, *, name:
             return into
 
         staged, _ = _load(conn, records, what, target, progress, make)
+        if before_commit is not None and not dry_run:  # the change feed's replay, into the new tables
+            before_commit(conn, {t.qualified: t.table for t in staged})
         tables = [TableChange(t.qualified, t.rows, 0, t.rows) for t in staged]
         progress(f"{'would create' if dry_run else 'created'} schema {schema} with {len(staged)} table(s)")
     return RecoveryReport(partition, "schema", target, dry_run, tables, seconds=round(time.monotonic() - started, 6))
@@ -560,7 +567,8 @@ def _outside_references(conn, plan: tenancy.TenancyPlan, wedding_id: str) -> lis
 
 
 def restore_in_place(chunks: Iterable[bytes], dsn: str, wedding_id: str, *, name: str, dry_run: bool = False,
-                     lock_timeout: float = DEFAULT_LOCK_TIMEOUT, progress: Progress = _quiet) -> RecoveryReport:
+                     lock_timeout: float = DEFAULT_LOCK_TIMEOUT, progress: Progress = _quiet,
+                     before_commit: Callable[[Any], None] | None = None) -> RecoveryReport:
     """Replace exactly one wedding's rows in the live database with the archive's, in ONE transaction:
 
     1. check the live schema (its own schemas) and tenancy plan against the archive's: stop on a difference;
@@ -589,7 +597,7 @@ def restore_in_place(chunks: Iterable[bytes], dsn: str, wedding_id: str, *, name
         with _connect(dsn, target, "wedbackup-restore-in-place") as conn, _transaction(conn, commit=not dry_run), \
                 _row_security_named(what, target):
             report = _replace_wedding(conn, header, records, partition, target, dry_run=dry_run,
-                                      lock_timeout=lock_timeout, progress=progress)
+                                      lock_timeout=lock_timeout, progress=progress, before_commit=before_commit)
     except psycopg.errors.LockNotAvailable:
         raise RestoreError(f"restore of {what} into {target}: a lock it needs was held by another session for "
                            f"more than {lock_timeout:g} s; nothing was written (try again later)") from None
@@ -601,7 +609,8 @@ def restore_in_place(chunks: Iterable[bytes], dsn: str, wedding_id: str, *, name
 
 
 def _replace_wedding(conn, header: Mapping[str, Any], records: Iterator[Record], partition: str, target: str, *,
-                     dry_run: bool, lock_timeout: float, progress: Progress) -> RecoveryReport:
+                     dry_run: bool, lock_timeout: float, progress: Progress,
+                     before_commit: Callable[[Any], None] | None = None) -> RecoveryReport:
     """The body of restore_in_place's transaction (see there); raises to roll back."""
     what = f"wedding {partition}"
     params = {"wedding_id": partition}
@@ -665,6 +674,8 @@ def _replace_wedding(conn, header: Mapping[str, Any], records: Iterator[Record],
             raise VerificationError(f"restore of {what} into {target}: table {s.qualified} does not match the "
                                     f"manifest after loading ({rows} rows / sha256 {sha[:16]}… vs {m.rows} / "
                                     f"{m.sha256[:16]}…): a trigger may have changed the rows; nothing was written")
+    if before_commit is not None:  # the change feed's replay up to a second (core/changefeed/replay.py)
+        before_commit(conn)
     report.sequences = _advance_sequences(conn, [(s.schema, s.name) for s in staged])
     progress(f"{what}: {sum(s.rows for s in staged):,} rows checked against the manifest; committing")
     return report
@@ -727,6 +738,13 @@ def recover(engine: Any, request: RecoveryRequest, replicas: Mapping[str, Any], 
              f"{backup.archive_sha256[:12]}, {state}), from the {chosen} copy")
     dsn = target_dsn if target_dsn and request.mode != "in_place" else engine.settings.source_dsn
     name = engine._archive_name(backup, chosen)
+    replay = None
+    if request.dry_run:
+        progress("the change feed is not replayed in a dry run: this compares the snapshot alone")
+    elif partition != PLATFORM:
+        from .changefeed.replay import prepare_for_restore  # to the second, when a change feed covers it
+
+        replay = prepare_for_restore(engine, backup, request.as_of, replicas, progress)
     with engine._fetched_copy(backup, chosen, replicas) as tmp:
         progress(f"fetched the {chosen} copy ({backup.size:,} bytes, SHA-256 checked)")
         chunks = open_archive(tmp, name=name, resolve_key=engine.resolve_key)
@@ -737,12 +755,14 @@ def recover(engine: Any, request: RecoveryRequest, replicas: Mapping[str, Any], 
                     else partition_lock(engine.catalogue, partition, purpose="in-place restore"))
             with held:
                 report = restore_in_place(chunks, dsn, partition, name=name, dry_run=request.dry_run,
-                                          lock_timeout=request.lock_timeout, progress=progress)
+                                          lock_timeout=request.lock_timeout, progress=progress,
+                                          before_commit=replay)
         elif request.mode == "schema":
             report = restore_into_schema(chunks, dsn, request.schema, name=name, dry_run=request.dry_run,
-                                         progress=progress)
+                                         progress=progress, before_commit=replay)
         else:
-            report = restore_to_database(chunks, dsn, name=name, dry_run=request.dry_run, progress=progress)
+            report = restore_to_database(chunks, dsn, name=name, dry_run=request.dry_run, progress=progress,
+                                         before_commit=replay)
     if partition == PLATFORM and not request.dry_run:
         if request.mode == "target":
             # Platform archives taken before an erasure still name the erased weddings: erase them again.
@@ -755,6 +775,8 @@ def recover(engine: Any, request: RecoveryRequest, replicas: Mapping[str, Any], 
                      f"erasures are re-applied only by a restore into a database")
     report.archive_sha256, report.snapshot_time, report.copy = (backup.archive_sha256,
                                                                 backup.snapshot_time.isoformat(), chosen)
+    if replay is not None:
+        report.replay = replay.report.to_dict() if replay.report else None
     if not request.dry_run and request.mode == "in_place":
         # The live rows changed without touching updated_at: tell the schedule, so a fresh backup follows.
         engine.catalogue.record_source_changes({partition: datetime.now(timezone.utc)})

@@ -641,6 +641,9 @@ def _advance_sequences(conn, tables: list[tuple[str, str]]) -> list[dict[str, An
     return out
 
 
+advance_sequences = _advance_sequences  # public: the change feed's replay moves sequences past replayed rows too
+
+
 # --- verification -----------------------------------------------------------------------------------
 
 def foreign_keys_sql(of: str) -> str:

@@ -190,6 +190,7 @@ class PruneReport:
     deletions: list[CopyDeletion]
     # Backups a shrinkage flag holds: partition, backup_id, snapshot_time, every reason it is kept.
     held: list[dict[str, Any]] = field(default_factory=list)
+    segments: dict[str, Any] = field(default_factory=dict)  # change segments pruned (core/changefeed/retention.py)
 
     @property
     def locked(self) -> list[CopyDeletion]:
@@ -283,4 +284,7 @@ def prune(catalogue: Any, vault: Any, replicas: Mapping[str, Any], policy: Polic
             outcome.reason = plan.delete[row["id"]]
             catalogue.audit("prune", row["partition"], outcome.as_dict())
             report.deletions.append(outcome)
+    from .changefeed.retention import prune_segments  # segments live as long as the snapshots they extend
+
+    report.segments = prune_segments(catalogue, vault, replicas, dry_run=dry_run, partition=partition)
     return report

@@ -264,7 +264,11 @@ class Stack:
         # own writes (vault, providers) do their own fsync and never rely on this server's.
         opts = (f"-p {p} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=off "
                 "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200 "
-                "-c shared_buffers=256MB")
+                "-c shared_buffers=256MB"
+                # The change feed (issue 18) reads a logical replication slot: logical WAL, room for the
+                # slots of several test sessions, and a cap so a forgotten slot cannot fill the disk.
+                " -c wal_level=logical -c max_replication_slots=20 -c max_wal_senders=20"
+                " -c max_slot_wal_keep_size=2GB")
         result = subprocess.run(
             self._as_postgres([self._pg_bin("pg_ctl"), "-D", str(self.pg_data), "-l", str(log), "-o", opts,
                                "-w", "-t", "60", "start"]),

@@ -10,7 +10,6 @@ import stat
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -177,10 +176,9 @@ class S3Source:
                 rel = item["Key"][len(self.prefix):]
                 if partition is not None and partition_of(rel, self.wedding_prefix) != partition:
                     continue
-                modified = item.get("LastModified")
-                yield SourceObject(rel, int(item["Size"]), (item.get("ETag") or "").strip('"') or None, None,
-                                   modified.astimezone(timezone.utc).isoformat() if isinstance(modified, datetime)
-                                   else None)
+                # Size and ETag say whether an object changed; its LastModified does not (a restore that
+                # puts the same bytes back is the same object), so it is not compared.
+                yield SourceObject(rel, int(item["Size"]), (item.get("ETag") or "").strip('"') or None, None, None)
 
     @contextmanager
     def open(self, obj: SourceObject) -> Iterator[CheckedStream]:

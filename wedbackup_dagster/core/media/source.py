@@ -68,9 +68,15 @@ class CheckedStream:
         self._sha = hashlib.sha256()
         self._md5 = hashlib.md5(usedforsecurity=False) if md5 else None
 
+    def _left(self, want: int) -> int:
+        # One byte past the listed size is enough to know the object grew; a source that never ends
+        # (a file appended to as fast as it is read) cannot keep the backup reading forever.
+        left = self.obj.size + 1 - self.count
+        return left if want is None or want < 0 else min(want, left)
+
     def readinto(self, buffer) -> int:  # noqa: ANN001 - pyfastcdc hands a memoryview
         view = memoryview(buffer)
-        data = self._raw.read(len(view))
+        data = self._raw.read(self._left(len(view))) if self._left(len(view)) > 0 else b""
         n = len(data)
         view[:n] = data
         self._sha.update(data)
@@ -80,7 +86,7 @@ class CheckedStream:
         return n
 
     def read(self, size: int = -1) -> bytes:
-        data = self._raw.read(size)
+        data = self._raw.read(self._left(size)) if self._left(size) > 0 else b""
         self._sha.update(data)
         if self._md5 is not None:
             self._md5.update(data)

@@ -230,3 +230,40 @@ class MediaStore:
 
 class MediaCopyError(WedbackupError):
     """One copy of a pack or snapshot could not be read intact at one location."""
+
+
+def erase_media(catalogue: Catalogue, vault_root: Path | str, replicas: Mapping[str, Any], partition: str) -> list[str]:
+    """GDPR erasure of a wedding's media, after its key was shredded (which already makes every copy
+    unreadable): delete its packs and snapshots at every provider (every version) and in the vault, and
+    forget them in the catalogue. Returns what could not be deleted (a re-run finishes it)."""
+    failed: list[str] = []
+    check_partition(partition)
+    if partition == "platform":
+        raise WedbackupError("the platform partition's media is never erased as a wedding")
+    for provider, replica in replicas.items():
+        sub = f"media/weddings/{partition}/"
+        try:
+            lister = getattr(replica, "version_keys", None)
+            keys = set(lister(sub)) if lister is not None else {o.key for o in replica.list(sub)}
+        except WedbackupError as exc:
+            failed.append(f"{provider}: listing the wedding's media failed: {exc}")
+            continue
+        for key in sorted(keys):
+            try:
+                replica.delete(key)
+            except WedbackupError as exc:
+                failed.append(str(exc)[:300])
+        if not any(f.startswith(provider) for f in failed):
+            with catalogue.connect() as conn:
+                conn.execute("DELETE FROM wedbackup.media_copies WHERE partition = %s AND provider = %s",
+                             (partition, provider))
+    folder = Path(vault_root) / MEDIA_DIR / partition
+    if folder.is_dir():
+        shutil.rmtree(folder)
+        _fsync_dir(folder.parent)
+    with catalogue.connect() as conn:
+        conn.execute("DELETE FROM wedbackup.media_copies WHERE partition = %s AND provider = 'vault'", (partition,))
+        if not failed:
+            conn.execute("DELETE FROM wedbackup.media_snapshots WHERE partition = %s", (partition,))
+            conn.execute("DELETE FROM wedbackup.media_packs WHERE partition = %s", (partition,))
+    return failed

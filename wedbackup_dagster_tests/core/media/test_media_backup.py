@@ -9,12 +9,14 @@ import io
 
 import pytest
 
-from wedbackup_dagster.core.errors import KeyError_, RestoreError, WedbackupError
+from wedbackup_dagster.core.erasure import erase_wedding
+from wedbackup_dagster.core.errors import RestoreError
 from wedbackup_dagster.core.media.backup import back_up_media
 from wedbackup_dagster.core.media.packs import PackError, PackReader
 from wedbackup_dagster.core.media.restore import restore_media
 from wedbackup_dagster.core.media.source import partition_of
 from wedbackup_dagster.core.media.verify import verify_media
+from wedbackup_dagster.core.vault import Vault
 from wedbackup_dagster.dev.demo_media import S3Sink, generate_media, platform_media, wedding_media
 
 from .conftest import TEST_SCALE
@@ -87,18 +89,26 @@ def test_back_up_empty_the_source_restore_from_s3_alone_then_erase(media_world):
         assert result.locations == {"s3": result.locations["s3"]} and not result.damaged
     assert _bucket_digests(world) == expected
 
-    # Erasure: the key is shredded; no pack or snapshot of the wedding opens any more, anywhere.
-    world.catalogue.shred_wedding_key("12")
+    # Erasure (the real one): the key is shredded and the media deleted everywhere. A copy kept elsewhere
+    # (taken before, as an immutable copy or an attacker would) opens no more.
+    kept = []
+    for copy in world.store.copies("12"):
+        if copy["kind"] == "pack" and copy["provider"] == "s3":
+            buf = io.BytesIO()
+            world.replicas["s3"].download(copy["object_key"], buf)
+            kept.append(buf)
+    assert kept
+    report = erase_wedding(world.catalogue, Vault(world.settings.vault_dir), world.replicas, "12", requested_by="test")
+    assert report.complete and report.keys_shredded == 1
     resolve = lambda kid: world.catalogue.key_by_id(kid, world.keyring)  # noqa: E731
-    with pytest.raises(WedbackupError):
-        restore_media(world.store, "12", resolve, to_dir=world.tmp / "after-erasure", provider="s3")
-    packs = [c for c in world.store.copies("12") if c["kind"] == "pack" and c["provider"] == "s3"]
-    assert packs
-    for copy in packs:
-        buf = io.BytesIO()
-        world.replicas["s3"].download(copy["object_key"], buf)
+    with pytest.raises(RestoreError, match="no media snapshot"):
+        restore_media(world.store, "12", resolve, to_dir=world.tmp / "after-erasure")
+    for name, replica in world.replicas.items():
+        assert not list(replica.list("media/weddings/12/")), name
+    assert not (world.settings.vault_dir / "media.d" / "12").exists()
+    for buf in kept:
         with pytest.raises(PackError, match="not available"):
-            PackReader(buf, name=copy["object_key"], resolve_key=resolve)
+            PackReader(buf, name="kept copy", resolve_key=resolve)
     # wedding 14 is untouched
     assert verify_media(world.store, "14", resolve, "azure").ok
 

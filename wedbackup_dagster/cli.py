@@ -44,6 +44,10 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     summary = demo_data.generate(settings.source_dsn, weddings=args.weddings, seed=args.seed)
+    if args.media:  # wedding media in the stack's media bucket (dev/demo_media.py)
+        from .dev.demo_media import fill_demo_bucket
+
+        summary["media"] = fill_demo_bucket(settings.source_dsn, weddings=args.media, seed=args.seed)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -60,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo-data", help="create and fill a demo wedding-platform database (deterministic)")
     demo.add_argument("--weddings", type=int, default=200)
     demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--media", type=int, default=0, metavar="N",
+                      help="also fill the media bucket with demo photos and documents for N weddings")
     demo.set_defaults(func=_cmd_demo_data)
 
     from . import cli_automation, cli_backup, cli_checks, cli_disaster, cli_governance, cli_keys, cli_restore
@@ -71,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli_governance.register(sub)
     cli_keys.register(sub)
     cli_disaster.register(sub)
+    from . import cli_media
+
+    cli_media.register(sub)
     return parser
 
 

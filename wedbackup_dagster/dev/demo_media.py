@@ -190,3 +190,19 @@ def ensure_media_bucket(client: Any, bucket: str = MEDIA_BUCKET) -> None:
     except ClientError:
         client.create_bucket(Bucket=bucket, CreateBucketConfiguration={
             "LocationConstraint": os.environ.get("WEDBACKUP_S3_REGION") or "eu-west-1"})
+
+
+def fill_demo_bucket(source_dsn: str, *, weddings: int = 5, seed: int = 7, scale: MediaScale = SMALL,
+                     bucket: str = MEDIA_BUCKET) -> dict[str, Any]:
+    """Fill the local stack's media bucket with demo media for the first `weddings` weddings of the demo
+    database (and the platform's vendor portfolios). Set WEDBACKUP_MEDIA_SOURCE=s3://<bucket> to back it up."""
+    import psycopg
+
+    from wedbackup_dagster.core.media.source import media_s3_client
+
+    with psycopg.connect(source_dsn) as conn:
+        ids = [str(r[0]) for r in conn.execute("SELECT id FROM weddings ORDER BY id LIMIT %s", (weddings,))]
+    client = media_s3_client(os.environ)
+    ensure_media_bucket(client, bucket)
+    summary = generate_media(S3Sink(client, bucket), ids, seed=seed, scale=scale)
+    return {**summary, "bucket": bucket, "source": f"s3://{bucket}"}

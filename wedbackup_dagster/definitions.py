@@ -1,7 +1,7 @@
 """The wedbackup code location: every Dagster object of the project, wired to its resources."""
 import dagster as dg
 
-from . import automation, checks, disaster, governance, keys
+from . import automation, checks, disaster, governance, keys, media
 from .backups.assets import backup_assets
 from .backups.jobs import backup_weddings, reverify_weddings
 from .backups.resources import build_resources
@@ -12,10 +12,10 @@ from .event_batches import enable_event_batching
 enable_event_batching()
 
 defs = dg.Definitions(
-    assets=[*backup_assets, *checks.asset_defs, *disaster.asset_defs],
-    asset_checks=checks.check_defs,
+    assets=[*backup_assets, *checks.asset_defs, *disaster.asset_defs, *media.asset_defs],
+    asset_checks=[*checks.check_defs, *media.check_defs],
     jobs=[backup_weddings, reverify_weddings, restore_wedding, *automation.job_defs, *checks.job_defs,
-          *governance.job_defs, *keys.job_defs, *disaster.job_defs],
+          *governance.job_defs, *keys.job_defs, *disaster.job_defs, *media.job_defs],
     schedules=[*automation.schedule_defs, *governance.schedule_defs, *keys.schedule_defs,
                *disaster.schedule_defs],
     sensors=[*automation.sensor_defs, *keys.sensor_defs],

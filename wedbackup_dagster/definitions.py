@@ -17,7 +17,7 @@ defs = dg.Definitions(
     jobs=[backup_weddings, reverify_weddings, restore_wedding, *automation.job_defs, *checks.job_defs,
           *governance.job_defs, *keys.job_defs, *disaster.job_defs, *media.job_defs],
     schedules=[*automation.schedule_defs, *governance.schedule_defs, *keys.schedule_defs,
-               *disaster.schedule_defs],
+               *disaster.schedule_defs, *media.schedule_defs],
     sensors=[*automation.sensor_defs, *keys.sensor_defs],
     resources=build_resources(),
 )

@@ -44,15 +44,18 @@ class RandomStream:
         self._pos = 0
         self._header = header
         self._edits = dict(edits)
-        self._pending = b""
-        self._block = 0
+        self._pending = memoryview(b"")
 
     def _base(self) -> Iterator[bytes]:
-        # SHAKE-256 is a fast deterministic stream of incompressible bytes.
+        # An AES-CTR keystream: deterministic, incompressible, and generated at GB/s (SHAKE-256 was the
+        # bottleneck of the benchmarks at ~90 MB/s).
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+        keystream = Cipher(algorithms.AES(self._seed), modes.CTR(bytes(16))).encryptor()
+        zeros = bytes(1 << 20)
         yield self._header
         while True:
-            yield hashlib.shake_256(self._seed + self._block.to_bytes(8, "big")).digest(1 << 20)
-            self._block += 1
+            yield keystream.update(zeros)
 
     def read(self, n: int = -1) -> bytes:
         if not hasattr(self, "_gen"):
@@ -62,9 +65,9 @@ class RandomStream:
         got = 0
         while got < want:
             if not self._pending:
-                self._pending = next(self._gen)
+                self._pending = memoryview(next(self._gen))
             take = self._pending[:want - got]
-            self._pending = self._pending[len(take):]
+            self._pending = self._pending[len(take):]  # a view: no copy of the rest of the block
             out.append(take)
             got += len(take)
         self._pos += got

@@ -4,7 +4,6 @@ store only chunks the partition does not have yet, and seal a new snapshot into 
 costs a listing and no write at all. Replication to providers is store.replicate, a separate step."""
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -14,9 +13,9 @@ from wedbackup_dagster.core.keys import SecretKey
 
 from .chunker import MediaKeys, chunks, maybe_compress
 from .packs import PACK_TARGET_BYTES, PackWriter
-from .snapshot import MediaFile, MediaSnapshot, Skipped, read_snapshot, write_snapshot
+from .snapshot import MediaFile, MediaSnapshot, Skipped, write_snapshot
 from .source import MediaSource, SourceChanged, SourceUnreadable
-from .store import SNAPSHOT, VAULT, MediaStore
+from .store import SNAPSHOT, MediaStore
 
 
 @dataclass
@@ -93,11 +92,10 @@ def previous_snapshot(store: MediaStore, partition: str, resolve_key: Callable[[
     rows = store.snapshots(partition)
     if not rows:
         return None, None
-    row = rows[0]
-    buf = io.BytesIO()
-    store.fetch(partition, SNAPSHOT, row.sha256, buf, VAULT)
-    buf.seek(0)
-    return row, read_snapshot(buf, name=f"media snapshot {row.sha256}", resolve_key=resolve_key)
+    from .restore import LOCATIONS, load_snapshot
+
+    # From the vault, or from a provider when the vault lost it (the snapshot's SHA-256 is checked either way).
+    return rows[0], load_snapshot(store, rows[0], resolve_key, LOCATIONS)
 
 
 def back_up_media(partition: str, source: MediaSource, store: MediaStore, wedding_key: SecretKey, *,

@@ -4,20 +4,17 @@ content-addressed keys (`<prefix>/media/weddings/<id>/packs/<sha256>.pack`), eac
 provider's own checksum and recorded in the catalogue (tables in core/media/schema.py)."""
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
-import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from wedbackup_dagster.core.catalogue import Catalogue
 from wedbackup_dagster.core.errors import ReplicaError, WedbackupError
-from wedbackup_dagster.core.vault import check_partition, check_sha256
+from wedbackup_dagster.core.vault import Vault, check_partition, check_sha256, fsync_dir
 
 from .packs import PackInfo
 
@@ -47,14 +44,6 @@ class SnapshotRow:
     verifications: int
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class MediaStore:
     def __init__(self, vault_root: Path | str, catalogue: Catalogue, replicas: Mapping[str, Any] | None = None):
         self.root = Path(vault_root) / MEDIA_DIR
@@ -65,20 +54,10 @@ class MediaStore:
     def vault_path(self, partition: str, kind: str, sha256: str) -> Path:
         return self.root / check_partition(partition) / _FOLDER[kind] / f"{check_sha256(sha256)}{_SUFFIX[kind]}"
 
-    @contextmanager
-    def incoming(self, partition: str) -> Iterator[tuple[BinaryIO, Path]]:
-        """A locked temporary file in the partition's media folder; removed unless commit() renamed it."""
-        folder = self.root / check_partition(partition)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".incoming-{uuid.uuid4().hex}"
-        fh = open(tmp, "xb+")
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield fh, tmp
-        finally:
-            if not fh.closed:
-                fh.close()
-            tmp.unlink(missing_ok=True)
+    def incoming(self, partition: str) -> Any:
+        """A locked temporary file in the partition's media folder (the vault's own), removed unless
+        commit() renamed it: a context manager yielding (file, path)."""
+        return Vault(self.root).incoming(partition)
 
     def commit(self, fh: BinaryIO, tmp: Path, partition: str, kind: str, sha256: str, size: int) -> Path:
         fh.flush()
@@ -90,7 +69,7 @@ class MediaStore:
             tmp.unlink(missing_ok=True)
         else:
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         self._record_copy(sha256, kind, partition, VAULT, final.as_uri(), final.name, None, size, sha256, "disk", False)
         return final
 
@@ -260,7 +239,7 @@ def erase_media(catalogue: Catalogue, vault_root: Path | str, replicas: Mapping[
     folder = Path(vault_root) / MEDIA_DIR / partition
     if folder.is_dir():
         shutil.rmtree(folder)
-        _fsync_dir(folder.parent)
+        fsync_dir(folder.parent)
     with catalogue.connect() as conn:
         conn.execute("DELETE FROM wedbackup.media_copies WHERE partition = %s AND provider = 'vault'", (partition,))
         if not failed:

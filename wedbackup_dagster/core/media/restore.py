@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 from wedbackup_dagster.core.errors import RestoreError
 from wedbackup_dagster.core.keys import SecretKey
 
-from .packs import PackError, PackReader
+from .packs import PackError, PackReader, pack_sha256
 from .snapshot import MediaFile, MediaSnapshot, read_snapshot
 from .store import PACK, SNAPSHOT, VAULT, MediaCopyError, MediaStore, SnapshotRow
 
@@ -72,9 +72,12 @@ class PackSource:
         for location in self.locations:
             path = self.tmp_dir / f"{pack_sha}.{location}"
             try:
-                with open(path, "wb") as fh:
-                    self.store.fetch(self.partition, PACK, pack_sha, fh, location)
-                fh = open(path, "rb")
+                if location == VAULT:
+                    fh = self._vault_copy(pack_sha)  # read in place: no temporary copy of a local file
+                else:
+                    with open(path, "wb") as out:
+                        self.store.fetch(self.partition, PACK, pack_sha, out, location)
+                    fh = open(path, "rb")
                 reader = PackReader(fh, name=f"pack {pack_sha} ({location})", resolve_key=self.resolve_key)
             except (MediaCopyError, PackError) as exc:
                 self.damaged.append(str(exc))
@@ -86,6 +89,17 @@ class PackSource:
             return reader
         raise RestoreError(f"media of {self.partition}: no intact copy of pack {pack_sha} at "
                            f"{', '.join(self.locations)}: " + "; ".join(problems))
+
+    def _vault_copy(self, pack_sha: str) -> BinaryIO:
+        try:
+            fh = open(self.store.vault_path(self.partition, PACK, pack_sha), "rb")
+        except FileNotFoundError:
+            raise MediaCopyError(f"vault: pack {pack_sha} of {self.partition} is missing") from None
+        found = pack_sha256(fh)
+        if found != pack_sha:
+            fh.close()
+            raise MediaCopyError(f"vault: pack {pack_sha} of {self.partition} is damaged (its bytes hash to {found})")
+        return fh
 
     def close(self) -> None:
         for reader in self.readers.values():

@@ -12,6 +12,7 @@ from wedbackup_dagster.core.config import Settings
 from wedbackup_dagster.core.errors import ConfigError, WedbackupError
 
 from wedbackup_dagster.core.keys import MasterKeyring, SecretKey, load_master_keyring
+from wedbackup_dagster.core.locks import partition_lock
 
 from .backup import MediaBackupResult, back_up_media
 from .restore import MediaRestoreResult, restore_media
@@ -77,7 +78,10 @@ class MediaService:
         if partition in erased:
             raise WedbackupError(f"wedding {partition} was erased: its media is not backed up again")
         key = self.catalogue.wedding_key(partition, self.keyring)
-        return back_up_media(partition, self.require_source(), self.store, key)
+        # One media backup of a partition at a time (the schedule and a command line may overlap). Its own
+        # lock, apart from the rows' ("media:<id>"): a long media backup never holds up a wedding's rows.
+        with partition_lock(self.catalogue, f"media:{partition}", purpose="media backup"):
+            return back_up_media(partition, self.require_source(), self.store, key)
 
     def back_up_each(self, partitions: list[str]) -> Iterator[tuple[str, MediaBackupResult | WedbackupError]]:
         for partition in partitions:

@@ -114,6 +114,35 @@ def cmd_media_verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_media_prune(args: argparse.Namespace) -> int:
+    from .core.media.retention import prune_media
+    from .core.policy import Policy
+
+    service = _service()
+    policy = Policy.from_env()
+    ok = True
+    try:
+        dates = service.catalogue.live_partitions()
+        partitions = service.store.partitions() if args.all else _partitions(args, service)
+        for partition in partitions:
+            try:
+                r = prune_media(service.store, partition, policy, service.resolve_key,
+                                wedding_date=dates.get(partition), dry_run=args.dry_run)
+            except WedbackupError as exc:
+                print(f"  {partition:<10} FAILED: {exc}")
+                ok = False
+                continue
+            verb = "would delete" if args.dry_run else "deleted"
+            print(f"  {partition:<10} kept {len(r.kept)} snapshot(s); {verb} {len(r.deleted_snapshots)} snapshot(s) "
+                  f"and {len(r.deleted_packs)} pack(s), {r.freed_bytes / 1e6:.1f} MB")
+            for f in r.failed[:10]:
+                print(f"      {f}")
+            ok = ok and not r.failed
+    finally:
+        service.close()
+    return 0 if ok else 1
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     media = sub.add_parser("media", help="wedding media: back up, restore, verify (WEDBACKUP_MEDIA_SOURCE)")
     verbs = media.add_subparsers(dest="verb", required=True)
@@ -147,3 +176,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     verify.add_argument("--sample", type=int, default=None,
                         help="files per verification (0: all; default WEDBACKUP_MEDIA_VERIFY_SAMPLE)")
     verify.set_defaults(func=cmd_media_verify)
+
+    prune = verbs.add_parser("prune", help="retention: prune media snapshots by the tier's rules, collect "
+                                           "packs no kept snapshot needs")
+    which(prune)
+    prune.add_argument("--dry-run", action="store_true")
+    prune.set_defaults(func=cmd_media_prune)

@@ -35,6 +35,10 @@ def test_media_commands(media_world, monkeypatch, capsys, tmp_path):
     line = capsys.readouterr().out.splitlines()[-1]
     assert "ok: 2 of" in line
 
+    assert main(["media", "prune", "--all", "--dry-run"]) == 0
+    pruned = capsys.readouterr().out
+    assert "31 " in pruned and "kept 1 snapshot(s); would delete 0 snapshot(s) and 0 pack(s)" in pruned
+
     assert main(["media", "restore", "--wedding", "99", "--to", str(tmp_path / "none")]) == 2
     assert "no media snapshot" in capsys.readouterr().err
 

@@ -146,6 +146,12 @@ class MediaStore:
                             r["confirmed_at"], r["files"], r["bytes"], r["new_bytes"], r["stored_bytes"], r["packs"],
                             r["skipped"], r["verified_at"], r["verifications"]) for r in rows]
 
+    def partitions(self) -> list[str]:
+        """Every partition with a media snapshot."""
+        with self.catalogue.connect() as conn:
+            return [r["partition"] for r in conn.execute(
+                "SELECT DISTINCT partition FROM wedbackup.media_snapshots ORDER BY partition").fetchall()]
+
     def copies(self, partition: str) -> list[dict[str, Any]]:
         with self.catalogue.connect() as conn:
             return conn.execute("SELECT * FROM wedbackup.media_copies WHERE partition = %s ORDER BY kind, "

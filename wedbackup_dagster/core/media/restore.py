@@ -217,4 +217,4 @@ def _restore_to_bucket(f: MediaFile, packs: PackSource, chunk_pack: dict[str, st
             raise RestoreError(f"media of {packs.partition}: {f.path!r} restored with SHA-256 {sha}, the snapshot "
                                f"says {f.sha256}; not written")
         out.seek(0)
-        bucket.put(f.path, out, base64.b64encode(bytes.fromhex(sha)).decode("ascii"))
+        bucket.put(f.path, out, base64.b64encode(bytes.fromhex(sha)).decode("ascii"), f.size)

@@ -48,6 +48,7 @@ test: install validate
 
 bench: stack-up
 	@command -v age >/dev/null || { apt-get update -q && apt-get install -y -q age zstd; }
+	@command -v restic >/dev/null || { apt-get update -q && apt-get install -y -q restic; }
 	eval "$$($(WEDBACKUP) stack env)" && $(BIN)/python -m benchmarks.run $(if $(BENCH_QUICK),--quick,)
 
 # The seeded fault soak and the mutation loop (summaries as text and JSON in .wedbackup/reliability/).

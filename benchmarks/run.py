@@ -9,7 +9,7 @@ import os
 import platform
 from pathlib import Path
 
-from . import big_wedding, change_feed, dagster_overhead, fleet, replicas, reverify, tick, whole_job
+from . import big_wedding, change_feed, dagster_overhead, fleet, media, replicas, reverify, tick, whole_job
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -25,6 +25,23 @@ def _overhead_rows(overhead: dict) -> list[str]:
                         f"run start-up; {v['ratio_dagster_vs_plain']}x the plain engine); whole job (6 "
                         f"materializations) {v['full_job_overhead_ms_per_wedding']} ms |")
     return rows
+
+
+def media_rows(m: dict) -> list[str]:
+    d, r, u, h = m["demo_media"], m["restic"], m["unchanged_wedding"], m["huge_file"]
+    return [
+        f"| media chunk+hash+seal, incompressible, one core | {m['throughput']['mb_per_s_per_core']} MB/s of CPU "
+        f"({m['throughput']['mb_per_s_wall']} MB/s wall) |",
+        f"| media demo ({d['weddings']} weddings + platform, {d['source_bytes'] / 1e6:.0f} MB): wedbackup / restic "
+        f"backup | {d['backup_seconds']} s / {r['backup_seconds']} s |",
+        f"| media demo: stored bytes wedbackup (per wedding) / restic (across weddings) | "
+        f"{d['stored_bytes'] / 1e6:.1f} MB ({d['stored_ratio']}x) / {r['stored_bytes'] / 1e6:.1f} MB "
+        f"({r['dedup_ratio_stored']}x) |",
+        f"| media demo: restore wedbackup / restic | {d['restore_seconds']} s / {r['restore_seconds']} s |",
+        f"| media: unchanged {u['bytes'] / 1e6:.0f} MB wedding backed up again, wedbackup / restic | "
+        f"{u['incremental_seconds']} s / {u['restic_incremental_seconds']} s |",
+        f"| media: one {h['gigabytes']} GB file | {h['seconds']} s, peak RSS {h['peak_rss_mb']} MB |",
+    ]
 
 
 def main() -> None:
@@ -75,6 +92,12 @@ def main() -> None:
     result["feed_sustained_changes_per_second"] = cf["feed_sustained_changes_per_second"]
     result["feed_lag_max_seconds"] = cf["lag_commit_to_sealed_max_seconds"]
     result["restore_median_wedding_12h_after_snapshot_seconds"] = cf["restore_median_wedding_12h_after_snapshot_seconds"]
+    # Wedding media (issue 19): chunk+hash+seal throughput, dedup on the demo media, an unchanged wedding's
+    # incremental backup, peak RSS for one huge file, and restic on the same files in the same run.
+    result["media"] = media.run(quick=args.quick)
+    for key in ("media_chunk_hash_seal_mb_per_s_per_core", "media_dedup_ratio_demo",
+                "media_incremental_unchanged_seconds", "media_huge_file_peak_rss_mb"):
+        result[key] = result["media"][key]
     # The headline figures at the top level too, named as issue 7 asks for them.
     fl, single = result["fleet"], result["single_wedding"]
     result.update({
@@ -128,6 +151,7 @@ def main() -> None:
         f"| median wedding restored 12 h after its snapshot ({cf['twelve_hours']['transactions']:,} transactions, "
         f"{cf['twelve_hours']['changes']:,} changes replayed) / the snapshot alone | "
         f"{cf['twelve_hours']['restore_to_12h_seconds']} s / {cf['twelve_hours']['restore_snapshot_only_seconds']} s |",
+        *media_rows(result["media"]),
     ])
     (RESULTS / "latest.md").write_text(table + "\n")
     print(json.dumps(result, indent=2, default=str))

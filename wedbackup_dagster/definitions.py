@@ -2,7 +2,7 @@
 resources (shared/resources.py)."""
 import dagster as dg
 
-from . import changefeed, disaster, governance, key_store
+from . import changefeed, disaster, governance, key_store, media
 from .backups.assets import backup_assets
 from .backups.check_jobs import check_weddings
 from .backups.checks import wedding_checks
@@ -22,12 +22,13 @@ from .shared.resources import build_resources
 enable_event_batching()
 
 defs = dg.Definitions(
-    assets=[*backup_assets, backup_inventory, *disaster.asset_defs, *changefeed.asset_defs],
-    asset_checks=list(wedding_checks),
+    assets=[*backup_assets, backup_inventory, *disaster.asset_defs, *changefeed.asset_defs, *media.asset_defs],
+    asset_checks=[*wedding_checks, *media.check_defs],
     jobs=[backup_weddings, reverify_weddings, restore_wedding, backup_wedding_list, reverify_wedding_list,
           check_weddings, acknowledge_shrinkage, reconcile_inventory, *governance.job_defs, *key_store.job_defs,
-          *disaster.job_defs, *changefeed.job_defs],
-    schedules=[backup_schedule, *governance.schedule_defs, *key_store.schedule_defs, *disaster.schedule_defs],
+          *disaster.job_defs, *changefeed.job_defs, *media.job_defs],
+    schedules=[backup_schedule, *governance.schedule_defs, *key_store.schedule_defs, *disaster.schedule_defs,
+               *media.schedule_defs],
     sensors=[wedding_discovery, wedding_change_capture, wedding_backfill_consolidation, provider_health,
              run_failure_alerts, *key_store.sensor_defs, *changefeed.sensor_defs],
     resources=build_resources(),

@@ -34,7 +34,7 @@ def test_each_provider_uploads_in_its_own_pool():
 
 def test_automation_and_checks_are_registered():
     assert {s.name for s in defs.schedules} == {"backup_schedule", "retention_sweep", "key_store_backup_schedule",
-                                                "dr_drill_schedule"}
+                                                "dr_drill_schedule", "media_schedule"}
     assert {s.name for s in defs.sensors} == {"wedding_discovery", "wedding_change_capture", "provider_health",
                                               "run_failure_alerts", "key_store_backup_after_backups",
                                               "wedding_backfill_consolidation", "change_feed_sensor"}
@@ -42,8 +42,10 @@ def test_automation_and_checks_are_registered():
                                            "reverify_wedding_list",
                                            "restore_wedding", "check_weddings", "reconcile_inventory",
                                            "erase_wedding", "retention_sweep", "key_store_backup", "rotate_keys",
-                                           "acknowledge_shrinkage", "restore_platform", "dr_drill", "change_feed_drain"}
+                                           "acknowledge_shrinkage", "restore_platform", "dr_drill", "change_feed_drain",
+                                           "backup_media"}
     checks = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
     assert checks == {"archive_integrity", "replica_checksum", "three_two_one", "restore_matches_manifest",
                       "freshness", "inventory_consistent", "shrinkage", "drill_complete",
-                      "drill_rto_within_target", "feed_lag_within_rpo", "slot_health"}
+                      "drill_rto_within_target", "feed_lag_within_rpo", "slot_health", "media_integrity",
+                      "media_three_two_one", "media_freshness"}

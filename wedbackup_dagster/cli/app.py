@@ -14,11 +14,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     from . import (cmd_backup, cmd_catalogue, cmd_changes, cmd_checks, cmd_dev, cmd_disaster, cmd_governance,
-                   cmd_health, cmd_keys, cmd_restore)
+                   cmd_health, cmd_keys, cmd_media, cmd_restore)
 
     # In this order in `wedbackup --help`.
     for group in (cmd_dev, cmd_backup, cmd_catalogue, cmd_health, cmd_checks, cmd_restore, cmd_governance,
-                  cmd_keys, cmd_disaster, cmd_changes):
+                  cmd_keys, cmd_disaster, cmd_changes, cmd_media):
         group.register(sub)
     return parser
 

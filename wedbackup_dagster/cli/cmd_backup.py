@@ -51,6 +51,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     results = run_job_for("backup_weddings", selected, instance=instance, run_config=QUIET)
     ok = print_runs(results)
+    if os.environ.get("WEDBACKUP_MEDIA_SOURCE"):  # the weddings' media along with their rows (issue 19)
+        print(f"backing up the media of {len(selected)} partition(s) through Dagster")
+        ok = print_runs(run_job_for("backup_media", selected, instance=instance, run_config=QUIET)) and ok
     print(f"whole job (dump, seal, vault, S3, GCS, Azure, verified restore, checks): "
           f"{time.perf_counter() - started:.1f} s for {len(selected)} partition(s)")
     return 0 if ok else 1

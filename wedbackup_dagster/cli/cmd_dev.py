@@ -40,6 +40,10 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     summary = demo_data.generate(settings.source_dsn, weddings=args.weddings, seed=args.seed)
+    if args.media:  # wedding media in the stack's media bucket (dev/demo_media.py)
+        from ..dev.demo_media import fill_demo_bucket
+
+        summary["media"] = fill_demo_bucket(settings.source_dsn, weddings=args.media, seed=args.seed)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -53,4 +57,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo-data", help="create and fill a demo wedding-platform database (deterministic)")
     demo.add_argument("--weddings", type=int, default=200)
     demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--media", type=int, default=0, metavar="N",
+                      help="also fill the media bucket with demo photos and documents for N weddings")
     demo.set_defaults(func=cmd_demo_data)

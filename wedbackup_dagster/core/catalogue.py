@@ -18,6 +18,7 @@ from psycopg.rows import dict_row
 from .errors import KeyError_, UnknownWeddingError, WedbackupError
 from .keys import MasterKeyring, SecretKey, new_data_key, unwrap_key, wrap_key
 from .locks import PartitionLocks
+from .media.schema import MEDIA_TABLES
 
 SCHEMA_VERSION = 1
 
@@ -194,6 +195,7 @@ MIGRATIONS = [
     CREATE INDEX IF NOT EXISTS wedding_keys_awaiting_backup ON wedbackup.wedding_keys (key_id)
         WHERE key_backup_at IS NULL AND wrapped IS NOT NULL;
     """,
+    MEDIA_TABLES,
 ]
 
 

@@ -67,6 +67,18 @@ VARIABLES: dict[str, tuple[str, str, bool]] = {
                                     "are only logged); secret, as webhook URLs often carry a token", "", True),
     "WEDBACKUP_STORAGE_PRICES": ("storage prices for backup_inventory's cost estimate, "
                                  "`provider:CLASS=USD_per_GB_month,…` over the built-in list prices", "", False),
+    # Wedding media (issue 19, core/media/): unset WEDBACKUP_MEDIA_SOURCE and nothing of media runs.
+    "WEDBACKUP_MEDIA_SOURCE": ("where the platform keeps media: `s3://bucket/prefix` or a directory (unset: media "
+                               "is not backed up)", "", False),
+    "WEDBACKUP_MEDIA_WEDDING_PREFIX": ("layout: the folder whose `<id>/` subfolders are weddings; everything else "
+                                       "is the platform partition", "weddings/", False),
+    "WEDBACKUP_MEDIA_S3_ENDPOINT_URL": ("endpoint of the media bucket (default: WEDBACKUP_S3_ENDPOINT_URL)", "", False),
+    "WEDBACKUP_MEDIA_S3_REGION": ("region of the media bucket (default: WEDBACKUP_S3_REGION)", "", False),
+    "WEDBACKUP_MEDIA_AWS_ACCESS_KEY_ID": ("access key id for the media bucket (default: AWS_ACCESS_KEY_ID)", "", False),
+    "WEDBACKUP_MEDIA_AWS_SECRET_ACCESS_KEY": ("secret key for the media bucket (default: AWS_SECRET_ACCESS_KEY)", "",
+                                              True),
+    "WEDBACKUP_MEDIA_VERIFY_SAMPLE": ("files each media verification restores and checks (0: every file); "
+                                      "successive verifications rotate through all files", "0", False),
     "WEDBACKUP_STATE_DIR": ("where the local stack keeps its data, logs and PIDs", ".wedbackup", False),
     "DAGSTER_HOME": ("Dagster instance directory (the local stack sets it up)", ".wedbackup/dagster_home", False),
     # The change feed (issue 18, core/changefeed/, docs/CHANGEFEED.md).

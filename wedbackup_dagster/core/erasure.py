@@ -162,6 +162,9 @@ def erase_wedding(catalogue: Any, vault: Any, replicas: Mapping[str, Any], parti
             folder.rmdir()  # not even the wedding's folder name stays behind
         except OSError:
             pass  # a backup run is writing into it: its archive has a destroyed key; the sweep deletes it
+    from .media.store import erase_media  # the wedding's media (issue 19): packs and snapshots everywhere
+
+    report.failed.extend(erase_media(catalogue, vault.root, replicas, partition))
     catalogue.finish_erasure(partition, deleted=report.copies_deleted, locked=len(report.locked),
                              detail=report.detail(), complete=report.complete)
     return report

@@ -73,6 +73,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+fsync_dir = _fsync_dir  # public: the media store (core/media/store.py) syncs its folders the same way
+
+
 class Vault:
     def __init__(self, root: Path | str):
         self.root = Path(root)

@@ -1,0 +1,92 @@
+"""Retention of media: a partition's media snapshots kept or pruned by the tier's grandfather-father-son
+rules (the rows' own planner, core/retention.plan_retention), then the packs no kept snapshot needs are
+garbage-collected everywhere. A pack younger than GC_GRACE is never collected, and pruning holds the
+partition's media lock, so a running media backup can never lose a pack it is about to reference."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable
+
+from wedbackup_dagster.core.errors import WedbackupError
+from wedbackup_dagster.core.keys import SecretKey
+from wedbackup_dagster.core.locks import partition_lock
+from wedbackup_dagster.core.retention import BackupPoint, plan_retention
+
+from .restore import LOCATIONS, load_snapshot
+from .store import PACK, SNAPSHOT, VAULT, MediaStore
+
+# Longer than any media backup runs (and the 2 h run monitoring limit): a pack written by a backup that has
+# not yet sealed its snapshot is this young, so it stays.
+GC_GRACE = timedelta(hours=6)
+
+
+@dataclass
+class MediaPruneReport:
+    partition: str
+    dry_run: bool
+    kept: dict[int, list[str]] = field(default_factory=dict)
+    deleted_snapshots: dict[str, str] = field(default_factory=dict)  # sha256 -> why
+    deleted_packs: list[str] = field(default_factory=list)
+    freed_bytes: int = 0
+    failed: list[str] = field(default_factory=list)
+
+
+def _delete_everywhere(store: MediaStore, partition: str, kind: str, sha256: str, report: MediaPruneReport) -> bool:
+    ok = True
+    for provider, copy in store.copies_of(sha256).items():
+        try:
+            if provider == VAULT:
+                store.vault_path(partition, kind, sha256).unlink(missing_ok=True)
+            else:
+                store.replicas[provider].delete(copy["object_key"])
+        except (WedbackupError, KeyError, OSError) as exc:
+            report.failed.append(f"{provider}: {kind} {sha256}: {exc}")
+            ok = False
+            continue
+        with store.catalogue.connect() as conn:
+            conn.execute("DELETE FROM wedbackup.media_copies WHERE object_sha256 = %s AND provider = %s",
+                         (sha256, provider))
+    return ok
+
+
+def prune_media(store: MediaStore, partition: str, policy: Any, resolve_key: Callable[[str], SecretKey], *,
+                wedding_date: Any = None, now: datetime | None = None, dry_run: bool = False) -> MediaPruneReport:
+    now = now or datetime.now(timezone.utc)
+    report = MediaPruneReport(partition, dry_run)
+    with partition_lock(store.catalogue, f"media:{partition}", purpose="media prune"):
+        rows = store.snapshots(partition)
+        if not rows:
+            return report
+        tier = "platform" if partition == "platform" else policy.tier(wedding_date, policy.today(now))
+        points = [BackupPoint(r.id, partition, r.taken_at, r.verified_at is not None, tier) for r in rows]
+        plan = plan_retention(points, now, policy.retention, tz=policy.zone())
+        report.kept = plan.keep
+        kept = [r for r in rows if r.id in plan.keep]
+        needed: set[str] = set()
+        for row in kept:  # every chunk a kept snapshot needs, and so every pack that holds one
+            snapshot = load_snapshot(store, row, resolve_key, LOCATIONS)
+            needed |= set(store.chunk_packs(row.key_id, snapshot.chunk_ids()).values())
+        with store.catalogue.connect() as conn:
+            packs = conn.execute("SELECT pack_sha256, size, created_at FROM wedbackup.media_packs WHERE partition = %s",
+                                 (partition,)).fetchall()
+        unneeded = [p for p in packs if p["pack_sha256"] not in needed and p["created_at"] < now - GC_GRACE]
+        for row in rows:
+            if row.id in plan.delete:
+                report.deleted_snapshots[row.sha256] = plan.delete[row.id]
+        report.deleted_packs = [p["pack_sha256"] for p in unneeded]
+        report.freed_bytes = sum(p["size"] for p in unneeded)
+        if dry_run:
+            return report
+        for row in rows:  # snapshots first: a pack is never gone while a catalogued snapshot names it
+            if row.id in plan.delete and _delete_everywhere(store, partition, SNAPSHOT, row.sha256, report):
+                with store.catalogue.connect() as conn:
+                    conn.execute("DELETE FROM wedbackup.media_snapshots WHERE id = %s", (row.id,))
+        for pack in unneeded:
+            if _delete_everywhere(store, partition, PACK, pack["pack_sha256"], report):
+                with store.catalogue.connect() as conn:
+                    conn.execute("DELETE FROM wedbackup.media_packs WHERE pack_sha256 = %s", (pack["pack_sha256"],))
+        store.catalogue.audit("media-prune", partition, {"snapshots": len(report.deleted_snapshots),
+                                                         "packs": len(report.deleted_packs),
+                                                         "bytes": report.freed_bytes, "failed": report.failed[:20]})
+    return report

@@ -34,7 +34,9 @@ def test_each_provider_uploads_in_its_own_pool():
 
 def test_automation_and_checks_are_registered():
     assert {s.name for s in defs.schedules} == {"backup_schedule", "retention_sweep", "key_store_backup_schedule",
-                                                "dr_drill_schedule"}
+                                                "dr_drill_schedule", "check_weddings_daily",
+                                                "reconcile_inventory_daily", "rolling_reverification",
+                                                "reverification_status_daily"}
     assert {s.name for s in defs.sensors} == {"wedding_discovery", "wedding_change_capture", "provider_health",
                                               "run_failure_alerts", "key_store_backup_after_backups",
                                               "wedding_backfill_consolidation"}
@@ -46,4 +48,4 @@ def test_automation_and_checks_are_registered():
     checks = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
     assert checks == {"archive_integrity", "replica_checksum", "three_two_one", "restore_matches_manifest",
                       "freshness", "inventory_consistent", "shrinkage", "drill_complete",
-                      "drill_rto_within_target"}
+                      "drill_rto_within_target", "weddings_reverified_within_window"}

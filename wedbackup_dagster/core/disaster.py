@@ -459,12 +459,9 @@ def _account(report: PlatformReport, result: PartitionResult) -> None:
         report.failed[result.partition] = result.error
 
 
-def _run_weddings(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo: list[RecoveryPoint],
-                  order: tuple[str, ...], jobs: int, stop_after: int | None, deadline: float | None,
-                  report: PlatformReport, ticker: Counter, *, hold_triggers: bool) -> str:
-    """Every wedding on `jobs` workers, each with its own engine (the catalogue connection is not shared
-    between threads); no wedding starts after `deadline` (time.perf_counter()). Returns why it stopped
-    early, or ''."""
+def _worker_engines(engine: Any) -> tuple[Callable[[], Any], list[Any]]:
+    """(the calling thread's own engine, made on first use; every engine made, to close at the end): the
+    catalogue connection is not shared between threads."""
     local = threading.local()
     engines: list[Any] = []
     lock = threading.Lock()
@@ -475,6 +472,17 @@ def _run_weddings(engine: Any, replicas: Mapping[str, Any], target_dsn: str, tod
             with lock:
                 engines.append(local.engine)
         return local.engine
+
+    return worker_engine, engines
+
+
+def _run_weddings(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo: list[RecoveryPoint],
+                  order: tuple[str, ...], jobs: int, stop_after: int | None, deadline: float | None,
+                  report: PlatformReport, ticker: Counter, *, hold_triggers: bool) -> str:
+    """Every wedding on `jobs` workers, each with its own engine (the catalogue connection is not shared
+    between threads); no wedding starts after `deadline` (time.perf_counter()). Returns why it stopped
+    early, or ''."""
+    worker_engine, engines = _worker_engines(engine)
 
     def one(point: RecoveryPoint) -> PartitionResult:
         try:
@@ -526,19 +534,11 @@ def _run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo
     that fails again by name with its reason. Returns why it stopped early, or ''."""
     from .disaster_batch import run_batches
 
-    local = threading.local()
-    engines: list[Any] = []
+    worker_engine, engines = _worker_engines(engine)
     lock = threading.Lock()
     retry: dict[str, tuple[RecoveryPoint, str]] = {}
     restored = [0]
     target = database_label(target_dsn)
-
-    def worker_engine() -> Any:
-        if getattr(local, "engine", None) is None:
-            local.engine = type(engine)(engine.settings, engine.keyring)
-            with lock:
-                engines.append(local.engine)
-        return local.engine
 
     def on_done(d: Any, batch_seconds: float) -> None:
         result = PartitionResult(d.point.partition, True, d.point.archive_sha256, d.point.snapshot_time.isoformat(),

@@ -33,6 +33,7 @@ BATCH_WEDDINGS = 200  # at most this many weddings per transaction
 BATCH_BYTES = 64 << 20  # … and at most about this much plaintext
 SPOOL_IN_MEMORY = 1 << 20  # a wedding's decoded rows stay in memory up to this, then spill to a temporary file
 COPY_BLOCK = 1 << 20
+FETCHERS_PER_LOADER = 2  # downloads wait on the network: two fetchers keep one loader fed
 
 
 def batch_size(weddings: int, jobs: int) -> int:
@@ -210,10 +211,11 @@ def run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo:
                 on_done: Callable[[Decoded, float], None], on_batch: Callable[[float], None],
                 on_retry: Callable[[RecoveryPoint, str], None],
                 should_stop: Callable[[], str], progress: Callable[[str], None]) -> str:
-    """Every point of `todo` through the batch path on `jobs` loaders and `jobs` fetchers. `on_done(wedding,
-    batch seconds)` for each committed wedding and `on_batch(seconds)` for each batch; `on_retry(point, why)` for each to restore again alone (its
-    batch failed, or no copy read through); `should_stop()` returns why to stop early ('' to go on): no batch
-    starts after it does. Returns why it stopped, or ''."""
+    """Every point of `todo` through the batch path on `jobs` loaders and FETCHERS_PER_LOADER × `jobs`
+    fetchers. `on_done(wedding, batch seconds)` for each committed wedding and `on_batch(seconds)` for each
+    batch; `on_retry(point, why)` for each to restore again alone (its batch failed, or no copy read
+    through); `should_stop()` returns why to stop early ('' to go on): no batch starts after it does.
+    Returns why it stopped, or ''."""
     fingerprint_conn = connect()
     try:
         with fingerprint_conn.transaction():
@@ -314,7 +316,8 @@ def run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo:
             if conn is not None:
                 conn.close()
 
-    fetchers = [threading.Thread(target=fetcher, name=f"wedbackup-dr-fetch-{i}", daemon=True) for i in range(jobs)]
+    fetchers = [threading.Thread(target=fetcher, name=f"wedbackup-dr-fetch-{i}", daemon=True)
+                for i in range(jobs * FETCHERS_PER_LOADER)]
     loaders = [threading.Thread(target=loader, name=f"wedbackup-dr-load-{i}", daemon=True) for i in range(jobs)]
     for t in fetchers + loaders:
         t.start()

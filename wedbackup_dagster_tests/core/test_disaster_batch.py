@@ -10,7 +10,8 @@ import pytest
 from wedbackup_dagster.core import disaster, disaster_batch
 from wedbackup_dagster.core.archive import open_archive
 from wedbackup_dagster.core.restore import restore_snapshot
-from wedbackup_dagster_tests.core.test_disaster import WEDDINGS, platform, s3_only, table_sums  # noqa: F401 (platform: a fixture)
+from wedbackup_dagster_tests.core.test_disaster import (  # noqa: F401 (platform: a fixture)
+    WEDDINGS, platform, s3_only, table_sums)
 
 pytestmark = pytest.mark.stack
 

@@ -48,6 +48,7 @@ def test_2000_weddings_back_from_s3_alone_equal_the_source_also_after_a_catalogu
         report = disaster.restore_all(engine, {"s3": s3}, target,
                                       disaster.RestoreAllOptions(providers=("s3",), jobs=4))
         assert report.complete, report.lines()
+        print("\n".join(report.lines()))  # the figures, with -s
         assert report.restored_now == WEDDINGS + 1 and report.copies_used == {"s3": WEDDINGS + 1}
         assert table_sums(target) == expected
 

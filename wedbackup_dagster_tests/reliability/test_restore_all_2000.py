@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.stack, pytest.mark.reliability]
 WEDDINGS = int(os.environ.get("WEDBACKUP_RESTORE_ALL_WEDDINGS", "2000"))
 
 
+@pytest.mark.timeout(3600)  # about 10 min per restore here, on a shared 2-core machine
 def test_2000_weddings_back_from_s3_alone_equal_the_source_also_after_a_catalogue_loss(demo_env, stack,
                                                                                        make_database):
     dsns = demo_env(weddings=WEDDINGS, seed=7, document_bytes=4096)

@@ -75,6 +75,11 @@ def main() -> None:
     result["reverify"] = reverify.run(weddings=300 if args.quick else 2000, batch_size=500)
     result["reverify_weddings_per_minute"] = result["reverify"]["reverify_weddings_per_minute"]
     result["reverify_runs"] = result["reverify"]["runs"]
+    # The whole platform back from S3 alone (`restore --all`) against the peer's whole dump restored (issue 17).
+    from . import restore_all
+    result["restore_all"] = restore_all.run(weddings=300 if args.quick else 2000)
+    result["restore_all_seconds"] = result["restore_all"]["restore_all_seconds"]
+    result["restore_all_ratio_vs_peer"] = result["restore_all"]["restore_all_ratio_vs_peer"]
     # One backup-schedule tick, and the discovery / change-capture sensor ticks, over 100,000 weddings.
     result["tick"] = tick.run(weddings=100_000)
     # Dagster's cost per wedding in the schedule's batched list runs, against the same engine calls without
@@ -137,6 +142,9 @@ def main() -> None:
           for k, what in (("whole_job_demo", "demo database"), ("whole_job_fleet", "fleet database"))),
         f"| re-verify {result['reverify']['weddings']} weddings through Dagster | "
         f"{result['reverify_weddings_per_minute']} weddings/min in {result['reverify_runs']} runs |",
+        f"| restore --all from S3, {result['restore_all']['database']['weddings']} weddings / peer's whole dump "
+        f"restored | {result['restore_all_seconds']} s / {result['restore_all']['peer_restore_seconds']} s = "
+        f"{result['restore_all_ratio_vs_peer']}x |",
         f"| backup schedule tick, 100k weddings | {result['tick']['schedule_tick_seconds_100k']} s "
         f"({result['tick']['run_requests']} runs for {result['tick']['due_weddings_requested']} due weddings) |",
         f"| wedding_discovery tick, 100k weddings | {result['tick']['sensor_tick_seconds_100k']} s |",

@@ -34,7 +34,9 @@ def test_each_provider_uploads_in_its_own_pool():
 
 def test_automation_and_checks_are_registered():
     assert {s.name for s in defs.schedules} == {"backup_schedule", "retention_sweep", "key_store_backup_schedule",
-                                                "dr_drill_schedule", "media_schedule"}
+                                                "dr_drill_schedule", "media_schedule", "check_weddings_daily",
+                                                "reconcile_inventory_daily", "rolling_reverification",
+                                                "reverification_status_daily"}
     assert {s.name for s in defs.sensors} == {"wedding_discovery", "wedding_change_capture", "provider_health",
                                               "run_failure_alerts", "key_store_backup_after_backups",
                                               "wedding_backfill_consolidation", "change_feed_sensor"}
@@ -48,4 +50,4 @@ def test_automation_and_checks_are_registered():
     assert checks == {"archive_integrity", "replica_checksum", "three_two_one", "restore_matches_manifest",
                       "freshness", "inventory_consistent", "shrinkage", "drill_complete",
                       "drill_rto_within_target", "feed_lag_within_rpo", "slot_health", "media_integrity",
-                      "media_three_two_one", "media_freshness"}
+                      "media_three_two_one", "media_freshness", "weddings_reverified_within_window"}

@@ -23,7 +23,7 @@ from psycopg import sql
 from .archive import open_archive
 from .dbidentity import check_restore_target
 from .errors import ArchiveError, ProviderError, RestoreError, WedbackupError
-from .recovery import NoRecoveryPointError, RecoveryPoint, _connect, choose_point, recovery_points
+from .recovery import NoRecoveryPointError, RecoveryPoint, _connect, choose_point
 from .restore import _advance_sequences, _check_foreign_keys, _first_line, restore_snapshot, scratch_database
 from .snapshot import PLATFORM, RESTORE_PROGRESS_SCHEMA, database_label, describe_schema, schema_is_empty
 from wedbackup_dagster.shared.progress import Progress as Counter
@@ -119,9 +119,16 @@ class PlatformReport:
     seconds: float = 0.0
     complete: bool = False
     stopped: str = ""  # why the run stopped early (it can be resumed)
+    # Per partition restored by this run: seconds from the run's start to its commit, its own seconds and its
+    # recovery point (a drill's per-tier RTO and RPO); left out of to_dict (one entry per wedding).
+    timeline: dict[str, tuple[float, float, str]] = field(default_factory=dict, repr=False)
+    started: float = field(default=0.0, repr=False)  # time.perf_counter() at the run's start
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("timeline")
+        d.pop("started")
+        return d
 
     def lines(self) -> list[str]:
         state = "complete" if self.complete else ("STOPPED: " + self.stopped if self.stopped else "INCOMPLETE")
@@ -151,6 +158,8 @@ class RestoreAllOptions:
     include_unverified: bool = False
     stop_after: int | None = None  # test hook: stop (as a crash would) after this many weddings this run
     window_seconds: float | None = None  # start no wedding after this long (a drill's window); resumable
+    only: frozenset[str] | None = None  # restore only these weddings (a drill's sample); None: every wedding
+    batches: bool = True  # many weddings per transaction (core/disaster_batch.py); False: one per transaction
 
 
 def copy_order(first: str | None) -> tuple[str, ...]:
@@ -321,6 +330,30 @@ def planned_partitions(catalogue: Any) -> tuple[list[str], list[str]]:
     return weddings, sorted(erased, key=_partition_order)
 
 
+_ALL_POINTS_SQL = """
+SELECT b.id, b.partition, b.snapshot_time, b.archive_sha256, b.size, b.rows,
+       coalesce(c.copies, '{}') AS copies, r.verified_at
+FROM wedbackup.backups b
+LEFT JOIN (SELECT backup_id, array_agg(provider ORDER BY provider) AS copies FROM wedbackup.copies
+           GROUP BY backup_id) c ON c.backup_id = b.id
+LEFT JOIN (SELECT backup_id, max(at) AS verified_at FROM wedbackup.restores WHERE ok GROUP BY backup_id) r
+       ON r.backup_id = b.id
+WHERE b.deleting_since IS NULL  -- being pruned: its copies may already be gone
+ORDER BY b.partition, b.snapshot_time DESC, b.id DESC
+"""
+
+
+def all_recovery_points(catalogue: Any) -> dict[str, list[RecoveryPoint]]:
+    """recovery.recovery_points for every partition at once (newest first in each): one query."""
+    out: dict[str, list[RecoveryPoint]] = {}
+    with catalogue.connect() as conn:
+        for r in conn.execute(_ALL_POINTS_SQL):
+            out.setdefault(r["partition"], []).append(RecoveryPoint(
+                r["id"], r["partition"], r["snapshot_time"], r["archive_sha256"], r["size"], r["rows"],
+                tuple(r["copies"]), r["verified_at"]))
+    return out
+
+
 def restore_all(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
                 options: RestoreAllOptions = RestoreAllOptions(), *, progress: Progress = _quiet) -> PlatformReport:
     """The whole platform into an empty database (see the module's first lines). The target may be neither
@@ -343,16 +376,20 @@ def restore_all(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
                                                           options.as_of or datetime.now(timezone.utc))
         report = PlatformReport(target, as_of.isoformat())
         weddings, report.erased = planned_partitions(engine.catalogue)
+        if options.only is not None:
+            weddings = [w for w in weddings if w in options.only]
+        report.started = started
         report.partitions_total = len(weddings) + 1
         report.restored_before = len(done)
         progress(f"restore --all into {target} as of {as_of.isoformat()}: platform + {len(weddings)} wedding(s), "
                  f"{len(done)} already committed, {jobs} worker(s), copies from {', '.join(order)}")
         points: dict[str, RecoveryPoint] = {}
+        every = all_recovery_points(engine.catalogue)  # one query, not one per wedding
         for partition in [PLATFORM] + weddings:
             if partition in done:
                 continue
             try:
-                points[partition] = choose_point(recovery_points(engine.catalogue, partition), partition, as_of,
+                points[partition] = choose_point(every.get(partition, []), partition, as_of,
                                                  include_unverified=include_unverified)
             except NoRecoveryPointError as exc:
                 report.failed[partition] = str(exc)
@@ -375,9 +412,12 @@ def restore_all(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
                      f"them off while it loads, which serialises the workers on those tables")
         todo = [points[p] for p in weddings if p in points]
         deadline = None if options.window_seconds is None else started + options.window_seconds
-        stopped = _run_weddings(engine, replicas, target_dsn, todo, order, jobs, options.stop_after, deadline,
-                                report, ticker,
-                                hold_triggers=bool(inserting))
+        if inserting or not options.batches:
+            stopped = _run_weddings(engine, replicas, target_dsn, todo, order, jobs, options.stop_after, deadline,
+                                    report, ticker, hold_triggers=bool(inserting))
+        else:
+            stopped = _run_batches(engine, replicas, target_dsn, todo, order, jobs, options.stop_after, deadline,
+                                   report, ticker, progress)
         if stopped:
             report.stopped = stopped
         else:
@@ -406,6 +446,8 @@ def _account(report: PlatformReport, result: PartitionResult) -> None:
         spent = report.per_copy.setdefault(result.copy, {"bytes": 0, "seconds": 0.0})
         spent["bytes"] += result.bytes
         spent["seconds"] += result.seconds
+        report.timeline[result.partition] = (round(time.perf_counter() - report.started, 3), result.seconds,
+                                             result.snapshot_time)
         if result.seconds > report.slowest.get("seconds", -1.0):
             report.slowest = {"partition": result.partition, "seconds": round(result.seconds, 3)}
         for k, v in result.phases.items():
@@ -417,12 +459,9 @@ def _account(report: PlatformReport, result: PartitionResult) -> None:
         report.failed[result.partition] = result.error
 
 
-def _run_weddings(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo: list[RecoveryPoint],
-                  order: tuple[str, ...], jobs: int, stop_after: int | None, deadline: float | None,
-                  report: PlatformReport, ticker: Counter, *, hold_triggers: bool) -> str:
-    """Every wedding on `jobs` workers, each with its own engine (the catalogue connection is not shared
-    between threads); no wedding starts after `deadline` (time.perf_counter()). Returns why it stopped
-    early, or ''."""
+def _worker_engines(engine: Any) -> tuple[Callable[[], Any], list[Any]]:
+    """(the calling thread's own engine, made on first use; every engine made, to close at the end): the
+    catalogue connection is not shared between threads."""
     local = threading.local()
     engines: list[Any] = []
     lock = threading.Lock()
@@ -433,6 +472,17 @@ def _run_weddings(engine: Any, replicas: Mapping[str, Any], target_dsn: str, tod
             with lock:
                 engines.append(local.engine)
         return local.engine
+
+    return worker_engine, engines
+
+
+def _run_weddings(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo: list[RecoveryPoint],
+                  order: tuple[str, ...], jobs: int, stop_after: int | None, deadline: float | None,
+                  report: PlatformReport, ticker: Counter, *, hold_triggers: bool) -> str:
+    """Every wedding on `jobs` workers, each with its own engine (the catalogue connection is not shared
+    between threads); no wedding starts after `deadline` (time.perf_counter()). Returns why it stopped
+    early, or ''."""
+    worker_engine, engines = _worker_engines(engine)
 
     def one(point: RecoveryPoint) -> PartitionResult:
         try:
@@ -474,6 +524,65 @@ def _run_weddings(engine: Any, replicas: Mapping[str, Any], target_dsn: str, tod
         for e in engines:
             e.catalogue.close()
     return stopped
+
+
+def _run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo: list[RecoveryPoint],
+                 order: tuple[str, ...], jobs: int, stop_after: int | None, deadline: float | None,
+                 report: PlatformReport, ticker: Counter, progress: Progress) -> str:
+    """The weddings through the batch path (core/disaster_batch.py); those it hands back — no copy read
+    through, or their batch failed to load — again alone through `_run_weddings`, which reports each one
+    that fails again by name with its reason. Returns why it stopped early, or ''."""
+    from .disaster_batch import run_batches
+
+    worker_engine, engines = _worker_engines(engine)
+    lock = threading.Lock()
+    retry: dict[str, tuple[RecoveryPoint, str]] = {}
+    restored = [0]
+    target = database_label(target_dsn)
+
+    def on_done(d: Any, batch_seconds: float) -> None:
+        result = PartitionResult(d.point.partition, True, d.point.archive_sha256, d.point.snapshot_time.isoformat(),
+                                 copy=d.copy, rows=d.rows, bytes=d.point.size,
+                                 seconds=round(d.seconds + batch_seconds, 6), attempts=list(d.attempts),
+                                 phases={**d.phases, "load": 0.0})
+        with lock:
+            _account(report, result)
+            restored[0] += 1
+            ticker.step()
+
+    def on_batch(seconds: float) -> None:
+        with lock:
+            report.phases["load"] += seconds
+
+    def on_retry(point: RecoveryPoint, why: str) -> None:
+        with lock:
+            retry[point.partition] = (point, why)
+
+    def should_stop() -> str:
+        if deadline is not None and time.perf_counter() >= deadline:
+            return (f"ran past its window: {len(todo) - restored[0]} wedding(s) not started (the weddings already "
+                    f"committed stay; run again with resume to finish)")
+        if stop_after is not None and restored[0] >= stop_after:
+            return f"stopped after {restored[0]} wedding(s) by the test hook stop_after"
+        return ""
+
+    try:
+        stopped = run_batches(engine, replicas, target_dsn, todo, order, jobs, copy_faults=_COPY_FAULTS,
+                              connect=lambda: _connect(target_dsn, f"the target, {target}", "wedbackup-restore-all"),
+                              worker_engine=worker_engine, on_done=on_done, on_batch=on_batch, on_retry=on_retry,
+                              should_stop=should_stop, progress=progress)
+    finally:
+        for e in engines:
+            e.catalogue.close()
+    if stopped:
+        return stopped
+    if retry:
+        progress(f"{len(retry)} wedding(s) again one by one: " + "; ".join(
+            f"{_label(p)}: {why}" for p, (_, why) in list(sorted(retry.items()))[:5]))
+        again = [point for point, _ in sorted(retry.values(), key=lambda pw: _partition_order(pw[0].partition))]
+        return _run_weddings(engine, replicas, target_dsn, again, order, jobs, None, deadline, report, ticker,
+                             hold_triggers=False)
+    return ""
 
 
 def _reapply(engine: Any, target_dsn: str) -> list[str]:
@@ -728,6 +837,49 @@ RTO_TARGET_SECONDS = 4 * 3600.0  # the seeds: the whole system back within 4 hou
 PARTITION_TARGET_SECONDS = 60.0  # … and each (critical) wedding within a minute
 
 
+def drill_sample(weddings: Iterable[str], dates: Mapping[str, Any], policy: Any, size: int | None,
+                 now: datetime) -> frozenset[str] | None:
+    """Which of `weddings` a drill restores (the platform partition always comes too): every one (None) when
+    `size` is None, else `size` of them — every critical wedding (by its date in `dates`) always in, the rest
+    drawn at random with the ISO week as the seed, so each week's drill proves different weddings and a rerun
+    the same ones."""
+    if size is None:
+        return None
+    import random
+
+    today = policy.today(now)
+    weddings = sorted((p for p in weddings if p != PLATFORM), key=_partition_order)
+    critical = [p for p in weddings if dates.get(p) is not None and policy.tier(dates[p], today) == "critical"]
+    others = [p for p in weddings if p not in set(critical)]
+    year, week, _ = now.isocalendar()
+    drawn = random.Random(f"{year}-{week}").sample(others, max(0, min(len(others), size - len(critical))))
+    return frozenset(critical) | frozenset(drawn)
+
+
+def tier_outcomes(report: PlatformReport, tiers: Mapping[str, str], started_at: datetime) -> dict[str, dict]:
+    """Per tier, from this run's timeline: partitions restored, the achieved RTO (seconds from the start until
+    the tier's last partition was committed), the slowest partition's own seconds, and the achieved RPO
+    (the drill's start minus the tier's oldest recovery point)."""
+    out: dict[str, dict[str, Any]] = {}
+    for partition, (finished, seconds, point) in report.timeline.items():
+        tier = tiers.get(partition, PLATFORM if partition == PLATFORM else "unknown")
+        t = out.setdefault(tier, {"partitions": 0, "rto_seconds": 0.0, "slowest_seconds": 0.0,
+                                  "slowest_partition": "", "rpo_seconds": 0.0})
+        t["partitions"] += 1
+        t["rto_seconds"] = max(t["rto_seconds"], finished)
+        if seconds >= t["slowest_seconds"]:
+            t["slowest_seconds"], t["slowest_partition"] = round(seconds, 3), partition
+        if point:
+            t["rpo_seconds"] = max(t["rpo_seconds"],
+                                   round((started_at - datetime.fromisoformat(point)).total_seconds(), 1))
+    for partition in report.failed:
+        tier = tiers.get(partition, PLATFORM if partition == PLATFORM else "unknown")
+        out.setdefault(tier, {"partitions": 0, "rto_seconds": 0.0, "slowest_seconds": 0.0,
+                              "slowest_partition": "", "rpo_seconds": 0.0}).setdefault("failed", 0)
+        out[tier]["failed"] += 1
+    return dict(sorted(out.items()))
+
+
 @dataclass
 class DrillReport:
     provider: str
@@ -738,13 +890,24 @@ class DrillReport:
     throughput: dict[str, float]  # bytes per second of partition restore time, per copy location
     earlier: list[dict[str, Any]] = field(default_factory=list)  # the previous drills, newest first
     catalogue_rebuilt: dict[str, Any] = field(default_factory=dict)  # the catalogue-lost variant: what came back
+    tiers: dict[str, dict[str, Any]] = field(default_factory=dict)  # per tier: partitions, RTO, RPO, slowest
+    sampled: int | None = None  # weddings sampled (None: every wedding)
 
     @property
     def complete(self) -> bool:
         return self.restore.complete
 
+    def critical_over(self, target_seconds: float) -> list[str]:
+        """Critical weddings whose own restore took longer than `target_seconds`."""
+        return [p for p, (_, seconds, _) in sorted(self.restore.timeline.items())
+                if self.tier_of.get(p) == "critical" and seconds > target_seconds]
+
+    tier_of: dict[str, str] = field(default_factory=dict, repr=False)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("tier_of")
+        d["restore"] = self.restore.to_dict()
         d["complete"] = self.complete
         return d
 
@@ -757,7 +920,9 @@ class DrillReport:
                f"- achieved RTO: **{self.rto_seconds:.1f} s** (target {rto_target:.0f} s)",
                f"- achieved RPO: oldest recovery point {r.oldest_point or '-'} ({self.rpo_seconds / 3600:.1f} h "
                f"before the drill), newest {r.newest_point or '-'}",
-               f"- slowest partition: {r.slowest.get('partition', '-')} ({r.slowest.get('seconds', 0)} s)"]
+               f"- slowest partition: {r.slowest.get('partition', '-')} ({r.slowest.get('seconds', 0)} s)",
+               f"- weddings: {'every wedding' if self.sampled is None else f'a sample of {self.sampled}'}"
+               f" plus the platform partition"]
         if self.catalogue_rebuilt:
             c = self.catalogue_rebuilt
             out.append(f"- catalogue-lost scenario: a scratch catalogue rebuilt from {c['provider']} in "
@@ -765,12 +930,26 @@ class DrillReport:
                        f"key-store backup ({len(c['skipped'])} archive(s) skipped)")
         out += ["", "| phase | seconds (summed over workers) |", "|---|---|"]
         out += [f"| {k} | {v:.2f} |" for k, v in r.phases.items()]
+        if self.tiers:
+            out += ["", "| tier | partitions | RTO s (committed by) | slowest s | RPO h (oldest point) |",
+                    "|---|---|---|---|---|"]
+            out += [f"| {k} | {v['partitions']}{' (' + str(v['failed']) + ' failed)' if v.get('failed') else ''} | "
+                    f"{v['rto_seconds']:.1f} | {v['slowest_seconds']:.2f} ({v['slowest_partition'] or '-'}) | "
+                    f"{v['rpo_seconds'] / 3600:.1f} |" for k, v in self.tiers.items()]
         out += ["", "| copy | partitions | bytes/s |", "|---|---|---|"]
         out += [f"| {k} | {r.copies_used.get(k, 0)} | {v:,.0f} |" for k, v in self.throughput.items()]
         if self.earlier:
-            out += ["", "| earlier drill | provider | RTO s | complete |", "|---|---|---|---|"]
-            out += [f"| {d.get('started_at', '?')} | {d.get('provider', '?')} | {d.get('rto_seconds', '?')} | "
-                    f"{d.get('complete', '?')} |" for d in self.earlier[:8]]
+            last = self.earlier[0].get("rto_seconds")
+            if isinstance(last, (int, float)) and last > 0:
+                change = (self.rto_seconds - last) / last * 100
+                out += ["", f"Trend: RTO {self.rto_seconds:.1f} s against {last:.1f} s at the previous drill "
+                            f"({change:+.0f}%)."]
+            out += ["", "| earlier drill | provider | partitions | RTO s | RPO h | complete |",
+                    "|---|---|---|---|---|---|"]
+            out += [f"| {d.get('started_at', '?')} | {d.get('provider', '?')} | {d.get('partitions', '?')} | "
+                    f"{d.get('rto_seconds', '?')} | "
+                    f"{round(d['rpo_seconds'] / 3600, 1) if isinstance(d.get('rpo_seconds'), (int, float)) else '?'}"
+                    f" | {d.get('complete', '?')} |" for d in self.earlier[:8]]
         if r.stopped:
             out += ["", f"**Stopped**: {r.stopped}"]
         if r.failed or r.foreign_key_problems or r.fallbacks:
@@ -779,8 +958,8 @@ class DrillReport:
 
 
 def drill(engine: Any, replicas: Mapping[str, Any], provider: str, *, jobs: int = 4,
-          window_seconds: float | None = None, catalogue_lost: bool = False,
-          progress: Progress = _quiet) -> DrillReport:
+          window_seconds: float | None = None, catalogue_lost: bool = False, sample: int | None = None,
+          policy: Any = None, progress: Progress = _quiet) -> DrillReport:
     """The whole platform restored from `provider` (falling back to the other providers, never the vault)
     into a scratch database on the scratch server, checked (every table against its manifest while it loads,
     foreign keys and sequences at the end), timed per phase, and dropped. A drill past `window_seconds`
@@ -788,15 +967,24 @@ def drill(engine: Any, replicas: Mapping[str, Any], provider: str, *, jobs: int 
     same. `catalogue_lost`: the catalogue-lost scenario in full — a scratch catalogue rebuilt from that
     provider alone (wedding keys from its key-store backup, opened with the master key), the restore driven
     by it; it proves the keys are recoverable without the live catalogue. Recorded in the live catalogue's
-    audit trail (`dr-drill`) so the next drill shows the trend and `dr plan` its rates."""
+    audit trail (`dr-drill`) so the next drill shows the trend and `dr plan` its rates. `sample`: that many
+    weddings (every critical one always in, drill_sample) plus the platform partition; `policy` (default: the
+    policy file's) assigns the tiers of the per-tier RTO and RPO."""
+    from .policy import Policy
+
     if provider not in PROVIDER_LOCATIONS:
         raise WedbackupError(f"a drill restores from a provider ({', '.join(PROVIDER_LOCATIONS)}), never the vault; "
                              f"not {provider!r}")
     earlier = _earlier_drills(engine.catalogue)
     started_at = datetime.now(timezone.utc)
     t0 = time.perf_counter()
+    policy = policy or Policy.from_env()
+    dates = engine.catalogue.live_partitions()
+    today = policy.today(started_at)
+    tier_of = {p: policy.tier(d, today) if p != PLATFORM else PLATFORM for p, d in dates.items()}
+    only = drill_sample(planned_partitions(engine.catalogue)[0], dates, policy, sample, started_at)
     options = RestoreAllOptions(providers=copy_order(provider), jobs=jobs, window_seconds=window_seconds,
-                                include_unverified=catalogue_lost)
+                                include_unverified=catalogue_lost, only=only)
     rebuilt: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         driver = engine
@@ -809,8 +997,10 @@ def drill(engine: Any, replicas: Mapping[str, Any], provider: str, *, jobs: int 
     throughput = {k: round(v["bytes"] / v["seconds"], 1) if v["seconds"] else 0.0
                   for k, v in report.per_copy.items()}
     result = DrillReport(provider, started_at.isoformat(), report, rto,
-                         round((started_at - oldest).total_seconds(), 1), throughput, earlier, rebuilt)
+                         round((started_at - oldest).total_seconds(), 1), throughput, earlier, rebuilt,
+                         tier_outcomes(report, tier_of, started_at), None if only is None else len(only), tier_of)
     engine.catalogue.audit("dr-drill", PLATFORM, {
+        "tiers": result.tiers, "sampled": result.sampled,
         "provider": provider, "started_at": result.started_at, "rto_seconds": rto, "complete": result.complete,
         "rpo_seconds": result.rpo_seconds, "partitions": report.partitions_total, "phases": report.phases,
         "throughput": throughput, "failed": sorted(report.failed)[:50], "stopped": report.stopped,

@@ -86,6 +86,40 @@ class ShrinkageRule:
 
 
 @dataclass(frozen=True)
+class StandingRule:
+    """Standing verification (disaster/standing.py): a daily check_weddings over every wedding, a daily
+    reconcile_inventory, and a rolling re-verification restoring every wedding's newest backup at least once
+    per `reverify_window`, a share of the weddings on each tick of `reverify_cron`."""
+
+    check_weddings_cron: str = "0 1 * * *"
+    reconcile_inventory_cron: str = "30 1 * * *"
+    reverify_cron: str = "0 2 * * *"
+    reverify_window: timedelta = timedelta(days=7)
+
+
+DRILL_PROVIDERS = ("s3", "gcs", "azure")
+DRILL_CATALOGUE_LOST = ("monthly", "always")
+
+
+@dataclass(frozen=True)
+class DrillRule:
+    """The DR drill (disaster/drill.py): when it runs, what it restores (every wedding, or `sample` weddings plus
+    the platform partition with every critical wedding always in), from where (a provider, rotating by week when
+    unset; never the vault), how often the catalogue-lost scenario runs in full (at least monthly), the RTO
+    targets and the window after which it is stopped."""
+
+    cron: str = "0 4 * * 0"  # weekly, Sunday 04:00: off-peak, after the nightly retention sweep
+    timezone: str = "Europe/London"
+    sample: int | None = None  # None: every wedding
+    provider: str | None = None  # None: s3, gcs, azure in turn by ISO week
+    catalogue_lost: str = "monthly"  # the first drill of each month; or always
+    rto_target: timedelta = timedelta(hours=4)  # the whole system (the seeds)
+    critical_rto_target: timedelta = timedelta(minutes=1)  # each critical wedding (the seeds)
+    window: timedelta = timedelta(hours=4)  # a drill still running after this is stopped
+    jobs: int = 4
+
+
+@dataclass(frozen=True)
 class Band:
     """The weddings dated lo..hi (inclusive; None = open) and their tier and effective RPO today."""
 
@@ -113,6 +147,8 @@ class Policy:
     max_extra_per_gap: int = 4
     retention: Mapping[str, RetentionRule] = field(default_factory=_default_retention)
     shrinkage: ShrinkageRule = field(default_factory=ShrinkageRule)
+    standing: StandingRule = field(default_factory=StandingRule)
+    drill: DrillRule = field(default_factory=DrillRule)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -185,7 +221,7 @@ class Policy:
         if not isinstance(data, Mapping):
             raise ConfigError(source, "must be a mapping of policy settings")
         known = {"tiers", "critical_days", "wedding_day_rpo", "high_days", "recent_days", "season", "timezone",
-                 "cron", "max_extra_per_gap", "retention", "shrinkage"}
+                 "cron", "max_extra_per_gap", "retention", "shrinkage", "standing", "drill"}
         unknown = sorted(set(data) - known, key=repr)  # YAML keys may be numbers or null, not only text
         if unknown:
             raise ConfigError(f"{source}.{_name(unknown[0])}", f"is not a policy setting (known: {', '.join(sorted(known))})")
@@ -248,6 +284,10 @@ class Policy:
             kwargs["retention"] = _retention(data["retention"], f"{source}.retention")
         if "shrinkage" in data:
             kwargs["shrinkage"] = _shrinkage(data["shrinkage"], f"{source}.shrinkage")
+        if "standing" in data:
+            kwargs["standing"] = _standing(data["standing"], f"{source}.standing")
+        if "drill" in data:
+            kwargs["drill"] = _drill(data["drill"], f"{source}.drill")
         try:
             return replace(base, **kwargs)
         except ConfigError as exc:
@@ -368,6 +408,71 @@ def _shrinkage(data: Any, where: str) -> ShrinkageRule:
         raise ConfigError(f"{where}.warn", f"must not exceed error ({fractions['error']:g})")
     min_rows = _int(data.get("min_rows", base.min_rows), f"{where}.min_rows", lo=1, hi=1_000_000_000)
     return ShrinkageRule(warn=fractions["warn"], error=fractions["error"], min_rows=min_rows)
+
+
+def _cron(value: Any, where: str) -> str:
+    if not isinstance(value, str) or len(value.split()) != 5:
+        raise ConfigError(where, "must be a five-field cron expression such as '0 2 * * *'")
+    return value
+
+
+def _settings(data: Any, where: str, known: tuple[str, ...], what: str) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ConfigError(where, f"must be a mapping ({', '.join(known)})")
+    extra = sorted(set(data) - set(known), key=repr)
+    if extra:
+        raise ConfigError(f"{where}.{_name(extra[0])}", f"is not a {what} setting (known: {', '.join(known)})")
+    return data
+
+
+_STANDING_KEYS = ("check_weddings_cron", "reconcile_inventory_cron", "reverify_cron", "reverify_window")
+
+
+def _standing(data: Any, where: str) -> StandingRule:
+    """`standing: {check_weddings_cron: '0 1 * * *', reconcile_inventory_cron: …, reverify_cron: '0 2 * * *',
+    reverify_window: 7d}` (every key optional)."""
+    data = _settings(data, where, _STANDING_KEYS, "standing verification")
+    base = StandingRule()
+    return StandingRule(
+        check_weddings_cron=_cron(data.get("check_weddings_cron", base.check_weddings_cron),
+                                  f"{where}.check_weddings_cron"),
+        reconcile_inventory_cron=_cron(data.get("reconcile_inventory_cron", base.reconcile_inventory_cron),
+                                       f"{where}.reconcile_inventory_cron"),
+        reverify_cron=_cron(data.get("reverify_cron", base.reverify_cron), f"{where}.reverify_cron"),
+        reverify_window=_duration(data.get("reverify_window", base.reverify_window), f"{where}.reverify_window"))
+
+
+_DRILL_KEYS = ("cron", "timezone", "sample", "provider", "catalogue_lost", "rto_target", "critical_rto_target",
+               "window", "jobs")
+
+
+def _drill(data: Any, where: str) -> DrillRule:
+    """`drill: {cron: '0 4 * * 0', timezone: Europe/London, sample: all | N, provider: s3 | gcs | azure,
+    catalogue_lost: monthly | always, rto_target: 4h, critical_rto_target: 1m, window: 4h, jobs: 4}`."""
+    data = _settings(data, where, _DRILL_KEYS, "drill")
+    base = DrillRule()
+    zone = data.get("timezone", base.timezone)
+    try:
+        ZoneInfo(zone if isinstance(zone, str) else "")
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{where}.timezone", "is not a known IANA time zone (e.g. Europe/London)") from None
+    sample = data.get("sample", "all")
+    sample = None if sample in ("all", None) else _int(sample, f"{where}.sample", lo=1, hi=10_000_000)
+    provider = data.get("provider", base.provider)
+    if provider is not None and provider not in DRILL_PROVIDERS:
+        raise ConfigError(f"{where}.provider", f"must be one of {', '.join(DRILL_PROVIDERS)} (a drill never "
+                                               f"restores from the vault), or unset to rotate by week")
+    lost = data.get("catalogue_lost", base.catalogue_lost)
+    if lost not in DRILL_CATALOGUE_LOST:
+        raise ConfigError(f"{where}.catalogue_lost", f"must be one of {', '.join(DRILL_CATALOGUE_LOST)} (the "
+                                                     f"catalogue-lost scenario runs at least once a month)")
+    return DrillRule(
+        cron=_cron(data.get("cron", base.cron), f"{where}.cron"), timezone=zone, sample=sample, provider=provider,
+        catalogue_lost=lost, rto_target=_duration(data.get("rto_target", base.rto_target), f"{where}.rto_target"),
+        critical_rto_target=_duration(data.get("critical_rto_target", base.critical_rto_target),
+                                      f"{where}.critical_rto_target"),
+        window=_duration(data.get("window", base.window), f"{where}.window"),
+        jobs=_int(data.get("jobs", base.jobs), f"{where}.jobs", lo=1, hi=256))
 
 
 def _duration(value: Any, where: str, *, allow_zero: bool = False) -> timedelta:

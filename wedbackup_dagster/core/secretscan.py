@@ -211,7 +211,8 @@ class SecretScanner:
                 sizes[(schema, table)] = size
             for (schema, table), cols in by_table.items():
                 try:
-                    if sizes[(schema, table)] > max_table_bytes:
+                    # Streamed too when one probe per column and secret would pass PostgreSQL's 1,664 columns.
+                    if sizes[(schema, table)] > max_table_bytes or len(cols) * len(needles) > 1600:
                         found = self._stream_table(conn, schema, table, [c for c, _ in cols])
                         findings += [Finding(f"database {where}, {schema}.{table} (one of its columns "
                                              f"{', '.join(c for c, _ in cols)})", secret) for secret in found]

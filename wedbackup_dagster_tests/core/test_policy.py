@@ -122,3 +122,43 @@ def test_unreadable_policy_file_names_the_variable(tmp_path):
         Policy.from_file(bad)
     with pytest.raises(ConfigError, match="WEDBACKUP_POLICY_FILE"):
         Policy.from_env({"WEDBACKUP_POLICY_FILE": str(tmp_path / "missing.yaml")})
+
+
+def test_standing_verification_and_drill_settings_from_a_file(tmp_path):
+    default = Policy()
+    assert default.standing.reverify_window == timedelta(days=7) and default.standing.reverify_cron == "0 2 * * *"
+    assert default.drill.cron == "0 4 * * 0" and default.drill.sample is None and default.drill.provider is None
+    assert default.drill.rto_target == timedelta(hours=4)
+    assert default.drill.critical_rto_target == timedelta(minutes=1)
+    path = tmp_path / "policy.yaml"
+    path.write_text("standing:\n  reverify_window: 3d\n  check_weddings_cron: '15 0 * * *'\n"
+                    "drill:\n  cron: '0 3 * * 6'\n  timezone: America/New_York\n  sample: 50\n  provider: gcs\n"
+                    "  catalogue_lost: always\n  rto_target: 2h\n  critical_rto_target: 30s\n  window: 3h\n"
+                    "  jobs: 8\n")
+    policy = Policy.from_file(path)
+    assert policy.standing.reverify_window == timedelta(days=3)
+    assert policy.standing.check_weddings_cron == "15 0 * * *" and policy.standing.reverify_cron == "0 2 * * *"
+    d = policy.drill
+    assert (d.cron, d.timezone, d.sample, d.provider, d.catalogue_lost, d.jobs) == (
+        "0 3 * * 6", "America/New_York", 50, "gcs", "always", 8)
+    assert (d.rto_target, d.critical_rto_target, d.window) == (timedelta(hours=2), timedelta(seconds=30),
+                                                               timedelta(hours=3))
+    assert Policy.from_mapping({"drill": {"sample": "all"}}).drill.sample is None
+
+
+@pytest.mark.parametrize("data, field, says", [
+    ({"drill": {"provider": "vault"}}, "drill.provider", "never restores from the vault"),
+    ({"drill": {"catalogue_lost": "never"}}, "drill.catalogue_lost", "at least once a month"),
+    ({"drill": {"sample": 0}}, "drill.sample", "whole number"),
+    ({"drill": {"timezone": "Mars/Olympus"}}, "drill.timezone", "time zone"),
+    ({"drill": {"cron": "weekly"}}, "drill.cron", "cron"),
+    ({"drill": {"rto_target": "soon"}}, "drill.rto_target", "duration"),
+    ({"drill": {"surprise": 1}}, "drill.surprise", "not a drill setting"),
+    ({"drill": ["s3"]}, "drill", "mapping"),
+    ({"standing": {"reverify_window": 0}}, "standing.reverify_window", "positive"),
+    ({"standing": {"reverify_cron": "daily"}}, "standing.reverify_cron", "cron"),
+])
+def test_bad_drill_or_standing_setting_is_an_error_naming_it(data, field, says):
+    with pytest.raises(ConfigError, match=says) as info:
+        Policy.from_mapping(data, source="policy.yaml")
+    assert info.value.variable == f"policy.yaml.{field}"

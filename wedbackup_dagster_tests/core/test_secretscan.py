@@ -171,3 +171,18 @@ def test_the_guard_reads_every_dagster_test_instance_before_it_is_deleted(stack)
     assert all(f.secret == "AWS_SECRET_ACCESS_KEY" and root in f.where for f in new)
     assert any(f.where.startswith("Dagster instance of ") for f in new)
     assert not os.path.exists(root)
+
+
+def test_more_secrets_than_a_select_can_probe_are_still_found(make_database):
+    """2,000 wedding keys (a 2,000-wedding catalogue) make more probes than PostgreSQL's 1,664 columns: the
+    table is streamed and searched instead of failing the scan."""
+    import secrets as random_secrets
+
+    many = {f"wedding key {i}": random_secrets.token_hex(16) for i in range(2000)}
+    dsn = make_database()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA wedbackup")
+        conn.execute("CREATE TABLE wedbackup.audit (id int, detail text)")
+        conn.execute("INSERT INTO wedbackup.audit VALUES (1, 'fine'), (2, %s)", (f"x{many['wedding key 1234']}y",))
+    found, searched = SecretScanner(many).scan_database(dsn, label="cat", schemas=["wedbackup"])
+    assert searched == 1 and {f.secret for f in found} == {"wedding key 1234"}

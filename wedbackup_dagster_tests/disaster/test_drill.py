@@ -75,11 +75,12 @@ def test_a_drill_restores_from_a_provider_reports_and_drops_its_scratch(backed_u
     body = bytearray(s3_client.get_object(Bucket=bucket, Key=key)["Body"].read())
     body[len(body) // 2] ^= 0x01
     s3_client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
-    second = drill(instance, partition_target_seconds=0.0)
+    second = drill(instance, rto_target_seconds=0.0)
     assert second.success  # the drill ran; its checks say what is wrong
     checks = checks_of(second)
     assert not checks["drill_complete"].passed and "2:" in checks["drill_complete"].description
     assert not checks["drill_rto_within_target"].passed
+    assert checks["drill_rto_within_target"].description.startswith("whole restore ")
     summary = second.asset_materializations_for_node("dr_drill_report")[0].metadata["summary"].value
     assert "INCOMPLETE" in summary and "| earlier drill |" in summary  # the trend shows the first drill
     assert scratch_databases(engine) == []
@@ -118,3 +119,44 @@ def test_the_catalogue_lost_drill_rebuilds_a_scratch_catalogue_from_the_provider
     assert not bad.success
     failure = next(e for e in bad.all_events if e.event_type_value == "STEP_FAILURE")
     assert "catalogue_lost 'sometimes' is not one of monthly, always, never" in str(failure.step_failure_data.error)
+
+
+def test_policy_settings_sample_the_weddings_and_report_rto_and_rpo_per_tier(backed_up, tmp_path, monkeypatch):
+    """The policy file's drill section: a sample of one wedding (critical ones always in) plus the platform,
+    from S3, a critical target nobody meets: the per-tier table and the failing check name them."""
+    import datetime as dt
+
+    from wedbackup_dagster.core.disaster import drill_sample
+    from wedbackup_dagster.core.policy import Policy
+
+    engine, instance = backed_up["engine"], backed_up["instance"]
+    today = dt.datetime.now(dt.timezone.utc).date()
+    # wedding 1 is tomorrow (critical), 2 and 3 months away (normal)
+    engine.catalogue.sync_partitions([("platform", None), ("1", today + dt.timedelta(days=1)),
+                                      ("2", today + dt.timedelta(days=100)), ("3", today + dt.timedelta(days=200))])
+    dates = engine.catalogue.live_partitions()
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text("drill:\n  sample: 1\n  provider: s3\n  critical_rto_target: 0.000001\n")
+    monkeypatch.setenv("WEDBACKUP_POLICY_FILE", str(policy_file))
+    policy = Policy.from_env()
+    now = dt.datetime.now(dt.timezone.utc)
+    assert drill_sample(["1", "2", "3"], dates, policy, 1, now) == frozenset({"1"})  # the critical one
+    two = drill_sample(["1", "2", "3"], dates, policy, 2, now)
+    assert "1" in two and len(two) == 2 and two == drill_sample(["1", "2", "3"], dates, policy, 2, now)
+    result = defs.resolve_job_def("dr_drill").execute_in_process(
+        instance=instance, raise_on_error=False,
+        run_config={"ops": {"dr_drill_report": {"config": {"catalogue_lost": "never"}}}})
+    assert result.success
+    meta = result.asset_materializations_for_node("dr_drill_report")[0].metadata
+    assert meta["provider"].value == "s3" and meta["sampled"].value == 1
+    assert meta["partitions_restored"].value == 2 and meta["partitions_total"].value == 2
+    tiers = {r.data["tier"]: r.data for r in meta["tiers"].records}
+    assert set(tiers) == {"platform", "critical"} and tiers["critical"]["partitions"] == 1
+    assert tiers["critical"]["rto_seconds"] >= tiers["critical"]["slowest_seconds"] > 0
+    assert tiers["critical"]["rpo_hours"] >= 0
+    assert "| tier | partitions |" in meta["summary"].value and "a sample of 1" in meta["summary"].value
+    checks = checks_of(result)
+    assert checks["drill_complete"].passed
+    rto = checks["drill_rto_within_target"]
+    assert not rto.passed and "over the target: 1" in rto.description
+    assert scratch_databases(engine) == []

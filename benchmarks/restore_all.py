@@ -1,0 +1,183 @@
+"""The whole platform brought back, side by side on the same database: the demo database (`demo-data --weddings
+2000`, as benchmarks/whole_job.py builds it) backed up by wedbackup (every partition sealed, copied to S3,
+verified) and by the peer (`pg_dump -Fp | zstd -3 | age`); then the source dropped and the vault deleted, and
+`restore --all --from s3` into a new database timed against the peer's restore of its whole dump (`age -d |
+zstd -d | psql`). The peer runs before and after wedbackup (drift on a shared machine hits both); its best run
+is the reference. Both restored databases are compared table by table with the source (counts and ordered
+checksums). From the measured seconds per wedding: an estimate for a 100,000-wedding platform on N workers
+against the 4-hour objective. Prints JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+OBJECTIVE_SECONDS = 4 * 3600.0
+PLATFORM_WEDDINGS = 100_000
+
+
+def table_sums(dsn: str) -> dict[str, list]:
+    """Per user table: row count and the MD5 of its rows in a fixed order."""
+    import psycopg
+    from psycopg import sql
+
+    out = {}
+    with psycopg.connect(dsn) as conn:
+        tables = conn.execute("SELECT table_schema, table_name FROM information_schema.tables "
+                              "WHERE table_type = 'BASE TABLE' AND table_schema NOT IN "
+                              "('pg_catalog', 'information_schema') ORDER BY 1, 2").fetchall()
+        for schema, name in tables:
+            out[f"{schema}.{name}"] = list(conn.execute(sql.SQL(
+                "SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM {} t").format(
+                sql.Identifier(schema, name))).fetchone())
+    return out
+
+
+def back_up_to_s3(engine: Any, replica: Any, partitions: list[str]) -> dict[str, float]:
+    """Every partition sealed into the vault, copied to S3 and verified from S3 (what restore --all
+    restores: each partition's newest verified backup); then a key-store backup to S3."""
+    from wedbackup_dagster.core.keybackup import back_up_key_store
+
+    timings = {}
+    t0 = time.perf_counter()
+    with engine.snapshot_session() as session:
+        for key, outcome in engine.back_up_each(partitions, session):
+            if isinstance(outcome, Exception):
+                raise outcome
+    timings["backup_seconds"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    for key, outcome in engine.replicate_each(partitions, replica):
+        if isinstance(outcome, Exception):
+            raise outcome
+    timings["upload_seconds"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    for key, outcome in engine.verify_each(partitions, {"s3": replica}, provider="s3"):
+        if isinstance(outcome, Exception):
+            raise outcome
+    timings["verify_seconds"] = round(time.perf_counter() - t0, 1)
+    back_up_key_store(engine.settings, engine.catalogue, {"s3": replica}, engine.keyring)
+    return timings
+
+
+def peer_restore(bench: dict[str, Any], work: Path, dump: Path) -> float:
+    """`age -d | zstd -d | psql` of the whole dump into a new database: seconds."""
+    import psycopg
+    from psycopg import sql
+
+    from .fleet import _pg_bin, _pg_env
+
+    admin = bench["stack"].dsn("postgres")
+    scratch = f"peer_restore_all_{time.time_ns()}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(scratch)))
+    try:
+        started = time.perf_counter()
+        subprocess.run(f"age -d -i {work / 'age.key'} {dump} | zstd -d -q -c | "
+                       f"{_pg_bin('psql')} -q -v ON_ERROR_STOP=1 -o /dev/null", shell=True, check=True,
+                       env=_pg_env(bench["stack"].dsn(scratch)))
+        seconds = time.perf_counter() - started
+        bench.setdefault("peer_sums", table_sums(bench["stack"].dsn(scratch)))
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(scratch)))
+    return seconds
+
+
+def estimate(seconds: float, weddings: int, jobs: int) -> dict[str, Any]:
+    """A 100,000-wedding platform on N workers, from the measured worker-seconds per wedding (the whole
+    run's wall time times its workers, over its weddings: pessimistic where the workers overlapped
+    waiting on the network or the database)."""
+    per_wedding = seconds * jobs / max(1, weddings)
+    out = {}
+    for n in (4, 8, 16, 32):
+        est = per_wedding * PLATFORM_WEDDINGS / n
+        out[str(n)] = {"seconds": round(est), "hours": round(est / 3600, 2), "within_4h": est <= OBJECTIVE_SECONDS}
+    return {"worker_seconds_per_wedding": round(per_wedding, 4), "workers": out,
+            "workers_needed_for_4h": max(1, int(-(-per_wedding * PLATFORM_WEDDINGS // OBJECTIVE_SECONDS)))}
+
+
+def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int = 4) -> dict[str, Any]:
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict
+
+    from wedbackup_dagster.core import disaster
+    from wedbackup_dagster.core.engine import Engine
+    from wedbackup_dagster.core.replicas import S3Replica, ensure_targets
+    from wedbackup_dagster.core.replicas.s3 import s3_client_from
+
+    from .fleet import baseline_pg_dump_zstd_age
+    from .stand_ins import bench_environment
+
+    with bench_environment("bench_restore_all", weddings=weddings, seed=seed,
+                           document_bytes=document_bytes) as bench:
+        work = Path(bench["work"])
+        engine = Engine.from_env()
+        try:
+            ensure_targets(engine.settings)
+            s3 = S3Replica(s3_client_from(engine.settings.s3, os.environ), engine.settings.s3)
+            with psycopg.connect(bench["source"]) as conn:
+                ids = [str(r[0]) for r in conn.execute("SELECT id FROM weddings ORDER BY id")]
+            setup = back_up_to_s3(engine, s3, ["platform", *ids])
+            expected = table_sums(bench["source"])
+            dumped = baseline_pg_dump_zstd_age(bench["source"], work)
+            dump = work / "baseline.sql.zst.age"
+            peers = [peer_restore(bench, work, dump)]
+            # The disaster: the source database and the vault are gone; S3 alone is left.
+            stack = bench["stack"]
+            name = conninfo_to_dict(bench["source"])["dbname"]
+            with psycopg.connect(stack.dsn("postgres"), autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))  # dropped by the env
+            shutil.rmtree(engine.settings.vault_dir)
+            target_name = f"bench_restore_all_target_{time.time_ns()}"
+            with psycopg.connect(stack.dsn("postgres"), autocommit=True) as conn:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target_name)))
+            try:
+                started = time.perf_counter()
+                report = disaster.restore_all(engine, {"s3": s3}, stack.dsn(target_name), disaster.RestoreAllOptions(
+                    providers=disaster.copy_order("s3"), jobs=jobs))
+                seconds = time.perf_counter() - started
+                equal = table_sums(stack.dsn(target_name)) == expected
+            finally:
+                with psycopg.connect(stack.dsn("postgres"), autocommit=True) as conn:
+                    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                        sql.Identifier(target_name)))
+            peers.append(peer_restore(bench, work, dump))
+            peer_equal = bench.get("peer_sums") == expected
+        finally:
+            engine.catalogue.close()
+    best = min(peers)
+    return {
+        "database": {"weddings": weddings, "partitions": len(ids) + 1, "seed": seed, "document_bytes": document_bytes,
+                     "rows": report.rows, "archive_bytes": report.bytes, "peer_dump_bytes": dumped["bytes"]},
+        "setup": setup,
+        "restore_all_seconds": round(seconds, 2),
+        "restore_all_jobs": jobs,
+        "restore_all_complete": report.complete,
+        "restore_all_tables_equal_source": equal,
+        "restore_all_phases": report.phases,
+        "peer_restore_seconds": round(best, 2),
+        "peer_runs": [round(p, 2) for p in peers],
+        "peer_tables_equal_source": peer_equal,
+        "restore_all_ratio_vs_peer": round(seconds / best, 1),
+        "estimate_100k": estimate(seconds, len(ids) + 1, jobs),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--weddings", type=int, default=2000)
+    parser.add_argument("--document-bytes", type=int, default=4096)
+    parser.add_argument("--jobs", type=int, default=4)
+    args = parser.parse_args()
+    print(json.dumps(run(weddings=args.weddings, document_bytes=args.document_bytes, jobs=args.jobs), indent=2))
+
+
+if __name__ == "__main__":
+    main()

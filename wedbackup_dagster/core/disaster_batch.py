@@ -1,0 +1,337 @@
+"""restore --all's batch path: many weddings per transaction. The weddings are disjoint, so after the platform
+partition the target's schema is compared once; then a few fetchers download, check, decrypt and read each
+wedding's archive (every table against its table-end record and the manifest) into a spool file, ahead of
+the loaders, which load a batch of weddings per transaction — one COPY per table for the whole batch — with
+the batch's progress rows in that same transaction (so a crash or `kill -9`, rerun with resume, neither redoes
+nor duplicates a batch). Foreign keys are not checked row by row (session_replication_role = replica, as
+pg_restore --disable-triggers does) but once for the whole target at the end (core/disaster._check). A wedding
+whose archive fails on every copy, or whose batch fails to load, is restored again alone by the one-wedding
+path (core/disaster.restore_partition), which reports it by name with its reason if it fails again."""
+from __future__ import annotations
+
+import hashlib
+import math
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from .archive import open_archive
+from .errors import WedbackupError
+from .recovery import RecoveryPoint
+from .restore import (check_table_end, compare_with_manifest, header_of, manifest_of, no_row_security, read_snapshot,
+                      read_to_end, table_begin_of)
+from .snapshot import DATA, MANIFEST, RESTORE_PROGRESS_SCHEMA, schema_fingerprint, use_qualified_names
+
+BATCH_WEDDINGS = 200  # at most this many weddings per transaction
+BATCH_BYTES = 64 << 20  # … and at most about this much plaintext
+SPOOL_IN_MEMORY = 1 << 20  # a wedding's decoded rows stay in memory up to this, then spill to a temporary file
+COPY_BLOCK = 1 << 20
+FETCHERS_PER_LOADER = 2  # downloads wait on the network: two fetchers keep one loader fed
+
+
+def batch_size(weddings: int, jobs: int) -> int:
+    """Weddings per batch: big enough that the per-transaction cost is shared, small enough that each loader
+    gets several batches (progress is visible, a resumed run redoes little) — at most BATCH_WEDDINGS."""
+    return max(1, min(BATCH_WEDDINGS, math.ceil(weddings / (max(1, jobs) * 4))))
+
+
+@dataclass
+class Decoded:
+    """One wedding's archive read and checked, its rows spooled table by table, ready to load."""
+
+    point: RecoveryPoint
+    copy: str
+    spool: Any  # tempfile.SpooledTemporaryFile
+    # (schema, table, columns, offset in the spool, length) in the stream's order
+    tables: list[tuple[str, str, tuple[str, ...], int, int]]
+    rows: int
+    plain_bytes: int
+    fingerprint: str
+    attempts: list[str]
+    phases: dict[str, float]
+    seconds: float
+
+
+@dataclass
+class Failed:
+    """A wedding the batch path could not prepare: restored again alone."""
+
+    point: RecoveryPoint
+    why: str
+    attempts: list[str] = field(default_factory=list)
+
+
+def decode(engine: Any, replicas: Mapping[str, Any], point: RecoveryPoint, order: tuple[str, ...],
+           copy_faults: tuple[type[BaseException], ...]) -> Decoded | Failed:
+    """The wedding's chosen backup from the first copy in `order` that downloads, matches its SHA-256,
+    decrypts and reads through with every table matching its table-end record and the manifest."""
+    started = time.perf_counter()
+    backup = engine.catalogue.backup_by_sha(point.archive_sha256)
+    held = {c.provider for c in engine.catalogue.copies(backup.id)}
+    attempts: list[str] = []
+    for copy in order:
+        if copy not in held or (copy != "vault" and copy not in replicas):
+            continue
+        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
+        t0 = time.perf_counter()
+        try:
+            with engine._fetched_copy(backup, copy, replicas) as tmp:
+                download = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                name = engine._archive_name(backup, copy)
+                chunks = open_archive(tmp, name=name, resolve_key=engine.resolve_key)
+                tables, rows, nbytes, fingerprint = _spool(chunks, name, point.partition, spool)
+                read = time.perf_counter() - t1
+        except copy_faults as exc:
+            spool.close()
+            attempts.append(f"{copy}: {str(exc)[:300]}")
+            continue
+        except WedbackupError as exc:
+            spool.close()
+            return Failed(point, str(exc)[:500], attempts)
+        except BaseException:
+            spool.close()
+            raise
+        return Decoded(point, copy, spool, tables, rows, nbytes, fingerprint, attempts,
+                       {"download": download, "decrypt": read}, time.perf_counter() - started)
+    return Failed(point, "; ".join(attempts) or "no usable copy", attempts)
+
+
+def _spool(chunks: Any, name: str, partition: str, spool: Any
+           ) -> tuple[list[tuple[str, str, tuple[str, ...], int, int]], int, int, str]:
+    """Read a snapshot stream into `spool`, each table's data checked against its table-end record, the whole
+    against the manifest (as a one-wedding restore checks while it loads)."""
+    records = read_snapshot(chunks, name=name)
+    header = header_of(next(records))
+    next(records)  # pre-data DDL: the schema is already there (compared by fingerprint)
+    next(records)  # post-data DDL
+    if str(header["partition"]) != partition:
+        raise WedbackupError(f"{name}: the archive holds partition {header['partition']!r}, not {partition!r}")
+    what = f"wedding {partition}"
+    tables: list[tuple[str, str, tuple[str, ...], int, int]] = []
+    seen: dict[str, tuple[int, int, str]] = {}
+    columns_of: dict[str, list[str]] = {}
+    manifest_record = None
+    total_rows = total_bytes = 0
+    for record in records:
+        if record.kind == MANIFEST:
+            manifest_record = record
+            break
+        schema, table, columns = table_begin_of(record)
+        key = f"{schema}.{table}"
+        if key in seen:
+            raise WedbackupError(f"{name}: table {key} appears twice in the stream")
+        offset = spool.tell()
+        digest, rows, nbytes, end = hashlib.sha256(), 0, 0, None
+        for rec in records:
+            if rec.kind != DATA:
+                end = rec
+                break
+            digest.update(rec.payload)
+            rows += rec.payload.count(b"\n")
+            nbytes += len(rec.payload)
+            spool.write(rec.payload)
+        check_table_end(end, rows, nbytes, digest.hexdigest(), what=what, target="a batch", table=key, done="read")
+        seen[key] = (rows, nbytes, digest.hexdigest())
+        columns_of[key] = list(columns)
+        tables.append((schema, table, tuple(columns), offset, nbytes))
+        total_rows += rows
+        total_bytes += nbytes
+    if manifest_record is None:
+        raise WedbackupError(f"{name}: the stream has no manifest")
+    read_to_end(records, name)
+    compare_with_manifest(manifest_of(manifest_record), seen, what, "a batch", columns_of)
+    return tables, total_rows, total_bytes, str(header["schema_fingerprint"])
+
+
+def _copy_blocks(spool: Any, offset: int, length: int) -> Iterator[bytes]:
+    spool.seek(offset)
+    left = length
+    while left > 0:
+        block = spool.read(min(COPY_BLOCK, left))
+        if not block:
+            raise WedbackupError("a spooled wedding ended early")  # our own temporary file: never expected
+        left -= len(block)
+        yield block
+
+
+def load_batch(conn: Any, batch: list[Decoded], *, replica_role: bool) -> float:
+    """The batch's rows into the target in one transaction, one COPY per table, with one progress row per
+    wedding committed together. Returns the seconds it took. psycopg errors pass through (rolled back)."""
+    t0 = time.perf_counter()
+    groups: dict[tuple[str, str, tuple[str, ...]], list[tuple[Decoded, int, int]]] = {}
+    for d in batch:
+        for schema, table, columns, offset, length in d.tables:
+            groups.setdefault((schema, table, columns), []).append((d, offset, length))
+    with conn.transaction():
+        use_qualified_names(conn)
+        no_row_security(conn)
+        if replica_role:  # no per-row foreign key triggers: every key is checked once at the end
+            conn.execute("SET LOCAL session_replication_role = replica")
+        with conn.cursor() as cur:
+            for (schema, table, columns), parts in groups.items():
+                if not any(length for _, _, length in parts):
+                    continue
+                query = sql.SQL("COPY {} ({}) FROM STDIN").format(
+                    sql.Identifier(schema, table), sql.SQL(", ").join(map(sql.Identifier, columns)))
+                with cur.copy(query) as copy:
+                    for d, offset, length in parts:
+                        for block in _copy_blocks(d.spool, offset, length):
+                            copy.write(block)
+            seconds = time.perf_counter() - t0
+            cur.executemany(
+                sql.SQL("INSERT INTO {} (partition, archive_sha256, snapshot_time, copy, rows, bytes, seconds) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s)").format(
+                    sql.Identifier(RESTORE_PROGRESS_SCHEMA, "partitions")),
+                [(d.point.partition, d.point.archive_sha256, d.point.snapshot_time, d.copy, d.rows, d.point.size,
+                  round(d.seconds + seconds, 6)) for d in batch])
+    return time.perf_counter() - t0
+
+
+def can_skip_row_triggers(conn: Any) -> bool:
+    """Whether this role may set session_replication_role (a superuser, or granted the setting)."""
+    try:
+        with conn.transaction():
+            conn.execute("SET LOCAL session_replication_role = replica")
+        return True
+    except psycopg.errors.InsufficientPrivilege:
+        return False
+
+
+def run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo: list[RecoveryPoint],
+                order: tuple[str, ...], jobs: int, *, copy_faults: tuple[type[BaseException], ...],
+                connect: Callable[[], Any], worker_engine: Callable[[], Any],
+                on_done: Callable[[Decoded, float], None], on_batch: Callable[[float], None],
+                on_retry: Callable[[RecoveryPoint, str], None],
+                should_stop: Callable[[], str], progress: Callable[[str], None]) -> str:
+    """Every point of `todo` through the batch path on `jobs` loaders and FETCHERS_PER_LOADER × `jobs`
+    fetchers. `on_done(wedding, batch seconds)` for each committed wedding and `on_batch(seconds)` for each
+    batch; `on_retry(point, why)` for each to restore again alone (its batch failed, or no copy read
+    through); `should_stop()` returns why to stop early ('' to go on): no batch starts after it does.
+    Returns why it stopped, or ''."""
+    fingerprint_conn = connect()
+    try:
+        with fingerprint_conn.transaction():
+            use_qualified_names(fingerprint_conn)  # as every restore describes its target
+            expected = schema_fingerprint(fingerprint_conn)
+        replica_role = can_skip_row_triggers(fingerprint_conn)
+    finally:
+        fingerprint_conn.close()
+    if not replica_role:
+        progress("this role may not set session_replication_role: foreign keys are checked row by row while "
+                 "the batches load (slower), and again at the end")
+    size = batch_size(len(todo), jobs)
+    ready: queue.Queue[Decoded | Failed | None] = queue.Queue(maxsize=max(2, jobs * size * 2))
+    stop = threading.Event()
+    stopped = [""]
+    lock = threading.Lock()
+    pending = list(reversed(todo))
+
+    def fetcher() -> None:
+        while not stop.is_set():
+            with lock:
+                if not pending:
+                    return
+                point = pending.pop()
+            try:
+                item: Decoded | Failed = decode(worker_engine(), replicas, point, order, copy_faults)
+            except Exception as exc:  # noqa: BLE001 - one wedding's surprise must not stop the others
+                item = Failed(point, f"{type(exc).__name__}: {str(exc)[:300]}")
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+            else:
+                if isinstance(item, Decoded):
+                    item.spool.close()
+
+    def loader() -> None:
+        conn = None
+        ended = False
+        try:
+            while not ended and not stop.is_set():
+                batch: list[Decoded] = []
+                plain = 0
+                while len(batch) < size and plain < BATCH_BYTES:
+                    try:
+                        item = ready.get(timeout=0.05 if batch else 0.5)
+                    except queue.Empty:
+                        if batch or stop.is_set():
+                            break
+                        continue
+                    if item is None:
+                        ready.put(None)  # the end: let the other loaders see it too
+                        ended = True
+                        break
+                    if isinstance(item, Failed):
+                        on_retry(item.point, item.why)
+                        continue
+                    batch.append(item)
+                    plain += item.plain_bytes
+                if not batch:
+                    continue
+                why = should_stop()
+                if why:
+                    with lock:
+                        stopped[0] = stopped[0] or why
+                    stop.set()
+                    for d in batch:
+                        d.spool.close()
+                    return
+                wrong = [d for d in batch if d.fingerprint != expected]
+                for d in wrong:
+                    on_retry(d.point, "its schema differs from the target's")
+                    d.spool.close()
+                batch = [d for d in batch if d.fingerprint == expected]
+                if not batch:
+                    continue
+                try:
+                    if conn is None or conn.closed:
+                        conn = connect()
+                    seconds = load_batch(conn, batch, replica_role=replica_role)
+                except Exception as exc:  # noqa: BLE001 - the batch is rolled back; its weddings go alone
+                    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                    for d in batch:
+                        on_retry(d.point, f"its batch of {len(batch)} failed to load: {first}")
+                    if conn is not None and conn.broken:
+                        conn.close()
+                        conn = None
+                else:
+                    on_batch(seconds)
+                    for d in batch:
+                        on_done(d, seconds)
+                finally:
+                    for d in batch:
+                        d.spool.close()
+        finally:
+            if conn is not None:
+                conn.close()
+
+    fetchers = [threading.Thread(target=fetcher, name=f"wedbackup-dr-fetch-{i}", daemon=True)
+                for i in range(jobs * FETCHERS_PER_LOADER)]
+    loaders = [threading.Thread(target=loader, name=f"wedbackup-dr-load-{i}", daemon=True) for i in range(jobs)]
+    for t in fetchers + loaders:
+        t.start()
+    for t in fetchers:
+        t.join()
+    if not stop.is_set():
+        ready.put(None)
+    for t in loaders:
+        t.join()
+    while True:  # anything fetched but never loaded (stopped early): close its spool
+        try:
+            item = ready.get_nowait()
+        except queue.Empty:
+            break
+        if isinstance(item, Decoded):
+            item.spool.close()
+    return stopped[0]

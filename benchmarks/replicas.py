@@ -35,7 +35,7 @@ def _random_file(folder: Path, size: int) -> tuple[Path, str]:
 
 def _replicas(env: dict[str, str], bucket: str, dsn: str) -> dict[str, Any]:
     from wedbackup_dagster.core.config import Settings
-    from wedbackup_dagster.core.replicas import (
+    from wedbackup_dagster.core.storage.replicas import (
         AzureReplica,
         GCSReplica,
         S3Replica,
@@ -78,7 +78,7 @@ def _cleanup(replicas: dict[str, Any]) -> None:
 
 
 def run(*, quick: bool = False, repeats: int = 2) -> dict[str, Any]:
-    from wedbackup_dagster.core.stack import Stack
+    from wedbackup_dagster.dev.stack import Stack
 
     stack = Stack.default()
     env = stack.env()

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from wedbackup_dagster.core.catalogue import Catalogue
+from wedbackup_dagster.core.catalogue.store import Catalogue
 
 
 def seed_catalogue(catalogue_dsn: str, weddings: Iterable[tuple[str, dt.date | None, dt.datetime | None,
@@ -57,7 +57,7 @@ def run(weddings: int = 100_000) -> dict[str, Any]:
     from wedbackup_dagster.automation.discovery import wedding_discovery
     from wedbackup_dagster.automation.schedules import backup_schedule
     from wedbackup_dagster.backups.partitions import weddings_partitions
-    from wedbackup_dagster.core.stack import Stack
+    from wedbackup_dagster.dev.stack import Stack
 
     stack = Stack.default()
     saved = dict(os.environ)

@@ -11,7 +11,7 @@ from .core.errors import WedbackupError
 
 
 def _cmd_stack(args: argparse.Namespace) -> int:
-    from .core.stack import Stack, export_lines
+    from wedbackup_dagster.dev.stack import Stack, export_lines
 
     stack = Stack.default()
     if args.verb == "up":
@@ -39,7 +39,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
-    from .core import demo_data
+    from wedbackup_dagster.dev import demo_data
     from .core.config import Settings
 
     settings = Settings.from_env()

@@ -11,10 +11,10 @@ PROVIDERS = ("s3", "gcs", "azure")
 
 
 def _replica_for(provider: str, settings):
-    from .core.replicas import AzureReplica, GCSReplica, S3Replica
-    from .core.replicas.azure import azure_service_from
-    from .core.replicas.gcs import gcs_client_from
-    from .core.replicas.s3 import s3_client_from
+    from wedbackup_dagster.core.storage.replicas import AzureReplica, GCSReplica, S3Replica
+    from wedbackup_dagster.core.storage.replicas.azure import azure_service_from
+    from wedbackup_dagster.core.storage.replicas.gcs import gcs_client_from
+    from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
 
     if provider == "s3":
         return S3Replica(s3_client_from(settings.s3, os.environ), settings.s3)
@@ -24,11 +24,11 @@ def _replica_for(provider: str, settings):
 
 
 def cmd_catalogue_rebuild(args: argparse.Namespace) -> int:
-    from .core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from .core.config import Settings
-    from .core.keys import load_master_keyring
-    from .core.rebuild import NOT_RECOVERABLE, rebuild_from
-    from .core.vault import Vault
+    from wedbackup_dagster.core.keys.keyring import load_master_keyring
+    from wedbackup_dagster.core.catalogue.rebuild_from_storage import NOT_RECOVERABLE, rebuild_from
+    from wedbackup_dagster.core.storage.vault import Vault
 
     settings = Settings.from_env()
     catalogue = Catalogue(settings.catalogue_dsn)
@@ -58,7 +58,7 @@ def cmd_catalogue_rebuild(args: argparse.Namespace) -> int:
 
 
 def cmd_catalogue_status(args: argparse.Namespace) -> int:
-    from .core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from .core.config import Settings
 
     catalogue = Catalogue(Settings.from_env().catalogue_dsn)
@@ -84,9 +84,14 @@ def cmd_catalogue_status(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from .core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from .core.config import Settings
-    from .core.health import HealthSettings, canary_replicas, check_providers, states_from_catalogue
+    from wedbackup_dagster.core.storage.health import (
+        HealthSettings,
+        canary_replicas,
+        check_providers,
+        states_from_catalogue,
+    )
 
     settings = Settings.from_env()
     health = HealthSettings.from_env()

@@ -10,7 +10,7 @@ import sys
 import time
 
 from .core.errors import WedbackupError
-from .core.vault import check_partition, shown
+from wedbackup_dagster.core.storage.vault import check_partition, shown
 from .progress import show_on_terminal
 
 
@@ -56,7 +56,7 @@ def _check_weddings(ids: list[str] | None) -> None:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     from .backups.launch import register_partitions, run_job_for
-    from .core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from .core.config import Settings
 
     _check_weddings(args.wedding)
@@ -79,13 +79,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 def _ensure_targets(settings) -> None:
     """Create the replica buckets/containers when missing (the local stack starts empty)."""
-    from .core import replicas
+    from wedbackup_dagster.core.storage import replicas
 
     replicas.ensure_targets(settings)
 
 
 def _summary(instance, keys: list[str]) -> str:
-    from .core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from .core.config import Settings
 
     settings = Settings.from_env()
@@ -114,7 +114,7 @@ def _summary(instance, keys: list[str]) -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .backups.launch import register_partitions, run_job_for
-    from .core import demo_data
+    from wedbackup_dagster.dev import demo_data
     from .core.config import Settings
 
     settings = Settings.from_env()
@@ -142,7 +142,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def start_ui() -> str:
     """Start `dagster dev` in the background as a stack service, so `wedbackup stack down` stops it."""
-    from .core.stack import Stack, port, port_open, project_root
+    from wedbackup_dagster.dev.stack import Stack, port, port_open, project_root
 
     stack = Stack.default()
     p = port("dagster")

@@ -8,7 +8,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 from .core.errors import WedbackupError
-from .core.vault import shown
+from wedbackup_dagster.core.storage.vault import shown
 
 DEFAULT_BATCH = 500  # a run's verified_restore loads its weddings into one scratch database per 500
 
@@ -72,9 +72,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     from .backups.launch import register_partitions
     from .cli_backup import _print_runs
-    from .core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from .core.config import Settings
-    from .core.rules import CheckQueries
+    from wedbackup_dagster.core.policy.rules import CheckQueries
 
     settings = Settings.from_env()
     instance = dg.DagsterInstance.get()
@@ -105,7 +105,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_ack(args: argparse.Namespace) -> int:
     from .checks.shrinkage_ack import acknowledge
-    from .core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from .core.config import Settings
 
     catalogue = Catalogue(Settings.from_env().catalogue_dsn)

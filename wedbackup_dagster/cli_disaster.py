@@ -15,7 +15,8 @@ from .progress import printed_on_stderr
 def cmd_restore_all(args: argparse.Namespace) -> int:
     from .backups.restore_job import TARGET_DSN_VARIABLE, progress_logger
     from .cli_backup import QUIET, _instance
-    from .core import disaster, recovery
+    from wedbackup_dagster.core import disaster
+    from wedbackup_dagster.core.postgres import restore_wedding as recovery
     from .core.config import Settings, redact
 
     if not args.target_dsn:
@@ -61,7 +62,7 @@ def cmd_restore_all(args: argparse.Namespace) -> int:
 
 def cmd_dr_plan(args: argparse.Namespace) -> int:
     from .core import disaster
-    from .core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from .core.config import Settings
 
     disaster.parse_scenario(args.scenario)  # a bad scenario stops here, before any database is read
@@ -95,8 +96,8 @@ def cmd_dr_kit(args: argparse.Namespace) -> int:
                   f"{result['provider']} ({result['key_backup'][:12]}, sealed by {result['sealed_by']}, "
                   f"{result['wedding_keys']} wedding key(s), made {result['created_at']})")
         return 0
-    from .core.catalogue import Catalogue
-    from .core.keys import load_master_keyring
+    from wedbackup_dagster.core.catalogue.store import Catalogue
+    from wedbackup_dagster.core.keys.keyring import load_master_keyring
 
     catalogue = Catalogue(settings.catalogue_dsn)
     try:

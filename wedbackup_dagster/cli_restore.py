@@ -15,7 +15,7 @@ from .progress import printed_on_stderr
 
 def _partition(args: argparse.Namespace) -> str:
     """The partition asked for; a wedding id that is not one is refused before any database or Dagster."""
-    from .core.vault import check_partition
+    from wedbackup_dagster.core.storage.vault import check_partition
 
     return "platform" if args.platform else check_partition(args.wedding)
 
@@ -23,7 +23,7 @@ def _partition(args: argparse.Namespace) -> str:
 def _refuse_other_spelling(catalogue, partition: str) -> None:
     """A wedding id with no backups of its own that the catalogue records under another spelling ("02" for
     2): one wedding has one partition, so say which name to use instead of finding nothing."""
-    from .core.vault import other_spellings
+    from wedbackup_dagster.core.storage.vault import other_spellings
 
     pattern = other_spellings(partition)
     if pattern is None:
@@ -37,8 +37,8 @@ def _refuse_other_spelling(catalogue, partition: str) -> None:
 
 
 def cmd_points(args: argparse.Namespace) -> int:
-    from .core import recovery
-    from .core.catalogue import Catalogue
+    from wedbackup_dagster.core.postgres import restore_wedding as recovery
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from .core.config import Settings
 
     partition = _partition(args)  # a hostile id stops here, before any setting or database is read
@@ -69,10 +69,10 @@ def cmd_points(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     from .backups.restore_job import TARGET_DSN_VARIABLE, progress_logger
     from .cli_backup import QUIET, _instance
-    from .core import recovery
+    from wedbackup_dagster.core.postgres import restore_wedding as recovery
     from .core.config import Settings, redact
 
-    from .core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
 
     partition = _partition(args)  # a hostile id stops here, before any setting or database is read
     settings = Settings.from_env()
@@ -133,7 +133,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def _report_lines(report: dict) -> str:
-    from .core.recovery import RecoveryReport
+    from wedbackup_dagster.core.postgres.restore_wedding import RecoveryReport
 
     return "\n".join(RecoveryReport.from_dict(report).lines())
 

@@ -1,5 +1,5 @@
 """Automation: backups that run by themselves — the prioritized backup schedule, and sensors for wedding
-discovery, change capture, provider health and run failures. Thin Dagster wiring over core.policy etc.
+discovery, change capture, provider health and run failures. Thin Dagster wiring over core.policy.backup_policy etc.
 
 definitions.py adds the objects listed here (named *_defs so they never clash with submodule names)."""
 from .batch_job import backup_wedding_list

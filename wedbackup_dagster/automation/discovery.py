@@ -9,8 +9,8 @@ import dagster as dg
 
 from ..backups.partitions import validated_keys, weddings_partitions
 from ..core.config import _dsn
-from ..core.discovery import PLATFORM, changed_weddings, digest, wedding_dates
-from ..core.policy import CRITICAL, HIGH, Policy
+from wedbackup_dagster.core.postgres.discovery import PLATFORM, changed_weddings, digest, wedding_dates
+from wedbackup_dagster.core.policy.backup_policy import CRITICAL, HIGH, Policy
 from .batch_job import backup_wedding_list
 from .schedules import catalogue_from_env, list_requests
 

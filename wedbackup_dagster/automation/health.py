@@ -15,10 +15,10 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from ..backups.constants import REPLICA_KEYS
 from ..backups.jobs import backup_weddings
 from ..backups.partitions import weddings_partitions
-from ..core.catalogue import Catalogue
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from ..core.config import Settings, redact
 from ..core.errors import ConfigError
-from ..core.health import (
+from wedbackup_dagster.core.storage.health import (
     HealthSettings,
     ProviderState,
     canary_replicas,
@@ -31,7 +31,7 @@ from ..core.health import (
 HEALTH_INTERVAL_SECONDS = 30
 # Catch-up restores redundancy of backups that already exist (the vault and the other providers hold
 # them): it queues below fresh backups of critical (100), high (50) and platform (40) partitions and above
-# the routine normal (10) and older tiers (core/policy.py).
+# the routine normal (10) and older tiers (core/policy/backup_policy.py).
 CATCHUP_PRIORITY = "20"
 CATCHUP_TAG = "wedbackup/catchup"
 # Catch-up runs cover exactly the partitions that missed the provider, one run per range of insertion

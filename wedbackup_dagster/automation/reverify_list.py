@@ -18,10 +18,10 @@ from ..backups.constants import DB_DUMP, ENCRYPTED_ARCHIVE, VERIFIED_RESTORE
 from ..backups.partitions import validated_keys, weddings_partitions
 from ..backups.resources import WedbackupEngineResource
 from ..cli_checks import select_for_verify
-from ..core.catalogue import Catalogue
-from ..core.discovery import contiguous_ranges
+from wedbackup_dagster.core.catalogue.store import Catalogue
+from wedbackup_dagster.core.postgres.discovery import contiguous_ranges
 from ..core.errors import WedbackupError
-from ..core.rules import CheckQueries
+from wedbackup_dagster.core.policy.rules import CheckQueries
 from .batch_job import Step, backup_wedding_list, list_run_config, verified_restore_list
 
 REVERIFY_JOB = "reverify_wedding_list"

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import dagster as dg
 
 from ..backups.partitions import weddings_partitions
-from ..core.catalogue import Catalogue
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from ..core.config import _dsn
-from ..core.policy import Policy
+from wedbackup_dagster.core.policy.backup_policy import Policy
 from .batch_job import backup_wedding_list, list_run_config
 
 TIER_TAG = "wedbackup/tier"

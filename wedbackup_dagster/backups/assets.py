@@ -180,7 +180,7 @@ def snapshot_and_seal(context: dg.AssetExecutionContext, wedbackup: WedbackupEng
 
 def make_replica(provider: str, settings: Any, client: Any) -> Any:
     """The core replica of one provider, over a client made by that provider's Dagster resource."""
-    from ..core import replicas
+    from wedbackup_dagster.core.storage import replicas
 
     if provider == "s3":
         return replicas.S3Replica(client, settings.s3)

@@ -1,7 +1,7 @@
 """The one partitions object of the project: a dynamic partition per wedding, plus `platform`."""
 import dagster as dg
 
-from ..core.vault import check_partition
+from wedbackup_dagster.core.storage.vault import check_partition
 
 PLATFORM = "platform"
 

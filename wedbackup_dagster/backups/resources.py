@@ -29,7 +29,7 @@ class AzureBlobResource(dg.ConfigurableResource):
     connection_string: str
 
     def get_service(self) -> Any:
-        from ..core.replicas.azure import azure_service_from_connection_string
+        from wedbackup_dagster.core.storage.replicas.azure import azure_service_from_connection_string
 
         # Short timeouts and one quick retry: the SDK's default retry would hold a down provider for minutes.
         return azure_service_from_connection_string(self.connection_string, read_timeout=provider_timeout_from())
@@ -41,7 +41,7 @@ class S3ReplicaResource(S3Resource):
     and never appear in the resource's config."""
 
     def get_client(self) -> Any:
-        from ..core.replicas.s3 import client_config, s3_client_from
+        from wedbackup_dagster.core.storage.replicas.s3 import client_config, s3_client_from
 
         settings = Settings.from_env()
         target = dataclasses.replace(settings.s3, endpoint_url=self.endpoint_url or settings.s3.endpoint_url,

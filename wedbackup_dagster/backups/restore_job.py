@@ -1,6 +1,6 @@
 """The `restore_wedding` job: restore one wedding (or the platform) as of a time — into another database,
 into a new schema for inspection, or in place in the live database — or dry-run it. Thin wiring over
-core/recovery.py. DSNs never enter the run config: the target's is read from an environment variable
+core/postgres/restore_wedding.py. DSNs never enter the run config: the target's is read from an environment variable
 named in the config, the live database's from WEDBACKUP_SOURCE_DSN."""
 import logging
 import os
@@ -9,7 +9,7 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 from dagster_gcp import GCSResource
 
-from ..core import recovery
+from wedbackup_dagster.core.postgres import restore_wedding as recovery
 from ..core.config import redact
 from ..core.engine import PROVIDERS
 from ..core.errors import ConfigError, WedbackupError

@@ -22,7 +22,7 @@ def run_checks_for(keys: list[str], *, instance: dg.DagsterInstance) -> list:
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
     from ..backups.launch import LaunchResult, _failure_text
-    from ..core.discovery import contiguous_ranges
+    from wedbackup_dagster.core.postgres.discovery import contiguous_ranges
     from ..definitions import defs
 
     job = defs.resolve_job_def(check_weddings.name)

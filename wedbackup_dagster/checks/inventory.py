@@ -10,7 +10,7 @@ from dagster_gcp import GCSResource
 from ..backups.assets import make_replica
 from ..backups.constants import OWNERS
 from ..backups.resources import AzureBlobResource, WedbackupEngineResource
-from ..core import inventory as inv
+from wedbackup_dagster.core.catalogue import inventory as inv
 
 BACKUP_INVENTORY = dg.AssetKey("backup_inventory")
 FINDINGS_SHOWN = 200  # the UI table stays readable; the counts cover everything

@@ -13,11 +13,11 @@ from ..backups.assets import make_replica
 from ..backups.constants import DB_DUMP, ENCRYPTED_ARCHIVE, REPLICA_KEYS, VERIFIED_RESTORE
 from ..backups.partitions import validated_keys, weddings_partitions
 from ..backups.resources import AzureBlobResource, WedbackupEngineResource
-from ..core import rules
+from wedbackup_dagster.core.policy import rules
 from ..core.engine import Engine
 from ..core.errors import WedbackupError
 
-# Wiring point for core.policy (automation work): the RPO of a wedding, and optionally its tier. Until
+# Wiring point for core.policy.backup_policy (automation work): the RPO of a wedding, and optionally its tier. Until
 # policy lands every wedding has a 24 h RPO and its tier comes from the wedding date in the catalogue.
 
 Outcome = tuple[bool, str, dict[str, Any], dg.AssetCheckSeverity]
@@ -176,7 +176,7 @@ def azure_replica_checksum(context: dg.AssetCheckExecutionContext, wedbackup: We
 
 
 def three_two_one_outcomes(engine: Engine, keys: list[str]) -> dict[str, Outcome]:
-    from ..core.keybackup import keys_outside_catalogue
+    from wedbackup_dagster.core.keys.backup import keys_outside_catalogue
 
     evidence = rules.CheckQueries(engine.catalogue).evidence(keys)
     backed_up = keys_outside_catalogue(engine.catalogue, [ev.key_id for ev in evidence.values() if ev.key_id])
@@ -258,7 +258,7 @@ def restore_matches_manifest(context: dg.AssetCheckExecutionContext,
 
 
 def freshness_outcomes(engine: Engine, keys: list[str], *, now: datetime | None = None) -> dict[str, Outcome]:
-    from ..core.policy import Policy
+    from wedbackup_dagster.core.policy.backup_policy import Policy
 
     evidence = rules.CheckQueries(engine.catalogue).evidence(keys)
     policy = Policy.from_env()
@@ -289,10 +289,10 @@ def freshness(context: dg.AssetCheckExecutionContext, wedbackup: WedbackupEngine
 
 
 def shrinkage_outcomes(engine: Engine, keys: list[str]) -> dict[str, Outcome]:
-    """The newest backup's rows against the previous verified backup's (core.rules.shrinkage, thresholds
+    """The newest backup's rows against the previous verified backup's (core.policy.rules.shrinkage, thresholds
     from the policy file). A flagged drop is recorded in the catalogue, and every flag nobody acknowledged
     keeps the wedding's check failing (at its level) while retention holds the pre-drop backups."""
-    from ..core.policy import Policy
+    from wedbackup_dagster.core.policy.backup_policy import Policy
 
     rule = Policy.from_env().shrinkage
     verdicts = rules.find_shrinkage(engine.catalogue, keys, warn=rule.warn, error=rule.error,

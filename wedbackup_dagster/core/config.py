@@ -214,7 +214,7 @@ class Settings:
         env = os.environ if environ is None else environ
         source = _dsn(env, "WEDBACKUP_SOURCE_DSN")
         catalogue = _dsn(env, "WEDBACKUP_CATALOGUE_DSN")
-        from .dbidentity import check_catalogue_not_source
+        from wedbackup_dagster.core.postgres.identity import check_catalogue_not_source
 
         check_catalogue_not_source(source, catalogue, connect=False)  # the servers are compared by the engine
         scratch = _dsn(env, "WEDBACKUP_SCRATCH_DSN", default=scratch_dsn_from(source))

@@ -20,12 +20,30 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .archive import open_archive
-from .dbidentity import check_restore_target
+from wedbackup_dagster.core.formats.archive import open_archive
+from wedbackup_dagster.core.postgres.identity import check_restore_target
 from .errors import ArchiveError, ProviderError, RestoreError, WedbackupError
-from .recovery import NoRecoveryPointError, RecoveryPoint, _connect, choose_point, recovery_points
-from .restore import _advance_sequences, _check_foreign_keys, _first_line, restore_snapshot, scratch_database
-from .snapshot import PLATFORM, RESTORE_PROGRESS_SCHEMA, database_label, describe_schema, schema_is_empty
+from wedbackup_dagster.core.postgres.restore_wedding import (
+    NoRecoveryPointError,
+    RecoveryPoint,
+    _connect,
+    choose_point,
+    recovery_points,
+)
+from wedbackup_dagster.core.postgres.load_snapshot import (
+    _advance_sequences,
+    _check_foreign_keys,
+    _first_line,
+    restore_snapshot,
+    scratch_database,
+)
+from wedbackup_dagster.core.postgres.snapshot import (
+    PLATFORM,
+    RESTORE_PROGRESS_SCHEMA,
+    database_label,
+    describe_schema,
+    schema_is_empty,
+)
 from ..progress import Progress as Counter  # done of total, rate, ETA (plain Python, shared with the backups)
 
 Progress = Callable[[str], None]
@@ -324,7 +342,7 @@ def planned_partitions(catalogue: Any) -> tuple[list[str], list[str]]:
 def restore_all(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
                 options: RestoreAllOptions = RestoreAllOptions(), *, progress: Progress = _quiet) -> PlatformReport:
     """The whole platform into an empty database (see the module's first lines). The target may be neither
-    the live source nor the catalogue, however its DSN is written (core/dbidentity.py)."""
+    the live source nor the catalogue, however its DSN is written (core/postgres/identity.py)."""
     started = time.perf_counter()
     settings = engine.settings
     check_restore_target(target_dsn, source_dsn=settings.source_dsn, catalogue_dsn=settings.catalogue_dsn,
@@ -477,7 +495,7 @@ def _run_weddings(engine: Any, replicas: Mapping[str, Any], target_dsn: str, tod
 
 
 def _reapply(engine: Any, target_dsn: str) -> list[str]:
-    from .erasure import reapply_erasures
+    from wedbackup_dagster.core.governance.erasure import reapply_erasures
 
     return reapply_erasures(target_dsn, engine.catalogue)
 
@@ -823,7 +841,7 @@ def _rebuilt_engine(engine: Any, replica: Any, rebuilt: dict[str, Any], progress
     """An engine over a scratch catalogue rebuilt from `replica` alone, dropped afterwards."""
     import dataclasses
 
-    from .rebuild import rebuild_from
+    from wedbackup_dagster.core.catalogue.rebuild_from_storage import rebuild_from
 
     with scratch_database(engine.settings.scratch_dsn, label=DRILL_LABEL + "-catalogue") as catalogue_dsn:
         other = type(engine)(dataclasses.replace(engine.settings, catalogue_dsn=catalogue_dsn), engine.keyring)
@@ -881,7 +899,7 @@ def key_fingerprint(key: Any) -> str:
 def kit_sheet(keyring: Any, catalogue: Any, settings: Any) -> dict[str, Any]:
     """The non-secret half of the recovery kit, to print and keep with the sealed copy of the master key
     file: key ids and fingerprints, where the key-store backups and archives are, and the newest key backup."""
-    from .keybackup import _newest_recorded
+    from wedbackup_dagster.core.keys.backup import _newest_recorded
 
     newest = _newest_recorded(catalogue)
     return {
@@ -903,8 +921,8 @@ def check_kit_key_file(key_file: str, replica: Any) -> dict[str, Any]:
     """Whether the master key file `key_file` (a kit's copy) opens the newest key-store backup at `replica`:
     its key ids and fingerprints, the backup, the master key that sealed it and how many wedding keys it
     holds. Raises a clear error otherwise; never shows key material."""
-    from .keybackup import newest_key_backup
-    from .keys import MASTER_KEY_FILE_ENV, load_master_keyring
+    from wedbackup_dagster.core.keys.backup import newest_key_backup
+    from wedbackup_dagster.core.keys.keyring import MASTER_KEY_FILE_ENV, load_master_keyring
 
     keyring = load_master_keyring({MASTER_KEY_FILE_ENV: key_file})
     found = newest_key_backup(replica, keyring)

@@ -15,16 +15,16 @@ from typing import Any
 
 import psycopg
 
-from .archive import ArchiveStats, ArchiveWriter, open_archive
-from .catalogue import BackupRecord, Catalogue
+from wedbackup_dagster.core.formats.archive import ArchiveStats, ArchiveWriter, open_archive
+from wedbackup_dagster.core.catalogue.store import BackupRecord, Catalogue
 from .config import Settings
-from .dbidentity import check_catalogue_not_source, check_restore_target
+from wedbackup_dagster.core.postgres.identity import check_catalogue_not_source, check_restore_target
 from .errors import (ArchiveError, PartitionBusyError, ProviderError, ReplicaChecksumMismatch, ReplicaError,
                      RestoreError, SnapshotRetryable, VerificationError, WedbackupError)
-from .keys import MasterKeyring, SecretKey, load_master_keyring
-from .locks import partition_lock
-from .snapshot import PLATFORM, Manifest, count_mismatches, database_label
-from .vault import Vault, VaultEntry, check_partition
+from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey, load_master_keyring
+from wedbackup_dagster.core.catalogue.locks import partition_lock
+from wedbackup_dagster.core.postgres.snapshot import PLATFORM, Manifest, count_mismatches, database_label
+from wedbackup_dagster.core.storage.vault import Vault, VaultEntry, check_partition
 
 PROVIDERS = ("s3", "gcs", "azure")
 
@@ -96,7 +96,7 @@ class Engine:
         self.catalogue = catalogue or Catalogue(settings.catalogue_dsn)
         self.vault = Vault(settings.vault_dir)
         self.catalogue.migrate()
-        # One backup or restore of a partition at a time (core/locks.py); others wait this long for it.
+        # One backup or restore of a partition at a time (core/catalogue/locks.py); others wait this long for it.
         self.catalogue.partition_locks.timeout = settings.lock_timeout
 
     @classmethod
@@ -111,7 +111,7 @@ class Engine:
     # ---- db_dump + encrypted_archive -------------------------------------------------------------
     @contextmanager
     def snapshot_session(self) -> Iterator[Any]:
-        from .snapshot import SnapshotSession
+        from wedbackup_dagster.core.postgres.snapshot import SnapshotSession
 
         # Weddings backed up within a few seconds of each other share one consistent snapshot.
         with SnapshotSession(self.settings.source_dsn, share_seconds=self.share_seconds,
@@ -431,7 +431,7 @@ class Engine:
 
     def verify(self, partition: str, replicas: Mapping[str, Any], provider: str | None = None) -> VerifyOutcome:
         """Download one copy, decrypt, restore into a scratch database, compare with the manifest."""
-        from . import restore
+        from wedbackup_dagster.core.postgres import load_snapshot as restore
 
         backup = self.catalogue.require_latest_backup(check_partition(partition))
         chosen = self.choose_provider(backup, [p for p in PROVIDERS if p in replicas], provider)
@@ -484,10 +484,10 @@ class Engine:
     def verify_each(self, partitions: list[str], replicas: Mapping[str, Any], provider: str | None = None,
                     on_progress: Any = None) -> Iterator[tuple[str, VerifyOutcome | WedbackupError]]:
         """`verify` for many partitions: weddings in batches, each batch restored into ONE scratch database
-        and checked per wedding against its own manifest (core/batch_verify.py); a wedding that fails there
+        and checked per wedding against its own manifest (core/postgres/batch_verify.py); a wedding that fails there
         is verified alone. Yields each partition's outcome or its error (those verified alone last);
         `on_progress()` once per partition as its work is done."""
-        from .batch_verify import verify_many
+        from wedbackup_dagster.core.postgres.batch_verify import verify_many
 
         for i in range(0, len(partitions), self.verify_batch_size):
             yield from verify_many(self, partitions[i:i + self.verify_batch_size], replicas, provider,
@@ -506,11 +506,11 @@ class Engine:
     # ---- key backups (issue 14 defect 9) --------------------------------------------------------------
     def back_up_new_keys(self, replicas: Mapping[str, Any]) -> Any:
         """Once per backup run, however it was launched: when a wedding key lives only in the catalogue, a
-        key-store backup to the vault and `replicas` (core/keybackup.py). Until one is at the vault and at
+        key-store backup to the vault and `replicas` (core/keys/backup.py). Until one is at the vault and at
         least one provider, the backups those keys open are not done: raises KeyBackupError naming the
         providers that failed. None when every live key was already backed up (one indexed count)."""
         from .errors import KeyBackupError
-        from .keybackup import back_up_key_store, keys_awaiting_backup
+        from wedbackup_dagster.core.keys.backup import back_up_key_store, keys_awaiting_backup
 
         if not keys_awaiting_backup(self.catalogue):
             return None
@@ -533,7 +533,7 @@ class Engine:
 
     def _restore_to_locked(self, partition: str, target_dsn: str, replicas: Mapping[str, Any],
                            provider: str | None) -> Any:
-        from . import restore
+        from wedbackup_dagster.core.postgres import load_snapshot as restore
 
         backup = self.catalogue.require_latest_backup(partition)
         copies = {c.provider for c in self.catalogue.copies(backup.id)}
@@ -544,7 +544,7 @@ class Engine:
             chunks = open_archive(tmp, name=self._archive_name(backup, chosen), resolve_key=self.resolve_key)
             report = restore.restore_snapshot(chunks, target_dsn, create_schema="auto")
         if partition == PLATFORM:  # platform archives still name erased weddings: erase them again
-            from .erasure import reapply_erasures
+            from wedbackup_dagster.core.governance.erasure import reapply_erasures
 
             reapply_erasures(target_dsn, self.catalogue)  # audited there, table by table
         self.catalogue.audit("restore", partition, {"archive_sha256": backup.archive_sha256, "copy": chosen,

@@ -11,7 +11,8 @@ from dagster_gcp import GCSResource
 from ..backups.assets import _table
 from ..backups.resources import AzureBlobResource, WedbackupEngineResource
 from ..backups.restore_job import FORBIDDEN_TARGET_VARIABLES, TARGET_DSN_VARIABLE, progress_logger
-from ..core import disaster, recovery
+from wedbackup_dagster.core import disaster
+from wedbackup_dagster.core.postgres import restore_wedding as recovery
 from ..core.config import redact
 from ..core.errors import ConfigError, WedbackupError
 from ..governance.replicas import all_replicas

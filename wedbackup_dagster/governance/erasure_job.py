@@ -1,4 +1,4 @@
-"""The `erase_wedding` job: GDPR erasure of one wedding's backups (core.erasure.erase_wedding), then its
+"""The `erase_wedding` job: GDPR erasure of one wedding's backups (core.governance.erasure.erase_wedding), then its
 Dagster partition is removed. Fails, listing what is left, when a provider could not be reached; a re-run
 completes it. Locked copies are reported in the metadata, not failures."""
 import dagster as dg
@@ -7,7 +7,7 @@ from dagster_gcp import GCSResource
 
 from ..backups.partitions import validated_keys, weddings_partitions
 from ..backups.resources import AzureBlobResource, WedbackupEngineResource
-from ..core import erasure
+from wedbackup_dagster.core.governance import erasure
 from .replicas import all_replicas
 
 

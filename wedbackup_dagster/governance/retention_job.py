@@ -1,13 +1,13 @@
 """The `retention_sweep` job and its daily schedule: prune every wedding's backups to the retention policy
-(core.retention.prune, rules from WEDBACKUP_POLICY_FILE). Locked copies are reported, not failures;
+(core.governance.retention.prune, rules from WEDBACKUP_POLICY_FILE). Locked copies are reported, not failures;
 a provider that could not be reached fails the run (the next sweep retries)."""
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 from dagster_gcp import GCSResource
 
 from ..backups.resources import AzureBlobResource, WedbackupEngineResource
-from ..core import retention
-from ..core.policy import Policy
+from wedbackup_dagster.core.governance import retention
+from wedbackup_dagster.core.policy.backup_policy import Policy
 from .replicas import all_replicas
 
 

@@ -6,7 +6,7 @@ import dagster as dg
 import psycopg
 import pytest
 
-from wedbackup_dagster.core.catalogue import Catalogue
+from wedbackup_dagster.core.catalogue.store import Catalogue
 
 SOURCE_SCHEMA = """
 CREATE TABLE weddings (id bigint PRIMARY KEY, wedding_date date NOT NULL,

@@ -10,7 +10,7 @@ import psycopg
 
 from wedbackup_dagster.automation.batch_job import list_run_config
 from wedbackup_dagster.automation.discovery import wedding_change_capture, wedding_discovery
-from wedbackup_dagster.core.discovery import digest
+from wedbackup_dagster.core.postgres.discovery import digest
 
 
 def discover(instance, cursor=None):

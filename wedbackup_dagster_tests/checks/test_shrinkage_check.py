@@ -14,8 +14,8 @@ import pytest
 from wedbackup_dagster.backups.constants import DB_DUMP
 from wedbackup_dagster.backups.launch import run_job_for
 from wedbackup_dagster.cli import main
-from wedbackup_dagster.core.policy import Policy
-from wedbackup_dagster.core.retention import prune
+from wedbackup_dagster.core.policy.backup_policy import Policy
+from wedbackup_dagster.core.governance.retention import prune
 from wedbackup_dagster.definitions import defs
 
 from .conftest import engine_replicas, evaluations, make_fleet, run_checks

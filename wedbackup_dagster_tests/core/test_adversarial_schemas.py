@@ -19,7 +19,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.recovery import RecoveryRequest, recover
+from wedbackup_dagster.core.postgres.restore_wedding import RecoveryRequest, recover
 
 pytestmark = pytest.mark.stack
 

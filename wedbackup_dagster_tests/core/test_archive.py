@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wedbackup_dagster.core.archive import (
+from wedbackup_dagster.core.formats.archive import (
     ArchiveHeader,
     ArchiveStats,
     ArchiveWriter,
@@ -38,7 +38,7 @@ from wedbackup_dagster.core.errors import (
     ArchiveWrongKey,
     KeyError_,
 )
-from wedbackup_dagster.core.keys import SecretKey, unwrap_key, wrap_key
+from wedbackup_dagster.core.keys.keyring import SecretKey, unwrap_key, wrap_key
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = SecretKey("wedding-123.k1", bytes(range(32)))

@@ -16,12 +16,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
-from wedbackup_dagster.core import demo_data, restore
-from wedbackup_dagster.core.archive import seal_bytes
+from wedbackup_dagster.dev import demo_data
+from wedbackup_dagster.core.postgres import load_snapshot as restore
+from wedbackup_dagster.core.formats.archive import seal_bytes
 from wedbackup_dagster.core.errors import ArchiveError, KeyError_, SnapshotFormatError, WedbackupError
-from wedbackup_dagster.core.keys import SecretKey
-from wedbackup_dagster.core.snapshot import (DATA, FRAME_HEADER_SIZE, MAGIC, MANIFEST, Manifest,
-                                             SnapshotSession)
+from wedbackup_dagster.core.keys.keyring import SecretKey
+from wedbackup_dagster.core.postgres.snapshot import (
+    DATA,
+    FRAME_HEADER_SIZE,
+    MAGIC,
+    MANIFEST,
+    Manifest,
+    SnapshotSession,
+)
 
 from ..conftest import temporary_database
 from .test_archive import read_collecting

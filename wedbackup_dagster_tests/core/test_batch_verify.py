@@ -1,4 +1,4 @@
-"""Batch verification (core/batch_verify.py) on the real stack: many weddings in one scratch database,
+"""Batch verification (core/postgres/batch_verify.py) on the real stack: many weddings in one scratch database,
 each checked against its own manifest; a bad wedding is named alone and the others still verify."""
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import logging
 import psycopg
 import pytest
 
-from wedbackup_dagster.core import batch_verify
-from wedbackup_dagster.core.archive import seal_bytes
-from wedbackup_dagster.core.catalogue import _context
+from wedbackup_dagster.core.postgres import batch_verify
+from wedbackup_dagster.core.formats.archive import seal_bytes
+from wedbackup_dagster.core.catalogue.store import _context
 from wedbackup_dagster.core.engine import Engine, VerifyOutcome
 from wedbackup_dagster.core.errors import ArchiveError, WedbackupError
-from wedbackup_dagster.core.keys import new_data_key, wrap_key
-from wedbackup_dagster.core.replicas import ensure_targets
-from wedbackup_dagster.core.restore import read_snapshot
-from wedbackup_dagster.core.snapshot import HEADER, MAGIC, MANIFEST, take_snapshot, write_record
+from wedbackup_dagster.core.keys.keyring import new_data_key, wrap_key
+from wedbackup_dagster.core.storage.replicas import ensure_targets
+from wedbackup_dagster.core.postgres.load_snapshot import read_snapshot
+from wedbackup_dagster.core.postgres.snapshot import HEADER, MAGIC, MANIFEST, take_snapshot, write_record
 from wedbackup_dagster_tests.core.test_engine import replicas_for
 
 WEDDINGS = [str(i) for i in range(1, 9)]

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from wedbackup_dagster.core.catalogue import Catalogue
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.errors import KeyError_
-from wedbackup_dagster.core.keys import MasterKeyring, SecretKey
+from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from wedbackup_dagster.core import demo_data
+from wedbackup_dagster.dev import demo_data
 from wedbackup_dagster.core.errors import StackError
 
 pytestmark = pytest.mark.stack

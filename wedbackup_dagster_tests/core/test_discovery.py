@@ -1,7 +1,7 @@
 """Grouping scattered weddings into contiguous partition ranges (one Dagster run each)."""
 import pytest
 
-from wedbackup_dagster.core.discovery import contiguous_ranges
+from wedbackup_dagster.core.postgres.discovery import contiguous_ranges
 
 
 def test_ranges_follow_insertion_order():
@@ -19,7 +19,7 @@ def test_unknown_key_is_refused():
 def test_wedding_ids_are_in_numeric_order(make_database):
     import psycopg
 
-    from wedbackup_dagster.core.discovery import wedding_ids
+    from wedbackup_dagster.core.postgres.discovery import wedding_ids
 
     dsn = make_database()
     with psycopg.connect(dsn) as conn:

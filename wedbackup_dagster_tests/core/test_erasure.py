@@ -10,11 +10,11 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from wedbackup_dagster.core.archive import open_archive
+from wedbackup_dagster.core.formats.archive import open_archive
 from wedbackup_dagster.core.errors import ArchiveError, KeyError_, WedbackupError
-from wedbackup_dagster.core.erasure import erase_wedding, erasure_preview, reapply_erasures
-from wedbackup_dagster.core.recovery import RecoveryRequest, recover
-from wedbackup_dagster.core.keys import SecretKey
+from wedbackup_dagster.core.governance.erasure import erase_wedding, erasure_preview, reapply_erasures
+from wedbackup_dagster.core.postgres.restore_wedding import RecoveryRequest, recover
+from wedbackup_dagster.core.keys.keyring import SecretKey
 from wedbackup_dagster_tests.governance_fleet import back_up, make_governance_fleet  # noqa: F401 - fixture
 
 
@@ -117,7 +117,7 @@ def test_a_locked_copy_stays_but_no_key_the_catalogue_holds_opens_it(make_govern
     locked_until = next(c["locked_until"] for c in row["copies"] if c["provider"] == "s3")
     assert locked_until is not None  # recorded at upload (copies.locked_until)
 
-    from wedbackup_dagster.core.keybackup import _provider_key_backups, back_up_key_store
+    from wedbackup_dagster.core.keys.backup import _provider_key_backups, back_up_key_store
 
     older = back_up_key_store(engine.settings, cat, replicas, engine.keyring)
     older_key = f"{s3.prefix}/keys/{older.sha256}.wbk"
@@ -140,8 +140,8 @@ def test_a_locked_copy_stays_but_no_key_the_catalogue_holds_opens_it(make_govern
     assert [c.provider for c in cat.copies(backup_id)] == ["s3"]  # the catalogue still knows it is there
 
     # Retention finishes the erasure once the lock ends; until then it reports the copy as locked again.
-    from wedbackup_dagster.core.policy import Policy
-    from wedbackup_dagster.core.retention import ERASED, prune
+    from wedbackup_dagster.core.policy.backup_policy import Policy
+    from wedbackup_dagster.core.governance.retention import ERASED, prune
 
     swept = prune(cat, engine.vault, replicas, Policy())
     [leftover] = [d for d in swept.deletions if d.partition == "4"]

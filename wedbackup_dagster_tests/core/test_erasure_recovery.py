@@ -11,13 +11,13 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from wedbackup_dagster.core.archive import ArchiveWriter
-from wedbackup_dagster.core.catalogue import Catalogue
-from wedbackup_dagster.core.discovery import wedding_ids
+from wedbackup_dagster.core.formats.archive import ArchiveWriter
+from wedbackup_dagster.core.catalogue.store import Catalogue
+from wedbackup_dagster.core.postgres.discovery import wedding_ids
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import KeyError_
-from wedbackup_dagster.core.erasure import erase_wedding, reapply_erasures
-from wedbackup_dagster.core.keybackup import (
+from wedbackup_dagster.core.governance.erasure import erase_wedding, reapply_erasures
+from wedbackup_dagster.core.keys.backup import (
     FORMAT_NAME,
     ErasureEntry,
     read_key_backup_bytes,
@@ -25,8 +25,8 @@ from wedbackup_dagster.core.keybackup import (
     restore_key_store,
     sealing_key,
 )
-from wedbackup_dagster.core.keys import MasterKeyring, SecretKey
-from wedbackup_dagster.core.rebuild import rebuild_from
+from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey
+from wedbackup_dagster.core.catalogue.rebuild_from_storage import rebuild_from
 from wedbackup_dagster_tests.governance_fleet import back_up, make_governance_fleet  # noqa: F401 - fixture
 
 

@@ -9,10 +9,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from wedbackup_dagster.core.catalogue import Catalogue
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.config import Settings
 from wedbackup_dagster.core.errors import ConfigError
-from wedbackup_dagster.core.health import (
+from wedbackup_dagster.core.storage.health import (
     HealthSettings,
     ProbeResult,
     ProviderState,

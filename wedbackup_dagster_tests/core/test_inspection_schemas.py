@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import psycopg
 
-from wedbackup_dagster.core import tenancy
-from wedbackup_dagster.core.erasure import erase_wedding
-from wedbackup_dagster.core.recovery import RecoveryRequest, recover
+from wedbackup_dagster.core.postgres import tenancy
+from wedbackup_dagster.core.governance.erasure import erase_wedding
+from wedbackup_dagster.core.postgres.restore_wedding import RecoveryRequest, recover
 from wedbackup_dagster_tests.governance_fleet import back_up, make_governance_fleet  # noqa: F401 - fixture
 
 

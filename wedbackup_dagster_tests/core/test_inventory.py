@@ -7,9 +7,9 @@ import socket
 import pandas as pd
 import pytest
 
-from wedbackup_dagster.core import inventory as inv
+from wedbackup_dagster.core.catalogue import inventory as inv
 from wedbackup_dagster.core.errors import ConfigError
-from wedbackup_dagster.core.replicas import AzureReplica, GCSReplica, S3Replica, ensure_targets
+from wedbackup_dagster.core.storage.replicas import AzureReplica, GCSReplica, S3Replica, ensure_targets
 
 SHA = ["a" * 64, "b" * 64, "c" * 64, "d" * 64]
 
@@ -81,9 +81,9 @@ def _closed_port() -> int:
 def test_inventory_on_the_real_stack(demo_env, s3_bucket, monkeypatch, s3_client):
     from wedbackup_dagster.core.config import Settings
     from wedbackup_dagster.core.engine import Engine
-    from wedbackup_dagster.core.replicas.azure import azure_service_from
-    from wedbackup_dagster.core.replicas.gcs import gcs_client_from
-    from wedbackup_dagster.core.replicas.s3 import s3_client_from
+    from wedbackup_dagster.core.storage.replicas.azure import azure_service_from
+    from wedbackup_dagster.core.storage.replicas.gcs import gcs_client_from
+    from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
 
     demo_env(weddings=3, seed=3, document_bytes=256)
     engine = Engine.from_env()

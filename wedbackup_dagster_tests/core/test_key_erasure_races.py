@@ -10,9 +10,9 @@ import time
 import psycopg
 import pytest
 
-from wedbackup_dagster.core.catalogue import Catalogue
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.errors import KeyError_
-from wedbackup_dagster.core.keys import MasterKeyring, SecretKey
+from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey
 
 GATE = 914_014  # the advisory lock the parked INSERT waits for
 

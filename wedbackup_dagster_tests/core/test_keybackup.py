@@ -11,11 +11,11 @@ import os
 import psycopg
 import pytest
 
-from wedbackup_dagster.core.archive import open_archive
-from wedbackup_dagster.core.catalogue import Catalogue
+from wedbackup_dagster.core.formats.archive import open_archive
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import ArchiveError, KeyBackupError
-from wedbackup_dagster.core.keybackup import (
+from wedbackup_dagster.core.keys.backup import (
     back_up_key_store,
     fetch_key_backup,
     key_backup_is_current,
@@ -25,13 +25,13 @@ from wedbackup_dagster.core.keybackup import (
     restore_key_store,
     vault_key_backup_dir,
 )
-from wedbackup_dagster.core.keys import MasterKeyring, SecretKey, unwrap_key
-from wedbackup_dagster.core.catalogue import _context
-from wedbackup_dagster.core.rebuild import rebuild_from
-from wedbackup_dagster.core.replicas import AzureReplica, GCSReplica, S3Replica, ensure_targets
-from wedbackup_dagster.core.replicas.azure import azure_service_from
-from wedbackup_dagster.core.replicas.gcs import gcs_client_from
-from wedbackup_dagster.core.replicas.s3 import s3_client_from
+from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey, unwrap_key
+from wedbackup_dagster.core.catalogue.store import _context
+from wedbackup_dagster.core.catalogue.rebuild_from_storage import rebuild_from
+from wedbackup_dagster.core.storage.replicas import AzureReplica, GCSReplica, S3Replica, ensure_targets
+from wedbackup_dagster.core.storage.replicas.azure import azure_service_from
+from wedbackup_dagster.core.storage.replicas.gcs import gcs_client_from
+from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
 
 
 @pytest.fixture
@@ -217,8 +217,8 @@ def test_damaged_or_foreign_key_backups_fail_naming_the_file(engine):
 
 
 def _entries(master: SecretKey, n: int = 3) -> list:
-    from wedbackup_dagster.core.keybackup import KeyEntry
-    from wedbackup_dagster.core.keys import wrap_key
+    from wedbackup_dagster.core.keys.backup import KeyEntry
+    from wedbackup_dagster.core.keys.keyring import wrap_key
 
     out = []
     for i in range(n):
@@ -229,8 +229,8 @@ def _entries(master: SecretKey, n: int = 3) -> list:
 
 
 def test_format_round_trip_and_what_it_refuses():
-    from wedbackup_dagster.core.archive import seal_bytes
-    from wedbackup_dagster.core.keybackup import sealing_key, write_key_backup
+    from wedbackup_dagster.core.formats.archive import seal_bytes
+    from wedbackup_dagster.core.keys.backup import sealing_key, write_key_backup
 
     master = SecretKey.generate("m1")
     ring = MasterKeyring([master])
@@ -272,8 +272,8 @@ def test_format_round_trip_and_what_it_refuses():
 
 def test_key_backup_object_keys_stay_apart_from_archives():
     from wedbackup_dagster.core.errors import ReplicaKeyRejected
-    from wedbackup_dagster.core.replicas import key_backup_key, parse_archive_key, parse_key_backup_key
-    from wedbackup_dagster.core.replicas.base import upload_key
+    from wedbackup_dagster.core.storage.replicas import key_backup_key, parse_archive_key, parse_key_backup_key
+    from wedbackup_dagster.core.storage.replicas.base import upload_key
 
     sha = "ab" * 32
     key = key_backup_key("s3", "wedbackup", sha)
@@ -318,7 +318,7 @@ def test_a_provider_down_is_named_older_backups_are_kept_and_refresh_refuses_suc
 
 
 def test_routine_backups_keep_the_newest_few_and_the_inventory_sees_no_orphans(engine):
-    from wedbackup_dagster.core.inventory import take_inventory
+    from wedbackup_dagster.core.catalogue.inventory import take_inventory
 
     replicas = replicas_of(engine)
     back_up(engine, ["1"], replicas)

@@ -9,12 +9,12 @@ import json
 import psycopg
 import pytest
 
-from wedbackup_dagster.core.catalogue import Catalogue
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import KeyError_
-from wedbackup_dagster.core.keybackup import refresh_key_backups
-from wedbackup_dagster.core.keyrotation import key_status, rotate_master_key
-from wedbackup_dagster.core.keys import MasterKeyring, SecretKey
+from wedbackup_dagster.core.keys.backup import refresh_key_backups
+from wedbackup_dagster.core.keys.rotation import key_status, rotate_master_key
+from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey
 
 from .test_keybackup import back_up, engine, replicas_of  # noqa: F401 - the engine fixture
 

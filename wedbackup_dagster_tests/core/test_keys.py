@@ -6,7 +6,7 @@ import base64
 import pytest
 
 from wedbackup_dagster.core.errors import ConfigError, KeyError_
-from wedbackup_dagster.core.keys import (
+from wedbackup_dagster.core.keys.keyring import (
     MasterKeyring,
     SecretKey,
     WRAPPED_KEY_BYTES,

@@ -1,4 +1,4 @@
-"""Per-wedding locks (core/locks.py) on the real catalogue database: two backups of the same wedding at
+"""Per-wedding locks (core/catalogue/locks.py) on the real catalogue database: two backups of the same wedding at
 once, batched or not, and a backup during a restore of that wedding, end with valid archives, one
 catalogue row per archive, intact vault files, and backups that never overlapped."""
 from __future__ import annotations
@@ -9,14 +9,16 @@ import time
 import psycopg
 import pytest
 
-from wedbackup_dagster.core import demo_data, recovery, restore
-from wedbackup_dagster.core.archive import open_archive
+from wedbackup_dagster.dev import demo_data
+from wedbackup_dagster.core.postgres import restore_wedding as recovery
+from wedbackup_dagster.core.postgres import load_snapshot as restore
+from wedbackup_dagster.core.formats.archive import open_archive
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import ConfigError, PartitionBusyError
-from wedbackup_dagster.core.locks import PartitionLocks, partition_lock
+from wedbackup_dagster.core.catalogue.locks import PartitionLocks, partition_lock
 from wedbackup_dagster.core.config import Settings
-from wedbackup_dagster.core.snapshot import Manifest
-from wedbackup_dagster.core.vault import SUFFIX
+from wedbackup_dagster.core.postgres.snapshot import Manifest
+from wedbackup_dagster.core.storage.vault import SUFFIX
 
 WEDDING = "3"
 

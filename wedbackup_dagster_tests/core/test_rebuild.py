@@ -9,12 +9,12 @@ import psycopg
 import pytest
 
 from wedbackup_dagster import cli
-from wedbackup_dagster.core.catalogue import Catalogue
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.rebuild import rebuild_from
-from wedbackup_dagster.core.replicas import GCSReplica, S3Replica, ensure_targets
-from wedbackup_dagster.core.replicas.gcs import gcs_client_from
-from wedbackup_dagster.core.replicas.s3 import s3_client_from
+from wedbackup_dagster.core.catalogue.rebuild_from_storage import rebuild_from
+from wedbackup_dagster.core.storage.replicas import GCSReplica, S3Replica, ensure_targets
+from wedbackup_dagster.core.storage.replicas.gcs import gcs_client_from
+from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
 
 # Every column the rebuild must bring back. Left out, because storage cannot know them: backups.id,
 # created_at and source_fingerprint; copies.backup_id (compared through the archive's SHA-256 instead),

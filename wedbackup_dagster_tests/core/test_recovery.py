@@ -15,12 +15,21 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from wedbackup_dagster.core import demo_data, recovery
+from wedbackup_dagster.dev import demo_data
+from wedbackup_dagster.core.postgres import restore_wedding as recovery
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import RestoreError, SchemaMismatchError, VerificationError, WedbackupError
-from wedbackup_dagster.core.recovery import (NoRecoveryPointError, RecoveryPoint, RecoveryRequest, choose_point,
-                                             parse_as_of, recover, recovery_points, restricted_differences)
-from wedbackup_dagster.core.snapshot import take_snapshot
+from wedbackup_dagster.core.postgres.restore_wedding import (
+    NoRecoveryPointError,
+    RecoveryPoint,
+    RecoveryRequest,
+    choose_point,
+    parse_as_of,
+    recover,
+    recovery_points,
+    restricted_differences,
+)
+from wedbackup_dagster.core.postgres.snapshot import take_snapshot
 from wedbackup_dagster_tests.core.test_adversarial_schemas import login_role, role_dsn  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.stack
@@ -469,10 +478,10 @@ def test_restricted_differences_ignore_schemas_the_archive_does_not_know():
 
 
 def test_an_in_place_restore_waits_for_a_backup_of_the_same_wedding(env):
-    """core/locks.py: while another process (a backup, say) holds the wedding's lock, an in-place restore
+    """core/catalogue/locks.py: while another process (a backup, say) holds the wedding's lock, an in-place restore
     does not start; past WEDBACKUP_LOCK_TIMEOUT it fails naming the holder and writes nothing."""
     from wedbackup_dagster.core.errors import PartitionBusyError
-    from wedbackup_dagster.core.locks import partition_lock
+    from wedbackup_dagster.core.catalogue.locks import partition_lock
 
     restorer = Engine.from_env({**env, "WEDBACKUP_LOCK_TIMEOUT": "0.5"})
     other = Engine.from_env(env)
@@ -496,9 +505,9 @@ def test_an_in_place_restore_waits_for_a_backup_of_the_same_wedding(env):
 def test_junk_after_the_manifest_stops_a_recovery_and_writes_nothing(engine):
     """The fuzzer's finding for restore_snapshot holds for recovery's loads too (one copy_table_in, one
     read_to_end): a stream with a record after its manifest is refused before anything is committed."""
-    from wedbackup_dagster.core.archive import open_archive
+    from wedbackup_dagster.core.formats.archive import open_archive
     from wedbackup_dagster.core.errors import SnapshotFormatError
-    from wedbackup_dagster.core.snapshot import MANIFEST
+    from wedbackup_dagster.core.postgres.snapshot import MANIFEST
 
     outcome = back_up(engine, verify=False)
     entry = engine.vault.get(WEDDING, outcome.backup.archive_sha256)
@@ -619,8 +628,8 @@ def test_in_place_restore_and_dry_run_refuse_a_table_whose_policy_hides_rows(log
 def crafted(data: bytes, pid: int, params: dict | None = None) -> bytes:
     """The stream with every table record's and the manifest's select_sql replaced by one that reads the
     whole table and, as it does, terminates the session `pid` (and with `params` replaced, if given)."""
-    from wedbackup_dagster.core import snapshot as snap
-    from wedbackup_dagster.core.restore import read_snapshot
+    from wedbackup_dagster.core.postgres import snapshot as snap
+    from wedbackup_dagster.core.postgres.load_snapshot import read_snapshot
 
     out = [snap.MAGIC]
     for r in read_snapshot([data]):
@@ -658,8 +667,8 @@ def test_in_place_restore_refuses_an_archive_without_all_of_the_weddings_tables(
     """An archive (crafted, or from a writer that skipped a table) that leaves out one of the wedding's
     tables was restored for the tables it has: here a bare foreign-key error from the driver, and with no
     key between the tables a commit that left the missing one as it was. Now it is refused up front."""
-    from wedbackup_dagster.core import snapshot as snap
-    from wedbackup_dagster.core.restore import read_snapshot
+    from wedbackup_dagster.core.postgres import snapshot as snap
+    from wedbackup_dagster.core.postgres.load_snapshot import read_snapshot
 
     src = tiny_source(make_database)
     data = snapshot_of(src)
@@ -721,9 +730,9 @@ BEGIN NEW.body := NEW.body || '!'; RETURN NEW; END $$;
 def test_a_garbled_archive_header_is_a_format_error_in_every_restore_mode(make_database, field, value):
     """The header of an archive (authenticated, but written by a broken or hostile writer) is checked field
     by field before anything is read from it: it used to end in AttributeError or KeyError."""
-    from wedbackup_dagster.core import snapshot as snap
+    from wedbackup_dagster.core.postgres import snapshot as snap
     from wedbackup_dagster.core.errors import SnapshotFormatError
-    from wedbackup_dagster.core.restore import read_snapshot
+    from wedbackup_dagster.core.postgres.load_snapshot import read_snapshot
 
     src = tiny_source(make_database)
     out = [snap.MAGIC]

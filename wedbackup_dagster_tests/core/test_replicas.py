@@ -20,7 +20,7 @@ from wedbackup_dagster.core.errors import (
     ReplicaChecksumMismatch,
     ReplicaKeyRejected,
 )
-from wedbackup_dagster.core.replicas import (
+from wedbackup_dagster.core.storage.replicas import (
     AzureReplica,
     GCSReplica,
     ListedObject,
@@ -576,7 +576,7 @@ def test_only_multipart_uploads_older_than_the_threshold_count_as_abandoned():
     alone. (On the stack this cannot be shown: moto reports every upload as initiated in 2010.)"""
     from datetime import datetime, timedelta, timezone
 
-    from wedbackup_dagster.core.replicas.s3 import abandoned_uploads
+    from wedbackup_dagster.core.storage.replicas.s3 import abandoned_uploads
 
     now = datetime.now(timezone.utc)
     uploads = [{"UploadId": "fresh", "Initiated": now - timedelta(minutes=5)},

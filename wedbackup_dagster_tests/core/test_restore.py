@@ -9,13 +9,20 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from wedbackup_dagster.core import snapshot as snap
-from wedbackup_dagster.core import tenancy
+from wedbackup_dagster.core.postgres import snapshot as snap
+from wedbackup_dagster.core.postgres import tenancy
 from wedbackup_dagster.core.errors import (RestoreError, SchemaMismatchError, SnapshotFormatError,
                                            VerificationError)
-from wedbackup_dagster.core.restore import (SCRATCH_PREFIX, Record, read_manifest, read_snapshot,
-                                            restore_snapshot, scratch_database, verify_restored)
-from wedbackup_dagster.core.snapshot import SnapshotSession, describe_schema
+from wedbackup_dagster.core.postgres.load_snapshot import (
+    SCRATCH_PREFIX,
+    Record,
+    read_manifest,
+    read_snapshot,
+    restore_snapshot,
+    scratch_database,
+    verify_restored,
+)
+from wedbackup_dagster.core.postgres.snapshot import SnapshotSession, describe_schema
 from wedbackup_dagster_tests.core.test_adversarial_schemas import login_role, role_dsn  # noqa: F401 (a fixture)
 from wedbackup_dagster_tests.core.test_snapshot import (WEDDING_TABLES, make_platform_db, make_schema_db,
                                                         snapshot_bytes)
@@ -282,7 +289,7 @@ def test_scratch_database_is_dropped_even_when_the_body_fails(stack):
 
 
 def test_abandoned_scratch_databases_are_dropped_but_live_ones_kept(stack, monkeypatch):
-    from wedbackup_dagster.core import restore as restore_module
+    from wedbackup_dagster.core.postgres import load_snapshot as restore_module
 
     prefix = f"{SCRATCH_PREFIX}sweep{uuid.uuid4().hex[:6]}_"
     monkeypatch.setattr(restore_module, "SCRATCH_PREFIX", prefix)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from wedbackup_dagster.core.policy import Policy
-from wedbackup_dagster.core.retention import prune
+from wedbackup_dagster.core.policy.backup_policy import Policy
+from wedbackup_dagster.core.governance.retention import prune
 from wedbackup_dagster_tests.governance_fleet import back_up, make_governance_fleet  # noqa: F401 - fixture
 
 NOW = datetime(2026, 6, 15, 10, 0, tzinfo=timezone.utc)
@@ -39,7 +39,7 @@ def object_exists(fleet: dict, provider: str, key: str) -> bool:
 
 
 def test_prune_deletes_exactly_what_the_policy_says_everywhere(make_governance_fleet, monkeypatch):
-    from wedbackup_dagster.core import retention
+    from wedbackup_dagster.core.governance import retention
 
     monkeypatch.setattr(retention, "PARTITIONS_PER_PASS", 1)  # one partition per pass: passes add up
     fleet = make_governance_fleet(weddings=3)

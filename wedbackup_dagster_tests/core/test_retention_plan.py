@@ -8,8 +8,8 @@ from datetime import date, datetime, time, timedelta, timezone
 import pytest
 
 from wedbackup_dagster.core.errors import ConfigError
-from wedbackup_dagster.core.policy import Policy, RetentionRule
-from wedbackup_dagster.core.retention import BackupPoint, plan_retention
+from wedbackup_dagster.core.policy.backup_policy import Policy, RetentionRule
+from wedbackup_dagster.core.governance.retention import BackupPoint, plan_retention
 
 UTC = timezone.utc
 NOW = datetime(2026, 6, 15, 10, 0, tzinfo=UTC)  # a Monday

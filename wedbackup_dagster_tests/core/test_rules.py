@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from wedbackup_dagster.core import rules
-from wedbackup_dagster.core.archive import seal_bytes
+from wedbackup_dagster.core.policy import rules
+from wedbackup_dagster.core.formats.archive import seal_bytes
 from wedbackup_dagster.core.errors import ArchiveError
-from wedbackup_dagster.core.keys import SecretKey
+from wedbackup_dagster.core.keys.keyring import SecretKey
 
 NOW = dt.datetime(2026, 6, 1, 12, tzinfo=dt.timezone.utc)
 KEY = SecretKey("42.k1", bytes(range(32)))

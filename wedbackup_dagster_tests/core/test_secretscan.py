@@ -1,4 +1,4 @@
-"""The secrets scanner (core/secretscan.py) and the session's secrets guard (secrets_guard.py): planted
+"""The secrets scanner (wedbackup_dagster_tests/secretscan.py) and the session's secrets guard (secrets_guard.py): planted
 secrets are found in text, files, SQLite and PostgreSQL (text, jsonb and bytea columns, odd table names),
 named by where and which, never by value; and a test session that leaks one fails. So the scan that
 ends every `make test` cannot pass by finding nothing to look at."""
@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from wedbackup_dagster.core.secretscan import MIN_SECRET, SecretScanner, scan_server, secret_parts
+from wedbackup_dagster_tests.secretscan import MIN_SECRET, SecretScanner, scan_server, secret_parts
 
 REPO = Path(__file__).resolve().parents[2]
 MASTER = base64.b64encode(bytes(range(32))).decode()
@@ -121,7 +121,7 @@ def test_every_text_json_and_bytea_column_of_a_database_is_searched(make_databas
 def test_a_session_that_leaks_a_stack_secret_fails_and_says_where(stack, pytester, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     pytester.makepyfile(test_leaky=textwrap.dedent("""
-        from wedbackup_dagster.core.stack import Stack
+        from wedbackup_dagster.dev.stack import Stack
 
         def test_prints_the_database_password():
             print("connecting as", Stack.default().local_secrets()["db_password"])

@@ -8,8 +8,8 @@ from datetime import timedelta
 
 import psycopg
 
-from wedbackup_dagster.core.policy import Policy
-from wedbackup_dagster.core.retention import prune
+from wedbackup_dagster.core.policy.backup_policy import Policy
+from wedbackup_dagster.core.governance.retention import prune
 from wedbackup_dagster_tests.governance_fleet import back_up, make_governance_fleet  # noqa: F401 - fixture
 
 

@@ -1,4 +1,4 @@
-"""The shrinkage rule (core/rules.py `shrinkage`) as a pure function: per-table and total fractions of rows
+"""The shrinkage rule (core/policy/rules.py `shrinkage`) as a pure function: per-table and total fractions of rows
 lost against the baseline, WARN/ERROR thresholds (inclusive), min_rows, tables new, emptied or gone,
 zero-row baselines, no baseline; the policy file's `shrinkage` keys; the retention plan's hold."""
 from __future__ import annotations
@@ -8,9 +8,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from wedbackup_dagster.core.errors import ConfigError
-from wedbackup_dagster.core.policy import Policy, RetentionRule, ShrinkageRule
-from wedbackup_dagster.core.retention import BackupPoint, hold_reasons, plan_retention
-from wedbackup_dagster.core.rules import shrinkage
+from wedbackup_dagster.core.policy.backup_policy import Policy, RetentionRule, ShrinkageRule
+from wedbackup_dagster.core.governance.retention import BackupPoint, hold_reasons, plan_retention
+from wedbackup_dagster.core.policy.rules import shrinkage
 
 T = {"warn": 0.5, "error": 0.9, "min_rows": 20}
 

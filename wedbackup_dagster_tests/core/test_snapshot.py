@@ -10,10 +10,10 @@ import time
 import psycopg
 import pytest
 
-from wedbackup_dagster.core import snapshot as snap
+from wedbackup_dagster.core.postgres import snapshot as snap
 from wedbackup_dagster.core.errors import SnapshotError, UnknownWeddingError
-from wedbackup_dagster.core.restore import read_snapshot
-from wedbackup_dagster.core.snapshot import Manifest, SnapshotSession, take_snapshot
+from wedbackup_dagster.core.postgres.load_snapshot import read_snapshot
+from wedbackup_dagster.core.postgres.snapshot import Manifest, SnapshotSession, take_snapshot
 
 pytestmark = pytest.mark.stack
 

@@ -15,10 +15,10 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from wedbackup_dagster.core import discovery
-from wedbackup_dagster.core import snapshot as snap
+from wedbackup_dagster.core.postgres import discovery
+from wedbackup_dagster.core.postgres import snapshot as snap
 from wedbackup_dagster.core.errors import SnapshotError, SnapshotIncomplete, SnapshotRetryable
-from wedbackup_dagster.core.snapshot import SnapshotSession, take_snapshot
+from wedbackup_dagster.core.postgres.snapshot import SnapshotSession, take_snapshot
 
 from .test_snapshot import make_platform_db
 
@@ -364,7 +364,7 @@ def test_the_batch_fails_only_the_wedding_whose_copy_came_short(make_database, m
 
 
 def test_verification_compares_restored_rows_with_the_independent_count(make_database):
-    from wedbackup_dagster.core.restore import restore_snapshot, verify_restored
+    from wedbackup_dagster.core.postgres.load_snapshot import restore_snapshot, verify_restored
 
     dsn = make_platform_db(make_database)
     stream, manifest = snapshot_bytes(dsn, "1")
@@ -395,7 +395,7 @@ def test_rows_that_break_a_validated_foreign_key_are_carried_by_the_platform(mak
     """Before: those rows reached no wedding and were in no partition (the platform took only NULL keys),
     so no backup held them. Now the partitions together are the whole database again, the platform
     manifest names every broken key with its row count, and the platform archive restores and verifies."""
-    from wedbackup_dagster.core.restore import restore_snapshot, verify_restored
+    from wedbackup_dagster.core.postgres.load_snapshot import restore_snapshot, verify_restored
 
     dsn = make_platform_db(make_database)
     with psycopg.connect(dsn, autocommit=True) as conn:

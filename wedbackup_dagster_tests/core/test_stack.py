@@ -6,7 +6,7 @@ import subprocess
 import psycopg
 
 from wedbackup_dagster.core.config import Settings
-from wedbackup_dagster.core.stack import SERVICES, export_lines, port_open
+from wedbackup_dagster.dev.stack import SERVICES, export_lines, port_open
 
 
 def test_every_service_answers_and_is_recorded(stack):
@@ -53,7 +53,7 @@ def test_second_stack_up_twice_then_down_leaves_no_process(tmp_path, monkeypatch
     """A stack in its own state dir and ports: `up` twice is harmless, `down` stops exactly what it started."""
     import os
 
-    from wedbackup_dagster.core.stack import Stack, _pid_alive
+    from wedbackup_dagster.dev.stack import Stack, _pid_alive
 
     for name in ("postgres", "s3", "gcs"):
         monkeypatch.setenv(f"WEDBACKUP_{name.upper()}_PORT", str(_free_port()))

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from psycopg import sql
 
 from wedbackup_dagster.core.errors import TenancyError
-from wedbackup_dagster.core.tenancy import TableName, TenancyPlan, TenantTable, discover
+from wedbackup_dagster.core.postgres.tenancy import TableName, TenancyPlan, TenantTable, discover
 
 W = TableName("public", "weddings")
 

@@ -6,7 +6,7 @@ import hashlib
 import pytest
 
 from wedbackup_dagster.core.errors import WedbackupError
-from wedbackup_dagster.core.vault import Vault
+from wedbackup_dagster.core.storage.vault import Vault
 
 
 def _write(vault: Vault, partition: str, data: bytes):

@@ -10,9 +10,9 @@ import psycopg
 import pytest
 
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.replicas import S3Replica, ensure_targets
-from wedbackup_dagster.core.replicas.s3 import s3_client_from
-from wedbackup_dagster.core.restore import SCRATCH_PREFIX
+from wedbackup_dagster.core.storage.replicas import S3Replica, ensure_targets
+from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
+from wedbackup_dagster.core.postgres.load_snapshot import SCRATCH_PREFIX
 from wedbackup_dagster.definitions import defs
 
 pytestmark = pytest.mark.stack
@@ -101,7 +101,7 @@ def test_a_drill_past_its_window_is_stopped_reported_and_its_scratch_dropped(bac
 def test_the_catalogue_lost_drill_rebuilds_a_scratch_catalogue_from_the_provider_alone(backed_up):
     """The monthly variant: wedding keys come back from the provider's key-store backup with the master key,
     the archives from its listing; the live catalogue is not read for the restore, and nothing is left."""
-    from wedbackup_dagster.core.keybackup import back_up_key_store
+    from wedbackup_dagster.core.keys.backup import back_up_key_store
 
     engine, instance = backed_up["engine"], backed_up["instance"]
     s3 = S3Replica(s3_client_from(engine.settings.s3, os.environ), engine.settings.s3)

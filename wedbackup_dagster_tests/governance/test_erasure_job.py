@@ -7,7 +7,7 @@ import dagster as dg
 
 from wedbackup_dagster.automation.discovery import wedding_discovery
 from wedbackup_dagster.backups.launch import register_partitions
-from wedbackup_dagster.core.keybackup import (
+from wedbackup_dagster.core.keys.backup import (
     _provider_key_backups,
     back_up_key_store,
     newest_key_backup,

@@ -3,7 +3,7 @@
 overwrites, insertions, deletions, truncations, appended junk, splices from another wedding's archive or
 stream, header fields set to huge or odd values, sealed chunks swapped, duplicated, dropped or taken from
 another archive; records with huge lengths, dropped, repeated, swapped, whole tables repeated or dropped,
-garbled JSON). Archives are read through core/archive.py's reader, streams through core/restore.py's
+garbled JSON). Archives are read through core/formats/archive.py's reader, streams through core/postgres/load_snapshot.py's
 `read_snapshot` and the restore's own record checks, with no database.
 
 The contract checked for every input:
@@ -30,10 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from wedbackup_dagster.core import restore
-from wedbackup_dagster.core.archive import seal_bytes
+from wedbackup_dagster.core.postgres import load_snapshot as restore
+from wedbackup_dagster.core.formats.archive import seal_bytes
 from wedbackup_dagster.core.errors import ArchiveError, SnapshotFormatError, VerificationError
-from wedbackup_dagster.core.snapshot import DATA, MANIFEST, POST_DATA, PRE_DATA, TABLE_BEGIN, TABLE_END
+from wedbackup_dagster.core.postgres.snapshot import DATA, MANIFEST, POST_DATA, PRE_DATA, TABLE_BEGIN, TABLE_END
 
 from ..core.test_archive_fuzz import (CHUNK, INTERESTING_U32, KEY, NAME, header_fields, mutate, read_through,
                                       records)
@@ -341,7 +341,7 @@ def run(samples: list[Sample], count: int, *, seed: int, progress: Callable[[int
 
 def samples_from(dsn: str, partitions: list[str]) -> list[Sample]:
     """Real snapshot streams of these partitions of a database, each also sealed with the fuzz key."""
-    from wedbackup_dagster.core.snapshot import SnapshotSession
+    from wedbackup_dagster.core.postgres.snapshot import SnapshotSession
 
     out = []
     with SnapshotSession(dsn) as session:

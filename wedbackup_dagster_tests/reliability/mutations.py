@@ -35,8 +35,16 @@ from wedbackup_dagster.core.formats.archive import seal_bytes
 from wedbackup_dagster.core.errors import ArchiveError, SnapshotFormatError, VerificationError
 from wedbackup_dagster.core.postgres.snapshot import DATA, MANIFEST, POST_DATA, PRE_DATA, TABLE_BEGIN, TABLE_END
 
-from ..core.test_archive_fuzz import (CHUNK, INTERESTING_U32, KEY, NAME, header_fields, mutate, read_through,
-                                      records)
+from wedbackup_dagster_tests.core.formats.test_archive_fuzz import (
+    CHUNK,
+    INTERESTING_U32,
+    KEY,
+    NAME,
+    header_fields,
+    mutate,
+    read_through,
+    records,
+)
 
 ARCHIVE_KINDS = ("flip", "overwrite", "insert", "delete", "truncate", "append", "splice", "field", "label",
                  "swap", "duplicate", "drop", "foreign")

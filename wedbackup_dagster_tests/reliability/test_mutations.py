@@ -72,7 +72,7 @@ def test_deeply_nested_json_in_a_record_is_the_formats_error(samples):
     from wedbackup_dagster.core.errors import SnapshotFormatError
     from wedbackup_dagster.core.postgres.snapshot import MANIFEST
 
-    from ..core.test_archive_fuzz import NAME, replace_record
+    from wedbackup_dagster_tests.core.formats.test_archive_fuzz import NAME, replace_record
 
     with pytest.raises(SnapshotFormatError, match=f"archive {NAME}: manifest record"):
         restore.read_manifest([replace_record(samples[0].stream, MANIFEST, NESTED)], name=NAME)
@@ -81,7 +81,7 @@ def test_deeply_nested_json_in_a_record_is_the_formats_error(samples):
 def test_a_deeply_nested_label_is_the_formats_error(samples):
     from wedbackup_dagster.core.errors import ArchiveError
 
-    from ..core.test_archive_fuzz import read_through
+    from wedbackup_dagster_tests.core.formats.test_archive_fuzz import read_through
 
     _, exc = read_through(mutations._replace_label(samples[0].sealed, NESTED[:60_000]))
     assert isinstance(exc, ArchiveError)

@@ -23,9 +23,13 @@ from wedbackup_dagster.core.postgres.load_snapshot import (
     verify_restored,
 )
 from wedbackup_dagster.core.postgres.snapshot import SnapshotSession, describe_schema
-from wedbackup_dagster_tests.core.test_adversarial_schemas import login_role, role_dsn  # noqa: F401 (a fixture)
-from wedbackup_dagster_tests.core.test_snapshot import (WEDDING_TABLES, make_platform_db, make_schema_db,
-                                                        snapshot_bytes)
+from wedbackup_dagster_tests.core.postgres.test_adversarial_schemas import login_role, role_dsn  # noqa: F401 (a fixture)
+from wedbackup_dagster_tests.core.postgres.test_snapshot import (
+    WEDDING_TABLES,
+    make_platform_db,
+    make_schema_db,
+    snapshot_bytes,
+)
 
 pytestmark = pytest.mark.stack
 

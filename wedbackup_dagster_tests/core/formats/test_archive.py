@@ -40,7 +40,7 @@ from wedbackup_dagster.core.errors import (
 )
 from wedbackup_dagster.core.keys.keyring import SecretKey, unwrap_key, wrap_key
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 KEY = SecretKey("wedding-123.k1", bytes(range(32)))
 OTHER_KEY_SAME_ID = SecretKey("wedding-123.k1", bytes(range(1, 33)))
 NAME = "weddings/123/2024-06-01.wbk"

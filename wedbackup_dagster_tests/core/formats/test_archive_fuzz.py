@@ -30,8 +30,8 @@ from wedbackup_dagster.core.postgres.snapshot import (
     SnapshotSession,
 )
 
-from ..conftest import temporary_database
-from .test_archive import read_collecting
+from wedbackup_dagster_tests.conftest import temporary_database
+from wedbackup_dagster_tests.core.formats.test_archive import read_collecting
 
 KEY = SecretKey("fuzz-7.k1", bytes(range(32)))
 NAME = "vault:7/fuzzed"

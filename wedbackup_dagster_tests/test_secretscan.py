@@ -18,7 +18,7 @@ from psycopg import sql
 
 from wedbackup_dagster_tests.secretscan import MIN_SECRET, SecretScanner, scan_server, secret_parts
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 MASTER = base64.b64encode(bytes(range(32))).decode()
 SECRETS = {
     "WEDBACKUP_SOURCE_DSN": "postgresql://app:s3cr3t-Pa%24%24word@db.example:5432/platform",

@@ -16,7 +16,7 @@ from wedbackup_dagster.core.keys.backup import refresh_key_backups
 from wedbackup_dagster.core.keys.rotation import key_status, rotate_master_key
 from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey
 
-from .test_keybackup import back_up, engine, replicas_of  # noqa: F401 - the engine fixture
+from wedbackup_dagster_tests.core.keys.test_backup import back_up, engine, replicas_of  # noqa: F401 - the engine fixture
 
 PARTITIONS = ["1", "2", "3", "4"]
 

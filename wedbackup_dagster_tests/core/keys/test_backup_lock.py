@@ -9,7 +9,7 @@ from psycopg.conninfo import make_conninfo
 from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.errors import KeyBackupError
 from wedbackup_dagster.core.keys.backup import _one_at_a_time, back_up_key_store
-from wedbackup_dagster_tests.core.test_keybackup import back_up, engine, replicas_of  # noqa: F401 - fixture
+from wedbackup_dagster_tests.core.keys.test_backup import back_up, engine, replicas_of  # noqa: F401 - fixture
 
 LOCK = "SELECT pg_try_advisory_lock(hashtext('wedbackup-key-backups'))"
 

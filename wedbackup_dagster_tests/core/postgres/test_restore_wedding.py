@@ -30,7 +30,7 @@ from wedbackup_dagster.core.postgres.restore_wedding import (
     restricted_differences,
 )
 from wedbackup_dagster.core.postgres.snapshot import take_snapshot
-from wedbackup_dagster_tests.core.test_adversarial_schemas import login_role, role_dsn  # noqa: F401 (a fixture)
+from wedbackup_dagster_tests.core.postgres.test_adversarial_schemas import login_role, role_dsn  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.stack
 
@@ -693,7 +693,7 @@ def test_in_place_restore_refuses_an_archive_without_all_of_the_weddings_tables(
 def test_dry_runs_of_the_platform_partition_compare_by_the_rebuilt_platform_selects(make_database):
     """The platform's rows in a dry run are read by its SELECTs rebuilt from the target's plan (platform
     tables whole, a tenant table's rows that reach no wedding), never by the archive's text."""
-    from wedbackup_dagster_tests.core.test_snapshot import make_platform_db
+    from wedbackup_dagster_tests.core.postgres.test_snapshot import make_platform_db
 
     src = make_platform_db(make_database)
     data = snapshot_of(src, "platform")

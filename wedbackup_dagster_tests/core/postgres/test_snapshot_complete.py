@@ -20,7 +20,7 @@ from wedbackup_dagster.core.postgres import snapshot as snap
 from wedbackup_dagster.core.errors import SnapshotError, SnapshotIncomplete, SnapshotRetryable
 from wedbackup_dagster.core.postgres.snapshot import SnapshotSession, take_snapshot
 
-from .test_snapshot import make_platform_db
+from wedbackup_dagster_tests.core.postgres.test_snapshot import make_platform_db
 
 pytestmark = pytest.mark.stack
 

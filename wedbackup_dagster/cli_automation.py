@@ -7,20 +7,13 @@ import json
 import os
 import sys
 
-PROVIDERS = ("s3", "gcs", "azure")
+from .core.storage.providers import PROVIDERS
 
 
 def _replica_for(provider: str, settings):
-    from wedbackup_dagster.core.storage.replicas import AzureReplica, GCSReplica, S3Replica
-    from wedbackup_dagster.core.storage.replicas.azure import azure_service_from
-    from wedbackup_dagster.core.storage.replicas.gcs import gcs_client_from
-    from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
+    from wedbackup_dagster.core.storage.providers import replica_for
 
-    if provider == "s3":
-        return S3Replica(s3_client_from(settings.s3, os.environ), settings.s3)
-    if provider == "gcs":
-        return GCSReplica(gcs_client_from(settings.gcs), settings.gcs)
-    return AzureReplica(azure_service_from(settings.azure), settings.azure)
+    return replica_for(provider, settings)
 
 
 def cmd_catalogue_rebuild(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import sys
 import time
 
 from .core.errors import WedbackupError
-from wedbackup_dagster.core.storage.vault import check_partition, shown
+from wedbackup_dagster.core.partitions import check_partition, shown
 from .progress import show_on_terminal
 
 
@@ -79,9 +79,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 def _ensure_targets(settings) -> None:
     """Create the replica buckets/containers when missing (the local stack starts empty)."""
-    from wedbackup_dagster.core.storage import replicas
+    from wedbackup_dagster.core.storage.providers import ensure_targets
 
-    replicas.ensure_targets(settings)
+    ensure_targets(settings)
 
 
 def _summary(instance, keys: list[str]) -> str:

@@ -8,7 +8,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 from .core.errors import WedbackupError
-from wedbackup_dagster.core.storage.vault import shown
+from wedbackup_dagster.core.partitions import shown
 
 DEFAULT_BATCH = 500  # a run's verified_restore loads its weddings into one scratch database per 500
 

@@ -8,7 +8,8 @@ import json
 import os
 import sys
 
-from .cli_automation import PROVIDERS, _replica_for
+from wedbackup_dagster.core.storage.providers import PROVIDERS
+from .cli_automation import _replica_for
 
 
 def _setup():

@@ -15,7 +15,7 @@ from .progress import printed_on_stderr
 
 def _partition(args: argparse.Namespace) -> str:
     """The partition asked for; a wedding id that is not one is refused before any database or Dagster."""
-    from wedbackup_dagster.core.storage.vault import check_partition
+    from wedbackup_dagster.core.partitions import check_partition
 
     return "platform" if args.platform else check_partition(args.wedding)
 
@@ -23,7 +23,7 @@ def _partition(args: argparse.Namespace) -> str:
 def _refuse_other_spelling(catalogue, partition: str) -> None:
     """A wedding id with no backups of its own that the catalogue records under another spelling ("02" for
     2): one wedding has one partition, so say which name to use instead of finding nothing."""
-    from wedbackup_dagster.core.storage.vault import other_spellings
+    from wedbackup_dagster.core.partitions import other_spellings
 
     pattern = other_spellings(partition)
     if pattern is None:

@@ -47,7 +47,8 @@ def test_rebuild_goes_on_past_an_archive_with_a_crafted_label_and_reports_it(dem
     from wedbackup_dagster.core.catalogue.store import Catalogue
     from wedbackup_dagster.core.engine import Engine
     from wedbackup_dagster.core.catalogue.rebuild_from_storage import rebuild_from
-    from wedbackup_dagster.core.storage.replicas import S3Replica, ensure_targets
+    from wedbackup_dagster.core.storage.replicas import S3Replica
+    from wedbackup_dagster.core.storage.providers import ensure_targets
     from wedbackup_dagster.core.storage.replicas.base import archive_key
     from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
 
@@ -198,7 +199,7 @@ def test_a_catalogue_that_is_the_source_is_refused_naming_both_variables(demo_en
 
 def test_a_wedding_id_spelt_another_way_gets_no_partition_archive_or_key_of_its_own(demo_env, capsys):
     from wedbackup_dagster.core.engine import Engine
-    from wedbackup_dagster.core.errors import KeyError_, UnknownWeddingError
+    from wedbackup_dagster.core.errors import CryptoKeyError, UnknownWeddingError
 
     demo_env(weddings=5, seed=5, document_bytes=64)
     engine = Engine.from_env()
@@ -214,7 +215,7 @@ def test_a_wedding_id_spelt_another_way_gets_no_partition_archive_or_key_of_its_
     assert partitions == ["2", "3"]
     assert not [f for p in ("03", "003") for f in (engine.vault.root / p).glob("*.wbk")]
     # Once wedding 3 has its key and backups, no other spelling of it gets a key of its own.
-    with pytest.raises(KeyError_, match=r"wedding '0003' is another spelling of wedding '3'.*use '3'"):
+    with pytest.raises(CryptoKeyError, match=r"wedding '0003' is another spelling of wedding '3'.*use '3'"):
         engine.catalogue.wedding_key("0003", engine.keyring)
     # The command line only knows the source's own spelling.
     from wedbackup_dagster.cli import main
@@ -227,7 +228,7 @@ def test_a_wedding_id_spelt_another_way_gets_no_partition_archive_or_key_of_its_
 def test_other_spellings_match_exactly_the_same_id():
     import re
 
-    from wedbackup_dagster.core.storage.vault import other_spellings
+    from wedbackup_dagster.core.partitions import other_spellings
 
     def same(a: str, b: str) -> bool:
         pattern = other_spellings(a)

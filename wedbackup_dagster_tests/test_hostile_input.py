@@ -29,7 +29,8 @@ from wedbackup_dagster.core.storage.replicas.base import (
     object_metadata,
     parse_archive_key,
 )
-from wedbackup_dagster.core.storage.vault import Vault, check_partition
+from wedbackup_dagster.core.storage.vault import Vault
+from wedbackup_dagster.core.partitions import check_partition
 
 SHA = "ab" * 32
 HOSTILE_IDS = [

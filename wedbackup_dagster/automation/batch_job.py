@@ -23,7 +23,7 @@ from ..backups.constants import (
 from ..backups.partitions import validated_keys
 from ..checks.wedding_checks import log_shrinkage_evaluations
 from ..backups.resources import AzureBlobResource, WedbackupEngineResource
-from ..core.engine import PROVIDERS
+from wedbackup_dagster.core.storage.providers import PROVIDERS
 from ..core.errors import WedbackupError
 from ..event_batches import in_batches
 from ..progress import Progress

@@ -8,8 +8,9 @@ from collections import defaultdict
 import dagster as dg
 
 from ..backups.partitions import validated_keys, weddings_partitions
-from ..core.config import _dsn
-from wedbackup_dagster.core.postgres.discovery import PLATFORM, changed_weddings, digest, wedding_dates
+from ..core.config import dsn_setting
+from wedbackup_dagster.core.partitions import PLATFORM
+from wedbackup_dagster.core.postgres.discovery import changed_weddings, digest, wedding_dates
 from wedbackup_dagster.core.policy.backup_policy import CRITICAL, HIGH, Policy
 from .batch_job import backup_wedding_list
 from .schedules import catalogue_from_env, list_requests
@@ -23,7 +24,7 @@ URGENT_TIERS = (CRITICAL, HIGH)
 
 
 def _source_dsn() -> str:
-    return _dsn(os.environ, "WEDBACKUP_SOURCE_DSN")
+    return dsn_setting(os.environ, "WEDBACKUP_SOURCE_DSN")
 
 
 @dg.sensor(

@@ -199,9 +199,9 @@ def post_alert(url: str, alert: Mapping[str, Any], *, timeout: float = WEBHOOK_T
 
 def webhook_url(environ: Mapping[str, str] | None = None) -> str:
     """The configured webhook, '' when unset; ConfigError (naming the variable, not the URL) when malformed."""
-    from ..core.config import _url
+    from ..core.config import url_setting
 
-    return _url(os.environ if environ is None else environ, WEBHOOK_VARIABLE)
+    return url_setting(os.environ if environ is None else environ, WEBHOOK_VARIABLE)
 
 
 @dg.run_failure_sensor(

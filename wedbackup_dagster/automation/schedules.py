@@ -10,7 +10,7 @@ import dagster as dg
 
 from ..backups.partitions import weddings_partitions
 from wedbackup_dagster.core.catalogue.store import Catalogue
-from ..core.config import _dsn
+from ..core.config import dsn_setting
 from wedbackup_dagster.core.policy.backup_policy import Policy
 from .batch_job import backup_wedding_list, list_run_config
 
@@ -33,7 +33,7 @@ class TickPlan:
 
 
 def catalogue_from_env() -> Catalogue:
-    catalogue = Catalogue(_dsn(os.environ, "WEDBACKUP_CATALOGUE_DSN"))
+    catalogue = Catalogue(dsn_setting(os.environ, "WEDBACKUP_CATALOGUE_DSN"))
     catalogue.migrate()
     return catalogue
 

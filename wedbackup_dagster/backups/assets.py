@@ -9,7 +9,8 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 from dagster_gcp import GCSResource
 
-from ..core.engine import PROVIDERS, BackupOutcome, ReplicaOutcome, VerifyOutcome
+from wedbackup_dagster.core.storage.providers import PROVIDERS
+from wedbackup_dagster.core.outcomes import BackupOutcome, ReplicaOutcome, VerifyOutcome
 from ..core.errors import WedbackupError
 from ..progress import Progress
 from .constants import (
@@ -180,14 +181,9 @@ def snapshot_and_seal(context: dg.AssetExecutionContext, wedbackup: WedbackupEng
 
 def make_replica(provider: str, settings: Any, client: Any) -> Any:
     """The core replica of one provider, over a client made by that provider's Dagster resource."""
-    from wedbackup_dagster.core.storage import replicas
+    from wedbackup_dagster.core.storage.providers import replica_over
 
-    if provider == "s3":
-        return replicas.S3Replica(client, settings.s3)
-    if provider == "gcs":
-        timeout = settings.provider_timeout
-        return replicas.GCSReplica(client, settings.gcs, timeout=(min(5.0, timeout), timeout))
-    return replicas.AzureReplica(client, settings.azure)
+    return replica_over(provider, settings, client)
 
 
 def _replicate_all(context: dg.AssetExecutionContext, provider: str, wedbackup: WedbackupEngineResource,

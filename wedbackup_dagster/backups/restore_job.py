@@ -11,7 +11,7 @@ from dagster_gcp import GCSResource
 
 from wedbackup_dagster.core.postgres import restore_wedding as recovery
 from ..core.config import redact
-from ..core.engine import PROVIDERS
+from wedbackup_dagster.core.storage.providers import PROVIDERS
 from ..core.errors import ConfigError, WedbackupError
 from .assets import _table, make_replica
 from .partitions import validated_keys

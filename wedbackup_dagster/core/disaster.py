@@ -20,25 +20,25 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from wedbackup_dagster.core.partitions import PLATFORM, partition_label
 from wedbackup_dagster.core.formats.archive import open_archive
 from wedbackup_dagster.core.postgres.identity import check_restore_target
 from .errors import ArchiveError, ProviderError, RestoreError, WedbackupError
 from wedbackup_dagster.core.postgres.restore_wedding import (
     NoRecoveryPointError,
     RecoveryPoint,
-    _connect,
+    connect_target,
     choose_point,
     recovery_points,
 )
 from wedbackup_dagster.core.postgres.load_snapshot import (
-    _advance_sequences,
-    _check_foreign_keys,
-    _first_line,
+    advance_sequences,
+    check_foreign_keys,
+    db_error_line,
     restore_snapshot,
     scratch_database,
 )
 from wedbackup_dagster.core.postgres.snapshot import (
-    PLATFORM,
     RESTORE_PROGRESS_SCHEMA,
     database_label,
     describe_schema,
@@ -85,10 +85,6 @@ ORDER BY 1, 2
 
 def _quiet(_: str) -> None:
     pass
-
-
-def _label(partition: str) -> str:
-    return "the platform partition" if partition == PLATFORM else f"wedding {partition}"
 
 
 def _partition_order(partition: str) -> tuple[int, int, str]:
@@ -154,7 +150,7 @@ class PlatformReport:
         out += [f"  fell back: {line}" for line in self.fallbacks]
         out += [f"  erased, not restored: wedding {p}" for p in self.erased]
         out += [f"  re-applied erasure: {line}" for line in self.erasures_reapplied]
-        out += [f"  NOT RESTORED {_label(p)}: {why}" for p, why in sorted(self.failed.items(),
+        out += [f"  NOT RESTORED {partition_label(p)}: {why}" for p, why in sorted(self.failed.items(),
                                                                           key=lambda kv: _partition_order(kv[0]))]
         out += [f"  FOREIGN KEY: {line}" for line in self.foreign_key_problems]
         return out
@@ -289,9 +285,9 @@ def restore_partition(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
             decrypt = [0.0]
             t0 = time.perf_counter()
             try:
-                with engine._fetched_copy(backup, copy, replicas) as tmp:
+                with engine.fetched_copy(backup, copy, replicas) as tmp:
                     download = time.perf_counter() - t0
-                    name = engine._archive_name(backup, copy)
+                    name = engine.archive_name(backup, copy)
                     chunks = _timed(open_archive(tmp, name=name, resolve_key=engine.resolve_key), decrypt)
                     t1 = time.perf_counter()
                     report = restore_snapshot(chunks, target_dsn, create_schema=partition == PLATFORM, name=name,
@@ -307,13 +303,13 @@ def restore_partition(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
                     break
                 continue
             except psycopg.errors.UniqueViolation as exc:
-                result.error = f"already in the target (another run restoring it?): {_first_line(exc)}"
+                result.error = f"already in the target (another run restoring it?): {db_error_line(exc)}"
                 return result
             except WedbackupError as exc:
                 result.error = str(exc)
                 return result
             except psycopg.Error as exc:
-                result.error = f"the target failed: {type(exc).__name__}: {_first_line(exc)[:300]}"
+                result.error = f"the target failed: {type(exc).__name__}: {db_error_line(exc)[:300]}"
                 return result
             result.ok, result.copy, result.rows = True, copy, report.total_rows
             result.phases = {"download": download, "decrypt": decrypt[0], "load": max(load, 0.0)}
@@ -353,7 +349,7 @@ def restore_all(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
         if p not in LOCATIONS:
             raise WedbackupError(f"copy location {p!r} is not one of {', '.join(LOCATIONS)}")
     jobs = max(1, int(options.jobs))
-    with _connect(target_dsn, f"the target, {target}", "wedbackup-restore-all") as coord:
+    with connect_target(target_dsn, f"the target, {target}", "wedbackup-restore-all") as coord:
         # One restore --all per target at a time: the lock lives as long as this connection.
         if not coord.execute("SELECT pg_try_advisory_lock(hashtext('wedbackup-restore-all'))").fetchone()[0]:
             raise RestoreError(f"another restore --all is running into {target}; wait for it (or stop it) first")
@@ -429,7 +425,7 @@ def _account(report: PlatformReport, result: PartitionResult) -> None:
         for k, v in result.phases.items():
             report.phases[k] += v
         if result.attempts:
-            report.fallbacks.append(f"{_label(result.partition)}: " + "; ".join(result.attempts)
+            report.fallbacks.append(f"{partition_label(result.partition)}: " + "; ".join(result.attempts)
                                     + f"; restored from {result.copy}")
     else:
         report.failed[result.partition] = result.error
@@ -506,11 +502,11 @@ def _check(coord, engine: Any, target_dsn: str, report: PlatformReport, progress
     report.erasures_reapplied += _reapply(engine, target_dsn)
     tables = [tuple(r) for r in coord.execute(_TABLES_SQL, (RESTORE_PROGRESS_SCHEMA,)).fetchall()]
     with coord.transaction():
-        report.sequences_checked = len(_advance_sequences(coord, tables))
+        report.sequences_checked = len(advance_sequences(coord, tables))
     manifest = SimpleNamespace(tables=[SimpleNamespace(schema=s, name=n) for s, n in tables])
     with coord.transaction():
         coord.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        checks = _check_foreign_keys(coord, manifest)
+        checks = check_foreign_keys(coord, manifest)
     report.foreign_key_problems = [
         f"{c.constraint} on {c.table}: {c.orphans} row(s) point at no row of {c.parent}" if c.status == "orphans"
         else f"{c.constraint} on {c.table}: could not be checked: {c.problem}"
@@ -575,8 +571,8 @@ class RecoveryPlan:
             out.append(f"  expected duration: unknown ({self.estimate_basis})")
         out.append("  steps:")
         out += [f"    {i}. {step}" for i, step in enumerate(self.steps, 1)]
-        out += [f"  MISSING {_label(p)}: {why}" for p, why in self.missing.items()]
-        out += [f"  STALE {_label(p)}: {why}" for p, why in self.stale.items()]
+        out += [f"  MISSING {partition_label(p)}: {why}" for p, why in self.missing.items()]
+        out += [f"  STALE {partition_label(p)}: {why}" for p, why in self.stale.items()]
         out += [f"  note: {n}" for n in self.notes]
         return out
 
@@ -899,9 +895,9 @@ def key_fingerprint(key: Any) -> str:
 def kit_sheet(keyring: Any, catalogue: Any, settings: Any) -> dict[str, Any]:
     """The non-secret half of the recovery kit, to print and keep with the sealed copy of the master key
     file: key ids and fingerprints, where the key-store backups and archives are, and the newest key backup."""
-    from wedbackup_dagster.core.keys.backup import _newest_recorded
+    from wedbackup_dagster.core.keys.backup import newest_recorded_key_backup
 
-    newest = _newest_recorded(catalogue)
+    newest = newest_recorded_key_backup(catalogue)
     return {
         "master_keys": [{"id": k, "fingerprint": key_fingerprint(keyring.get(k)),
                          "current": k == keyring.current.key_id} for k in keyring.key_ids],

@@ -8,7 +8,7 @@ from dagster_gcp import GCSResource
 
 from ..backups.assets import make_replica
 from ..backups.resources import AzureBlobResource, WedbackupEngineResource
-from ..core.engine import PROVIDERS
+from wedbackup_dagster.core.storage.providers import PROVIDERS
 
 
 def all_replicas(wedbackup: WedbackupEngineResource, s3: S3Resource, gcs: GCSResource,

@@ -12,7 +12,7 @@ from ..automation.batch_job import backup_wedding_list
 from ..backups.assets import make_replica
 from ..backups.jobs import backup_weddings
 from ..backups.resources import AzureBlobResource, WedbackupEngineResource
-from ..core.engine import PROVIDERS
+from wedbackup_dagster.core.storage.providers import PROVIDERS
 from ..core.errors import KeyBackupError
 
 

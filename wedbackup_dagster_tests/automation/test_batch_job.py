@@ -12,7 +12,7 @@ from wedbackup_dagster.backups.constants import DB_DUMP, ENCRYPTED_ARCHIVE, REPL
 from wedbackup_dagster.backups.launch import register_partitions
 from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.storage.replicas import ensure_targets
+from wedbackup_dagster.core.storage.providers import ensure_targets
 
 
 @pytest.fixture

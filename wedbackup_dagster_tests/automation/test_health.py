@@ -24,7 +24,8 @@ from wedbackup_dagster.core.config import Settings
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import ProviderError
 from wedbackup_dagster.core.storage.health import canary_replicas
-from wedbackup_dagster.core.storage.replicas import S3Replica, ensure_targets
+from wedbackup_dagster.core.storage.replicas import S3Replica
+from wedbackup_dagster.core.storage.providers import ensure_targets
 from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
 
 

@@ -13,7 +13,7 @@ from wedbackup_dagster.core.policy import rules
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.keys.backup import back_up_key_store, keys_awaiting_backup
 from wedbackup_dagster.core.keys.rotation import key_status
-from wedbackup_dagster.core.storage.replicas import ensure_targets
+from wedbackup_dagster.core.storage.providers import ensure_targets
 from wedbackup_dagster_tests.checks.conftest import engine_replicas
 
 

@@ -14,7 +14,7 @@ from wedbackup_dagster.backups.launch import register_partitions, run_job_for
 from wedbackup_dagster.dev import demo_data
 from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.storage.replicas import ensure_targets
+from wedbackup_dagster.core.storage.providers import ensure_targets
 
 
 @pytest.fixture(scope="module")

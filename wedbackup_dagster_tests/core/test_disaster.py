@@ -17,7 +17,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from wedbackup_dagster.core import disaster
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import RestoreError
-from wedbackup_dagster.core.storage.replicas import GCSReplica, S3Replica, ensure_targets
+from wedbackup_dagster.core.storage.replicas import GCSReplica, S3Replica
+from wedbackup_dagster.core.storage.providers import ensure_targets
 from wedbackup_dagster.core.storage.replicas.gcs import gcs_client_from
 from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
 

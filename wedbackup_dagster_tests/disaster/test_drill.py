@@ -10,7 +10,8 @@ import psycopg
 import pytest
 
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.storage.replicas import S3Replica, ensure_targets
+from wedbackup_dagster.core.storage.replicas import S3Replica
+from wedbackup_dagster.core.storage.providers import ensure_targets
 from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
 from wedbackup_dagster.core.postgres.load_snapshot import SCRATCH_PREFIX
 from wedbackup_dagster.definitions import defs

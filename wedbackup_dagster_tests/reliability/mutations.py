@@ -163,7 +163,7 @@ def parse_stream(stream: bytes, *, piece: int = 777) -> Parsed:
         raise SnapshotFormatError(NAME, "the stream has no manifest")
     restore.read_to_end(records_, NAME)
     manifest = restore.manifest_of(manifest_record)
-    restore._compare_with_manifest(manifest, seen, f"wedding {header['partition']}", NAME, columns_of)
+    restore.compare_with_manifest(manifest, seen, f"wedding {header['partition']}", NAME, columns_of)
     metadata = (repr(header), pre_data, post_data, manifest.to_json())
     return Parsed(metadata, tuple(sorted(tables)))
 

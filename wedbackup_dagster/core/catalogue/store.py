@@ -15,7 +15,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from wedbackup_dagster.core.errors import KeyError_, UnknownWeddingError, WedbackupError
+from wedbackup_dagster.core.errors import CryptoKeyError, UnknownWeddingError, WedbackupError
 from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey, new_data_key, unwrap_key, wrap_key
 from wedbackup_dagster.core.catalogue.locks import PartitionLocks
 
@@ -281,7 +281,7 @@ class Catalogue:
                 if row is not None:
                     return self._unwrap(row["key_id"], partition, row["wrapped"], row["master_key_id"], keyring)
                 if not create:
-                    raise KeyError_(f"wedding {partition} has no live key")
+                    raise CryptoKeyError(f"wedding {partition} has no live key")
                 # Key creation and erasure of one partition are serialised: an erasure that began after the
                 # check above waits for this key (and shreds it); one that committed first is seen below.
                 lock_partition_keys(conn, partition)
@@ -290,7 +290,7 @@ class Catalogue:
                 key_id = f"{partition}.{uuid.uuid4().hex[:12]}"
                 material = new_data_key()
                 master = keyring.current
-                wrapped = wrap_key(master, material, _context(partition, key_id))
+                wrapped = wrap_key(master, material, wedding_key_context(partition, key_id))
                 # Two runs racing to create the key: the unique index lets one win; the other reads it.
                 inserted = conn.execute(
                     "INSERT INTO wedbackup.wedding_keys (key_id, partition, wrapped, master_key_id) "
@@ -298,14 +298,14 @@ class Catalogue:
                     (key_id, partition, wrapped, master.key_id)).fetchone()
                 if inserted:
                     return SecretKey(key_id, material)
-        raise KeyError_(f"wedding {partition}: could not create or read its key")
+        raise CryptoKeyError(f"wedding {partition}: could not create or read its key")
 
     @staticmethod
     def _refuse_second_spelling(conn: psycopg.Connection, partition: str) -> None:
         """"07" and "7" are one wedding: once one spelling has a key and a backup, another never gets a key
         (and so no backup) of its own. (A spelling the source does not use gets no archive: the snapshot
         refuses it, so a key it was given first blocks nothing.)"""
-        from wedbackup_dagster.core.storage.vault import other_spellings
+        from wedbackup_dagster.core.partitions import other_spellings
 
         pattern = other_spellings(partition)
         if pattern is None:
@@ -314,7 +314,7 @@ class Catalogue:
                            "k.partition ~ %s AND EXISTS (SELECT FROM wedbackup.backups b WHERE b.partition = "
                            "k.partition) LIMIT 1", (partition, pattern)).fetchone()
         if row is not None:
-            raise KeyError_(f"wedding {partition!r} is another spelling of wedding {row['partition']!r}, which has "
+            raise CryptoKeyError(f"wedding {partition!r} is another spelling of wedding {row['partition']!r}, which has "
                             f"its key and backups already: one wedding has one partition; use {row['partition']!r}")
 
     def key_by_id(self, key_id: str, keyring: MasterKeyring) -> SecretKey:
@@ -325,16 +325,16 @@ class Catalogue:
             if row is not None:
                 _refuse_erased(conn, row["partition"])
         if row is None:
-            raise KeyError_(f"wedding key {key_id} is not in the catalogue")
+            raise CryptoKeyError(f"wedding key {key_id} is not in the catalogue")
         if row["wrapped"] is None:
-            raise KeyError_(f"wedding key {key_id} was destroyed (erasure) at {row['shredded_at']:%Y-%m-%d}")
+            raise CryptoKeyError(f"wedding key {key_id} was destroyed (erasure) at {row['shredded_at']:%Y-%m-%d}")
         return self._unwrap(key_id, row["partition"], row["wrapped"], row["master_key_id"], keyring)
 
     @staticmethod
     def _unwrap(key_id: str, partition: str, wrapped: bytes, master_key_id: str,
                 keyring: MasterKeyring) -> SecretKey:
         master = keyring.get(master_key_id)
-        return SecretKey(key_id, unwrap_key(master, bytes(wrapped), _context(partition, key_id)))
+        return SecretKey(key_id, unwrap_key(master, bytes(wrapped), wedding_key_context(partition, key_id)))
 
     # ---- backups and copies ------------------------------------------------------------------------
     def record_backup(self, *, partition: str, archive_sha256: str, size: int, key_id: str,
@@ -440,7 +440,7 @@ class Catalogue:
         for r in rows:
             try:
                 out[r["key_id"]] = self._unwrap(r["key_id"], r["partition"], r["wrapped"], r["master_key_id"], keyring)
-            except KeyError_:
+            except CryptoKeyError:
                 pass  # key_by_id raises the same error for the archive that needs it
         return out
 
@@ -818,12 +818,12 @@ def _refuse_erased(conn: psycopg.Connection, partition: str) -> None:
     row = conn.execute("SELECT erased_at, requested_by FROM wedbackup.erasures WHERE partition = %s",
                        (partition,)).fetchone()
     if row is not None:
-        raise KeyError_(f"wedding {partition} was erased (GDPR erasure recorded {row['erased_at']:%Y-%m-%d %H:%M} "
+        raise CryptoKeyError(f"wedding {partition} was erased (GDPR erasure recorded {row['erased_at']:%Y-%m-%d %H:%M} "
                         f"by {row['requested_by']}): its key is not read or made again, and nothing of it is "
                         "backed up or restored; see `wedbackup erase` and README, GDPR erasure")
 
 
-def _context(partition: str, key_id: str) -> bytes:
+def wedding_key_context(partition: str, key_id: str) -> bytes:
     # Binds a wrapped wedding key to its wedding and id: a wrapped key copied onto another row won't open.
     return f"wedbackup-wedding-key:{partition}:{key_id}".encode()
 

@@ -21,7 +21,7 @@ from wedbackup_dagster.core.errors import (
     ArchiveTruncated,
     ArchiveUnsupportedVersion,
     ArchiveWrongKey,
-    KeyError_,
+    CryptoKeyError,
 )
 from wedbackup_dagster.core.keys.keyring import SecretKey, is_valid_key_id, new_data_key, unwrap_key, wrap_key
 
@@ -465,13 +465,13 @@ class ArchiveReader:
         key_id = parsed.header.key_id
         try:
             wedding_key = resolve_key(key_id)
-        except KeyError_ as exc:
+        except CryptoKeyError as exc:
             raise ArchiveKeyUnavailable(name, f"wedding key {key_id!r} is not available: {exc}") from None
         if not isinstance(wedding_key, SecretKey):
             raise TypeError(f"resolve_key({key_id!r}) returned {type(wedding_key).__name__}, not a SecretKey")
         try:
             data_key = unwrap_key(wedding_key, parsed.wrapped_data_key, data_key_context(key_id))
-        except KeyError_:
+        except CryptoKeyError:
             raise ArchiveWrongKey(
                 name,
                 f"sealed with a different key (key id {key_id!r}): the data key does not open with the "
@@ -603,7 +603,7 @@ def open_archive(
     name: str,
     resolve_key: Callable[[str], SecretKey],
 ) -> ArchiveReader:
-    """Open an archive for streaming. `resolve_key(key_id)` returns the wedding key or raises KeyError_.
+    """Open an archive for streaming. `resolve_key(key_id)` returns the wedding key or raises CryptoKeyError.
     Iterate the result for plaintext pieces (or call .read(n)); every failure is an ArchiveError."""
     return ArchiveReader(fileobj, name=name, resolve_key=resolve_key)
 

@@ -22,9 +22,9 @@ from wedbackup_dagster.core.errors import ReplicaLocked, WedbackupError
 from wedbackup_dagster.core.governance.retention import CopyDeletion, delete_backup_copies
 from wedbackup_dagster.core.postgres.snapshot import database_label
 from wedbackup_dagster.core.postgres.tenancy import INSPECTION_MARKER, TableName, discover
-from wedbackup_dagster.core.storage.vault import check_partition
+from wedbackup_dagster.core.partitions import check_partition
+from wedbackup_dagster.core.partitions import PLATFORM
 
-PLATFORM = "platform"
 # Platform rows that name a wedding without a foreign key (so tenancy cannot route them): a column
 # `wedding_id`, or the pair (`entity` = 'wedding', `entity_id`) as in an audit log. Erasure removes them too.
 WEDDING_ID_COLUMN = "wedding_id"

@@ -25,7 +25,8 @@ from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any
 
 from wedbackup_dagster.core.errors import ReplicaLocked, WedbackupError
-from wedbackup_dagster.core.policy.backup_policy import PLATFORM, Policy, RetentionRule
+from wedbackup_dagster.core.partitions import PLATFORM
+from wedbackup_dagster.core.policy.backup_policy import Policy, RetentionRule
 
 
 ERASED = "wedding erased (GDPR): the key is destroyed; deleting what a lock kept"

@@ -25,12 +25,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from wedbackup_dagster.core.formats.archive import ArchiveStats, ArchiveWriter, loads_untrusted, open_archive
-from wedbackup_dagster.core.catalogue.store import Catalogue, _context as wedding_key_context
+from wedbackup_dagster.core.catalogue.store import Catalogue, wedding_key_context
 from wedbackup_dagster.core.errors import (
     ArchiveError,
     ArchiveKeyUnavailable,
     KeyBackupError,
-    KeyError_,
+    CryptoKeyError,
     WedbackupError,
 )
 from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey, load_master_keyring, unwrap_key, wrap_key
@@ -41,7 +41,7 @@ from wedbackup_dagster.core.storage.replicas.base import (
     parse_key_backup_key,
 )
 from wedbackup_dagster.core.storage.vault import KEY_BACKUP_DIR as VAULT_KEY_BACKUP_DIR
-from wedbackup_dagster.core.storage.vault import SUFFIX, _fsync_dir, check_sha256
+from wedbackup_dagster.core.storage.vault import SUFFIX, fsync_dir, check_sha256
 
 FORMAT_NAME = "wedbackup-key-store"
 FORMAT_VERSION = 2  # 2: erasure lines after the key lines (version 1 files, without them, still read)
@@ -141,7 +141,7 @@ def write_key_backup(fh: BinaryIO, entries: list[KeyEntry], master: SecretKey, *
     """Seal `entries` (all wrapped by `master`) and `erasures` as JSON lines into `fh`: a header line, one
     line per key, one line per erasure."""
     if any(e.master_key_id != master.key_id for e in entries):
-        raise KeyError_(f"every key in a key backup must be wrapped by its sealing master key {master.key_id!r}")
+        raise CryptoKeyError(f"every key in a key backup must be wrapped by its sealing master key {master.key_id!r}")
     writer = ArchiveWriter(fh, wedding_key=sealing_key(master), label={"app": "wedbackup", "kind": FORMAT_NAME})
     try:
         head = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "created_at": created_at,
@@ -217,7 +217,7 @@ def read_key_backup(fh: BinaryIO, *, name: str, keyring: MasterKeyring, check_ke
         for e in entries:
             try:
                 unwrap_key(keyring.get(e.master_key_id), e.wrapped, wedding_key_context(e.partition, e.key_id))
-            except KeyError_ as exc:
+            except CryptoKeyError as exc:
                 raise KeyBackupError(name, f"wedding key {e.key_id}: {exc}") from None
     return KeyBackupContents(name, head["master_key_id"], head["created_at"], entries, erasures)
 
@@ -277,7 +277,7 @@ def live_key_entries(catalogue: Catalogue, keyring: MasterKeyring) -> list[KeyEn
         if r["master_key_id"] != current.key_id:
             context = wedding_key_context(r["partition"], r["key_id"])
             if r["master_key_id"] not in keyring:
-                raise KeyError_(f"wedding key {r['key_id']} is wrapped by master key {r['master_key_id']!r}, "
+                raise CryptoKeyError(f"wedding key {r['key_id']} is wrapped by master key {r['master_key_id']!r}, "
                                 "which is not configured: it cannot be backed up (or read)")
             wrapped = wrap_key(current, unwrap_key(keyring.get(r["master_key_id"]), wrapped, context), context)
         entries.append(KeyEntry(r["key_id"], r["partition"], wrapped, current.key_id, r["created_at"].isoformat()))
@@ -302,7 +302,7 @@ def _write_to_vault(folder: Path, write: Callable[[BinaryIO], ArchiveStats]) -> 
             os.fsync(fh.fileno())
         final = folder / f"{check_sha256(stats.sha256)}{SUFFIX}"
         os.replace(tmp, final)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except OSError as exc:
         raise KeyBackupError(f"vault:{folder}", f"could not be written: {exc.strerror or type(exc).__name__}") from None
     finally:
@@ -360,7 +360,7 @@ def _record_copy(catalogue: Catalogue, backup_id: int, *, provider: str, uri: st
             (backup_id, provider, uri, object_key, version_id, size, checksum))
 
 
-def _newest_recorded(catalogue: Catalogue) -> dict[str, Any] | None:
+def newest_recorded_key_backup(catalogue: Catalogue) -> dict[str, Any] | None:
     with _connect(catalogue) as conn:
         row = conn.execute(
             "SELECT k.*, coalesce(array_agg(c.provider) FILTER (WHERE c.provider IS NOT NULL), '{}') AS providers "
@@ -374,7 +374,7 @@ def key_backup_is_current(catalogue: Catalogue, keyring: MasterKeyring) -> tuple
     key set's fingerprint): two cheap queries, for sensors."""
     catalogue.migrate()
     fingerprint, _ = key_set_fingerprint(catalogue, keyring.current.key_id)
-    newest = _newest_recorded(catalogue)
+    newest = newest_recorded_key_backup(catalogue)
     return newest is not None and newest["key_set"] == fingerprint, fingerprint
 
 
@@ -453,7 +453,7 @@ def _back_up_key_store(settings: Any, catalogue: Catalogue, replicas: Mapping[st
                        *, force: bool, keep: int | None) -> KeyBackupResult:
     master = keyring.current
     fingerprint, _ = key_set_fingerprint(catalogue, master.key_id)
-    newest = _newest_recorded(catalogue)
+    newest = newest_recorded_key_backup(catalogue)
     wanted = {"vault", *replicas}
     if (not force and newest is not None and newest["key_set"] == fingerprint
             and wanted <= set(newest["providers"])
@@ -555,7 +555,7 @@ def delete_key_backups(settings: Any, catalogue: Catalogue, replicas: Mapping[st
                 deleted["vault"] = deleted.get("vault", 0) + 1
                 _forget_copy(catalogue, "vault", path.stem)
         if folder.is_dir():
-            _fsync_dir(folder)
+            fsync_dir(folder)
     except OSError as exc:
         failures["vault"] = f"{folder}: {exc.strerror or type(exc).__name__}"
     with _connect(catalogue) as conn:

@@ -12,7 +12,7 @@ from typing import Iterable, Mapping
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from wedbackup_dagster.core.errors import ConfigError, KeyError_
+from wedbackup_dagster.core.errors import ConfigError, CryptoKeyError
 
 KEY_BYTES = 32
 KEY_ID_PATTERN = r"[A-Za-z0-9._-]{1,64}"
@@ -41,12 +41,12 @@ class SecretKey:
 
     def __post_init__(self) -> None:
         if not is_valid_key_id(self.key_id):
-            raise KeyError_(f"invalid key id {repr(self.key_id)[:80]}: expected 1-64 characters of A-Z a-z 0-9 . _ -")
+            raise CryptoKeyError(f"invalid key id {repr(self.key_id)[:80]}: expected 1-64 characters of A-Z a-z 0-9 . _ -")
         if not isinstance(self.material, (bytes, bytearray, memoryview)):
-            raise KeyError_(f"key {self.key_id}: material must be bytes")
+            raise CryptoKeyError(f"key {self.key_id}: material must be bytes")
         material = bytes(self.material)
         if len(material) != KEY_BYTES:
-            raise KeyError_(f"key {self.key_id}: material is {len(material)} bytes, expected {KEY_BYTES}")
+            raise CryptoKeyError(f"key {self.key_id}: material is {len(material)} bytes, expected {KEY_BYTES}")
         # A caller's bytearray could be mutated after the fact; keep our own immutable copy.
         object.__setattr__(self, "material", material)
 
@@ -66,13 +66,13 @@ class MasterKeyring:
     def __init__(self, keys: Iterable[SecretKey]):
         keys = tuple(keys)
         if not keys:
-            raise KeyError_("a master keyring needs at least one key")
+            raise CryptoKeyError("a master keyring needs at least one key")
         by_id: dict[str, SecretKey] = {}
         for key in keys:
             if not isinstance(key, SecretKey):
-                raise KeyError_("master keyring entries must be SecretKey instances")
+                raise CryptoKeyError("master keyring entries must be SecretKey instances")
             if key.key_id in by_id:
-                raise KeyError_(f"master key id {key.key_id!r} appears more than once")
+                raise CryptoKeyError(f"master key id {key.key_id!r} appears more than once")
             by_id[key.key_id] = key
         self._keys = by_id
         self._current = keys[0]
@@ -89,7 +89,7 @@ class MasterKeyring:
         try:
             return self._keys[key_id]
         except (KeyError, TypeError):
-            raise KeyError_(
+            raise CryptoKeyError(
                 f"master key {key_id!r} is not in the keyring (known ids: {', '.join(self._keys)})"
             ) from None
 
@@ -184,10 +184,10 @@ def wrap_key(kek: SecretKey, key: bytes, context: bytes) -> bytes:
     """Encrypt a 32-byte key under `kek`. `context` (e.g. b"wedding:123") is authenticated, so the
     wrapped key only opens for the same owner. Output: version(1) || nonce(12) || ciphertext+tag(48)."""
     if not isinstance(kek, SecretKey):
-        raise KeyError_("the wrapping key must be a SecretKey")
+        raise CryptoKeyError("the wrapping key must be a SecretKey")
     key = bytes(key)
     if len(key) != KEY_BYTES:
-        raise KeyError_(f"only {KEY_BYTES}-byte keys can be wrapped, got {len(key)} bytes")
+        raise CryptoKeyError(f"only {KEY_BYTES}-byte keys can be wrapped, got {len(key)} bytes")
     nonce = os.urandom(_NONCE_BYTES)
     sealed = AESGCM(kek.material).encrypt(nonce, key, bytes(context))
     return bytes([WRAP_VERSION]) + nonce + sealed
@@ -199,21 +199,21 @@ def _describe_context(context: bytes) -> str:
 
 
 def unwrap_key(kek: SecretKey, wrapped: bytes, context: bytes) -> bytes:
-    """Inverse of wrap_key. Raises KeyError_ if the wrapped key does not open with `kek` for `context`."""
+    """Inverse of wrap_key. Raises CryptoKeyError if the wrapped key does not open with `kek` for `context`."""
     if not isinstance(kek, SecretKey):
-        raise KeyError_("the wrapping key must be a SecretKey")
+        raise CryptoKeyError("the wrapping key must be a SecretKey")
     wrapped = bytes(wrapped)
     if not wrapped:
-        raise KeyError_("wrapped key is empty")
+        raise CryptoKeyError("wrapped key is empty")
     if wrapped[0] != WRAP_VERSION:
-        raise KeyError_(f"wrapped key has unsupported format version {wrapped[0]} (this build knows {WRAP_VERSION})")
+        raise CryptoKeyError(f"wrapped key has unsupported format version {wrapped[0]} (this build knows {WRAP_VERSION})")
     if len(wrapped) != WRAPPED_KEY_BYTES:
-        raise KeyError_(f"wrapped key is {len(wrapped)} bytes, expected {WRAPPED_KEY_BYTES}: damaged or truncated")
+        raise CryptoKeyError(f"wrapped key is {len(wrapped)} bytes, expected {WRAPPED_KEY_BYTES}: damaged or truncated")
     nonce, sealed = wrapped[1 : 1 + _NONCE_BYTES], wrapped[1 + _NONCE_BYTES :]
     try:
         return AESGCM(kek.material).decrypt(nonce, sealed, bytes(context))
     except InvalidTag:
-        raise KeyError_(
+        raise CryptoKeyError(
             f"wrapped key (context {_describe_context(context)}) does not open with key {kek.key_id!r}: "
             "wrong master key or tampered wrapped key"
         ) from None

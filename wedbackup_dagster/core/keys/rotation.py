@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from datetime import timezone
 from typing import Any
 
-from wedbackup_dagster.core.catalogue.store import Catalogue, _context as wedding_key_context
-from wedbackup_dagster.core.errors import KeyError_
+from wedbackup_dagster.core.catalogue.store import Catalogue, wedding_key_context
+from wedbackup_dagster.core.errors import CryptoKeyError
 from wedbackup_dagster.core.keys.backup import key_set_fingerprint, keys_awaiting_backup
 from wedbackup_dagster.core.keys.keyring import MasterKeyring, unwrap_key, wrap_key
 
@@ -53,7 +53,7 @@ def rotate_master_key(catalogue: Catalogue, keyring: MasterKeyring, *, batch_siz
     by_master = _wrapped_by(catalogue)
     missing = {m: n for m, n in by_master.items() if m not in keyring}
     if missing:
-        raise KeyError_("cannot rotate: wedding keys are wrapped by master key(s) that are not configured: "
+        raise CryptoKeyError("cannot rotate: wedding keys are wrapped by master key(s) that are not configured: "
                         + ", ".join(f"{m} ({n} keys)" for m, n in sorted(missing.items()))
                         + "; add them to WEDBACKUP_MASTER_KEY after the new current key")
     report.already_current = by_master.get(current.key_id, 0)
@@ -73,7 +73,7 @@ def rotate_master_key(catalogue: Catalogue, keyring: MasterKeyring, *, batch_siz
                 rewrapped = wrap_key(current, material, context)
                 # Proven before it replaces the only stored copy of the key.
                 if unwrap_key(current, rewrapped, context) != material:
-                    raise KeyError_(f"wedding key {r['key_id']}: re-wrapped key does not open; nothing changed")
+                    raise CryptoKeyError(f"wedding key {r['key_id']}: re-wrapped key does not open; nothing changed")
                 conn.execute("UPDATE wedbackup.wedding_keys SET wrapped = %s, master_key_id = %s WHERE key_id = %s",
                              (rewrapped, current.key_id, r["key_id"]))
                 report.rewrapped[r["master_key_id"]] = report.rewrapped.get(r["master_key_id"], 0) + 1

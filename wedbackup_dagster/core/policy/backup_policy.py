@@ -14,8 +14,9 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from wedbackup_dagster.core.errors import ConfigError
+from wedbackup_dagster.core.partitions import PLATFORM
 
-CRITICAL, HIGH, NORMAL, RECENT, ARCHIVED, PLATFORM = "critical", "high", "normal", "recent", "archived", "platform"
+CRITICAL, HIGH, NORMAL, RECENT, ARCHIVED = "critical", "high", "normal", "recent", "archived"  # and PLATFORM, its own tier
 TIERS = (CRITICAL, HIGH, NORMAL, RECENT, ARCHIVED, PLATFORM)
 POLICY_FILE_VARIABLE = "WEDBACKUP_POLICY_FILE"
 

@@ -29,19 +29,19 @@ from wedbackup_dagster.core.postgres import load_snapshot as restore
 from wedbackup_dagster.core.postgres import tenancy
 from wedbackup_dagster.core.formats.archive import open_archive
 from wedbackup_dagster.core.catalogue.store import BackupRecord
-from wedbackup_dagster.core.engine import PROVIDERS, VerifyOutcome
+from wedbackup_dagster.core.storage.providers import PROVIDERS
+from wedbackup_dagster.core.outcomes import VerifyOutcome
 from wedbackup_dagster.core.errors import VerificationError, WedbackupError
 from wedbackup_dagster.core.postgres.snapshot import (
     MANIFEST,
-    PLATFORM,
     Manifest,
-    _array_literal,
-    _copy_batch,
-    _TableOut,
+    array_literal,
+    copy_batch,
+    TableOut,
     database_label,
     use_qualified_names,
 )
-from wedbackup_dagster.core.storage.vault import check_partition
+from wedbackup_dagster.core.partitions import PLATFORM, check_partition
 
 _WEDDINGS_PLACEHOLDER = b"%(wedding_ids)s"
 log = logging.getLogger("wedbackup.verify")
@@ -152,7 +152,7 @@ class _Scratch:
                 if self.conn.closed or self.conn.broken:
                     raise
                 failed.append((r, f"restore of wedding {r.job.partition} into {self.target}: "
-                                  f"{restore._first_line(e)}"))
+                                  f"{restore.db_error_line(e)}"))
         return failed
 
     def _copy_in(self, cur: Any, table: str, payloads: list[bytes]) -> None:
@@ -224,7 +224,7 @@ class _Scratch:
                 rows, nbytes, sha, end = restore.copy_table_in(into, sql.Identifier(schema, tname), columns, records)
             except psycopg.Error as e:
                 raise VerificationError(f"restore of {what} into {self.target}: table {table} refused its "
-                                        f"rows: {restore._first_line(e)}") from None
+                                        f"rows: {restore.db_error_line(e)}") from None
             restore.check_table_end(end, rows, nbytes, sha, what=what, target=self.target, table=table,
                                     done="restored")
             seen[table] = (rows, nbytes, sha)
@@ -237,8 +237,8 @@ class _Scratch:
         if embedded.partition != p:
             raise VerificationError(f"wedding {p}: the manifest inside {name} is wedding "
                                     f"{embedded.partition[:40]!r}'s")
-        restore._compare_with_manifest(embedded, seen, what, self.target)  # the archive is self-consistent
-        restore._compare_with_manifest(job.manifest, seen, what, self.target)  # and is the catalogue's backup
+        restore.compare_with_manifest(embedded, seen, what, self.target)  # the archive is self-consistent
+        restore.compare_with_manifest(job.manifest, seen, what, self.target)  # and is the catalogue's backup
         return kept
 
     def _create_schema(self, header: dict[str, Any], pre_data: str, post_data: str) -> None:
@@ -258,7 +258,7 @@ class _Scratch:
             use_qualified_names(conn)
         except psycopg.Error as e:
             raise VerificationError(f"wedding {header['partition']}: its schema (DDL) cannot be created in "
-                                    f"{self.target}: {restore._first_line(e)}") from None
+                                    f"{self.target}: {restore.db_error_line(e)}") from None
         plan = tenancy.discover(conn, _root(header))
         for t in (*plan.tenant_tables, *plan.platform_tables):
             conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(t.table.ident()))
@@ -273,14 +273,14 @@ class _Scratch:
         if not jobs or self.plan is None:
             return
         conn = self.conn
-        ids = sql.Literal(_array_literal(j.partition for j in jobs)).as_bytes(conn)
+        ids = sql.Literal(array_literal(j.partition for j in jobs)).as_bytes(conn)
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         try:
             use_qualified_names(conn)
             for t in self.plan.tenant_tables:
-                outs = {j.partition.encode(): _TableOut(_NullSink) for j in jobs}
+                outs = {j.partition.encode(): TableOut(_NullSink) for j in jobs}
                 copy = sql.SQL("COPY ({}) TO STDOUT").format(t.wedding_batch_select()).as_bytes(conn)
-                _copy_batch(conn, ids.join(copy.split(_WEDDINGS_PLACEHOLDER)), outs, t.table)
+                copy_batch(conn, ids.join(copy.split(_WEDDINGS_PLACEHOLDER)), outs, t.table)
                 for j in jobs:
                     _compare(j, str(t.table), outs[j.partition.encode()])
             self._check_foreign_keys(jobs, ids)
@@ -322,7 +322,7 @@ def _root(header: dict[str, Any]) -> tenancy.TableName:
 def _without(post_data: str, external: set[tuple[str, str, str]]) -> str:
     """The post-data script without the foreign keys listed (schema, table, constraint)."""
     parts = []
-    for typ, schema, name, heading, body in restore._split_ddl(post_data):
+    for typ, schema, name, heading, body in restore.split_ddl(post_data):
         table, _, constraint = name.partition(" ")
         if typ == "FK CONSTRAINT" and (schema, table, constraint) in external:
             continue
@@ -355,7 +355,7 @@ def _table_rows(manifest: Manifest) -> list[dict[str, Any]]:
     return [asdict(restore.TableReport(t.table, t.rows, t.bytes, 0.0)) for t in manifest.tables]
 
 
-def _compare(job: _Job, table: str, out: _TableOut) -> None:
+def _compare(job: _Job, table: str, out: TableOut) -> None:
     try:
         m = job.manifest.table(table)
     except KeyError:
@@ -409,7 +409,7 @@ def verify_many(engine: Any, partitions: list[str], replicas: Mapping[str, Any],
             # The scratch server failed under the batch (unreachable, connection lost): each wedding not yet
             # reported is verified alone, which names it and the server in its own error, as before batching.
             log.warning("the batch's scratch database failed (%s); verifying its weddings alone",
-                        restore._first_line(exc)[:300])
+                        restore.db_error_line(exc)[:300])
             for job in jobs:
                 if job.partition not in done:
                     try:
@@ -427,7 +427,7 @@ def verify_many(engine: Any, partitions: list[str], replicas: Mapping[str, Any],
 
 def _verify_batch(engine: Any, jobs: list[_Job], replicas: Mapping[str, Any], prefetch: int,
                   memory_bytes: int, step: Callable[[], object]) -> Iterator[tuple[str, Any]]:
-    engine._drop_abandoned_scratch(restore)
+    engine.drop_abandoned_scratch(restore)
     started = time.perf_counter()
 
     def fetch(job: _Job) -> tuple[contextlib.ExitStack, Any]:
@@ -437,11 +437,11 @@ def _verify_batch(engine: Any, jobs: list[_Job], replicas: Mapping[str, Any], pr
         stack = contextlib.ExitStack()
         try:
             if job.provider == "vault":
-                tmp = stack.enter_context(engine._fetched_copy(job.backup, job.provider, replicas))
+                tmp = stack.enter_context(engine.fetched_copy(job.backup, job.provider, replicas))
             else:
                 folder = engine.vault.root if engine.vault.root.exists() else None
                 tmp = stack.enter_context(tempfile.TemporaryFile(dir=folder))
-                engine._download(replicas[job.provider], job.object_key, tmp, job.backup)
+                engine.download_copy(replicas[job.provider], job.object_key, tmp, job.backup)
                 tmp.seek(0)
         except BaseException:
             stack.close()
@@ -495,7 +495,7 @@ def _verify_batch(engine: Any, jobs: list[_Job], replicas: Mapping[str, Any], pr
                 continue
             with stack:
                 t0 = time.perf_counter()
-                name = engine._archive_name(job.backup, job.provider)
+                name = engine.archive_name(job.backup, job.provider)
                 try:
                     chunks = open_archive(tmp, name=name, resolve_key=resolve_key)
                     if job.manifest.total_bytes > memory_bytes:  # a large wedding streams in on its own
@@ -510,7 +510,7 @@ def _verify_batch(engine: Any, jobs: list[_Job], replicas: Mapping[str, Any], pr
                 except psycopg.Error as exc:
                     if conn.closed or conn.broken:
                         raise
-                    job.problems.append(restore._first_line(exc))
+                    job.problems.append(restore.db_error_line(exc))
                     retry.append(job)
                 job.load_seconds = time.perf_counter() - t0
             if held >= memory_bytes:

@@ -12,8 +12,8 @@ from psycopg import sql
 
 from wedbackup_dagster.core.postgres.snapshot import database_label, row_security_refusal
 from wedbackup_dagster.core.postgres.tenancy import TableName, discover
+from wedbackup_dagster.core.partitions import PLATFORM
 
-PLATFORM = "platform"
 
 
 @contextmanager

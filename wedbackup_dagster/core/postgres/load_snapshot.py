@@ -18,7 +18,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from wedbackup_dagster.core.postgres import tenancy
 from wedbackup_dagster.core.formats.archive import loads_untrusted
-from wedbackup_dagster.core.storage.vault import PARTITION_RE
+from wedbackup_dagster.core.partitions import PLATFORM, is_partition, partition_label
 from wedbackup_dagster.core.errors import (RestoreError, SchemaMismatchError, SnapshotFormatError,
                                            VerificationError)
 from wedbackup_dagster.core.postgres.snapshot import (
@@ -32,7 +32,6 @@ from wedbackup_dagster.core.postgres.snapshot import (
     MANIFEST,
     MAX_DATA_RECORD,
     MAX_META_RECORD,
-    PLATFORM,
     POST_DATA,
     PRE_DATA,
     RECORD_TYPES,
@@ -183,7 +182,7 @@ def header_of(record: Record) -> dict[str, Any]:
         raise SnapshotFormatError(record.source, f"snapshot format {str(header.get('format'))[:40]!r} version "
                                                  f"{str(header.get('version'))[:10]!r} is not {FORMAT_NAME} "
                                                  f"version {FORMAT_VERSION}")
-    if not isinstance(header.get("partition"), str) or not PARTITION_RE.match(header["partition"]):
+    if not is_partition(header.get("partition")):
         raise _garbled(record, "does not name a valid partition")
     if not isinstance(header.get("schema_fingerprint"), str):
         raise _garbled(record, "has no schema fingerprint")
@@ -303,17 +302,13 @@ class VerifyReport(TableTotals):
 
     def raise_if_failed(self) -> None:
         if not self.ok:
-            raise VerificationError(f"restore of {_partition_label(self.partition)} into {self.target} does not "
+            raise VerificationError(f"restore of {partition_label(self.partition)} into {self.target} does not "
                                     f"match its manifest: " + "; ".join(self.problems))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(ok=self.ok, problems=self.problems, total_rows=self.total_rows, total_bytes=self.total_bytes)
         return d
-
-
-def _partition_label(partition: str) -> str:
-    return "the platform partition" if partition == PLATFORM else f"wedding {partition}"
 
 
 # --- schema comparison ------------------------------------------------------------------------------
@@ -342,7 +337,7 @@ _TOC = re.compile(r"^--\n-- Name: (?P<name>.*); Type: (?P<type>.*?); Schema: (?P
                   re.MULTILINE)
 
 
-def _split_ddl(script: str) -> list[tuple[str, str, str, str, str]]:
+def split_ddl(script: str) -> list[tuple[str, str, str, str, str]]:
     """(type, schema, name, heading, body) per pg_dump entry; the preamble (SETs) has type ''."""
     matches = list(_TOC.finditer(script))
     first = matches[0].start() if matches else len(script)
@@ -359,7 +354,7 @@ def _post_data_script(post_data: str, external_fks: set[tuple[str, str, str]]) -
     if not external_fks:
         return post_data, []
     parts, relaxed = [], []
-    for typ, schema, name, heading, body in _split_ddl(post_data):
+    for typ, schema, name, heading, body in split_ddl(post_data):
         table, _, constraint = name.partition(" ")
         if typ == "FK CONSTRAINT" and (schema, table, constraint) in external_fks:
             statement = body.rstrip()
@@ -409,7 +404,7 @@ ORDER BY 1, 2, 3
 _ENABLE = {"O": sql.SQL("ENABLE TRIGGER"), "A": sql.SQL("ENABLE ALWAYS TRIGGER"), "R": sql.SQL("ENABLE REPLICA TRIGGER")}
 
 
-def _first_line(e: BaseException) -> str:
+def db_error_line(e: BaseException) -> str:
     """The error's first line; a row-security refusal (see no_row_security) also says what the role needs."""
     line = (str(e).strip().splitlines() or [type(e).__name__])[0]
     if is_row_security_refusal(e):
@@ -496,7 +491,7 @@ def restore_snapshot(chunks: Iterable[bytes], target_dsn: str, *, create_schema:
     try:
         conn = psycopg.connect(target_dsn, autocommit=True, application_name="wedbackup-restore")
     except psycopg.OperationalError as e:
-        raise RestoreError(f"cannot connect to {target}: {_first_line(e)}") from None
+        raise RestoreError(f"cannot connect to {target}: {db_error_line(e)}") from None
     except psycopg.Error:
         # psycopg's parse errors quote the connection string (`missing "=" after "<password>"`): never echo it.
         raise RestoreError(f"cannot connect to {target}: the connection string does not parse") from None
@@ -524,7 +519,7 @@ def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, A
     use_qualified_names(conn)
     no_row_security(conn)
     partition = str(header["partition"])
-    what = _partition_label(partition)
+    what = partition_label(partition)
     if create_schema == "auto":
         create_schema = schema_is_empty(describe_schema(conn))
     if create_schema:
@@ -537,7 +532,7 @@ def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, A
             conn.execute(pre_data)
         except psycopg.Error as e:
             raise RestoreError(f"restore of {what} into {target}: the schema (pre-data DDL) cannot be created: "
-                               f"{_first_line(e)}") from None
+                               f"{db_error_line(e)}") from None
         use_qualified_names(conn)
     else:
         found = schema_fingerprint(conn)
@@ -571,7 +566,7 @@ def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, A
                 rows, nbytes, sha, end_record = copy_table_in(cur, sql.Identifier(schema, tname), columns, records)
             except psycopg.Error as e:
                 raise RestoreError(f"restore of {what} into {target}: table {table} refused its rows: "
-                                   f"{_first_line(e)}") from None
+                                   f"{db_error_line(e)}") from None
             check_table_end(end_record, rows, nbytes, sha, what=what, target=target, table=table, done="restored")
             seen[table] = (rows, nbytes, sha)
             tables.append(TableReport(table, rows, nbytes, round(time.monotonic() - t0, 6)))
@@ -579,7 +574,7 @@ def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, A
         raise SnapshotFormatError(name, "the stream has no manifest")
     read_to_end(records, name)
     manifest = manifest_of(manifest_record)
-    _compare_with_manifest(manifest, seen, what, target, stream_columns)
+    compare_with_manifest(manifest, seen, what, target, stream_columns)
 
     unvalidated: list[str] = []
     if create_schema:
@@ -597,9 +592,9 @@ def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, A
             conn.execute(script)
         except psycopg.Error as e:
             raise RestoreError(f"restore of {what} into {target}: constraints and indexes (post-data DDL) "
-                               f"cannot be applied: {_first_line(e)}") from None
+                               f"cannot be applied: {db_error_line(e)}") from None
         use_qualified_names(conn)
-    sequences = _advance_sequences(conn, table_names)
+    sequences = advance_sequences(conn, table_names)
     for schema, tname, trigger, state, relkind in held:
         conn.execute(sql.SQL("ALTER TABLE {} {} {}").format(exact_table(schema, tname, relkind), _ENABLE[state],
                                                             sql.Identifier(trigger)))
@@ -610,7 +605,7 @@ def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, A
                          unvalidated_foreign_keys=unvalidated)
 
 
-def _compare_with_manifest(manifest: Manifest, seen: Mapping[str, tuple[int, int, str]], what: str,
+def compare_with_manifest(manifest: Manifest, seen: Mapping[str, tuple[int, int, str]], what: str,
                            target: str, columns: Mapping[str, list[str]] | None = None) -> None:
     """Every table of the stream is the manifest's, with its rows, bytes and SHA-256; and, given the columns
     each table-begin record named, the manifest's columns in the same order (rows loaded into other columns
@@ -641,7 +636,7 @@ def _hold_triggers(conn, schema: str, table: str) -> list[tuple[str, str, str, s
     return held
 
 
-def _advance_sequences(conn, tables: list[tuple[str, str]]) -> list[dict[str, Any]]:
+def advance_sequences(conn, tables: list[tuple[str, str]]) -> list[dict[str, Any]]:
     """Move every sequence feeding a restored column (serial, identity, or a nextval() default) past
     the largest restored value, never backwards."""
     if not tables:
@@ -719,7 +714,7 @@ def _selects_for(conn, manifest: Manifest, plan_or_selects, target: str
     people and is never executed: a crafted manifest could hold any statement."""
     params = None if manifest.partition == PLATFORM else {"wedding_id": manifest.partition}
     if plan_or_selects is None:
-        plan_or_selects = plan_matching(conn, manifest.plan, _partition_label(manifest.partition), target)
+        plan_or_selects = plan_matching(conn, manifest.plan, partition_label(manifest.partition), target)
     if isinstance(plan_or_selects, tenancy.TenancyPlan):
         return {str(t.table): (select, params) for t, select in partition_selects(plan_or_selects, manifest.partition)}
     if not all(isinstance(s, sql.Composable) for s in plan_or_selects.values()):
@@ -752,12 +747,12 @@ def verify_restored(target_dsn: str, manifest: Manifest, plan_or_selects=None) -
                     select, params = selects[m.table]
                     try:
                         with conn.transaction():
-                            rows, nbytes, sha = _checksum(conn, select, params)
+                            rows, nbytes, sha = table_checksum(conn, select, params)
                     except psycopg.Error as e:
                         if conn.closed or conn.broken:
                             raise  # the connection is gone: this error, not a later "connection is closed"
                         tables.append(TableReport(m.table, 0, 0, round(time.monotonic() - t0, 6), False,
-                                                  f"cannot be read on the target: {_first_line(e)}"))
+                                                  f"cannot be read on the target: {db_error_line(e)}"))
                         continue
                     problem = ""
                     if rows != m.rows:
@@ -768,7 +763,7 @@ def verify_restored(target_dsn: str, manifest: Manifest, plan_or_selects=None) -
             listed = {m.table for m in manifest.tables}
             tables += [TableReport(name, 0, 0, 0.0, False, "belongs to the partition but is not in the manifest")
                        for name in selects if name not in listed]
-            checks = _check_foreign_keys(conn, manifest)
+            checks = check_foreign_keys(conn, manifest)
         finally:
             if not conn.closed and not conn.broken:
                 with contextlib.suppress(psycopg.Error):
@@ -777,7 +772,7 @@ def verify_restored(target_dsn: str, manifest: Manifest, plan_or_selects=None) -
                         seconds=round(time.monotonic() - started, 6))
 
 
-def _checksum(conn, select: sql.Composable, params) -> tuple[int, int, str]:
+def table_checksum(conn, select: sql.Composable, params) -> tuple[int, int, str]:
     digest = hashlib.sha256()
     counts = [0, 0]
 
@@ -790,7 +785,7 @@ def _checksum(conn, select: sql.Composable, params) -> tuple[int, int, str]:
     return counts[0], counts[1], digest.hexdigest()
 
 
-def _check_foreign_keys(conn, manifest: Manifest) -> list[ForeignKeyCheck]:
+def check_foreign_keys(conn, manifest: Manifest) -> list[ForeignKeyCheck]:
     restored = {(t.schema, t.name) for t in manifest.tables}
     fks = conn.execute(_FK_OF_TABLES_SQL, {"schemas": [s for s, _ in restored],
                                            "names": [n for _, n in restored]}).fetchall()
@@ -802,7 +797,7 @@ def _check_foreign_keys(conn, manifest: Manifest) -> list[ForeignKeyCheck]:
         except psycopg.Error as e:
             if conn.closed or conn.broken:
                 raise
-            out.append(ForeignKeyCheck(conname, f"{cs}.{ct}", f"{ps}.{pt}", "unreadable", problem=_first_line(e)))
+            out.append(ForeignKeyCheck(conname, f"{cs}.{ct}", f"{ps}.{pt}", "unreadable", problem=db_error_line(e)))
     return out
 
 

@@ -30,10 +30,10 @@ from wedbackup_dagster.core.errors import (
 from wedbackup_dagster.core.catalogue.locks import partition_lock
 from wedbackup_dagster.core.postgres.load_snapshot import (
     Record,
-    _advance_sequences,
-    _checksum,
-    _compare_with_manifest,
-    _first_line,
+    advance_sequences,
+    table_checksum,
+    compare_with_manifest,
+    db_error_line,
     check_table_end,
     copy_table_in,
     foreign_keys_sql,
@@ -50,7 +50,6 @@ from wedbackup_dagster.core.postgres.load_snapshot import (
 )
 from wedbackup_dagster.core.postgres.snapshot import (
     MANIFEST,
-    PLATFORM,
     Manifest,
     database_label,
     describe_schema,
@@ -59,7 +58,7 @@ from wedbackup_dagster.core.postgres.snapshot import (
     schema_is_empty,
     use_qualified_names,
 )
-from wedbackup_dagster.core.storage.vault import check_partition
+from wedbackup_dagster.core.partitions import PLATFORM, check_partition, partition_label
 
 Progress = Callable[[str], None]
 MODES = ("target", "schema", "in_place")
@@ -76,7 +75,7 @@ class NoRecoveryPointError(UnknownWeddingError):
 
     def __init__(self, partition: str, problem: str):
         super().__init__(partition, problem)
-        self.args = (f"{_label(partition)}: {problem}",)
+        self.args = (f"{partition_label(partition)}: {problem}",)
 
     def __str__(self) -> str:
         return self.args[0]
@@ -140,10 +139,6 @@ def parse_as_of(text: str | None) -> datetime:
     if value.tzinfo is None:
         raise WedbackupError(f"--as-of {text!r} has no timezone: add one, e.g. {text.strip()}+00:00 or {text.strip()}Z")
     return value
-
-
-def _label(partition: str) -> str:
-    return "the platform partition" if partition == PLATFORM else f"wedding {partition}"
 
 
 def choose_point(points: list[RecoveryPoint], partition: str, as_of: datetime, *,
@@ -211,7 +206,7 @@ class RecoveryReport:
     def lines(self) -> list[str]:
         """The per-table table people read on the console."""
         verb = "would" if self.dry_run else "did"
-        head = (f"{_label(self.partition)} as of {self.snapshot_time} (archive {self.archive_sha256[:12]}, "
+        head = (f"{partition_label(self.partition)} as of {self.snapshot_time} (archive {self.archive_sha256[:12]}, "
                 f"{self.copy} copy) -> {self.target} [{self.mode}{', dry run' if self.dry_run else ''}]")
         out = [head, f"  {'table':<32}{'archive':>9}{'live':>9}{'add':>9}{'remove':>9}{'change':>9}"]
         for t in self.tables:
@@ -233,11 +228,11 @@ def _open_stream(chunks: Iterable[bytes], name: str) -> tuple[dict[str, Any], It
     return header, records
 
 
-def _connect(dsn: str, target: str, application_name: str) -> psycopg.Connection:
+def connect_target(dsn: str, target: str, application_name: str) -> psycopg.Connection:
     try:
         return psycopg.connect(dsn, autocommit=True, application_name=application_name)
     except psycopg.OperationalError as e:
-        raise RestoreError(f"cannot connect to {target}: {_first_line(e)}") from None
+        raise RestoreError(f"cannot connect to {target}: {db_error_line(e)}") from None
     except psycopg.Error:
         # psycopg's parse errors quote the connection string, password and all: never pass them on.
         raise RestoreError(f"cannot connect to {target}: the connection string does not parse") from None
@@ -371,7 +366,7 @@ def _load(conn, records: Iterator[Record], what: str, target: str, progress: Pro
                 rows, nbytes, sha, end_record = copy_table_in(cur, into, columns, records, on_chunk=tick)
             except psycopg.Error as e:
                 raise RestoreError(f"restore of {what} into {target}: table {table} refused the archive's rows: "
-                                   f"{_first_line(e)}") from None
+                                   f"{db_error_line(e)}") from None
             check_table_end(end_record, rows, nbytes, sha, what=what, target=target, table=table, done="read")
             seen[table] = (rows, nbytes, sha)
             order_by = list(begin.get("order_by") or [])
@@ -382,7 +377,7 @@ def _load(conn, records: Iterator[Record], what: str, target: str, progress: Pro
         raise SnapshotFormatError("snapshot stream", "the stream has no manifest")
     read_to_end(records, "snapshot stream")
     manifest = manifest_of(manifest_record)
-    _compare_with_manifest(manifest, seen, what, target)
+    compare_with_manifest(manifest, seen, what, target)
     return staged, manifest
 
 
@@ -392,9 +387,9 @@ def _attach_plan(staged: list[_Staged], plan: tenancy.TenancyPlan, partition: st
     of that plan, each with the plan's columns, or nothing is compared, locked or written."""
     selects = {str(t.table): (t, select) for t, select in partition_selects(plan, partition)}
     names = [s.qualified for s in staged]
-    problems = [f"table {n} is in the archive but not in {_label(partition)}'s tables of the target"
+    problems = [f"table {n} is in the archive but not in {partition_label(partition)}'s tables of the target"
                 for n in names if n not in selects]
-    problems += [f"table {n} of {_label(partition)} is not in the archive" for n in selects if n not in names]
+    problems += [f"table {n} of {partition_label(partition)} is not in the archive" for n in selects if n not in names]
     for s in staged:
         if s.qualified in selects and tuple(s.columns) != tuple(selects[s.qualified][0].columns):
             problems.append(f"table {s.qualified} has columns {s.columns} in the archive, "
@@ -479,8 +474,8 @@ def _dry_run(chunks: Iterable[bytes], dsn: str, target: str, mode: str, *, name:
     started = time.monotonic()
     header, records = _open_stream(chunks, name)
     partition = str(header["partition"])
-    what = _label(partition)
-    with _connect(dsn, target, "wedbackup-restore-dry-run") as conn, _transaction(conn, commit=False), \
+    what = partition_label(partition)
+    with connect_target(dsn, target, "wedbackup-restore-dry-run") as conn, _transaction(conn, commit=False), \
             _row_security_named(what, target):
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         use_qualified_names(conn)
@@ -514,9 +509,9 @@ def restore_into_schema(chunks: Iterable[bytes], dsn: str, schema: str, *, name:
         raise RestoreError(f"--into-schema {schema!r}: a schema name needs 1 to 63 bytes")
     header, records = _open_stream(chunks, name)
     partition = str(header["partition"])
-    what = _label(partition)
+    what = partition_label(partition)
     target = f"{database_label(dsn)}, schema {schema}"
-    with _connect(dsn, target, "wedbackup-restore-schema") as conn, _transaction(conn, commit=not dry_run):
+    with connect_target(dsn, target, "wedbackup-restore-schema") as conn, _transaction(conn, commit=not dry_run):
         use_qualified_names(conn)
         exists = conn.execute("SELECT EXISTS (SELECT FROM pg_catalog.pg_namespace WHERE nspname = %s)",
                               (schema,)).fetchone()[0]
@@ -557,7 +552,7 @@ def _row_security_named(what: str, target: str) -> Iterator[None]:
     except psycopg.Error as e:
         if not is_row_security_refusal(e):
             raise
-        raise RestoreError(f"restore of {what} into {target}: {_first_line(e)}; nothing was written") from None
+        raise RestoreError(f"restore of {what} into {target}: {db_error_line(e)}; nothing was written") from None
 
 
 _REFERENCES_SQL = foreign_keys_sql("referenced")  # keys pointing INTO the given tables
@@ -614,11 +609,11 @@ def restore_in_place(chunks: Iterable[bytes], dsn: str, wedding_id: str, *, name
                            "every wedding: restore it --into-schema or --target-dsn instead")
     header, records = _open_stream(chunks, name)
     if str(header["partition"]) != partition:
-        raise RestoreError(f"archive {name} holds {_label(str(header['partition']))}, not wedding {partition}")
+        raise RestoreError(f"archive {name} holds {partition_label(str(header['partition']))}, not wedding {partition}")
     what = f"wedding {partition}"
     target = database_label(dsn)
     try:
-        with _connect(dsn, target, "wedbackup-restore-in-place") as conn, _transaction(conn, commit=not dry_run), \
+        with connect_target(dsn, target, "wedbackup-restore-in-place") as conn, _transaction(conn, commit=not dry_run), \
                 _row_security_named(what, target):
             report = _replace_wedding(conn, header, records, partition, target, dry_run=dry_run,
                                       lock_timeout=lock_timeout, progress=progress)
@@ -683,21 +678,21 @@ def _replace_wedding(conn, header: Mapping[str, Any], records: Iterator[Record],
             raise
         except psycopg.Error as e:
             raise RestoreError(f"restore of {what} into {target}: table {s.qualified} refused the archive's rows: "
-                               f"{_first_line(e)}; nothing was written") from None
+                               f"{db_error_line(e)}; nothing was written") from None
         progress(f"{s.qualified}: {inserted:,} rows inserted")
     try:
         conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
     except psycopg.Error as e:
-        raise RestoreError(f"restore of {what} into {target}: a deferred constraint fails: {_first_line(e)}; "
+        raise RestoreError(f"restore of {what} into {target}: a deferred constraint fails: {db_error_line(e)}; "
                            f"nothing was written") from None
     for s in staged:
-        rows, nbytes, sha = _checksum(conn, s.select, s.params)
+        rows, nbytes, sha = table_checksum(conn, s.select, s.params)
         m = manifest.table(s.qualified)
         if (rows, nbytes, sha) != (m.rows, m.bytes, m.sha256):
             raise VerificationError(f"restore of {what} into {target}: table {s.qualified} does not match the "
                                     f"manifest after loading ({rows} rows / sha256 {sha[:16]}… vs {m.rows} / "
                                     f"{m.sha256[:16]}…): a trigger may have changed the rows; nothing was written")
-    report.sequences = _advance_sequences(conn, [(s.schema, s.name) for s in staged])
+    report.sequences = advance_sequences(conn, [(s.schema, s.name) for s in staged])
     progress(f"{what}: {sum(s.rows for s in staged):,} rows checked against the manifest; committing")
     return report
 
@@ -720,7 +715,7 @@ def _choose_copy(engine: Any, backup: BackupRecord, replicas: Mapping[str, Any],
     copies = {c.provider for c in engine.catalogue.copies(backup.id)}
     if asked:
         if asked not in copies:
-            raise ProviderError(asked, f"holds no copy of {_label(backup.partition)}'s backup "
+            raise ProviderError(asked, f"holds no copy of {partition_label(backup.partition)}'s backup "
                                        f"{backup.archive_sha256[:12]} of {backup.snapshot_time.isoformat()}")
         if asked != "vault" and asked not in replicas:
             raise ProviderError(asked, "is not configured for this restore")
@@ -730,7 +725,7 @@ def _choose_copy(engine: Any, backup: BackupRecord, replicas: Mapping[str, Any],
     for provider in ("s3", "gcs", "azure"):
         if provider in copies and provider in replicas:
             return provider
-    raise WedbackupError(f"{_label(backup.partition)}: no reachable copy of backup {backup.archive_sha256[:12]}")
+    raise WedbackupError(f"{partition_label(backup.partition)}: no reachable copy of backup {backup.archive_sha256[:12]}")
 
 
 def recover(engine: Any, request: RecoveryRequest, replicas: Mapping[str, Any], *, target_dsn: str | None = None,
@@ -755,11 +750,11 @@ def recover(engine: Any, request: RecoveryRequest, replicas: Mapping[str, Any], 
     backup = engine.catalogue.backup_by_sha(point.archive_sha256)
     chosen = _choose_copy(engine, backup, replicas, request.provider)
     state = "verified" if point.verified else "NOT verified"
-    progress(f"{_label(partition)}: recovery point {backup.snapshot_time.isoformat()} (archive "
+    progress(f"{partition_label(partition)}: recovery point {backup.snapshot_time.isoformat()} (archive "
              f"{backup.archive_sha256[:12]}, {state}), from the {chosen} copy")
     dsn = target_dsn if target_dsn and request.mode != "in_place" else engine.settings.source_dsn
-    name = engine._archive_name(backup, chosen)
-    with engine._fetched_copy(backup, chosen, replicas) as tmp:
+    name = engine.archive_name(backup, chosen)
+    with engine.fetched_copy(backup, chosen, replicas) as tmp:
         progress(f"fetched the {chosen} copy ({backup.size:,} bytes, SHA-256 checked)")
         chunks = open_archive(tmp, name=name, resolve_key=engine.resolve_key)
         if request.mode == "in_place":

@@ -27,8 +27,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from wedbackup_dagster.core.postgres import tenancy
 from wedbackup_dagster.core.errors import (SnapshotError, SnapshotIncomplete, SnapshotRetryable, UnknownWeddingError,
                                            WedbackupError)
+from wedbackup_dagster.core.partitions import PLATFORM, partition_label
 
-PLATFORM = "platform"
 FORMAT_NAME = "wedbackup-snapshot"
 FORMAT_VERSION = 1
 MAGIC = b"WBSNAP\r\n"  # 8 bytes; the CR LF catches a stream mangled by text-mode line-ending conversion
@@ -814,19 +814,19 @@ class SnapshotSession:
             for p in batch:
                 self._write_head(conn, facts, p, streams[p])
             tables: dict[str, list[TableManifest]] = {p: [] for p in batch}
-            literal = sql.Literal(_array_literal(batch)).as_bytes(conn)
+            literal = sql.Literal(array_literal(batch)).as_bytes(conn)
             per_wedding = self._statements(conn, plan, False)
             # The independent count: one grouped count per table for the whole batch, one round trip.
             counts = {(i, w): n for i, w, n in conn.execute(self._batch_count_statement(conn, plan),
-                                                             {"wedding_ids": _array_literal(batch)}, prepare=True)}
+                                                             {"wedding_ids": array_literal(batch)}, prepare=True)}
             incomplete: dict[str, SnapshotIncomplete] = {}
             for i, ((t, select_sql, _), parts) in enumerate(zip(per_wedding, self._batch_statements(conn, plan))):
                 t0 = time.monotonic()
-                outs: dict[bytes, _TableOut] = {}
+                outs: dict[bytes, TableOut] = {}
                 for p in batch:
                     write_record(streams[p], TABLE_BEGIN, _table_begin(t, select_sql, {"wedding_id": p}))
-                    outs[p.encode()] = _TableOut(streams[p])
-                _copy_batch(conn, literal.join(parts), outs, t.table)
+                    outs[p.encode()] = TableOut(streams[p])
+                copy_batch(conn, literal.join(parts), outs, t.table)
                 share = (time.monotonic() - t0) / len(batch)
                 for p in batch:
                     out = outs[p.encode()]
@@ -854,7 +854,7 @@ class SnapshotSession:
         id is not even a valid key: that error ends the batch query)."""
         root_key = self._root_key(plan)
         query = sql.SQL("SELECT {key}::text FROM {root} WHERE {key} = ANY({ids})").format(
-            key=root_key, root=plan.root.ident(), ids=sql.Literal(_array_literal(weddings)))
+            key=root_key, root=plan.root.ident(), ids=sql.Literal(array_literal(weddings)))
         try:
             found = {row[0] for row in self._query_in_savepoint(conn, query)}
         except psycopg.errors.InsufficientPrivilege:
@@ -1158,7 +1158,7 @@ def _table_manifest(t: tenancy.TenantTable | tenancy.PlatformTable, select_sql: 
 
 def _check_count(partition: str, t: tenancy.TenantTable | tenancy.PlatformTable, rows: int, counted: int) -> None:
     if rows != counted:
-        what = "the platform partition" if partition == PLATFORM else f"wedding {partition}"
+        what = partition_label(partition)
         raise SnapshotIncomplete(
             f"snapshot of {what}: table {t.table}: the COPY handed over {rows} rows but count(*) of the same rows "
             f"in the same snapshot found {counted}: the archive would be incomplete, so none is written; "
@@ -1176,7 +1176,7 @@ def count_mismatches(manifest: Manifest, restored_rows: Mapping[str, int]) -> li
     return problems
 
 
-def _array_literal(values: Iterable[str]) -> str:
+def array_literal(values: Iterable[str]) -> str:
     """A PostgreSQL array literal of `values`, every element quoted (the server casts it to the key's type)."""
     return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
 
@@ -1204,7 +1204,7 @@ class _GuardedSink:
                 self.error.__cause__ = e
 
 
-class _TableOut:
+class TableOut:
     """One wedding's rows of one table: counted, hashed and written as DATA records, as `_copy_table` does."""
 
     __slots__ = ("sink", "digest", "rows", "bytes")
@@ -1222,7 +1222,7 @@ class _TableOut:
         _write_data(self.sink, buf)
 
 
-def _copy_batch(conn, query: bytes, outs: Mapping[bytes, _TableOut], table: tenancy.TableName) -> None:
+def copy_batch(conn, query: bytes, outs: Mapping[bytes, TableOut], table: tenancy.TableName) -> None:
     """Run a batch COPY (each row led by its wedding's key and a tab, rows grouped by wedding) and hand
     each wedding its own rows without that key, framed exactly as `copy_out` frames a COPY of that
     wedding alone: a DATA record closes at the first row end at or past DATA_RECORD_TARGET.
@@ -1233,7 +1233,7 @@ def _copy_batch(conn, query: bytes, outs: Mapping[bytes, _TableOut], table: tena
     pgconn = _start_copy(conn, query)
     get = pgconn.get_copy_data
     target = DATA_RECORD_TARGET
-    out: _TableOut | None = None
+    out: TableOut | None = None
     seen: set[bytes] = set()
     prefix = b""
     cut = 0

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from psycopg import sql
 
 from wedbackup_dagster.core.errors import TenancyError
+from wedbackup_dagster.core.partitions import PLATFORM
 
-PLATFORM = "platform"
 
 # Collation-independent ordering, so a checksum taken on the source and on a restore in a database
 # with another default collation sees the rows in the same order.

@@ -13,9 +13,9 @@ from typing import Any
 
 from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.config import Settings, redact
+from wedbackup_dagster.core.storage.providers import PROVIDERS, provider_client, replica_over
 from wedbackup_dagster.core.errors import ConfigError
 
-PROVIDERS = ("s3", "gcs", "azure")
 
 DOWN_AFTER_VARIABLE = "WEDBACKUP_PROVIDER_DOWN_AFTER"
 CANARY_TIMEOUT_VARIABLE = "WEDBACKUP_CANARY_TIMEOUT"
@@ -119,25 +119,11 @@ def canary_replicas(settings: Settings, timeout: float, providers: tuple[str, ..
 
 
 def _canary_replica(provider: str, settings: Settings, timeout: float, env: Mapping[str, str]) -> Any:
-    from wedbackup_dagster.core.storage.replicas import AzureReplica, GCSReplica, S3Replica
-    from wedbackup_dagster.core.storage.replicas.azure import azure_service_from
-    from wedbackup_dagster.core.storage.replicas.gcs import gcs_client_from
-    from wedbackup_dagster.core.storage.replicas.s3 import client_config, s3_client_from
-
-    if provider == "s3":
-        client = s3_client_from(settings.s3, env, config=client_config(
-            connect_timeout=timeout, read_timeout=timeout, max_attempts=1))
-        return S3Replica(client, settings.s3)
-    if provider == "gcs":
-        return GCSReplica(gcs_client_from(settings.gcs), settings.gcs, timeout=(timeout, timeout),
-                          retry_seconds=timeout)
-    if provider == "azure":
-        if not settings.azure.connection_string:
-            return _Unconfigured(provider, "WEDBACKUP_AZURE_CONNECTION_STRING is not set")
-        service = azure_service_from(settings.azure, connection_timeout=timeout, read_timeout=timeout,
-                                     retry_total=0)
-        return AzureReplica(service, settings.azure)
-    raise ValueError(f"unknown provider {provider!r}")
+    if provider == "azure" and not settings.azure.connection_string:
+        return _Unconfigured(provider, "WEDBACKUP_AZURE_CONNECTION_STRING is not set")
+    # One attempt, every wait bounded by the canary's own timeout (not the pipeline's).
+    client = provider_client(provider, settings, env, timeout=timeout, connect_timeout=timeout, max_attempts=1)
+    return replica_over(provider, settings, client, timeout=timeout, connect_timeout=timeout, retry_seconds=timeout)
 
 
 class _Unconfigured:

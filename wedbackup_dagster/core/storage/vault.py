@@ -14,41 +14,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from wedbackup_dagster.core.errors import WedbackupError
+from wedbackup_dagster.core.partitions import check_partition, is_partition, shown
 
-PARTITION_RE = re.compile(r"^(?:platform|[A-Za-z0-9_-]{1,64})$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 SUFFIX = ".wbk"
 KEY_BACKUP_DIR = "keys.d"  # encrypted key-store backups (core/keys/backup.py); the dot keeps it from being a partition
-
-
-def shown(value: object) -> str:
-    """A hostile value in an error message: escaped (repr) and bounded, so it cannot flood or forge a log."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def check_partition(partition: str) -> str:
-    """A partition key is `platform` or a wedding id; anything else could escape a path or prefix.
-    fullmatch, not match: `$` would let a trailing newline through."""
-    if not isinstance(partition, str) or not PARTITION_RE.fullmatch(partition):
-        raise WedbackupError(f"partition {shown(partition)} is not a wedding id ([A-Za-z0-9_-], at most 64) "
-                             "or 'platform'")
-    return partition
-
-
-_INTEGER_ID = re.compile(r"(-?)0*([0-9]+)")
-_UUID_ID = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
-
-
-def other_spellings(partition: str) -> str | None:
-    """A PostgreSQL regular expression matching every way of writing the same wedding id as `partition`
-    ("7", "07", "007" for an integer key; any letter case for a uuid), or None when the id has no other
-    spelling. The source's own text of the key is the one canonical form (README, Hostile input)."""
-    if (m := _INTEGER_ID.fullmatch(partition)) is not None:
-        return f"^{m.group(1)}0*{m.group(2)}$"
-    if _UUID_ID.fullmatch(partition):
-        return f"(?i)^{partition}$"
-    return None
 
 
 def check_sha256(sha256: str) -> str:
@@ -65,7 +35,7 @@ class VaultEntry:
     size: int
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -109,7 +79,7 @@ class Vault:
             tmp.unlink(missing_ok=True)
         else:
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         return VaultEntry(partition, sha256, final, size)
 
     def get(self, partition: str, sha256: str) -> VaultEntry | None:
@@ -121,7 +91,7 @@ class Vault:
     def entries(self, partition: str | None = None) -> Iterator[VaultEntry]:
         # Only partition folders: the key-store backups (KEY_BACKUP_DIR) are not archives of a wedding.
         folders = [self.root / check_partition(partition)] if partition else sorted(
-            p for p in self.root.glob("*") if p.is_dir() and PARTITION_RE.match(p.name))
+            p for p in self.root.glob("*") if p.is_dir() and is_partition(p.name))
         for folder in folders:
             for path in sorted(folder.glob(f"*{SUFFIX}")):
                 yield VaultEntry(folder.name, path.stem, path, path.stat().st_size)
@@ -134,7 +104,7 @@ class Vault:
             path.unlink()
         except FileNotFoundError:
             return False
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
 
     def clean_incoming(self, partition: str | None = None) -> int:

@@ -9,7 +9,8 @@ import pytest
 
 from wedbackup_dagster.core.catalogue import inventory as inv
 from wedbackup_dagster.core.errors import ConfigError
-from wedbackup_dagster.core.storage.replicas import AzureReplica, GCSReplica, S3Replica, ensure_targets
+from wedbackup_dagster.core.storage.replicas import AzureReplica, GCSReplica, S3Replica
+from wedbackup_dagster.core.storage.providers import ensure_targets
 
 SHA = ["a" * 64, "b" * 64, "c" * 64, "d" * 64]
 

@@ -12,7 +12,8 @@ from wedbackup_dagster import cli
 from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.catalogue.rebuild_from_storage import rebuild_from
-from wedbackup_dagster.core.storage.replicas import GCSReplica, S3Replica, ensure_targets
+from wedbackup_dagster.core.storage.replicas import GCSReplica, S3Replica
+from wedbackup_dagster.core.storage.providers import ensure_targets
 from wedbackup_dagster.core.storage.replicas.gcs import gcs_client_from
 from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from wedbackup_dagster.core.catalogue.store import Catalogue
-from wedbackup_dagster.core.errors import KeyError_
+from wedbackup_dagster.core.errors import CryptoKeyError
 from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey
 
 
@@ -31,9 +31,9 @@ def test_wedding_key_is_created_once_and_reopened(catalogue):
 
 def test_wrong_master_key_cannot_open(catalogue):
     k = catalogue.wedding_key("42", MasterKeyring([SecretKey.generate("m1")]))
-    with pytest.raises(KeyError_):
+    with pytest.raises(CryptoKeyError):
         catalogue.key_by_id(k.key_id, MasterKeyring([SecretKey.generate("m1")]))
-    with pytest.raises(KeyError_, match="m1"):
+    with pytest.raises(CryptoKeyError, match="m1"):
         catalogue.key_by_id(k.key_id, MasterKeyring([SecretKey.generate("m2")]))
 
 
@@ -44,10 +44,10 @@ def test_wrapped_key_moved_to_another_wedding_does_not_open(catalogue):
     with catalogue.connect() as conn:
         conn.execute("UPDATE wedbackup.wedding_keys SET wrapped = (SELECT wrapped FROM wedbackup.wedding_keys "
                      "WHERE key_id = %s) WHERE key_id = %s", (a.key_id, b.key_id))
-    with pytest.raises(KeyError_):
+    with pytest.raises(CryptoKeyError):
         catalogue.key_by_id(b.key_id, ring)
 
 
 def test_unknown_key_id(catalogue):
-    with pytest.raises(KeyError_, match="nope"):
+    with pytest.raises(CryptoKeyError, match="nope"):
         catalogue.key_by_id("nope", MasterKeyring([SecretKey.generate("m1")]))

@@ -36,7 +36,7 @@ from wedbackup_dagster.core.errors import (
     ArchiveTruncated,
     ArchiveUnsupportedVersion,
     ArchiveWrongKey,
-    KeyError_,
+    CryptoKeyError,
 )
 from wedbackup_dagster.core.keys.keyring import SecretKey, unwrap_key, wrap_key
 
@@ -52,7 +52,7 @@ def resolver(*keys: SecretKey):
 
     def resolve(key_id: str) -> SecretKey:
         if key_id not in known:
-            raise KeyError_(f"no wedding key {key_id!r} in the key store")
+            raise CryptoKeyError(f"no wedding key {key_id!r} in the key store")
         return known[key_id]
 
     return resolve

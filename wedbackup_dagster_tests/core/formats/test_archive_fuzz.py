@@ -19,7 +19,7 @@ from psycopg import sql
 from wedbackup_dagster.dev import demo_data
 from wedbackup_dagster.core.postgres import load_snapshot as restore
 from wedbackup_dagster.core.formats.archive import seal_bytes
-from wedbackup_dagster.core.errors import ArchiveError, KeyError_, SnapshotFormatError, WedbackupError
+from wedbackup_dagster.core.errors import ArchiveError, CryptoKeyError, SnapshotFormatError, WedbackupError
 from wedbackup_dagster.core.keys.keyring import SecretKey
 from wedbackup_dagster.core.postgres.snapshot import (
     DATA,
@@ -42,7 +42,7 @@ FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None
 
 def resolve(key_id: str) -> SecretKey:
     if key_id != KEY.key_id:
-        raise KeyError_(f"no wedding key {key_id!r}")
+        raise CryptoKeyError(f"no wedding key {key_id!r}")
     return KEY
 
 

@@ -11,7 +11,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from wedbackup_dagster.core.formats.archive import open_archive
-from wedbackup_dagster.core.errors import ArchiveError, KeyError_, WedbackupError
+from wedbackup_dagster.core.errors import ArchiveError, CryptoKeyError, WedbackupError
 from wedbackup_dagster.core.governance.erasure import erase_wedding, erasure_preview, reapply_erasures
 from wedbackup_dagster.core.postgres.restore_wedding import RecoveryRequest, recover
 from wedbackup_dagster.core.keys.keyring import SecretKey
@@ -82,7 +82,7 @@ def test_erasure_destroys_keys_and_every_copy_and_version(make_governance_fleet)
     assert cat.erasures()[0]["copies_deleted"] == 11
 
     # The erased wedding is never backed up again; the other wedding is untouched and still restores.
-    with engine.snapshot_session() as session, pytest.raises(KeyError_, match="erased"):
+    with engine.snapshot_session() as session, pytest.raises(CryptoKeyError, match="erased"):
         engine.back_up("2", session)
     assert {c.provider for c in cat.copies(other)} == {"vault", "s3", "gcs", "azure"}
     engine.verify("3", replicas, provider="s3")

@@ -15,7 +15,7 @@ from wedbackup_dagster.core.formats.archive import ArchiveWriter
 from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.postgres.discovery import wedding_ids
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.errors import KeyError_
+from wedbackup_dagster.core.errors import CryptoKeyError
 from wedbackup_dagster.core.governance.erasure import erase_wedding, reapply_erasures
 from wedbackup_dagster.core.keys.backup import (
     FORMAT_NAME,
@@ -53,7 +53,7 @@ def test_an_erasure_comes_back_with_the_rebuilt_catalogue(make_governance_fleet,
     assert fresh.erased_partitions() == {"2"}
     # Discovery leaves it out (the sensor and `backup --all` filter on erased_partitions) and a backup refuses.
     rebuilt = Engine(engine.settings, engine.keyring, fresh)
-    with rebuilt.snapshot_session() as session, pytest.raises(KeyError_, match="wedding 2 was erased"):
+    with rebuilt.snapshot_session() as session, pytest.raises(CryptoKeyError, match="wedding 2 was erased"):
         rebuilt.back_up("2", session)
     with rebuilt.snapshot_session() as session:
         assert rebuilt.back_up("3", session).backup.partition == "3"
@@ -92,5 +92,5 @@ def test_a_key_backup_erasure_wins_over_a_key_and_version_1_still_reads(make_dat
     assert restore_erasures(cat, old) == 1
     with cat.connect() as conn:
         assert conn.execute("SELECT wrapped FROM wedbackup.wedding_keys").fetchone()["wrapped"] is None
-    with pytest.raises(KeyError_, match="wedding 5 was erased"):
+    with pytest.raises(CryptoKeyError, match="wedding 5 was erased"):
         cat.key_by_id(key.key_id, ring)

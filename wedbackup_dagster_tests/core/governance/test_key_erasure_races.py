@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from wedbackup_dagster.core.catalogue.store import Catalogue
-from wedbackup_dagster.core.errors import KeyError_
+from wedbackup_dagster.core.errors import CryptoKeyError
 from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey
 
 GATE = 914_014  # the advisory lock the parked INSERT waits for
@@ -84,7 +84,7 @@ def test_an_erasure_racing_the_first_key_shreds_it(catalogue):
         live = conn.execute("SELECT count(*) FROM wedbackup.wedding_keys WHERE partition = '7' "
                             "AND wrapped IS NOT NULL").fetchone()[0]
     assert live == 0, "an erasure that began while the key was being made left that key alive"
-    with pytest.raises(KeyError_, match="wedding 7 was erased"):
+    with pytest.raises(CryptoKeyError, match="wedding 7 was erased"):
         catalogue.wedding_key("7", ring)
 
 
@@ -93,8 +93,8 @@ def test_an_erased_weddings_existing_key_is_not_read(catalogue):
     key = catalogue.wedding_key("8", ring)
     # The erasure is recorded but has not shredded yet (or a restored catalogue got the key back).
     catalogue.begin_erasure("8", "8", "dpo@example.org")
-    with pytest.raises(KeyError_, match=r"wedding 8 was erased .*dpo@example.org"):
+    with pytest.raises(CryptoKeyError, match=r"wedding 8 was erased .*dpo@example.org"):
         catalogue.wedding_key("8", ring, create=False)
-    with pytest.raises(KeyError_, match="wedding 8 was erased"):
+    with pytest.raises(CryptoKeyError, match="wedding 8 was erased"):
         catalogue.key_by_id(key.key_id, ring)
     assert catalogue.wedding_key("9", ring).key_id.startswith("9.")  # other weddings are untouched

@@ -26,9 +26,10 @@ from wedbackup_dagster.core.keys.backup import (
     vault_key_backup_dir,
 )
 from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey, unwrap_key
-from wedbackup_dagster.core.catalogue.store import _context
+from wedbackup_dagster.core.catalogue.store import wedding_key_context
 from wedbackup_dagster.core.catalogue.rebuild_from_storage import rebuild_from
-from wedbackup_dagster.core.storage.replicas import AzureReplica, GCSReplica, S3Replica, ensure_targets
+from wedbackup_dagster.core.storage.replicas import AzureReplica, GCSReplica, S3Replica
+from wedbackup_dagster.core.storage.providers import ensure_targets
 from wedbackup_dagster.core.storage.replicas.azure import azure_service_from
 from wedbackup_dagster.core.storage.replicas.gcs import gcs_client_from
 from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
@@ -151,7 +152,7 @@ def test_a_shredded_key_is_in_no_key_backup_anywhere_after_refresh(engine):
         for e in read_key_backup_bytes(blob, name="held", keyring=engine.keyring).entries:
             assert e.partition != "2" and e.key_id not in shredded
             keys_held.append(SecretKey(e.key_id, unwrap_key(engine.keyring.get(e.master_key_id), e.wrapped,
-                                                            _context(e.partition, e.key_id))))
+                                                            wedding_key_context(e.partition, e.key_id))))
     assert keys_held
     for key in keys_held:
         with pytest.raises(ArchiveError):
@@ -223,7 +224,7 @@ def _entries(master: SecretKey, n: int = 3) -> list:
     out = []
     for i in range(n):
         key_id = f"{i}.abc{i}"
-        out.append(KeyEntry(key_id, str(i), wrap_key(master, os.urandom(32), _context(str(i), key_id)),
+        out.append(KeyEntry(key_id, str(i), wrap_key(master, os.urandom(32), wedding_key_context(str(i), key_id)),
                             master.key_id, "2026-12-01T00:00:00+00:00"))
     return out
 

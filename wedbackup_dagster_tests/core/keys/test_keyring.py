@@ -5,7 +5,7 @@ import base64
 
 import pytest
 
-from wedbackup_dagster.core.errors import ConfigError, KeyError_
+from wedbackup_dagster.core.errors import ConfigError, CryptoKeyError
 from wedbackup_dagster.core.keys.keyring import (
     MasterKeyring,
     SecretKey,
@@ -51,13 +51,13 @@ def test_secret_key_repr_and_str_show_only_the_id():
 
 @pytest.mark.parametrize("size", [0, 16, 31, 33, 64])
 def test_secret_key_rejects_wrong_length(size):
-    with pytest.raises(KeyError_, match="expected 32"):
+    with pytest.raises(CryptoKeyError, match="expected 32"):
         SecretKey("k1", b"\x07" * size)
 
 
 @pytest.mark.parametrize("key_id", ["", "has space", "x" * 65, "colon:id", "slash/id", "ünïcode", 12])
 def test_secret_key_rejects_bad_ids(key_id):
-    with pytest.raises(KeyError_, match="invalid key id"):
+    with pytest.raises(CryptoKeyError, match="invalid key id"):
         SecretKey(key_id, MATERIAL)
 
 
@@ -88,16 +88,16 @@ def test_keyring_current_get_and_ids():
 
 def test_keyring_unknown_id_names_the_id_not_the_material():
     ring = MasterKeyring([SecretKey("k1", MATERIAL)])
-    with pytest.raises(KeyError_) as info:
+    with pytest.raises(CryptoKeyError) as info:
         ring.get("nope")
     assert "'nope'" in str(info.value) and "k1" in str(info.value)
     assert_hides(str(info.value), MATERIAL)
 
 
 def test_keyring_rejects_empty_and_duplicates():
-    with pytest.raises(KeyError_):
+    with pytest.raises(CryptoKeyError):
         MasterKeyring([])
-    with pytest.raises(KeyError_, match="more than once"):
+    with pytest.raises(CryptoKeyError, match="more than once"):
         MasterKeyring([SecretKey("a", MATERIAL), SecretKey("a", bytes(32))])
 
 
@@ -144,7 +144,7 @@ def test_generated_text_loads_back():
 
 
 def test_generate_rejects_bad_id():
-    with pytest.raises(KeyError_):
+    with pytest.raises(CryptoKeyError):
         generate_master_key_text("bad id")
 
 
@@ -258,7 +258,7 @@ def test_wrap_round_trip_and_layout():
 
 def test_unwrap_with_wrong_context_fails():
     wrapped = wrap_key(KEK, new_data_key(), b"wedding:123")
-    with pytest.raises(KeyError_, match="does not open.*wrong master key or tampered wrapped key"):
+    with pytest.raises(CryptoKeyError, match="does not open.*wrong master key or tampered wrapped key"):
         unwrap_key(KEK, wrapped, b"wedding:124")
 
 
@@ -266,7 +266,7 @@ def test_unwrap_with_wrong_kek_fails_without_leaking():
     data_key = new_data_key()
     wrapped = wrap_key(KEK, data_key, b"wedding:1")
     other = SecretKey("master-2", bytes(32))
-    with pytest.raises(KeyError_) as info:
+    with pytest.raises(CryptoKeyError) as info:
         unwrap_key(other, wrapped, b"wedding:1")
     message = str(info.value)
     assert "master-2" in message and "wedding:1" in message
@@ -281,15 +281,15 @@ def test_every_tampered_byte_is_detected():
     for i in range(len(wrapped)):
         bad = bytearray(wrapped)
         bad[i] ^= 0x01
-        with pytest.raises(KeyError_):
+        with pytest.raises(CryptoKeyError):
             unwrap_key(KEK, bytes(bad), b"ctx")
     for bad in (wrapped[:-1], wrapped + b"\x00", b"", b"\x02" + wrapped[1:]):
-        with pytest.raises(KeyError_):
+        with pytest.raises(CryptoKeyError):
             unwrap_key(KEK, bad, b"ctx")
 
 
 def test_wrap_only_accepts_32_byte_keys():
-    with pytest.raises(KeyError_, match="32-byte"):
+    with pytest.raises(CryptoKeyError, match="32-byte"):
         wrap_key(KEK, b"short", b"ctx")
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.errors import KeyError_
+from wedbackup_dagster.core.errors import CryptoKeyError
 from wedbackup_dagster.core.keys.backup import refresh_key_backups
 from wedbackup_dagster.core.keys.rotation import key_status, rotate_master_key
 from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey
@@ -101,7 +101,7 @@ def test_a_crash_half_way_leaves_every_key_readable_and_a_rerun_finishes(engine)
     only_new = MasterKeyring([new])
     status = key_status(catalogue, only_new)
     assert status.unreadable == {old.key_id: 2}
-    with pytest.raises(KeyError_, match=rf"{old.key_id} \(2 keys\)"):
+    with pytest.raises(CryptoKeyError, match=rf"{old.key_id} \(2 keys\)"):
         rotate_master_key(catalogue, only_new)
 
     report = rotate_master_key(catalogue, both)

@@ -5,13 +5,13 @@ from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
+from wedbackup_dagster.core.partitions import PLATFORM
 from wedbackup_dagster.core.errors import ConfigError
 from wedbackup_dagster.core.policy.backup_policy import (
     ARCHIVED,
     CRITICAL,
     HIGH,
     NORMAL,
-    PLATFORM,
     RECENT,
     TIERS,
     Policy,

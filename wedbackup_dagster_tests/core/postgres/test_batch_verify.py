@@ -11,11 +11,12 @@ import pytest
 
 from wedbackup_dagster.core.postgres import batch_verify
 from wedbackup_dagster.core.formats.archive import seal_bytes
-from wedbackup_dagster.core.catalogue.store import _context
-from wedbackup_dagster.core.engine import Engine, VerifyOutcome
+from wedbackup_dagster.core.catalogue.store import wedding_key_context
+from wedbackup_dagster.core.engine import Engine
+from wedbackup_dagster.core.outcomes import VerifyOutcome
 from wedbackup_dagster.core.errors import ArchiveError, WedbackupError
 from wedbackup_dagster.core.keys.keyring import new_data_key, wrap_key
-from wedbackup_dagster.core.storage.replicas import ensure_targets
+from wedbackup_dagster.core.storage.providers import ensure_targets
 from wedbackup_dagster.core.postgres.load_snapshot import read_snapshot
 from wedbackup_dagster.core.postgres.snapshot import HEADER, MAGIC, MANIFEST, take_snapshot, write_record
 from wedbackup_dagster_tests.core.test_engine import replicas_for
@@ -106,7 +107,7 @@ def test_a_wrong_key_names_that_wedding_only(engine, alone):
     backup = engine.catalogue.require_latest_backup("5")
     with engine.catalogue.connect() as conn:  # wedding 5's key replaced by another one under the same id
         conn.execute("UPDATE wedbackup.wedding_keys SET wrapped = %s WHERE key_id = %s",
-                     (wrap_key(engine.keyring.current, new_data_key(), _context("5", backup.key_id)), backup.key_id))
+                     (wrap_key(engine.keyring.current, new_data_key(), wedding_key_context("5", backup.key_id)), backup.key_id))
     results = verify_all(engine)
     assert isinstance(results["5"], ArchiveError) and "5" in str(results["5"])
     assert all(isinstance(results[w], VerifyOutcome) for w in WEDDINGS if w != "5")

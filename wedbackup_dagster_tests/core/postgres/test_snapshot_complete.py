@@ -269,7 +269,8 @@ def test_the_backup_retries_a_snapshot_whose_lock_was_not_granted(demo_env):
     snapshot again with a fresh transaction. Before: the step failed every wedding of the batch."""
     import os
 
-    from wedbackup_dagster.core.engine import BackupOutcome, Engine
+    from wedbackup_dagster.core.engine import Engine
+    from wedbackup_dagster.core.outcomes import BackupOutcome
 
     env = demo_env(weddings=3, seed=7, document_bytes=64, WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT="0.3")
     engine = Engine.from_env(dict(os.environ))
@@ -343,7 +344,7 @@ def test_a_copy_that_hands_over_fewer_rows_than_the_count_fails_the_wedding(make
 def test_the_batch_fails_only_the_wedding_whose_copy_came_short(make_database, monkeypatch):
     dsn = make_platform_db(make_database)
     state = {"table": None, "dropped": False}
-    real_batch, real_emit = snap._copy_batch, snap._TableOut.emit
+    real_batch, real_emit = snap.copy_batch, snap.TableOut.emit
 
     def batch(conn, query, outs, table):
         state["table"] = table.name
@@ -355,8 +356,8 @@ def test_the_batch_fails_only_the_wedding_whose_copy_came_short(make_database, m
             buf = drop_first_row(buf)
         real_emit(self, buf)
 
-    monkeypatch.setattr(snap, "_copy_batch", batch)
-    monkeypatch.setattr(snap._TableOut, "emit", emit)
+    monkeypatch.setattr(snap, "copy_batch", batch)
+    monkeypatch.setattr(snap.TableOut, "emit", emit)
     with SnapshotSession(dsn) as session:
         results = session.snapshot_many(["1", "2"], {"1": io.BytesIO(), "2": io.BytesIO()})
     assert isinstance(results["1"], SnapshotIncomplete) and "public.guest_dietary" in str(results["1"])

@@ -40,7 +40,7 @@ from wedbackup_dagster.core.storage.replicas import (
 MiB = 1 << 20
 PREFIX = "wedbackup"
 WEDDING = "4711"
-PROVIDERS = ("s3", "gcs", "azure")
+from wedbackup_dagster.core.storage.providers import PROVIDERS  # noqa: E402
 
 
 @dataclass(frozen=True)

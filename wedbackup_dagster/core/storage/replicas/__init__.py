@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from wedbackup_dagster.core.storage.replicas.azure import AzureReplica, azure_service_from, ensure_container
 from wedbackup_dagster.core.storage.replicas.base import (
-    PLATFORM_PARTITION,
     FileDigests,
     ListedObject,
     Replica,
@@ -23,18 +22,8 @@ from wedbackup_dagster.core.storage.replicas.s3 import S3Replica, ensure_bucket,
 
 
 
-def ensure_targets(settings) -> dict[str, bool]:
-    """Create the configured bucket, bucket and container when missing (local stack, demo); True = created."""
-    return {
-        "s3": ensure_bucket(s3_client_from(settings.s3, __import__("os").environ), settings.s3),
-        "gcs": ensure_gcs_bucket(gcs_client_from(settings.gcs), settings.gcs),
-        "azure": ensure_container(azure_service_from(settings.azure), settings.azure),
-    }
-
-
 __all__ = [
-    "ensure_targets",
-    "PLATFORM_PARTITION", "FileDigests", "ListedObject", "Replica", "ReplicaRecord", "archive_key", "check_key",
+    "FileDigests", "ListedObject", "Replica", "ReplicaRecord", "archive_key", "check_key",
     "digest_file", "key_backup_key", "parse_archive_key", "parse_key_backup_key", "validate_partition", "validate_sha256",
     "S3Replica", "s3_client_from", "ensure_bucket",
     "GCSReplica", "gcs_client_from", "ensure_gcs_bucket",

@@ -15,15 +15,14 @@ import google_crc32c
 
 from wedbackup_dagster.core.config import redact
 from wedbackup_dagster.core.errors import ArchiveError, ReplicaError, ReplicaKeyRejected
+from wedbackup_dagster.core.partitions import PLATFORM, is_partition, shown
 
-PLATFORM_PARTITION = "platform"
 ARCHIVE_SUFFIX = ".wbk"
 CANARY_DIR = "_canary"
 KEY_BACKUP_DIR = "keys"  # encrypted key-store backups: <prefix>/keys/<sha256>.wbk (core/keys/backup.py)
 KEY_BACKUP_METADATA_PARTITION = "key-store"  # what a key backup's `partition` metadata says
 READ_BLOCK = 1 << 20  # one MiB: the most any replica holds of an archive per read
 
-_PARTITION = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # Azure metadata names must be C# identifiers, the strictest of the three providers, so a '-' in a name
 # becomes '_' everywhere: the same archive carries the same metadata at every provider.
@@ -98,21 +97,15 @@ class Replica(Protocol):
 # ---------------------------------------------------------------------------------------------- keys
 
 
-def _shown(value: object) -> str:
-    # A hostile value may be huge or full of control characters: show a bounded, escaped excerpt.
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def validate_partition(provider: str, partition: str) -> str:
-    if not isinstance(partition, str) or not _PARTITION.fullmatch(partition):
-        raise ReplicaKeyRejected(provider, f"partition {_shown(partition)} is not 'platform' or [A-Za-z0-9_-]{{1,64}}")
+    if not is_partition(partition):
+        raise ReplicaKeyRejected(provider, f"partition {shown(partition)} is not 'platform' or [A-Za-z0-9_-]{{1,64}}")
     return partition
 
 
 def validate_sha256(provider: str, sha256: str) -> str:
     if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
-        raise ReplicaKeyRejected(provider, f"sha256 {_shown(sha256)} is not 64 lower-case hex digits")
+        raise ReplicaKeyRejected(provider, f"sha256 {shown(sha256)} is not 64 lower-case hex digits")
     return sha256
 
 
@@ -120,8 +113,8 @@ def archive_key(provider: str, prefix: str, partition: str, sha256: str) -> str:
     """The content-addressed key of a sealed archive; the same archive always lands on the same key."""
     validate_partition(provider, partition)
     validate_sha256(provider, sha256)
-    if partition == PLATFORM_PARTITION:
-        return f"{prefix}/{PLATFORM_PARTITION}/{sha256}{ARCHIVE_SUFFIX}"
+    if partition == PLATFORM:
+        return f"{prefix}/{PLATFORM}/{sha256}{ARCHIVE_SUFFIX}"
     return f"{prefix}/weddings/{partition}/{sha256}{ARCHIVE_SUFFIX}"
 
 
@@ -133,9 +126,9 @@ def parse_archive_key(prefix: str, key: str) -> tuple[str | None, str | None]:
     if not name.endswith(ARCHIVE_SUFFIX) or not _SHA256.fullmatch(name[: -len(ARCHIVE_SUFFIX)]):
         return None, None
     sha = name[: -len(ARCHIVE_SUFFIX)]
-    if parts[:-1] == [PLATFORM_PARTITION]:
-        return PLATFORM_PARTITION, sha
-    if len(parts) == 3 and parts[0] == "weddings" and _PARTITION.fullmatch(parts[1]):
+    if parts[:-1] == [PLATFORM]:
+        return PLATFORM, sha
+    if len(parts) == 3 and parts[0] == "weddings" and is_partition(parts[1]):
         return parts[1], sha
     return None, None
 
@@ -167,10 +160,10 @@ def upload_key(provider: str, prefix: str, key: str | None, partition: str, sha2
 def check_key(provider: str, prefix: str, key: str) -> str:
     """A key handed back to us (head, download, delete) must lie inside our prefix, segment by segment."""
     if not isinstance(key, str) or not key.startswith(prefix + "/") or len(key) > 1024:
-        raise ReplicaKeyRejected(provider, f"key {_shown(key)} is not inside the prefix {prefix!r}")
+        raise ReplicaKeyRejected(provider, f"key {shown(key)} is not inside the prefix {prefix!r}")
     for segment in key[len(prefix) + 1:].split("/"):
         if segment in (".", "..") or not _KEY_SEGMENT.fullmatch(segment):
-            raise ReplicaKeyRejected(provider, f"key {_shown(key)} has an unsafe path segment {_shown(segment)}")
+            raise ReplicaKeyRejected(provider, f"key {shown(key)} has an unsafe path segment {shown(segment)}")
     return key
 
 
@@ -188,14 +181,14 @@ def object_metadata(provider: str, partition: str, sha256: str, metadata: dict[s
     out = {"sha256": sha256, "partition": partition}
     for name, value in (metadata or {}).items():
         if not isinstance(name, str) or not _META_KEY.fullmatch(name):
-            raise ReplicaKeyRejected(provider, f"metadata name {_shown(name)} is not [a-z][a-z0-9_-]{{0,62}}")
+            raise ReplicaKeyRejected(provider, f"metadata name {shown(name)} is not [a-z][a-z0-9_-]{{0,62}}")
         if not isinstance(value, str) or not _META_VALUE.fullmatch(value):
-            raise ReplicaKeyRejected(provider, f"metadata {name} value {_shown(value)} is not printable ASCII "
+            raise ReplicaKeyRejected(provider, f"metadata {name} value {shown(value)} is not printable ASCII "
                                                "of at most 256 characters")
         stored = name.replace("-", "_")
         if stored in out and out[stored] != value:
             what = "is ours" if stored in _RESERVED_METADATA else "is given twice"
-            raise ReplicaKeyRejected(provider, f"metadata name {name!r} {what}, with another value {_shown(value)}")
+            raise ReplicaKeyRejected(provider, f"metadata name {name!r} {what}, with another value {shown(value)}")
         out[stored] = value
     return out
 

@@ -123,14 +123,8 @@ def plain(keys: list[str], run_size: int, providers: list[str]) -> float:
     the ops' resources make them once per step)."""
     from wedbackup_dagster.core.engine import Engine
     from wedbackup_dagster.core.errors import WedbackupError
-    from wedbackup_dagster.core.storage.replicas import (
-        AzureReplica,
-        GCSReplica,
-        S3Replica,
-        azure_service_from,
-        gcs_client_from,
-        s3_client_from,
-    )
+    from wedbackup_dagster.core.storage.replicas import (AzureReplica, GCSReplica, S3Replica, azure_service_from,
+                                                         gcs_client_from, s3_client_from)
 
     started = time.perf_counter()
     for i in range(0, len(keys), run_size):

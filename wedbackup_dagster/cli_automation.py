@@ -79,12 +79,8 @@ def cmd_catalogue_status(args: argparse.Namespace) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     from wedbackup_dagster.core.catalogue.store import Catalogue
     from .core.config import Settings
-    from wedbackup_dagster.core.storage.health import (
-        HealthSettings,
-        canary_replicas,
-        check_providers,
-        states_from_catalogue,
-    )
+    from wedbackup_dagster.core.storage.health import (HealthSettings, canary_replicas, check_providers,
+                                                       states_from_catalogue)
 
     settings = Settings.from_env()
     health = HealthSettings.from_env()

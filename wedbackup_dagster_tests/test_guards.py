@@ -34,8 +34,8 @@ def test_a_deeply_nested_header_label_is_a_corrupt_archive_naming_it():
 
 
 def test_deeply_nested_snapshot_records_and_manifests_fail_with_the_format_error():
-    from wedbackup_dagster.core.postgres.load_snapshot import Record
-    from wedbackup_dagster.core.postgres.snapshot import MANIFEST, Manifest
+    from wedbackup_dagster.core.formats.snapshot_stream import Record
+    from wedbackup_dagster.core.formats.snapshot_stream import MANIFEST, Manifest
 
     with pytest.raises(SnapshotFormatError, match="manifest record at offset 7 is not valid JSON"):
         Record(MANIFEST, NESTED, 7, "archive x.wbk").json()

@@ -22,13 +22,8 @@ from wedbackup_dagster.core.config import Settings
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import ConfigError, ReplicaKeyRejected, WedbackupError
 from wedbackup_dagster.core.storage.health import HealthSettings
-from wedbackup_dagster.core.storage.replicas.base import (
-    archive_key,
-    check_key,
-    check_list_prefix,
-    object_metadata,
-    parse_archive_key,
-)
+from wedbackup_dagster.core.storage.replicas.base import (archive_key, check_key, check_list_prefix, object_metadata,
+                                                          parse_archive_key)
 from wedbackup_dagster.core.storage.vault import Vault
 from wedbackup_dagster.core.partitions import check_partition
 
@@ -322,7 +317,8 @@ def test_a_malformed_restore_target_is_a_restore_error_that_never_echoes_it(targ
 
     from wedbackup_dagster.core.postgres import load_snapshot as restore
     from wedbackup_dagster.core.errors import RestoreError
-    from wedbackup_dagster.core.postgres.snapshot import HEADER, MAGIC, MANIFEST, POST_DATA, PRE_DATA, write_record
+    from wedbackup_dagster.core.formats.snapshot_stream import (HEADER, MAGIC, MANIFEST, POST_DATA, PRE_DATA,
+                                                                write_record)
 
     stream = io.BytesIO()
     stream.write(MAGIC)

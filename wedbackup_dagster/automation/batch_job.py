@@ -11,15 +11,8 @@ from dagster_gcp import GCSResource
 
 from ..backups.assets import (archive_metadata, dump_metadata, log_key_backup, make_replica, replica_metadata,
                               verify_metadata)
-from ..backups.constants import (
-    DB_DUMP,
-    ENCRYPTED_ARCHIVE,
-    REPLICA_KEYS,
-    RESTORE_POOL,
-    SOURCE_POOL,
-    UPLOAD_POOLS,
-    VERIFIED_RESTORE,
-)
+from ..backups.constants import (DB_DUMP, ENCRYPTED_ARCHIVE, REPLICA_KEYS, RESTORE_POOL, SOURCE_POOL, UPLOAD_POOLS,
+                                 VERIFIED_RESTORE)
 from ..backups.partitions import validated_keys
 from ..checks.wedding_checks import log_shrinkage_evaluations
 from ..backups.resources import AzureBlobResource, WedbackupEngineResource

@@ -18,15 +18,8 @@ from ..backups.partitions import weddings_partitions
 from wedbackup_dagster.core.catalogue.store import Catalogue
 from ..core.config import Settings, redact
 from ..core.errors import ConfigError
-from wedbackup_dagster.core.storage.health import (
-    HealthSettings,
-    ProviderState,
-    canary_replicas,
-    catchup_ranges,
-    check_providers,
-    iso,
-    states_from_catalogue,
-)
+from wedbackup_dagster.core.storage.health import (HealthSettings, ProviderState, canary_replicas, catchup_ranges,
+                                                   check_providers, iso, states_from_catalogue)
 
 HEALTH_INTERVAL_SECONDS = 30
 # Catch-up restores redundancy of backups that already exist (the vault and the other providers hold

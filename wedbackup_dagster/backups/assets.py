@@ -13,17 +13,8 @@ from wedbackup_dagster.core.storage.providers import PROVIDERS
 from wedbackup_dagster.core.outcomes import BackupOutcome, ReplicaOutcome, VerifyOutcome
 from ..core.errors import WedbackupError
 from ..progress import Progress
-from .constants import (
-    DB_DUMP,
-    ENCRYPTED_ARCHIVE,
-    GROUP,
-    OWNERS,
-    REPLICA_KEYS,
-    RESTORE_POOL,
-    SOURCE_POOL,
-    UPLOAD_POOLS,
-    VERIFIED_RESTORE,
-)
+from .constants import (DB_DUMP, ENCRYPTED_ARCHIVE, GROUP, OWNERS, REPLICA_KEYS, RESTORE_POOL, SOURCE_POOL,
+                        UPLOAD_POOLS, VERIFIED_RESTORE)
 from .partitions import validated_keys, weddings_partitions
 from .resources import AzureBlobResource, WedbackupEngineResource
 

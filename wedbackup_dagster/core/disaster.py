@@ -24,26 +24,12 @@ from wedbackup_dagster.core.partitions import PLATFORM, partition_label
 from wedbackup_dagster.core.formats.archive import open_archive
 from wedbackup_dagster.core.postgres.identity import check_restore_target
 from .errors import ArchiveError, ProviderError, RestoreError, WedbackupError
-from wedbackup_dagster.core.postgres.restore_wedding import (
-    NoRecoveryPointError,
-    RecoveryPoint,
-    connect_target,
-    choose_point,
-    recovery_points,
-)
-from wedbackup_dagster.core.postgres.load_snapshot import (
-    advance_sequences,
-    check_foreign_keys,
-    db_error_line,
-    restore_snapshot,
-    scratch_database,
-)
-from wedbackup_dagster.core.postgres.snapshot import (
-    RESTORE_PROGRESS_SCHEMA,
-    database_label,
-    describe_schema,
-    schema_is_empty,
-)
+from wedbackup_dagster.core.postgres.restore_wedding import (NoRecoveryPointError, RecoveryPoint, connect_target,
+                                                             choose_point, recovery_points)
+from wedbackup_dagster.core.postgres.load_snapshot import (advance_sequences, check_foreign_keys, db_error_line,
+                                                           restore_snapshot, scratch_database)
+from wedbackup_dagster.core.postgres.snapshot import (RESTORE_PROGRESS_SCHEMA, database_label, describe_schema,
+                                                      schema_is_empty)
 from ..progress import Progress as Counter  # done of total, rate, ETA (plain Python, shared with the backups)
 
 Progress = Callable[[str], None]

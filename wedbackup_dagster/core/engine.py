@@ -23,7 +23,8 @@ from .errors import (ArchiveError, PartitionBusyError, ProviderError, ReplicaChe
 from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey, load_master_keyring
 from wedbackup_dagster.core.catalogue.locks import partition_lock
 from wedbackup_dagster.core.partitions import PLATFORM, partition_label
-from wedbackup_dagster.core.postgres.snapshot import Manifest, count_mismatches, database_label
+from wedbackup_dagster.core.formats.snapshot_stream import Manifest
+from wedbackup_dagster.core.postgres.snapshot import count_mismatches, database_label
 from wedbackup_dagster.core.storage.providers import PROVIDERS
 from wedbackup_dagster.core.storage.vault import Vault, VaultEntry
 from wedbackup_dagster.core.partitions import check_partition

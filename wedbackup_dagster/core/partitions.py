@@ -8,8 +8,9 @@ import re
 from wedbackup_dagster.core.errors import WedbackupError
 
 PLATFORM = "platform"
-# A wedding id or `platform`: the characters that can never escape a path, an object key or a prefix.
-PARTITION_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# A wedding id or `platform`: characters that can never escape a path, an object key or a prefix. Only ever
+# fullmatch it (is_partition): `$` would let a trailing newline through.
+_PARTITION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 PARTITION_RULE = "a wedding id ([A-Za-z0-9_-], at most 64) or 'platform'"
 
 
@@ -21,14 +22,13 @@ def shown(value: object) -> str:
 
 def is_partition(value: object) -> bool:
     """fullmatch, not match: `$` would let a trailing newline through."""
-    return isinstance(value, str) and PARTITION_RE.fullmatch(value) is not None
+    return isinstance(value, str) and _PARTITION_ID.fullmatch(value) is not None
 
 
 def check_partition(partition: str) -> str:
     """`partition` itself when it is a wedding id or `platform`; anything else could escape a path or prefix."""
     if not is_partition(partition):
-        raise WedbackupError(f"partition {shown(partition)} is not a wedding id ([A-Za-z0-9_-], at most 64) "
-                             "or 'platform'")
+        raise WedbackupError(f"partition {shown(partition)} is not {PARTITION_RULE}")
     return partition
 
 

@@ -9,21 +9,10 @@ import pytest
 from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
 
 from wedbackup_dagster.automation.batch_job import list_run_config
-from wedbackup_dagster.automation.reverify_list import (
-    BACKFILL_TAG,
-    RUN_SIZE,
-    reverify_run_config,
-    wedding_backfill_consolidation,
-)
-from wedbackup_dagster.backups.constants import (
-    AZURE_REPLICA,
-    DB_DUMP,
-    ENCRYPTED_ARCHIVE,
-    GCS_REPLICA,
-    REPLICA_KEYS,
-    S3_REPLICA,
-    VERIFIED_RESTORE,
-)
+from wedbackup_dagster.automation.reverify_list import (BACKFILL_TAG, RUN_SIZE, reverify_run_config,
+                                                        wedding_backfill_consolidation)
+from wedbackup_dagster.backups.constants import (AZURE_REPLICA, DB_DUMP, ENCRYPTED_ARCHIVE, GCS_REPLICA, REPLICA_KEYS,
+                                                 S3_REPLICA, VERIFIED_RESTORE)
 from wedbackup_dagster.backups.launch import register_partitions
 from wedbackup_dagster.backups.partitions import weddings_partitions
 from wedbackup_dagster.core.catalogue.store import Catalogue

@@ -7,14 +7,8 @@ import pytest
 
 from wedbackup_dagster.core.config import Settings
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.errors import (
-    ArchiveError,
-    ConfigError,
-    ProviderError,
-    SchemaMismatchError,
-    UnknownWeddingError,
-    WedbackupError,
-)
+from wedbackup_dagster.core.errors import (ArchiveError, ConfigError, ProviderError, SchemaMismatchError,
+                                           UnknownWeddingError, WedbackupError)
 from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey, load_master_keyring
 from wedbackup_dagster.core.storage.replicas import GCSReplica, S3Replica
 from wedbackup_dagster.core.storage.providers import ensure_targets

@@ -63,7 +63,7 @@ def test_a_connection_lost_mid_verification_reports_the_loss_itself(stack, backe
     from psycopg.conninfo import conninfo_to_dict
 
     from wedbackup_dagster.core.postgres.load_snapshot import verify_restored
-    from wedbackup_dagster.core.postgres.snapshot import Manifest
+    from wedbackup_dagster.core.formats.snapshot_stream import Manifest
 
     engine = backed_up
     manifest = Manifest.from_dict(engine.catalogue.require_latest_backup("1").manifest)

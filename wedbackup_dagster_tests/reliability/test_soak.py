@@ -39,7 +39,7 @@ from wedbackup_dagster.core.postgres import load_snapshot as restore
 from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.storage.providers import ensure_targets
-from wedbackup_dagster.core.postgres.snapshot import Manifest
+from wedbackup_dagster.core.formats.snapshot_stream import Manifest
 from wedbackup_dagster.definitions import defs
 
 from .audit import audit, direct_replicas

@@ -43,7 +43,7 @@ def read_archive_manifest(replica: Any, key: str, sha256: str, resolve_key: Call
                           *, tmp_dir: str | None = None) -> tuple[str, dict[str, Any]]:
     """(key id, manifest) of one archive at a provider: downloaded to a temporary file (its SHA-256
     checked on the way), opened with the wedding key and read through to its manifest record."""
-    from wedbackup_dagster.core.postgres.load_snapshot import read_manifest
+    from wedbackup_dagster.core.formats.snapshot_stream import read_manifest
 
     with tempfile.TemporaryFile(dir=tmp_dir) as tmp:
         replica.download(key, tmp, expected_sha256=sha256)

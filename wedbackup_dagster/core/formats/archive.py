@@ -13,16 +13,8 @@ import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from wedbackup_dagster.core.errors import (
-    ArchiveCorrupt,
-    ArchiveError,
-    ArchiveKeyUnavailable,
-    ArchiveNotRecognised,
-    ArchiveTruncated,
-    ArchiveUnsupportedVersion,
-    ArchiveWrongKey,
-    CryptoKeyError,
-)
+from wedbackup_dagster.core.errors import (ArchiveCorrupt, ArchiveError, ArchiveKeyUnavailable, ArchiveNotRecognised,
+                                           ArchiveTruncated, ArchiveUnsupportedVersion, ArchiveWrongKey, CryptoKeyError)
 from wedbackup_dagster.core.keys.keyring import SecretKey, is_valid_key_id, new_data_key, unwrap_key, wrap_key
 
 MAGIC = b"WEDBAK"

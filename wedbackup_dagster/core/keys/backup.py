@@ -26,20 +26,12 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from wedbackup_dagster.core.formats.archive import ArchiveStats, ArchiveWriter, loads_untrusted, open_archive
 from wedbackup_dagster.core.catalogue.store import Catalogue, wedding_key_context
-from wedbackup_dagster.core.errors import (
-    ArchiveError,
-    ArchiveKeyUnavailable,
-    KeyBackupError,
-    CryptoKeyError,
-    WedbackupError,
-)
+from wedbackup_dagster.core.errors import (ArchiveError, ArchiveKeyUnavailable, KeyBackupError, CryptoKeyError,
+                                           WedbackupError)
 from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey, load_master_keyring, unwrap_key, wrap_key
 from wedbackup_dagster.core.storage.replicas.base import KEY_BACKUP_DIR as PROVIDER_KEY_BACKUP_DIR
-from wedbackup_dagster.core.storage.replicas.base import (
-    KEY_BACKUP_METADATA_PARTITION,
-    key_backup_key,
-    parse_key_backup_key,
-)
+from wedbackup_dagster.core.storage.replicas.base import (KEY_BACKUP_METADATA_PARTITION, key_backup_key,
+                                                          parse_key_backup_key)
 from wedbackup_dagster.core.storage.vault import KEY_BACKUP_DIR as VAULT_KEY_BACKUP_DIR
 from wedbackup_dagster.core.storage.vault import SUFFIX, fsync_dir, check_sha256
 

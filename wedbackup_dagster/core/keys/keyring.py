@@ -41,7 +41,8 @@ class SecretKey:
 
     def __post_init__(self) -> None:
         if not is_valid_key_id(self.key_id):
-            raise CryptoKeyError(f"invalid key id {repr(self.key_id)[:80]}: expected 1-64 characters of A-Z a-z 0-9 . _ -")
+            raise CryptoKeyError(f"invalid key id {repr(self.key_id)[:80]}: "
+                                 "expected 1-64 characters of A-Z a-z 0-9 . _ -")
         if not isinstance(self.material, (bytes, bytearray, memoryview)):
             raise CryptoKeyError(f"key {self.key_id}: material must be bytes")
         material = bytes(self.material)
@@ -206,7 +207,8 @@ def unwrap_key(kek: SecretKey, wrapped: bytes, context: bytes) -> bytes:
     if not wrapped:
         raise CryptoKeyError("wrapped key is empty")
     if wrapped[0] != WRAP_VERSION:
-        raise CryptoKeyError(f"wrapped key has unsupported format version {wrapped[0]} (this build knows {WRAP_VERSION})")
+        raise CryptoKeyError(f"wrapped key has unsupported format version {wrapped[0]} "
+                             f"(this build knows {WRAP_VERSION})")
     if len(wrapped) != WRAPPED_KEY_BYTES:
         raise CryptoKeyError(f"wrapped key is {len(wrapped)} bytes, expected {WRAPPED_KEY_BYTES}: damaged or truncated")
     nonce, sealed = wrapped[1 : 1 + _NONCE_BYTES], wrapped[1 + _NONCE_BYTES :]

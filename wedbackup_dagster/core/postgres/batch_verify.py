@@ -32,15 +32,10 @@ from wedbackup_dagster.core.catalogue.store import BackupRecord
 from wedbackup_dagster.core.storage.providers import PROVIDERS
 from wedbackup_dagster.core.outcomes import VerifyOutcome
 from wedbackup_dagster.core.errors import VerificationError, WedbackupError
-from wedbackup_dagster.core.postgres.snapshot import (
-    MANIFEST,
-    Manifest,
-    array_literal,
-    copy_batch,
-    TableOut,
-    database_label,
-    use_qualified_names,
-)
+from wedbackup_dagster.core.formats.snapshot_stream import (MANIFEST, Manifest, check_table_end, header_of, manifest_of,
+                                                            read_snapshot, read_to_end, table_begin_of)
+from wedbackup_dagster.core.postgres.snapshot import (array_literal, copy_batch, TableOut, database_label,
+                                                      use_qualified_names)
 from wedbackup_dagster.core.partitions import PLATFORM, check_partition
 
 _WEDDINGS_PLACEHOLDER = b"%(wedding_ids)s"
@@ -182,8 +177,8 @@ class _Scratch:
         the batch's (created from this archive when it is the first), every table is routed as in the
         wedding's manifest."""
         p = job.partition
-        records = restore.read_snapshot(chunks, name=name)
-        header = restore.header_of(next(records))
+        records = read_snapshot(chunks, name=name)
+        header = header_of(next(records))
         pre_data = next(records).text()
         post_data = next(records).text()
         if header["partition"] != p:
@@ -212,7 +207,7 @@ class _Scratch:
             if record.kind == MANIFEST:
                 manifest_record = record
                 break
-            schema, tname, columns = restore.table_begin_of(record)
+            schema, tname, columns = table_begin_of(record)
             table = f"{schema}.{tname}"
             if table not in self.selects or table in seen:
                 raise VerificationError(f"wedding {p}: its archive {name} holds table {table} "
@@ -225,15 +220,15 @@ class _Scratch:
             except psycopg.Error as e:
                 raise VerificationError(f"restore of {what} into {self.target}: table {table} refused its "
                                         f"rows: {restore.db_error_line(e)}") from None
-            restore.check_table_end(end, rows, nbytes, sha, what=what, target=self.target, table=table,
+            check_table_end(end, rows, nbytes, sha, what=what, target=self.target, table=table,
                                     done="restored")
             seen[table] = (rows, nbytes, sha)
             if cur is None:
                 kept[table] = (columns, into.payloads)
         if manifest_record is None:
             raise VerificationError(f"wedding {p}: its archive {name} has no manifest")
-        restore.read_to_end(records, name)
-        embedded = restore.manifest_of(manifest_record)
+        read_to_end(records, name)
+        embedded = manifest_of(manifest_record)
         if embedded.partition != p:
             raise VerificationError(f"wedding {p}: the manifest inside {name} is wedding "
                                     f"{embedded.partition[:40]!r}'s")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import re
 import time
 import uuid
@@ -17,226 +16,15 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from wedbackup_dagster.core.postgres import tenancy
-from wedbackup_dagster.core.formats.archive import loads_untrusted
-from wedbackup_dagster.core.partitions import PLATFORM, is_partition, partition_label
+from wedbackup_dagster.core.partitions import PLATFORM, partition_label
 from wedbackup_dagster.core.errors import (RestoreError, SchemaMismatchError, SnapshotFormatError,
                                            VerificationError)
-from wedbackup_dagster.core.postgres.snapshot import (
-    TableTotals,
-    DATA,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    FRAME_HEADER_SIZE,
-    HEADER,
-    MAGIC,
-    MANIFEST,
-    MAX_DATA_RECORD,
-    MAX_META_RECORD,
-    POST_DATA,
-    PRE_DATA,
-    RECORD_TYPES,
-    TABLE_BEGIN,
-    TABLE_END,
-    Manifest,
-    broken_key_names,
-    copy_out,
-    database_label,
-    describe_schema,
-    partition_selects,
-    plan_description,
-    schema_fingerprint,
-    schema_is_empty,
-    use_qualified_names,
-)
-
-# --- reading the stream -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Record:
-    kind: bytes  # one of snapshot.RECORD_TYPES
-    payload: bytes
-    offset: int  # where the record starts in the stream, for error messages
-    source: str = "snapshot stream"
-
-    @property
-    def kind_name(self) -> str:
-        return RECORD_TYPES[self.kind]
-
-    def json(self) -> dict[str, Any]:
-        try:
-            value = loads_untrusted(self.payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SnapshotFormatError(self.source, f"{self.kind_name} record at offset {self.offset} "
-                                                   f"is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
-        if not isinstance(value, dict):
-            raise SnapshotFormatError(self.source, f"{self.kind_name} record at offset {self.offset} "
-                                                   f"is not a JSON object")
-        return value
-
-    def text(self) -> str:
-        try:
-            return self.payload.decode()
-        except UnicodeDecodeError:
-            raise SnapshotFormatError(self.source, f"{self.kind_name} record at offset {self.offset} "
-                                                   f"is not UTF-8 text") from None
-
-
-# What may follow each record: header, pre-data, post-data, then (table-begin data* table-end)*, manifest.
-_NEXT = {
-    None: {HEADER},
-    HEADER: {PRE_DATA},
-    PRE_DATA: {POST_DATA},
-    POST_DATA: {TABLE_BEGIN, MANIFEST},
-    TABLE_BEGIN: {DATA, TABLE_END},
-    DATA: {DATA, TABLE_END},
-    TABLE_END: {TABLE_BEGIN, MANIFEST},
-    MANIFEST: set(),
-}
-
-
-def read_snapshot(chunks: Iterable[bytes], *, name: str = "snapshot stream") -> Iterator[Record]:
-    """Parse the framed snapshot stream from chunks of any size (records may span chunks). Memory is
-    bounded by the largest record. A truncated, garbled or out-of-order stream raises
-    SnapshotFormatError naming `name` and the offset."""
-    buf = bytearray()
-    offset = 0  # stream offset of buf[0]
-    magic_seen = False
-    last: bytes | None = None
-    for chunk in chunks:
-        if not chunk:
-            continue
-        buf += chunk
-        if not magic_seen:
-            if len(buf) < len(MAGIC):
-                if not MAGIC.startswith(bytes(buf)):
-                    raise SnapshotFormatError(name, "not a wedbackup snapshot stream (bad magic)")
-                continue
-            if bytes(buf[:len(MAGIC)]) != MAGIC:
-                raise SnapshotFormatError(name, "not a wedbackup snapshot stream (bad magic)")
-            del buf[:len(MAGIC)]
-            offset = len(MAGIC)
-            magic_seen = True
-        while len(buf) >= FRAME_HEADER_SIZE:
-            kind = bytes(buf[:1])
-            length = int.from_bytes(buf[1:FRAME_HEADER_SIZE], "big")
-            if kind not in RECORD_TYPES:
-                raise SnapshotFormatError(name, f"unknown record type {kind!r} at offset {offset}: "
-                                                f"the stream is garbled")
-            if kind not in _NEXT[last]:
-                after = RECORD_TYPES[last] if last else "the start"
-                raise SnapshotFormatError(name, f"{RECORD_TYPES[kind]} record at offset {offset} cannot "
-                                                f"follow {after}: the stream is garbled")
-            limit = MAX_DATA_RECORD if kind == DATA else MAX_META_RECORD
-            if length > limit:
-                raise SnapshotFormatError(name, f"{RECORD_TYPES[kind]} record at offset {offset} declares "
-                                                f"{length} bytes, more than the limit of {limit}: the stream is garbled")
-            end = FRAME_HEADER_SIZE + length
-            if len(buf) < end:
-                break
-            payload = bytes(buf[FRAME_HEADER_SIZE:end])
-            del buf[:end]
-            yield Record(kind, payload, offset, name)
-            offset += end
-            last = kind
-    if not magic_seen:
-        raise SnapshotFormatError(name, "empty or truncated before the snapshot's first record")
-    if buf:
-        if last == MANIFEST:
-            raise SnapshotFormatError(name, f"{len(buf)} unexpected bytes after the manifest at offset {offset}")
-        raise SnapshotFormatError(name, f"truncated: the stream ends inside a record at offset {offset}")
-    if last != MANIFEST:
-        where = RECORD_TYPES[last] if last else "the start"
-        raise SnapshotFormatError(name, f"truncated: the stream ends after {where} at offset {offset}, "
-                                        f"before its manifest")
-
-
-def read_manifest(chunks: Iterable[bytes], *, name: str = "snapshot stream") -> Manifest:
-    """The manifest of a snapshot stream (reads the whole stream, holding one record at a time)."""
-    manifest = None
-    for record in read_snapshot(chunks, name=name):
-        if record.kind == MANIFEST:
-            manifest = manifest_of(record)
-    if manifest is None:  # read_snapshot raises first; kept for a clear message if that changes
-        raise SnapshotFormatError(name, "the stream has no manifest")
-    return manifest
-
-
-# --- record contents --------------------------------------------------------------------------------
-# A stream that authenticated can still be garbled (written by a broken writer, or by someone holding the
-# key): every field the restore relies on is checked, so a bad one is a SnapshotFormatError naming the
-# stream, never a KeyError or TypeError from deep inside.
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _garbled(record: Record, problem: str) -> SnapshotFormatError:
-    return SnapshotFormatError(record.source, f"{record.kind_name} record at offset {record.offset} {problem}")
-
-
-def header_of(record: Record) -> dict[str, Any]:
-    """The header record's JSON, with the fields a restore uses checked."""
-    header = record.json()
-    if header.get("format") != FORMAT_NAME or header.get("version") != FORMAT_VERSION:
-        raise SnapshotFormatError(record.source, f"snapshot format {str(header.get('format'))[:40]!r} version "
-                                                 f"{str(header.get('version'))[:10]!r} is not {FORMAT_NAME} "
-                                                 f"version {FORMAT_VERSION}")
-    if not is_partition(header.get("partition")):
-        raise _garbled(record, "does not name a valid partition")
-    if not isinstance(header.get("schema_fingerprint"), str):
-        raise _garbled(record, "has no schema fingerprint")
-    schema = header.get("schema", [])
-    if not isinstance(schema, list) or not all(
-            isinstance(line, list) and len(line) == 3 and all(isinstance(x, str) for x in line) for line in schema):
-        raise _garbled(record, "has a schema description that is not a list of [kind, key, detail]")
-    fks = header.get("foreign_keys", [])
-    if not isinstance(fks, list) or not all(
-            isinstance(fk, dict) and all(isinstance(fk.get(k), str)
-                                         for k in ("schema", "table", "name", "ref_schema", "ref_table"))
-            for fk in fks):
-        raise _garbled(record, "has a foreign key list that is not a list of constraints")
-    plan = header.get("plan", {})
-    if not isinstance(plan, dict) or not isinstance(plan.get("tenant_tables", {}), dict):
-        raise _garbled(record, "has a tenancy plan that is not an object with a tenant_tables object")
-    return header
-
-
-def table_begin_of(record: Record) -> tuple[str, str, list[str]]:
-    """(schema, table, columns) of a table-begin record."""
-    begin = record.json()
-    schema, name, columns = begin.get("schema"), begin.get("name"), begin.get("columns")
-    if not (isinstance(schema, str) and schema and isinstance(name, str) and name and isinstance(columns, list)
-            and columns and all(isinstance(c, str) and c for c in columns)):
-        raise _garbled(record, "does not name a table and its columns")
-    return schema, name, columns
-
-
-_MANIFEST_TABLE_TYPES = {"schema": str, "name": str, "columns": list, "rows": int, "bytes": int, "sha256": str,
-                         "select_sql": str}
-
-
-def manifest_of(record: Record) -> Manifest:
-    """The manifest record as a Manifest, its fields checked (types, totals that are whole numbers)."""
-    d = record.json()
-    tables = d.get("tables")
-    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
-        raise _garbled(record, "has no list of tables")
-    for t in tables:
-        for key, kind in _MANIFEST_TABLE_TYPES.items():
-            value = t.get(key)
-            if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 0)):
-                raise _garbled(record, f"has a table whose {key!r} is missing or not a {kind.__name__}")
-        if not (t.get("params") is None or isinstance(t.get("params"), dict)):
-            raise _garbled(record, "has a table whose 'params' is not an object")
-    for key, kind in (("partition", str), ("snapshot_time", str), ("schema_fingerprint", str), ("plan", dict)):
-        if not isinstance(d.get(key), kind):
-            raise _garbled(record, f"has no {key!r} ({kind.__name__})")
-    try:
-        return Manifest.from_dict(d)
-    except (KeyError, TypeError, ValueError) as e:
-        raise _garbled(record, f"is not a manifest ({type(e).__name__}: {str(e)[:80]})") from None
-
+from wedbackup_dagster.core.formats.snapshot_stream import (DATA, MANIFEST, Manifest, Record, TableTotals,
+                                                            check_table_end, header_of, manifest_of, read_snapshot,
+                                                            read_to_end, table_begin_of)
+from wedbackup_dagster.core.postgres.snapshot import (broken_key_names, copy_out, database_label, describe_schema,
+                                                      partition_selects, plan_description, schema_fingerprint,
+                                                      schema_is_empty, use_qualified_names)
 
 # --- reports ----------------------------------------------------------------------------------------
 
@@ -450,23 +238,6 @@ def copy_table_in(cur, into: sql.Composable, columns: list[str], records: Iterat
             if on_chunk is not None:
                 on_chunk(rows)
     return rows, nbytes, digest.hexdigest(), None
-
-
-def check_table_end(end_record: Record | None, rows: int, nbytes: int, sha: str, *, what: str, target: str,
-                    table: str, done: str) -> None:
-    """The rows just copied (`done`: "restored", "read") are exactly what the table-end record says."""
-    end = end_record.json() if end_record is not None else {}
-    if (end.get("rows"), end.get("bytes"), end.get("sha256")) != (rows, nbytes, sha):
-        raise VerificationError(f"restore of {what} into {target}: table {table} does not match its "
-                                f"record: {rows} rows / sha256 {sha[:16]}… {done}, "
-                                f"{end.get('rows')} rows / sha256 {str(end.get('sha256'))[:16]}… recorded")
-
-
-def read_to_end(records: Iterator[Record], name: str) -> None:
-    """Read the stream past its manifest: read_snapshot refuses anything there (found by fuzzing: a
-    restore used to stop at the manifest and so accepted trailing garbage)."""
-    for extra in records:
-        raise SnapshotFormatError(name, f"{extra.kind_name} record at offset {extra.offset} after the manifest")
 
 
 def restore_snapshot(chunks: Iterable[bytes], target_dsn: str, *, create_schema: bool | str = "auto",

@@ -18,46 +18,18 @@ from wedbackup_dagster.core.postgres import tenancy
 from wedbackup_dagster.core.formats.archive import open_archive
 from wedbackup_dagster.core.catalogue.store import BackupRecord, Catalogue
 from wedbackup_dagster.core.postgres.identity import check_restore_target
-from wedbackup_dagster.core.errors import (
-    ProviderError,
-    RestoreError,
-    SchemaMismatchError,
-    SnapshotFormatError,
-    UnknownWeddingError,
-    VerificationError,
-    WedbackupError,
-)
+from wedbackup_dagster.core.errors import (ProviderError, RestoreError, SchemaMismatchError, SnapshotFormatError,
+                                           UnknownWeddingError, VerificationError, WedbackupError)
 from wedbackup_dagster.core.catalogue.locks import partition_lock
-from wedbackup_dagster.core.postgres.load_snapshot import (
-    Record,
-    advance_sequences,
-    table_checksum,
-    compare_with_manifest,
-    db_error_line,
-    check_table_end,
-    copy_table_in,
-    foreign_keys_sql,
-    header_of,
-    is_row_security_refusal,
-    manifest_of,
-    no_row_security,
-    plan_matching,
-    read_snapshot,
-    read_to_end,
-    restore_snapshot,
-    schema_differences,
-    table_begin_of,
-)
-from wedbackup_dagster.core.postgres.snapshot import (
-    MANIFEST,
-    Manifest,
-    database_label,
-    describe_schema,
-    partition_selects,
-    schema_fingerprint,
-    schema_is_empty,
-    use_qualified_names,
-)
+from wedbackup_dagster.core.formats.snapshot_stream import (Record, check_table_end, header_of, manifest_of,
+                                                            read_snapshot, read_to_end, table_begin_of)
+from wedbackup_dagster.core.postgres.load_snapshot import (advance_sequences, table_checksum, compare_with_manifest,
+                                                           db_error_line, copy_table_in, foreign_keys_sql,
+                                                           is_row_security_refusal, no_row_security, plan_matching,
+                                                           restore_snapshot, schema_differences)
+from wedbackup_dagster.core.formats.snapshot_stream import MANIFEST, Manifest
+from wedbackup_dagster.core.postgres.snapshot import (database_label, describe_schema, partition_selects,
+                                                      schema_fingerprint, schema_is_empty, use_qualified_names)
 from wedbackup_dagster.core.partitions import PLATFORM, check_partition, partition_label
 
 Progress = Callable[[str], None]

@@ -1,12 +1,11 @@
 """The logical snapshot of one wedding (or of the platform partition): one REPEATABLE READ transaction,
 the schema DDL from pg_dump, and every table's rows as COPY text, framed into one stream with a manifest.
 
-The inner stream format is documented in docs/SNAPSHOT.md; `restore.read_snapshot` parses it.
+The stream format (docs/SNAPSHOT.md), its writer and its reader, is core/formats/snapshot_stream.py.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import select
@@ -16,9 +15,9 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import pq, sql
@@ -27,137 +26,18 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from wedbackup_dagster.core.postgres import tenancy
 from wedbackup_dagster.core.errors import (SnapshotError, SnapshotIncomplete, SnapshotRetryable, UnknownWeddingError,
                                            WedbackupError)
+from wedbackup_dagster.core.formats.snapshot_stream import (DATA, DATA_RECORD_TARGET, FORMAT_NAME, FORMAT_VERSION,
+                                                            HEADER, MAGIC, MANIFEST, MAX_DATA_RECORD, POST_DATA,
+                                                            PRE_DATA, TABLE_BEGIN, TABLE_END, Manifest, Sink,
+                                                            TableManifest, json_payload, write_record)
 from wedbackup_dagster.core.partitions import PLATFORM, partition_label
 
-FORMAT_NAME = "wedbackup-snapshot"
-FORMAT_VERSION = 1
-MAGIC = b"WBSNAP\r\n"  # 8 bytes; the CR LF catches a stream mangled by text-mode line-ending conversion
-
-# Record types: one ASCII byte each, then an 8-byte big-endian payload length, then the payload.
-HEADER = b"H"
-PRE_DATA = b"P"
-POST_DATA = b"Q"
-TABLE_BEGIN = b"T"
-DATA = b"D"
-TABLE_END = b"E"
-MANIFEST = b"M"
-RECORD_TYPES = {HEADER: "header", PRE_DATA: "pre_data", POST_DATA: "post_data", TABLE_BEGIN: "table_begin",
-                DATA: "data", TABLE_END: "table_end", MANIFEST: "manifest"}
-FRAME_HEADER_SIZE = 9
 _WEDDING_PLACEHOLDER = b"%(wedding_id)s"
 _WEDDINGS_PLACEHOLDER = b"%(wedding_ids)s"  # a batch's array of wedding ids
 _T = TypeVar("_T")
 
-# COPY hands over one row per block; rows are coalesced so framing and sink calls stay rare, and a
-# single huge row is cut into pieces so a reader never needs more than MAX_DATA_RECORD at once.
-DATA_RECORD_TARGET = 256 * 1024
-MAX_DATA_RECORD = 1024 * 1024
-MAX_META_RECORD = 256 * 1024 * 1024  # header, DDL, manifest: large schemas, still bounded
 # How long the snapshot waits for its ACCESS SHARE lock on a table (WEDBACKUP_SNAPSHOT_LOCK_TIMEOUT).
 DEFAULT_LOCK_TIMEOUT = 30.0
-
-
-class Sink(Protocol):
-    def write(self, data: bytes, /) -> Any: ...
-
-
-# --- manifest ---------------------------------------------------------------------------------------
-
-@dataclass
-class TableManifest:
-    """One table of a snapshot: what was copied, how much, its checksum, and the SELECT that chose it."""
-
-    schema: str
-    name: str
-    columns: list[str]
-    rows: int
-    bytes: int
-    sha256: str
-    select_sql: str  # as rendered on the source; `%(wedding_id)s` is the only placeholder
-    params: dict[str, str] | None
-    order_by: list[str] = field(default_factory=list)
-    path: str = ""  # how the table's rows reach a wedding, for people
-    seconds: float = 0.0
-    # count(*) of the same rows in the same snapshot by another query (no ORDER BY, no column list,
-    # counted by the server): equal to `rows` in every archive written. None in archives written before it.
-    counted: int | None = None
-
-    @property
-    def table(self) -> str:
-        return f"{self.schema}.{self.name}"
-
-    def table_name(self) -> tenancy.TableName:
-        return tenancy.TableName(self.schema, self.name)
-
-
-class TableTotals:
-    """Totals over `self.tables` (each with `rows` and `bytes`): shared by manifests and restore reports."""
-
-    @property
-    def total_rows(self) -> int:
-        return sum(t.rows for t in self.tables)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.bytes for t in self.tables)
-
-    def table_rows(self) -> list[dict[str, Any]]:
-        """One dict per table, for a UI table or a DataFrame."""
-        return [asdict(t) for t in self.tables]
-
-
-@dataclass
-class Manifest(TableTotals):
-    """What a snapshot holds: enough to verify a restore and to rebuild every table's SELECT."""
-
-    partition: str
-    snapshot_time: str
-    txid: int
-    snapshot: str
-    server_version: str
-    schema_fingerprint: str
-    tables: list[TableManifest]
-    plan: dict[str, Any]
-    format_version: int = FORMAT_VERSION
-    seconds: float = 0.0
-    # Platform partition only (None elsewhere, and before): validated foreign keys the source's rows break
-    # (rows that reach no wedding are carried here), see broken_foreign_keys:
-    # [{"schema", "table", "constraint", "parent", "rows", "source_rows"}].
-    broken_foreign_keys: list[dict[str, Any]] | None = None
-
-    @property
-    def wedding_id(self) -> str | None:
-        return None if self.partition == PLATFORM else self.partition
-
-    def table(self, name: str) -> TableManifest:
-        for t in self.tables:
-            if t.table == name:
-                return t
-        raise KeyError(name)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dict(vars(self))  # shallow on purpose: asdict's deep copy costs more than the JSON itself
-        d["tables"] = [dict(vars(t)) for t in self.tables]
-        d["total_rows"] = self.total_rows
-        d["total_bytes"] = self.total_bytes
-        return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Manifest:
-        # Keys this version does not know (added by a later writer, or the totals) are ignored.
-        table_keys = set(TableManifest.__dataclass_fields__)
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        known["tables"] = [TableManifest(**{k: v for k, v in t.items() if k in table_keys}) for t in d["tables"]]
-        return cls(**known)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> Manifest:
-        from wedbackup_dagster.core.formats.archive import loads_untrusted
-
-        return cls.from_dict(loads_untrusted(text))
 
 
 # --- the schema: description, fingerprint, DDL ------------------------------------------------------
@@ -411,17 +291,6 @@ def schema_ddl(conn, dsn: str, fingerprint: str, *, lock_timeout: float | None =
 
 
 # --- framing ----------------------------------------------------------------------------------------
-
-def write_record(sink: Sink, kind: bytes, payload: bytes | bytearray) -> int:
-    sink.write(kind + len(payload).to_bytes(8, "big"))
-    if payload:
-        sink.write(payload)
-    return FRAME_HEADER_SIZE + len(payload)
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
 
 def copy_out(conn, query: sql.Composable | bytes, params, on_buffer) -> None:
     """Run `COPY (...) TO STDOUT` and hand its text to `on_buffer` in pieces of ~DATA_RECORD_TARGET.
@@ -761,7 +630,7 @@ class SnapshotSession:
                   "schema_fingerprint": fingerprint, "schema": [list(r) for r in ddl.description],
                   "foreign_keys": list(ddl.foreign_keys), "plan": plan_description(plan)}
         sink.write(MAGIC)
-        write_record(sink, HEADER, _json_bytes(header))
+        write_record(sink, HEADER, json_payload(header))
         write_record(sink, PRE_DATA, ddl.pre_data.encode())
         write_record(sink, POST_DATA, ddl.post_data.encode())
 
@@ -791,7 +660,7 @@ class SnapshotSession:
             write_record(sink, TABLE_BEGIN, _table_begin(t, select_sql, params))
             rows, nbytes, sha = _copy_table(conn, literal.join(parts), None, sink)
             _check_count(partition, t, rows, counted)
-            write_record(sink, TABLE_END, _json_bytes({"rows": rows, "bytes": nbytes, "sha256": sha}))
+            write_record(sink, TABLE_END, json_payload({"rows": rows, "bytes": nbytes, "sha256": sha}))
             tables.append(_table_manifest(t, select_sql, params, rows, nbytes, sha, time.monotonic() - t0, counted))
         broken = broken_foreign_keys(conn, plan) if partition == PLATFORM else None
         return self._finish(facts, partition, tables, sink, broken)
@@ -836,7 +705,7 @@ class SnapshotSession:
                         _check_count(p, t, out.rows, counted)
                     except SnapshotIncomplete as e:
                         incomplete.setdefault(p, e)
-                    write_record(out.sink, TABLE_END, _json_bytes({"rows": out.rows, "bytes": out.bytes,
+                    write_record(out.sink, TABLE_END, json_payload({"rows": out.rows, "bytes": out.bytes,
                                                                    "sha256": sha}))
                     tables[p].append(_table_manifest(t, select_sql, {"wedding_id": p}, out.rows, out.bytes, sha,
                                                      share, counted))
@@ -1145,7 +1014,7 @@ def _only_placeholder(query: bytes, placeholder: bytes, what: str) -> bytes:
 
 def _table_begin(t: tenancy.TenantTable | tenancy.PlatformTable, select_sql: str,
                  params: dict[str, str] | None) -> bytes:
-    return _json_bytes({"schema": t.table.schema, "name": t.table.name, "columns": list(t.columns),
+    return json_payload({"schema": t.table.schema, "name": t.table.name, "columns": list(t.columns),
                         "select_sql": select_sql, "params": params, "order_by": list(t.order_by)})
 
 

@@ -11,13 +11,13 @@ import pytest
 
 from wedbackup_dagster.dev import demo_data
 from wedbackup_dagster.core.postgres import restore_wedding as recovery
-from wedbackup_dagster.core.postgres import load_snapshot as restore
+from wedbackup_dagster.core.formats import snapshot_stream
 from wedbackup_dagster.core.formats.archive import open_archive
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import ConfigError, PartitionBusyError
 from wedbackup_dagster.core.catalogue.locks import PartitionLocks, partition_lock
 from wedbackup_dagster.core.config import Settings
-from wedbackup_dagster.core.postgres.snapshot import Manifest
+from wedbackup_dagster.core.formats.snapshot_stream import Manifest
 from wedbackup_dagster.core.storage.vault import SUFFIX
 
 WEDDING = "3"
@@ -84,7 +84,7 @@ def assert_intact_and_serialised(engine: Engine, partition: str, expected: int) 
         assert entry is not None and entry.size == row["size"]
         with open(entry.path, "rb") as fh:
             reader = open_archive(fh, name=str(entry.path), resolve_key=engine.resolve_key)
-            manifest = restore.read_manifest(reader, name=str(entry.path))
+            manifest = snapshot_stream.read_manifest(reader, name=str(entry.path))
         assert reader.complete
         assert Manifest.from_dict(row["manifest"]).tables == manifest.tables
     files = sorted(p.name for p in (engine.vault.root / partition).iterdir())

@@ -19,25 +19,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wedbackup_dagster.core.formats.archive import (
-    ArchiveHeader,
-    ArchiveStats,
-    ArchiveWriter,
-    open_archive,
-    open_archive_bytes,
-    read_header,
-    seal_bytes,
-)
-from wedbackup_dagster.core.errors import (
-    ArchiveCorrupt,
-    ArchiveError,
-    ArchiveKeyUnavailable,
-    ArchiveNotRecognised,
-    ArchiveTruncated,
-    ArchiveUnsupportedVersion,
-    ArchiveWrongKey,
-    CryptoKeyError,
-)
+from wedbackup_dagster.core.formats.archive import (ArchiveHeader, ArchiveStats, ArchiveWriter, open_archive,
+                                                    open_archive_bytes, read_header, seal_bytes)
+from wedbackup_dagster.core.errors import (ArchiveCorrupt, ArchiveError, ArchiveKeyUnavailable, ArchiveNotRecognised,
+                                           ArchiveTruncated, ArchiveUnsupportedVersion, ArchiveWrongKey, CryptoKeyError)
 from wedbackup_dagster.core.keys.keyring import SecretKey, unwrap_key, wrap_key
 
 REPO = Path(__file__).resolve().parents[3]

@@ -17,18 +17,13 @@ from hypothesis import strategies as st
 from psycopg import sql
 
 from wedbackup_dagster.dev import demo_data
+from wedbackup_dagster.core.formats import snapshot_stream
 from wedbackup_dagster.core.postgres import load_snapshot as restore
 from wedbackup_dagster.core.formats.archive import seal_bytes
 from wedbackup_dagster.core.errors import ArchiveError, CryptoKeyError, SnapshotFormatError, WedbackupError
 from wedbackup_dagster.core.keys.keyring import SecretKey
-from wedbackup_dagster.core.postgres.snapshot import (
-    DATA,
-    FRAME_HEADER_SIZE,
-    MAGIC,
-    MANIFEST,
-    Manifest,
-    SnapshotSession,
-)
+from wedbackup_dagster.core.formats.snapshot_stream import DATA, FRAME_HEADER_SIZE, MAGIC, MANIFEST, Manifest
+from wedbackup_dagster.core.postgres.snapshot import SnapshotSession
 
 from wedbackup_dagster_tests.conftest import temporary_database
 from wedbackup_dagster_tests.core.formats.test_archive import read_collecting
@@ -187,7 +182,7 @@ def test_mutated_archives_fail_with_the_formats_error_or_read_back_exactly(seale
     if exc is None:
         # Only an archive that reads to its very end is complete, and then it is exactly the original.
         assert got == stream
-        assert restore.read_manifest([got], name=NAME).tables == manifest.tables
+        assert snapshot_stream.read_manifest([got], name=NAME).tables == manifest.tables
     else:
         assert_clean_error(exc)
         assert damaged != blob
@@ -281,7 +276,7 @@ def test_streams_damaged_before_sealing_fail_with_snapshot_format_error(wedding,
     got, exc = read_through(blob)
     assert exc is None and got == damaged  # it authenticates: the archive layer cannot tell
     try:
-        parsed = restore.read_manifest([got[i:i + 777] for i in range(0, len(got), 777)], name=NAME)
+        parsed = snapshot_stream.read_manifest([got[i:i + 777] for i in range(0, len(got), 777)], name=NAME)
     except SnapshotFormatError as err:
         assert str(err).startswith(f"archive {NAME}:")
         return
@@ -334,7 +329,7 @@ def test_damaged_streams_restore_all_or_nothing_and_match_their_manifest(restore
         return
     restore_target["dsn"] = restore_target["fresh"]()
     # It committed: then the stream was well-formed and the target holds exactly what its manifest says.
-    restored = restore.read_manifest([damaged], name=NAME)
+    restored = snapshot_stream.read_manifest([damaged], name=NAME)
     restore.verify_restored(target, restored).raise_if_failed()
 
 
@@ -362,7 +357,7 @@ def test_a_garbled_manifest_is_a_snapshot_format_error_not_a_type_error(wedding,
     # Regression: Manifest.from_dict used to raise KeyError/TypeError on an authenticated but garbled manifest.
     stream, _ = wedding
     with pytest.raises(SnapshotFormatError, match=f"archive {NAME}: manifest record at offset"):
-        restore.read_manifest([replace_record(stream, MANIFEST, payload)], name=NAME)
+        snapshot_stream.read_manifest([replace_record(stream, MANIFEST, payload)], name=NAME)
 
 
 @pytest.mark.parametrize("kind, payload", [

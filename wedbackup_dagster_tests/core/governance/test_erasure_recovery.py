@@ -17,14 +17,8 @@ from wedbackup_dagster.core.postgres.discovery import wedding_ids
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import CryptoKeyError
 from wedbackup_dagster.core.governance.erasure import erase_wedding, reapply_erasures
-from wedbackup_dagster.core.keys.backup import (
-    FORMAT_NAME,
-    ErasureEntry,
-    read_key_backup_bytes,
-    restore_erasures,
-    restore_key_store,
-    sealing_key,
-)
+from wedbackup_dagster.core.keys.backup import (FORMAT_NAME, ErasureEntry, read_key_backup_bytes, restore_erasures,
+                                                restore_key_store, sealing_key)
 from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey
 from wedbackup_dagster.core.catalogue.rebuild_from_storage import rebuild_from
 from wedbackup_dagster_tests.governance_fleet import back_up, make_governance_fleet  # noqa: F401 - fixture

@@ -15,16 +15,9 @@ from wedbackup_dagster.core.formats.archive import open_archive
 from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import ArchiveError, KeyBackupError
-from wedbackup_dagster.core.keys.backup import (
-    back_up_key_store,
-    fetch_key_backup,
-    key_backup_is_current,
-    read_key_backup_bytes,
-    read_vault_key_backup,
-    refresh_key_backups,
-    restore_key_store,
-    vault_key_backup_dir,
-)
+from wedbackup_dagster.core.keys.backup import (back_up_key_store, fetch_key_backup, key_backup_is_current,
+                                                read_key_backup_bytes, read_vault_key_backup, refresh_key_backups,
+                                                restore_key_store, vault_key_backup_dir)
 from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey, unwrap_key
 from wedbackup_dagster.core.catalogue.store import wedding_key_context
 from wedbackup_dagster.core.catalogue.rebuild_from_storage import rebuild_from

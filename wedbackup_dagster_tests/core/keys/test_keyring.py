@@ -6,16 +6,8 @@ import base64
 import pytest
 
 from wedbackup_dagster.core.errors import ConfigError, CryptoKeyError
-from wedbackup_dagster.core.keys.keyring import (
-    MasterKeyring,
-    SecretKey,
-    WRAPPED_KEY_BYTES,
-    generate_master_key_text,
-    load_master_keyring,
-    new_data_key,
-    unwrap_key,
-    wrap_key,
-)
+from wedbackup_dagster.core.keys.keyring import (MasterKeyring, SecretKey, WRAPPED_KEY_BYTES, generate_master_key_text,
+                                                 load_master_keyring, new_data_key, unwrap_key, wrap_key)
 
 MATERIAL = bytes(range(100, 132))
 B64 = base64.b64encode(MATERIAL).decode()

@@ -7,15 +7,7 @@ import pytest
 
 from wedbackup_dagster.core.partitions import PLATFORM
 from wedbackup_dagster.core.errors import ConfigError
-from wedbackup_dagster.core.policy.backup_policy import (
-    ARCHIVED,
-    CRITICAL,
-    HIGH,
-    NORMAL,
-    RECENT,
-    TIERS,
-    Policy,
-)
+from wedbackup_dagster.core.policy.backup_policy import ARCHIVED, CRITICAL, HIGH, NORMAL, RECENT, TIERS, Policy
 
 IN_SEASON = datetime(2026, 6, 10, 12, 0, tzinfo=timezone.utc)
 OFF_SEASON = datetime(2026, 1, 14, 12, 0, tzinfo=timezone.utc)

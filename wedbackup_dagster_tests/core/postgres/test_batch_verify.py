@@ -17,8 +17,9 @@ from wedbackup_dagster.core.outcomes import VerifyOutcome
 from wedbackup_dagster.core.errors import ArchiveError, WedbackupError
 from wedbackup_dagster.core.keys.keyring import new_data_key, wrap_key
 from wedbackup_dagster.core.storage.providers import ensure_targets
-from wedbackup_dagster.core.postgres.load_snapshot import read_snapshot
-from wedbackup_dagster.core.postgres.snapshot import HEADER, MAGIC, MANIFEST, take_snapshot, write_record
+from wedbackup_dagster.core.formats.snapshot_stream import read_snapshot
+from wedbackup_dagster.core.formats.snapshot_stream import HEADER, MAGIC, MANIFEST, write_record
+from wedbackup_dagster.core.postgres.snapshot import take_snapshot
 from wedbackup_dagster_tests.core.test_engine import replicas_for
 
 WEDDINGS = [str(i) for i in range(1, 9)]

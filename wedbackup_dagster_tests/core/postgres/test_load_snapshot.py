@@ -9,27 +9,18 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from wedbackup_dagster.core.formats import snapshot_stream
 from wedbackup_dagster.core.postgres import snapshot as snap
 from wedbackup_dagster.core.postgres import tenancy
 from wedbackup_dagster.core.errors import (RestoreError, SchemaMismatchError, SnapshotFormatError,
                                            VerificationError)
-from wedbackup_dagster.core.postgres.load_snapshot import (
-    SCRATCH_PREFIX,
-    Record,
-    read_manifest,
-    read_snapshot,
-    restore_snapshot,
-    scratch_database,
-    verify_restored,
-)
+from wedbackup_dagster.core.formats.snapshot_stream import Record, read_manifest, read_snapshot
+from wedbackup_dagster.core.postgres.load_snapshot import (SCRATCH_PREFIX, restore_snapshot, scratch_database,
+                                                           verify_restored)
 from wedbackup_dagster.core.postgres.snapshot import SnapshotSession, describe_schema
 from wedbackup_dagster_tests.core.postgres.test_adversarial_schemas import login_role, role_dsn  # noqa: F401 (a fixture)
-from wedbackup_dagster_tests.core.postgres.test_snapshot import (
-    WEDDING_TABLES,
-    make_platform_db,
-    make_schema_db,
-    snapshot_bytes,
-)
+from wedbackup_dagster_tests.core.postgres.test_snapshot import (WEDDING_TABLES, make_platform_db, make_schema_db,
+                                                                 snapshot_bytes)
 
 pytestmark = pytest.mark.stack
 
@@ -60,7 +51,7 @@ def checksums(dsn: str, tables, wedding: int | None = None) -> dict[str, tuple[i
 
 
 def frame(records) -> bytes:
-    return snap.MAGIC + b"".join(r.kind + len(r.payload).to_bytes(8, "big") + r.payload for r in records)
+    return snapshot_stream.MAGIC + b"".join(r.kind + len(r.payload).to_bytes(8, "big") + r.payload for r in records)
 
 
 def chunked(data: bytes, size: int):
@@ -194,18 +185,18 @@ def test_truncated_or_garbled_streams_are_named_clearly(make_database):
     assert list(read_snapshot(chunked(data, 7))) == whole  # records spanning chunk boundaries
     assert read_manifest(chunked(data, 65536)).total_rows == 13
 
-    for cut in (0, 5, len(snap.MAGIC) + 4, len(data) // 2, len(data) - 1):
+    for cut in (0, 5, len(snapshot_stream.MAGIC) + 4, len(data) // 2, len(data) - 1):
         with pytest.raises(SnapshotFormatError, match="truncated|empty") as e:
             list(read_snapshot(chunked(data[:cut], 100), name="vault/wedding-1.wbk"))
         assert "vault/wedding-1.wbk" in str(e.value)
     with pytest.raises(SnapshotFormatError, match="bad magic"):
         list(read_snapshot([b"PGDMP" + data[5:]]))
     garbled = bytearray(data)
-    garbled[len(snap.MAGIC)] = ord("Z")  # the header record's type byte
+    garbled[len(snapshot_stream.MAGIC)] = ord("Z")  # the header record's type byte
     with pytest.raises(SnapshotFormatError, match="unknown record type .* garbled"):
         list(read_snapshot([bytes(garbled)]))
     huge = bytearray(data)
-    huge[len(snap.MAGIC) + 1:len(snap.MAGIC) + 9] = (1 << 62).to_bytes(8, "big")
+    huge[len(snapshot_stream.MAGIC) + 1:len(snapshot_stream.MAGIC) + 9] = (1 << 62).to_bytes(8, "big")
     with pytest.raises(SnapshotFormatError, match="more than the limit"):
         list(read_snapshot([bytes(huge)]))
     with pytest.raises(SnapshotFormatError, match="cannot follow"):
@@ -213,7 +204,7 @@ def test_truncated_or_garbled_streams_are_named_clearly(make_database):
     with pytest.raises(SnapshotFormatError, match="after the manifest"):
         list(read_snapshot([data + b"\x00"]))
     with pytest.raises(SnapshotFormatError, match="header record at offset 8 is not valid JSON"):
-        Record(snap.HEADER, b"{nope", 8).json()
+        Record(snapshot_stream.HEADER, b"{nope", 8).json()
 
     # A restore of a cut stream commits nothing, not even the schema it started to create.
     dst = make_database()
@@ -230,9 +221,9 @@ def test_tampered_rows_fail_verification_and_nothing_is_committed(make_database)
     records = list(read_snapshot([data]))
     table = None
     for i, r in enumerate(records):
-        if r.kind == snap.TABLE_BEGIN:
+        if r.kind == snapshot_stream.TABLE_BEGIN:
             table = r.json()["name"]
-        elif r.kind == snap.DATA and table == "guests":
+        elif r.kind == snapshot_stream.DATA and table == "guests":
             assert b"aunt@example.com" in r.payload
             records[i] = Record(r.kind, r.payload.replace(b"aunt@example.com", b"bunt@example.com"), r.offset)
     dst = make_schema_db(make_database)
@@ -245,9 +236,9 @@ def test_tampered_rows_fail_verification_and_nothing_is_committed(make_database)
 
     # A manifest that disagrees with otherwise consistent records is caught as well.
     records = list(read_snapshot([data]))
-    manifest = snap.Manifest.from_json(records[-1].payload)
+    manifest = snapshot_stream.Manifest.from_json(records[-1].payload)
     manifest.table("public.timeline_items").rows += 1
-    records[-1] = Record(snap.MANIFEST, manifest.to_json().encode(), records[-1].offset)
+    records[-1] = Record(snapshot_stream.MANIFEST, manifest.to_json().encode(), records[-1].offset)
     with pytest.raises(VerificationError, match="table public.timeline_items does not match the manifest"):
         restore_snapshot([frame(records)], dst)
     with psycopg.connect(dst) as conn:

@@ -19,16 +19,9 @@ from wedbackup_dagster.dev import demo_data
 from wedbackup_dagster.core.postgres import restore_wedding as recovery
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import RestoreError, SchemaMismatchError, VerificationError, WedbackupError
-from wedbackup_dagster.core.postgres.restore_wedding import (
-    NoRecoveryPointError,
-    RecoveryPoint,
-    RecoveryRequest,
-    choose_point,
-    parse_as_of,
-    recover,
-    recovery_points,
-    restricted_differences,
-)
+from wedbackup_dagster.core.postgres.restore_wedding import (NoRecoveryPointError, RecoveryPoint, RecoveryRequest,
+                                                             choose_point, parse_as_of, recover, recovery_points,
+                                                             restricted_differences)
 from wedbackup_dagster.core.postgres.snapshot import take_snapshot
 from wedbackup_dagster_tests.core.postgres.test_adversarial_schemas import login_role, role_dsn  # noqa: F401 (a fixture)
 
@@ -507,7 +500,7 @@ def test_junk_after_the_manifest_stops_a_recovery_and_writes_nothing(engine):
     read_to_end): a stream with a record after its manifest is refused before anything is committed."""
     from wedbackup_dagster.core.formats.archive import open_archive
     from wedbackup_dagster.core.errors import SnapshotFormatError
-    from wedbackup_dagster.core.postgres.snapshot import MANIFEST
+    from wedbackup_dagster.core.formats.snapshot_stream import MANIFEST
 
     outcome = back_up(engine, verify=False)
     entry = engine.vault.get(WEDDING, outcome.backup.archive_sha256)
@@ -628,13 +621,13 @@ def test_in_place_restore_and_dry_run_refuse_a_table_whose_policy_hides_rows(log
 def crafted(data: bytes, pid: int, params: dict | None = None) -> bytes:
     """The stream with every table record's and the manifest's select_sql replaced by one that reads the
     whole table and, as it does, terminates the session `pid` (and with `params` replaced, if given)."""
-    from wedbackup_dagster.core.postgres import snapshot as snap
-    from wedbackup_dagster.core.postgres.load_snapshot import read_snapshot
+    from wedbackup_dagster.core.formats import snapshot_stream
+    from wedbackup_dagster.core.formats.snapshot_stream import read_snapshot
 
-    out = [snap.MAGIC]
+    out = [snapshot_stream.MAGIC]
     for r in read_snapshot([data]):
         payload = r.payload
-        if r.kind in (snap.TABLE_BEGIN, snap.MANIFEST):
+        if r.kind in (snapshot_stream.TABLE_BEGIN, snapshot_stream.MANIFEST):
             d = json.loads(payload)
             for t in d.get("tables", [d]):
                 t["select_sql"] = (f'SELECT * FROM "{t["schema"]}"."{t["name"]}" '
@@ -667,21 +660,21 @@ def test_in_place_restore_refuses_an_archive_without_all_of_the_weddings_tables(
     """An archive (crafted, or from a writer that skipped a table) that leaves out one of the wedding's
     tables was restored for the tables it has: here a bare foreign-key error from the driver, and with no
     key between the tables a commit that left the missing one as it was. Now it is refused up front."""
-    from wedbackup_dagster.core.postgres import snapshot as snap
-    from wedbackup_dagster.core.postgres.load_snapshot import read_snapshot
+    from wedbackup_dagster.core.formats import snapshot_stream
+    from wedbackup_dagster.core.formats.snapshot_stream import read_snapshot
 
     src = tiny_source(make_database)
     data = snapshot_of(src)
-    out, skipping = [snap.MAGIC], False
+    out, skipping = [snapshot_stream.MAGIC], False
     for r in read_snapshot([data]):
         payload = r.payload
-        if r.kind == snap.TABLE_BEGIN:
+        if r.kind == snapshot_stream.TABLE_BEGIN:
             skipping = json.loads(payload)["name"] == "notes"
-        if r.kind == snap.MANIFEST:
+        if r.kind == snapshot_stream.MANIFEST:
             d = json.loads(payload)
             d["tables"] = [t for t in d["tables"] if t["name"] != "notes"]
             payload = json.dumps(d).encode()
-        if not (skipping and r.kind in (snap.TABLE_BEGIN, snap.DATA, snap.TABLE_END)):
+        if not (skipping and r.kind in (snapshot_stream.TABLE_BEGIN, snapshot_stream.DATA, snapshot_stream.TABLE_END)):
             out.append(r.kind + len(payload).to_bytes(8, "big") + payload)
     with psycopg.connect(src, autocommit=True) as conn:
         conn.execute("UPDATE public.weddings SET couple = 'changed' WHERE id = 1")
@@ -730,15 +723,15 @@ BEGIN NEW.body := NEW.body || '!'; RETURN NEW; END $$;
 def test_a_garbled_archive_header_is_a_format_error_in_every_restore_mode(make_database, field, value):
     """The header of an archive (authenticated, but written by a broken or hostile writer) is checked field
     by field before anything is read from it: it used to end in AttributeError or KeyError."""
-    from wedbackup_dagster.core.postgres import snapshot as snap
+    from wedbackup_dagster.core.formats import snapshot_stream
     from wedbackup_dagster.core.errors import SnapshotFormatError
-    from wedbackup_dagster.core.postgres.load_snapshot import read_snapshot
+    from wedbackup_dagster.core.formats.snapshot_stream import read_snapshot
 
     src = tiny_source(make_database)
-    out = [snap.MAGIC]
+    out = [snapshot_stream.MAGIC]
     for r in read_snapshot([snapshot_of(src)]):
         payload = r.payload
-        if r.kind == snap.HEADER:
+        if r.kind == snapshot_stream.HEADER:
             d = json.loads(payload)
             d[field] = value
             payload = json.dumps(d).encode()

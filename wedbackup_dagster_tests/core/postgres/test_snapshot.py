@@ -10,10 +10,12 @@ import time
 import psycopg
 import pytest
 
+from wedbackup_dagster.core.formats import snapshot_stream
 from wedbackup_dagster.core.postgres import snapshot as snap
 from wedbackup_dagster.core.errors import SnapshotError, UnknownWeddingError
-from wedbackup_dagster.core.postgres.load_snapshot import read_snapshot
-from wedbackup_dagster.core.postgres.snapshot import Manifest, SnapshotSession, take_snapshot
+from wedbackup_dagster.core.formats.snapshot_stream import read_snapshot
+from wedbackup_dagster.core.formats.snapshot_stream import Manifest
+from wedbackup_dagster.core.postgres.snapshot import SnapshotSession, take_snapshot
 
 pytestmark = pytest.mark.stack
 
@@ -114,12 +116,12 @@ def snapshot_bytes(dsn: str, partition: str, plan=None) -> tuple[bytes, Manifest
 def test_wedding_snapshot_stream_and_manifest(make_database):
     dsn = make_platform_db(make_database)
     data, manifest = snapshot_bytes(dsn, "1")
-    assert data.startswith(snap.MAGIC)
+    assert data.startswith(snapshot_stream.MAGIC)
     records = list(read_snapshot([data]))
     kinds = [r.kind for r in records]
-    assert kinds[:3] == [snap.HEADER, snap.PRE_DATA, snap.POST_DATA] and kinds[-1] == snap.MANIFEST
+    assert kinds[:3] == [snapshot_stream.HEADER, snapshot_stream.PRE_DATA, snapshot_stream.POST_DATA] and kinds[-1] == snapshot_stream.MANIFEST
     header = records[0].json()
-    assert header["partition"] == "1" and header["version"] == snap.FORMAT_VERSION
+    assert header["partition"] == "1" and header["version"] == snapshot_stream.FORMAT_VERSION
     assert header["schema_fingerprint"] == manifest.schema_fingerprint and len(manifest.schema_fingerprint) == 64
     assert "CREATE TABLE public.guests" in records[1].text()
     assert "\\restrict" not in records[1].text()
@@ -141,11 +143,11 @@ def test_wedding_snapshot_stream_and_manifest(make_database):
     import hashlib
     current, payload = None, b""
     for r in records:
-        if r.kind == snap.TABLE_BEGIN:
+        if r.kind == snapshot_stream.TABLE_BEGIN:
             current, payload = r.json(), b""
-        elif r.kind == snap.DATA:
+        elif r.kind == snapshot_stream.DATA:
             payload += r.payload
-        elif r.kind == snap.TABLE_END:
+        elif r.kind == snapshot_stream.TABLE_END:
             end = r.json()
             m = manifest.table(f"{current['schema']}.{current['name']}")
             assert (end["rows"], end["bytes"], end["sha256"]) == (m.rows, m.bytes, m.sha256)
@@ -153,7 +155,7 @@ def test_wedding_snapshot_stream_and_manifest(make_database):
     assert manifest.total_rows == sum(rows.values())
     assert manifest.total_bytes == sum(t.bytes for t in manifest.tables)
     # Awkward strings travel escaped, one row per line.
-    guest_lines = b"".join(r.payload for r in records if r.kind == snap.DATA)
+    guest_lines = b"".join(r.payload for r in records if r.kind == snapshot_stream.DATA)
     assert b"Line\\nBreak" in guest_lines and b"Tab\\tand\\\\backslash" in guest_lines
 
     again = Manifest.from_json(manifest.to_json())
@@ -316,7 +318,7 @@ def test_large_table_streams_in_bounded_memory(make_database):
           f"{mb_per_s:.1f} MB/s, RSS growth {growth / 1e6:.1f} MB")
     assert growth < 100 * 1024 * 1024
     # Records stay bounded: ~256 KiB each, none over the reader's limit.
-    assert sink.writes < 2 * (photos.bytes // snap.DATA_RECORD_TARGET) + 100
+    assert sink.writes < 2 * (photos.bytes // snapshot_stream.DATA_RECORD_TARGET) + 100
 
 
 def test_a_failing_sink_leaves_the_session_usable(make_database):
@@ -349,8 +351,8 @@ def test_framing_cuts_huge_rows_into_bounded_records(make_database):
         conn.execute("CREATE TABLE weddings (id bigint PRIMARY KEY, notes text)")
         conn.execute("INSERT INTO weddings VALUES (7, repeat('x', 3 * 1024 * 1024))")
     data, manifest = snapshot_bytes(dsn, "7")
-    sizes = [len(r.payload) for r in read_snapshot([data]) if r.kind == snap.DATA]
-    assert len(sizes) == 4 and max(sizes) == snap.MAX_DATA_RECORD
+    sizes = [len(r.payload) for r in read_snapshot([data]) if r.kind == snapshot_stream.DATA]
+    assert len(sizes) == 4 and max(sizes) == snapshot_stream.MAX_DATA_RECORD
     assert manifest.table("public.weddings").rows == 1
 
 
@@ -361,7 +363,7 @@ def without_timing(stream: bytes) -> list[tuple[bytes, bytes]]:
     out = []
     for r in read_snapshot([stream]):
         payload = r.payload
-        if r.kind == snap.MANIFEST:
+        if r.kind == snapshot_stream.MANIFEST:
             m = json.loads(payload)
             m["seconds"] = 0
             for t in m["tables"]:
@@ -431,9 +433,9 @@ def test_snapshot_many_with_large_runs_huge_rows_and_unkeyed_tables(make_databas
         """)
     results, streams, singles, single_manifests = batch_and_singles(dsn, ["B", "a", "d_2", "e", "c-1"])
     assert_same_streams(results, streams, singles, single_manifests)
-    assert results["a"].table("public.notes").bytes > 3 * snap.DATA_RECORD_TARGET
-    sizes = [len(r.payload) for r in read_snapshot([streams["d_2"]]) if r.kind == snap.DATA]
-    assert max(sizes) == snap.MAX_DATA_RECORD and results["d_2"].table("public.notes").rows == 2
+    assert results["a"].table("public.notes").bytes > 3 * snapshot_stream.DATA_RECORD_TARGET
+    sizes = [len(r.payload) for r in read_snapshot([streams["d_2"]]) if r.kind == snapshot_stream.DATA]
+    assert max(sizes) == snapshot_stream.MAX_DATA_RECORD and results["d_2"].table("public.notes").rows == 2
     assert results["e"].table("public.tags").rows == 3
     assert results["a"].table("public.tags").rows == 300
 
@@ -478,7 +480,7 @@ def test_snapshot_many_a_failing_sink_fails_only_its_wedding(make_database):
         assert isinstance(results["1"], SnapshotError) and "wedding 1" in str(results["1"])
         assert "no space" in str(results["1"])
         assert results["2"].table("public.guests").rows == 1 and results["3"].table("public.guests").rows == 1
-        assert list(read_snapshot([sinks["3"].getvalue()]))[-1].kind == snap.MANIFEST
+        assert list(read_snapshot([sinks["3"].getvalue()]))[-1].kind == snapshot_stream.MANIFEST
         assert session.snapshot_many(["1"], {"1": io.BytesIO()})["1"].table("public.guests").rows == 4
 
 

@@ -16,6 +16,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from wedbackup_dagster.core.postgres import discovery
+from wedbackup_dagster.core.formats import snapshot_stream
 from wedbackup_dagster.core.postgres import snapshot as snap
 from wedbackup_dagster.core.errors import SnapshotError, SnapshotIncomplete, SnapshotRetryable
 from wedbackup_dagster.core.postgres.snapshot import SnapshotSession, take_snapshot
@@ -311,8 +312,8 @@ def test_every_table_of_every_partition_records_an_independent_count(make_databa
     old = batch["1"].to_dict()
     for t in old["tables"]:
         del t["counted"]
-    assert all(t.counted is None for t in snap.Manifest.from_dict(old).tables)
-    assert snap.count_mismatches(snap.Manifest.from_dict(old), {}) == []
+    assert all(t.counted is None for t in snapshot_stream.Manifest.from_dict(old).tables)
+    assert snap.count_mismatches(snapshot_stream.Manifest.from_dict(old), {}) == []
 
 
 def drop_first_row(buf: bytearray) -> bytearray:

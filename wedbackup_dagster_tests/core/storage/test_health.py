@@ -12,17 +12,9 @@ import pytest
 from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.config import Settings
 from wedbackup_dagster.core.errors import ConfigError
-from wedbackup_dagster.core.storage.health import (
-    HealthSettings,
-    ProbeResult,
-    ProviderState,
-    canary_replicas,
-    catchup_ranges,
-    check_providers,
-    next_state,
-    probe_all,
-    states_from_catalogue,
-)
+from wedbackup_dagster.core.storage.health import (HealthSettings, ProbeResult, ProviderState, canary_replicas,
+                                                   catchup_ranges, check_providers, next_state, probe_all,
+                                                   states_from_catalogue)
 
 T0 = datetime(2026, 6, 6, 12, 0, tzinfo=timezone.utc)
 

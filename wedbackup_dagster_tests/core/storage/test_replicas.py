@@ -14,28 +14,11 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from wedbackup_dagster.core.config import AzureTarget, GCSTarget, S3Target
-from wedbackup_dagster.core.errors import (
-    ArchiveError,
-    ProviderError,
-    ReplicaChecksumMismatch,
-    ReplicaKeyRejected,
-)
-from wedbackup_dagster.core.storage.replicas import (
-    AzureReplica,
-    GCSReplica,
-    ListedObject,
-    Replica,
-    S3Replica,
-    archive_key,
-    azure_service_from,
-    digest_file,
-    ensure_bucket,
-    ensure_container,
-    ensure_gcs_bucket,
-    gcs_client_from,
-    parse_archive_key,
-    s3_client_from,
-)
+from wedbackup_dagster.core.errors import ArchiveError, ProviderError, ReplicaChecksumMismatch, ReplicaKeyRejected
+from wedbackup_dagster.core.storage.replicas import (AzureReplica, GCSReplica, ListedObject, Replica, S3Replica,
+                                                     archive_key, azure_service_from, digest_file, ensure_bucket,
+                                                     ensure_container, ensure_gcs_bucket, gcs_client_from,
+                                                     parse_archive_key, s3_client_from)
 
 MiB = 1 << 20
 PREFIX = "wedbackup"

@@ -17,26 +17,11 @@ from azure.storage.blob import BlobBlock, BlobServiceClient, ContentSettings, Ex
 from wedbackup_dagster.core.config import AzureTarget
 from wedbackup_dagster.core.errors import ConfigError, ReplicaChecksumMismatch, ReplicaError
 
-from wedbackup_dagster.core.storage.replicas.base import (
-    CANARY_DIR,
-    FileDigests,
-    HashingWriter,
-    ListedObject,
-    ProgressCallback,
-    ProgressReader,
-    ReplicaRecord,
-    archive_key,
-    b64,
-    check_archive_file,
-    check_key,
-    check_list_prefix,
-    digest_file,
-    object_metadata,
-    parse_archive_key,
-    provider_error,
-    read_blocks,
-    upload_key,
-)
+from wedbackup_dagster.core.storage.replicas.base import (CANARY_DIR, FileDigests, HashingWriter, ListedObject,
+                                                          ProgressCallback, ProgressReader, ReplicaRecord, archive_key,
+                                                          b64, check_archive_file, check_key, check_list_prefix,
+                                                          digest_file, object_metadata, parse_archive_key,
+                                                          provider_error, read_blocks, upload_key)
 
 PROVIDER = "azure"
 DEFAULT_MAX_SINGLE_PUT_SIZE = 8 << 20

@@ -15,25 +15,11 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 from wedbackup_dagster.core.config import GCSTarget
 from wedbackup_dagster.core.errors import ReplicaChecksumMismatch, ReplicaError
 
-from wedbackup_dagster.core.storage.replicas.base import (
-    CANARY_DIR,
-    FileDigests,
-    HashingWriter,
-    ListedObject,
-    ProgressCallback,
-    ProgressReader,
-    ReplicaRecord,
-    archive_key,
-    b64,
-    check_archive_file,
-    check_key,
-    check_list_prefix,
-    digest_file,
-    object_metadata,
-    parse_archive_key,
-    provider_error,
-    upload_key,
-)
+from wedbackup_dagster.core.storage.replicas.base import (CANARY_DIR, FileDigests, HashingWriter, ListedObject,
+                                                          ProgressCallback, ProgressReader, ReplicaRecord, archive_key,
+                                                          b64, check_archive_file, check_key, check_list_prefix,
+                                                          digest_file, object_metadata, parse_archive_key,
+                                                          provider_error, upload_key)
 
 PROVIDER = "gcs"
 # GCS requires resumable chunks in multiples of 256 KiB. Files up to 8 MiB go in one multipart request

@@ -19,24 +19,11 @@ from s3transfer.utils import ChunksizeAdjuster
 from wedbackup_dagster.core.config import S3Target
 from wedbackup_dagster.core.errors import ReplicaChecksumMismatch, ReplicaError, ReplicaLocked
 
-from wedbackup_dagster.core.storage.replicas.base import (
-    CANARY_DIR,
-    READ_BLOCK,
-    FileDigests,
-    HashingWriter,
-    ListedObject,
-    ProgressCallback,
-    ReplicaRecord,
-    archive_key,
-    check_archive_file,
-    check_key,
-    check_list_prefix,
-    digest_file,
-    object_metadata,
-    parse_archive_key,
-    provider_error,
-    upload_key,
-)
+from wedbackup_dagster.core.storage.replicas.base import (CANARY_DIR, READ_BLOCK, FileDigests, HashingWriter,
+                                                          ListedObject, ProgressCallback, ReplicaRecord, archive_key,
+                                                          check_archive_file, check_key, check_list_prefix, digest_file,
+                                                          object_metadata, parse_archive_key, provider_error,
+                                                          upload_key)
 
 PROVIDER = "s3"
 DEFAULT_MULTIPART_THRESHOLD = 64 << 20

@@ -48,7 +48,7 @@ print(json.dumps({"seconds": time.perf_counter() - t, "restore_seconds": v.resto
 def run(*, megabytes: int) -> dict[str, Any]:
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-    from wedbackup_dagster.core import demo_data
+    from wedbackup_dagster.dev import demo_data
 
     admin = os.environ["WEDBACKUP_SCRATCH_DSN"]
     parts = conninfo_to_dict(admin)

@@ -74,7 +74,7 @@ def run(weddings: int = 200, *, seconds: float = 20.0, writers: int = 2, interva
     from wedbackup_dagster.core.changefeed import slot as slots
     from wedbackup_dagster.core.changefeed.drain import ChangeFeed
     from wedbackup_dagster.core.engine import Engine
-    from wedbackup_dagster.core.recovery import RecoveryRequest, recover
+    from wedbackup_dagster.core.postgres.restore_wedding import RecoveryRequest, recover
 
     from .stand_ins import bench_environment
 

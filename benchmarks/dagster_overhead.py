@@ -123,14 +123,8 @@ def plain(keys: list[str], run_size: int, providers: list[str]) -> float:
     the ops' resources make them once per step)."""
     from wedbackup_dagster.core.engine import Engine
     from wedbackup_dagster.core.errors import WedbackupError
-    from wedbackup_dagster.core.replicas import (
-        AzureReplica,
-        GCSReplica,
-        S3Replica,
-        azure_service_from,
-        gcs_client_from,
-        s3_client_from,
-    )
+    from wedbackup_dagster.core.storage.replicas import (AzureReplica, GCSReplica, S3Replica, azure_service_from,
+                                                         gcs_client_from, s3_client_from)
 
     started = time.perf_counter()
     for i in range(0, len(keys), run_size):
@@ -223,8 +217,8 @@ def measure(weddings: int, *, providers: list[str], repeats: int, run_size: int,
     from psycopg import sql
 
     from wedbackup_dagster.backups.launch import register_partitions
-    from wedbackup_dagster.core import demo_data
-    from wedbackup_dagster.core.stack import Stack
+    from wedbackup_dagster.dev import demo_data
+    from wedbackup_dagster.dev.stack import Stack
 
     stack = Stack.default()
     env = stack.env()
@@ -318,7 +312,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
     through dump+seal (quick: 100 and 1,000) — on the production storage (the headline), next to the same
     storage writing materializations one by one (before batching), the pooled event log, and (small size
     only) the local demo's SQLite, measured side by side."""
-    from wedbackup_dagster.core.policy import NORMAL, Policy
+    from wedbackup_dagster.core.policy.backup_policy import NORMAL, Policy
 
     run_size = Policy.from_env().tiers[NORMAL].max_run_size
     small, large = (100, 1000) if quick else (1000, 10_000)

@@ -125,7 +125,7 @@ def median_wedding(env: dict[str, str], repeats: int = 3) -> dict[str, Any]:
 def prepare_database(admin_dsn: str, name: str, weddings: int, seed: int, document_bytes: int) -> tuple[str, dict]:
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-    from wedbackup_dagster.core import demo_data
+    from wedbackup_dagster.dev import demo_data
 
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
@@ -142,7 +142,7 @@ def prepare_database(admin_dsn: str, name: str, weddings: int, seed: int, docume
 def run(*, weddings: int, seed: int, document_bytes: int, workers: int) -> dict[str, Any]:
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-    from wedbackup_dagster.core.discovery import wedding_ids
+    from wedbackup_dagster.core.postgres.discovery import wedding_ids
 
     admin = os.environ["WEDBACKUP_SCRATCH_DSN"]
     dsn, summary = prepare_database(admin, "wedbackup_bench_source", weddings, seed, document_bytes)

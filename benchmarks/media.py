@@ -28,7 +28,7 @@ def _dir_bytes(path: Path) -> int:
 def throughput(megabytes: int) -> dict[str, Any]:
     """The whole per-byte path of a backup on one core: SHA-256 of the file, FastCDC, keyed BLAKE3, the
     compression sample, AES-256-GCM into a pack and the pack's SHA-256 (into memory: no disk, no network)."""
-    from wedbackup_dagster.core.keys import SecretKey
+    from wedbackup_dagster.core.keys.keyring import SecretKey
     from wedbackup_dagster.core.media.chunker import MediaKeys, chunks, maybe_compress
     from wedbackup_dagster.core.media.packs import PackWriter
     from wedbackup_dagster.core.media.source import CheckedStream, SourceObject
@@ -108,8 +108,8 @@ def _restic(args: list[str], repo: Path, env: dict[str, str]) -> float:
 
 
 def run(*, quick: bool = False) -> dict[str, Any]:
-    from wedbackup_dagster.core.catalogue import Catalogue
-    from wedbackup_dagster.core.keys import load_master_keyring
+    from wedbackup_dagster.core.catalogue.store import Catalogue
+    from wedbackup_dagster.core.keys.keyring import load_master_keyring
     from wedbackup_dagster.core.media.backup import back_up_media
     from wedbackup_dagster.core.media.restore import restore_media
     from wedbackup_dagster.core.media.source import DirectorySource

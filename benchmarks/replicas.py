@@ -35,17 +35,9 @@ def _random_file(folder: Path, size: int) -> tuple[Path, str]:
 
 def _replicas(env: dict[str, str], bucket: str, dsn: str) -> dict[str, Any]:
     from wedbackup_dagster.core.config import Settings
-    from wedbackup_dagster.core.replicas import (
-        AzureReplica,
-        GCSReplica,
-        S3Replica,
-        azure_service_from,
-        ensure_bucket,
-        ensure_container,
-        ensure_gcs_bucket,
-        gcs_client_from,
-        s3_client_from,
-    )
+    from wedbackup_dagster.core.storage.replicas import (AzureReplica, GCSReplica, S3Replica, azure_service_from,
+                                                         ensure_bucket, ensure_container, ensure_gcs_bucket,
+                                                         gcs_client_from, s3_client_from)
 
     # Settings wants the databases too; nothing here connects to them.
     settings = Settings.from_env({**os.environ, **env, "WEDBACKUP_SOURCE_DSN": dsn, "WEDBACKUP_CATALOGUE_DSN": dsn,
@@ -78,7 +70,7 @@ def _cleanup(replicas: dict[str, Any]) -> None:
 
 
 def run(*, quick: bool = False, repeats: int = 2) -> dict[str, Any]:
-    from wedbackup_dagster.core.stack import Stack
+    from wedbackup_dagster.dev.stack import Stack
 
     stack = Stack.default()
     env = stack.env()

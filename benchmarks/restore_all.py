@@ -41,7 +41,7 @@ def table_sums(dsn: str) -> dict[str, list]:
 def back_up_to_s3(engine: Any, replica: Any, partitions: list[str]) -> dict[str, float]:
     """Every partition sealed into the vault, copied to S3 and verified from S3 (what restore --all
     restores: each partition's newest verified backup); then a key-store backup to S3."""
-    from wedbackup_dagster.core.keybackup import back_up_key_store
+    from wedbackup_dagster.core.keys.backup import back_up_key_store
 
     timings = {}
     t0 = time.perf_counter()
@@ -108,8 +108,9 @@ def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int =
 
     from wedbackup_dagster.core import disaster
     from wedbackup_dagster.core.engine import Engine
-    from wedbackup_dagster.core.replicas import S3Replica, ensure_targets
-    from wedbackup_dagster.core.replicas.s3 import s3_client_from
+    from wedbackup_dagster.core.storage.replicas import S3Replica
+    from wedbackup_dagster.core.storage.providers import ensure_targets
+    from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
 
     from .fleet import baseline_pg_dump_zstd_age
     from .stand_ins import bench_environment

@@ -15,10 +15,10 @@ def run(weddings: int = 200, *, batch_size: int = 100, seed: int = 7, document_b
     from wedbackup_dagster.backups.launch import register_partitions
     from wedbackup_dagster.cli.cmd_checks import reverify
     from wedbackup_dagster.core.engine import Engine
-    from wedbackup_dagster.core.replicas import AzureReplica, GCSReplica, S3Replica
-    from wedbackup_dagster.core.replicas.azure import azure_service_from
-    from wedbackup_dagster.core.replicas.gcs import gcs_client_from
-    from wedbackup_dagster.core.replicas.s3 import s3_client_from
+    from wedbackup_dagster.core.storage.replicas import AzureReplica, GCSReplica, S3Replica
+    from wedbackup_dagster.core.storage.replicas.azure import azure_service_from
+    from wedbackup_dagster.core.storage.replicas.gcs import gcs_client_from
+    from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
 
     from .stand_ins import bench_environment
 

@@ -22,8 +22,8 @@ def bench_environment(prefix: str, *, weddings: int, seed: int, document_bytes: 
     from google.cloud import storage
     from psycopg import sql
 
-    from wedbackup_dagster.core import demo_data
-    from wedbackup_dagster.core.stack import Stack
+    from wedbackup_dagster.dev import demo_data
+    from wedbackup_dagster.dev.stack import Stack
 
     stack = Stack.default()
     stack.up()

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from wedbackup_dagster.core.catalogue import Catalogue
+from wedbackup_dagster.core.catalogue.store import Catalogue
 
 
 def seed_catalogue(catalogue_dsn: str, weddings: Iterable[tuple[str, dt.date | None, dt.datetime | None,
@@ -54,10 +54,9 @@ def synthetic_fleet(n: int, now: dt.datetime, seed: int = 7) -> list[tuple[str, 
 def run(weddings: int = 100_000) -> dict[str, Any]:
     import dagster as dg
 
-    from wedbackup_dagster.backups.sensors import wedding_discovery
     from wedbackup_dagster.backups.schedules import backup_schedule
     from wedbackup_dagster.backups.partitions import weddings_partitions
-    from wedbackup_dagster.core.stack import Stack
+    from wedbackup_dagster.dev.stack import Stack
     from wedbackup_dagster.shared.resources import WedbackupEngineResource
 
     stack = Stack.default()

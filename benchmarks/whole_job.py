@@ -54,9 +54,9 @@ def wedbackup_whole_job() -> dict[str, Any]:
 
     from wedbackup_dagster.backups.launch import register_partitions, run_job_for
     from wedbackup_dagster.cli.cmd_backup import QUIET
-    from wedbackup_dagster.core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from wedbackup_dagster.core.config import Settings
-    from wedbackup_dagster.core.replicas import ensure_targets
+    from wedbackup_dagster.core.storage.providers import ensure_targets
 
     settings = Settings.from_env()
     with dg.instance_for_test() as instance:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from wedbackup_dagster.core.stack import Stack
+from wedbackup_dagster.dev.stack import Stack
 
 # After the session, nothing the suite wrote may hold a secret of the stack (see secrets_guard.py).
 pytest_plugins = ["wedbackup_dagster_tests.secrets_guard", "pytester"]
@@ -165,7 +165,7 @@ def demo_env(stack, make_database, tmp_path, monkeypatch, s3_bucket, gcs_bucket,
     """Factory: `demo_env(weddings=, seed=, document_bytes=, **extra)` -> {"source": dsn, "catalogue": dsn}. A
     fresh source database of demo weddings, an empty catalogue, a vault under tmp_path and this test's
     buckets, all set in the WEDBACKUP_* environment (with `extra` variables set or overriding)."""
-    from wedbackup_dagster.core import demo_data
+    from wedbackup_dagster.dev import demo_data
 
     def make(*, weddings: int, seed: int, document_bytes: int, **extra: str) -> dict[str, str]:
         source, catalogue = make_database(), make_database()

@@ -6,8 +6,8 @@ from __future__ import annotations
 import dagster as dg
 import pytest
 
-from wedbackup_dagster.core import demo_data
-from wedbackup_dagster.core.catalogue import Catalogue
+from wedbackup_dagster.dev import demo_data
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster_tests.backups.conftest import engine_replicas
 

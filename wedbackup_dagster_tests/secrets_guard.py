@@ -1,6 +1,6 @@
 """Pytest plugin (loaded by conftest.py): after the whole session, no secret of the local stack — the
 master key, the S3 secret, the Azure account key or any SAS token, the database password — may appear in
-anything the suite wrote. Searched with core/secretscan.py:
+anything the suite wrote. Searched with wedbackup_dagster_tests/secretscan.py:
 
 * every Dagster instance a test made (`dg.instance_for_test`: its SQLite event log, run storage and
   compute logs), just before the instance's temporary directory is deleted;
@@ -22,8 +22,7 @@ from typing import Any
 
 import pytest
 
-from wedbackup_dagster.core.secretscan import (Finding, SecretScanner, scan_server, secret_parts,
-                                               wedding_key_secrets)
+from wedbackup_dagster_tests.secretscan import Finding, SecretScanner, scan_server, secret_parts, wedding_key_secrets
 
 DAGSTER_TABLES = ("event_logs", "runs", "run_tags", "job_ticks", "kvs", "secondary_indexes")
 
@@ -43,7 +42,7 @@ class Guard:
     def scanner(self) -> SecretScanner | None:
         """The stack's secrets, once they exist (the session's `stack` fixture makes them on first up)."""
         if not self._loaded:
-            from wedbackup_dagster.core.stack import Stack
+            from wedbackup_dagster.dev.stack import Stack
 
             stack = Stack.default()
             if stack.secrets_file.exists():
@@ -163,7 +162,7 @@ def final_scan(session: pytest.Session) -> None:
     scanner = GUARD.scanner
     if scanner is None:
         return  # no stack, no secrets: nothing could leak
-    from wedbackup_dagster.core.stack import Stack
+    from wedbackup_dagster.dev.stack import Stack
 
     stack = Stack.default()
     scan_database_server(stack)

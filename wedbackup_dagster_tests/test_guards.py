@@ -11,7 +11,7 @@ import os
 import psycopg
 import pytest
 
-from wedbackup_dagster.core.archive import MAGIC, read_header
+from wedbackup_dagster.core.formats.archive import MAGIC, read_header
 from wedbackup_dagster.core.errors import ArchiveCorrupt, SnapshotFormatError
 from wedbackup_dagster_tests.cli.test_app import cli_env  # noqa: F401  (a fixture)
 
@@ -22,7 +22,7 @@ NESTED = b"[" * 20_000 + b"]" * 20_000  # deeper than json's recursion limit, sm
 
 def crafted_archive(label: bytes) -> bytes:
     """An archive whose header carries `label` verbatim (a real writer only writes labels it made)."""
-    from wedbackup_dagster.core.archive import _encode_header
+    from wedbackup_dagster.core.formats.archive import _encode_header
 
     return _encode_header("1.abcdef012345", b"w" * 60, b"n" * 7, 1 << 20, label) + b"\0" * 64
 
@@ -34,8 +34,8 @@ def test_a_deeply_nested_header_label_is_a_corrupt_archive_naming_it():
 
 
 def test_deeply_nested_snapshot_records_and_manifests_fail_with_the_format_error():
-    from wedbackup_dagster.core.restore import Record
-    from wedbackup_dagster.core.snapshot import MANIFEST, Manifest
+    from wedbackup_dagster.core.formats.snapshot_stream import Record
+    from wedbackup_dagster.core.formats.snapshot_stream import MANIFEST, Manifest
 
     with pytest.raises(SnapshotFormatError, match="manifest record at offset 7 is not valid JSON"):
         Record(MANIFEST, NESTED, 7, "archive x.wbk").json()
@@ -44,12 +44,13 @@ def test_deeply_nested_snapshot_records_and_manifests_fail_with_the_format_error
 
 
 def test_rebuild_goes_on_past_an_archive_with_a_crafted_label_and_reports_it(demo_env):
-    from wedbackup_dagster.core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from wedbackup_dagster.core.engine import Engine
-    from wedbackup_dagster.core.rebuild import rebuild_from
-    from wedbackup_dagster.core.replicas import S3Replica, ensure_targets
-    from wedbackup_dagster.core.replicas.base import archive_key
-    from wedbackup_dagster.core.replicas.s3 import s3_client_from
+    from wedbackup_dagster.core.catalogue.rebuild_from_storage import rebuild_from
+    from wedbackup_dagster.core.storage.replicas import S3Replica
+    from wedbackup_dagster.core.storage.providers import ensure_targets
+    from wedbackup_dagster.core.storage.replicas.base import archive_key
+    from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
 
     demo_env(weddings=3, seed=5, document_bytes=64)
     engine = Engine.from_env()
@@ -70,10 +71,10 @@ def test_rebuild_goes_on_past_an_archive_with_a_crafted_label_and_reports_it(dem
 
 
 def test_a_key_backup_with_nested_json_is_a_key_backup_error():
-    from wedbackup_dagster.core.archive import ArchiveWriter
+    from wedbackup_dagster.core.formats.archive import ArchiveWriter
     from wedbackup_dagster.core.errors import KeyBackupError
-    from wedbackup_dagster.core.keybackup import FORMAT_NAME, read_key_backup, sealing_key
-    from wedbackup_dagster.core.keys import MasterKeyring, SecretKey
+    from wedbackup_dagster.core.keys.backup import FORMAT_NAME, read_key_backup, sealing_key
+    from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey
 
     keyring = MasterKeyring([SecretKey("mk1", b"k" * 32)])
     sealed = io.BytesIO()
@@ -129,7 +130,7 @@ def spellings(dsn: str, tmp_path, monkeypatch) -> dict[str, str]:
 
 def test_the_source_and_the_catalogue_are_refused_as_targets_in_every_spelling(demo_env, make_database, tmp_path,
                                                                                monkeypatch, pooler):
-    from wedbackup_dagster.core.dbidentity import check_restore_target, same_database
+    from wedbackup_dagster.core.postgres.identity import check_restore_target, same_database
     from wedbackup_dagster.core.errors import RestoreError
 
     env = demo_env(weddings=2, seed=5, document_bytes=64)
@@ -198,7 +199,7 @@ def test_a_catalogue_that_is_the_source_is_refused_naming_both_variables(demo_en
 
 def test_a_wedding_id_spelt_another_way_gets_no_partition_archive_or_key_of_its_own(demo_env, capsys):
     from wedbackup_dagster.core.engine import Engine
-    from wedbackup_dagster.core.errors import KeyError_, UnknownWeddingError
+    from wedbackup_dagster.core.errors import CryptoKeyError, UnknownWeddingError
 
     demo_env(weddings=5, seed=5, document_bytes=64)
     engine = Engine.from_env()
@@ -214,7 +215,7 @@ def test_a_wedding_id_spelt_another_way_gets_no_partition_archive_or_key_of_its_
     assert partitions == ["2", "3"]
     assert not [f for p in ("03", "003") for f in (engine.vault.root / p).glob("*.wbk")]
     # Once wedding 3 has its key and backups, no other spelling of it gets a key of its own.
-    with pytest.raises(KeyError_, match=r"wedding '0003' is another spelling of wedding '3'.*use '3'"):
+    with pytest.raises(CryptoKeyError, match=r"wedding '0003' is another spelling of wedding '3'.*use '3'"):
         engine.catalogue.wedding_key("0003", engine.keyring)
     # The command line only knows the source's own spelling.
     from wedbackup_dagster.cli.app import main
@@ -227,7 +228,7 @@ def test_a_wedding_id_spelt_another_way_gets_no_partition_archive_or_key_of_its_
 def test_other_spellings_match_exactly_the_same_id():
     import re
 
-    from wedbackup_dagster.core.vault import other_spellings
+    from wedbackup_dagster.core.partitions import other_spellings
 
     def same(a: str, b: str) -> bool:
         pattern = other_spellings(a)
@@ -246,7 +247,7 @@ def test_raw_key_bytes_in_bytea_columns_are_found_in_small_and_big_tables(make_d
     import base64
     import time
 
-    from wedbackup_dagster.core.secretscan import SecretScanner, secret_parts
+    from wedbackup_dagster_tests.secretscan import SecretScanner, secret_parts
 
     master = bytes(range(100, 132))
     wedding = bytes(range(7, 39))
@@ -279,7 +280,7 @@ def test_raw_key_bytes_in_bytea_columns_are_found_in_small_and_big_tables(make_d
 
 def test_the_guard_knows_a_catalogue_s_wedding_keys_as_raw_bytes(demo_env):
     from wedbackup_dagster.core.engine import Engine
-    from wedbackup_dagster.core.secretscan import SecretScanner, wedding_key_secrets
+    from wedbackup_dagster_tests.secretscan import SecretScanner, wedding_key_secrets
 
     env = demo_env(weddings=2, seed=5, document_bytes=64)
     engine = Engine.from_env()

@@ -17,14 +17,15 @@ from psycopg import sql
 
 from wedbackup_dagster import cli
 from wedbackup_dagster.backups.partitions import validated_keys
-from wedbackup_dagster.core import demo_data
+from wedbackup_dagster.dev import demo_data
 from wedbackup_dagster.core.config import Settings
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import ConfigError, ReplicaKeyRejected, WedbackupError
-from wedbackup_dagster.core.health import HealthSettings
-from wedbackup_dagster.core.replicas.base import (archive_key, check_key, check_list_prefix, object_metadata,
-                                                  parse_archive_key)
-from wedbackup_dagster.core.vault import Vault, check_partition
+from wedbackup_dagster.core.storage.health import HealthSettings
+from wedbackup_dagster.core.storage.replicas.base import (archive_key, check_key, check_list_prefix, object_metadata,
+                                                          parse_archive_key)
+from wedbackup_dagster.core.storage.vault import Vault
+from wedbackup_dagster.core.partitions import check_partition
 
 SHA = "ab" * 32
 HOSTILE_IDS = [
@@ -296,7 +297,7 @@ def test_a_hostile_dagster_partition_key_fails_its_run_naming_the_key(stack, mak
     {"tiers": {"critical": {"rpo": "1h\n"}}, "critical_days": "7; DROP"},
 ])
 def test_a_hostile_policy_file_is_refused_naming_the_setting_escaped(data):
-    from wedbackup_dagster.core.policy import Policy
+    from wedbackup_dagster.core.policy.backup_policy import Policy
 
     with pytest.raises(ConfigError) as err:
         Policy.from_mapping(data)
@@ -314,9 +315,10 @@ def test_a_malformed_restore_target_is_a_restore_error_that_never_echoes_it(targ
     import io
     import json
 
-    from wedbackup_dagster.core import restore
+    from wedbackup_dagster.core.postgres import load_snapshot as restore
     from wedbackup_dagster.core.errors import RestoreError
-    from wedbackup_dagster.core.snapshot import HEADER, MAGIC, MANIFEST, POST_DATA, PRE_DATA, write_record
+    from wedbackup_dagster.core.formats.snapshot_stream import (HEADER, MAGIC, MANIFEST, POST_DATA, PRE_DATA,
+                                                                write_record)
 
     stream = io.BytesIO()
     stream.write(MAGIC)

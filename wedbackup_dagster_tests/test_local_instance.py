@@ -6,7 +6,7 @@ from dagster._core.storage.runs import SqliteRunStorage
 from dagster._serdes import serialize_value
 from dagster_postgres import PostgresRunStorage
 
-from wedbackup_dagster.core.stack import DAGSTER_DB, project_root
+from wedbackup_dagster.dev.stack import DAGSTER_DB, project_root
 from wedbackup_dagster.instance.storage import PG_URL_SETTING
 
 

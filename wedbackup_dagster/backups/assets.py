@@ -9,7 +9,7 @@ import dagster as dg
 
 from ..core.errors import WedbackupError
 from ..shared.metadata import archive_metadata, dump_metadata, log_key_backup, replica_metadata, verify_metadata
-from ..shared.progress import Progress
+from wedbackup_dagster.core.progress import Progress
 from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
 from ..shared.wedding_outcomes import WeddingOutcomes
 from .constants import (

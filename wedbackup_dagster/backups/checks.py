@@ -2,7 +2,7 @@
 restore matches manifest, freshness by tier, shrinkage (a sharp drop in rows). Each check is one step even
 in a batched run: it evaluates every wedding of the run and reports one result per wedding partition."""
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 import dagster as dg
@@ -10,7 +10,7 @@ import dagster as dg
 from .constants import DB_DUMP, ENCRYPTED_ARCHIVE, REPLICA_KEYS, VERIFIED_RESTORE
 from .partitions import validated_keys, weddings_partitions
 from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
-from ..core import rules
+from wedbackup_dagster.core.policy import rules
 from ..core.engine import Engine
 from ..core.errors import WedbackupError
 
@@ -169,7 +169,7 @@ def azure_replica_checksum(context: dg.AssetCheckExecutionContext, wedbackup: We
 
 
 def three_two_one_outcomes(engine: Engine, keys: list[str]) -> dict[str, Outcome]:
-    from ..core.keybackup import keys_outside_catalogue
+    from wedbackup_dagster.core.keys.backup import keys_outside_catalogue
 
     evidence = rules.CheckQueries(engine.catalogue).evidence(keys)
     backed_up = keys_outside_catalogue(engine.catalogue, [ev.key_id for ev in evidence.values() if ev.key_id])
@@ -251,7 +251,7 @@ def restore_matches_manifest(context: dg.AssetCheckExecutionContext,
 
 
 def freshness_outcomes(engine: Engine, keys: list[str], *, now: datetime | None = None) -> dict[str, Outcome]:
-    from ..core.policy import Policy
+    from wedbackup_dagster.core.policy.backup_policy import Policy
 
     evidence = rules.CheckQueries(engine.catalogue).evidence(keys)
     policy = Policy.from_env()
@@ -285,7 +285,7 @@ def shrinkage_outcomes(engine: Engine, keys: list[str]) -> dict[str, Outcome]:
     """The newest backup's rows against the previous verified backup's (core.rules.shrinkage, thresholds
     from the policy file). A flagged drop is recorded in the catalogue, and every flag nobody acknowledged
     keeps the wedding's check failing (at its level) while retention holds the pre-drop backups."""
-    from ..core.policy import Policy
+    from wedbackup_dagster.core.policy.backup_policy import Policy
 
     rule = Policy.from_env().shrinkage
     verdicts = rules.find_shrinkage(engine.catalogue, keys, warn=rule.warn, error=rule.error,

@@ -9,7 +9,8 @@ from typing import Any
 import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from ..core.discovery import PLATFORM, contiguous_ranges, wedding_ids
+from wedbackup_dagster.core.partitions import PLATFORM
+from wedbackup_dagster.core.postgres.discovery import contiguous_ranges, wedding_ids
 from .partitions import validated_keys, weddings_partitions
 
 

@@ -10,7 +10,7 @@ import dagster as dg
 
 from ..instance.event_batches import in_batches
 from ..shared.metadata import log_key_backup, replica_metadata, verify_metadata
-from ..shared.progress import Progress
+from wedbackup_dagster.core.progress import Progress
 from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
 from ..shared.wedding_outcomes import WeddingOutcomes, WeddingsOfStep, failure_of_steps
 from .assets import sealed_metadata

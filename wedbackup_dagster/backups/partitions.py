@@ -1,9 +1,7 @@
 """The one partitions object of the project: a dynamic partition per wedding, plus `platform`."""
 import dagster as dg
 
-from ..core.vault import check_partition
-
-PLATFORM = "platform"
+from wedbackup_dagster.core.partitions import check_partition
 
 weddings_partitions = dg.DynamicPartitionsDefinition(name="weddings")
 

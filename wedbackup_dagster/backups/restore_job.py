@@ -7,7 +7,7 @@ import os
 
 import dagster as dg
 
-from ..core import recovery
+from wedbackup_dagster.core.postgres import restore_wedding as recovery
 from ..core.config import redact
 from ..core.errors import ConfigError, WedbackupError
 from ..shared.metadata import metadata_table

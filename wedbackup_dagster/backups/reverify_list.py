@@ -17,10 +17,10 @@ from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
 from .constants import DB_DUMP, ENCRYPTED_ARCHIVE, VERIFIED_RESTORE
 from .partitions import validated_keys, weddings_partitions
 from ..shared.resources import WedbackupEngineResource
-from ..core.catalogue import Catalogue
-from ..core.discovery import contiguous_ranges
+from wedbackup_dagster.core.catalogue.store import Catalogue
+from wedbackup_dagster.core.postgres.discovery import contiguous_ranges
 from ..core.errors import WedbackupError
-from ..core.rules import CheckQueries
+from wedbackup_dagster.core.policy.rules import CheckQueries
 from ..shared.wedding_outcomes import WeddingsOfStep
 from .assets import backup_assets
 from .list_pipeline import backup_wedding_list, list_run_config, verified_restore_list

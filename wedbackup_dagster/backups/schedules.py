@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import dagster as dg
 
 from .partitions import weddings_partitions
-from ..core.catalogue import Catalogue
-from ..core.policy import Policy
+from wedbackup_dagster.core.catalogue.store import Catalogue
+from wedbackup_dagster.core.policy.backup_policy import Policy
 from ..shared.resources import WedbackupEngineResource
 from .list_pipeline import backup_wedding_list, list_run_config
 

@@ -7,8 +7,9 @@ from collections import defaultdict
 import dagster as dg
 
 from .partitions import validated_keys, weddings_partitions
-from ..core.discovery import PLATFORM, changed_weddings, digest, wedding_dates
-from ..core.policy import CRITICAL, HIGH
+from wedbackup_dagster.core.partitions import PLATFORM
+from wedbackup_dagster.core.postgres.discovery import changed_weddings, digest, wedding_dates
+from wedbackup_dagster.core.policy.backup_policy import CRITICAL, HIGH
 from ..shared.resources import WedbackupEngineResource
 from .list_pipeline import backup_wedding_list
 from .schedules import list_requests

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 from ..core.errors import WedbackupError
-from ..core.vault import shown
+from wedbackup_dagster.core.partitions import shown
 
 
 def select_for_verify(verified: dict[str, datetime | None], *, all_: bool = False, weddings: list[str] | None = None,

@@ -10,16 +10,17 @@ import sys
 import time
 
 from ..core.errors import WedbackupError
-from ..core.vault import check_partition, shown
-from ..shared.progress import show_on_terminal
+from wedbackup_dagster.core.partitions import check_partition, shown
+from wedbackup_dagster.core.progress import show_on_terminal
 from .common import QUIET, dagster_instance, print_runs
+from wedbackup_dagster.core.partitions import PLATFORM
 
 
 def _selected_keys(args: argparse.Namespace, all_keys: list[str]) -> list[str]:
     if getattr(args, "all", False):
         return all_keys
     if getattr(args, "platform", False):
-        return ["platform"]
+        return [PLATFORM]
     unknown = [w for w in args.wedding if w not in all_keys]
     if unknown:
         raise WedbackupError(f"unknown wedding(s): {', '.join(map(shown, unknown[:10]))} (not in the source database, or erased)")
@@ -35,7 +36,7 @@ def _check_weddings(ids: list[str] | None) -> None:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     from ..backups.launch import register_partitions, run_job_for
-    from ..core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from ..core.config import Settings
 
     _check_weddings(args.wedding)
@@ -61,13 +62,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 def _ensure_targets(settings) -> None:
     """Create the replica buckets/containers when missing (the local stack starts empty)."""
-    from ..core import replicas
+    from wedbackup_dagster.core.storage.providers import ensure_targets
 
-    replicas.ensure_targets(settings)
+    ensure_targets(settings)
 
 
 def _summary(instance, keys: list[str]) -> str:
-    from ..core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from ..core.config import Settings
 
     settings = Settings.from_env()
@@ -96,7 +97,7 @@ def _summary(instance, keys: list[str]) -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..backups.launch import register_partitions, run_job_for
-    from ..core import demo_data
+    from wedbackup_dagster.dev import demo_data
     from ..core.config import Settings
 
     settings = Settings.from_env()
@@ -124,7 +125,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def start_ui() -> str:
     """Start `dagster dev` in the background as a stack service, so `wedbackup stack down` stops it."""
-    from ..core.stack import Stack, port, port_open, project_root
+    from wedbackup_dagster.dev.stack import Stack, port, port_open, project_root
 
     stack = Stack.default()
     p = port("dagster")

@@ -7,15 +7,15 @@ import json
 import os
 import sys
 
-from .common import PROVIDERS, replica_for
+from ..core.storage.providers import PROVIDERS, replica_for
 
 
 def cmd_catalogue_rebuild(args: argparse.Namespace) -> int:
-    from ..core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from ..core.config import Settings
-    from ..core.keys import load_master_keyring
-    from ..core.rebuild import NOT_RECOVERABLE, rebuild_from
-    from ..core.vault import Vault
+    from wedbackup_dagster.core.keys.keyring import load_master_keyring
+    from wedbackup_dagster.core.catalogue.rebuild_from_storage import NOT_RECOVERABLE, rebuild_from
+    from wedbackup_dagster.core.storage.vault import Vault
 
     settings = Settings.from_env()
     catalogue = Catalogue(settings.catalogue_dsn)
@@ -45,7 +45,7 @@ def cmd_catalogue_rebuild(args: argparse.Namespace) -> int:
 
 
 def cmd_catalogue_status(args: argparse.Namespace) -> int:
-    from ..core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from ..core.config import Settings
 
     catalogue = Catalogue(Settings.from_env().catalogue_dsn)

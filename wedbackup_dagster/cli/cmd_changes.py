@@ -8,15 +8,15 @@ import json
 import os
 from datetime import datetime, timezone
 
-from wedbackup_dagster.cli.common import PROVIDERS, replica_for
+from wedbackup_dagster.core.storage.providers import PROVIDERS, replica_for
 
 
 def _feed():
-    from wedbackup_dagster.core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from wedbackup_dagster.core.changefeed.drain import ChangeFeed
     from wedbackup_dagster.core.changefeed.slot import slot_from_env
     from wedbackup_dagster.core.config import Settings
-    from wedbackup_dagster.core.keys import load_master_keyring
+    from wedbackup_dagster.core.keys.keyring import load_master_keyring
 
     settings = Settings.from_env()
     feed = ChangeFeed.from_settings(settings, load_master_keyring(os.environ), Catalogue(settings.catalogue_dsn),
@@ -31,7 +31,7 @@ def _json(obj) -> str:
 def cmd_check(args: argparse.Namespace) -> int:
     import psycopg
 
-    from wedbackup_dagster.core import tenancy
+    from wedbackup_dagster.core.postgres import tenancy
     from wedbackup_dagster.core.changefeed.slot import check_source
     from wedbackup_dagster.core.config import Settings
 

@@ -8,7 +8,7 @@ import time
 
 from ..backups.verify_selection import select_for_verify
 from ..core.errors import WedbackupError
-from ..core.vault import shown
+from wedbackup_dagster.core.partitions import shown
 
 DEFAULT_BATCH = 500  # a run's verified_restore loads its weddings into one scratch database per 500
 
@@ -29,7 +29,7 @@ def reverify(keys: list[str], *, instance, batch_size: int = DEFAULT_BATCH) -> d
     from ..backups.launch import run_checks_for
 
     ordered = list(instance.get_dynamic_partitions(weddings_partitions.name))
-    from ..shared.progress import Progress
+    from wedbackup_dagster.core.progress import Progress
 
     started = time.perf_counter()
     results = []
@@ -52,9 +52,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     from ..backups.launch import register_partitions
     from .common import print_runs
-    from ..core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from ..core.config import Settings
-    from ..core.rules import CheckQueries
+    from wedbackup_dagster.core.policy.rules import CheckQueries
 
     settings = Settings.from_env()
     instance = dg.DagsterInstance.get()
@@ -70,7 +70,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print("nothing to verify")
         return 0
     print(f"re-verifying {len(keys)} partition(s) through Dagster (verified_restore, no new dump)")
-    from ..shared.progress import show_on_terminal
+    from wedbackup_dagster.core.progress import show_on_terminal
 
     show_on_terminal()
     outcome = reverify(keys, instance=instance, batch_size=args.batch_size)
@@ -85,7 +85,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_ack(args: argparse.Namespace) -> int:
     from ..backups.shrinkage_ack import acknowledge
-    from ..core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from ..core.config import Settings
 
     catalogue = Catalogue(Settings.from_env().catalogue_dsn)

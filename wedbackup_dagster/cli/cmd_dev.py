@@ -7,7 +7,7 @@ import json
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
-    from ..core.stack import Stack, export_lines
+    from wedbackup_dagster.dev.stack import Stack, export_lines
 
     stack = Stack.default()
     if args.verb == "up":
@@ -35,7 +35,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from ..core import demo_data
+    from wedbackup_dagster.dev import demo_data
     from ..core.config import Settings
 
     settings = Settings.from_env()

@@ -9,13 +9,14 @@ import os
 import sys
 
 from ..core.errors import WedbackupError
-from ..shared.progress import printed_on_stderr
+from wedbackup_dagster.core.progress import printed_on_stderr
 
 
 def cmd_restore_all(args: argparse.Namespace) -> int:
     from ..backups.restore_job import TARGET_DSN_VARIABLE, progress_logger
     from .common import QUIET, dagster_instance, step_failures
-    from ..core import disaster, recovery
+    from wedbackup_dagster.core import disaster
+    from wedbackup_dagster.core.postgres import restore_wedding as recovery
     from ..core.config import Settings, redact
 
     if not args.target_dsn:
@@ -57,7 +58,7 @@ def cmd_restore_all(args: argparse.Namespace) -> int:
 
 def cmd_dr_plan(args: argparse.Namespace) -> int:
     from ..core import disaster
-    from ..core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from ..core.config import Settings
 
     disaster.parse_scenario(args.scenario)  # a bad scenario stops here, before any database is read
@@ -77,7 +78,7 @@ def cmd_dr_kit(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     if args.check:
-        from .common import replica_for
+        from ..core.storage.providers import replica_for
 
         if not args.provider:
             raise WedbackupError("dr kit --check FILE needs the provider holding the key-store backups: "
@@ -91,8 +92,8 @@ def cmd_dr_kit(args: argparse.Namespace) -> int:
                   f"{result['provider']} ({result['key_backup'][:12]}, sealed by {result['sealed_by']}, "
                   f"{result['wedding_keys']} wedding key(s), made {result['created_at']})")
         return 0
-    from ..core.catalogue import Catalogue
-    from ..core.keys import load_master_keyring
+    from wedbackup_dagster.core.catalogue.store import Catalogue
+    from wedbackup_dagster.core.keys.keyring import load_master_keyring
 
     catalogue = Catalogue(settings.catalogue_dsn)
     try:

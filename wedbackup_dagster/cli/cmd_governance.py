@@ -50,9 +50,9 @@ def _run_job(job_name: str, op_name: str, config: dict[str, Any], what: str):
     return result, _step_metadata(result)
 
 def cmd_erase(args: argparse.Namespace) -> int:
-    from ..core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from ..core.config import Settings
-    from ..core.erasure import erasure_preview
+    from wedbackup_dagster.core.governance.erasure import erasure_preview
 
     settings = Settings.from_env()
     catalogue = Catalogue(settings.catalogue_dsn)
@@ -80,10 +80,10 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from ..core import retention
-    from ..core.catalogue import Catalogue
+    from wedbackup_dagster.core.governance import retention
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from ..core.config import Settings
-    from ..core.policy import Policy
+    from wedbackup_dagster.core.policy.backup_policy import Policy
 
     settings = Settings.from_env()
     if args.dry_run:

@@ -6,9 +6,9 @@ import argparse
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from ..core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from ..core.config import Settings
-    from ..core.health import HealthSettings, canary_replicas, check_providers, states_from_catalogue
+    from wedbackup_dagster.core.storage.health import HealthSettings, canary_replicas, check_providers, states_from_catalogue
 
     settings = Settings.from_env()
     health = HealthSettings.from_env()

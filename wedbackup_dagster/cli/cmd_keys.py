@@ -8,13 +8,13 @@ import json
 import os
 import sys
 
-from .common import PROVIDERS, replica_for
+from ..core.storage.providers import PROVIDERS, replica_for
 
 
 def _setup():
-    from ..core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from ..core.config import Settings
-    from ..core.keys import load_master_keyring
+    from wedbackup_dagster.core.keys.keyring import load_master_keyring
 
     settings = Settings.from_env()
     return settings, Catalogue(settings.catalogue_dsn), load_master_keyring(os.environ)
@@ -39,7 +39,7 @@ def _print_backup(result) -> None:
 
 
 def cmd_keys_new(args: argparse.Namespace) -> int:
-    from ..core.keys import generate_master_key_text
+    from wedbackup_dagster.core.keys.keyring import generate_master_key_text
 
     print(generate_master_key_text(args.id))
     print("put it FIRST in WEDBACKUP_MASTER_KEY (keep the old keys after it), then run `wedbackup keys rotate`",
@@ -48,7 +48,7 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_status(args: argparse.Namespace) -> int:
-    from ..core.keyrotation import key_status
+    from wedbackup_dagster.core.keys.rotation import key_status
 
     _, catalogue, keyring = _setup()
     status = key_status(catalogue, keyring)
@@ -61,8 +61,8 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    from ..core.keybackup import refresh_key_backups
-    from ..core.keyrotation import rotate_master_key
+    from wedbackup_dagster.core.keys.backup import refresh_key_backups
+    from wedbackup_dagster.core.keys.rotation import rotate_master_key
 
     settings, catalogue, keyring = _setup()
     print(f"re-wrapping every live wedding key with master key {keyring.current.key_id} (archives unchanged)")
@@ -82,7 +82,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_backup(args: argparse.Namespace) -> int:
-    from ..core.keybackup import back_up_key_store
+    from wedbackup_dagster.core.keys.backup import back_up_key_store
 
     settings, catalogue, keyring = _setup()
     result = back_up_key_store(settings, catalogue, _replicas(settings), keyring, force=args.force)
@@ -92,7 +92,7 @@ def cmd_keys_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_restore(args: argparse.Namespace) -> int:
-    from ..core.keybackup import restore_key_store
+    from wedbackup_dagster.core.keys.backup import restore_key_store
 
     settings, catalogue, keyring = _setup()
     report = restore_key_store(replica_for(args.provider, settings), catalogue, keyring, sha256=args.sha256)

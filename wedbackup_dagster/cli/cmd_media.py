@@ -7,7 +7,8 @@ import json
 import sys
 
 from wedbackup_dagster.core.errors import WedbackupError
-from wedbackup_dagster.core.vault import check_partition
+from wedbackup_dagster.core.partitions import check_partition
+from wedbackup_dagster.core.partitions import PLATFORM
 
 
 def _service():
@@ -20,7 +21,7 @@ def _partitions(args: argparse.Namespace, service) -> list[str]:
     if getattr(args, "all", False):
         return service.partitions()
     if getattr(args, "platform", False):
-        return ["platform"]
+        return [PLATFORM]
     return [check_partition(w) for w in args.wedding]
 
 
@@ -63,7 +64,7 @@ def cmd_media_restore(args: argparse.Namespace) -> int:
     from wedbackup_dagster.core.media.service import progress_printer
     from wedbackup_dagster.core.media.source import S3Source, media_s3_client
 
-    partition = "platform" if args.platform else check_partition(args.wedding)
+    partition = PLATFORM if args.platform else check_partition(args.wedding)
     service = _service()
     try:
         kwargs = {"as_of": args.as_of, "path_glob": args.path, "provider": args.source,
@@ -116,7 +117,7 @@ def cmd_media_verify(args: argparse.Namespace) -> int:
 
 def cmd_media_prune(args: argparse.Namespace) -> int:
     from wedbackup_dagster.core.media.retention import prune_media
-    from wedbackup_dagster.core.policy import Policy
+    from wedbackup_dagster.core.policy.backup_policy import Policy
 
     service = _service()
     policy = Policy.from_env()

@@ -10,20 +10,21 @@ import sys
 from datetime import timezone
 
 from ..core.errors import WedbackupError
-from ..shared.progress import printed_on_stderr
+from wedbackup_dagster.core.progress import printed_on_stderr
+from wedbackup_dagster.core.partitions import PLATFORM
 
 
 def _partition(args: argparse.Namespace) -> str:
     """The partition asked for; a wedding id that is not one is refused before any database or Dagster."""
-    from ..core.vault import check_partition
+    from wedbackup_dagster.core.partitions import check_partition
 
-    return "platform" if args.platform else check_partition(args.wedding)
+    return PLATFORM if args.platform else check_partition(args.wedding)
 
 
 def _refuse_other_spelling(catalogue, partition: str) -> None:
     """A wedding id with no backups of its own that the catalogue records under another spelling ("02" for
     2): one wedding has one partition, so say which name to use instead of finding nothing."""
-    from ..core.vault import other_spellings
+    from wedbackup_dagster.core.partitions import other_spellings
 
     pattern = other_spellings(partition)
     if pattern is None:
@@ -37,8 +38,8 @@ def _refuse_other_spelling(catalogue, partition: str) -> None:
 
 
 def cmd_points(args: argparse.Namespace) -> int:
-    from ..core import recovery
-    from ..core.catalogue import Catalogue
+    from wedbackup_dagster.core.postgres import restore_wedding as recovery
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from ..core.config import Settings
 
     partition = _partition(args)  # a hostile id stops here, before any setting or database is read
@@ -50,13 +51,13 @@ def cmd_points(args: argparse.Namespace) -> int:
         points = recovery.recovery_points(catalogue, partition)
         from ..core.changefeed.replay import continuous_ranges  # the change feed's reach past each snapshot
 
-        ranges = continuous_ranges(catalogue, partition, points) if partition != "platform" else {}
+        ranges = continuous_ranges(catalogue, partition, points) if partition != PLATFORM else {}
     finally:
         catalogue.close()
     if args.json:
         print(json.dumps([p.to_dict() for p in points], indent=2))
         return 0
-    label = "the platform partition" if partition == "platform" else f"wedding {partition}"
+    label = "the platform partition" if partition == PLATFORM else f"wedding {partition}"
     if not points:
         print(f"{label}: no recovery points (no backup in the catalogue)")
         return 1
@@ -76,10 +77,10 @@ def cmd_points(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     from ..backups.restore_job import TARGET_DSN_VARIABLE, progress_logger
     from .common import QUIET, dagster_instance, step_failures
-    from ..core import recovery
+    from wedbackup_dagster.core.postgres import restore_wedding as recovery
     from ..core.config import Settings, redact
 
-    from ..core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
 
     partition = _partition(args)  # a hostile id stops here, before any setting or database is read
     settings = Settings.from_env()
@@ -92,7 +93,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         catalogue.close()
     if args.in_place:
         mode = "in_place"
-        if partition == "platform":
+        if partition == PLATFORM:
             raise WedbackupError("--in-place replaces one wedding's rows; restore the platform partition "
                                  "--into-schema NAME or --target-dsn DSN instead")
     elif args.into_schema:
@@ -136,7 +137,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def _report_lines(report: dict) -> str:
-    from ..core.recovery import RecoveryReport
+    from wedbackup_dagster.core.postgres.restore_wedding import RecoveryReport
 
     return "\n".join(RecoveryReport.from_dict(report).lines())
 

@@ -2,10 +2,7 @@
 quiet run config, how a list of runs is printed, and the provider replicas the commands read and write."""
 from __future__ import annotations
 
-import os
-from typing import Any
 
-PROVIDERS = ("s3", "gcs", "azure")
 
 # Dagster's console logger prints every event at DEBUG; the command line shows its own summary instead.
 # Every event is still stored in the instance, so the UI shows the runs in full.
@@ -43,15 +40,3 @@ def step_failures(result) -> list[str]:
     return texts
 
 
-def replica_for(provider: str, settings) -> Any:
-    """The core replica of one provider, its client built from the WEDBACKUP_* settings and the environment."""
-    from ..core.replicas import AzureReplica, GCSReplica, S3Replica
-    from ..core.replicas.azure import azure_service_from
-    from ..core.replicas.gcs import gcs_client_from
-    from ..core.replicas.s3 import s3_client_from
-
-    if provider == "s3":
-        return S3Replica(s3_client_from(settings.s3, os.environ), settings.s3)
-    if provider == "gcs":
-        return GCSReplica(gcs_client_from(settings.gcs), settings.gcs)
-    return AzureReplica(azure_service_from(settings.azure), settings.azure)

@@ -102,7 +102,7 @@ def load_dotenv_if_present(path: str | os.PathLike[str] = ".env") -> None:
         load_dotenv(path, override=False)
 
 
-def _dsn(environ: Mapping[str, str], name: str, default: str | None = None) -> str:
+def dsn_setting(environ: Mapping[str, str], name: str, default: str | None = None) -> str:
     value = environ.get(name, "") or (default or "")
     if not value:
         raise ConfigError(name, "is not set (a PostgreSQL DSN such as postgresql://user@host:5432/db)")
@@ -151,7 +151,7 @@ def _path(environ: Mapping[str, str], name: str) -> Path:
     return Path(value)
 
 
-def _url(environ: Mapping[str, str], name: str) -> str:
+def url_setting(environ: Mapping[str, str], name: str) -> str:
     value = environ.get(name, "")
     if value:
         parts = urlsplit(value)
@@ -229,12 +229,12 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
-        source = _dsn(env, "WEDBACKUP_SOURCE_DSN")
-        catalogue = _dsn(env, "WEDBACKUP_CATALOGUE_DSN")
-        from .dbidentity import check_catalogue_not_source
+        source = dsn_setting(env, "WEDBACKUP_SOURCE_DSN")
+        catalogue = dsn_setting(env, "WEDBACKUP_CATALOGUE_DSN")
+        from wedbackup_dagster.core.postgres.identity import check_catalogue_not_source
 
         check_catalogue_not_source(source, catalogue, connect=False)  # the servers are compared by the engine
-        scratch = _dsn(env, "WEDBACKUP_SCRATCH_DSN", default=scratch_dsn_from(source))
+        scratch = dsn_setting(env, "WEDBACKUP_SCRATCH_DSN", default=scratch_dsn_from(source))
         vault = _path(env, "WEDBACKUP_VAULT_DIR")
         level_text = env.get("WEDBACKUP_ZSTD_LEVEL") or VARIABLES["WEDBACKUP_ZSTD_LEVEL"][1]
         # [0-9], not str.isdigit(): "²" is a digit to Python but not a number to int().
@@ -244,7 +244,7 @@ class Settings:
             bucket=_matching(env, "WEDBACKUP_S3_BUCKET", _BUCKET, "bucket name"),
             region=_matching(env, "WEDBACKUP_S3_REGION", re.compile(r"^[a-z0-9-]{2,32}$"), "region"),
             prefix=_prefix(env, "WEDBACKUP_S3_PREFIX", "key prefix"),
-            endpoint_url=_url(env, "WEDBACKUP_S3_ENDPOINT_URL"),
+            endpoint_url=url_setting(env, "WEDBACKUP_S3_ENDPOINT_URL"),
             storage_class=_choice(env, "WEDBACKUP_S3_STORAGE_CLASS", {
                 "STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR",
                 "GLACIER", "DEEP_ARCHIVE"}),
@@ -258,7 +258,7 @@ class Settings:
             prefix=_prefix(env, "WEDBACKUP_GCS_PREFIX", "object prefix"),
             storage_class=_choice(env, "WEDBACKUP_GCS_STORAGE_CLASS", {
                 "STANDARD", "NEARLINE", "COLDLINE", "ARCHIVE"}),
-            emulator_host=_url(env, "STORAGE_EMULATOR_HOST"),
+            emulator_host=url_setting(env, "STORAGE_EMULATOR_HOST"),
         )
         lock_text = env.get("WEDBACKUP_LOCK_TIMEOUT") or VARIABLES["WEDBACKUP_LOCK_TIMEOUT"][1]
         try:

@@ -20,13 +20,17 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .archive import open_archive
-from .dbidentity import check_restore_target
+from wedbackup_dagster.core.partitions import PLATFORM, partition_label
+from wedbackup_dagster.core.formats.archive import open_archive
+from wedbackup_dagster.core.postgres.identity import check_restore_target
 from .errors import ArchiveError, ProviderError, RestoreError, WedbackupError
-from .recovery import NoRecoveryPointError, RecoveryPoint, _connect, choose_point
-from .restore import _advance_sequences, _check_foreign_keys, _first_line, restore_snapshot, scratch_database
-from .snapshot import PLATFORM, RESTORE_PROGRESS_SCHEMA, database_label, describe_schema, schema_is_empty
-from wedbackup_dagster.shared.progress import Progress as Counter
+from wedbackup_dagster.core.postgres.restore_wedding import (NoRecoveryPointError, RecoveryPoint, connect_target,
+                                                             choose_point)
+from wedbackup_dagster.core.postgres.load_snapshot import (advance_sequences, check_foreign_keys, db_error_line,
+                                                           restore_snapshot, scratch_database)
+from wedbackup_dagster.core.postgres.snapshot import (RESTORE_PROGRESS_SCHEMA, database_label, describe_schema,
+                                                      schema_is_empty)
+from .progress import Progress as Counter  # done of total, rate, ETA (plain Python, shared with the wiring)
 
 Progress = Callable[[str], None]
 LOCATIONS = ("vault", "s3", "gcs", "azure")
@@ -67,10 +71,6 @@ ORDER BY 1, 2
 
 def _quiet(_: str) -> None:
     pass
-
-
-def _label(partition: str) -> str:
-    return "the platform partition" if partition == PLATFORM else f"wedding {partition}"
 
 
 def _partition_order(partition: str) -> tuple[int, int, str]:
@@ -143,7 +143,7 @@ class PlatformReport:
         out += [f"  fell back: {line}" for line in self.fallbacks]
         out += [f"  erased, not restored: wedding {p}" for p in self.erased]
         out += [f"  re-applied erasure: {line}" for line in self.erasures_reapplied]
-        out += [f"  NOT RESTORED {_label(p)}: {why}" for p, why in sorted(self.failed.items(),
+        out += [f"  NOT RESTORED {partition_label(p)}: {why}" for p, why in sorted(self.failed.items(),
                                                                           key=lambda kv: _partition_order(kv[0]))]
         out += [f"  FOREIGN KEY: {line}" for line in self.foreign_key_problems]
         return out
@@ -280,9 +280,9 @@ def restore_partition(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
             decrypt = [0.0]
             t0 = time.perf_counter()
             try:
-                with engine._fetched_copy(backup, copy, replicas) as tmp:
+                with engine.fetched_copy(backup, copy, replicas) as tmp:
                     download = time.perf_counter() - t0
-                    name = engine._archive_name(backup, copy)
+                    name = engine.archive_name(backup, copy)
                     chunks = _timed(open_archive(tmp, name=name, resolve_key=engine.resolve_key), decrypt)
                     t1 = time.perf_counter()
                     report = restore_snapshot(chunks, target_dsn, create_schema=partition == PLATFORM, name=name,
@@ -298,13 +298,13 @@ def restore_partition(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
                     break
                 continue
             except psycopg.errors.UniqueViolation as exc:
-                result.error = f"already in the target (another run restoring it?): {_first_line(exc)}"
+                result.error = f"already in the target (another run restoring it?): {db_error_line(exc)}"
                 return result
             except WedbackupError as exc:
                 result.error = str(exc)
                 return result
             except psycopg.Error as exc:
-                result.error = f"the target failed: {type(exc).__name__}: {_first_line(exc)[:300]}"
+                result.error = f"the target failed: {type(exc).__name__}: {db_error_line(exc)[:300]}"
                 return result
             result.ok, result.copy, result.rows = True, copy, report.total_rows
             result.phases = {"download": download, "decrypt": decrypt[0], "load": max(load, 0.0)}
@@ -357,7 +357,7 @@ def all_recovery_points(catalogue: Any) -> dict[str, list[RecoveryPoint]]:
 def restore_all(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
                 options: RestoreAllOptions = RestoreAllOptions(), *, progress: Progress = _quiet) -> PlatformReport:
     """The whole platform into an empty database (see the module's first lines). The target may be neither
-    the live source nor the catalogue, however its DSN is written (core/dbidentity.py)."""
+    the live source nor the catalogue, however its DSN is written (core/postgres/identity.py)."""
     started = time.perf_counter()
     settings = engine.settings
     check_restore_target(target_dsn, source_dsn=settings.source_dsn, catalogue_dsn=settings.catalogue_dsn,
@@ -368,7 +368,7 @@ def restore_all(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
         if p not in LOCATIONS:
             raise WedbackupError(f"copy location {p!r} is not one of {', '.join(LOCATIONS)}")
     jobs = max(1, int(options.jobs))
-    with _connect(target_dsn, f"the target, {target}", "wedbackup-restore-all") as coord:
+    with connect_target(target_dsn, f"the target, {target}", "wedbackup-restore-all") as coord:
         # One restore --all per target at a time: the lock lives as long as this connection.
         if not coord.execute("SELECT pg_try_advisory_lock(hashtext('wedbackup-restore-all'))").fetchone()[0]:
             raise RestoreError(f"another restore --all is running into {target}; wait for it (or stop it) first")
@@ -453,7 +453,7 @@ def _account(report: PlatformReport, result: PartitionResult) -> None:
         for k, v in result.phases.items():
             report.phases[k] += v
         if result.attempts:
-            report.fallbacks.append(f"{_label(result.partition)}: " + "; ".join(result.attempts)
+            report.fallbacks.append(f"{partition_label(result.partition)}: " + "; ".join(result.attempts)
                                     + f"; restored from {result.copy}")
     else:
         report.failed[result.partition] = result.error
@@ -568,7 +568,7 @@ def _run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo
 
     try:
         stopped = run_batches(engine, replicas, target_dsn, todo, order, jobs, copy_faults=_COPY_FAULTS,
-                              connect=lambda: _connect(target_dsn, f"the target, {target}", "wedbackup-restore-all"),
+                              connect=lambda: connect_target(target_dsn, f"the target, {target}", "wedbackup-restore-all"),
                               worker_engine=worker_engine, on_done=on_done, on_batch=on_batch, on_retry=on_retry,
                               should_stop=should_stop, progress=progress)
     finally:
@@ -578,7 +578,7 @@ def _run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo
         return stopped
     if retry:
         progress(f"{len(retry)} wedding(s) again one by one: " + "; ".join(
-            f"{_label(p)}: {why}" for p, (_, why) in list(sorted(retry.items()))[:5]))
+            f"{partition_label(p)}: {why}" for p, (_, why) in list(sorted(retry.items()))[:5]))
         again = [point for point, _ in sorted(retry.values(), key=lambda pw: _partition_order(pw[0].partition))]
         return _run_weddings(engine, replicas, target_dsn, again, order, jobs, None, deadline, report, ticker,
                              hold_triggers=False)
@@ -586,7 +586,7 @@ def _run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo
 
 
 def _reapply(engine: Any, target_dsn: str) -> list[str]:
-    from .erasure import reapply_erasures
+    from wedbackup_dagster.core.governance.erasure import reapply_erasures
 
     return reapply_erasures(target_dsn, engine.catalogue)
 
@@ -597,11 +597,11 @@ def _check(coord, engine: Any, target_dsn: str, report: PlatformReport, progress
     report.erasures_reapplied += _reapply(engine, target_dsn)
     tables = [tuple(r) for r in coord.execute(_TABLES_SQL, (RESTORE_PROGRESS_SCHEMA,)).fetchall()]
     with coord.transaction():
-        report.sequences_checked = len(_advance_sequences(coord, tables))
+        report.sequences_checked = len(advance_sequences(coord, tables))
     manifest = SimpleNamespace(tables=[SimpleNamespace(schema=s, name=n) for s, n in tables])
     with coord.transaction():
         coord.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        checks = _check_foreign_keys(coord, manifest)
+        checks = check_foreign_keys(coord, manifest)
     report.foreign_key_problems = [
         f"{c.constraint} on {c.table}: {c.orphans} row(s) point at no row of {c.parent}" if c.status == "orphans"
         else f"{c.constraint} on {c.table}: could not be checked: {c.problem}"
@@ -666,8 +666,8 @@ class RecoveryPlan:
             out.append(f"  expected duration: unknown ({self.estimate_basis})")
         out.append("  steps:")
         out += [f"    {i}. {step}" for i, step in enumerate(self.steps, 1)]
-        out += [f"  MISSING {_label(p)}: {why}" for p, why in self.missing.items()]
-        out += [f"  STALE {_label(p)}: {why}" for p, why in self.stale.items()]
+        out += [f"  MISSING {partition_label(p)}: {why}" for p, why in self.missing.items()]
+        out += [f"  STALE {partition_label(p)}: {why}" for p, why in self.stale.items()]
         out += [f"  note: {n}" for n in self.notes]
         return out
 
@@ -970,7 +970,7 @@ def drill(engine: Any, replicas: Mapping[str, Any], provider: str, *, jobs: int 
     audit trail (`dr-drill`) so the next drill shows the trend and `dr plan` its rates. `sample`: that many
     weddings (every critical one always in, drill_sample) plus the platform partition; `policy` (default: the
     policy file's) assigns the tiers of the per-tier RTO and RPO."""
-    from .policy import Policy
+    from .policy.backup_policy import Policy
 
     if provider not in PROVIDER_LOCATIONS:
         raise WedbackupError(f"a drill restores from a provider ({', '.join(PROVIDER_LOCATIONS)}), never the vault; "
@@ -1013,7 +1013,7 @@ def _rebuilt_engine(engine: Any, replica: Any, rebuilt: dict[str, Any], progress
     """An engine over a scratch catalogue rebuilt from `replica` alone, dropped afterwards."""
     import dataclasses
 
-    from .rebuild import rebuild_from
+    from wedbackup_dagster.core.catalogue.rebuild_from_storage import rebuild_from
 
     with scratch_database(engine.settings.scratch_dsn, label=DRILL_LABEL + "-catalogue") as catalogue_dsn:
         other = type(engine)(dataclasses.replace(engine.settings, catalogue_dsn=catalogue_dsn), engine.keyring)
@@ -1071,9 +1071,9 @@ def key_fingerprint(key: Any) -> str:
 def kit_sheet(keyring: Any, catalogue: Any, settings: Any) -> dict[str, Any]:
     """The non-secret half of the recovery kit, to print and keep with the sealed copy of the master key
     file: key ids and fingerprints, where the key-store backups and archives are, and the newest key backup."""
-    from .keybackup import _newest_recorded
+    from wedbackup_dagster.core.keys.backup import newest_recorded_key_backup
 
-    newest = _newest_recorded(catalogue)
+    newest = newest_recorded_key_backup(catalogue)
     return {
         "master_keys": [{"id": k, "fingerprint": key_fingerprint(keyring.get(k)),
                          "current": k == keyring.current.key_id} for k in keyring.key_ids],
@@ -1093,8 +1093,8 @@ def check_kit_key_file(key_file: str, replica: Any) -> dict[str, Any]:
     """Whether the master key file `key_file` (a kit's copy) opens the newest key-store backup at `replica`:
     its key ids and fingerprints, the backup, the master key that sealed it and how many wedding keys it
     holds. Raises a clear error otherwise; never shows key material."""
-    from .keybackup import newest_key_backup
-    from .keys import MASTER_KEY_FILE_ENV, load_master_keyring
+    from wedbackup_dagster.core.keys.backup import newest_key_backup
+    from wedbackup_dagster.core.keys.keyring import MASTER_KEY_FILE_ENV, load_master_keyring
 
     keyring = load_master_keyring({MASTER_KEY_FILE_ENV: key_file})
     found = newest_key_backup(replica, keyring)

@@ -22,12 +22,20 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .archive import open_archive
+from wedbackup_dagster.core.formats.archive import open_archive
 from .errors import WedbackupError
-from .recovery import RecoveryPoint
-from .restore import (check_table_end, compare_with_manifest, header_of, manifest_of, no_row_security, read_snapshot,
-                      read_to_end, table_begin_of)
-from .snapshot import DATA, MANIFEST, RESTORE_PROGRESS_SCHEMA, schema_fingerprint, use_qualified_names
+from wedbackup_dagster.core.postgres.restore_wedding import RecoveryPoint
+from wedbackup_dagster.core.formats.snapshot_stream import (
+    check_table_end,
+    header_of,
+    manifest_of,
+    read_snapshot,
+    read_to_end,
+    table_begin_of,
+)
+from wedbackup_dagster.core.postgres.load_snapshot import compare_with_manifest, no_row_security
+from wedbackup_dagster.core.formats.snapshot_stream import DATA, MANIFEST
+from wedbackup_dagster.core.postgres.snapshot import RESTORE_PROGRESS_SCHEMA, schema_fingerprint, use_qualified_names
 
 BATCH_WEDDINGS = 200  # at most this many weddings per transaction
 BATCH_BYTES = 64 << 20  # … and at most about this much plaintext
@@ -82,10 +90,10 @@ def decode(engine: Any, replicas: Mapping[str, Any], point: RecoveryPoint, order
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
         t0 = time.perf_counter()
         try:
-            with engine._fetched_copy(backup, copy, replicas) as tmp:
+            with engine.fetched_copy(backup, copy, replicas) as tmp:
                 download = time.perf_counter() - t0
                 t1 = time.perf_counter()
-                name = engine._archive_name(backup, copy)
+                name = engine.archive_name(backup, copy)
                 chunks = open_archive(tmp, name=name, resolve_key=engine.resolve_key)
                 tables, rows, nbytes, fingerprint = _spool(chunks, name, point.partition, spool)
                 read = time.perf_counter() - t1

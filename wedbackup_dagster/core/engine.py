@@ -10,54 +10,26 @@ import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 
-from .archive import ArchiveStats, ArchiveWriter, open_archive
-from .catalogue import BackupRecord, Catalogue
+from wedbackup_dagster.core.formats.archive import ArchiveStats, ArchiveWriter, open_archive
+from wedbackup_dagster.core.catalogue.store import BackupRecord, Catalogue
 from .config import Settings
-from .dbidentity import check_catalogue_not_source, check_restore_target
+from wedbackup_dagster.core.postgres.identity import check_catalogue_not_source, check_restore_target
 from .errors import (ArchiveError, PartitionBusyError, ProviderError, ReplicaChecksumMismatch, ReplicaError,
                      RestoreError, SnapshotRetryable, VerificationError, WedbackupError)
-from .keys import MasterKeyring, SecretKey, load_master_keyring
-from .locks import partition_lock
-from .snapshot import PLATFORM, Manifest, count_mismatches, database_label
-from .vault import Vault, VaultEntry, check_partition
+from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey, load_master_keyring
+from wedbackup_dagster.core.catalogue.locks import partition_lock
+from wedbackup_dagster.core.partitions import PLATFORM, partition_label
+from wedbackup_dagster.core.formats.snapshot_stream import Manifest
+from wedbackup_dagster.core.postgres.snapshot import count_mismatches, database_label
+from wedbackup_dagster.core.storage.providers import PROVIDERS
+from wedbackup_dagster.core.storage.vault import Vault, VaultEntry
+from wedbackup_dagster.core.partitions import check_partition
+from wedbackup_dagster.core.outcomes import BackupOutcome, ReplicaOutcome, VerifyOutcome
 
-PROVIDERS = ("s3", "gcs", "azure")
-
-
-@dataclass
-class BackupOutcome:
-    partition: str
-    backup: BackupRecord
-    stats: ArchiveStats
-    vault: VaultEntry
-    manifest: dict[str, Any]
-    seconds: float
-
-
-@dataclass
-class ReplicaOutcome:
-    partition: str
-    backup: BackupRecord
-    record: Any  # replicas.ReplicaRecord
-    seconds: float
-
-
-@dataclass
-class VerifyOutcome:
-    partition: str
-    backup: BackupRecord
-    provider: str
-    seconds: float
-    download_seconds: float
-    restore_seconds: float
-    tables: list[dict[str, Any]] = field(default_factory=list)
-    fk_checked: int = 0
-    fk_external: int = 0
 
 
 class _CountingSink:
@@ -96,7 +68,7 @@ class Engine:
         self.catalogue = catalogue or Catalogue(settings.catalogue_dsn)
         self.vault = Vault(settings.vault_dir)
         self.catalogue.migrate()
-        # One backup or restore of a partition at a time (core/locks.py); others wait this long for it.
+        # One backup or restore of a partition at a time (core/catalogue/locks.py); others wait this long for it.
         self.catalogue.partition_locks.timeout = settings.lock_timeout
 
     @classmethod
@@ -111,7 +83,7 @@ class Engine:
     # ---- db_dump + encrypted_archive -------------------------------------------------------------
     @contextmanager
     def snapshot_session(self) -> Iterator[Any]:
-        from .snapshot import SnapshotSession
+        from wedbackup_dagster.core.postgres.snapshot import SnapshotSession
 
         # Weddings backed up within a few seconds of each other share one consistent snapshot.
         with SnapshotSession(self.settings.source_dsn, share_seconds=self.share_seconds,
@@ -152,12 +124,12 @@ class Engine:
         `batch_size` (one COPY per table per batch). Yields each partition's outcome or its error.
         A wedding whose lock another backup or restore holds is left out of its batch and, after every
         batch, backed up alone once the lock is free (waiting at most the lock timeout)."""
-        weddings = [p for p in partitions if p != "platform"]
-        if "platform" in partitions:
+        weddings = [p for p in partitions if p != PLATFORM]
+        if PLATFORM in partitions:
             try:
-                yield "platform", self._retrying(lambda: self.back_up("platform", session))
+                yield PLATFORM, self._retrying(lambda: self.back_up(PLATFORM, session))
             except WedbackupError as exc:
-                yield "platform", exc
+                yield PLATFORM, exc
             # The weddings do not share the platform's snapshot: it began before the platform backup (which
             # reads every tenant table for rows in no wedding), so a batch whose locks are granted at once
             # would read from before another run's backups of its weddings committed meanwhile.
@@ -383,7 +355,7 @@ class Engine:
         return candidates[(start + self.catalogue.restore_count(backup.id)) % len(candidates)]
 
     @contextmanager
-    def _fetched_copy(self, backup: BackupRecord, chosen: str, replicas: Mapping[str, Any]) -> Iterator[Any]:
+    def fetched_copy(self, backup: BackupRecord, chosen: str, replicas: Mapping[str, Any]) -> Iterator[Any]:
         """A temporary file holding the chosen copy, its SHA-256 checked against the catalogue."""
         folder = self.vault.root if self.vault.root.exists() else None
         with tempfile.TemporaryFile(dir=folder) as tmp:
@@ -398,17 +370,17 @@ class Engine:
                         digest.update(block)
                         tmp.write(block)
                 if digest.hexdigest() != backup.archive_sha256:
-                    raise ArchiveError(self._archive_name(backup, chosen),
+                    raise ArchiveError(self.archive_name(backup, chosen),
                                        "its SHA-256 no longer matches the catalogue: the vault copy is damaged")
             else:
                 copy = next(c for c in self.catalogue.copies(backup.id) if c.provider == chosen)
-                self._download(replicas[chosen], copy.object_key, tmp, backup)
+                self.download_copy(replicas[chosen], copy.object_key, tmp, backup)
             tmp.seek(0)
             yield tmp
 
     download_attempts = 3
 
-    def _download(self, replica: Any, key: str, tmp: Any, backup: BackupRecord) -> None:
+    def download_copy(self, replica: Any, key: str, tmp: Any, backup: BackupRecord) -> None:
         """One copy into `tmp`, checked against the catalogue's SHA-256. A transient failure (the connection
         dropped, the answer was cut short) is retried from the start; whole-length bytes with another hash
         are damage at the provider and are raised at once, never retried away."""
@@ -426,23 +398,23 @@ class Engine:
                     raise
             time.sleep(0.5 * 2 ** attempt)
 
-    def _archive_name(self, backup: BackupRecord, chosen: str) -> str:
+    def archive_name(self, backup: BackupRecord, chosen: str) -> str:
         return f"{chosen}:{backup.partition}/{backup.archive_sha256[:16]}"
 
     def verify(self, partition: str, replicas: Mapping[str, Any], provider: str | None = None) -> VerifyOutcome:
         """Download one copy, decrypt, restore into a scratch database, compare with the manifest."""
-        from . import restore
+        from wedbackup_dagster.core.postgres import load_snapshot as restore
 
         backup = self.catalogue.require_latest_backup(check_partition(partition))
         chosen = self.choose_provider(backup, [p for p in PROVIDERS if p in replicas], provider)
-        self._drop_abandoned_scratch(restore)
+        self.drop_abandoned_scratch(restore)
         started = time.perf_counter()
         ok = False
         detail: dict[str, Any] = {}
         try:
-            with self._fetched_copy(backup, chosen, replicas) as tmp:
+            with self.fetched_copy(backup, chosen, replicas) as tmp:
                 download_seconds = time.perf_counter() - started
-                chunks = open_archive(tmp, name=self._archive_name(backup, chosen), resolve_key=self.resolve_key)
+                chunks = open_archive(tmp, name=self.archive_name(backup, chosen), resolve_key=self.resolve_key)
                 restore_started = time.perf_counter()
                 with restore.scratch_database(self.settings.scratch_dsn, label=partition) as scratch_dsn:
                     restore.restore_snapshot(chunks, scratch_dsn, create_schema=True)
@@ -453,7 +425,7 @@ class Engine:
                     # Not only the manifest's rows (read by the same COPY): the independent count too.
                     short = count_mismatches(manifest, {t.table: t.rows for t in verify.tables})
                     if short:
-                        what = "the platform partition" if partition == PLATFORM else f"wedding {partition}"
+                        what = partition_label(partition)
                         raise VerificationError(f"{what}: the restored copy does not hold the rows counted at "
                                                 f"snapshot time: {'; '.join(short[:10])}")
                 restore_seconds = time.perf_counter() - restore_started
@@ -484,16 +456,16 @@ class Engine:
     def verify_each(self, partitions: list[str], replicas: Mapping[str, Any], provider: str | None = None,
                     on_progress: Any = None) -> Iterator[tuple[str, VerifyOutcome | WedbackupError]]:
         """`verify` for many partitions: weddings in batches, each batch restored into ONE scratch database
-        and checked per wedding against its own manifest (core/batch_verify.py); a wedding that fails there
+        and checked per wedding against its own manifest (core/postgres/batch_verify.py); a wedding that fails there
         is verified alone. Yields each partition's outcome or its error (those verified alone last);
         `on_progress()` once per partition as its work is done."""
-        from .batch_verify import verify_many
+        from wedbackup_dagster.core.postgres.batch_verify import verify_many
 
         for i in range(0, len(partitions), self.verify_batch_size):
             yield from verify_many(self, partitions[i:i + self.verify_batch_size], replicas, provider,
                                    on_progress=on_progress)
 
-    def _drop_abandoned_scratch(self, restore: Any) -> None:
+    def drop_abandoned_scratch(self, restore: Any) -> None:
         """Once per engine: drop the scratch databases a killed verification left on the scratch server."""
         if getattr(self, "_scratch_swept", False):
             return
@@ -506,11 +478,11 @@ class Engine:
     # ---- key backups (issue 14 defect 9) --------------------------------------------------------------
     def back_up_new_keys(self, replicas: Mapping[str, Any]) -> Any:
         """Once per backup run, however it was launched: when a wedding key lives only in the catalogue, a
-        key-store backup to the vault and `replicas` (core/keybackup.py). Until one is at the vault and at
+        key-store backup to the vault and `replicas` (core/keys/backup.py). Until one is at the vault and at
         least one provider, the backups those keys open are not done: raises KeyBackupError naming the
         providers that failed. None when every live key was already backed up (one indexed count)."""
         from .errors import KeyBackupError
-        from .keybackup import back_up_key_store, keys_awaiting_backup
+        from wedbackup_dagster.core.keys.backup import back_up_key_store, keys_awaiting_backup
 
         if not keys_awaiting_backup(self.catalogue):
             return None
@@ -533,18 +505,18 @@ class Engine:
 
     def _restore_to_locked(self, partition: str, target_dsn: str, replicas: Mapping[str, Any],
                            provider: str | None) -> Any:
-        from . import restore
+        from wedbackup_dagster.core.postgres import load_snapshot as restore
 
         backup = self.catalogue.require_latest_backup(partition)
         copies = {c.provider for c in self.catalogue.copies(backup.id)}
         chosen = provider or ("vault" if "vault" in copies and self.vault.get(partition, backup.archive_sha256)
                               else self.choose_provider(backup, [p for p in PROVIDERS if p in replicas]))
         started = time.perf_counter()
-        with self._fetched_copy(backup, chosen, replicas) as tmp:
-            chunks = open_archive(tmp, name=self._archive_name(backup, chosen), resolve_key=self.resolve_key)
+        with self.fetched_copy(backup, chosen, replicas) as tmp:
+            chunks = open_archive(tmp, name=self.archive_name(backup, chosen), resolve_key=self.resolve_key)
             report = restore.restore_snapshot(chunks, target_dsn, create_schema="auto")
         if partition == PLATFORM:  # platform archives still name erased weddings: erase them again
-            from .erasure import reapply_erasures
+            from wedbackup_dagster.core.governance.erasure import reapply_erasures
 
             reapply_erasures(target_dsn, self.catalogue)  # audited there, table by table
         self.catalogue.audit("restore", partition, {"archive_sha256": backup.archive_sha256, "copy": chosen,

@@ -28,7 +28,7 @@ class ArchiveError(WedbackupError):
         super().__init__(f"archive {archive}: {problem}")
 
 
-class KeyError_(WedbackupError):
+class CryptoKeyError(WedbackupError):
     """A key is missing, malformed, or does not open what it should (wrong master key, shredded key)."""
 
 

@@ -1,1 +1,2 @@
-"""Development tools: the local stack and demo data (not part of the engine)."""
+"""Local-development tools, not the engine: the local stack of PostgreSQL and provider stand-ins, the demo
+database and the demo media."""

@@ -17,7 +17,7 @@ from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
 from ..core import disaster
 from ..core.config import redact
 from ..core.errors import WedbackupError
-from ..core.policy import Policy
+from wedbackup_dagster.core.policy.backup_policy import Policy
 
 DR_DRILL_REPORT = dg.AssetKey("dr_drill_report")
 
@@ -76,7 +76,7 @@ def dr_drill_report(context: dg.AssetExecutionContext, config: DrillConfig, wedb
     rto_ok = report.rto_seconds <= rto_target and not slow_critical
     metadata = {
         "summary": dg.MetadataValue.md(redact(report.markdown(rto_target))),
-        "tiers": _table([{"tier": k, "partitions": v["partitions"], "rto_seconds": float(v["rto_seconds"]),
+        "tiers": metadata_table([{"tier": k, "partitions": v["partitions"], "rto_seconds": float(v["rto_seconds"]),
                           "slowest_seconds": float(v["slowest_seconds"]), "rpo_hours": v["rpo_seconds"] / 3600}
                          for k, v in report.tiers.items()],
                         [("tier", "string"), ("partitions", "int"), ("rto_seconds", "float"),

@@ -9,7 +9,8 @@ import dagster as dg
 from ..shared.metadata import metadata_table
 from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
 from ..backups.restore_job import FORBIDDEN_TARGET_VARIABLES, TARGET_DSN_VARIABLE, progress_logger
-from ..core import disaster, recovery
+from wedbackup_dagster.core import disaster
+from wedbackup_dagster.core.postgres import restore_wedding as recovery
 from ..core.config import redact
 from ..core.errors import ConfigError, WedbackupError
 

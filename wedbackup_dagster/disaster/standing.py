@@ -15,9 +15,9 @@ from ..backups.constants import OWNERS
 from ..backups.partitions import weddings_partitions
 from ..backups.reverify_list import REVERIFY_JOB, RUN_SIZE, reverify_run_config, reverify_wedding_list
 from ..backups.schedules import TRIGGER_TAG
-from ..core.catalogue import Catalogue
-from ..core.policy import Policy
-from ..core.rules import CheckQueries
+from wedbackup_dagster.core.catalogue.store import Catalogue
+from wedbackup_dagster.core.policy.backup_policy import Policy
+from wedbackup_dagster.core.policy.rules import CheckQueries
 from ..core.standing import not_reverified, tick_share
 from ..providers.inventory_reconciliation import reconcile_inventory
 from ..shared.resources import WedbackupEngineResource

@@ -5,7 +5,7 @@ import dagster as dg
 
 from ..backups.partitions import validated_keys, weddings_partitions
 from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
-from ..core import erasure
+from wedbackup_dagster.core.governance import erasure
 
 
 class EraseConfig(dg.Config):

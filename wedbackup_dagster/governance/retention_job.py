@@ -4,8 +4,8 @@ a provider that could not be reached fails the run (the next sweep retries)."""
 import dagster as dg
 
 from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
-from ..core import retention
-from ..core.policy import Policy
+from wedbackup_dagster.core.governance import retention
+from wedbackup_dagster.core.policy.backup_policy import Policy
 
 
 class PruneConfig(dg.Config):

@@ -21,7 +21,7 @@ def _metadata(result) -> dict:
 @dg.op(tags={"kind": "keys"})
 def back_up_key_store_op(context: dg.OpExecutionContext, wedbackup: WedbackupEngineResource,
                          replicas: ProviderReplicasResource) -> dg.Output:
-    from ..core.keybackup import back_up_key_store
+    from wedbackup_dagster.core.keys.backup import back_up_key_store
 
     engine = wedbackup.engine()
     result = back_up_key_store(wedbackup.settings(), engine.catalogue, replicas.all(), engine.keyring)
@@ -35,8 +35,8 @@ def back_up_key_store_op(context: dg.OpExecutionContext, wedbackup: WedbackupEng
 @dg.op(tags={"kind": "keys"})
 def rotate_master_key_op(context: dg.OpExecutionContext, wedbackup: WedbackupEngineResource,
                          replicas: ProviderReplicasResource) -> dg.Output:
-    from ..core.keybackup import refresh_key_backups
-    from ..core.keyrotation import rotate_master_key
+    from wedbackup_dagster.core.keys.backup import refresh_key_backups
+    from wedbackup_dagster.core.keys.rotation import rotate_master_key
 
     engine = wedbackup.engine()
     report = rotate_master_key(engine.catalogue, engine.keyring,
@@ -75,8 +75,8 @@ key_store_backup_schedule = dg.ScheduleDefinition(
     default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=60,
     description="After a successful backup run: a key backup when that run made a new wedding key.")
 def key_store_backup_after_backups(context: dg.RunStatusSensorContext, wedbackup: WedbackupEngineResource):
-    from ..core.keybackup import key_backup_is_current
-    from ..core.keys import load_master_keyring
+    from wedbackup_dagster.core.keys.backup import key_backup_is_current
+    from wedbackup_dagster.core.keys.keyring import load_master_keyring
 
     current, fingerprint = key_backup_is_current(wedbackup.catalogue(), load_master_keyring(os.environ))
     if current:

@@ -7,7 +7,7 @@ import dagster as dg
 
 from ..backups.partitions import validated_keys, weddings_partitions
 from ..core.errors import WedbackupError
-from wedbackup_dagster.shared.progress import Progress
+from wedbackup_dagster.core.progress import Progress
 from .constants import GROUP, MEDIA_POOL, MEDIA_REPLICA_KEYS, MEDIA_SNAPSHOT, OWNERS, VERIFIED_MEDIA
 
 BATCHED = dg.BackfillPolicy.single_run()

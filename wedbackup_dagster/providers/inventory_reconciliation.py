@@ -7,7 +7,7 @@ import dagster as dg
 
 from ..backups.constants import OWNERS
 from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
-from ..core import inventory as inv
+from wedbackup_dagster.core.catalogue import inventory as inv
 
 BACKUP_INVENTORY = dg.AssetKey("backup_inventory")
 FINDINGS_SHOWN = 200  # the UI table stays readable; the counts cover everything

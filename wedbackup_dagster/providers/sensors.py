@@ -14,10 +14,10 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from ..backups.constants import REPLICA_KEYS
 from ..backups.jobs import backup_weddings
 from ..backups.partitions import weddings_partitions
-from ..core.catalogue import Catalogue
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from ..core.config import redact
 from ..core.errors import ConfigError
-from ..core.health import (
+from wedbackup_dagster.core.storage.health import (
     HealthSettings,
     ProviderState,
     canary_replicas,

@@ -16,11 +16,12 @@ from dagster_gcp import GCSResource
 from pydantic import PrivateAttr
 
 from ..core import config as core_config
-from ..core.catalogue import Catalogue
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from ..core.config import Settings, provider_timeout_from
-from ..core.engine import PROVIDERS, Engine
-from ..core.keys import load_master_keyring
-from ..core.policy import Policy
+from ..core.engine import Engine
+from ..core.storage.providers import PROVIDERS
+from wedbackup_dagster.core.keys.keyring import load_master_keyring
+from wedbackup_dagster.core.policy.backup_policy import Policy
 
 
 def dsn_setting(name: str) -> str:
@@ -84,7 +85,7 @@ class AzureBlobResource(dg.ConfigurableResource):
     connection_string: str
 
     def get_service(self) -> Any:
-        from ..core.replicas.azure import azure_service_from_connection_string
+        from wedbackup_dagster.core.storage.replicas.azure import azure_service_from_connection_string
 
         # Short timeouts and one quick retry: the SDK's default retry would hold a down provider for minutes.
         return azure_service_from_connection_string(self.connection_string, read_timeout=provider_timeout_from())
@@ -96,7 +97,7 @@ class S3ReplicaResource(S3Resource):
     and never appear in the resource's config."""
 
     def get_client(self) -> Any:
-        from ..core.replicas.s3 import client_config, s3_client_from
+        from wedbackup_dagster.core.storage.replicas.s3 import client_config, s3_client_from
 
         settings = Settings.from_env()
         target = dataclasses.replace(settings.s3, endpoint_url=self.endpoint_url or settings.s3.endpoint_url,
@@ -116,14 +117,9 @@ class S3ReplicaResource(S3Resource):
 
 def make_replica(provider: str, settings: Any, client: Any) -> Any:
     """The core replica of one provider, over a client made by that provider's Dagster resource."""
-    from ..core import replicas
+    from wedbackup_dagster.core.storage.providers import replica_over
 
-    if provider == "s3":
-        return replicas.S3Replica(client, settings.s3)
-    if provider == "gcs":
-        timeout = settings.provider_timeout
-        return replicas.GCSReplica(client, settings.gcs, timeout=(min(5.0, timeout), timeout))
-    return replicas.AzureReplica(client, settings.azure)
+    return replica_over(provider, settings, client)
 
 
 class ProviderReplicasResource(dg.ConfigurableResource):

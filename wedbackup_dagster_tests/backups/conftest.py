@@ -14,10 +14,10 @@ import pytest
 from wedbackup_dagster_tests.conftest import unique_name
 
 from wedbackup_dagster.backups.launch import register_partitions, run_job_for
-from wedbackup_dagster.core import demo_data
-from wedbackup_dagster.core.catalogue import Catalogue
+from wedbackup_dagster.dev import demo_data
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.replicas import ensure_targets
+from wedbackup_dagster.core.storage.providers import ensure_targets
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +111,10 @@ def run_checks(instance: dg.DagsterInstance, keys: list[str]) -> dict:
 
 def engine_replicas(settings) -> dict:
     """The three replicas, built from settings as the engine's callers do (outside Dagster)."""
-    from wedbackup_dagster.core.replicas import AzureReplica, GCSReplica, S3Replica
-    from wedbackup_dagster.core.replicas.azure import azure_service_from
-    from wedbackup_dagster.core.replicas.gcs import gcs_client_from
-    from wedbackup_dagster.core.replicas.s3 import s3_client_from
+    from wedbackup_dagster.core.storage.replicas import AzureReplica, GCSReplica, S3Replica
+    from wedbackup_dagster.core.storage.replicas.azure import azure_service_from
+    from wedbackup_dagster.core.storage.replicas.gcs import gcs_client_from
+    from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
 
     return {"s3": S3Replica(s3_client_from(settings.s3), settings.s3),
             "gcs": GCSReplica(gcs_client_from(settings.gcs), settings.gcs),

@@ -9,11 +9,11 @@ import pytest
 from wedbackup_dagster.backups.list_pipeline import list_run_config
 from wedbackup_dagster.backups.launch import register_partitions, run_job_for
 from wedbackup_dagster.backups.checks import three_two_one_outcomes
-from wedbackup_dagster.core import rules
+from wedbackup_dagster.core.policy import rules
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.keybackup import back_up_key_store, keys_awaiting_backup
-from wedbackup_dagster.core.keyrotation import key_status
-from wedbackup_dagster.core.replicas import ensure_targets
+from wedbackup_dagster.core.keys.backup import back_up_key_store, keys_awaiting_backup
+from wedbackup_dagster.core.keys.rotation import key_status
+from wedbackup_dagster.core.storage.providers import ensure_targets
 from wedbackup_dagster_tests.backups.conftest import engine_replicas
 
 

@@ -10,9 +10,9 @@ import pytest
 from wedbackup_dagster.backups.list_pipeline import list_run_config
 from wedbackup_dagster.backups.constants import DB_DUMP, ENCRYPTED_ARCHIVE, REPLICA_KEYS, VERIFIED_RESTORE
 from wedbackup_dagster.backups.launch import register_partitions
-from wedbackup_dagster.core.catalogue import Catalogue
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.replicas import ensure_targets
+from wedbackup_dagster.core.storage.providers import ensure_targets
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from wedbackup_dagster.backups.launch import register_partitions
 from wedbackup_dagster.shared.resources import build_resources
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import WedbackupError
-from wedbackup_dagster.core.replicas import ensure_targets
-from wedbackup_dagster.core.replicas.azure import AzureReplica, azure_service_from
+from wedbackup_dagster.core.storage.providers import ensure_targets
+from wedbackup_dagster.core.storage.replicas.azure import AzureReplica, azure_service_from
 from wedbackup_dagster_tests.core.test_parallel_uploads import JUNK, lease_other_content
 
 WEDDINGS = [str(i) for i in range(1, 31)]

@@ -12,9 +12,9 @@ from psycopg import sql
 
 from wedbackup_dagster.backups.constants import DB_DUMP, ENCRYPTED_ARCHIVE, S3_REPLICA, VERIFIED_RESTORE
 from wedbackup_dagster.backups.launch import register_partitions, run_job_for
-from wedbackup_dagster.core.catalogue import Catalogue
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.replicas import ensure_targets
+from wedbackup_dagster.core.storage.providers import ensure_targets
 
 
 def table_fingerprints(dsn: str) -> dict[str, tuple[int, str]]:

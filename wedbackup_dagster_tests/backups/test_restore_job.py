@@ -10,8 +10,9 @@ import pytest
 
 from wedbackup_dagster.backups.restore_job import TARGET_DSN_VARIABLE
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.replicas import S3Replica, ensure_targets
-from wedbackup_dagster.core.replicas.s3 import s3_client_from
+from wedbackup_dagster.core.storage.replicas import S3Replica
+from wedbackup_dagster.core.storage.providers import ensure_targets
+from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
 from wedbackup_dagster.definitions import defs
 
 pytestmark = pytest.mark.stack

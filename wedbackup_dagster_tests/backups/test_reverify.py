@@ -11,7 +11,7 @@ from wedbackup_dagster.backups.constants import DB_DUMP, VERIFIED_RESTORE
 from wedbackup_dagster.cli.app import build_parser
 from wedbackup_dagster.cli.cmd_checks import batches, reverify, select_for_verify
 from wedbackup_dagster.core.errors import WedbackupError
-from wedbackup_dagster.core.rules import CheckQueries
+from wedbackup_dagster.core.policy.rules import CheckQueries
 
 from .conftest import evaluations, make_fleet
 

@@ -26,7 +26,7 @@ from wedbackup_dagster.backups.constants import (
 )
 from wedbackup_dagster.backups.launch import register_partitions
 from wedbackup_dagster.backups.partitions import weddings_partitions
-from wedbackup_dagster.core.catalogue import Catalogue
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import WedbackupError
 from wedbackup_dagster.definitions import defs

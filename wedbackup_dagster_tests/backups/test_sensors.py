@@ -10,7 +10,7 @@ import psycopg
 
 from wedbackup_dagster.backups.list_pipeline import list_run_config
 from wedbackup_dagster.backups.sensors import wedding_change_capture, wedding_discovery
-from wedbackup_dagster.core.discovery import digest
+from wedbackup_dagster.core.postgres.discovery import digest
 from wedbackup_dagster.shared.resources import WedbackupEngineResource
 
 RESOURCES = {"wedbackup": WedbackupEngineResource()}  # read from the environment when a tick starts

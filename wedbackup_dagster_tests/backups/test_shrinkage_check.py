@@ -5,7 +5,6 @@ pre-drop backups until `wedbackup ack` (or the acknowledge_shrinkage job) and de
 pipeline (backup_wedding_list) evaluates the check too."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 import psycopg
@@ -14,8 +13,8 @@ import pytest
 from wedbackup_dagster.backups.constants import DB_DUMP
 from wedbackup_dagster.backups.launch import run_job_for
 from wedbackup_dagster.cli.app import main
-from wedbackup_dagster.core.policy import Policy
-from wedbackup_dagster.core.retention import prune
+from wedbackup_dagster.core.policy.backup_policy import Policy
+from wedbackup_dagster.core.governance.retention import prune
 from wedbackup_dagster.definitions import defs
 
 from .conftest import engine_replicas, evaluations, make_fleet, run_checks

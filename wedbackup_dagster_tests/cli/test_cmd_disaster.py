@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from wedbackup_dagster.cli.app import main
-from wedbackup_dagster.core.catalogue import Catalogue
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster_tests.core.test_disaster import table_sums
 from wedbackup_dagster_tests.cli.test_app import cli_env  # noqa: F401  (a fixture)
 
@@ -137,7 +137,7 @@ def test_the_master_key_file_lost_on_the_machine_comes_back_from_the_recovery_ki
     """The kit: a sealed copy of the master key file kept off the machine, and the sheet `dr kit` prints (ids,
     fingerprints, locations: no secret). The machine's file lost, the kit's copy is proved against the newest
     key-store backup at S3 and put back; no command prints the key."""
-    from wedbackup_dagster.core.keys import MASTER_KEY_ENV, MASTER_KEY_FILE_ENV, generate_master_key_text
+    from wedbackup_dagster.core.keys.keyring import MASTER_KEY_ENV, MASTER_KEY_FILE_ENV, generate_master_key_text
 
     text = os.environ.get(MASTER_KEY_ENV) or Path(os.environ[MASTER_KEY_FILE_ENV]).read_text()
     # The machine's key file, and the kit's copy (in real life: a password manager or a sealed envelope).

@@ -9,11 +9,11 @@ import os
 import psycopg
 
 from wedbackup_dagster import cli
-from wedbackup_dagster.core.catalogue import Catalogue
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.keys import MasterKeyring, SecretKey
-from wedbackup_dagster_tests.core.test_keybackup import back_up, engine, replicas_of  # noqa: F401
-from wedbackup_dagster_tests.core.test_keyrotation import ring_text
+from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey
+from wedbackup_dagster_tests.core.keys.test_backup import back_up, engine, replicas_of  # noqa: F401
+from wedbackup_dagster_tests.core.keys.test_rotation import ring_text
 
 
 def test_cli_keys_status_rotate_backup_show_no_key_material(engine, capsys, monkeypatch):

@@ -17,9 +17,10 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from wedbackup_dagster.core import disaster
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import RestoreError
-from wedbackup_dagster.core.replicas import GCSReplica, S3Replica, ensure_targets
-from wedbackup_dagster.core.replicas.gcs import gcs_client_from
-from wedbackup_dagster.core.replicas.s3 import s3_client_from
+from wedbackup_dagster.core.storage.replicas import GCSReplica, S3Replica
+from wedbackup_dagster.core.storage.providers import ensure_targets
+from wedbackup_dagster.core.storage.replicas.gcs import gcs_client_from
+from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
 
 pytestmark = pytest.mark.stack
 
@@ -166,8 +167,8 @@ def test_after_a_catalogue_loss_the_platform_comes_back_from_s3_and_the_key_back
     with the master key), then restore --all of the newest backups (verification history is not in storage)."""
     import dataclasses
 
-    from wedbackup_dagster.core.keybackup import back_up_key_store
-    from wedbackup_dagster.core.rebuild import rebuild_from
+    from wedbackup_dagster.core.keys.backup import back_up_key_store
+    from wedbackup_dagster.core.catalogue.rebuild_from_storage import rebuild_from
 
     engine, replicas = platform["engine"], platform["replicas"]
     back_up_key_store(engine.settings, engine.catalogue, {"s3": replicas["s3"]}, engine.keyring)
@@ -217,7 +218,7 @@ def test_insert_triggers_are_held_off_while_the_workers_load(demo_env, make_data
 def test_an_erased_wedding_stays_erased_after_restore_all(platform, make_database):
     """GDPR: wedding 2 erased after the backups. restore --all skips it (named) and removes it again from the
     platform partition's rows, which were backed up before the erasure."""
-    from wedbackup_dagster.core.erasure import erase_wedding
+    from wedbackup_dagster.core.governance.erasure import erase_wedding
 
     engine = platform["engine"]
     erase_wedding(engine.catalogue, engine.vault, platform["replicas"], "2", requested_by="test")

@@ -8,8 +8,8 @@ import psycopg
 import pytest
 
 from wedbackup_dagster.core import disaster, disaster_batch
-from wedbackup_dagster.core.archive import open_archive
-from wedbackup_dagster.core.restore import restore_snapshot
+from wedbackup_dagster.core.formats.archive import open_archive
+from wedbackup_dagster.core.postgres.load_snapshot import restore_snapshot
 from wedbackup_dagster_tests.core.test_disaster import (  # noqa: F401 (platform: a fixture)
     WEDDINGS, platform, s3_only, table_sums)
 
@@ -44,7 +44,7 @@ def test_a_batch_that_fails_to_load_is_retried_wedding_by_wedding(platform, make
     first = disaster.restore_all(engine, replicas, target, s3_only(stop_after=0))  # the platform only
     assert first.stopped and first.restored_now == 1
     backup = engine.catalogue.latest_backup("3")
-    with engine._fetched_copy(backup, "s3", replicas) as tmp:
+    with engine.fetched_copy(backup, "s3", replicas) as tmp:
         restore_snapshot(open_archive(tmp, name="wedding 3", resolve_key=engine.resolve_key), target,
                          create_schema=False)
     lines: list[str] = []
@@ -64,7 +64,7 @@ def test_a_batch_that_fails_to_load_is_retried_wedding_by_wedding(platform, make
 
 
 def test_every_recovery_point_in_one_query_equals_each_partitions_own(platform):
-    from wedbackup_dagster.core.recovery import recovery_points
+    from wedbackup_dagster.core.postgres.restore_wedding import recovery_points
 
     catalogue = platform["engine"].catalogue
     every = disaster.all_recovery_points(catalogue)

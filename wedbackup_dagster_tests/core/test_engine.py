@@ -7,19 +7,14 @@ import pytest
 
 from wedbackup_dagster.core.config import Settings
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.errors import (
-    ArchiveError,
-    ConfigError,
-    ProviderError,
-    SchemaMismatchError,
-    UnknownWeddingError,
-    WedbackupError,
-)
-from wedbackup_dagster.core.keys import MasterKeyring, SecretKey, load_master_keyring
-from wedbackup_dagster.core.replicas import GCSReplica, S3Replica, ensure_targets
-from wedbackup_dagster.core.replicas.azure import AzureReplica, azure_service_from
-from wedbackup_dagster.core.replicas.gcs import gcs_client_from
-from wedbackup_dagster.core.replicas.s3 import s3_client_from
+from wedbackup_dagster.core.errors import (ArchiveError, ConfigError, ProviderError, SchemaMismatchError,
+                                           UnknownWeddingError, WedbackupError)
+from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey, load_master_keyring
+from wedbackup_dagster.core.storage.replicas import GCSReplica, S3Replica
+from wedbackup_dagster.core.storage.providers import ensure_targets
+from wedbackup_dagster.core.storage.replicas.azure import AzureReplica, azure_service_from
+from wedbackup_dagster.core.storage.replicas.gcs import gcs_client_from
+from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
 
 WEDDING = "3"
 

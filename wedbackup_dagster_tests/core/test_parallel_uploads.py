@@ -8,10 +8,11 @@ import threading
 import pytest
 
 from wedbackup_dagster.core.config import Settings
-from wedbackup_dagster.core.engine import Engine, ReplicaOutcome
+from wedbackup_dagster.core.engine import Engine
+from wedbackup_dagster.core.outcomes import ReplicaOutcome
 from wedbackup_dagster.core.errors import ConfigError, WedbackupError
-from wedbackup_dagster.core.replicas import ensure_targets
-from wedbackup_dagster.core.replicas.azure import AzureReplica, azure_service_from
+from wedbackup_dagster.core.storage.providers import ensure_targets
+from wedbackup_dagster.core.storage.replicas.azure import AzureReplica, azure_service_from
 
 WEDDINGS = [str(i) for i in range(1, 25)]
 REFUSED = {"5", "12", "20"}  # their keys hold a leased blob of other content: Azure refuses to overwrite it

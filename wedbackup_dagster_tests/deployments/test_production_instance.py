@@ -19,7 +19,7 @@ from wedbackup_dagster.backups.constants import (AZURE_REPLICA, DB_DUMP, ENCRYPT
                                                  S3_REPLICA, VERIFIED_RESTORE)
 from wedbackup_dagster.backups.launch import register_partitions, run_job_for
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.replicas import ensure_targets
+from wedbackup_dagster.core.storage.providers import ensure_targets
 
 from .conftest import COMPOSE_FILE, PRODUCTION_DAGSTER_YAML
 

@@ -10,9 +10,10 @@ import psycopg
 import pytest
 
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.replicas import S3Replica, ensure_targets
-from wedbackup_dagster.core.replicas.s3 import s3_client_from
-from wedbackup_dagster.core.restore import SCRATCH_PREFIX
+from wedbackup_dagster.core.storage.replicas import S3Replica
+from wedbackup_dagster.core.storage.providers import ensure_targets
+from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
+from wedbackup_dagster.core.postgres.load_snapshot import SCRATCH_PREFIX
 from wedbackup_dagster.definitions import defs
 
 pytestmark = pytest.mark.stack
@@ -102,7 +103,7 @@ def test_a_drill_past_its_window_is_stopped_reported_and_its_scratch_dropped(bac
 def test_the_catalogue_lost_drill_rebuilds_a_scratch_catalogue_from_the_provider_alone(backed_up):
     """The monthly variant: wedding keys come back from the provider's key-store backup with the master key,
     the archives from its listing; the live catalogue is not read for the restore, and nothing is left."""
-    from wedbackup_dagster.core.keybackup import back_up_key_store
+    from wedbackup_dagster.core.keys.backup import back_up_key_store
 
     engine, instance = backed_up["engine"], backed_up["instance"]
     s3 = S3Replica(s3_client_from(engine.settings.s3, os.environ), engine.settings.s3)
@@ -127,7 +128,7 @@ def test_policy_settings_sample_the_weddings_and_report_rto_and_rpo_per_tier(bac
     import datetime as dt
 
     from wedbackup_dagster.core.disaster import drill_sample
-    from wedbackup_dagster.core.policy import Policy
+    from wedbackup_dagster.core.policy.backup_policy import Policy
 
     engine, instance = backed_up["engine"], backed_up["instance"]
     today = dt.datetime.now(dt.timezone.utc).date()

@@ -9,7 +9,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from wedbackup_dagster.backups.reverify_list import RUN_SIZE, reverify_run_config
 from wedbackup_dagster.backups.partitions import weddings_partitions
-from wedbackup_dagster.core.catalogue import Catalogue
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.definitions import defs
 from wedbackup_dagster.shared.resources import WedbackupEngineResource
 from wedbackup_dagster.disaster.standing import (

@@ -7,12 +7,8 @@ import dagster as dg
 
 from wedbackup_dagster.backups.sensors import wedding_discovery
 from wedbackup_dagster.backups.launch import register_partitions
-from wedbackup_dagster.core.keybackup import (
-    _provider_key_backups,
-    back_up_key_store,
-    newest_key_backup,
-    vault_key_backup_dir,
-)
+from wedbackup_dagster.core.keys.backup import (_provider_key_backups, back_up_key_store, newest_key_backup,
+                                                vault_key_backup_dir)
 from wedbackup_dagster.definitions import defs
 from wedbackup_dagster.shared.resources import WedbackupEngineResource
 from wedbackup_dagster_tests.governance_fleet import (  # noqa: F401 - fixtures

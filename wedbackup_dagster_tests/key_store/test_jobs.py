@@ -7,11 +7,11 @@ import base64
 import dagster as dg
 import psycopg
 
-from wedbackup_dagster.core.catalogue import Catalogue
-from wedbackup_dagster.core.keybackup import key_backup_is_current
-from wedbackup_dagster.core.keys import MasterKeyring, SecretKey
+from wedbackup_dagster.core.catalogue.store import Catalogue
+from wedbackup_dagster.core.keys.backup import key_backup_is_current
+from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey
 from wedbackup_dagster.definitions import defs
-from wedbackup_dagster_tests.core.test_keybackup import back_up, engine, replicas_of  # noqa: F401
+from wedbackup_dagster_tests.core.keys.test_backup import back_up, engine, replicas_of
 from wedbackup_dagster.shared.resources import WedbackupEngineResource
 
 

@@ -19,13 +19,14 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from wedbackup_dagster.providers.sensors import post_alert, provider_health, run_failure_alerts
 from wedbackup_dagster.backups.constants import S3_REPLICA
 from wedbackup_dagster.backups.launch import register_partitions
-from wedbackup_dagster.core.catalogue import Catalogue
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.config import Settings
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import ProviderError
-from wedbackup_dagster.core.health import canary_replicas
-from wedbackup_dagster.core.replicas import S3Replica, ensure_targets
-from wedbackup_dagster.core.replicas.s3 import s3_client_from
+from wedbackup_dagster.core.storage.health import canary_replicas
+from wedbackup_dagster.core.storage.replicas import S3Replica
+from wedbackup_dagster.core.storage.providers import ensure_targets
+from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
 
 
 def closed_port() -> int:

@@ -13,11 +13,11 @@ from typing import Any
 
 import psycopg
 
-from wedbackup_dagster.core.archive import open_archive
+from wedbackup_dagster.core.formats.archive import open_archive
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import WedbackupError
-from wedbackup_dagster.core.replicas import AzureReplica, GCSReplica, S3Replica
-from wedbackup_dagster.core.replicas.base import parse_key_backup_key
+from wedbackup_dagster.core.storage.replicas import AzureReplica, GCSReplica, S3Replica
+from wedbackup_dagster.core.storage.replicas.base import parse_key_backup_key
 
 
 @dataclass

@@ -9,9 +9,9 @@ import os
 import sys
 import time
 
-from wedbackup_dagster.core import restore
+from wedbackup_dagster.core.postgres import load_snapshot as restore
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.replicas import S3Replica, s3_client_from
+from wedbackup_dagster.core.storage.replicas import S3Replica, s3_client_from
 
 PART = 5 << 20
 

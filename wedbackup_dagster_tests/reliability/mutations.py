@@ -3,7 +3,7 @@
 overwrites, insertions, deletions, truncations, appended junk, splices from another wedding's archive or
 stream, header fields set to huge or odd values, sealed chunks swapped, duplicated, dropped or taken from
 another archive; records with huge lengths, dropped, repeated, swapped, whole tables repeated or dropped,
-garbled JSON). Archives are read through core/archive.py's reader, streams through core/restore.py's
+garbled JSON). Archives are read through core/formats/archive.py's reader, streams through core/postgres/load_snapshot.py's
 `read_snapshot` and the restore's own record checks, with no database.
 
 The contract checked for every input:
@@ -30,13 +30,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from wedbackup_dagster.core import restore
-from wedbackup_dagster.core.archive import seal_bytes
-from wedbackup_dagster.core.errors import ArchiveError, SnapshotFormatError, VerificationError
-from wedbackup_dagster.core.snapshot import DATA, MANIFEST, POST_DATA, PRE_DATA, TABLE_BEGIN, TABLE_END
+from wedbackup_dagster.core.formats import snapshot_stream
+from wedbackup_dagster.core.postgres import load_snapshot as restore
+from wedbackup_dagster.core.formats.archive import seal_bytes
+from wedbackup_dagster.core.errors import SnapshotFormatError, VerificationError
+from wedbackup_dagster.core.formats.snapshot_stream import DATA, MANIFEST, POST_DATA, PRE_DATA, TABLE_BEGIN, TABLE_END
 
-from ..core.test_archive_fuzz import (CHUNK, INTERESTING_U32, KEY, NAME, header_fields, mutate, read_through,
-                                      records)
+from wedbackup_dagster_tests.core.formats.test_archive_fuzz import (CHUNK, INTERESTING_U32, KEY, NAME, header_fields,
+                                                                    mutate, read_through, records)
 
 ARCHIVE_KINDS = ("flip", "overwrite", "insert", "delete", "truncate", "append", "splice", "field", "label",
                  "swap", "duplicate", "drop", "foreign")
@@ -122,8 +123,8 @@ def parse_stream(stream: bytes, *, piece: int = 777) -> Parsed:
     """Read a stream as restore_snapshot does, every check but the database's: the record grammar
     (read_snapshot), the header, each table's begin record, data against its table-end record, the
     manifest against the tables, nothing after the manifest. Raises what a restore raises."""
-    records_ = restore.read_snapshot((stream[i:i + piece] for i in range(0, len(stream), piece)), name=NAME)
-    header = restore.header_of(next(records_))
+    records_ = snapshot_stream.read_snapshot((stream[i:i + piece] for i in range(0, len(stream), piece)), name=NAME)
+    header = snapshot_stream.header_of(next(records_))
     pre_data = next(records_).text()
     post_data = next(records_).text()
     seen: dict[str, tuple[int, int, str]] = {}
@@ -134,7 +135,7 @@ def parse_stream(stream: bytes, *, piece: int = 777) -> Parsed:
         if record.kind == MANIFEST:
             manifest_record = record
             break
-        schema, name, columns = restore.table_begin_of(record)
+        schema, name, columns = snapshot_stream.table_begin_of(record)
         if f"{schema}.{name}" in seen:
             raise SnapshotFormatError(NAME, f"table {schema}.{name} appears twice in the stream")
         columns_of[f"{schema}.{name}"] = list(columns)
@@ -147,15 +148,15 @@ def parse_stream(stream: bytes, *, piece: int = 777) -> Parsed:
             rows += rec.payload.count(b"\n")
             nbytes += len(rec.payload)
         table = f"{schema}.{name}"
-        restore.check_table_end(end, rows, nbytes, digest.hexdigest(), what=f"wedding {header['partition']}",
+        snapshot_stream.check_table_end(end, rows, nbytes, digest.hexdigest(), what=f"wedding {header['partition']}",
                                 target=NAME, table=table, done="read")
         seen[table] = (rows, nbytes, digest.hexdigest())
         tables.append((table, tuple(columns), rows, nbytes, digest.hexdigest()))
     if manifest_record is None:
         raise SnapshotFormatError(NAME, "the stream has no manifest")
-    restore.read_to_end(records_, NAME)
-    manifest = restore.manifest_of(manifest_record)
-    restore._compare_with_manifest(manifest, seen, f"wedding {header['partition']}", NAME, columns_of)
+    snapshot_stream.read_to_end(records_, NAME)
+    manifest = snapshot_stream.manifest_of(manifest_record)
+    restore.compare_with_manifest(manifest, seen, f"wedding {header['partition']}", NAME, columns_of)
     metadata = (repr(header), pre_data, post_data, manifest.to_json())
     return Parsed(metadata, tuple(sorted(tables)))
 
@@ -341,7 +342,7 @@ def run(samples: list[Sample], count: int, *, seed: int, progress: Callable[[int
 
 def samples_from(dsn: str, partitions: list[str]) -> list[Sample]:
     """Real snapshot streams of these partitions of a database, each also sealed with the fuzz key."""
-    from wedbackup_dagster.core.snapshot import SnapshotSession
+    from wedbackup_dagster.core.postgres.snapshot import SnapshotSession
 
     out = []
     with SnapshotSession(dsn) as session:

@@ -14,10 +14,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from wedbackup_dagster.core import demo_data, restore
-from wedbackup_dagster.core.catalogue import Catalogue
+from wedbackup_dagster.dev import demo_data
+from wedbackup_dagster.core.postgres import load_snapshot as restore
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.replicas import S3Replica
+from wedbackup_dagster.core.storage.replicas import S3Replica
 
 from .audit import audit
 from .crashdriver import PART

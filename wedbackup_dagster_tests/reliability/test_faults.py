@@ -8,10 +8,10 @@ import dataclasses
 import psycopg
 import pytest
 
-from wedbackup_dagster.core import demo_data
+from wedbackup_dagster.dev import demo_data
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import RestoreError
-from wedbackup_dagster.core.replicas import S3Replica, s3_client_from
+from wedbackup_dagster.core.storage.replicas import S3Replica, s3_client_from
 
 from .conftest import fault_proxies
 from .faultproxy import FaultSchedule
@@ -62,8 +62,8 @@ def test_a_lost_scratch_connection_fails_the_wedding_by_name(stack, backed_up):
 def test_a_connection_lost_mid_verification_reports_the_loss_itself(stack, backed_up):
     from psycopg.conninfo import conninfo_to_dict
 
-    from wedbackup_dagster.core.restore import verify_restored
-    from wedbackup_dagster.core.snapshot import Manifest
+    from wedbackup_dagster.core.postgres.load_snapshot import verify_restored
+    from wedbackup_dagster.core.formats.snapshot_stream import Manifest
 
     engine = backed_up
     manifest = Manifest.from_dict(engine.catalogue.require_latest_backup("1").manifest)

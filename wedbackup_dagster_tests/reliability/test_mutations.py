@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from wedbackup_dagster.core import demo_data
+from wedbackup_dagster.dev import demo_data
 
 from ..conftest import temporary_database
 from . import mutations
@@ -68,20 +68,20 @@ NESTED = b"[" * 50_000 + b"]" * 50_000
 
 
 def test_deeply_nested_json_in_a_record_is_the_formats_error(samples):
-    from wedbackup_dagster.core import restore
+    from wedbackup_dagster.core.formats import snapshot_stream
     from wedbackup_dagster.core.errors import SnapshotFormatError
-    from wedbackup_dagster.core.snapshot import MANIFEST
+    from wedbackup_dagster.core.formats.snapshot_stream import MANIFEST
 
-    from ..core.test_archive_fuzz import NAME, replace_record
+    from wedbackup_dagster_tests.core.formats.test_archive_fuzz import NAME, replace_record
 
     with pytest.raises(SnapshotFormatError, match=f"archive {NAME}: manifest record"):
-        restore.read_manifest([replace_record(samples[0].stream, MANIFEST, NESTED)], name=NAME)
+        snapshot_stream.read_manifest([replace_record(samples[0].stream, MANIFEST, NESTED)], name=NAME)
 
 
 def test_a_deeply_nested_label_is_the_formats_error(samples):
     from wedbackup_dagster.core.errors import ArchiveError
 
-    from ..core.test_archive_fuzz import read_through
+    from wedbackup_dagster_tests.core.formats.test_archive_fuzz import read_through
 
     _, exc = read_through(mutations._replace_label(samples[0].sealed, NESTED[:60_000]))
     assert isinstance(exc, ArchiveError)
@@ -90,7 +90,7 @@ def test_a_deeply_nested_label_is_the_formats_error(samples):
 def test_a_stream_repeating_a_table_is_refused(stack, make_database):
     import psycopg
 
-    from wedbackup_dagster.core import restore
+    from wedbackup_dagster.core.postgres import load_snapshot as restore
     from wedbackup_dagster.core.errors import SnapshotFormatError
 
     source, target = make_database(), make_database()
@@ -115,9 +115,9 @@ def test_a_table_begin_whose_columns_differ_from_the_manifest_is_refused(stack, 
     import json as json_
     import psycopg
 
-    from wedbackup_dagster.core import restore
+    from wedbackup_dagster.core.postgres import load_snapshot as restore
     from wedbackup_dagster.core.errors import WedbackupError
-    from wedbackup_dagster.core.snapshot import TABLE_BEGIN
+    from wedbackup_dagster.core.formats.snapshot_stream import TABLE_BEGIN
 
     source, target = make_database(), make_database()
     demo_data.generate(source, weddings=2, seed=5, document_bytes=64)

@@ -17,9 +17,10 @@ from psycopg.conninfo import conninfo_to_dict
 from benchmarks.restore_all import back_up_to_s3, table_sums
 from wedbackup_dagster.core import disaster
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.rebuild import rebuild_from
-from wedbackup_dagster.core.replicas import S3Replica, ensure_targets
-from wedbackup_dagster.core.replicas.s3 import s3_client_from
+from wedbackup_dagster.core.catalogue.rebuild_from_storage import rebuild_from
+from wedbackup_dagster.core.storage.replicas import S3Replica
+from wedbackup_dagster.core.storage.providers import ensure_targets
+from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
 
 pytestmark = [pytest.mark.stack, pytest.mark.reliability]
 

@@ -34,11 +34,12 @@ from psycopg import sql
 from wedbackup_dagster.shared import resources
 from wedbackup_dagster.backups.launch import register_partitions, run_job_for
 from wedbackup_dagster.backups.restore_job import TARGET_DSN_VARIABLE
-from wedbackup_dagster.core import demo_data, restore
-from wedbackup_dagster.core.catalogue import Catalogue
+from wedbackup_dagster.dev import demo_data
+from wedbackup_dagster.core.postgres import load_snapshot as restore
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.engine import Engine
-from wedbackup_dagster.core.replicas import ensure_targets
-from wedbackup_dagster.core.snapshot import Manifest
+from wedbackup_dagster.core.storage.providers import ensure_targets
+from wedbackup_dagster.core.formats.snapshot_stream import Manifest
 from wedbackup_dagster.definitions import defs
 
 from .audit import audit, direct_replicas

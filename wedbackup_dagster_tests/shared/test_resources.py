@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from wedbackup_dagster.core.replicas import AzureReplica, GCSReplica, S3Replica
+from wedbackup_dagster.core.storage.replicas import AzureReplica, GCSReplica, S3Replica
 from wedbackup_dagster.shared.resources import ProviderReplicasResource, WedbackupEngineResource, build_resources
 
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import psycopg
 
-from wedbackup_dagster.core import tenancy
-from wedbackup_dagster.core.catalogue import Catalogue
-from wedbackup_dagster.core.errors import KeyError_
-from wedbackup_dagster.core.keys import MasterKeyring
+from wedbackup_dagster.core.postgres import tenancy
+from wedbackup_dagster.core.catalogue.store import Catalogue
+from wedbackup_dagster.core.errors import CryptoKeyError
+from wedbackup_dagster.core.keys.keyring import MasterKeyring
 
 from . import slot as slots
 from .decode import Decoder, lsn_text, parse_lsn, transactions
@@ -278,11 +278,11 @@ class ChangeFeed:
             try:
                 if wedding in erased:
                     self._keys.pop(wedding, None)
-                    raise KeyError_(f"wedding {wedding} was erased")
+                    raise CryptoKeyError(f"wedding {wedding} was erased")
                 if wedding not in self._keys:
                     self._keys[wedding] = self.catalogue.wedding_key(wedding, self.keyring)
                 keys[wedding] = self._keys[wedding]
-            except KeyError_:
+            except CryptoKeyError:
                 # Erased while its changes were buffered in the slot: nothing of it is sealed, ever.
                 result.erased.append(wedding)
         # Each segment waits for two fsyncs: sealed side by side, the disk serves them together.

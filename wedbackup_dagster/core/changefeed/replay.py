@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from wedbackup_dagster.core import tenancy
+from wedbackup_dagster.core.postgres import tenancy
 
 from .errors import ReplayRefused
 from .segments import provider_key, read_segment, segment_vault
@@ -271,7 +271,7 @@ class PreparedReplay:
         if placed is not None:  # copies made LIKE the tables: no sequences of their own
             return
         # Replayed inserts may carry ids past what the snapshot held: sequences move past them (never back).
-        from wedbackup_dagster.core.restore import advance_sequences
+        from wedbackup_dagster.core.postgres.load_snapshot import advance_sequences
 
         advance_sequences(conn, [tuple(name.split(".", 1)) for name in self.report.tables])
 

@@ -28,7 +28,7 @@ def doomed_segments(segments: Iterable[Mapping[str, Any]], oldest_kept: Mapping[
 def prune_segments(catalogue: Any, vault: Any, replicas: Mapping[str, Any], *, dry_run: bool,
                    partition: str | None = None) -> dict[str, Any]:
     """Delete the segments no kept snapshot needs: every copy (providers, then the vault), then the row."""
-    from wedbackup_dagster.core.vault import Vault
+    from wedbackup_dagster.core.storage.vault import Vault
 
     with catalogue.connect() as conn:
         if conn.execute("SELECT pg_catalog.to_regclass('wedbackup.changefeed_segments') IS NULL AS absent"

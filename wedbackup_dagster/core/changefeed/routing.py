@@ -18,7 +18,7 @@ from typing import Any
 
 from psycopg import sql
 
-from wedbackup_dagster.core import tenancy
+from wedbackup_dagster.core.postgres import tenancy
 
 from .decode import UNCHANGED, Change, Relation
 

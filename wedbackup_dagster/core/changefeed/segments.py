@@ -16,11 +16,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from wedbackup_dagster.core.archive import ArchiveWriter, open_archive
+from wedbackup_dagster.core.formats.archive import ArchiveWriter, open_archive
 from wedbackup_dagster.core.errors import ArchiveError
-from wedbackup_dagster.core.keys import SecretKey
-from wedbackup_dagster.core.replicas.base import check_key, validate_partition, validate_sha256
-from wedbackup_dagster.core.vault import Vault, VaultEntry
+from wedbackup_dagster.core.keys.keyring import SecretKey
+from wedbackup_dagster.core.storage.replicas.base import check_key, validate_partition, validate_sha256
+from wedbackup_dagster.core.storage.vault import Vault, VaultEntry
 
 from .errors import ChangeFeedError
 from .routing import Routed

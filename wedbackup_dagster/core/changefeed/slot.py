@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from wedbackup_dagster.core import tenancy
+from wedbackup_dagster.core.postgres import tenancy
 
 from .errors import ChangeFeedError, SlotLost
 

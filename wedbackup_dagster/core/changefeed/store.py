@@ -8,7 +8,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from wedbackup_dagster.core.catalogue import Catalogue
+from wedbackup_dagster.core.catalogue.store import Catalogue
 
 DDL = """
 CREATE TABLE IF NOT EXISTS wedbackup.changefeed_feeds (

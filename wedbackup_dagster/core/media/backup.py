@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from wedbackup_dagster.core.keys import SecretKey
+from wedbackup_dagster.core.keys.keyring import SecretKey
 
 from .chunker import MediaKeys, chunks, maybe_compress
 from .packs import PACK_TARGET_BYTES, PackWriter

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
 from wedbackup_dagster.core.errors import WedbackupError
-from wedbackup_dagster.core.keys import SecretKey
+from wedbackup_dagster.core.keys.keyring import SecretKey
 
 from .snapshot import read_snapshot
 from .store import SNAPSHOT, VAULT, MediaStore

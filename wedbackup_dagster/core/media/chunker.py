@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pyfastcdc import FastCDC
 
-from wedbackup_dagster.core.keys import SecretKey
+from wedbackup_dagster.core.keys.keyring import SecretKey
 
 # Chunk sizes. Most media bytes are 2-8 MB photos; an edit (EXIF, a crop saved by the same tool) or the
 # same photo re-uploaded changes a few places, and dedup can only share the chunks around those places:

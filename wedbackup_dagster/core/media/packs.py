@@ -15,8 +15,8 @@ from typing import BinaryIO
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from wedbackup_dagster.core.errors import ArchiveError, KeyError_
-from wedbackup_dagster.core.keys import SecretKey, new_data_key, unwrap_key, wrap_key
+from wedbackup_dagster.core.errors import ArchiveError, CryptoKeyError
+from wedbackup_dagster.core.keys.keyring import SecretKey, new_data_key, unwrap_key, wrap_key
 
 from .chunker import CHUNK_MAX, MediaKeys, decompress
 
@@ -159,11 +159,11 @@ class PackReader:
         self.key_id = key_id
         try:
             wedding_key = resolve_key(key_id)
-        except KeyError_ as exc:
+        except CryptoKeyError as exc:
             raise PackError(name, f"wedding key {key_id!r} is not available: {exc}") from None
         try:
             data_key = unwrap_key(wedding_key, wrapped, _context(key_id))
-        except KeyError_:
+        except CryptoKeyError:
             raise PackError(name, f"the data key does not open with wedding key {key_id!r}, or the header "
                                   "was tampered with") from None
         self._aead = AESGCM(data_key)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from wedbackup_dagster.core.errors import RestoreError
-from wedbackup_dagster.core.keys import SecretKey
+from wedbackup_dagster.core.keys.keyring import SecretKey
 
 from .packs import PackError, PackReader, pack_sha256
 from .snapshot import MediaFile, MediaSnapshot, read_snapshot

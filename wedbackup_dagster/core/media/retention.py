@@ -9,9 +9,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
 from wedbackup_dagster.core.errors import WedbackupError
-from wedbackup_dagster.core.keys import SecretKey
-from wedbackup_dagster.core.locks import partition_lock
-from wedbackup_dagster.core.retention import BackupPoint, plan_retention
+from wedbackup_dagster.core.keys.keyring import SecretKey
+from wedbackup_dagster.core.catalogue.locks import partition_lock
+from wedbackup_dagster.core.governance.retention import BackupPoint, plan_retention
 
 from .restore import LOCATIONS, load_snapshot
 from .store import PACK, SNAPSHOT, VAULT, MediaStore

@@ -7,12 +7,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from wedbackup_dagster.core.catalogue import Catalogue
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.config import Settings
 from wedbackup_dagster.core.errors import ConfigError, WedbackupError
 
-from wedbackup_dagster.core.keys import MasterKeyring, SecretKey, load_master_keyring
-from wedbackup_dagster.core.locks import partition_lock
+from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey, load_master_keyring
+from wedbackup_dagster.core.catalogue.locks import partition_lock
+from wedbackup_dagster.core.storage.providers import PROVIDERS
 
 from .backup import MediaBackupResult, back_up_media
 from .restore import MediaRestoreResult, restore_media
@@ -20,14 +21,13 @@ from .source import MEDIA_SOURCE_ENV, PLATFORM, MediaSource, partition_of, sourc
 from .store import MediaStore
 from .verify import MEDIA_VERIFY_SAMPLE_ENV, MediaVerifyResult, verify_media
 
-PROVIDERS = ("s3", "gcs", "azure")
 
 
 def replicas_from(settings: Settings, env: Mapping[str, str]) -> dict[str, Any]:
-    from wedbackup_dagster.core.replicas import AzureReplica, GCSReplica, S3Replica
-    from wedbackup_dagster.core.replicas.azure import azure_service_from
-    from wedbackup_dagster.core.replicas.gcs import gcs_client_from
-    from wedbackup_dagster.core.replicas.s3 import s3_client_from
+    from wedbackup_dagster.core.storage.replicas import AzureReplica, GCSReplica, S3Replica
+    from wedbackup_dagster.core.storage.replicas.azure import azure_service_from
+    from wedbackup_dagster.core.storage.replicas.gcs import gcs_client_from
+    from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
 
     return {"s3": S3Replica(s3_client_from(settings.s3, env), settings.s3),
             "gcs": GCSReplica(gcs_client_from(settings.gcs), settings.gcs),

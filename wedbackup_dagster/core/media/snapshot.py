@@ -8,9 +8,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO, Callable
 
-from wedbackup_dagster.core.archive import ArchiveStats, ArchiveWriter, open_archive
+from wedbackup_dagster.core.formats.archive import ArchiveStats, ArchiveWriter, open_archive
 from wedbackup_dagster.core.errors import ArchiveError
-from wedbackup_dagster.core.keys import SecretKey
+from wedbackup_dagster.core.keys.keyring import SecretKey
 
 KIND = "wedbackup-media-snapshot"
 VERSION = 1

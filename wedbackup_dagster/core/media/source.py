@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from wedbackup_dagster.core.errors import ConfigError, WedbackupError
-from wedbackup_dagster.core.vault import PARTITION_RE
+from wedbackup_dagster.core.partitions import PLATFORM, is_partition
 
-PLATFORM = "platform"
 DEFAULT_WEDDING_PREFIX = "weddings/"
 MEDIA_SOURCE_ENV = "WEDBACKUP_MEDIA_SOURCE"
 READ_BLOCK = 1 << 20
@@ -43,7 +42,7 @@ def partition_of(path: str, wedding_prefix: str = DEFAULT_WEDDING_PREFIX) -> str
     """`weddings/<id>/…` belongs to wedding <id>; everything else (vendor portfolios, odd names) to platform."""
     if path.startswith(wedding_prefix):
         wedding, sep, rest = path[len(wedding_prefix):].partition("/")
-        if sep and rest and wedding != PLATFORM and PARTITION_RE.fullmatch(wedding):
+        if sep and rest and wedding != PLATFORM and is_partition(wedding):
             return wedding
     return PLATFORM
 
@@ -251,7 +250,7 @@ def media_s3_client(env: Mapping[str, str]) -> Any:
     replica S3's endpoint and AWS_* keys."""
     import boto3
 
-    from wedbackup_dagster.core.replicas.s3 import client_config
+    from wedbackup_dagster.core.storage.replicas.s3 import client_config
 
     endpoint = env.get("WEDBACKUP_MEDIA_S3_ENDPOINT_URL") or env.get("WEDBACKUP_S3_ENDPOINT_URL") or None
     return boto3.client(

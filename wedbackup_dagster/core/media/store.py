@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from wedbackup_dagster.core.catalogue import Catalogue
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.errors import ReplicaError, WedbackupError
-from wedbackup_dagster.core.vault import Vault, check_partition, check_sha256, fsync_dir
+from wedbackup_dagster.core.storage.vault import Vault, check_sha256, fsync_dir
+from wedbackup_dagster.core.partitions import check_partition
 
 from .packs import PackInfo
 
@@ -190,7 +191,7 @@ class MediaStore:
     def fetch(self, partition: str, kind: str, sha256: str, dest: BinaryIO, provider: str) -> None:
         """Copy one object from `provider` (vault or a replica) into `dest`, its SHA-256 checked on the way:
         a damaged copy raises an error naming the provider and object."""
-        from wedbackup_dagster.core.replicas.base import HashingWriter
+        from wedbackup_dagster.core.storage.replicas.base import HashingWriter
 
         if provider == VAULT:
             path = self.vault_path(partition, kind, sha256)

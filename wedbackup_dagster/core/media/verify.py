@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from wedbackup_dagster.core.errors import RestoreError, VerificationError, WedbackupError
-from wedbackup_dagster.core.keys import SecretKey
+from wedbackup_dagster.core.keys.keyring import SecretKey
 
 from .restore import PackSource, choose_snapshot, load_snapshot, write_file
 from .snapshot import MediaFile

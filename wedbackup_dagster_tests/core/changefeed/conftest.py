@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from wedbackup_dagster.core import tenancy
+from wedbackup_dagster.core.postgres import tenancy
 from wedbackup_dagster.core.changefeed import slot as slots
 from wedbackup_dagster.core.changefeed.drain import ChangeFeed
 from wedbackup_dagster.core.engine import Engine

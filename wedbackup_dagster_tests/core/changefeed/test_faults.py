@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from wedbackup_dagster.core.changefeed.errors import ReplayRefused, SlotLost
-from wedbackup_dagster.core.recovery import RecoveryRequest, recover
+from wedbackup_dagster.core.postgres.restore_wedding import RecoveryRequest, recover
 
 from .conftest import digest
 

@@ -7,7 +7,7 @@ import psycopg
 
 from wedbackup_dagster.core.changefeed.replay import SELECTION_MARGIN
 from wedbackup_dagster.core.changefeed.retention import doomed_segments, prune_segments
-from wedbackup_dagster.core.vault import Vault
+from wedbackup_dagster.core.storage.vault import Vault
 
 T = datetime(2026, 12, 1, 12, tzinfo=timezone.utc)
 

@@ -7,10 +7,10 @@ import time
 import psycopg
 import pytest
 
-from wedbackup_dagster.cli.common import replica_for
+from wedbackup_dagster.core.storage.providers import replica_for
 from wedbackup_dagster.core.changefeed.segments import read_segment
 from wedbackup_dagster.core.errors import ArchiveError, WedbackupError
-from wedbackup_dagster.core.recovery import RecoveryRequest, recover
+from wedbackup_dagster.core.postgres.restore_wedding import RecoveryRequest, recover
 
 from .conftest import digest
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from wedbackup_dagster.core import tenancy
+from wedbackup_dagster.core.postgres import tenancy
 from wedbackup_dagster.core.changefeed import slot as slots
 from wedbackup_dagster.core.changefeed.errors import ChangeFeedError
 
@@ -97,7 +97,7 @@ def replica_level_server():
 def test_a_real_wal_level_replica_server_is_named_and_its_snapshots_still_work(replica_level_server):
     import io
 
-    from wedbackup_dagster.core.snapshot import SnapshotSession
+    from wedbackup_dagster.core.postgres.snapshot import SnapshotSession
 
     with psycopg.connect(replica_level_server, autocommit=True) as conn:
         conn.execute("CREATE TABLE weddings (id bigint PRIMARY KEY, title text); INSERT INTO weddings VALUES (1, 'a')")

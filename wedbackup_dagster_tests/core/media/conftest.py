@@ -15,15 +15,15 @@ TEST_SCALE = MediaScale(photos=3, photo_min=2 << 20, photo_max=3 << 20, document
 
 @pytest.fixture
 def media_world(stack, make_database, tmp_path, s3_client, s3_bucket, gcs_bucket, azure_container):
-    from wedbackup_dagster.core.catalogue import Catalogue
+    from wedbackup_dagster.core.catalogue.store import Catalogue
     from wedbackup_dagster.core.config import Settings
-    from wedbackup_dagster.core.keys import load_master_keyring
+    from wedbackup_dagster.core.keys.keyring import load_master_keyring
     from wedbackup_dagster.core.media.source import S3Source
     from wedbackup_dagster.core.media.store import MediaStore
-    from wedbackup_dagster.core.replicas import AzureReplica, GCSReplica, S3Replica
-    from wedbackup_dagster.core.replicas.azure import azure_service_from
-    from wedbackup_dagster.core.replicas.gcs import gcs_client_from
-    from wedbackup_dagster.core.replicas.s3 import s3_client_from
+    from wedbackup_dagster.core.storage.replicas import AzureReplica, GCSReplica, S3Replica
+    from wedbackup_dagster.core.storage.replicas.azure import azure_service_from
+    from wedbackup_dagster.core.storage.replicas.gcs import gcs_client_from
+    from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
     from wedbackup_dagster_tests.conftest import unique_name
 
     catalogue_dsn = make_database()

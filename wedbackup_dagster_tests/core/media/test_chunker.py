@@ -6,7 +6,7 @@ import io
 import os
 import random
 
-from wedbackup_dagster.core.keys import SecretKey
+from wedbackup_dagster.core.keys.keyring import SecretKey
 from wedbackup_dagster.core.media.chunker import (
     CHUNK_MAX, CHUNK_MIN, MediaKeys, chunks, decompress, maybe_compress,
 )

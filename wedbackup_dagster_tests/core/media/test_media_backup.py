@@ -9,14 +9,14 @@ import io
 
 import pytest
 
-from wedbackup_dagster.core.erasure import erase_wedding
+from wedbackup_dagster.core.governance.erasure import erase_wedding
 from wedbackup_dagster.core.errors import RestoreError
 from wedbackup_dagster.core.media.backup import back_up_media
 from wedbackup_dagster.core.media.packs import PackError, PackReader
 from wedbackup_dagster.core.media.restore import restore_media
 from wedbackup_dagster.core.media.source import partition_of
 from wedbackup_dagster.core.media.verify import verify_media
-from wedbackup_dagster.core.vault import Vault
+from wedbackup_dagster.core.storage.vault import Vault
 from wedbackup_dagster.dev.demo_media import S3Sink, generate_media, platform_media, wedding_media
 
 from .conftest import TEST_SCALE

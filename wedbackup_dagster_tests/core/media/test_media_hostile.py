@@ -4,7 +4,6 @@ good; an unreadable object is named and the rest is backed up."""
 from __future__ import annotations
 
 import os
-import threading
 
 from wedbackup_dagster.core.media.backup import back_up_media
 from wedbackup_dagster.core.media.restore import local_name, restore_media

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 from wedbackup_dagster.core.media.backup import back_up_media
 from wedbackup_dagster.core.media.restore import restore_media
 from wedbackup_dagster.core.media.retention import prune_media
-from wedbackup_dagster.core.policy import Policy, RetentionRule
+from wedbackup_dagster.core.policy.backup_policy import Policy, RetentionRule
 
 
 def test_prune_keeps_the_newest_and_collects_unreferenced_packs(media_world):

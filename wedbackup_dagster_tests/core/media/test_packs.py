@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from wedbackup_dagster.core.keys import SecretKey
+from wedbackup_dagster.core.keys.keyring import SecretKey
 from wedbackup_dagster.core.media.chunker import MediaKeys, maybe_compress
 from wedbackup_dagster.core.media.packs import PackError, PackReader, PackWriter, pack_sha256
 

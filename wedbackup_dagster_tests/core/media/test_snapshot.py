@@ -7,7 +7,7 @@ import io
 import pytest
 
 from wedbackup_dagster.core.errors import ArchiveError
-from wedbackup_dagster.core.keys import SecretKey
+from wedbackup_dagster.core.keys.keyring import SecretKey
 from wedbackup_dagster.core.media.snapshot import MediaFile, MediaSnapshot, Skipped, read_snapshot, write_snapshot
 from wedbackup_dagster.core.media.verify import sample_files
 

@@ -1,0 +1,306 @@
+"""The Azure Blob replica: single put or staged blocks (each checked by Azure against its MD5), committed
+create-only with our whole-archive Content-MD5 and tier, and streaming verified downloads."""
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import urlsplit, urlunsplit
+
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.storage.blob import BlobBlock, BlobServiceClient, ContentSettings, ExponentialRetry, StandardBlobTier
+
+from wedbackup_dagster.core.config import AzureTarget
+from wedbackup_dagster.core.errors import ConfigError, ReplicaChecksumMismatch, ReplicaError
+
+from wedbackup_dagster.core.storage.replicas.base import (CANARY_DIR, FileDigests, HashingWriter, ListedObject,
+                                                          ProgressCallback, ProgressReader, ReplicaRecord, archive_key,
+                                                          b64, check_archive_file, check_key, check_list_prefix,
+                                                          digest_file, object_metadata, parse_archive_key,
+                                                          provider_error, read_blocks, upload_key)
+
+PROVIDER = "azure"
+DEFAULT_MAX_SINGLE_PUT_SIZE = 8 << 20
+DEFAULT_MAX_BLOCK_SIZE = 8 << 20
+DEFAULT_DOWNLOAD_RANGE_SIZE = 2 << 20
+
+
+def azure_service_from(target: AzureTarget, *, connection_timeout: float = 5, read_timeout: float = 60,
+                       retry_total: int = 1) -> BlobServiceClient:
+    """A BlobServiceClient for `target` with short timeouts and one retry, so a down provider fails fast."""
+    return azure_service_from_connection_string(target.connection_string, connection_timeout=connection_timeout,
+                                                read_timeout=read_timeout, retry_total=retry_total)
+
+
+def azure_service_from_connection_string(connection_string: str, *, connection_timeout: float = 5,
+                                         read_timeout: float = 60, retry_total: int = 1) -> BlobServiceClient:
+    if not connection_string:
+        raise ConfigError("WEDBACKUP_AZURE_CONNECTION_STRING", "is not set")
+    try:
+        # The storage SDK's own default retry waits 15 s, then 45 s, ... before giving up on a refused connection.
+        retry = ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=retry_total, random_jitter_range=1)
+        return BlobServiceClient.from_connection_string(
+            connection_string, connection_timeout=connection_timeout, read_timeout=read_timeout,
+            retry_policy=retry)
+    except Exception:  # noqa: BLE001 - the SDK's message may quote the connection string
+        raise ConfigError("WEDBACKUP_AZURE_CONNECTION_STRING", "is not a usable Azure connection string") from None
+
+
+def _secrets(service: BlobServiceClient, target: AzureTarget) -> list[str | None]:
+    credential = getattr(service, "credential", None)
+    found: list[str | None] = [target.connection_string]
+    if isinstance(credential, str):  # a SAS token
+        found.append(credential)
+    for attr in ("account_key", "signature"):
+        found.append(getattr(credential, attr, None))
+    return found
+
+
+def ensure_container(service: BlobServiceClient, target: AzureTarget) -> bool:
+    """Create the target container when it is missing. True when created."""
+    try:
+        service.create_container(target.container)
+        return True
+    except ResourceExistsError:
+        return False
+    except Exception as exc:  # noqa: BLE001
+        raise provider_error(PROVIDER, None, f"create container {target.container}", exc,
+                             _secrets(service, target)) from None
+
+
+class AzureReplica:
+    provider = PROVIDER
+
+    def __init__(self, service: BlobServiceClient, target: AzureTarget, *,
+                 max_single_put_size: int = DEFAULT_MAX_SINGLE_PUT_SIZE, max_block_size: int = DEFAULT_MAX_BLOCK_SIZE,
+                 download_range_size: int = DEFAULT_DOWNLOAD_RANGE_SIZE):
+        self.service = service
+        self.target = target
+        self.prefix = target.prefix
+        self.container = service.get_container_client(target.container)
+        self.max_single_put_size = max_single_put_size
+        self.max_block_size = max_block_size
+        self.download_range_size = download_range_size
+
+    def object_key(self, wedding_partition: str, sha256: str) -> str:
+        return archive_key(PROVIDER, self.prefix, wedding_partition, sha256)
+
+    def uri(self, key: str) -> str:
+        # A SAS credential rides in the URL's query: the recorded URI must never carry it.
+        parts = urlsplit(self.container.get_blob_client(key).url)
+        return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+    def _fail(self, key: str | None, action: str, exc: BaseException) -> ReplicaError:
+        return provider_error(PROVIDER, key, action, exc, _secrets(self.service, self.target))
+
+    def _properties(self, key: str):
+        try:
+            return self.container.get_blob_client(key).get_blob_properties()
+        except ResourceNotFoundError:
+            return None
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail(key, "head", exc) from None
+
+    # ----------------------------------------------------------------------------------- upload
+
+    @staticmethod
+    def _md5_of(props) -> bytes | None:
+        md5 = props.content_settings.content_md5
+        return bytes(md5) if md5 else None
+
+    def _matches(self, props, digests: FileDigests) -> bool:
+        return props.size == digests.size and self._md5_of(props) == digests.md5
+
+    def upload(self, path: Path, *, partition: str, sha256: str, size: int, metadata: dict[str, str],
+               progress: ProgressCallback | None = None, key: str | None = None) -> ReplicaRecord:
+        # `key`: somewhere other than the archive's content address (a key-store backup, core/keys/backup.py).
+        key = upload_key(PROVIDER, self.prefix, key, partition, sha256)
+        meta = object_metadata(PROVIDER, partition, sha256, metadata)
+        digests = digest_file(Path(path), md5=True)
+        check_archive_file(Path(path), digests, sha256, size)
+
+        existing = self._properties(key)
+        note = ""
+        conditions: dict[str, Any] = {"match_condition": MatchConditions.IfMissing}
+        if existing is not None:
+            if self._matches(existing, digests):
+                return self._record(key, existing, digests, already_present=True)
+            md5 = self._md5_of(existing)
+            note = (f"replaced {key} (etag {existing.etag}): it had {existing.size} bytes and Content-MD5 "
+                    f"{b64(md5) if md5 else 'none'}, not this archive")
+            conditions = {"etag": existing.etag, "match_condition": MatchConditions.IfNotModified}
+
+        blob = self.container.get_blob_client(key)
+        # Azure keeps whatever Content-MD5 the committer sends for a block blob (and Azurite none at all
+        # after block uploads), so we send the MD5 of the whole archive ourselves.
+        settings = ContentSettings(content_type="application/octet-stream", content_md5=bytearray(digests.md5 or b""))
+        tier = StandardBlobTier(self.target.tier)
+        try:
+            with open(path, "rb") as raw:
+                reader = ProgressReader(raw, progress)
+                if size <= self.max_single_put_size:
+                    data = reader.read(size)  # bounded by max_single_put_size
+                    blob.upload_blob(data, length=len(data), overwrite=True, content_settings=settings,
+                                     metadata=meta, standard_blob_tier=tier, **conditions)
+                else:
+                    self._upload_blocks(blob, reader, size, settings, meta, tier, conditions)
+        except (ResourceExistsError, ResourceModifiedError):
+            raced = self._properties(key)
+            if raced is not None and self._matches(raced, digests):
+                return self._record(key, raced, digests, already_present=True)
+            raise ReplicaError(PROVIDER, key, "another writer changed the blob during upload") from None
+        except Exception as exc:  # noqa: BLE001 - staged blocks stay uncommitted and invisible (GC'd in 7 days)
+            raise self._fail(key, "upload", exc) from None
+
+        props = self._properties(key)
+        if props is None:
+            raise ReplicaError(PROVIDER, key, "upload reported success but no blob is visible")
+        if not self._matches(props, digests):
+            md5 = self._md5_of(props)
+            raise ReplicaChecksumMismatch(
+                PROVIDER, key, f"after upload Azure reports {props.size} bytes and Content-MD5 "
+                               f"{b64(md5) if md5 else 'none'}, expected {b64(digests.md5 or b'')}")
+        return self._record(key, props, digests, already_present=False, repaired=bool(note), note=note)
+
+    def _upload_blocks(self, blob, reader: ProgressReader, size: int, settings: ContentSettings,
+                       meta: dict[str, str], tier: StandardBlobTier, conditions: dict[str, Any]) -> None:
+        # Ids unique to this attempt, all the same length (Azure requires that), so an abandoned attempt's
+        # uncommitted blocks can never be mixed into this one.
+        attempt = uuid.uuid4().hex[:16]
+        blocks: list[BlobBlock] = []
+        for index, data in enumerate(read_blocks(reader, size, self.max_block_size)):
+            block_id = base64.b64encode(f"{attempt}-{index:07d}".encode()).decode("ascii")
+            # validate_content: Azure rejects a block whose bytes do not match the MD5 we computed for it.
+            blob.stage_block(block_id, data, length=len(data), validate_content=True)
+            blocks.append(BlobBlock(block_id=block_id))
+        blob.commit_block_list(blocks, content_settings=settings, metadata=meta, standard_blob_tier=tier,
+                               **conditions)
+
+    def _record(self, key: str, props, digests: FileDigests, *, already_present: bool, repaired: bool = False,
+                note: str = "") -> ReplicaRecord:
+        md5 = self._md5_of(props)
+        return ReplicaRecord(
+            provider=PROVIDER, uri=self.uri(key), key=key, version_id=props.version_id, size=int(props.size),
+            sha256=digests.sha256, provider_checksum=b64(md5) if md5 else "",
+            storage_class=str(props.blob_tier or self.target.tier), region=None, media=self.target.media,
+            offsite=self.target.offsite, already_present=already_present, repaired=repaired, note=note,
+            etag=props.etag)
+
+    # ------------------------------------------------------------------------ read, list, delete
+
+    def head(self, key: str) -> ReplicaRecord | None:
+        """What Azure holds at `key`; `sha256` is the one we stamped in the metadata (not re-hashed here)."""
+        check_key(PROVIDER, self.prefix, key)
+        props = self._properties(key)
+        if props is None:
+            return None
+        md5 = self._md5_of(props)
+        sha = (props.metadata or {}).get("sha256") or parse_archive_key(self.prefix, key)[1] or ""
+        return ReplicaRecord(
+            provider=PROVIDER, uri=self.uri(key), key=key, version_id=props.version_id, size=int(props.size),
+            sha256=sha, provider_checksum=b64(md5) if md5 else "",
+            storage_class=str(props.blob_tier or self.target.tier), region=None, media=self.target.media,
+            offsite=self.target.offsite, already_present=True, etag=props.etag)
+
+    def download(self, key: str, dest: BinaryIO, *, expected_sha256: str | None = None,
+                 version_id: str | None = None) -> int:
+        check_key(PROVIDER, self.prefix, key)
+        out = HashingWriter(dest)
+        blob = self.container.get_blob_client(key)
+        try:
+            # Ranged reads pinned to the etag seen first. The SDK's whole-blob downloader peaked at about three
+            # times the blob (288 MiB for 100 MiB); one ranged call still peaks near 9x its range, so ranges
+            # stay small.
+            props = blob.get_blob_properties(version_id=version_id)
+            for offset in range(0, int(props.size), self.download_range_size):
+                length = min(self.download_range_size, int(props.size) - offset)
+                data = blob.download_blob(offset=offset, length=length, version_id=version_id, etag=props.etag,
+                                          match_condition=MatchConditions.IfNotModified).readall()
+                if len(data) != length:
+                    raise ReplicaError(PROVIDER, key, f"range at {offset} returned {len(data)} bytes, not {length}")
+                out.write(data)
+        except ReplicaError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail(key, "download", exc) from None
+        if expected_sha256 is not None and out.hexdigest() != expected_sha256:
+            raise ReplicaChecksumMismatch(PROVIDER, key, f"downloaded bytes have sha256 {out.hexdigest()}, "
+                                                         f"expected {expected_sha256}")
+        return out.count
+
+    def versions(self, key: str) -> list[str | None]:
+        """Version ids held for `key` (None for the blob itself where the account keeps no versions)."""
+        check_key(PROVIDER, self.prefix, key)
+        try:
+            return [b.version_id for b in self.container.list_blobs(name_starts_with=key, include=["versions"])
+                    if b.name == key]
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail(key, "list versions", exc) from None
+
+    def delete(self, key: str) -> None:
+        """Delete the blob, its snapshots and every version (deleting a versioned blob leaves a version)."""
+        check_key(PROVIDER, self.prefix, key)
+        blob = self.container.get_blob_client(key)
+        try:
+            try:
+                blob.delete_blob(delete_snapshots="include")
+            except ResourceNotFoundError:
+                pass
+            for version_id in self.versions(key):
+                if version_id:
+                    try:
+                        blob.delete_blob(version_id=version_id)
+                    except ResourceNotFoundError:
+                        pass
+        except ReplicaError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail(key, "delete", exc) from None
+
+    def version_keys(self, prefix: str = "") -> set[str]:
+        """Every blob name under `prefix` with any version, previous versions included (erasure)."""
+        full = check_list_prefix(PROVIDER, self.prefix, prefix)
+        try:
+            return {b.name for b in self.container.list_blobs(name_starts_with=full, include=["versions"])}
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail(full, "list versions", exc) from None
+
+    def list(self, prefix: str = "") -> Iterator[ListedObject]:
+        full = check_list_prefix(PROVIDER, self.prefix, prefix)
+        try:
+            for item in self.container.list_blobs(name_starts_with=full):
+                partition, sha = parse_archive_key(self.prefix, item.name)
+                yield ListedObject(provider=PROVIDER, uri=self.uri(item.name), key=item.name, size=int(item.size),
+                                   version_id=item.version_id,
+                                   storage_class=str(item.blob_tier) if item.blob_tier else None,
+                                   modified=item.last_modified, partition=partition, sha256=sha)
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail(full, "list", exc) from None
+
+    def canary(self) -> float:
+        """Write, read back and delete a tiny blob; the seconds it took. ProviderError when Azure is not usable."""
+        key = f"{self.prefix}/{CANARY_DIR}/{uuid.uuid4().hex}.txt"
+        payload = f"wedbackup canary {time.time()}".encode()
+        blob = self.container.get_blob_client(key)
+        start = time.monotonic()
+        try:
+            blob.upload_blob(payload, overwrite=False)
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail(key, "canary write", exc) from None
+        try:
+            got = blob.download_blob().readall()
+        except Exception as exc:  # noqa: BLE001
+            error = self._fail(key, "canary read", exc)
+            try:
+                self.delete(key)
+            except ReplicaError:
+                pass  # a leftover canary is harmless; the read failure is the one to report
+            raise error from None
+        self.delete(key)
+        if got != payload:
+            raise ReplicaChecksumMismatch(PROVIDER, key, "canary read back different bytes")
+        return time.monotonic() - start

@@ -1,0 +1,76 @@
+"""The local stack answers, its settings reach every service, and env output is shell-safe."""
+from __future__ import annotations
+
+import subprocess
+
+import psycopg
+
+from wedbackup_dagster.core.config import Settings
+from wedbackup_dagster.dev.stack import SERVICES, export_lines, port_open
+
+
+def test_every_service_answers_and_is_recorded(stack):
+    rows = {r["service"]: r for r in stack.status()}
+    for name in SERVICES:
+        assert rows[name]["answering"], name
+        assert port_open(rows[name]["port"])
+
+
+def test_settings_from_stack_env_reach_postgres(stack):
+    settings = Settings.from_env(stack.env())
+    with psycopg.connect(settings.source_dsn) as conn:
+        assert conn.execute("SELECT current_database()").fetchone()[0] == "wedding_platform"
+    with psycopg.connect(settings.catalogue_dsn) as conn:
+        assert conn.execute("SELECT current_database()").fetchone()[0] == "wedbackup_catalogue"
+
+
+def test_buckets_and_containers_are_isolated(s3_client, s3_bucket, gcs_client, gcs_bucket, azure_service,
+                                             azure_container):
+    s3_client.put_object(Bucket=s3_bucket, Key="probe", Body=b"x")
+    assert s3_client.get_object(Bucket=s3_bucket, Key="probe")["Body"].read() == b"x"
+    gcs_client.bucket(gcs_bucket).blob("probe").upload_from_string(b"y")
+    assert gcs_client.bucket(gcs_bucket).blob("probe").download_as_bytes() == b"y"
+    azure_service.get_blob_client(azure_container, "probe").upload_blob(b"z")
+    assert azure_service.get_blob_client(azure_container, "probe").download_blob().readall() == b"z"
+
+
+def test_env_output_round_trips_through_a_shell(stack):
+    env = stack.env()
+    script = export_lines(env) + '\nprintf %s "$WEDBACKUP_SOURCE_DSN"'
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out == env["WEDBACKUP_SOURCE_DSN"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_second_stack_up_twice_then_down_leaves_no_process(tmp_path, monkeypatch):
+    """A stack in its own state dir and ports: `up` twice is harmless, `down` stops exactly what it started."""
+    import os
+
+    from wedbackup_dagster.dev.stack import Stack, _pid_alive
+
+    for name in ("postgres", "s3", "gcs"):
+        monkeypatch.setenv(f"WEDBACKUP_{name.upper()}_PORT", str(_free_port()))
+    other = Stack(tmp_path / "state")
+    services = ("postgres", "s3", "gcs")
+    try:
+        other.up(services)
+        pids = {name: other.recorded_pid(name) for name in services}
+        other.up(services)  # again: nothing new is started
+        assert {name: other.recorded_pid(name) for name in services} == pids
+        for name in services:
+            assert _pid_alive(pids[name]), name
+        with psycopg.connect(other.dsn("postgres")) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        other.down()
+    for name, pid in pids.items():
+        assert not _pid_alive(pid), f"{name} (pid {pid}) still running after down"
+        assert not port_open(int(os.environ[f"WEDBACKUP_{name.upper()}_PORT"]))
+    assert list((tmp_path / "state" / "pids").glob("*.pid")) == []

@@ -26,7 +26,8 @@ from wedbackup_dagster.core.storage.health import (
     iso,
     states_from_catalogue,
 )
-from ..shared.resources import WedbackupEngineResource, url_setting
+from ..core.config import url_setting
+from ..shared.resources import WedbackupEngineResource
 
 HEALTH_INTERVAL_SECONDS = 30
 # Catch-up restores redundancy of backups that already exist (the vault and the other providers hold
@@ -195,7 +196,7 @@ def post_alert(url: str, alert: Mapping[str, Any], *, timeout: float = WEBHOOK_T
 
 def webhook_url() -> str:
     """The configured webhook, '' when unset; ConfigError (naming the variable, not the URL) when malformed."""
-    return url_setting(WEBHOOK_VARIABLE)
+    return url_setting(os.environ, WEBHOOK_VARIABLE)
 
 
 @dg.run_failure_sensor(

@@ -15,24 +15,12 @@ from dagster_aws.s3 import S3Resource
 from dagster_gcp import GCSResource
 from pydantic import PrivateAttr
 
-from ..core import config as core_config
 from wedbackup_dagster.core.catalogue.store import Catalogue
-from ..core.config import Settings, provider_timeout_from
+from ..core.config import Settings, dsn_setting, provider_timeout_from
 from ..core.engine import Engine
 from ..core.storage.providers import PROVIDERS
 from wedbackup_dagster.core.keys.keyring import load_master_keyring
 from wedbackup_dagster.core.policy.backup_policy import Policy
-
-
-def dsn_setting(name: str) -> str:
-    """One DSN variable, checked as Settings checks it (ConfigError naming the variable, never the DSN), for
-    sensors and schedules, which need no other setting. core.config has no public reader of one DSN yet."""
-    return core_config._dsn(os.environ, name)  # noqa: SLF001 - the one use; make it public in core.config
-
-
-def url_setting(name: str) -> str:
-    """One URL variable ('' when unset), checked as Settings checks it; see dsn_setting."""
-    return core_config._url(os.environ, name)  # noqa: SLF001 - the one use; make it public in core.config
 
 
 class WedbackupEngineResource(dg.ConfigurableResource):
@@ -60,13 +48,13 @@ class WedbackupEngineResource(dg.ConfigurableResource):
         if self._engine is not None:
             return self._engine.catalogue
         if self._catalogue is None:
-            catalogue = Catalogue(dsn_setting("WEDBACKUP_CATALOGUE_DSN"))
+            catalogue = Catalogue(dsn_setting(os.environ, "WEDBACKUP_CATALOGUE_DSN"))
             catalogue.migrate()
             self._catalogue = catalogue
         return self._catalogue
 
     def source_dsn(self) -> str:
-        return dsn_setting("WEDBACKUP_SOURCE_DSN")
+        return dsn_setting(os.environ, "WEDBACKUP_SOURCE_DSN")
 
     def policy(self) -> Policy:
         return Policy.from_env()

@@ -1,6 +1,7 @@
 """Provider health and run-failure sensors: a canary per provider every 30 s, catch-up replica runs for
 exactly the partitions that missed a provider once it recovers, and alerts for failed runs (log + webhook)."""
 
+import os
 import json
 import urllib.error
 import urllib.request

@@ -16,26 +16,10 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any
+from wedbackup_dagster.dev.compare import table_sums
 
 OBJECTIVE_SECONDS = 4 * 3600.0
 PLATFORM_WEDDINGS = 100_000
-
-
-def table_sums(dsn: str) -> dict[str, list]:
-    """Per user table: row count and the MD5 of its rows in a fixed order."""
-    import psycopg
-    from psycopg import sql
-
-    out = {}
-    with psycopg.connect(dsn) as conn:
-        tables = conn.execute("SELECT table_schema, table_name FROM information_schema.tables "
-                              "WHERE table_type = 'BASE TABLE' AND table_schema NOT IN "
-                              "('pg_catalog', 'information_schema') ORDER BY 1, 2").fetchall()
-        for schema, name in tables:
-            out[f"{schema}.{name}"] = list(conn.execute(sql.SQL(
-                "SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM {} t").format(
-                sql.Identifier(schema, name))).fetchone())
-    return out
 
 
 def back_up_to_s3(engine: Any, replica: Any, partitions: list[str]) -> dict[str, float]:

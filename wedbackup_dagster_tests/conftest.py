@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.dev.stack import Stack
 
 # After the session, nothing the suite wrote may hold a secret of the stack (see secrets_guard.py).
@@ -179,3 +180,16 @@ def demo_env(stack, make_database, tmp_path, monkeypatch, s3_bucket, gcs_bucket,
         return {"source": source, "catalogue": catalogue}
 
     return make
+
+
+@pytest.fixture
+def catalogue(stack, make_database, monkeypatch) -> Iterator[Catalogue]:
+    """A fresh, migrated catalogue in its own database, set as WEDBACKUP_CATALOGUE_DSN, with the default
+    policy (no WEDBACKUP_POLICY_FILE)."""
+    dsn = make_database()
+    monkeypatch.setenv("WEDBACKUP_CATALOGUE_DSN", dsn)
+    monkeypatch.delenv("WEDBACKUP_POLICY_FILE", raising=False)
+    cat = Catalogue(dsn)
+    cat.migrate()
+    yield cat
+    cat.close()

@@ -133,17 +133,6 @@ CREATE TABLE vendors (id bigint PRIMARY KEY, name text NOT NULL, updated_at time
 
 
 @pytest.fixture
-def catalogue(stack, make_database, monkeypatch) -> Catalogue:
-    dsn = make_database()
-    monkeypatch.setenv("WEDBACKUP_CATALOGUE_DSN", dsn)
-    monkeypatch.delenv("WEDBACKUP_POLICY_FILE", raising=False)
-    cat = Catalogue(dsn)
-    cat.migrate()
-    yield cat
-    cat.close()
-
-
-@pytest.fixture
 def source(stack, make_database, monkeypatch) -> str:
     dsn = make_database()
     monkeypatch.setenv("WEDBACKUP_SOURCE_DSN", dsn)

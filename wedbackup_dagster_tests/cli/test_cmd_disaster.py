@@ -18,7 +18,7 @@ import pytest
 
 from wedbackup_dagster.cli.app import main
 from wedbackup_dagster.core.catalogue.store import Catalogue
-from wedbackup_dagster_tests.core.test_disaster import table_sums
+from wedbackup_dagster.dev.compare import table_sums
 from wedbackup_dagster_tests.cli.test_app import cli_env  # noqa: F401  (a fixture)
 
 WORKTREE = Path(__file__).resolve().parents[1]

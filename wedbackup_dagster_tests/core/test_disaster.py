@@ -21,24 +21,11 @@ from wedbackup_dagster.core.storage.replicas import GCSReplica, S3Replica
 from wedbackup_dagster.core.storage.providers import ensure_targets
 from wedbackup_dagster.core.storage.replicas.gcs import gcs_client_from
 from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
+from wedbackup_dagster.dev.compare import table_sums
 
 pytestmark = pytest.mark.stack
 
 WEDDINGS = 6
-
-
-def table_sums(dsn: str) -> dict[str, tuple[int, str]]:
-    """Per user table: row count and the MD5 of its rows in a fixed order."""
-    out = {}
-    with psycopg.connect(dsn) as conn:
-        tables = conn.execute("SELECT table_schema, table_name FROM information_schema.tables "
-                              "WHERE table_type = 'BASE TABLE' AND table_schema NOT IN "
-                              "('pg_catalog', 'information_schema') ORDER BY 1, 2").fetchall()
-        for schema, name in tables:
-            out[f"{schema}.{name}"] = conn.execute(sql.SQL(
-                "SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM {} t").format(
-                sql.Identifier(schema, name))).fetchone()
-    return out
 
 
 def replicas_of(engine: Engine) -> dict:

@@ -11,7 +11,8 @@ from wedbackup_dagster.core import disaster, disaster_batch
 from wedbackup_dagster.core.formats.archive import open_archive
 from wedbackup_dagster.core.postgres.load_snapshot import restore_snapshot
 from wedbackup_dagster_tests.core.test_disaster import (  # noqa: F401 (platform: a fixture)
-    WEDDINGS, platform, s3_only, table_sums)
+    WEDDINGS, platform, s3_only)
+from wedbackup_dagster.dev.compare import table_sums
 
 pytestmark = pytest.mark.stack
 

@@ -4,7 +4,6 @@ erased weddings left out), and the reverification_status check naming the overdu
 import datetime as dt
 
 import dagster as dg
-import pytest
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from wedbackup_dagster.backups.reverify_list import RUN_SIZE, reverify_run_config
@@ -23,17 +22,6 @@ from wedbackup_dagster.disaster.standing import (
 )
 
 TICK = dt.datetime(2026, 12, 5, 2, 0, tzinfo=dt.timezone.utc)
-
-
-@pytest.fixture
-def catalogue(stack, make_database, monkeypatch):
-    dsn = make_database()
-    monkeypatch.setenv("WEDBACKUP_CATALOGUE_DSN", dsn)
-    monkeypatch.delenv("WEDBACKUP_POLICY_FILE", raising=False)
-    cat = Catalogue(dsn)
-    cat.migrate()
-    yield cat
-    cat.close()
 
 
 def backed_up(catalogue: Catalogue, partition: str, verified_at: dt.datetime | None) -> None:

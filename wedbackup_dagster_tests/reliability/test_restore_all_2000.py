@@ -14,7 +14,8 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from benchmarks.restore_all import back_up_to_s3, table_sums
+from benchmarks.restore_all import back_up_to_s3
+from wedbackup_dagster.dev.compare import table_sums
 from wedbackup_dagster.core import disaster
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.catalogue.rebuild_from_storage import rebuild_from

@@ -25,8 +25,9 @@ def _partitions(args: argparse.Namespace, service) -> list[str]:
     return [check_partition(w) for w in args.wedding]
 
 
-def back_up_partitions(service, partitions: list[str], out=sys.stdout) -> bool:
+def back_up_partitions(service, partitions: list[str], out=None) -> bool:
     """Back up and replicate each partition's media; one line per partition. True when all succeeded."""
+    out = sys.stdout if out is None else out  # looked up per call: a caller (or a test) may have replaced it
     from wedbackup_dagster.core.media.service import PROVIDERS
 
     ok = True

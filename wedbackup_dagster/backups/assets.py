@@ -186,7 +186,10 @@ def make_replica(provider: str, settings: Any, client: Any) -> Any:
         return replicas.S3Replica(client, settings.s3)
     if provider == "gcs":
         timeout = settings.provider_timeout
-        return replicas.GCSReplica(client, settings.gcs, timeout=(min(5.0, timeout), timeout))
+        # The SDK's retries of one request may go on as long as one slow upload may take (the provider
+        # timeout), not the replica's 5 s default, under which queued uploads failed without a retry.
+        return replicas.GCSReplica(client, settings.gcs, timeout=(min(5.0, timeout), timeout),
+                                   retry_seconds=timeout)
     return replicas.AzureReplica(client, settings.azure)
 
 

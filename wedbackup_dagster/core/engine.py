@@ -312,12 +312,12 @@ class Engine:
     def replicate_each(self, partitions: list[str], replica: Any, workers: int | None = None
                        ) -> Iterator[tuple[str, ReplicaOutcome | WedbackupError]]:
         """Upload many partitions' newest archives to one provider, `workers` at a time (default
-        WEDBACKUP_UPLOAD_CONCURRENCY), yielding each partition's outcome or error as it completes.
+        Settings.upload_concurrency_for(provider)), yielding each partition's outcome or error as it completes.
         Only the uploads run in threads (the providers' clients are thread-safe: boto3 clients,
         google-cloud-storage's Client and azure-storage-blob's clients say so); every catalogue read and
         write stays on this thread, on the catalogue's one connection. An unexpected error (a bug, not a
         provider's refusal) cancels the uploads not yet started and propagates."""
-        workers = max(1, workers or self.settings.upload_concurrency)
+        workers = max(1, workers or self.settings.upload_concurrency_for(replica.provider))
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"wedbackup-upload-{replica.provider}")
         pending: dict[Any, tuple[str, BackupRecord]] = {}
         try:

@@ -70,11 +70,18 @@ def bench_environment(prefix: str, *, weddings: int, seed: int, document_bytes: 
 
 @contextlib.contextmanager
 def dagster_instance(bench: dict[str, Any]) -> Iterator[Any]:
-    """A throw-away Dagster instance on the bench's own PostgreSQL database (dagster-postgres storage): what
-    `wedbackup backup` uses on the local stack (instance_storage.LocalStackStorage) and what production
-    uses, not a temporary SQLite instance (SQLite stores every event with its own commit)."""
+    """A throw-away Dagster instance on the bench's own PostgreSQL database, with the storage `wedbackup
+    backup` uses on the local stack (the project's dagster.yaml: instance_storage.LocalStackStorage, i.e.
+    dagster-postgres with a pooled event log), not a temporary SQLite instance (SQLite stores every event
+    with its own commit)."""
     import dagster as dg
 
-    with dg.instance_for_test(overrides={"storage": {"postgres": {"postgres_url": bench["dagster_pg_url"]}}}
-                              ) as instance:
-        yield instance
+    variable = "WEDBACKUP_BENCH_DAGSTER_PG_URL"
+    os.environ[variable] = bench["dagster_pg_url"]
+    storage = {"custom": {"module": "wedbackup_dagster.instance_storage", "class": "LocalStackStorage",
+                          "config": {"postgres_url_env": variable}}}
+    try:
+        with dg.instance_for_test(overrides={"storage": storage}) as instance:
+            yield instance
+    finally:
+        os.environ.pop(variable, None)

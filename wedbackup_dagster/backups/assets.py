@@ -11,6 +11,7 @@ from dagster_gcp import GCSResource
 
 from ..core.engine import PROVIDERS, BackupOutcome, ReplicaOutcome, VerifyOutcome
 from ..core.errors import WedbackupError
+from ..partition_metadata import add_partition_metadata
 from ..progress import Progress
 from .constants import (
     DB_DUMP,
@@ -38,9 +39,9 @@ def _finish(context: dg.AssetExecutionContext, asset_keys: list[dg.AssetKey], do
             failures: dict[str, str], what: str) -> Iterator[Any]:
     """Report every wedding's own metadata; fail the step naming the weddings that failed, if any."""
     if not failures:
-        for key, per_asset in done.items():
-            for asset_key, metadata in per_asset.items():
-                context.add_asset_metadata(metadata, asset_key=asset_key, partition_key=key)
+        # One read of the run's range for the whole step, not one per wedding (partition_metadata.py).
+        add_partition_metadata(context, ((key, asset_key, metadata) for key, per_asset in done.items()
+                                         for asset_key, metadata in per_asset.items()))
         for asset_key in asset_keys:
             yield dg.MaterializeResult(asset_key=asset_key)
         return

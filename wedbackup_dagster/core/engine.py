@@ -320,10 +320,12 @@ class Engine:
         workers = max(1, workers or self.settings.upload_concurrency_for(replica.provider))
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"wedbackup-upload-{replica.provider}")
         pending: dict[Any, tuple[str, BackupRecord]] = {}
+        # Every wedding's newest backup in one catalogue query, not one round trip per wedding.
+        latest = self.catalogue.latest_backups(_well_formed(partitions))
         try:
             for partition in partitions:
                 try:
-                    backup, entry = self._replica_source(partition)
+                    backup, entry = self._replica_source(partition, latest.get(partition))
                 except WedbackupError as exc:
                     yield partition, exc
                     continue
@@ -340,8 +342,8 @@ class Engine:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _replica_source(self, partition: str) -> tuple[BackupRecord, VaultEntry]:
-        backup = self.catalogue.require_latest_backup(check_partition(partition))
+    def _replica_source(self, partition: str, latest: BackupRecord | None = None) -> tuple[BackupRecord, VaultEntry]:
+        backup = latest or self.catalogue.require_latest_backup(check_partition(partition))
         entry = self.vault.get(partition, backup.archive_sha256)
         if entry is None:
             raise WedbackupError(f"wedding {partition}: archive {backup.archive_sha256[:12]}… is missing from the "
@@ -552,3 +554,12 @@ class Engine:
         return backup, chosen, report
 
 
+def _well_formed(partitions: list[str]) -> list[str]:
+    """The partitions whose names check_partition accepts (the others fail on their own, by name)."""
+    ok = []
+    for partition in partitions:
+        try:
+            ok.append(check_partition(partition))
+        except WedbackupError:
+            pass
+    return ok

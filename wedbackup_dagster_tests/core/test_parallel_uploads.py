@@ -144,3 +144,13 @@ def test_a_step_uses_its_providers_setting(sealed: Engine, monkeypatch):
     outcomes = dict(engine.replicate_each(WEDDINGS[:10], replica))
     assert all(isinstance(o, ReplicaOutcome) for o in outcomes.values()), outcomes
     assert 1 <= replica.most_at_once <= 2
+
+
+def test_the_step_reads_every_weddings_newest_backup_in_one_query_as_one_by_one(sealed: Engine):
+    catalogue = sealed.catalogue
+    with sealed.snapshot_session() as session:  # a second backup of a few weddings: the newest must win
+        for key, outcome in sealed.back_up_each(["2", "3"], session):
+            assert not isinstance(outcome, WedbackupError), outcome
+    many = catalogue.latest_backups([*WEDDINGS, "999"])
+    assert set(many) == set(WEDDINGS)
+    assert many == {w: catalogue.latest_backup(w) for w in WEDDINGS}

@@ -61,25 +61,20 @@ def test_each_partition_gets_its_own_metadata_as_with_add_asset_metadata():
     assert got[("4", B)]["wedding"] == dg.MetadataValue.text("4")
 
 
-def test_a_partition_outside_the_range_is_refused_by_name():
-    def outside(context):
-        add_partition_metadata(context, [("2", A, _metadata("2", A)), ("7", A, _metadata("7", A))])
-
+def _refused(add, match: str) -> None:
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(PARTS.name, KEYS)
-        job = _defs(outside).resolve_job_def("pm_job")
-        with pytest.raises(dg.DagsterInvariantViolationError, match="partition key '7'"):
+        job = _defs(add).resolve_job_def("pm_job")
+        with pytest.raises(dg.DagsterInvariantViolationError, match=match):
             job.execute_in_process(instance=instance, tags={ASSET_PARTITION_RANGE_START_TAG: "1",
                                                             ASSET_PARTITION_RANGE_END_TAG: "3"})
+
+
+def test_a_partition_outside_the_range_is_refused_by_name():
+    _refused(lambda context: add_partition_metadata(
+        context, [("2", A, _metadata("2", A)), ("7", A, _metadata("7", A))]), "partition key '7'")
 
 
 def test_an_asset_the_step_does_not_materialize_is_refused_by_name():
-    def other(context):
-        add_partition_metadata(context, [("2", dg.AssetKey("elsewhere"), {"x": 1})])
-
-    with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(PARTS.name, KEYS)
-        job = _defs(other).resolve_job_def("pm_job")
-        with pytest.raises(dg.DagsterInvariantViolationError, match="elsewhere"):
-            job.execute_in_process(instance=instance, tags={ASSET_PARTITION_RANGE_START_TAG: "1",
-                                                            ASSET_PARTITION_RANGE_END_TAG: "3"})
+    _refused(lambda context: add_partition_metadata(context, [("2", dg.AssetKey("elsewhere"), {"x": 1})]),
+             "elsewhere")

@@ -10,8 +10,6 @@ from typing import Any
 
 
 def run(weddings: int = 200, *, batch_size: int = 100, seed: int = 7, document_bytes: int = 2048) -> dict[str, Any]:
-    import dagster as dg
-
     from wedbackup_dagster.backups.launch import register_partitions
     from wedbackup_dagster.cli.cmd_checks import reverify
     from wedbackup_dagster.core.engine import Engine
@@ -20,15 +18,15 @@ def run(weddings: int = 200, *, batch_size: int = 100, seed: int = 7, document_b
     from wedbackup_dagster.core.storage.replicas.gcs import gcs_client_from
     from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
 
-    from .stand_ins import bench_environment
+    from .stand_ins import bench_environment, dagster_instance
 
-    with bench_environment("bench_reverify", weddings=weddings, seed=seed, document_bytes=document_bytes):
+    with bench_environment("bench_reverify", weddings=weddings, seed=seed, document_bytes=document_bytes) as bench:
         engine = Engine.from_env()
         s = engine.settings
         replicas = [S3Replica(s3_client_from(s.s3), s.s3), GCSReplica(gcs_client_from(s.gcs), s.gcs),
                     AzureReplica(azure_service_from(s.azure), s.azure)]
         started = time.perf_counter()
-        with dg.instance_for_test() as instance:
+        with dagster_instance(bench) as instance:
             keys = [k for k in register_partitions(instance, s.source_dsn) if k != "platform"]
             with engine.snapshot_session() as session:
                 for key, _ in engine.back_up_each(keys, session):

@@ -44,6 +44,10 @@ def media_rows(m: dict) -> list[str]:
     ]
 
 
+def _save_partial(result: dict) -> None:
+    (RESULTS / "latest.partial.json").write_text(json.dumps(result, indent=2, default=str))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
@@ -57,20 +61,28 @@ def main() -> None:
         "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "quick": args.quick,
-        "fleet": fleet.run(weddings=weddings, seed=7, document_bytes=document_bytes,
-                             workers=args.workers),
+        "complete": False,
     }
+    RESULTS.mkdir(exist_ok=True)
+    # First, in a fresh process: the parts that measure peak memory (RSS is a lifetime peak, and forked
+    # workers inherit it, so after the whole job they would report the whole job's peak).
+    result["fleet"] = fleet.run(weddings=weddings, seed=7, document_bytes=document_bytes, workers=args.workers)
+    _save_partial(result)
     # One very large wedding: latency and, above all, bounded memory (peak RSS of the worker process).
     result["single_wedding"] = big_wedding.run(megabytes=200 if args.quick else 1024)
+    _save_partial(result)
     # The whole job through Dagster (`wedbackup backup --all`) against the scripted peer (pg_dump | zstd | age,
     # three uploads, restore test), side by side: on the demo database (`demo-data --weddings 2000`) and on
-    # the fleet database above (about 1 GB).
+    # the fleet database below (about 1 GB). Each part's figures are saved as soon as it ends
+    # (latest.partial.json), so an interrupted bench keeps what it measured.
     result["whole_job_demo"] = whole_job.run(weddings=300 if args.quick else 2000, seed=7, document_bytes=4096,
                                              label="demo")
+    result["whole_job_ratio_vs_peer_demo"] = result["whole_job_demo"]["whole_job_ratio_vs_peer"]
+    _save_partial(result)
     result["whole_job_fleet"] = whole_job.run(weddings=weddings, seed=7, document_bytes=document_bytes,
                                               label="fleet")
-    result["whole_job_ratio_vs_peer_demo"] = result["whole_job_demo"]["whole_job_ratio_vs_peer"]
     result["whole_job_ratio_vs_peer_fleet"] = result["whole_job_fleet"]["whole_job_ratio_vs_peer"]
+    _save_partial(result)
     # Re-verify a fleet through Dagster in batched runs (verified_restore and its checks, no new dump).
     result["reverify"] = reverify.run(weddings=300 if args.quick else 2000, batch_size=500)
     result["reverify_weddings_per_minute"] = result["reverify"]["reverify_weddings_per_minute"]
@@ -80,13 +92,16 @@ def main() -> None:
     result["restore_all"] = restore_all.run(weddings=300 if args.quick else 2000)
     result["restore_all_seconds"] = result["restore_all"]["restore_all_seconds"]
     result["restore_all_ratio_vs_peer"] = result["restore_all"]["restore_all_ratio_vs_peer"]
+    _save_partial(result)
     # One backup-schedule tick, and the discovery / change-capture sensor ticks, over 100,000 weddings.
     result["tick"] = tick.run(weddings=100_000)
+    _save_partial(result)
     # Dagster's cost per wedding in the schedule's batched list runs, against the same engine calls without
     # Dagster: production storage (dagster-postgres) with batched materializations, next to one-by-one
     # writes, the pooled event log and the local demo's SQLite.
     result["dagster_overhead"] = dagster_overhead.run(quick=args.quick)
     result["dagster_overhead_ms_per_wedding"] = result["dagster_overhead"]["dagster_overhead_ms_per_wedding"]
+    _save_partial(result)
     # Upload throughput to the local stand-ins (not clouds: no network, their own overheads).
     result["replicas"] = replicas.run(quick=args.quick)
     result["replica_upload_mb_per_s"] = result["replicas"]["replica_upload_mb_per_s"]
@@ -118,8 +133,9 @@ def main() -> None:
         "schedule_tick_seconds_100k": result["tick"]["schedule_tick_seconds_100k"],
         "sensor_tick_seconds_100k": result["tick"]["sensor_tick_seconds_100k"],
     })
-    RESULTS.mkdir(exist_ok=True)
+    result["complete"] = True
     (RESULTS / "latest.json").write_text(json.dumps(result, indent=2, default=str))
+    (RESULTS / "latest.partial.json").unlink(missing_ok=True)
     f = result["fleet"]
     table = "\n".join([
         "| figure | value |", "|---|---|",

@@ -13,7 +13,8 @@ from typing import Any
 
 @contextlib.contextmanager
 def bench_environment(prefix: str, *, weddings: int, seed: int, document_bytes: int) -> Iterator[dict[str, Any]]:
-    """Yields {"stack", "env", "source", "catalogue", "vault", "bucket", "s3", "gcs", "azure", "summary"}
+    """Yields {"stack", "env", "source", "catalogue", "vault", "bucket", "s3", "gcs", "azure", "summary",
+    "dagster_pg_url"}
     (the clients are the providers' own SDK clients, for peers that upload without wedbackup)."""
     import boto3
     import psycopg
@@ -30,7 +31,9 @@ def bench_environment(prefix: str, *, weddings: int, seed: int, document_bytes: 
     env = stack.env()
     saved = dict(os.environ)
     tag = uuid.uuid4().hex[:8]
-    names = [f"{prefix}_src_{tag}", f"{prefix}_cat_{tag}"]
+    # source, catalogue, and the Dagster instance's storage (dagster-postgres, as `wedbackup backup` uses
+    # on the stack and production uses): see dagster_instance() below.
+    names = [f"{prefix}_src_{tag}", f"{prefix}_cat_{tag}", f"{prefix}_dag_{tag}"]
     bucket = f"{prefix.replace('_', '-')}-{tag}"
     with psycopg.connect(stack.dsn("postgres"), autocommit=True) as conn:
         for name in names:
@@ -56,10 +59,29 @@ def bench_environment(prefix: str, *, weddings: int, seed: int, document_bytes: 
                                          document_bytes=document_bytes)
             yield {"stack": stack, "env": env, "source": stack.dsn(names[0]), "catalogue": stack.dsn(names[1]),
                    "vault": vault, "work": work, "bucket": bucket, "s3": s3, "gcs": gcs, "azure": azure,
-                   "summary": summary}
+                   "summary": summary, "dagster_pg_url": stack.dsn(names[2])}
     finally:
         os.environ.clear()
         os.environ.update(saved)
         with psycopg.connect(stack.dsn("postgres"), autocommit=True) as conn:
             for name in names:
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@contextlib.contextmanager
+def dagster_instance(bench: dict[str, Any]) -> Iterator[Any]:
+    """A throw-away Dagster instance on the bench's own PostgreSQL database, with the storage `wedbackup
+    backup` uses on the local stack (the project's dagster.yaml: instance_storage.LocalStackStorage, i.e.
+    dagster-postgres with a pooled event log), not a temporary SQLite instance (SQLite stores every event
+    with its own commit)."""
+    import dagster as dg
+
+    variable = "WEDBACKUP_BENCH_DAGSTER_PG_URL"
+    os.environ[variable] = bench["dagster_pg_url"]
+    storage = {"custom": {"module": "wedbackup_dagster.instance_storage", "class": "LocalStackStorage",
+                          "config": {"postgres_url_env": variable}}}
+    try:
+        with dg.instance_for_test(overrides={"storage": storage}) as instance:
+            yield instance
+    finally:
+        os.environ.pop(variable, None)

@@ -48,18 +48,19 @@ def peer(bench: dict[str, Any], work: Path) -> dict[str, float]:
             "seconds": round(dump["seconds"] + uploads + restore, 2), "bytes": dump["bytes"]}
 
 
-def wedbackup_whole_job() -> dict[str, Any]:
-    """`wedbackup backup --all`, timed from partition registration to the last run's end."""
-    import dagster as dg
-
+def wedbackup_whole_job(bench: dict[str, Any]) -> dict[str, Any]:
+    """`wedbackup backup --all`, timed from partition registration to the last run's end, on a Dagster
+    instance stored in PostgreSQL as on the stack (`wedbackup backup`) and in production."""
     from wedbackup_dagster.backups.launch import register_partitions, run_job_for
     from wedbackup_dagster.cli.cmd_backup import QUIET
     from wedbackup_dagster.core.catalogue.store import Catalogue
     from wedbackup_dagster.core.config import Settings
     from wedbackup_dagster.core.storage.providers import ensure_targets
 
+    from .stand_ins import dagster_instance
+
     settings = Settings.from_env()
-    with dg.instance_for_test() as instance:
+    with dagster_instance(bench) as instance:
         started = time.perf_counter()
         catalogue = Catalogue(settings.catalogue_dsn)
         catalogue.migrate()
@@ -85,7 +86,7 @@ def run(*, weddings: int, seed: int, document_bytes: int, label: str) -> dict[st
                            document_bytes=document_bytes) as bench:
         work = Path(bench["work"])
         peers = [peer(bench, work)]
-        ours = wedbackup_whole_job()
+        ours = wedbackup_whole_job(bench)
         peers.append(peer(bench, work))
         summary = bench["summary"]
     best = min(peers, key=lambda p: p["seconds"])

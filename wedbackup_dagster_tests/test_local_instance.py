@@ -7,7 +7,7 @@ from dagster._serdes import serialize_value
 from dagster_postgres import PostgresRunStorage
 
 from wedbackup_dagster.dev.stack import DAGSTER_DB, project_root
-from wedbackup_dagster.instance.storage import PG_URL_SETTING
+from wedbackup_dagster.instance.storage import PG_URL_SETTING, PooledPostgresEventLogStorage
 
 
 @dg.op
@@ -36,6 +36,8 @@ def test_the_local_instance_runs_on_postgres_when_the_stack_gives_its_url(tmp_pa
     monkeypatch.setenv(PG_URL_SETTING, url)
     with dg.DagsterInstance.get() as instance:
         assert isinstance(instance.run_storage, PostgresRunStorage)
+        # Its event log keeps a connection (the range runs store some events one by one).
+        assert isinstance(instance.event_log_storage, PooledPostgresEventLogStorage)
         assert probe_job.execute_in_process(instance=instance).success
         # A run worker or the webserver reloads the instance from its ref: it names the variable, not the URL.
         password = psycopg.conninfo.conninfo_to_dict(url)["password"]

@@ -51,6 +51,13 @@ VARIABLES: dict[str, tuple[str, str, bool]] = {
                                    False),
     "WEDBACKUP_UPLOAD_CONCURRENCY": ("archives one replica step uploads to its provider at once (1-64); each "
                                      "provider's step has its own threads", "8", False),
+    "WEDBACKUP_S3_UPLOAD_CONCURRENCY": ("archives the S3 step uploads at once (1-64); empty: "
+                                        "WEDBACKUP_UPLOAD_CONCURRENCY", "", False),
+    "WEDBACKUP_GCS_UPLOAD_CONCURRENCY": ("archives the GCS step uploads at once (1-64); empty: "
+                                         "WEDBACKUP_UPLOAD_CONCURRENCY, at most 4 against the GCS emulator "
+                                         "(STORAGE_EMULATOR_HOST: one thread serves every upload)", "", False),
+    "WEDBACKUP_AZURE_UPLOAD_CONCURRENCY": ("archives the Azure step uploads at once (1-64); empty: "
+                                           "WEDBACKUP_UPLOAD_CONCURRENCY", "", False),
     "WEDBACKUP_ZSTD_LEVEL": ("zstd level for sealed archives (1-19); 1 was faster and no larger on the demo data",
                              "1", False),
     "WEDBACKUP_LOCK_TIMEOUT": ("seconds a backup or restore of a wedding waits while another backup or restore "
@@ -225,6 +232,12 @@ class Settings:
     provider_timeout: float = 60.0
     snapshot_lock_timeout: float = 30.0
     upload_concurrency: int = 8
+    # Per provider (s3, gcs, azure), where it differs from upload_concurrency: see upload_concurrency_for.
+    provider_upload_concurrency: tuple[tuple[str, int], ...] = ()
+
+    def upload_concurrency_for(self, provider: str) -> int:
+        """How many archives `provider`'s replica step uploads at once."""
+        return dict(self.provider_upload_concurrency).get(provider, self.upload_concurrency)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -281,14 +294,33 @@ class Settings:
                    zstd_level=int(level_text),
                    s3=s3, gcs=gcs, azure=azure, lock_timeout=lock_timeout,
                    provider_timeout=provider_timeout_from(env), upload_concurrency=_upload_concurrency(env),
+                   provider_upload_concurrency=provider_upload_concurrency_from(env, gcs_emulator=bool(gcs.emulator_host)),
                    snapshot_lock_timeout=snapshot_lock_timeout_from(env))
 
 
-def _upload_concurrency(env: Mapping[str, str]) -> int:
-    text = env.get("WEDBACKUP_UPLOAD_CONCURRENCY") or VARIABLES["WEDBACKUP_UPLOAD_CONCURRENCY"][1]
+def _upload_concurrency(env: Mapping[str, str], name: str = "WEDBACKUP_UPLOAD_CONCURRENCY") -> int:
+    text = env.get(name) or VARIABLES[name][1]
     if not re.fullmatch(r"[0-9]{1,2}", text) or not 1 <= int(text) <= 64:
-        raise ConfigError("WEDBACKUP_UPLOAD_CONCURRENCY", "must be a whole number from 1 to 64")
+        raise ConfigError(name, "must be a whole number from 1 to 64")
     return int(text)
+
+
+# The GCS emulator (gcp-storage-emulator) serves one request at a time: more uploads in flight only queue
+# there, and queued ones time out. Real GCS takes WEDBACKUP_UPLOAD_CONCURRENCY like the others.
+GCS_EMULATOR_UPLOAD_CONCURRENCY = 4
+
+
+def provider_upload_concurrency_from(env: Mapping[str, str], *, gcs_emulator: bool = False
+                                     ) -> tuple[tuple[str, int], ...]:
+    """The providers whose WEDBACKUP_<PROVIDER>_UPLOAD_CONCURRENCY is set (or, for the GCS emulator, capped)."""
+    chosen: dict[str, int] = {}
+    for provider in ("s3", "gcs", "azure"):
+        name = f"WEDBACKUP_{provider.upper()}_UPLOAD_CONCURRENCY"
+        if env.get(name):
+            chosen[provider] = _upload_concurrency(env, name)
+    if gcs_emulator and "gcs" not in chosen:
+        chosen["gcs"] = min(_upload_concurrency(env), GCS_EMULATOR_UPLOAD_CONCURRENCY)
+    return tuple(sorted(chosen.items()))
 
 
 def _seconds_setting(environ: Mapping[str, str] | None, name: str, low: float, high: float) -> float:

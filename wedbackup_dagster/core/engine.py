@@ -284,18 +284,20 @@ class Engine:
     def replicate_each(self, partitions: list[str], replica: Any, workers: int | None = None
                        ) -> Iterator[tuple[str, ReplicaOutcome | WedbackupError]]:
         """Upload many partitions' newest archives to one provider, `workers` at a time (default
-        WEDBACKUP_UPLOAD_CONCURRENCY), yielding each partition's outcome or error as it completes.
+        Settings.upload_concurrency_for(provider)), yielding each partition's outcome or error as it completes.
         Only the uploads run in threads (the providers' clients are thread-safe: boto3 clients,
         google-cloud-storage's Client and azure-storage-blob's clients say so); every catalogue read and
         write stays on this thread, on the catalogue's one connection. An unexpected error (a bug, not a
         provider's refusal) cancels the uploads not yet started and propagates."""
-        workers = max(1, workers or self.settings.upload_concurrency)
+        workers = max(1, workers or self.settings.upload_concurrency_for(replica.provider))
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"wedbackup-upload-{replica.provider}")
         pending: dict[Any, tuple[str, BackupRecord]] = {}
+        # Every wedding's newest backup in one catalogue query, not one round trip per wedding.
+        latest = self.catalogue.latest_backups(_well_formed(partitions))
         try:
             for partition in partitions:
                 try:
-                    backup, entry = self._replica_source(partition)
+                    backup, entry = self._replica_source(partition, latest.get(partition))
                 except WedbackupError as exc:
                     yield partition, exc
                     continue
@@ -312,8 +314,8 @@ class Engine:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _replica_source(self, partition: str) -> tuple[BackupRecord, VaultEntry]:
-        backup = self.catalogue.require_latest_backup(check_partition(partition))
+    def _replica_source(self, partition: str, latest: BackupRecord | None = None) -> tuple[BackupRecord, VaultEntry]:
+        backup = latest or self.catalogue.require_latest_backup(check_partition(partition))
         entry = self.vault.get(partition, backup.archive_sha256)
         if entry is None:
             raise WedbackupError(f"wedding {partition}: archive {backup.archive_sha256[:12]}… is missing from the "
@@ -524,3 +526,12 @@ class Engine:
         return backup, chosen, report
 
 
+def _well_formed(partitions: list[str]) -> list[str]:
+    """The partitions whose names check_partition accepts (the others fail on their own, by name)."""
+    ok = []
+    for partition in partitions:
+        try:
+            ok.append(check_partition(partition))
+        except WedbackupError:
+            pass
+    return ok

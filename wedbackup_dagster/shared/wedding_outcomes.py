@@ -11,6 +11,7 @@ from typing import Any
 import dagster as dg
 
 from ..core.errors import WedbackupError
+from .partition_metadata import add_partition_metadata
 
 PerAssetMetadata = dict[dg.AssetKey, dict[str, Any]]
 # {"ok": [partition keys that succeeded], "failed": {partition key: reason}}: a step's weddings as the list
@@ -59,9 +60,9 @@ class WeddingOutcomes:
     def finish_assets(self, context: dg.AssetExecutionContext, asset_keys: list[dg.AssetKey]) -> Iterator[Any]:
         """An asset step's results: every wedding's own metadata; the step fails naming the failed weddings."""
         if not self.failed:
-            for key, per_asset in self.done.items():
-                for asset_key, metadata in per_asset.items():
-                    context.add_asset_metadata(metadata, asset_key=asset_key, partition_key=key)
+            # One read of the run's range for the whole step, not one per wedding (partition_metadata.py).
+            add_partition_metadata(context, ((key, asset_key, metadata) for key, per_asset in self.done.items()
+                                             for asset_key, metadata in per_asset.items()))
             for asset_key in asset_keys:
                 yield dg.MaterializeResult(asset_key=asset_key)
             return

@@ -107,3 +107,51 @@ def test_upload_concurrency_out_of_range_names_the_setting(monkeypatch, value):
            "WEDBACKUP_UPLOAD_CONCURRENCY": value}
     with pytest.raises(ConfigError, match="WEDBACKUP_UPLOAD_CONCURRENCY"):
         Settings.from_env(env)
+
+
+BASE_ENV = {"WEDBACKUP_SOURCE_DSN": "postgresql://u@h/s", "WEDBACKUP_CATALOGUE_DSN": "postgresql://u@h/c"}
+
+
+@pytest.mark.parametrize("provider", ["s3", "gcs", "azure"])
+def test_a_provider_setting_overrides_the_general_one_for_that_provider_only(provider):
+    settings = Settings.from_env({**BASE_ENV, "WEDBACKUP_UPLOAD_CONCURRENCY": "6",
+                                  f"WEDBACKUP_{provider.upper()}_UPLOAD_CONCURRENCY": "3"})
+    assert settings.upload_concurrency_for(provider) == 3
+    assert all(settings.upload_concurrency_for(p) == 6 for p in {"s3", "gcs", "azure"} - {provider})
+
+
+def test_the_gcs_emulator_gets_at_most_four_uploads_at_once_unless_set():
+    emulator = {**BASE_ENV, "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9023", "WEDBACKUP_UPLOAD_CONCURRENCY": "8"}
+    assert Settings.from_env(emulator).upload_concurrency_for("gcs") == 4
+    assert Settings.from_env(emulator).upload_concurrency_for("s3") == 8
+    assert Settings.from_env({**emulator, "WEDBACKUP_UPLOAD_CONCURRENCY": "2"}).upload_concurrency_for("gcs") == 2
+    assert Settings.from_env({**emulator, "WEDBACKUP_GCS_UPLOAD_CONCURRENCY": "8"}).upload_concurrency_for("gcs") == 8
+    assert Settings.from_env({**BASE_ENV, "WEDBACKUP_UPLOAD_CONCURRENCY": "8"}).upload_concurrency_for("gcs") == 8
+
+
+@pytest.mark.parametrize("value", ["0", "65", "many"])
+def test_a_provider_concurrency_out_of_range_names_its_setting(value):
+    with pytest.raises(ConfigError, match="WEDBACKUP_GCS_UPLOAD_CONCURRENCY"):
+        Settings.from_env({**BASE_ENV, "WEDBACKUP_GCS_UPLOAD_CONCURRENCY": value})
+
+
+def test_a_step_uses_its_providers_setting(sealed: Engine, monkeypatch):
+    import dataclasses
+
+    engine = sealed
+    engine.settings = dataclasses.replace(engine.settings, upload_concurrency=8,
+                                          provider_upload_concurrency=(("azure", 2),))
+    replica = CountingAzureReplica(azure_service_from(engine.settings.azure), engine.settings.azure)
+    outcomes = dict(engine.replicate_each(WEDDINGS[:10], replica))
+    assert all(isinstance(o, ReplicaOutcome) for o in outcomes.values()), outcomes
+    assert 1 <= replica.most_at_once <= 2
+
+
+def test_the_step_reads_every_weddings_newest_backup_in_one_query_as_one_by_one(sealed: Engine):
+    catalogue = sealed.catalogue
+    with sealed.snapshot_session() as session:  # a second backup of a few weddings: the newest must win
+        for key, outcome in sealed.back_up_each(["2", "3"], session):
+            assert not isinstance(outcome, WedbackupError), outcome
+    many = catalogue.latest_backups([*WEDDINGS, "999"])
+    assert set(many) == set(WEDDINGS)
+    assert many == {w: catalogue.latest_backup(w) for w in WEDDINGS}

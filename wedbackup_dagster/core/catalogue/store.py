@@ -369,6 +369,14 @@ class Catalogue:
                 (partition,)).fetchone()
         return _backup(row) if row else None
 
+    def latest_backups(self, partitions: list[str]) -> dict[str, BackupRecord]:
+        """latest_backup of many partitions in one query (those without a backup are absent)."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT ON (partition) * FROM wedbackup.backups WHERE partition = ANY(%s) "
+                "ORDER BY partition, snapshot_time DESC, id DESC", (list(partitions),)).fetchall()
+        return {row["partition"]: _backup(row) for row in rows}
+
     def backup_by_sha(self, sha256: str) -> BackupRecord | None:
         with self.connect() as conn:
             row = conn.execute("SELECT * FROM wedbackup.backups WHERE archive_sha256 = %s", (sha256,)).fetchone()

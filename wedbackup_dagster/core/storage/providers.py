@@ -62,8 +62,10 @@ def replica_over(provider: str, settings: Settings, client: Any, *, timeout: flo
     if check_provider(provider) == "s3":
         return S3Replica(client, settings.s3)
     if provider == "gcs":
-        extra = {} if retry_seconds is None else {"retry_seconds": retry_seconds}
-        return GCSReplica(client, settings.gcs, timeout=(connect, timeout), **extra)
+        # The SDK's retries of one request may go on as long as one slow upload may take (the provider
+        # timeout), not the replica's 5 s default, under which queued uploads failed without a retry.
+        return GCSReplica(client, settings.gcs, timeout=(connect, timeout),
+                          retry_seconds=timeout if retry_seconds is None else retry_seconds)
     return AzureReplica(client, settings.azure)
 
 

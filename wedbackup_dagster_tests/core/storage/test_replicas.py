@@ -210,8 +210,9 @@ def test_upload_records_a_confirmed_copy_that_downloads_verified(harness, archiv
     assert hashlib.sha256(_download(replica, key, archive.sha256)).hexdigest() == archive.sha256
 
 
-def test_second_upload_is_a_no_op_leaving_one_version(harness, archives):
-    archive = archives["large"]
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_second_upload_is_a_no_op_leaving_one_version(harness, archives, size):
+    archive = archives[size]
     first = _upload(harness.replica, archive)
     second = _upload(harness.replica, archive)
     assert second.already_present and not first.already_present
@@ -239,8 +240,9 @@ def test_large_uploads_take_the_multipart_path(harness, archives, s3_client):
     assert sum(r for r in reads if r > 0) >= archive.size
 
 
-def test_object_with_other_content_at_the_key_is_detected_and_replaced(harness, archives):
-    archive = archives["large"]
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_object_with_other_content_at_the_key_is_detected_and_replaced(harness, archives, size):
+    archive = archives[size]
     key = harness.replica.object_key(WEDDING, archive.sha256)
     harness.overwrite(key, os.urandom(archive.size))  # same size, other bytes: bit rot or tampering
     record = _upload(harness.replica, archive)
@@ -568,3 +570,53 @@ def test_only_multipart_uploads_older_than_the_threshold_count_as_abandoned():
     cutoff = now - timedelta(hours=3)
     assert [u["UploadId"] for u in abandoned_uploads(uploads, cutoff)] == ["old", "undated"]
     assert [u["UploadId"] for u in abandoned_uploads(uploads, now)] == ["fresh", "old", "undated"]
+
+
+# ------------------------------------------------- GCS: the upload's own answer confirms the copy
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_gcs_confirms_an_upload_from_its_answer_without_asking_again(stack, gcs_client, gcs_bucket, archives,
+                                                                     monkeypatch, size):
+    """The object resource GCS answers an upload with carries size, crc32c and md5: no second request; the
+    record still agrees with what an independent read of the object says."""
+    from google.cloud import storage
+
+    h = _gcs(stack, gcs_client, gcs_bucket)
+    reloads = []
+    real_reload = storage.Blob.reload
+    monkeypatch.setattr(storage.Blob, "reload", lambda self, *a, **k: (reloads.append(self.name),
+                                                                        real_reload(self, *a, **k))[1])
+    try:
+        record = _upload(h.replica, archives[size])
+        # One read only: the look for an existing object before the upload (Bucket.get_blob reloads a blob).
+        # (Not skipped for small archives: gcp-storage-emulator ignores ifGenerationMatch=0 on a one-request
+        # upload, so a create-only write alone would not find an archive already there.)
+        assert len(reloads) == 1
+        stored = gcs_client.bucket(gcs_bucket).get_blob(record.key)
+        assert record.provider_checksum == f"crc32c:{stored.crc32c} md5:{stored.md5_hash}"
+        assert (record.size, record.version_id) == (stored.size, str(stored.generation))
+    finally:
+        _empty(h.replica)
+
+
+def test_gcs_refuses_an_upload_whose_answer_reports_other_content(stack, gcs_client, gcs_bucket, archives,
+                                                                    monkeypatch):
+    """Fault injected into the answer of the upload itself: an md5 that is not the archive's is a mismatch."""
+    from google.cloud import storage
+
+    h = _gcs(stack, gcs_client, gcs_bucket)
+    real_set = storage.Blob._set_properties
+
+    def corrupt(self, value):
+        if isinstance(value, dict) and value.get("md5Hash"):
+            value = {**value, "md5Hash": "AAAAAAAAAAAAAAAAAAAAAA=="}
+        return real_set(self, value)
+
+    monkeypatch.setattr(storage.Blob, "_set_properties", corrupt)
+    try:
+        with pytest.raises(ReplicaChecksumMismatch, match="md5"):
+            _upload(h.replica, archives["small"])
+    finally:
+        monkeypatch.undo()
+        _empty(h.replica)

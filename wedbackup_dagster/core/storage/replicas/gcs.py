@@ -149,10 +149,13 @@ class GCSReplica:
         except Exception as exc:  # noqa: BLE001 - an unfinished resumable session never becomes a visible object
             raise self._fail(key, "upload", exc) from None
 
-        try:
-            blob.reload(timeout=self.timeout, retry=self.retry)
-        except Exception as exc:  # noqa: BLE001
-            raise self._fail(key, "confirm upload", exc) from None
+        # The upload's own answer is GCS's object resource (size, crc32c, md5Hash, generation), which the SDK
+        # sets on `blob`: confirm against it, and ask again only if an answer lacked the checksums.
+        if blob.crc32c is None or blob.md5_hash is None or blob.size is None:
+            try:
+                blob.reload(timeout=self.timeout, retry=self.retry)
+            except Exception as exc:  # noqa: BLE001
+                raise self._fail(key, "confirm upload", exc) from None
         if not self._matches(blob, digests):
             raise ReplicaChecksumMismatch(
                 PROVIDER, key, f"after upload GCS reports {blob.size} bytes and {self._checksum(blob)}, expected "

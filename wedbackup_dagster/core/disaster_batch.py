@@ -9,7 +9,6 @@ whose archive fails on every copy, or whose batch fails to load, is restored aga
 path (core/disaster.restore_partition), which reports it by name with its reason if it fails again."""
 from __future__ import annotations
 
-import hashlib
 import math
 import queue
 import tempfile
@@ -26,15 +25,16 @@ from wedbackup_dagster.core.formats.archive import open_archive
 from .errors import WedbackupError
 from wedbackup_dagster.core.postgres.restore_wedding import RecoveryPoint
 from wedbackup_dagster.core.formats.snapshot_stream import (
+    MANIFEST,
     check_table_end,
     header_of,
     manifest_of,
     read_snapshot,
+    read_table_data,
     read_to_end,
     table_begin_of,
 )
 from wedbackup_dagster.core.postgres.load_snapshot import compare_with_manifest, no_row_security
-from wedbackup_dagster.core.formats.snapshot_stream import DATA, MANIFEST
 from wedbackup_dagster.core.postgres.snapshot import RESTORE_PROGRESS_SCHEMA, schema_fingerprint, use_qualified_names
 
 BATCH_WEDDINGS = 200  # at most this many weddings per transaction
@@ -137,17 +137,9 @@ def _spool(chunks: Any, name: str, partition: str, spool: Any
         if key in seen:
             raise WedbackupError(f"{name}: table {key} appears twice in the stream")
         offset = spool.tell()
-        digest, rows, nbytes, end = hashlib.sha256(), 0, 0, None
-        for rec in records:
-            if rec.kind != DATA:
-                end = rec
-                break
-            digest.update(rec.payload)
-            rows += rec.payload.count(b"\n")
-            nbytes += len(rec.payload)
-            spool.write(rec.payload)
-        check_table_end(end, rows, nbytes, digest.hexdigest(), what=what, target="a batch", table=key, done="read")
-        seen[key] = (rows, nbytes, digest.hexdigest())
+        rows, nbytes, sha, end = read_table_data(records, spool.write)
+        check_table_end(end, rows, nbytes, sha, what=what, target="a batch", table=key, done="read")
+        seen[key] = (rows, nbytes, sha)
         columns_of[key] = list(columns)
         tables.append((schema, table, tuple(columns), offset, nbytes))
         total_rows += rows

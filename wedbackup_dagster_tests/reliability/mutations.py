@@ -19,7 +19,6 @@ The contract checked for every input:
   has a regression test in test_mutations.py.)"""
 from __future__ import annotations
 
-import hashlib
 import io
 import random
 import struct
@@ -139,19 +138,12 @@ def parse_stream(stream: bytes, *, piece: int = 777) -> Parsed:
         if f"{schema}.{name}" in seen:
             raise SnapshotFormatError(NAME, f"table {schema}.{name} appears twice in the stream")
         columns_of[f"{schema}.{name}"] = list(columns)
-        digest, rows, nbytes, end = hashlib.sha256(), 0, 0, None
-        for rec in records_:
-            if rec.kind != DATA:
-                end = rec
-                break
-            digest.update(rec.payload)
-            rows += rec.payload.count(b"\n")
-            nbytes += len(rec.payload)
+        rows, nbytes, sha, end = snapshot_stream.read_table_data(records_)
         table = f"{schema}.{name}"
-        snapshot_stream.check_table_end(end, rows, nbytes, digest.hexdigest(), what=f"wedding {header['partition']}",
-                                target=NAME, table=table, done="read")
-        seen[table] = (rows, nbytes, digest.hexdigest())
-        tables.append((table, tuple(columns), rows, nbytes, digest.hexdigest()))
+        snapshot_stream.check_table_end(end, rows, nbytes, sha, what=f"wedding {header['partition']}",
+                                        target=NAME, table=table, done="read")
+        seen[table] = (rows, nbytes, sha)
+        tables.append((table, tuple(columns), rows, nbytes, sha))
     if manifest_record is None:
         raise SnapshotFormatError(NAME, "the stream has no manifest")
     snapshot_stream.read_to_end(records_, NAME)

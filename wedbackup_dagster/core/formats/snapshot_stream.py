@@ -5,8 +5,9 @@ a stream into a database, and by every other reader). A malformed stream is a Sn
 the stream and the offset."""
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -341,6 +342,25 @@ def manifest_of(record: Record) -> Manifest:
         return Manifest.from_dict(d)
     except (KeyError, TypeError, ValueError) as e:
         raise _garbled(record, f"is not a manifest ({type(e).__name__}: {str(e)[:80]})") from None
+
+
+def read_table_data(records: Iterator[Record], write: Callable[[bytes], object] | None = None,
+                    on_chunk: Callable[[int], None] | None = None) -> tuple[int, int, str, Record | None]:
+    """One table's data records, up to the record that ends them: each payload hashed, its rows counted and
+    handed to `write` (a COPY, a spool file; None: only read). Returns (rows, bytes, sha256, the record
+    that ended the data) for check_table_end; `on_chunk(rows so far)` after each payload."""
+    digest, rows, nbytes = hashlib.sha256(), 0, 0
+    for rec in records:
+        if rec.kind != DATA:
+            return rows, nbytes, digest.hexdigest(), rec
+        digest.update(rec.payload)
+        rows += rec.payload.count(b"\n")
+        nbytes += len(rec.payload)
+        if write is not None:
+            write(rec.payload)
+        if on_chunk is not None:
+            on_chunk(rows)
+    return rows, nbytes, digest.hexdigest(), None
 
 
 def check_table_end(end_record: Record | None, rows: int, nbytes: int, sha: str, *, what: str, target: str,

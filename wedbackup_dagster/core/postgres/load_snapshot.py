@@ -19,9 +19,9 @@ from wedbackup_dagster.core.postgres import tenancy
 from wedbackup_dagster.core.partitions import PLATFORM, partition_label
 from wedbackup_dagster.core.errors import (RestoreError, SchemaMismatchError, SnapshotFormatError,
                                            VerificationError)
-from wedbackup_dagster.core.formats.snapshot_stream import (DATA, MANIFEST, Manifest, Record, TableTotals,
+from wedbackup_dagster.core.formats.snapshot_stream import (MANIFEST, Manifest, Record, TableTotals,
                                                             check_table_end, header_of, manifest_of, read_snapshot,
-                                                            read_to_end, table_begin_of)
+                                                            read_table_data, read_to_end, table_begin_of)
 from wedbackup_dagster.core.postgres.snapshot import (broken_key_names, copy_out, database_label, describe_schema,
                                                       partition_selects, plan_description, schema_fingerprint,
                                                       schema_is_empty, use_qualified_names)
@@ -225,19 +225,9 @@ def copy_table_in(cur, into: sql.Composable, columns: list[str], records: Iterat
     """COPY one table's data records, up to the record that ends them, into `into`, hashing as they go.
     Returns (rows, bytes, sha256, the record that ended the data); `on_chunk(rows so far)` after each
     chunk. psycopg's errors pass through: the caller names the restore they belong to."""
-    digest, rows, nbytes = hashlib.sha256(), 0, 0
     query = sql.SQL("COPY {} ({}) FROM STDIN").format(into, sql.SQL(", ").join(map(sql.Identifier, columns)))
     with cur.copy(query) as copy:
-        for rec in records:
-            if rec.kind != DATA:
-                return rows, nbytes, digest.hexdigest(), rec
-            digest.update(rec.payload)
-            rows += rec.payload.count(b"\n")
-            nbytes += len(rec.payload)
-            copy.write(rec.payload)
-            if on_chunk is not None:
-                on_chunk(rows)
-    return rows, nbytes, digest.hexdigest(), None
+        return read_table_data(records, copy.write, on_chunk)
 
 
 def restore_snapshot(chunks: Iterable[bytes], target_dsn: str, *, create_schema: bool | str = "auto",

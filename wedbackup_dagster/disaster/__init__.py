@@ -1,7 +1,7 @@
 """Disaster recovery in Dagster: `restore_platform` (the whole platform into an empty database, resumable) and
 the weekly `dr_drill` (job, schedule, and its `dr_drill_report` asset with checks), and standing verification
 (daily check_weddings and reconcile_inventory, the rolling re-verification and its check). Thin wiring over
-core.disaster.
+core/disaster/.
 
 definitions.py adds the objects listed here (named *_defs so they never clash with submodule names)."""
 from .drill import dr_drill, dr_drill_report, dr_drill_schedule

@@ -1,6 +1,6 @@
 """The `restore_platform` job: the whole platform — the platform partition, then every wedding's newest
 verified backup at or before one time — into an empty database, on N workers, resumable
-(core/disaster.py). The target's DSN never enters the run config: it is read from the environment variable
+(core/disaster/). The target's DSN never enters the run config: it is read from the environment variable
 the config names (default WEDBACKUP_RESTORE_TARGET_DSN), and may not be the source's or the catalogue's."""
 import os
 

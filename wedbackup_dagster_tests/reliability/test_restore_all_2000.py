@@ -2,7 +2,7 @@
 database backed up, copied to S3 and verified, then the source dropped and the vault deleted; `restore --all
 --from s3` brings it back with every table exactly equal to the source (per-table counts and ordered
 checksums); and the same after a catalogue loss too (a new catalogue rebuilt from S3 alone, wedding keys from
-the key-store backup). The demo-sized version runs in `make test` (core/test_disaster.py)."""
+the key-store backup). The demo-sized version runs in `make test` (core/disaster/test_restore_all.py)."""
 from __future__ import annotations
 
 import dataclasses

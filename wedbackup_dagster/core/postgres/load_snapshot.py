@@ -239,7 +239,7 @@ def restore_snapshot(chunks: Iterable[bytes], target_dsn: str, *, create_schema:
     target is empty. Raises SchemaMismatchError, VerificationError, RestoreError, SnapshotFormatError.
     `hold_triggers=False` leaves the target's triggers enabled (no ALTER TABLE lock: parallel loads into the
     same tables, for a caller that knows no user trigger fires on INSERT); `before_commit(conn, report)` runs
-    last inside the transaction (core/disaster.py records its progress row there)."""
+    last inside the transaction (core/disaster/ records its progress row there)."""
     if create_schema not in (True, False, "auto"):
         raise ValueError(f"create_schema must be True, False or 'auto', not {create_schema!r}")
     started = time.monotonic()

@@ -42,7 +42,7 @@ DEFAULT_LOCK_TIMEOUT = 30.0
 
 # --- the schema: description, fingerprint, DDL ------------------------------------------------------
 
-# `restore --all`'s bookkeeping in its target (core/disaster.py); never part of the data it restores.
+# `restore --all`'s bookkeeping in its target (core/disaster/); never part of the data it restores.
 RESTORE_PROGRESS_SCHEMA = "wedbackup_restore"
 # One line per schema object, (kind, key, detail), read with search_path '' so every name is
 # qualified. Only what survives pg_dump → restore unchanged goes in: no OIDs, owners, ACLs, attnums

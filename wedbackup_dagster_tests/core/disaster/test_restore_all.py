@@ -1,4 +1,4 @@
-"""Disaster recovery on the real stack (core/disaster.py): the demo platform backed up, verified and copied to
+"""Disaster recovery on the real stack (core/disaster/): the demo platform backed up, verified and copied to
 S3 (some weddings also to GCS), the source database dropped and the vault deleted, then `restore_all` into a
 fresh database from the providers alone: every table equal to the source's (counts and ordered checksums);
 resumed after a stop part-way without duplicates; a wedding whose every copy is damaged reported while the

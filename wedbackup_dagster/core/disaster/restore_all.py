@@ -1,13 +1,10 @@
-"""Disaster recovery: the whole platform back into an empty database (`restore --all`) — the platform
-partition first, then every wedding's newest verified backup at or before one time, in parallel, each wedding in
-its own transaction together with its row in the target's progress table (schema `wedbackup_restore`), so a
-crashed or killed run, run again with `resume`, neither redoes nor duplicates a wedding — the runbook of a
-disaster scenario (`dr plan`), the weekly drill into a scratch database, and the master-key recovery kit.
-Plain Python: the `restore_platform` and `dr_drill` jobs and `wedbackup restore --all` / `wedbackup dr …` are
-thin calls into this module."""
+"""`restore --all`: the whole platform back into an empty database — the platform partition first, then every
+wedding's newest verified backup at or before one time, in parallel, each wedding (or batch of weddings,
+batches.py) in its own transaction together with its row in the target's progress table (schema
+`wedbackup_restore`), so a crashed or killed run, run again with `resume`, neither redoes nor duplicates a
+wedding; erasures re-applied, sequences right and foreign keys checked at the end; a report per phase."""
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -23,14 +20,14 @@ from psycopg import sql
 from wedbackup_dagster.core.partitions import PLATFORM, partition_label
 from wedbackup_dagster.core.formats.archive import open_archive
 from wedbackup_dagster.core.postgres.identity import check_restore_target
-from .errors import ArchiveError, ProviderError, RestoreError, WedbackupError
+from wedbackup_dagster.core.errors import ArchiveError, ProviderError, RestoreError, WedbackupError
 from wedbackup_dagster.core.postgres.restore_wedding import (NoRecoveryPointError, RecoveryPoint, connect_target,
                                                              choose_point)
 from wedbackup_dagster.core.postgres.load_snapshot import (advance_sequences, check_foreign_keys, db_error_line,
-                                                           restore_snapshot, scratch_database)
+                                                           restore_snapshot)
 from wedbackup_dagster.core.postgres.snapshot import (RESTORE_PROGRESS_SCHEMA, database_label, describe_schema,
                                                       schema_is_empty)
-from .progress import Progress as Counter  # done of total, rate, ETA (plain Python, shared with the wiring)
+from wedbackup_dagster.core.progress import Progress as Counter  # done of total, rate, ETA (plain Python, shared with the wiring)
 
 Progress = Callable[[str], None]
 LOCATIONS = ("vault", "s3", "gcs", "azure")
@@ -69,11 +66,11 @@ ORDER BY 1, 2
 """
 
 
-def _quiet(_: str) -> None:
+def quiet(_: str) -> None:
     pass
 
 
-def _partition_order(partition: str) -> tuple[int, int, str]:
+def partition_order(partition: str) -> tuple[int, int, str]:
     return (0, int(partition), "") if partition.isdigit() else (1, 0, partition)
 
 
@@ -144,7 +141,7 @@ class PlatformReport:
         out += [f"  erased, not restored: wedding {p}" for p in self.erased]
         out += [f"  re-applied erasure: {line}" for line in self.erasures_reapplied]
         out += [f"  NOT RESTORED {partition_label(p)}: {why}" for p, why in sorted(self.failed.items(),
-                                                                          key=lambda kv: _partition_order(kv[0]))]
+                                                                          key=lambda kv: partition_order(kv[0]))]
         out += [f"  FOREIGN KEY: {line}" for line in self.foreign_key_problems]
         return out
 
@@ -159,7 +156,7 @@ class RestoreAllOptions:
     stop_after: int | None = None  # test hook: stop (as a crash would) after this many weddings this run
     window_seconds: float | None = None  # start no wedding after this long (a drill's window); resumable
     only: frozenset[str] | None = None  # restore only these weddings (a drill's sample); None: every wedding
-    batches: bool = True  # many weddings per transaction (core/disaster_batch.py); False: one per transaction
+    batches: bool = True  # many weddings per transaction (core/disaster/batches.py); False: one per transaction
 
 
 def copy_order(first: str | None) -> tuple[str, ...]:
@@ -326,8 +323,8 @@ def planned_partitions(catalogue: Any) -> tuple[list[str], list[str]]:
     known = backed_up | set(catalogue.live_partitions())
     known.discard(PLATFORM)
     erased = catalogue.erased_partitions()
-    weddings = sorted(known - erased, key=_partition_order)
-    return weddings, sorted(erased, key=_partition_order)
+    weddings = sorted(known - erased, key=partition_order)
+    return weddings, sorted(erased, key=partition_order)
 
 
 _ALL_POINTS_SQL = """
@@ -355,7 +352,7 @@ def all_recovery_points(catalogue: Any) -> dict[str, list[RecoveryPoint]]:
 
 
 def restore_all(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
-                options: RestoreAllOptions = RestoreAllOptions(), *, progress: Progress = _quiet) -> PlatformReport:
+                options: RestoreAllOptions = RestoreAllOptions(), *, progress: Progress = quiet) -> PlatformReport:
     """The whole platform into an empty database (see the module's first lines). The target may be neither
     the live source nor the catalogue, however its DSN is written (core/postgres/identity.py)."""
     started = time.perf_counter()
@@ -529,10 +526,10 @@ def _run_weddings(engine: Any, replicas: Mapping[str, Any], target_dsn: str, tod
 def _run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo: list[RecoveryPoint],
                  order: tuple[str, ...], jobs: int, stop_after: int | None, deadline: float | None,
                  report: PlatformReport, ticker: Counter, progress: Progress) -> str:
-    """The weddings through the batch path (core/disaster_batch.py); those it hands back — no copy read
+    """The weddings through the batch path (core/disaster/batches.py); those it hands back — no copy read
     through, or their batch failed to load — again alone through `_run_weddings`, which reports each one
     that fails again by name with its reason. Returns why it stopped early, or ''."""
-    from .disaster_batch import run_batches
+    from .batches import run_batches
 
     worker_engine, engines = _worker_engines(engine)
     lock = threading.Lock()
@@ -579,7 +576,7 @@ def _run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo
     if retry:
         progress(f"{len(retry)} wedding(s) again one by one: " + "; ".join(
             f"{partition_label(p)}: {why}" for p, (_, why) in list(sorted(retry.items()))[:5]))
-        again = [point for point, _ in sorted(retry.values(), key=lambda pw: _partition_order(pw[0].partition))]
+        again = [point for point, _ in sorted(retry.values(), key=lambda pw: partition_order(pw[0].partition))]
         return _run_weddings(engine, replicas, target_dsn, again, order, jobs, None, deadline, report, ticker,
                              hold_triggers=False)
     return ""
@@ -618,491 +615,3 @@ def _summarise(coord, report: PlatformReport) -> None:
     report.rows, report.bytes = int(row[0]), int(row[1])
     report.newest_point = row[2].isoformat() if row[2] else ""
     report.oldest_point = row[3].isoformat() if row[3] else ""
-
-# --- recovery plans -----------------------------------------------------------------------------------
-
-SCENARIOS = ("source-lost", "vault-lost", "catalogue-lost", "provider-lost:NAME")
-PROVIDER_LOCATIONS = LOCATIONS[1:]
-
-
-def parse_scenario(text: str) -> tuple[str, str | None]:
-    """`source-lost`, `vault-lost`, `catalogue-lost` or `provider-lost:NAME` → (kind, provider)."""
-    kind, _, name = (text or "").strip().partition(":")
-    if kind == "provider-lost":
-        if name not in PROVIDER_LOCATIONS:
-            raise WedbackupError(f"--scenario {text!r}: name the lost provider, one of "
-                                 f"{', '.join(PROVIDER_LOCATIONS)} (e.g. provider-lost:s3)")
-        return kind, name
-    if kind in SCENARIOS and not name:
-        return kind, None
-    raise WedbackupError(f"--scenario {text!r} is not one of {', '.join(SCENARIOS)}")
-
-
-@dataclass
-class RecoveryPlan:
-    scenario: str
-    surviving: list[str]  # copy locations the plan reads, in the order restore --all tries them
-    steps: list[str]
-    partitions: int = 0  # platform + weddings (erased ones excluded)
-    uses: dict[str, int] = field(default_factory=dict)  # location -> partitions restored from it
-    restore_bytes: int = 0
-    missing: dict[str, str] = field(default_factory=dict)  # partition -> why nothing can be restored
-    stale: dict[str, str] = field(default_factory=dict)  # partition -> newer backup not usable, older used
-    estimate_seconds: float | None = None
-    estimate_basis: str = ""
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def lines(self) -> list[str]:
-        out = [f"recovery plan: {self.scenario} (from the catalogue as it is now)",
-               f"  copies used, in order: {', '.join(self.surviving)}",
-               f"  partitions: {self.partitions}, archive bytes to restore {self.restore_bytes:,}; per copy: "
-               + (", ".join(f"{k} {v}" for k, v in self.uses.items()) or "none")]
-        if self.estimate_seconds is not None:
-            out.append(f"  expected duration: {self.estimate_seconds / 60:.1f} min ({self.estimate_basis})")
-        else:
-            out.append(f"  expected duration: unknown ({self.estimate_basis})")
-        out.append("  steps:")
-        out += [f"    {i}. {step}" for i, step in enumerate(self.steps, 1)]
-        out += [f"  MISSING {partition_label(p)}: {why}" for p, why in self.missing.items()]
-        out += [f"  STALE {partition_label(p)}: {why}" for p, why in self.stale.items()]
-        out += [f"  note: {n}" for n in self.notes]
-        return out
-
-
-_RATES_SQL = """
-SELECT r.provider, count(*) AS n, sum(r.seconds) AS seconds, sum(b.size) AS bytes
-FROM wedbackup.restores r JOIN wedbackup.backups b ON b.id = r.backup_id
-WHERE r.ok AND r.at > now() - interval '30 days'
-GROUP BY r.provider
-"""
-
-_LAST_RESTORE_ALL_SQL = """
-SELECT detail FROM wedbackup.audit WHERE action = 'restore-all' AND (detail->>'complete')::boolean
-ORDER BY id DESC LIMIT 1
-"""
-
-
-def _age(newer: datetime, older: datetime) -> str:
-    hours = (newer - older).total_seconds() / 3600
-    return f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
-
-
-def recovery_plan(catalogue: Any, scenario: str, *, jobs: int = 4, target: str = "postgresql://…/new_db"
-                  ) -> RecoveryPlan:
-    """The runbook of a disaster scenario from the catalogue's state: the commands in order, which copy each
-    partition will come from, what is missing (no verified copy at a surviving location) or stale (a newer
-    backup exists but cannot be used), and the expected duration from the last measured restore rates."""
-    kind, lost = parse_scenario(scenario)
-    backups = [b for b in catalogue.backups_with_copies() if b["deleting_since"] is None]
-    erased = catalogue.erased_partitions()
-    by_partition: dict[str, list[dict[str, Any]]] = {}
-    for b in backups:
-        if b["partition"] not in erased:
-            by_partition.setdefault(b["partition"], []).append(b)
-    for partition in catalogue.live_partitions():
-        if partition not in erased:
-            by_partition.setdefault(partition, [])
-    by_partition.setdefault(PLATFORM, [])
-    newest_copies = [{c["provider"] for c in max(bs, key=lambda b: b["snapshot_time"])["copies"]}
-                     for bs in by_partition.values() if bs]
-    coverage = {p: sum(p in copies for copies in newest_copies) for p in PROVIDER_LOCATIONS}
-    best = max(PROVIDER_LOCATIONS, key=lambda p: (coverage[p], -PROVIDER_LOCATIONS.index(p)))
-    need_verified = True
-    if kind == "source-lost":
-        surviving = list(LOCATIONS)
-    elif kind == "vault-lost":
-        surviving = list(PROVIDER_LOCATIONS)
-    elif kind == "provider-lost":
-        surviving = [p for p in LOCATIONS if p != lost]
-    else:  # catalogue-lost: rebuilt from one provider's listing; verification history does not come back
-        surviving, need_verified = [best], False
-    plan = RecoveryPlan(scenario, surviving, [])
-    chosen_from: dict[str, str] = {}
-    chosen_sha: dict[str, str] = {}
-    for partition in sorted(by_partition, key=lambda p: (p != PLATFORM, _partition_order(p))):
-        history = sorted(by_partition[partition], key=lambda b: (b["snapshot_time"], b["id"]), reverse=True)
-        plan.partitions += 1
-        if not history:
-            plan.missing[partition] = "no backup at all in the catalogue"
-            continue
-        usable = None
-        for b in history:
-            at = [p for p in surviving if any(c["provider"] == p for c in b["copies"])]
-            if at and (b["verified"] or not need_verified):
-                usable, chosen_from[partition] = b, at[0]
-                break
-        newest = history[0]
-        if usable is None:
-            where = sorted({c["provider"] for b in history for c in b["copies"]})
-            plan.missing[partition] = (f"no {'verified ' if need_verified else ''}copy at {', '.join(surviving)} "
-                                       f"({len(history)} backup(s); copies at {', '.join(where) or 'no location'})")
-            continue
-        plan.uses[chosen_from[partition]] = plan.uses.get(chosen_from[partition], 0) + 1
-        chosen_sha[partition] = usable["archive_sha256"]
-        if usable is not newest:
-            plan.stale[partition] = (f"newest backup {newest['snapshot_time'].isoformat()} has no "
-                                     f"{'verified ' if need_verified else ''}copy at a surviving location; "
-                                     f"{usable['snapshot_time'].isoformat()} is used "
-                                     f"({_age(newest['snapshot_time'], usable['snapshot_time'])} older)")
-    sizes = _sizes(catalogue)
-    plan.restore_bytes = sum(sizes.get(sha, 0) for sha in chosen_sha.values())
-    _estimate(catalogue, plan, jobs)
-    plan.steps = _steps(kind, lost, surviving, best, target, jobs, bool(plan.missing))
-    if kind == "catalogue-lost":
-        plan.notes.append(f"the catalogue is rebuilt from {best} (it holds the newest backup of "
-                          f"{coverage[best]} partition(s), the most of any provider); verification history is "
-                          f"not in storage, so the restore takes the newest backup with --include-unverified "
-                          f"(each is still checked against its manifest while it loads)")
-    if erased:
-        plan.notes.append(f"{len(erased)} erased wedding(s) are not restored; their rows in the platform "
-                          f"partition are removed again by restore --all")
-    return plan
-
-
-def _sizes(catalogue: Any) -> dict[str, int]:
-    """Archive size per archive SHA-256."""
-    with catalogue.connect() as conn:
-        rows = conn.execute("SELECT archive_sha256, size FROM wedbackup.backups WHERE deleting_since IS NULL")
-        return {r["archive_sha256"]: int(r["size"]) for r in rows.fetchall()}
-
-
-def _estimate(catalogue: Any, plan: RecoveryPlan, jobs: int) -> None:
-    count = sum(plan.uses.values())
-    with catalogue.connect() as conn:
-        last = conn.execute(_LAST_RESTORE_ALL_SQL).fetchone()
-        rates = {r["provider"]: r for r in conn.execute(_RATES_SQL).fetchall()}
-    if last and last["detail"].get("restored"):
-        per = float(last["detail"]["seconds"]) / int(last["detail"]["restored"])
-        plan.estimate_seconds = round(per * count, 1)
-        plan.estimate_basis = (f"the last complete restore --all: {per:.2f} s per partition over "
-                               f"{last['detail']['restored']} partition(s)")
-        return
-    if not rates:
-        plan.estimate_basis = "no restore measured in the last 30 days: run `wedbackup verify --all` or a drill"
-        return
-    seconds, basis = 0.0, []
-    for location, n in plan.uses.items():
-        r = rates.get(location) or max(rates.values(), key=lambda x: x["n"])
-        per = float(r["seconds"]) / int(r["n"])
-        seconds += per * n
-        basis.append(f"{location}: {per:.2f} s per partition ({r['n']} verification restore(s), "
-                     f"{'measured' if location in rates else 'from ' + r['provider']})")
-    plan.estimate_seconds = round(seconds / max(1, jobs), 1)
-    plan.estimate_basis = f"verification restores of the last 30 days on {jobs} worker(s): " + "; ".join(basis)
-
-
-def _steps(kind: str, lost: str | None, surviving: list[str], best: str, target: str, jobs: int,
-           missing: bool) -> list[str]:
-    first = surviving[0]
-    restore = f"wedbackup restore --all --target-dsn {target} --jobs {jobs}" + (
-        "" if first == "vault" else f" --from {first}")
-    check = ("read the report: every partition restored, no foreign key problem; if it stopped, run the same "
-             "command with --resume")
-    if kind == "source-lost":
-        steps = ["create a new, empty database on a healthy server (createdb new_db)", restore, check,
-                 "point the application and WEDBACKUP_SOURCE_DSN at the new database",
-                 "wedbackup backup --all   # fresh backups of the restored platform"]
-    elif kind == "vault-lost":
-        steps = ["recreate the vault directory (WEDBACKUP_VAULT_DIR), empty",
-                 "wedbackup backup --all   # new backups fill the vault again and go to every provider",
-                 "wedbackup keys backup --force   # a key-store backup in the new vault",
-                 f"until then every restore reads a provider; rehearse it: {restore} (into a scratch database)"]
-    elif kind == "catalogue-lost":
-        steps = ["create a new, empty catalogue database and set WEDBACKUP_CATALOGUE_DSN to it "
-                 "(the master key, WEDBACKUP_MASTER_KEY, must be the one the key-store backups were sealed with)",
-                 f"wedbackup catalogue rebuild --from {best}   # wedding keys from the key-store backup, then "
-                 f"every archive's manifest",
-                 "wedbackup catalogue status   # counts and copies per provider",
-                 "wedbackup verify --all   # verification history is not in storage: verify again",
-                 f"if the source is lost too: {restore} --include-unverified", check]
-    else:
-        steps = ["wedbackup health   # confirm the provider is down (recorded in the catalogue)",
-                 f"restores read the others ({', '.join(surviving)}); a full restore: {restore}",
-                 f"when {lost} is back (or replaced, same bucket settings): the provider_health sensor "
-                 f"re-replicates every partition that missed it; `wedbackup catalogue status` shows what is "
-                 f"still missing"]
-    if missing:
-        steps.append("the partitions listed MISSING cannot be restored from the surviving copies: back them up "
-                     "now if the source still has them (wedbackup backup --wedding ID …)")
-    return steps
-
-
-# --- drills -------------------------------------------------------------------------------------------
-
-DRILL_LABEL = "dr-drill"
-RTO_TARGET_SECONDS = 4 * 3600.0  # the seeds: the whole system back within 4 hours
-PARTITION_TARGET_SECONDS = 60.0  # … and each (critical) wedding within a minute
-
-
-def drill_sample(weddings: Iterable[str], dates: Mapping[str, Any], policy: Any, size: int | None,
-                 now: datetime) -> frozenset[str] | None:
-    """Which of `weddings` a drill restores (the platform partition always comes too): every one (None) when
-    `size` is None, else `size` of them — every critical wedding (by its date in `dates`) always in, the rest
-    drawn at random with the ISO week as the seed, so each week's drill proves different weddings and a rerun
-    the same ones."""
-    if size is None:
-        return None
-    import random
-
-    today = policy.today(now)
-    weddings = sorted((p for p in weddings if p != PLATFORM), key=_partition_order)
-    critical = [p for p in weddings if dates.get(p) is not None and policy.tier(dates[p], today) == "critical"]
-    others = [p for p in weddings if p not in set(critical)]
-    year, week, _ = now.isocalendar()
-    drawn = random.Random(f"{year}-{week}").sample(others, max(0, min(len(others), size - len(critical))))
-    return frozenset(critical) | frozenset(drawn)
-
-
-def tier_outcomes(report: PlatformReport, tiers: Mapping[str, str], started_at: datetime) -> dict[str, dict]:
-    """Per tier, from this run's timeline: partitions restored, the achieved RTO (seconds from the start until
-    the tier's last partition was committed), the slowest partition's own seconds, and the achieved RPO
-    (the drill's start minus the tier's oldest recovery point)."""
-    out: dict[str, dict[str, Any]] = {}
-    for partition, (finished, seconds, point) in report.timeline.items():
-        tier = tiers.get(partition, PLATFORM if partition == PLATFORM else "unknown")
-        t = out.setdefault(tier, {"partitions": 0, "rto_seconds": 0.0, "slowest_seconds": 0.0,
-                                  "slowest_partition": "", "rpo_seconds": 0.0})
-        t["partitions"] += 1
-        t["rto_seconds"] = max(t["rto_seconds"], finished)
-        if seconds >= t["slowest_seconds"]:
-            t["slowest_seconds"], t["slowest_partition"] = round(seconds, 3), partition
-        if point:
-            t["rpo_seconds"] = max(t["rpo_seconds"],
-                                   round((started_at - datetime.fromisoformat(point)).total_seconds(), 1))
-    for partition in report.failed:
-        tier = tiers.get(partition, PLATFORM if partition == PLATFORM else "unknown")
-        out.setdefault(tier, {"partitions": 0, "rto_seconds": 0.0, "slowest_seconds": 0.0,
-                              "slowest_partition": "", "rpo_seconds": 0.0}).setdefault("failed", 0)
-        out[tier]["failed"] += 1
-    return dict(sorted(out.items()))
-
-
-@dataclass
-class DrillReport:
-    provider: str
-    started_at: str
-    restore: PlatformReport
-    rto_seconds: float  # the whole restore, scratch database made to checks done
-    rpo_seconds: float  # from the oldest recovery point used to the drill's start
-    throughput: dict[str, float]  # bytes per second of partition restore time, per copy location
-    earlier: list[dict[str, Any]] = field(default_factory=list)  # the previous drills, newest first
-    catalogue_rebuilt: dict[str, Any] = field(default_factory=dict)  # the catalogue-lost variant: what came back
-    tiers: dict[str, dict[str, Any]] = field(default_factory=dict)  # per tier: partitions, RTO, RPO, slowest
-    sampled: int | None = None  # weddings sampled (None: every wedding)
-
-    @property
-    def complete(self) -> bool:
-        return self.restore.complete
-
-    def critical_over(self, target_seconds: float) -> list[str]:
-        """Critical weddings whose own restore took longer than `target_seconds`."""
-        return [p for p, (_, seconds, _) in sorted(self.restore.timeline.items())
-                if self.tier_of.get(p) == "critical" and seconds > target_seconds]
-
-    tier_of: dict[str, str] = field(default_factory=dict, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("tier_of")
-        d["restore"] = self.restore.to_dict()
-        d["complete"] = self.complete
-        return d
-
-    def markdown(self, rto_target: float = RTO_TARGET_SECONDS) -> str:
-        r = self.restore
-        out = [f"# DR drill from {self.provider} ({self.started_at})", "",
-               f"**{'Complete' if self.complete else 'INCOMPLETE'}**: {r.restored_now} of {r.partitions_total} "
-               f"partition(s) restored into a scratch database and checked against their manifests, "
-               f"{r.rows:,} rows, {r.bytes:,} archive bytes.", "",
-               f"- achieved RTO: **{self.rto_seconds:.1f} s** (target {rto_target:.0f} s)",
-               f"- achieved RPO: oldest recovery point {r.oldest_point or '-'} ({self.rpo_seconds / 3600:.1f} h "
-               f"before the drill), newest {r.newest_point or '-'}",
-               f"- slowest partition: {r.slowest.get('partition', '-')} ({r.slowest.get('seconds', 0)} s)",
-               f"- weddings: {'every wedding' if self.sampled is None else f'a sample of {self.sampled}'}"
-               f" plus the platform partition"]
-        if self.catalogue_rebuilt:
-            c = self.catalogue_rebuilt
-            out.append(f"- catalogue-lost scenario: a scratch catalogue rebuilt from {c['provider']} in "
-                       f"{c['seconds']} s: {c['backups']} backup(s), {c['wedding_keys']} wedding key(s) from the "
-                       f"key-store backup ({len(c['skipped'])} archive(s) skipped)")
-        out += ["", "| phase | seconds (summed over workers) |", "|---|---|"]
-        out += [f"| {k} | {v:.2f} |" for k, v in r.phases.items()]
-        if self.tiers:
-            out += ["", "| tier | partitions | RTO s (committed by) | slowest s | RPO h (oldest point) |",
-                    "|---|---|---|---|---|"]
-            out += [f"| {k} | {v['partitions']}{' (' + str(v['failed']) + ' failed)' if v.get('failed') else ''} | "
-                    f"{v['rto_seconds']:.1f} | {v['slowest_seconds']:.2f} ({v['slowest_partition'] or '-'}) | "
-                    f"{v['rpo_seconds'] / 3600:.1f} |" for k, v in self.tiers.items()]
-        out += ["", "| copy | partitions | bytes/s |", "|---|---|---|"]
-        out += [f"| {k} | {r.copies_used.get(k, 0)} | {v:,.0f} |" for k, v in self.throughput.items()]
-        if self.earlier:
-            last = self.earlier[0].get("rto_seconds")
-            if isinstance(last, (int, float)) and last > 0:
-                change = (self.rto_seconds - last) / last * 100
-                out += ["", f"Trend: RTO {self.rto_seconds:.1f} s against {last:.1f} s at the previous drill "
-                            f"({change:+.0f}%)."]
-            out += ["", "| earlier drill | provider | partitions | RTO s | RPO h | complete |",
-                    "|---|---|---|---|---|---|"]
-            out += [f"| {d.get('started_at', '?')} | {d.get('provider', '?')} | {d.get('partitions', '?')} | "
-                    f"{d.get('rto_seconds', '?')} | "
-                    f"{round(d['rpo_seconds'] / 3600, 1) if isinstance(d.get('rpo_seconds'), (int, float)) else '?'}"
-                    f" | {d.get('complete', '?')} |" for d in self.earlier[:8]]
-        if r.stopped:
-            out += ["", f"**Stopped**: {r.stopped}"]
-        if r.failed or r.foreign_key_problems or r.fallbacks:
-            out += ["", "Problems:"] + [f"- {line}" for line in r.lines()[6:]]
-        return "\n".join(out)
-
-
-def drill(engine: Any, replicas: Mapping[str, Any], provider: str, *, jobs: int = 4,
-          window_seconds: float | None = None, catalogue_lost: bool = False, sample: int | None = None,
-          policy: Any = None, progress: Progress = _quiet) -> DrillReport:
-    """The whole platform restored from `provider` (falling back to the other providers, never the vault)
-    into a scratch database on the scratch server, checked (every table against its manifest while it loads,
-    foreign keys and sequences at the end), timed per phase, and dropped. A drill past `window_seconds`
-    starts no more weddings: it is reported incomplete (`restore.stopped`), its scratch dropped all the
-    same. `catalogue_lost`: the catalogue-lost scenario in full — a scratch catalogue rebuilt from that
-    provider alone (wedding keys from its key-store backup, opened with the master key), the restore driven
-    by it; it proves the keys are recoverable without the live catalogue. Recorded in the live catalogue's
-    audit trail (`dr-drill`) so the next drill shows the trend and `dr plan` its rates. `sample`: that many
-    weddings (every critical one always in, drill_sample) plus the platform partition; `policy` (default: the
-    policy file's) assigns the tiers of the per-tier RTO and RPO."""
-    from .policy.backup_policy import Policy
-
-    if provider not in PROVIDER_LOCATIONS:
-        raise WedbackupError(f"a drill restores from a provider ({', '.join(PROVIDER_LOCATIONS)}), never the vault; "
-                             f"not {provider!r}")
-    earlier = _earlier_drills(engine.catalogue)
-    started_at = datetime.now(timezone.utc)
-    t0 = time.perf_counter()
-    policy = policy or Policy.from_env()
-    dates = engine.catalogue.live_partitions()
-    today = policy.today(started_at)
-    tier_of = {p: policy.tier(d, today) if p != PLATFORM else PLATFORM for p, d in dates.items()}
-    only = drill_sample(planned_partitions(engine.catalogue)[0], dates, policy, sample, started_at)
-    options = RestoreAllOptions(providers=copy_order(provider), jobs=jobs, window_seconds=window_seconds,
-                                include_unverified=catalogue_lost, only=only)
-    rebuilt: dict[str, Any] = {}
-    with contextlib.ExitStack() as stack:
-        driver = engine
-        if catalogue_lost:
-            driver = stack.enter_context(_rebuilt_engine(engine, replicas[provider], rebuilt, progress))
-        scratch = stack.enter_context(scratch_database(engine.settings.scratch_dsn, label=DRILL_LABEL))
-        report = restore_all(driver, replicas, scratch, options, progress=progress)
-    rto = round(time.perf_counter() - t0, 3)
-    oldest = datetime.fromisoformat(report.oldest_point) if report.oldest_point else started_at
-    throughput = {k: round(v["bytes"] / v["seconds"], 1) if v["seconds"] else 0.0
-                  for k, v in report.per_copy.items()}
-    result = DrillReport(provider, started_at.isoformat(), report, rto,
-                         round((started_at - oldest).total_seconds(), 1), throughput, earlier, rebuilt,
-                         tier_outcomes(report, tier_of, started_at), None if only is None else len(only), tier_of)
-    engine.catalogue.audit("dr-drill", PLATFORM, {
-        "tiers": result.tiers, "sampled": result.sampled,
-        "provider": provider, "started_at": result.started_at, "rto_seconds": rto, "complete": result.complete,
-        "rpo_seconds": result.rpo_seconds, "partitions": report.partitions_total, "phases": report.phases,
-        "throughput": throughput, "failed": sorted(report.failed)[:50], "stopped": report.stopped,
-        "catalogue_rebuilt": rebuilt or None})
-    return result
-
-
-@contextlib.contextmanager
-def _rebuilt_engine(engine: Any, replica: Any, rebuilt: dict[str, Any], progress: Progress) -> Iterator[Any]:
-    """An engine over a scratch catalogue rebuilt from `replica` alone, dropped afterwards."""
-    import dataclasses
-
-    from wedbackup_dagster.core.catalogue.rebuild_from_storage import rebuild_from
-
-    with scratch_database(engine.settings.scratch_dsn, label=DRILL_LABEL + "-catalogue") as catalogue_dsn:
-        other = type(engine)(dataclasses.replace(engine.settings, catalogue_dsn=catalogue_dsn), engine.keyring)
-        try:
-            t0 = time.perf_counter()
-            found = rebuild_from(replica, other.catalogue, other.keyring)
-            rebuilt.update(provider=replica.provider, seconds=round(time.perf_counter() - t0, 3),
-                           backups=found.backups_added, wedding_keys=found.keys_restored,
-                           key_backup=found.key_backup, skipped=found.skipped[:20])
-            progress(f"scratch catalogue rebuilt from {replica.provider}: {found.backups_added} backup(s), "
-                     f"{found.keys_restored} wedding key(s) from the key-store backup, {len(found.skipped)} skipped")
-            yield other
-        finally:
-            other.catalogue.close()
-
-
-def _earlier_drills(catalogue: Any, limit: int = 8) -> list[dict[str, Any]]:
-    with catalogue.connect() as conn:
-        rows = conn.execute("SELECT detail FROM wedbackup.audit WHERE action = 'dr-drill' ORDER BY id DESC LIMIT %s",
-                            (limit,)).fetchall()
-    return [r["detail"] for r in rows]
-
-
-CATALOGUE_LOST_MODES = ("monthly", "always", "never")
-
-
-def drill_catalogue_lost(mode: str, now: datetime | None = None) -> bool:
-    """Whether this drill runs the catalogue-lost scenario: `monthly` (the default) for the first drill of
-    each month (a weekly drill in the month's first 7 days), `always`, or `never`."""
-    if mode not in CATALOGUE_LOST_MODES:
-        raise WedbackupError(f"catalogue_lost {mode!r} is not one of {', '.join(CATALOGUE_LOST_MODES)}")
-    return mode == "always" or (mode == "monthly" and (now or datetime.now(timezone.utc)).day <= 7)
-
-
-def drill_provider(now: datetime | None = None) -> str:
-    """The provider of this week's drill: s3, gcs, azure in turn by ISO week, so every provider is proved."""
-    week = (now or datetime.now(timezone.utc)).isocalendar()[1]
-    return PROVIDER_LOCATIONS[week % len(PROVIDER_LOCATIONS)]
-
-
-# --- the master-key recovery kit ----------------------------------------------------------------------
-
-_FINGERPRINT_LABEL = b"wedbackup recovery-kit fingerprint v1"
-
-
-def key_fingerprint(key: Any) -> str:
-    """16 hex characters of HMAC-SHA256(master key, a fixed label): tells keys apart and checks a kit's copy
-    against the sheet without showing (or helping to guess) the 256-bit key."""
-    import hashlib
-    import hmac
-
-    return hmac.new(key.material, _FINGERPRINT_LABEL, hashlib.sha256).hexdigest()[:16]
-
-
-def kit_sheet(keyring: Any, catalogue: Any, settings: Any) -> dict[str, Any]:
-    """The non-secret half of the recovery kit, to print and keep with the sealed copy of the master key
-    file: key ids and fingerprints, where the key-store backups and archives are, and the newest key backup."""
-    from wedbackup_dagster.core.keys.backup import newest_recorded_key_backup
-
-    newest = newest_recorded_key_backup(catalogue)
-    return {
-        "master_keys": [{"id": k, "fingerprint": key_fingerprint(keyring.get(k)),
-                         "current": k == keyring.current.key_id} for k in keyring.key_ids],
-        "newest_key_backup": None if newest is None else {
-            "sha256": newest["sha256"], "sealed_by": newest["master_key_id"], "wedding_keys": newest["key_count"],
-            "created_at": str(newest["created_at"]), "copies": sorted(newest["providers"])},
-        "locations": {"s3": f"{settings.s3.bucket}/{settings.s3.prefix}", "gcs": f"{settings.gcs.bucket}/"
-                      f"{settings.gcs.prefix}", "azure": f"{settings.azure.container}/{settings.azure.prefix}",
-                      "vault": str(settings.vault_dir)},
-        "recover": ["put the kit's copy of the master key file in place and point WEDBACKUP_MASTER_KEY_FILE at it",
-                    "wedbackup dr kit --check FILE --from s3   # proves it opens the newest key-store backup",
-                    "if the catalogue is lost too: wedbackup catalogue rebuild --from s3"],
-    }
-
-
-def check_kit_key_file(key_file: str, replica: Any) -> dict[str, Any]:
-    """Whether the master key file `key_file` (a kit's copy) opens the newest key-store backup at `replica`:
-    its key ids and fingerprints, the backup, the master key that sealed it and how many wedding keys it
-    holds. Raises a clear error otherwise; never shows key material."""
-    from wedbackup_dagster.core.keys.backup import newest_key_backup
-    from wedbackup_dagster.core.keys.keyring import MASTER_KEY_FILE_ENV, load_master_keyring
-
-    keyring = load_master_keyring({MASTER_KEY_FILE_ENV: key_file})
-    found = newest_key_backup(replica, keyring)
-    if found is None:
-        raise WedbackupError(f"{replica.provider} holds no key-store backup to check the key file against: "
-                             f"run `wedbackup keys backup` first")
-    sha, contents = found
-    return {"key_file": key_file, "provider": replica.provider, "key_backup": sha,
-            "sealed_by": contents.master_key_id, "wedding_keys": len(contents.entries),
-            "created_at": contents.created_at,
-            "master_keys": [{"id": k, "fingerprint": key_fingerprint(keyring.get(k))} for k in keyring.key_ids]}

@@ -1,4 +1,4 @@
-"""restore --all's batch path on the real stack (core/disaster_batch.py): many weddings per transaction with
+"""restore --all's batch path on the real stack (core/disaster/batches.py): many weddings per transaction with
 their progress rows; a batch that fails to load is rolled back and its weddings restored again alone — the
 one at fault reported by name with its reason, the others restored; spools that spill to disk; and batch
 sizes."""
@@ -7,10 +7,11 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from wedbackup_dagster.core import disaster, disaster_batch
+from wedbackup_dagster.core import disaster
+from wedbackup_dagster.core.disaster import batches as disaster_batch
 from wedbackup_dagster.core.formats.archive import open_archive
 from wedbackup_dagster.core.postgres.load_snapshot import restore_snapshot
-from wedbackup_dagster_tests.core.test_disaster import (  # noqa: F401 (platform: a fixture)
+from wedbackup_dagster_tests.core.disaster.test_restore_all import (  # noqa: F401 (platform: a fixture)
     WEDDINGS, platform, s3_only)
 from wedbackup_dagster.dev.compare import table_sums
 

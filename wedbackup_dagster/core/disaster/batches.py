@@ -4,9 +4,9 @@ wedding's archive (every table against its table-end record and the manifest) in
 the loaders, which load a batch of weddings per transaction — one COPY per table for the whole batch — with
 the batch's progress rows in that same transaction (so a crash or `kill -9`, rerun with resume, neither redoes
 nor duplicates a batch). Foreign keys are not checked row by row (session_replication_role = replica, as
-pg_restore --disable-triggers does) but once for the whole target at the end (core/disaster._check). A wedding
+pg_restore --disable-triggers does) but once for the whole target at the end (disaster/restore_all.py, _check). A wedding
 whose archive fails on every copy, or whose batch fails to load, is restored again alone by the one-wedding
-path (core/disaster.restore_partition), which reports it by name with its reason if it fails again."""
+path (restore_all.restore_partition), which reports it by name with its reason if it fails again."""
 from __future__ import annotations
 
 import math
@@ -22,7 +22,7 @@ import psycopg
 from psycopg import sql
 
 from wedbackup_dagster.core.formats.archive import open_archive
-from .errors import WedbackupError
+from wedbackup_dagster.core.errors import WedbackupError
 from wedbackup_dagster.core.postgres.restore_wedding import RecoveryPoint
 from wedbackup_dagster.core.formats.snapshot_stream import (
     MANIFEST,

@@ -11,6 +11,7 @@ from typing import Any
 import dagster as dg
 
 from ..core.errors import WedbackupError
+from ..core.outcomes import WeddingFailure, describe_failures
 from .partition_metadata import add_partition_metadata
 
 PerAssetMetadata = dict[dg.AssetKey, dict[str, Any]]
@@ -52,9 +53,9 @@ class WeddingOutcomes:
         return {"ok": self.ok, "failed": dict(self.failed)}
 
     def failure(self) -> dg.Failure:
-        lines = "\n".join(f"- wedding {k}: {msg}" for k, msg in sorted(self.failed.items()))
-        return dg.Failure(description=f"{self.what} failed for {len(self.failed)} of "
-                                      f"{len(self.failed) + len(self.done)} partition(s):\n{lines}",
+        """The step's failure: the core's text (how many of how many, one line per wedding)."""
+        failures = [WeddingFailure(k, self.what, msg) for k, msg in self.failed.items()]
+        return dg.Failure(description=describe_failures(self.what, failures, succeeded=len(self.done)),
                           metadata={"failed_partitions": dg.MetadataValue.json(sorted(self.failed))})
 
     def finish_assets(self, context: dg.AssetExecutionContext, asset_keys: list[dg.AssetKey]) -> Iterator[Any]:

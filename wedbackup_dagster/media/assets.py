@@ -7,7 +7,8 @@ import dagster as dg
 
 from ..backups.partitions import validated_keys, weddings_partitions
 from ..core.errors import WedbackupError
-from wedbackup_dagster.core.progress import Progress
+from ..core.progress import Progress
+from ..shared.wedding_outcomes import WeddingOutcomes
 from .constants import GROUP, MEDIA_POOL, MEDIA_REPLICA_KEYS, MEDIA_SNAPSHOT, OWNERS, VERIFIED_MEDIA
 
 BATCHED = dg.BackfillPolicy.single_run()
@@ -22,28 +23,19 @@ def media_service():
 
 def each_wedding(context: dg.AssetExecutionContext, asset_key: dg.AssetKey, what: str,
                  work: Callable[[str], dict[str, Any]]) -> Iterator[Any]:
-    """Run `work` per wedding of the run: its metadata recorded per wedding, failures named together."""
+    """Run `work` per wedding of the run: its metadata recorded per wedding, failures named together (the
+    wiring's one model of a failed wedding, shared/wedding_outcomes.py)."""
     keys = validated_keys(list(context.partition_keys))
     progress = Progress(what, len(keys), context.log.info)
-    done: dict[str, dict[str, Any]] = {}
-    failures: dict[str, str] = {}
+    outcomes = WeddingOutcomes(what)
     for key in keys:
         try:
-            done[key] = work(key)
+            outcomes.done[key] = {asset_key: work(key)}
         except WedbackupError as exc:
             context.log.error(f"wedding {key}: {exc}")
-            failures[key] = str(exc)
+            outcomes.failed[key] = str(exc)
         progress.step()
-    if not failures:
-        for key, metadata in done.items():
-            context.add_asset_metadata(metadata, asset_key=asset_key, partition_key=key)
-        yield dg.MaterializeResult(asset_key=asset_key)
-        return
-    for key, metadata in done.items():
-        yield dg.AssetMaterialization(asset_key=asset_key, partition=key, metadata=metadata)
-    lines = "\n".join(f"- wedding {k}: {m}" for k, m in sorted(failures.items()))
-    raise dg.Failure(description=f"{what} failed for {len(failures)} of {len(keys)} partition(s):\n{lines}",
-                     metadata={"failed_partitions": dg.MetadataValue.json(sorted(failures))})
+    yield from outcomes.finish_assets(context, [asset_key])
 
 
 @dg.asset(key=MEDIA_SNAPSHOT, partitions_def=weddings_partitions, backfill_policy=BATCHED, pool=MEDIA_POOL,

@@ -323,8 +323,9 @@ class Stack:
         p = port("gcs")
         if port_open(p):
             return
-        self._spawn("gcs", [self._venv_bin("gcp-storage-emulator"), "start", "--host", "127.0.0.1",
-                            "--port", str(p), "--in-memory", "-q"])
+        # gcp-storage-emulator through gcs_stand_in.py, which removes its per-upload rewrite of all metadata.
+        self._spawn("gcs", [sys.executable, "-m", "wedbackup_dagster.dev.gcs_stand_in", "start",
+                            "--host", "127.0.0.1", "--port", str(p), "--in-memory", "-q"])
         _wait_for(lambda: port_open(p), "GCS stand-in (gcp-storage-emulator)", 60, self.log_dir / "gcs.log")
 
     def azurite_bin(self) -> Path:

@@ -1,0 +1,35 @@
+"""The GCS stand-in's launcher: in memory it skips the emulator's rewrite of all metadata, and keeps every
+object and its metadata; on disk the emulator is unchanged. Pure: the emulator's Storage, no server."""
+from __future__ import annotations
+
+from gcp_storage_emulator.storage import Storage
+
+from wedbackup_dagster.dev.gcs_stand_in import skip_in_memory_metadata_rewrites
+
+
+def _store_objects(storage: Storage, count: int) -> None:
+    storage.create_bucket("b", {"name": "b"})
+    for i in range(count):
+        storage.create_file("b", f"weddings/{i}/a.wbk", f"archive {i}".encode(), {"name": f"weddings/{i}/a.wbk", "size": 9})
+
+
+def test_in_memory_emulator_no_longer_serializes_every_object_on_each_write(tmp_path):
+    assert skip_in_memory_metadata_rewrites()
+    assert skip_in_memory_metadata_rewrites()  # a second call does not wrap the patch again
+    storage = Storage(use_memory_fs=True, data_dir=str(tmp_path))
+    _store_objects(storage, 50)
+    assert not storage._store.exists_file(".meta")
+    for i in (0, 49):
+        assert storage.get_file("b", f"weddings/{i}/a.wbk") == f"archive {i}".encode()
+        assert storage.get_file_obj("b", f"weddings/{i}/a.wbk")["name"] == f"weddings/{i}/a.wbk"
+    storage.delete_file("b", "weddings/0/a.wbk")
+    assert "weddings/0/a.wbk" not in storage.objects["b"]
+    assert storage.get_file("b", "weddings/1/a.wbk") == b"archive 1"
+
+
+def test_disk_backed_emulator_still_keeps_its_metadata_record(tmp_path):
+    skip_in_memory_metadata_rewrites()
+    storage = Storage(use_memory_fs=False, data_dir=str(tmp_path))
+    _store_objects(storage, 3)
+    reopened = Storage(use_memory_fs=False, data_dir=str(tmp_path))
+    assert reopened.get_file_obj("b", "weddings/2/a.wbk")["name"] == "weddings/2/a.wbk"

@@ -1,9 +1,12 @@
 """Retention of media: a partition's media snapshots kept or pruned by the tier's grandfather-father-son
 rules (the rows' own planner, core/retention.plan_retention), then the packs no kept snapshot needs are
 garbage-collected everywhere. A pack younger than GC_GRACE is never collected, and pruning holds the
-partition's media lock, so a running media backup can never lose a pack it is about to reference."""
+partition's media lock, so a running media backup can never lose a pack it is about to reference.
+`prune_all_media` is the sweep over every partition with media (the daily `retention_sweep` job and
+`wedbackup media prune --all`)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
@@ -14,7 +17,7 @@ from wedbackup_dagster.core.catalogue.locks import partition_lock
 from wedbackup_dagster.core.governance.retention import BackupPoint, plan_retention
 
 from .restore import LOCATIONS, load_snapshot
-from .store import PACK, SNAPSHOT, VAULT, MediaStore
+from .store import PACK, SNAPSHOT, VAULT, MediaStore, erase_media
 
 # Longer than any media backup runs (and the 2 h run monitoring limit): a pack written by a backup that has
 # not yet sealed its snapshot is this young, so it stays.
@@ -90,3 +93,53 @@ def prune_media(store: MediaStore, partition: str, policy: Any, resolve_key: Cal
                                                          "packs": len(report.deleted_packs),
                                                          "bytes": report.freed_bytes, "failed": report.failed[:20]})
     return report
+
+
+@dataclass
+class MediaSweep:
+    """What a sweep over many partitions' media did: one report per partition, and the partitions that failed."""
+
+    dry_run: bool
+    reports: list[MediaPruneReport] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)  # partition -> why its media could not be pruned
+    erased: list[str] = field(default_factory=list)  # erased weddings whose leftover media was deleted now
+
+    @property
+    def failed(self) -> list[str]:
+        return [f"{p}: {e}" for p, e in self.errors.items()] + [f"{r.partition}: {f}" for r in self.reports
+                                                                 for f in r.failed]
+
+    def summary(self) -> dict[str, int]:
+        return {"media_partitions": len(self.reports),
+                "media_snapshots_kept": sum(len(r.kept) for r in self.reports),
+                "media_snapshots_deleted": sum(len(r.deleted_snapshots) for r in self.reports),
+                "media_packs_deleted": sum(len(r.deleted_packs) for r in self.reports),
+                "media_bytes_freed": sum(r.freed_bytes for r in self.reports),
+                "media_failed": len(self.failed)}
+
+
+def prune_all_media(store: MediaStore, policy: Any, resolve_key: Callable[[str], SecretKey], *,
+                    wedding_dates: Mapping[str, Any], erased: set[str] | frozenset[str] = frozenset(),
+                    partition: str | None = None, now: datetime | None = None, dry_run: bool = False) -> MediaSweep:
+    """prune_media for every partition with a media snapshot (or only `partition`), each with its tier's rules
+    (`wedding_dates`: partition -> wedding date, as the catalogue knows it). A partition that fails is named and
+    the others are pruned. An erased wedding whose media erasure left something behind (a provider was down)
+    has it deleted now, as the rows' sweep deletes what is left of an erased wedding."""
+    sweep = MediaSweep(dry_run)
+    partitions = store.partitions()
+    if partition is not None:
+        partitions = [p for p in partitions if p == partition]
+    for p in partitions:
+        if p in erased:
+            if not dry_run:
+                failed = erase_media(store.catalogue, store.root.parent, store.replicas, p)
+                if failed:
+                    sweep.errors[p] = "erased wedding: media left at a provider: " + "; ".join(failed[:3])
+                sweep.erased.append(p)
+            continue
+        try:
+            sweep.reports.append(prune_media(store, p, policy, resolve_key, wedding_date=wedding_dates.get(p),
+                                             now=now, dry_run=dry_run))
+        except WedbackupError as exc:
+            sweep.errors[p] = str(exc)
+    return sweep

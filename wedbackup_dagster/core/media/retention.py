@@ -69,7 +69,7 @@ def prune_media(store: MediaStore, partition: str, policy: Any, resolve_key: Cal
         needed: set[str] = set()
         for row in kept:  # every chunk a kept snapshot needs, and so every pack that holds one
             snapshot = load_snapshot(store, row, resolve_key, LOCATIONS)
-            needed |= set(store.chunk_packs(row.key_id, snapshot.chunk_ids()).values())
+            needed |= store.packs_holding(row.key_id, snapshot.chunk_ids())[0]
         with store.catalogue.connect() as conn:
             packs = conn.execute("SELECT pack_sha256, size, created_at FROM wedbackup.media_packs WHERE partition = %s",
                                  (partition,)).fetchall()

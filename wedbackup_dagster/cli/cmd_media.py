@@ -117,6 +117,7 @@ def cmd_media_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_media_prune(args: argparse.Namespace) -> int:
+    from wedbackup_dagster.core.media.repack import repack_threshold
     from wedbackup_dagster.core.media.retention import prune_all_media
     from wedbackup_dagster.core.policy.backup_policy import Policy
 
@@ -125,7 +126,7 @@ def cmd_media_prune(args: argparse.Namespace) -> int:
     try:
         catalogue = service.catalogue
         kwargs = {"wedding_dates": catalogue.live_partitions(), "erased": catalogue.erased_partitions(),
-                  "dry_run": args.dry_run}
+                  "dry_run": args.dry_run, "repack_below": repack_threshold()}
         wanted = [None] if args.all else _partitions(args, service)
         sweeps = [prune_all_media(service.store, policy, service.resolve_key, partition=p, **kwargs) for p in wanted]
     finally:
@@ -134,7 +135,8 @@ def cmd_media_prune(args: argparse.Namespace) -> int:
     for sweep in sweeps:
         for r in sweep.reports:
             print(f"  {r.partition:<10} kept {len(r.kept)} snapshot(s); {verb} {len(r.deleted_snapshots)} snapshot(s) "
-                  f"and {len(r.deleted_packs)} pack(s), {r.freed_bytes / 1e6:.1f} MB")
+                  f"and {len(r.deleted_packs)} pack(s), {r.freed_bytes / 1e6:.1f} MB; repacked {len(r.repacked)} "
+                  f"sparse pack(s) ({r.repacked_live_bytes / 1e6:.1f} MB live)")
         for p in sweep.erased:
             print(f"  {p:<10} erased wedding: what its erasure left behind deleted")
         for f in sweep.failed[:10]:

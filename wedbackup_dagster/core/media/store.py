@@ -104,17 +104,27 @@ class MediaStore:
                        checksum = excluded.checksum""",
                 (sha256, kind, partition, provider, uri, key, version_id, size, checksum, media, offsite))
 
-    def record_pack(self, partition: str, info: PackInfo) -> None:
+    def record_pack(self, partition: str, info: PackInfo, *, chunks: bool = True) -> None:
         """The pack and its chunks, in one transaction, after its vault copy is durable: a chunk is never
-        known before the bytes that hold it are."""
+        known before the bytes that hold it are. Without `chunks`, the pack only (a repacked pack, whose
+        chunks move to it once it is at every location: move_chunks)."""
         with self.catalogue.connect() as conn:
             conn.execute("INSERT INTO wedbackup.media_packs (pack_sha256, partition, key_id, size, blobs, raw_bytes) "
                          "VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
                          (info.sha256, partition, info.key_id, info.size, len(info.entries), info.raw_bytes))
+            if chunks:
+                with conn.cursor() as cur:
+                    cur.executemany("INSERT INTO wedbackup.media_chunks (key_id, chunk_id, pack_sha256, raw_bytes) "
+                                    "VALUES (%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                                    [(info.key_id, e.chunk_id.hex(), info.sha256, e.raw_len) for e in info.entries])
+
+    def move_chunks(self, info: PackInfo) -> None:
+        """Point the chunks a repacked pack holds at it, in one transaction (their old pack may then go)."""
+        with self.catalogue.connect() as conn:
             with conn.cursor() as cur:
-                cur.executemany("INSERT INTO wedbackup.media_chunks (key_id, chunk_id, pack_sha256, raw_bytes) "
-                                "VALUES (%s,%s,%s,%s) ON CONFLICT DO NOTHING",
-                                [(info.key_id, e.chunk_id.hex(), info.sha256, e.raw_len) for e in info.entries])
+                cur.executemany("UPDATE wedbackup.media_chunks SET pack_sha256 = %s "
+                                "WHERE key_id = %s AND chunk_id = %s",
+                                [(info.sha256, info.key_id, e.chunk_id.hex()) for e in info.entries])
 
     def known_among(self, key_id: str, chunk_ids: Iterable[str]) -> set[str]:
         """Which of these chunk ids (a backup's lookup batch) the partition's key already has in a pack: one
@@ -140,8 +150,9 @@ class MediaStore:
         missing = 0
         with self.catalogue.connect() as conn:
             for batch in _batches(chunk_ids, LOOKUP_IDS):
-                rows = conn.execute("SELECT DISTINCT pack_sha256, count(*) OVER () AS found FROM wedbackup.media_chunks "
-                                    "WHERE key_id = %s AND chunk_id = ANY(%s)", (key_id, batch)).fetchall()
+                rows = conn.execute("SELECT DISTINCT pack_sha256, count(*) OVER () AS found "
+                                    "FROM wedbackup.media_chunks WHERE key_id = %s AND chunk_id = ANY(%s)",
+                                    (key_id, batch)).fetchall()
                 packs.update(r["pack_sha256"] for r in rows)
                 missing += len(batch) - (rows[0]["found"] if rows else 0)
         return packs, missing

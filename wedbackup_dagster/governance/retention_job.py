@@ -23,7 +23,7 @@ def prune_backups(context: dg.OpExecutionContext, config: PruneConfig, wedbackup
                              policy, dry_run=config.dry_run, partition=config.partition)
     summary = report.summary()
     context.log.info(f"retention: {summary}")
-    media = prune_media(engine, replicas, policy, config)
+    media = sweep_media(engine, replicas, policy, config)
     context.log.info(f"media retention: {media.summary()}")
     metadata = {**summary, **media.summary()}
     locked = [f"{d.partition}/{d.archive_sha256[:12]} {p} until {u}"
@@ -42,7 +42,7 @@ def prune_backups(context: dg.OpExecutionContext, config: PruneConfig, wedbackup
     return dg.Output(None, metadata=metadata)
 
 
-def prune_media(engine, replicas: ProviderReplicasResource, policy: Policy, config: PruneConfig):
+def sweep_media(engine, replicas: ProviderReplicasResource, policy: Policy, config: PruneConfig):
     """Media snapshots by the same rules, then every pack no kept snapshot needs (past the grace period), then
     the packs mostly garbage repacked (WEDBACKUP_MEDIA_REPACK_BELOW)."""
     from wedbackup_dagster.core.media.repack import repack_threshold

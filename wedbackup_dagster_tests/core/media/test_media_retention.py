@@ -49,4 +49,3 @@ def test_prune_keeps_the_newest_and_collects_unreferenced_packs(media_world):
     out = world.tmp / "after-prune"
     restore_media(world.store, "8", resolve, to_dir=out, provider="azure")
     assert (out / "weddings/8/b.jpg").stat().st_size == 1 << 20
-

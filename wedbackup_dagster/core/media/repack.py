@@ -7,6 +7,7 @@ removes after the grace period. Runs under the partition's media lock (prune_med
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -79,8 +80,6 @@ def repack(store: MediaStore, partition: str, resolve_key: Callable[[str], Secre
     report = RepackReport()
     if not sparse:
         return report
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="wedbackup-media-repack-") as tmp:
         source = PackSource(store, partition, resolve_key, LOCATIONS, Path(tmp))
         try:
@@ -135,11 +134,11 @@ def _repack_group(store: MediaStore, partition: str, wedding_key: SecretKey, sou
     finally:
         if ctx is not None:
             ctx.__exit__(None, None, None)
-    # The new packs are recorded (packs only: no chunk points to them yet, so a crash leaves garbage that
-    # collection removes), then uploaded to every provider that held an old pack, and checked there.
-    for info in new_infos:
-        store.record_pack(partition, info, chunks=False)
+    # The new packs were recorded as they were closed (packs only: no chunk points to them yet, so a crash
+    # leaves garbage that collection removes); now uploaded to every provider that held an old pack, and checked.
     for provider in sorted(locations - {VAULT}):
+        if provider not in store.replicas:
+            raise WedbackupError(f"{provider} holds the old packs but is not configured here: old packs kept")
         store.replicate(partition, store.replicas[provider])
     for info in new_infos:
         missing = locations - set(store.copies_of(info.sha256))
@@ -152,6 +151,8 @@ def _repack_group(store: MediaStore, partition: str, wedding_key: SecretKey, sou
 
 
 def _close(store: MediaStore, partition: str, writer: PackWriter, fh: Any, tmp: Path) -> PackInfo:
+    """The new pack durable in the vault and recorded as a pack, without chunks: garbage until they move."""
     info = writer.close()
     store.commit(fh, tmp, partition, PACK, info.sha256, info.size)
+    store.record_pack(partition, info, chunks=False)
     return info

@@ -1,7 +1,8 @@
 """Media benchmark (issue 19): chunk+hash+seal throughput of incompressible data on one core, the dedup
 ratio on the demo media, the incremental backup of an unchanged large wedding, peak RSS for one huge file
-(a generated stream, never on disk), and restic's figures on the same files side by side in the same run
-(backup time, stored bytes, restore time)."""
+(a generated stream, never on disk), the chunk index's memory (a changed file backed up in a wedding whose
+catalogue holds few and millions of chunks, beside the old in-memory index's cost), and restic's figures on
+the same files side by side in the same run (backup time, stored bytes, restore time)."""
 from __future__ import annotations
 
 import io
@@ -57,8 +58,8 @@ def throughput(megabytes: int) -> dict[str, Any]:
 
 HUGE_FILE = """
 import json, time
-from wedbackup_dagster.core.catalogue import Catalogue
-from wedbackup_dagster.core.keys import load_master_keyring
+from wedbackup_dagster.core.catalogue.store import Catalogue
+from wedbackup_dagster.core.keys.keyring import load_master_keyring
 from wedbackup_dagster.core.media.backup import back_up_media
 from wedbackup_dagster.core.media.source import CheckedStream, SourceObject
 from wedbackup_dagster.core.media.store import MediaStore
@@ -99,6 +100,93 @@ def huge_file(dsn: str, vault: Path, gigabytes: int) -> dict[str, Any]:
     return {"gigabytes": gigabytes, "seconds": round(found["seconds"], 1),
             "mb_per_s": round(huge / 1e6 / found["seconds"], 1), "peak_rss_mb": round(found["peak_rss_mb"], 1),
             "target_peak_rss_mb": 200}
+
+
+CHANGED_FILE = """
+import json, time, contextlib, os
+from wedbackup_dagster.core.catalogue.store import Catalogue
+from wedbackup_dagster.core.keys.keyring import load_master_keyring
+from wedbackup_dagster.core.media import backup
+from wedbackup_dagster.core.media.source import CheckedStream, SourceObject
+from wedbackup_dagster.core.media.store import MediaStore
+from wedbackup_dagster.dev.demo_media import RandomStream
+
+SIZE, PARTITION = BYTES, "PARTITION_ID"
+class Generated:
+    description = "generated"
+    wedding_prefix = "weddings/"
+    def list(self, partition=None):
+        yield SourceObject(f"weddings/{PARTITION}/edited.mov", SIZE, None, None, str(time.time_ns()))
+    @contextlib.contextmanager
+    def open(self, obj):
+        yield CheckedStream(RandomStream(obj.mtime.encode(), SIZE), obj)
+
+catalogue = Catalogue(os.environ["BENCH_CATALOGUE_DSN"])
+key = catalogue.wedding_key(PARTITION, load_master_keyring(os.environ))
+store = MediaStore(os.environ["BENCH_VAULT"], catalogue, {})
+lookups = 0
+known_among = store.known_among
+def counted(key_id, ids):
+    global lookups
+    lookups += 1
+    return known_among(key_id, ids)
+store.known_among = counted
+t = time.perf_counter()
+r = backup.back_up_media(PARTITION, Generated(), store, key)
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({"seconds": time.perf_counter() - t, "new_bytes": r.new_bytes, "lookups": lookups,
+                  "peak_rss_mb": hwm / 1024}))
+"""
+
+OLD_INDEX = """
+import json, os, time
+import psycopg
+def status(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field)) / 1024
+with psycopg.connect(os.environ["BENCH_CATALOGUE_DSN"]) as conn:
+    before = status("VmRSS")
+    t = time.perf_counter()
+    known = {r[0] for r in conn.execute("SELECT chunk_id FROM wedbackup.media_chunks WHERE key_id = %s",
+                                         (os.environ["BENCH_KEY_ID"],))}
+    seconds = time.perf_counter() - t
+print(json.dumps({"seconds": seconds, "chunks": len(known), "peak_rss_mb": status("VmHWM"),
+                  "index_mb": status("VmHWM") - before}))
+"""
+
+
+def _child(script: str, env: dict[str, str]) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
+                         env={**os.environ, **env})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def chunk_index(dsn: str, vault: Path, catalogue: Any, keyring: Any, *, chunks: int, megabytes: int) -> dict[str, Any]:
+    """A changed file of `megabytes` backed up (fresh process each) in a wedding with no chunks yet and in one
+    whose catalogue holds `chunks` chunk ids (synthetic rows: the backup's lookups cannot tell them from real
+    ones), side by side; and, beside them, what the old in-memory index cost in a fresh process: every chunk id
+    of the wedding loaded into a set before the first chunk was stored."""
+    few, many = "index-few", "index-many"
+    key = catalogue.wedding_key(many, keyring)
+    catalogue.wedding_key(few, keyring)
+    t = time.perf_counter()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO wedbackup.media_packs (pack_sha256, partition, key_id, size, blobs, raw_bytes) "
+                     "VALUES (repeat('0', 64), %s, %s, 0, 0, 0)", (many, key.key_id))
+        conn.execute("INSERT INTO wedbackup.media_chunks (key_id, chunk_id, pack_sha256, raw_bytes) "
+                     "SELECT %s, encode(sha256(i::text::bytea), 'hex'), repeat('0', 64), 786432 "
+                     "FROM generate_series(1, %s) i", (key.key_id, chunks))
+    seed_seconds = time.perf_counter() - t
+    script = CHANGED_FILE.replace("BYTES", str(megabytes << 20))
+    env = {"BENCH_CATALOGUE_DSN": dsn, "BENCH_VAULT": str(vault)}
+    old = _child(OLD_INDEX, {**env, "BENCH_KEY_ID": key.key_id})
+    with_few = _child(script.replace("PARTITION_ID", few), env)
+    with_many = _child(script.replace("PARTITION_ID", many), env)
+    shutil.rmtree(vault, ignore_errors=True)
+    return {"catalogue_chunks": chunks, "changed_file_mb": megabytes, "seed_seconds": round(seed_seconds, 1),
+            "no_chunks": {k: round(v, 2) for k, v in with_few.items()},
+            "many_chunks": {k: round(v, 2) for k, v in with_many.items()},
+            "rss_growth_mb": round(with_many["peak_rss_mb"] - with_few["peak_rss_mb"], 1),
+            "old_index_load": {k: round(v, 2) for k, v in old.items()}}
 
 
 def _restic(args: list[str], repo: Path, env: dict[str, str]) -> float:
@@ -200,6 +288,8 @@ def run(*, quick: bool = False) -> dict[str, Any]:
             "restic_first_backup_seconds": round(restic_first, 2), "restic_incremental_seconds": round(restic_again, 3)}
         shutil.rmtree(big_dir)
         result["huge_file"] = huge_file(dsn, tmp / "vault-huge", 1 if quick else 5)
+        result["chunk_index"] = chunk_index(dsn, tmp / "vault-index", catalogue, keyring,
+                                            chunks=200_000 if quick else 2_000_000, megabytes=64 if quick else 256)
         catalogue.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -210,6 +300,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
         "media_dedup_ratio_demo": result["demo_media"]["dedup_ratio"],
         "media_incremental_unchanged_seconds": result["unchanged_wedding"]["incremental_seconds"],
         "media_huge_file_peak_rss_mb": result["huge_file"]["peak_rss_mb"],
+        "media_chunk_index_rss_growth_mb": result["chunk_index"]["rss_growth_mb"],
     })
     return result
 

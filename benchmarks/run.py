@@ -41,6 +41,10 @@ def media_rows(m: dict) -> list[str]:
         f"| media: unchanged {u['bytes'] / 1e6:.0f} MB wedding backed up again, wedbackup / restic | "
         f"{u['incremental_seconds']} s / {u['restic_incremental_seconds']} s |",
         f"| media: one {h['gigabytes']} GB file | {h['seconds']} s, peak RSS {h['peak_rss_mb']} MB |",
+        *([f"| media: a changed {m['chunk_index']['changed_file_mb']} MB file, wedding with 0 / "
+           f"{m['chunk_index']['catalogue_chunks']:,} chunks (the old in-memory index alone) | peak RSS "
+           f"{m['chunk_index']['no_chunks']['peak_rss_mb']} / {m['chunk_index']['many_chunks']['peak_rss_mb']} MB "
+           f"({m['chunk_index']['old_index_load']['index_mb']} MB) |"] if "chunk_index" in m else []),
     ]
 
 

@@ -108,6 +108,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     result, meta = ran
     print(f"pruned (run {result.run_id[:8]}): {meta.get('deleted')} backup(s) deleted, {meta.get('kept')} kept, "
           f"{meta.get('copies_locked')} locked copies left")
+    print(f"media: {meta.get('media_snapshots_deleted')} snapshot(s) and {meta.get('media_packs_deleted')} pack(s) "
+          f"deleted, {meta.get('media_packs_repacked')} repacked ({(meta.get('media_bytes_freed') or 0) / 1e6:.1f} MB "
+          f"freed), {meta.get('media_snapshots_kept')} snapshot(s) kept")
     for line in meta.get("held") or []:
         print(f"  held: {line}")
     for line in meta.get("locked") or []:

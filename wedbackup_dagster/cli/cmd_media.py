@@ -117,32 +117,31 @@ def cmd_media_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_media_prune(args: argparse.Namespace) -> int:
-    from wedbackup_dagster.core.media.retention import prune_media
+    from wedbackup_dagster.core.media.repack import repack_threshold
+    from wedbackup_dagster.core.media.retention import prune_all_media
     from wedbackup_dagster.core.policy.backup_policy import Policy
 
     service = _service()
     policy = Policy.from_env()
-    ok = True
     try:
-        dates = service.catalogue.live_partitions()
-        partitions = service.store.partitions() if args.all else _partitions(args, service)
-        for partition in partitions:
-            try:
-                r = prune_media(service.store, partition, policy, service.resolve_key,
-                                wedding_date=dates.get(partition), dry_run=args.dry_run)
-            except WedbackupError as exc:
-                print(f"  {partition:<10} FAILED: {exc}")
-                ok = False
-                continue
-            verb = "would delete" if args.dry_run else "deleted"
-            print(f"  {partition:<10} kept {len(r.kept)} snapshot(s); {verb} {len(r.deleted_snapshots)} snapshot(s) "
-                  f"and {len(r.deleted_packs)} pack(s), {r.freed_bytes / 1e6:.1f} MB")
-            for f in r.failed[:10]:
-                print(f"      {f}")
-            ok = ok and not r.failed
+        catalogue = service.catalogue
+        kwargs = {"wedding_dates": catalogue.live_partitions(), "erased": catalogue.erased_partitions(),
+                  "dry_run": args.dry_run, "repack_below": repack_threshold()}
+        wanted = [None] if args.all else _partitions(args, service)
+        sweeps = [prune_all_media(service.store, policy, service.resolve_key, partition=p, **kwargs) for p in wanted]
     finally:
         service.close()
-    return 0 if ok else 1
+    verb = "would delete" if args.dry_run else "deleted"
+    for sweep in sweeps:
+        for r in sweep.reports:
+            print(f"  {r.partition:<10} kept {len(r.kept)} snapshot(s); {verb} {len(r.deleted_snapshots)} snapshot(s) "
+                  f"and {len(r.deleted_packs)} pack(s), {r.freed_bytes / 1e6:.1f} MB; repacked {len(r.repacked)} "
+                  f"sparse pack(s) ({r.repacked_live_bytes / 1e6:.1f} MB live)")
+        for p in sweep.erased:
+            print(f"  {p:<10} erased wedding: what its erasure left behind deleted")
+        for f in sweep.failed[:10]:
+            print(f"      FAILED {f}")
+    return 0 if not any(s.failed for s in sweeps) else 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:

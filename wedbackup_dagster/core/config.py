@@ -86,6 +86,8 @@ VARIABLES: dict[str, tuple[str, str, bool]] = {
                                               True),
     "WEDBACKUP_MEDIA_VERIFY_SAMPLE": ("files each media verification restores and checks (0: every file); "
                                       "successive verifications rotate through all files", "0", False),
+    "WEDBACKUP_MEDIA_REPACK_BELOW": ("live fraction under which retention rewrites a media pack's live chunks into "
+                                     "a new pack (0: never)", "0.5", False),
     "WEDBACKUP_STATE_DIR": ("where the local stack keeps its data, logs and PIDs", ".wedbackup", False),
     "DAGSTER_HOME": ("Dagster instance directory (the local stack sets it up)", ".wedbackup/dagster_home", False),
     # The change feed (issue 18, core/changefeed/, docs/CHANGEFEED.md).

@@ -1,5 +1,6 @@
 """The `retention_sweep` job and its daily schedule: prune every wedding's backups to the retention policy
-(core.retention.prune, rules from WEDBACKUP_POLICY_FILE). Locked copies are reported, not failures;
+(core.retention.prune, rules from WEDBACKUP_POLICY_FILE), then its media snapshots by the same rules with the
+packs no kept snapshot needs (core.media.retention.prune_all_media). Locked copies are reported, not failures;
 a provider that could not be reached fails the run (the next sweep retries)."""
 import dagster as dg
 
@@ -17,27 +18,46 @@ class PruneConfig(dg.Config):
 def prune_backups(context: dg.OpExecutionContext, config: PruneConfig, wedbackup: WedbackupEngineResource,
                   replicas: ProviderReplicasResource) -> dg.Output:
     engine = wedbackup.engine()
+    policy = Policy.from_env()
     report = retention.prune(engine.catalogue, engine.vault, replicas.all(),
-                             Policy.from_env(), dry_run=config.dry_run, partition=config.partition)
+                             policy, dry_run=config.dry_run, partition=config.partition)
     summary = report.summary()
     context.log.info(f"retention: {summary}")
-    metadata = dict(summary)
+    media = sweep_media(engine, replicas, policy, config)
+    context.log.info(f"media retention: {media.summary()}")
+    metadata = {**summary, **media.summary()}
     locked = [f"{d.partition}/{d.archive_sha256[:12]} {p} until {u}"
               for d in report.locked for p, u in d.locked.items()]
     metadata["locked"] = dg.MetadataValue.json(locked[:100])
     # Backups a flagged drop in rows holds until a person acknowledges it (`wedbackup ack`), with their reasons.
     metadata["held"] = dg.MetadataValue.json([f"{h['partition']}/#{h['backup_id']}: {h['reason']}"
                                               for h in report.held[:100]])
-    if report.failed:
-        failed = [f"{p}: {e}" for d in report.failed for p, e in d.failed.items()]
+    metadata["media_failures"] = dg.MetadataValue.json(media.failed[:100])
+    if report.failed or media.failed:
+        failed = [f"{p}: {e}" for d in report.failed for p, e in d.failed.items()] + media.failed
         raise dg.Failure(description=f"retention: {len(report.failed)} backup(s) kept copies that could not be "
-                                     f"deleted (provider unreachable?); the next sweep retries: "
-                                     f"{'; '.join(failed[:3])}", metadata=metadata)
+                                     f"deleted, {len(media.failed)} media deletion(s) failed (provider "
+                                     f"unreachable?); the next sweep retries: {'; '.join(failed[:3])}",
+                         metadata=metadata)
     return dg.Output(None, metadata=metadata)
 
 
+def sweep_media(engine, replicas: ProviderReplicasResource, policy: Policy, config: PruneConfig):
+    """Media snapshots by the same rules, then every pack no kept snapshot needs (past the grace period), then
+    the packs mostly garbage repacked (WEDBACKUP_MEDIA_REPACK_BELOW)."""
+    from wedbackup_dagster.core.media.repack import repack_threshold
+    from wedbackup_dagster.core.media.retention import prune_all_media
+    from wedbackup_dagster.core.media.store import MediaStore
+
+    store = MediaStore(engine.settings.vault_dir, engine.catalogue, replicas.all())
+    return prune_all_media(store, policy, engine.resolve_key, wedding_dates=engine.catalogue.live_partitions(),
+                           erased=engine.catalogue.erased_partitions(), partition=config.partition,
+                           dry_run=config.dry_run, repack_below=repack_threshold())
+
+
 @dg.job(executor_def=dg.in_process_executor,
-        description="Delete the backups the retention policy no longer keeps, on every provider and in the vault.")
+        description="Delete the backups and media snapshots the retention policy no longer keeps, and the media "
+                    "packs no kept snapshot needs, on every provider and in the vault.")
 def retention_sweep():
     prune_backups()
 
@@ -48,5 +68,5 @@ retention_sweep_schedule = dg.ScheduleDefinition(
     cron_schedule="30 3 * * *",  # daily, at a quiet hour
     execution_timezone="Europe/London",
     default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Daily: prune backups to the retention policy (grandfather-father-son per tier).",
+    description="Daily: prune backups and media to the retention policy (grandfather-father-son per tier).",
 )

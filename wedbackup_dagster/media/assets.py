@@ -1,5 +1,7 @@
 """The media assets. Each step loops over the run's weddings (`context.partition_keys`), records each
-wedding's metadata, and fails naming the weddings that failed after recording the others."""
+wedding's metadata, and fails naming the weddings that failed after recording the others. The media service
+is made over the run's resources, as the row assets' engine is: `wedbackup` (settings, catalogue, keys) and
+`replicas` (S3, GCS, Azure), so tests and deployments configure both in one place."""
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -8,6 +10,7 @@ import dagster as dg
 from ..backups.partitions import validated_keys, weddings_partitions
 from ..core.errors import WedbackupError
 from ..core.progress import Progress
+from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
 from ..shared.wedding_outcomes import WeddingOutcomes
 from .constants import GROUP, MEDIA_POOL, MEDIA_REPLICA_KEYS, MEDIA_SNAPSHOT, OWNERS, VERIFIED_MEDIA
 
@@ -15,10 +18,12 @@ BATCHED = dg.BackfillPolicy.single_run()
 UPLOAD_RETRY = dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 
 
-def media_service():
+def media_service(wedbackup: WedbackupEngineResource, replicas: ProviderReplicasResource) -> Any:
+    """The run's MediaService over its resources. Not closed by the step: the catalogue is the resource's,
+    closed when the run ends."""
     from ..core.media.service import MediaService
 
-    return MediaService.from_env()
+    return MediaService.over(wedbackup.settings(), wedbackup.catalogue(), wedbackup.keyring(), replicas.all())
 
 
 def each_wedding(context: dg.AssetExecutionContext, asset_key: dg.AssetKey, what: str,
@@ -43,8 +48,9 @@ def each_wedding(context: dg.AssetExecutionContext, asset_key: dg.AssetKey, what
           description="The wedding's media (WEDBACKUP_MEDIA_SOURCE) chunked by content, deduplicated within the "
                       "wedding, sealed with its key into packs and a snapshot in the vault. Unchanged media costs "
                       "a listing and writes nothing.")
-def media_snapshot(context: dg.AssetExecutionContext) -> Iterator[Any]:
-    service = media_service()
+def media_snapshot(context: dg.AssetExecutionContext, wedbackup: WedbackupEngineResource,
+                   replicas: ProviderReplicasResource) -> Iterator[Any]:
+    service = media_service(wedbackup, replicas)
 
     def work(key: str) -> dict[str, Any]:
         r = service.back_up(key)
@@ -60,10 +66,7 @@ def media_snapshot(context: dg.AssetExecutionContext) -> Iterator[Any]:
                 "snapshot_sha256": dg.MetadataValue.text(r.snapshot_sha256),
                 "seconds": dg.MetadataValue.float(round(r.seconds, 3))}
 
-    try:
-        yield from each_wedding(context, MEDIA_SNAPSHOT, "media snapshot", work)
-    finally:
-        service.close()
+    yield from each_wedding(context, MEDIA_SNAPSHOT, "media snapshot", work)
 
 
 def _replica_asset(provider: str):
@@ -72,8 +75,9 @@ def _replica_asset(provider: str):
               owners=OWNERS, group_name=GROUP,
               description=f"Every media pack and snapshot of the wedding not yet at {provider}, uploaded under "
                           "its content address and confirmed by the provider's checksum; a re-run uploads nothing.")
-    def replica(context: dg.AssetExecutionContext) -> Iterator[Any]:
-        service = media_service()
+    def replica(context: dg.AssetExecutionContext, wedbackup: WedbackupEngineResource,
+                replicas: ProviderReplicasResource) -> Iterator[Any]:
+        service = media_service(wedbackup, replicas)
 
         def work(key: str) -> dict[str, Any]:
             uploaded, sent = service.replicate(key, provider)
@@ -82,10 +86,7 @@ def _replica_asset(provider: str):
                     "objects": dg.MetadataValue.int(len(copies)),
                     "bytes": dg.MetadataValue.int(sum(c["size"] for c in copies))}
 
-        try:
-            yield from each_wedding(context, MEDIA_REPLICA_KEYS[provider], f"media {provider} upload", work)
-        finally:
-            service.close()
+        yield from each_wedding(context, MEDIA_REPLICA_KEYS[provider], f"media {provider} upload", work)
 
     return replica
 
@@ -99,8 +100,9 @@ class VerifyMediaConfig(dg.Config):
           backfill_policy=BATCHED, kinds={"python"}, owners=OWNERS, group_name=GROUP,
           description="The newest media snapshot restored from one location (rotating), every chosen file's "
                       "SHA-256 compared with the snapshot's; a damaged pack is named.")
-def verified_media(context: dg.AssetExecutionContext, config: VerifyMediaConfig) -> Iterator[Any]:
-    service = media_service()
+def verified_media(context: dg.AssetExecutionContext, config: VerifyMediaConfig, wedbackup: WedbackupEngineResource,
+                   replicas: ProviderReplicasResource) -> Iterator[Any]:
+    service = media_service(wedbackup, replicas)
 
     def work(key: str) -> dict[str, Any]:
         provider = config.provider or service.next_provider(key)
@@ -112,10 +114,7 @@ def verified_media(context: dg.AssetExecutionContext, config: VerifyMediaConfig)
                 "packs_checked": dg.MetadataValue.int(r.packs_checked),
                 "seconds": dg.MetadataValue.float(round(r.seconds, 3))}
 
-    try:
-        yield from each_wedding(context, VERIFIED_MEDIA, "verified media", work)
-    finally:
-        service.close()
+    yield from each_wedding(context, VERIFIED_MEDIA, "verified media", work)
 
 
 media_assets = [media_snapshot, *(_replica_asset(p) for p in MEDIA_REPLICA_KEYS), verified_media]

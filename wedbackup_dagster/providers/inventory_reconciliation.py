@@ -19,6 +19,10 @@ class InventoryConfig(dg.Config):
     check_checksums: bool = True
 
 
+TOTALS_COLUMNS = [("provider", "string"), ("storage_class", "string"), ("objects", "int"), ("bytes", "int"),
+                  ("usd_per_gb_month", "float"), ("monthly_cost_usd", "float")]
+
+
 def _frame_table(frame: Any, columns: list[tuple[str, str]]) -> dg.MetadataValue:
     schema = dg.TableSchema(columns=[dg.TableColumn(name, type_) for name, type_ in columns])
     records = []
@@ -58,9 +62,11 @@ def backup_inventory(context: dg.AssetExecutionContext, config: InventoryConfig,
     findings = found.findings.head(FINDINGS_SHOWN)
     metadata = {
         "summary": dg.MetadataValue.md(summary),
-        "totals": _frame_table(found.totals, [("provider", "string"), ("storage_class", "string"), ("objects", "int"),
-                                              ("bytes", "int"), ("usd_per_gb_month", "float"),
-                                              ("monthly_cost_usd", "float")]),
+        "totals": _frame_table(found.totals, TOTALS_COLUMNS),
+        # Wedding media's part of the totals (its packs and snapshots at the providers), on its own.
+        "media_totals": _frame_table(found.media_totals, TOTALS_COLUMNS),
+        "media_monthly_cost_usd": dg.MetadataValue.float(round(float(found.media_totals["monthly_cost_usd"].fillna(0)
+                                                                     .sum()), 4)),
         "findings": _frame_table(findings, [("provider", "string"), ("key", "string"), ("partition", "string"),
                                             ("finding", "string"), ("size", "int"), ("recorded_size", "int")]),
         "objects": dg.MetadataValue.int(len(found.rows)),

@@ -19,7 +19,7 @@ from wedbackup_dagster.core.catalogue.store import Catalogue
 from ..core.config import Settings, dsn_setting, provider_timeout_from
 from ..core.engine import Engine
 from ..core.storage.providers import PROVIDERS
-from wedbackup_dagster.core.keys.keyring import load_master_keyring
+from wedbackup_dagster.core.keys.keyring import MasterKeyring, load_master_keyring
 from wedbackup_dagster.core.policy.backup_policy import Policy
 
 
@@ -31,6 +31,7 @@ class WedbackupEngineResource(dg.ConfigurableResource):
     _settings: Settings | None = PrivateAttr(default=None)
     _engine: Engine | None = PrivateAttr(default=None)
     _catalogue: Catalogue | None = PrivateAttr(default=None)
+    _keyring: MasterKeyring | None = PrivateAttr(default=None)
 
     def settings(self) -> Settings:
         if self._settings is None:
@@ -41,6 +42,14 @@ class WedbackupEngineResource(dg.ConfigurableResource):
         if self._engine is None:
             self._engine = Engine(self.settings(), load_master_keyring(os.environ))
         return self._engine
+
+    def keyring(self) -> MasterKeyring:
+        """The master keyring: the engine's when the run made one, else loaded once (media needs no source)."""
+        if self._engine is not None:
+            return self._engine.keyring
+        if self._keyring is None:
+            self._keyring = load_master_keyring(os.environ)
+        return self._keyring
 
     def catalogue(self) -> Catalogue:
         """The catalogue, migrated: the engine's when the run made one, else its own connection (sensors and

@@ -56,3 +56,35 @@ def test_backup_media_job(media_world, monkeypatch):
     assert _metadata(instance, MEDIA_SNAPSHOT, "21")["unchanged"] is True
     for key in MEDIA_REPLICA_KEYS.values():
         assert _metadata(instance, key, "22")["uploaded_objects"] == 0
+
+
+def test_media_assets_take_the_runs_resources(media_world, monkeypatch):
+    """The media steps use the run's `replicas` resource, not clients of their own from the environment: an
+    Azure resource pointed at a closed port fails media_azure_replica (naming the wedding), while the
+    environment's Azure settings are sound and S3, from the same resources, uploads."""
+    import base64
+
+    from wedbackup_dagster.media.assets import media_assets
+    from wedbackup_dagster.shared.resources import AzureBlobResource, ProviderReplicasResource, build_resources
+
+    world = media_world
+    _env(world, monkeypatch)
+    generate_media(S3Sink(world.s3, world.bucket), ["31"], seed=5, scale=TEST_SCALE)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("weddings", ["31"])
+    resources = build_resources()
+    unreachable = ("DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey="
+                   + base64.b64encode(b"not the account key of any stack").decode()
+                   + ";BlobEndpoint=http://127.0.0.1:9/devstoreaccount1;")
+    resources["replicas"] = ProviderReplicasResource(s3=resources["s3"], gcs=resources["gcs"],
+                                                     azure=AzureBlobResource(connection_string=unreachable))
+    snapshot, s3_replica, azure_replica = media_assets[0], media_assets[1], media_assets[3]
+    assert azure_replica.key == MEDIA_REPLICA_KEYS["azure"] and s3_replica.key == MEDIA_REPLICA_KEYS["s3"]
+    result = dg.materialize([snapshot, s3_replica, azure_replica], partition_key="31", resources=resources,
+                            instance=instance, raise_on_error=False)
+    assert not result.success
+    failed = {e.step_key for e in result.all_events if e.event_type_value == "STEP_FAILURE"}
+    assert failed == {"media_azure_replica"}, failed
+    assert _metadata(instance, MEDIA_REPLICA_KEYS["s3"], "31")["uploaded_objects"] >= 2
+    providers = {c["provider"] for c in world.store.copies("31")}
+    assert providers == {"vault", "s3"}, providers

@@ -1,6 +1,6 @@
 """Inventory: every object on every provider (and in the vault) reconciled against the catalogue with
 pandas — missing copies, orphans, size or checksum mismatches — with bytes and a monthly cost estimate
-per provider and storage class."""
+per provider and storage class, and the same for wedding media's packs and snapshots on their own."""
 from __future__ import annotations
 
 import os
@@ -34,6 +34,9 @@ UNREACHABLE = "unreachable"
 ORPHAN = "orphan"
 SERIOUS = (MISSING, SIZE_MISMATCH, CHECKSUM_MISMATCH, UNREACHABLE)
 
+# A media pack's or snapshot's key at a provider (core/media/store.py object_key), whatever the prefix.
+MEDIA_KEY = r"(?:^|/)media/(?:weddings/[^/]+|platform)/(?:packs|snapshots)/[0-9a-f]{64}\.(?:pack|wbk)$"
+
 OBJECT_COLUMNS = ["provider", "key", "size", "storage_class", "partition", "sha256"]
 COPY_COLUMNS = ["provider", "key", "recorded_size", "checksum", "recorded_class", "partition", "archive_sha256"]
 
@@ -64,6 +67,7 @@ class Inventory:
     findings: pd.DataFrame
     totals: pd.DataFrame
     unreachable: dict[str, str] = field(default_factory=dict)
+    media_totals: pd.DataFrame | None = None  # the part of `totals` that is wedding media (provider listings)
 
     @property
     def serious(self) -> pd.DataFrame:
@@ -92,6 +96,11 @@ class Inventory:
             lines.extend(f"| {kind} | {n} |" for kind, n in c.items() if n)
         for provider, error in sorted(self.unreachable.items()):
             lines.append(f"\n- provider **{provider}** could not be listed: {error[:200]}")
+        if self.media_totals is not None and len(self.media_totals):
+            media = self.media_totals
+            lines.append(f"\nOf which wedding media at the providers: {int(media['objects'].sum())} objects, "
+                         f"{media['bytes'].sum() / 1e6:,.1f} MB, about "
+                         f"${float(media['monthly_cost_usd'].fillna(0).sum()):,.2f}/month.")
         unpriced = self.totals[self.totals["monthly_cost_usd"].isna()]
         if len(unpriced):
             names = ", ".join(f"{r.provider}/{r.storage_class}" for r in unpriced.itertuples())
@@ -167,15 +176,20 @@ def reconcile(objects: pd.DataFrame, copies: pd.DataFrame, *, unreachable: Mappi
     findings = rows[rows["finding"] != ""][["provider", "key", "partition", "finding", "size", "recorded_size"]]
     stored = rows[rows["finding"].isin(["", ORPHAN, CHECKSUM_MISMATCH, SIZE_MISMATCH])].copy()
     stored["size"] = stored["size"].astype("float")
+    media = stored[stored["key"].astype("string").str.contains(MEDIA_KEY, regex=True, na=False)]
+    return Inventory(rows=rows.reset_index(drop=True), findings=findings.reset_index(drop=True),
+                     totals=_totals(stored, prices), unreachable=unreachable, media_totals=_totals(media, prices))
+
+
+def _totals(stored: pd.DataFrame, prices: Mapping[tuple[str, str], float]) -> pd.DataFrame:
+    """Objects, bytes and monthly cost per provider and storage class (cost unknown without a price)."""
     totals = (stored.groupby(["provider", "storage_class"], dropna=False)
               .agg(objects=("key", "count"), bytes=("size", "sum")).reset_index())
     totals["bytes"] = totals["bytes"].astype("int64")
     totals["usd_per_gb_month"] = [prices.get((p, str(c))) for p, c in zip(totals["provider"], totals["storage_class"])]
     totals["usd_per_gb_month"] = totals["usd_per_gb_month"].astype("float")
     totals["monthly_cost_usd"] = totals["bytes"] / GB * totals["usd_per_gb_month"]
-    return Inventory(rows=rows.reset_index(drop=True), findings=findings.reset_index(drop=True),
-                     totals=totals.sort_values(["provider", "storage_class"]).reset_index(drop=True),
-                     unreachable=unreachable)
+    return totals.sort_values(["provider", "storage_class"]).reset_index(drop=True)
 
 
 def take_inventory(catalogue: Catalogue, replicas: Mapping[str, Any], vault: Any | None = None, *,

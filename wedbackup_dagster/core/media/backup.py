@@ -1,7 +1,10 @@
 """One media backup of one partition: list the source, reuse the previous snapshot's chunk lists for
 objects the source says are unchanged (size + ETag / version id / mtime), chunk and seal only the rest,
 store only chunks the partition does not have yet, and seal a new snapshot into the vault. Unchanged media
-costs a listing and no write at all. Replication to providers is store.replicate, a separate step."""
+costs a listing and no write at all. Replication to providers is store.replicate, a separate step.
+
+Which chunks are new is asked of the catalogue in batches (`_NewChunks`), never by loading every chunk id of
+the wedding into memory: a wedding of millions of chunks costs the same few MiB as a small one."""
 from __future__ import annotations
 
 import time
@@ -87,6 +90,46 @@ class _Packer:
             self._open = None
 
 
+# Chunks of the files being read are held (copied) until this much is waiting, then looked up in the
+# catalogue in one query: ~20 average chunks a query, and at most this plus one 4 MiB chunk in memory.
+LOOKUP_BATCH_BYTES = 16 << 20
+
+
+class _NewChunks:
+    """Sends the chunks the partition does not have yet to the packer, deciding in batches: the chunk ids of
+    a batch are looked up in the catalogue (packs already recorded) and in the packer's open pack; a chunk
+    repeated within the batch is stored once."""
+
+    def __init__(self, store: MediaStore, key_id: str, packer: _Packer):
+        self.store, self.key_id, self.packer = store, key_id, packer
+        self._batch: list[tuple[bytes, bytes]] = []
+        self._held = 0
+        self.new_bytes = 0
+        self.lookups = 0
+
+    def add(self, chunk_id: bytes, data: memoryview) -> None:
+        self._batch.append((chunk_id, bytes(data)))  # the chunker reuses its buffer: keep a copy
+        self._held += len(data)
+        if self._held >= LOOKUP_BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._batch:
+            return
+        batch, self._batch, self._held = self._batch, [], 0
+        known = self.store.known_among(self.key_id, {cid.hex() for cid, _ in batch})
+        self.lookups += 1
+        for cid, data in batch:
+            hexid = cid.hex()
+            # pending: the open pack's chunks (the catalogue learns them when the pack is recorded); `known`
+            # grows with what this batch stores, as a pack may be recorded (and pending cleared) mid-batch.
+            if hexid in known or hexid in self.packer.pending:
+                continue
+            known.add(hexid)
+            self.new_bytes += len(data)
+            self.packer.add(cid, memoryview(data))
+
+
 def previous_snapshot(store: MediaStore, partition: str, resolve_key: Callable[[str], SecretKey]
                       ) -> tuple[Any, MediaSnapshot | None]:
     rows = store.snapshots(partition)
@@ -110,9 +153,9 @@ def back_up_media(partition: str, source: MediaSource, store: MediaStore, weddin
     listing = list(source.list(partition))
     skipped = [Skipped(path, reason) for path, reason in getattr(source, "refused", [])]
     files: list[MediaFile] = []
-    read_bytes = new_bytes = read_files = 0
-    known: set[str] | None = None
+    read_bytes = read_files = 0
     packer = _Packer(store, partition, wedding_key)
+    new_chunks = _NewChunks(store, wedding_key.key_id, packer)
     try:
         for obj in listing:
             old = before.get(obj.path)
@@ -120,19 +163,13 @@ def back_up_media(partition: str, source: MediaSource, store: MediaStore, weddin
                                                              obj.mtime)):
                 files.append(old)
                 continue
-            if known is None:
-                known = store.known_chunks(wedding_key.key_id)
             try:
                 ids: list[str] = []
                 with source.open(obj) as stream:
                     for view in chunks(keys, stream):
                         cid = keys.chunk_id(view)
-                        hexid = cid.hex()
-                        ids.append(hexid)
-                        if hexid not in known and hexid not in packer.pending:
-                            new_bytes += len(view)
-                            packer.add(cid, view)
-                            known.add(hexid)
+                        ids.append(cid.hex())
+                        new_chunks.add(cid, view)
                     sha = stream.finish()
                     read_bytes += stream.count
                     read_files += 1
@@ -140,6 +177,7 @@ def back_up_media(partition: str, source: MediaSource, store: MediaStore, weddin
                 skipped.append(Skipped(obj.path, str(exc)))
                 continue
             files.append(MediaFile(obj.path, obj.size, sha, obj.etag, obj.version_id, obj.mtime, tuple(ids)))
+        new_chunks.flush()
         packer.flush()
     except BaseException:
         packer.abort()
@@ -150,8 +188,9 @@ def back_up_media(partition: str, source: MediaSource, store: MediaStore, weddin
         store.confirm_snapshot(prev_row.id, now)
         return MediaBackupResult(partition, prev_row.sha256, prev_row.id, True, len(files), bytes_, 0, 0, 0, 0,
                                  prev_row.packs, skipped, time.monotonic() - started)
+    new_bytes = new_chunks.new_bytes
     snapshot = MediaSnapshot(partition, now.isoformat(), source.description, files, skipped)
-    packs = len(set(store.chunk_packs(wedding_key.key_id, snapshot.chunk_ids()).values()))
+    packs = len(store.packs_holding(wedding_key.key_id, snapshot.chunk_ids())[0])
     with store.incoming(partition) as (fh, tmp):
         stats = write_snapshot(fh, snapshot, wedding_key)
         store.commit(fh, tmp, partition, SNAPSHOT, stats.sha256, stats.sealed_bytes)

@@ -33,8 +33,7 @@ def integrity(store: MediaStore, partition: str, resolve_key: Callable[[str], Se
         snapshot = read_snapshot(buf, name=f"media snapshot {row.sha256}", resolve_key=resolve_key)
     except WedbackupError as exc:
         return False, str(exc), {"snapshot": row.sha256}
-    packs = set(store.chunk_packs(row.key_id, snapshot.chunk_ids()).values())
-    missing_chunks = len(snapshot.chunk_ids()) - len(store.chunk_packs(row.key_id, snapshot.chunk_ids()))
+    packs, missing_chunks = store.packs_holding(row.key_id, snapshot.chunk_ids())
     bad = []
     for sha in sorted(packs):
         copy = store.copies_of(sha).get(VAULT)

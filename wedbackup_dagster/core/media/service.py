@@ -52,13 +52,23 @@ class MediaService:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, replicas: Mapping[str, Any] | None = None
                  ) -> "MediaService":
+        """Everything from the environment (the command line); close() closes the catalogue it opened."""
         env = os.environ if environ is None else environ
         settings = Settings.from_env(env)
         catalogue = Catalogue(settings.catalogue_dsn)
         catalogue.migrate()
-        store = MediaStore(settings.vault_dir, catalogue, replicas if replicas is not None
-                           else replicas_from(settings, env))
-        return cls(source_from_env(env), catalogue, load_master_keyring(env), store, verify_sample(env))
+        return cls.over(settings, catalogue, load_master_keyring(env),
+                        replicas if replicas is not None else replicas_from(settings, env), env)
+
+    @classmethod
+    def over(cls, settings: Settings, catalogue: Catalogue, keyring: MasterKeyring, replicas: Mapping[str, Any],
+             environ: Mapping[str, str] | None = None) -> "MediaService":
+        """Over parts the caller owns (a Dagster run's resources: its catalogue, keys, settings and replicas);
+        only the media settings (source, verification sample) are read from the environment."""
+        env = os.environ if environ is None else environ
+        catalogue.partition_locks.timeout = settings.lock_timeout
+        return cls(source_from_env(env), catalogue, keyring, MediaStore(settings.vault_dir, catalogue, replicas),
+                   verify_sample(env))
 
     def require_source(self) -> MediaSource:
         if self.source is None:

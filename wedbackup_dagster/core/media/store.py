@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -25,6 +25,18 @@ SNAPSHOT = "snapshot"
 _SUFFIX = {PACK: ".pack", SNAPSHOT: ".wbk"}
 _FOLDER = {PACK: "packs", SNAPSHOT: "snapshots"}
 VAULT = "vault"
+LOOKUP_IDS = 10_000  # chunk ids per catalogue query when many are looked up: ~700 KB of parameters
+
+
+def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 @dataclass(frozen=True)
@@ -92,28 +104,58 @@ class MediaStore:
                        checksum = excluded.checksum""",
                 (sha256, kind, partition, provider, uri, key, version_id, size, checksum, media, offsite))
 
-    def record_pack(self, partition: str, info: PackInfo) -> None:
+    def record_pack(self, partition: str, info: PackInfo, *, chunks: bool = True) -> None:
         """The pack and its chunks, in one transaction, after its vault copy is durable: a chunk is never
-        known before the bytes that hold it are."""
+        known before the bytes that hold it are. Without `chunks`, the pack only (a repacked pack, whose
+        chunks move to it once it is at every location: move_chunks)."""
         with self.catalogue.connect() as conn:
             conn.execute("INSERT INTO wedbackup.media_packs (pack_sha256, partition, key_id, size, blobs, raw_bytes) "
                          "VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
                          (info.sha256, partition, info.key_id, info.size, len(info.entries), info.raw_bytes))
-            with conn.cursor() as cur:
-                cur.executemany("INSERT INTO wedbackup.media_chunks (key_id, chunk_id, pack_sha256, raw_bytes) "
-                                "VALUES (%s,%s,%s,%s) ON CONFLICT DO NOTHING",
-                                [(info.key_id, e.chunk_id.hex(), info.sha256, e.raw_len) for e in info.entries])
+            if chunks:
+                with conn.cursor() as cur:
+                    cur.executemany("INSERT INTO wedbackup.media_chunks (key_id, chunk_id, pack_sha256, raw_bytes) "
+                                    "VALUES (%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                                    [(info.key_id, e.chunk_id.hex(), info.sha256, e.raw_len) for e in info.entries])
 
-    def known_chunks(self, key_id: str) -> set[str]:
+    def move_chunks(self, info: PackInfo) -> None:
+        """Point the chunks a repacked pack holds at it, in one transaction (their old pack may then go)."""
+        with self.catalogue.connect() as conn:
+            with conn.cursor() as cur:
+                cur.executemany("UPDATE wedbackup.media_chunks SET pack_sha256 = %s "
+                                "WHERE key_id = %s AND chunk_id = %s",
+                                [(info.sha256, info.key_id, e.chunk_id.hex()) for e in info.entries])
+
+    def known_among(self, key_id: str, chunk_ids: Iterable[str]) -> set[str]:
+        """Which of these chunk ids (a backup's lookup batch) the partition's key already has in a pack: one
+        indexed query, never the whole index of the wedding in memory."""
         with self.catalogue.connect() as conn:
             return {r["chunk_id"] for r in conn.execute(
-                "SELECT chunk_id FROM wedbackup.media_chunks WHERE key_id = %s", (key_id,)).fetchall()}
+                "SELECT chunk_id FROM wedbackup.media_chunks WHERE key_id = %s AND chunk_id = ANY(%s)",
+                (key_id, list(chunk_ids))).fetchall()}
 
-    def chunk_packs(self, key_id: str, chunk_ids: set[str]) -> dict[str, str]:
+    def chunk_packs(self, key_id: str, chunk_ids: Iterable[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
         with self.catalogue.connect() as conn:
-            rows = conn.execute("SELECT chunk_id, pack_sha256 FROM wedbackup.media_chunks WHERE key_id = %s "
-                                "AND chunk_id = ANY(%s)", (key_id, list(chunk_ids))).fetchall()
-        return {r["chunk_id"]: r["pack_sha256"] for r in rows}
+            for batch in _batches(chunk_ids, LOOKUP_IDS):
+                rows = conn.execute("SELECT chunk_id, pack_sha256 FROM wedbackup.media_chunks WHERE key_id = %s "
+                                    "AND chunk_id = ANY(%s)", (key_id, batch)).fetchall()
+                found.update((r["chunk_id"], r["pack_sha256"]) for r in rows)
+        return found
+
+    def packs_holding(self, key_id: str, chunk_ids: Iterable[str]) -> tuple[set[str], int]:
+        """The packs holding these chunks, and how many of the chunks no pack holds: in batches, so a
+        snapshot of millions of chunks never has a chunk -> pack map in memory."""
+        packs: set[str] = set()
+        missing = 0
+        with self.catalogue.connect() as conn:
+            for batch in _batches(chunk_ids, LOOKUP_IDS):
+                rows = conn.execute("SELECT DISTINCT pack_sha256, count(*) OVER () AS found "
+                                    "FROM wedbackup.media_chunks WHERE key_id = %s AND chunk_id = ANY(%s)",
+                                    (key_id, batch)).fetchall()
+                packs.update(r["pack_sha256"] for r in rows)
+                missing += len(batch) - (rows[0]["found"] if rows else 0)
+        return packs, missing
 
     def record_snapshot(self, *, partition: str, sha256: str, key_id: str, taken_at: Any, files: int, bytes_: int,
                         new_bytes: int, stored_bytes: int, packs: int, skipped: list[dict[str, str]]) -> int:

@@ -127,3 +127,23 @@ def test_inventory_on_the_real_stack(demo_env, s3_bucket, monkeypatch, s3_client
     found = inv.take_inventory(cat, replicas(Settings.from_env()), engine.vault)
     assert "s3" in found.unreachable
     assert (found.findings[found.findings["provider"] == "s3"]["finding"] == inv.UNREACHABLE).sum() == 3
+
+
+def test_media_is_counted_and_priced_on_its_own():
+    pack, snap = "e" * 64, "f" * 64
+    objects = _objects([
+        ("s3", "p/1/" + SHA[0] + ".wbk", 100, "STANDARD", "1", SHA[0]),
+        ("s3", f"p/media/weddings/1/packs/{pack}.pack", 1000, "STANDARD", None, None),
+        ("s3", f"p/media/platform/snapshots/{snap}.wbk", 10, "STANDARD", None, None),
+        ("s3", "p/media/weddings/1/packs/not-a-pack.txt", 7, "STANDARD", None, None),  # not ours: rows' side
+        ("azure", f"p/media/weddings/1/packs/{pack}.pack", 1000, "Cool", None, None),
+    ])
+    copies = _copies([("s3", "p/1/" + SHA[0] + ".wbk", 100, "sum", "STANDARD", "1", SHA[0])])
+    found = inv.reconcile(objects, copies, prices={("s3", "STANDARD"): 0.02, ("azure", "Cool"): 0.01})
+    media = {(r.provider, r.storage_class): r for r in found.media_totals.itertuples()}
+    assert (media[("s3", "STANDARD")].objects, media[("s3", "STANDARD")].bytes) == (2, 1010)
+    assert media[("azure", "Cool")].monthly_cost_usd == pytest.approx(1000 / 1e9 * 0.01)
+    totals = {(r.provider, r.storage_class): r for r in found.totals.itertuples()}
+    assert totals[("s3", "STANDARD")].bytes == 1117  # media is part of the totals too
+    assert "wedding media at the providers: 3 objects" in found.summary_markdown()
+    assert found.counts()[inv.ORPHAN] == 0

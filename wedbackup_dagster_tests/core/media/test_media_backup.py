@@ -167,3 +167,37 @@ def test_a_changed_file_uploads_only_its_new_chunks(media_world):
     assert second.read_bytes == len(data) + len(b"new caption")
     assert 0 < second.new_bytes < 2 << 20  # the first chunk or two of one photo, not the photo
     assert second.snapshot_sha256 != first.snapshot_sha256
+
+
+def test_repeated_chunks_are_stored_once_across_lookup_batches_and_packs(media_world, monkeypatch):
+    """New chunks are decided in catalogue lookup batches (no in-memory index of the wedding): a chunk
+    repeated within one batch, after a pack was closed mid-batch, in a later batch or in another file is
+    stored once, and everything restores byte-identical."""
+    import os
+
+    from wedbackup_dagster.core.media import backup
+    from wedbackup_dagster.core.media.chunker import CHUNK_MAX
+
+    world = media_world
+    # Small packs and large batches, so that a pack closes in the middle of a batch holding repeats.
+    monkeypatch.setattr(backup, "PACK_TARGET_BYTES", 6 << 20)
+    monkeypatch.setattr(backup, "LOOKUP_BATCH_BYTES", 40 << 20)
+    block = os.urandom(CHUNK_MAX + (1 << 20))  # > one chunk's maximum: cut the same way wherever it repeats
+    video = os.urandom(4 << 20) + block * 12
+    world.s3.put_object(Bucket=world.bucket, Key="weddings/9/video.mov", Body=video)
+    world.s3.put_object(Bucket=world.bucket, Key="weddings/9/copy of video.mov", Body=video)
+    key = world.catalogue.wedding_key("9", world.keyring)
+    result = backup.back_up_media("9", world.source, world.store, key)
+    assert result.read_bytes == 2 * len(video)
+    # The unique bytes, give or take the chunk boundaries where the random part meets the blocks.
+    unique = (4 << 20) + len(block)
+    assert unique - CHUNK_MAX <= result.new_bytes <= unique + 2 * CHUNK_MAX, (result.new_bytes, unique)
+    assert result.packs_written == 2  # the first closed mid-batch, at 6 MiB
+    with world.catalogue.connect() as conn:
+        stored = conn.execute("SELECT sum(raw_bytes) AS b FROM wedbackup.media_chunks WHERE key_id = %s",
+                              (key.key_id,)).fetchone()
+    assert stored["b"] == result.new_bytes  # each chunk once
+    out = world.tmp / "repeated"
+    restore_media(world.store, "9", lambda kid: world.catalogue.key_by_id(kid, world.keyring), to_dir=out)
+    assert (out / "weddings/9/video.mov").read_bytes() == video
+    assert (out / "weddings/9/copy of video.mov").read_bytes() == video

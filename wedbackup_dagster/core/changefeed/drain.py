@@ -141,7 +141,12 @@ class ChangeFeed:
             self.store.mark_lost(feed["id"], "slot lost")
         with self._connect() as conn:
             slots.drop_slot(conn, self.slot)
-        return self.start()
+        lost = max(self.store.feeds(), key=lambda f: f["id"], default=None)
+        started = self.start()
+        # The gap in the continuous range: from what the lost feed had captured to the new feed's start.
+        started["gap_from"] = lost["covered_until"] if lost else None
+        started["gap_to"] = started["seed_time"]
+        return started
 
     # ---- draining ------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

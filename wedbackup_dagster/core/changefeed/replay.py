@@ -63,9 +63,12 @@ def _fmt(t: datetime | None) -> str:
 
 
 def plan_replay(store: FeedStore, partition: str, manifest: Mapping[str, Any], snapshot_time: datetime,
-                as_of: datetime | None) -> ReplayPlan | None:
+                as_of: datetime | None, next_snapshot: datetime | None = None) -> ReplayPlan | None:
     """What to replay on top of the snapshot with `manifest` to reach `as_of` (None: as far as captured).
-    None when the catalogue has no change feed at all (a snapshot-only restore, as before the feed)."""
+    None when the catalogue has no change feed at all (a snapshot-only restore, as before the feed).
+    `next_snapshot`: the wedding's first snapshot after `as_of`, named in a refusal as the next restorable point."""
+    after = (f", or the wedding's next snapshot, of {next_snapshot.isoformat()}, and any second the feed covers "
+             "after it" if next_snapshot else ", or a snapshot taken after it (none yet)")
     feeds = store.feeds()
     if not feeds:
         return None
@@ -85,13 +88,13 @@ def plan_replay(store: FeedStore, partition: str, manifest: Mapping[str, Any], s
         raise ReplayRefused(f"wedding {partition}: {target.isoformat()} is past what the change feed has captured "
                             f"({covered.isoformat()}{', where the feed was lost' if feed['lost_at'] else ''}); the "
                             f"nearest restorable points: any second from {snapshot_time.isoformat()} to "
-                            f"{covered.isoformat()}")
+                            f"{covered.isoformat()}{after}")
     for b in store.barriers(partition):
         if snapshot_time < b["at"] <= target and (b["feed_id"] in (None, feed["id"])):
             raise ReplayRefused(f"wedding {partition}: replay from the snapshot of {snapshot_time.isoformat()} to "
                                 f"{target.isoformat()} would cross a barrier at {b['at'].isoformat()} ({b['reason']}); "
                                 f"the nearest restorable points: any second from {snapshot_time.isoformat()} to before "
-                                f"{b['at'].isoformat()}, or from the first snapshot after it")
+                                f"{b['at'].isoformat()}{after}")
     segments = [s for s in store.segments(partition, feed_id=feed["id"], since=snapshot_time - SELECTION_MARGIN)
                 if s["first_commit"] <= target]
     return ReplayPlan(partition, feed["id"], manifest["snapshot"], snapshot_time, target, segments, covered)
@@ -138,7 +141,8 @@ def apply(conn, live_plan: tenancy.TenancyPlan, txns: list[dict[str, Any]], mani
     tables = {str(t.table): t for t in live_plan.tenant_tables}
     manifest_tables = {f"{t['schema']}.{t['name']}": t for t in manifest["tables"]}
     types_of: dict[str, dict[str, str]] = {}
-    conn.execute("SET LOCAL session_replication_role = replica")
+    if placed is None:  # copies (a stage, an inspection schema) have no triggers or foreign keys to hold off
+        conn.execute("SET LOCAL session_replication_role = replica")
     # Statements go out pipelined (no round trip each), a few thousand at a time; each must have touched
     # exactly one row (by primary key), checked on its own result once the batch is synced.
     statements: dict[tuple, bytes] = {}
@@ -194,7 +198,8 @@ def apply(conn, live_plan: tenancy.TenancyPlan, txns: list[dict[str, Any]], mani
             counts[op] += 1
             report.changes += 1
     flush()
-    conn.execute("SET LOCAL session_replication_role = origin")
+    if placed is None:
+        conn.execute("SET LOCAL session_replication_role = origin")
     params = {"wedding_id": partition}
     for name, counts in report.tables.items():
         expected = manifest_tables[name]["rows"] + counts["I"] - counts["D"]
@@ -264,6 +269,18 @@ class PreparedReplay:
         self.manifest = manifest
         self.report: ReplayReport | None = None
 
+    def net_rows(self) -> dict[str, int]:
+        """Per table, the transactions' inserts less their deletes, counted without applying anything (a dry
+        run into an empty database, which has no tables to stage in); also kept as the report."""
+        report = ReplayReport(self.plan.partition, self.plan.as_of.isoformat(), transactions=len(self.txns),
+                              segments=len(self.plan.segments))
+        for txn in self.txns:
+            for op, name, _, _ in txn["changes"]:
+                report.tables.setdefault(name, {"I": 0, "U": 0, "D": 0})[op] += 1
+                report.changes += 1
+        self.report = report
+        return {name: c["I"] - c["D"] for name, c in report.tables.items()}
+
     def __call__(self, conn, placed: Mapping[str, sql.Identifier] | None = None) -> None:
         live_plan = tenancy.discover(conn)
         self.report = apply(conn, live_plan, self.txns, self.manifest, self.plan.partition, self.plan.as_of, placed)
@@ -283,7 +300,11 @@ def prepare_for_restore(engine: Any, backup: Any, as_of: datetime | None, replic
     store = FeedStore(engine.catalogue)
     if not _feed_tables_exist(engine.catalogue):
         return None
-    plan = plan_replay(store, backup.partition, backup.manifest, backup.snapshot_time, as_of)
+    with engine.catalogue.connect() as conn:
+        row = conn.execute("SELECT min(snapshot_time) AS t FROM wedbackup.backups WHERE partition = %s "
+                           "AND snapshot_time > %s", (backup.partition, as_of or backup.snapshot_time)).fetchone()
+    plan = plan_replay(store, backup.partition, backup.manifest, backup.snapshot_time, as_of,
+                       next_snapshot=row["t"] if row else None)
     if plan is None:
         return None
     txns = load_transactions(plan, SegmentSource(store, str(engine.settings.vault_dir), replicas), engine.resolve_key)

@@ -192,3 +192,20 @@ def test_an_unchanged_toasted_value_keeps_its_value_through_replay(feed_env, mak
     assert report.replay["changes"] >= 1 and _schema_digest(source, "w5_then", expected) == expected
     recover(engine, _request("5", "in_place", at), {})
     assert digest(source, "5") == expected
+
+
+def test_an_as_of_before_the_first_snapshot_is_refused_naming_the_oldest_point(feed_env, make_database):
+    from wedbackup_dagster.core.errors import WedbackupError
+
+    engine, feed, source = feed_env["engine"], feed_env["feed"], feed_env["source"]
+    before = _now(source)
+    _back_up(engine, "8")
+    _write(source, "UPDATE weddings SET venue = 'after the snapshot' WHERE id = 8")
+    _drain_past(feed, _now(source))
+    with psycopg.connect(engine.settings.catalogue_dsn) as conn:
+        (first,) = conn.execute("SELECT min(snapshot_time) FROM wedbackup.backups WHERE partition = '8'").fetchone()
+    for mode, kw in (("target", {"target_dsn": make_database()}), ("in_place", {})):
+        with pytest.raises(WedbackupError, match=rf"wedding 8.* has no backup at or before "
+                                                 rf"{before.isoformat().replace('+', '.')}: its oldest is from "
+                                                 rf"{first.isoformat().replace('+', '.')}"):
+            recover(engine, _request("8", mode, before), {}, **kw)

@@ -51,7 +51,7 @@ def cmd_points(args: argparse.Namespace) -> int:
         points = recovery.recovery_points(catalogue, partition)
         from ..core.changefeed.replay import continuous_ranges  # the change feed's reach past each snapshot
 
-        ranges = continuous_ranges(catalogue, partition, points) if partition != PLATFORM else {}
+        ranges = continuous_ranges(catalogue, partition, points)
     finally:
         catalogue.close()
     if args.json:

@@ -18,7 +18,7 @@ from psycopg.rows import dict_row
 from wedbackup_dagster.core.errors import CryptoKeyError, UnknownWeddingError, WedbackupError
 from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey, new_data_key, unwrap_key, wrap_key
 from wedbackup_dagster.core.catalogue.locks import PartitionLocks
-from wedbackup_dagster.core.changefeed.schema import CHANGEFEED_TABLES
+from wedbackup_dagster.core.changefeed.schema import CHANGEFEED_PLATFORM, CHANGEFEED_TABLES
 from wedbackup_dagster.core.media.schema import MEDIA_TABLES
 
 SCHEMA_VERSION = 1
@@ -198,6 +198,7 @@ MIGRATIONS = [
     """,
     MEDIA_TABLES,
     CHANGEFEED_TABLES,
+    CHANGEFEED_PLATFORM,
 ]
 
 

@@ -45,7 +45,8 @@ class FeedStore:
         with self.catalogue.connect() as conn:
             feed_id = conn.execute(
                 """INSERT INTO wedbackup.changefeed_feeds (slot, start_lsn, seed_snapshot, seed_time, plan_fingerprint,
-                       persisted_lsn, covered_until) VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id""",
+                       persisted_lsn, covered_until, platform_captured) VALUES (%s, %s, %s, %s, %s, %s, %s, true)
+                   RETURNING id""",
                 (slot, start_lsn, seed_snapshot, seed_time, plan_fingerprint, start_lsn, seed_time)).fetchone()["id"]
             with conn.cursor() as cur, cur.copy(
                     "COPY wedbackup.changefeed_routes (feed_id, tbl, cols, key, partition) FROM STDIN") as copy:

@@ -837,11 +837,9 @@ def recover(engine: Any, request: RecoveryRequest, replicas: Mapping[str, Any], 
              f"{backup.archive_sha256[:12]}, {state}), from the {chosen} copy")
     dsn = target_dsn if target_dsn and request.mode != "in_place" else engine.settings.source_dsn
     name = engine.archive_name(backup, chosen)
-    replay = None
-    if partition != PLATFORM:  # every mode, dry runs too
-        from ..changefeed.replay import prepare_for_restore  # to the second, when a change feed covers it
+    from ..changefeed.replay import prepare_for_restore  # to the second, when a change feed covers it
 
-        replay = prepare_for_restore(engine, backup, request.as_of, replicas, progress)
+    replay = prepare_for_restore(engine, backup, request.as_of, replicas, progress)  # every mode, dry runs too
     with engine.fetched_copy(backup, chosen, replicas) as tmp:
         progress(f"fetched the {chosen} copy ({backup.size:,} bytes, SHA-256 checked)")
         chunks = open_archive(tmp, name=name, resolve_key=engine.resolve_key)

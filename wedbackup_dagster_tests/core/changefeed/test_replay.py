@@ -209,3 +209,42 @@ def test_an_as_of_before_the_first_snapshot_is_refused_naming_the_oldest_point(f
                                                  rf"{before.isoformat().replace('+', '.')}: its oldest is from "
                                                  rf"{first.isoformat().replace('+', '.')}"):
             recover(engine, _request("8", mode, before), {}, **kw)
+
+
+def _platform_digest(dsn: str) -> dict:
+    """Per table of the platform partition: (rows, md5 of the rows' text), by the snapshot's own SELECTs."""
+    from wedbackup_dagster.core.postgres import tenancy
+    from wedbackup_dagster.core.postgres.snapshot import partition_selects
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        plan = tenancy.discover(conn)
+        return {str(t.table): tuple(conn.execute(sql.SQL(
+            "SELECT count(*), md5(coalesce(string_agg(x::text, E'\\n' ORDER BY x::text COLLATE \"C\"), '')) "
+            "FROM ({}) AS x").format(select)).fetchone()) for t, select in partition_selects(plan, "platform")}
+
+
+def test_the_platform_partition_replays_to_the_second(feed_env, make_database):
+    engine, feed, source = feed_env["engine"], feed_env["feed"], feed_env["source"]
+    _back_up(engine, "platform")
+    _write(source, "UPDATE vendors SET city = 'Replayed' WHERE id = (SELECT min(id) FROM vendors)",
+           "INSERT INTO feature_flags (key, enabled, rollout_percent) VALUES ('feed-test', true, 40)",
+           "DELETE FROM platform_audit WHERE id = (SELECT min(id) FROM platform_audit)")
+    at = _now(source)
+    expected = _platform_digest(source)
+    _write(source, "UPDATE vendors SET city = 'after T'", "DELETE FROM feature_flags WHERE key = 'feed-test'")
+    _drain_past(feed, _now(source))
+    assert "platform" in {s["partition"] for s in feed.store.segments("platform")}
+
+    target = make_database()
+    report = recover(engine, _request("platform", "target", at), {}, target_dsn=target)
+    assert report.replay["changes"] >= 3
+    assert _platform_digest(target) == expected
+    dry = recover(engine, _request("platform", "target", at, dry_run=True), {}, target_dsn=make_database())
+    assert {t.table: t.archive_rows for t in dry.tables} == {k: v[0] for k, v in expected.items()}
+    dry = recover(engine, _request("platform", "target", at, dry_run=True), {}, target_dsn=target)
+    assert (dry.totals["add"], dry.totals["remove"], dry.totals["change"]) == (0, 0, 0)
+    # Without --as-of: the newest snapshot, as before the feed (the platform replays to an explicit second only).
+    plain = recover(engine, _request("platform", "target", None), {}, target_dsn=make_database())
+    assert plain.replay is None
+    report = recover(engine, _request("platform", "schema", at, schema="platform_then"), {})
+    assert report.replay["changes"] >= 3 and _schema_digest(source, "platform_then", expected) == expected

@@ -112,7 +112,7 @@ def test_dry_runs_and_the_inspection_schema_replay_to_the_second(feed_env, make_
 
 
 def test_in_place_with_a_row_now_held_by_another_wedding_refuses_or_skips_it_and_never_touches_that_wedding(
-        feed_env):
+        feed_env, tmp_path, monkeypatch, capsys):
     engine, feed, source = feed_env["engine"], feed_env["feed"], feed_env["source"]
     _back_up(engine, "2", "3")
     with psycopg.connect(source, autocommit=True) as conn:
@@ -146,8 +146,17 @@ def test_in_place_with_a_row_now_held_by_another_wedding_refuses_or_skips_it_and
         recover(engine, _request("2", "in_place", at), {})
     assert digest(source, "2") == before_2 and digest(source, "3") == before_3
 
-    report = recover(engine, _request("2", "in_place", at, skip_moved_rows=True), {})
-    assert [m["skipped"] for m in report.moved_rows] == [True]
+    # Through the command line and the restore_wedding job: --skip-moved-rows restores the rest and says so.
+    from wedbackup_dagster.cli.app import main
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    capsys.readouterr()
+    assert main(["restore", "--wedding", "2", "--in-place", "--as-of", at.isoformat(), "--include-unverified",
+                 "--skip-moved-rows"]) == 0
+    assert f"row public.guest_dietary (id)=({diet}) now belongs to wedding 3: left there" in capsys.readouterr().out
     assert digest(source, "3") == before_3  # the other wedding: untouched, the moved row still its own
     got = digest(source, "2")
     assert {k: v for k, v in got.items() if k != "public.guest_dietary"} == {

@@ -36,6 +36,7 @@ class RestoreConfig(dg.Config):
     target_dsn_env: str = TARGET_DSN_VARIABLE  # the variable holding the target's DSN (never the DSN itself)
     provider: str | None = None  # vault, s3, gcs or azure; default: the vault copy when present
     lock_timeout_seconds: float = recovery.DEFAULT_LOCK_TIMEOUT  # in place: wait at most this long per lock
+    skip_moved_rows: bool = False  # in place: leave rows another wedding holds now where they are (listed)
 
 
 @dg.op(tags={"kind": "restore"})
@@ -58,7 +59,7 @@ def restore_partition(context: dg.OpExecutionContext, config: RestoreConfig, wed
     request = recovery.RecoveryRequest(
         partition=partition, mode=config.mode, as_of=recovery.parse_as_of(config.as_of), dry_run=config.dry_run,
         provider=config.provider, schema=config.schema_name, include_unverified=config.include_unverified,
-        lock_timeout=config.lock_timeout_seconds)
+        lock_timeout=config.lock_timeout_seconds, skip_moved_rows=config.skip_moved_rows)
 
     def progress(message: str) -> None:
         message = redact(message)

@@ -1,12 +1,16 @@
 """Sensors that keep the partitions and the catalogue in step with the source: wedding discovery (new
-weddings become dynamic partitions, erased ones leave) and change capture (an updated_at watermark; a
-change to a critical or high-tier wedding is backed up within the sensor's interval)."""
+weddings become dynamic partitions, erased ones leave) and change capture (a change to a critical or
+high-tier wedding is backed up within the sensor's interval), decided by the change feed when one runs,
+else by an updated_at watermark."""
 import datetime as dt
+import os
 from collections import defaultdict
 
 import dagster as dg
 
 from .partitions import validated_keys, weddings_partitions
+from wedbackup_dagster.core.changefeed.slot import slot_from_env
+from wedbackup_dagster.core.changefeed.store import FeedStore
 from wedbackup_dagster.core.partitions import PLATFORM
 from wedbackup_dagster.core.postgres.discovery import changed_weddings, digest, wedding_dates
 from wedbackup_dagster.core.policy.backup_policy import CRITICAL, HIGH
@@ -70,22 +74,38 @@ def _watermark(cursor: str | None) -> dt.datetime | None:
     job=backup_wedding_list,
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Follows the updated_at columns of the tenant tables: records each wedding's newest change in "
-                "the catalogue (the schedule's fingerprint) and requests a backup at once for a changed "
-                "critical or high-tier wedding. Cursor: the updated_at watermark.",
+    description="Requests a backup at once for a changed critical or high-tier wedding. Which weddings changed: "
+                "when a change feed runs, what its drains recorded (deletes and tables without updated_at "
+                "included); without one, the updated_at columns of the tenant tables, recorded in the catalogue "
+                "(the schedule's fingerprint). Cursor: how far the feed had captured, or the updated_at "
+                "watermark.",
 )
 def wedding_change_capture(context: dg.SensorEvaluationContext, wedbackup: WedbackupEngineResource):
     since = _watermark(context.cursor)
-    changes, newest = changed_weddings(wedbackup.source_dsn(), since - WATERMARK_OVERLAP if since else None)
-    watermark = max(newest, since) if since else newest
+    catalogue = wedbackup.catalogue()
+    captured = FeedStore(catalogue).deciding_watermark(slot_from_env(os.environ))
+    if captured is not None:
+        # The feed decides for the weddings: its drains recorded each wedding's newest commit. The overlap
+        # covers a drain that recorded its changes just after this tick read how far it had captured. The
+        # platform's tables are not in the feed: updated_at still decides for the platform partition.
+        platform, newest = changed_weddings(wedbackup.source_dsn(), since - WATERMARK_OVERLAP if since else None,
+                                            weddings=False)
+        catalogue.record_source_changes(platform)
+        rows = catalogue.source_changes_since(since - WATERMARK_OVERLAP if since else None)
+        watermark = max(captured, newest, since) if since else max(captured, newest)
+        decided_by = "change feed"
+    else:
+        changes, newest = changed_weddings(wedbackup.source_dsn(), since - WATERMARK_OVERLAP if since else None)
+        watermark = max(newest, since) if since else newest
+        rows = catalogue.record_source_changes(changes) if changes else []
+        decided_by = "updated_at"
     cursor = watermark.isoformat()
-    if not changes:
-        return dg.SensorResult(cursor=cursor, skip_reason=f"no change since {cursor}")
+    if not rows:
+        return dg.SensorResult(cursor=cursor, skip_reason=f"no change since {cursor} ({decided_by})")
+    changes = rows
     policy = wedbackup.policy()
     now = dt.datetime.now(dt.timezone.utc)
     today = policy.today(now)
-    catalogue = wedbackup.catalogue()
-    rows = catalogue.record_source_changes(changes)
     urgent: dict[str, list[str]] = defaultdict(list)
     for row in rows:
         tier = policy.tier(row["wedding_date"], today)
@@ -100,7 +120,8 @@ def wedding_change_capture(context: dg.SensorEvaluationContext, wedbackup: Wedba
         urgent, ordered, policy, key_prefix=f"change-{watermark.astimezone(dt.timezone.utc):%Y%m%dT%H%M%S%f}",
         trigger="change")
     catalogue.mark_requested(requested, now)
-    context.log.info(f"{len(changes)} partition(s) changed; {len(requested)} critical/high wedding(s) requested")
+    context.log.info(f"{len(changes)} partition(s) changed ({decided_by}); {len(requested)} critical/high wedding(s) "
+                     "requested")
     if not requests:
         return dg.SensorResult(cursor=cursor, skip_reason=f"{len(changes)} partition(s) changed, none critical "
                                                           "or high tier with an unrequested change")

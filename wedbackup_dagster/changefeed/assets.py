@@ -99,7 +99,15 @@ def change_feed(context: dg.AssetExecutionContext, config: DrainConfig, wedbacku
     weddings = [{"wedding": w["partition"], "newest_change": w["newest_commit"].isoformat(),
                  "lag_seconds": round((now - w["newest_commit"]).total_seconds(), 1),
                  "segments": int(w["segments"]), "changes": int(w["changes"])} for w in status["weddings"][:200]]
-    slot_ok, slot_why = (False, f"slot lost and recovered: {recovered}") if recovered else slot_check(state)
+    if recovered:
+        gap_from = recovered["gap_from"].isoformat() if recovered.get("gap_from") else "the feed's start"
+        slot_ok, slot_why = False, (
+            f"slot lost and recovered: a gap in the continuous range of every wedding from {gap_from} to "
+            f"{recovered['gap_to'].isoformat()} (no wedding can be restored to a second inside it); a new feed "
+            f"(id {recovered['feed']}) runs on slot {recovered['slot']} and every wedding is marked changed so "
+            "the backup schedule takes fresh snapshots")
+    else:
+        slot_ok, slot_why = slot_check(state)
     metadata = {
         "transactions": dg.MetadataValue.int(sum(r.transactions for r in results)),
         "changes": dg.MetadataValue.int(changes),

@@ -51,7 +51,7 @@ def cmd_points(args: argparse.Namespace) -> int:
         points = recovery.recovery_points(catalogue, partition)
         from ..core.changefeed.replay import continuous_ranges  # the change feed's reach past each snapshot
 
-        ranges = continuous_ranges(catalogue, partition, points) if partition != PLATFORM else {}
+        ranges = continuous_ranges(catalogue, partition, points)
     finally:
         catalogue.close()
     if args.json:
@@ -111,6 +111,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         config["provider"] = args.source
     if args.lock_timeout is not None:
         config["lock_timeout_seconds"] = float(args.lock_timeout)
+    if args.skip_moved_rows:
+        config["skip_moved_rows"] = True
     if args.target_dsn:
         os.environ[TARGET_DSN_VARIABLE] = args.target_dsn  # read by the op; never put in the run config
     from ..definitions import defs
@@ -172,6 +174,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="also consider backups that no restore has verified yet")
     restore.add_argument("--lock-timeout", type=float, metavar="SECONDS",
                          help="--in-place: how long to wait for one of the wedding's rows to be free (default 30)")
+    restore.add_argument("--skip-moved-rows", action="store_true",
+                         help="--in-place: rows of the wedding's state that another wedding holds now are left "
+                              "there (listed) instead of refusing the restore")
     restore.add_argument("--json", action="store_true", help="the report as JSON")
     restore.set_defaults(func=_restore_entry)
 

@@ -12,6 +12,7 @@ from wedbackup_dagster.backups.list_pipeline import list_run_config
 from wedbackup_dagster.backups.sensors import wedding_change_capture, wedding_discovery
 from wedbackup_dagster.core.postgres.discovery import digest
 from wedbackup_dagster.shared.resources import WedbackupEngineResource
+from wedbackup_dagster_tests.core.changefeed.conftest import feed_env  # noqa: F401  (a fixture)
 
 RESOURCES = {"wedbackup": WedbackupEngineResource()}  # read from the environment when a tick starts
 
@@ -142,4 +143,45 @@ def test_no_change_keeps_the_watermark(source, catalogue, instance):
     stamp = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc).isoformat()
     data = capture(instance, stamp)
     assert data.run_requests == [] and data.cursor == stamp
-    assert data.skip_message == f"no change since {stamp}"
+    assert data.skip_message == f"no change since {stamp} (updated_at)"
+
+
+def test_with_a_change_feed_running_the_feed_decides_a_deleted_child_row_without_updated_at_included(
+        feed_env, monkeypatch):  # noqa: F811
+    """The feed, not updated_at, decides which weddings changed: a delete of a guest_dietary row (no
+    updated_at, no wedding column) asks for a backup of its critical wedding; updated_at alone never sees it."""
+    from wedbackup_dagster.core.changefeed.slot import SLOT_SETTING
+
+    monkeypatch.setenv(SLOT_SETTING, feed_env["slot"])
+    engine, feed, source = feed_env["engine"], feed_env["feed"], feed_env["source"]
+    today = dt.datetime.now(dt.timezone.utc).date()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("UPDATE weddings SET wedding_date = %s WHERE id = 4", (today,))  # the wedding day
+        rows = conn.execute("SELECT id::text, wedding_date FROM weddings").fetchall()
+    engine.catalogue.sync_partitions([("platform", None), *rows])
+    with engine.snapshot_session() as session:
+        for w, _ in rows:
+            engine.back_up(w, session)
+    feed.drain()
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("weddings", ["platform", *(w for w, _ in rows)])
+        first = capture(instance)
+        assert first.run_requests == []
+        with psycopg.connect(source, autocommit=True) as conn:
+            (stamp,) = conn.execute("SELECT clock_timestamp()").fetchone()
+            conn.execute("DELETE FROM guest_dietary WHERE id = (SELECT min(d.id) FROM guest_dietary d JOIN guests g "
+                         "ON g.id = d.guest_id WHERE g.wedding_id = 4)")
+        from wedbackup_dagster.core.postgres.discovery import changed_weddings
+
+        assert "4" not in changed_weddings(source, stamp)[0]  # invisible to updated_at
+        feed.drain()
+        data = capture(instance, first.cursor)
+        assert [r.tags["wedbackup/first_wedding"] for r in data.run_requests] == ["4"]
+        assert data.run_requests[0].tags["wedbackup/tier"] == "critical"
+        assert dt.datetime.fromisoformat(data.cursor) == feed.store.live_feed(feed.slot)["covered_until"]
+        # Without a live feed (stopped), updated_at decides again and cannot see such a delete.
+        feed.stop()
+        with psycopg.connect(source, autocommit=True) as conn:
+            conn.execute("DELETE FROM guest_dietary WHERE id = (SELECT min(d.id) FROM guest_dietary d JOIN guests g "
+                         "ON g.id = d.guest_id WHERE g.wedding_id = 4)")
+        assert capture(instance, data.cursor).run_requests == []

@@ -35,6 +35,7 @@ def test_a_drain_run_shows_changes_lag_and_each_wedding_and_recovers_a_dropped_s
         conn.execute("SELECT pg_drop_replication_slot(%s)", (feed_env["slot"],))
     result, mat, checks = _run(instance)
     assert not checks["slot_health"].passed and "slot lost and recovered" in checks["slot_health"].description
+    assert "a gap in the continuous range of every wedding from " in checks["slot_health"].description
     feed = feed_env["feed"]
     assert len(feed.store.feeds()) == 2 and feed.store.live_feed(feed.slot)["id"] == 2
     with psycopg.connect(feed_env["source"], autocommit=True) as conn:

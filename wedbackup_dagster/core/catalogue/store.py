@@ -18,7 +18,7 @@ from psycopg.rows import dict_row
 from wedbackup_dagster.core.errors import CryptoKeyError, UnknownWeddingError, WedbackupError
 from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey, new_data_key, unwrap_key, wrap_key
 from wedbackup_dagster.core.catalogue.locks import PartitionLocks
-from wedbackup_dagster.core.changefeed.schema import CHANGEFEED_TABLES
+from wedbackup_dagster.core.changefeed.schema import CHANGEFEED_PLATFORM, CHANGEFEED_TABLES
 from wedbackup_dagster.core.media.schema import MEDIA_TABLES
 
 SCHEMA_VERSION = 1
@@ -198,6 +198,7 @@ MIGRATIONS = [
     """,
     MEDIA_TABLES,
     CHANGEFEED_TABLES,
+    CHANGEFEED_PLATFORM,
 ]
 
 
@@ -571,6 +572,19 @@ class Catalogue:
                        (SELECT max(b.snapshot_time) FROM wedbackup.backups b
                         WHERE b.partition = p.partition) AS snapshot_time""",
                 (names, times)).fetchall()
+
+    def source_changes_since(self, since: datetime | None) -> list[dict[str, Any]]:
+        """The live partitions whose source_updated_at (kept by the change feed's drains) is later than `since`
+        (every one with a change recorded, without it), in record_source_changes's shape."""
+        with self.connect() as conn:
+            return conn.execute(
+                """SELECT p.partition, p.wedding_date, p.source_updated_at, p.requested_at,
+                       (SELECT max(b.snapshot_time) FROM wedbackup.backups b
+                        WHERE b.partition = p.partition) AS snapshot_time
+                   FROM wedbackup.partitions p
+                   WHERE p.removed_at IS NULL AND p.source_updated_at IS NOT NULL
+                     AND (%(since)s::timestamptz IS NULL OR p.source_updated_at > %(since)s::timestamptz)""",
+                {"since": since}).fetchall()
 
     # ==== provider health, catch-up and rebuild (issue 4 part B; core/storage/health.py, core/catalogue/rebuild_from_storage.py) ======
     def record_provider_check(self, provider: str, *, ok: bool, seconds: float | None, error: str | None,

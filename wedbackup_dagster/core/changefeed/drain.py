@@ -18,6 +18,7 @@ from typing import Any
 
 import psycopg
 
+from wedbackup_dagster.core.partitions import PLATFORM
 from wedbackup_dagster.core.postgres import tenancy
 from wedbackup_dagster.core.catalogue.store import Catalogue
 from wedbackup_dagster.core.errors import CryptoKeyError
@@ -141,7 +142,12 @@ class ChangeFeed:
             self.store.mark_lost(feed["id"], "slot lost")
         with self._connect() as conn:
             slots.drop_slot(conn, self.slot)
-        return self.start()
+        lost = max(self.store.feeds(), key=lambda f: f["id"], default=None)
+        started = self.start()
+        # The gap in the continuous range: from what the lost feed had captured to the new feed's start.
+        started["gap_from"] = lost["covered_until"] if lost else None
+        started["gap_to"] = started["seed_time"]
+        return started
 
     # ---- draining ------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -174,10 +180,13 @@ class ChangeFeed:
             # What this peek covers: every commit before this moment, except those of write transactions
             # still in progress now (one may have taken its commit timestamp and not yet written its commit
             # record): coverage stops at the oldest of their starts. Seeing other sessions' transactions
-            # needs superuser or pg_read_all_stats (the source check says so).
+            # needs superuser or pg_read_all_stats (the source check says so). Only this database's count (the
+            # slot decodes no other's: a catalogue on the same server must not hold the feed back), and not
+            # autovacuum's (its ANALYZE takes an xid but writes no row the feed decodes).
             peek_time, oldest_open, inserted = conn.execute(
                 "SELECT pg_catalog.clock_timestamp(), (SELECT min(xact_start) FROM pg_catalog.pg_stat_activity "
-                "WHERE backend_xid IS NOT NULL AND pid <> pg_catalog.pg_backend_pid()), "
+                "WHERE backend_xid IS NOT NULL AND pid <> pg_catalog.pg_backend_pid() "
+                "AND datname = pg_catalog.current_database() AND backend_type <> 'autovacuum worker'), "
                 "pg_catalog.pg_current_wal_insert_lsn()::text").fetchone()
             # Decoding reads flushed WAL only: with synchronous_commit = off a commit can be acknowledged before
             # its record is flushed, so wait (the WAL writer flushes within wal_writer_delay) until everything
@@ -206,9 +215,14 @@ class ChangeFeed:
             for txn in txns:
                 per_wedding: dict[str, SegmentTransaction] = {}
                 for trunc in txn.truncates:
+                    # A tenant table's: every partition (pgoutput sends no rows); a platform table's: the platform.
                     names = [r.table for r in trunc.relations if router.is_tenant(r)]
                     if names:
                         result.barriers.append({"partition": None, "lsn": txn.end_lsn, "at": txn.commit_time,
+                                                "reason": f"TRUNCATE of {', '.join(names)}"})
+                    names = [r.table for r in trunc.relations if router.is_platform(r)]
+                    if names:
+                        result.barriers.append({"partition": PLATFORM, "lsn": txn.end_lsn, "at": txn.commit_time,
                                                 "reason": f"TRUNCATE of {', '.join(names)}"})
                 for ch in txn.changes:
                     routed, barriers = router.route(ch)

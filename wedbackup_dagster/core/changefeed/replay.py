@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from wedbackup_dagster.core.partitions import PLATFORM
 from wedbackup_dagster.core.postgres import tenancy
 
 from .errors import ReplayRefused
@@ -63,9 +64,12 @@ def _fmt(t: datetime | None) -> str:
 
 
 def plan_replay(store: FeedStore, partition: str, manifest: Mapping[str, Any], snapshot_time: datetime,
-                as_of: datetime | None) -> ReplayPlan | None:
+                as_of: datetime | None, next_snapshot: datetime | None = None) -> ReplayPlan | None:
     """What to replay on top of the snapshot with `manifest` to reach `as_of` (None: as far as captured).
-    None when the catalogue has no change feed at all (a snapshot-only restore, as before the feed)."""
+    None when the catalogue has no change feed at all (a snapshot-only restore, as before the feed).
+    `next_snapshot`: the wedding's first snapshot after `as_of`, named in a refusal as the next restorable point."""
+    after = (f", or the wedding's next snapshot, of {next_snapshot.isoformat()}, and any second the feed covers "
+             "after it" if next_snapshot else ", or a snapshot taken after it (none yet)")
     feeds = store.feeds()
     if not feeds:
         return None
@@ -75,23 +79,30 @@ def plan_replay(store: FeedStore, partition: str, manifest: Mapping[str, Any], s
               and f["seed_time"] <= snapshot_time]
     if not usable:
         first = min(feeds, key=lambda f: f["seed_time"])
-        raise ReplayRefused(f"wedding {partition}: its snapshot of {_fmt(snapshot_time)} was taken before the change "
+        raise ReplayRefused(f"{_label(partition)}: its snapshot of {_fmt(snapshot_time)} was taken before the change "
                             f"feed started ({_fmt(first['seed_time'])}): it can be restored to that snapshot only; "
                             "take a fresh snapshot to restore to any second after it")
     feed = max(usable, key=lambda f: f["id"])
+    if partition == PLATFORM and not feed.get("platform_captured"):
+        if as_of is None:
+            return None  # the platform to its snapshot, as before the feed captured it
+        raise ReplayRefused(f"the platform partition: the change feed extending its snapshot of "
+                            f"{_fmt(snapshot_time)} (started {_fmt(feed['seed_time'])}) does not capture the "
+                            "platform's tables: restore it to that snapshot (without --as-of), or start a new feed "
+                            "and take a fresh snapshot")
     covered = feed["covered_until"]
     target = as_of or covered
     if target > covered:
-        raise ReplayRefused(f"wedding {partition}: {target.isoformat()} is past what the change feed has captured "
+        raise ReplayRefused(f"{_label(partition)}: {target.isoformat()} is past what the change feed has captured "
                             f"({covered.isoformat()}{', where the feed was lost' if feed['lost_at'] else ''}); the "
                             f"nearest restorable points: any second from {snapshot_time.isoformat()} to "
-                            f"{covered.isoformat()}")
+                            f"{covered.isoformat()}{after}")
     for b in store.barriers(partition):
         if snapshot_time < b["at"] <= target and (b["feed_id"] in (None, feed["id"])):
-            raise ReplayRefused(f"wedding {partition}: replay from the snapshot of {snapshot_time.isoformat()} to "
+            raise ReplayRefused(f"{_label(partition)}: replay from the snapshot of {snapshot_time.isoformat()} to "
                                 f"{target.isoformat()} would cross a barrier at {b['at'].isoformat()} ({b['reason']}); "
                                 f"the nearest restorable points: any second from {snapshot_time.isoformat()} to before "
-                                f"{b['at'].isoformat()}, or from the first snapshot after it")
+                                f"{b['at'].isoformat()}{after}")
     segments = [s for s in store.segments(partition, feed_id=feed["id"], since=snapshot_time - SELECTION_MARGIN)
                 if s["first_commit"] <= target]
     return ReplayPlan(partition, feed["id"], manifest["snapshot"], snapshot_time, target, segments, covered)
@@ -105,7 +116,7 @@ def load_transactions(plan: ReplayPlan, fetch: Callable[[dict[str, Any]], Any], 
     out = []
     for seg in plan.segments:
         with fetch(seg) as fh:
-            opened = read_segment(fh, name=f"change segment {seg['sha256'][:12]} of wedding {plan.partition}",
+            opened = read_segment(fh, name=f"change segment {seg['sha256'][:12]} of {_label(plan.partition)}",
                                   resolve_key=resolve_key)
         if str(opened.header.get("partition")) != plan.partition:
             raise ReplayRefused(f"change segment {seg['sha256'][:12]} holds wedding {opened.header.get('partition')}, "
@@ -135,10 +146,19 @@ def apply(conn, live_plan: tenancy.TenancyPlan, txns: list[dict[str, Any]], mani
     """Apply `txns` on `conn` (inside the restore's transaction) and check the outcome. `placed`: where each
     table's rows were restored instead of the table itself (`--into-schema`: a copy holding this wedding only)."""
     report = ReplayReport(partition, as_of.isoformat(), transactions=len(txns))
-    tables = {str(t.table): t for t in live_plan.tenant_tables}
+    tables: dict[str, Any] = {str(t.table): t for t in live_plan.tenant_tables}
+    if partition == PLATFORM:
+        keyless = [str(t.table) for t in live_plan.platform_tables if not t.keyed]
+        if keyless:
+            raise ReplayRefused(f"the platform partition: {', '.join(keyless)} ha{'s' if len(keyless) == 1 else 've'} "
+                                "no primary key, so the change feed does not capture it (published, its UPDATEs and "
+                                "DELETEs would fail on the source): restore the platform to a snapshot (without "
+                                "--as-of), or give it a primary key")
+        tables.update({str(t.table): t for t in live_plan.platform_tables})
     manifest_tables = {f"{t['schema']}.{t['name']}": t for t in manifest["tables"]}
     types_of: dict[str, dict[str, str]] = {}
-    conn.execute("SET LOCAL session_replication_role = replica")
+    if placed is None:  # copies (a stage, an inspection schema) have no triggers or foreign keys to hold off
+        conn.execute("SET LOCAL session_replication_role = replica")
     # Statements go out pipelined (no round trip each), a few thousand at a time; each must have touched
     # exactly one row (by primary key), checked on its own result once the batch is synced.
     statements: dict[tuple, bytes] = {}
@@ -156,11 +176,11 @@ def apply(conn, live_plan: tenancy.TenancyPlan, txns: list[dict[str, Any]], mani
                     cursors.append((cur, where))
         except psycopg.Error as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ReplayRefused(f"wedding {partition}: replaying the change feed failed ({first}): the "
+            raise ReplayRefused(f"{_label(partition)}: replaying the change feed failed ({first}): the "
                                 "restored snapshot and the change feed disagree; nothing was written") from None
         for cur, (xid, op, name, key) in cursors:
             if cur.rowcount != 1:
-                raise ReplayRefused(f"wedding {partition}: replaying transaction {xid} ({op} on {name}, key {key}) "
+                raise ReplayRefused(f"{_label(partition)}: replaying transaction {xid} ({op} on {name}, key {key}) "
                                     f"touched {cur.rowcount} rows, not 1: the restored snapshot and the change feed "
                                     "disagree; nothing was written")
             cur.close()
@@ -170,21 +190,21 @@ def apply(conn, live_plan: tenancy.TenancyPlan, txns: list[dict[str, Any]], mani
         for name, cols in txn["columns"].items():
             known = manifest_tables.get(name)
             if known is None or [c for c in known["columns"] if c in cols] != list(cols):
-                raise ReplayRefused(f"wedding {partition}: table {name}'s columns in the change feed "
+                raise ReplayRefused(f"{_label(partition)}: table {name}'s columns in the change feed "
                                     f"({', '.join(cols)}) "
                                     f"are not the snapshot's ({', '.join(known['columns']) if known else 'absent'}): "
                                     "replay never crosses a schema change; restore a snapshot taken after it")
         for op, name, row, key in txn["changes"]:
             t = tables.get(name)
             if t is None:
-                raise ReplayRefused(f"wedding {partition}: table {name} of the change feed is not a tenant table of "
-                                    "the target's tenancy plan")
+                raise ReplayRefused(f"{_label(partition)}: table {name} of the change feed is not a table of the "
+                                    "target's tenancy plan")
             shape = (op, name, tuple(row or ()), tuple(key or ()))
             query = statements.get(shape)
             if query is None:
                 into = placed.get(name) if placed is not None else None
                 if placed is not None and into is None:
-                    raise ReplayRefused(f"wedding {partition}: table {name} of the change feed was not restored")
+                    raise ReplayRefused(f"{_label(partition)}: table {name} of the change feed was not restored")
                 query = statements[shape] = _statement(conn, t, op, row, key, types_of, into).as_bytes(conn)
             params = (*(row or {}).values(), *(key or {}).values()) if op != "D" else tuple(key.values())
             batch.append((query, params, (txn["xid"], op, name, key)))
@@ -194,23 +214,31 @@ def apply(conn, live_plan: tenancy.TenancyPlan, txns: list[dict[str, Any]], mani
             counts[op] += 1
             report.changes += 1
     flush()
-    conn.execute("SET LOCAL session_replication_role = origin")
+    if placed is None:
+        conn.execute("SET LOCAL session_replication_role = origin")
     params = {"wedding_id": partition}
     for name, counts in report.tables.items():
         expected = manifest_tables[name]["rows"] + counts["I"] - counts["D"]
         if placed is not None:
             (rows,) = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(placed[name])).fetchone()
+        elif partition == PLATFORM:  # the platform's rows of the table, as its snapshot selects them
+            select = tables[name].platform_select()
+            (rows,) = conn.execute(sql.SQL("SELECT count(*) FROM ({}) AS r").format(select)).fetchone()
         else:
             (rows,) = conn.execute(sql.SQL("SELECT count(*) FROM ({}) AS r").format(
                 tables[name].wedding_rows([sql.SQL("1")])), params).fetchone()
         counts["rows"] = rows
         if rows != expected:
-            raise ReplayRefused(f"wedding {partition}: after replay table {name} holds {rows} rows, the snapshot and "
+            raise ReplayRefused(f"{_label(partition)}: after replay table {name} holds {rows} rows, the snapshot and "
                                 f"the segments say {expected}; nothing was written")
     return report
 
 
-def _statement(conn, t: tenancy.TenantTable, op: str, row: dict[str, Any] | None, key: dict[str, Any] | None,
+def _label(partition: str) -> str:
+    return "the platform partition" if partition == PLATFORM else f"wedding {partition}"
+
+
+def _statement(conn, t: tenancy.TenantTable | tenancy.PlatformTable, op: str, row: dict[str, Any] | None, key: dict[str, Any] | None,
                types_of: dict[str, dict[str, str]], into: sql.Identifier | None = None) -> sql.Composed:
     name = str(t.table)
     types = types_of.get(name) or types_of.setdefault(name, _types(conn, t.table))
@@ -264,6 +292,18 @@ class PreparedReplay:
         self.manifest = manifest
         self.report: ReplayReport | None = None
 
+    def net_rows(self) -> dict[str, int]:
+        """Per table, the transactions' inserts less their deletes, counted without applying anything (a dry
+        run into an empty database, which has no tables to stage in); also kept as the report."""
+        report = ReplayReport(self.plan.partition, self.plan.as_of.isoformat(), transactions=len(self.txns),
+                              segments=len(self.plan.segments))
+        for txn in self.txns:
+            for op, name, _, _ in txn["changes"]:
+                report.tables.setdefault(name, {"I": 0, "U": 0, "D": 0})[op] += 1
+                report.changes += 1
+        self.report = report
+        return {name: c["I"] - c["D"] for name, c in report.tables.items()}
+
     def __call__(self, conn, placed: Mapping[str, sql.Identifier] | None = None) -> None:
         live_plan = tenancy.discover(conn)
         self.report = apply(conn, live_plan, self.txns, self.manifest, self.plan.partition, self.plan.as_of, placed)
@@ -283,11 +323,17 @@ def prepare_for_restore(engine: Any, backup: Any, as_of: datetime | None, replic
     store = FeedStore(engine.catalogue)
     if not _feed_tables_exist(engine.catalogue):
         return None
-    plan = plan_replay(store, backup.partition, backup.manifest, backup.snapshot_time, as_of)
+    if backup.partition == PLATFORM and as_of is None:
+        return None  # the platform is replayed to an explicit --as-of only; by default, its newest snapshot
+    with engine.catalogue.connect() as conn:
+        row = conn.execute("SELECT min(snapshot_time) AS t FROM wedbackup.backups WHERE partition = %s "
+                           "AND snapshot_time > %s", (backup.partition, as_of or backup.snapshot_time)).fetchone()
+    plan = plan_replay(store, backup.partition, backup.manifest, backup.snapshot_time, as_of,
+                       next_snapshot=row["t"] if row else None)
     if plan is None:
         return None
     txns = load_transactions(plan, SegmentSource(store, str(engine.settings.vault_dir), replicas), engine.resolve_key)
-    progress(f"wedding {backup.partition}: {len(txns):,} transaction(s) of {len(plan.segments)} change segment(s) to "
+    progress(f"{_label(backup.partition)}: {len(txns):,} transaction(s) of {len(plan.segments)} change segment(s) to "
              f"replay from {backup.snapshot_time.isoformat()} to {plan.as_of.isoformat()}")
     return PreparedReplay(plan, txns, backup.manifest)
 
@@ -320,6 +366,8 @@ def continuous_ranges(catalogue: Any, partition: str, points: list[Any], limit: 
         if not usable:
             continue
         feed = max(usable, key=lambda f: f["id"])
+        if partition == PLATFORM and not feed.get("platform_captured"):
+            continue
         end, why = feed["covered_until"], "feed lost" if feed["lost_at"] else "captured so far"
         for b in barriers:
             if p.snapshot_time < b["at"] < end and b["feed_id"] in (None, feed["id"]):

@@ -8,7 +8,11 @@ so it is routed by the deleted row's own map entry, or by its whole old row unde
 
 A row whose wedding changes is a delete in the old wedding and an insert in the new one. A row that other
 tables point at (a guest with dietary rows) moving between weddings takes its children along without them
-appearing in the feed: that is a barrier for both weddings (a fresh snapshot restores continuity)."""
+appearing in the feed: that is a barrier for both weddings (a fresh snapshot restores continuity).
+
+The platform partition is one more partition here, as in snapshots: a change of a published platform table,
+and of a tenant row that reaches no wedding (a NULL along its path, or a parent the map does not hold), goes
+to it."""
 from __future__ import annotations
 
 import json
@@ -18,6 +22,7 @@ from typing import Any
 
 from psycopg import sql
 
+from wedbackup_dagster.core.partitions import PLATFORM
 from wedbackup_dagster.core.postgres import tenancy
 
 from .decode import UNCHANGED, Change, Relation
@@ -46,6 +51,8 @@ class Router:
         self.plan = plan
         self._lookup = lookup
         self.tables = {str(t.table): t for t in plan.tenant_tables}
+        # Platform tables the publication holds (slot.published_tables: those with a primary key).
+        self.platform_tables = {str(t.table): t for t in plan.platform_tables if t.keyed}
         self.root = str(plan.root)
         # Column sets other tables point at, per table: what the map must know of its rows.
         self.referenced: dict[str, set[tuple[str, ...]]] = {name: set() for name in self.tables}
@@ -57,7 +64,7 @@ class Router:
                 self.referenced[name].add(t.order_by)
         self.cache: dict[RouteKey, str | None] = {}
         self.changed: dict[RouteKey, str | None] = {}  # what this batch changed in the map (None: removed)
-        self.unrouted = 0  # changes of rows whose wedding the map did not know (counted as platform)
+        self.unrouted = 0  # changes of tables the plan does not know (not published: none expected)
 
     # ---- the map -----------------------------------------------------------------------------------
     def _get(self, key: RouteKey) -> str | None:
@@ -99,6 +106,24 @@ class Router:
     def is_tenant(self, relation: Relation) -> bool:
         return relation.table in self.tables
 
+    def is_platform(self, relation: Relation) -> bool:
+        return relation.table in self.platform_tables
+
+    def _route_platform(self, ch: Change) -> list[Routed]:
+        """A change of a platform table: to the platform partition, by its primary key."""
+        name = ch.relation.table
+        t = self.platform_tables[name]
+        cols = ch.relation.column_names
+        new = dict(zip(cols, ch.new)) if ch.new is not None else None
+        old = dict(zip(cols, ch.old)) if ch.old is not None else None
+        if ch.op == "I":
+            return [Routed(PLATFORM, "I", name, new, None)]
+        key_row = old if old is not None else new
+        key = {c: key_row.get(c) for c in t.order_by}
+        if ch.op == "D":
+            return [Routed(PLATFORM, "D", name, None, key)]
+        return [Routed(PLATFORM, "U", name, {c: v for c, v in new.items() if v is not UNCHANGED}, key)]
+
     def wedding_of_row(self, t: tenancy.TenantTable, row: dict[str, Any]) -> str | None:
         """The wedding of a whole row, by its own columns: the root's key, else its parent's map entry."""
         if not t.path:
@@ -131,8 +156,11 @@ class Router:
     def route(self, ch: Change) -> tuple[list[Routed], list[tuple[str, str]]]:
         """The segment entries of one change, and barriers as (wedding, reason)."""
         name = ch.relation.table
+        if name in self.platform_tables:
+            return self._route_platform(ch), []
         t = self.tables.get(name)
         if t is None:
+            self.unrouted += 1
             return [], []
         cols = ch.relation.column_names
         key_cols = t.order_by if t.keyed else cols
@@ -141,19 +169,13 @@ class Router:
         if ch.op == "I":
             wedding = self.wedding_of_row(t, new)
             self._remember(t, new, wedding)
-            if wedding is None:
-                self.unrouted += 1
-                return [], []
-            return [Routed(wedding, "I", name, new, None)], []
+            return [Routed(wedding or PLATFORM, "I", name, new, None)], []
         if ch.op == "D":
             wedding = (self.wedding_of_row(t, old) if ch.old_kind == "O" and t.path else None) or \
                 self.wedding_of_key(t, old)
             if t.keyed:
                 self._forget(t, {c: old.get(c) for c in t.order_by})
-            if wedding is None:
-                self.unrouted += 1
-                return [], []
-            return [Routed(wedding, "D", name, None, {c: old.get(c) for c in key_cols})], []
+            return [Routed(wedding or PLATFORM, "D", name, None, {c: old.get(c) for c in key_cols})], []
         # UPDATE: the old key is in `old` when the key changed (or under FULL), else it is the new row's.
         old_key_row = old if old is not None else new
         if ch.old_kind == "O" and t.path:
@@ -168,31 +190,31 @@ class Router:
             self._forget(t, {c: old.get(c) for c in t.order_by})
         self._remember(t, merged, after)
         key = {c: old_key_row.get(c) for c in key_cols}
+        # The map holds weddings only: a row of none is the platform's, a partition like the others from here on.
+        before, after = before or PLATFORM, after or PLATFORM
         if before == after:
-            if after is None:
-                self.unrouted += 1
-                return [], []
             row = {c: v for c, v in merged.items() if v is not UNCHANGED}
             return [Routed(after, "U", name, row, key)], []
         out: list[Routed] = []
         barriers: list[tuple[str, str]] = []
-        if before is not None:
-            out.append(Routed(before, "D", name, None, key))
-        if after is not None:
-            if any(v is UNCHANGED for v in merged.values()):
-                barriers.append((after, f"a row of {name} moved in from wedding {before} with an unchanged TOASTed "
-                                        f"value the feed did not carry (REPLICA IDENTITY FULL on {name} carries it)"))
-            else:
-                out.append(Routed(after, "I", name, merged, None))
+        out.append(Routed(before, "D", name, None, key))
+        if any(v is UNCHANGED for v in merged.values()):
+            barriers.append((after, f"a row of {name} moved in from {_label(before)} with an unchanged TOASTed "
+                                    f"value the feed did not carry (REPLICA IDENTITY FULL on {name} carries it)"))
+        else:
+            out.append(Routed(after, "I", name, merged, None))
         if self.is_parent(name):
             for w in (before, after):
-                if w is not None:
-                    barriers.append((w, f"a row of {name} (a parent of other tables) moved from wedding {before} to "
-                                        f"{after}: its child rows moved with it without a change of their own"))
+                barriers.append((w, f"a row of {name} (a parent of other tables) moved from {_label(before)} to "
+                                    f"{_label(after)}: its child rows moved with it without a change of their own"))
         return out, barriers
 
     def is_parent(self, name: str) -> bool:
         return any(t.path and str(t.path[0].parent) == name for t in self.plan.tenant_tables)
+
+
+def _label(partition: str) -> str:
+    return "the platform partition" if partition == PLATFORM else f"wedding {partition}"
 
 
 def seed_routes(conn, plan: tenancy.TenancyPlan) -> list[RouteKey | tuple[str, str, str, str]]:

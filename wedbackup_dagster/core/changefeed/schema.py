@@ -63,3 +63,9 @@ CREATE TABLE IF NOT EXISTS wedbackup.changefeed_barriers (
 );
 CREATE INDEX IF NOT EXISTS changefeed_barriers_partition ON wedbackup.changefeed_barriers (partition, at);
 """
+
+# Feeds started since the platform partition is captured too (its keyed tables published, rows that reach no
+# wedding routed to it): only those can replay the platform to a second.
+CHANGEFEED_PLATFORM = """
+ALTER TABLE wedbackup.changefeed_feeds ADD COLUMN IF NOT EXISTS platform_captured boolean NOT NULL DEFAULT false;
+"""

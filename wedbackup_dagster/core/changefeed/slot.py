@@ -122,11 +122,18 @@ def publication_name(slot: str) -> str:
     return f"{slot}_pub"
 
 
+def published_tables(plan: tenancy.TenancyPlan) -> list[tenancy.TenantTable | tenancy.PlatformTable]:
+    """What the feed captures: every tenant table, and the platform tables with a primary key. A platform table
+    without one is left out — published, its UPDATEs and DELETEs would fail on the source — so the platform
+    partition is then not replayed (restored to its snapshot; replay.py names the table)."""
+    return [*plan.tenant_tables, *(t for t in plan.platform_tables if t.keyed)]
+
+
 def ensure_publication(conn, slot: str, plan: tenancy.TenancyPlan) -> None:
-    """The publication of exactly the plan's tenant tables (platform tables are not captured), made or
-    brought up to date. Its name follows the slot's."""
+    """The publication of exactly `published_tables(plan)`, made or brought up to date. Its name follows the
+    slot's."""
     name = publication_name(slot)
-    tables = sql.SQL(", ").join(t.table.ident() for t in plan.tenant_tables)
+    tables = sql.SQL(", ").join(t.table.ident() for t in published_tables(plan))
     exists = conn.execute("SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = %s", (name,)).fetchone()
     verb = "ALTER PUBLICATION {} SET TABLE {}" if exists else "CREATE PUBLICATION {} FOR TABLE {}"
     conn.execute(sql.SQL(verb).format(sql.Identifier(name), tables))

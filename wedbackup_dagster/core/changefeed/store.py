@@ -25,6 +25,13 @@ class FeedStore:
             return conn.execute("SELECT * FROM wedbackup.changefeed_feeds WHERE slot = %s AND lost_at IS NULL",
                                 (slot,)).fetchone()
 
+    def deciding_watermark(self, slot: str) -> datetime | None:
+        """When a live feed runs on `slot`, how far it has captured (every change committed by then is recorded
+        in the partitions' source_updated_at): the feed, not updated_at, then decides which weddings changed.
+        None without one (never started, stopped, or lost and not yet recovered): updated_at is the fallback."""
+        feed = self.live_feed(slot)
+        return feed["covered_until"] if feed is not None else None
+
     def feeds(self) -> list[dict[str, Any]]:
         with self.catalogue.connect() as conn:
             return conn.execute("SELECT * FROM wedbackup.changefeed_feeds ORDER BY id").fetchall()
@@ -38,7 +45,8 @@ class FeedStore:
         with self.catalogue.connect() as conn:
             feed_id = conn.execute(
                 """INSERT INTO wedbackup.changefeed_feeds (slot, start_lsn, seed_snapshot, seed_time, plan_fingerprint,
-                       persisted_lsn, covered_until) VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id""",
+                       persisted_lsn, covered_until, platform_captured) VALUES (%s, %s, %s, %s, %s, %s, %s, true)
+                   RETURNING id""",
                 (slot, start_lsn, seed_snapshot, seed_time, plan_fingerprint, start_lsn, seed_time)).fetchone()["id"]
             with conn.cursor() as cur, cur.copy(
                     "COPY wedbackup.changefeed_routes (feed_id, tbl, cols, key, partition) FROM STDIN") as copy:

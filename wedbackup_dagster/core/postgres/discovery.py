@@ -87,16 +87,18 @@ EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def changed_weddings(source_dsn: str, since: datetime | None, *, column: str = "updated_at",
-                     root: TableName = TableName("public", "weddings")) -> tuple[dict[str, datetime], datetime]:
+                     root: TableName = TableName("public", "weddings"), weddings: bool = True
+                     ) -> tuple[dict[str, datetime], datetime]:
     """Which weddings (and `platform`) have rows whose `column` is newer than `since`, with the newest
     such time each, and the new watermark (the newest time seen, else `since`). One snapshot across
-    every table that has the column; tables without it are invisible here (see README, Automation)."""
+    every table that has the column; tables without it are invisible here (see README, Automation).
+    `weddings=False`: the platform's tables only (a change feed decides for the weddings)."""
     since = since or EPOCH
     changes: dict[str, datetime] = {}
     with _source(source_dsn, "looking for changed weddings", repeatable_read=True) as conn:
         plan = discover(conn, root)
         for table in plan.tenant_tables:
-            if column not in table.columns:
+            if column not in table.columns or not weddings:
                 continue
             # The same join chain as the snapshot's wedding filter, grouped by the wedding id it ends in.
             joined, id_columns = table._reach()

@@ -159,6 +159,9 @@ class RecoveryReport:
     sequences: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     replay: dict[str, Any] | None = None  # changes replayed on top of the snapshot (core/changefeed/replay.py)
+    # In place: rows of the wedding's state that another wedding (or the platform) holds now, each
+    # {table, key, owner, skipped}; refused unless skip_moved_rows, and then left where they are.
+    moved_rows: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def totals(self) -> dict[str, int]:
@@ -188,6 +191,10 @@ class RecoveryReport:
         out.append(f"  {'total':<32}{s['archive_rows']:>9}{s['live_rows']:>9}{s['add']:>9}{s['remove']:>9}"
                    f"{s['change']:>9}")
         out.append(f"  ({verb} add {s['add']}, remove {s['remove']}, change {s['change']} row(s))")
+        for m in self.moved_rows:
+            fate = ("left there (--skip-moved-rows)" if m["skipped"]
+                    else "refused: restore it --into-schema or --target-dsn, or pass --skip-moved-rows")
+            out.append(f"  row {m['table']} {m['key']} now belongs to {m['owner']}: {fate}")
         return out
 
 
@@ -441,11 +448,11 @@ def restore_to_database(chunks: Iterable[bytes], dsn: str, *, name: str, dry_run
         return RecoveryReport(report.partition, "target", target, False,
                               [TableChange(t.table, t.rows, 0, t.rows, 0, 0, t.seconds) for t in report.tables],
                               sequences=report.sequences, seconds=round(time.monotonic() - started, 6))
-    return _dry_run(chunks, dsn, target, "target", name=name, progress=progress)
+    return _dry_run(chunks, dsn, target, "target", name=name, progress=progress, replay=before_commit)
 
 
 def _dry_run(chunks: Iterable[bytes], dsn: str, target: str, mode: str, *, name: str,
-             progress: Progress) -> RecoveryReport:
+             progress: Progress, replay: Callable[..., None] | None = None) -> RecoveryReport:
     started = time.monotonic()
     header, records = _open_stream(chunks, name)
     partition = str(header["partition"])
@@ -457,16 +464,21 @@ def _dry_run(chunks: Iterable[bytes], dsn: str, target: str, mode: str, *, name:
         no_row_security(conn)
         if mode == "target" and schema_is_empty(describe_schema(conn)):
             # An empty database would get the archive's schema: every row is new.
+            # With a replay, its inserts less its deletes per table (counted from the segments, not applied).
+            net = replay.net_rows() if replay is not None else {}
             tables = []
             for record in records:
                 if record.kind == MANIFEST:
                     manifest = manifest_of(record)
-                    tables = [TableChange(t.table, t.rows, 0, t.rows) for t in manifest.tables]
+                    tables = [TableChange(t.table, t.rows + net.get(t.table, 0), 0, t.rows + net.get(t.table, 0))
+                              for t in manifest.tables]
             return RecoveryReport(partition, mode, target, True, tables, seconds=round(time.monotonic() - started, 6))
         check_schema(conn, header, what, target, strict=(mode == "target"))
         plan = _live_plan(conn, header, what, target)  # whichever mode: the target's rows are read by it
         staged, _ = _load(conn, records, what, target, progress, _temp_stage(conn))
         _attach_plan(staged, plan, partition, what, target)
+        if replay is not None:
+            _replay_into_stage(conn, staged, replay)
         tables = [_diff(conn, t) for t in staged]
     return RecoveryReport(partition, mode, target, True, tables, seconds=round(time.monotonic() - started, 6))
 
@@ -513,7 +525,7 @@ def restore_into_schema(chunks: Iterable[bytes], dsn: str, schema: str, *, name:
             return into
 
         staged, _ = _load(conn, records, what, target, progress, make)
-        if before_commit is not None and not dry_run:  # the change feed's replay, into the new tables
+        if before_commit is not None:  # the change feed's replay, into the new tables (a dry run too)
             before_commit(conn, {t.qualified: t.table for t in staged})
         tables = [TableChange(t.qualified, t.rows, 0, t.rows) for t in staged]
         progress(f"{'would create' if dry_run else 'created'} schema {schema} with {len(staged)} table(s)")
@@ -567,18 +579,22 @@ def _outside_references(conn, plan: tenancy.TenancyPlan, wedding_id: str) -> lis
 
 def restore_in_place(chunks: Iterable[bytes], dsn: str, wedding_id: str, *, name: str, dry_run: bool = False,
                      lock_timeout: float = DEFAULT_LOCK_TIMEOUT, progress: Progress = _quiet,
-                     before_commit: Callable[[Any], None] | None = None) -> RecoveryReport:
+                     replay: Callable[[Any, dict[str, sql.Identifier]], None] | None = None,
+                     skip_moved_rows: bool = False) -> RecoveryReport:
     """Replace exactly one wedding's rows in the live database with the archive's, in ONE transaction:
 
     1. check the live schema (its own schemas) and tenancy plan against the archive's: stop on a difference;
-    2. stage the archive's rows in temporary tables (checked against the manifest);
+    2. stage the archive's rows in temporary tables (checked against the manifest); `replay` (the change
+       feed's, core/changefeed/replay.py) brings the staged rows to the second asked for, in the stage;
     3. lock the wedding's rows only, parents first (`SELECT … FOR UPDATE OF` the table's own rows, starting
        with the weddings row), so the application's writes to this wedding wait and those to every other
-       wedding go on; refuse when rows outside the wedding point at its rows;
+       wedding go on; refuse when rows outside the wedding point at its rows, and when a staged row's key is
+       held now by another wedding or the platform (a row that moved away since): putting it back would take
+       it from them. `skip_moved_rows` restores the rest and leaves such rows where they are (listed);
     4. diff (per table rows to add, remove and change); a dry run stops here and rolls back;
-    5. delete the wedding's rows children first, insert the archive's parents first, check every
-       deferred constraint, recompute each table's checksum against the manifest, move sequences forward
-       (never back), commit.
+    5. delete the wedding's rows children first, insert the staged rows parents first, check every
+       deferred constraint, recompute each table's checksum against the manifest (against the stage when
+       it was replayed or rows were skipped), move sequences forward (never back), commit.
 
     Triggers fire as for any write (the demo has only BEFORE UPDATE ones); a trigger that changes the
     inserted rows fails the checksum step and the restore rolls back."""
@@ -596,7 +612,8 @@ def restore_in_place(chunks: Iterable[bytes], dsn: str, wedding_id: str, *, name
         with connect_target(dsn, target, "wedbackup-restore-in-place") as conn, _transaction(conn, commit=not dry_run), \
                 _row_security_named(what, target):
             report = _replace_wedding(conn, header, records, partition, target, dry_run=dry_run,
-                                      lock_timeout=lock_timeout, progress=progress, before_commit=before_commit)
+                                      lock_timeout=lock_timeout, progress=progress, replay=replay,
+                                      skip_moved_rows=skip_moved_rows)
     except psycopg.errors.LockNotAvailable:
         raise RestoreError(f"restore of {what} into {target}: a lock it needs was held by another session for "
                            f"more than {lock_timeout:g} s; nothing was written (try again later)") from None
@@ -607,9 +624,67 @@ def restore_in_place(chunks: Iterable[bytes], dsn: str, wedding_id: str, *, name
     return report
 
 
+def _replay_into_stage(conn, staged: list[_Staged], replay: Callable[[Any, dict[str, sql.Identifier]], None]
+                       ) -> None:
+    """Apply the change feed's replay to the staged rows (temporary tables holding this wedding only), so the
+    stage is the wedding as of the second asked for; the live tables are not touched. Keyed tables get an
+    index on their key first: every replayed UPDATE and DELETE finds its row by it."""
+    for s in staged:
+        if s.keyed:
+            conn.execute(sql.SQL("CREATE INDEX ON {} ({})").format(
+                s.table, sql.SQL(", ").join(map(sql.Identifier, s.order_by))))
+    replay(conn, {s.qualified: s.table for s in staged})
+
+
+def _moved_condition(t: tenancy.TenantTable) -> sql.Composable:
+    """Staged rows (alias x) whose key exists in the live table but is not among the wedding's live rows."""
+    keys = list(t.order_by)
+    x_keys = sql.SQL(", ").join(sql.Identifier("x", c) for c in keys)
+    eq = sql.SQL(" AND ").join(sql.SQL("{} = {}").format(sql.Identifier("l", c), sql.Identifier("x", c))
+                               for c in keys)
+    return sql.SQL("EXISTS (SELECT FROM {live} AS l WHERE {eq}) AND ({x_keys}) NOT IN ({own})").format(
+        live=t.exact(), eq=eq, x_keys=x_keys, own=t.wedding_rows([sql.Identifier("t0", c) for c in keys]))
+
+
+def _moved_rows(conn, tenant_order: list[tenancy.TenantTable], by_name: Mapping[str, _Staged],
+                partition: str) -> list[dict[str, Any]]:
+    """Rows the restore would put back whose key another wedding (or the platform) holds now: each with its
+    table, key and owner. Only keyed tables (a keyless row cannot collide with another's)."""
+    out: list[dict[str, Any]] = []
+    for t in tenant_order:
+        s = by_name[str(t.table)]
+        if not s.keyed:
+            continue
+        keys = list(t.order_by)
+        owner = sql.SQL("(SELECT o.wb_wedding FROM ({owners}) AS o WHERE {eq} LIMIT 1)").format(
+            owners=t.owners([sql.Identifier("t0", c) for c in keys]),
+            eq=sql.SQL(" AND ").join(sql.SQL("o.{} = {}").format(sql.Identifier(c), sql.Identifier("x", c))
+                                     for c in keys))
+        rows = conn.execute(sql.SQL("SELECT ROW({keys})::text, {owner} FROM {stage} AS x WHERE {cond} "
+                                    "ORDER BY 1 LIMIT 1000").format(
+            keys=sql.SQL(", ").join(sql.Identifier("x", c) for c in keys), owner=owner, stage=s.table,
+            cond=_moved_condition(t)), {"wedding_id": partition}).fetchall()
+        for key, held_by in rows:
+            out.append({"table": str(t.table), "key": f"({', '.join(keys)})={key}",
+                        "owner": f"wedding {held_by}" if held_by is not None else "the platform partition",
+                        "skipped": False})
+    return out
+
+
+def _unstage_moved(conn, tenant_order: list[tenancy.TenantTable], by_name: Mapping[str, _Staged],
+                   partition: str) -> None:
+    """Drop from the stage every row _moved_rows names (--skip-moved-rows): they stay where they are now."""
+    for t in tenant_order:
+        s = by_name[str(t.table)]
+        if s.keyed:
+            conn.execute(sql.SQL("DELETE FROM {} AS x WHERE {}").format(s.table, _moved_condition(t)),
+                         {"wedding_id": partition})
+
+
 def _replace_wedding(conn, header: Mapping[str, Any], records: Iterator[Record], partition: str, target: str, *,
                      dry_run: bool, lock_timeout: float, progress: Progress,
-                     before_commit: Callable[[Any], None] | None = None) -> RecoveryReport:
+                     replay: Callable[[Any, dict[str, sql.Identifier]], None] | None = None,
+                     skip_moved_rows: bool = False) -> RecoveryReport:
     """The body of restore_in_place's transaction (see there); raises to roll back."""
     what = f"wedding {partition}"
     params = {"wedding_id": partition}
@@ -623,6 +698,8 @@ def _replace_wedding(conn, header: Mapping[str, Any], records: Iterator[Record],
     _attach_plan(staged, plan, partition, what, target)
     by_name = {t.qualified: t for t in staged}
     tenant_order = [t for t in plan.tenant_tables if str(t.table) in by_name]
+    if replay is not None:  # the stage becomes the wedding as of the second asked for
+        _replay_into_stage(conn, staged, replay)
     if not dry_run:  # a dry run reads without locking: it must not hold up the application
         for t in tenant_order:  # parents first: a locked parent keeps new children out
             n = conn.execute(sql.SQL("SELECT count(*) FROM ({}) AS locked").format(
@@ -632,8 +709,22 @@ def _replace_wedding(conn, header: Mapping[str, Any], records: Iterator[Record],
     if outside:
         raise RestoreError(f"restore of {what} into {target} would change rows outside the wedding; nothing "
                            f"was written: " + "; ".join(outside))
+    moved = _moved_rows(conn, tenant_order, by_name, partition)
+    if moved and not dry_run and not skip_moved_rows:
+        shown = "; ".join(f"{m['table']} {m['key']} (now {m['owner']})" for m in moved[:10])
+        more = f" and {len(moved) - 10} more" if len(moved) > 10 else ""
+        raise RestoreError(f"restore of {what} into {target}: {len(moved)} row(s) of its state are held now by "
+                           f"another wedding or the platform: {shown}{more}; putting them back would take them "
+                           f"from there, so nothing was written. Restore it --into-schema or --target-dsn to "
+                           f"inspect, or pass --skip-moved-rows to restore the rest and leave those rows where "
+                           f"they are")
+    if moved and skip_moved_rows:
+        _unstage_moved(conn, tenant_order, by_name, partition)
+        for m in moved:
+            m["skipped"] = True
+            progress(f"{m['table']} {m['key']}: now {m['owner']}'s, left there")
     tables = [_diff(conn, by_name[str(t.table)]) for t in tenant_order]
-    report = RecoveryReport(partition, "in_place", target, dry_run, tables)
+    report = RecoveryReport(partition, "in_place", target, dry_run, tables, moved_rows=moved)
     if dry_run:
         return report
     conn.execute("SET CONSTRAINTS ALL DEFERRED")
@@ -667,14 +758,22 @@ def _replace_wedding(conn, header: Mapping[str, Any], records: Iterator[Record],
         raise RestoreError(f"restore of {what} into {target}: a deferred constraint fails: {db_error_line(e)}; "
                            f"nothing was written") from None
     for s in staged:
+        if replay is not None or moved:
+            # The stage is no longer the archive's: the wedding's live rows, read again by the plan, must be
+            # exactly the staged rows (as multisets of whole rows; by key: none added, removed or changed).
+            d = _diff(conn, s)
+            if (d.add, d.remove, d.change) != (0, 0, 0) or d.archive_rows != d.live_rows:
+                raise VerificationError(f"restore of {what} into {target}: table {s.qualified} does not match the "
+                                        f"restored state after loading ({d.live_rows} rows live, {d.archive_rows} "
+                                        f"staged, {d.add} missing, {d.remove} extra, {d.change} changed): a trigger "
+                                        f"may have changed the rows; nothing was written")
+            continue
         rows, nbytes, sha = table_checksum(conn, s.select, s.params)
         m = manifest.table(s.qualified)
         if (rows, nbytes, sha) != (m.rows, m.bytes, m.sha256):
             raise VerificationError(f"restore of {what} into {target}: table {s.qualified} does not match the "
                                     f"manifest after loading ({rows} rows / sha256 {sha[:16]}… vs {m.rows} / "
                                     f"{m.sha256[:16]}…): a trigger may have changed the rows; nothing was written")
-    if before_commit is not None:  # the change feed's replay up to a second (core/changefeed/replay.py)
-        before_commit(conn)
     report.sequences = advance_sequences(conn, [(s.schema, s.name) for s in staged])
     progress(f"{what}: {sum(s.rows for s in staged):,} rows checked against the manifest; committing")
     return report
@@ -692,6 +791,7 @@ class RecoveryRequest:
     schema: str | None = None  # for mode "schema"
     include_unverified: bool = False
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    skip_moved_rows: bool = False  # in place: leave rows another wedding holds now where they are (listed)
 
 
 def _choose_copy(engine: Any, backup: BackupRecord, replicas: Mapping[str, Any], asked: str | None) -> str:
@@ -737,13 +837,9 @@ def recover(engine: Any, request: RecoveryRequest, replicas: Mapping[str, Any], 
              f"{backup.archive_sha256[:12]}, {state}), from the {chosen} copy")
     dsn = target_dsn if target_dsn and request.mode != "in_place" else engine.settings.source_dsn
     name = engine.archive_name(backup, chosen)
-    replay = None
-    if request.dry_run:
-        progress("the change feed is not replayed in a dry run: this compares the snapshot alone")
-    elif partition != PLATFORM:
-        from ..changefeed.replay import prepare_for_restore  # to the second, when a change feed covers it
+    from ..changefeed.replay import prepare_for_restore  # to the second, when a change feed covers it
 
-        replay = prepare_for_restore(engine, backup, request.as_of, replicas, progress)
+    replay = prepare_for_restore(engine, backup, request.as_of, replicas, progress)  # every mode, dry runs too
     with engine.fetched_copy(backup, chosen, replicas) as tmp:
         progress(f"fetched the {chosen} copy ({backup.size:,} bytes, SHA-256 checked)")
         chunks = open_archive(tmp, name=name, resolve_key=engine.resolve_key)
@@ -755,7 +851,7 @@ def recover(engine: Any, request: RecoveryRequest, replicas: Mapping[str, Any], 
             with held:
                 report = restore_in_place(chunks, dsn, partition, name=name, dry_run=request.dry_run,
                                           lock_timeout=request.lock_timeout, progress=progress,
-                                          before_commit=replay)
+                                          replay=replay, skip_moved_rows=request.skip_moved_rows)
         elif request.mode == "schema":
             report = restore_into_schema(chunks, dsn, request.schema, name=name, dry_run=request.dry_run,
                                          progress=progress, before_commit=replay)

@@ -141,6 +141,18 @@ class TenantTable:
             exprs=sql.SQL(", ").join(expressions), from_=self._join_chain(joined, 0), where=where,
             lock=sql.SQL(" FOR UPDATE OF {}").format(sql.Identifier(_alias(0))) if lock else sql.SQL(""))
 
+    def owners(self, expressions: Sequence[sql.Composable]) -> sql.Composed:
+        """SELECT of `expressions` (over alias t0, this table) and, as `wb_wedding` (text), the wedding each row
+        belongs to, for every row that reaches a wedding: who owns a key now (an in-place restore's check
+        that it would take no row from another wedding)."""
+        joined, last_filter_cols = self._reach()
+        alias = _alias(len(joined) - 1)
+        wedding = (sql.SQL("{}::text").format(sql.Identifier(alias, last_filter_cols[0])) if len(last_filter_cols) == 1
+                   else sql.SQL("ROW({})::text").format(
+                       sql.SQL(", ").join(sql.Identifier(alias, c) for c in last_filter_cols)))
+        return sql.SQL("SELECT {exprs}, {wedding} AS wb_wedding FROM {from_}").format(
+            exprs=sql.SQL(", ").join(expressions), wedding=wedding, from_=self._join_chain(joined, 0))
+
     def exact(self) -> sql.Composable:
         """This table in a FROM, DELETE, UPDATE or LOCK: with ONLY when it has inheritance children."""
         return _exact(self.table, self.only)

@@ -130,6 +130,13 @@ def test_a_dropped_slot_is_named_the_gap_is_refused_and_a_new_feed_with_fresh_sn
     with pytest.raises(ReplayRefused):
         _restore(engine, "6", _now(source), make_database())
     _back_up(engine, "6")  # the fresh snapshot
+    with psycopg.connect(engine.settings.catalogue_dsn) as conn:
+        (fresh,) = conn.execute("SELECT max(snapshot_time) FROM wedbackup.backups WHERE partition = '6'").fetchone()
+    # A second inside the gap: refused, naming both sides — the old snapshot's range up to the loss, and the
+    # fresh snapshot after it.
+    with pytest.raises(ReplayRefused, match=f"where the feed was lost.*nearest restorable points.*next snapshot, of "
+                                            f"{fresh.isoformat().replace('+', '.')}"):
+        _restore(engine, "6", lost_at, make_database())
     _assert_restores_after(feed_env, "6", "UPDATE weddings SET venue = 'after the fresh snapshot' WHERE id = 6",
                            make_database())
 

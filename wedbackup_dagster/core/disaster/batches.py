@@ -255,17 +255,19 @@ def run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo:
                 connect: Callable[[], Any], worker_engine: Callable[[], Any],
                 on_done: Callable[[Decoded, float], None], on_batch: Callable[[float], None],
                 on_retry: Callable[[RecoveryPoint, str], None],
-                should_stop: Callable[[], str], progress: Callable[[str], None]) -> str:
+                should_stop: Callable[[], str], progress: Callable[[str], None],
+                expected_fingerprint: str | None = None) -> str:
     """Every point of `todo` through the batch path on `jobs` loaders and FETCHERS_PER_LOADER × `jobs`
     fetchers. `on_done(wedding, batch seconds)` for each committed wedding and `on_batch(seconds)` for each
     batch; `on_retry(point, why)` for each to restore again alone (its batch failed, or no copy read
     through); `should_stop()` returns why to stop early ('' to go on): no batch starts after it does.
-    Returns why it stopped, or ''."""
+    Returns why it stopped, or ''. `expected_fingerprint`: the schema the archives must have (the target's
+    own when None; given while the target's post-data waits, see restore_snapshot's defer_post_data)."""
     fingerprint_conn = connect()
     try:
         with fingerprint_conn.transaction():
             use_qualified_names(fingerprint_conn)  # as every restore describes its target
-            expected = schema_fingerprint(fingerprint_conn)
+            expected = expected_fingerprint or schema_fingerprint(fingerprint_conn)
         replica_role = can_skip_row_triggers(fingerprint_conn)
     finally:
         fingerprint_conn.close()

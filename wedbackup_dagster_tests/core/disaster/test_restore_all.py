@@ -78,6 +78,8 @@ def test_the_whole_platform_back_from_s3_alone_equals_the_source(platform, make_
     assert all(report.phases[k] >= 0 for k in ("download", "decrypt", "load", "check"))
     assert report.phases["load"] > 0 and report.phases["download"] > 0
     assert any(line.startswith(f"restore --all: {WEDDINGS + 1} of {WEDDINGS + 1} weddings (100%)") for line in lines)
+    # the platform's secondary indexes, foreign keys and triggers were built once, after the weddings' rows
+    assert sum(line.startswith("built the platform's indexes, foreign keys and triggers") for line in lines) == 1
     assert table_sums(target) == platform["expected"]
     with psycopg.connect(target) as conn:  # complete: nothing of wedbackup's own is left in the target
         assert conn.execute("SELECT to_regnamespace('wedbackup_restore')").fetchone()[0] is None

@@ -146,7 +146,8 @@ def test_one_provider_lost_the_others_serve_and_what_only_it_held_is_named(platf
     assert not report.complete and set(report.failed) == only_s3
     assert all("s3:" in report.failed[w] for w in only_s3), report.failed
     assert report.copies_used == {"gcs": 3}
-    assert sorted(line.split(":")[0] for line in report.fallbacks) == ["the platform partition", "wedding 1", "wedding 2"]
+    assert sorted(line.split(":")[0] for line in report.fallbacks) == ["the platform partition", "wedding 1",
+                                                                        "wedding 2"]
     assert all(line.endswith("restored from gcs") for line in report.fallbacks)
     assert not report.foreign_key_problems
     got, want = table_sums(target), platform["expected"]

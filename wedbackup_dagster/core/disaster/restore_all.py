@@ -7,6 +7,7 @@ pg_restore does, the platform's secondary indexes, foreign keys and triggers are
 loaded (primary keys and unique constraints stay, so a row loaded twice is still refused by its batch)."""
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -15,8 +16,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from types import SimpleNamespace
 from typing import Any
-
-import re
 
 import psycopg
 from psycopg import sql

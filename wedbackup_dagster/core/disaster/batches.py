@@ -1,12 +1,13 @@
 """restore --all's batch path: many weddings per transaction. The weddings are disjoint, so after the platform
 partition the target's schema is compared once; then a few fetchers — each taking a chunk of weddings and
-reading their catalogue rows together — download, check, decrypt and read each wedding's archive (every table against its table-end record and the manifest) into a spool file, ahead of
-the loaders, which load a batch of weddings per transaction — one COPY per table for the whole batch — with
-the batch's progress rows in that same transaction (so a crash or `kill -9`, rerun with resume, neither redoes
-nor duplicates a batch). Foreign keys are not checked row by row (session_replication_role = replica, as
-pg_restore --disable-triggers does) but once for the whole target at the end (disaster/restore_all.py, _check). A wedding
-whose archive fails on every copy, or whose batch fails to load, is restored again alone by the one-wedding
-path (restore_all.restore_partition), which reports it by name with its reason if it fails again."""
+reading their catalogue rows together — download, check, decrypt and read each wedding's archive (every table
+against its table-end record and the manifest) into a spool file, ahead of the loaders, which load a batch of
+weddings per transaction — one COPY per table for the whole batch — with the batch's progress rows in that same
+transaction (so a crash or `kill -9`, rerun with resume, neither redoes nor duplicates a batch). Foreign keys
+are not checked row by row (session_replication_role = replica, as pg_restore --disable-triggers does) but once
+for the whole target at the end (disaster/restore_all.py, _check). A wedding whose archive fails on every copy,
+or whose batch fails to load, is restored again alone by the one-wedding path (restore_all.restore_partition),
+which reports it by name with its reason if it fails again."""
 from __future__ import annotations
 
 import contextlib

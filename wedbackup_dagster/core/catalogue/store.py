@@ -385,6 +385,13 @@ class Catalogue:
             row = conn.execute("SELECT * FROM wedbackup.backups WHERE archive_sha256 = %s", (sha256,)).fetchone()
         return _backup(row) if row else None
 
+    def backups_by_sha(self, shas: list[str]) -> dict[str, BackupRecord]:
+        """backup_by_sha of many archives in one query (those unknown are absent)."""
+        with self.connect() as conn:
+            rows = conn.execute("SELECT * FROM wedbackup.backups WHERE archive_sha256 = ANY(%s)",
+                                (list(shas),)).fetchall()
+        return {row["archive_sha256"]: _backup(row) for row in rows}
+
     def require_latest_backup(self, partition: str) -> BackupRecord:
         backup = self.latest_backup(partition)
         if backup is None:
@@ -414,6 +421,18 @@ class Catalogue:
                 "offsite, verified_at FROM wedbackup.copies WHERE backup_id = %s ORDER BY provider",
                 (backup_id,)).fetchall()
         return [CopyRecord(**r) for r in rows]
+
+    def copies_of(self, backup_ids: list[int]) -> dict[int, list[CopyRecord]]:
+        """copies of many backups in one query (a backup without copies is absent)."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                "SELECT backup_id, provider, uri, object_key, version_id, size, checksum, storage_class, region, "
+                "media, offsite, verified_at FROM wedbackup.copies WHERE backup_id = ANY(%s) "
+                "ORDER BY backup_id, provider", (list(backup_ids),)).fetchall()
+        out: dict[int, list[CopyRecord]] = {}
+        for r in rows:
+            out.setdefault(r.pop("backup_id"), []).append(CopyRecord(**r))
+        return out
 
     def record_restore(self, backup_id: int, *, provider: str, ok: bool, seconds: float,
                        detail: dict[str, Any]) -> None:

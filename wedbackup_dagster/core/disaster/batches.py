@@ -1,14 +1,16 @@
 """restore --all's batch path: many weddings per transaction. The weddings are disjoint, so after the platform
-partition the target's schema is compared once; then a few fetchers download, check, decrypt and read each
-wedding's archive (every table against its table-end record and the manifest) into a spool file, ahead of
-the loaders, which load a batch of weddings per transaction — one COPY per table for the whole batch — with
-the batch's progress rows in that same transaction (so a crash or `kill -9`, rerun with resume, neither redoes
-nor duplicates a batch). Foreign keys are not checked row by row (session_replication_role = replica, as
-pg_restore --disable-triggers does) but once for the whole target at the end (disaster/restore_all.py, _check). A wedding
-whose archive fails on every copy, or whose batch fails to load, is restored again alone by the one-wedding
-path (restore_all.restore_partition), which reports it by name with its reason if it fails again."""
+partition the target's schema is compared once; then a few fetchers — each taking a chunk of weddings and
+reading their catalogue rows together — download, check, decrypt and read each wedding's archive (every table
+against its table-end record and the manifest) into a spool file, ahead of the loaders, which load a batch of
+weddings per transaction — one COPY per table for the whole batch — with the batch's progress rows in that same
+transaction (so a crash or `kill -9`, rerun with resume, neither redoes nor duplicates a batch). Foreign keys
+are not checked row by row (session_replication_role = replica, as pg_restore --disable-triggers does) but once
+for the whole target at the end (disaster/restore_all.py, _check). A wedding whose archive fails on every copy,
+or whose batch fails to load, is restored again alone by the one-wedding path (restore_all.restore_partition),
+which reports it by name with its reason if it fails again."""
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import tempfile
@@ -42,6 +44,8 @@ BATCH_BYTES = 64 << 20  # … and at most about this much plaintext
 SPOOL_IN_MEMORY = 1 << 20  # a wedding's decoded rows stay in memory up to this, then spill to a temporary file
 COPY_BLOCK = 1 << 20
 FETCHERS_PER_LOADER = 2  # downloads wait on the network: two fetchers keep one loader fed
+FETCH_CHUNK = 32  # a fetcher takes up to this many weddings at once and reads their catalogue rows together
+DOWNLOAD_IN_MEMORY = 4 << 20  # a downloaded copy stays in memory up to this, then spills to a temporary file
 
 
 def batch_size(weddings: int, jobs: int) -> int:
@@ -76,13 +80,55 @@ class Failed:
     attempts: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Known:
+    """What the catalogue says about a few weddings, read for all of them at once — their backups, their
+    copies' object keys and their wedding keys: three queries for a fetcher's chunk of weddings instead of
+    four catalogue transactions for each wedding."""
+
+    backups: dict[str, Any]  # archive SHA-256 -> BackupRecord
+    copies: dict[int, list[Any]]  # backup id -> CopyRecords
+    keys: dict[str, Any]  # key id -> the live wedding key (a missing or destroyed one is left out)
+    seconds: float = 0.0
+
+
+def known_for(engine: Any, points: list[RecoveryPoint]) -> Known:
+    t0 = time.perf_counter()
+    backups = engine.catalogue.backups_by_sha([p.archive_sha256 for p in points])
+    copies = engine.catalogue.copies_of([b.id for b in backups.values()])
+    keys = engine.catalogue.keys_by_id(sorted({b.key_id for b in backups.values()}), engine.keyring)
+    return Known(backups, copies, keys, time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _fetched(engine: Any, backup: Any, copy: Any, replicas: Mapping[str, Any]) -> Iterator[Any]:
+    """The copy, its SHA-256 checked: a provider's downloaded into memory (spilling to a temporary file past
+    DOWNLOAD_IN_MEMORY), by the object key already read; the vault's through the engine."""
+    if copy.provider == "vault":
+        with engine.fetched_copy(backup, "vault", replicas) as tmp:
+            yield tmp
+        return
+    with tempfile.SpooledTemporaryFile(max_size=DOWNLOAD_IN_MEMORY) as tmp:
+        engine.download_copy(replicas[copy.provider], copy.object_key, tmp, backup)
+        tmp.seek(0)
+        yield tmp
+
+
 def decode(engine: Any, replicas: Mapping[str, Any], point: RecoveryPoint, order: tuple[str, ...],
-           copy_faults: tuple[type[BaseException], ...]) -> Decoded | Failed:
+           copy_faults: tuple[type[BaseException], ...], known: Known | None = None) -> Decoded | Failed:
     """The wedding's chosen backup from the first copy in `order` that downloads, matches its SHA-256,
-    decrypts and reads through with every table matching its table-end record and the manifest."""
+    decrypts and reads through with every table matching its table-end record and the manifest. `known`:
+    its catalogue rows, read with other weddings' (known_for); read here when not given."""
     started = time.perf_counter()
-    backup = engine.catalogue.backup_by_sha(point.archive_sha256)
-    held = {c.provider for c in engine.catalogue.copies(backup.id)}
+    known = known or known_for(engine, [point])
+    backup = known.backups.get(point.archive_sha256)
+    if backup is None:
+        return Failed(point, f"its backup {point.archive_sha256[:12]}… is no longer in the catalogue")
+    held = {c.provider: c for c in known.copies.get(backup.id, [])}
+
+    def resolve_key(key_id: str) -> Any:  # the catalogue again only for a key it did not hand over (says why)
+        return known.keys[key_id] if key_id in known.keys else engine.resolve_key(key_id)
+
     attempts: list[str] = []
     for copy in order:
         if copy not in held or (copy != "vault" and copy not in replicas):
@@ -90,11 +136,11 @@ def decode(engine: Any, replicas: Mapping[str, Any], point: RecoveryPoint, order
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
         t0 = time.perf_counter()
         try:
-            with engine.fetched_copy(backup, copy, replicas) as tmp:
+            with _fetched(engine, backup, held[copy], replicas) as tmp:
                 download = time.perf_counter() - t0
                 t1 = time.perf_counter()
                 name = engine.archive_name(backup, copy)
-                chunks = open_archive(tmp, name=name, resolve_key=engine.resolve_key)
+                chunks = open_archive(tmp, name=name, resolve_key=resolve_key)
                 tables, rows, nbytes, fingerprint = _spool(chunks, name, point.partition, spool)
                 read = time.perf_counter() - t1
         except copy_faults as exc:
@@ -210,17 +256,19 @@ def run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo:
                 connect: Callable[[], Any], worker_engine: Callable[[], Any],
                 on_done: Callable[[Decoded, float], None], on_batch: Callable[[float], None],
                 on_retry: Callable[[RecoveryPoint, str], None],
-                should_stop: Callable[[], str], progress: Callable[[str], None]) -> str:
+                should_stop: Callable[[], str], progress: Callable[[str], None],
+                expected_fingerprint: str | None = None) -> str:
     """Every point of `todo` through the batch path on `jobs` loaders and FETCHERS_PER_LOADER × `jobs`
     fetchers. `on_done(wedding, batch seconds)` for each committed wedding and `on_batch(seconds)` for each
     batch; `on_retry(point, why)` for each to restore again alone (its batch failed, or no copy read
     through); `should_stop()` returns why to stop early ('' to go on): no batch starts after it does.
-    Returns why it stopped, or ''."""
+    Returns why it stopped, or ''. `expected_fingerprint`: the schema the archives must have (the target's
+    own when None; given while the target's post-data waits, see restore_snapshot's defer_post_data)."""
     fingerprint_conn = connect()
     try:
         with fingerprint_conn.transaction():
             use_qualified_names(fingerprint_conn)  # as every restore describes its target
-            expected = schema_fingerprint(fingerprint_conn)
+            expected = expected_fingerprint or schema_fingerprint(fingerprint_conn)
         replica_role = can_skip_row_triggers(fingerprint_conn)
     finally:
         fingerprint_conn.close()
@@ -234,25 +282,38 @@ def run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo:
     lock = threading.Lock()
     pending = list(reversed(todo))
 
+    fetchers_n = jobs * FETCHERS_PER_LOADER
+    chunk_size = max(1, min(FETCH_CHUNK, math.ceil(len(todo) / fetchers_n)))
+
     def fetcher() -> None:
         while not stop.is_set():
             with lock:
                 if not pending:
                     return
-                point = pending.pop()
+                chunk = pending[-chunk_size:][::-1]
+                del pending[-chunk_size:]
             try:
-                item: Decoded | Failed = decode(worker_engine(), replicas, point, order, copy_faults)
-            except Exception as exc:  # noqa: BLE001 - one wedding's surprise must not stop the others
-                item = Failed(point, f"{type(exc).__name__}: {str(exc)[:300]}")
-            while not stop.is_set():
+                known: Known | None = known_for(worker_engine(), chunk)
+            except Exception:  # noqa: BLE001 - then each wedding reads its own rows, and says what failed
+                known = None
+            for point in chunk:
+                if stop.is_set():
+                    return
                 try:
-                    ready.put(item, timeout=0.2)
-                    break
-                except queue.Full:
-                    continue
-            else:
-                if isinstance(item, Decoded):
-                    item.spool.close()
+                    item: Decoded | Failed = decode(worker_engine(), replicas, point, order, copy_faults, known)
+                except Exception as exc:  # noqa: BLE001 - one wedding's surprise must not stop the others
+                    item = Failed(point, f"{type(exc).__name__}: {str(exc)[:300]}")
+                if isinstance(item, Decoded) and known is not None:  # its share of the chunk's catalogue reads
+                    item.phases["download"] += known.seconds / len(chunk)
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                else:
+                    if isinstance(item, Decoded):
+                        item.spool.close()
 
     def loader() -> None:
         conn = None
@@ -317,7 +378,7 @@ def run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo:
                 conn.close()
 
     fetchers = [threading.Thread(target=fetcher, name=f"wedbackup-dr-fetch-{i}", daemon=True)
-                for i in range(jobs * FETCHERS_PER_LOADER)]
+                for i in range(fetchers_n)]
     loaders = [threading.Thread(target=loader, name=f"wedbackup-dr-load-{i}", daemon=True) for i in range(jobs)]
     for t in fetchers + loaders:
         t.start()

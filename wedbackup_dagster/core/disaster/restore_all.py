@@ -2,9 +2,12 @@
 wedding's newest verified backup at or before one time, in parallel, each wedding (or batch of weddings,
 batches.py) in its own transaction together with its row in the target's progress table (schema
 `wedbackup_restore`), so a crashed or killed run, run again with `resume`, neither redoes nor duplicates a
-wedding; erasures re-applied, sequences right and foreign keys checked at the end; a report per phase."""
+wedding; erasures re-applied, sequences right and foreign keys checked at the end; a report per phase. As
+pg_restore does, the platform's secondary indexes, foreign keys and triggers are built once every wedding is
+loaded (primary keys and unique constraints stay, so a row loaded twice is still refused by its batch)."""
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -23,10 +26,11 @@ from wedbackup_dagster.core.postgres.identity import check_restore_target
 from wedbackup_dagster.core.errors import ArchiveError, ProviderError, RestoreError, WedbackupError
 from wedbackup_dagster.core.postgres.restore_wedding import (NoRecoveryPointError, RecoveryPoint, connect_target,
                                                              choose_point)
-from wedbackup_dagster.core.postgres.load_snapshot import (advance_sequences, check_foreign_keys, db_error_line,
-                                                           restore_snapshot)
+from wedbackup_dagster.core.postgres.load_snapshot import (advance_sequences, apply_deferred, check_foreign_keys,
+                                                           db_error_line, deferred_post_data_of, relax_foreign_keys,
+                                                           restore_snapshot, split_ddl)
 from wedbackup_dagster.core.postgres.snapshot import (RESTORE_PROGRESS_SCHEMA, database_label, describe_schema,
-                                                      schema_is_empty)
+                                                      schema_fingerprint, schema_is_empty, use_qualified_names)
 from wedbackup_dagster.core.progress import Progress as Counter  # done of total, rate, ETA (plain Python, shared with the wiring)
 
 Progress = Callable[[str], None]
@@ -40,7 +44,8 @@ _PROGRESS_DDL = sql.SQL("""
 CREATE SCHEMA {s};
 CREATE TABLE {s}.run (only_one boolean PRIMARY KEY DEFAULT true CHECK (only_one),
                       as_of timestamptz NOT NULL, started_at timestamptz NOT NULL DEFAULT now(),
-                      include_unverified boolean NOT NULL);
+                      include_unverified boolean NOT NULL,
+                      post_data_pending boolean NOT NULL DEFAULT false);
 CREATE TABLE {s}.partitions (partition text PRIMARY KEY, archive_sha256 text NOT NULL,
                              snapshot_time timestamptz NOT NULL, copy text NOT NULL, rows bigint NOT NULL,
                              bytes bigint NOT NULL, seconds double precision NOT NULL,
@@ -89,6 +94,8 @@ class PartitionResult:
     phases: dict[str, float] = field(default_factory=dict)
     attempts: list[str] = field(default_factory=list)  # copies that failed first, with why
     error: str = ""
+    deferred_post_data: str = field(default="", repr=False)  # the platform's, when its restore deferred some
+    schema_fingerprint: str = ""  # the archive's
 
 
 @dataclass
@@ -157,6 +164,8 @@ class RestoreAllOptions:
     window_seconds: float | None = None  # start no wedding after this long (a drill's window); resumable
     only: frozenset[str] | None = None  # restore only these weddings (a drill's sample); None: every wedding
     batches: bool = True  # many weddings per transaction (core/disaster/batches.py); False: one per transaction
+    # With batches: the platform's secondary indexes, foreign keys and triggers built after every wedding is loaded
+    defer_post_data: bool = True
 
 
 def copy_order(first: str | None) -> tuple[str, ...]:
@@ -244,6 +253,9 @@ def _record_progress(partition: str, backup: Any, copy: str) -> Callable[[Any, A
     started = time.perf_counter()
 
     def record(conn, report) -> None:  # inside the partition's own transaction: committed with its rows
+        if report.deferred_post_data:  # a crash before they are built: the resumed run builds them
+            conn.execute(sql.SQL("UPDATE {} SET post_data_pending = true").format(
+                sql.Identifier(RESTORE_PROGRESS_SCHEMA, "run")))
         conn.execute(sql.SQL("INSERT INTO {} (partition, archive_sha256, snapshot_time, copy, rows, bytes, seconds) "
                              "VALUES (%s, %s, %s, %s, %s, %s, %s)").format(
             sql.Identifier(RESTORE_PROGRESS_SCHEMA, "partitions")),
@@ -253,9 +265,10 @@ def _record_progress(partition: str, backup: Any, copy: str) -> Callable[[Any, A
 
 
 def restore_partition(engine: Any, replicas: Mapping[str, Any], target_dsn: str, point: RecoveryPoint,
-                      order: Iterable[str], *, hold_triggers: bool) -> PartitionResult:
+                      order: Iterable[str], *, hold_triggers: bool, defer_post_data: bool = False) -> PartitionResult:
     """One partition's chosen backup into the target, from the first copy in `order` that works: a copy
-    that cannot be fetched, fails its SHA-256 or cannot be decrypted moves on to the next one."""
+    that cannot be fetched, fails its SHA-256 or cannot be decrypted moves on to the next one.
+    `defer_post_data` (the platform partition): see restore_snapshot; the result carries what was deferred."""
     partition = point.partition
     result = PartitionResult(partition, False, point.archive_sha256, point.snapshot_time.isoformat(),
                              bytes=point.size)
@@ -283,7 +296,7 @@ def restore_partition(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
                     chunks = _timed(open_archive(tmp, name=name, resolve_key=engine.resolve_key), decrypt)
                     t1 = time.perf_counter()
                     report = restore_snapshot(chunks, target_dsn, create_schema=partition == PLATFORM, name=name,
-                                              hold_triggers=hold_triggers,
+                                              hold_triggers=hold_triggers, defer_post_data=defer_post_data,
                                               before_commit=_record_progress(partition, backup, copy))
                     load = time.perf_counter() - t1 - decrypt[0]
             except _COPY_FAULTS as exc:
@@ -304,6 +317,7 @@ def restore_partition(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
                 result.error = f"the target failed: {type(exc).__name__}: {db_error_line(exc)[:300]}"
                 return result
             result.ok, result.copy, result.rows = True, copy, report.total_rows
+            result.deferred_post_data, result.schema_fingerprint = report.deferred_post_data, report.schema_fingerprint
             result.phases = {"download": download, "decrypt": decrypt[0], "load": max(load, 0.0)}
             result.seconds = round(time.perf_counter() - started, 6)
             return result
@@ -396,30 +410,65 @@ def restore_all(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
             if PLATFORM in report.failed:
                 raise RestoreError(f"restore --all into {target}: {report.failed[PLATFORM]}; nothing of the "
                                    f"weddings can be restored without the platform's schema and rows")
-            result = restore_partition(engine, replicas, target_dsn, points.pop(PLATFORM), order, hold_triggers=True)
+            defer = options.batches and options.defer_post_data
+            result = restore_partition(engine, replicas, target_dsn, points.pop(PLATFORM), order, hold_triggers=True,
+                                       defer_post_data=defer)
             _account(report, result)
             if not result.ok:
                 raise RestoreError(f"restore --all into {target}: the platform partition could not be restored: "
                                    f"{result.error}")
             ticker.step()
+            deferred = Deferred(result.deferred_post_data, result.schema_fingerprint)
+        elif _post_data_pending(coord):  # the first run died before building them: read them again
+            deferred = _platform_post_data(engine, replicas, done[PLATFORM]["archive_sha256"], order, target)
+        else:
+            deferred = Deferred("", "")
         report.erasures_reapplied += _reapply(engine, target_dsn)
-        inserting = coord.execute(_INSERT_TRIGGERS_SQL).fetchall()
-        if inserting:
-            progress(f"user triggers fire on INSERT ({', '.join(r[0] for r in inserting[:5])}): each wedding holds "
+        inserting = [r[0] for r in coord.execute(_INSERT_TRIGGERS_SQL).fetchall()]
+        if deferred.script:
+            later = inserting_triggers(deferred.script)
+            if later:
+                progress(f"user triggers fire on INSERT ({', '.join(later[:5])}): they are created once every "
+                         f"wedding is loaded, as pg_restore does, so they do not fire on restored rows")
+        elif inserting:
+            progress(f"user triggers fire on INSERT ({', '.join(inserting[:5])}): each wedding holds "
                      f"them off while it loads, which serialises the workers on those tables")
         todo = [points[p] for p in weddings if p in points]
         deadline = None if options.window_seconds is None else started + options.window_seconds
-        if inserting or not options.batches:
+
+        def build_deferred() -> bool:
+            """The deferred post-data built (once): whether user triggers now fire on INSERT."""
+            if deferred.script:
+                t0 = time.perf_counter()
+                _build_deferred(target_dsn, target, deferred, report)
+                report.phases["load"] += time.perf_counter() - t0
+                progress(f"built the platform's indexes, foreign keys and triggers in "
+                         f"{time.perf_counter() - t0:.1f} s")
+                deferred.script = ""
+                return bool(coord.execute(_INSERT_TRIGGERS_SQL).fetchall())
+            return bool(inserting)
+
+        if (inserting and not deferred.script) or not options.batches:
             stopped = _run_weddings(engine, replicas, target_dsn, todo, order, jobs, options.stop_after, deadline,
                                     report, ticker, hold_triggers=bool(inserting))
         else:
             stopped = _run_batches(engine, replicas, target_dsn, todo, order, jobs, options.stop_after, deadline,
-                                   report, ticker, progress)
+                                   report, ticker, progress, expected_fingerprint=deferred.fingerprint or None,
+                                   before_alone=build_deferred)
+        build_deferred()  # stopped early too: a target stopped on purpose has its whole schema
         if stopped:
             report.stopped = stopped
         else:
             t0 = time.perf_counter()
             _check(coord, engine, target_dsn, report, progress)
+            if deferred.fingerprint and not report.foreign_key_problems:  # (NOT VALID keys differ, and are named)
+                with coord.transaction():
+                    use_qualified_names(coord)
+                    found = schema_fingerprint(coord)
+                if found != deferred.fingerprint:
+                    report.failed[PLATFORM] = (f"once its constraints and indexes were built, the target's schema "
+                                               f"differs from the archive's (fingerprint {found[:12]} vs "
+                                               f"{deferred.fingerprint[:12]})")
             report.phases["check"] += time.perf_counter() - t0
         _summarise(coord, report)
         report.complete = not stopped and not report.failed and not report.foreign_key_problems
@@ -434,6 +483,75 @@ def restore_all(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
             "restored": report.restored_now + report.restored_before, "failed": sorted(report.failed)[:50],
             "seconds": report.seconds, "phases": report.phases})
     return report
+
+
+@dataclass
+class Deferred:
+    """The platform's post-data still to build (its secondary indexes, foreign keys, triggers: restore_snapshot's
+    defer_post_data) and the platform archive's schema fingerprint, which the target has once they are built."""
+
+    script: str
+    fingerprint: str
+
+
+_TRIGGER_EVENTS = re.compile(r"\bCREATE (?:CONSTRAINT )?TRIGGER \S+ (?:BEFORE|AFTER|INSTEAD OF) (.*?) ON ", re.S)
+
+
+def inserting_triggers(script: str) -> list[str]:
+    """`schema.table: trigger` for each trigger of a post-data script that fires on INSERT."""
+    out = []
+    for typ, schema, name, _, body in split_ddl(script):
+        m = _TRIGGER_EVENTS.search(body) if typ == "TRIGGER" else None
+        if m and re.search(r"\bINSERT\b", m.group(1)):
+            table, _, trigger = name.partition(" ")
+            out.append(f"{schema}.{table}: {trigger}")
+    return out
+
+
+def _post_data_pending(coord) -> bool:
+    return bool(coord.execute(sql.SQL("SELECT post_data_pending FROM {}").format(
+        sql.Identifier(RESTORE_PROGRESS_SCHEMA, "run"))).fetchone()[0])
+
+
+def _platform_post_data(engine: Any, replicas: Mapping[str, Any], sha256: str, order: tuple[str, ...],
+                        target: str) -> Deferred:
+    """The deferred post-data again, from the platform's archive (the one the first run restored)."""
+    backup = engine.catalogue.backup_by_sha(sha256)
+    if backup is None:
+        raise RestoreError(f"restore --all into {target}: the platform's archive {sha256[:12]}… that the first run "
+                           f"restored is no longer in the catalogue, and its indexes and foreign keys are still to "
+                           f"build: restore into a new empty database")
+    held = {c.provider for c in engine.catalogue.copies(backup.id)}
+    problems = []
+    for copy in order:
+        if copy not in held or (copy != "vault" and copy not in replicas):
+            continue
+        try:
+            with engine.fetched_copy(backup, copy, replicas) as tmp:
+                name = engine.archive_name(backup, copy)
+                script, fingerprint = deferred_post_data_of(open_archive(tmp, name=name,
+                                                                         resolve_key=engine.resolve_key), name)
+            return Deferred(script, fingerprint)
+        except _COPY_FAULTS as exc:
+            problems.append(f"{copy}: {str(exc)[:300]}")
+    raise RestoreError(f"restore --all into {target}: the platform's indexes and foreign keys are still to build, "
+                       f"and no copy of its archive could be read again: {'; '.join(problems) or 'no usable copy'}")
+
+
+def _build_deferred(target_dsn: str, target: str, deferred: Deferred, report: PlatformReport) -> None:
+    """The deferred post-data into the target, clearing the pending mark in the same transaction."""
+    def cleared(conn) -> None:
+        conn.execute(sql.SQL("UPDATE {} SET post_data_pending = false").format(
+            sql.Identifier(RESTORE_PROGRESS_SCHEMA, "run")))
+
+    with connect_target(target_dsn, f"the target, {target}", "wedbackup-restore-all") as conn:
+        try:
+            apply_deferred(conn, deferred.script, partition_label(PLATFORM), target, then=cleared)
+        except RestoreError as exc:
+            # A foreign key some restored row breaks (its parent's wedding could not be restored): built NOT VALID,
+            # so that the check at the end counts and names its orphans, as for every other key.
+            report.fallbacks.append(f"{exc}; built again with the foreign keys NOT VALID, their orphans counted below")
+            apply_deferred(conn, relax_foreign_keys(deferred.script), partition_label(PLATFORM), target, then=cleared)
 
 
 def _account(report: PlatformReport, result: PartitionResult) -> None:
@@ -525,10 +643,14 @@ def _run_weddings(engine: Any, replicas: Mapping[str, Any], target_dsn: str, tod
 
 def _run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo: list[RecoveryPoint],
                  order: tuple[str, ...], jobs: int, stop_after: int | None, deadline: float | None,
-                 report: PlatformReport, ticker: Counter, progress: Progress) -> str:
+                 report: PlatformReport, ticker: Counter, progress: Progress, *,
+                 expected_fingerprint: str | None = None, before_alone: Callable[[], bool] = lambda: False) -> str:
     """The weddings through the batch path (core/disaster/batches.py); those it hands back — no copy read
     through, or their batch failed to load — again alone through `_run_weddings`, which reports each one
-    that fails again by name with its reason. Returns why it stopped early, or ''."""
+    that fails again by name with its reason, once `before_alone()` has completed the target's schema (it
+    returns whether the loads must hold user triggers off). `expected_fingerprint`: the schema the weddings'
+    archives must have (the platform archive's, while its post-data waits); None: the target's. Returns why
+    it stopped early, or ''."""
     from .batches import run_batches
 
     worker_engine, engines = _worker_engines(engine)
@@ -567,7 +689,7 @@ def _run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo
         stopped = run_batches(engine, replicas, target_dsn, todo, order, jobs, copy_faults=_COPY_FAULTS,
                               connect=lambda: connect_target(target_dsn, f"the target, {target}", "wedbackup-restore-all"),
                               worker_engine=worker_engine, on_done=on_done, on_batch=on_batch, on_retry=on_retry,
-                              should_stop=should_stop, progress=progress)
+                              should_stop=should_stop, progress=progress, expected_fingerprint=expected_fingerprint)
     finally:
         for e in engines:
             e.catalogue.close()
@@ -577,8 +699,9 @@ def _run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo
         progress(f"{len(retry)} wedding(s) again one by one: " + "; ".join(
             f"{partition_label(p)}: {why}" for p, (_, why) in list(sorted(retry.items()))[:5]))
         again = [point for point, _ in sorted(retry.values(), key=lambda pw: partition_order(pw[0].partition))]
+        hold = before_alone()
         return _run_weddings(engine, replicas, target_dsn, again, order, jobs, None, deadline, report, ticker,
-                             hold_triggers=False)
+                             hold_triggers=hold)
     return ""
 
 

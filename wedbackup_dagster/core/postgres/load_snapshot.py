@@ -50,9 +50,12 @@ class RestoreReport(TableTotals):
     triggers_held: list[str] = field(default_factory=list)  # user triggers disabled during the load
     unvalidated_foreign_keys: list[str] = field(default_factory=list)  # created NOT VALID: parents elsewhere
     seconds: float = 0.0
+    # defer_post_data: the archive's secondary indexes, foreign keys and triggers, not yet applied (apply_deferred)
+    deferred_post_data: str = field(default="", repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("deferred_post_data")
         d.update(total_rows=self.total_rows, total_bytes=self.total_bytes)
         return d
 
@@ -154,6 +157,59 @@ def _post_data_script(post_data: str, external_fks: set[tuple[str, str, str]]) -
     return "".join(parts), relaxed
 
 
+# What a load into fresh tables is faster without, built once the rows are in (as pg_restore does): indexes that
+# enforce nothing, foreign keys (validated when added), triggers. Primary keys, unique and exclusion constraints
+# and unique indexes stay with the tables, so a row loaded twice is still refused by the load that brings it.
+_DEFERRABLE = {"INDEX", "INDEX ATTACH", "FK CONSTRAINT", "TRIGGER"}
+_UNIQUE_INDEX = re.compile(r"^CREATE UNIQUE INDEX ", re.MULTILINE)
+
+
+def split_post_data(script: str) -> tuple[str, str]:
+    """(what to apply with the schema, what may wait until the rows are loaded) of a post-data script, each in
+    pg_dump's order with its preamble. An INDEX ATTACH waits exactly when its partition's index does."""
+    now: list[str] = []
+    later: list[str] = []
+    waiting: set[tuple[str, str]] = set()
+    for typ, schema, name, heading, body in split_ddl(script):
+        if not typ:
+            now.append(body)
+            later.append(body)
+            continue
+        if typ == "INDEX":
+            wait = not _UNIQUE_INDEX.search(body)
+            if wait:
+                waiting.add((schema, name))
+        elif typ == "INDEX ATTACH":
+            wait = (schema, name) in waiting
+        else:
+            wait = typ in _DEFERRABLE
+        (later if wait else now).append(heading + body)
+    return "".join(now), ("".join(later) if len(later) > 1 else "")
+
+
+def relax_foreign_keys(script: str) -> str:
+    """A post-data script with every foreign key created NOT VALID (its orphans then counted by
+    check_foreign_keys and named, instead of failing the whole script)."""
+    fks = {(schema, *name.partition(" ")[::2]) for typ, schema, name, _, _ in split_ddl(script)
+           if typ == "FK CONSTRAINT"}
+    return _post_data_script(script, fks)[0]
+
+
+def apply_deferred(conn, script: str, what: str, target: str, *, then: Callable[[Any], None] | None = None) -> None:
+    """The post-data a restore deferred (RestoreReport.deferred_post_data), in one transaction: indexes built,
+    foreign keys added and validated over every row loaded, triggers created; `then(conn)` last in the same
+    transaction. The archive's own DDL, as the rest of its post-data (see _restore_in_transaction)."""
+    try:
+        with conn.transaction():
+            conn.execute(script)
+            use_qualified_names(conn)
+            if then is not None:
+                then(conn)
+    except psycopg.Error as e:
+        raise RestoreError(f"restore of {what} into {target}: constraints and indexes (post-data DDL, built after "
+                           f"the rows were loaded) cannot be applied: {db_error_line(e)}") from None
+
+
 # --- restoring --------------------------------------------------------------------------------------
 
 _SEQUENCES_SQL = """
@@ -232,14 +288,17 @@ def copy_table_in(cur, into: sql.Composable, columns: list[str], records: Iterat
 
 def restore_snapshot(chunks: Iterable[bytes], target_dsn: str, *, create_schema: bool | str = "auto",
                      name: str = "snapshot stream", hold_triggers: bool = True,
-                     before_commit: Callable[[Any, RestoreReport], None] | None = None) -> RestoreReport:
+                     before_commit: Callable[[Any, RestoreReport], None] | None = None,
+                     defer_post_data: bool = False) -> RestoreReport:
     """Restore a snapshot stream into the target, in ONE transaction: committed only when every table
     matches the manifest. `create_schema`: True applies the archive's DDL (target must be empty of it),
     False requires the target's schema to match the archive's fingerprint, "auto" picks by whether the
     target is empty. Raises SchemaMismatchError, VerificationError, RestoreError, SnapshotFormatError.
     `hold_triggers=False` leaves the target's triggers enabled (no ALTER TABLE lock: parallel loads into the
     same tables, for a caller that knows no user trigger fires on INSERT); `before_commit(conn, report)` runs
-    last inside the transaction (core/disaster/ records its progress row there)."""
+    last inside the transaction (core/disaster/ records its progress row there). `defer_post_data`, when the
+    schema is created: the post-data split (split_post_data), what may wait left out and handed back in
+    `deferred_post_data` for the caller to apply (apply_deferred) once more rows are loaded."""
     if create_schema not in (True, False, "auto"):
         raise ValueError(f"create_schema must be True, False or 'auto', not {create_schema!r}")
     started = time.monotonic()
@@ -260,7 +319,7 @@ def restore_snapshot(chunks: Iterable[bytes], target_dsn: str, *, create_schema:
         conn.execute("BEGIN")
         try:
             report = _restore_in_transaction(conn, records, header, pre_data, post_data, create_schema, target,
-                                             name, hold_triggers=hold_triggers)
+                                             name, hold_triggers=hold_triggers, defer_post_data=defer_post_data)
             if before_commit is not None:
                 before_commit(conn, report)
             conn.execute("COMMIT")
@@ -276,7 +335,7 @@ def restore_snapshot(chunks: Iterable[bytes], target_dsn: str, *, create_schema:
 
 def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, Any], pre_data: str,
                             post_data: str, create_schema: bool | str, target: str, name: str, *,
-                            hold_triggers: bool = True) -> RestoreReport:
+                            hold_triggers: bool = True, defer_post_data: bool = False) -> RestoreReport:
     use_qualified_names(conn)
     no_row_security(conn)
     partition = str(header["partition"])
@@ -338,6 +397,7 @@ def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, A
     compare_with_manifest(manifest, seen, what, target, stream_columns)
 
     unvalidated: list[str] = []
+    deferred = ""
     if create_schema:
         # A wedding's rows point at platform rows (vendors) that are not in its archive. The platform
         # partition's tenant-table rows reach no wedding, so their keys are NULL (or were orphans under
@@ -349,6 +409,8 @@ def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, A
             (fk["schema"], fk["table"], fk["name"]) for fk in header.get("foreign_keys", [])
             if (fk["schema"], fk["table"]) in restored and (fk["ref_schema"], fk["ref_table"]) not in restored}
         script, unvalidated = _post_data_script(post_data, external)
+        if defer_post_data:
+            script, deferred = split_post_data(script)
         try:  # the archive's DDL into an empty target: see the pre-data above
             conn.execute(script)
         except psycopg.Error as e:
@@ -363,7 +425,31 @@ def _restore_in_transaction(conn, records: Iterator[Record], header: dict[str, A
     return RestoreReport(partition=partition, target=target, tables=tables, created_schema=bool(create_schema),
                          schema_fingerprint=header["schema_fingerprint"], schema_matches=matches,
                          sequences=sequences, triggers_held=[f"{s}.{t}: {g}" for s, t, g, _, _ in held],
-                         unvalidated_foreign_keys=unvalidated)
+                         unvalidated_foreign_keys=unvalidated, deferred_post_data=deferred)
+
+
+def deferred_post_data_of(chunks: Iterable[bytes], name: str) -> tuple[str, str]:
+    """(the post-data restore_snapshot(defer_post_data=True) hands back, the schema fingerprint) of a platform
+    partition's archive, read again from the archive itself: a resumed restore --all whose first run died
+    before building them. The whole stream is read and authenticated; its rows are discarded."""
+    records = read_snapshot(chunks, name=name)
+    header = header_of(next(records))
+    next(records)  # pre-data: already applied
+    post_data = next(records).text()
+    if str(header["partition"]) != PLATFORM:
+        raise SnapshotFormatError(name, f"holds partition {header['partition']!r}, not the platform partition")
+    manifest_record = None
+    for record in records:
+        if record.kind == MANIFEST:
+            manifest_record = record
+            break
+        table_begin_of(record)
+        read_table_data(records, lambda block: None)
+    if manifest_record is None:
+        raise SnapshotFormatError(name, "the stream has no manifest")
+    read_to_end(records, name)
+    script, _ = _post_data_script(post_data, broken_key_names(manifest_of(manifest_record)))
+    return split_post_data(script)[1], str(header["schema_fingerprint"])
 
 
 def compare_with_manifest(manifest: Manifest, seen: Mapping[str, tuple[int, int, str]], what: str,

@@ -20,7 +20,7 @@ from wedbackup_dagster.core.errors import RestoreError
 from wedbackup_dagster.core.storage.replicas import GCSReplica, S3Replica
 from wedbackup_dagster.core.storage.providers import ensure_targets
 from wedbackup_dagster.core.storage.replicas.gcs import gcs_client_from
-from wedbackup_dagster.core.storage.replicas.s3 import s3_client_from
+from wedbackup_dagster.core.storage.replicas.s3 import client_config, s3_client_from
 from wedbackup_dagster.dev.compare import table_sums
 
 pytestmark = pytest.mark.stack
@@ -35,7 +35,8 @@ def replicas_of(engine: Engine) -> dict:
 
 @pytest.fixture
 def platform(demo_env, stack):
-    """The demo platform, every partition backed up, copied to S3 (weddings 1 and 2 also to GCS) and verified;
+    """The demo platform, every partition backed up, copied to S3 (the platform, weddings 1 and 2 also to GCS) and
+    verified;
     the expected table sums taken; then the source database dropped (an empty one of that name left for the
     fixture's clean-up) and the vault deleted."""
     dsns = demo_env(weddings=WEDDINGS, seed=4, document_bytes=128)
@@ -50,7 +51,7 @@ def platform(demo_env, stack):
             engine.back_up(p, session)
     for p in partitions:
         engine.replicate(p, replicas["s3"])
-        if p in ("1", "2"):
+        if p in ("platform", "1", "2"):
             engine.replicate(p, replicas["gcs"])
         engine.verify(p, replicas, provider="s3")
     expected = table_sums(dsns["source"])
@@ -78,6 +79,8 @@ def test_the_whole_platform_back_from_s3_alone_equals_the_source(platform, make_
     assert all(report.phases[k] >= 0 for k in ("download", "decrypt", "load", "check"))
     assert report.phases["load"] > 0 and report.phases["download"] > 0
     assert any(line.startswith(f"restore --all: {WEDDINGS + 1} of {WEDDINGS + 1} weddings (100%)") for line in lines)
+    # the platform's secondary indexes, foreign keys and triggers were built once, after the weddings' rows
+    assert sum(line.startswith("built the platform's indexes, foreign keys and triggers") for line in lines) == 1
     assert table_sums(target) == platform["expected"]
     with psycopg.connect(target) as conn:  # complete: nothing of wedbackup's own is left in the target
         assert conn.execute("SELECT to_regnamespace('wedbackup_restore')").fetchone()[0] is None
@@ -126,6 +129,31 @@ def test_a_wedding_damaged_everywhere_is_reported_and_a_failing_provider_falls_b
         assert conn.execute("SELECT count(*) FROM weddings WHERE id = %s", (int(damaged),)).fetchone()[0] == 0
         assert conn.execute("SELECT count(*) FROM weddings").fetchone()[0] == WEDDINGS - 1
     assert got["public.vendors"] == want["public.vendors"]  # the platform partition is whole
+
+
+def test_one_provider_lost_the_others_serve_and_what_only_it_held_is_named(platform, make_database):
+    """S3 is gone (nothing answers where it was): the platform and weddings 1 and 2 come from GCS, each fall-back
+    in the report; the weddings S3 alone held are reported by name with S3's error, the others restored."""
+    from dataclasses import replace
+
+    engine = platform["engine"]
+    gone = replace(engine.settings.s3, endpoint_url="http://127.0.0.1:9")  # the discard port: refused at once
+    lost = S3Replica(s3_client_from(gone, os.environ, config=client_config(connect_timeout=1, max_attempts=1)), gone)
+    target = make_database()
+    report = disaster.restore_all(engine, {"s3": lost, "gcs": platform["replicas"]["gcs"]}, target,
+                                  disaster.RestoreAllOptions(providers=disaster.copy_order("s3"), jobs=2))
+    only_s3 = set(platform["weddings"]) - {"1", "2"}
+    assert not report.complete and set(report.failed) == only_s3
+    assert all("s3:" in report.failed[w] for w in only_s3), report.failed
+    assert report.copies_used == {"gcs": 3}
+    assert sorted(line.split(":")[0] for line in report.fallbacks) == ["the platform partition", "wedding 1",
+                                                                        "wedding 2"]
+    assert all(line.endswith("restored from gcs") for line in report.fallbacks)
+    assert not report.foreign_key_problems
+    got, want = table_sums(target), platform["expected"]
+    assert got["public.vendors"] == want["public.vendors"]
+    with psycopg.connect(target) as conn:
+        assert {r[0] for r in conn.execute("SELECT id::text FROM weddings")} == {"1", "2"}
 
 
 def test_refuses_a_target_in_use_the_source_and_the_catalogue(platform, make_database, stack):

@@ -135,6 +135,94 @@ def test_platform_into_empty_database_then_every_wedding_rebuilds_the_source(mak
         assert conn.execute("SELECT count(*) FROM audit_log WHERE what LIKE 'touched wedding 4'").fetchone()[0] == 1
 
 
+def test_platform_with_its_post_data_deferred_then_built_equals_the_whole_restore(make_database):
+    """restore --all's way (defer_post_data): the platform's primary keys and unique constraints come with the
+    schema (a row loaded twice is still refused), its secondary indexes, foreign keys and triggers wait until
+    apply_deferred; then the target's schema is exactly the source's, and the rows too."""
+    from wedbackup_dagster.core.postgres.load_snapshot import apply_deferred, deferred_post_data_of
+
+    src = make_platform_db(make_database)
+    streams = {}
+    with SnapshotSession(src) as session:
+        for partition in (snap.PLATFORM, "1", "2"):
+            out = io.BytesIO()
+            session.snapshot(partition, out)
+            streams[partition] = out.getvalue()
+    dst = make_database()
+    platform = restore_snapshot([streams[snap.PLATFORM]], dst, defer_post_data=True)
+    assert platform.created_schema and not platform.schema_matches
+    assert "FOREIGN KEY" in platform.deferred_post_data and "CREATE TRIGGER" in platform.deferred_post_data
+    assert "PRIMARY KEY" not in platform.deferred_post_data
+    # The same script again from the archive alone (a resumed restore --all), with the archive's fingerprint.
+    again, fingerprint = deferred_post_data_of([streams[snap.PLATFORM]], "platform archive")
+    assert again == platform.deferred_post_data and fingerprint == platform.schema_fingerprint
+    with psycopg.connect(dst) as conn:
+        kinds = {r[0] for r in conn.execute("SELECT contype FROM pg_constraint c JOIN pg_namespace n "
+                                            "ON n.oid = c.connamespace WHERE n.nspname = 'public'")}
+        assert "p" in kinds and "f" not in kinds
+        assert conn.execute("SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal").fetchone()[0] == 0
+    with psycopg.connect(dst) as conn:  # the weddings' rows, as restore --all's batches load them
+        snap.use_qualified_names(conn)
+        for partition in ("1", "2"):
+            records = read_snapshot([streams[partition]], name=partition)
+            next(records), next(records), next(records)
+            for record in records:
+                if record.kind == snapshot_stream.MANIFEST:
+                    break
+                schema, name, columns = snapshot_stream.table_begin_of(record)
+                with conn.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN").format(
+                        sql.Identifier(schema, name), sql.SQL(", ").join(map(sql.Identifier, columns)))) as copy:
+                    snapshot_stream.read_table_data(records, copy.write)
+        conn.commit()
+        with pytest.raises(psycopg.errors.UniqueViolation):  # primary keys held while the rest waited
+            conn.execute("INSERT INTO weddings SELECT * FROM weddings WHERE id = 1")
+        conn.rollback()
+        apply_deferred(conn, platform.deferred_post_data, "the platform", "dst")
+    assert describe_schema_of(dst) == describe_schema_of(src)
+    with psycopg.connect(dst) as conn:
+        snap.use_qualified_names(conn)
+        assert snap.schema_fingerprint(conn) == platform.schema_fingerprint
+    wanted = [t for t in ALL_TABLES if t != "public.audit_log"]  # weddings 3's rows are not loaded here
+    got, want = checksums(dst, wanted), checksums(src, wanted)
+    assert got["public.vendors"] == want["public.vendors"]
+    assert got["public.guests"][0] == sum(checksums(src, ["public.guests"], w)["public.guests"][0] for w in (1, 2))
+
+
+def test_split_post_data_keeps_what_refuses_duplicates():
+    from wedbackup_dagster.core.postgres.load_snapshot import relax_foreign_keys, split_post_data
+
+    def entry(name, typ, body):
+        return f"--\n-- Name: {name}; Type: {typ}; Schema: public; Owner: -\n--\n\n{body}\n\n"
+
+    script = ("SET statement_timeout = 0;\n\n"
+              + entry("guests guests_pkey", "CONSTRAINT", "ALTER TABLE ONLY public.guests ADD CONSTRAINT guests_pkey "
+                                                          "PRIMARY KEY (id);")
+              + entry("guests_email_key", "INDEX", "CREATE UNIQUE INDEX guests_email_key ON public.guests (email);")
+              + entry("guests_wedding_idx", "INDEX", "CREATE INDEX guests_wedding_idx ON public.guests (wedding_id);")
+              + entry("p1_wedding_idx", "INDEX", "CREATE INDEX p1_wedding_idx ON public.p1 (wedding_id);")
+              + entry("p1_wedding_idx", "INDEX ATTACH", "ALTER INDEX public.p_wedding_idx ATTACH PARTITION "
+                                                         "public.p1_wedding_idx;")
+              + entry("p1_pkey", "INDEX ATTACH", "ALTER INDEX public.p_pkey ATTACH PARTITION public.p1_pkey;")
+              + entry("guests shout", "TRIGGER", "CREATE TRIGGER shout BEFORE INSERT ON public.guests FOR EACH ROW "
+                                                 "EXECUTE FUNCTION public.shout();")
+              + entry("guests guests_wedding_id_fkey", "FK CONSTRAINT",
+                      "ALTER TABLE ONLY public.guests\n    ADD CONSTRAINT guests_wedding_id_fkey FOREIGN KEY "
+                      "(wedding_id) REFERENCES public.weddings(id);"))
+    now, later = split_post_data(script)
+    assert now.startswith("SET statement_timeout") and later.startswith("SET statement_timeout")
+    for kept in ("guests_pkey PRIMARY KEY", "UNIQUE INDEX guests_email_key", "ATTACH PARTITION public.p1_pkey"):
+        assert kept in now and kept not in later
+    for waits in ("INDEX guests_wedding_idx", "ATTACH PARTITION public.p1_wedding_idx", "CREATE TRIGGER shout",
+                  "guests_wedding_id_fkey FOREIGN KEY"):
+        assert waits in later and waits not in now
+    assert split_post_data(now) == (now, "")  # nothing left to wait for: no script at all
+    assert "REFERENCES public.weddings(id) NOT VALID;" in relax_foreign_keys(later)
+
+    from wedbackup_dagster.core.disaster.restore_all import inserting_triggers
+    assert inserting_triggers(later) == ["public.guests: shout"]
+    assert inserting_triggers(later.replace("BEFORE INSERT", "BEFORE UPDATE OF email")) == []
+
+
 def describe_schema_of(dsn: str):
     with psycopg.connect(dsn) as conn:
         snap.use_qualified_names(conn)

@@ -71,14 +71,14 @@ def bench_environment(prefix: str, *, weddings: int, seed: int, document_bytes: 
 @contextlib.contextmanager
 def dagster_instance(bench: dict[str, Any]) -> Iterator[Any]:
     """A throw-away Dagster instance on the bench's own PostgreSQL database, with the storage `wedbackup
-    backup` uses on the local stack (the project's dagster.yaml: instance_storage.LocalStackStorage, i.e.
+    backup` uses on the local stack (the project's dagster.yaml: instance.storage.LocalStackStorage, i.e.
     dagster-postgres with a pooled event log), not a temporary SQLite instance (SQLite stores every event
     with its own commit)."""
     import dagster as dg
 
     variable = "WEDBACKUP_BENCH_DAGSTER_PG_URL"
     os.environ[variable] = bench["dagster_pg_url"]
-    storage = {"custom": {"module": "wedbackup_dagster.instance_storage", "class": "LocalStackStorage",
+    storage = {"custom": {"module": "wedbackup_dagster.instance.storage", "class": "LocalStackStorage",
                           "config": {"postgres_url_env": variable}}}
     try:
         with dg.instance_for_test(overrides={"storage": storage}) as instance:

@@ -32,7 +32,7 @@ S3_ACCESS_KEY = "wedbackup-local"
 DB_USER = "wedbackup"
 SOURCE_DB = "wedding_platform"
 CATALOGUE_DB = "wedbackup_catalogue"
-DAGSTER_DB = "dagster"  # the local Dagster instance's storage (dagster.yaml, instance_storage.LocalStackStorage)
+DAGSTER_DB = "dagster"  # the local Dagster instance's storage (dagster.yaml, instance.storage.LocalStackStorage)
 
 
 def project_root() -> Path:

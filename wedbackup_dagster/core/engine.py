@@ -121,7 +121,8 @@ class Engine:
 
     def back_up_each(self, partitions: list[str], session: Any) -> Iterator[tuple[str, BackupOutcome | WedbackupError]]:
         """Back up every partition given, in order: the platform on its own, weddings in batches of
-        `batch_size` (one COPY per table per batch). Yields each partition's outcome or its error.
+        `batch_size` (one COPY per table per batch), side by side in `snapshot_workers` processes when there
+        is more than one batch (then in the order batches end). Yields each partition's outcome or its error.
         A wedding whose lock another backup or restore holds is left out of its batch and, after every
         batch, backed up alone once the lock is free (waiting at most the lock timeout)."""
         weddings = [p for p in partitions if p != PLATFORM]
@@ -135,6 +136,17 @@ class Engine:
             # would read from before another run's backups of its weddings committed meanwhile.
             self._fresh_snapshot_after(session, time.monotonic())
         busy: list[str] = []
+        workers = self.settings.snapshot_workers
+        if workers > 1 and len(weddings) > self.batch_size:
+            # Batches side by side in worker processes (core/parallel_backup.py), each wedding's outcome kept.
+            from wedbackup_dagster.core.parallel_backup import BUSY, back_up_in_workers
+
+            for partition, outcome in back_up_in_workers(type(self), weddings, self.batch_size, workers):
+                if isinstance(outcome, str) and outcome == BUSY:
+                    busy.append(partition)
+                else:
+                    yield partition, outcome
+            weddings = []
         for i in range(0, len(weddings), self.batch_size):
             batch = weddings[i:i + self.batch_size]
             for partition, outcome in self._retrying(lambda: self.back_up_many(batch, session)).items():

@@ -315,16 +315,30 @@ class Engine:
                     continue
                 future = pool.submit(self._timed_upload, replica, partition, backup, entry)
                 pending[future] = (partition, backup)
+            # Confirmed uploads are recorded in the catalogue a batch per transaction, and each is reported
+            # only once its copy is recorded (a crash in between leaves an object a re-run finds, a no-op).
+            confirmed: list[ReplicaOutcome] = []
             for future in as_completed(pending):
                 partition, backup = pending.pop(future)
                 try:
                     record, seconds = future.result()
-                    outcome: ReplicaOutcome | WedbackupError = self._record_copy(partition, backup, record, seconds)
                 except WedbackupError as exc:
-                    outcome = exc
-                yield partition, outcome
+                    yield partition, exc
+                    continue
+                confirmed.append(ReplicaOutcome(partition, backup, record, seconds))
+                if len(confirmed) >= self.copy_record_batch or not pending:
+                    yield from self._record_copies(confirmed)
+                    confirmed = []
+            yield from self._record_copies(confirmed)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+    copy_record_batch = 32  # confirmed uploads recorded per catalogue transaction in replicate_each
+
+    def _record_copies(self, outcomes: list[ReplicaOutcome]) -> Iterator[tuple[str, ReplicaOutcome]]:
+        self.catalogue.record_copies([self._copy_row(o.backup, o.record) for o in outcomes])
+        for outcome in outcomes:
+            yield outcome.partition, outcome
 
     def _replica_source(self, partition: str, latest: BackupRecord | None = None) -> tuple[BackupRecord, VaultEntry]:
         backup = latest or self.catalogue.require_latest_backup(check_partition(partition))
@@ -345,12 +359,17 @@ class Engine:
         return self._upload(replica, partition, backup, entry), time.perf_counter() - started
 
     def _record_copy(self, partition: str, backup: BackupRecord, record: Any, seconds: float) -> ReplicaOutcome:
-        self.catalogue.record_copy(backup.id, provider=record.provider, uri=record.uri, object_key=record.key,
-                                   version_id=record.version_id, size=record.size, checksum=record.provider_checksum,
-                                   storage_class=record.storage_class, region=record.region, media=record.media,
-                                   offsite=record.offsite, locked_until=getattr(record, "locked_until", None),
-                                   lock_mode=getattr(record, "lock_mode", None))
+        row = self._copy_row(backup, record)
+        self.catalogue.record_copy(row.pop("backup_id"), **row)
         return ReplicaOutcome(partition, backup, record, seconds)
+
+    @staticmethod
+    def _copy_row(backup: BackupRecord, record: Any) -> dict[str, Any]:
+        return {"backup_id": backup.id, "provider": record.provider, "uri": record.uri, "object_key": record.key,
+                "version_id": record.version_id, "size": record.size, "checksum": record.provider_checksum,
+                "storage_class": record.storage_class, "region": record.region, "media": record.media,
+                "offsite": record.offsite, "locked_until": getattr(record, "locked_until", None),
+                "lock_mode": getattr(record, "lock_mode", None)}
 
     # ---- verified_restore ------------------------------------------------------------------------------
     def choose_provider(self, backup: BackupRecord, available: list[str], asked: str | None = None) -> str:

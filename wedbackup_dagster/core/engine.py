@@ -485,15 +485,31 @@ class Engine:
                                           detail=detail)
 
     verify_batch_size = 500  # weddings sharing one scratch database in verify_each
+    verify_min_share = 50  # fewest weddings worth a worker process of their own in verify_each
 
     def verify_each(self, partitions: list[str], replicas: Mapping[str, Any], provider: str | None = None,
-                    on_progress: Any = None) -> Iterator[tuple[str, VerifyOutcome | WedbackupError]]:
+                    on_progress: Any = None, workers: int | None = None
+                    ) -> Iterator[tuple[str, VerifyOutcome | WedbackupError]]:
         """`verify` for many partitions: weddings in batches, each batch restored into ONE scratch database
         and checked per wedding against its own manifest (core/postgres/batch_verify.py); a wedding that fails there
         is verified alone. Yields each partition's outcome or its error (those verified alone last);
-        `on_progress()` once per partition as its work is done."""
+        `on_progress()` once per partition as its work is done. With `workers` > 1 (the steps pass
+        Settings.snapshot_workers) and at least two shares' worth of weddings, the shares run side by side
+        in worker processes with replicas of the same providers built from the settings."""
         from wedbackup_dagster.core.postgres.batch_verify import verify_many
 
+        if workers is not None and workers > 1 and len(partitions) >= 2 * self.verify_min_share:
+            # Shares side by side in worker processes, each in its own scratch database (core/parallel_backup.py),
+            # with replicas built from the settings for the same providers.
+            from wedbackup_dagster.core.parallel_backup import verify_in_workers
+
+            share = max(self.verify_min_share, min(self.verify_batch_size, -(-len(partitions) // workers)))
+            step = on_progress or (lambda: None)
+            for partition, outcome in verify_in_workers(type(self), partitions, list(replicas), provider, share,
+                                                        workers):
+                step()
+                yield partition, outcome
+            return
         for i in range(0, len(partitions), self.verify_batch_size):
             yield from verify_many(self, partitions[i:i + self.verify_batch_size], replicas, provider,
                                    on_progress=on_progress)

@@ -1,6 +1,6 @@
-"""Snapshot and seal on every core: a step's weddings, in the engine's batches, backed up by a few worker
-processes side by side (`WEDBACKUP_SNAPSHOT_WORKERS`), each with its own engine and source snapshot, as
-`make bench`'s fleet does it. One process seals at most one core's worth (zstd and AES-GCM hold the GIL
+"""A step's weddings on every core: snapshot-and-seal batches and verification batches run in a few worker
+processes side by side (`WEDBACKUP_SNAPSHOT_WORKERS`), each with its own engine (and source snapshot, or
+scratch database), as `make bench`'s fleet does it. One process seals at most one core's worth (zstd and AES-GCM hold the GIL
 for most of their work), and PostgreSQL's COPY overlaps with sealing only across processes.
 
 Each batch is `Engine.back_up_many` in a worker: the same archives, locks, vault writes and catalogue
@@ -9,7 +9,11 @@ with its error, a wedding whose lock was busy goes back to the caller (which bac
 is free), and a batch whose source or catalogue failed under it names each of its weddings with that
 error while the other batches go on. Worker processes are started with `spawn` (the step's process has
 threads and open connections a fork would copy) once the platform's backup is done, so no wedding shares
-the platform's snapshot."""
+the platform's snapshot.
+
+Verification: each worker runs `batch_verify.verify_many` on its share of the weddings, in its own
+scratch database, with replicas built from the settings as the step's are; every verdict and record is
+`verify_many`'s own (a wedding failing in a batch is verified alone and named alone)."""
 from __future__ import annotations
 
 import multiprocessing
@@ -21,6 +25,7 @@ from typing import Any
 from .errors import PartitionBusyError, WedbackupError
 
 _engine: Any = None
+_replicas: dict[str, Any] = {}
 _session: Any = None
 _session_cm: Any = None
 
@@ -31,17 +36,41 @@ def _start_worker(engine_class: Any) -> None:
     _engine = engine_class.from_env()
 
 
+class _CarriedError:
+    """An error whose class does not unpickle from its args (most of ours take named fields): its class,
+    words and attributes, made into the same error again in the parent (`_restored`)."""
+
+    def __init__(self, error: BaseException):
+        self.cls, self.message = type(error), str(error)
+        self.state = {k: v for k, v in vars(error).items() if _picklable(v)}
+
+    def restored(self) -> BaseException:
+        error = self.cls.__new__(self.cls)
+        Exception.__init__(error, self.message)
+        error.__dict__.update(self.state)
+        return error
+
+
+def _picklable(value: Any) -> bool:
+    try:
+        pickle.loads(pickle.dumps(value))
+        return True
+    except Exception:  # noqa: BLE001 - whatever does not cross the process boundary stays behind
+        return False
+
+
 def _portable(partition: str, outcome: Any) -> Any:
-    """An outcome the parent can unpickle: a busy wedding as the marker BUSY, an error whose class cannot
-    cross a process boundary as a WedbackupError with the same words."""
+    """An outcome the parent can unpickle: a busy wedding as the marker BUSY, an error of a class that does
+    not unpickle as a _CarriedError (the same class and words once back, `_restored`)."""
     if isinstance(outcome, PartitionBusyError):
         return BUSY
-    if isinstance(outcome, BaseException):
-        try:
-            pickle.loads(pickle.dumps(outcome))
-        except Exception:  # noqa: BLE001 - any error class that does not round-trip is carried as text
-            return WedbackupError(str(outcome))
+    if isinstance(outcome, BaseException) and not _picklable(outcome):
+        return _CarriedError(outcome)
     return outcome
+
+
+def _restored(results: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    return [(p, o.restored() if isinstance(o, _CarriedError) else o) for p, o in results]
 
 
 BUSY = "busy"
@@ -92,5 +121,38 @@ def back_up_in_workers(engine_class: Any, weddings: list[str], batch_size: int, 
                 except Exception as exc:  # noqa: BLE001 - a worker that died names its batch's weddings
                     results = [(w, WedbackupError(f"wedding {w}: its backup worker failed: "
                                                   f"{type(exc).__name__}: {exc}")) for w in batch]
-                yield from results
+                yield from _restored(results)
 
+
+
+def _verify_chunk(partitions: list[str], providers: list[str], provider: str | None) -> list[tuple[str, Any]]:
+    """One share of a verification step in a worker: `verify_many` with this worker's replicas."""
+    from .postgres.batch_verify import verify_many
+    from .storage.providers import replica_for
+
+    for name in providers:
+        if name not in _replicas:
+            _replicas[name] = replica_for(name, _engine.settings)
+    replicas = {name: _replicas[name] for name in providers}
+    return [(p, _portable(p, o)) for p, o in verify_many(_engine, partitions, replicas, provider)]
+
+
+def verify_in_workers(engine_class: Any, partitions: list[str], providers: list[str], provider: str | None,
+                      chunk: int, workers: int) -> Iterator[tuple[str, Any]]:
+    """Every partition's VerifyOutcome or WedbackupError, as each share of at most `chunk` ends, verified
+    by `workers` processes, each share in one scratch database."""
+    shares = [partitions[i:i + chunk] for i in range(0, len(partitions), chunk)]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(shares)), mp_context=context,
+                             initializer=_start_worker, initargs=(engine_class,)) as pool:
+        pending = {pool.submit(_verify_chunk, share, providers, provider): share for share in shares}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                share = pending.pop(future)
+                try:
+                    results = future.result()
+                except Exception as exc:  # noqa: BLE001 - a worker that died names its weddings
+                    results = [(p, WedbackupError(f"wedding {p}: its verification worker failed: "
+                                                  f"{type(exc).__name__}: {exc}")) for p in share]
+                yield from _restored(results)

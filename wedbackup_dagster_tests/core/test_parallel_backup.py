@@ -94,3 +94,29 @@ def test_the_default_is_one_more_than_the_cores_at_most_four():
     assert snapshot_workers_from({}) == max(1, min(4, (os.cpu_count() or 1) + 1))
     assert snapshot_workers_from({"WEDBACKUP_SNAPSHOT_WORKERS": "1"}) == 1
     assert Settings.__dataclass_fields__["snapshot_workers"].default == 1
+
+
+def test_weddings_verified_in_workers_get_the_verdicts_of_the_steps_own_process(env):
+    weddings = [str(i) for i in range(1, 15)]
+    engine = _engine(env, workers=2)
+    engine.verify_min_share = 4
+    with engine.snapshot_session() as session:
+        sealed = dict(engine.back_up_each(weddings, session))
+    # One wedding's vault copy corrupted: a flipped byte in the middle of its archive.
+    path = sealed["9"].vault.path
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+    ours = dict(engine.verify_each(weddings, {}, provider="vault", workers=2))
+    theirs = dict(engine.verify_each(weddings, {}, provider="vault"))
+    assert sorted(ours, key=int) == weddings
+    assert [k for k, v in ours.items() if isinstance(v, Exception)] == ["9"]
+    assert isinstance(ours["9"], WedbackupError) and "9" in str(ours["9"])
+    assert type(ours["9"]).__name__ == type(theirs["9"]).__name__ and str(ours["9"]) == str(theirs["9"])
+    for wedding in weddings:
+        if wedding == "9":
+            continue
+        # Each wedding checked table by table against its own manifest, as in the step's own process.
+        assert ours[wedding].tables == theirs[wedding].tables and ours[wedding].tables
+        assert ours[wedding].fk_checked == theirs[wedding].fk_checked

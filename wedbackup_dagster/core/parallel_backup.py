@@ -108,21 +108,28 @@ def back_up_in_workers(engine_class: Any, weddings: list[str], batch_size: int, 
     by `workers` processes each with its own `engine_class.from_env()`. At most `workers` batches run at
     once, so memory stays `workers` times one batch's."""
     batches = [weddings[i:i + batch_size] for i in range(0, len(weddings), batch_size)]
+    yield from _in_workers(engine_class, workers, _back_up_batch, [(batch,) for batch in batches], "backup")
+
+
+def _in_workers(engine_class: Any, workers: int, work: Any, shares: list[tuple[Any, ...]], what: str
+                ) -> Iterator[tuple[str, Any]]:
+    """`work(*share)` for every share (its first argument: the share's partitions) in at most `workers`
+    spawned processes; each share's (partition, outcome) pairs as it ends. A worker that died names each
+    partition of its share with why."""
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(batches)), mp_context=context,
+    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(shares))), mp_context=context,
                              initializer=_start_worker, initargs=(engine_class,)) as pool:
-        pending = {pool.submit(_back_up_batch, batch): batch for batch in batches}
+        pending = {pool.submit(work, *share): share[0] for share in shares}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
-                batch = pending.pop(future)
+                partitions = pending.pop(future)
                 try:
                     results = future.result()
-                except Exception as exc:  # noqa: BLE001 - a worker that died names its batch's weddings
-                    results = [(w, WedbackupError(f"wedding {w}: its backup worker failed: "
-                                                  f"{type(exc).__name__}: {exc}")) for w in batch]
+                except Exception as exc:  # noqa: BLE001 - a worker that died names its share's partitions
+                    results = [(p, WedbackupError(f"wedding {p}: its {what} worker failed: "
+                                                  f"{type(exc).__name__}: {exc}")) for p in partitions]
                 yield from _restored(results)
-
 
 
 def _verify_chunk(partitions: list[str], providers: list[str], provider: str | None) -> list[tuple[str, Any]]:
@@ -141,18 +148,5 @@ def verify_in_workers(engine_class: Any, partitions: list[str], providers: list[
                       chunk: int, workers: int) -> Iterator[tuple[str, Any]]:
     """Every partition's VerifyOutcome or WedbackupError, as each share of at most `chunk` ends, verified
     by `workers` processes, each share in one scratch database."""
-    shares = [partitions[i:i + chunk] for i in range(0, len(partitions), chunk)]
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(shares)), mp_context=context,
-                             initializer=_start_worker, initargs=(engine_class,)) as pool:
-        pending = {pool.submit(_verify_chunk, share, providers, provider): share for share in shares}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                share = pending.pop(future)
-                try:
-                    results = future.result()
-                except Exception as exc:  # noqa: BLE001 - a worker that died names its weddings
-                    results = [(p, WedbackupError(f"wedding {p}: its verification worker failed: "
-                                                  f"{type(exc).__name__}: {exc}")) for p in share]
-                yield from _restored(results)
+    shares = [(partitions[i:i + chunk], providers, provider) for i in range(0, len(partitions), chunk)]
+    yield from _in_workers(engine_class, workers, _verify_chunk, shares, "verification")

@@ -139,7 +139,8 @@ def verified_restore(context: dg.AssetExecutionContext, config: VerifyConfig, we
     keys = validated_keys(context.partition_keys)
     progress = Progress("verified restore", len(keys), context.log.info)
     # Weddings in batches, each batch restored into one scratch database and checked wedding by wedding.
-    for key, outcome in engine.verify_each(keys, every_replica, provider=config.provider, on_progress=progress.step):
+    for key, outcome in engine.verify_each(keys, every_replica, provider=config.provider, on_progress=progress.step,
+                                         workers=engine.settings.snapshot_workers):
         outcomes.record(context, key, outcome, lambda o: {VERIFIED_RESTORE: verify_metadata(o)})
     yield from outcomes.finish_assets(context, [VERIFIED_RESTORE])
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import dagster as dg
 
+from ..instance.event_batches import check_evaluations_in_batches, log_check_evaluations
 from .constants import DB_DUMP, ENCRYPTED_ARCHIVE, REPLICA_KEYS, VERIFIED_RESTORE
 from .partitions import validated_keys, weddings_partitions
 from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
@@ -24,7 +25,7 @@ def _report(context: dg.AssetCheckExecutionContext, asset_key: dg.AssetKey, name
             outcomes: dict[str, Outcome], *, blocking: bool = False) -> Iterator[Any]:
     """One evaluation per wedding partition (AssetCheckResult would carry one partition only), then the
     check's output so the step completes. A failed blocking evaluation fails the step after all are reported."""
-    yield from _evaluations(asset_key, name, outcomes, blocking=blocking)
+    yield from check_evaluations_in_batches(context, _evaluations(asset_key, name, outcomes, blocking=blocking))
     failed = sum(1 for passed, *_ in outcomes.values() if not passed)
     if failed:
         context.log.warning(f"{name}: {failed} of {len(outcomes)} wedding(s) failed")
@@ -362,8 +363,7 @@ def log_shrinkage_evaluations(context: dg.OpExecutionContext, engine: Engine, ke
         context.log.error(f"shrinkage check not evaluated for {len(keys)} wedding(s): {type(exc).__name__}: "
                           f"{str(exc)[:300]}")
         return
-    for evaluation in evaluations:
-        context.log_event(evaluation)
+    log_check_evaluations(context, evaluations)
 
 
 wedding_checks = [archive_integrity, s3_replica_checksum, gcs_replica_checksum, azure_replica_checksum,

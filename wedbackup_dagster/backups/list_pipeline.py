@@ -83,7 +83,8 @@ def verified_restore_list(context: dg.OpExecutionContext, sealed: WeddingsOfStep
     # Weddings in batches, each batch restored into one scratch database and checked wedding by wedding.
     progress = Progress("verified restore", len(uploaded), context.log.info)
     outcomes = WeddingOutcomes("verify")
-    for key, outcome in engine.verify_each(uploaded, every_replica, on_progress=progress.step):
+    for key, outcome in engine.verify_each(uploaded, every_replica, on_progress=progress.step,
+                                         workers=engine.settings.snapshot_workers):
         outcomes.record(context, key, outcome, lambda o: {VERIFIED_RESTORE: verify_metadata(o)})
     yield from in_batches(context, outcomes.materializations())
     failure = failure_of_steps((("backup", sealed), ("s3", s3_done), ("gcs", gcs_done), ("azure", azure_done),

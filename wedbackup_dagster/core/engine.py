@@ -121,7 +121,8 @@ class Engine:
 
     def back_up_each(self, partitions: list[str], session: Any) -> Iterator[tuple[str, BackupOutcome | WedbackupError]]:
         """Back up every partition given, in order: the platform on its own, weddings in batches of
-        `batch_size` (one COPY per table per batch). Yields each partition's outcome or its error.
+        `batch_size` (one COPY per table per batch), side by side in `snapshot_workers` processes when there
+        is more than one batch (then in the order batches end). Yields each partition's outcome or its error.
         A wedding whose lock another backup or restore holds is left out of its batch and, after every
         batch, backed up alone once the lock is free (waiting at most the lock timeout)."""
         weddings = [p for p in partitions if p != PLATFORM]
@@ -135,6 +136,17 @@ class Engine:
             # would read from before another run's backups of its weddings committed meanwhile.
             self._fresh_snapshot_after(session, time.monotonic())
         busy: list[str] = []
+        workers = self.settings.snapshot_workers
+        if workers > 1 and len(weddings) > self.batch_size:
+            # Batches side by side in worker processes (core/parallel_backup.py), each wedding's outcome kept.
+            from wedbackup_dagster.core.parallel_backup import BUSY, back_up_in_workers
+
+            for partition, outcome in back_up_in_workers(type(self), weddings, self.batch_size, workers):
+                if isinstance(outcome, str) and outcome == BUSY:
+                    busy.append(partition)
+                else:
+                    yield partition, outcome
+            weddings = []
         for i in range(0, len(weddings), self.batch_size):
             batch = weddings[i:i + self.batch_size]
             for partition, outcome in self._retrying(lambda: self.back_up_many(batch, session)).items():
@@ -303,16 +315,30 @@ class Engine:
                     continue
                 future = pool.submit(self._timed_upload, replica, partition, backup, entry)
                 pending[future] = (partition, backup)
+            # Confirmed uploads are recorded in the catalogue a batch per transaction, and each is reported
+            # only once its copy is recorded (a crash in between leaves an object a re-run finds, a no-op).
+            confirmed: list[ReplicaOutcome] = []
             for future in as_completed(pending):
                 partition, backup = pending.pop(future)
                 try:
                     record, seconds = future.result()
-                    outcome: ReplicaOutcome | WedbackupError = self._record_copy(partition, backup, record, seconds)
                 except WedbackupError as exc:
-                    outcome = exc
-                yield partition, outcome
+                    yield partition, exc
+                    continue
+                confirmed.append(ReplicaOutcome(partition, backup, record, seconds))
+                if len(confirmed) >= self.copy_record_batch or not pending:
+                    yield from self._record_copies(confirmed)
+                    confirmed = []
+            yield from self._record_copies(confirmed)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+    copy_record_batch = 32  # confirmed uploads recorded per catalogue transaction in replicate_each
+
+    def _record_copies(self, outcomes: list[ReplicaOutcome]) -> Iterator[tuple[str, ReplicaOutcome]]:
+        self.catalogue.record_copies([self._copy_row(o.backup, o.record) for o in outcomes])
+        for outcome in outcomes:
+            yield outcome.partition, outcome
 
     def _replica_source(self, partition: str, latest: BackupRecord | None = None) -> tuple[BackupRecord, VaultEntry]:
         backup = latest or self.catalogue.require_latest_backup(check_partition(partition))
@@ -333,12 +359,17 @@ class Engine:
         return self._upload(replica, partition, backup, entry), time.perf_counter() - started
 
     def _record_copy(self, partition: str, backup: BackupRecord, record: Any, seconds: float) -> ReplicaOutcome:
-        self.catalogue.record_copy(backup.id, provider=record.provider, uri=record.uri, object_key=record.key,
-                                   version_id=record.version_id, size=record.size, checksum=record.provider_checksum,
-                                   storage_class=record.storage_class, region=record.region, media=record.media,
-                                   offsite=record.offsite, locked_until=getattr(record, "locked_until", None),
-                                   lock_mode=getattr(record, "lock_mode", None))
+        row = self._copy_row(backup, record)
+        self.catalogue.record_copy(row.pop("backup_id"), **row)
         return ReplicaOutcome(partition, backup, record, seconds)
+
+    @staticmethod
+    def _copy_row(backup: BackupRecord, record: Any) -> dict[str, Any]:
+        return {"backup_id": backup.id, "provider": record.provider, "uri": record.uri, "object_key": record.key,
+                "version_id": record.version_id, "size": record.size, "checksum": record.provider_checksum,
+                "storage_class": record.storage_class, "region": record.region, "media": record.media,
+                "offsite": record.offsite, "locked_until": getattr(record, "locked_until", None),
+                "lock_mode": getattr(record, "lock_mode", None)}
 
     # ---- verified_restore ------------------------------------------------------------------------------
     def choose_provider(self, backup: BackupRecord, available: list[str], asked: str | None = None) -> str:
@@ -454,15 +485,31 @@ class Engine:
                                           detail=detail)
 
     verify_batch_size = 500  # weddings sharing one scratch database in verify_each
+    verify_min_share = 50  # fewest weddings worth a worker process of their own in verify_each
 
     def verify_each(self, partitions: list[str], replicas: Mapping[str, Any], provider: str | None = None,
-                    on_progress: Any = None) -> Iterator[tuple[str, VerifyOutcome | WedbackupError]]:
+                    on_progress: Any = None, workers: int | None = None
+                    ) -> Iterator[tuple[str, VerifyOutcome | WedbackupError]]:
         """`verify` for many partitions: weddings in batches, each batch restored into ONE scratch database
         and checked per wedding against its own manifest (core/postgres/batch_verify.py); a wedding that fails there
         is verified alone. Yields each partition's outcome or its error (those verified alone last);
-        `on_progress()` once per partition as its work is done."""
+        `on_progress()` once per partition as its work is done. With `workers` > 1 (the steps pass
+        Settings.snapshot_workers) and at least two shares' worth of weddings, the shares run side by side
+        in worker processes with replicas of the same providers built from the settings."""
         from wedbackup_dagster.core.postgres.batch_verify import verify_many
 
+        if workers is not None and workers > 1 and len(partitions) >= 2 * self.verify_min_share:
+            # Shares side by side in worker processes, each in its own scratch database (core/parallel_backup.py),
+            # with replicas built from the settings for the same providers.
+            from wedbackup_dagster.core.parallel_backup import verify_in_workers
+
+            share = max(self.verify_min_share, min(self.verify_batch_size, -(-len(partitions) // workers)))
+            step = on_progress or (lambda: None)
+            for partition, outcome in verify_in_workers(type(self), partitions, list(replicas), provider, share,
+                                                        workers):
+                step()
+                yield partition, outcome
+            return
         for i in range(0, len(partitions), self.verify_batch_size):
             yield from verify_many(self, partitions[i:i + self.verify_batch_size], replicas, provider,
                                    on_progress=on_progress)

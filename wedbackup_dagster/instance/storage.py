@@ -15,17 +15,29 @@ so a run's events reuse one connection. Since the list runs store their material
 (event_batches.py) it saves little, 0.5–0.9 ms per wedding (README, Benchmarks); the deployments use
 stock dagster-postgres. Select it in
 dagster.yaml as `event_log_storage: {module: wedbackup_dagster.instance.storage, class:
-PooledPostgresEventLogStorage, config: {postgres_url: ...}}` (same config as dagster-postgres)."""
+PooledPostgresEventLogStorage, config: {postgres_url: ...}}` (same config as dagster-postgres).
+
+It also stores in one transaction the per-wedding events Dagster's PostgreSQL storage writes one at a time
+(`BATCH_WRITABLE_EVENTS` leaves it to a loop): a range run's planned materializations (one per wedding and
+asset at run creation) and check evaluations (one per wedding and check, handed over in batches by
+event_batches.py). Each event row, its asset index and its check-execution row are written by Dagster's own
+code, on one connection inside one transaction: a failed batch leaves nothing behind, so Dagster's fallback
+(the same events one by one) never stores an event twice."""
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import dagster as dg
 import sqlalchemy.pool as db_pool
+from dagster._core.events import ASSET_CHECK_EVENTS, ASSET_EVENTS, DagsterEventType
+from dagster._core.events.log import EventLogEntry
 from dagster._core.storage.base_storage import DagsterStorage
+from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
 from dagster._core.storage.sqlite_storage import DagsterSqliteStorage
 from dagster._serdes import ConfigurableClass, ConfigurableClassData
 from dagster_postgres import DagsterPostgresStorage
@@ -37,18 +49,72 @@ from dagster_postgres.utils import create_pg_engine, get_token_provider_from_con
 POOL_SIZE = 1
 MAX_OVERFLOW = 4
 POOL_RECYCLE_SECONDS = 3600
+# The per-wedding events stored here in one transaction a batch (Dagster's PostgreSQL storage loops over them).
+INDEX_BATCHED_EVENTS = frozenset({DagsterEventType.ASSET_MATERIALIZATION_PLANNED,
+                                  DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED,
+                                  DagsterEventType.ASSET_CHECK_EVALUATION})
+ROWS_PER_INSERT = 500
 
 
 class PooledPostgresEventLogStorage(PostgresEventLogStorage):
-    """PostgresEventLogStorage whose engine keeps a connection instead of opening one per write."""
+    """PostgresEventLogStorage whose engine keeps a connection instead of opening one per write, and which
+    stores a batch of planned materializations or check evaluations in one transaction."""
+
+    # event_batches.py hands check evaluations over in batches only to a storage that says so (stock
+    # dagster-postgres refuses them and Dagster falls back to single writes, with a warning on stderr).
+    stores_check_evaluations_in_batches = True
 
     def __init__(self, postgres_url: str, should_autocreate_tables: bool = True, inst_data: Any = None,
                  token_provider: Any = None):
+        self._batch = threading.local()  # before super().__init__: its migrations use index_connection
         super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
         self._engine.dispose()
         self._engine = create_pg_engine(self.postgres_url, token_provider, isolation_level="AUTOCOMMIT",
                                         poolclass=db_pool.QueuePool, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW,
                                         pool_recycle=POOL_RECYCLE_SECONDS)
+
+    def index_connection(self) -> Any:
+        """Inside `store_event_batch`, the batch's own transaction: Dagster's per-event index writes join it."""
+        shared = getattr(self._batch, "conn", None)
+        return nullcontext(shared) if shared is not None else super().index_connection()
+
+    @contextmanager
+    def _one_transaction(self) -> Iterator[Any]:
+        with self.index_transaction() as conn:
+            self._batch.conn = conn
+            try:
+                yield conn
+            finally:
+                self._batch.conn = None
+
+    def store_event_batch(self, events: Sequence[EventLogEntry]) -> None:
+        types = {event.get_dagster_event().event_type for event in events}
+        if not types or not types <= INDEX_BATCHED_EVENTS:
+            super().store_event_batch(events)
+            return
+        for start in range(0, len(events), ROWS_PER_INSERT):
+            self._store_in_one_transaction(events[start:start + ROWS_PER_INSERT])
+
+    def _store_in_one_transaction(self, events: Sequence[EventLogEntry]) -> None:
+        """What `store_event` does per event, for all of them in one transaction: the event rows (one
+        INSERT), the asset index (once per asset: its last event, as Dagster's own materialization batches),
+        the check-execution rows (Dagster's code per event, on this transaction's connection)."""
+        with self._one_transaction() as conn:
+            insert = self.prepare_insert_event_batch(events).returning(SqlEventLogStorageTable.c.id)
+            ids = [int(row[0]) for row in conn.execute(insert).fetchall()]
+            if len(ids) != len(events):
+                raise RuntimeError(f"stored {len(ids)} of a batch of {len(events)} events")
+            stored = list(zip(events, ids))
+            asset_events = [(e, i) for e, i in stored
+                            if e.dagster_event_type in ASSET_EVENTS and e.get_dagster_event().asset_key]
+            if asset_events:
+                self._store_asset_event_tags(conn, [e for e, _ in asset_events], [i for _, i in asset_events])
+                last = {e.get_dagster_event().asset_key: (e, i) for e, i in asset_events}
+                for event, event_id in last.values():
+                    self._store_asset_event(conn, event, event_id)
+            for event, event_id in stored:
+                if event.dagster_event_type in ASSET_CHECK_EVENTS:
+                    self.store_asset_check_event(event, event_id)
 
     @classmethod
     def from_config_value(cls, inst_data: Any, config_value: Mapping[str, Any]) -> PooledPostgresEventLogStorage:

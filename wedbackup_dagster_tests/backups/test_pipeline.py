@@ -46,6 +46,26 @@ def pipeline(demo_env):
                "keys": keys}
 
 
+def test_a_run_spreads_snapshot_and_verification_over_worker_processes_and_keeps_each_weddings_record(
+        pipeline, monkeypatch):
+    # Batches of 8 and shares of 8: 23 weddings make three snapshot batches and two verification shares,
+    # side by side in two worker processes (WEDBACKUP_SNAPSHOT_WORKERS, core/parallel_backup.py).
+    monkeypatch.setenv("WEDBACKUP_SNAPSHOT_WORKERS", "2")
+    monkeypatch.setattr(Engine, "batch_size", 8)
+    monkeypatch.setattr(Engine, "verify_min_share", 8)
+    instance, keys = pipeline["instance"], pipeline["keys"]
+    results = run_job_for("backup_weddings", keys, instance=instance)
+    assert len(results) == 1 and results[0].success, results
+    cat: Catalogue = pipeline["catalogue"]
+    for key in keys:
+        backup = cat.require_latest_backup(key)
+        assert {c.provider for c in cat.copies(backup.id)} == {"vault", "s3", "gcs", "azure"}
+        assert cat.restore_count(backup.id) == 1
+        # Each wedding's own materializations, with its own archive and its own verified copy.
+        assert _latest_for(instance, ENCRYPTED_ARCHIVE, key).metadata["archive_sha256"].value == backup.archive_sha256
+        assert _latest_for(instance, VERIFIED_RESTORE, key).metadata["checked_copy"].value in {"s3", "gcs", "azure"}
+
+
 def test_every_partition_backs_up_and_restores_into_an_empty_database(pipeline, make_database):
     instance, keys = pipeline["instance"], pipeline["keys"]
     results = run_job_for("backup_weddings", keys, instance=instance)

@@ -155,3 +155,28 @@ def test_the_step_reads_every_weddings_newest_backup_in_one_query_as_one_by_one(
     many = catalogue.latest_backups([*WEDDINGS, "999"])
     assert set(many) == set(WEDDINGS)
     assert many == {w: catalogue.latest_backup(w) for w in WEDDINGS}
+
+
+def test_confirmed_uploads_are_recorded_a_batch_per_transaction_each_before_it_is_reported(sealed: Engine,
+                                                                                            monkeypatch):
+    engine = sealed
+    engine.copy_record_batch = 4
+    replica = AzureReplica(azure_service_from(engine.settings.azure), engine.settings.azure)
+    transactions: list[int] = []
+    real = engine.catalogue.record_copies
+
+    def record_copies(copies):
+        transactions.append(len(copies))
+        return real(copies)
+
+    monkeypatch.setattr(engine.catalogue, "record_copies", record_copies)
+    seen = 0
+    for wedding, outcome in engine.replicate_each(WEDDINGS[:10], replica, workers=3):
+        seen += 1
+        assert isinstance(outcome, ReplicaOutcome), outcome
+        # Reported only once its copy is in the catalogue, with the provider's checksum.
+        backup = engine.catalogue.require_latest_backup(wedding)
+        copy = next(c for c in engine.catalogue.copies(backup.id) if c.provider == "azure")
+        assert copy.object_key == outcome.record.key and copy.checksum == outcome.record.provider_checksum
+    assert seen == 10
+    assert sum(transactions) == 10 and max(transactions) <= 4 and len(transactions) <= 4, transactions

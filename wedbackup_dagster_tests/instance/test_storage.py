@@ -42,3 +42,154 @@ def test_events_are_stored_over_a_kept_connection(tmp_path, make_database, monke
         assert len(instance.fetch_materializations(dg.AssetKey("pooled_probe"), limit=100).records) == 20
     finally:
         instance.dispose()
+
+
+# ------------------------------------------------- per-wedding events stored in one transaction a batch
+
+PROBE_WEDDINGS = dg.StaticPartitionsDefinition([f"w{i:02d}" for i in range(12)])
+FAILING = {"w03", "w07"}
+
+
+@dg.asset(partitions_def=PROBE_WEDDINGS)
+def batch_probe(context: dg.AssetExecutionContext) -> None:
+    return None
+
+
+def _probe_check(name: str, *, blocking: bool):
+    @dg.asset_check(asset=batch_probe, name=name, partitions_def=PROBE_WEDDINGS, blocking=blocking)
+    def probe_check(context: dg.AssetCheckExecutionContext):
+        from wedbackup_dagster.instance.event_batches import check_evaluations_in_batches
+
+        evaluations = [dg.AssetCheckEvaluation(asset_key=batch_probe.key, check_name=name, partition=key,
+                                               passed=key not in FAILING, description=f"wedding {key}",
+                                               metadata={"wedding": key}, blocking=blocking)
+                       for key in context.partition_keys]
+        yield from check_evaluations_in_batches(context, evaluations, size=5)
+        yield dg.Output(None)
+    return probe_check
+
+
+probe_checks = [_probe_check("soft_probe", blocking=False), _probe_check("blocking_probe", blocking=True)]
+range_job = dg.define_asset_job("batch_probe_range", selection=dg.AssetSelection.assets(batch_probe)
+                                | dg.AssetSelection.checks(*probe_checks))
+probe_defs = dg.Definitions(assets=[batch_probe], asset_checks=probe_checks, jobs=[range_job])
+
+
+def _instance(tmp_path, url: str, *, pooled: bool):
+    home = tmp_path / ("pooled" if pooled else "stock")
+    home.mkdir()
+    storage = ("storage:\n  custom:\n    module: wedbackup_dagster.instance.storage\n    class: LocalStackStorage\n"
+               "    config:\n      postgres_url_env: WEDBACKUP_TEST_BATCH_PG_URL\n" if pooled else
+               "storage:\n  postgres:\n    postgres_url: {env: WEDBACKUP_TEST_STOCK_PG_URL}\n")
+    (home / "dagster.yaml").write_text(storage + "telemetry:\n  enabled: false\n")
+    return dg.DagsterInstance.from_config(str(home))
+
+
+def _run_range(instance):
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+    job = probe_defs.resolve_job_def("batch_probe_range")
+    return job.execute_in_process(instance=instance, raise_on_error=False, tags={
+        ASSET_PARTITION_RANGE_START_TAG: "w00", ASSET_PARTITION_RANGE_END_TAG: "w11"})
+
+
+def _what_the_ui_shows(instance, run_id):
+    """Per check and wedding partition: the execution's status, and its evaluation's words and metadata."""
+    from dagster._core.storage.event_log.schema import AssetCheckExecutionsTable
+
+    with instance.event_log_storage.index_connection() as conn:
+        rows = conn.execute(sqlalchemy.select(
+            AssetCheckExecutionsTable.c.check_name, AssetCheckExecutionsTable.c.partition,
+            AssetCheckExecutionsTable.c.execution_status, AssetCheckExecutionsTable.c.evaluation_event,
+        ).where(AssetCheckExecutionsTable.c.run_id == run_id)).fetchall()
+    from dagster._serdes import deserialize_value
+
+    shown = {}
+    for name, partition, status, event in rows:
+        evaluation = deserialize_value(event).get_dagster_event().event_specific_data
+        detail = (evaluation.description, evaluation.metadata["wedding"].value) if hasattr(evaluation, "passed") \
+            else None
+        shown[(name, partition)] = (status, detail)
+    planned = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED,
+                                           limit=1000).records
+    return shown, sorted(r.event_log_entry.dagster_event.partition for r in planned)
+
+
+def test_a_range_runs_planned_events_and_check_evaluations_are_stored_in_batches_as_dagster_stores_them(
+        tmp_path, make_database, monkeypatch):
+    from wedbackup_dagster.instance.event_batches import BATCH_SIZE_SETTING
+    from wedbackup_dagster.instance.storage import PooledPostgresEventLogStorage
+
+    monkeypatch.setenv(BATCH_SIZE_SETTING, "100")
+    monkeypatch.setenv("WEDBACKUP_TEST_BATCH_PG_URL", make_database())
+    monkeypatch.setenv("WEDBACKUP_TEST_STOCK_PG_URL", make_database())
+    pooled, stock = _instance(tmp_path, "", pooled=True), _instance(tmp_path, "", pooled=False)
+    try:
+        storage = pooled.event_log_storage
+        assert isinstance(storage, PooledPostgresEventLogStorage)
+        batches: list[tuple[set, int]] = []
+        original = storage._store_in_one_transaction
+
+        def spy(events):
+            batches.append(({e.dagster_event_type for e in events}, len(events)))
+            return original(events)
+
+        monkeypatch.setattr(storage, "_store_in_one_transaction", spy)
+        ours, theirs = _run_range(pooled), _run_range(stock)
+        # Both fail the same way: the blocking check's two failed weddings fail its step.
+        assert not ours.success and not theirs.success
+        failed_steps = lambda r: sorted(e.step_key for e in r.all_events if e.event_type_value == "STEP_FAILURE")
+        assert failed_steps(ours) == failed_steps(theirs) == ["batch_probe_blocking_probe"]
+        # What the UI reads per check and wedding partition is the same as on stock dagster-postgres.
+        shown, planned = _what_the_ui_shows(pooled, ours.run_id)
+        assert (shown, planned) == _what_the_ui_shows(stock, theirs.run_id)
+        assert planned == sorted(PROBE_WEDDINGS.get_partition_keys())
+        assert len(shown) == 24
+        assert shown[("soft_probe", "w03")] == ("FAILED", ("wedding w03", "w03"))
+        assert shown[("soft_probe", "w04")] == ("SUCCEEDED", ("wedding w04", "w04"))
+        assert shown[("blocking_probe", "w07")][0] == "FAILED"
+        # ... written in batches: the planned events at run creation, and the evaluations in groups of five
+        # (the blocking check's failures go through Dagster's own path, one by one, so they fail the step).
+        assert any(types == {dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED} | {
+            dg.DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED} and n == 14 for types, n in batches), batches
+        evaluation_batches = sorted(n for types, n in batches if types == {dg.DagsterEventType.ASSET_CHECK_EVALUATION})
+        # soft_probe: 12 in 5 + 5 + 2; blocking_probe: its 10 passes in 5 + 5, its 2 failures alone.
+        assert evaluation_batches == [2, 5, 5, 5, 5], batches
+    finally:
+        pooled.dispose()
+        stock.dispose()
+
+
+def test_a_failed_batch_leaves_nothing_behind_and_dagster_stores_its_events_one_by_one(
+        tmp_path, make_database, monkeypatch):
+    from wedbackup_dagster.instance.event_batches import BATCH_SIZE_SETTING
+
+    monkeypatch.setenv(BATCH_SIZE_SETTING, "100")
+    monkeypatch.setenv("WEDBACKUP_TEST_BATCH_PG_URL", make_database())
+    monkeypatch.setenv("WEDBACKUP_TEST_STOCK_PG_URL", make_database())
+    pooled, stock = _instance(tmp_path, "", pooled=True), _instance(tmp_path, "", pooled=False)
+    try:
+        storage = pooled.event_log_storage
+        original = storage.store_asset_check_event
+        calls = []
+
+        def fail_late(event, event_id):
+            # Fails after the batch's event rows and asset index were written in its transaction.
+            calls.append(event_id)
+            if len(calls) == 3:
+                raise RuntimeError("index write failed")
+            return original(event, event_id)
+
+        monkeypatch.setattr(storage, "store_asset_check_event", fail_late)
+        ours, theirs = _run_range(pooled), _run_range(stock)
+        shown, planned = _what_the_ui_shows(pooled, ours.run_id)
+        assert (shown, planned) == _what_the_ui_shows(stock, theirs.run_id)
+        # No event twice: every wedding's evaluation of each check is in the run's log once.
+        evaluations = pooled.get_records_for_run(ours.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION,
+                                                 limit=1000).records
+        keys = [(r.event_log_entry.dagster_event.event_specific_data.check_name,
+                 r.event_log_entry.dagster_event.event_specific_data.partition) for r in evaluations]
+        assert sorted(keys) == sorted(set(keys)) and len(keys) == 24
+    finally:
+        pooled.dispose()
+        stock.dispose()

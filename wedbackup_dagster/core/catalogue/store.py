@@ -398,21 +398,33 @@ class Catalogue:
             raise UnknownWeddingError(partition, "has no backup in the catalogue yet")
         return backup
 
-    def record_copy(self, backup_id: int, *, provider: str, uri: str, object_key: str, version_id: str | None,
-                    size: int, checksum: str | None, storage_class: str | None, region: str | None, media: str,
-                    offsite: bool, locked_until: datetime | None = None, lock_mode: str | None = None) -> None:
-        with self.connect() as conn:
-            conn.execute(
-                """INSERT INTO wedbackup.copies (backup_id, provider, uri, object_key, version_id, size, checksum,
+    _RECORD_COPY = """INSERT INTO wedbackup.copies (backup_id, provider, uri, object_key, version_id, size, checksum,
                        storage_class, region, media, offsite, locked_until, lock_mode)
                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
                    ON CONFLICT (backup_id, provider) DO UPDATE SET uri = EXCLUDED.uri,
                        object_key = EXCLUDED.object_key, version_id = EXCLUDED.version_id, size = EXCLUDED.size,
                        checksum = EXCLUDED.checksum, storage_class = EXCLUDED.storage_class,
                        region = EXCLUDED.region, stored_at = now(), locked_until = EXCLUDED.locked_until,
-                       lock_mode = EXCLUDED.lock_mode""",
-                (backup_id, provider, uri, object_key, version_id, size, checksum, storage_class, region, media,
-                 offsite, locked_until, lock_mode))
+                       lock_mode = EXCLUDED.lock_mode"""
+
+    def record_copy(self, backup_id: int, *, provider: str, uri: str, object_key: str, version_id: str | None,
+                    size: int, checksum: str | None, storage_class: str | None, region: str | None, media: str,
+                    offsite: bool, locked_until: datetime | None = None, lock_mode: str | None = None) -> None:
+        with self.connect() as conn:
+            conn.execute(self._RECORD_COPY, (backup_id, provider, uri, object_key, version_id, size, checksum,
+                                             storage_class, region, media, offsite, locked_until, lock_mode))
+
+    def record_copies(self, copies: list[dict[str, Any]]) -> None:
+        """`record_copy` for many copies (each a dict of its arguments) in one transaction: a replica step
+        records its confirmed uploads a few dozen at a time instead of one commit each. All or none: a
+        copy not recorded is uploaded again by the next run, a no-op on its content-addressed object."""
+        if not copies:
+            return
+        rows = [(c["backup_id"], c["provider"], c["uri"], c["object_key"], c["version_id"], c["size"],
+                 c["checksum"], c["storage_class"], c["region"], c["media"], c["offsite"],
+                 c.get("locked_until"), c.get("lock_mode")) for c in copies]
+        with self.connect() as conn, conn.cursor() as cur:
+            cur.executemany(self._RECORD_COPY, rows)
 
     def copies(self, backup_id: int) -> list[CopyRecord]:
         with self.connect() as conn:

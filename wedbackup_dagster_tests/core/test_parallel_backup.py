@@ -1,0 +1,122 @@
+"""Snapshot and seal in worker processes (core/parallel_backup.py), on the real stack: every wedding gets
+the archive the step's own process would have sealed (same rows and SHA-256 per table, its own key, a
+catalogue record, restorable), a bad wedding is named alone, a busy wedding is backed up once its lock is
+free, and the setting is validated."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from wedbackup_dagster.core.config import Settings, snapshot_workers_from
+from wedbackup_dagster.core.engine import Engine
+from wedbackup_dagster.core.errors import ConfigError, UnknownWeddingError, WedbackupError
+
+
+@pytest.fixture
+def env(demo_env):
+    demo_env(weddings=14, seed=11, document_bytes=256)
+    return dict(os.environ)
+
+
+def _engine(env, workers: int, batch: int = 4) -> Engine:
+    engine = Engine.from_env({**env, "WEDBACKUP_SNAPSHOT_WORKERS": str(workers)})
+    engine.batch_size = batch
+    return engine
+
+
+def _tables(manifest):
+    return [(t["name"], t["rows"], t["sha256"]) for t in manifest["tables"]]
+
+
+def test_weddings_sealed_in_workers_are_what_the_steps_own_process_seals(env):
+    weddings = [str(i) for i in range(1, 15)]
+    parallel = _engine(env, workers=2)
+    assert parallel.settings.snapshot_workers == 2
+    with parallel.snapshot_session() as session:
+        ours = dict(parallel.back_up_each(["platform", *weddings, "999999"], session))
+    # Every partition once; the unknown wedding named alone, the others all sealed.
+    assert sorted(ours) == sorted(["platform", *weddings, "999999"])
+    assert isinstance(ours["999999"], WedbackupError) and "999999" in str(ours["999999"])
+    assert isinstance(ours["999999"], UnknownWeddingError)
+    failed = {k: v for k, v in ours.items() if isinstance(v, Exception)}
+    assert list(failed) == ["999999"], failed
+    # Each worker's archive is the wedding's newest backup in the catalogue, and restores against its manifest.
+    for wedding in weddings:
+        assert parallel.catalogue.latest_backup(wedding).archive_sha256 == ours[wedding].stats.sha256
+    assert parallel.verify("7", {}, provider="vault").tables
+    # The same rows and SHA-256 per table as the step's own process takes (one process, same batches).
+    alone = _engine(env, workers=1)
+    with alone.snapshot_session() as session:
+        theirs = dict(alone.back_up_each(weddings, session))
+    for wedding in weddings:
+        assert _tables(ours[wedding].manifest) == _tables(theirs[wedding].manifest)
+        assert ours[wedding].stats.key_id.startswith(f"{wedding}.")
+        assert ours[wedding].vault.path.exists()
+
+
+def test_a_busy_wedding_is_backed_up_alone_once_its_lock_is_free(env):
+    import threading
+
+    engine = _engine(env, workers=2)
+    other = Engine.from_env(env)
+    holding = threading.Event()
+    release = threading.Event()
+
+    def hold():
+        from wedbackup_dagster.core.catalogue.locks import partition_lock
+
+        with partition_lock(other.catalogue, "6", purpose="restore"):
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait(30)
+    threading.Timer(3.0, release.set).start()
+    try:
+        with engine.snapshot_session() as session:
+            outcomes = dict(engine.back_up_each([str(i) for i in range(1, 15)], session))
+    finally:
+        release.set()
+        holder.join()
+    assert not [k for k, v in outcomes.items() if isinstance(v, Exception)]
+    assert outcomes["6"].manifest["partition"] == "6"
+
+
+@pytest.mark.parametrize("text", ["0", "17", "two", "-1"])
+def test_a_bad_worker_count_names_the_setting(text):
+    with pytest.raises(ConfigError, match="WEDBACKUP_SNAPSHOT_WORKERS"):
+        snapshot_workers_from({"WEDBACKUP_SNAPSHOT_WORKERS": text})
+
+
+def test_the_default_is_one_more_than_the_cores_at_most_four():
+    assert snapshot_workers_from({}) == max(1, min(4, (os.cpu_count() or 1) + 1))
+    assert snapshot_workers_from({"WEDBACKUP_SNAPSHOT_WORKERS": "1"}) == 1
+    assert Settings.__dataclass_fields__["snapshot_workers"].default == 1
+
+
+def test_weddings_verified_in_workers_get_the_verdicts_of_the_steps_own_process(env):
+    weddings = [str(i) for i in range(1, 15)]
+    engine = _engine(env, workers=2)
+    engine.verify_min_share = 4
+    with engine.snapshot_session() as session:
+        sealed = dict(engine.back_up_each(weddings, session))
+    # One wedding's vault copy corrupted: a flipped byte in the middle of its archive.
+    path = sealed["9"].vault.path
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+    ours = dict(engine.verify_each(weddings, {}, provider="vault", workers=2))
+    theirs = dict(engine.verify_each(weddings, {}, provider="vault"))
+    assert sorted(ours, key=int) == weddings
+    assert [k for k, v in ours.items() if isinstance(v, Exception)] == ["9"]
+    assert isinstance(ours["9"], WedbackupError) and "9" in str(ours["9"])
+    assert type(ours["9"]).__name__ == type(theirs["9"]).__name__ and str(ours["9"]) == str(theirs["9"])
+    for wedding in weddings:
+        if wedding == "9":
+            continue
+        # Each wedding checked table by table against its own manifest, as in the step's own process.
+        assert ours[wedding].tables == theirs[wedding].tables and ours[wedding].tables
+        assert ours[wedding].fk_checked == theirs[wedding].fk_checked

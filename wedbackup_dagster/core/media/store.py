@@ -28,6 +28,17 @@ VAULT = "vault"
 LOOKUP_IDS = 10_000  # chunk ids per catalogue query when many are looked up: ~700 KB of parameters
 
 
+# Chunk lookups join the asked ids (unnest) to the primary key (key_id, chunk_id): one index probe per id
+# whatever the planner knows. `chunk_id = ANY(array)` was planned from statistics and, on a table just grown by
+# millions of chunks and not yet analyzed, became a bitmap scan of the whole key: 0.6 s against 0.045 s for
+# 4,096 ids among 2,000,000 (measured 2026-12-05).
+_ASKED = ("unnest(%s::text[]) AS asked(chunk_id) "
+          "JOIN wedbackup.media_chunks c ON c.key_id = %s AND c.chunk_id = asked.chunk_id")
+KNOWN_AMONG = "SELECT c.chunk_id FROM " + _ASKED
+CHUNK_PACKS = "SELECT c.chunk_id, c.pack_sha256 FROM " + _ASKED
+PACKS_HOLDING = "SELECT DISTINCT c.pack_sha256, count(*) OVER () AS found FROM " + _ASKED
+
+
 def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
     batch: list[str] = []
     for item in items:
@@ -131,15 +142,13 @@ class MediaStore:
         indexed query, never the whole index of the wedding in memory."""
         with self.catalogue.connect() as conn:
             return {r["chunk_id"] for r in conn.execute(
-                "SELECT chunk_id FROM wedbackup.media_chunks WHERE key_id = %s AND chunk_id = ANY(%s)",
-                (key_id, list(chunk_ids))).fetchall()}
+                KNOWN_AMONG, (list(chunk_ids), key_id)).fetchall()}
 
     def chunk_packs(self, key_id: str, chunk_ids: Iterable[str]) -> dict[str, str]:
         found: dict[str, str] = {}
         with self.catalogue.connect() as conn:
             for batch in _batches(chunk_ids, LOOKUP_IDS):
-                rows = conn.execute("SELECT chunk_id, pack_sha256 FROM wedbackup.media_chunks WHERE key_id = %s "
-                                    "AND chunk_id = ANY(%s)", (key_id, batch)).fetchall()
+                rows = conn.execute(CHUNK_PACKS, (batch, key_id)).fetchall()
                 found.update((r["chunk_id"], r["pack_sha256"]) for r in rows)
         return found
 
@@ -150,9 +159,7 @@ class MediaStore:
         missing = 0
         with self.catalogue.connect() as conn:
             for batch in _batches(chunk_ids, LOOKUP_IDS):
-                rows = conn.execute("SELECT DISTINCT pack_sha256, count(*) OVER () AS found "
-                                    "FROM wedbackup.media_chunks WHERE key_id = %s AND chunk_id = ANY(%s)",
-                                    (key_id, batch)).fetchall()
+                rows = conn.execute(PACKS_HOLDING, (batch, key_id)).fetchall()
                 packs.update(r["pack_sha256"] for r in rows)
                 missing += len(batch) - (rows[0]["found"] if rows else 0)
         return packs, missing

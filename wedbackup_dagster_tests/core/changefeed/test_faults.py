@@ -198,3 +198,38 @@ def test_truncate_and_a_parent_moving_between_weddings_are_barriers_replay_never
             _restore(engine, w, after, make_database())
     _back_up(engine, "1")  # a fresh snapshot restores continuity
     _assert_restores_after(feed_env, "1", "UPDATE weddings SET venue = 'later' WHERE id = 1", make_database())
+
+
+def test_a_slot_the_server_invalidates_past_max_slot_wal_keep_size_is_named_and_recovered(feed_env, make_database):
+    """The server itself invalidates the slot (its retained WAL passed `max_slot_wal_keep_size`, as when a feed
+    stops draining for too long): the drain names it, the feed recovers with a new slot, and a wedding backed
+    up again restores to a second after the loss. The setting is restored for the rest of the session."""
+    engine, feed, source = feed_env["engine"], feed_env["feed"], feed_env["source"]
+    _back_up(engine, "6")
+    feed.drain()
+    with psycopg.connect(source, autocommit=True) as conn:
+        (before,) = conn.execute("SHOW max_slot_wal_keep_size").fetchone()
+        conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        conn.execute("SELECT pg_reload_conf()")
+        try:
+            deadline = time.monotonic() + 120
+            status = None
+            while status != "lost":
+                assert time.monotonic() < deadline, f"the server did not invalidate the slot (wal_status {status})"
+                # WAL the slot holds back: writes, a segment switch, and a checkpoint that removes old segments.
+                conn.execute("UPDATE weddings SET venue = md5(random()::text) WHERE id = 6")
+                conn.execute("SELECT pg_switch_wal()")
+                conn.execute("CHECKPOINT")
+                (status,) = conn.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s",
+                                         (feed.slot,)).fetchone()
+        finally:
+            conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+            conn.execute("SELECT pg_reload_conf()")
+        assert conn.execute("SHOW max_slot_wal_keep_size").fetchone()[0] == before
+    with pytest.raises(SlotLost, match=f"replication slot '{feed.slot}' was invalidated by the server.*"
+                                       "max_slot_wal_keep_size"):
+        feed.drain()
+    feed.recover()
+    _back_up(engine, "6")  # the fresh snapshot after the loss
+    _assert_restores_after(feed_env, "6", "UPDATE weddings SET venue = 'after the invalidation' WHERE id = 6",
+                           make_database())

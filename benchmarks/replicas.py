@@ -33,6 +33,11 @@ def _random_file(folder: Path, size: int) -> tuple[Path, str]:
     return path, digest.hexdigest()
 
 
+def _database(dsn: str, name: str) -> str:
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    return make_conninfo(**{**conninfo_to_dict(dsn), "dbname": name})
+
+
 def _replicas(env: dict[str, str], bucket: str, dsn: str) -> dict[str, Any]:
     from wedbackup_dagster.core.config import Settings
     from wedbackup_dagster.core.storage.replicas import (AzureReplica, GCSReplica, S3Replica, azure_service_from,
@@ -40,7 +45,9 @@ def _replicas(env: dict[str, str], bucket: str, dsn: str) -> dict[str, Any]:
                                                          gcs_client_from, s3_client_from)
 
     # Settings wants the databases too; nothing here connects to them.
-    settings = Settings.from_env({**os.environ, **env, "WEDBACKUP_SOURCE_DSN": dsn, "WEDBACKUP_CATALOGUE_DSN": dsn,
+    # (two names, since Settings refuses a catalogue in the source database).
+    settings = Settings.from_env({**os.environ, **env, "WEDBACKUP_SOURCE_DSN": _database(dsn, "bench_source"),
+                                  "WEDBACKUP_CATALOGUE_DSN": _database(dsn, "bench_catalogue"),
                                   "WEDBACKUP_S3_BUCKET": bucket, "WEDBACKUP_GCS_BUCKET": bucket,
                                   "WEDBACKUP_AZURE_CONTAINER": bucket})
     s3 = s3_client_from(settings.s3, {**os.environ, **env})

@@ -306,6 +306,11 @@ class Engine:
         pending: dict[Any, tuple[str, BackupRecord]] = {}
         # Every wedding's newest backup in one catalogue query, not one round trip per wedding.
         latest = self.catalogue.latest_backups(_well_formed(partitions))
+        tidy = getattr(replica, "abort_abandoned_uploads", None)
+        if tidy is not None:
+            # S3's parts of multipart uploads whose process died, once a step (a single PUT never looks for
+            # them); GCS and Azure drop their unfinished uploads themselves within a week.
+            tidy()
         try:
             for partition in partitions:
                 try:

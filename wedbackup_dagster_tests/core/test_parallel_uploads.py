@@ -180,3 +180,20 @@ def test_confirmed_uploads_are_recorded_a_batch_per_transaction_each_before_it_i
         assert copy.object_key == outcome.record.key and copy.checksum == outcome.record.provider_checksum
     assert seen == 10
     assert sum(transactions) == 10 and max(transactions) <= 4 and len(transactions) <= 4, transactions
+
+
+def test_an_s3_upload_step_aborts_the_abandoned_multipart_uploads_under_its_prefix(sealed: Engine):
+    """Single PUTs never look for abandoned multipart uploads, so replicate_each tidies once per step."""
+    from wedbackup_dagster.core.storage.replicas.s3 import S3Replica, s3_client_from
+
+    engine = sealed
+    client = s3_client_from(engine.settings.s3)
+    dead_key = f"{engine.settings.s3.prefix}/weddings/{WEDDINGS[0]}/died-mid-upload.wbk"
+    dead = client.create_multipart_upload(Bucket=engine.settings.s3.bucket, Key=dead_key)["UploadId"]
+    replica = S3Replica(client, engine.settings.s3, abandoned_after=0)
+
+    outcomes = dict(engine.replicate_each(WEDDINGS[:3], replica))
+
+    assert all(isinstance(o, ReplicaOutcome) for o in outcomes.values()), outcomes
+    uploads = client.list_multipart_uploads(Bucket=engine.settings.s3.bucket).get("Uploads", [])
+    assert dead not in {u["UploadId"] for u in uploads}

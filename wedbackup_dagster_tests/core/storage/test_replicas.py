@@ -620,3 +620,119 @@ def test_gcs_refuses_an_upload_whose_answer_reports_other_content(stack, gcs_cli
     finally:
         monkeypatch.undo()
         _empty(h.replica)
+
+
+# ----------------------------------- S3 and Azure: a new small archive is one create-only request
+
+
+def _count_s3_calls(s3_client) -> list[str]:
+    calls: list[str] = []
+    s3_client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name),
+                                   unique_id="count-s3-calls")
+    return calls
+
+
+def test_s3_writes_a_new_small_archive_in_one_request_confirmed_by_its_answer(stack, s3_client, s3_bucket, archives):
+    """A create-only PUT carrying our SHA-256: S3's answer (the checksum it stored) confirms the copy, so no
+    look before or after; the record agrees with an independent read. Again: refused (412), then one look."""
+    h = _s3(stack, s3_client, s3_bucket)
+    calls = _count_s3_calls(s3_client)
+    try:
+        record = _upload(h.replica, archives["small"])
+        assert calls == ["PutObject"] and not record.already_present
+        stored = s3_client.head_object(Bucket=s3_bucket, Key=record.key, ChecksumMode="ENABLED")
+        assert (record.version_id, record.size, record.provider_checksum, record.etag) == (
+            stored["VersionId"], stored["ContentLength"], stored["ChecksumSHA256"], stored["ETag"].strip('"'))
+        assert stored["StorageClass"] == record.storage_class == "STANDARD_IA"
+        assert stored["ServerSideEncryption"] == "AES256"
+        calls.clear()
+        again = _upload(h.replica, archives["small"])
+        assert calls[:2] == ["PutObject", "HeadObject"] and "PutObject" not in calls[1:]
+        assert again.already_present and again.version_id == record.version_id
+        assert h.versions(record.key) == [record.version_id]
+    finally:
+        s3_client.meta.events.unregister("before-call.s3", unique_id="count-s3-calls")
+        _empty(h.replica)
+
+
+@pytest.mark.parametrize("answer", ["without", "other"])
+def test_s3_answer_that_does_not_confirm_the_checksum_is_checked_by_a_look(stack, s3_client, s3_bucket, archives,
+                                                                           answer):
+    """Fault injected into the PUT's answer: no checksum, or another one. The copy is then confirmed only by
+    what S3 says it holds (a look), and recorded from that, never from the answer."""
+    h = _s3(stack, s3_client, s3_bucket)
+    calls = _count_s3_calls(s3_client)
+
+    def tamper(parsed, **_):
+        if answer == "without":
+            parsed.pop("ChecksumSHA256", None)
+        else:
+            parsed["ChecksumSHA256"] = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+
+    s3_client.meta.events.register("after-call.s3.PutObject", tamper, unique_id="tamper-put")
+    try:
+        record = _upload(h.replica, archives["small"])
+        assert calls == ["PutObject", "HeadObject"] and not record.already_present
+        stored = s3_client.head_object(Bucket=s3_bucket, Key=record.key, ChecksumMode="ENABLED")
+        assert record.provider_checksum == stored["ChecksumSHA256"] == digest_file(archives["small"].path).sha256_b64
+    finally:
+        s3_client.meta.events.unregister("after-call.s3.PutObject", unique_id="tamper-put")
+        s3_client.meta.events.unregister("before-call.s3", unique_id="count-s3-calls")
+        _empty(h.replica)
+
+
+def test_s3_step_tidy_aborts_only_abandoned_multipart_uploads_under_its_prefix(stack, s3_client, s3_bucket):
+    """A single PUT never lists multipart uploads, so an upload step tidies once (engine.replicate_each):
+    abandoned uploads under the replica's prefix go, others' stay."""
+    mine = s3_client.create_multipart_upload(Bucket=s3_bucket, Key=f"{PREFIX}/weddings/9/dead.wbk")["UploadId"]
+    theirs = s3_client.create_multipart_upload(Bucket=s3_bucket, Key="elsewhere/dead.wbk")["UploadId"]
+    # (moto dates every multipart upload 2010-11-10, so the age cutoff is tested on its own above.)
+    S3Replica(s3_client, _s3_target(s3_bucket, stack.env()), abandoned_after=0).abort_abandoned_uploads()
+    left = {u["UploadId"] for u in s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])}
+    assert mine not in left and theirs in left
+    s3_client.abort_multipart_upload(Bucket=s3_bucket, Key="elsewhere/dead.wbk", UploadId=theirs)
+
+
+def test_azure_writes_a_new_small_archive_in_one_request_confirmed_by_its_answer(stack, azure_service,
+                                                                               azure_container, archives,
+                                                                               monkeypatch):
+    """Create-only Put Blob with the body's MD5 checked by Azure: its answer (the MD5 it computed) confirms
+    the copy without a look; again, Azure refuses the create and one look finds the same blob."""
+    h = _azure(stack, azure_service, azure_container)
+    looks: list[str] = []
+    real = AzureReplica._properties
+    monkeypatch.setattr(AzureReplica, "_properties", lambda self, key: (looks.append(key), real(self, key))[1])
+    try:
+        record = _upload(h.replica, archives["small"])
+        assert looks == [] and not record.already_present
+        stored = azure_service.get_blob_client(azure_container, record.key).get_blob_properties()
+        import base64
+
+        assert (record.size, record.etag, record.storage_class) == (stored.size, stored.etag, str(stored.blob_tier))
+        assert record.provider_checksum == base64.b64encode(bytes(stored.content_settings.content_md5)).decode()
+        again = _upload(h.replica, archives["small"])
+        assert again.already_present and len(looks) == 1 and again.etag == record.etag
+    finally:
+        monkeypatch.undo()
+        _empty(h.replica)
+
+
+def test_azure_answer_without_the_md5_is_checked_by_a_look(stack, azure_service, azure_container, archives,
+                                                           monkeypatch):
+    from azure.storage.blob import BlobClient
+
+    h = _azure(stack, azure_service, azure_container)
+    real_upload = BlobClient.upload_blob
+    monkeypatch.setattr(BlobClient, "upload_blob",
+                        lambda self, *a, **k: {**real_upload(self, *a, **k), "content_md5": None})
+    looks: list[str] = []
+    real = AzureReplica._properties
+    monkeypatch.setattr(AzureReplica, "_properties", lambda self, key: (looks.append(key), real(self, key))[1])
+    try:
+        record = _upload(h.replica, archives["small"])
+        assert looks == [record.key] and not record.already_present
+        stored = azure_service.get_blob_client(azure_container, record.key).get_blob_properties()
+        assert record.etag == stored.etag and record.size == stored.size
+    finally:
+        monkeypatch.undo()
+        _empty(h.replica)

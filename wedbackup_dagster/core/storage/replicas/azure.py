@@ -123,39 +123,54 @@ class AzureReplica:
         digests = digest_file(Path(path), md5=True)
         check_archive_file(Path(path), digests, sha256, size)
 
-        existing = self._properties(key)
-        note = ""
-        conditions: dict[str, Any] = {"match_condition": MatchConditions.IfMissing}
-        if existing is not None:
-            if self._matches(existing, digests):
-                return self._record(key, existing, digests, already_present=True)
-            md5 = self._md5_of(existing)
-            note = (f"replaced {key} (etag {existing.etag}): it had {existing.size} bytes and Content-MD5 "
-                    f"{b64(md5) if md5 else 'none'}, not this archive")
-            conditions = {"etag": existing.etag, "match_condition": MatchConditions.IfNotModified}
-
         blob = self.container.get_blob_client(key)
         # Azure keeps whatever Content-MD5 the committer sends for a block blob (and Azurite none at all
         # after block uploads), so we send the MD5 of the whole archive ourselves.
         settings = ContentSettings(content_type="application/octet-stream", content_md5=bytearray(digests.md5 or b""))
         tier = StandardBlobTier(self.target.tier)
-        try:
-            with open(path, "rb") as raw:
-                reader = ProgressReader(raw, progress)
-                if size <= self.max_single_put_size:
-                    data = reader.read(size)  # bounded by max_single_put_size
-                    blob.upload_blob(data, length=len(data), overwrite=True, content_settings=settings,
-                                     metadata=meta, standard_blob_tier=tier, **conditions)
-                else:
-                    self._upload_blocks(blob, reader, size, settings, meta, tier, conditions)
-        except (ResourceExistsError, ResourceModifiedError):
-            raced = self._properties(key)
-            if raced is not None and self._matches(raced, digests):
-                return self._record(key, raced, digests, already_present=True)
-            raise ReplicaError(PROVIDER, key, "another writer changed the blob during upload") from None
-        except Exception as exc:  # noqa: BLE001 - staged blocks stay uncommitted and invisible (GC'd in 7 days)
-            raise self._fail(key, "upload", exc) from None
 
+        def write(conditions: dict[str, Any]) -> dict[str, Any] | None:
+            """The write (create-only, or replace exactly the etag seen); None when Azure refused it because
+            the blob is there or changed."""
+            try:
+                with open(path, "rb") as raw:
+                    reader = ProgressReader(raw, progress)
+                    if size <= self.max_single_put_size:
+                        data = reader.read(size)  # bounded by max_single_put_size
+                        # validate_content: Azure checks the body against its MD5 before storing it.
+                        return blob.upload_blob(data, length=len(data), overwrite=True, content_settings=settings,
+                                                metadata=meta, standard_blob_tier=tier, validate_content=True,
+                                                **conditions)
+                    self._upload_blocks(blob, reader, size, settings, meta, tier, conditions)
+                    return {}  # a block list's answer says nothing of the whole blob's bytes: look below
+            except (ResourceExistsError, ResourceModifiedError):
+                return None
+            except Exception as exc:  # noqa: BLE001 - staged blocks stay uncommitted and invisible (GC'd in 7 days)
+                raise self._fail(key, "upload", exc) from None
+
+        # Create-only first: one request when the key is free, as it is for every new archive.
+        note = ""
+        answer = write({"match_condition": MatchConditions.IfMissing})
+        if answer is None:
+            existing = self._properties(key)
+            if existing is not None and self._matches(existing, digests):
+                return self._record(key, existing, digests, already_present=True)
+            if existing is None:
+                raise ReplicaError(PROVIDER, key, "another writer changed the blob during upload")
+            md5 = self._md5_of(existing)
+            note = (f"replaced {key} (etag {existing.etag}): it had {existing.size} bytes and Content-MD5 "
+                    f"{b64(md5) if md5 else 'none'}, not this archive")
+            answer = write({"etag": existing.etag, "match_condition": MatchConditions.IfNotModified})
+            if answer is None:
+                raced = self._properties(key)
+                if raced is not None and self._matches(raced, digests):
+                    return self._record(key, raced, digests, already_present=True)
+                raise ReplicaError(PROVIDER, key, "another writer changed the blob during upload")
+
+        # A single put's answer carries the MD5 Azure computed of what it stored: that confirms it. Otherwise
+        # (staged blocks, or an answer without it) look at the blob.
+        if answer.get("content_md5") and bytes(answer["content_md5"]) == digests.md5:
+            return self._record_written(key, answer, digests, repaired=bool(note), note=note)
         props = self._properties(key)
         if props is None:
             raise ReplicaError(PROVIDER, key, "upload reported success but no blob is visible")
@@ -189,6 +204,15 @@ class AzureReplica:
             storage_class=str(props.blob_tier or self.target.tier), region=None, media=self.target.media,
             offsite=self.target.offsite, already_present=already_present, repaired=repaired, note=note,
             etag=props.etag)
+
+    def _record_written(self, key: str, answer: dict[str, Any], digests: FileDigests, *, repaired: bool,
+                        note: str) -> ReplicaRecord:
+        """The record of a single put from Azure's answer (etag, version, the MD5 it computed)."""
+        return ReplicaRecord(
+            provider=PROVIDER, uri=self.uri(key), key=key, version_id=answer.get("version_id"), size=digests.size,
+            sha256=digests.sha256, provider_checksum=b64(bytes(answer["content_md5"])),
+            storage_class=str(self.target.tier), region=None, media=self.target.media, offsite=self.target.offsite,
+            already_present=False, repaired=repaired, note=note, etag=answer.get("etag"))
 
     # ------------------------------------------------------------------------ read, list, delete
 

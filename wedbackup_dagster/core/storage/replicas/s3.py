@@ -20,10 +20,10 @@ from wedbackup_dagster.core.config import S3Target
 from wedbackup_dagster.core.errors import ReplicaChecksumMismatch, ReplicaError, ReplicaLocked
 
 from wedbackup_dagster.core.storage.replicas.base import (CANARY_DIR, READ_BLOCK, FileDigests, HashingWriter,
-                                                          ListedObject, ProgressCallback, ReplicaRecord, archive_key,
-                                                          check_archive_file, check_key, check_list_prefix, digest_file,
-                                                          object_metadata, parse_archive_key, provider_error,
-                                                          upload_key)
+                                                          ListedObject, ProgressCallback, ProgressReader, ReplicaRecord,
+                                                          archive_key, check_archive_file, check_key, check_list_prefix,
+                                                          digest_file, object_metadata, parse_archive_key,
+                                                          provider_error, upload_key)
 
 PROVIDER = "s3"
 DEFAULT_MULTIPART_THRESHOLD = 64 << 20
@@ -105,6 +105,11 @@ def _lock(head: dict[str, Any]) -> dict[str, Any]:
     return {"locked_until": until, "lock_mode": str(head.get("ObjectLockMode") or "").lower() or None}
 
 
+# What a create-only PUT hears when something is already at the key (or a concurrent create-only PUT of the
+# same key won the race, or an S3-compatible store does not do conditional writes): look and compare instead.
+_ALREADY_THERE = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "NotImplemented"})
+
+
 def _error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
@@ -149,6 +154,14 @@ class S3Replica:
         digests = digest_file(Path(path), part_size=part_size)
         check_archive_file(Path(path), digests, sha256, size)
 
+        if not multipart and not lock:
+            # One request: S3 writes only if nothing is at the key, checks the body against our SHA-256 and
+            # answers with the checksum it stored. An object already at the key takes the path below, which
+            # looks first and replaces only what is not this archive.
+            record = self._put_if_absent(Path(path), key, meta, digests, progress)
+            if record is not None:
+                return record
+
         existing = self._head_object(key)
         note = ""
         if existing is not None:
@@ -161,11 +174,15 @@ class S3Replica:
 
         self._abort_abandoned_multipart(key)
         self._transfer(Path(path), key, meta, part_size, progress, lock=lock)
+        return self._confirm(key, Path(path), digests, lock=lock, note=note)
 
+    def _confirm(self, key: str, path: Path, digests: FileDigests, *, lock: bool, note: str = "") -> ReplicaRecord:
+        """After a write S3 did not confirm in its answer: look, and keep the new version only if S3's own
+        checksum is this archive's."""
         head = self._head_object(key)
         if head is None:
             raise ReplicaError(PROVIDER, key, "upload reported success but no object is visible")
-        matches, checksum, digests = self._matches(key, head, Path(path), digests)
+        matches, checksum, digests = self._matches(key, head, path, digests)
         if not matches:
             self._delete_version(key, head.get("VersionId"))
             raise ReplicaChecksumMismatch(
@@ -174,8 +191,7 @@ class S3Replica:
         head = self._ensure_lock(key, head) if lock else head
         return self._record(key, head, digests, checksum, already_present=False, repaired=bool(note), note=note)
 
-    def _transfer(self, path: Path, key: str, meta: dict[str, str], part_size: int | None,
-                  progress: ProgressCallback | None, *, lock: bool) -> None:
+    def _put_args(self, meta: dict[str, str], *, lock: bool) -> dict[str, Any]:
         extra: dict[str, Any] = {
             "ChecksumAlgorithm": "SHA256",
             "Metadata": meta,
@@ -189,6 +205,33 @@ class S3Replica:
             # Write-once: S3 refuses to delete or overwrite this version until the date (README, Immutability).
             extra["ObjectLockMode"] = self.target.object_lock.upper()
             extra["ObjectLockRetainUntilDate"] = self._retain_until()
+        return extra
+
+    def _put_if_absent(self, path: Path, key: str, meta: dict[str, str], digests: FileDigests,
+                       progress: ProgressCallback | None) -> ReplicaRecord | None:
+        """A single PUT with `If-None-Match: *` and our SHA-256 (S3 rejects a body that does not match it):
+        the record when S3 confirms it stored exactly this archive; None when an object is already at the
+        key (the caller looks and compares). An answer without that checksum is confirmed by a look."""
+        try:
+            with open(path, "rb") as raw:
+                answer = self.client.put_object(Bucket=self.target.bucket, Key=key, Body=ProgressReader(raw, progress),
+                                                ContentLength=digests.size, ChecksumSHA256=digests.sha256_b64,
+                                                IfNoneMatch="*", **self._put_args(meta, lock=False))
+        except ClientError as exc:
+            if _error_code(exc) in _ALREADY_THERE:
+                return None
+            raise self._fail(key, "upload", exc) from None
+        except BotoCoreError as exc:
+            raise self._fail(key, "upload", exc) from None
+        if answer.get("ChecksumSHA256") != digests.sha256_b64:
+            return self._confirm(key, path, digests, lock=False)
+        stored = {"VersionId": answer.get("VersionId"), "ContentLength": digests.size, "ETag": answer.get("ETag"),
+                  "StorageClass": self.target.storage_class or "STANDARD"}
+        return self._record(key, stored, digests, answer["ChecksumSHA256"], already_present=False)
+
+    def _transfer(self, path: Path, key: str, meta: dict[str, str], part_size: int | None,
+                  progress: ProgressCallback | None, *, lock: bool) -> None:
+        extra = self._put_args(meta, lock=lock)
         config = TransferConfig(
             multipart_threshold=self.multipart_threshold,
             multipart_chunksize=part_size or self.part_size,
@@ -223,12 +266,20 @@ class S3Replica:
             raise self._fail(key, "set Object Lock retention (is Object Lock enabled on the bucket?)", exc) from None
         return self._head_object(key, version_id=head.get("VersionId")) or head
 
+    def abort_abandoned_uploads(self) -> None:
+        """Abort the abandoned multipart uploads under this replica's prefix: an upload step calls it once
+        (core/engine.py replicate_each), since a single-PUT upload never looks for them itself."""
+        self._abort_abandoned_multipart_under(f"{self.prefix}/" if self.prefix else "")
+
     def _abort_abandoned_multipart(self, key: str) -> None:
-        """Abort unfinished multipart uploads in this archive's folder (this wedding's archives): a process
-        killed mid-upload never aborts its own, and S3 keeps (and bills) their parts until someone does.
-        Only uploads started longer ago than `abandoned_after` (default: longer than any run may last,
-        README's run monitoring) are aborted: another run may be uploading the same wedding right now."""
-        folder = key.rsplit("/", 1)[0] + "/"
+        self._abort_abandoned_multipart_under(key.rsplit("/", 1)[0] + "/")
+
+    def _abort_abandoned_multipart_under(self, folder: str) -> None:
+        """Abort unfinished multipart uploads under `folder` (before a multipart upload: this wedding's
+        archives): a process killed mid-upload never aborts its own, and S3 keeps (and bills) their parts
+        until someone does. Only uploads started longer ago than `abandoned_after` (default: longer than any
+        run may last, README's run monitoring) are aborted: another run may be uploading the same wedding
+        right now."""
         cutoff = datetime.now(timezone.utc) - timedelta(seconds=self.abandoned_after)
         try:
             for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.target.bucket,

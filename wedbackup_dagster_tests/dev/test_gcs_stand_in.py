@@ -1,8 +1,12 @@
 """The GCS stand-in's launcher: in memory it skips the emulator's rewrite of all metadata, and keeps every
-object and its metadata; on disk the emulator is unchanged. Pure: the emulator's Storage, no server."""
+object and its metadata; on disk the emulator is unchanged. Pure: the emulator's Storage, no server. It also
+answers 412 to an upload whose ifGenerationMatch does not hold, as GCS does (tested on the stack's server, which
+`wedbackup stack up` starts with this launcher)."""
 from __future__ import annotations
 
 from gcp_storage_emulator.storage import Storage
+
+import pytest
 
 from wedbackup_dagster.dev.gcs_stand_in import skip_in_memory_metadata_rewrites
 
@@ -33,3 +37,22 @@ def test_disk_backed_emulator_still_keeps_its_metadata_record(tmp_path):
     _store_objects(storage, 3)
     reopened = Storage(use_memory_fs=False, data_dir=str(tmp_path))
     assert reopened.get_file_obj("b", "weddings/2/a.wbk")["name"] == "weddings/2/a.wbk"
+
+
+def test_stack_emulator_refuses_uploads_whose_generation_precondition_fails(stack, gcs_client, gcs_bucket):
+    from google.api_core.exceptions import PreconditionFailed
+
+    bucket = gcs_client.bucket(gcs_bucket)
+    for upload in (lambda blob, **k: blob.upload_from_string(b"first", **k),  # multipart: metadata + body
+                   lambda blob, **k: blob.upload_from_file(__import__("io").BytesIO(b"x" * (3 << 20)),
+                                                           size=3 << 20, **k)):  # resumable session
+        blob = bucket.blob(f"weddings/7/{__import__('uuid').uuid4().hex}.wbk", chunk_size=1 << 20)
+        upload(blob, if_generation_match=0)
+        first = bucket.get_blob(blob.name).generation
+        with pytest.raises(PreconditionFailed):
+            upload(bucket.blob(blob.name, chunk_size=1 << 20), if_generation_match=0)  # create-only: it exists
+        with pytest.raises(PreconditionFailed):
+            upload(bucket.blob(blob.name, chunk_size=1 << 20), if_generation_match=first + 1)  # not its generation
+        assert bucket.get_blob(blob.name).generation == first
+        upload(bucket.blob(blob.name, chunk_size=1 << 20), if_generation_match=first)  # exactly that generation
+        assert bucket.get_blob(blob.name).generation != first

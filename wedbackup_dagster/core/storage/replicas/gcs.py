@@ -120,34 +120,45 @@ class GCSReplica:
         digests = digest_file(Path(path), md5=True, crc32c=True)
         check_archive_file(Path(path), digests, sha256, size)
 
-        existing = self._get_blob(key)
+        def write(generation: int) -> storage.Blob | None:
+            """Create-only (generation 0) or replace exactly the generation seen; None when GCS refused it
+            because the object is there or changed (412)."""
+            blob = self.bucket.blob(key, chunk_size=self.chunk_size)
+            blob.storage_class = self.target.storage_class
+            blob.metadata = meta
+            blob.content_type = "application/octet-stream"
+            try:
+                with open(path, "rb") as raw:
+                    # GCS itself checks the whole upload against our CRC32C before committing.
+                    blob.upload_from_file(
+                        ProgressReader(raw, progress), size=size, timeout=self.timeout, retry=self.retry,
+                        if_generation_match=generation, crc32c_checksum_value=b64(digests.crc32c or b""),
+                        checksum="crc32c")
+            except gexc.PreconditionFailed:
+                return None
+            except Exception as exc:  # noqa: BLE001 - an unfinished resumable session never becomes a visible object
+                raise self._fail(key, "upload", exc) from None
+            return blob
+
+        # Create-only first: one request when the key is free, as it is for every new archive; a concurrent
+        # writer is never overwritten.
         note = ""
-        if existing is not None:
-            if self._matches(existing, digests):
+        blob = write(0)
+        if blob is None:
+            existing = self._get_blob(key)
+            if existing is not None and self._matches(existing, digests):
                 return self._record(key, existing, digests, already_present=True)
+            if existing is None:
+                raise ReplicaError(PROVIDER, key, "another writer replaced the object during upload")
             note = (f"replaced generation {existing.generation} at {key}: it had {existing.size} bytes and "
                     f"{self._checksum(existing)}, not this archive")
-
-        blob = self.bucket.blob(key, chunk_size=self.chunk_size)
-        blob.storage_class = self.target.storage_class
-        blob.metadata = meta
-        blob.content_type = "application/octet-stream"
-        try:
-            with open(path, "rb") as raw:
-                # Create-only (or replace exactly the bad generation seen above), so a concurrent writer is
-                # never overwritten. GCS itself checks the whole upload against our CRC32C before committing.
-                blob.upload_from_file(
-                    ProgressReader(raw, progress), size=size, timeout=self.timeout, retry=self.retry,
-                    if_generation_match=existing.generation if existing is not None else 0,
-                    crc32c_checksum_value=b64(digests.crc32c or b""), checksum="crc32c")
-        except gexc.PreconditionFailed:
-            # Someone else wrote the key between our look and our write: accept it only if it is this archive.
-            raced = self._get_blob(key)
-            if raced is not None and self._matches(raced, digests):
-                return self._record(key, raced, digests, already_present=True)
-            raise ReplicaError(PROVIDER, key, "another writer replaced the object during upload") from None
-        except Exception as exc:  # noqa: BLE001 - an unfinished resumable session never becomes a visible object
-            raise self._fail(key, "upload", exc) from None
+            blob = write(existing.generation)
+            if blob is None:
+                # Someone else wrote the key between our look and our write: accept it only if it is this archive.
+                raced = self._get_blob(key)
+                if raced is not None and self._matches(raced, digests):
+                    return self._record(key, raced, digests, already_present=True)
+                raise ReplicaError(PROVIDER, key, "another writer replaced the object during upload")
 
         # The upload's own answer is GCS's object resource (size, crc32c, md5Hash, generation), which the SDK
         # sets on `blob`: confirm against it, and ask again only if an answer lacked the checksums.

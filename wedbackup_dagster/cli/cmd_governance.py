@@ -89,10 +89,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.dry_run:
         catalogue = Catalogue(settings.catalogue_dsn)
         catalogue.migrate()
-        report = retention.prune(catalogue, None, {}, Policy.from_env(), dry_run=True, partition=args.wedding)
+        policy = Policy.from_env()
+        report = retention.prune(catalogue, None, {}, policy, dry_run=True, partition=args.wedding)
+        media = _media_dry_run(settings, policy, args.wedding)
         if args.json:
             print(json.dumps({"summary": report.summary(), "delete": [d.as_dict() for d in report.deletions],
-                              "held": report.held}, default=str))
+                              "held": report.held, "media": media.summary(),
+                              "media_delete": [{"partition": r.partition, "snapshots": r.deleted_snapshots,
+                                                "packs": r.deleted_packs} for r in media.reports],
+                              "media_failures": media.failed}, default=str))
             return 0
         for d in report.deletions:
             print(f"  would delete {d.partition:<10} {d.snapshot_time:%Y-%m-%d %H:%M}  {d.archive_sha256[:12]}  "
@@ -101,6 +106,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
             print(f"  keeps        {h['partition']:<10} {h['snapshot_time']:%Y-%m-%d %H:%M}  backup #{h['backup_id']}  "
                   f"{h['reason']}")
         print(f"dry run: {len(report.deletions)} backup(s) to delete, {report.kept} kept")
+        m = media.summary()
+        for r in media.reports:
+            if r.deleted_snapshots or r.deleted_packs or r.repacked:
+                print(f"  media {r.partition:<10} would delete {len(r.deleted_snapshots)} snapshot(s) and "
+                      f"{len(r.deleted_packs)} pack(s), {r.freed_bytes / 1e6:.1f} MB; would repack {len(r.repacked)}")
+        print(f"media: {m['media_snapshots_deleted']} snapshot(s) and {m['media_packs_deleted']} pack(s) to delete, "
+              f"{m['media_packs_repacked']} to repack, {m['media_snapshots_kept']} snapshot(s) kept")
+        for f in media.failed[:10]:
+            print(f"  media FAILED {f}")
         return 0
     ran = _run_job("retention_sweep", "prune_backups", {"dry_run": False, "partition": args.wedding}, "prune")
     if ran is None:
@@ -116,6 +130,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for line in meta.get("locked") or []:
         print(f"  locked: {line}")
     return 0
+
+
+def _media_dry_run(settings, policy, partition: str | None):
+    """What the sweep would do to media (the same rules as the daily retention_sweep), deleting nothing."""
+    from wedbackup_dagster.core.engine import Engine
+    from wedbackup_dagster.core.media.retention import sweep_engine_media
+    from wedbackup_dagster.core.storage.providers import PROVIDERS, replica_for
+
+    engine = Engine.from_env()
+    try:
+        replicas = {p: replica_for(p, settings) for p in PROVIDERS}
+        return sweep_engine_media(engine, replicas, policy, partition=partition, dry_run=True)
+    finally:
+        engine.catalogue.close()
 
 
 def register(sub: argparse._SubParsersAction) -> None:

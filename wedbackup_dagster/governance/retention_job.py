@@ -43,16 +43,9 @@ def prune_backups(context: dg.OpExecutionContext, config: PruneConfig, wedbackup
 
 
 def sweep_media(engine, replicas: ProviderReplicasResource, policy: Policy, config: PruneConfig):
-    """Media snapshots by the same rules, then every pack no kept snapshot needs (past the grace period), then
-    the packs mostly garbage repacked (WEDBACKUP_MEDIA_REPACK_BELOW)."""
-    from wedbackup_dagster.core.media.repack import repack_threshold
-    from wedbackup_dagster.core.media.retention import prune_all_media
-    from wedbackup_dagster.core.media.store import MediaStore
+    from wedbackup_dagster.core.media.retention import sweep_engine_media
 
-    store = MediaStore(engine.settings.vault_dir, engine.catalogue, replicas.all())
-    return prune_all_media(store, policy, engine.resolve_key, wedding_dates=engine.catalogue.live_partitions(),
-                           erased=engine.catalogue.erased_partitions(), partition=config.partition,
-                           dry_run=config.dry_run, repack_below=repack_threshold())
+    return sweep_engine_media(engine, replicas.all(), policy, partition=config.partition, dry_run=config.dry_run)
 
 
 @dg.job(executor_def=dg.in_process_executor,

@@ -52,6 +52,7 @@ def test_prune_dry_run_lists_then_prune_deletes(fleet, capsys):
     out = capsys.readouterr().out
     assert "would delete 1" in out and "older than every window" in out
     assert "dry run: 1 backup(s) to delete, 1 kept" in out
+    assert "media: 0 snapshot(s) and 0 pack(s) to delete" in out  # no media backed up here
     assert len(cat.backups_with_copies("1")) == 2
 
     assert main(["prune"]) == 0

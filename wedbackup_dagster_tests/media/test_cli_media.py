@@ -38,6 +38,9 @@ def test_media_commands(media_world, monkeypatch, capsys, tmp_path):
     assert main(["media", "prune", "--all", "--dry-run"]) == 0
     pruned = capsys.readouterr().out
     assert "31 " in pruned and "kept 1 snapshot(s); would delete 0 snapshot(s) and 0 pack(s)" in pruned
+    # `wedbackup prune --dry-run` says what the daily sweep would do to media too.
+    assert main(["prune", "--dry-run", "--wedding", "31"]) == 0
+    assert "media: 0 snapshot(s) and 0 pack(s) to delete, 0 to repack, 1 snapshot(s) kept" in capsys.readouterr().out
 
     assert main(["media", "restore", "--wedding", "99", "--to", str(tmp_path / "none")]) == 2
     assert "no media snapshot" in capsys.readouterr().err

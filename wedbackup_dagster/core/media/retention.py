@@ -170,3 +170,17 @@ def prune_all_media(store: MediaStore, policy: Any, resolve_key: Callable[[str],
         except WedbackupError as exc:
             sweep.errors[p] = str(exc)
     return sweep
+
+
+def sweep_engine_media(engine: Any, replicas: Mapping[str, Any], policy: Any, *, partition: str | None = None,
+                       dry_run: bool = False) -> MediaSweep:
+    """The retention sweep's media part for an Engine (the daily `retention_sweep` and `wedbackup prune`):
+    media snapshots by the same rules, then every pack no kept snapshot needs (past the grace period), then
+    the packs mostly garbage repacked (WEDBACKUP_MEDIA_REPACK_BELOW)."""
+    from wedbackup_dagster.core.media.repack import repack_threshold
+    from wedbackup_dagster.core.media.store import MediaStore
+
+    store = MediaStore(engine.settings.vault_dir, engine.catalogue, dict(replicas))
+    return prune_all_media(store, policy, engine.resolve_key, wedding_dates=engine.catalogue.live_partitions(),
+                           erased=engine.catalogue.erased_partitions(), partition=partition, dry_run=dry_run,
+                           repack_below=repack_threshold())

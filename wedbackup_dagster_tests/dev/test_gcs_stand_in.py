@@ -8,7 +8,8 @@ from gcp_storage_emulator.storage import Storage
 
 import pytest
 
-from wedbackup_dagster.dev.gcs_stand_in import skip_in_memory_metadata_rewrites
+from wedbackup_dagster.dev.gcs_stand_in import (_stock_multipart_related, skip_in_memory_metadata_rewrites,
+                                                split_multipart_related)
 
 
 def _store_objects(storage: Storage, count: int) -> None:
@@ -56,3 +57,23 @@ def test_stack_emulator_refuses_uploads_whose_generation_precondition_fails(stac
         assert bucket.get_blob(blob.name).generation == first
         upload(bucket.blob(blob.name, chunk_size=1 << 20), if_generation_match=first)  # exactly that generation
         assert bucket.get_blob(blob.name).generation != first
+
+
+@pytest.mark.parametrize("data", [b"", b"plain", b"ab\r\n--x\r\n\r\ncd\r\n", bytes(range(256)) * 40])
+def test_upload_bodies_split_at_the_boundary_read_as_the_email_parser_reads_them(data):
+    from google.resumable_media._upload import construct_multipart_request
+
+    body, boundary = construct_multipart_request(data, {"name": "weddings/7/a.wbk", "metadata": {"sha256": "ab"}},
+                                                 "application/octet-stream")
+    content_type = f'multipart/related; boundary="{boundary.decode()}"'
+    fast = split_multipart_related(content_type, body)
+    assert fast == _stock_multipart_related(content_type, body)
+    assert fast["content"] == data and fast["meta"]["name"] == "weddings/7/a.wbk"
+
+
+def test_bodies_that_are_not_a_plain_upload_are_left_to_the_email_parser():
+    body = (b"--b\r\ncontent-type: application/json\r\n\r\n{}\r\n--b\r\ncontent-type: text/plain\r\n"
+            b"content-transfer-encoding: base64\r\n\r\naGk=\r\n--b--")
+    assert split_multipart_related('multipart/related; boundary="b"', body) is None
+    assert split_multipart_related("multipart/related", body) is None  # no boundary
+    assert split_multipart_related('multipart/related; boundary="b"', body.replace(b"--b--", b"")) is None

@@ -3,7 +3,6 @@ create-only with our whole-archive Content-MD5 and tier, and streaming verified 
 from __future__ import annotations
 
 import base64
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,11 +16,11 @@ from azure.storage.blob import BlobBlock, BlobServiceClient, ContentSettings, Ex
 from wedbackup_dagster.core.config import AzureTarget
 from wedbackup_dagster.core.errors import ConfigError, ReplicaChecksumMismatch, ReplicaError
 
-from wedbackup_dagster.core.storage.replicas.base import (CANARY_DIR, FileDigests, HashingWriter, ListedObject,
-                                                          ProgressCallback, ProgressReader, ReplicaRecord, archive_key,
-                                                          b64, check_archive_file, check_key, check_list_prefix,
-                                                          digest_file, object_metadata, parse_archive_key,
-                                                          provider_error, read_blocks, upload_key)
+from wedbackup_dagster.core.storage.replicas.base import (FileDigests, HashingWriter, ListedObject, ProgressCallback,
+                                                          ProgressReader, ReplicaRecord, archive_key, b64, canary_round,
+                                                          check_archive_file, check_key, check_list_prefix, digest_file,
+                                                          object_metadata, parse_archive_key, provider_error,
+                                                          read_blocks, upload_key)
 
 PROVIDER = "azure"
 DEFAULT_MAX_SINGLE_PUT_SIZE = 8 << 20
@@ -307,24 +306,8 @@ class AzureReplica:
 
     def canary(self) -> float:
         """Write, read back and delete a tiny blob; the seconds it took. ProviderError when Azure is not usable."""
-        key = f"{self.prefix}/{CANARY_DIR}/{uuid.uuid4().hex}.txt"
-        payload = f"wedbackup canary {time.time()}".encode()
-        blob = self.container.get_blob_client(key)
-        start = time.monotonic()
-        try:
-            blob.upload_blob(payload, overwrite=False)
-        except Exception as exc:  # noqa: BLE001
-            raise self._fail(key, "canary write", exc) from None
-        try:
-            got = blob.download_blob().readall()
-        except Exception as exc:  # noqa: BLE001
-            error = self._fail(key, "canary read", exc)
-            try:
-                self.delete(key)
-            except ReplicaError:
-                pass  # a leftover canary is harmless; the read failure is the one to report
-            raise error from None
-        self.delete(key)
-        if got != payload:
-            raise ReplicaChecksumMismatch(PROVIDER, key, "canary read back different bytes")
-        return time.monotonic() - start
+        blob = self.container.get_blob_client
+        return canary_round(
+            PROVIDER, self.prefix, fail=self._fail, delete=self.delete,
+            write=lambda key, data: blob(key).upload_blob(data, overwrite=False),
+            read=lambda key: blob(key).download_blob().readall())

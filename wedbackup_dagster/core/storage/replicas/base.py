@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -14,7 +16,7 @@ from typing import BinaryIO, Protocol, runtime_checkable
 import google_crc32c
 
 from wedbackup_dagster.core.config import redact
-from wedbackup_dagster.core.errors import ArchiveError, ReplicaError, ReplicaKeyRejected
+from wedbackup_dagster.core.errors import ArchiveError, ReplicaChecksumMismatch, ReplicaError, ReplicaKeyRejected
 from wedbackup_dagster.core.partitions import PLATFORM, is_partition, shown
 
 ARCHIVE_SUFFIX = ".wbk"
@@ -357,3 +359,32 @@ def provider_error(provider: str, key: str | None, action: str, exc: BaseExcepti
     if len(text) > 400:
         text = text[:397] + "..."
     return ReplicaError(provider, key, scrub(f"{action} failed: {type(exc).__name__}: {text}", secrets))
+
+
+def canary_round(provider: str, prefix: str, *, write: Callable[[str, bytes], object],
+                 read: Callable[[str], bytes], delete: Callable[[str], None],
+                 fail: Callable[[str, str, BaseException], ReplicaError],
+                 errors: tuple[type[BaseException], ...] = (Exception,)) -> float:
+    """One canary round at a provider: write a tiny new object under `<prefix>/_canary/`, read it back,
+    delete it; the seconds it took. A provider's refusal (`errors`) becomes `fail(key, action, exc)`, a
+    ProviderError naming the provider and the key; a failed read still deletes the canary if it can."""
+    key = f"{prefix}/{CANARY_DIR}/{uuid.uuid4().hex}.txt"
+    payload = f"wedbackup canary {time.time()}".encode()
+    start = time.monotonic()
+    try:
+        write(key, payload)
+    except errors as exc:
+        raise fail(key, "canary write", exc) from None
+    try:
+        got = read(key)
+    except errors as exc:
+        error = fail(key, "canary read", exc)
+        try:
+            delete(key)
+        except ReplicaError:
+            pass  # a leftover canary is harmless; the read failure is the one to report
+        raise error from None
+    delete(key)
+    if got != payload:
+        raise ReplicaChecksumMismatch(provider, key, "canary read back different bytes")
+    return time.monotonic() - start

@@ -2,8 +2,6 @@
 object's crc32c and md5, create-only preconditions, and streaming verified downloads."""
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -15,11 +13,11 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 from wedbackup_dagster.core.config import GCSTarget
 from wedbackup_dagster.core.errors import ReplicaChecksumMismatch, ReplicaError
 
-from wedbackup_dagster.core.storage.replicas.base import (CANARY_DIR, FileDigests, HashingWriter, ListedObject,
-                                                          ProgressCallback, ProgressReader, ReplicaRecord, archive_key,
-                                                          b64, check_archive_file, check_key, check_list_prefix,
-                                                          digest_file, object_metadata, parse_archive_key,
-                                                          provider_error, upload_key)
+from wedbackup_dagster.core.storage.replicas.base import (FileDigests, HashingWriter, ListedObject, ProgressCallback,
+                                                          ProgressReader, ReplicaRecord, archive_key, b64, canary_round,
+                                                          check_archive_file, check_key, check_list_prefix, digest_file,
+                                                          object_metadata, parse_archive_key, provider_error,
+                                                          upload_key)
 
 PROVIDER = "gcs"
 # GCS requires resumable chunks in multiples of 256 KiB. Files up to 8 MiB go in one multipart request
@@ -254,24 +252,8 @@ class GCSReplica:
 
     def canary(self) -> float:
         """Write, read back and delete a tiny object; the seconds it took. ProviderError when GCS is not usable."""
-        key = f"{self.prefix}/{CANARY_DIR}/{uuid.uuid4().hex}.txt"
-        payload = f"wedbackup canary {time.time()}".encode()
-        blob = self.bucket.blob(key)
-        start = time.monotonic()
-        try:
-            blob.upload_from_string(payload, timeout=self.timeout, retry=self.retry, if_generation_match=0)
-        except Exception as exc:  # noqa: BLE001
-            raise self._fail(key, "canary write", exc) from None
-        try:
-            got = blob.download_as_bytes(timeout=self.timeout, retry=self.retry)
-        except Exception as exc:  # noqa: BLE001
-            error = self._fail(key, "canary read", exc)
-            try:
-                self.delete(key)
-            except ReplicaError:
-                pass  # a leftover canary is harmless; the read failure is the one to report
-            raise error from None
-        self.delete(key)
-        if got != payload:
-            raise ReplicaChecksumMismatch(PROVIDER, key, "canary read back different bytes")
-        return time.monotonic() - start
+        opts = {"timeout": self.timeout, "retry": self.retry}
+        return canary_round(
+            PROVIDER, self.prefix, fail=self._fail, delete=self.delete,
+            write=lambda key, data: self.bucket.blob(key).upload_from_string(data, if_generation_match=0, **opts),
+            read=lambda key: self.bucket.blob(key).download_as_bytes(**opts))

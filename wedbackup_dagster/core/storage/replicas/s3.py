@@ -3,8 +3,6 @@ checksums), versioned objects, streaming verified downloads, and no unfinished m
 from __future__ import annotations
 
 import re
-import time
-import uuid
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -19,11 +17,11 @@ from s3transfer.utils import ChunksizeAdjuster
 from wedbackup_dagster.core.config import S3Target
 from wedbackup_dagster.core.errors import ReplicaChecksumMismatch, ReplicaError, ReplicaLocked
 
-from wedbackup_dagster.core.storage.replicas.base import (CANARY_DIR, READ_BLOCK, FileDigests, HashingWriter,
-                                                          ListedObject, ProgressCallback, ProgressReader, ReplicaRecord,
-                                                          archive_key, check_archive_file, check_key, check_list_prefix,
-                                                          digest_file, object_metadata, parse_archive_key,
-                                                          provider_error, upload_key)
+from wedbackup_dagster.core.storage.replicas.base import (READ_BLOCK, FileDigests, HashingWriter, ListedObject,
+                                                          ProgressCallback, ProgressReader, ReplicaRecord, archive_key,
+                                                          canary_round, check_archive_file, check_key,
+                                                          check_list_prefix, digest_file, object_metadata,
+                                                          parse_archive_key, provider_error, upload_key)
 
 PROVIDER = "s3"
 DEFAULT_MULTIPART_THRESHOLD = 64 << 20
@@ -485,26 +483,12 @@ class S3Replica:
 
     def canary(self) -> float:
         """Write, read back and delete a tiny object; the seconds it took. ProviderError when S3 is not usable."""
-        key = f"{self.prefix}/{CANARY_DIR}/{uuid.uuid4().hex}.txt"
-        payload = f"wedbackup canary {time.time()}".encode()
-        start = time.monotonic()
-        try:
-            self.client.put_object(Bucket=self.target.bucket, Key=key, Body=payload, ChecksumAlgorithm="SHA256")
-        except (ClientError, BotoCoreError) as exc:
-            raise self._fail(key, "canary write", exc) from None
-        try:
-            got = self.client.get_object(Bucket=self.target.bucket, Key=key)["Body"].read()
-        except (ClientError, BotoCoreError) as exc:
-            error = self._fail(key, "canary read", exc)
-            try:
-                self.delete(key)
-            except ReplicaError:
-                pass  # a leftover canary is harmless; the read failure is the one to report
-            raise error from None
-        self.delete(key)
-        if got != payload:
-            raise ReplicaChecksumMismatch(PROVIDER, key, "canary read back different bytes")
-        return time.monotonic() - start
+        bucket = self.target.bucket
+        return canary_round(
+            PROVIDER, self.prefix, fail=self._fail, delete=self.delete, errors=(ClientError, BotoCoreError),
+            write=lambda key, data: self.client.put_object(Bucket=bucket, Key=key, Body=data,
+                                                           ChecksumAlgorithm="SHA256"),
+            read=lambda key: self.client.get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
 __all__ = ["S3Replica", "s3_client_from", "ensure_bucket", "client_config", "DEFAULT_MULTIPART_THRESHOLD",

@@ -4,8 +4,9 @@ verified) and by the peer (`pg_dump -Fp | zstd -3 | age`); then the source dropp
 `restore --all --from s3` into a new database timed against the peer's restore of its whole dump (`age -d |
 zstd -d | psql`). The peer runs before and after wedbackup (drift on a shared machine hits both); its best run
 is the reference. Both restored databases are compared table by table with the source (counts and ordered
-checksums). From the measured seconds per wedding: an estimate for a 100,000-wedding platform on N workers
-against the 4-hour objective. Prints JSON."""
+checksums). Also timed: every archive fetched from S3 once and nothing else (the floor the S3 service's
+per-request cost sets). From the measured seconds per wedding: an estimate for a 100,000-wedding platform on
+N workers against the 4-hour objective. Prints JSON."""
 from __future__ import annotations
 
 import argparse
@@ -46,6 +47,31 @@ def back_up_to_s3(engine: Any, replica: Any, partitions: list[str]) -> dict[str,
     timings["verify_seconds"] = round(time.perf_counter() - t0, 1)
     back_up_key_store(engine.settings, engine.catalogue, {"s3": replica}, engine.keyring)
     return timings
+
+
+def s3_get_only(engine: Any, replica: Any, threads: int) -> float:
+    """Seconds to fetch every partition's newest archive from S3 once — the same client and call as restore
+    --all's fetchers (Engine.download_copy, SHA-256 checked), on as many threads, with nothing else: no
+    decrypt, no load. The part of restore_all_seconds that the S3 service's per-request cost sets (the stand-in,
+    moto, spends a few ms of its own CPU per GET on this machine's two cores)."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wedbackup_dagster.core import disaster
+
+    points = [ps[0] for ps in disaster.all_recovery_points(engine.catalogue).values()]
+    backups = engine.catalogue.backups_by_sha([p.archive_sha256 for p in points], manifests=False)
+    copies = engine.catalogue.copies_of([b.id for b in backups.values()])
+    keys = [(b, c.object_key) for b in backups.values() for c in copies.get(b.id, []) if c.provider == "s3"]
+
+    def fetch(backup_and_key: tuple[Any, str]) -> None:
+        with tempfile.SpooledTemporaryFile(max_size=4 << 20) as tmp:
+            engine.download_copy(replica, backup_and_key[1], tmp, backup_and_key[0])
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(fetch, keys))
+    return time.perf_counter() - started
 
 
 def peer_restore(bench: dict[str, Any], work: Path, dump: Path) -> float:
@@ -140,6 +166,9 @@ def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int =
                         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                             sql.Identifier(target_name)))
 
+            from wedbackup_dagster.core.disaster.batches import FETCHERS_PER_LOADER
+
+            get_only = s3_get_only(engine, s3, jobs * FETCHERS_PER_LOADER)
             runs: dict[bool, list[tuple[float, Any, bool]]] = {True: [], False: []}
             for defer in ((True, False, False, True) if compare_deferred else (True,)):
                 runs[defer].append(restore_once(defer))
@@ -169,6 +198,9 @@ def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int =
         "peer_runs": [round(p, 2) for p in peers],
         "peer_tables_equal_source": peer_equal,
         "restore_all_ratio_vs_peer": round(seconds / best, 2),
+        # Every archive fetched from S3 once and nothing else (s3_get_only): the floor the S3 service sets
+        "s3_get_only_seconds": round(get_only, 2),
+        "s3_get_only_ratio_vs_peer": round(get_only / best, 2),
         "restore_all_variants": variants,
         "load_average": os.getloadavg(),
         "estimate_100k": estimate(seconds, len(ids) + 1, jobs),

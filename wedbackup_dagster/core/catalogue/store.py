@@ -385,10 +385,14 @@ class Catalogue:
             row = conn.execute("SELECT * FROM wedbackup.backups WHERE archive_sha256 = %s", (sha256,)).fetchone()
         return _backup(row) if row else None
 
-    def backups_by_sha(self, shas: list[str]) -> dict[str, BackupRecord]:
-        """backup_by_sha of many archives in one query (those unknown are absent)."""
+    def backups_by_sha(self, shas: list[str], *, manifests: bool = True) -> dict[str, BackupRecord]:
+        """backup_by_sha of many archives in one query (those unknown are absent). `manifests=False`: each
+        record's manifest is left empty ({}), for a reader that checks the archive against the manifest it
+        carries (restore --all reads thousands: parsing every catalogue manifest cost it more than the query)."""
+        columns = "*" if manifests else "id, partition, archive_sha256, size, key_id, snapshot_time, rows, " \
+                                        "raw_bytes, '{}'::jsonb AS manifest"
         with self.connect() as conn:
-            rows = conn.execute("SELECT * FROM wedbackup.backups WHERE archive_sha256 = ANY(%s)",
+            rows = conn.execute(f"SELECT {columns} FROM wedbackup.backups WHERE archive_sha256 = ANY(%s)",
                                 (list(shas),)).fetchall()
         return {row["archive_sha256"]: _backup(row) for row in rows}
 

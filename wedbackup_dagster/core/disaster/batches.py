@@ -94,7 +94,9 @@ class Known:
 
 def known_for(engine: Any, points: list[RecoveryPoint]) -> Known:
     t0 = time.perf_counter()
-    backups = engine.catalogue.backups_by_sha([p.archive_sha256 for p in points])
+    # Without the catalogue's manifests: decode checks each archive, once its SHA-256 matches the catalogue's,
+    # against the manifest it carries (_spool)
+    backups = engine.catalogue.backups_by_sha([p.archive_sha256 for p in points], manifests=False)
     copies = engine.catalogue.copies_of([b.id for b in backups.values()])
     keys = engine.catalogue.keys_by_id(sorted({b.key_id for b in backups.values()}), engine.keyring)
     return Known(backups, copies, keys, time.perf_counter() - t0)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from wedbackup_dagster.core.catalogue.store import Catalogue
+from wedbackup_dagster.core.catalogue.store import BackupRecord, Catalogue
 from wedbackup_dagster.core.errors import CryptoKeyError
 from wedbackup_dagster.core.keys.keyring import MasterKeyring, SecretKey
 
@@ -51,3 +51,18 @@ def test_wrapped_key_moved_to_another_wedding_does_not_open(catalogue):
 def test_unknown_key_id(catalogue):
     with pytest.raises(CryptoKeyError, match="nope"):
         catalogue.key_by_id("nope", MasterKeyring([SecretKey.generate("m1")]))
+
+
+def test_backups_by_sha_reads_many_with_or_without_their_manifests(catalogue):
+    manifest = {"snapshot_time": "2026-01-02T03:04:05+00:00", "txid": "7", "schema_fingerprint": "f" * 64,
+                "tables": [{"schema": "public", "name": "guests", "rows": 3, "bytes": 30}]}
+    recorded = [catalogue.record_backup(partition=str(n), archive_sha256=f"{n:064x}", size=100 + n,
+                                        key_id=f"{n}.k", manifest=manifest) for n in (1, 2)]
+    wanted = [b.archive_sha256 for b in recorded] + ["0" * 64]  # the last is unknown: absent
+    full = catalogue.backups_by_sha(wanted)
+    light = catalogue.backups_by_sha(wanted, manifests=False)
+    assert sorted(full) == sorted(light) == sorted(b.archive_sha256 for b in recorded)
+    for b in recorded:
+        assert full[b.archive_sha256] == b and full[b.archive_sha256].manifest["tables"] == manifest["tables"]
+        assert light[b.archive_sha256].manifest == {}
+        assert light[b.archive_sha256] == BackupRecord(**{**vars(b), "manifest": {}})

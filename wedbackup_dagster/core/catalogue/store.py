@@ -382,12 +382,7 @@ class Catalogue:
                    %(fingerprint)s, %(rows)s, %(raw)s, %(manifest)s)
                ON CONFLICT (archive_sha256) DO UPDATE SET size = EXCLUDED.size
                RETURNING *""",
-            {"partition": partition, "sha": archive_sha256, "size": size, "key_id": key_id,
-             "snapshot_time": manifest["snapshot_time"], "txid": str(manifest.get("txid", "")),
-             "fingerprint": manifest.get("schema_fingerprint"),
-             "rows": sum(t["rows"] for t in manifest["tables"]),
-             "raw": sum(t["bytes"] for t in manifest["tables"]),
-             "manifest": json.dumps(manifest)}).fetchone()
+            _backup_row(partition, archive_sha256, size, key_id, manifest)).fetchone()
         conn.execute("INSERT INTO wedbackup.audit (action, partition, detail) VALUES ('backup', %s, %s)",
                      (partition, json.dumps({"archive_sha256": archive_sha256, "size": size})))
         if vault_copy is not None:
@@ -719,12 +714,7 @@ class Catalogue:
                    VALUES (%(partition)s, %(sha)s, %(size)s, %(key_id)s, %(snapshot_time)s, %(txid)s,
                        %(fingerprint)s, %(rows)s, %(raw)s, %(manifest)s)
                    ON CONFLICT (archive_sha256) DO NOTHING RETURNING id""",
-                {"partition": partition, "sha": archive_sha256, "size": size, "key_id": key_id,
-                 "snapshot_time": manifest["snapshot_time"], "txid": str(manifest.get("txid", "")),
-                 "fingerprint": manifest.get("schema_fingerprint"),
-                 "rows": sum(t["rows"] for t in manifest["tables"]),
-                 "raw": sum(t["bytes"] for t in manifest["tables"]),
-                 "manifest": json.dumps(manifest)}).fetchone()
+                _backup_row(partition, archive_sha256, size, key_id, manifest)).fetchone()
             if row is not None:
                 return row["id"], True
             row = conn.execute("SELECT id FROM wedbackup.backups WHERE archive_sha256 = %s",
@@ -910,6 +900,15 @@ def lock_partition_keys(conn: psycopg.Connection, partition: str) -> None:
     """Serialise making a wedding's key with erasing it: a transaction-level advisory lock, released at commit
     (its own namespace: the session locks of core/catalogue/locks.py are held by backups that make keys)."""
     conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(%s))", (KEY_LOCK_NAMESPACE, partition))
+
+
+def _backup_row(partition: str, archive_sha256: str, size: int, key_id: str, manifest: dict[str, Any]
+                ) -> dict[str, Any]:
+    """The parameters of a wedbackup.backups row (record_backup, rebuilt_backup)."""
+    return {"partition": partition, "sha": archive_sha256, "size": size, "key_id": key_id,
+            "snapshot_time": manifest["snapshot_time"], "txid": str(manifest.get("txid", "")),
+            "fingerprint": manifest.get("schema_fingerprint"), "rows": sum(t["rows"] for t in manifest["tables"]),
+            "raw": sum(t["bytes"] for t in manifest["tables"]), "manifest": json.dumps(manifest)}
 
 
 def _refuse_erased(conn: psycopg.Connection, partition: str) -> None:

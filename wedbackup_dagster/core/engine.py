@@ -218,9 +218,10 @@ class Engine:
         started = time.perf_counter()
         # The keys are committed before any archive sealed with them can reach the vault.
         wedding_keys: dict[str, SecretKey] = {}
+        live = self.catalogue.live_wedding_keys(weddings, self.keyring)  # one query; new keys made one by one
         for partition in weddings:
             try:
-                wedding_keys[partition] = self.catalogue.wedding_key(partition, self.keyring)
+                wedding_keys[partition] = live.get(partition) or self.catalogue.wedding_key(partition, self.keyring)
             except WedbackupError as exc:
                 results[partition] = exc
         sealed: dict[str, tuple[Manifest, ArchiveStats, VaultEntry]] = {}
@@ -260,8 +261,7 @@ class Engine:
                 except OSError as exc:
                     results[partition] = self._vault_error(partition, exc)
         share = (time.perf_counter() - started) / max(1, len(weddings))
-        for partition, (manifest, stats, entry) in sealed.items():
-            results[partition] = self._record(partition, manifest, stats, entry, share)
+        results.update(self._record_many(sealed, share))
 
     @staticmethod
     def _vault_error(partition: str, exc: OSError) -> WedbackupError:
@@ -277,13 +277,25 @@ class Engine:
     def _record(self, partition: str, manifest: Any, stats: ArchiveStats, entry: VaultEntry,
                 seconds: float) -> BackupOutcome:
         """The committed archive into the catalogue: the backup and its vault copy, in one transaction."""
-        manifest_dict = manifest.to_dict() if hasattr(manifest, "to_dict") else dict(manifest)
-        vault_copy = dict(provider="vault", uri=entry.path.as_uri(), object_key=entry.path.name, version_id=None,
-                          size=entry.size, checksum=stats.sha256, storage_class="local-disk", region=None,
-                          media="disk", offsite=False)
-        backup = self.catalogue.record_backup(partition=partition, archive_sha256=stats.sha256, size=stats.sealed_bytes,
-                                              key_id=stats.key_id, manifest=manifest_dict, vault_copy=vault_copy)
-        return BackupOutcome(partition, backup, stats, entry, manifest_dict, seconds)
+        return self._record_many({partition: (manifest, stats, entry)}, seconds)[partition]
+
+    def _record_many(self, sealed: Mapping[str, tuple[Any, ArchiveStats, VaultEntry]], seconds: float
+                     ) -> dict[str, BackupOutcome]:
+        """`_record` for a batch's committed archives, in one catalogue transaction (not one commit each)."""
+        rows, manifests = [], {}
+        for partition, (manifest, stats, entry) in sealed.items():
+            manifests[partition] = manifest.to_dict() if hasattr(manifest, "to_dict") else dict(manifest)
+            vault_copy = dict(provider="vault", uri=entry.path.as_uri(), object_key=entry.path.name, version_id=None,
+                              size=entry.size, checksum=stats.sha256, storage_class="local-disk", region=None,
+                              media="disk", offsite=False)
+            rows.append(dict(partition=partition, archive_sha256=stats.sha256, size=stats.sealed_bytes,
+                             key_id=stats.key_id, manifest=manifests[partition], vault_copy=vault_copy))
+        if not rows:
+            return {}
+        backups = (self.catalogue.record_backups(rows) if len(rows) > 1
+                   else [self.catalogue.record_backup(**rows[0])])
+        return {p: BackupOutcome(p, backup, sealed[p][1], sealed[p][2], manifests[p], seconds)
+                for p, backup in zip(sealed, backups)}
 
     # ---- replicas ------------------------------------------------------------------------------------
     def replicate(self, partition: str, replica: Any) -> ReplicaOutcome:
@@ -377,9 +389,11 @@ class Engine:
                 "lock_mode": getattr(record, "lock_mode", None)}
 
     # ---- verified_restore ------------------------------------------------------------------------------
-    def choose_provider(self, backup: BackupRecord, available: list[str], asked: str | None = None) -> str:
-        """Rotate through the copies so that, over time, every provider's copy is restored."""
-        copies = {c.provider for c in self.catalogue.copies(backup.id)}
+    def choose_provider(self, backup: BackupRecord, available: list[str], asked: str | None = None, *,
+                        copies: list[Any] | None = None, restores: int | None = None) -> str:
+        """Rotate through the copies so that, over time, every provider's copy is restored. `copies` (the
+        backup's CopyRecords) and `restores` (its restore count), when a batch read them already."""
+        copies = {c.provider for c in (self.catalogue.copies(backup.id) if copies is None else copies)}
         if asked:
             if asked not in copies:
                 raise ProviderError(asked, f"holds no copy of wedding {backup.partition}'s newest backup")
@@ -390,7 +404,9 @@ class Engine:
         # Start from a point given by the archive's own hash, so across a fleet every provider is exercised,
         # then move one provider on for each later verification of the same backup.
         start = int(backup.archive_sha256[:8], 16)
-        return candidates[(start + self.catalogue.restore_count(backup.id)) % len(candidates)]
+        if restores is None:
+            restores = self.catalogue.restore_count(backup.id)
+        return candidates[(start + restores) % len(candidates)]
 
     @contextmanager
     def fetched_copy(self, backup: BackupRecord, chosen: str, replicas: Mapping[str, Any]) -> Iterator[Any]:
@@ -508,7 +524,7 @@ class Engine:
             # with replicas built from the settings for the same providers.
             from wedbackup_dagster.core.parallel_backup import verify_in_workers
 
-            share = max(self.verify_min_share, min(self.verify_batch_size, -(-len(partitions) // workers)))
+            share = self.verify_share(len(partitions), workers)
             step = on_progress or (lambda: None)
             for partition, outcome in verify_in_workers(type(self), partitions, list(replicas), provider, share,
                                                         workers):
@@ -518,6 +534,12 @@ class Engine:
         for i in range(0, len(partitions), self.verify_batch_size):
             yield from verify_many(self, partitions[i:i + self.verify_batch_size], replicas, provider,
                                    on_progress=on_progress)
+
+    def verify_share(self, weddings: int, workers: int) -> int:
+        """Weddings per worker share: at most verify_batch_size, and as many shares as fit whole rounds of
+        `workers` (2,001 weddings on 3 workers: 6 shares of 334, not 4 of 500 whose last ran alone)."""
+        rounds = -(-weddings // (workers * self.verify_batch_size))
+        return max(self.verify_min_share, -(-weddings // (workers * rounds)))
 
     def drop_abandoned_scratch(self, restore: Any) -> None:
         """Once per engine: drop the scratch databases a killed verification left on the scratch server."""

@@ -120,3 +120,19 @@ def test_weddings_verified_in_workers_get_the_verdicts_of_the_steps_own_process(
         # Each wedding checked table by table against its own manifest, as in the step's own process.
         assert ours[wedding].tables == theirs[wedding].tables and ours[wedding].tables
         assert ours[wedding].fk_checked == theirs[wedding].fk_checked
+
+
+def test_verification_shares_fill_whole_rounds_of_workers():
+    """No share is left to run alone after the others: shares of at most verify_batch_size, as many as
+    make whole rounds of the workers."""
+    from wedbackup_dagster.core.engine import Engine
+
+    engine = Engine.__new__(Engine)  # verify_share reads only the class's sizes
+    for weddings, workers in [(2001, 3), (2000, 3), (1000, 3), (500, 3), (100, 2), (4000, 4), (1501, 3)]:
+        share = engine.verify_share(weddings, workers)
+        shares = -(-weddings // share)
+        assert share <= engine.verify_batch_size and share >= engine.verify_min_share
+        assert shares % workers == 0 or shares < workers or weddings < workers * engine.verify_min_share, \
+            (weddings, workers, share)
+    assert engine.verify_share(2001, 3) == 334 and engine.verify_share(1000, 3) == 334
+    assert engine.verify_share(500, 3) == 167  # as before for a run that fits one round

@@ -135,7 +135,19 @@ def test_a_range_runs_planned_events_and_check_evaluations_are_stored_in_batches
             return original(events)
 
         monkeypatch.setattr(storage, "_store_in_one_transaction", spy)
+        left_to_dagster: list[int] = []
+        update = storage._update_check_evaluations
+
+        def update_spy(conn, events):
+            left = update(conn, events)
+            left_to_dagster.extend(1 for e, _ in left
+                                   if e.dagster_event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+            return left
+
+        monkeypatch.setattr(storage, "_update_check_evaluations", update_spy)
         ours, theirs = _run_range(pooled), _run_range(stock)
+        # Every batched evaluation set its planned row with the batch's UPDATE, none one by one.
+        assert not left_to_dagster
         # Both fail the same way: the blocking check's two failed weddings fail its step.
         assert not ours.success and not theirs.success
         failed_steps = lambda r: sorted(e.step_key for e in r.all_events if e.event_type_value == "STEP_FAILURE")
@@ -170,17 +182,19 @@ def test_a_failed_batch_leaves_nothing_behind_and_dagster_stores_its_events_one_
     pooled, stock = _instance(tmp_path, "", pooled=True), _instance(tmp_path, "", pooled=False)
     try:
         storage = pooled.event_log_storage
-        original = storage.store_asset_check_event
+        original = storage._update_check_evaluations
         calls = []
 
-        def fail_late(event, event_id):
-            # Fails after the batch's event rows and asset index were written in its transaction.
-            calls.append(event_id)
-            if len(calls) == 3:
+        def fail_late(conn, events):
+            # Fails after the batch's event rows and asset index were written in its transaction: the first
+            # call stores the run's planned checks, the second a batch of evaluations.
+            calls.append(len(events))
+            if len(calls) == 2:
+                original(conn, events)  # its UPDATE ran, and is rolled back with the rest
                 raise RuntimeError("index write failed")
-            return original(event, event_id)
+            return original(conn, events)
 
-        monkeypatch.setattr(storage, "store_asset_check_event", fail_late)
+        monkeypatch.setattr(storage, "_update_check_evaluations", fail_late)
         ours, theirs = _run_range(pooled), _run_range(stock)
         shown, planned = _what_the_ui_shows(pooled, ours.run_id)
         assert (shown, planned) == _what_the_ui_shows(stock, theirs.run_id)
@@ -190,6 +204,7 @@ def test_a_failed_batch_leaves_nothing_behind_and_dagster_stores_its_events_one_
         keys = [(r.event_log_entry.dagster_event.event_specific_data.check_name,
                  r.event_log_entry.dagster_event.event_specific_data.partition) for r in evaluations]
         assert sorted(keys) == sorted(set(keys)) and len(keys) == 24
+        assert len(calls) >= 2  # the failure was injected
     finally:
         pooled.dispose()
         stock.dispose()

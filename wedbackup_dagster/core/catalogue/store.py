@@ -305,6 +305,24 @@ class Catalogue:
                     return SecretKey(key_id, material)
         raise CryptoKeyError(f"wedding {partition}: could not create or read its key")
 
+    def live_wedding_keys(self, partitions: list[str], keyring: MasterKeyring) -> dict[str, SecretKey]:
+        """`wedding_key` of the weddings among `partitions` that have a live key already, in one query (a
+        snapshot batch). Left out, for `wedding_key` to make or refuse one by one: a wedding without a key
+        yet, an erased one (even while its key awaits shredding), a key that does not unwrap."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                "SELECT key_id, partition, wrapped, master_key_id FROM wedbackup.wedding_keys k "
+                "WHERE partition = ANY(%s) AND shredded_at IS NULL AND NOT EXISTS "
+                "(SELECT FROM wedbackup.erasures e WHERE e.partition = k.partition)", (list(partitions),)).fetchall()
+        out: dict[str, SecretKey] = {}
+        for r in rows:
+            try:
+                out[r["partition"]] = self._unwrap(r["key_id"], r["partition"], r["wrapped"], r["master_key_id"],
+                                                   keyring)
+            except CryptoKeyError:
+                pass  # wedding_key raises the same error for this wedding alone
+        return out
+
     @staticmethod
     def _refuse_second_spelling(conn: psycopg.Connection, partition: str) -> None:
         """"07" and "7" are one wedding: once one spelling has a key and a backup, another never gets a key
@@ -346,23 +364,32 @@ class Catalogue:
                       manifest: dict[str, Any], vault_copy: dict[str, Any] | None = None) -> BackupRecord:
         """Record a new backup (and, in the same transaction, its vault copy) and audit it."""
         with self.connect() as conn:
-            row = conn.execute(
-                """INSERT INTO wedbackup.backups (partition, archive_sha256, size, key_id, snapshot_time, txid,
-                       schema_fingerprint, rows, raw_bytes, manifest)
-                   VALUES (%(partition)s, %(sha)s, %(size)s, %(key_id)s, %(snapshot_time)s, %(txid)s,
-                       %(fingerprint)s, %(rows)s, %(raw)s, %(manifest)s)
-                   ON CONFLICT (archive_sha256) DO UPDATE SET size = EXCLUDED.size
-                   RETURNING *""",
-                {"partition": partition, "sha": archive_sha256, "size": size, "key_id": key_id,
-                 "snapshot_time": manifest["snapshot_time"], "txid": str(manifest.get("txid", "")),
-                 "fingerprint": manifest.get("schema_fingerprint"),
-                 "rows": sum(t["rows"] for t in manifest["tables"]),
-                 "raw": sum(t["bytes"] for t in manifest["tables"]),
-                 "manifest": json.dumps(manifest)}).fetchone()
-            conn.execute("INSERT INTO wedbackup.audit (action, partition, detail) VALUES ('backup', %s, %s)",
-                         (partition, json.dumps({"archive_sha256": archive_sha256, "size": size})))
-            if vault_copy is not None:
-                self.record_copy(row["id"], **vault_copy)
+            return self._insert_backup(conn, partition=partition, archive_sha256=archive_sha256, size=size,
+                                       key_id=key_id, manifest=manifest, vault_copy=vault_copy)
+
+    def record_backups(self, backups: list[dict[str, Any]]) -> list[BackupRecord]:
+        """`record_backup` for many (each a dict of its arguments) in one transaction: a snapshot batch
+        records its weddings together instead of one commit each. All or none."""
+        with self.connect() as conn:
+            return [self._insert_backup(conn, **b) for b in backups]
+
+    def _insert_backup(self, conn: psycopg.Connection, *, partition: str, archive_sha256: str, size: int,
+                       key_id: str, manifest: dict[str, Any], vault_copy: dict[str, Any] | None) -> BackupRecord:
+        row = conn.execute(
+            """INSERT INTO wedbackup.backups (partition, archive_sha256, size, key_id, snapshot_time, txid,
+                   schema_fingerprint, rows, raw_bytes, manifest)
+               VALUES (%(partition)s, %(sha)s, %(size)s, %(key_id)s, %(snapshot_time)s, %(txid)s,
+                   %(fingerprint)s, %(rows)s, %(raw)s, %(manifest)s)
+               ON CONFLICT (archive_sha256) DO UPDATE SET size = EXCLUDED.size
+               RETURNING *""",
+            _backup_row(partition, archive_sha256, size, key_id, manifest)).fetchone()
+        conn.execute("INSERT INTO wedbackup.audit (action, partition, detail) VALUES ('backup', %s, %s)",
+                     (partition, json.dumps({"archive_sha256": archive_sha256, "size": size})))
+        if vault_copy is not None:
+            c = {"locked_until": None, "lock_mode": None, **vault_copy}
+            conn.execute(self._RECORD_COPY, (row["id"], c["provider"], c["uri"], c["object_key"], c["version_id"],
+                                             c["size"], c["checksum"], c["storage_class"], c["region"],
+                                             c["media"], c["offsite"], c["locked_until"], c["lock_mode"]))
         return _backup(row)
 
     def latest_backup(self, partition: str) -> BackupRecord | None:
@@ -479,11 +506,13 @@ class Catalogue:
                              for b, p, ok, s, _ in restores])
 
     def keys_by_id(self, key_ids: list[str], keyring: MasterKeyring) -> dict[str, SecretKey]:
-        """The live wedding keys among `key_ids`, in one query (those missing or destroyed are left out:
-        `key_by_id` says why for each)."""
+        """The live wedding keys among `key_ids`, in one query (those missing or destroyed, or of an erased
+        wedding whose key is not shredded yet, are left out: `key_by_id` says why for each)."""
         with self.connect() as conn:
-            rows = conn.execute("SELECT key_id, partition, wrapped, master_key_id FROM wedbackup.wedding_keys "
-                                "WHERE key_id = ANY(%s) AND wrapped IS NOT NULL", (list(key_ids),)).fetchall()
+            rows = conn.execute("SELECT key_id, partition, wrapped, master_key_id FROM wedbackup.wedding_keys k "
+                                "WHERE key_id = ANY(%s) AND wrapped IS NOT NULL AND NOT EXISTS "
+                                "(SELECT FROM wedbackup.erasures e WHERE e.partition = k.partition)",
+                                (list(key_ids),)).fetchall()
         out = {}
         for r in rows:
             try:
@@ -496,6 +525,13 @@ class Catalogue:
         with self.connect() as conn:
             return conn.execute("SELECT count(*) AS n FROM wedbackup.restores WHERE backup_id = %s",
                                 (backup_id,)).fetchone()["n"]
+
+    def restore_counts(self, backup_ids: list[int]) -> dict[int, int]:
+        """restore_count of many backups in one query (a backup never restored is absent)."""
+        with self.connect() as conn:
+            rows = conn.execute("SELECT backup_id, count(*) AS n FROM wedbackup.restores WHERE backup_id = ANY(%s) "
+                                "GROUP BY backup_id", (list(backup_ids),)).fetchall()
+        return {r["backup_id"]: r["n"] for r in rows}
 
     def audit(self, action: str, partition: str | None, detail: dict[str, Any]) -> None:
         with self.connect() as conn:
@@ -682,12 +718,7 @@ class Catalogue:
                    VALUES (%(partition)s, %(sha)s, %(size)s, %(key_id)s, %(snapshot_time)s, %(txid)s,
                        %(fingerprint)s, %(rows)s, %(raw)s, %(manifest)s)
                    ON CONFLICT (archive_sha256) DO NOTHING RETURNING id""",
-                {"partition": partition, "sha": archive_sha256, "size": size, "key_id": key_id,
-                 "snapshot_time": manifest["snapshot_time"], "txid": str(manifest.get("txid", "")),
-                 "fingerprint": manifest.get("schema_fingerprint"),
-                 "rows": sum(t["rows"] for t in manifest["tables"]),
-                 "raw": sum(t["bytes"] for t in manifest["tables"]),
-                 "manifest": json.dumps(manifest)}).fetchone()
+                _backup_row(partition, archive_sha256, size, key_id, manifest)).fetchone()
             if row is not None:
                 return row["id"], True
             row = conn.execute("SELECT id FROM wedbackup.backups WHERE archive_sha256 = %s",
@@ -873,6 +904,15 @@ def lock_partition_keys(conn: psycopg.Connection, partition: str) -> None:
     """Serialise making a wedding's key with erasing it: a transaction-level advisory lock, released at commit
     (its own namespace: the session locks of core/catalogue/locks.py are held by backups that make keys)."""
     conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(%s))", (KEY_LOCK_NAMESPACE, partition))
+
+
+def _backup_row(partition: str, archive_sha256: str, size: int, key_id: str, manifest: dict[str, Any]
+                ) -> dict[str, Any]:
+    """The parameters of a wedbackup.backups row (record_backup, rebuilt_backup)."""
+    return {"partition": partition, "sha": archive_sha256, "size": size, "key_id": key_id,
+            "snapshot_time": manifest["snapshot_time"], "txid": str(manifest.get("txid", "")),
+            "fingerprint": manifest.get("schema_fingerprint"), "rows": sum(t["rows"] for t in manifest["tables"]),
+            "raw": sum(t["bytes"] for t in manifest["tables"]), "manifest": json.dumps(manifest)}
 
 
 def _refuse_erased(conn: psycopg.Connection, partition: str) -> None:

@@ -66,3 +66,71 @@ def test_backups_by_sha_reads_many_with_or_without_their_manifests(catalogue):
         assert full[b.archive_sha256] == b and full[b.archive_sha256].manifest["tables"] == manifest["tables"]
         assert light[b.archive_sha256].manifest == {}
         assert light[b.archive_sha256] == BackupRecord(**{**vars(b), "manifest": {}})
+
+
+def _manifest(rows: int) -> dict:
+    return {"snapshot_time": "2026-12-01T10:00:00+00:00", "txid": "7", "schema_fingerprint": "f",
+            "tables": [{"table": "public.guests", "rows": rows, "bytes": 10 * rows, "sha256": "0" * 64}]}
+
+
+def _vault_copy(sha: str) -> dict:
+    return dict(provider="vault", uri=f"file:///v/{sha}.wbk", object_key=f"{sha}.wbk", version_id=None, size=9,
+                checksum=sha, storage_class="local-disk", region=None, media="disk", offsite=False)
+
+
+def test_a_batch_of_backups_is_recorded_as_one_by_one_and_read_back_in_batches(catalogue):
+    """record_backups (a snapshot batch, one transaction) records what record_backup records: the backup,
+    its audit row and its vault copy; restore_counts and copies_of answer as restore_count and copies."""
+    one = catalogue.record_backup(partition="1", archive_sha256="a" * 64, size=9, key_id="1.k",
+                                  manifest=_manifest(3), vault_copy=_vault_copy("a" * 64))
+    many = catalogue.record_backups([
+        dict(partition=p, archive_sha256=c * 64, size=9, key_id=f"{p}.k", manifest=_manifest(int(p)),
+             vault_copy=_vault_copy(c * 64)) for p, c in (("2", "b"), ("3", "c"))])
+    assert [b.partition for b in many] == ["2", "3"]
+    assert catalogue.latest_backups(["1", "2", "3"]) == {"1": one, "2": many[0], "3": many[1]}
+    copies = catalogue.copies_of([one.id, *(b.id for b in many)])
+    assert {i: c for i, c in copies.items()} == {b.id: catalogue.copies(b.id) for b in (one, *many)}
+    assert all([c.provider for c in cs] == ["vault"] for cs in copies.values())
+    with catalogue.connect() as conn:
+        audited = conn.execute("SELECT partition FROM wedbackup.audit WHERE action = 'backup' ORDER BY id").fetchall()
+    assert [r["partition"] for r in audited] == ["1", "2", "3"]
+    catalogue.record_restores([(many[0].id, "vault", True, 0.1, {}), (many[0].id, "vault", False, 0.1, {}),
+                               (one.id, "vault", True, 0.1, {})])
+    assert catalogue.restore_counts([one.id, *(b.id for b in many)]) == {one.id: 1, many[0].id: 2}
+    assert [catalogue.restore_count(b.id) for b in (one, *many)] == [1, 2, 0]
+
+
+def test_a_batch_of_backups_is_all_or_none(catalogue):
+    with pytest.raises(Exception):
+        catalogue.record_backups([
+            dict(partition="1", archive_sha256="a" * 64, size=9, key_id="1.k", manifest=_manifest(1),
+                 vault_copy=_vault_copy("a" * 64)),
+            dict(partition="2", archive_sha256="b" * 64, size=9, key_id="2.k", manifest={"tables": []},
+                 vault_copy=_vault_copy("b" * 64))])  # no snapshot_time: the second fails
+    assert catalogue.latest_backups(["1", "2"]) == {}
+
+
+def test_keys_read_in_a_batch_leave_out_an_erased_wedding_whose_key_is_not_shredded_yet(catalogue):
+    """keys_by_id (batch verification, archive integrity, restore --all) hands over no key that key_by_id
+    would refuse: an erasure that has begun stops the wedding's key from being used, shredded or not."""
+    ring = MasterKeyring([SecretKey.generate("m1")])
+    a, b = catalogue.wedding_key("1", ring), catalogue.wedding_key("2", ring)
+    assert catalogue.keys_by_id([a.key_id, b.key_id], ring) == {a.key_id: a, b.key_id: b}
+    catalogue.begin_erasure("1", "1", "tests")
+    assert catalogue.keys_by_id([a.key_id, b.key_id], ring) == {b.key_id: b}
+    with pytest.raises(CryptoKeyError, match="erased"):
+        catalogue.key_by_id(a.key_id, ring)
+
+
+def test_live_keys_read_in_a_batch_are_wedding_key_and_leave_out_what_it_would_make_or_refuse(catalogue):
+    ring = MasterKeyring([SecretKey.generate("m1")])
+    a, b, c = (catalogue.wedding_key(p, ring) for p in ("1", "2", "3"))
+    catalogue.begin_erasure("3", "3", "tests")
+    # "4" has no key yet (wedding_key makes it), "3" is being erased (wedding_key refuses it).
+    assert catalogue.live_wedding_keys(["1", "2", "3", "4"], ring) == {"1": a, "2": b}
+    with catalogue.connect() as conn:
+        made = conn.execute("SELECT count(*) AS n FROM wedbackup.wedding_keys WHERE partition = '4'").fetchone()
+    assert made["n"] == 0
+    # A key that does not unwrap under this keyring is left to wedding_key, which names it.
+    assert catalogue.live_wedding_keys(["1"], MasterKeyring([SecretKey.generate("m2")])) == {}
+    assert c.key_id.startswith("3.")

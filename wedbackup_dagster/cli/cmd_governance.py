@@ -91,7 +91,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         catalogue.migrate()
         policy = Policy.from_env()
         report = retention.prune(catalogue, None, {}, policy, dry_run=True, partition=args.wedding)
-        media = _media_dry_run(settings, policy, args.wedding)
+        media = _media_dry_run(settings, catalogue, policy, args.wedding)
         if args.json:
             print(json.dumps({"summary": report.summary(), "delete": [d.as_dict() for d in report.deletions],
                               "held": report.held, "media": media.summary(),
@@ -132,18 +132,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _media_dry_run(settings, policy, partition: str | None):
-    """What the sweep would do to media (the same rules as the daily retention_sweep), deleting nothing."""
+def _media_dry_run(settings, catalogue, policy, partition: str | None):
+    """What the sweep would do to media (the same rules as the daily retention_sweep), deleting nothing; on
+    the settings and catalogue connection the rows' plan already uses."""
+    import os
+
     from wedbackup_dagster.core.engine import Engine
+    from wedbackup_dagster.core.keys.keyring import load_master_keyring
     from wedbackup_dagster.core.media.retention import sweep_engine_media
     from wedbackup_dagster.core.storage.providers import PROVIDERS, replica_for
 
-    engine = Engine.from_env()
-    try:
-        replicas = {p: replica_for(p, settings) for p in PROVIDERS}
-        return sweep_engine_media(engine, replicas, policy, partition=partition, dry_run=True)
-    finally:
-        engine.catalogue.close()
+    engine = Engine(settings, load_master_keyring(os.environ), catalogue)
+    replicas = {p: replica_for(p, settings) for p in PROVIDERS}
+    return sweep_engine_media(engine, replicas, policy, partition=partition, dry_run=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,7 +1,7 @@
 """Dagster's overhead per wedding: the backup schedule's own way of launching work — batched runs of the
 `backup_wedding_list` job (max_run_size weddings each, the NORMAL tier's 1,000), with the materializations
 batched as the code location sets up (wedbackup_dagster/instance/event_batches.py), on the production instance
-storage (stock dagster-postgres, as deployments/ runs it) — timed against the very same engine calls made
+storage (dagster-postgres with wedbackup's event log, as deployments/docker-compose runs it) — timed against the very same engine calls made
 without Dagster (as benchmarks/fleet.py drives the core engine), in one invocation, best of N.
 
 overhead per wedding = (best Dagster wall − best plain wall) / weddings, plus the measured start-up of
@@ -11,9 +11,9 @@ fill), and the order of the passes reverses every repeat. What the runs cover is
 (`steps`): the verified restore (about 0.5 s of real work per wedding, one materialization) is left out
 at both sizes, and at 10,000 weddings only dump+seal runs, so the benchmark fits in the bench's time; the
 headline scales the measured cost to the whole job's six materializations per wedding
-(`full_job_overhead_ms_per_wedding`). Next to production: the same storage writing materializations one
-by one (before batching), wedbackup's pooled event log (wedbackup_dagster/instance/storage.py) and the
-local demo's SQLite."""
+(`full_job_overhead_ms_per_wedding`). Next to production: stock dagster-postgres (what the Helm chart's
+instance ConfigMap selects), the same writing materializations one by one (before batching), and the local
+demo's SQLite."""
 from __future__ import annotations
 
 import argparse
@@ -39,8 +39,8 @@ REPLICA_OPS = {"s3": "s3_replica_list", "gcs": "gcs_replica_list", "azure": "azu
 
 def _instance(home: Path, storage: str, dsn: str | None):
     """A Dagster instance from the project's dagster.yaml with SQLite storage under `home` ("sqlite"), or
-    the same file with dagster-postgres storage at `dsn` ("postgres"), or with its event log holding a
-    pooled connection ("postgres-pooled", wedbackup_dagster.instance.storage)."""
+    the same file with stock dagster-postgres storage at `dsn` ("postgres"), or with the production storage
+    there ("postgres-pooled": dagster-postgres with wedbackup's event log, wedbackup_dagster.instance.storage)."""
     import dagster as dg
     import yaml
 
@@ -52,12 +52,9 @@ def _instance(home: Path, storage: str, dsn: str | None):
     if storage == "postgres":
         text += f"\nstorage:\n  postgres:\n    postgres_url: {url}\n"
     elif storage == "postgres-pooled":
-        # dagster-postgres's run and schedule storage, and its event log holding a pooled connection.
-        for part, module, cls in (("run_storage", "dagster_postgres.run_storage", "PostgresRunStorage"),
-                                  ("schedule_storage", "dagster_postgres.schedule_storage", "PostgresScheduleStorage"),
-                                  ("event_log_storage", "wedbackup_dagster.instance.storage",
-                                   "PooledPostgresEventLogStorage")):
-            text += f"\n{part}:\n  module: {module}\n  class: {cls}\n  config:\n    postgres_url: {url}\n"
+        # As deployments/docker-compose/dagster.yaml: dagster-postgres with wedbackup's event log.
+        text += ("\nstorage:\n  custom:\n    module: wedbackup_dagster.instance.storage\n"
+                 f"    class: PooledPostgresStorage\n    config:\n      postgres_url: {url}\n")
     (home / "dagster.yaml").write_text(text)
     return dg.DagsterInstance.from_config(str(home))
 
@@ -199,12 +196,13 @@ def run_start_seconds(repeats: int = 2) -> float:
 
 
 Variant = tuple[str, str, int]  # (storage, mode, DAGSTER_EVENT_BATCH_SIZE)
-# What the schedule's runs use in production: stock dagster-postgres (deployments/), the list job, and the
+# What the schedule's runs use in production: dagster-postgres with wedbackup's event log
+# (deployments/docker-compose/dagster.yaml, wedbackup_dagster/instance/storage.py), the list job, and the
 # batched materializations the code location turns on (wedbackup_dagster/instance/event_batches.py).
-PRODUCTION: Variant = ("postgres", "list", MATERIALIZATION_BATCH)
+PRODUCTION: Variant = ("postgres-pooled", "list", MATERIALIZATION_BATCH)
+STOCK: Variant = ("postgres", "list", MATERIALIZATION_BATCH)  # stock dagster-postgres (the Helm chart's)
 LOCAL: Variant = ("sqlite", "list", MATERIALIZATION_BATCH)  # the local demo's dagster.yaml (SQLite)
-BEFORE: Variant = ("postgres", "list", 0)  # production storage, materializations written one by one
-POOLED: Variant = ("postgres-pooled", "list", MATERIALIZATION_BATCH)
+BEFORE: Variant = ("postgres", "list", 0)  # stock dagster-postgres, materializations written one by one
 # Materializations per wedding of the whole list job: db_dump, encrypted_archive, 3 replicas, verified_restore.
 FULL_JOB_MATERIALIZATIONS = 6
 
@@ -309,18 +307,18 @@ def measure(weddings: int, *, providers: list[str], repeats: int, run_size: int,
 
 def run(*, quick: bool = False) -> dict[str, Any]:
     """Two fleet sizes — 1,000 weddings through dump+seal and the three uploads, and 10,000 small weddings
-    through dump+seal (quick: 100 and 1,000) — on the production storage (the headline), next to the same
-    storage writing materializations one by one (before batching), the pooled event log, and (small size
-    only) the local demo's SQLite, measured side by side."""
+    through dump+seal (quick: 100 and 1,000) — on the production storage (the headline), next to stock
+    dagster-postgres (the Helm chart's), the same writing materializations one by one (before batching), and
+    (small size only) the local demo's SQLite, measured side by side."""
     from wedbackup_dagster.core.policy.backup_policy import NORMAL, Policy
 
     run_size = Policy.from_env().tiers[NORMAL].max_run_size
     small, large = (100, 1000) if quick else (1000, 10_000)
     sizes = {
         str(small): measure(small, providers=list(REPLICA_OPS), repeats=2, run_size=run_size, document_bytes=2048,
-                            variants=[PRODUCTION, BEFORE, POOLED, LOCAL]),
+                            variants=[PRODUCTION, STOCK, BEFORE, LOCAL]),
         str(large): measure(large, providers=[], repeats=2, run_size=run_size, document_bytes=256,
-                            variants=[PRODUCTION, POOLED]),
+                            variants=[PRODUCTION, STOCK]),
     }
 
     def headline(variant: Variant, figure: str = "full_job_overhead_ms_per_wedding") -> float:
@@ -333,7 +331,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
         "dagster_overhead_ms_per_wedding": headline(PRODUCTION),
         "dagster_overhead_ms_per_wedding_measured": headline(PRODUCTION, "overhead_ms_per_wedding"),
         "dagster_overhead_ms_per_wedding_unbatched": headline(BEFORE),
-        "dagster_overhead_ms_per_wedding_postgres_pooled": headline(POOLED),
+        "dagster_overhead_ms_per_wedding_stock_postgres": headline(STOCK),
         "dagster_overhead_ms_per_wedding_local_sqlite": max(
             v["full_job_overhead_ms_per_wedding"] for v in sizes[str(small)]["variants"] if v["storage"] == "sqlite"),
         "target_ms_per_wedding": 20, "sizes": sizes}
@@ -346,8 +344,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--run-size", type=int, default=1000)
     parser.add_argument("--document-bytes", type=int, default=2048)
-    parser.add_argument("--storage", default="postgres",
-                        help="comma-separated: postgres (production's), sqlite (the local demo's), postgres-pooled")
+    parser.add_argument("--storage", default="postgres-pooled",
+                        help="comma-separated: postgres-pooled (production: deployments/docker-compose), "
+                             "postgres (stock dagster-postgres, the Helm chart's), sqlite (the local demo's)")
     parser.add_argument("--mode", choices=["list", "range"], default="list")
     parser.add_argument("--event-batch-size", type=int, default=MATERIALIZATION_BATCH,
                         help="DAGSTER_EVENT_BATCH_SIZE for the runs; 0 writes materializations one by one")

@@ -11,11 +11,11 @@ reloading the instance makes the same choice from the same environment.
 dagster-postgres opens a new PostgreSQL connection for every statement batch (NullPool), so each event
 written on its own costs two connection set-ups (the event row, then the asset index). This storage is
 the same class with a small pool (what dagster-webserver itself switches to, `optimize_for_webserver`),
-so a run's events reuse one connection. Since the list runs store their materializations in batches
-(event_batches.py) it saves little, 0.5–0.9 ms per wedding (README, Benchmarks); the deployments use
-stock dagster-postgres. Select it in
-dagster.yaml as `event_log_storage: {module: wedbackup_dagster.instance.storage, class:
-PooledPostgresEventLogStorage, config: {postgres_url: ...}}` (same config as dagster-postgres).
+so a run's events reuse one connection. The docker-compose deployment selects it as `storage: {custom:
+{module: wedbackup_dagster.instance.storage, class: PooledPostgresStorage, config: {postgres_db: ...}}}`
+(the same config as dagster-postgres); the Helm chart writes dagster-postgres's classes into its instance
+ConfigMap itself (README, Running in production). The event log alone: `event_log_storage: {module:
+wedbackup_dagster.instance.storage, class: PooledPostgresEventLogStorage, config: {postgres_url: ...}}`.
 
 It also stores in one transaction the per-wedding events Dagster's PostgreSQL storage writes one at a time
 (`BATCH_WRITABLE_EVENTS` leaves it to a loop): a range run's planned materializations (one per wedding and
@@ -218,6 +218,16 @@ class PooledPostgresStorage(DagsterPostgresStorage):
         self._event_log_storage.dispose()
         self._event_log_storage = PooledPostgresEventLogStorage(postgres_url, should_autocreate_tables,
                                                                 token_provider=token_provider)
+
+    @classmethod
+    def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: Mapping[str, Any]
+                          ) -> PooledPostgresStorage:
+        """The same config as dagster-postgres's `storage: postgres:` (whose own from_config_value always
+        builds the stock class): `storage: {custom: {module: wedbackup_dagster.instance.storage, class:
+        PooledPostgresStorage, config: {postgres_db: ...}}}`, as deployments/docker-compose/dagster.yaml."""
+        return cls(inst_data=inst_data, postgres_url=pg_url_from_config(config_value),
+                   should_autocreate_tables=config_value.get("should_autocreate_tables", True),
+                   token_provider=get_token_provider_from_config(config_value))
 
 
 PG_URL_SETTING = "WEDBACKUP_DAGSTER_PG_URL"

@@ -54,11 +54,15 @@ def storage_dsn() -> str:
 
 
 def test_production_instance_keeps_everything_in_postgres(production_home):
-    from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
+    from dagster_postgres import PostgresRunStorage, PostgresScheduleStorage
+
+    from wedbackup_dagster.instance.storage import PooledPostgresEventLogStorage
 
     with dg.DagsterInstance.from_config(str(production_home)) as instance:
         assert isinstance(instance.run_storage, PostgresRunStorage)
-        assert isinstance(instance.event_log_storage, PostgresEventLogStorage)
+        # wedbackup's event log (batched per-wedding events), not stock dagster-postgres's.
+        assert type(instance.event_log_storage) is PooledPostgresEventLogStorage
+        assert instance.event_log_storage.stores_check_evaluations_in_batches
         assert isinstance(instance.schedule_storage, PostgresScheduleStorage)
         assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
         settings = instance.get_concurrency_config()

@@ -1,8 +1,9 @@
 """Dagster's overhead per wedding: the backup schedule's own way of launching work — batched runs of the
 `backup_wedding_list` job (max_run_size weddings each, the NORMAL tier's 1,000), with the materializations
-batched as the code location sets up (wedbackup_dagster/instance/event_batches.py), on the production instance
-storage (dagster-postgres with wedbackup's event log, as deployments/docker-compose runs it) — timed against the very same engine calls made
-without Dagster (as benchmarks/fleet.py drives the core engine), in one invocation, best of N.
+batched as the code location sets up (wedbackup_dagster/instance/event_batches.py), on the production
+instance storage (dagster-postgres with wedbackup's event log, as deployments/ run it) — timed against the
+very same engine calls made without Dagster (as benchmarks/fleet.py drives the core engine), in one
+invocation, best of N.
 
 overhead per wedding = (best Dagster wall − best plain wall) / weddings, plus the measured start-up of
 one run's process (loading the code location, what the run launcher pays per run) spread over a run's

@@ -2,10 +2,10 @@
 dagster-postgres's event log holding its connection open (PooledPostgresEventLogStorage).
 
 LocalStackStorage is what the project's dagster.yaml (linked into the local stack's DAGSTER_HOME) selects:
-dagster-postgres, the storage production runs on (with the pooled event log below), in the stack's own `dagster` database when
-WEDBACKUP_DAGSTER_PG_URL is set (`wedbackup stack env` sets it; the URL lives only in the environment, never
-in a file); Dagster's SQLite storage under DAGSTER_HOME where no stack runs. A run worker or subprocess
-reloading the instance makes the same choice from the same environment.
+dagster-postgres with the pooled event log below (the storage production runs on), in the stack's own
+`dagster` database when WEDBACKUP_DAGSTER_PG_URL is set (`wedbackup stack env` sets it; the URL lives only
+in the environment, never in a file); Dagster's SQLite storage under DAGSTER_HOME where no stack runs. A run
+worker or subprocess reloading the instance makes the same choice from the same environment.
 
 
 dagster-postgres opens a new PostgreSQL connection for every statement batch (NullPool), so each event

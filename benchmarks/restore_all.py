@@ -5,8 +5,10 @@ verified) and by the peer (`pg_dump -Fp | zstd -3 | age`); then the source dropp
 zstd -d | psql`). The peer runs before and after wedbackup (drift on a shared machine hits both); its best run
 is the reference. Both restored databases are compared table by table with the source (counts and ordered
 checksums). Also timed: every archive fetched from S3 once and nothing else (the floor the S3 service's
-per-request cost sets). From the measured seconds per wedding: an estimate for a 100,000-wedding platform on
-N workers against the 4-hour objective. Prints JSON."""
+per-request cost sets); the like-for-like case, the source lost with the vault intact (`restore --all --from
+vault`, local files as the peer's); and the peer's own S3 path (its dump downloaded from S3, then restored).
+From the measured seconds per wedding: an estimate for a 100,000-wedding platform on N workers against the
+4-hour objective. Prints JSON."""
 from __future__ import annotations
 
 import argparse
@@ -98,6 +100,22 @@ def peer_restore(bench: dict[str, Any], work: Path, dump: Path) -> float:
     return seconds
 
 
+def peer_from_s3(bench: dict[str, Any], work: Path, dump: Path, client: Any, bucket: str) -> float:
+    """The peer's S3 path: its whole dump (uploaded once beforehand) downloaded from S3 to a local file, then
+    restored as peer_restore does: seconds for both."""
+    local = work / "peer_from_s3.sql.zst.age"
+    started = time.perf_counter()
+    client.download_file(bucket, PEER_DUMP_KEY, str(local))
+    downloaded = time.perf_counter() - started
+    try:
+        return downloaded + peer_restore(bench, work, local)
+    finally:
+        local.unlink(missing_ok=True)
+
+
+PEER_DUMP_KEY = "peer/baseline.sql.zst.age"
+
+
 def estimate(seconds: float, weddings: int, jobs: int) -> dict[str, Any]:
     """A 100,000-wedding platform on N workers, from the measured worker-seconds per wedding (the whole
     run's wall time times its workers, over its weddings: pessimistic where the workers overlapped
@@ -141,23 +159,24 @@ def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int =
             expected = table_sums(bench["source"])
             dumped = baseline_pg_dump_zstd_age(bench["source"], work)
             dump = work / "baseline.sql.zst.age"
+            bench["s3"].upload_file(str(dump), bench["bucket"], PEER_DUMP_KEY)
             peers = [peer_restore(bench, work, dump)]
+            peers_from_s3 = [peer_from_s3(bench, work, dump, bench["s3"], bench["bucket"])]
             # The disaster: the source database and the vault are gone; S3 alone is left.
             stack = bench["stack"]
             name = conninfo_to_dict(bench["source"])["dbname"]
             with psycopg.connect(stack.dsn("postgres"), autocommit=True) as conn:
                 conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))  # dropped by the env
-            shutil.rmtree(engine.settings.vault_dir)
 
-            def restore_once(defer: bool) -> tuple[float, Any, bool]:
+            def restore_once(defer: bool, copy_from: str = "s3") -> tuple[float, Any, bool]:
                 target_name = f"bench_restore_all_target_{time.time_ns()}"
                 with psycopg.connect(stack.dsn("postgres"), autocommit=True) as conn:
                     conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target_name)))
                 try:
                     started = time.perf_counter()
                     report = disaster.restore_all(engine, {"s3": s3}, stack.dsn(target_name),
-                                                  disaster.RestoreAllOptions(providers=disaster.copy_order("s3"),
+                                                  disaster.RestoreAllOptions(providers=disaster.copy_order(copy_from),
                                                                              jobs=jobs, defer_post_data=defer))
                     seconds = time.perf_counter() - started
                     return seconds, report, table_sums(stack.dsn(target_name)) == expected
@@ -166,6 +185,10 @@ def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int =
                         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                             sql.Identifier(target_name)))
 
+            # The source lost, the vault intact: the like-for-like case (local files, as the peer's dump).
+            from_vault = [restore_once(True, "vault") for _ in range(2)]
+            # Then the vault is lost too: S3 alone is left.
+            shutil.rmtree(engine.settings.vault_dir)
             from wedbackup_dagster.core.disaster.batches import FETCHERS_PER_LOADER
 
             get_only = s3_get_only(engine, s3, jobs * FETCHERS_PER_LOADER)
@@ -174,10 +197,12 @@ def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int =
                 runs[defer].append(restore_once(defer))
             seconds, report, equal = min(runs[True], key=lambda r: r[0])
             peers.append(peer_restore(bench, work, dump))
+            peers_from_s3.append(peer_from_s3(bench, work, dump, bench["s3"], bench["bucket"]))
             peer_equal = bench.get("peer_sums") == expected
         finally:
             engine.catalogue.close()
     best = min(peers)
+    vault_seconds, vault_report, vault_equal = min(from_vault, key=lambda r: r[0])
     variants = {}
     if compare_deferred:
         for defer, label in ((True, "post_data_after_weddings"), (False, "post_data_before_weddings")):
@@ -201,6 +226,15 @@ def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int =
         # Every archive fetched from S3 once and nothing else (s3_get_only): the floor the S3 service sets
         "s3_get_only_seconds": round(get_only, 2),
         "s3_get_only_ratio_vs_peer": round(get_only / best, 2),
+        # The source lost, the vault intact (restore --all --from vault): local files on both sides
+        "restore_all_from_vault_seconds": round(vault_seconds, 2),
+        "restore_all_from_vault_runs": [round(r[0], 2) for r in from_vault],
+        "restore_all_from_vault_ratio_vs_peer": round(vault_seconds / best, 2),
+        "restore_all_from_vault_complete_and_equal": all(r[1].complete and r[2] for r in from_vault),
+        "restore_all_from_vault_phases": vault_report.phases,
+        # The peer's own S3 path: its dump downloaded from S3, then restored (best of two)
+        "peer_from_s3_seconds": round(min(peers_from_s3), 2),
+        "peer_from_s3_runs": [round(p, 2) for p in peers_from_s3],
         "restore_all_variants": variants,
         "load_average": os.getloadavg(),
         "estimate_100k": estimate(seconds, len(ids) + 1, jobs),

@@ -1,4 +1,4 @@
-"""The local stack: a real PostgreSQL and real local stand-ins for S3 (moto), GCS (gcp-storage-emulator)
+"""The local stack: a real PostgreSQL and real local stand-ins for S3 (moto, s3_stand_in.py), GCS (gcp-storage-emulator)
 and Azure Blob (Azurite), all on 127.0.0.1, owned by the project (`wedbackup stack up|down|status|env`).
 
 Every process `up` starts is recorded by PID under the state directory; `down` stops exactly those.
@@ -315,9 +315,17 @@ class Stack:
         if port_open(p):
             return
         secrets_ = self.local_secrets()
-        self._spawn("s3", [self._venv_bin("moto_server"), "-H", "127.0.0.1", "-p", str(p)],
-                    env={"AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": secrets_["s3_secret"]})
-        _wait_for(lambda: port_open(p), "S3 stand-in (moto)", 60, self.log_dir / "s3.log")
+        env = {"AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": secrets_["s3_secret"]}
+        # moto's application under a keep-alive server (s3_stand_in.py); moto_server if that one cannot start.
+        self._spawn("s3", [sys.executable, "-m", "wedbackup_dagster.dev.s3_stand_in", "-H", "127.0.0.1",
+                           "-p", str(p)], env=env)
+        pid = self.recorded_pid("s3")
+        _wait_for(lambda: port_open(p) or not (pid and _pid_alive(pid)), "S3 stand-in (moto)", 60,
+                  self.log_dir / "s3.log")
+        if port_open(p):
+            return
+        self._spawn("s3", [self._venv_bin("moto_server"), "-H", "127.0.0.1", "-p", str(p)], env=env)
+        _wait_for(lambda: port_open(p), "S3 stand-in (moto_server)", 60, self.log_dir / "s3.log")
 
     def start_gcs(self) -> None:
         p = port("gcs")

@@ -46,6 +46,9 @@ COPY_BLOCK = 1 << 20
 FETCHERS_PER_LOADER = 2  # downloads wait on the network: two fetchers keep one loader fed
 FETCH_CHUNK = 32  # a fetcher takes up to this many weddings at once and reads their catalogue rows together
 DOWNLOAD_IN_MEMORY = 4 << 20  # a downloaded copy stays in memory up to this, then spills to a temporary file
+# A fetcher hands its decoded weddings to the loaders this many at a time: each hand-off wakes a waiting loader
+# thread, and on a busy machine the waker is often descheduled right then, still holding the GIL.
+HANDOFF = 8
 
 
 def batch_size(weddings: int, jobs: int) -> int:
@@ -278,7 +281,8 @@ def run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo:
         progress("this role may not set session_replication_role: foreign keys are checked row by row while "
                  "the batches load (slower), and again at the end")
     size = batch_size(len(todo), jobs)
-    ready: queue.Queue[Decoded | Failed | None] = queue.Queue(maxsize=max(2, jobs * size * 2))
+    ready: queue.Queue[list[Decoded | Failed] | None] = queue.Queue(
+        maxsize=max(2, math.ceil(jobs * size * 2 / HANDOFF)))
     stop = threading.Event()
     stopped = [""]
     lock = threading.Lock()
@@ -286,6 +290,17 @@ def run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo:
 
     fetchers_n = jobs * FETCHERS_PER_LOADER
     chunk_size = max(1, min(FETCH_CHUNK, math.ceil(len(todo) / fetchers_n)))
+
+    def hand_over(items: list[Decoded | Failed]) -> bool:
+        """`items` to the loaders; False (their spools closed) when the run stops first."""
+        while not stop.is_set():
+            try:
+                ready.put(items, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        close_spools(items)
+        return False
 
     def fetcher() -> None:
         while not stop.is_set():
@@ -298,8 +313,10 @@ def run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo:
                 known: Known | None = known_for(worker_engine(), chunk)
             except Exception:  # noqa: BLE001 - then each wedding reads its own rows, and says what failed
                 known = None
+            held: list[Decoded | Failed] = []
             for point in chunk:
                 if stop.is_set():
+                    close_spools(held)
                     return
                 try:
                     item: Decoded | Failed = decode(worker_engine(), replicas, point, order, copy_faults, known)
@@ -307,34 +324,36 @@ def run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo:
                     item = Failed(point, f"{type(exc).__name__}: {str(exc)[:300]}")
                 if isinstance(item, Decoded) and known is not None:  # its share of the chunk's catalogue reads
                     item.phases["download"] += known.seconds / len(chunk)
-                while not stop.is_set():
-                    try:
-                        ready.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                else:
-                    if isinstance(item, Decoded):
-                        item.spool.close()
+                held.append(item)
+                if len(held) >= HANDOFF:
+                    if not hand_over(held):
+                        return
+                    held = []
+            if held and not hand_over(held):
+                return
 
     def loader() -> None:
         conn = None
         ended = False
+        backlog: list[Decoded | Failed] = []  # handed over, not yet in a batch
         try:
             while not ended and not stop.is_set():
                 batch: list[Decoded] = []
                 plain = 0
                 while len(batch) < size and plain < BATCH_BYTES:
-                    try:
-                        item = ready.get(timeout=0.05 if batch else 0.5)
-                    except queue.Empty:
-                        if batch or stop.is_set():
+                    if not backlog:
+                        try:
+                            got = ready.get(timeout=0.05 if batch else 0.5)
+                        except queue.Empty:
+                            if batch or stop.is_set():
+                                break
+                            continue
+                        if got is None:
+                            ready.put(None)  # the end: let the other loaders see it too
+                            ended = True
                             break
-                        continue
-                    if item is None:
-                        ready.put(None)  # the end: let the other loaders see it too
-                        ended = True
-                        break
+                        backlog = list(reversed(got))
+                    item = backlog.pop()
                     if isinstance(item, Failed):
                         on_retry(item.point, item.why)
                         continue
@@ -376,6 +395,7 @@ def run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo:
                     for d in batch:
                         d.spool.close()
         finally:
+            close_spools(backlog)  # stopped early: handed over, never loaded
             if conn is not None:
                 conn.close()
 
@@ -392,9 +412,14 @@ def run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo:
         t.join()
     while True:  # anything fetched but never loaded (stopped early): close its spool
         try:
-            item = ready.get_nowait()
+            items = ready.get_nowait()
         except queue.Empty:
             break
+        close_spools(items or [])
+    return stopped[0]
+
+
+def close_spools(items: list[Decoded | Failed]) -> None:
+    for item in items:
         if isinstance(item, Decoded):
             item.spool.close()
-    return stopped[0]

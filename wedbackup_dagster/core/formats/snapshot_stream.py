@@ -152,7 +152,19 @@ def write_record(sink: Sink, kind: bytes, payload: bytes | bytearray) -> int:
 
 
 def json_payload(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return json_text(obj).encode()
+
+
+def json_text(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def json_payload_with(obj: dict[str, Any], encoded: dict[str, str]) -> bytes:
+    """`json_payload({**obj, **values})` where `encoded` holds some values already as `json_text(value)`: the
+    same bytes (keys sorted, the same separators), without encoding those values again."""
+    parts = {k: json_text(v) for k, v in obj.items() if k not in encoded}
+    parts.update(encoded)
+    return ("{" + ",".join(f"{json_text(k)}:{parts[k]}" for k in sorted(parts)) + "}").encode()
 
 
 # --- reading the stream -----------------------------------------------------------------------------

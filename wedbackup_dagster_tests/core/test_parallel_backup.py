@@ -136,3 +136,22 @@ def test_verification_shares_fill_whole_rounds_of_workers():
             (weddings, workers, share)
     assert engine.verify_share(2001, 3) == 334 and engine.verify_share(1000, 3) == 334
     assert engine.verify_share(500, 3) == 167  # as before for a run that fits one round
+
+
+def test_workers_take_the_steps_environment_not_the_one_their_fork_server_started_with(env, tmp_path, monkeypatch):
+    """Workers are forked from one fork server per process, started with the environment of the first step
+    that used it; each later step's workers must still take that step's settings (here: another vault)."""
+    from wedbackup_dagster.core import parallel_backup
+
+    weddings = [str(i) for i in range(1, 11)]
+    first = _engine(env, workers=2)
+    with first.snapshot_session() as session:
+        assert not [k for k, v in first.back_up_each(weddings[:5], session) if isinstance(v, Exception)]
+    assert parallel_backup._worker_context().get_start_method() == "forkserver"
+    moved = tmp_path / "another-vault"
+    monkeypatch.setenv("WEDBACKUP_VAULT_DIR", str(moved))
+    second = _engine(dict(os.environ), workers=2)
+    with second.snapshot_session() as session:
+        outcomes = dict(second.back_up_each(weddings, session))
+    assert not [k for k, v in outcomes.items() if isinstance(v, Exception)]
+    assert all(o.vault.path.is_relative_to(moved) and o.vault.path.exists() for o in outcomes.values())

@@ -29,7 +29,8 @@ from wedbackup_dagster.core.errors import (SnapshotError, SnapshotIncomplete, Sn
 from wedbackup_dagster.core.formats.snapshot_stream import (DATA, DATA_RECORD_TARGET, FORMAT_NAME, FORMAT_VERSION,
                                                             HEADER, MAGIC, MANIFEST, MAX_DATA_RECORD, POST_DATA,
                                                             PRE_DATA, TABLE_BEGIN, TABLE_END, Manifest, Sink,
-                                                            TableManifest, json_payload, write_record)
+                                                            TableManifest, json_payload, json_payload_with,
+                                                            json_text, write_record)
 from wedbackup_dagster.core.partitions import PLATFORM, partition_label
 
 _WEDDING_PLACEHOLDER = b"%(wedding_id)s"
@@ -437,6 +438,7 @@ class SnapshotSession:
         self._plans: dict[str, tenancy.TenancyPlan] = {}
         self._rendered: dict[tuple, tuple[tenancy.TenancyPlan, list]] = {}
         self._conn: psycopg.Connection | None = None
+        self._header_parts: tuple[Any, Any, dict[str, str]] | None = None  # (ddl, plan, their JSON), _write_head
 
     def __enter__(self) -> SnapshotSession:
         return self
@@ -627,10 +629,15 @@ class SnapshotSession:
         header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "partition": partition,
                   "snapshot_time": snap_time.isoformat(), "txid": xmin, "snapshot": snapshot,
                   "server_version": server_version, "server_version_num": conn.info.server_version,
-                  "schema_fingerprint": fingerprint, "schema": [list(r) for r in ddl.description],
-                  "foreign_keys": list(ddl.foreign_keys), "plan": plan_description(plan)}
+                  "schema_fingerprint": fingerprint}
+        if self._header_parts is None or self._header_parts[0] is not ddl or self._header_parts[1] is not plan:
+            # The schema description, foreign keys and tenancy plan: the same for every wedding of a shared
+            # transaction, encoded once (most of a header's bytes) instead of once per wedding.
+            self._header_parts = (ddl, plan, {k: json_text(v) for k, v in (
+                ("schema", [list(r) for r in ddl.description]), ("foreign_keys", list(ddl.foreign_keys)),
+                ("plan", plan_description(plan)))})
         sink.write(MAGIC)
-        write_record(sink, HEADER, json_payload(header))
+        write_record(sink, HEADER, json_payload_with(header, self._header_parts[2]))
         write_record(sink, PRE_DATA, ddl.pre_data.encode())
         write_record(sink, POST_DATA, ddl.post_data.encode())
 

@@ -109,29 +109,28 @@ def replicate_to_providers(context: dg.AssetExecutionContext, wedbackup: Wedback
     outcomes = {p: WeddingOutcomes(f"{p} upload") for p in providers}
     # A retry of the step (UPLOAD_RETRY) redoes only what an earlier attempt of this run did not record.
     done = _recorded_by_earlier_attempts(context) if context.retry_number else set()
-    todo: dict[str, list[str]] = {}
-    built: dict[str, Any] = {}
+    todo = {p: [k for k in keys if (REPLICA_KEYS[p], k) not in done] for p in providers}
     for provider in providers:
-        todo[provider] = [k for k in keys if (REPLICA_KEYS[provider], k) not in done]
         outcomes[provider].recorded_before = len(keys) - len(todo[provider])
+    built = replicas_or_failures(context, replicas, outcomes, todo)
+    progress = {p: Progress(f"{p} upload", len(todo[p]), context.log.info) for p in built}
+    for provider, key, outcome in engine.replicate_to_all(keys, built, wanted=todo):
+        progress[provider].step()
+        outcomes[provider].record(context, key, outcome, lambda o, p=provider: {REPLICA_KEYS[p]: replica_metadata(o)})
+    yield from finish_providers(context, {REPLICA_KEYS[p]: outcomes[p] for p in providers}, whole_range=not done)
+
+
+def replicas_or_failures(context: Any, replicas: ProviderReplicasResource, outcomes: dict[str, WeddingOutcomes],
+                         keys: dict[str, list[str]]) -> dict[str, Any]:
+    """Each provider's replica; one that cannot be made (a malformed setting) fails its own weddings, by name,
+    in `outcomes`, and the other providers go on."""
+    built: dict[str, Any] = {}
+    for provider in outcomes:
         try:
             built[provider] = replicas.replica(provider)
-        except WedbackupError as exc:  # e.g. a malformed setting: this provider's weddings fail, not the others'
-            outcomes[provider].fail_the_rest(context, todo[provider], exc)
-    # Weddings every provider still needs go to all of them at once; a retry's leftovers provider by provider.
-    groups: dict[tuple[str, ...], list[str]] = {}
-    needed = {p: set(todo[p]) for p in built}
-    for key in keys:
-        wanting = tuple(p for p in built if key in needed[p])
-        if wanting:
-            groups.setdefault(wanting, []).append(key)
-    progress = {p: Progress(f"{p} upload", len(todo[p]), context.log.info) for p in built}
-    for wanting, group in groups.items():
-        for provider, key, outcome in engine.replicate_to_all(group, {p: built[p] for p in wanting}):
-            progress[provider].step()
-            outcomes[provider].record(context, key, outcome,
-                                      lambda o, p=provider: {REPLICA_KEYS[p]: replica_metadata(o)})
-    yield from finish_providers(context, {REPLICA_KEYS[p]: outcomes[p] for p in providers}, whole_range=not done)
+        except WedbackupError as exc:
+            outcomes[provider].fail_the_rest(context, keys[provider], exc)
+    return built
 
 
 def _recorded_by_earlier_attempts(context: dg.AssetExecutionContext) -> set[tuple[dg.AssetKey, str]]:

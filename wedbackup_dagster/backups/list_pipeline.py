@@ -1,6 +1,6 @@
 """The list pipeline: `backup_wedding_list`, a second copy of the backup assets' pipeline (snapshot+seal,
-the S3, GCS and Azure uploads side by side in one op, verified restore) as ops over an explicit list of weddings from the run config, recording each
-wedding's materializations itself, in batches (instance/event_batches.py). It exists for measured reasons:
+the S3, GCS and Azure uploads side by side in one op, verified restore) as ops over an explicit list of
+weddings from the run config, recording each wedding's materializations itself, in batches (instance/event_batches.py). It exists for measured reasons:
 the schedule's and change capture's due weddings are scattered over the partitions' insertion order, and a
 partition-range run would take them one run each (README, Automation; benchmarks/dagster_overhead.py). A
 wedding that fails is modelled as in the assets (shared/wedding_outcomes.py)."""
@@ -8,13 +8,12 @@ from typing import Any
 
 import dagster as dg
 
-from ..core.errors import WedbackupError
 from ..instance.event_batches import in_batches
 from ..shared.metadata import log_key_backup, replica_metadata, verify_metadata
 from wedbackup_dagster.core.progress import Progress
 from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
 from ..shared.wedding_outcomes import WeddingOutcomes, WeddingsOfStep, failure_of_steps
-from .assets import sealed_metadata
+from .assets import replicas_or_failures, sealed_metadata
 from .checks import log_shrinkage_evaluations
 from .constants import REPLICA_KEYS, RESTORE_POOL, SOURCE_POOL, UPLOAD_POOL, VERIFIED_RESTORE
 from .partitions import validated_keys
@@ -47,12 +46,7 @@ def replicate_list(context: dg.OpExecutionContext, sealed: WeddingsOfStep, wedba
     of them, each provider bounded by its own upload concurrency; each wedding's outcome is kept per provider."""
     engine = wedbackup.engine()
     outcomes = {p: WeddingOutcomes(f"{p} upload") for p in REPLICA_KEYS}
-    built: dict[str, Any] = {}
-    for provider in REPLICA_KEYS:
-        try:
-            built[provider] = replicas.replica(provider)
-        except WedbackupError as exc:  # e.g. a malformed setting: this provider's weddings fail, not the others'
-            outcomes[provider].fail_the_rest(context, sealed["ok"], exc)
+    built = replicas_or_failures(context, replicas, outcomes, {p: sealed["ok"] for p in outcomes})
     progress = {p: Progress(f"{p} upload", len(sealed["ok"]), context.log.info) for p in built}
     for provider, key, outcome in engine.replicate_to_all(sealed["ok"], built):
         progress[provider].step()

@@ -7,7 +7,7 @@ import hashlib
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -316,10 +316,11 @@ class Engine:
     digest_workers = 2  # threads reading and hashing vault archives for replicate_to_all (hashlib frees the GIL)
 
     def replicate_to_all(self, partitions: list[str], replicas: Mapping[str, Any],
-                         workers: Mapping[str, int] | None = None
+                         workers: Mapping[str, int] | None = None, wanted: Mapping[str, Collection[str]] | None = None
                          ) -> Iterator[tuple[str, str, ReplicaOutcome | WedbackupError]]:
         """Upload many partitions' newest archives to every provider of `replicas` (provider -> replica) at the
-        same time, yielding (provider, partition, outcome or error) as each completes.
+        same time, yielding (provider, partition, outcome or error) as each completes. `wanted` (provider ->
+        partitions) narrows what a provider is sent: a retried step redoes only what is not yet recorded.
 
         Each archive is read and hashed ONCE for all providers (SHA-256, and the MD5, CRC32C or per-part
         SHA-256 any of them needs), checked against the catalogue's SHA-256 and size before any provider gets
@@ -345,22 +346,26 @@ class Engine:
                 # S3's parts of multipart uploads whose process died, once a step (a single PUT never looks for
                 # them), in S3's own lane; GCS and Azure drop their unfinished uploads themselves within a week.
                 lanes[provider].submit(tidy)
-        digesting: dict[Future, tuple[str, BackupRecord, VaultEntry]] = {}
+        asked = {p: set(wanted[p]) for p in providers if wanted is not None and p in wanted}
+        digesting: dict[Future, tuple[str, BackupRecord, VaultEntry, list[str]]] = {}
         uploading: dict[Future, tuple[str, str, BackupRecord]] = {}
         try:
             for partition in partitions:
+                to = [p for p in providers if p not in asked or partition in asked[p]]
+                if not to:
+                    continue
                 try:
                     backup, entry = self._replica_source(partition, latest.get(partition))
                 except WedbackupError as exc:
-                    for provider in providers:
+                    for provider in to:
                         yield provider, partition, exc
                     continue
                 needs = DigestNeeds()
-                for replica in replicas.values():
-                    needed = getattr(replica, "digests_needed", None)
+                for provider in to:
+                    needed = getattr(replicas[provider], "digests_needed", None)
                     needs = needs | needed(entry.size) if needed is not None else needs
                 future = hashers.submit(self._digest_archive, partition, backup, entry, needs)
-                digesting[future] = (partition, backup, entry)
+                digesting[future] = (partition, backup, entry, to)
             # Confirmed uploads are recorded in the catalogue a batch per transaction, and each is reported
             # only once its copy is recorded (a crash in between leaves an object a re-run finds, a no-op).
             confirmed: list[ReplicaOutcome] = []
@@ -369,16 +374,16 @@ class Engine:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     if future in digesting:
-                        partition, backup, entry = digesting.pop(future)
+                        partition, backup, entry, to = digesting.pop(future)
                         try:
                             digests = future.result()
                         except WedbackupError as exc:
-                            for provider in providers:
+                            for provider in to:
                                 yield provider, partition, exc
                             continue
-                        for provider, replica in replicas.items():
-                            upload = lanes[provider].submit(self._timed_upload, replica, partition, backup, entry,
-                                                            digests)
+                        for provider in to:
+                            upload = lanes[provider].submit(self._timed_upload, replicas[provider], partition, backup,
+                                                            entry, digests)
                             uploading[upload] = (provider, partition, backup)
                             pending.add(upload)
                         continue

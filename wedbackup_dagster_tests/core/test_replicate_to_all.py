@@ -166,3 +166,19 @@ def test_a_provider_that_is_down_fails_only_its_own_uploads(sealed: Engine):
         assert isinstance(outcomes[("azure", wedding)], ReplicaOutcome)
         backup = engine.catalogue.require_latest_backup(wedding)
         assert {c.provider for c in engine.catalogue.copies(backup.id)} == {"vault", "gcs", "azure"}
+
+
+def test_wanted_narrows_what_each_provider_is_sent(sealed: Engine, reads: Counter):
+    """A retried step's leftovers: S3 gets two weddings, GCS none, Azure (not narrowed) every one."""
+    engine = sealed
+    replicas = {p: replica_for(p, engine.settings) for p in PROVIDERS}
+
+    got = Counter((p, w) for p, w, o in engine.replicate_to_all(
+        WEDDINGS, replicas, wanted={"s3": WEDDINGS[:2], "gcs": []}) if isinstance(o, ReplicaOutcome))
+
+    assert set(got) == {("s3", w) for w in WEDDINGS[:2]} | {("azure", w) for w in WEDDINGS}
+    assert set(got.values()) == {1} and set(reads.values()) == {1}  # still one read per archive
+    for wedding in WEDDINGS:
+        backup = engine.catalogue.require_latest_backup(wedding)
+        expected = {"vault", "azure"} | ({"s3"} if wedding in WEDDINGS[:2] else set())
+        assert {c.provider for c in engine.catalogue.copies(backup.id)} == expected

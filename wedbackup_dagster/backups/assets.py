@@ -2,7 +2,8 @@
 `context.partition_keys`, reports per-wedding metadata, and when some weddings fail it still records the
 ones that succeeded before failing the step with the list of failures (shared/wedding_outcomes.py)."""
 
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import dagster as dg
@@ -113,11 +114,24 @@ def replicate_to_providers(context: dg.AssetExecutionContext, wedbackup: Wedback
     for provider in providers:
         outcomes[provider].recorded_before = len(keys) - len(todo[provider])
     built = replicas_or_failures(context, replicas, outcomes, todo)
-    progress = {p: Progress(f"{p} upload", len(todo[p]), context.log.info) for p in built}
+    step = upload_progress(context, {p: todo[p] for p in built})
     for provider, key, outcome in engine.replicate_to_all(keys, built, wanted=todo):
-        progress[provider].step()
+        step(key)
         outcomes[provider].record(context, key, outcome, lambda o, p=provider: {REPLICA_KEYS[p]: replica_metadata(o)})
     yield from finish_providers(context, {REPLICA_KEYS[p]: outcomes[p] for p in providers}, whole_range=not done)
+
+
+def upload_progress(context: Any, todo: dict[str, list[str]]) -> Callable[[str], None]:
+    """`step(wedding)` once per (provider, wedding) done: ONE progress line for the step, counting weddings
+    every provider is done with (each line is an event in the run's log, so not one line per provider)."""
+    left = Counter(k for keys in todo.values() for k in keys)
+    progress = Progress(f"uploads to {', '.join(todo) or 'no provider'}", len(left), context.log.info)
+
+    def step(key: str) -> None:
+        left[key] -= 1
+        if not left[key]:
+            progress.step()
+    return step
 
 
 def replicas_or_failures(context: Any, replicas: ProviderReplicasResource, outcomes: dict[str, WeddingOutcomes],

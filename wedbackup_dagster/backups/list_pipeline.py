@@ -13,7 +13,7 @@ from ..shared.metadata import log_key_backup, replica_metadata, verify_metadata
 from wedbackup_dagster.core.progress import Progress
 from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
 from ..shared.wedding_outcomes import WeddingOutcomes, WeddingsOfStep, failure_of_steps
-from .assets import replicas_or_failures, sealed_metadata
+from .assets import replicas_or_failures, sealed_metadata, upload_progress
 from .checks import log_shrinkage_evaluations
 from .constants import REPLICA_KEYS, RESTORE_POOL, SOURCE_POOL, UPLOAD_POOL, VERIFIED_RESTORE
 from .partitions import validated_keys
@@ -47,9 +47,9 @@ def replicate_list(context: dg.OpExecutionContext, sealed: WeddingsOfStep, wedba
     engine = wedbackup.engine()
     outcomes = {p: WeddingOutcomes(f"{p} upload") for p in REPLICA_KEYS}
     built = replicas_or_failures(context, replicas, outcomes, {p: sealed["ok"] for p in outcomes})
-    progress = {p: Progress(f"{p} upload", len(sealed["ok"]), context.log.info) for p in built}
+    step = upload_progress(context, {p: sealed["ok"] for p in built})
     for provider, key, outcome in engine.replicate_to_all(sealed["ok"], built):
-        progress[provider].step()
+        step(key)
         outcomes[provider].record(context, key, outcome, lambda o, p=provider: {REPLICA_KEYS[p]: replica_metadata(o)})
     yield from in_batches(context, (m for o in outcomes.values() for m in o.materializations()))
     yield dg.Output(uploads_of_step(sealed["ok"], outcomes))

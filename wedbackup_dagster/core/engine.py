@@ -370,8 +370,11 @@ class Engine:
             # only once its copy is recorded (a crash in between leaves an object a re-run finds, a no-op).
             confirmed: list[ReplicaOutcome] = []
             pending: set[Future] = set(digesting)
+            oldest = 0.0  # when the oldest confirmed upload not yet recorded was confirmed
             while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                due = oldest + self.copy_record_seconds - time.monotonic() if confirmed else None
+                done, pending = wait(pending, timeout=None if due is None else max(0.0, due),
+                                     return_when=FIRST_COMPLETED)
                 for future in done:
                     if future in digesting:
                         partition, backup, entry, to = digesting.pop(future)
@@ -393,17 +396,26 @@ class Engine:
                     except WedbackupError as exc:
                         yield provider, partition, exc
                         continue
+                    if not confirmed:
+                        oldest = time.monotonic()
                     confirmed.append(ReplicaOutcome(partition, backup, record, seconds))
                     if len(confirmed) >= self.copy_record_batch:
                         yield from self._record_copies(confirmed)
                         confirmed = []
+                if confirmed and time.monotonic() - oldest >= self.copy_record_seconds:
+                    yield from self._record_copies(confirmed)
+                    confirmed = []
             yield from self._record_copies(confirmed)
         finally:
             hashers.shutdown(wait=True, cancel_futures=True)
             for lane in lanes.values():
                 lane.shutdown(wait=True, cancel_futures=True)
 
-    copy_record_batch = 32  # confirmed uploads recorded per catalogue transaction in replicate_to_all
+    # Confirmed uploads are recorded in one catalogue transaction per batch, a batch being full or its oldest
+    # upload this many seconds old: the three providers' uploads together outpaced one commit per 32 (its
+    # wait on the catalogue's fsync), which held the step on this thread while the upload threads idled.
+    copy_record_batch = 256
+    copy_record_seconds = 1.0
 
     def _record_copies(self, outcomes: list[ReplicaOutcome]) -> Iterator[tuple[str, str, ReplicaOutcome]]:
         if not outcomes:

@@ -73,7 +73,7 @@ def test_every_partition_backs_up_and_restores_into_an_empty_database(pipeline, 
     assert len(results) == 1 and results[0].success, results  # one batched run for the whole fleet
     # Progress a person can see in the run's log in the UI: done out of the total, rate, ETA; per step.
     messages = [e.user_message for e in instance.all_logs(results[0].run_id)]
-    for what in ("snapshot and seal", "s3 upload", "gcs upload", "azure upload", "verified restore"):
+    for what in ("snapshot and seal", "uploads to s3, gcs, azure", "verified restore"):
         assert any(m.startswith(f"{what}: {len(keys)} of {len(keys)} weddings (100%)") for m in messages), what
 
     cat: Catalogue = pipeline["catalogue"]

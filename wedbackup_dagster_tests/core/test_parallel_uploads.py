@@ -46,15 +46,21 @@ def lease_other_content(replica: AzureReplica, key: str) -> None:
     blob.acquire_lease(lease_duration=-1)
 
 
-@pytest.fixture
-def sealed(demo_env):
-    demo_env(weddings=len(WEDDINGS), seed=11, document_bytes=256, WEDBACKUP_UPLOAD_CONCURRENCY="6")
+def seal(demo_env, weddings: list[str], *, seed: int, upload_concurrency: int) -> Engine:
+    """`weddings` of a new demo database sealed into the vault and the catalogue, nothing uploaded yet."""
+    demo_env(weddings=len(weddings), seed=seed, document_bytes=256,
+             WEDBACKUP_UPLOAD_CONCURRENCY=str(upload_concurrency))
     engine = Engine.from_env()
     ensure_targets(engine.settings)
     with engine.snapshot_session() as session:
-        for key, outcome in engine.back_up_each(WEDDINGS, session):
+        for key, outcome in engine.back_up_each(weddings, session):
             assert not isinstance(outcome, WedbackupError), outcome
     return engine
+
+
+@pytest.fixture
+def sealed(demo_env):
+    return seal(demo_env, WEDDINGS, seed=11, upload_concurrency=6)
 
 
 def test_many_weddings_upload_at_once_and_a_refused_object_fails_only_its_wedding(sealed: Engine):

@@ -18,8 +18,9 @@ import pytest
 from wedbackup_dagster.core.engine import Engine
 from wedbackup_dagster.core.errors import ArchiveError, WedbackupError
 from wedbackup_dagster.core.outcomes import ReplicaOutcome
-from wedbackup_dagster.core.storage.providers import PROVIDERS, ensure_targets, replica_for
+from wedbackup_dagster.core.storage.providers import PROVIDERS, replica_for
 from wedbackup_dagster.core.storage.replicas import base
+from wedbackup_dagster_tests.core.test_parallel_uploads import seal
 
 WEDDINGS = [str(i) for i in range(1, 13)]
 
@@ -54,13 +55,7 @@ class Watched:
 
 @pytest.fixture
 def sealed(demo_env) -> Engine:
-    demo_env(weddings=len(WEDDINGS), seed=17, document_bytes=256, WEDBACKUP_UPLOAD_CONCURRENCY="3")
-    engine = Engine.from_env()
-    ensure_targets(engine.settings)
-    with engine.snapshot_session() as session:
-        for key, outcome in engine.back_up_each(WEDDINGS, session):
-            assert not isinstance(outcome, WedbackupError), outcome
-    return engine
+    return seal(demo_env, WEDDINGS, seed=17, upload_concurrency=3)
 
 
 @pytest.fixture

@@ -35,7 +35,8 @@ from wedbackup_dagster.instance.event_batches import MATERIALIZATION_BATCH
 
 ROOT = Path(__file__).resolve().parent.parent
 SEAL = "snapshot_and_seal_list"
-REPLICA_OPS = {"s3": "s3_replica_list", "gcs": "gcs_replica_list", "azure": "azure_replica_list"}
+PROVIDERS = ("s3", "gcs", "azure")
+REPLICATE_OP = "replicate_list"  # the list pipeline's one upload op, every provider at once
 
 
 def _instance(home: Path, storage: str, dsn: str | None):
@@ -117,8 +118,8 @@ def fresh_targets(env: dict[str, str], providers: list[str], work: Path) -> Iter
 
 def plain(keys: list[str], run_size: int, providers: list[str]) -> float:
     """The same work as the Dagster runs, straight through the core engine: per run-sized chunk, one
-    snapshot session and back_up_each, then each provider's uploads (clients made once per chunk, as
-    the ops' resources make them once per step)."""
+    snapshot session and back_up_each, then the providers' uploads side by side as the upload op runs them
+    (Engine.replicate_to_all; clients made once per chunk, as the ops' resources make them once per step)."""
     from wedbackup_dagster.core.engine import Engine
     from wedbackup_dagster.core.errors import WedbackupError
     from wedbackup_dagster.core.storage.replicas import (AzureReplica, GCSReplica, S3Replica, azure_service_from,
@@ -133,12 +134,12 @@ def plain(keys: list[str], run_size: int, providers: list[str]) -> float:
         if len(ok) != len(chunk):
             raise RuntimeError(f"plain run: {len(chunk) - len(ok)} wedding(s) failed")
         s = engine.settings
-        for provider in providers:
-            replica = {"s3": lambda: S3Replica(s3_client_from(s.s3), s.s3),
-                       "gcs": lambda: GCSReplica(gcs_client_from(s.gcs), s.gcs),
-                       "azure": lambda: AzureReplica(azure_service_from(s.azure), s.azure)}[provider]()
-            for key in ok:
-                engine.replicate(key, replica)
+        make = {"s3": lambda: S3Replica(s3_client_from(s.s3), s.s3),
+                "gcs": lambda: GCSReplica(gcs_client_from(s.gcs), s.gcs),
+                "azure": lambda: AzureReplica(azure_service_from(s.azure), s.azure)}
+        for provider, key, outcome in engine.replicate_to_all(ok, {p: make[p]() for p in providers}):
+            if isinstance(outcome, WedbackupError):
+                raise RuntimeError(f"plain run: {provider} upload of wedding {key} failed: {outcome}")
         engine.catalogue.close()
     return time.perf_counter() - started
 
@@ -167,7 +168,7 @@ def dagster_runs(instance: Any, keys: list[str], run_size: int, providers: list[
             if mode == "list":
                 job = defs.resolve_job_def("backup_wedding_list")
                 result = job.execute_in_process(instance=instance, run_config=list_run_config(chunk),
-                                                op_selection=[SEAL, *(REPLICA_OPS[p] for p in providers)])
+                                                op_selection=[SEAL, *([REPLICATE_OP] if providers else [])])
             else:
                 job = defs.resolve_job_def("backup_weddings")
                 selection = [DB_DUMP, ENCRYPTED_ARCHIVE, *(REPLICA_KEYS[p] for p in providers)]
@@ -316,7 +317,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
     run_size = Policy.from_env().tiers[NORMAL].max_run_size
     small, large = (100, 1000) if quick else (1000, 10_000)
     sizes = {
-        str(small): measure(small, providers=list(REPLICA_OPS), repeats=2, run_size=run_size, document_bytes=2048,
+        str(small): measure(small, providers=list(PROVIDERS), repeats=2, run_size=run_size, document_bytes=2048,
                             variants=[PRODUCTION, STOCK, BEFORE, LOCAL]),
         str(large): measure(large, providers=[], repeats=2, run_size=run_size, document_bytes=256,
                             variants=[PRODUCTION, STOCK]),

@@ -1,7 +1,7 @@
 """The code location loads with nothing configured, and its assets say what they are."""
 import dagster as dg
 
-from wedbackup_dagster.backups.constants import GROUP, REPLICA_KEYS, UPLOAD_POOLS
+from wedbackup_dagster.backups.constants import GROUP, REPLICA_KEYS, UPLOAD_POOL
 from wedbackup_dagster.definitions import defs
 
 
@@ -23,13 +23,16 @@ def test_every_asset_has_kinds_owners_group_and_wedding_partitions():
             assert node.partitions_def is not None and node.partitions_def.name == "weddings", key
 
 
-def test_each_provider_uploads_in_its_own_pool():
+def test_the_providers_upload_in_one_subsettable_step_in_the_upload_pool():
     graph = defs.resolve_asset_graph()
-    for provider, key in REPLICA_KEYS.items():
-        assets_def = graph.assets_def_for_key(key)
-        pools = {op.pool for op in assets_def.node_def.iterate_op_defs()} if hasattr(
-            assets_def.node_def, "iterate_op_defs") else {assets_def.op.pool}
-        assert pools == {UPLOAD_POOLS[provider]}
+    steps = {graph.assets_def_for_key(key) for key in REPLICA_KEYS.values()}
+    assert len(steps) == 1  # one step uploads to every provider at once
+    step = steps.pop()
+    assert step.op.pool == UPLOAD_POOL and step.can_subset
+    assert set(step.keys) == set(REPLICA_KEYS.values())  # still three assets, each with its own partitions
+    for key in REPLICA_KEYS.values():
+        assert graph.get(key).partitions_def.name == "weddings"
+    assert step.subset_for({REPLICA_KEYS["gcs"]}, selected_asset_check_keys=None).keys == {REPLICA_KEYS["gcs"]}
 
 
 def test_automation_and_checks_are_registered():

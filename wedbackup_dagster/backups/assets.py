@@ -2,16 +2,18 @@
 `context.partition_keys`, reports per-wedding metadata, and when some weddings fail it still records the
 ones that succeeded before failing the step with the list of failures (shared/wedding_outcomes.py)."""
 
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import dagster as dg
+from dagster import DagsterEventType
 
 from ..core.errors import WedbackupError
 from ..shared.metadata import archive_metadata, dump_metadata, log_key_backup, replica_metadata, verify_metadata
 from wedbackup_dagster.core.progress import Progress
 from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
-from ..shared.wedding_outcomes import WeddingOutcomes
+from ..shared.wedding_outcomes import WeddingOutcomes, finish_providers
 from .constants import (
     DB_DUMP,
     ENCRYPTED_ARCHIVE,
@@ -20,7 +22,7 @@ from .constants import (
     REPLICA_KEYS,
     RESTORE_POOL,
     SOURCE_POOL,
-    UPLOAD_POOLS,
+    UPLOAD_POOL,
     VERIFIED_RESTORE,
 )
 from .partitions import validated_keys, weddings_partitions
@@ -78,46 +80,79 @@ def warn_broken_foreign_keys(context: Any, manifest: dict[str, Any]) -> None:
                 "this way are carried by the platform backup. Repair or delete them on the source.")
 
 
-def _replicate_all(context: dg.AssetExecutionContext, provider: str, wedbackup: WedbackupEngineResource,
-                   replicas: ProviderReplicasResource) -> Iterator[Any]:
-    engine = wedbackup.engine()
-    replica = replicas.replica(provider)
-    outcomes = WeddingOutcomes(f"{provider} upload")
-    keys = validated_keys(context.partition_keys)
-    progress = Progress(f"{provider} upload", len(keys), context.log.info)
-    # Many weddings' archives upload at once (WEDBACKUP_UPLOAD_CONCURRENCY), each recorded on its own.
-    for key, outcome in engine.replicate_each(keys, replica):
-        progress.step()
-        outcomes.record(context, key, outcome, lambda o: {REPLICA_KEYS[provider]: replica_metadata(o)})
-    yield from outcomes.finish_assets(context, [REPLICA_KEYS[provider]])
-
-
-def _replica_spec(provider: str, where: str) -> dict[str, Any]:
-    return dict(
-        key=REPLICA_KEYS[provider], deps=[ENCRYPTED_ARCHIVE], partitions_def=weddings_partitions,
-        backfill_policy=BATCHED, pool=UPLOAD_POOLS[provider], retry_policy=UPLOAD_RETRY,
-        kinds={provider}, owners=OWNERS, group_name=GROUP,
+def _replica_spec(provider: str, where: str) -> dg.AssetSpec:
+    return dg.AssetSpec(
+        REPLICA_KEYS[provider], deps=[ENCRYPTED_ARCHIVE], kinds={provider}, owners=OWNERS, group_name=GROUP,
         description=f"The sealed archive uploaded to {where}, its checksum confirmed by the provider; "
                     "content-addressed, so a re-run never duplicates it.",
     )
 
 
-@dg.asset(**_replica_spec("s3", "Amazon S3 (ChecksumSHA256)"))
-def s3_replica(context: dg.AssetExecutionContext, wedbackup: WedbackupEngineResource,
-               replicas: ProviderReplicasResource) -> Iterator[Any]:
-    yield from _replicate_all(context, "s3", wedbackup, replicas)
+@dg.multi_asset(
+    specs=[_replica_spec("s3", "Amazon S3 (ChecksumSHA256)"),
+           _replica_spec("gcs", "Google Cloud Storage (crc32c and MD5)"),
+           _replica_spec("azure", "Azure Blob Storage (Content-MD5)")],
+    partitions_def=weddings_partitions,
+    backfill_policy=BATCHED,
+    pool=UPLOAD_POOL,
+    retry_policy=UPLOAD_RETRY,
+    can_subset=True,  # one provider alone: the provider-health catch-up, a re-run from the UI
+    name="replicate_to_providers",
+)
+def replicate_to_providers(context: dg.AssetExecutionContext, wedbackup: WedbackupEngineResource,
+                           replicas: ProviderReplicasResource) -> Iterator[Any]:
+    """The selected providers' uploads side by side in one step (Engine.replicate_to_all): each archive read
+    and hashed once for all of them, each provider bounded by its own upload concurrency, each asset
+    recording its own weddings, and the step failing naming every (provider, wedding) that failed."""
+    engine = wedbackup.engine()
+    keys = validated_keys(context.partition_keys)
+    providers = [p for p, asset_key in REPLICA_KEYS.items() if asset_key in context.selected_asset_keys]
+    outcomes = {p: WeddingOutcomes(f"{p} upload") for p in providers}
+    # A retry of the step (UPLOAD_RETRY) redoes only what an earlier attempt of this run did not record.
+    done = _recorded_by_earlier_attempts(context) if context.retry_number else set()
+    todo = {p: [k for k in keys if (REPLICA_KEYS[p], k) not in done] for p in providers}
+    for provider in providers:
+        outcomes[provider].recorded_before = len(keys) - len(todo[provider])
+    built = replicas_or_failures(context, replicas, outcomes, todo)
+    step = upload_progress(context, {p: todo[p] for p in built})
+    for provider, key, outcome in engine.replicate_to_all(keys, built, wanted=todo):
+        step(key)
+        outcomes[provider].record(context, key, outcome, lambda o, p=provider: {REPLICA_KEYS[p]: replica_metadata(o)})
+    yield from finish_providers(context, {REPLICA_KEYS[p]: outcomes[p] for p in providers}, whole_range=not done)
 
 
-@dg.asset(**_replica_spec("gcs", "Google Cloud Storage (crc32c and MD5)"))
-def gcs_replica(context: dg.AssetExecutionContext, wedbackup: WedbackupEngineResource,
-                replicas: ProviderReplicasResource) -> Iterator[Any]:
-    yield from _replicate_all(context, "gcs", wedbackup, replicas)
+def upload_progress(context: Any, todo: dict[str, list[str]]) -> Callable[[str], None]:
+    """`step(wedding)` once per (provider, wedding) done: ONE progress line for the step, counting weddings
+    every provider is done with (each line is an event in the run's log, so not one line per provider)."""
+    left = Counter(k for keys in todo.values() for k in keys)
+    progress = Progress(f"uploads to {', '.join(todo) or 'no provider'}", len(left), context.log.info)
+
+    def step(key: str) -> None:
+        left[key] -= 1
+        if not left[key]:
+            progress.step()
+    return step
 
 
-@dg.asset(**_replica_spec("azure", "Azure Blob Storage (Content-MD5)"))
-def azure_replica(context: dg.AssetExecutionContext, wedbackup: WedbackupEngineResource,
-                  replicas: ProviderReplicasResource) -> Iterator[Any]:
-    yield from _replicate_all(context, "azure", wedbackup, replicas)
+def replicas_or_failures(context: Any, replicas: ProviderReplicasResource, outcomes: dict[str, WeddingOutcomes],
+                         keys: dict[str, list[str]]) -> dict[str, Any]:
+    """Each provider's replica; one that cannot be made (a malformed setting) fails its own weddings, by name,
+    in `outcomes`, and the other providers go on."""
+    built: dict[str, Any] = {}
+    for provider in outcomes:
+        try:
+            built[provider] = replicas.replica(provider)
+        except WedbackupError as exc:
+            outcomes[provider].fail_the_rest(context, keys[provider], exc)
+    return built
+
+
+def _recorded_by_earlier_attempts(context: dg.AssetExecutionContext) -> set[tuple[dg.AssetKey, str]]:
+    """(asset, wedding) pairs this run has already materialized: a retried step leaves them as recorded."""
+    entries = context.instance.all_logs(context.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION)
+    wanted = set(context.selected_asset_keys)
+    return {(e.dagster_event.asset_key, e.dagster_event.partition) for e in entries
+            if e.dagster_event is not None and e.dagster_event.asset_key in wanted and e.dagster_event.partition}
 
 
 class VerifyConfig(dg.Config):
@@ -145,4 +180,4 @@ def verified_restore(context: dg.AssetExecutionContext, config: VerifyConfig, we
     yield from outcomes.finish_assets(context, [VERIFIED_RESTORE])
 
 
-backup_assets = [snapshot_and_seal, s3_replica, gcs_replica, azure_replica, verified_restore]
+backup_assets = [snapshot_and_seal, replicate_to_providers, verified_restore]

@@ -9,7 +9,9 @@ AZURE_REPLICA = dg.AssetKey("azure_replica")
 VERIFIED_RESTORE = dg.AssetKey("verified_restore")
 
 REPLICA_KEYS = {"s3": S3_REPLICA, "gcs": GCS_REPLICA, "azure": AZURE_REPLICA}
-UPLOAD_POOLS = {"s3": "upload_s3", "gcs": "upload_gcs", "azure": "upload_azure"}
+# One step uploads to every provider at once (backups/assets.py replicate_to_providers), so the providers share one
+# pool; each provider's own bound is its upload concurrency (WEDBACKUP_<PROVIDER>_UPLOAD_CONCURRENCY).
+UPLOAD_POOL = "upload"
 SOURCE_POOL = "source_db"
 RESTORE_POOL = "scratch_restore"
 

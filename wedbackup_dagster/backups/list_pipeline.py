@@ -1,6 +1,6 @@
 """The list pipeline: `backup_wedding_list`, a second copy of the backup assets' pipeline (snapshot+seal,
-S3, GCS, Azure, verified restore) as ops over an explicit list of weddings from the run config, recording each
-wedding's materializations itself, in batches (instance/event_batches.py). It exists for measured reasons:
+the S3, GCS and Azure uploads side by side in one op, verified restore) as ops over an explicit list of
+weddings from the run config, recording each wedding's materializations itself, in batches (instance/event_batches.py). It exists for measured reasons:
 the schedule's and change capture's due weddings are scattered over the partitions' insertion order, and a
 partition-range run would take them one run each (README, Automation; benchmarks/dagster_overhead.py). A
 wedding that fails is modelled as in the assets (shared/wedding_outcomes.py)."""
@@ -13,9 +13,9 @@ from ..shared.metadata import log_key_backup, replica_metadata, verify_metadata
 from wedbackup_dagster.core.progress import Progress
 from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
 from ..shared.wedding_outcomes import WeddingOutcomes, WeddingsOfStep, failure_of_steps
-from .assets import sealed_metadata
+from .assets import replicas_or_failures, sealed_metadata, upload_progress
 from .checks import log_shrinkage_evaluations
-from .constants import REPLICA_KEYS, RESTORE_POOL, SOURCE_POOL, UPLOAD_POOLS, VERIFIED_RESTORE
+from .constants import REPLICA_KEYS, RESTORE_POOL, SOURCE_POOL, UPLOAD_POOL, VERIFIED_RESTORE
 from .partitions import validated_keys
 
 class WeddingListConfig(dg.Config):
@@ -39,56 +39,53 @@ def snapshot_and_seal_list(context: dg.OpExecutionContext, config: WeddingListCo
     yield dg.Output(outcomes.as_step())
 
 
-def _replicate(context: dg.OpExecutionContext, provider: str, sealed: WeddingsOfStep,
-               wedbackup: WedbackupEngineResource, replicas: ProviderReplicasResource):
+@dg.op(pool=UPLOAD_POOL, out=dg.Out(WeddingsOfStep))
+def replicate_list(context: dg.OpExecutionContext, sealed: WeddingsOfStep, wedbackup: WedbackupEngineResource,
+                   replicas: ProviderReplicasResource):
+    """Every provider's uploads side by side (Engine.replicate_to_all): each archive read and hashed once for all
+    of them, each provider bounded by its own upload concurrency; each wedding's outcome is kept per provider."""
     engine = wedbackup.engine()
-    replica = replicas.replica(provider)
-    progress = Progress(f"{provider} upload", len(sealed["ok"]), context.log.info)
-    outcomes = WeddingOutcomes(f"{provider} upload")
-    # The uploads run side by side (WEDBACKUP_UPLOAD_CONCURRENCY); each wedding's outcome is kept on its own.
-    for key, outcome in engine.replicate_each(sealed["ok"], replica):
-        progress.step()
-        outcomes.record(context, key, outcome, lambda o: {REPLICA_KEYS[provider]: replica_metadata(o)})
-    yield from in_batches(context, outcomes.materializations())
-    yield dg.Output(outcomes.as_step())
+    outcomes = {p: WeddingOutcomes(f"{p} upload") for p in REPLICA_KEYS}
+    built = replicas_or_failures(context, replicas, outcomes, {p: sealed["ok"] for p in outcomes})
+    step = upload_progress(context, {p: sealed["ok"] for p in built})
+    for provider, key, outcome in engine.replicate_to_all(sealed["ok"], built):
+        step(key)
+        outcomes[provider].record(context, key, outcome, lambda o, p=provider: {REPLICA_KEYS[p]: replica_metadata(o)})
+    yield from in_batches(context, (m for o in outcomes.values() for m in o.materializations()))
+    yield dg.Output(uploads_of_step(sealed["ok"], outcomes))
 
 
-# One op per provider, each in its provider's pool: a slow or failing provider holds only its own slots.
-@dg.op(pool=UPLOAD_POOLS["s3"], out=dg.Out(WeddingsOfStep))
-def s3_replica_list(context: dg.OpExecutionContext, sealed: WeddingsOfStep, wedbackup: WedbackupEngineResource,
-                    replicas: ProviderReplicasResource):
-    yield from _replicate(context, "s3", sealed, wedbackup, replicas)
-
-
-@dg.op(pool=UPLOAD_POOLS["gcs"], out=dg.Out(WeddingsOfStep))
-def gcs_replica_list(context: dg.OpExecutionContext, sealed: WeddingsOfStep, wedbackup: WedbackupEngineResource,
-                     replicas: ProviderReplicasResource):
-    yield from _replicate(context, "gcs", sealed, wedbackup, replicas)
-
-
-@dg.op(pool=UPLOAD_POOLS["azure"], out=dg.Out(WeddingsOfStep))
-def azure_replica_list(context: dg.OpExecutionContext, sealed: WeddingsOfStep, wedbackup: WedbackupEngineResource,
-                       replicas: ProviderReplicasResource):
-    yield from _replicate(context, "azure", sealed, wedbackup, replicas)
+def uploads_of_step(weddings: list[str], outcomes: dict[str, WeddingOutcomes]) -> WeddingsOfStep:
+    """The upload op's weddings for the verification: `ok` those with a copy at some provider (a restore can
+    check them), `failed` those some provider failed (with every provider's reason), and `by_provider` each
+    provider's own step, which the run's failure names one by one."""
+    failed: dict[str, list[str]] = {}
+    for provider, o in outcomes.items():
+        for key, msg in o.failed.items():
+            failed.setdefault(key, []).append(f"{provider} upload: {msg}")
+    return {"ok": [k for k in weddings if any(k in o.done for o in outcomes.values())],
+            "failed": {k: "; ".join(msgs) for k, msgs in failed.items()},
+            "by_provider": {p: o.as_step() for p, o in outcomes.items()}}
 
 
 @dg.op(pool=RESTORE_POOL, out={})
-def verified_restore_list(context: dg.OpExecutionContext, sealed: WeddingsOfStep, s3_done: WeddingsOfStep,
-                          gcs_done: WeddingsOfStep, azure_done: WeddingsOfStep, wedbackup: WedbackupEngineResource,
-                          replicas: ProviderReplicasResource):
+def verified_restore_list(context: dg.OpExecutionContext, sealed: WeddingsOfStep, uploaded: WeddingsOfStep,
+                          wedbackup: WedbackupEngineResource, replicas: ProviderReplicasResource):
     engine = wedbackup.engine()
     every_replica = replicas.all()
     log_key_backup(context, engine.back_up_new_keys(every_replica))  # a backup is not done while its key is only here
-    uploaded = [k for k in sealed["ok"] if any(k in step["ok"] for step in (s3_done, gcs_done, azure_done))]
+    copied = set(uploaded["ok"])
+    with_a_copy = [k for k in sealed["ok"] if k in copied]
     # Weddings in batches, each batch restored into one scratch database and checked wedding by wedding.
-    progress = Progress("verified restore", len(uploaded), context.log.info)
+    progress = Progress("verified restore", len(with_a_copy), context.log.info)
     outcomes = WeddingOutcomes("verify")
-    for key, outcome in engine.verify_each(uploaded, every_replica, on_progress=progress.step,
+    for key, outcome in engine.verify_each(with_a_copy, every_replica, on_progress=progress.step,
                                          workers=engine.settings.snapshot_workers):
         outcomes.record(context, key, outcome, lambda o: {VERIFIED_RESTORE: verify_metadata(o)})
     yield from in_batches(context, outcomes.materializations())
-    failure = failure_of_steps((("backup", sealed), ("s3", s3_done), ("gcs", gcs_done), ("azure", azure_done),
-                                ("verify", outcomes.as_step())))
+    # Each provider's failures under its own name; a step without them (a re-verification's selection) as one.
+    uploads = list(uploaded.get("by_provider", {}).items()) or [("upload", uploaded)]
+    failure = failure_of_steps((("backup", sealed), *uploads, ("verify", outcomes.as_step())))
     if failure is not None:
         raise failure
 
@@ -102,8 +99,7 @@ def verified_restore_list(context: dg.OpExecutionContext, sealed: WeddingsOfStep
 )
 def backup_wedding_list():
     sealed = snapshot_and_seal_list()
-    verified_restore_list(
-        sealed, s3_replica_list(sealed), gcs_replica_list(sealed), azure_replica_list(sealed))
+    verified_restore_list(sealed, replicate_list(sealed))
 
 
 def list_run_config(weddings: list[str]) -> dict[str, Any]:

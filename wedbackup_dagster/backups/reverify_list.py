@@ -89,7 +89,7 @@ def select_weddings(context: dg.OpExecutionContext, config: ReverifySelection,
 def reverify_wedding_list():
     chosen = select_weddings()
     # Every chosen wedding counts as sealed and uploaded: verified_restore_list restores each one's newest backup.
-    verified_restore_list(chosen, chosen, chosen, chosen)
+    verified_restore_list(chosen, chosen)
 
 
 def reverify_run_config(weddings: list[str]) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """The backup engine: for one partition (a wedding or `platform`), take the snapshot and seal it into
-the vault in one stream, record it in the catalogue, upload it to a provider, and prove it restores.
+the vault in one stream, record it in the catalogue, upload it to every provider at once, and prove it restores.
 Plain Python: the Dagster assets are thin calls into this class."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import hashlib
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Collection, Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -26,6 +26,7 @@ from wedbackup_dagster.core.partitions import PLATFORM, partition_label
 from wedbackup_dagster.core.formats.snapshot_stream import Manifest
 from wedbackup_dagster.core.postgres.snapshot import count_mismatches, database_label
 from wedbackup_dagster.core.storage.providers import PROVIDERS
+from wedbackup_dagster.core.storage.replicas.base import DigestNeeds, digest_archive
 from wedbackup_dagster.core.storage.vault import Vault, VaultEntry
 from wedbackup_dagster.core.partitions import check_partition
 from wedbackup_dagster.core.outcomes import BackupOutcome, ReplicaOutcome, VerifyOutcome
@@ -307,55 +308,130 @@ class Engine:
 
     def replicate_each(self, partitions: list[str], replica: Any, workers: int | None = None
                        ) -> Iterator[tuple[str, ReplicaOutcome | WedbackupError]]:
-        """Upload many partitions' newest archives to one provider, `workers` at a time (default
-        Settings.upload_concurrency_for(provider)), yielding each partition's outcome or error as it completes.
-        Only the uploads run in threads (the providers' clients are thread-safe: boto3 clients,
-        google-cloud-storage's Client and azure-storage-blob's clients say so); every catalogue read and
-        write stays on this thread, on the catalogue's one connection. An unexpected error (a bug, not a
-        provider's refusal) cancels the uploads not yet started and propagates."""
-        workers = max(1, workers or self.settings.upload_concurrency_for(replica.provider))
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"wedbackup-upload-{replica.provider}")
-        pending: dict[Any, tuple[str, BackupRecord]] = {}
+        """`replicate_to_all` for one provider: yields each partition's outcome or error as it completes."""
+        for _, partition, outcome in self.replicate_to_all(
+                partitions, {replica.provider: replica}, None if workers is None else {replica.provider: workers}):
+            yield partition, outcome
+
+    digest_workers = 2  # threads reading and hashing vault archives for replicate_to_all (hashlib frees the GIL)
+
+    def replicate_to_all(self, partitions: list[str], replicas: Mapping[str, Any],
+                         workers: Mapping[str, int] | None = None, wanted: Mapping[str, Collection[str]] | None = None
+                         ) -> Iterator[tuple[str, str, ReplicaOutcome | WedbackupError]]:
+        """Upload many partitions' newest archives to every provider of `replicas` (provider -> replica) at the
+        same time, yielding (provider, partition, outcome or error) as each completes. `wanted` (provider ->
+        partitions) narrows what a provider is sent: a retried step redoes only what is not yet recorded.
+
+        Each archive is read and hashed ONCE for all providers (SHA-256, and the MD5, CRC32C or per-part
+        SHA-256 any of them needs), checked against the catalogue's SHA-256 and size before any provider gets
+        it: a damaged vault file is refused for every provider. Its uploads then share those digests, and each
+        provider still confirms its own checksum in its answer (replicas/*.py). Every provider uploads in its
+        own threads, up to `workers[provider]` (default Settings.upload_concurrency_for(provider)) archives at
+        once, so a slow or failing provider holds up only its own uploads. The providers' clients are
+        thread-safe (boto3 clients, google-cloud-storage's Client and azure-storage-blob's clients say so);
+        every catalogue read and write stays on this thread, on the catalogue's one connection. An unexpected
+        error (a bug, not a provider's refusal) cancels the work not yet started and propagates."""
+        providers = list(replicas)
+        if not providers:
+            return
+        chosen = workers or {}
+        lanes = {p: ThreadPoolExecutor(max_workers=max(1, chosen.get(p) or self.settings.upload_concurrency_for(p)),
+                                       thread_name_prefix=f"wedbackup-upload-{p}") for p in providers}
+        hashers = ThreadPoolExecutor(max_workers=self.digest_workers, thread_name_prefix="wedbackup-digest")
         # Every wedding's newest backup in one catalogue query, not one round trip per wedding.
         latest = self.catalogue.latest_backups(_well_formed(partitions))
-        tidy = getattr(replica, "abort_abandoned_uploads", None)
-        if tidy is not None:
-            # S3's parts of multipart uploads whose process died, once a step (a single PUT never looks for
-            # them); GCS and Azure drop their unfinished uploads themselves within a week.
-            tidy()
+        for provider, replica in replicas.items():
+            tidy = getattr(replica, "abort_abandoned_uploads", None)
+            if tidy is not None:
+                # S3's parts of multipart uploads whose process died, once a step (a single PUT never looks for
+                # them), in S3's own lane; GCS and Azure drop their unfinished uploads themselves within a week.
+                lanes[provider].submit(tidy)
+        asked = {p: set(wanted[p]) for p in providers if wanted is not None and p in wanted}
+        digesting: dict[Future, tuple[str, BackupRecord, VaultEntry, list[str]]] = {}
+        uploading: dict[Future, tuple[str, str, BackupRecord]] = {}
         try:
             for partition in partitions:
+                to = [p for p in providers if p not in asked or partition in asked[p]]
+                if not to:
+                    continue
                 try:
                     backup, entry = self._replica_source(partition, latest.get(partition))
                 except WedbackupError as exc:
-                    yield partition, exc
+                    for provider in to:
+                        yield provider, partition, exc
                     continue
-                future = pool.submit(self._timed_upload, replica, partition, backup, entry)
-                pending[future] = (partition, backup)
+                needs = DigestNeeds()
+                for provider in to:
+                    needed = getattr(replicas[provider], "digests_needed", None)
+                    needs = needs | needed(entry.size) if needed is not None else needs
+                future = hashers.submit(self._digest_archive, partition, backup, entry, needs)
+                digesting[future] = (partition, backup, entry, to)
             # Confirmed uploads are recorded in the catalogue a batch per transaction, and each is reported
             # only once its copy is recorded (a crash in between leaves an object a re-run finds, a no-op).
             confirmed: list[ReplicaOutcome] = []
-            for future in as_completed(pending):
-                partition, backup = pending.pop(future)
-                try:
-                    record, seconds = future.result()
-                except WedbackupError as exc:
-                    yield partition, exc
-                    continue
-                confirmed.append(ReplicaOutcome(partition, backup, record, seconds))
-                if len(confirmed) >= self.copy_record_batch or not pending:
+            pending: set[Future] = set(digesting)
+            oldest = 0.0  # when the oldest confirmed upload not yet recorded was confirmed
+            while pending:
+                due = oldest + self.copy_record_seconds - time.monotonic() if confirmed else None
+                done, pending = wait(pending, timeout=None if due is None else max(0.0, due),
+                                     return_when=FIRST_COMPLETED)
+                for future in done:
+                    if future in digesting:
+                        partition, backup, entry, to = digesting.pop(future)
+                        try:
+                            digests = future.result()
+                        except WedbackupError as exc:
+                            for provider in to:
+                                yield provider, partition, exc
+                            continue
+                        for provider in to:
+                            upload = lanes[provider].submit(self._timed_upload, replicas[provider], partition, backup,
+                                                            entry, digests)
+                            uploading[upload] = (provider, partition, backup)
+                            pending.add(upload)
+                        continue
+                    provider, partition, backup = uploading.pop(future)
+                    try:
+                        record, seconds = future.result()
+                    except WedbackupError as exc:
+                        yield provider, partition, exc
+                        continue
+                    if not confirmed:
+                        oldest = time.monotonic()
+                    confirmed.append(ReplicaOutcome(partition, backup, record, seconds))
+                    if len(confirmed) >= self.copy_record_batch:
+                        yield from self._record_copies(confirmed)
+                        confirmed = []
+                if confirmed and time.monotonic() - oldest >= self.copy_record_seconds:
                     yield from self._record_copies(confirmed)
                     confirmed = []
             yield from self._record_copies(confirmed)
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            hashers.shutdown(wait=True, cancel_futures=True)
+            for lane in lanes.values():
+                lane.shutdown(wait=True, cancel_futures=True)
 
-    copy_record_batch = 32  # confirmed uploads recorded per catalogue transaction in replicate_each
+    # Confirmed uploads are recorded in one catalogue transaction per batch, a batch being full or its oldest
+    # upload this many seconds old: the three providers' uploads together outpaced one commit per 32 (its
+    # wait on the catalogue's fsync), which held the step on this thread while the upload threads idled.
+    copy_record_batch = 256
+    copy_record_seconds = 1.0
 
-    def _record_copies(self, outcomes: list[ReplicaOutcome]) -> Iterator[tuple[str, ReplicaOutcome]]:
+    def _record_copies(self, outcomes: list[ReplicaOutcome]) -> Iterator[tuple[str, str, ReplicaOutcome]]:
+        if not outcomes:
+            return
         self.catalogue.record_copies([self._copy_row(o.backup, o.record) for o in outcomes])
         for outcome in outcomes:
-            yield outcome.partition, outcome
+            yield outcome.record.provider, outcome.partition, outcome
+
+    @staticmethod
+    def _digest_archive(partition: str, backup: BackupRecord, entry: VaultEntry, needs: DigestNeeds) -> Any:
+        """One read of the vault archive for every provider's digests; ArchiveError when it is not the
+        archive the catalogue recorded, a WedbackupError naming the wedding when it cannot be read."""
+        try:
+            return digest_archive(entry.path, backup.archive_sha256, entry.size, needs)
+        except OSError as exc:
+            raise WedbackupError(f"wedding {partition}: reading its archive from the vault failed: {exc}") from None
 
     def _replica_source(self, partition: str, latest: BackupRecord | None = None) -> tuple[BackupRecord, VaultEntry]:
         backup = latest or self.catalogue.require_latest_backup(check_partition(partition))
@@ -366,14 +442,15 @@ class Engine:
         return backup, entry
 
     @staticmethod
-    def _upload(replica: Any, partition: str, backup: BackupRecord, entry: VaultEntry) -> Any:
+    def _upload(replica: Any, partition: str, backup: BackupRecord, entry: VaultEntry, digests: Any = None) -> Any:
+        shared = {"digests": digests} if digests is not None else {}  # computed once for every provider
         return replica.upload(entry.path, partition=partition, sha256=backup.archive_sha256, size=entry.size,
-                              metadata={"partition": partition, "key-id": backup.key_id})
+                              metadata={"partition": partition, "key-id": backup.key_id}, **shared)
 
-    def _timed_upload(self, replica: Any, partition: str, backup: BackupRecord, entry: VaultEntry
-                      ) -> tuple[Any, float]:
+    def _timed_upload(self, replica: Any, partition: str, backup: BackupRecord, entry: VaultEntry,
+                      digests: Any = None) -> tuple[Any, float]:
         started = time.perf_counter()
-        return self._upload(replica, partition, backup, entry), time.perf_counter() - started
+        return self._upload(replica, partition, backup, entry, digests), time.perf_counter() - started
 
     def _record_copy(self, partition: str, backup: BackupRecord, record: Any, seconds: float) -> ReplicaOutcome:
         row = self._copy_row(backup, record)

@@ -4,7 +4,7 @@ backup assets and the list pipeline record their weddings here, record the succe
 naming the failures the same way; between the list pipeline's ops a step travels as `WeddingsOfStep`."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ class WeddingOutcomes:
     what: str  # the step in words, for its failure: "backup", "s3 upload", "verify"
     done: dict[str, PerAssetMetadata] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    recorded_before: int = 0  # weddings an earlier attempt of a retried step recorded (left as they are)
 
     def record(self, context: Any, key: str, outcome: Any, metadata_of: Callable[[Any], PerAssetMetadata]) -> None:
         """One wedding's outcome from the engine: its metadata, or (a WedbackupError) why it failed."""
@@ -55,7 +56,8 @@ class WeddingOutcomes:
     def failure(self) -> dg.Failure:
         """The step's failure: the core's text (how many of how many, one line per wedding)."""
         failures = [WeddingFailure(k, self.what, msg) for k, msg in self.failed.items()]
-        return dg.Failure(description=describe_failures(self.what, failures, succeeded=len(self.done)),
+        return dg.Failure(description=describe_failures(self.what, failures,
+                                                        succeeded=len(self.done) + self.recorded_before),
                           metadata={"failed_partitions": dg.MetadataValue.json(sorted(self.failed))})
 
     def finish_assets(self, context: dg.AssetExecutionContext, asset_keys: list[dg.AssetKey]) -> Iterator[Any]:
@@ -71,6 +73,31 @@ class WeddingOutcomes:
         # the run as materialized), then fail, so Dagster's retry and the UI show exactly what is missing.
         yield from self.materializations()
         raise self.failure()
+
+
+def finish_providers(context: dg.AssetExecutionContext, outcomes: Mapping[dg.AssetKey, WeddingOutcomes], *,
+                     whole_range: bool = True) -> Iterator[Any]:
+    """`finish_assets` for a step whose assets each have their own outcomes (the replica step: one asset and
+    one WeddingOutcomes per provider). When every wedding of every asset succeeded (and `whole_range`: the
+    step covered every partition of its run), one pass of partition metadata and one result per asset;
+    otherwise each success is recorded on its own, and then, if any wedding failed, one failure names every
+    failed wedding under its asset's step ("s3 upload failed for …")."""
+    failed = [o for o in outcomes.values() if o.failed]
+    if not failed and whole_range:
+        add_partition_metadata(context, ((key, asset_key, metadata) for o in outcomes.values()
+                                         for key, per_asset in o.done.items()
+                                         for asset_key, metadata in per_asset.items()))
+        for asset_key in outcomes:
+            yield dg.MaterializeResult(asset_key=asset_key)
+        return
+    for o in outcomes.values():
+        yield from o.materializations()
+    if failed:
+        failures = [o.failure() for o in failed]
+        raise dg.Failure(description="\n".join(f.description or "" for f in failures),
+                         metadata={"failed_partitions": dg.MetadataValue.json(
+                                       sorted({k for o in failed for k in o.failed})),
+                                   "failed_by_step": dg.MetadataValue.json({o.what: sorted(o.failed) for o in failed})})
 
 
 def failure_of_steps(steps: Sequence[tuple[str, WeddingsOfStep]]) -> dg.Failure | None:

@@ -1,14 +1,15 @@
-"""The replica steps upload many weddings side by side, through Dagster on the real stack: the partitioned
-`azure_replica` asset over a range of weddings and `backup_wedding_list`'s `azure_replica_list` op. Azure
-refuses some objects (another writer's leased blob sits at their keys): those weddings, and only those, are
-named in the step's failure; every other wedding is materialized and recorded; no partial object is left."""
+"""The upload step uploads many weddings side by side to every selected provider at once, through Dagster on
+the real stack: the partitioned `replicate_to_providers` multi-asset over a range of weddings (all three
+providers, or one alone) and `backup_wedding_list`'s `replicate_list` op. Azure refuses some objects (another
+writer's leased blob sits at their keys): those weddings, and only those, are named in the step's failure,
+under Azure; every other wedding is materialized and recorded, at every provider; no partial object is left."""
 import dagster as dg
 import pytest
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from wedbackup_dagster.backups.list_pipeline import WeddingListConfig, azure_replica_list
+from wedbackup_dagster.backups.list_pipeline import WeddingListConfig, replicate_list
 from wedbackup_dagster.shared.wedding_outcomes import WeddingsOfStep as Step
-from wedbackup_dagster.backups.constants import AZURE_REPLICA
+from wedbackup_dagster.backups.constants import AZURE_REPLICA, REPLICA_KEYS
 from wedbackup_dagster.backups.launch import register_partitions
 from wedbackup_dagster.shared.resources import build_resources
 from wedbackup_dagster.core.engine import Engine
@@ -39,9 +40,13 @@ def fleet(demo_env):
         yield {"engine": engine, "replica": replica, "keys": keys, "instance": instance}
 
 
-def materialized(instance: dg.DagsterInstance, partition: str) -> bool:
+def materialized(instance: dg.DagsterInstance, partition: str, asset_key: dg.AssetKey = AZURE_REPLICA) -> bool:
     return bool(instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=AZURE_REPLICA, asset_partitions=[partition]), limit=1).records)
+        dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition]), limit=1).records)
+
+
+def copies_of(engine: Engine, wedding: str) -> set[str]:
+    return {c.provider for c in engine.catalogue.copies(engine.catalogue.require_latest_backup(wedding).id)}
 
 
 def assert_only_the_refused_failed(fleet, description: str) -> None:
@@ -64,18 +69,41 @@ def assert_only_the_refused_failed(fleet, description: str) -> None:
         assert listed[keys[wedding]] == engine.catalogue.require_latest_backup(wedding).size
 
 
-def test_the_partitioned_replica_asset_uploads_a_range_at_once_and_names_the_refused(fleet):
+def _run_range(fleet, selection: list[dg.AssetKey]) -> tuple[dg.ExecuteInProcessResult, str]:
     from wedbackup_dagster.definitions import defs
 
     job = defs.resolve_job_def("backup_weddings")
     result = job.execute_in_process(
-        instance=fleet["instance"], asset_selection=[AZURE_REPLICA], raise_on_error=False,
+        instance=fleet["instance"], asset_selection=selection, raise_on_error=False,
         tags={ASSET_PARTITION_RANGE_START_TAG: WEDDINGS[0], ASSET_PARTITION_RANGE_END_TAG: WEDDINGS[-1]})
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    description = failure.step_failure_data.user_failure_data.description
+    return result, failure.step_failure_data.user_failure_data.description
+
+
+def test_one_provider_alone_uploads_a_range_at_once_and_names_the_refused(fleet):
+    """A subset of the upload step (the provider-health catch-up selects one provider's asset like this)."""
+    _, description = _run_range(fleet, [AZURE_REPLICA])
     assert description.startswith(f"azure upload failed for {len(REFUSED)} of {len(WEDDINGS)} partition(s)")
     assert_only_the_refused_failed(fleet, description)
+    for wedding in WEDDINGS:  # the providers not selected were left alone
+        assert copies_of(fleet["engine"], wedding) <= {"vault", "azure"}
+        assert not materialized(fleet["instance"], wedding, REPLICA_KEYS["s3"])
+        assert not materialized(fleet["instance"], wedding, REPLICA_KEYS["gcs"])
+
+
+def test_the_upload_step_materializes_every_provider_and_fails_only_the_refused_azure_partitions(fleet):
+    result, description = _run_range(fleet, list(REPLICA_KEYS.values()))
+    assert description.startswith(f"azure upload failed for {len(REFUSED)} of {len(WEDDINGS)} partition(s)")
+    assert "s3 upload failed" not in description and "gcs upload failed" not in description
+    assert_only_the_refused_failed(fleet, description)
+    for wedding in WEDDINGS:  # S3 and GCS: every wedding materialized (once) and recorded
+        assert {"s3", "gcs"} <= copies_of(fleet["engine"], wedding), wedding
+        for provider in ("s3", "gcs"):
+            records = fleet["instance"].fetch_materializations(dg.AssetRecordsFilter(
+                asset_key=REPLICA_KEYS[provider], asset_partitions=[wedding]), limit=5).records
+            assert len(records) == 1 and records[0].run_id == result.run_id, (provider, wedding)
+            assert records[0].asset_materialization.metadata["provider_checksum"].value
 
 
 @dg.op(out=dg.Out(Step))
@@ -85,13 +113,18 @@ def already_sealed(config: WeddingListConfig) -> Step:
 
 
 @dg.job(executor_def=dg.in_process_executor, resource_defs=build_resources())
-def azure_uploads_only():
-    azure_replica_list(already_sealed())
+def uploads_only():
+    replicate_list(already_sealed())
 
 
 def test_the_list_runs_upload_op_uploads_at_once_and_keeps_each_weddings_outcome(fleet):
-    result = azure_uploads_only.execute_in_process(
+    result = uploads_only.execute_in_process(
         instance=fleet["instance"], run_config={"ops": {"already_sealed": {"config": {"weddings": WEDDINGS}}}})
-    step = result.output_for_node("azure_replica_list")
-    assert set(step["failed"]) == REFUSED and set(step["ok"]) == set(WEDDINGS) - REFUSED
-    assert_only_the_refused_failed(fleet, "\n".join(f"wedding {w}: {msg}" for w, msg in step["failed"].items()))
+    step = result.output_for_node("replicate_list")
+    azure = step["by_provider"]["azure"]
+    assert set(azure["failed"]) == REFUSED and set(azure["ok"]) == set(WEDDINGS) - REFUSED
+    for provider in ("s3", "gcs"):
+        assert not step["by_provider"][provider]["failed"] and set(step["by_provider"][provider]["ok"]) == set(WEDDINGS)
+    assert set(step["ok"]) == set(WEDDINGS)  # every wedding has a copy somewhere to verify
+    assert set(step["failed"]) == REFUSED and all(m.startswith("azure upload: ") for m in step["failed"].values())
+    assert_only_the_refused_failed(fleet, "\n".join(f"wedding {w}: {msg}" for w, msg in azure["failed"].items()))

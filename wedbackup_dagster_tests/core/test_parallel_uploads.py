@@ -46,15 +46,21 @@ def lease_other_content(replica: AzureReplica, key: str) -> None:
     blob.acquire_lease(lease_duration=-1)
 
 
-@pytest.fixture
-def sealed(demo_env):
-    demo_env(weddings=len(WEDDINGS), seed=11, document_bytes=256, WEDBACKUP_UPLOAD_CONCURRENCY="6")
+def seal(demo_env, weddings: list[str], *, seed: int, upload_concurrency: int) -> Engine:
+    """`weddings` of a new demo database sealed into the vault and the catalogue, nothing uploaded yet."""
+    demo_env(weddings=len(weddings), seed=seed, document_bytes=256,
+             WEDBACKUP_UPLOAD_CONCURRENCY=str(upload_concurrency))
     engine = Engine.from_env()
     ensure_targets(engine.settings)
     with engine.snapshot_session() as session:
-        for key, outcome in engine.back_up_each(WEDDINGS, session):
+        for key, outcome in engine.back_up_each(weddings, session):
             assert not isinstance(outcome, WedbackupError), outcome
     return engine
+
+
+@pytest.fixture
+def sealed(demo_env):
+    return seal(demo_env, WEDDINGS, seed=11, upload_concurrency=6)
 
 
 def test_many_weddings_upload_at_once_and_a_refused_object_fails_only_its_wedding(sealed: Engine):
@@ -161,6 +167,7 @@ def test_confirmed_uploads_are_recorded_a_batch_per_transaction_each_before_it_i
                                                                                             monkeypatch):
     engine = sealed
     engine.copy_record_batch = 4
+    engine.copy_record_seconds = 600.0  # batches by size only here (the time limit is the next test's)
     replica = AzureReplica(azure_service_from(engine.settings.azure), engine.settings.azure)
     transactions: list[int] = []
     real = engine.catalogue.record_copies
@@ -180,6 +187,34 @@ def test_confirmed_uploads_are_recorded_a_batch_per_transaction_each_before_it_i
         assert copy.object_key == outcome.record.key and copy.checksum == outcome.record.provider_checksum
     assert seen == 10
     assert sum(transactions) == 10 and max(transactions) <= 4 and len(transactions) <= 4, transactions
+
+
+def test_a_confirmed_upload_waits_at_most_copy_record_seconds_for_its_batch(sealed: Engine, monkeypatch):
+    """Behind a slow upload, the confirmed ones are recorded (and reported) once they are that old, not when
+    the batch is full or the step ends."""
+    engine = sealed
+    engine.copy_record_batch, engine.copy_record_seconds = 1000, 0.5
+    release = threading.Event()
+
+    class SlowForOne(AzureReplica):
+        def upload(self, path, **kwargs):  # noqa: ANN001, ANN003
+            if kwargs["partition"] == WEDDINGS[0]:
+                assert release.wait(30)
+            return super().upload(path, **kwargs)
+
+    replica = SlowForOne(azure_service_from(engine.settings.azure), engine.settings.azure)
+    transactions: list[int] = []
+    real = engine.catalogue.record_copies
+    monkeypatch.setattr(engine.catalogue, "record_copies", lambda copies: (transactions.append(len(copies)),
+                                                                          real(copies))[1])
+    reported = []
+    for wedding, outcome in engine.replicate_each(WEDDINGS[:6], replica, workers=3):
+        assert isinstance(outcome, ReplicaOutcome), outcome
+        reported.append(wedding)
+        if len(reported) == 5:  # the five quick ones came out while the first still hangs
+            assert WEDDINGS[0] not in reported
+            release.set()
+    assert reported[-1] == WEDDINGS[0] and transactions[-1] == 1 and sum(transactions) == 6
 
 
 def test_an_s3_upload_step_aborts_the_abandoned_multipart_uploads_under_its_prefix(sealed: Engine):

@@ -23,7 +23,7 @@ from wedbackup_dagster.core.storage.providers import ensure_targets
 
 from .conftest import COMPOSE_FILE, PRODUCTION_DAGSTER_YAML
 
-POOLS = {"source_db", "upload_s3", "upload_gcs", "upload_azure", "scratch_restore"}
+POOLS = {"source_db", "upload", "scratch_restore"}
 
 
 @pytest.fixture
@@ -137,4 +137,4 @@ def test_compose_pool_service_sets_each_pool_limit_in_postgres(production_home):
     assert proc.returncode == 0, proc.stderr[-2000:]
     with dg.DagsterInstance.from_config(str(production_home)) as instance:
         slots = {pool: instance.event_log_storage.get_concurrency_info(pool).slot_count for pool in POOLS}
-    assert slots == {"source_db": 2, "upload_s3": 2, "upload_gcs": 2, "upload_azure": 2, "scratch_restore": 1}
+    assert slots == {"source_db": 2, "upload": 2, "scratch_restore": 1}

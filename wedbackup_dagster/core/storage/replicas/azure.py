@@ -16,11 +16,11 @@ from azure.storage.blob import BlobBlock, BlobServiceClient, ContentSettings, Ex
 from wedbackup_dagster.core.config import AzureTarget
 from wedbackup_dagster.core.errors import ConfigError, ReplicaChecksumMismatch, ReplicaError
 
-from wedbackup_dagster.core.storage.replicas.base import (FileDigests, HashingWriter, ListedObject, ProgressCallback,
-                                                          ProgressReader, ReplicaRecord, archive_key, b64, canary_round,
-                                                          check_archive_file, check_key, check_list_prefix, digest_file,
-                                                          object_metadata, parse_archive_key, provider_error,
-                                                          read_blocks, upload_key)
+from wedbackup_dagster.core.storage.replicas.base import (DigestNeeds, FileDigests, HashingWriter, ListedObject,
+                                                          ProgressCallback, ProgressReader, ReplicaRecord, archive_key,
+                                                          b64, canary_round, check_key, check_list_prefix,
+                                                          digests_for_upload, object_metadata, parse_archive_key,
+                                                          provider_error, read_blocks, upload_key)
 
 PROVIDER = "azure"
 DEFAULT_MAX_SINGLE_PUT_SIZE = 8 << 20
@@ -114,13 +114,18 @@ class AzureReplica:
     def _matches(self, props, digests: FileDigests) -> bool:
         return props.size == digests.size and self._md5_of(props) == digests.md5
 
+    def digests_needed(self, size: int) -> DigestNeeds:
+        """MD5: the whole archive's Content-MD5, which we set and Azure's answer confirms."""
+        return DigestNeeds(md5=True)
+
     def upload(self, path: Path, *, partition: str, sha256: str, size: int, metadata: dict[str, str],
-               progress: ProgressCallback | None = None, key: str | None = None) -> ReplicaRecord:
+               progress: ProgressCallback | None = None, key: str | None = None,
+               digests: FileDigests | None = None) -> ReplicaRecord:
         # `key`: somewhere other than the archive's content address (a key-store backup, core/keys/backup.py).
+        # `digests`: the archive's, computed once for every provider of a run (base.digests_for_upload).
         key = upload_key(PROVIDER, self.prefix, key, partition, sha256)
         meta = object_metadata(PROVIDER, partition, sha256, metadata)
-        digests = digest_file(Path(path), md5=True)
-        check_archive_file(Path(path), digests, sha256, size)
+        digests = digests_for_upload(Path(path), sha256, size, self.digests_needed(size), digests)
 
         blob = self.container.get_blob_client(key)
         # Azure keeps whatever Content-MD5 the committer sends for a block blob (and Azurite none at all

@@ -1,5 +1,6 @@
 """What every replica shares: the record of an uploaded copy, content-addressed object keys that cannot
-leave their prefix, one-pass file digests, hashing streams, and provider errors scrubbed of secrets."""
+leave their prefix, one-pass file digests (one read serving every provider of a run), hashing streams, and
+provider errors scrubbed of secrets."""
 from __future__ import annotations
 
 import base64
@@ -82,8 +83,10 @@ class Replica(Protocol):
 
     def object_key(self, wedding_partition: str, sha256: str) -> str: ...
 
+    def digests_needed(self, size: int) -> DigestNeeds: ...
+
     def upload(self, path: Path, *, partition: str, sha256: str, size: int, metadata: dict[str, str],
-               progress: ProgressCallback | None = None) -> ReplicaRecord: ...
+               progress: ProgressCallback | None = None, digests: FileDigests | None = None) -> ReplicaRecord: ...
 
     def head(self, key: str) -> ReplicaRecord | None: ...
 
@@ -215,6 +218,28 @@ class FileDigests:
         """S3's checksum of checksums for a multipart upload with this part size (without the -N suffix)."""
         return b64(hashlib.sha256(b"".join(self.part_sha256)).digest())
 
+    def covers(self, needs: DigestNeeds) -> bool:
+        """Whether these digests hold everything `needs` asks for (a part layout must be the same one)."""
+        return ((not needs.md5 or self.md5 is not None) and (not needs.crc32c or self.crc32c is not None)
+                and (needs.part_size is None or needs.part_size == self.part_size))
+
+
+@dataclass(frozen=True)
+class DigestNeeds:
+    """What one provider's upload of an archive needs hashed besides its SHA-256: MD5 (GCS, Azure), CRC32C
+    (GCS), S3's per-part SHA-256 for a multipart upload of that part size. The needs of every provider of a
+    run are merged (`|`) so each archive is read and hashed once for all of them."""
+
+    md5: bool = False
+    crc32c: bool = False
+    part_size: int | None = None
+
+    def __or__(self, other: DigestNeeds) -> DigestNeeds:
+        if self.part_size and other.part_size and self.part_size != other.part_size:
+            raise ValueError(f"two part layouts asked for one archive: {self.part_size} and {other.part_size}")
+        return DigestNeeds(md5=self.md5 or other.md5, crc32c=self.crc32c or other.crc32c,
+                           part_size=self.part_size or other.part_size)
+
 
 def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
@@ -250,6 +275,24 @@ def digest_file(path: Path, *, md5: bool = False, crc32c: bool = False, part_siz
         parts.append(part.digest())
     return FileDigests(size=size, sha256=sha.hexdigest(), md5=md.digest() if md else None,
                        crc32c=crc.digest() if crc else None, part_size=part_size, part_sha256=tuple(parts))
+
+
+def digest_archive(path: Path, sha256: str, size: int, needs: DigestNeeds) -> FileDigests:
+    """The digests `needs` asks for from one read of the vault file, which must be the archive it claims to
+    be (its size and SHA-256): an ArchiveError naming the file otherwise, before any provider gets a copy."""
+    digests = digest_file(Path(path), md5=needs.md5, crc32c=needs.crc32c, part_size=needs.part_size)
+    check_archive_file(Path(path), digests, sha256, size)
+    return digests
+
+
+def digests_for_upload(path: Path, sha256: str, size: int, needs: DigestNeeds,
+                       given: FileDigests | None) -> FileDigests:
+    """What a replica's upload hashes with: the digests its caller computed once for every provider when they
+    cover `needs` (checked against the archive's claimed SHA-256 and size again), else a read of its own."""
+    if given is not None and given.covers(needs):
+        check_archive_file(Path(path), given, sha256, size)
+        return given
+    return digest_archive(path, sha256, size, needs)
 
 
 def check_archive_file(path: Path, digests: FileDigests, sha256: str, size: int) -> None:

@@ -13,11 +13,11 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 from wedbackup_dagster.core.config import GCSTarget
 from wedbackup_dagster.core.errors import ReplicaChecksumMismatch, ReplicaError
 
-from wedbackup_dagster.core.storage.replicas.base import (FileDigests, HashingWriter, ListedObject, ProgressCallback,
-                                                          ProgressReader, ReplicaRecord, archive_key, b64, canary_round,
-                                                          check_archive_file, check_key, check_list_prefix, digest_file,
-                                                          object_metadata, parse_archive_key, provider_error,
-                                                          upload_key)
+from wedbackup_dagster.core.storage.replicas.base import (DigestNeeds, FileDigests, HashingWriter, ListedObject,
+                                                          ProgressCallback, ProgressReader, ReplicaRecord, archive_key,
+                                                          b64, canary_round, check_key, check_list_prefix,
+                                                          digests_for_upload, object_metadata, parse_archive_key,
+                                                          provider_error, upload_key)
 
 PROVIDER = "gcs"
 # GCS requires resumable chunks in multiples of 256 KiB. Files up to 8 MiB go in one multipart request
@@ -110,13 +110,18 @@ class GCSReplica:
         return (blob.size == digests.size and blob.crc32c == b64(digests.crc32c or b"")
                 and blob.md5_hash == b64(digests.md5 or b""))
 
+    def digests_needed(self, size: int) -> DigestNeeds:
+        """CRC32C (GCS checks the upload against it) and MD5 (the object's md5Hash, confirmed with it)."""
+        return DigestNeeds(md5=True, crc32c=True)
+
     def upload(self, path: Path, *, partition: str, sha256: str, size: int, metadata: dict[str, str],
-               progress: ProgressCallback | None = None, key: str | None = None) -> ReplicaRecord:
+               progress: ProgressCallback | None = None, key: str | None = None,
+               digests: FileDigests | None = None) -> ReplicaRecord:
         # `key`: somewhere other than the archive's content address (a key-store backup, core/keys/backup.py).
+        # `digests`: the archive's, computed once for every provider of a run (base.digests_for_upload).
         key = upload_key(PROVIDER, self.prefix, key, partition, sha256)
         meta = object_metadata(PROVIDER, partition, sha256, metadata)
-        digests = digest_file(Path(path), md5=True, crc32c=True)
-        check_archive_file(Path(path), digests, sha256, size)
+        digests = digests_for_upload(Path(path), sha256, size, self.digests_needed(size), digests)
 
         def write(generation: int) -> storage.Blob | None:
             """Create-only (generation 0) or replace exactly the generation seen; None when GCS refused it

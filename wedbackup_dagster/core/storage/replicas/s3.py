@@ -17,10 +17,10 @@ from s3transfer.utils import ChunksizeAdjuster
 from wedbackup_dagster.core.config import S3Target
 from wedbackup_dagster.core.errors import ReplicaChecksumMismatch, ReplicaError, ReplicaLocked
 
-from wedbackup_dagster.core.storage.replicas.base import (READ_BLOCK, FileDigests, HashingWriter, ListedObject,
-                                                          ProgressCallback, ProgressReader, ReplicaRecord, archive_key,
-                                                          canary_round, check_archive_file, check_key,
-                                                          check_list_prefix, digest_file, object_metadata,
+from wedbackup_dagster.core.storage.replicas.base import (READ_BLOCK, DigestNeeds, FileDigests, HashingWriter,
+                                                          ListedObject, ProgressCallback, ProgressReader, ReplicaRecord,
+                                                          archive_key, canary_round, check_key, check_list_prefix,
+                                                          digest_file, digests_for_upload, object_metadata,
                                                           parse_archive_key, provider_error, upload_key)
 
 PROVIDER = "s3"
@@ -139,18 +139,27 @@ class S3Replica:
 
     # ----------------------------------------------------------------------------------- upload
 
+    def _part_size(self, size: int) -> int | None:
+        """The part size of a multipart upload of `size` bytes; None below the multipart threshold."""
+        return ChunksizeAdjuster().adjust_chunksize(self.part_size, size) if size >= self.multipart_threshold else None
+
+    def digests_needed(self, size: int) -> DigestNeeds:
+        """SHA-256 (always), and per part for a multipart upload: S3 checks each part and the whole."""
+        return DigestNeeds(part_size=self._part_size(size))
+
     def upload(self, path: Path, *, partition: str, sha256: str, size: int, metadata: dict[str, str],
-               progress: ProgressCallback | None = None, key: str | None = None) -> ReplicaRecord:
+               progress: ProgressCallback | None = None, key: str | None = None,
+               digests: FileDigests | None = None) -> ReplicaRecord:
         # `key`: somewhere other than the archive's content address (a key-store backup, core/keys/backup.py).
+        # `digests`: the archive's, computed once for every provider of a run (base.digests_for_upload).
         # Only archives are written under Object Lock: a key-store backup must stay deletable, or a locked
         # one would keep an erased wedding's key readable (with a master key we hold) until its lock ends.
         lock = key is None and self.target.object_lock != "none"
         key = upload_key(PROVIDER, self.prefix, key, partition, sha256)
         meta = object_metadata(PROVIDER, partition, sha256, metadata)
-        multipart = size >= self.multipart_threshold
-        part_size = ChunksizeAdjuster().adjust_chunksize(self.part_size, size) if multipart else None
-        digests = digest_file(Path(path), part_size=part_size)
-        check_archive_file(Path(path), digests, sha256, size)
+        part_size = self._part_size(size)
+        multipart = part_size is not None
+        digests = digests_for_upload(Path(path), sha256, size, self.digests_needed(size), digests)
 
         if not multipart and not lock:
             # One request: S3 writes only if nothing is at the key, checks the body against our SHA-256 and

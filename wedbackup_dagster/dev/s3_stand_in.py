@@ -7,8 +7,9 @@ request cycle, a few ms of the stand-in's CPU per request on this machine (the f
 README "Benchmarks"). Under cheroot the clients' pooled connections are reused; the application, and so
 every S3 answer, is moto's own, unchanged.
 
-One thing `moto_server`'s request handler (`MotoRequestHandler.make_environ`) does besides serving is kept
-here: WSGI folds `-` and `_` in header names alike, so a header with an underscore could stand in for the
+Two things Werkzeug's request handler gives moto are kept here. `RAW_URI`, the request target as sent: moto
+reads object keys from it (without it, it unquotes PATH_INFO a second time, so a key holding `%2E` changed).
+And, as `moto_server`'s own handler (`MotoRequestHandler.make_environ`) does: WSGI folds `-` and `_` in header names alike, so a header with an underscore could stand in for the
 dashed one (`x_amz_content_sha256` for `x-amz-content-sha256`). Such headers are dropped, except object
 metadata (`x-amz-meta-key_id`), which keeps its spelling for moto to report (`header_environ`, unit-tested).
 
@@ -87,8 +88,12 @@ def make_server(host: str, port: int) -> Any:
 
     class MotoGateway(wsgi.Gateway_10):
         def get_environ(self) -> dict[str, Any]:
-            return header_environ(super().get_environ(),
-                                  ((bton(k), bton(v)) for k, v in self.req.inheaders.items()))
+            env = header_environ(super().get_environ(),
+                                 ((bton(k), bton(v)) for k, v in self.req.inheaders.items()))
+            # moto reads an object's key from RAW_URI, the request target as sent (Werkzeug sets it), and
+            # otherwise unquotes the already unquoted PATH_INFO again: `a%2E%2E` would become `a..`.
+            env["RAW_URI"] = env["REQUEST_URI"]
+            return env
 
     server = wsgi.Server((host, port), moto_application(), numthreads=THREADS, request_queue_size=128,
                          server_name="wedbackup-s3-stand-in")

@@ -90,6 +90,22 @@ def test_s3_behaviour_we_rely_on_through_the_stand_in(own_server):
     assert s3.get_object(Bucket="stand-in-probe", Key="k")["Body"].read() == b"x" * 70_000
 
 
+def test_object_keys_keep_percent_signs_and_escapes_as_written(own_server):
+    """Keys are what the client wrote, escapes included: `%2E%2E` stays `%2E%2E` (not `..`), `100%` stays."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{own_server}", region_name="eu-west-1",
+                      aws_access_key_id="local", aws_secret_access_key="local")
+    s3.create_bucket(Bucket="stand-in-keys", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    keys = ["weddings/12/percent%2E%2E/100%.txt", "a+b c/%25/ü?x=1#y", "plain/key.txt"]
+    for i, key in enumerate(keys):
+        s3.put_object(Bucket="stand-in-keys", Key=key, Body=str(i).encode())
+    listed = [o["Key"] for o in s3.list_objects_v2(Bucket="stand-in-keys")["Contents"]]
+    assert sorted(listed) == sorted(keys)
+    for i, key in enumerate(keys):
+        assert s3.get_object(Bucket="stand-in-keys", Key=key)["Body"].read() == str(i).encode()
+
+
 def test_without_cheroot_the_launcher_runs_moto_server(tmp_path):
     port = _free_port()
     code = ("import sys; sys.modules['cheroot'] = None\n"

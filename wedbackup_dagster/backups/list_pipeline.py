@@ -1,9 +1,10 @@
-"""The list pipeline: `backup_wedding_list`, a second copy of the backup assets' pipeline (snapshot+seal,
-the S3, GCS and Azure uploads side by side in one op, verified restore) as ops over an explicit list of
-weddings from the run config, recording each wedding's materializations itself, in batches (instance/event_batches.py). It exists for measured reasons:
-the schedule's and change capture's due weddings are scattered over the partitions' insertion order, and a
-partition-range run would take them one run each (README, Automation; benchmarks/dagster_overhead.py). A
-wedding that fails is modelled as in the assets (shared/wedding_outcomes.py)."""
+"""The list pipeline: `backup_wedding_list`, a second copy of the backup assets' pipeline (snapshot+seal, the S3,
+GCS and Azure uploads side by side in one op, verified restore) as ops over an explicit list of weddings from
+the run config, recording each wedding's materializations itself, in batches (instance/event_batches.py). It
+exists for measured reasons: the schedule's and change capture's due weddings are scattered over the
+partitions' insertion order, and a partition-range run would take them one run each (README, Automation;
+benchmarks/dagster_overhead.py). A wedding that fails is modelled as in the assets
+(shared/wedding_outcomes.py)."""
 from typing import Any
 
 import dagster as dg

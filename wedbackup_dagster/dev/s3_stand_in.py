@@ -9,9 +9,10 @@ every S3 answer, is moto's own, unchanged.
 
 Two things Werkzeug's request handler gives moto are kept here. `RAW_URI`, the request target as sent: moto
 reads object keys from it (without it, it unquotes PATH_INFO a second time, so a key holding `%2E` changed).
-And, as `moto_server`'s own handler (`MotoRequestHandler.make_environ`) does: WSGI folds `-` and `_` in header names alike, so a header with an underscore could stand in for the
-dashed one (`x_amz_content_sha256` for `x-amz-content-sha256`). Such headers are dropped, except object
-metadata (`x-amz-meta-key_id`), which keeps its spelling for moto to report (`header_environ`, unit-tested).
+And, as `moto_server`'s own handler (`MotoRequestHandler.make_environ`) does: WSGI folds `-` and `_` in header
+names alike, so a header with an underscore could stand in for the dashed one (`x_amz_content_sha256` for
+`x-amz-content-sha256`). Such headers are dropped, except object metadata (`x-amz-meta-key_id`), which keeps
+its spelling for moto to report (`header_environ`, unit-tested).
 
 Run as `python -m wedbackup_dagster.dev.s3_stand_in --host H --port P` (`wedbackup stack up` does). Without
 cheroot it runs `moto_server` itself (same arguments), as the stack did before.

@@ -262,8 +262,9 @@ class _Scratch:
         for t in (*plan.tenant_tables, *plan.platform_tables):
             conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(t.table.ident()))
         tenants = [(t.table.schema, t.table.name) for t in plan.tenant_tables]
-        self.foreign_keys = conn.execute(restore.foreign_keys_sql("referencing"),
-                                         {"schemas": [s for s, _ in tenants], "names": [n for _, n in tenants]}).fetchall()
+        self.foreign_keys = conn.execute(
+            restore.foreign_keys_sql("referencing"),
+            {"schemas": [s for s, _ in tenants], "names": [n for _, n in tenants]}).fetchall()
         self._drop_checked_foreign_keys(set(tenants))
         self.plan = plan
         self.selects = {str(t.table): t.wedding_select().as_string(conn) for t in plan.tenant_tables}

@@ -8,8 +8,9 @@ import os
 import tempfile
 import time
 from collections.abc import Collection, Iterator, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
+from queue import Empty, SimpleQueue
 from typing import Any
 
 import psycopg
@@ -368,14 +369,23 @@ class Engine:
                 digesting[future] = (partition, backup, entry, to)
             # Confirmed uploads are recorded in the catalogue a batch per transaction, and each is reported
             # only once its copy is recorded (a crash in between leaves an object a re-run finds, a no-op).
+            # Each finished future lands on `finished` (its done-callback), so taking the next one costs the
+            # same however many are still running (concurrent.futures.wait sets a waiter on every pending
+            # future per call: with thousands of archives that alone held the GIL for seconds).
+            finished: SimpleQueue[Future] = SimpleQueue()
+            outstanding = len(digesting)
+            for future in list(digesting):
+                future.add_done_callback(finished.put)
             confirmed: list[ReplicaOutcome] = []
-            pending: set[Future] = set(digesting)
             oldest = 0.0  # when the oldest confirmed upload not yet recorded was confirmed
-            while pending:
+            while outstanding:
                 due = oldest + self.copy_record_seconds - time.monotonic() if confirmed else None
-                done, pending = wait(pending, timeout=None if due is None else max(0.0, due),
-                                     return_when=FIRST_COMPLETED)
-                for future in done:
+                try:
+                    future = finished.get(timeout=None if due is None else max(0.0, due))
+                except Empty:
+                    future = None
+                if future is not None:
+                    outstanding -= 1
                     if future in digesting:
                         partition, backup, entry, to = digesting.pop(future)
                         try:
@@ -388,7 +398,8 @@ class Engine:
                             upload = lanes[provider].submit(self._timed_upload, replicas[provider], partition, backup,
                                                             entry, digests)
                             uploading[upload] = (provider, partition, backup)
-                            pending.add(upload)
+                            outstanding += 1
+                            upload.add_done_callback(finished.put)
                         continue
                     provider, partition, backup = uploading.pop(future)
                     try:

@@ -97,7 +97,7 @@ def make_server(host: str, port: int) -> Any:
             return env
 
     server = wsgi.Server((host, port), moto_application(), numthreads=THREADS, request_queue_size=128,
-                         server_name="wedbackup-s3-stand-in")
+                         server_name="wedbackup-s3-stand-in", timeout=300)
     server.gateway = MotoGateway
     server.keep_alive_conn_limit = KEEP_ALIVE_CONNECTIONS
     return server

@@ -79,7 +79,10 @@ def _cleanup(replicas: dict[str, Any]) -> None:
 def run(*, quick: bool = False, repeats: int = 2) -> dict[str, Any]:
     from wedbackup_dagster.dev.stack import Stack
 
+    from .stand_ins import fresh_stand_ins
+
     stack = Stack.default()
+    fresh_stand_ins(stack)
     env = stack.env()
     bucket = f"bench-replicas-{uuid.uuid4().hex[:8]}"
     replicas = _replicas(env, bucket, stack.dsn("postgres"))

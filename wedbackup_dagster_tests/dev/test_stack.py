@@ -74,3 +74,29 @@ def test_second_stack_up_twice_then_down_leaves_no_process(tmp_path, monkeypatch
         assert not _pid_alive(pid), f"{name} (pid {pid}) still running after down"
         assert not port_open(int(os.environ[f"WEDBACKUP_{name.upper()}_PORT"]))
     assert list((tmp_path / "state" / "pids").glob("*.pid")) == []
+
+
+def test_stand_in_stopped_then_started_at_once_answers_from_a_new_process(tmp_path, monkeypatch):
+    """What the benchmarks do before each part (fresh stand-ins): a start right after a stop gets a new,
+    answering server, not the old one's port still closing (the start then returned at once, or the GCS
+    emulator failed to bind and lived on without a listener)."""
+    import os
+
+    from wedbackup_dagster.dev.stack import Stack, _pid_alive
+
+    services = ("s3", "gcs")
+    for name in services:
+        monkeypatch.setenv(f"WEDBACKUP_{name.upper()}_PORT", str(_free_port()))
+    other = Stack(tmp_path / "state")
+    try:
+        other.up(services)
+        for name in services:
+            old = other.recorded_pid(name)
+            other.stop_service(name)
+            assert not _pid_alive(old), name
+            other.up((name,))
+            new = other.recorded_pid(name)
+            assert new is not None and new != old and _pid_alive(new), name
+            assert port_open(int(os.environ[f"WEDBACKUP_{name.upper()}_PORT"])), name
+    finally:
+        other.down()

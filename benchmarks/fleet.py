@@ -119,7 +119,8 @@ def median_wedding(env: dict[str, str], repeats: int = 3) -> dict[str, Any]:
         os.environ.update(saved)
     return {"wedding": wedding, "raw_bytes": raw_bytes, "sealed_bytes": outcome.stats.sealed_bytes,
             "dump_seal_seconds": round(min(dumps), 3), "verified_restore_seconds": round(min(restores), 3),
-            "all_runs": {"dump_seal": [round(d, 3) for d in dumps], "verified_restore": [round(r, 3) for r in restores]}}
+            "all_runs": {"dump_seal": [round(d, 3) for d in dumps],
+                         "verified_restore": [round(r, 3) for r in restores]}}
 
 
 def prepare_database(admin_dsn: str, name: str, weddings: int, seed: int, document_bytes: int) -> tuple[str, dict]:

@@ -80,11 +80,23 @@ class PooledPostgresEventLogStorage(PostgresEventLogStorage):
     def __init__(self, postgres_url: str, should_autocreate_tables: bool = True, inst_data: Any = None,
                  token_provider: Any = None):
         self._batch = threading.local()  # before super().__init__: its migrations use index_connection
+        self._tables_present: set[str] = set()  # has_table's answers once True
         super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
         self._engine.dispose()
         self._engine = create_pg_engine(self.postgres_url, token_provider, isolation_level="AUTOCOMMIT",
                                         poolclass=db_pool.QueuePool, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW,
                                         pool_recycle=POOL_RECYCLE_SECONDS)
+
+    def has_table(self, table_name: str) -> bool:
+        """Dagster asks before every batch of asset events whether `asset_event_tags` exists, on a connection
+        of its own (with the batch's transaction holding the pooled one: a new connection each time). A table
+        found stays (Dagster's migrations add tables, nothing drops one under a running instance): asked once."""
+        if table_name in self._tables_present:
+            return True
+        present = super().has_table(table_name)
+        if present:
+            self._tables_present.add(table_name)
+        return present
 
     def index_connection(self) -> Any:
         """Inside `store_event_batch`, the batch's own transaction: Dagster's per-event index writes join it."""

@@ -44,6 +44,35 @@ def test_events_are_stored_over_a_kept_connection(tmp_path, make_database, monke
         instance.dispose()
 
 
+
+
+def test_the_asset_tags_table_is_looked_up_once_not_on_a_new_connection_per_batch(tmp_path, make_database,
+                                                                                  monkeypatch):
+    """Dagster asks before each batch of asset events whether `asset_event_tags` exists, on a second
+    connection (an overflow one, opened and closed each time): asked once, the answer kept; the tags
+    (each materialization's data version) are stored for every batch as before."""
+    monkeypatch.setenv("DAGSTER_EVENT_BATCH_SIZE", "5")
+    monkeypatch.setenv("WEDBACKUP_TEST_BATCH_PG_URL", make_database())
+    instance = _instance(tmp_path, "", pooled=True)
+    try:
+        storage = instance.event_log_storage
+        dialect = storage._engine.dialect
+        asked = []
+        original = dialect.has_table
+        monkeypatch.setattr(dialect, "has_table", lambda conn, name, *a, **k: asked.append(name) or original(
+            conn, name, *a, **k))
+        _run_range(instance)  # 12 weddings: three batches of materializations
+        assert asked.count("asset_event_tags") <= 1
+        records = instance.fetch_materializations(batch_probe.key, limit=100).records
+        assert sorted(r.partition_key for r in records) == PROBE_WEDDINGS.get_partition_keys()
+        tags = storage.get_event_tags_for_asset(batch_probe.key)
+        assert len(tags) == 12 and all("dagster/data_version" in t for t in tags)
+        assert storage.has_table("asset_event_tags") and not storage.has_table("no_such_table")
+        assert not storage.has_table("no_such_table")
+        assert asked.count("no_such_table") == 2  # a missing table is asked about again
+    finally:
+        instance.dispose()
+
 # ------------------------------------------------- per-wedding events stored in one transaction a batch
 
 PROBE_WEDDINGS = dg.StaticPartitionsDefinition([f"w{i:02d}" for i in range(12)])

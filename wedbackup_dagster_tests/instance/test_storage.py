@@ -167,16 +167,24 @@ def test_a_range_runs_planned_events_and_check_evaluations_are_stored_in_batches
         left_to_dagster: list[int] = []
         update = storage._update_check_evaluations
 
-        def update_spy(conn, events):
-            left = update(conn, events)
+        def update_spy(conn, events, *serialized):
+            left = update(conn, events, *serialized)
             left_to_dagster.extend(1 for e, _ in left
                                    if e.dagster_event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION)
             return left
 
         monkeypatch.setattr(storage, "_update_check_evaluations", update_spy)
+        from wedbackup_dagster.instance import storage as storage_module
+
+        serialized_again: list[int] = []
+        serialize = storage_module.serialize_value
+        monkeypatch.setattr(storage_module, "serialize_value", lambda value, *a, **k: serialized_again.append(
+            value.dagster_event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION) or serialize(value, *a, **k))
         ours, theirs = _run_range(pooled), _run_range(stock)
-        # Every batched evaluation set its planned row with the batch's UPDATE, none one by one.
+        # Every batched evaluation set its planned row with the batch's UPDATE, none one by one, holding the
+        # JSON its event row was stored with (serialized once: the rows below equal stock dagster-postgres's).
         assert not left_to_dagster
+        assert not any(serialized_again)
         # Both fail the same way: the blocking check's two failed weddings fail its step.
         assert not ours.success and not theirs.success
         failed_steps = lambda r: sorted(e.step_key for e in r.all_events if e.event_type_value == "STEP_FAILURE")
@@ -214,14 +222,14 @@ def test_a_failed_batch_leaves_nothing_behind_and_dagster_stores_its_events_one_
         original = storage._update_check_evaluations
         calls = []
 
-        def fail_late(conn, events):
+        def fail_late(conn, events, *serialized):
             # Fails after the batch's event rows and asset index were written in its transaction: the first
             # call stores the run's planned checks, the second a batch of evaluations.
             calls.append(len(events))
             if len(calls) == 2:
-                original(conn, events)  # its UPDATE ran, and is rolled back with the rest
+                original(conn, events, *serialized)  # its UPDATE ran, and is rolled back with the rest
                 raise RuntimeError("index write failed")
-            return original(conn, events)
+            return original(conn, events, *serialized)
 
         monkeypatch.setattr(storage, "_update_check_evaluations", fail_late)
         ours, theirs = _run_range(pooled), _run_range(stock)

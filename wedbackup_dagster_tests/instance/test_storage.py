@@ -44,6 +44,35 @@ def test_events_are_stored_over_a_kept_connection(tmp_path, make_database, monke
         instance.dispose()
 
 
+
+
+def test_the_asset_tags_table_is_looked_up_once_not_on_a_new_connection_per_batch(tmp_path, make_database,
+                                                                                  monkeypatch):
+    """Dagster asks before each batch of asset events whether `asset_event_tags` exists, on a second
+    connection (an overflow one, opened and closed each time): asked once, the answer kept; the tags
+    (each materialization's data version) are stored for every batch as before."""
+    monkeypatch.setenv("DAGSTER_EVENT_BATCH_SIZE", "5")
+    monkeypatch.setenv("WEDBACKUP_TEST_BATCH_PG_URL", make_database())
+    instance = _instance(tmp_path, "", pooled=True)
+    try:
+        storage = instance.event_log_storage
+        dialect = storage._engine.dialect
+        asked = []
+        original = dialect.has_table
+        monkeypatch.setattr(dialect, "has_table", lambda conn, name, *a, **k: asked.append(name) or original(
+            conn, name, *a, **k))
+        _run_range(instance)  # 12 weddings: three batches of materializations
+        assert asked.count("asset_event_tags") <= 1
+        records = instance.fetch_materializations(batch_probe.key, limit=100).records
+        assert sorted(r.partition_key for r in records) == PROBE_WEDDINGS.get_partition_keys()
+        tags = storage.get_event_tags_for_asset(batch_probe.key)
+        assert len(tags) == 12 and all("dagster/data_version" in t for t in tags)
+        assert storage.has_table("asset_event_tags") and not storage.has_table("no_such_table")
+        assert not storage.has_table("no_such_table")
+        assert asked.count("no_such_table") == 2  # a missing table is asked about again
+    finally:
+        instance.dispose()
+
 # ------------------------------------------------- per-wedding events stored in one transaction a batch
 
 PROBE_WEDDINGS = dg.StaticPartitionsDefinition([f"w{i:02d}" for i in range(12)])
@@ -138,16 +167,24 @@ def test_a_range_runs_planned_events_and_check_evaluations_are_stored_in_batches
         left_to_dagster: list[int] = []
         update = storage._update_check_evaluations
 
-        def update_spy(conn, events):
-            left = update(conn, events)
+        def update_spy(conn, events, *serialized):
+            left = update(conn, events, *serialized)
             left_to_dagster.extend(1 for e, _ in left
                                    if e.dagster_event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION)
             return left
 
         monkeypatch.setattr(storage, "_update_check_evaluations", update_spy)
+        from wedbackup_dagster.instance import storage as storage_module
+
+        serialized_again: list[int] = []
+        serialize = storage_module.serialize_value
+        monkeypatch.setattr(storage_module, "serialize_value", lambda value, *a, **k: serialized_again.append(
+            value.dagster_event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION) or serialize(value, *a, **k))
         ours, theirs = _run_range(pooled), _run_range(stock)
-        # Every batched evaluation set its planned row with the batch's UPDATE, none one by one.
+        # Every batched evaluation set its planned row with the batch's UPDATE, none one by one, holding the
+        # JSON its event row was stored with (serialized once: the rows below equal stock dagster-postgres's).
         assert not left_to_dagster
+        assert not any(serialized_again)
         # Both fail the same way: the blocking check's two failed weddings fail its step.
         assert not ours.success and not theirs.success
         failed_steps = lambda r: sorted(e.step_key for e in r.all_events if e.event_type_value == "STEP_FAILURE")
@@ -185,14 +222,14 @@ def test_a_failed_batch_leaves_nothing_behind_and_dagster_stores_its_events_one_
         original = storage._update_check_evaluations
         calls = []
 
-        def fail_late(conn, events):
+        def fail_late(conn, events, *serialized):
             # Fails after the batch's event rows and asset index were written in its transaction: the first
             # call stores the run's planned checks, the second a batch of evaluations.
             calls.append(len(events))
             if len(calls) == 2:
-                original(conn, events)  # its UPDATE ran, and is rolled back with the rest
+                original(conn, events, *serialized)  # its UPDATE ran, and is rolled back with the rest
                 raise RuntimeError("index write failed")
-            return original(conn, events)
+            return original(conn, events, *serialized)
 
         monkeypatch.setattr(storage, "_update_check_evaluations", fail_late)
         ours, theirs = _run_range(pooled), _run_range(stock)

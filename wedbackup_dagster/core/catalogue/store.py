@@ -369,27 +369,47 @@ class Catalogue:
 
     def record_backups(self, backups: list[dict[str, Any]]) -> list[BackupRecord]:
         """`record_backup` for many (each a dict of its arguments) in one transaction: a snapshot batch
-        records its weddings together instead of one commit each. All or none."""
-        with self.connect() as conn:
-            return [self._insert_backup(conn, **b) for b in backups]
+        records its weddings together instead of one commit each. All or none. The same statements as
+        `_insert_backup`, pipelined (psycopg pipeline mode): two waits for the server per batch, not three
+        per wedding (the vault copies need the backups' ids, so they follow the first wait)."""
+        with self.connect() as conn, conn.pipeline():
+            inserted = [conn.execute(self._INSERT_BACKUP, _backup_row(b["partition"], b["archive_sha256"], b["size"],
+                                                                      b["key_id"], b["manifest"]))
+                        for b in backups]
+            for b in backups:
+                conn.execute(self._AUDIT_BACKUP,
+                             self._audit_backup_args(b["partition"], b["archive_sha256"], b["size"]))
+            rows = [cur.fetchone() for cur in inserted]
+            for row, b in zip(rows, backups):
+                if b.get("vault_copy") is not None:
+                    conn.execute(self._RECORD_COPY, self._vault_copy_args(row["id"], b["vault_copy"]))
+        return [_backup(row) for row in rows]
 
-    def _insert_backup(self, conn: psycopg.Connection, *, partition: str, archive_sha256: str, size: int,
-                       key_id: str, manifest: dict[str, Any], vault_copy: dict[str, Any] | None) -> BackupRecord:
-        row = conn.execute(
-            """INSERT INTO wedbackup.backups (partition, archive_sha256, size, key_id, snapshot_time, txid,
+    _INSERT_BACKUP = """INSERT INTO wedbackup.backups (partition, archive_sha256, size, key_id, snapshot_time, txid,
                    schema_fingerprint, rows, raw_bytes, manifest)
                VALUES (%(partition)s, %(sha)s, %(size)s, %(key_id)s, %(snapshot_time)s, %(txid)s,
                    %(fingerprint)s, %(rows)s, %(raw)s, %(manifest)s)
                ON CONFLICT (archive_sha256) DO UPDATE SET size = EXCLUDED.size
-               RETURNING *""",
-            _backup_row(partition, archive_sha256, size, key_id, manifest)).fetchone()
-        conn.execute("INSERT INTO wedbackup.audit (action, partition, detail) VALUES ('backup', %s, %s)",
-                     (partition, json.dumps({"archive_sha256": archive_sha256, "size": size})))
+               RETURNING *"""
+    _AUDIT_BACKUP = "INSERT INTO wedbackup.audit (action, partition, detail) VALUES ('backup', %s, %s)"
+
+    @staticmethod
+    def _audit_backup_args(partition: str, archive_sha256: str, size: int) -> tuple[str, str]:
+        return partition, json.dumps({"archive_sha256": archive_sha256, "size": size})
+
+    @staticmethod
+    def _vault_copy_args(backup_id: int, vault_copy: dict[str, Any]) -> tuple[Any, ...]:
+        c = {"locked_until": None, "lock_mode": None, **vault_copy}
+        return (backup_id, c["provider"], c["uri"], c["object_key"], c["version_id"], c["size"], c["checksum"],
+                c["storage_class"], c["region"], c["media"], c["offsite"], c["locked_until"], c["lock_mode"])
+
+    def _insert_backup(self, conn: psycopg.Connection, *, partition: str, archive_sha256: str, size: int,
+                       key_id: str, manifest: dict[str, Any], vault_copy: dict[str, Any] | None) -> BackupRecord:
+        row = conn.execute(self._INSERT_BACKUP,
+                           _backup_row(partition, archive_sha256, size, key_id, manifest)).fetchone()
+        conn.execute(self._AUDIT_BACKUP, self._audit_backup_args(partition, archive_sha256, size))
         if vault_copy is not None:
-            c = {"locked_until": None, "lock_mode": None, **vault_copy}
-            conn.execute(self._RECORD_COPY, (row["id"], c["provider"], c["uri"], c["object_key"], c["version_id"],
-                                             c["size"], c["checksum"], c["storage_class"], c["region"],
-                                             c["media"], c["offsite"], c["locked_until"], c["lock_mode"]))
+            conn.execute(self._RECORD_COPY, self._vault_copy_args(row["id"], vault_copy))
         return _backup(row)
 
     def latest_backup(self, partition: str) -> BackupRecord | None:

@@ -1,6 +1,7 @@
 """The catalogue's key store: one live key per wedding, wrapped by the master key, bound to its wedding."""
 from __future__ import annotations
 
+import psycopg
 import pytest
 
 from wedbackup_dagster.core.catalogue.store import BackupRecord, Catalogue
@@ -108,6 +109,20 @@ def test_a_batch_of_backups_is_all_or_none(catalogue):
             dict(partition="2", archive_sha256="b" * 64, size=9, key_id="2.k", manifest={"tables": []},
                  vault_copy=_vault_copy("b" * 64))])  # no snapshot_time: the second fails
     assert catalogue.latest_backups(["1", "2"]) == {}
+    # Refused by the server after the backups' rows came back (the statements are pipelined): none either.
+    with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+        catalogue.record_backups([
+            dict(partition="1", archive_sha256="a" * 64, size=9, key_id="1.k", manifest=_manifest(1),
+                 vault_copy=_vault_copy("a" * 64)),
+            dict(partition="2", archive_sha256="b" * 64, size=9, key_id="2.k", manifest=_manifest(1),
+                 vault_copy={**_vault_copy("b" * 64), "size": "nine"})])
+    assert catalogue.latest_backups(["1", "2"]) == {}
+    with catalogue.connect() as conn:
+        assert conn.execute("SELECT count(*) AS n FROM wedbackup.audit WHERE action = 'backup'").fetchone()["n"] == 0
+        assert conn.execute("SELECT count(*) AS n FROM wedbackup.copies").fetchone()["n"] == 0
+    assert [b.partition for b in catalogue.record_backups([  # and the connection is fit for the next batch
+        dict(partition="1", archive_sha256="a" * 64, size=9, key_id="1.k", manifest=_manifest(1),
+             vault_copy=_vault_copy("a" * 64))])] == ["1"]
 
 
 def test_keys_read_in_a_batch_leave_out_an_erased_wedding_whose_key_is_not_shredded_yet(catalogue):

@@ -58,7 +58,7 @@ VARIABLES: dict[str, tuple[str, str, bool]] = {
                                          "(STORAGE_EMULATOR_HOST: one thread serves every upload)", "", False),
     "WEDBACKUP_AZURE_UPLOAD_CONCURRENCY": ("archives the Azure step uploads at once (1-64); empty: "
                                            "WEDBACKUP_UPLOAD_CONCURRENCY", "", False),
-    "WEDBACKUP_SNAPSHOT_WORKERS": ("worker processes a snapshot-and-seal or verified-restore step spreads its "
+    "WEDBACKUP_SNAPSHOT_WORKERS": ("worker processes a snapshot-and-seal, upload or verified-restore step spreads its "
                                    "weddings' batches over (1-16; 1: in the step's own process); empty: one "
                                    "more than the cores, at most 4", "", False),
     "WEDBACKUP_ZSTD_LEVEL": ("zstd level for sealed archives (1-19); 1 was faster and no larger on the demo data",
@@ -239,7 +239,7 @@ class Settings:
     upload_concurrency: int = 8
     # Per provider (s3, gcs, azure), where it differs from upload_concurrency: see upload_concurrency_for.
     provider_upload_concurrency: tuple[tuple[str, int], ...] = ()
-    # Worker processes of a snapshot-and-seal or verified-restore step (core/parallel_backup.py); 1: in-process.
+    # Worker processes of a snapshot-and-seal, upload or verified-restore step (core/parallel_backup.py); 1: in-process.
     snapshot_workers: int = 1
 
     def upload_concurrency_for(self, provider: str) -> int:

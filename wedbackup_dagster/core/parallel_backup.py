@@ -173,10 +173,11 @@ def verify_in_workers(engine_class: Any, partitions: list[str], providers: list[
     yield from _in_workers(engine_class, workers, _verify_chunk, shares, "verification")
 
 
-def _upload_share(sources: list[Any], providers: list[str], bounds: dict[str, int]) -> list[tuple[str, str, Any, float]]:
+def _upload_share(sources: list[Any], providers: list[str], bounds: dict[str, int]
+                  ) -> list[tuple[str, str, Any, float]]:
     """One share of an upload step in a worker: `Engine._uploads` with this worker's replicas (clients built
     once per worker), each archive read from the vault and hashed here; nothing is recorded in the catalogue
-    (the step's process records what comes back). (provider, partition, ReplicaRecord or error, seconds)."""
+    (the step's process records what comes back): (provider, partition, ReplicaRecord or error, seconds)."""
     from .storage.providers import replica_for
 
     for name in providers:

@@ -18,9 +18,9 @@ from wedbackup_dagster.core.errors import ConfigError, ReplicaChecksumMismatch, 
 
 from wedbackup_dagster.core.storage.replicas.base import (DigestNeeds, FileDigests, HashingWriter, ListedObject,
                                                           ProgressCallback, ProgressReader, ReplicaRecord, archive_key,
-                                                          b64, canary_round, check_key, check_list_prefix, environment_http,
-                                                          digests_for_upload, object_metadata, parse_archive_key,
-                                                          provider_error, read_blocks, upload_key)
+                                                          b64, canary_round, check_key, check_list_prefix,
+                                                          digests_for_upload, environment_http, object_metadata,
+                                                          parse_archive_key, provider_error, read_blocks, upload_key)
 
 PROVIDER = "azure"
 DEFAULT_MAX_SINGLE_PUT_SIZE = 8 << 20

@@ -338,7 +338,7 @@ class Engine:
         once, so a slow or failing provider holds up only its own uploads. The providers' clients are
         thread-safe (boto3 clients, google-cloud-storage's Client and azure-storage-blob's clients say so).
 
-        With `processes` > 1 (the steps pass Settings.snapshot_workers) and at least two shares' worth of
+        With `processes` > 1 (the steps pass Settings.upload_workers) and at least two shares' worth of
         weddings, shares of the weddings upload side by side in worker processes (core/parallel_backup.py
         upload_in_workers), each with replicas of the same providers built from the settings and the
         provider's bound split between them (never more in flight at a provider than in one process); the

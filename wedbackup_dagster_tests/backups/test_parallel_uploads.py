@@ -97,7 +97,7 @@ def test_the_upload_step_materializes_every_provider_and_fails_only_the_refused_
         fleet, in_workers, monkeypatch):
     if in_workers:  # shares of 10 weddings uploaded by two worker processes (Engine.replicate_to_all)
         monkeypatch.setattr(Engine, "upload_min_share", 10)
-        monkeypatch.setenv("WEDBACKUP_SNAPSHOT_WORKERS", "2")
+        monkeypatch.setenv("WEDBACKUP_UPLOAD_WORKERS", "2")
     from wedbackup_dagster.core import parallel_backup
 
     calls: list[int] = []

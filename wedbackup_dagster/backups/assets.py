@@ -115,7 +115,8 @@ def replicate_to_providers(context: dg.AssetExecutionContext, wedbackup: Wedback
         outcomes[provider].recorded_before = len(keys) - len(todo[provider])
     built = replicas_or_failures(context, replicas, outcomes, todo)
     step = upload_progress(context, {p: todo[p] for p in built})
-    for provider, key, outcome in engine.replicate_to_all(keys, built, wanted=todo):
+    for provider, key, outcome in engine.replicate_to_all(keys, built, wanted=todo,
+                                                          processes=engine.settings.upload_workers):
         step(key)
         outcomes[provider].record(context, key, outcome, lambda o, p=provider: {REPLICA_KEYS[p]: replica_metadata(o)})
     yield from finish_providers(context, {REPLICA_KEYS[p]: outcomes[p] for p in providers}, whole_range=not done)

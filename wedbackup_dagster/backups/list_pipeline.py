@@ -49,7 +49,8 @@ def replicate_list(context: dg.OpExecutionContext, sealed: WeddingsOfStep, wedba
     outcomes = {p: WeddingOutcomes(f"{p} upload") for p in REPLICA_KEYS}
     built = replicas_or_failures(context, replicas, outcomes, {p: sealed["ok"] for p in outcomes})
     step = upload_progress(context, {p: sealed["ok"] for p in built})
-    for provider, key, outcome in engine.replicate_to_all(sealed["ok"], built):
+    for provider, key, outcome in engine.replicate_to_all(sealed["ok"], built,
+                                                          processes=engine.settings.upload_workers):
         step(key)
         outcomes[provider].record(context, key, outcome, lambda o, p=provider: {REPLICA_KEYS[p]: replica_metadata(o)})
     yield from in_batches(context, (m for o in outcomes.values() for m in o.materializations()))

@@ -61,6 +61,8 @@ VARIABLES: dict[str, tuple[str, str, bool]] = {
     "WEDBACKUP_SNAPSHOT_WORKERS": ("worker processes a snapshot-and-seal or verified-restore step spreads its "
                                    "weddings' batches over (1-16; 1: in the step's own process); empty: one "
                                    "more than the cores, at most 4", "", False),
+    "WEDBACKUP_UPLOAD_WORKERS": ("worker processes the upload step spreads its weddings over (1-16; 1: in the "
+                                 "step's own process); empty: WEDBACKUP_SNAPSHOT_WORKERS", "", False),
     "WEDBACKUP_ZSTD_LEVEL": ("zstd level for sealed archives (1-19); 1 was faster and no larger on the demo data",
                              "1", False),
     "WEDBACKUP_LOCK_TIMEOUT": ("seconds a backup or restore of a wedding waits while another backup or restore "
@@ -241,6 +243,8 @@ class Settings:
     provider_upload_concurrency: tuple[tuple[str, int], ...] = ()
     # Worker processes of a snapshot-and-seal or verified-restore step (core/parallel_backup.py); 1: in-process.
     snapshot_workers: int = 1
+    # Worker processes of the upload step (Engine.replicate_to_all); 1: in-process.
+    upload_workers: int = 1
 
     def upload_concurrency_for(self, provider: str) -> int:
         """How many archives `provider`'s replica step uploads at once."""
@@ -302,17 +306,20 @@ class Settings:
                    s3=s3, gcs=gcs, azure=azure, lock_timeout=lock_timeout,
                    provider_timeout=provider_timeout_from(env), upload_concurrency=_upload_concurrency(env),
                    provider_upload_concurrency=provider_upload_concurrency_from(env, gcs_emulator=bool(gcs.emulator_host)),
-                   snapshot_lock_timeout=snapshot_lock_timeout_from(env), snapshot_workers=snapshot_workers_from(env))
+                   snapshot_lock_timeout=snapshot_lock_timeout_from(env), snapshot_workers=snapshot_workers_from(env),
+                   upload_workers=snapshot_workers_from(env, "WEDBACKUP_UPLOAD_WORKERS"))
 
 
-def snapshot_workers_from(env: Mapping[str, str]) -> int:
+def snapshot_workers_from(env: Mapping[str, str], name: str = "WEDBACKUP_SNAPSHOT_WORKERS") -> int:
     """WEDBACKUP_SNAPSHOT_WORKERS, 1-16; unset, one more than the cores (COPY on the server overlaps with
-    sealing), at most 4."""
-    text = env.get("WEDBACKUP_SNAPSHOT_WORKERS") or ""
+    sealing), at most 4. WEDBACKUP_UPLOAD_WORKERS (`name`) likewise, unset: WEDBACKUP_SNAPSHOT_WORKERS."""
+    text = env.get(name) or ""
     if not text:
+        if name != "WEDBACKUP_SNAPSHOT_WORKERS":
+            return snapshot_workers_from(env)
         return max(1, min(4, (os.cpu_count() or 1) + 1))
     if not re.fullmatch(r"[0-9]{1,2}", text) or not 1 <= int(text) <= 16:
-        raise ConfigError("WEDBACKUP_SNAPSHOT_WORKERS", "must be a whole number from 1 to 16")
+        raise ConfigError(name, "must be a whole number from 1 to 16")
     return int(text)
 
 

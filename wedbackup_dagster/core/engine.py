@@ -32,6 +32,11 @@ from wedbackup_dagster.core.storage.vault import Vault, VaultEntry
 from wedbackup_dagster.core.partitions import check_partition
 from wedbackup_dagster.core.outcomes import BackupOutcome, ReplicaOutcome, VerifyOutcome
 
+# One archive to upload: (partition, its newest backup, its vault file, the providers it goes to).
+UploadSource = tuple[str, BackupRecord, VaultEntry, list[str]]
+# One upload done: (provider, partition, backup, its ReplicaRecord or WedbackupError, seconds).
+UploadResult = tuple[str, str, BackupRecord, Any, float]
+
 
 
 class _CountingSink:
@@ -315,10 +320,12 @@ class Engine:
             yield partition, outcome
 
     digest_workers = 2  # threads reading and hashing vault archives for replicate_to_all (hashlib frees the GIL)
+    upload_min_share = 50  # fewest weddings worth a worker process of their own in replicate_to_all
+    upload_max_share = 200  # most weddings of one worker share: each share's copies are recorded when it ends
 
     def replicate_to_all(self, partitions: list[str], replicas: Mapping[str, Any],
-                         workers: Mapping[str, int] | None = None, wanted: Mapping[str, Collection[str]] | None = None
-                         ) -> Iterator[tuple[str, str, ReplicaOutcome | WedbackupError]]:
+                         workers: Mapping[str, int] | None = None, wanted: Mapping[str, Collection[str]] | None = None,
+                         processes: int = 1) -> Iterator[tuple[str, str, ReplicaOutcome | WedbackupError]]:
         """Upload many partitions' newest archives to every provider of `replicas` (provider -> replica) at the
         same time, yielding (provider, partition, outcome or error) as each completes. `wanted` (provider ->
         partitions) narrows what a provider is sent: a retried step redoes only what is not yet recorded.
@@ -329,98 +336,146 @@ class Engine:
         provider still confirms its own checksum in its answer (replicas/*.py). Every provider uploads in its
         own threads, up to `workers[provider]` (default Settings.upload_concurrency_for(provider)) archives at
         once, so a slow or failing provider holds up only its own uploads. The providers' clients are
-        thread-safe (boto3 clients, google-cloud-storage's Client and azure-storage-blob's clients say so);
-        every catalogue read and write stays on this thread, on the catalogue's one connection. An unexpected
-        error (a bug, not a provider's refusal) cancels the work not yet started and propagates."""
+        thread-safe (boto3 clients, google-cloud-storage's Client and azure-storage-blob's clients say so).
+
+        With `processes` > 1 (the steps pass Settings.upload_workers) and at least two shares' worth of
+        weddings, shares of the weddings upload side by side in worker processes (core/parallel_backup.py
+        upload_in_workers), each with replicas of the same providers built from the settings and the
+        provider's bound split between them (never more in flight at a provider than in one process); the
+        client's CPU per request, which held this process's GIL, then runs on every core. Either way every
+        catalogue read and write stays on this thread, on the catalogue's one connection, and a copy is
+        reported only once it is recorded. An unexpected error in this process (a bug, not a provider's
+        refusal) cancels the work not yet started and propagates; a worker that dies fails its share's
+        weddings, by name, with nothing recorded for them."""
         providers = list(replicas)
         if not providers:
             return
         chosen = workers or {}
-        lanes = {p: ThreadPoolExecutor(max_workers=max(1, chosen.get(p) or self.settings.upload_concurrency_for(p)),
-                                       thread_name_prefix=f"wedbackup-upload-{p}") for p in providers}
-        hashers = ThreadPoolExecutor(max_workers=self.digest_workers, thread_name_prefix="wedbackup-digest")
-        # Every wedding's newest backup in one catalogue query, not one round trip per wedding.
-        latest = self.catalogue.latest_backups(_well_formed(partitions))
-        for provider, replica in replicas.items():
-            tidy = getattr(replica, "abort_abandoned_uploads", None)
-            if tidy is not None:
-                # S3's parts of multipart uploads whose process died, once a step (a single PUT never looks for
-                # them), in S3's own lane; GCS and Azure drop their unfinished uploads themselves within a week.
-                lanes[provider].submit(tidy)
+        bounds = {p: max(1, chosen.get(p) or self.settings.upload_concurrency_for(p)) for p in providers}
+        # Every wedding's newest backup in one catalogue query, not one round trip per wedding; without their
+        # manifests (an upload needs none; parsing 2,000 of them was most of this process's work in the step).
+        latest = self.catalogue.latest_backups(_well_formed(partitions), manifests=False)
         asked = {p: set(wanted[p]) for p in providers if wanted is not None and p in wanted}
-        digesting: dict[Future, tuple[str, BackupRecord, VaultEntry, list[str]]] = {}
-        uploading: dict[Future, tuple[str, str, BackupRecord]] = {}
+        sources: list[UploadSource] = []
+        for partition in partitions:
+            to = [p for p in providers if p not in asked or partition in asked[p]]
+            if not to:
+                continue
+            try:
+                backup, entry = self._replica_source(partition, latest.get(partition))
+            except WedbackupError as exc:
+                for provider in to:
+                    yield provider, partition, exc
+                continue
+            sources.append((partition, backup, entry, to))
+        processes = min(processes, min(bounds.values()), len(sources) // self.upload_min_share)
+        if processes <= 1:
+            yield from self._recorded(self._uploads(sources, replicas, bounds, tick=self.copy_record_seconds))
+            return
+        from wedbackup_dagster.core.parallel_backup import upload_in_workers
+
+        share = self.upload_share(len(sources), processes)
+        each = {p: bounds[p] // processes for p in providers}
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wedbackup-upload-tidy") as tidying:
+            for replica in replicas.values():
+                tidy = getattr(replica, "abort_abandoned_uploads", None)
+                if tidy is not None:
+                    tidying.submit(tidy)  # S3's abandoned multipart parts, once a step, beside the uploads
+            yield from self._recorded(upload_in_workers(type(self), sources, providers, each, share, processes,
+                                                        tick=self.copy_record_seconds))
+
+    def upload_share(self, weddings: int, processes: int) -> int:
+        """Weddings per worker share of an upload step: about four rounds of `processes` shares, each of
+        upload_min_share to upload_max_share weddings (a share's copies are recorded when it ends)."""
+        return max(self.upload_min_share, min(self.upload_max_share, -(-weddings // (4 * processes))))
+
+    def _uploads(self, sources: list[UploadSource], replicas: Mapping[str, Any], bounds: Mapping[str, int],
+                 tick: float | None = None, tidy: bool = True) -> Iterator[UploadResult | None]:
+        """Every (provider, partition, backup, record or WedbackupError, seconds) of `sources` as it completes,
+        nothing recorded; None after `tick` seconds with none (the caller's turn to record what it holds).
+        The digests of an archive are taken once for its providers, then each provider uploads in its own
+        threads, up to `bounds[provider]` at once; with `tidy`, S3's abandoned multipart parts are aborted too."""
+        lanes = {p: ThreadPoolExecutor(max_workers=bounds[p], thread_name_prefix=f"wedbackup-upload-{p}")
+                 for p in replicas}
+        hashers = ThreadPoolExecutor(max_workers=self.digest_workers, thread_name_prefix="wedbackup-digest")
         try:
-            for partition in partitions:
-                to = [p for p in providers if p not in asked or partition in asked[p]]
-                if not to:
-                    continue
-                try:
-                    backup, entry = self._replica_source(partition, latest.get(partition))
-                except WedbackupError as exc:
-                    for provider in to:
-                        yield provider, partition, exc
-                    continue
+            for provider, replica in replicas.items():
+                abort = getattr(replica, "abort_abandoned_uploads", None) if tidy else None
+                if abort is not None:
+                    # S3's parts of multipart uploads whose process died, once a step (a single PUT never looks
+                    # for them), in S3's own lane; GCS and Azure drop their unfinished uploads themselves.
+                    lanes[provider].submit(abort)
+            digesting: dict[Future, UploadSource] = {}
+            uploading: dict[Future, tuple[str, str, BackupRecord]] = {}
+            # Each finished future lands on `finished` (its done-callback), so taking the next one costs the
+            # same however many are still running (concurrent.futures.wait sets a waiter on every pending
+            # future per call: with thousands of archives that alone held the GIL for seconds).
+            finished: SimpleQueue[Future] = SimpleQueue()
+            for source in sources:
+                partition, backup, entry, to = source
                 needs = DigestNeeds()
                 for provider in to:
                     needed = getattr(replicas[provider], "digests_needed", None)
                     needs = needs | needed(entry.size) if needed is not None else needs
                 future = hashers.submit(self._digest_archive, partition, backup, entry, needs)
-                digesting[future] = (partition, backup, entry, to)
-            # Confirmed uploads are recorded in the catalogue a batch per transaction, and each is reported
-            # only once its copy is recorded (a crash in between leaves an object a re-run finds, a no-op).
-            # Each finished future lands on `finished` (its done-callback), so taking the next one costs the
-            # same however many are still running (concurrent.futures.wait sets a waiter on every pending
-            # future per call: with thousands of archives that alone held the GIL for seconds).
-            finished: SimpleQueue[Future] = SimpleQueue()
-            outstanding = len(digesting)
-            for future in list(digesting):
+                digesting[future] = source
                 future.add_done_callback(finished.put)
-            confirmed: list[ReplicaOutcome] = []
-            oldest = 0.0  # when the oldest confirmed upload not yet recorded was confirmed
+            outstanding = len(digesting)
             while outstanding:
-                due = oldest + self.copy_record_seconds - time.monotonic() if confirmed else None
                 try:
-                    future = finished.get(timeout=None if due is None else max(0.0, due))
+                    future = finished.get(timeout=tick)
                 except Empty:
-                    future = None
-                if future is not None:
-                    outstanding -= 1
-                    if future in digesting:
-                        partition, backup, entry, to = digesting.pop(future)
-                        try:
-                            digests = future.result()
-                        except WedbackupError as exc:
-                            for provider in to:
-                                yield provider, partition, exc
-                            continue
-                        for provider in to:
-                            upload = lanes[provider].submit(self._timed_upload, replicas[provider], partition, backup,
-                                                            entry, digests)
-                            uploading[upload] = (provider, partition, backup)
-                            outstanding += 1
-                            upload.add_done_callback(finished.put)
-                        continue
-                    provider, partition, backup = uploading.pop(future)
+                    yield None
+                    continue
+                outstanding -= 1
+                if future in digesting:
+                    partition, backup, entry, to = digesting.pop(future)
                     try:
-                        record, seconds = future.result()
+                        digests = future.result()
                     except WedbackupError as exc:
-                        yield provider, partition, exc
+                        for provider in to:
+                            yield provider, partition, backup, exc, 0.0
                         continue
-                    if not confirmed:
-                        oldest = time.monotonic()
-                    confirmed.append(ReplicaOutcome(partition, backup, record, seconds))
-                    if len(confirmed) >= self.copy_record_batch:
-                        yield from self._record_copies(confirmed)
-                        confirmed = []
-                if confirmed and time.monotonic() - oldest >= self.copy_record_seconds:
-                    yield from self._record_copies(confirmed)
-                    confirmed = []
-            yield from self._record_copies(confirmed)
+                    for provider in to:
+                        upload = lanes[provider].submit(self._timed_upload, replicas[provider], partition, backup,
+                                                        entry, digests)
+                        uploading[upload] = (provider, partition, backup)
+                        outstanding += 1
+                        upload.add_done_callback(finished.put)
+                    continue
+                provider, partition, backup = uploading.pop(future)
+                try:
+                    record, seconds = future.result()
+                except WedbackupError as exc:
+                    yield provider, partition, backup, exc, 0.0
+                    continue
+                yield provider, partition, backup, record, seconds
         finally:
             hashers.shutdown(wait=True, cancel_futures=True)
             for lane in lanes.values():
                 lane.shutdown(wait=True, cancel_futures=True)
+
+    def _recorded(self, results: Iterator[UploadResult | None]
+                  ) -> Iterator[tuple[str, str, ReplicaOutcome | WedbackupError]]:
+        """Each upload's (provider, partition, outcome or error), a confirmed copy only once it is recorded.
+        Confirmed uploads are recorded in the catalogue a batch per transaction (a crash in between leaves an
+        object a re-run finds, a no-op); a failure is reported at once."""
+        confirmed: list[ReplicaOutcome] = []
+        oldest = 0.0  # when the oldest confirmed upload not yet recorded was confirmed
+        for result in results:
+            if result is not None:
+                provider, partition, backup, outcome, seconds = result
+                if isinstance(outcome, WedbackupError):
+                    yield provider, partition, outcome
+                else:
+                    if not confirmed:
+                        oldest = time.monotonic()
+                    confirmed.append(ReplicaOutcome(partition, backup, outcome, seconds))
+            if confirmed and (len(confirmed) >= self.copy_record_batch
+                              or time.monotonic() - oldest >= self.copy_record_seconds):
+                yield from self._record_copies(confirmed)
+                confirmed = []
+        yield from self._record_copies(confirmed)
 
     # Confirmed uploads are recorded in one catalogue transaction per batch, a batch being full or its oldest
     # upload this many seconds old: the three providers' uploads together outpaced one commit per 32 (its

@@ -171,3 +171,51 @@ def verify_in_workers(engine_class: Any, partitions: list[str], providers: list[
     by `workers` processes, each share in one scratch database."""
     shares = [(partitions[i:i + chunk], providers, provider) for i in range(0, len(partitions), chunk)]
     yield from _in_workers(engine_class, workers, _verify_chunk, shares, "verification")
+
+
+def _upload_share(sources: list[Any], providers: list[str], bounds: dict[str, int]
+                  ) -> list[tuple[str, str, Any, float]]:
+    """One share of an upload step in a worker: `Engine._uploads` with this worker's replicas (clients built
+    once per worker), each archive read from the vault and hashed here; nothing is recorded in the catalogue
+    (the step's process records what comes back): (provider, partition, ReplicaRecord or error, seconds)."""
+    from .storage.providers import replica_for
+
+    for name in providers:
+        if name not in _replicas:
+            _replicas[name] = replica_for(name, _engine.settings)
+    replicas = {name: _replicas[name] for name in providers}
+    # S3's abandoned multipart parts are tidied once by the step's process, not once per share.
+    return [(provider, partition, _portable(partition, outcome), seconds)
+            for provider, partition, _, outcome, seconds in _engine._uploads(sources, replicas, bounds, tidy=False)]
+
+
+def upload_in_workers(engine_class: Any, sources: list[Any], providers: list[str], bounds: dict[str, int],
+                      share: int, workers: int, tick: float | None = None) -> Iterator[Any]:
+    """Every upload of `sources` ((partition, backup, vault entry, providers) each) as (provider, partition,
+    backup, ReplicaRecord or WedbackupError, seconds), a share's at once as it ends, uploaded by `workers`
+    processes each running at most `bounds[provider]` uploads to a provider at once; None after `tick`
+    seconds with nothing new. A worker that died fails every (provider, wedding) of its share, by name."""
+    shares = [sources[i:i + share] for i in range(0, len(sources), share)]
+    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(shares))), mp_context=_worker_context(),
+                             initializer=_start_worker, initargs=(engine_class, dict(os.environ))) as pool:
+        pending = {pool.submit(_upload_share, part, providers, bounds): part for part in shares}
+        while pending:
+            done, _ = wait(pending, timeout=tick, return_when=FIRST_COMPLETED)
+            if not done:
+                yield None
+            for future in done:
+                part = pending.pop(future)
+                backups = {partition: backup for partition, backup, _, _ in part}
+                try:
+                    results = future.result()
+                except Exception as exc:  # noqa: BLE001 - a worker that died names its share's weddings
+                    failure = f"{type(exc).__name__}: {exc}"
+                    for partition, backup, _, to in part:
+                        for provider in to:
+                            yield provider, partition, backup, WedbackupError(
+                                f"wedding {partition}: its upload worker failed ({provider} upload): {failure}"), 0.0
+                    continue
+                for provider, partition, outcome, seconds in results:
+                    if isinstance(outcome, _CarriedError):
+                        outcome = outcome.restored()
+                    yield provider, partition, backups[partition], outcome, seconds

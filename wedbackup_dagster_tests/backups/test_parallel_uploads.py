@@ -92,7 +92,18 @@ def test_one_provider_alone_uploads_a_range_at_once_and_names_the_refused(fleet)
         assert not materialized(fleet["instance"], wedding, REPLICA_KEYS["gcs"])
 
 
-def test_the_upload_step_materializes_every_provider_and_fails_only_the_refused_azure_partitions(fleet):
+@pytest.mark.parametrize("in_workers", [False, True], ids=["in the step's process", "in worker processes"])
+def test_the_upload_step_materializes_every_provider_and_fails_only_the_refused_azure_partitions(
+        fleet, in_workers, monkeypatch):
+    if in_workers:  # shares of 10 weddings uploaded by two worker processes (Engine.replicate_to_all)
+        monkeypatch.setattr(Engine, "upload_min_share", 10)
+        monkeypatch.setenv("WEDBACKUP_UPLOAD_WORKERS", "2")
+    from wedbackup_dagster.core import parallel_backup
+
+    calls: list[int] = []
+    real = parallel_backup.upload_in_workers
+    monkeypatch.setattr(parallel_backup, "upload_in_workers",
+                        lambda *args, **kwargs: calls.append(args[5]) or real(*args, **kwargs))
     result, description = _run_range(fleet, list(REPLICA_KEYS.values()))
     assert description.startswith(f"azure upload failed for {len(REFUSED)} of {len(WEDDINGS)} partition(s)")
     assert "s3 upload failed" not in description and "gcs upload failed" not in description
@@ -104,6 +115,7 @@ def test_the_upload_step_materializes_every_provider_and_fails_only_the_refused_
                 asset_key=REPLICA_KEYS[provider], asset_partitions=[wedding]), limit=5).records
             assert len(records) == 1 and records[0].run_id == result.run_id, (provider, wedding)
             assert records[0].asset_materialization.metadata["provider_checksum"].value
+    assert calls == ([2] if in_workers else [])
 
 
 @dg.op(out=dg.Out(Step))

@@ -155,3 +155,13 @@ def test_workers_take_the_steps_environment_not_the_one_their_fork_server_starte
         outcomes = dict(second.back_up_each(weddings, session))
     assert not [k for k, v in outcomes.items() if isinstance(v, Exception)]
     assert all(o.vault.path.is_relative_to(moved) and o.vault.path.exists() for o in outcomes.values())
+
+
+def test_the_upload_workers_default_to_the_snapshot_workers_and_are_checked_like_them(env):
+    assert Settings.from_env({**env, "WEDBACKUP_SNAPSHOT_WORKERS": "3"}).upload_workers == 3
+    both = {**env, "WEDBACKUP_SNAPSHOT_WORKERS": "3", "WEDBACKUP_UPLOAD_WORKERS": "1"}
+    assert Settings.from_env(both).upload_workers == 1 and Settings.from_env(both).snapshot_workers == 3
+    unset = {k: v for k, v in env.items() if not k.endswith("_WORKERS")}
+    assert Settings.from_env(unset).upload_workers == snapshot_workers_from({})
+    with pytest.raises(ConfigError, match="WEDBACKUP_UPLOAD_WORKERS"):
+        Settings.from_env({**env, "WEDBACKUP_UPLOAD_WORKERS": "17"})

@@ -202,6 +202,11 @@ MIGRATIONS = [
 ]
 
 
+# A backups row's columns with an empty manifest: for readers of many rows that need no manifest (parsing
+# thousands of them cost more than the query).
+_NO_MANIFEST = "id, partition, archive_sha256, size, key_id, snapshot_time, rows, raw_bytes, '{}'::jsonb AS manifest"
+
+
 @dataclass(frozen=True)
 class BackupRecord:
     id: int
@@ -419,11 +424,13 @@ class Catalogue:
                 (partition,)).fetchone()
         return _backup(row) if row else None
 
-    def latest_backups(self, partitions: list[str]) -> dict[str, BackupRecord]:
-        """latest_backup of many partitions in one query (those without a backup are absent)."""
+    def latest_backups(self, partitions: list[str], *, manifests: bool = True) -> dict[str, BackupRecord]:
+        """latest_backup of many partitions in one query (those without a backup are absent). `manifests=False`:
+        each record's manifest is left empty ({}), as in backups_by_sha (the upload step needs none of them)."""
+        columns = "*" if manifests else _NO_MANIFEST
         with self.connect() as conn:
             rows = conn.execute(
-                "SELECT DISTINCT ON (partition) * FROM wedbackup.backups WHERE partition = ANY(%s) "
+                f"SELECT DISTINCT ON (partition) {columns} FROM wedbackup.backups WHERE partition = ANY(%s) "
                 "ORDER BY partition, snapshot_time DESC, id DESC", (list(partitions),)).fetchall()
         return {row["partition"]: _backup(row) for row in rows}
 
@@ -436,8 +443,7 @@ class Catalogue:
         """backup_by_sha of many archives in one query (those unknown are absent). `manifests=False`: each
         record's manifest is left empty ({}), for a reader that checks the archive against the manifest it
         carries (restore --all reads thousands: parsing every catalogue manifest cost it more than the query)."""
-        columns = "*" if manifests else "id, partition, archive_sha256, size, key_id, snapshot_time, rows, " \
-                                        "raw_bytes, '{}'::jsonb AS manifest"
+        columns = "*" if manifests else _NO_MANIFEST
         with self.connect() as conn:
             rows = conn.execute(f"SELECT {columns} FROM wedbackup.backups WHERE archive_sha256 = ANY(%s)",
                                 (list(shas),)).fetchall()

@@ -89,6 +89,9 @@ def test_a_batch_of_backups_is_recorded_as_one_by_one_and_read_back_in_batches(c
              vault_copy=_vault_copy(c * 64)) for p, c in (("2", "b"), ("3", "c"))])
     assert [b.partition for b in many] == ["2", "3"]
     assert catalogue.latest_backups(["1", "2", "3"]) == {"1": one, "2": many[0], "3": many[1]}
+    # Without their manifests (the upload step): the same records, each manifest left empty.
+    assert catalogue.latest_backups(["1", "2", "3", "4"], manifests=False) == {
+        p: BackupRecord(**{**vars(b), "manifest": {}}) for p, b in (("1", one), ("2", many[0]), ("3", many[1]))}
     copies = catalogue.copies_of([one.id, *(b.id for b in many)])
     assert {i: c for i, c in copies.items()} == {b.id: catalogue.copies(b.id) for b in (one, *many)}
     assert all([c.provider for c in cs] == ["vault"] for cs in copies.values())

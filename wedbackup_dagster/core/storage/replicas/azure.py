@@ -19,8 +19,8 @@ from wedbackup_dagster.core.errors import ConfigError, ReplicaChecksumMismatch, 
 from wedbackup_dagster.core.storage.replicas.base import (DigestNeeds, FileDigests, HashingWriter, ListedObject,
                                                           ProgressCallback, ProgressReader, ReplicaRecord, archive_key,
                                                           b64, canary_round, check_key, check_list_prefix,
-                                                          digests_for_upload, object_metadata, parse_archive_key,
-                                                          provider_error, read_blocks, upload_key)
+                                                          digests_for_upload, environment_http, object_metadata,
+                                                          parse_archive_key, provider_error, read_blocks, upload_key)
 
 PROVIDER = "azure"
 DEFAULT_MAX_SINGLE_PUT_SIZE = 8 << 20
@@ -42,9 +42,14 @@ def azure_service_from_connection_string(connection_string: str, *, connection_t
     try:
         # The storage SDK's own default retry waits 15 s, then 45 s, ... before giving up on a refused connection.
         retry = ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=retry_total, random_jitter_range=1)
+        # The transport's requests session reads proxies, netrc and the CA bundle variables once, here, not per
+        # request, unless the environment configures a proxy or netrc (base.environment_http).
+        http = environment_http()
+        lean = {"use_env_settings": False, **({"connection_verify": http.ca_bundle} if http.ca_bundle else {})
+                } if http.lean else {}
         return BlobServiceClient.from_connection_string(
             connection_string, connection_timeout=connection_timeout, read_timeout=read_timeout,
-            retry_policy=retry)
+            retry_policy=retry, **lean)
     except Exception:  # noqa: BLE001 - the SDK's message may quote the connection string
         raise ConfigError("WEDBACKUP_AZURE_CONNECTION_STRING", "is not a usable Azure connection string") from None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import re
 import time
 import uuid
@@ -97,6 +98,40 @@ class Replica(Protocol):
     def list(self, prefix: str = "") -> Iterator[ListedObject]: ...
 
     def canary(self) -> float: ...
+
+
+# ---------------------------------------------------------------------------------------- HTTP sessions
+
+
+@dataclass(frozen=True)
+class EnvironmentHTTP:
+    """What the environment asks of the requests sessions under the GCS and Azure clients. A session with
+    `trust_env` reads it again on every request (proxies and NO_PROXY, ~/.netrc, the CA bundle variables: a
+    scan of os.environ and a stat or two per request, under the GIL); when no proxy and no netrc is
+    configured, the clients read it once here instead (`lean`), with the CA bundle the variables name."""
+
+    lean: bool
+    ca_bundle: str | None
+
+
+def environment_http(environ: dict[str, str] | None = None) -> EnvironmentHTTP:
+    env = os.environ if environ is None else environ
+    # Any *_proxy variable set (http, https, all...; NO_PROXY alone names no proxy), as requests reads them.
+    proxies = [k for k, v in env.items() if k.lower().endswith("_proxy") and k.lower() != "no_proxy" and v]
+    netrc = env.get("NETRC") or os.path.exists(os.path.expanduser("~/.netrc")) or os.path.exists(
+        os.path.expanduser("~/_netrc"))
+    bundle = env.get("REQUESTS_CA_BUNDLE") or env.get("CURL_CA_BUNDLE") or None
+    return EnvironmentHTTP(lean=not proxies and not netrc, ca_bundle=bundle)
+
+
+def lean_session(session: object, environ: dict[str, str] | None = None) -> None:
+    """A requests session that no longer reads the environment per request, when `environment_http` says
+    nothing there needs it (proxies or a netrc: left as it is, reading the environment as before)."""
+    http = environment_http(environ)
+    if http.lean:
+        session.trust_env = False  # type: ignore[attr-defined]
+        if http.ca_bundle and getattr(session, "verify", None) is True:
+            session.verify = http.ca_bundle  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------------------------- keys

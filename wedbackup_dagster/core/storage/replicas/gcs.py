@@ -16,8 +16,8 @@ from wedbackup_dagster.core.errors import ReplicaChecksumMismatch, ReplicaError
 from wedbackup_dagster.core.storage.replicas.base import (DigestNeeds, FileDigests, HashingWriter, ListedObject,
                                                           ProgressCallback, ProgressReader, ReplicaRecord, archive_key,
                                                           b64, canary_round, check_key, check_list_prefix,
-                                                          digests_for_upload, object_metadata, parse_archive_key,
-                                                          provider_error, upload_key)
+                                                          digests_for_upload, lean_session, object_metadata,
+                                                          parse_archive_key, provider_error, upload_key)
 
 PROVIDER = "gcs"
 # GCS requires resumable chunks in multiples of 256 KiB. Files up to 8 MiB go in one multipart request
@@ -33,9 +33,14 @@ def gcs_client_from(target: GCSTarget) -> storage.Client:
     if target.emulator_host:
         from google.auth.credentials import AnonymousCredentials
 
-        return storage.Client(project=target.project, credentials=AnonymousCredentials(),
-                              client_options={"api_endpoint": target.emulator_host})
-    return storage.Client(project=target.project)
+        client = storage.Client(project=target.project, credentials=AnonymousCredentials(),
+                                client_options={"api_endpoint": target.emulator_host})
+    else:
+        client = storage.Client(project=target.project)
+    # The client's AuthorizedSession (made once, from its credentials) reads proxies, netrc and CA bundle
+    # settings once, not per request, unless the environment configures a proxy or netrc (base.lean_session).
+    lean_session(client._http)
+    return client
 
 
 def _secrets(client) -> list[str | None]:

@@ -23,7 +23,8 @@ import multiprocessing
 import os
 import pickle
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from .errors import PartitionBusyError, WedbackupError
@@ -198,7 +199,16 @@ def upload_in_workers(engine_class: Any, sources: list[Any], providers: list[str
     shares = [sources[i:i + share] for i in range(0, len(sources), share)]
     with ProcessPoolExecutor(max_workers=max(1, min(workers, len(shares))), mp_context=_worker_context(),
                              initializer=_start_worker, initargs=(engine_class, dict(os.environ))) as pool:
-        pending = {pool.submit(_upload_share, part, providers, bounds): part for part in shares}
+        pending: dict[Any, list[Any]] = {}
+        for part in shares:
+            try:
+                pending[pool.submit(_upload_share, part, providers, bounds)] = part
+            except BrokenProcessPool as exc:
+                # A worker died while the shares were still being handed out: the ones not handed out fail
+                # by name, as a dead worker's share does (the next run uploads them).
+                lost: Future = Future()
+                lost.set_exception(exc)
+                pending[lost] = part
         while pending:
             done, _ = wait(pending, timeout=tick, return_when=FIRST_COMPLETED)
             if not done:

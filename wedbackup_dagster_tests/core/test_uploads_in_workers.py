@@ -139,14 +139,19 @@ def test_a_worker_that_dies_fails_its_shares_weddings_by_name_with_nothing_recor
     killed: list[int] = []
 
     def kill_a_worker() -> None:
-        # The first worker to appear (a new process forked by the fork server, not by us) is killed at once.
-        deadline = time.monotonic() + 30
+        # A worker (a new process forked by the fork server, not by us) is killed as soon as both workers of
+        # the pool exist. Not before: CPython's ProcessPoolExecutor can spawn a worker while it is tearing
+        # down a pool a dead worker broke, and then waits forever for that worker (it hung CI once).
+        # (A pool that only ever starts one worker has handed out its shares by 0.3 s after it started it.)
+        deadline, first_seen = time.monotonic() + 30, None
         while time.monotonic() < deadline:
-            for pid, parent in _descendants(os.getpid()).items():
-                if pid not in before and parent != os.getpid():
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                    return
+            workers = [pid for pid, parent in _descendants(os.getpid()).items()
+                       if pid not in before and parent != os.getpid()]
+            first_seen = first_seen or (time.monotonic() if workers else None)
+            if len(workers) >= 2 or (workers and time.monotonic() - first_seen > 0.3):
+                os.kill(workers[0], signal.SIGKILL)
+                killed.append(workers[0])
+                return
             time.sleep(0.002)
 
     killer = threading.Thread(target=kill_a_worker)

@@ -134,6 +134,21 @@ def back_up_in_workers(engine_class: Any, weddings: list[str], batch_size: int, 
     yield from _in_workers(engine_class, workers, _back_up_batch, [(batch,) for batch in batches], "backup")
 
 
+def _hand_out(pool: ProcessPoolExecutor, work: Any, shares: list[tuple[Any, ...]]) -> dict[Future, tuple[Any, ...]]:
+    """`work(*share)` submitted for every share: future -> share. A share that meets a pool a dead worker has
+    already broken (submit raises BrokenProcessPool) gets a future holding that error, so it fails by name as
+    a dead worker's share does, and the next run does it."""
+    pending: dict[Future, tuple[Any, ...]] = {}
+    for share in shares:
+        try:
+            future = pool.submit(work, *share)
+        except BrokenProcessPool as exc:
+            future = Future()
+            future.set_exception(exc)
+        pending[future] = share
+    return pending
+
+
 def _in_workers(engine_class: Any, workers: int, work: Any, shares: list[tuple[Any, ...]], what: str
                 ) -> Iterator[tuple[str, Any]]:
     """`work(*share)` for every share (its first argument: the share's partitions) in at most `workers`
@@ -141,7 +156,7 @@ def _in_workers(engine_class: Any, workers: int, work: Any, shares: list[tuple[A
     partition of its share with why."""
     with ProcessPoolExecutor(max_workers=max(1, min(workers, len(shares))), mp_context=_worker_context(),
                              initializer=_start_worker, initargs=(engine_class, dict(os.environ))) as pool:
-        pending = {pool.submit(work, *share): share[0] for share in shares}
+        pending = {future: share[0] for future, share in _hand_out(pool, work, shares).items()}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
@@ -199,16 +214,8 @@ def upload_in_workers(engine_class: Any, sources: list[Any], providers: list[str
     shares = [sources[i:i + share] for i in range(0, len(sources), share)]
     with ProcessPoolExecutor(max_workers=max(1, min(workers, len(shares))), mp_context=_worker_context(),
                              initializer=_start_worker, initargs=(engine_class, dict(os.environ))) as pool:
-        pending: dict[Any, list[Any]] = {}
-        for part in shares:
-            try:
-                pending[pool.submit(_upload_share, part, providers, bounds)] = part
-            except BrokenProcessPool as exc:
-                # A worker died while the shares were still being handed out: the ones not handed out fail
-                # by name, as a dead worker's share does (the next run uploads them).
-                lost: Future = Future()
-                lost.set_exception(exc)
-                pending[lost] = part
+        pending = {future: share[0] for future, share in
+                   _hand_out(pool, _upload_share, [(part, providers, bounds) for part in shares]).items()}
         while pending:
             done, _ = wait(pending, timeout=tick, return_when=FIRST_COMPLETED)
             if not done:

@@ -51,6 +51,23 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
+def _started_pool(engine_class: Any, workers: int) -> ProcessPoolExecutor:
+    """A pool of `workers` processes, every one of them started before any share is handed out.
+
+    CPython's ProcessPoolExecutor otherwise spawns a worker on each submit. If a worker dies while submits
+    are still spawning, the pool's manager thread terminates the workers it knows of while a submit adds
+    one it does not, then joins that one forever: the step hangs in its teardown. With every worker
+    started first, no submit spawns, a dead worker breaks the pool at once, and the shares still to hand
+    out fail by name (`_hand_out`). `_launch_processes` is the executor's own start-all, which it uses
+    for `fork`; it is private, so where a Python lacks it the pool starts its workers on submit as before."""
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context(), initializer=_start_worker,
+                               initargs=(engine_class, dict(os.environ)))
+    launch = getattr(pool, "_launch_processes", None)
+    if launch is not None:
+        launch()
+    return pool
+
+
 def _start_worker(engine_class: Any, environ: dict[str, str]) -> None:
     """In each worker process: the step's environment, then its own engine (settings and keys from it)."""
     global _engine
@@ -154,8 +171,7 @@ def _in_workers(engine_class: Any, workers: int, work: Any, shares: list[tuple[A
     """`work(*share)` for every share (its first argument: the share's partitions) in at most `workers`
     worker processes; each share's (partition, outcome) pairs as it ends. A worker that died names each
     partition of its share with why."""
-    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(shares))), mp_context=_worker_context(),
-                             initializer=_start_worker, initargs=(engine_class, dict(os.environ))) as pool:
+    with _started_pool(engine_class, max(1, min(workers, len(shares)))) as pool:
         pending = {future: share[0] for future, share in _hand_out(pool, work, shares).items()}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -212,8 +228,7 @@ def upload_in_workers(engine_class: Any, sources: list[Any], providers: list[str
     processes each running at most `bounds[provider]` uploads to a provider at once; None after `tick`
     seconds with nothing new. A worker that died fails every (provider, wedding) of its share, by name."""
     shares = [sources[i:i + share] for i in range(0, len(sources), share)]
-    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(shares))), mp_context=_worker_context(),
-                             initializer=_start_worker, initargs=(engine_class, dict(os.environ))) as pool:
+    with _started_pool(engine_class, max(1, min(workers, len(shares)))) as pool:
         pending = {future: share[0] for future, share in
                    _hand_out(pool, _upload_share, [(part, providers, bounds) for part in shares]).items()}
         while pending:

@@ -165,3 +165,39 @@ def test_the_upload_workers_default_to_the_snapshot_workers_and_are_checked_like
     assert Settings.from_env(unset).upload_workers == snapshot_workers_from({})
     with pytest.raises(ConfigError, match="WEDBACKUP_UPLOAD_WORKERS"):
         Settings.from_env({**env, "WEDBACKUP_UPLOAD_WORKERS": "17"})
+
+
+def _dies_on_share(partitions: list[str], die: bool) -> list[tuple[str, str]]:
+    """A share's work in a worker: the worker process dies at once (as if killed) on a marked share."""
+    if die:
+        os._exit(9)
+    return [(p, "done") for p in partitions]
+
+
+def test_every_worker_of_a_pool_is_started_before_any_share_is_handed_out(env):
+    """No submit spawns a worker: a worker dying while submits still spawned others could hang the pool's
+    teardown forever (CPython joins a worker it spawned while terminating the broken pool)."""
+    import multiprocessing
+
+    from wedbackup_dagster.core import parallel_backup
+
+    before = {p.pid for p in multiprocessing.active_children()}
+    with parallel_backup._started_pool(Engine, 3) as pool:
+        started = {p.pid for p in multiprocessing.active_children()} - before
+        assert len(started) == 3
+        assert pool.submit(os.getpid).result(timeout=60) in started
+
+
+def test_a_worker_that_dies_on_its_first_share_fails_the_shares_by_name_and_the_pool_ends(env):
+    """The first share handed out kills its worker while the rest are still being handed out: every share
+    the broken pool did not finish is named by its weddings, and the step goes on (no hang at teardown)."""
+    from wedbackup_dagster.core import parallel_backup
+
+    for attempt in range(5):  # the death lands at a different moment of the hand-out each time
+        shares = [([f"w{attempt}-{i}-{j}" for j in range(3)], i == 0) for i in range(40)]
+        outcomes = dict(parallel_backup._in_workers(Engine, 2, _dies_on_share, shares, "backup"))
+        assert set(outcomes) == {p for partitions, _ in shares for p in partitions}
+        for partition in shares[0][0]:
+            assert isinstance(outcomes[partition], WedbackupError)
+            assert f"wedding {partition}: its backup worker failed" in str(outcomes[partition])
+        assert all(o == "done" or isinstance(o, WedbackupError) for o in outcomes.values())

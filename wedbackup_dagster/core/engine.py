@@ -7,8 +7,8 @@ import hashlib
 import os
 import tempfile
 import time
-from collections.abc import Collection, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Collection, Iterator, Mapping
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from queue import Empty, SimpleQueue
 from typing import Any
@@ -377,10 +377,7 @@ class Engine:
         share = self.upload_share(len(sources), processes)
         each = {p: bounds[p] // processes for p in providers}
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wedbackup-upload-tidy") as tidying:
-            for replica in replicas.values():
-                tidy = getattr(replica, "abort_abandoned_uploads", None)
-                if tidy is not None:
-                    tidying.submit(tidy)  # S3's abandoned multipart parts, once a step, beside the uploads
+            _tidy_abandoned_uploads(replicas, lambda provider: tidying)  # beside the workers' uploads
             yield from self._recorded(upload_in_workers(type(self), sources, providers, each, share, processes,
                                                         tick=self.copy_record_seconds))
 
@@ -399,12 +396,8 @@ class Engine:
                  for p in replicas}
         hashers = ThreadPoolExecutor(max_workers=self.digest_workers, thread_name_prefix="wedbackup-digest")
         try:
-            for provider, replica in replicas.items():
-                abort = getattr(replica, "abort_abandoned_uploads", None) if tidy else None
-                if abort is not None:
-                    # S3's parts of multipart uploads whose process died, once a step (a single PUT never looks
-                    # for them), in S3's own lane; GCS and Azure drop their unfinished uploads themselves.
-                    lanes[provider].submit(abort)
+            if tidy:
+                _tidy_abandoned_uploads(replicas, lanes.__getitem__)  # each in its provider's own lane
             digesting: dict[Future, UploadSource] = {}
             uploading: dict[Future, tuple[str, str, BackupRecord]] = {}
             # Each finished future lands on `finished` (its done-callback), so taking the next one costs the
@@ -415,8 +408,7 @@ class Engine:
                 partition, backup, entry, to = source
                 needs = DigestNeeds()
                 for provider in to:
-                    needed = getattr(replicas[provider], "digests_needed", None)
-                    needs = needs | needed(entry.size) if needed is not None else needs
+                    needs = needs | replicas[provider].digests_needed(entry.size)
                 future = hashers.submit(self._digest_archive, partition, backup, entry, needs)
                 digesting[future] = source
                 future.add_done_callback(finished.put)
@@ -752,3 +744,11 @@ def _well_formed(partitions: list[str]) -> list[str]:
         except WedbackupError:
             pass
     return ok
+
+
+def _tidy_abandoned_uploads(replicas: Mapping[str, Any], lane: Callable[[str], Executor]) -> None:
+    """Each provider's abandoned upload parts dropped, once an upload step, in `lane(provider)` beside the
+    uploads: S3's parts of multipart uploads whose process died (a single PUT never looks for them); GCS and
+    Azure drop their unfinished uploads themselves."""
+    for provider, replica in replicas.items():
+        lane(provider).submit(replica.abort_abandoned_uploads)

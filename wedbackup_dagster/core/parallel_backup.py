@@ -1,7 +1,8 @@
 """A step's weddings on every core: snapshot-and-seal batches and verification batches run in a few worker
 processes side by side (`WEDBACKUP_SNAPSHOT_WORKERS`), each with its own engine (and source snapshot, or
-scratch database), as `make bench`'s fleet does it. One process seals at most one core's worth (zstd and AES-GCM hold the GIL
-for most of their work), and PostgreSQL's COPY overlaps with sealing only across processes.
+scratch database), as `make bench`'s fleet does it. One process seals at most one core's worth (zstd and
+AES-GCM hold the GIL for most of their work), and PostgreSQL's COPY overlaps with sealing only across
+processes.
 
 Each batch is `Engine.back_up_many` in a worker: the same archives, locks, vault writes and catalogue
 records as in the step's own process. Per-wedding semantics are kept: a wedding that failed is returned

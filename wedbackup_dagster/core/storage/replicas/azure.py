@@ -123,6 +123,9 @@ class AzureReplica:
         """MD5: the whole archive's Content-MD5, which we set and Azure's answer confirms."""
         return DigestNeeds(md5=True)
 
+    def abort_abandoned_uploads(self) -> None:
+        """Nothing to do: Azure drops uncommitted blocks (after a week) by itself."""
+
     def upload(self, path: Path, *, partition: str, sha256: str, size: int, metadata: dict[str, str],
                progress: ProgressCallback | None = None, key: str | None = None,
                digests: FileDigests | None = None) -> ReplicaRecord:

@@ -86,6 +86,10 @@ class Replica(Protocol):
 
     def digests_needed(self, size: int) -> DigestNeeds: ...
 
+    def abort_abandoned_uploads(self) -> None:
+        """Drop the parts of uploads whose process died; an upload step calls it once. Only S3 keeps them
+        (until aborted); GCS and Azure drop unfinished uploads themselves, so theirs does nothing."""
+
     def upload(self, path: Path, *, partition: str, sha256: str, size: int, metadata: dict[str, str],
                progress: ProgressCallback | None = None, digests: FileDigests | None = None) -> ReplicaRecord: ...
 

@@ -119,6 +119,9 @@ class GCSReplica:
         """CRC32C (GCS checks the upload against it) and MD5 (the object's md5Hash, confirmed with it)."""
         return DigestNeeds(md5=True, crc32c=True)
 
+    def abort_abandoned_uploads(self) -> None:
+        """Nothing to do: GCS drops a resumable upload that is never finished (after a week) by itself."""
+
     def upload(self, path: Path, *, partition: str, sha256: str, size: int, metadata: dict[str, str],
                progress: ProgressCallback | None = None, key: str | None = None,
                digests: FileDigests | None = None) -> ReplicaRecord:

@@ -275,7 +275,7 @@ class S3Replica:
 
     def abort_abandoned_uploads(self) -> None:
         """Abort the abandoned multipart uploads under this replica's prefix: an upload step calls it once
-        (core/engine.py replicate_each), since a single-PUT upload never looks for them itself."""
+        (core/engine.py replicate_to_all), since a single-PUT upload never looks for them itself."""
         self._abort_abandoned_multipart_under(f"{self.prefix}/" if self.prefix else "")
 
     def _abort_abandoned_multipart(self, key: str) -> None:

@@ -62,36 +62,35 @@ class WeddingOutcomes:
 
     def finish_assets(self, context: dg.AssetExecutionContext, asset_keys: list[dg.AssetKey]) -> Iterator[Any]:
         """An asset step's results: every wedding's own metadata; the step fails naming the failed weddings."""
-        if not self.failed:
-            # One read of the run's range for the whole step, not one per wedding (partition_metadata.py).
-            add_partition_metadata(context, ((key, asset_key, metadata) for key, per_asset in self.done.items()
-                                             for asset_key, metadata in per_asset.items()))
-            for asset_key in asset_keys:
-                yield dg.MaterializeResult(asset_key=asset_key)
-            return
-        # Some weddings failed: record the successes one by one (an output would mark every wedding of
-        # the run as materialized), then fail, so Dagster's retry and the UI show exactly what is missing.
-        yield from self.materializations()
-        raise self.failure()
+        yield from _finish(context, [self], asset_keys, whole_range=True)
 
 
 def finish_providers(context: dg.AssetExecutionContext, outcomes: Mapping[dg.AssetKey, WeddingOutcomes], *,
                      whole_range: bool = True) -> Iterator[Any]:
     """`finish_assets` for a step whose assets each have their own outcomes (the replica step: one asset and
-    one WeddingOutcomes per provider). When every wedding of every asset succeeded (and `whole_range`: the
-    step covered every partition of its run), one pass of partition metadata and one result per asset;
-    otherwise each success is recorded on its own, and then, if any wedding failed, one failure names every
-    failed wedding under its asset's step ("s3 upload failed for …")."""
-    failed = [o for o in outcomes.values() if o.failed]
+    one WeddingOutcomes per provider); `whole_range`: the step covered every partition of its run."""
+    yield from _finish(context, list(outcomes.values()), list(outcomes), whole_range=whole_range)
+
+
+def _finish(context: dg.AssetExecutionContext, outcomes: list[WeddingOutcomes], asset_keys: list[dg.AssetKey], *,
+            whole_range: bool) -> Iterator[Any]:
+    """When every wedding of every outcome succeeded and the step covered its run's whole range: one pass of
+    partition metadata (one read of the run's range, partition_metadata.py) and one result per asset.
+    Otherwise each success is recorded on its own (an output would mark every wedding of the run as
+    materialized), then, if any wedding failed, one failure names every failed wedding under its step
+    ("s3 upload failed for …"), so Dagster's retry and the UI show exactly what is missing."""
+    failed = [o for o in outcomes if o.failed]
     if not failed and whole_range:
-        add_partition_metadata(context, ((key, asset_key, metadata) for o in outcomes.values()
+        add_partition_metadata(context, ((key, asset_key, metadata) for o in outcomes
                                          for key, per_asset in o.done.items()
                                          for asset_key, metadata in per_asset.items()))
-        for asset_key in outcomes:
+        for asset_key in asset_keys:
             yield dg.MaterializeResult(asset_key=asset_key)
         return
-    for o in outcomes.values():
+    for o in outcomes:
         yield from o.materializations()
+    if len(outcomes) == 1 and failed:
+        raise failed[0].failure()
     if failed:
         failures = [o.failure() for o in failed]
         raise dg.Failure(description="\n".join(f.description or "" for f in failures),

@@ -36,6 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     except WedbackupError as exc:
         print(f"wedbackup: {redact(str(exc))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`wedbackup stack status | head`): end quietly, as `ls | head` does, with
+        # stdout pointed at /dev/null so the interpreter's own flush at exit does not raise again.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command a closed pipe ended
 
 
 if __name__ == "__main__":

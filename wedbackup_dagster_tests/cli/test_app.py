@@ -46,3 +46,21 @@ def test_restore_without_a_backup_is_a_clear_error(cli_env, make_database, capsy
     assert main(["restore", "--wedding", "1", "--target-dsn", make_database()]) == 1
     err = capsys.readouterr().err
     assert "wedding 1" in err and "no backup" in err
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """`wedbackup stack env | head -0`: the closed pipe ends the command with 141 (128 + SIGPIPE), as `ls`
+    would, not with a BrokenPipeError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line is written
+    env = {**os.environ, "WEDBACKUP_STATE_DIR": str(tmp_path / "state")}
+    done = subprocess.run([sys.executable, "-c", "import sys; from wedbackup_dagster.cli.app import main; "
+                           "sys.exit(main(['stack', 'env']))"], stdout=write, stderr=subprocess.PIPE, text=True,
+                          env=env, timeout=120)
+    os.close(write)
+    assert done.returncode == 141, done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr

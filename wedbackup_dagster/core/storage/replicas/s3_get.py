@@ -15,11 +15,13 @@ from __future__ import annotations
 import random
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
+from http.client import HTTPException
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+import urllib3.exceptions
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.exceptions import BotoCoreError, HTTPClientError
@@ -149,28 +151,22 @@ class LeanGetter:
 
 
 def _stream(raw: Any, length: str | None, write: Callable[[bytes], Any]) -> int:
+    """The answer's body into `write`. Only a failed read is the provider's (GetCut); a failed write (the local
+    spool) passes through as it is."""
     count = 0
-    try:
-        for chunk in _chunks(raw):
-            write(chunk)
-            count += len(chunk)
-    except (OSError, BotoCoreError) as exc:
-        raise GetCut(f"the answer broke off after {count} bytes: {type(exc).__name__}: {exc}") from None
-    except Exception as exc:  # urllib3's ProtocolError, ReadTimeoutError...: not OSErrors
-        if type(exc).__module__.startswith(("urllib3", "http.client")):
+    while True:
+        try:
+            chunk = raw.read(READ_BLOCK)
+        except (OSError, BotoCoreError, HTTPException, urllib3.exceptions.HTTPError) as exc:
+            # urllib3's ProtocolError, ReadTimeoutError... are not OSErrors
             raise GetCut(f"the answer broke off after {count} bytes: {type(exc).__name__}: {exc}") from None
-        raise
+        if not chunk:
+            break
+        write(chunk)
+        count += len(chunk)
     if length is not None and count != int(length):
         raise GetCut(f"the answer was cut short: {count} of {length} bytes")
     return count
-
-
-def _chunks(raw: Any) -> Iterator[bytes]:
-    while True:
-        chunk = raw.read(READ_BLOCK)
-        if not chunk:
-            return
-        yield chunk
 
 
 class GetCut(Exception):

@@ -182,3 +182,19 @@ def test_an_answer_cut_short_is_an_error_never_a_short_download(stored):
         out = io.BytesIO()
         replica.download(stored["key"], out, expected_sha256=stored["sha"])
         assert out.getvalue() == stored["data"]
+
+
+class _FullDisk(io.BytesIO):
+    def write(self, data) -> int:  # noqa: ANN001 - any bytes-like
+        raise OSError(28, "No space left on device")
+
+
+@pytest.mark.stack
+def test_a_failed_local_write_is_not_blamed_on_the_provider(stored):
+    replica = _replica(stored)
+    with pytest.raises(OSError, match="No space left") as caught:
+        replica.download(stored["key"], _FullDisk())
+    assert not isinstance(caught.value, ReplicaError)
+    out = io.BytesIO()  # the connection it left mid-answer is not reused as it was
+    replica.download(stored["key"], out, expected_sha256=stored["sha"])
+    assert out.getvalue() == stored["data"]

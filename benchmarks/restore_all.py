@@ -130,9 +130,11 @@ def estimate(seconds: float, weddings: int, jobs: int) -> dict[str, Any]:
 
 
 def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int = 4,
-        compare_deferred: bool = False) -> dict[str, Any]:
+        compare_deferred: bool = False, compare_get: bool = False) -> dict[str, Any]:
     """`compare_deferred`: restore --all also with the platform's post-data built before the weddings (as before
-    it was deferred), the two variants alternating (deferred, before, before, deferred), best of two each."""
+    it was deferred), the two variants alternating (deferred, before, before, deferred), best of two each.
+    `compare_get`: also with S3 downloads through boto3's get_object instead of the lean GET (s3_get.py), the
+    GETs alone and restore --all each (lean, boto3, boto3, lean), best of two each."""
     import psycopg
     from psycopg import sql
     from psycopg.conninfo import conninfo_to_dict
@@ -169,13 +171,13 @@ def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int =
                 conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))  # dropped by the env
 
-            def restore_once(defer: bool, copy_from: str = "s3") -> tuple[float, Any, bool]:
+            def restore_once(defer: bool, copy_from: str = "s3", replica: Any = s3) -> tuple[float, Any, bool]:
                 target_name = f"bench_restore_all_target_{time.time_ns()}"
                 with psycopg.connect(stack.dsn("postgres"), autocommit=True) as conn:
                     conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target_name)))
                 try:
                     started = time.perf_counter()
-                    report = disaster.restore_all(engine, {"s3": s3}, stack.dsn(target_name),
+                    report = disaster.restore_all(engine, {"s3": replica}, stack.dsn(target_name),
                                                   disaster.RestoreAllOptions(providers=disaster.copy_order(copy_from),
                                                                              jobs=jobs, defer_post_data=defer))
                     seconds = time.perf_counter() - started
@@ -195,6 +197,17 @@ def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int =
             runs: dict[bool, list[tuple[float, Any, bool]]] = {True: [], False: []}
             for defer in ((True, False, False, True) if compare_deferred else (True,)):
                 runs[defer].append(restore_once(defer))
+            by_get: dict[str, Any] = {}
+            if compare_get:  # the same client and target, downloads through boto3's get_object
+                boto3_get = S3Replica(s3.client, engine.settings.s3, lean_get=False)
+                lean_gets = [get_only]
+                by_get = {"boto3_get_only": [s3_get_only(engine, boto3_get, jobs * FETCHERS_PER_LOADER)]}
+                by_get["boto3_get_only"].append(s3_get_only(engine, boto3_get, jobs * FETCHERS_PER_LOADER))
+                lean_gets.append(s3_get_only(engine, s3, jobs * FETCHERS_PER_LOADER))
+                get_only = min(lean_gets)
+                by_get["lean_get_only"] = lean_gets
+                by_get["boto3_restores"] = [restore_once(True, replica=boto3_get) for _ in range(2)]
+                runs[True].append(restore_once(True))
             seconds, report, equal = min(runs[True], key=lambda r: r[0])
             peers.append(peer_restore(bench, work, dump))
             peers_from_s3.append(peer_from_s3(bench, work, dump, bench["s3"], bench["bucket"]))
@@ -210,6 +223,18 @@ def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int =
                                "load_phase": [r[1].phases["load"] for r in runs[defer]],
                                "complete_and_equal": all(r[1].complete and r[2] for r in runs[defer]),
                                "ratio_vs_peer": round(min(r[0] for r in runs[defer]) / best, 2)}
+    get_variants = {}
+    if compare_get:
+        boto3_best = min(by_get["boto3_restores"], key=lambda r: r[0])
+        get_variants = {
+            "boto3_get_restore_all_seconds": [round(r[0], 2) for r in by_get["boto3_restores"]],
+            "boto3_get_ratio_vs_peer": round(boto3_best[0] / best, 2),
+            "boto3_get_complete_and_equal": all(r[1].complete and r[2] for r in by_get["boto3_restores"]),
+            "boto3_get_phases": boto3_best[1].phases,
+            "lean_get_restore_all_seconds": [round(r[0], 2) for r in runs[True]],
+            "boto3_get_only_seconds": [round(x, 2) for x in by_get["boto3_get_only"]],
+            "lean_get_only_seconds": [round(x, 2) for x in by_get["lean_get_only"]],
+        }
     return {
         "database": {"weddings": weddings, "partitions": len(ids) + 1, "seed": seed, "document_bytes": document_bytes,
                      "rows": report.rows, "archive_bytes": report.bytes, "peer_dump_bytes": dumped["bytes"]},
@@ -236,6 +261,8 @@ def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int =
         "peer_from_s3_seconds": round(min(peers_from_s3), 2),
         "peer_from_s3_runs": [round(p, 2) for p in peers_from_s3],
         "restore_all_variants": variants,
+        # With --compare-get: S3 downloads through boto3's get_object (before s3_get.py) in the same run
+        "restore_all_get_paths": get_variants,
         "load_average": os.getloadavg(),
         "estimate_100k": estimate(seconds, len(ids) + 1, jobs),
     }
@@ -248,9 +275,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=4)
     parser.add_argument("--compare-deferred", action="store_true",
                         help="also restore with the platform's indexes and foreign keys built before the weddings")
+    parser.add_argument("--compare-get", action="store_true",
+                        help="also restore with S3 downloads through boto3's get_object instead of the lean GET")
     args = parser.parse_args()
     print(json.dumps(run(weddings=args.weddings, document_bytes=args.document_bytes, jobs=args.jobs,
-                         compare_deferred=args.compare_deferred), indent=2))
+                         compare_deferred=args.compare_deferred, compare_get=args.compare_get), indent=2))
 
 
 if __name__ == "__main__":

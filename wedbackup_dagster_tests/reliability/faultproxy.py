@@ -273,6 +273,26 @@ class FaultProxy:
 # ------------------------------------------------------------------------------------------ HTTP bits
 
 
+class FailingAfter(FaultProxy):
+    """A fault proxy that is deterministic instead of seeded (HTTP mode): the first `good` requests pass, every
+    later one gets the fault `kind` (a provider that goes down part-way through a run); `good` may be raised
+    again to let the provider recover."""
+
+    def __init__(self, name: str, upstream: tuple[str, int], *, good: int, kind: str):
+        if kind not in HTTP_FAULTS:
+            raise ValueError(f"{name}: fault kind {kind!r} is not an HTTP fault {HTTP_FAULTS}")
+        super().__init__(name, upstream, FaultSchedule(seed=0, rate=0.0), mode="http")
+        self.good, self.kind = good, kind
+
+    def _decide(self, *, count: bool = True) -> str | None:
+        with self._lock:
+            self.requests += 1
+            if self.requests <= self.good:
+                return None
+            self.counts[self.kind] += 1
+            return self.kind
+
+
 class _Reader:
     """Buffered reads from a socket: a message head, then its body by Content-Length or chunks."""
 

@@ -156,6 +156,37 @@ def test_one_provider_lost_the_others_serve_and_what_only_it_held_is_named(platf
         assert {r[0] for r in conn.execute("SELECT id::text FROM weddings")} == {"1", "2"}
 
 
+def test_a_provider_that_fails_mid_restore_moves_the_weddings_to_another_copy(platform, make_database):
+    """S3 (through a real fault proxy) serves the platform partition, then answers 503 to everything: weddings 1
+    and 2 move to their GCS copies (each a fall-back in the report), the weddings S3 alone held are named with
+    S3's error after every retry, and what was restored is exactly the source's."""
+    from dataclasses import replace
+    from urllib.parse import urlsplit
+
+    from wedbackup_dagster_tests.reliability.faultproxy import FailingAfter
+
+    engine = platform["engine"]
+    upstream = urlsplit(engine.settings.s3.endpoint_url)
+    with FailingAfter("s3", (upstream.hostname, upstream.port), good=1, kind="http_503") as proxy:
+        via = replace(engine.settings.s3, endpoint_url=f"http://{proxy.address}")
+        failing = S3Replica(s3_client_from(via, os.environ, config=client_config(connect_timeout=1, max_attempts=1)),
+                            via)
+        target = make_database()
+        report = disaster.restore_all(engine, {"s3": failing, "gcs": platform["replicas"]["gcs"]}, target,
+                                      disaster.RestoreAllOptions(providers=disaster.copy_order("s3"), jobs=2))
+    assert proxy.counts["http_503"] > 0 and report.copies_used.get("s3") == 1  # the platform, before the failure
+    only_s3 = set(platform["weddings"]) - {"1", "2"}
+    assert not report.complete and set(report.failed) == only_s3
+    assert all("s3:" in report.failed[w] and "503" in report.failed[w] for w in only_s3), report.failed
+    moved = [line for line in report.fallbacks if line.startswith(("wedding 1:", "wedding 2:"))]
+    assert len(moved) == 2 and all("s3:" in line and line.endswith("restored from gcs") for line in moved)
+    assert not report.foreign_key_problems
+    got, want = table_sums(target), platform["expected"]
+    assert got["public.vendors"] == want["public.vendors"]
+    with psycopg.connect(target) as conn:
+        assert {r[0] for r in conn.execute("SELECT id::text FROM weddings")} == {"1", "2"}
+
+
 def test_refuses_a_target_in_use_the_source_and_the_catalogue(platform, make_database, stack):
     engine = platform["engine"]
     busy = make_database()

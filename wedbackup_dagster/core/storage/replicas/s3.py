@@ -22,6 +22,7 @@ from wedbackup_dagster.core.storage.replicas.base import (READ_BLOCK, DigestNeed
                                                           archive_key, canary_round, check_key, check_list_prefix,
                                                           digest_file, digests_for_upload, object_metadata,
                                                           parse_archive_key, provider_error, upload_key)
+from wedbackup_dagster.core.storage.replicas.s3_get import LeanGetter, lean_getter
 
 PROVIDER = "s3"
 DEFAULT_MULTIPART_THRESHOLD = 64 << 20
@@ -117,8 +118,12 @@ class S3Replica:
 
     def __init__(self, client, target: S3Target, *, multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
                  part_size: int = DEFAULT_PART_SIZE, max_concurrency: int = 4,
-                 abandoned_after: float = ABANDONED_MULTIPART_SECONDS):
+                 abandoned_after: float = ABANDONED_MULTIPART_SECONDS, lean_get: bool = True):
         self.client = client
+        # Downloads through s3_get's lean GET (the client's signer, session and settings, not its event
+        # system) when the client allows it; False (or a client it cannot serve): boto3's get_object.
+        self._lean: LeanGetter | None = None
+        self._lean_wanted = lean_get
         self.abandoned_after = abandoned_after
         self.target = target
         self.prefix = target.prefix
@@ -385,6 +390,10 @@ class S3Replica:
                  version_id: str | None = None) -> int:
         check_key(PROVIDER, self.prefix, key)
         out = HashingWriter(dest)
+        lean = self._lean_getter()
+        if lean is not None:
+            lean.get(key, out.write, version_id=version_id)
+            return self._checked(key, out, expected_sha256)
         kwargs: dict[str, Any] = {"Bucket": self.target.bucket, "Key": key}
         if version_id:
             kwargs["VersionId"] = version_id
@@ -394,6 +403,16 @@ class S3Replica:
                 out.write(chunk)
         except (ClientError, BotoCoreError) as exc:
             raise self._fail(key, "download", exc) from None
+        return self._checked(key, out, expected_sha256)
+
+    def _lean_getter(self) -> LeanGetter | None:
+        if self._lean_wanted and self._lean is None:
+            self._lean = lean_getter(self.client, self.target.bucket)
+            self._lean_wanted = self._lean is not None
+        return self._lean
+
+    @staticmethod
+    def _checked(key: str, out: HashingWriter, expected_sha256: str | None) -> int:
         if expected_sha256 is not None and out.hexdigest() != expected_sha256:
             raise ReplicaChecksumMismatch(PROVIDER, key, f"downloaded bytes have sha256 {out.hexdigest()}, "
                                                          f"expected {expected_sha256}")

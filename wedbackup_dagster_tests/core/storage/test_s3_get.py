@@ -1,0 +1,200 @@
+"""The lean S3 GET (core/storage/replicas/s3_get.py): SigV4 signing against AWS's own published example, the
+bucket URL and settings taken from the boto3 client, and downloads against the real moto stand-in — through a
+real fault proxy for transient answers, answers cut short and a provider that stays down."""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import os
+
+import boto3
+import pytest
+from botocore.config import Config
+from botocore.credentials import Credentials
+
+from wedbackup_dagster.core.config import S3Target
+from wedbackup_dagster.core.errors import ReplicaChecksumMismatch, ReplicaError
+from wedbackup_dagster.core.storage.replicas import S3Replica, s3_client_from
+from wedbackup_dagster.core.storage.replicas.s3 import client_config
+from wedbackup_dagster.core.storage.replicas.s3_get import (
+    LeanGetter,
+    error_of,
+    lean_getter,
+    total_attempts,
+)
+from wedbackup_dagster_tests.reliability.faultproxy import (
+    FailingAfter,
+    FaultProxy,
+    FaultSchedule,
+)
+
+PREFIX = "wedbackup"
+BUCKET = "wedding-bk"  # DNS-compatible: botocore may address it as a virtual host
+
+# AWS's SigV4 example for S3 "GET Object" (Amazon S3 API reference, "Signature Calculations for the Authorization
+# Header: Example: GET Object"): its inputs and the signature the documentation gives.
+AWS_ACCESS_KEY = "AKIAIOSFODNN7EXAMPLE"
+AWS_SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+AWS_EXAMPLE_SIGNATURE = "f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
+
+
+def test_signing_matches_aws_published_sigv4_example(monkeypatch):
+    monkeypatch.setattr("botocore.auth.get_current_datetime", lambda *a, **k: datetime.datetime(2013, 5, 24))
+    getter = LeanGetter(base_url="https://examplebucket.s3.amazonaws.com/", region="us-east-1",
+                        credentials=Credentials(AWS_ACCESS_KEY, AWS_SECRET_KEY), send=lambda r: None, attempts=1)
+    request = getter.signed(getter.url("test.txt"), {"Range": "bytes=0-9"})
+    auth = request.headers["Authorization"]
+    assert auth == ("AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request, "
+                    "SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, "
+                    f"Signature={AWS_EXAMPLE_SIGNATURE}")
+    assert request.headers["x-amz-date"] == "20130524T000000Z"
+
+
+def test_a_session_token_is_signed_and_sent():
+    getter = LeanGetter(base_url="https://b.s3.amazonaws.com/", region="eu-west-1",
+                        credentials=Credentials("AKID", "secret", token="the-session-token"), send=lambda r: None,
+                        attempts=1)
+    request = getter.signed(getter.url("a/b.wbk", version_id="v 1"))
+    assert request.headers["X-Amz-Security-Token"] == "the-session-token"
+    assert "x-amz-security-token" in request.headers["Authorization"]
+    assert request.url == "https://b.s3.amazonaws.com/a/b.wbk?versionId=v%201"
+
+
+def _client(**kw):
+    return boto3.client("s3", aws_access_key_id="AKID", aws_secret_access_key="secret", **kw)
+
+
+def test_the_bucket_url_is_botocores_for_each_addressing_style():
+    virtual = lean_getter(_client(region_name="eu-west-1", config=Config(s3={"addressing_style": "virtual"})), BUCKET)
+    path = lean_getter(_client(region_name="eu-west-1", config=Config(s3={"addressing_style": "path"})), BUCKET)
+    custom = lean_getter(_client(region_name="eu-west-1", endpoint_url="http://127.0.0.1:1234"), BUCKET)
+    assert virtual.base_url == "https://wedding-bk.s3.eu-west-1.amazonaws.com/"
+    assert path.base_url == "https://s3.eu-west-1.amazonaws.com/wedding-bk/"
+    assert custom.base_url == "http://127.0.0.1:1234/wedding-bk/"
+    assert virtual.region == "eu-west-1"
+
+
+def test_clients_it_cannot_serve_keep_boto3():
+    from botocore import UNSIGNED
+
+    assert lean_getter(_client(region_name="eu-west-1", config=Config(signature_version=UNSIGNED)), BUCKET) is None
+    assert lean_getter(object(), BUCKET) is None
+
+
+def test_attempts_and_errors_are_read_as_botocore_reads_them():
+    assert total_attempts({"max_attempts": 2, "mode": "standard"}) == 3
+    assert total_attempts({"total_max_attempts": 5}) == 5
+    assert total_attempts(None) == 3
+    missing = error_of(404, b"<Error><Code>NoSuchKey</Code><Message>The key does not exist.</Message></Error>")
+    assert (missing.code, missing.transient) == ("NoSuchKey", False)
+    assert error_of(503, b"<Error><Code>SlowDown</Code></Error>").transient
+    assert error_of(400, b"<Error><Code>RequestTimeout</Code></Error>").transient
+    assert not error_of(403, b"<Error><Code>AccessDenied</Code></Error>").transient
+
+
+# ------------------------------------------------------------------------------- against the stand-in
+
+
+def _target(bucket: str, env: dict[str, str], endpoint: str | None = None) -> S3Target:
+    return S3Target(bucket=bucket, region=env["WEDBACKUP_S3_REGION"], prefix=PREFIX,
+                    endpoint_url=endpoint or env["WEDBACKUP_S3_ENDPOINT_URL"], storage_class="STANDARD", sse="none")
+
+
+@pytest.fixture
+def stored(stack, s3_bucket, s3_client):
+    """An archive-shaped object (3 MiB and a ragged tail: several reads) at its content address."""
+    data = os.urandom(3 * (1 << 20) + 4321)
+    sha = hashlib.sha256(data).hexdigest()
+    key = f"{PREFIX}/weddings/7/{sha}.wbk"
+    s3_client.put_object(Bucket=s3_bucket, Key=key, Body=data)
+    return {"env": stack.env(), "bucket": s3_bucket, "key": key, "sha": sha, "data": data}
+
+
+def _replica(stored, endpoint: str | None = None, max_attempts: int = 2) -> S3Replica:
+    target = _target(stored["bucket"], stored["env"], endpoint)
+    replica = S3Replica(s3_client_from(target, stored["env"], config=client_config(
+        connect_timeout=1, read_timeout=2, max_attempts=max_attempts)), target)
+    assert replica._lean_getter() is not None  # noqa: SLF001 - these tests are about the lean path
+    replica._lean.sleep = lambda s: None  # noqa: SLF001 - no backoff waits in tests
+    return replica
+
+
+@pytest.mark.stack
+def test_downloads_every_byte_checked_and_versions(stored, s3_client):
+    replica = _replica(stored)
+    out = io.BytesIO()
+    assert replica.download(stored["key"], out, expected_sha256=stored["sha"]) == len(stored["data"])
+    assert out.getvalue() == stored["data"]
+    first = s3_client.head_object(Bucket=stored["bucket"], Key=stored["key"])["VersionId"]
+    s3_client.put_object(Bucket=stored["bucket"], Key=stored["key"], Body=b"newer")
+    old = io.BytesIO()
+    replica.download(stored["key"], old, expected_sha256=stored["sha"], version_id=first)
+    assert old.getvalue() == stored["data"]
+
+
+@pytest.mark.stack
+def test_a_missing_object_and_a_wrong_digest_name_the_key(stored):
+    replica = _replica(stored)
+    missing = f"{PREFIX}/weddings/7/{'0' * 64}.wbk"
+    with pytest.raises(ReplicaError, match="NoSuchKey") as caught:
+        replica.download(missing, io.BytesIO())
+    assert caught.value.key == missing and "s3" in str(caught.value)
+    with pytest.raises(ReplicaChecksumMismatch) as caught:
+        replica.download(stored["key"], io.BytesIO(), expected_sha256="f" * 64)
+    assert caught.value.key == stored["key"] and stored["sha"] in str(caught.value)
+
+
+def _upstream(env) -> tuple[str, int]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(env["WEDBACKUP_S3_ENDPOINT_URL"])
+    return parts.hostname, parts.port
+
+
+@pytest.mark.stack
+def test_a_transient_answer_is_retried_as_botocore_would(stored):
+    with FaultProxy("s3", _upstream(stored["env"]),
+                    FaultSchedule(seed=3, rate=1.0, weights={"http_503": 1}, limit=1)) as proxy:
+        replica = _replica(stored, endpoint=f"http://{proxy.address}")
+        out = io.BytesIO()
+        replica.download(stored["key"], out, expected_sha256=stored["sha"])
+        assert out.getvalue() == stored["data"] and proxy.counts["http_503"] == 1 and proxy.requests == 2
+
+
+@pytest.mark.stack
+def test_a_provider_that_stays_down_fails_after_every_attempt_naming_the_key(stored):
+    with FailingAfter("s3", _upstream(stored["env"]), good=0, kind="http_503") as proxy:
+        replica = _replica(stored, endpoint=f"http://{proxy.address}", max_attempts=2)
+        with pytest.raises(ReplicaError, match="503") as caught:
+            replica.download(stored["key"], io.BytesIO())
+        assert caught.value.key == stored["key"] and proxy.requests == 3  # three tries in all, as configured
+
+
+@pytest.mark.stack
+def test_an_answer_cut_short_is_an_error_never_a_short_download(stored):
+    with FailingAfter("s3", _upstream(stored["env"]), good=0, kind="truncate") as proxy:
+        replica = _replica(stored, endpoint=f"http://{proxy.address}")
+        with pytest.raises(ReplicaError, match="cut short|broke off") as caught:
+            replica.download(stored["key"], io.BytesIO())
+        assert caught.value.key == stored["key"] and proxy.counts["truncate"] == 1
+        proxy.good = 10**6  # the provider is well again: the same replica (its pooled connections) recovers
+        out = io.BytesIO()
+        replica.download(stored["key"], out, expected_sha256=stored["sha"])
+        assert out.getvalue() == stored["data"]
+
+
+class _FullDisk(io.BytesIO):
+    def write(self, data) -> int:  # noqa: ANN001 - any bytes-like
+        raise OSError(28, "No space left on device")
+
+
+@pytest.mark.stack
+def test_a_failed_local_write_is_not_blamed_on_the_provider(stored):
+    replica = _replica(stored)
+    with pytest.raises(OSError, match="No space left") as caught:
+        replica.download(stored["key"], _FullDisk())
+    assert not isinstance(caught.value, ReplicaError)
+    out = io.BytesIO()  # the connection it left mid-answer is not reused as it was
+    replica.download(stored["key"], out, expected_sha256=stored["sha"])
+    assert out.getvalue() == stored["data"]

@@ -337,12 +337,16 @@ class Catalogue:
             missing = [p for p in missing if p not in out]
             spelt = [(p, pattern) for p in missing if (pattern := other_spellings(p)) is not None]
             if spelt:
+                # `_refuse_second_spelling` for the batch: the keys are joined on one canonical spelling (leading
+                # zeros dropped, uuids in lower case) computed once per key, not matched against each wedding's
+                # pattern in turn; the pattern itself still decides.
                 for r in conn.execute(
-                        "SELECT x.p, o.partition FROM unnest(%s::text[], %s::text[]) AS x(p, pattern) "
-                        "CROSS JOIN LATERAL (SELECT k.partition FROM wedbackup.wedding_keys k WHERE k.partition <> x.p "
-                        "AND k.partition ~ x.pattern AND EXISTS (SELECT FROM wedbackup.backups b WHERE b.partition "
-                        "= k.partition) LIMIT 1) AS o",
-                        ([p for p, _ in spelt], [pattern for _, pattern in spelt])).fetchall():
+                        f"SELECT DISTINCT ON (x.p) x.p, k.partition FROM unnest(%s::text[], %s::text[], %s::text[]) "
+                        f"AS x(p, pattern, canonical) JOIN wedbackup.wedding_keys k ON {_CANONICAL_SPELLING} = x.canonical "
+                        "AND k.partition <> x.p AND k.partition ~ x.pattern WHERE EXISTS (SELECT FROM wedbackup.backups b "
+                        "WHERE b.partition = k.partition) ORDER BY x.p, k.partition",
+                        ([p for p, _ in spelt], [pattern for _, pattern in spelt],
+                         [canonical_spelling(p) for p, _ in spelt])).fetchall():
                     out[r["p"]] = CryptoKeyError(_second_spelling_message(r["p"], r["partition"]))
             missing = [p for p in missing if p not in out]
             master = keyring.current
@@ -1017,6 +1021,21 @@ def _refuse_erased(conn: psycopg.Connection, partition: str) -> None:
                        (partition,)).fetchone()
     if row is not None:
         raise CryptoKeyError(_erased_message(partition, row))
+
+
+# A wedding key's partition in one spelling per wedding (what `canonical_spelling` makes in Python): an integer
+# id without leading zeros, anything else in lower case.
+_CANONICAL_SPELLING = ("(CASE WHEN k.partition ~ '^-?[0-9]+$' THEN regexp_replace(k.partition, '^(-?)0*([0-9])', "
+                       "'\\1\\2') ELSE lower(k.partition) END)")
+
+
+def canonical_spelling(partition: str) -> str:
+    """`_CANONICAL_SPELLING` of one partition: "007" and "7" give "7", "-07" gives "-7", a uuid its lower case."""
+    import re
+
+    if re.fullmatch(r"-?[0-9]+", partition):
+        return re.sub(r"^(-?)0*([0-9])", r"\1\2", partition)
+    return partition.lower()
 
 
 def _erased_message(partition: str, row: dict[str, Any]) -> str:

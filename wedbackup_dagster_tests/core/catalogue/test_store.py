@@ -200,6 +200,19 @@ def test_a_second_spelling_in_a_batch_is_refused_naming_the_wedding_that_has_bac
     # "8" has no backup yet: its first key is made, and so is one for "0008", as wedding_key would.
     assert isinstance(keys["8"], SecretKey) and isinstance(keys["0008"], SecretKey)
     assert "007" not in _live_keys(catalogue)
+    # A uuid id in another letter case, and a negative id with leading zeros, the same way.
+    uuid_id = "3f2504e0-4f89-11d3-9a0c-0305e82c3301"
+    for partition in (uuid_id, "-7"):
+        key = catalogue.wedding_key(partition, ring)
+        catalogue.record_backup(partition=partition, archive_sha256=f"{len(partition):064x}", size=9,
+                                key_id=key.key_id, manifest=_manifest(1))
+    keys = catalogue.wedding_keys([uuid_id.upper(), "-0007", "70", "-70"], ring)
+    assert f"is another spelling of wedding {uuid_id!r}" in str(keys[uuid_id.upper()])
+    assert "is another spelling of wedding '-7'" in str(keys["-0007"])
+    assert isinstance(keys["70"], SecretKey) and isinstance(keys["-70"], SecretKey)
+    for partition in (uuid_id.upper(), "-0007"):  # what wedding_key says alone
+        with pytest.raises(CryptoKeyError, match="another spelling"):
+            catalogue.wedding_key(partition, ring)
 
 
 def test_two_batches_making_the_same_weddings_keys_at_once_end_with_one_key_each(catalogue):

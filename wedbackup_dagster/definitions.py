@@ -14,6 +14,7 @@ from .backups.schedules import backup_schedule
 from .backups.sensors import wedding_change_capture, wedding_discovery
 from .backups.shrinkage_ack import acknowledge_shrinkage
 from .instance.event_batches import enable_event_batching
+from .instance.garbage_collection import settle_loaded_objects
 from .providers.inventory_reconciliation import backup_inventory, reconcile_inventory
 from .providers.sensors import provider_health, run_failure_alerts
 from .shared.resources import build_resources
@@ -33,3 +34,7 @@ defs = dg.Definitions(
              run_failure_alerts, *key_store.sensor_defs, *changefeed.sensor_defs],
     resources=build_resources(),
 )
+
+# What the code location loaded lives as long as its process: kept out of the collector's traversal during
+# runs (instance/garbage_collection.py).
+settle_loaded_objects()

@@ -225,12 +225,12 @@ class Engine:
         started = time.perf_counter()
         # The keys are committed before any archive sealed with them can reach the vault.
         wedding_keys: dict[str, SecretKey] = {}
-        live = self.catalogue.live_wedding_keys(weddings, self.keyring)  # one query; new keys made one by one
-        for partition in weddings:
-            try:
-                wedding_keys[partition] = live.get(partition) or self.catalogue.wedding_key(partition, self.keyring)
-            except WedbackupError as exc:
-                results[partition] = exc
+        # One transaction for the batch's keys, first backups' new keys included (Catalogue.wedding_keys).
+        for partition, key in self.catalogue.wedding_keys(weddings, self.keyring).items():
+            if isinstance(key, WedbackupError):
+                results[partition] = key
+            else:
+                wedding_keys[partition] = key
         sealed: dict[str, tuple[Manifest, ArchiveStats, VaultEntry]] = {}
         for partition in wedding_keys:
             self.vault.clean_incoming(partition)  # what a killed run of this wedding left behind

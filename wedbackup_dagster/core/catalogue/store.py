@@ -310,6 +310,82 @@ class Catalogue:
                     return SecretKey(key_id, material)
         raise CryptoKeyError(f"wedding {partition}: could not create or read its key")
 
+    def wedding_keys(self, partitions: list[str], keyring: MasterKeyring) -> dict[str, SecretKey | CryptoKeyError]:
+        """`wedding_key` for a batch of weddings (a snapshot batch's first backups), in one catalogue
+        transaction instead of one per wedding, with the same guarantees: each wedding's key lock is taken
+        (sorted, so two batches never deadlock) before the erasure and second-spelling checks and the
+        insert, so an erasure that began first is refused by name and one that begins later waits for the
+        key and shreds it; a key another run made meanwhile is read, not duplicated (the unique index
+        keeps one live key per wedding); every new key is wrapped by the current master key and awaits
+        the key-store backup like any other. Returns each wedding's key, or the CryptoKeyError that
+        `wedding_key` would raise for that wedding alone; the others still get theirs."""
+        from wedbackup_dagster.core.partitions import other_spellings
+
+        wanted = list(dict.fromkeys(partitions))
+        out: dict[str, SecretKey | CryptoKeyError] = dict(self.live_wedding_keys(wanted, keyring))
+        missing = [p for p in wanted if p not in out]
+        if not missing:
+            return out
+        with self.connect() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s), h) FROM (SELECT DISTINCT hashtext(p) AS h "
+                         "FROM unnest(%s::text[]) AS p ORDER BY h) AS l", (KEY_LOCK_NAMESPACE, missing))
+            for r in conn.execute("SELECT partition, erased_at, requested_by FROM wedbackup.erasures "
+                                  "WHERE partition = ANY(%s)", (missing,)).fetchall():
+                out[r["partition"]] = CryptoKeyError(_erased_message(r["partition"], r))
+            missing = [p for p in missing if p not in out]
+            self._read_live_keys(conn, missing, keyring, out)
+            missing = [p for p in missing if p not in out]
+            spelt = [(p, pattern) for p in missing if (pattern := other_spellings(p)) is not None]
+            if spelt:
+                # `_refuse_second_spelling` for the batch: the keys are joined on one canonical spelling (leading
+                # zeros dropped, uuids in lower case) computed once per key, not matched against each wedding's
+                # pattern in turn; the pattern itself still decides.
+                for r in conn.execute(
+                        f"SELECT DISTINCT ON (x.p) x.p, k.partition FROM unnest(%s::text[], %s::text[], %s::text[]) "
+                        f"AS x(p, pattern, canonical) JOIN wedbackup.wedding_keys k ON {_CANONICAL_SPELLING} = x.canonical "
+                        "AND k.partition <> x.p AND k.partition ~ x.pattern WHERE EXISTS (SELECT FROM wedbackup.backups b "
+                        "WHERE b.partition = k.partition) ORDER BY x.p, k.partition",
+                        ([p for p, _ in spelt], [pattern for _, pattern in spelt],
+                         [canonical_spelling(p) for p, _ in spelt])).fetchall():
+                    out[r["p"]] = CryptoKeyError(_second_spelling_message(r["p"], r["partition"]))
+            missing = [p for p in missing if p not in out]
+            master = keyring.current
+            made: dict[str, tuple[str, bytes, bytes]] = {}
+            for partition in missing:
+                key_id = f"{partition}.{uuid.uuid4().hex[:12]}"
+                material = new_data_key()
+                made[partition] = (key_id, material,
+                                   wrap_key(master, material, wedding_key_context(partition, key_id)))
+            if made:
+                # A row that appeared without the key lock (none of ours takes that path) loses to the unique
+                # index; its key is read back below.
+                inserted = conn.execute(
+                    "INSERT INTO wedbackup.wedding_keys (key_id, partition, wrapped, master_key_id) "
+                    "SELECT key_id, partition, wrapped, %s FROM unnest(%s::text[], %s::text[], %s::bytea[]) "
+                    "AS n(key_id, partition, wrapped) ON CONFLICT DO NOTHING RETURNING partition",
+                    (master.key_id, [m[0] for m in made.values()], list(made),
+                     [m[2] for m in made.values()])).fetchall()
+                for r in inserted:
+                    key_id, material, _ = made[r["partition"]]
+                    out[r["partition"]] = SecretKey(key_id, material)
+                self._read_live_keys(conn, [p for p in made if p not in out], keyring, out)
+        for partition in wanted:
+            out.setdefault(partition, CryptoKeyError(f"wedding {partition}: could not create or read its key"))
+        return {p: out[p] for p in wanted}
+
+    def _read_live_keys(self, conn: psycopg.Connection, partitions: list[str], keyring: MasterKeyring,
+                        out: dict[str, SecretKey | CryptoKeyError]) -> None:
+        """The live keys among `partitions` into `out` (a key that does not unwrap: its error, by name)."""
+        if not partitions:
+            return
+        for r in conn.execute("SELECT key_id, partition, wrapped, master_key_id FROM wedbackup.wedding_keys "
+                              "WHERE partition = ANY(%s) AND shredded_at IS NULL", (partitions,)).fetchall():
+            try:
+                out[r["partition"]] = self._unwrap(r["key_id"], r["partition"], r["wrapped"], r["master_key_id"],
+                                                   keyring)
+            except CryptoKeyError as exc:
+                out[r["partition"]] = exc
+
     def live_wedding_keys(self, partitions: list[str], keyring: MasterKeyring) -> dict[str, SecretKey]:
         """`wedding_key` of the weddings among `partitions` that have a live key already, in one query (a
         snapshot batch). Left out, for `wedding_key` to make or refuse one by one: a wedding without a key
@@ -342,8 +418,7 @@ class Catalogue:
                            "k.partition ~ %s AND EXISTS (SELECT FROM wedbackup.backups b WHERE b.partition = "
                            "k.partition) LIMIT 1", (partition, pattern)).fetchone()
         if row is not None:
-            raise CryptoKeyError(f"wedding {partition!r} is another spelling of wedding {row['partition']!r}, which has "
-                            f"its key and backups already: one wedding has one partition; use {row['partition']!r}")
+            raise CryptoKeyError(_second_spelling_message(partition, row["partition"]))
 
     def key_by_id(self, key_id: str, keyring: MasterKeyring) -> SecretKey:
         with self.connect() as conn:
@@ -945,9 +1020,33 @@ def _refuse_erased(conn: psycopg.Connection, partition: str) -> None:
     row = conn.execute("SELECT erased_at, requested_by FROM wedbackup.erasures WHERE partition = %s",
                        (partition,)).fetchone()
     if row is not None:
-        raise CryptoKeyError(f"wedding {partition} was erased (GDPR erasure recorded {row['erased_at']:%Y-%m-%d %H:%M} "
-                        f"by {row['requested_by']}): its key is not read or made again, and nothing of it is "
-                        "backed up or restored; see `wedbackup erase` and README, GDPR erasure")
+        raise CryptoKeyError(_erased_message(partition, row))
+
+
+# A wedding key's partition in one spelling per wedding (what `canonical_spelling` makes in Python): an integer
+# id without leading zeros, anything else in lower case.
+_CANONICAL_SPELLING = ("(CASE WHEN k.partition ~ '^-?[0-9]+$' THEN regexp_replace(k.partition, '^(-?)0*([0-9])', "
+                       "'\\1\\2') ELSE lower(k.partition) END)")
+
+
+def canonical_spelling(partition: str) -> str:
+    """`_CANONICAL_SPELLING` of one partition: "007" and "7" give "7", "-07" gives "-7", a uuid its lower case."""
+    import re
+
+    if re.fullmatch(r"-?[0-9]+", partition):
+        return re.sub(r"^(-?)0*([0-9])", r"\1\2", partition)
+    return partition.lower()
+
+
+def _erased_message(partition: str, row: dict[str, Any]) -> str:
+    return (f"wedding {partition} was erased (GDPR erasure recorded {row['erased_at']:%Y-%m-%d %H:%M} "
+            f"by {row['requested_by']}): its key is not read or made again, and nothing of it is "
+            "backed up or restored; see `wedbackup erase` and README, GDPR erasure")
+
+
+def _second_spelling_message(partition: str, holder: str) -> str:
+    return (f"wedding {partition!r} is another spelling of wedding {holder!r}, which has "
+            f"its key and backups already: one wedding has one partition; use {holder!r}")
 
 
 def wedding_key_context(partition: str, key_id: str) -> bytes:

@@ -152,3 +152,96 @@ def test_live_keys_read_in_a_batch_are_wedding_key_and_leave_out_what_it_would_m
     # A key that does not unwrap under this keyring is left to wedding_key, which names it.
     assert catalogue.live_wedding_keys(["1"], MasterKeyring([SecretKey.generate("m2")])) == {}
     assert c.key_id.startswith("3.")
+
+
+def _live_keys(catalogue: Catalogue) -> dict[str, int]:
+    with catalogue.connect() as conn:
+        rows = conn.execute("SELECT partition, count(*) AS n FROM wedbackup.wedding_keys WHERE shredded_at IS NULL "
+                            "GROUP BY partition").fetchall()
+    return {r["partition"]: r["n"] for r in rows}
+
+
+def test_keys_made_in_a_batch_are_wedding_key_and_an_erased_wedding_is_refused_by_name(catalogue):
+    """wedding_keys (a snapshot batch's first backups, one transaction): the keys wedding_key reads back,
+    wrapped by the current master key and awaiting the key-store backup; an erased wedding of the batch is
+    refused naming it while the others get their keys."""
+    ring = MasterKeyring([SecretKey.generate("m1")])
+    old = catalogue.wedding_key("1", ring)
+    catalogue.begin_erasure("3", "3", "dpo@example.org")
+    keys = catalogue.wedding_keys(["1", "2", "3", "4", "2"], ring)
+    assert list(keys) == ["1", "2", "3", "4"]
+    assert keys["1"] == old
+    assert isinstance(keys["3"], CryptoKeyError) and "wedding 3 was erased" in str(keys["3"])
+    assert "dpo@example.org" in str(keys["3"])
+    for p in ("2", "4"):
+        assert isinstance(keys[p], SecretKey) and keys[p].key_id.startswith(f"{p}.")
+        assert catalogue.wedding_key(p, ring) == keys[p] == catalogue.key_by_id(keys[p].key_id, ring)
+    assert keys["2"] != keys["4"]
+    assert _live_keys(catalogue) == {"1": 1, "2": 1, "4": 1}
+    with catalogue.connect() as conn:
+        rows = conn.execute("SELECT partition, wrapped, master_key_id, key_backup_at FROM wedbackup.wedding_keys "
+                            "WHERE partition IN ('2', '4')").fetchall()
+    for r in rows:
+        assert r["master_key_id"] == "m1" and r["key_backup_at"] is None
+        assert keys[r["partition"]].material not in bytes(r["wrapped"])
+    with pytest.raises(CryptoKeyError, match="m1"):  # wrapped by the master key: another one cannot open it
+        catalogue.key_by_id(keys["2"].key_id, MasterKeyring([SecretKey.generate("m2")]))
+    assert catalogue.wedding_keys(["2", "4"], ring) == {"2": keys["2"], "4": keys["4"]}  # nothing made twice
+
+
+def test_a_second_spelling_in_a_batch_is_refused_naming_the_wedding_that_has_backups(catalogue):
+    ring = MasterKeyring([SecretKey.generate("m1")])
+    seven = catalogue.wedding_key("7", ring)
+    catalogue.record_backup(partition="7", archive_sha256="7" * 64, size=9, key_id=seven.key_id,
+                            manifest=_manifest(1))
+    keys = catalogue.wedding_keys(["007", "8", "0008"], ring)
+    assert isinstance(keys["007"], CryptoKeyError)
+    assert "'007' is another spelling of wedding '7'" in str(keys["007"])
+    # "8" has no backup yet: its first key is made, and so is one for "0008", as wedding_key would.
+    assert isinstance(keys["8"], SecretKey) and isinstance(keys["0008"], SecretKey)
+    assert "007" not in _live_keys(catalogue)
+    # A uuid id in another letter case, and a negative id with leading zeros, the same way.
+    uuid_id = "3f2504e0-4f89-11d3-9a0c-0305e82c3301"
+    for partition in (uuid_id, "-7"):
+        key = catalogue.wedding_key(partition, ring)
+        catalogue.record_backup(partition=partition, archive_sha256=f"{len(partition):064x}", size=9,
+                                key_id=key.key_id, manifest=_manifest(1))
+    keys = catalogue.wedding_keys([uuid_id.upper(), "-0007", "70", "-70"], ring)
+    assert f"is another spelling of wedding {uuid_id!r}" in str(keys[uuid_id.upper()])
+    assert "is another spelling of wedding '-7'" in str(keys["-0007"])
+    assert isinstance(keys["70"], SecretKey) and isinstance(keys["-70"], SecretKey)
+    for partition in (uuid_id.upper(), "-0007"):  # what wedding_key says alone
+        with pytest.raises(CryptoKeyError, match="another spelling"):
+            catalogue.wedding_key(partition, ring)
+
+
+def test_two_batches_making_the_same_weddings_keys_at_once_end_with_one_key_each(catalogue):
+    """Two runs (two connections) making overlapping batches' first keys at the same time, in opposite
+    orders: every wedding ends with one live key, and both runs hand out that key."""
+    import threading
+
+    ring = MasterKeyring([SecretKey.generate("m1")])
+    weddings = [str(n) for n in range(1, 201)]
+    barrier = threading.Barrier(3)
+    got: list[dict] = []
+
+    def make(order: list[str]) -> None:
+        cat = Catalogue(catalogue.dsn)
+        try:
+            barrier.wait()
+            for _ in range(3):
+                got.append(cat.wedding_keys(order, ring))
+        finally:
+            cat.close()
+
+    threads = [threading.Thread(target=make, args=(weddings,)), threading.Thread(target=make, args=(weddings[::-1],)),
+               threading.Thread(target=make, args=(weddings[50:150],))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads) and len(got) == 9
+    assert _live_keys(catalogue) == {w: 1 for w in weddings}
+    for keys in got:
+        for p, key in keys.items():
+            assert key == catalogue.wedding_key(p, ring), p

@@ -98,3 +98,59 @@ def test_an_erased_weddings_existing_key_is_not_read(catalogue):
     with pytest.raises(CryptoKeyError, match="wedding 8 was erased"):
         catalogue.key_by_id(key.key_id, ring)
     assert catalogue.wedding_key("9", ring).key_id.startswith("9.")  # other weddings are untouched
+
+
+def test_an_erasure_racing_a_batch_of_first_keys_shreds_that_weddings_key_only(catalogue):
+    """The same race against Catalogue.wedding_keys (a snapshot batch's first keys, one transaction): the
+    erasure of one wedding of the batch waits for the batch's key lock, then shreds that wedding's key;
+    the batch's other weddings keep theirs."""
+    dsn = catalogue.dsn
+    ring = MasterKeyring([SecretKey.generate("m1")])
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(f"""CREATE FUNCTION wedbackup.park() RETURNS trigger LANGUAGE plpgsql AS $$
+                          BEGIN PERFORM pg_advisory_xact_lock({GATE}); RETURN NEW; END $$""")
+        admin.execute("CREATE TRIGGER park BEFORE INSERT ON wedbackup.wedding_keys "
+                      "FOR EACH ROW EXECUTE FUNCTION wedbackup.park()")
+        admin.execute("SELECT pg_advisory_lock(%s)", (GATE,))
+        made: dict = {}
+
+        def make_keys():
+            try:
+                made["keys"] = Catalogue(dsn).wedding_keys(["6", "7", "8"], ring)
+            except Exception as exc:  # noqa: BLE001 - reported by the assertions below
+                made["error"] = exc
+
+        maker = threading.Thread(target=make_keys)
+        maker.start()
+        wait_for(lambda: lock_waiters(dsn) == 1, "the batch's INSERT to park")
+        erased = threading.Event()
+
+        def erase():
+            eraser = Catalogue(dsn)
+            eraser.begin_erasure("7", "7", "test")
+            eraser.shred_wedding_key("7")
+            eraser.close()
+            erased.set()
+
+        eraser = threading.Thread(target=erase)
+        eraser.start()
+        # The erasure waits for the batch's key lock on wedding 7 (it cannot have run straight through).
+        wait_for(lambda: lock_waiters(dsn) == 2, "the erasure to wait for the batch")
+        assert not erased.is_set()
+        admin.execute("SELECT pg_advisory_unlock(%s)", (GATE,))
+        maker.join(30)
+        eraser.join(30)
+        admin.execute("DROP TRIGGER park ON wedbackup.wedding_keys")
+    assert not maker.is_alive() and not eraser.is_alive() and "error" not in made
+    with psycopg.connect(dsn) as conn:
+        live = dict(conn.execute("SELECT partition, count(*) FROM wedbackup.wedding_keys WHERE wrapped IS NOT NULL "
+                                 "GROUP BY partition").fetchall())
+    assert live == {"6": 1, "8": 1}, "an erasure that began while the batch made the key left that key alive"
+    with pytest.raises(CryptoKeyError, match="wedding 7 was erased"):
+        _raise(catalogue.wedding_keys(["7"], ring)["7"])
+
+
+def _raise(result):
+    if isinstance(result, Exception):
+        raise result
+    return result

@@ -4,8 +4,10 @@ defect 5). The interleaving is forced with a trigger that parks the key's INSERT
 test holds, and by waiting for server-side lock waits, never by sleeping."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -40,15 +42,44 @@ def lock_waiters(dsn: str) -> int:
                             ).fetchone()[0]
 
 
-def test_an_erasure_racing_the_first_key_shreds_it(catalogue):
-    dsn = catalogue.dsn
-    ring = MasterKeyring([SecretKey.generate("m1")])
+@contextlib.contextmanager
+def parked_key_inserts(dsn: str) -> Iterator[psycopg.Connection]:
+    """Every INSERT into wedding_keys parks (a trigger waits for the advisory lock GATE, which the yielded
+    admin connection holds) until the test unlocks GATE; the trigger is dropped afterwards."""
     with psycopg.connect(dsn, autocommit=True) as admin:
         admin.execute(f"""CREATE FUNCTION wedbackup.park() RETURNS trigger LANGUAGE plpgsql AS $$
                           BEGIN PERFORM pg_advisory_xact_lock({GATE}); RETURN NEW; END $$""")
         admin.execute("CREATE TRIGGER park BEFORE INSERT ON wedbackup.wedding_keys "
                       "FOR EACH ROW EXECUTE FUNCTION wedbackup.park()")
         admin.execute("SELECT pg_advisory_lock(%s)", (GATE,))
+        try:
+            yield admin
+        finally:
+            admin.execute("SELECT pg_advisory_unlock_all()")
+            admin.execute("DROP TRIGGER park ON wedbackup.wedding_keys")
+
+
+def erasing(dsn: str, partition: str) -> tuple[threading.Thread, threading.Event]:
+    """An erasure of `partition` (begun, then its key shredded) started in a thread; the event is set once
+    it has finished."""
+    erased = threading.Event()
+
+    def erase():
+        eraser = Catalogue(dsn)
+        eraser.begin_erasure(partition, partition, "test")
+        eraser.shred_wedding_key(partition)
+        eraser.close()
+        erased.set()
+
+    thread = threading.Thread(target=erase)
+    thread.start()
+    return thread, erased
+
+
+def test_an_erasure_racing_the_first_key_shreds_it(catalogue):
+    dsn = catalogue.dsn
+    ring = MasterKeyring([SecretKey.generate("m1")])
+    with parked_key_inserts(dsn) as admin:
         made: dict = {}
 
         def make_key():
@@ -62,23 +93,12 @@ def test_an_erasure_racing_the_first_key_shreds_it(catalogue):
         # The key maker has checked for an erasure and is parked inside its INSERT.
         wait_for(lambda: lock_waiters(dsn) == 1, "the key's INSERT to park")
 
-        erased = threading.Event()
-
-        def erase():
-            eraser = Catalogue(dsn)
-            eraser.begin_erasure("7", "7", "test")
-            eraser.shred_wedding_key("7")
-            eraser.close()
-            erased.set()
-
-        eraser = threading.Thread(target=erase)
-        eraser.start()
+        eraser, erased = erasing(dsn, "7")
         # Either the erasure waits for the key being made (serialised), or it ran straight through (the race).
         wait_for(lambda: erased.is_set() or lock_waiters(dsn) == 2, "the erasure to finish or wait")
         admin.execute("SELECT pg_advisory_unlock(%s)", (GATE,))
         maker.join(30)
         eraser.join(30)
-        admin.execute("DROP TRIGGER park ON wedbackup.wedding_keys")
     assert not maker.is_alive() and not eraser.is_alive()
     with psycopg.connect(dsn) as conn:
         live = conn.execute("SELECT count(*) FROM wedbackup.wedding_keys WHERE partition = '7' "
@@ -106,12 +126,7 @@ def test_an_erasure_racing_a_batch_of_first_keys_shreds_that_weddings_key_only(c
     the batch's other weddings keep theirs."""
     dsn = catalogue.dsn
     ring = MasterKeyring([SecretKey.generate("m1")])
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        admin.execute(f"""CREATE FUNCTION wedbackup.park() RETURNS trigger LANGUAGE plpgsql AS $$
-                          BEGIN PERFORM pg_advisory_xact_lock({GATE}); RETURN NEW; END $$""")
-        admin.execute("CREATE TRIGGER park BEFORE INSERT ON wedbackup.wedding_keys "
-                      "FOR EACH ROW EXECUTE FUNCTION wedbackup.park()")
-        admin.execute("SELECT pg_advisory_lock(%s)", (GATE,))
+    with parked_key_inserts(dsn) as admin:
         made: dict = {}
 
         def make_keys():
@@ -123,24 +138,13 @@ def test_an_erasure_racing_a_batch_of_first_keys_shreds_that_weddings_key_only(c
         maker = threading.Thread(target=make_keys)
         maker.start()
         wait_for(lambda: lock_waiters(dsn) == 1, "the batch's INSERT to park")
-        erased = threading.Event()
-
-        def erase():
-            eraser = Catalogue(dsn)
-            eraser.begin_erasure("7", "7", "test")
-            eraser.shred_wedding_key("7")
-            eraser.close()
-            erased.set()
-
-        eraser = threading.Thread(target=erase)
-        eraser.start()
+        eraser, erased = erasing(dsn, "7")
         # The erasure waits for the batch's key lock on wedding 7 (it cannot have run straight through).
         wait_for(lambda: lock_waiters(dsn) == 2, "the erasure to wait for the batch")
         assert not erased.is_set()
         admin.execute("SELECT pg_advisory_unlock(%s)", (GATE,))
         maker.join(30)
         eraser.join(30)
-        admin.execute("DROP TRIGGER park ON wedbackup.wedding_keys")
     assert not maker.is_alive() and not eraser.is_alive() and "error" not in made
     with psycopg.connect(dsn) as conn:
         live = dict(conn.execute("SELECT partition, count(*) FROM wedbackup.wedding_keys WHERE wrapped IS NOT NULL "

@@ -12,14 +12,16 @@ From the measured seconds per wedding: an estimate for a 100,000-wedding platfor
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
 from wedbackup_dagster.dev.compare import table_sums
+
+from .fresh_process import write_result
 
 OBJECTIVE_SECONDS = 4 * 3600.0
 PLATFORM_WEDDINGS = 100_000
@@ -277,9 +279,10 @@ def main() -> None:
                         help="also restore with the platform's indexes and foreign keys built before the weddings")
     parser.add_argument("--compare-get", action="store_true",
                         help="also restore with S3 downloads through boto3's get_object instead of the lean GET")
+    parser.add_argument("--json-out", help="also write the figures to this file (fresh_process.py)")
     args = parser.parse_args()
-    print(json.dumps(run(weddings=args.weddings, document_bytes=args.document_bytes, jobs=args.jobs,
-                         compare_deferred=args.compare_deferred, compare_get=args.compare_get), indent=2))
+    write_result(run(weddings=args.weddings, document_bytes=args.document_bytes, jobs=args.jobs,
+                     compare_deferred=args.compare_deferred, compare_get=args.compare_get), args.json_out)
 
 
 if __name__ == "__main__":

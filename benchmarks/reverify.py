@@ -4,9 +4,10 @@ multi-wedding runs, exactly as `wedbackup verify --all` does. Reports runs and w
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
+
+from .fresh_process import write_result
 
 
 def run(weddings: int = 200, *, batch_size: int = 100, seed: int = 7, document_bytes: int = 2048) -> dict[str, Any]:
@@ -58,8 +59,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--weddings", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--json-out", help="also write the figures to this file (fresh_process.py)")
     args = parser.parse_args()
-    print(json.dumps(run(args.weddings, batch_size=args.batch_size), indent=2))
+    write_result(run(args.weddings, batch_size=args.batch_size), args.json_out)
 
 
 if __name__ == "__main__":

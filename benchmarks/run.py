@@ -9,7 +9,8 @@ import os
 import platform
 from pathlib import Path
 
-from . import big_wedding, change_feed, dagster_overhead, fleet, media, replicas, reverify, tick, whole_job
+from . import big_wedding, change_feed, dagster_overhead, fleet, media, replicas, tick
+from .fresh_process import run_part
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -79,22 +80,22 @@ def main() -> None:
     # three uploads, restore test), side by side: on the demo database (`demo-data --weddings 2000`) and on
     # the fleet database below (about 1 GB). Each part's figures are saved as soon as it ends
     # (latest.partial.json), so an interrupted bench keeps what it measured.
-    # Each in a fresh process, as `wedbackup backup --all` runs (whole_job.run_in_fresh_process).
-    result["whole_job_demo"] = whole_job.run_in_fresh_process(weddings=300 if args.quick else 2000, seed=7,
-                                                              document_bytes=4096, label="demo")
+    # These three parts each run in a new process, as the user's commands do (fresh_process.py).
+    result["whole_job_demo"] = run_part("whole_job", "--weddings", str(300 if args.quick else 2000),
+                                        "--document-bytes", "4096", "--label", "demo")
     result["whole_job_ratio_vs_peer_demo"] = result["whole_job_demo"]["whole_job_ratio_vs_peer"]
     _save_partial(result)
-    result["whole_job_fleet"] = whole_job.run_in_fresh_process(weddings=weddings, seed=7,
-                                                               document_bytes=document_bytes, label="fleet")
+    result["whole_job_fleet"] = run_part("whole_job", "--weddings", str(weddings),
+                                         "--document-bytes", str(document_bytes), "--label", "fleet")
     result["whole_job_ratio_vs_peer_fleet"] = result["whole_job_fleet"]["whole_job_ratio_vs_peer"]
     _save_partial(result)
     # Re-verify a fleet through Dagster in batched runs (verified_restore and its checks, no new dump).
-    result["reverify"] = reverify.run(weddings=300 if args.quick else 2000, batch_size=500)
+    result["reverify"] = run_part("reverify", "--weddings", str(300 if args.quick else 2000), "--batch-size", "500")
     result["reverify_weddings_per_minute"] = result["reverify"]["reverify_weddings_per_minute"]
     result["reverify_runs"] = result["reverify"]["runs"]
     # The whole platform back from S3 alone (`restore --all`) against the peer's whole dump restored (issue 17).
-    from . import restore_all
-    result["restore_all"] = restore_all.run(weddings=300 if args.quick else 2000, compare_deferred=True)
+    result["restore_all"] = run_part("restore_all", "--weddings", str(300 if args.quick else 2000),
+                                     "--compare-deferred")
     result["restore_all_seconds"] = result["restore_all"]["restore_all_seconds"]
     result["restore_all_ratio_vs_peer"] = result["restore_all"]["restore_all_ratio_vs_peer"]
     _save_partial(result)

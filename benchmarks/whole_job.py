@@ -7,13 +7,12 @@ hits both); its best run is the reference."""
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from .fresh_process import write_result
 
 
 def peer(bench: dict[str, Any], work: Path) -> dict[str, float]:
@@ -101,30 +100,16 @@ def run(*, weddings: int, seed: int, document_bytes: int, label: str) -> dict[st
     }
 
 
-def run_in_fresh_process(*, weddings: int, seed: int, document_bytes: int, label: str) -> dict[str, Any]:
-    """`run` in a new Python process, as a user's `wedbackup backup --all` starts: `make bench` does not time
-    the whole job inside its own long-lived process, after the parts before it (their heap, the fork server
-    and the code location they loaded). The figures come back through a file, not stdout."""
-    with tempfile.TemporaryDirectory(prefix="bench-whole-job-") as tmp:
-        out = Path(tmp) / "result.json"
-        subprocess.run([sys.executable, "-m", "benchmarks.whole_job", "--weddings", str(weddings), "--seed", str(seed),
-                        "--document-bytes", str(document_bytes), "--label", label, "--json-out", str(out)],
-                       check=True, cwd=Path(__file__).resolve().parent.parent)
-        return json.loads(out.read_text())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--weddings", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--document-bytes", type=int, default=4096)
     parser.add_argument("--label", default="cli", help="names the benchmark's databases and bucket")
-    parser.add_argument("--json-out", help="also write the figures to this file")
+    parser.add_argument("--json-out", help="also write the figures to this file (fresh_process.py)")
     args = parser.parse_args()
-    result = run(weddings=args.weddings, seed=args.seed, document_bytes=args.document_bytes, label=args.label)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result))
-    print(json.dumps(result, indent=2))
+    write_result(run(weddings=args.weddings, seed=args.seed, document_bytes=args.document_bytes, label=args.label),
+                 args.json_out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,34 @@
+"""One benchmark part in a new Python process, as a user's command starts (`wedbackup backup --all`,
+`wedbackup verify`, `wedbackup restore --all`): `make bench` does not time wedbackup inside its own
+long-lived process after the parts before it. Run there, with the earlier parts' heap, code location and fork
+server still in the process, the whole job, re-verification and restore --all measured about twice as slow
+as the same modules run alone, while their peers (pg_dump, psql: other processes) were not affected.
+
+The part's module is run with `python -m benchmarks.<part> ARGS --json-out FILE`; its figures come back
+through that file, so nothing it prints can garble them."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_part(part: str, *args: str) -> dict[str, Any]:
+    """`benchmarks.<part>`'s figures, measured in a new process (its stderr passes through)."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{part}-") as tmp:
+        out = Path(tmp) / "result.json"
+        subprocess.run([sys.executable, "-m", f"benchmarks.{part}", *args, "--json-out", str(out)], check=True,
+                       cwd=ROOT, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())
+
+
+def write_result(result: dict[str, Any], json_out: str | None) -> None:
+    """A part's `main`: its figures to `--json-out` when given, and to stdout as before."""
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, default=str))
+    print(json.dumps(result, indent=2, default=str))

@@ -1,8 +1,10 @@
 """One benchmark part in a new Python process, as a user's command starts (`wedbackup backup --all`,
 `wedbackup verify`, `wedbackup restore --all`): `make bench` does not time wedbackup inside its own
-long-lived process after the parts before it. Run there, with the earlier parts' heap, code location and fork
-server still in the process, the whole job, re-verification and restore --all measured about twice as slow
-as the same modules run alone, while their peers (pg_dump, psql: other processes) were not affected.
+long-lived process after the parts before it, with their heap, code location and fork server still there.
+Measured on 2026-12-06 (README, Benchmarks, seventh session), within the hour: the fleet's whole job took
+162.8 s inside the bench's process and 85.8 s in a new one; re-verification ran at 2,421 and 5,666 weddings
+a minute. The demo's whole job and restore --all showed no such difference. Their peers (pg_dump, psql)
+run in other processes either way.
 
 The part's module is run with `python -m benchmarks.<part> ARGS --json-out FILE`; its figures come back
 through that file, so nothing it prints can garble them."""

@@ -380,13 +380,25 @@ def header_of(record: Record, like: dict[str, Any] | None = None) -> dict[str, A
     return _as_checked(header, record.payload)
 
 
+# Table-begin records read and checked, by their bytes: every wedding's archive begins each table with the same
+# record, so a batch of weddings reads each one once. Bounded: emptied when full.
+_TABLE_BEGINS: dict[bytes, tuple[str, str, tuple[str, ...]]] = {}
+_TABLE_BEGINS_MAX = 4096
+
+
 def table_begin_of(record: Record) -> tuple[str, str, list[str]]:
-    """(schema, table, columns) of a table-begin record."""
+    """(schema, table, columns) of a table-begin record (the columns a new list, the caller's own)."""
+    known = _TABLE_BEGINS.get(record.payload)
+    if known is not None:
+        return known[0], known[1], list(known[2])
     begin = record.json()
     schema, name, columns = begin.get("schema"), begin.get("name"), begin.get("columns")
     if not (isinstance(schema, str) and schema and isinstance(name, str) and name and isinstance(columns, list)
             and columns and all(isinstance(c, str) and c for c in columns)):
         raise _garbled(record, "does not name a table and its columns")
+    if len(_TABLE_BEGINS) >= _TABLE_BEGINS_MAX:
+        _TABLE_BEGINS.clear()
+    _TABLE_BEGINS[record.payload] = (schema, name, tuple(columns))
     return schema, name, columns
 
 

@@ -82,3 +82,18 @@ def test_a_payload_with_values_encoded_ahead_is_the_same_bytes_as_encoding_it_wh
     small = {"partition": "7", "txid": 12, "format": "wedbackup-snapshot", "snapshot_time": "2026-12-06T04:00:00+00:00",
              "zeta": {"b": 1, "a": 2}}
     assert json_payload_with(small, {k: json_text(v) for k, v in large.items()}) == json_payload({**small, **large})
+
+
+def test_a_table_begin_record_read_before_gives_the_same_answer_and_a_list_the_caller_may_change():
+    from wedbackup_dagster.core.errors import SnapshotFormatError
+    from wedbackup_dagster.core.formats.snapshot_stream import TABLE_BEGIN, Record, json_payload, table_begin_of
+
+    payload = json_payload({"schema": "public", "name": "guests", "columns": ["id", "wedding_id", "name"]})
+    first = table_begin_of(Record(TABLE_BEGIN, payload, 0, "a.wbk"))
+    first[2].append("mine")
+    again = table_begin_of(Record(TABLE_BEGIN, payload, 90, "b.wbk"))
+    assert again == ("public", "guests", ["id", "wedding_id", "name"])
+    bad = json_payload({"schema": "public", "name": "guests", "columns": ["id", ""]})
+    for _ in range(2):  # a refused record is never remembered
+        with pytest.raises(SnapshotFormatError, match="does not name a table"):
+            table_begin_of(Record(TABLE_BEGIN, bad, 0, "c.wbk"))

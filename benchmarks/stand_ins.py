@@ -19,10 +19,11 @@ from typing import Any
 def fresh_stand_ins(stack: Any) -> None:
     """Restart the S3, GCS and Azure stand-ins the stack started (PostgreSQL stays): empty, as a part of
     the bench found them when run alone. Stand-ins this stack did not start (no pid recorded) are left."""
-    for name in ("s3", "gcs", "azure"):
-        if stack.recorded_pid(name) is not None:
-            stack.stop_service(name)
-    stack.up(("s3", "gcs", "azure"))
+    with stack.locked():  # another process restarting them meanwhile would find the ports half taken
+        for name in ("s3", "gcs", "azure"):
+            if stack.recorded_pid(name) is not None:
+                stack.stop_service(name)
+        stack.up(("s3", "gcs", "azure"))
 
 
 @contextlib.contextmanager

@@ -549,23 +549,27 @@ class Engine:
         folder = self.vault.root if self.vault.root.exists() else None
         with tempfile.TemporaryFile(dir=folder) as tmp:
             if chosen == "vault":
-                entry = self.vault.get(backup.partition, backup.archive_sha256)
-                if entry is None:
-                    raise WedbackupError(f"wedding {backup.partition}: the vault copy "
-                                         f"{backup.archive_sha256[:12]}… is missing")
-                digest = hashlib.sha256()
-                with open(entry.path, "rb") as src:
-                    while block := src.read(1 << 20):
-                        digest.update(block)
-                        tmp.write(block)
-                if digest.hexdigest() != backup.archive_sha256:
-                    raise ArchiveError(self.archive_name(backup, chosen),
-                                       "its SHA-256 no longer matches the catalogue: the vault copy is damaged")
+                self.copy_from_vault(backup, tmp)
             else:
                 copy = next(c for c in self.catalogue.copies(backup.id) if c.provider == chosen)
                 self.download_copy(replicas[chosen], copy.object_key, tmp, backup)
             tmp.seek(0)
             yield tmp
+
+    def copy_from_vault(self, backup: BackupRecord, out: Any) -> None:
+        """The vault's copy of `backup` written to `out`, its SHA-256 checked against the catalogue on the bytes
+        written (so what is read next is what was checked, even if the vault file changes meanwhile)."""
+        entry = self.vault.get(backup.partition, backup.archive_sha256)
+        if entry is None:
+            raise WedbackupError(f"wedding {backup.partition}: the vault copy {backup.archive_sha256[:12]}… is missing")
+        digest = hashlib.sha256()
+        with open(entry.path, "rb") as src:
+            while block := src.read(1 << 20):
+                digest.update(block)
+                out.write(block)
+        if digest.hexdigest() != backup.archive_sha256:
+            raise ArchiveError(self.archive_name(backup, "vault"),
+                               "its SHA-256 no longer matches the catalogue: the vault copy is damaged")
 
     download_attempts = 3
 

@@ -2,11 +2,16 @@
 and Azure Blob (Azurite), all on 127.0.0.1, owned by the project (`wedbackup stack up|down|status|env`).
 
 Every process `up` starts is recorded by PID under the state directory; `down` stops exactly those.
-Running `up` twice is harmless: a service already answering on its port is left alone.
+Running `up` twice is harmless: a service already answering on its port is left alone. Starting and stopping
+hold the state directory's lock (`Stack.locked`), so processes that restart the stand-ins at the same time
+(benchmark parts, test sessions) take turns: two starts racing for a port left the loser's PID recorded and
+the winner running unrecorded, which no `down` then stopped.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -15,7 +20,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +81,9 @@ def _wait_for(predicate, what: str, timeout: float, log: Path | None = None) -> 
     if log and log.exists():
         tail = "\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:])
     raise StackError(f"{what} did not become ready within {timeout:.0f} s{tail}")
+
+
+_HELD = threading.local()  # Stack.locked: how deep this thread holds each state directory's lock
 
 
 def _pid_alive(pid: int) -> bool:
@@ -370,17 +380,43 @@ class Stack:
             link.symlink_to(source)
 
     # ---- the verbs ---------------------------------------------------------------------------------
-    def up(self, services: tuple[str, ...] = SERVICES) -> None:
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """This stack's services to start or stop alone: the state directory's lock, held across processes
+        (flock) and taken again freely by the thread that holds it."""
+        depth = getattr(_HELD, str(self.root), 0)
+        if depth:
+            setattr(_HELD, str(self.root), depth + 1)
+            try:
+                yield
+            finally:
+                setattr(_HELD, str(self.root), depth)
+            return
         self.root.mkdir(parents=True, exist_ok=True)
-        self.local_secrets()
-        self._prepare_dagster_home()
-        starters = {"postgres": self.start_postgres, "s3": self.start_s3, "gcs": self.start_gcs,
-                    "azure": self.start_azure}
-        for name in services:
-            starters[name]()
+        with open(self.root / "stack.lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            setattr(_HELD, str(self.root), 1)
+            try:
+                yield
+            finally:
+                setattr(_HELD, str(self.root), 0)
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def up(self, services: tuple[str, ...] = SERVICES) -> None:
+        with self.locked():
+            self.local_secrets()
+            self._prepare_dagster_home()
+            starters = {"postgres": self.start_postgres, "s3": self.start_s3, "gcs": self.start_gcs,
+                        "azure": self.start_azure}
+            for name in services:
+                starters[name]()
 
     def stop_service(self, name: str) -> None:
         """Stop one service that `up` started (used by `down` and by provider-outage tests)."""
+        with self.locked():
+            self._stop_service(name)
+
+    def _stop_service(self, name: str) -> None:
         if name == "postgres":
             self.stop_postgres()
             return
@@ -410,8 +446,9 @@ class Stack:
             time.sleep(0.05)
 
     def down(self) -> None:
-        for name in ("dagster", *reversed(SERVICES)):
-            self.stop_service(name)
+        with self.locked():
+            for name in ("dagster", *reversed(SERVICES)):
+                self._stop_service(name)
 
     def status(self) -> list[dict[str, object]]:
         rows = []

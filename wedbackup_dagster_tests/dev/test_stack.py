@@ -100,3 +100,31 @@ def test_stand_in_stopped_then_started_at_once_answers_from_a_new_process(tmp_pa
             assert port_open(int(os.environ[f"WEDBACKUP_{name.upper()}_PORT"])), name
     finally:
         other.down()
+
+
+def test_processes_restarting_a_stand_in_at_once_take_turns_and_leave_none_unrecorded(tmp_path, monkeypatch):
+    """Three processes each restart the S3 stand-in at the same moment (as benchmark parts and test sessions
+    may): they take turns on the state directory's lock, so the one recorded is the one answering, and `down`
+    then leaves the port closed (before, the loser of a race for the port was recorded and the winner ran on,
+    unrecorded, after every `down`)."""
+    import os
+    import subprocess
+    import sys
+
+    from wedbackup_dagster.dev.stack import Stack, _pid_alive
+
+    monkeypatch.setenv("WEDBACKUP_S3_PORT", str(_free_port()))
+    state = tmp_path / "state"
+    other = Stack(state)
+    restart = ("import pathlib, sys, time; from wedbackup_dagster.dev.stack import Stack; s = Stack(pathlib.Path(sys.argv[1])); "
+               "time.sleep(float(sys.argv[2])); s.stop_service('s3'); s.up(('s3',))")
+    try:
+        other.up(("s3",))
+        procs = [subprocess.Popen([sys.executable, "-c", restart, str(state), str(0.3 - i * 0.001)],
+                                  env=dict(os.environ)) for i in range(3)]
+        assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+        pid = other.recorded_pid("s3")
+        assert pid is not None and _pid_alive(pid)
+    finally:
+        other.down()
+    assert not port_open(int(os.environ["WEDBACKUP_S3_PORT"])), "a stand-in nobody recorded still answers"

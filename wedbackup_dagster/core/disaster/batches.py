@@ -107,14 +107,13 @@ def known_for(engine: Any, points: list[RecoveryPoint]) -> Known:
 
 @contextlib.contextmanager
 def _fetched(engine: Any, backup: Any, copy: Any, replicas: Mapping[str, Any]) -> Iterator[Any]:
-    """The copy, its SHA-256 checked: a provider's downloaded into memory (spilling to a temporary file past
-    DOWNLOAD_IN_MEMORY), by the object key already read; the vault's through the engine."""
-    if copy.provider == "vault":
-        with engine.fetched_copy(backup, "vault", replicas) as tmp:
-            yield tmp
-        return
+    """The copy, its SHA-256 checked, read into memory (spilling to a temporary file past DOWNLOAD_IN_MEMORY):
+    a provider's downloaded by the object key already read, the vault's read from its file."""
     with tempfile.SpooledTemporaryFile(max_size=DOWNLOAD_IN_MEMORY) as tmp:
-        engine.download_copy(replicas[copy.provider], copy.object_key, tmp, backup)
+        if copy.provider == "vault":
+            engine.copy_from_vault(backup, tmp)
+        else:
+            engine.download_copy(replicas[copy.provider], copy.object_key, tmp, backup)
         tmp.seek(0)
         yield tmp
 

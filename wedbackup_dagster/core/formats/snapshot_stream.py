@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -293,10 +294,65 @@ def _garbled(record: Record, problem: str) -> SnapshotFormatError:
     return SnapshotFormatError(record.source, f"{record.kind_name} record at offset {record.offset} {problem}")
 
 
+class CheckedHeader(dict):
+    """A header record's JSON as header_of checked it, with the bytes it was read from and where its partition
+    member (`"partition":"…"`) sits in them, when it appears there exactly once as the writer spells it."""
+
+    __slots__ = ("payload", "at", "end")
+
+
+# A partition member as json_payload writes it: a plain string value, no escapes (partition names never need any).
+_PARTITION_MEMBER = re.compile(rb'"partition":"([^"\\]{1,200})"')
+
+
+def _as_checked(header: dict[str, Any], payload: bytes) -> CheckedHeader:
+    checked = CheckedHeader(header)
+    checked.payload, checked.at, checked.end = payload, -1, -1
+    member = b'"partition":' + json_payload(header["partition"])
+    at = payload.find(member)
+    if at >= 0 and payload.find(member, at + 1) < 0:
+        checked.at, checked.end = at, at + len(member)
+    return checked
+
+
+def _same_but_partition(payload: bytes, like: CheckedHeader) -> CheckedHeader | None:
+    """`like` for another partition, when `payload` is `like`'s bytes with only its partition member's value
+    changed; else None. Sound because the member is found once in `like`'s bytes, so it is the top-level one
+    (a quote inside a JSON string is escaped, so the member cannot hide in one); the bytes before and after it
+    are the same, and the new member is one plain string: parsing `payload` would give `like` with that
+    partition, and every other field was checked when `like` was."""
+    if like.at < 0:
+        return None
+    tail = len(like.payload) - like.end
+    if len(payload) <= like.at + tail or not payload.startswith(like.payload[:like.at]) or \
+            not payload.endswith(like.payload[like.end:]):
+        return None
+    member = _PARTITION_MEMBER.fullmatch(payload, like.at, len(payload) - tail)
+    if member is None:
+        return None
+    try:
+        partition = member.group(1).decode()
+    except UnicodeDecodeError:
+        return None
+    if not is_partition(partition):
+        return None  # the full reading below names the fault
+    header = CheckedHeader(like)
+    header["partition"] = partition
+    header.payload, header.at, header.end = payload, like.at, len(payload) - tail
+    return header
+
+
 def header_of(record: Record, like: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The header record's JSON, with the fields a restore uses checked. `like`: a header already checked
-    (the first of a batch): the large parts equal to its own (schema description, foreign keys, tenancy plan;
-    compared in C) are not walked again, element by element, for each archive of the batch."""
+    """The header record's JSON, with the fields a restore uses checked. `like`: a header this returned before
+    (the previous wedding's of a batch). The weddings of a batch have headers equal but for the partition (the
+    schema description, foreign keys and tenancy plan are the bulk of them): a header whose bytes differ from
+    `like`'s only in the partition's value is `like` with that partition, not parsed again
+    (_same_but_partition); else one whose large parts equal `like`'s (compared in C) is not walked again,
+    element by element. The header returned is a CheckedHeader: a shared copy, not to be changed."""
+    if isinstance(like, CheckedHeader):
+        same = _same_but_partition(record.payload, like)
+        if same is not None:
+            return same
     header = record.json()
     if header.get("format") != FORMAT_NAME or header.get("version") != FORMAT_VERSION:
         raise SnapshotFormatError(record.source, f"snapshot format {str(header.get('format'))[:40]!r} version "
@@ -307,7 +363,7 @@ def header_of(record: Record, like: dict[str, Any] | None = None) -> dict[str, A
     if not isinstance(header.get("schema_fingerprint"), str):
         raise _garbled(record, "has no schema fingerprint")
     if like is not None and all(header.get(k) == like.get(k) for k in ("schema", "foreign_keys", "plan")):
-        return header
+        return _as_checked(header, record.payload)
     schema = header.get("schema", [])
     if not isinstance(schema, list) or not all(
             isinstance(line, list) and len(line) == 3 and all(isinstance(x, str) for x in line) for line in schema):
@@ -321,16 +377,28 @@ def header_of(record: Record, like: dict[str, Any] | None = None) -> dict[str, A
     plan = header.get("plan", {})
     if not isinstance(plan, dict) or not isinstance(plan.get("tenant_tables", {}), dict):
         raise _garbled(record, "has a tenancy plan that is not an object with a tenant_tables object")
-    return header
+    return _as_checked(header, record.payload)
+
+
+# Table-begin records read and checked, by their bytes: every wedding's archive begins each table with the same
+# record, so a batch of weddings reads each one once. Bounded: emptied when full.
+_TABLE_BEGINS: dict[bytes, tuple[str, str, tuple[str, ...]]] = {}
+_TABLE_BEGINS_MAX = 4096
 
 
 def table_begin_of(record: Record) -> tuple[str, str, list[str]]:
-    """(schema, table, columns) of a table-begin record."""
+    """(schema, table, columns) of a table-begin record (the columns a new list, the caller's own)."""
+    known = _TABLE_BEGINS.get(record.payload)
+    if known is not None:
+        return known[0], known[1], list(known[2])
     begin = record.json()
     schema, name, columns = begin.get("schema"), begin.get("name"), begin.get("columns")
     if not (isinstance(schema, str) and schema and isinstance(name, str) and name and isinstance(columns, list)
             and columns and all(isinstance(c, str) and c for c in columns)):
         raise _garbled(record, "does not name a table and its columns")
+    if len(_TABLE_BEGINS) >= _TABLE_BEGINS_MAX:
+        _TABLE_BEGINS.clear()
+    _TABLE_BEGINS[record.payload] = (schema, name, tuple(columns))
     return schema, name, columns
 
 

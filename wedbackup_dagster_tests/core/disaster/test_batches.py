@@ -80,3 +80,45 @@ def test_the_one_by_one_path_still_works(platform, make_database):
     report = disaster.restore_all(platform["engine"], platform["replicas"], target, s3_only(batches=False))
     assert report.complete, report.lines()
     assert table_sums(target) == platform["expected"]
+
+
+def test_from_the_vault_a_damaged_vault_copy_is_refused_and_the_wedding_comes_from_s3(demo_env, make_database):
+    """The source lost, the vault kept (restore --all --from vault): each vault copy is read into memory and
+    checked against the catalogue's SHA-256 on the bytes read; one damaged file sends its wedding to S3, named
+    in the report, and the platform still equals the source."""
+    import os
+
+    from wedbackup_dagster.core.engine import Engine
+    from wedbackup_dagster.core.storage.providers import ensure_targets
+    from wedbackup_dagster_tests.core.disaster.test_restore_all import replicas_of
+
+    dsns = demo_env(weddings=3, seed=5, document_bytes=64)
+    engine = Engine.from_env()
+    try:
+        ensure_targets(engine.settings)
+        replicas = {"s3": replicas_of(engine)["s3"]}
+        with psycopg.connect(dsns["source"]) as conn:
+            ids = [str(r[0]) for r in conn.execute("SELECT id FROM weddings ORDER BY id")]
+        with engine.snapshot_session() as session:
+            for p in ["platform", *ids]:
+                engine.back_up(p, session)
+        for p in ["platform", *ids]:
+            engine.replicate(p, replicas["s3"])
+            engine.verify(p, replicas, provider="s3")
+        expected = table_sums(dsns["source"])
+        damaged = ids[1]
+        backup = engine.catalogue.latest_backup(damaged)
+        path = engine.vault.path_for(damaged, backup.archive_sha256)
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        os.chmod(path, 0o600)
+        path.write_bytes(bytes(data))
+        target = make_database()
+        report = disaster.restore_all(engine, replicas, target,
+                                      disaster.RestoreAllOptions(providers=("vault", "s3"), jobs=2))
+        assert report.complete, report.lines()
+        assert report.copies_used == {"vault": len(ids), "s3": 1}
+        assert [line for line in report.fallbacks if f"wedding {damaged}" in line and "damaged" in line], report.fallbacks
+        assert table_sums(target) == expected
+    finally:
+        engine.catalogue.close()

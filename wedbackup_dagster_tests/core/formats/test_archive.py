@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import os
 import random
 import re
@@ -650,3 +651,34 @@ def test_reference_reader_in_format_md_rejects_damage(tmp_path):
     for damaged in (blob[:-1], header + b"".join(chunks[:-1]), blob + b"x", mutate(blob, ("flip", len(header) + 5, 1))):
         assert run_reference_reader(tmp_path, damaged).returncode != 0
     assert run_reference_reader(tmp_path, blob, key=OTHER_KEY_SAME_ID).returncode != 0
+
+
+# --- loads_untrusted: the parser of every label, snapshot record, manifest and key backup -------------------
+
+@pytest.mark.parametrize("text", [b"NaN", b"[Infinity]", b"[1e400]", b'"\\ud800"', b'"\xff"', b"{", b'{"a":1,}'])
+def test_loads_untrusted_refuses_what_is_not_strict_json_with_a_json_error(text):
+    from wedbackup_dagster.core.formats.archive import loads_untrusted
+
+    with pytest.raises(json.JSONDecodeError):
+        loads_untrusted(text)
+
+
+def test_loads_untrusted_reads_bytes_and_text_alike_and_keeps_unicode_and_64_bit_integers():
+    from wedbackup_dagster.core.formats.archive import loads_untrusted
+
+    doc = {"name": "Zoë & Ana — 婚礼", "rows": 2**63 - 1, "bytes": 0, "ratio": 0.1, "tables": [{"n": None}]}
+    encoded = json.dumps(doc, ensure_ascii=False)
+    assert loads_untrusted(encoded.encode()) == doc
+    assert loads_untrusted(encoded) == doc
+    assert loads_untrusted(json.dumps(doc).encode()) == doc  # \u escapes too
+
+
+def test_loads_untrusted_reads_an_integer_beyond_64_bits_as_a_float_which_the_record_checks_refuse():
+    from wedbackup_dagster.core.formats.archive import loads_untrusted
+    from wedbackup_dagster.core.formats.snapshot_stream import TABLE_END, Record, check_table_end
+
+    assert isinstance(loads_untrusted(b'{"rows": 123456789012345678901234567890}')["rows"], float)
+    end = Record(TABLE_END, b'{"rows": 123456789012345678901234567890, "bytes": 0, "sha256": "x"}', 9, "a.wbk")
+    with pytest.raises(Exception, match="does not match its record"):
+        check_table_end(end, 123456789012345678901234567890, 0, "x", what="wedding w", target="t", table="s.t",
+                        done="read")

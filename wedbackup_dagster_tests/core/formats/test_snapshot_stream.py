@@ -21,6 +21,59 @@ def test_a_header_like_one_already_checked_is_not_walked_again_but_still_checked
             header_of(Record(HEADER, json.dumps({**good, **bad}).encode(), 0), like=first)
 
 
+def _written_header(**changes):
+    """A header record as the snapshot writer writes it (json_payload: sorted keys, no spaces)."""
+    from wedbackup_dagster.core.formats.snapshot_stream import FORMAT_NAME, FORMAT_VERSION, HEADER, Record, json_payload
+
+    header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "partition": "7", "schema_fingerprint": "f",
+              "schema": [["table", "public.guests", "x"], ["column", "public.guests.name", "text"]],
+              "foreign_keys": [], "plan": {"tenant_tables": {"public.guests": {"partition": "7"}}},
+              "snapshot_time": "2026-12-06T10:00:00+00:00"}
+    header.update(changes)
+    return Record(HEADER, json_payload(header), 0, "archive a.wbk")
+
+
+def test_a_header_differing_from_the_last_only_in_its_partition_is_that_header_for_the_new_partition():
+    from wedbackup_dagster.core.formats.snapshot_stream import header_of
+
+    first = header_of(_written_header(plan={"tenant_tables": {}}))
+    second = header_of(_written_header(partition="1234", plan={"tenant_tables": {}}), like=first)
+    assert second == {**first, "partition": "1234"}
+    assert second["schema"] is first["schema"]  # taken from the header already checked, not parsed again
+    third = header_of(_written_header(partition="platform", plan={"tenant_tables": {}}), like=second)
+    assert third == {**first, "partition": "platform"} and third["schema"] is first["schema"]
+    assert first["partition"] == "7" and second["partition"] == "1234"  # each its own copy
+
+
+@pytest.mark.parametrize("changes", [{"snapshot_time": "2026-12-06T11:00:00+00:00"}, {"schema_fingerprint": "g"},
+                                     {"schema": [["table", "public.guests", "y"]]}])
+def test_a_header_differing_elsewhere_too_is_parsed_and_checked_in_full(changes):
+    from wedbackup_dagster.core.formats.snapshot_stream import header_of
+
+    first = header_of(_written_header(plan={"tenant_tables": {}}))
+    again = header_of(_written_header(partition="8", plan={"tenant_tables": {}}, **changes), like=first)
+    assert again == {**first, "partition": "8", **changes}
+
+
+def test_a_partition_member_found_twice_or_spelled_otherwise_is_never_taken_as_the_headers_own():
+    from wedbackup_dagster.core.errors import SnapshotFormatError
+    from wedbackup_dagster.core.formats.snapshot_stream import HEADER, Record, header_of
+
+    # the plan holds a nested member spelled exactly as the top-level one: the bytes do not say which is which
+    twice = header_of(_written_header())
+    assert twice.at == -1
+    moved = _written_header(partition="8", plan={"tenant_tables": {"public.guests": {"partition": "7"}}})
+    assert header_of(moved, like=twice)["plan"]["tenant_tables"]["public.guests"]["partition"] == "7"
+    first = header_of(_written_header(plan={"tenant_tables": {}}))
+    payload = _written_header(plan={"tenant_tables": {}}).payload
+    # another member smuggled in beside the partition, an escaped value, a value no partition has
+    for member in (b'"partition":"8","format":"other"', b'"partition":"8\\u0000"', b'"partition":"../x"',
+                   b'"partition":"8"'.replace(b"8", b"\xff")):
+        crafted = payload.replace(b'"partition":"7"', member)
+        with pytest.raises(SnapshotFormatError):
+            header_of(Record(HEADER, crafted, 0, "archive a.wbk"), like=first)
+
+
 def test_a_payload_with_values_encoded_ahead_is_the_same_bytes_as_encoding_it_whole():
     from wedbackup_dagster.core.formats.snapshot_stream import json_payload, json_payload_with, json_text
 
@@ -29,3 +82,18 @@ def test_a_payload_with_values_encoded_ahead_is_the_same_bytes_as_encoding_it_wh
     small = {"partition": "7", "txid": 12, "format": "wedbackup-snapshot", "snapshot_time": "2026-12-06T04:00:00+00:00",
              "zeta": {"b": 1, "a": 2}}
     assert json_payload_with(small, {k: json_text(v) for k, v in large.items()}) == json_payload({**small, **large})
+
+
+def test_a_table_begin_record_read_before_gives_the_same_answer_and_a_list_the_caller_may_change():
+    from wedbackup_dagster.core.errors import SnapshotFormatError
+    from wedbackup_dagster.core.formats.snapshot_stream import TABLE_BEGIN, Record, json_payload, table_begin_of
+
+    payload = json_payload({"schema": "public", "name": "guests", "columns": ["id", "wedding_id", "name"]})
+    first = table_begin_of(Record(TABLE_BEGIN, payload, 0, "a.wbk"))
+    first[2].append("mine")
+    again = table_begin_of(Record(TABLE_BEGIN, payload, 90, "b.wbk"))
+    assert again == ("public", "guests", ["id", "wedding_id", "name"])
+    bad = json_payload({"schema": "public", "name": "guests", "columns": ["id", ""]})
+    for _ in range(2):  # a refused record is never remembered
+        with pytest.raises(SnapshotFormatError, match="does not name a table"):
+            table_begin_of(Record(TABLE_BEGIN, bad, 0, "c.wbk"))

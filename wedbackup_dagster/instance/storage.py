@@ -20,7 +20,9 @@ wedbackup_dagster.instance.storage, class: PooledPostgresEventLogStorage, config
 It also stores in one transaction the per-wedding events Dagster's PostgreSQL storage writes one at a time
 (`BATCH_WRITABLE_EVENTS` leaves it to a loop): a range run's planned materializations (one per wedding and
 asset at run creation) and check evaluations (one per wedding and check, handed over in batches by
-event_batches.py). Each event row, its asset index and its check-execution row are written by Dagster's own
+event_batches.py); and a range step's materializations (one per wedding and asset), which dagster-postgres
+does write a batch at a time, but as a multi-row INSERT that SQLAlchemy compiles anew for every batch, indexed
+in a second transaction. Each event row, its asset index and its check-execution row are written by Dagster's own
 code, on one connection inside one transaction: a failed batch leaves nothing behind, so Dagster's fallback
 (the same events one by one) never stores an event twice."""
 from __future__ import annotations
@@ -51,10 +53,14 @@ from dagster_postgres.utils import create_pg_engine, get_token_provider_from_con
 POOL_SIZE = 1
 MAX_OVERFLOW = 4
 POOL_RECYCLE_SECONDS = 3600
-# The per-wedding events stored here in one transaction a batch (Dagster's PostgreSQL storage loops over them).
+# The per-wedding events stored here in one transaction a batch: those Dagster's PostgreSQL storage loops over
+# (planned events, check evaluations), and materializations, which it writes as one multi-row INSERT compiled
+# anew for every batch and then indexes in a second transaction: here one cached statement (executemany) and one
+# transaction. 500 event rows of 3 kB: 250-310 ms as a compiled VALUES list, 85-113 ms this way (2026-12-06).
 INDEX_BATCHED_EVENTS = frozenset({DagsterEventType.ASSET_MATERIALIZATION_PLANNED,
                                   DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED,
-                                  DagsterEventType.ASSET_CHECK_EVALUATION})
+                                  DagsterEventType.ASSET_CHECK_EVALUATION,
+                                  DagsterEventType.ASSET_MATERIALIZATION})
 ROWS_PER_INSERT = 500
 # One check's evaluations of one run set on their planned rows (Dagster's `_update_asset_check_evaluation`,
 # for many partitions at once); the unique index (asset_key, check_name, run_id, partition) finds each row.
@@ -77,9 +83,12 @@ _INSERT_PLANNED_CHECKS = db.text(
     "FROM unnest(CAST(:partitions AS text[])) AS p")
 
 
+_INSERT_EVENTS = SqlEventLogStorageTable.insert().returning(SqlEventLogStorageTable.c.id, sort_by_parameter_order=True)
+
+
 class PooledPostgresEventLogStorage(PostgresEventLogStorage):
     """PostgresEventLogStorage whose engine keeps a connection instead of opening one per write, and which
-    stores a batch of planned materializations or check evaluations in one transaction."""
+    stores a batch of materializations, planned materializations or check evaluations in one transaction."""
 
     # event_batches.py hands check evaluations over in batches only to a storage that says so (stock
     # dagster-postgres refuses them and Dagster falls back to single writes, with a warning on stderr).
@@ -136,8 +145,10 @@ class PooledPostgresEventLogStorage(PostgresEventLogStorage):
         # evaluation's execution row holds (serializing a shrinkage evaluation's table twice cost ~1.5 s a job).
         rows = [self._event_to_row(event) for event in events]
         with self._one_transaction() as conn:
-            insert = SqlEventLogStorageTable.insert().values(rows).returning(SqlEventLogStorageTable.c.id)
-            ids = [int(row[0]) for row in conn.execute(insert).fetchall()]
+            # executemany of one statement SQLAlchemy compiles once (its "insertmanyvalues": multi-row INSERTs
+            # with the ids RETURNED in the rows' order, which sort_by_parameter_order guarantees), not a
+            # multi-row VALUES statement compiled for every batch.
+            ids = [int(row[0]) for row in conn.execute(_INSERT_EVENTS, rows).fetchall()]
             if len(ids) != len(events):
                 raise RuntimeError(f"stored {len(ids)} of a batch of {len(events)} events")
             stored = list(zip(events, ids))

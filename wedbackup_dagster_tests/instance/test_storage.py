@@ -245,3 +245,50 @@ def test_a_failed_batch_leaves_nothing_behind_and_dagster_stores_its_events_one_
     finally:
         pooled.dispose()
         stock.dispose()
+
+
+def test_a_range_runs_materializations_are_stored_a_batch_per_transaction_as_dagster_stores_them(
+        tmp_path, make_database, monkeypatch):
+    """The output of a range step (one materialization per wedding, buffered by Dagster in batches) goes
+    through the one-transaction path: the same materializations, the same latest one and asset tags per event
+    as stock dagster-postgres, each event's row holding that event (ids returned in the rows' order)."""
+    from wedbackup_dagster.instance.event_batches import BATCH_SIZE_SETTING
+
+    monkeypatch.setenv(BATCH_SIZE_SETTING, "5")
+    monkeypatch.setenv("WEDBACKUP_TEST_BATCH_PG_URL", make_database())
+    monkeypatch.setenv("WEDBACKUP_TEST_STOCK_PG_URL", make_database())
+    pooled, stock = _instance(tmp_path, "", pooled=True), _instance(tmp_path, "", pooled=False)
+    try:
+        storage = pooled.event_log_storage
+        batches: list[tuple[set, int]] = []
+        original = storage._store_in_one_transaction
+
+        def spy(events):
+            batches.append(({e.dagster_event_type for e in events}, len(events)))
+            return original(events)
+
+        monkeypatch.setattr(storage, "_store_in_one_transaction", spy)
+        ours, theirs = _run_range(pooled), _run_range(stock)
+        assert sorted(n for types, n in batches if types == {dg.DagsterEventType.ASSET_MATERIALIZATION}) == [2, 5, 5]
+
+        def shown(instance, run_id):
+            records = instance.fetch_materializations(batch_probe.key, limit=100).records
+            latest = instance.get_latest_materialization_event(batch_probe.key)
+            tags = instance.event_log_storage.get_event_tags_for_asset(batch_probe.key)
+            # Each stored row's partition column is the partition inside the event that id was returned for.
+            rows = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION,
+                                                limit=100).records
+            with instance.event_log_storage.index_connection() as conn:
+                columns = dict(conn.execute(sqlalchemy.text(
+                    "SELECT id, partition FROM event_logs WHERE run_id = :run AND dagster_event_type = "
+                    "'ASSET_MATERIALIZATION'"), {"run": run_id}).fetchall())
+            assert {r.storage_id: r.event_log_entry.dagster_event.partition for r in rows} == columns
+            # (a data version is the run's own: its tag's name per event is compared, not its value)
+            return (sorted(r.partition_key for r in records), latest.dagster_event.partition,
+                    sorted(sorted(t) for t in tags))
+
+        assert shown(pooled, ours.run_id) == shown(stock, theirs.run_id)
+        assert shown(pooled, ours.run_id)[0] == PROBE_WEDDINGS.get_partition_keys()
+    finally:
+        pooled.dispose()
+        stock.dispose()

@@ -116,8 +116,9 @@ def test_processes_restarting_a_stand_in_at_once_take_turns_and_leave_none_unrec
     monkeypatch.setenv("WEDBACKUP_S3_PORT", str(_free_port()))
     state = tmp_path / "state"
     other = Stack(state)
-    restart = ("import pathlib, sys, time; from wedbackup_dagster.dev.stack import Stack; s = Stack(pathlib.Path(sys.argv[1])); "
-               "time.sleep(float(sys.argv[2])); s.stop_service('s3'); s.up(('s3',))")
+    restart = ("import pathlib, sys, time; from wedbackup_dagster.dev.stack import Stack; "
+               "s = Stack(pathlib.Path(sys.argv[1])); time.sleep(float(sys.argv[2])); "
+               "s.stop_service('s3'); s.up(('s3',))")
     try:
         other.up(("s3",))
         procs = [subprocess.Popen([sys.executable, "-c", restart, str(state), str(0.3 - i * 0.001)],

@@ -1,5 +1,7 @@
 """The pooled PostgreSQL event log: a run's events are stored (and readable) as with dagster-postgres,
 over a connection the storage keeps instead of one new connection per write."""
+import contextlib
+
 import dagster as dg
 import sqlalchemy
 
@@ -144,12 +146,14 @@ def _what_the_ui_shows(instance, run_id):
     return shown, sorted(r.event_log_entry.dagster_event.partition for r in planned)
 
 
-def test_a_range_runs_planned_events_and_check_evaluations_are_stored_in_batches_as_dagster_stores_them(
-        tmp_path, make_database, monkeypatch):
+@contextlib.contextmanager
+def _pooled_beside_stock(tmp_path, make_database, monkeypatch, batch_size: int):
+    """Our pooled event log and stock dagster-postgres, each an instance on its own database, with Dagster's
+    event batches of `batch_size`; yields (pooled, stock, batches), `batches` recording each batch the pooled
+    storage writes in one transaction as (its event types, its size)."""
     from wedbackup_dagster.instance.event_batches import BATCH_SIZE_SETTING
-    from wedbackup_dagster.instance.storage import PooledPostgresEventLogStorage
 
-    monkeypatch.setenv(BATCH_SIZE_SETTING, "100")
+    monkeypatch.setenv(BATCH_SIZE_SETTING, str(batch_size))
     monkeypatch.setenv("WEDBACKUP_TEST_BATCH_PG_URL", make_database())
     monkeypatch.setenv("WEDBACKUP_TEST_STOCK_PG_URL", make_database())
     pooled, stock = _instance(tmp_path, "", pooled=True), _instance(tmp_path, "", pooled=False)
@@ -164,6 +168,16 @@ def test_a_range_runs_planned_events_and_check_evaluations_are_stored_in_batches
             return original(events)
 
         monkeypatch.setattr(storage, "_store_in_one_transaction", spy)
+        yield pooled, stock, batches
+    finally:
+        pooled.dispose()
+        stock.dispose()
+
+
+def test_a_range_runs_planned_events_and_check_evaluations_are_stored_in_batches_as_dagster_stores_them(
+        tmp_path, make_database, monkeypatch):
+    with _pooled_beside_stock(tmp_path, make_database, monkeypatch, 100) as (pooled, stock, batches):
+        storage = pooled.event_log_storage
         left_to_dagster: list[int] = []
         update = storage._update_check_evaluations
 
@@ -204,20 +218,11 @@ def test_a_range_runs_planned_events_and_check_evaluations_are_stored_in_batches
         evaluation_batches = sorted(n for types, n in batches if types == {dg.DagsterEventType.ASSET_CHECK_EVALUATION})
         # soft_probe: 12 in 5 + 5 + 2; blocking_probe: its 10 passes in 5 + 5, its 2 failures alone.
         assert evaluation_batches == [2, 5, 5, 5, 5], batches
-    finally:
-        pooled.dispose()
-        stock.dispose()
 
 
 def test_a_failed_batch_leaves_nothing_behind_and_dagster_stores_its_events_one_by_one(
         tmp_path, make_database, monkeypatch):
-    from wedbackup_dagster.instance.event_batches import BATCH_SIZE_SETTING
-
-    monkeypatch.setenv(BATCH_SIZE_SETTING, "100")
-    monkeypatch.setenv("WEDBACKUP_TEST_BATCH_PG_URL", make_database())
-    monkeypatch.setenv("WEDBACKUP_TEST_STOCK_PG_URL", make_database())
-    pooled, stock = _instance(tmp_path, "", pooled=True), _instance(tmp_path, "", pooled=False)
-    try:
+    with _pooled_beside_stock(tmp_path, make_database, monkeypatch, 100) as (pooled, stock, _):
         storage = pooled.event_log_storage
         original = storage._update_check_evaluations
         calls = []
@@ -242,9 +247,6 @@ def test_a_failed_batch_leaves_nothing_behind_and_dagster_stores_its_events_one_
                  r.event_log_entry.dagster_event.event_specific_data.partition) for r in evaluations]
         assert sorted(keys) == sorted(set(keys)) and len(keys) == 24
         assert len(calls) >= 2  # the failure was injected
-    finally:
-        pooled.dispose()
-        stock.dispose()
 
 
 def test_a_range_runs_materializations_are_stored_a_batch_per_transaction_as_dagster_stores_them(
@@ -252,22 +254,7 @@ def test_a_range_runs_materializations_are_stored_a_batch_per_transaction_as_dag
     """The output of a range step (one materialization per wedding, buffered by Dagster in batches) goes
     through the one-transaction path: the same materializations, the same latest one and asset tags per event
     as stock dagster-postgres, each event's row holding that event (ids returned in the rows' order)."""
-    from wedbackup_dagster.instance.event_batches import BATCH_SIZE_SETTING
-
-    monkeypatch.setenv(BATCH_SIZE_SETTING, "5")
-    monkeypatch.setenv("WEDBACKUP_TEST_BATCH_PG_URL", make_database())
-    monkeypatch.setenv("WEDBACKUP_TEST_STOCK_PG_URL", make_database())
-    pooled, stock = _instance(tmp_path, "", pooled=True), _instance(tmp_path, "", pooled=False)
-    try:
-        storage = pooled.event_log_storage
-        batches: list[tuple[set, int]] = []
-        original = storage._store_in_one_transaction
-
-        def spy(events):
-            batches.append(({e.dagster_event_type for e in events}, len(events)))
-            return original(events)
-
-        monkeypatch.setattr(storage, "_store_in_one_transaction", spy)
+    with _pooled_beside_stock(tmp_path, make_database, monkeypatch, 5) as (pooled, stock, batches):
         ours, theirs = _run_range(pooled), _run_range(stock)
         assert sorted(n for types, n in batches if types == {dg.DagsterEventType.ASSET_MATERIALIZATION}) == [2, 5, 5]
 
@@ -289,6 +276,3 @@ def test_a_range_runs_materializations_are_stored_a_batch_per_transaction_as_dag
 
         assert shown(pooled, ours.run_id) == shown(stock, theirs.run_id)
         assert shown(pooled, ours.run_id)[0] == PROBE_WEDDINGS.get_partition_keys()
-    finally:
-        pooled.dispose()
-        stock.dispose()

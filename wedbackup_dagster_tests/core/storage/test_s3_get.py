@@ -198,3 +198,17 @@ def test_a_failed_local_write_is_not_blamed_on_the_provider(stored):
     out = io.BytesIO()  # the connection it left mid-answer is not reused as it was
     replica.download(stored["key"], out, expected_sha256=stored["sha"])
     assert out.getvalue() == stored["data"]
+
+
+def test_the_secrets_to_scrub_are_the_credentials_secret_key_and_token_and_none_when_unreadable():
+    from botocore.credentials import Credentials
+
+    from wedbackup_dagster.core.storage.replicas.s3_get import credential_secrets
+
+    class Broken:
+        def get_frozen_credentials(self):
+            raise RuntimeError("no credentials here")
+
+    assert credential_secrets(Credentials("AKIDEXAMPLE", "secret-key", "session-token")) == ["secret-key",
+                                                                                              "session-token"]
+    assert credential_secrets(None) == [] and credential_secrets(Broken()) == []

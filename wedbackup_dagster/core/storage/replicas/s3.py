@@ -22,7 +22,7 @@ from wedbackup_dagster.core.storage.replicas.base import (READ_BLOCK, DigestNeed
                                                           archive_key, canary_round, check_key, check_list_prefix,
                                                           digest_file, digests_for_upload, object_metadata,
                                                           parse_archive_key, provider_error, upload_key)
-from wedbackup_dagster.core.storage.replicas.s3_get import LeanGetter, lean_getter
+from wedbackup_dagster.core.storage.replicas.s3_get import LeanGetter, credential_secrets, lean_getter
 
 PROVIDER = "s3"
 DEFAULT_MULTIPART_THRESHOLD = 64 << 20
@@ -84,12 +84,8 @@ def ensure_bucket(client, target: S3Target) -> bool:
 
 def _secrets(client) -> list[str | None]:
     # The signing secret never appears in botocore's messages, but scrub it anyway should a future one echo it.
-    try:
-        creds = client._request_signer._credentials  # noqa: SLF001 - only read to know what to scrub
-        frozen = creds.get_frozen_credentials() if creds else None
-        return [frozen.secret_key, frozen.token] if frozen else []
-    except Exception:  # noqa: BLE001
-        return []
+    signer = getattr(client, "_request_signer", None)  # only read to know what to scrub
+    return credential_secrets(getattr(signer, "_credentials", None))
 
 
 def _lock(head: dict[str, Any]) -> dict[str, Any]:

@@ -143,11 +143,17 @@ class LeanGetter:
         raise ReplicaError(PROVIDER, key, scrub(f"download failed: {failure}", secrets)) from None
 
     def _secrets(self) -> list[str | None]:
-        try:
-            frozen = self.credentials.get_frozen_credentials()
-            return [frozen.secret_key, frozen.token]
-        except Exception:  # noqa: BLE001 - only to know what to scrub
-            return []
+        return credential_secrets(self.credentials)
+
+
+def credential_secrets(credentials: Any) -> list[str | None]:
+    """What to scrub from a message: the secret key and session token of botocore `credentials` (none when
+    they cannot be read)."""
+    try:
+        frozen = credentials.get_frozen_credentials() if credentials else None
+        return [frozen.secret_key, frozen.token] if frozen else []
+    except Exception:  # noqa: BLE001 - only to know what to scrub
+        return []
 
 
 def _stream(raw: Any, length: str | None, write: Callable[[bytes], Any]) -> int:
@@ -199,4 +205,5 @@ def lean_getter(client: Any, bucket: str) -> LeanGetter | None:
                       attempts=total_attempts(getattr(config, "retries", None)))
 
 
-__all__ = ["GetCut", "GetFailed", "LeanGetter", "backoff", "error_of", "lean_getter", "total_attempts"]
+__all__ = ["GetCut", "GetFailed", "LeanGetter", "backoff", "credential_secrets", "error_of", "lean_getter",
+           "total_attempts"]

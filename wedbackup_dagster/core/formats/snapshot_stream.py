@@ -296,7 +296,8 @@ def _garbled(record: Record, problem: str) -> SnapshotFormatError:
 
 class CheckedHeader(dict):
     """A header record's JSON as header_of checked it, with the bytes it was read from and where its partition
-    member (`"partition":"…"`) sits in them, when it appears there exactly once as the writer spells it."""
+    member (`"partition":"…"`) sits in them, when those bytes are the writer's own (json_payload) and the
+    member appears in them once."""
 
     __slots__ = ("payload", "at", "end")
 
@@ -310,15 +311,18 @@ def _as_checked(header: dict[str, Any], payload: bytes) -> CheckedHeader:
     checked.payload, checked.at, checked.end = payload, -1, -1
     member = b'"partition":' + json_payload(header["partition"])
     at = payload.find(member)
-    if at >= 0 and payload.find(member, at + 1) < 0:
+    # Only bytes exactly as the writer writes them (sorted keys, no spaces) spell the top-level member so: in
+    # any other spelling the one occurrence found could be a nested member, and the top-level one elsewhere.
+    if at >= 0 and payload.find(member, at + 1) < 0 and json_payload(header) == payload:
         checked.at, checked.end = at, at + len(member)
     return checked
 
 
 def _same_but_partition(payload: bytes, like: CheckedHeader) -> CheckedHeader | None:
     """`like` for another partition, when `payload` is `like`'s bytes with only its partition member's value
-    changed; else None. Sound because the member is found once in `like`'s bytes, so it is the top-level one
-    (a quote inside a JSON string is escaped, so the member cannot hide in one); the bytes before and after it
+    changed; else None. Sound because `like`'s bytes are the writer's own spelling of it and hold the member
+    once, so it is the top-level one (a quote inside a JSON string is escaped, so it cannot hide in one); the
+    bytes before and after it
     are the same, and the new member is one plain string: parsing `payload` would give `like` with that
     partition, and every other field was checked when `like` was."""
     if like.at < 0:

@@ -64,6 +64,14 @@ def test_a_partition_member_found_twice_or_spelled_otherwise_is_never_taken_as_t
     assert twice.at == -1
     moved = _written_header(partition="8", plan={"tenant_tables": {"public.guests": {"partition": "7"}}})
     assert header_of(moved, like=twice)["plan"]["tenant_tables"]["public.guests"]["partition"] == "7"
+    # the top-level member spelled otherwise (a space), a nested one spelled as the writer spells it: the one
+    # found is not the header's own, so a header differing in the nested value keeps its own partition
+    respaced = header_of(Record(HEADER, _written_header().payload.replace(b'"partition":"7","plan"',
+                                                                          b'"partition": "7","plan"'), 0, "a.wbk"))
+    assert respaced["partition"] == "7" and respaced.at == -1
+    nested_changed = _written_header(plan={"tenant_tables": {"public.guests": {"partition": "8"}}}).payload
+    nested_changed = nested_changed.replace(b'"partition":"7","plan"', b'"partition": "7","plan"')
+    assert header_of(Record(HEADER, nested_changed, 0, "a.wbk"), like=respaced)["partition"] == "7"
     first = header_of(_written_header(plan={"tenant_tables": {}}))
     payload = _written_header(plan={"tenant_tables": {}}).payload
     # another member smuggled in beside the partition, an escaped value, a value no partition has

@@ -83,7 +83,7 @@ def _wait_for(predicate, what: str, timeout: float, log: Path | None = None) -> 
     raise StackError(f"{what} did not become ready within {timeout:.0f} s{tail}")
 
 
-_HELD = threading.local()  # Stack.locked: how deep this thread holds each state directory's lock
+_HELD = threading.local()  # Stack.locked: the state directories whose lock this thread holds
 
 
 def _pid_alive(pid: int) -> bool:
@@ -384,22 +384,18 @@ class Stack:
     def locked(self) -> Iterator[None]:
         """This stack's services to start or stop alone: the state directory's lock, held across processes
         (flock) and taken again freely by the thread that holds it."""
-        depth = getattr(_HELD, str(self.root), 0)
-        if depth:
-            setattr(_HELD, str(self.root), depth + 1)
-            try:
-                yield
-            finally:
-                setattr(_HELD, str(self.root), depth)
+        key = str(self.root)
+        if getattr(_HELD, key, False):  # this thread holds it already (an outer call releases it)
+            yield
             return
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / "stack.lock", "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
-            setattr(_HELD, str(self.root), 1)
+            setattr(_HELD, key, True)
             try:
                 yield
             finally:
-                setattr(_HELD, str(self.root), 0)
+                setattr(_HELD, key, False)
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def up(self, services: tuple[str, ...] = SERVICES) -> None:

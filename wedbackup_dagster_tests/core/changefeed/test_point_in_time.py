@@ -165,6 +165,25 @@ def test_a_moment_past_the_captured_feed_is_refused_naming_the_restorable_range(
                                         include_unverified=True), {}, target_dsn=make_database())
 
 
+def _wait_for_exit(process, seconds: float = 180) -> None:
+    """Wait for a process sent SIGTERM (its default action: it stops at once). Bounded but generous, like the
+    test's other waits: once in a full suite on a shared machine the drainer took over 30 s to go (a stalled
+    write, most likely). If it is still there, fail naming its state, and kill it."""
+    import subprocess
+
+    try:
+        process.wait(seconds)
+    except subprocess.TimeoutExpired:
+        try:
+            state = open(f"/proc/{process.pid}/status").read()
+            wchan = open(f"/proc/{process.pid}/wchan").read()
+        except OSError as exc:
+            state, wchan = f"(unreadable: {exc})", ""
+        process.kill()
+        process.wait(30)
+        pytest.fail(f"the drainer did not stop {seconds:.0f} s after SIGTERM; wchan {wchan!r}; {state}")
+
+
 def test_a_long_running_drainer_captures_changes_as_they_happen_and_tells_the_schedule(feed_env):
     import os
     import signal
@@ -174,8 +193,8 @@ def test_a_long_running_drainer_captures_changes_as_they_happen_and_tells_the_sc
     engine, feed, source = feed_env["engine"], feed_env["feed"], feed_env["source"]
     engine.catalogue.sync_partitions([(w, None) for w in WEDDINGS])
     env = {**os.environ, "WEDBACKUP_CHANGEFEED_SLOT": feed.slot, "PYTHONPATH": os.getcwd()}
-    drainer = subprocess.Popen([sys.executable, "-m", "wedbackup_dagster.cli.app", "changes", "drain", "--follow", "0.5"],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    drainer = subprocess.Popen([sys.executable, "-m", "wedbackup_dagster.cli.app", "changes", "drain",
+                                "--follow", "0.5"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         with psycopg.connect(source, autocommit=True) as conn:
             # A delete of a child row without updated_at: invisible to the updated_at capture.
@@ -191,7 +210,7 @@ def test_a_long_running_drainer_captures_changes_as_they_happen_and_tells_the_sc
         assert feed.store.segments("4")[0]["created_at"] > at
     finally:
         drainer.send_signal(signal.SIGTERM)
-        drainer.wait(30)
+        _wait_for_exit(drainer)
     with engine.catalogue.connect() as conn:
         row = conn.execute("SELECT source_updated_at FROM wedbackup.partitions WHERE partition = '4'").fetchone()
     assert row["source_updated_at"] is not None and abs((row["source_updated_at"] - at).total_seconds()) < 1

@@ -251,18 +251,6 @@ def test_rejects_negative_counts():
         demo_data.generate("postgresql://unused/none", weddings=-1, seed=1)
 
 
-@pytest.mark.slow
-def test_two_thousand_weddings_fast_enough(make_database, capsys):
-    dsn = make_database()
-    summary = demo_data.generate(dsn, weddings=2000, seed=7)
-    with capsys.disabled():
-        print(f"\n2,000 weddings: {summary['seconds']:.1f} s, {summary['total_bytes'] / 2**20:.0f} MiB, "
-              f"{sum(summary['rows'].values())} rows")
-    assert summary["weddings"] == 2000
-    assert summary["rows"]["guests"] > 100_000
-    assert summary["seconds"] < 60
-
-
 def _closed_port() -> int:
     import socket
 

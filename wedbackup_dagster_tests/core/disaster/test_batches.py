@@ -11,8 +11,8 @@ from wedbackup_dagster.core import disaster
 from wedbackup_dagster.core.disaster import batches as disaster_batch
 from wedbackup_dagster.core.formats.archive import open_archive
 from wedbackup_dagster.core.postgres.load_snapshot import restore_snapshot
-from wedbackup_dagster_tests.core.disaster.test_restore_all import (  # noqa: F401 (platform: a fixture)
-    WEDDINGS, platform, s3_only)
+from wedbackup_dagster_tests.core.disaster.test_restore_all import (  # noqa: F401 (a fixture)
+    WEDDINGS, s3_only, shared_platform)
 from wedbackup_dagster.dev.compare import table_sums
 
 pytestmark = pytest.mark.stack
@@ -26,22 +26,22 @@ def test_batch_sizes_share_the_work_between_loaders():
     assert disaster_batch.batch_size(0, 4) == 1
 
 
-def test_weddings_load_in_batches_with_their_progress_rows(platform, make_database, monkeypatch):
+def test_weddings_load_in_batches_with_their_progress_rows(shared_platform, make_database, monkeypatch):
     monkeypatch.setattr(disaster_batch, "SPOOL_IN_MEMORY", 64)  # every wedding's rows spill to a file
     target, lines = make_database(), []
-    report = disaster.restore_all(platform["engine"], platform["replicas"], target,
+    report = disaster.restore_all(shared_platform["engine"], shared_platform["replicas"], target,
                                   disaster.RestoreAllOptions(providers=("s3",), jobs=1), progress=lines.append)
     assert report.complete, report.lines()
     assert not any("one by one" in line for line in lines), lines  # every wedding went through a batch
     assert report.restored_now == WEDDINGS + 1 and report.phases["load"] > 0 and report.phases["decrypt"] > 0
-    assert table_sums(target) == platform["expected"]
+    assert table_sums(target) == shared_platform["expected"]
 
 
-def test_a_batch_that_fails_to_load_is_retried_wedding_by_wedding(platform, make_database):
+def test_a_batch_that_fails_to_load_is_retried_wedding_by_wedding(shared_platform, make_database):
     """Wedding 3's rows are already in the target (loaded behind restore --all's back): its batch fails on
     the duplicate key and rolls back, every wedding of it is restored again alone, and wedding 3 alone is
     reported, by name, with the reason."""
-    engine, replicas = platform["engine"], platform["replicas"]
+    engine, replicas = shared_platform["engine"], shared_platform["replicas"]
     target = make_database()
     first = disaster.restore_all(engine, replicas, target, s3_only(stop_after=0))  # the platform only
     assert first.stopped and first.restored_now == 1
@@ -59,27 +59,28 @@ def test_a_batch_that_fails_to_load_is_retried_wedding_by_wedding(platform, make
     assert report.restored_now == WEDDINGS - 1 and not report.complete
     assert any("again one by one" in line and "failed to load" in line for line in lines), "\n".join(lines)
     got = {k: v for k, v in table_sums(target).items() if not k.startswith("wedbackup_restore.")}
-    assert got == platform["expected"]  # wedding 3 is there once (from the side load), every other wedding once
+    assert got == shared_platform["expected"]  # wedding 3 is there once (from the side load), every other wedding once
     with psycopg.connect(target) as conn:
         done = {r[0] for r in conn.execute("SELECT partition FROM wedbackup_restore.partitions")}
-    assert done == {"platform", *platform["weddings"]} - {"3"}
+    assert done == {"platform", *shared_platform["weddings"]} - {"3"}
 
 
-def test_every_recovery_point_in_one_query_equals_each_partitions_own(platform):
+def test_every_recovery_point_in_one_query_equals_each_partitions_own(shared_platform):
     from wedbackup_dagster.core.postgres.restore_wedding import recovery_points
 
-    catalogue = platform["engine"].catalogue
+    catalogue = shared_platform["engine"].catalogue
     every = disaster.all_recovery_points(catalogue)
-    assert set(every) == {"platform", *platform["weddings"]}
+    assert set(every) == {"platform", *shared_platform["weddings"]}
     assert all(every[p] == recovery_points(catalogue, p) for p in every)
     assert all(point.verified_at is not None and point.copies for points in every.values() for point in points)
 
 
-def test_the_one_by_one_path_still_works(platform, make_database):
+def test_the_one_by_one_path_still_works(shared_platform, make_database):
     target = make_database()
-    report = disaster.restore_all(platform["engine"], platform["replicas"], target, s3_only(batches=False))
+    report = disaster.restore_all(shared_platform["engine"], shared_platform["replicas"], target,
+                                  s3_only(batches=False))
     assert report.complete, report.lines()
-    assert table_sums(target) == platform["expected"]
+    assert table_sums(target) == shared_platform["expected"]
 
 
 def test_from_the_vault_a_damaged_vault_copy_is_refused_and_the_wedding_comes_from_s3(demo_env, make_database):

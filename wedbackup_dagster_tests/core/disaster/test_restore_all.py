@@ -3,12 +3,15 @@ S3 (some weddings also to GCS), the source database dropped and the vault delete
 fresh database from the providers alone: every table equal to the source's (counts and ordered checksums);
 resumed after a stop part-way without duplicates; a wedding whose every copy is damaged reported while the
 others restore; a provider failing for one wedding served by the other; non-empty, source and catalogue
-targets refused."""
+targets refused. Tests that only read the backups share one platform per module (`shared_platform`); those
+that change them (damage a copy, erase a wedding, add a key-store backup) build their own (`platform`)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 
+import boto3
 import psycopg
 import pytest
 from psycopg import sql
@@ -33,13 +36,10 @@ def replicas_of(engine: Engine) -> dict:
             "gcs": GCSReplica(gcs_client_from(engine.settings.gcs), engine.settings.gcs)}
 
 
-@pytest.fixture
-def platform(demo_env, stack):
-    """The demo platform, every partition backed up, copied to S3 (the platform, weddings 1 and 2 also to GCS) and
-    verified;
-    the expected table sums taken; then the source database dropped (an empty one of that name left for the
-    fixture's clean-up) and the vault deleted."""
-    dsns = demo_env(weddings=WEDDINGS, seed=4, document_bytes=128)
+def _backed_up_then_lost(stack, dsns: dict[str, str]) -> dict:
+    """The demo platform in `dsns["source"]`: every partition backed up, copied to S3 (the platform, weddings 1
+    and 2 also to GCS) and verified; the expected table sums taken; then the source database dropped (an empty
+    one of that name left for the clean-up) and the vault deleted."""
     engine = Engine.from_env()
     ensure_targets(engine.settings)
     replicas = replicas_of(engine)
@@ -60,18 +60,68 @@ def platform(demo_env, stack):
         conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     shutil.rmtree(engine.settings.vault_dir)
-    yield {"engine": engine, "replicas": replicas, "expected": expected, "weddings": ids, **dsns}
-    engine.catalogue.close()
+    return {"engine": engine, "replicas": replicas, "expected": expected, "weddings": ids, **dsns}
+
+
+@pytest.fixture
+def platform(demo_env, stack):
+    """A platform of its own (`_backed_up_then_lost`), for a test that changes the backups: damages a copy,
+    erases a wedding, writes a key-store backup."""
+    built = _backed_up_then_lost(stack, demo_env(weddings=WEDDINGS, seed=4, document_bytes=128))
+    yield built
+    built["engine"].catalogue.close()
+
+
+@pytest.fixture(scope="module")
+def shared_platform(stack, tmp_path_factory):
+    """The same platform built once for the tests of a module that only read its backups (each restores into
+    databases of its own): its source, catalogue, vault and one bucket per provider set in the WEDBACKUP_*
+    environment while the module's tests run."""
+    from azure.storage.blob import BlobServiceClient
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    from wedbackup_dagster.dev import demo_data
+    from wedbackup_dagster_tests import secrets_guard
+    from wedbackup_dagster_tests.conftest import temporary_database, unique_name
+
+    env = stack.env()
+    bucket = unique_name("wb")
+    with contextlib.ExitStack() as cleanup, pytest.MonkeyPatch.context() as mp:
+        source = cleanup.enter_context(temporary_database(stack, "src"))
+        catalogue = cleanup.enter_context(temporary_database(stack, "cat"))
+        for dsn in (source, catalogue):  # as make_database does: scanned for the stack's secrets before the drop
+            cleanup.callback(secrets_guard.scan_database_before_drop, dsn, "the shared platform of " + __name__)
+        s3 = boto3.client("s3", endpoint_url=env["WEDBACKUP_S3_ENDPOINT_URL"], region_name=env["WEDBACKUP_S3_REGION"],
+                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+        s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": env["WEDBACKUP_S3_REGION"]})
+        s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+        storage.Client(project=env["WEDBACKUP_GCS_PROJECT"], credentials=AnonymousCredentials()).create_bucket(bucket)
+        BlobServiceClient.from_connection_string(env["WEDBACKUP_AZURE_CONNECTION_STRING"]).create_container(bucket)
+        for name, value in {
+            "WEDBACKUP_SOURCE_DSN": source, "WEDBACKUP_CATALOGUE_DSN": catalogue,
+            "WEDBACKUP_VAULT_DIR": str(tmp_path_factory.mktemp("shared-platform") / "vault"),
+            "WEDBACKUP_S3_BUCKET": bucket, "WEDBACKUP_GCS_BUCKET": bucket, "WEDBACKUP_AZURE_CONTAINER": bucket,
+        }.items():
+            mp.setenv(name, value)
+        demo_data.generate(source, weddings=WEDDINGS, seed=4, document_bytes=128)
+        built = _backed_up_then_lost(stack, {"source": source, "catalogue": catalogue})
+        try:
+            yield built
+        finally:
+            built["engine"].catalogue.close()
 
 
 def s3_only(**kw) -> disaster.RestoreAllOptions:
     return disaster.RestoreAllOptions(providers=("s3",), jobs=3, **kw)
 
 
-def test_the_whole_platform_back_from_s3_alone_equals_the_source(platform, make_database):
+def test_the_whole_platform_back_from_s3_alone_equals_the_source(shared_platform, make_database):
     target = make_database()
     lines: list[str] = []
-    report = disaster.restore_all(platform["engine"], platform["replicas"], target, s3_only(), progress=lines.append)
+    report = disaster.restore_all(shared_platform["engine"], shared_platform["replicas"], target, s3_only(),
+                                  progress=lines.append)
     assert report.complete, report.lines()
     assert report.restored_now == WEDDINGS + 1 and report.partitions_total == WEDDINGS + 1
     assert report.copies_used == {"s3": WEDDINGS + 1} and not report.failed and not report.foreign_key_problems
@@ -81,7 +131,7 @@ def test_the_whole_platform_back_from_s3_alone_equals_the_source(platform, make_
     assert any(line.startswith(f"restore --all: {WEDDINGS + 1} of {WEDDINGS + 1} weddings (100%)") for line in lines)
     # the platform's secondary indexes, foreign keys and triggers were built once, after the weddings' rows
     assert sum(line.startswith("built the platform's indexes, foreign keys and triggers") for line in lines) == 1
-    assert table_sums(target) == platform["expected"]
+    assert table_sums(target) == shared_platform["expected"]
     with psycopg.connect(target) as conn:  # complete: nothing of wedbackup's own is left in the target
         assert conn.execute("SELECT to_regnamespace('wedbackup_restore')").fetchone()[0] is None
         # sequences are past the restored rows: a new guest gets a fresh id
@@ -89,20 +139,20 @@ def test_the_whole_platform_back_from_s3_alone_equals_the_source(platform, make_
         assert conn.execute("SELECT nextval(pg_get_serial_sequence('guests', 'id'))").fetchone()[0] > biggest
 
 
-def test_a_stopped_run_resumes_without_redoing_or_duplicating(platform, make_database):
-    engine, target = platform["engine"], make_database()
-    stopped = disaster.restore_all(engine, platform["replicas"], target, s3_only(stop_after=2))
+def test_a_stopped_run_resumes_without_redoing_or_duplicating(shared_platform, make_database):
+    engine, target = shared_platform["engine"], make_database()
+    stopped = disaster.restore_all(engine, shared_platform["replicas"], target, s3_only(stop_after=2))
     assert not stopped.complete and stopped.stopped
     with psycopg.connect(target) as conn:
         first = {r[0] for r in conn.execute("SELECT partition FROM wedbackup_restore.partitions")}
     assert "platform" in first and 3 <= len(first) < WEDDINGS + 1
 
     with pytest.raises(RestoreError, match=r"unfinished restore --all .*--resume"):
-        disaster.restore_all(engine, platform["replicas"], target, s3_only())
-    resumed = disaster.restore_all(engine, platform["replicas"], target, s3_only(resume=True))
+        disaster.restore_all(engine, shared_platform["replicas"], target, s3_only())
+    resumed = disaster.restore_all(engine, shared_platform["replicas"], target, s3_only(resume=True))
     assert resumed.complete, resumed.lines()
     assert resumed.restored_before == len(first) and resumed.restored_now == WEDDINGS + 1 - len(first)
-    assert table_sums(target) == platform["expected"]  # nothing twice, nothing missing
+    assert table_sums(target) == shared_platform["expected"]  # nothing twice, nothing missing
 
 
 def test_a_wedding_damaged_everywhere_is_reported_and_a_failing_provider_falls_back(platform, make_database,
@@ -131,18 +181,18 @@ def test_a_wedding_damaged_everywhere_is_reported_and_a_failing_provider_falls_b
     assert got["public.vendors"] == want["public.vendors"]  # the platform partition is whole
 
 
-def test_one_provider_lost_the_others_serve_and_what_only_it_held_is_named(platform, make_database):
+def test_one_provider_lost_the_others_serve_and_what_only_it_held_is_named(shared_platform, make_database):
     """S3 is gone (nothing answers where it was): the platform and weddings 1 and 2 come from GCS, each fall-back
     in the report; the weddings S3 alone held are reported by name with S3's error, the others restored."""
     from dataclasses import replace
 
-    engine = platform["engine"]
+    engine = shared_platform["engine"]
     gone = replace(engine.settings.s3, endpoint_url="http://127.0.0.1:9")  # the discard port: refused at once
     lost = S3Replica(s3_client_from(gone, os.environ, config=client_config(connect_timeout=1, max_attempts=1)), gone)
     target = make_database()
-    report = disaster.restore_all(engine, {"s3": lost, "gcs": platform["replicas"]["gcs"]}, target,
+    report = disaster.restore_all(engine, {"s3": lost, "gcs": shared_platform["replicas"]["gcs"]}, target,
                                   disaster.RestoreAllOptions(providers=disaster.copy_order("s3"), jobs=2))
-    only_s3 = set(platform["weddings"]) - {"1", "2"}
+    only_s3 = set(shared_platform["weddings"]) - {"1", "2"}
     assert not report.complete and set(report.failed) == only_s3
     assert all("s3:" in report.failed[w] for w in only_s3), report.failed
     assert report.copies_used == {"gcs": 3}
@@ -150,13 +200,13 @@ def test_one_provider_lost_the_others_serve_and_what_only_it_held_is_named(platf
                                                                         "wedding 2"]
     assert all(line.endswith("restored from gcs") for line in report.fallbacks)
     assert not report.foreign_key_problems
-    got, want = table_sums(target), platform["expected"]
+    got, want = table_sums(target), shared_platform["expected"]
     assert got["public.vendors"] == want["public.vendors"]
     with psycopg.connect(target) as conn:
         assert {r[0] for r in conn.execute("SELECT id::text FROM weddings")} == {"1", "2"}
 
 
-def test_a_provider_that_fails_mid_restore_moves_the_weddings_to_another_copy(platform, make_database):
+def test_a_provider_that_fails_mid_restore_moves_the_weddings_to_another_copy(shared_platform, make_database):
     """S3 (through a real fault proxy) serves the platform partition, then answers 503 to everything: weddings 1
     and 2 move to their GCS copies (each a fall-back in the report), the weddings S3 alone held are named with
     S3's error after every retry, and what was restored is exactly the source's."""
@@ -165,45 +215,45 @@ def test_a_provider_that_fails_mid_restore_moves_the_weddings_to_another_copy(pl
 
     from wedbackup_dagster_tests.reliability.faultproxy import FailingAfter
 
-    engine = platform["engine"]
+    engine = shared_platform["engine"]
     upstream = urlsplit(engine.settings.s3.endpoint_url)
     with FailingAfter("s3", (upstream.hostname, upstream.port), good=1, kind="http_503") as proxy:
         via = replace(engine.settings.s3, endpoint_url=f"http://{proxy.address}")
         failing = S3Replica(s3_client_from(via, os.environ, config=client_config(connect_timeout=1, max_attempts=1)),
                             via)
         target = make_database()
-        report = disaster.restore_all(engine, {"s3": failing, "gcs": platform["replicas"]["gcs"]}, target,
+        report = disaster.restore_all(engine, {"s3": failing, "gcs": shared_platform["replicas"]["gcs"]}, target,
                                       disaster.RestoreAllOptions(providers=disaster.copy_order("s3"), jobs=2))
     assert proxy.counts["http_503"] > 0 and report.copies_used.get("s3") == 1  # the platform, before the failure
-    only_s3 = set(platform["weddings"]) - {"1", "2"}
+    only_s3 = set(shared_platform["weddings"]) - {"1", "2"}
     assert not report.complete and set(report.failed) == only_s3
     assert all("s3:" in report.failed[w] and "503" in report.failed[w] for w in only_s3), report.failed
     moved = [line for line in report.fallbacks if line.startswith(("wedding 1:", "wedding 2:"))]
     assert len(moved) == 2 and all("s3:" in line and line.endswith("restored from gcs") for line in moved)
     assert not report.foreign_key_problems
-    got, want = table_sums(target), platform["expected"]
+    got, want = table_sums(target), shared_platform["expected"]
     assert got["public.vendors"] == want["public.vendors"]
     with psycopg.connect(target) as conn:
         assert {r[0] for r in conn.execute("SELECT id::text FROM weddings")} == {"1", "2"}
 
 
-def test_refuses_a_target_in_use_the_source_and_the_catalogue(platform, make_database, stack):
-    engine = platform["engine"]
+def test_refuses_a_target_in_use_the_source_and_the_catalogue(shared_platform, make_database, stack):
+    engine = shared_platform["engine"]
     busy = make_database()
     with psycopg.connect(busy) as conn:
         conn.execute("CREATE TABLE public.orders (id int)")
     with pytest.raises(RestoreError, match=r"is not empty: .*public\.orders"):
-        disaster.restore_all(engine, platform["replicas"], busy, s3_only())
+        disaster.restore_all(engine, shared_platform["replicas"], busy, s3_only())
     with pytest.raises(RestoreError, match=r"is not empty: .*public\.orders"):
-        disaster.restore_all(engine, platform["replicas"], busy, s3_only(resume=True))
+        disaster.restore_all(engine, shared_platform["replicas"], busy, s3_only(resume=True))
     # The catalogue, however its DSN is written (another host spelling, extra options): refused by identity.
     parts = conninfo_to_dict(engine.settings.catalogue_dsn)
     other = make_conninfo(**{**parts, "host": "localhost" if parts.get("host") != "localhost" else "127.0.0.1",
                              "application_name": "x", "connect_timeout": "7"})
     with pytest.raises(RestoreError, match=r"is the catalogue database \(WEDBACKUP_CATALOGUE_DSN\)"):
-        disaster.restore_all(engine, platform["replicas"], other, s3_only())
+        disaster.restore_all(engine, shared_platform["replicas"], other, s3_only())
     with pytest.raises(RestoreError, match=r"is the live source database") as err:
-        disaster.restore_all(engine, platform["replicas"], platform["source"], s3_only())
+        disaster.restore_all(engine, shared_platform["replicas"], shared_platform["source"], s3_only())
     password = parts.get("password")
     assert not password or password not in str(err.value)
 

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 from datetime import datetime, timezone
+from typing import Any
 
 from wedbackup_dagster.core.storage.providers import PROVIDERS, replica_for
 
@@ -63,10 +64,29 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_on_sigterm() -> Any:
+    """An event set by SIGTERM (and SIGINT), for a long-running drainer: the pass under way finishes, then the
+    loop ends. Installed explicitly because an inherited disposition cannot be trusted: a process started with
+    SIGINT ignored (a shell's background job) that ran Dagster in-process has SIGTERM ignored too (Dagster maps
+    SIGTERM to SIGINT's handler, dagster/_utils/interrupts.py), and its children inherit that."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
     import time
 
     _, feed = _feed()
+    stop = _stop_on_sigterm() if args.follow else None
     while True:
         started = time.monotonic()
         result = feed.drain()
@@ -81,9 +101,12 @@ def cmd_drain(args: argparse.Namespace) -> int:
                 print(f"  barrier: wedding {b['partition'] or 'ALL'} at {b['at']}: {b['reason']}")
             if result.erased:
                 print(f"  not sealed (erased): {', '.join(result.erased)}")
-        if args.follow:  # a long-running drainer: one pass every --follow seconds (lag in seconds)
+        if stop is not None:  # --follow: a long-running drainer, one pass every --follow seconds (lag in seconds)
             if not result.more:
-                time.sleep(max(0.0, args.follow - (time.monotonic() - started)))
+                stop.wait(max(0.0, args.follow - (time.monotonic() - started)))
+            if stop.is_set():
+                print("stopped (SIGTERM): the last pass was finished and sealed")
+                return 0
             continue
         if not (args.until_caught_up and result.more):
             return 0

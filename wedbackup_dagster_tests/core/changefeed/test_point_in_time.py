@@ -166,9 +166,8 @@ def test_a_moment_past_the_captured_feed_is_refused_naming_the_restorable_range(
 
 
 def _wait_for_exit(process, seconds: float = 180) -> None:
-    """Wait for a process sent SIGTERM (its default action: it stops at once). Bounded but generous, like the
-    test's other waits: once in a full suite on a shared machine the drainer took over 30 s to go (a stalled
-    write, most likely). If it is still there, fail naming its state, and kill it."""
+    """Wait for a process sent SIGTERM, bounded but generous like the test's other waits. If it is still there,
+    fail naming its state (its signal dispositions among it), and kill it."""
     import subprocess
 
     try:
@@ -189,12 +188,18 @@ def test_a_long_running_drainer_captures_changes_as_they_happen_and_tells_the_sc
     import signal
     import subprocess
     import sys
+    import tempfile
 
     engine, feed, source = feed_env["engine"], feed_env["feed"], feed_env["source"]
     engine.catalogue.sync_partitions([(w, None) for w in WEDDINGS])
     env = {**os.environ, "WEDBACKUP_CHANGEFEED_SLOT": feed.slot, "PYTHONPATH": os.getcwd()}
+    # Started with SIGTERM ignored, as a shell's background job that ran Dagster in-process passes it on (Dagster
+    # maps SIGTERM to SIGINT's disposition, and a background job ignores SIGINT): the drainer's own handler
+    # still stops it, after its pass.
+    out = tempfile.TemporaryFile()  # a line a pass: a pipe nobody reads would fill and stall the drainer
     drainer = subprocess.Popen([sys.executable, "-m", "wedbackup_dagster.cli.app", "changes", "drain",
-                                "--follow", "0.5"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                "--follow", "0.5"], env=env, stdout=out, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
     try:
         with psycopg.connect(source, autocommit=True) as conn:
             # A delete of a child row without updated_at: invisible to the updated_at capture.
@@ -211,6 +216,9 @@ def test_a_long_running_drainer_captures_changes_as_they_happen_and_tells_the_sc
     finally:
         drainer.send_signal(signal.SIGTERM)
         _wait_for_exit(drainer)
+    assert drainer.returncode == 0, drainer.stderr.read().decode()
+    out.seek(0)
+    assert b"stopped (SIGTERM)" in out.read()
     with engine.catalogue.connect() as conn:
         row = conn.execute("SELECT source_updated_at FROM wedbackup.partitions WHERE partition = '4'").fetchone()
     assert row["source_updated_at"] is not None and abs((row["source_updated_at"] - at).total_seconds()) < 1

@@ -43,7 +43,7 @@ _PRELOAD = ["wedbackup_dagster.core.engine", "wedbackup_dagster.core.postgres.ba
             "wedbackup_dagster.core.storage.replicas.gcs", "wedbackup_dagster.core.storage.replicas.azure"]
 
 
-def _worker_context() -> multiprocessing.context.BaseContext:
+def worker_context() -> multiprocessing.context.BaseContext:
     """Forkserver where the platform has it (Linux, macOS), its server preloading the core; else spawn."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
@@ -61,7 +61,7 @@ def _started_pool(engine_class: Any, workers: int) -> ProcessPoolExecutor:
     started first, no submit spawns, a dead worker breaks the pool at once, and the shares still to hand
     out fail by name (`_hand_out`). `_launch_processes` is the executor's own start-all, which it uses
     for `fork`; it is private, so where a Python lacks it the pool starts its workers on submit as before."""
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context(), initializer=_start_worker,
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=worker_context(), initializer=_start_worker,
                                initargs=(engine_class, dict(os.environ)))
     launch = getattr(pool, "_launch_processes", None)
     if launch is not None:

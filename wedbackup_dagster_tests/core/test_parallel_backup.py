@@ -147,7 +147,7 @@ def test_workers_take_the_steps_environment_not_the_one_their_fork_server_starte
     first = _engine(env, workers=2)
     with first.snapshot_session() as session:
         assert not [k for k, v in first.back_up_each(weddings[:5], session) if isinstance(v, Exception)]
-    assert parallel_backup._worker_context().get_start_method() == "forkserver"
+    assert parallel_backup.worker_context().get_start_method() == "forkserver"
     moved = tmp_path / "another-vault"
     monkeypatch.setenv("WEDBACKUP_VAULT_DIR", str(moved))
     second = _engine(dict(os.environ), workers=2)

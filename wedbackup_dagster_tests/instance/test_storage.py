@@ -147,10 +147,11 @@ def _what_the_ui_shows(instance, run_id):
 
 
 @contextlib.contextmanager
-def _pooled_beside_stock(tmp_path, make_database, monkeypatch, batch_size: int):
+def _pooled_beside_stock(tmp_path, make_database, monkeypatch, batch_size: int, *, behind: bool = False):
     """Our pooled event log and stock dagster-postgres, each an instance on its own database, with Dagster's
     event batches of `batch_size`; yields (pooled, stock, batches), `batches` recording each batch the pooled
-    storage writes in one transaction as (its event types, its size)."""
+    storage writes in one transaction as (its event types, its size). Unless `behind`, the pooled storage
+    writes its batches in this process (so the spies here see them), not by its helper process."""
     from wedbackup_dagster.instance.event_batches import BATCH_SIZE_SETTING
 
     monkeypatch.setenv(BATCH_SIZE_SETTING, str(batch_size))
@@ -160,6 +161,7 @@ def _pooled_beside_stock(tmp_path, make_database, monkeypatch, batch_size: int):
     try:
         storage = pooled.event_log_storage
         assert isinstance(storage, PooledPostgresEventLogStorage)
+        storage._writes_behind = behind
         batches: list[tuple[set, int]] = []
         original = storage._store_in_one_transaction
 
@@ -276,3 +278,57 @@ def test_a_range_runs_materializations_are_stored_a_batch_per_transaction_as_dag
 
         assert shown(pooled, ours.run_id) == shown(stock, theirs.run_id)
         assert shown(pooled, ours.run_id)[0] == PROBE_WEDDINGS.get_partition_keys()
+
+
+# ------------------------------------------------- batches written behind by the helper process
+
+
+def _run_log(instance, run_id):
+    """The run's log as (event type, step, partition) in the order of the stored ids."""
+    records = instance.get_records_for_run(run_id, limit=10000).records
+    ids = [r.storage_id for r in records]
+    assert ids == sorted(ids)
+    return [(r.event_log_entry.dagster_event_type, r.event_log_entry.step_key,
+             getattr(r.event_log_entry.dagster_event, "partition", None) if r.event_log_entry.dagster_event else None)
+            for r in records if r.event_log_entry.is_dagster_event]
+
+
+def test_batches_written_behind_by_the_helper_are_stored_in_dagsters_order_and_read_as_stock(
+        tmp_path, make_database, monkeypatch):
+    """By default the pooled storage hands its batches to a helper process. The run's log is the same events
+    in the same order as on stock dagster-postgres (every read and single event waits for the batches before
+    it), and what the UI reads per wedding partition is the same."""
+    with _pooled_beside_stock(tmp_path, make_database, monkeypatch, 5, behind=True) as (pooled, stock, batches):
+        ours, theirs = _run_range(pooled), _run_range(stock)
+        storage = pooled.event_log_storage
+        assert storage._writer is not None and storage._writer.alive  # the helper wrote them
+        assert not batches  # ... none of them in this process
+        assert _run_log(pooled, ours.run_id) == _run_log(stock, theirs.run_id)
+        assert _what_the_ui_shows(pooled, ours.run_id) == _what_the_ui_shows(stock, theirs.run_id)
+        records = pooled.fetch_materializations(batch_probe.key, limit=100).records
+        assert sorted(r.partition_key for r in records) == PROBE_WEDDINGS.get_partition_keys()
+
+
+def test_batches_of_a_helper_that_died_are_stored_by_this_process_once(tmp_path, make_database, monkeypatch):
+    """A helper killed before it wrote what it was handed: the next use of the storage stores those batches
+    one event at a time here (Dagster's own fallback), each once, and a new helper takes the next batch."""
+    import os
+    import signal
+
+    with _pooled_beside_stock(tmp_path, make_database, monkeypatch, 5, behind=True) as (pooled, _, _batches):
+        ours = _run_range(pooled)
+        storage = pooled.event_log_storage
+        before = _run_log(pooled, ours.run_id)
+        planned = [r.event_log_entry for r in pooled.get_records_for_run(
+            ours.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED, limit=100).records]
+        helper = storage._writer._process
+        os.kill(helper.pid, signal.SIGSTOP)  # it takes nothing more in
+        storage.store_event_batch(planned[:6])
+        os.kill(helper.pid, signal.SIGKILL)
+        helper.join(10)
+        after = _run_log(pooled, ours.run_id)  # a read: waits, finds the helper gone, stores the batch here
+        assert after == before + [(e.dagster_event_type, e.step_key, e.dagster_event.partition)
+                                               for e in planned[:6]]
+        storage.store_event_batch(planned[6:8])  # a new helper
+        assert storage._writer._process.pid != helper.pid
+        assert len(_run_log(pooled, ours.run_id)) == len(after) + 2

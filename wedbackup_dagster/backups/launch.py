@@ -3,6 +3,10 @@ in-process run per contiguous range of weddings, recorded in the instance like a
 reads the code location (definitions.py); nothing the code location loads imports it back."""
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +40,30 @@ def register_partitions(instance: dg.DagsterInstance, source_dsn: str, erased: f
     return wanted
 
 
+@contextlib.contextmanager
+def sigterm_kept() -> Iterator[None]:
+    """Keep this process's SIGTERM disposition across an in-process Dagster run. Dagster maps SIGTERM to
+    SIGINT's handler while a run goes (so a SIGTERM stops the run as an interrupt would) and leaves it mapped
+    to SIGINT's original handler afterwards: in a shell's background job, where SIGINT is ignored, SIGTERM
+    then stays ignored for the rest of the command and in every child it starts (`wedbackup changes drain
+    --follow` under a backup in the same process would outlive `kill`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if saved is not None:  # None: set outside Python, nothing to put back
+            signal.signal(signal.SIGTERM, saved)
+
+
+def execute_in_process(job: dg.JobDefinition, **kwargs: Any) -> dg.ExecuteInProcessResult:
+    """`job.execute_in_process(**kwargs)`, this process's SIGTERM disposition kept (sigterm_kept)."""
+    with sigterm_kept():
+        return job.execute_in_process(**kwargs)
+
+
 def run_job_for(job_name: str, keys: list[str], *, instance: dg.DagsterInstance | None = None,
                 run_config: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> list[LaunchResult]:
     from ..definitions import defs
@@ -47,11 +75,11 @@ def run_job_for(job_name: str, keys: list[str], *, instance: dg.DagsterInstance 
     for first, last in contiguous_ranges(validated_keys(keys), ordered):
         run_tags = dict(tags or {})
         if first == last:
-            outcome = job.execute_in_process(instance=instance, partition_key=first, raise_on_error=False,
+            outcome = execute_in_process(job, instance=instance, partition_key=first, raise_on_error=False,
                                              run_config=run_config, tags=run_tags)
         else:
             run_tags.update({ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last})
-            outcome = job.execute_in_process(instance=instance, raise_on_error=False, run_config=run_config,
+            outcome = execute_in_process(job, instance=instance, raise_on_error=False, run_config=run_config,
                                              tags=run_tags)
         failures = [_failure_text(e) for e in outcome.all_events if e.event_type_value == "STEP_FAILURE"]
         results.append(LaunchResult(outcome.run_id, first, last, outcome.success, failures))
@@ -69,7 +97,7 @@ def run_checks_for(keys: list[str], *, instance: dg.DagsterInstance) -> list:
     ordered = list(instance.get_dynamic_partitions(weddings_partitions.name))
     results = []
     for first, last in contiguous_ranges(validated_keys(keys), ordered):
-        outcome = job.execute_in_process(instance=instance, raise_on_error=False, tags={
+        outcome = execute_in_process(job, instance=instance, raise_on_error=False, tags={
             ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last})
         failures = [_failure_text(e) for e in outcome.all_events if e.event_type_value == "STEP_FAILURE"]
         results.append(LaunchResult(outcome.run_id, first, last, outcome.success, failures))

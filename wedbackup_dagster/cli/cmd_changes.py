@@ -66,15 +66,17 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def _stop_on_sigterm() -> Any:
     """An event set by SIGTERM (and SIGINT), for a long-running drainer: the pass under way finishes, then the
-    loop ends. Installed explicitly because an inherited disposition cannot be trusted: a process started with
+    loop ends; the event's `signal_name` says which signal set it. Installed explicitly because an inherited disposition cannot be trusted: a process started with
     SIGINT ignored (a shell's background job) that ran Dagster in-process has SIGTERM ignored too (Dagster maps
     SIGTERM to SIGINT's handler, dagster/_utils/interrupts.py), and its children inherit that."""
     import signal
     import threading
 
     stop = threading.Event()
+    stop.signal_name = ""  # type: ignore[attr-defined]
 
     def handler(signum: int, _frame: Any) -> None:
+        stop.signal_name = signal.Signals(signum).name  # type: ignore[attr-defined]
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)
@@ -105,7 +107,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
             if not result.more:
                 stop.wait(max(0.0, args.follow - (time.monotonic() - started)))
             if stop.is_set():
-                print("stopped (SIGTERM): the last pass was finished and sealed")
+                print(f"stopped ({stop.signal_name}): the last pass was finished and sealed")
                 return 0
             continue
         if not (args.until_caught_up and result.more):

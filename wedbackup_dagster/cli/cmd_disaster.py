@@ -36,14 +36,15 @@ def cmd_restore_all(args: argparse.Namespace) -> int:
     if args.source:
         config["copy_from"] = args.source
     os.environ[TARGET_DSN_VARIABLE] = args.target_dsn  # read by the op; never put in the run config
+    from ..backups.launch import execute_in_process
     from ..definitions import defs
 
     job = defs.resolve_job_def("restore_platform")
     # Progress on stderr as the run goes; the run's own log (the UI) has the same lines.
     with printed_on_stderr(progress_logger):
-        result = job.execute_in_process(instance=dagster_instance(), raise_on_error=False,
-                                        tags={"wedbackup/restore_mode": "all"},
-                                        run_config={**QUIET, "ops": {"restore_all_partitions": {"config": config}}})
+        result = execute_in_process(job, instance=dagster_instance(), raise_on_error=False,
+                                    tags={"wedbackup/restore_mode": "all"},
+                                    run_config={**QUIET, "ops": {"restore_all_partitions": {"config": config}}})
     if result.success:
         report = result.output_for_node("restore_all_partitions")
         if args.json:

@@ -40,10 +40,11 @@ def _print_failures(result, what: str) -> None:
 def _run_job(job_name: str, op_name: str, config: dict[str, Any], what: str):
     """Run a one-op job in-process in the instance the UI reads: (result, the op's output metadata), or
     None after printing each failing step's message (redacted)."""
+    from ..backups.launch import execute_in_process
     from ..definitions import defs
 
-    result = defs.resolve_job_def(job_name).execute_in_process(
-        instance=dagster_instance(), raise_on_error=False, run_config={**QUIET, "ops": {op_name: {"config": config}}})
+    result = execute_in_process(
+        defs.resolve_job_def(job_name), instance=dagster_instance(), raise_on_error=False, run_config={**QUIET, "ops": {op_name: {"config": config}}})
     if not result.success:
         _print_failures(result, what)
         return None

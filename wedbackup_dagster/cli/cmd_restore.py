@@ -115,13 +115,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
         config["skip_moved_rows"] = True
     if args.target_dsn:
         os.environ[TARGET_DSN_VARIABLE] = args.target_dsn  # read by the op; never put in the run config
+    from ..backups.launch import execute_in_process
     from ..definitions import defs
 
     job = defs.resolve_job_def("restore_wedding")
     # Progress on stderr as the run goes; the run's own log (the UI) has the same lines.
     with printed_on_stderr(progress_logger):
-        result = job.execute_in_process(
-            instance=dagster_instance(), raise_on_error=False,
+        result = execute_in_process(
+            job, instance=dagster_instance(), raise_on_error=False,
             tags={"wedbackup/restore_mode": mode, "wedbackup/dry_run": str(bool(args.dry_run)).lower()},
             run_config={**QUIET, "ops": {"restore_partition": {"config": config}}})
     if result.success:

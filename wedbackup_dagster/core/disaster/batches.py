@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from wedbackup_dagster.core.disaster.copy_health import CopyHealth
 from wedbackup_dagster.core.formats.archive import open_archive
 from wedbackup_dagster.core.errors import WedbackupError
 from wedbackup_dagster.core.postgres.restore_wedding import RecoveryPoint
@@ -119,10 +120,12 @@ def _fetched(engine: Any, backup: Any, copy: Any, replicas: Mapping[str, Any]) -
 
 
 def decode(engine: Any, replicas: Mapping[str, Any], point: RecoveryPoint, order: tuple[str, ...],
-           copy_faults: tuple[type[BaseException], ...], known: Known | None = None) -> Decoded | Failed:
+           copy_faults: tuple[type[BaseException], ...], known: Known | None = None,
+           health: CopyHealth | None = None) -> Decoded | Failed:
     """The wedding's chosen backup from the first copy in `order` that downloads, matches its SHA-256,
     decrypts and reads through with every table matching its table-end record and the manifest. `known`:
-    its catalogue rows, read with other weddings' (known_for); read here when not given."""
+    its catalogue rows, read with other weddings' (known_for); read here when not given. `health`: the run's
+    memory of failing locations (copy_health.py), which tries them last."""
     started = time.perf_counter()
     known = known or known_for(engine, [point])
     backup = known.backups.get(point.archive_sha256)
@@ -133,10 +136,9 @@ def decode(engine: Any, replicas: Mapping[str, Any], point: RecoveryPoint, order
     def resolve_key(key_id: str) -> Any:  # the catalogue again only for a key it did not hand over (says why)
         return known.keys[key_id] if key_id in known.keys else engine.resolve_key(key_id)
 
-    attempts: list[str] = []
-    for copy in order:
-        if copy not in held or (copy != "vault" and copy not in replicas):
-            continue
+    usable = [c for c in order if c in held and (c == "vault" or c in replicas)]
+    usable, attempts = health.order(usable) if health is not None else (usable, [])
+    for copy in usable:
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
         t0 = time.perf_counter()
         try:
@@ -150,6 +152,8 @@ def decode(engine: Any, replicas: Mapping[str, Any], point: RecoveryPoint, order
         except copy_faults as exc:
             spool.close()
             attempts.append(f"{copy}: {str(exc)[:300]}")
+            if health is not None:
+                health.failed(copy, str(exc))
             continue
         except WedbackupError as exc:
             spool.close()
@@ -157,6 +161,8 @@ def decode(engine: Any, replicas: Mapping[str, Any], point: RecoveryPoint, order
         except BaseException:
             spool.close()
             raise
+        if health is not None:
+            health.succeeded(copy)
         return Decoded(point, copy, spool, tables, rows, nbytes, fingerprint, attempts,
                        {"download": download, "decrypt": read}, time.perf_counter() - started)
     return Failed(point, "; ".join(attempts) or "no usable copy", attempts)
@@ -269,7 +275,7 @@ def run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo:
                 on_done: Callable[[Decoded, float], None], on_batch: Callable[[float], None],
                 on_retry: Callable[[RecoveryPoint, str], None],
                 should_stop: Callable[[], str], progress: Callable[[str], None],
-                expected_fingerprint: str | None = None) -> str:
+                expected_fingerprint: str | None = None, health: CopyHealth | None = None) -> str:
     """Every point of `todo` through the batch path on `jobs` loaders and FETCHERS_PER_LOADER × `jobs`
     fetchers. `on_done(wedding, batch seconds)` for each committed wedding and `on_batch(seconds)` for each
     batch; `on_retry(point, why)` for each to restore again alone (its batch failed, or no copy read
@@ -326,7 +332,8 @@ def run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo:
                     close_spools(held)
                     return
                 try:
-                    item: Decoded | Failed = decode(worker_engine(), replicas, point, order, copy_faults, known)
+                    item: Decoded | Failed = decode(worker_engine(), replicas, point, order, copy_faults, known,
+                                                   health)
                 except Exception as exc:  # noqa: BLE001 - one wedding's surprise must not stop the others
                     item = Failed(point, f"{type(exc).__name__}: {str(exc)[:300]}")
                 if isinstance(item, Decoded) and known is not None:  # its share of the chunk's catalogue reads

@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from wedbackup_dagster.core.disaster.copy_health import CopyHealth
 from wedbackup_dagster.core.partitions import PLATFORM, partition_label
 from wedbackup_dagster.core.formats.archive import open_archive
 from wedbackup_dagster.core.postgres.identity import check_restore_target
@@ -115,6 +116,7 @@ class PlatformReport:
     per_copy: dict[str, dict[str, float]] = field(default_factory=dict)  # location -> bytes, seconds (this run)
     slowest: dict[str, Any] = field(default_factory=dict)  # this run's slowest partition and its seconds
     fallbacks: list[str] = field(default_factory=list)  # "wedding 7: s3 failed (…), restored from gcs"
+    tried_last: list[str] = field(default_factory=list)  # locations that kept failing (copy_health.py)
     failed: dict[str, str] = field(default_factory=dict)  # partition -> reason
     erased: list[str] = field(default_factory=list)  # erased weddings: not restored, by design
     erasures_reapplied: list[str] = field(default_factory=list)
@@ -144,6 +146,7 @@ class PlatformReport:
                "  phases (s, summed over workers): " + ", ".join(f"{k} {v:.2f}" for k, v in self.phases.items()),
                f"  recovery points used: newest {self.newest_point or '-'}, oldest {self.oldest_point or '-'}",
                "  copies used: " + (", ".join(f"{k} {v}" for k, v in sorted(self.copies_used.items())) or "-")]
+        out += [f"  tried last: {line}" for line in self.tried_last]
         out += [f"  fell back: {line}" for line in self.fallbacks]
         out += [f"  erased, not restored: wedding {p}" for p in self.erased]
         out += [f"  re-applied erasure: {line}" for line in self.erasures_reapplied]
@@ -265,10 +268,12 @@ def _record_progress(partition: str, backup: Any, copy: str) -> Callable[[Any, A
 
 
 def restore_partition(engine: Any, replicas: Mapping[str, Any], target_dsn: str, point: RecoveryPoint,
-                      order: Iterable[str], *, hold_triggers: bool, defer_post_data: bool = False) -> PartitionResult:
+                      order: Iterable[str], *, hold_triggers: bool, defer_post_data: bool = False,
+                      health: CopyHealth | None = None) -> PartitionResult:
     """One partition's chosen backup into the target, from the first copy in `order` that works: a copy
     that cannot be fetched, fails its SHA-256 or cannot be decrypted moves on to the next one.
-    `defer_post_data` (the platform partition): see restore_snapshot; the result carries what was deferred."""
+    `defer_post_data` (the platform partition): see restore_snapshot; the result carries what was deferred.
+    `health`: the run's memory of failing locations (copy_health.py), which tries them last."""
     partition = point.partition
     result = PartitionResult(partition, False, point.archive_sha256, point.snapshot_time.isoformat(),
                              bytes=point.size)
@@ -284,6 +289,10 @@ def restore_partition(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
             result.attempts.append(f"{p}: not configured for this restore")
         else:
             candidates.append(p)
+    if health is not None:
+        ordered, notes = health.order(candidates)
+        candidates = list(ordered)
+        result.attempts += notes
     started = time.perf_counter()
     for copy in candidates:
         for attempt in range(3):  # a deadlock with another worker is retried; anything else is not
@@ -301,6 +310,8 @@ def restore_partition(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
                     load = time.perf_counter() - t1 - decrypt[0]
             except _COPY_FAULTS as exc:
                 result.attempts.append(f"{copy}: {str(exc)[:300]}")
+                if health is not None:
+                    health.failed(copy, str(exc))
                 break
             except _SERIALISATION:
                 if attempt == 2:
@@ -316,6 +327,8 @@ def restore_partition(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
             except psycopg.Error as exc:
                 result.error = f"the target failed: {type(exc).__name__}: {db_error_line(exc)[:300]}"
                 return result
+            if health is not None:
+                health.succeeded(copy)
             result.ok, result.copy, result.rows = True, copy, report.total_rows
             result.deferred_post_data, result.schema_fingerprint = report.deferred_post_data, report.schema_fingerprint
             result.phases = {"download": download, "decrypt": decrypt[0], "load": max(load, 0.0)}
@@ -386,6 +399,7 @@ def restore_all(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
         as_of, include_unverified, done = _prepare_target(coord, target, options,
                                                           options.as_of or datetime.now(timezone.utc))
         report = PlatformReport(target, as_of.isoformat())
+        health = CopyHealth()  # locations that keep failing are tried last (copy_health.py)
         weddings, report.erased = planned_partitions(engine.catalogue)
         if options.only is not None:
             weddings = [w for w in weddings if w in options.only]
@@ -412,7 +426,7 @@ def restore_all(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
                                    f"weddings can be restored without the platform's schema and rows")
             defer = options.batches and options.defer_post_data
             result = restore_partition(engine, replicas, target_dsn, points.pop(PLATFORM), order, hold_triggers=True,
-                                       defer_post_data=defer)
+                                       defer_post_data=defer, health=health)
             _account(report, result)
             if not result.ok:
                 raise RestoreError(f"restore --all into {target}: the platform partition could not be restored: "
@@ -450,11 +464,12 @@ def restore_all(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
 
         if (inserting and not deferred.script) or not options.batches:
             stopped = _run_weddings(engine, replicas, target_dsn, todo, order, jobs, options.stop_after, deadline,
-                                    report, ticker, hold_triggers=bool(inserting))
+                                    report, ticker, hold_triggers=bool(inserting), health=health)
         else:
             stopped = _run_batches(engine, replicas, target_dsn, todo, order, jobs, options.stop_after, deadline,
                                    report, ticker, progress, expected_fingerprint=deferred.fingerprint or None,
-                                   before_alone=build_deferred)
+                                   before_alone=build_deferred, health=health)
+        report.tried_last = health.lines()
         build_deferred()  # stopped early too: a target stopped on purpose has its whole schema
         if stopped:
             report.stopped = stopped
@@ -593,7 +608,8 @@ def _worker_engines(engine: Any) -> tuple[Callable[[], Any], list[Any]]:
 
 def _run_weddings(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo: list[RecoveryPoint],
                   order: tuple[str, ...], jobs: int, stop_after: int | None, deadline: float | None,
-                  report: PlatformReport, ticker: Counter, *, hold_triggers: bool) -> str:
+                  report: PlatformReport, ticker: Counter, *, hold_triggers: bool,
+                  health: CopyHealth | None = None) -> str:
     """Every wedding on `jobs` workers, each with its own engine (the catalogue connection is not shared
     between threads); no wedding starts after `deadline` (time.perf_counter()). Returns why it stopped
     early, or ''."""
@@ -601,7 +617,8 @@ def _run_weddings(engine: Any, replicas: Mapping[str, Any], target_dsn: str, tod
 
     def one(point: RecoveryPoint) -> PartitionResult:
         try:
-            return restore_partition(worker_engine(), replicas, target_dsn, point, order, hold_triggers=hold_triggers)
+            return restore_partition(worker_engine(), replicas, target_dsn, point, order, hold_triggers=hold_triggers,
+                                     health=health)
         except Exception as exc:  # noqa: BLE001 — one wedding's surprise must not stop the others
             return PartitionResult(point.partition, False, point.archive_sha256, point.snapshot_time.isoformat(),
                                    error=f"{type(exc).__name__}: {str(exc)[:300]}")
@@ -644,7 +661,8 @@ def _run_weddings(engine: Any, replicas: Mapping[str, Any], target_dsn: str, tod
 def _run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo: list[RecoveryPoint],
                  order: tuple[str, ...], jobs: int, stop_after: int | None, deadline: float | None,
                  report: PlatformReport, ticker: Counter, progress: Progress, *,
-                 expected_fingerprint: str | None = None, before_alone: Callable[[], bool] = lambda: False) -> str:
+                 expected_fingerprint: str | None = None, before_alone: Callable[[], bool] = lambda: False,
+                 health: CopyHealth | None = None) -> str:
     """The weddings through the batch path (core/disaster/batches.py); those it hands back — no copy read
     through, or their batch failed to load — again alone through `_run_weddings`, which reports each one
     that fails again by name with its reason, once `before_alone()` has completed the target's schema (it
@@ -689,7 +707,8 @@ def _run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo
         stopped = run_batches(engine, replicas, target_dsn, todo, order, jobs, copy_faults=_COPY_FAULTS,
                               connect=lambda: connect_target(target_dsn, f"the target, {target}", "wedbackup-restore-all"),
                               worker_engine=worker_engine, on_done=on_done, on_batch=on_batch, on_retry=on_retry,
-                              should_stop=should_stop, progress=progress, expected_fingerprint=expected_fingerprint)
+                              should_stop=should_stop, progress=progress, expected_fingerprint=expected_fingerprint,
+                              health=health)
     finally:
         for e in engines:
             e.catalogue.close()
@@ -701,7 +720,7 @@ def _run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo
         again = [point for point, _ in sorted(retry.values(), key=lambda pw: partition_order(pw[0].partition))]
         hold = before_alone()
         return _run_weddings(engine, replicas, target_dsn, again, order, jobs, None, deadline, report, ticker,
-                             hold_triggers=hold)
+                             hold_triggers=hold, health=health)
     return ""
 
 

@@ -199,6 +199,10 @@ def test_one_provider_lost_the_others_serve_and_what_only_it_held_is_named(share
     assert sorted(line.split(":")[0] for line in report.fallbacks) == ["the platform partition", "wedding 1",
                                                                         "wedding 2"]
     assert all(line.endswith("restored from gcs") for line in report.fallbacks)
+    # After three failures in a row S3 is tried last (copy_health.py), never skipped: the weddings only it
+    # held still tried it, and failed naming it.
+    assert len(report.tried_last) == 1 and report.tried_last[0].startswith("s3 tried last for "), report.tried_last
+    assert any(line.startswith("  tried last: s3 tried last for ") for line in report.lines())
     assert not report.foreign_key_problems
     got, want = table_sums(target), shared_platform["expected"]
     assert got["public.vendors"] == want["public.vendors"]

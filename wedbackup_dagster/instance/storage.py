@@ -37,6 +37,8 @@ one event at a time by Dagster's own code in the caller's process, the fallback 
 batch write raises; so are the batches of a helper that died (one killed between its commit and its answer
 could leave that batch's events in the log twice; the catalogue, not this log, is the record of backups).
 A run's last events are single (the run's success or failure), so a finished run has nothing in flight.
+A storage writes its first WRITE_BEHIND_AFTER batched events itself: a small run would only wait for the
+helper to start.
 """
 from __future__ import annotations
 
@@ -107,6 +109,9 @@ _NO_FLUSH = frozenset({"handles_run_events_in_store_event", "stores_check_evalua
 # Batches handed to the helper and not yet answered, at most: bounds the memory they hold and what a crash
 # of the run's process can leave unwritten.
 BATCHES_IN_FLIGHT = 8
+# Batched events a storage writes itself before it starts the helper: a small run (one wedding, a test's
+# dozen) would only wait for the helper to start; a fleet's run writes tens of thousands.
+WRITE_BEHIND_AFTER = 1000
 
 _INSERT_EVENTS = SqlEventLogStorageTable.insert().returning(SqlEventLogStorageTable.c.id, sort_by_parameter_order=True)
 
@@ -125,6 +130,8 @@ class PooledPostgresEventLogStorage(PostgresEventLogStorage):
         self._writer: _EventWriter | None = None  # the helper process writing batches behind (started on use)
         # False in the helper itself, and with a token provider (which the helper could not be handed).
         self._writes_behind = token_provider is None
+        self._write_behind_after = WRITE_BEHIND_AFTER
+        self._batched_events = 0  # batched events stored so far (the helper starts past _write_behind_after)
         self._writer_lock = threading.RLock()
         self._tables_present: set[str] = set()  # has_table's answers once True
         super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
@@ -210,9 +217,10 @@ class PooledPostgresEventLogStorage(PostgresEventLogStorage):
             self._flush()
             super().store_event_batch(events)
             return
+        self._batched_events += len(events)
         for start in range(0, len(events), ROWS_PER_INSERT):
             chunk = events[start:start + ROWS_PER_INSERT]
-            if self._writes_behind:
+            if self._writes_behind and self._batched_events > self._write_behind_after:
                 self._write_behind(chunk)
             else:
                 self._store_in_one_transaction(chunk)
@@ -347,12 +355,15 @@ class _EventWriter:
         return self._process.is_alive()
 
     def hand_over(self, events: Sequence[EventLogEntry]) -> None:
-        self._sent[self._next] = events
-        try:
-            self._pipe.send((self._next, list(events)))
-        except (OSError, EOFError):
-            pass  # the helper is gone: wait() hands every unanswered batch back
+        """Send a batch. An event that cannot be pickled raises here, before anything is sent or recorded,
+        and Dagster stores the batch one event at a time (its fallback when a batch write raises)."""
+        number = self._next
         self._next += 1
+        try:
+            self._pipe.send((number, list(events)))
+        except (OSError, EOFError):
+            pass  # the helper is gone: recorded below, so wait() hands the batch back
+        self._sent[number] = events
 
     def wait(self, leave: int) -> list[tuple[Sequence[EventLogEntry], str]]:
         """Read answers until at most `leave` batches are unanswered; the batches that failed, with why (all

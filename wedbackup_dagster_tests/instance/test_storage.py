@@ -65,6 +65,7 @@ def test_the_asset_tags_table_is_looked_up_once_not_on_a_new_connection_per_batc
             conn, name, *a, **k))
         _run_range(instance)  # 12 weddings: three batches of materializations
         assert asked.count("asset_event_tags") <= 1
+        assert storage._writer is None  # a small run's batches: written here, no helper process started
         records = instance.fetch_materializations(batch_probe.key, limit=100).records
         assert sorted(r.partition_key for r in records) == PROBE_WEDDINGS.get_partition_keys()
         tags = storage.get_event_tags_for_asset(batch_probe.key)
@@ -162,6 +163,7 @@ def _pooled_beside_stock(tmp_path, make_database, monkeypatch, batch_size: int, 
         storage = pooled.event_log_storage
         assert isinstance(storage, PooledPostgresEventLogStorage)
         storage._writes_behind = behind
+        storage._write_behind_after = 0  # from the first batch (by default past the first 1,000 events)
         batches: list[tuple[set, int]] = []
         original = storage._store_in_one_transaction
 

@@ -8,6 +8,7 @@ import dagster as dg
 from wedbackup_dagster.backups.launch import execute_in_process
 
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a shell's background job
+signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not whatever the test process passed down
 
 @dg.op
 def nothing():

@@ -37,8 +37,8 @@ one event at a time by Dagster's own code in the caller's process, the fallback 
 batch write raises; so are the batches of a helper that died (one killed between its commit and its answer
 could leave that batch's events in the log twice; the catalogue, not this log, is the record of backups).
 A run's last events are single (the run's success or failure), so a finished run has nothing in flight.
-A storage writes its first WRITE_BEHIND_AFTER batched events itself: a small run would only wait for the
-helper to start.
+A storage writes its first WRITE_BEHIND_AFTER batched events itself (a small run needs no helper), then
+starts the helper in the background and goes on writing its batches itself until the helper is ready.
 """
 from __future__ import annotations
 
@@ -133,6 +133,9 @@ class PooledPostgresEventLogStorage(PostgresEventLogStorage):
         self._write_behind_after = WRITE_BEHIND_AFTER
         self._batched_events = 0  # batched events stored so far (the helper starts past _write_behind_after)
         self._writer_lock = threading.RLock()
+        self._starting: threading.Thread | None = None  # starts the helper in the background
+        self._helper_starts = 0
+        self._helper_url = postgres_url
         self._tables_present: set[str] = set()  # has_table's answers once True
         super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
         self._engine.dispose()
@@ -164,21 +167,54 @@ class PooledPostgresEventLogStorage(PostgresEventLogStorage):
             for event in events:
                 PostgresEventLogStorage.store_event(self, event)
 
-    def _write_behind(self, events: Sequence[EventLogEntry]) -> None:
-        """Hand a batch to the helper (started on first use), once fewer than BATCHES_IN_FLIGHT are pending."""
+    def _write_behind(self, events: Sequence[EventLogEntry]) -> bool:
+        """Hand a batch to the helper, once fewer than BATCHES_IN_FLIGHT are pending. False while no helper is
+        ready (it is started in the background, and the caller stores the batch itself meanwhile: a start
+        takes seconds, Dagster and the database imported in a new process)."""
         with self._writer_lock:
-            if self._writer is None or not self._writer.alive:
-                if self._writer is not None:
-                    self._fall_back(self._writer.wait(0))
-                self._writer = _EventWriter(self.postgres_url)
+            if self._writer is not None and not self._writer.alive:
+                self._fall_back(self._writer.wait(0))
+                self._writer = None
+            if self._writer is None:
+                self._start_helper()
+                return False
             self._fall_back(self._writer.wait(BATCHES_IN_FLIGHT - 1))
             self._writer.hand_over(events)
+            return True
+
+    def _start_helper(self) -> None:
+        """Start a helper in the background, unless one is starting; after three, this storage gives up
+        writing behind (a helper that keeps dying) and stores every batch itself."""
+        if self._starting is not None and self._starting.is_alive():
+            return
+        if self._helper_starts >= 3:
+            self._writes_behind = False
+            return
+        self._helper_starts += 1
+        self._starting = threading.Thread(target=self._start_in_background, name="wedbackup-event-writer-start",
+                                          daemon=True)
+        self._starting.start()
+
+    def _start_in_background(self) -> None:
+        try:
+            writer = _EventWriter(self._helper_url)
+            writer.ready()
+        except Exception as exc:  # noqa: BLE001 - then this process stores its batches itself, as before
+            sys.stderr.write(f"the event writer process did not start ({type(exc).__name__}); this process "
+                             "stores its event batches itself\n")
+            with self._writer_lock:
+                self._writes_behind = False
+            return
+        with self._writer_lock:
+            self._writer = writer
 
     def store_event(self, event: EventLogEntry) -> None:
         self._flush()
         super().store_event(event)
 
     def dispose(self) -> None:
+        if self._starting is not None:
+            self._starting.join(timeout=60)
         with self._writer_lock:
             self._flush()
             if self._writer is not None:
@@ -220,9 +256,8 @@ class PooledPostgresEventLogStorage(PostgresEventLogStorage):
         self._batched_events += len(events)
         for start in range(0, len(events), ROWS_PER_INSERT):
             chunk = events[start:start + ROWS_PER_INSERT]
-            if self._writes_behind and self._batched_events > self._write_behind_after:
-                self._write_behind(chunk)
-            else:
+            behind = self._writes_behind and self._batched_events > self._write_behind_after
+            if not (behind and self._write_behind(chunk)):
                 self._store_in_one_transaction(chunk)
 
     def _store_in_one_transaction(self, events: Sequence[EventLogEntry]) -> None:
@@ -346,6 +381,12 @@ class _EventWriter:
         self._sent: dict[int, Sequence[EventLogEntry]] = {}  # handed over, not yet answered
         self._next = 0
 
+    def ready(self) -> None:
+        """Wait for the helper's word that it is ready (Dagster imported, its storage made); an error if it
+        ended first."""
+        if self._pipe.recv() != ("ready", None):
+            raise RuntimeError("the event writer process said something else first")
+
     @property
     def pending(self) -> bool:
         return bool(self._sent)
@@ -393,6 +434,7 @@ def _write_batches(pipe: Any, postgres_url: str) -> None:
     batch before it (one transaction each) and answers, in the order the batches came."""
     storage = PooledPostgresEventLogStorage(postgres_url, should_autocreate_tables=False)
     storage._writes_behind = False  # noqa: SLF001 - this process is the one writing behind
+    pipe.send(("ready", None))
     prepared: queue.Queue[tuple[int, Any, Any, str | None] | None] = queue.Queue(maxsize=2)
 
     def take_in() -> None:

@@ -164,6 +164,10 @@ def _pooled_beside_stock(tmp_path, make_database, monkeypatch, batch_size: int, 
         assert isinstance(storage, PooledPostgresEventLogStorage)
         storage._writes_behind = behind
         storage._write_behind_after = 0  # from the first batch (by default past the first 1,000 events)
+        if behind:  # the helper started and ready before the run (it starts in the background on first use)
+            storage._start_helper()
+            storage._starting.join(60)
+            assert storage._writer is not None
         batches: list[tuple[set, int]] = []
         original = storage._store_in_one_transaction
 
@@ -331,6 +335,9 @@ def test_batches_of_a_helper_that_died_are_stored_by_this_process_once(tmp_path,
         after = _run_log(pooled, ours.run_id)  # a read: waits, finds the helper gone, stores the batch here
         assert after == before + [(e.dagster_event_type, e.step_key, e.dagster_event.partition)
                                                for e in planned[:6]]
-        storage.store_event_batch(planned[6:8])  # a new helper
-        assert storage._writer._process.pid != helper.pid
+        storage.store_event_batch(planned[6:8])  # stored here while a new helper starts in the background
         assert len(_run_log(pooled, ours.run_id)) == len(after) + 2
+        storage._starting.join(60)
+        assert storage._writer is not None and storage._writer._process.pid != helper.pid
+        storage.store_event_batch(planned[8:10])  # by the new helper
+        assert len(_run_log(pooled, ours.run_id)) == len(after) + 4

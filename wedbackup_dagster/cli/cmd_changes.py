@@ -66,9 +66,10 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def _stop_on_sigterm() -> Any:
     """An event set by SIGTERM (and SIGINT), for a long-running drainer: the pass under way finishes, then the
-    loop ends; the event's `signal_name` says which signal set it. Installed explicitly because an inherited disposition cannot be trusted: a process started with
-    SIGINT ignored (a shell's background job) that ran Dagster in-process has SIGTERM ignored too (Dagster maps
-    SIGTERM to SIGINT's handler, dagster/_utils/interrupts.py), and its children inherit that."""
+    loop ends; the event's `signal_name` says which signal set it. Installed explicitly because an inherited
+    disposition cannot be trusted: a process started with SIGINT ignored (a shell's background job) that ran
+    Dagster in-process without backups/launch.execute_in_process has SIGTERM ignored too (Dagster maps SIGTERM
+    to SIGINT's handler, dagster/_utils/interrupts.py), and its children inherit that."""
     import signal
     import threading
 

@@ -135,7 +135,7 @@ class PooledPostgresEventLogStorage(PostgresEventLogStorage):
         self._writer_lock = threading.RLock()
         self._starting: threading.Thread | None = None  # starts the helper in the background
         self._helper_starts = 0
-        self._helper_url = postgres_url
+        self._helper_url = postgres_url  # read by the starter thread without the public attribute's wait
         self._tables_present: set[str] = set()  # has_table's answers once True
         super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
         self._engine.dispose()

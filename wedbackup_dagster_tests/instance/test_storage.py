@@ -142,20 +142,34 @@ def _what_the_ui_shows(instance, run_id):
         detail = (evaluation.description, evaluation.metadata["wedding"].value) if hasattr(evaluation, "passed") \
             else None
         shown[(name, partition)] = (status, detail)
+    return shown, _planned_weddings(instance, run_id)
+
+
+def _planned_weddings(instance, run_id):
+    """The weddings the run's planned materializations name: one event per wedding, or one naming them all."""
     planned = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED,
                                            limit=1000).records
-    return shown, sorted(r.event_log_entry.dagster_event.partition for r in planned)
+    weddings = []
+    for record in planned:
+        data = record.event_log_entry.dagster_event.event_specific_data
+        weddings += data.partitions_subset.get_partition_keys() if data.partitions_subset else [data.partition]
+    return sorted(weddings)
 
 
 @contextlib.contextmanager
-def _pooled_beside_stock(tmp_path, make_database, monkeypatch, batch_size: int, *, behind: bool = False):
+def _pooled_beside_stock(tmp_path, make_database, monkeypatch, batch_size: int, *, behind: bool = False,
+                         stock_plans_ranges: bool = True):
     """Our pooled event log and stock dagster-postgres, each an instance on its own database, with Dagster's
     event batches of `batch_size`; yields (pooled, stock, batches), `batches` recording each batch the pooled
     storage writes in one transaction as (its event types, its size). Unless `behind`, the pooled storage
-    writes its batches in this process (so the spies here see them), not by its helper process."""
+    writes its batches in this process (so the spies here see them), not by its helper process. Ours plans a
+    range run with one event per asset; so does stock if `stock_plans_ranges` (Dagster's own switch), so that
+    the two logs can be compared event by event; otherwise stock plans one event per wedding, as by default."""
     from wedbackup_dagster.instance.event_batches import BATCH_SIZE_SETTING
 
     monkeypatch.setenv(BATCH_SIZE_SETTING, str(batch_size))
+    if stock_plans_ranges:
+        monkeypatch.setenv("DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS", "true")
     monkeypatch.setenv("WEDBACKUP_TEST_BATCH_PG_URL", make_database())
     monkeypatch.setenv("WEDBACKUP_TEST_STOCK_PG_URL", make_database())
     pooled, stock = _instance(tmp_path, "", pooled=True), _instance(tmp_path, "", pooled=False)
@@ -219,10 +233,11 @@ def test_a_range_runs_planned_events_and_check_evaluations_are_stored_in_batches
         assert shown[("soft_probe", "w03")] == ("FAILED", ("wedding w03", "w03"))
         assert shown[("soft_probe", "w04")] == ("SUCCEEDED", ("wedding w04", "w04"))
         assert shown[("blocking_probe", "w07")][0] == "FAILED"
-        # ... written in batches: the planned events at run creation, and the evaluations in groups of five
-        # (the blocking check's failures go through Dagster's own path, one by one, so they fail the step).
+        # ... written in batches: the planned events at run creation (one for the asset, one per check, each
+        # naming the run's weddings), and the evaluations in groups of five (the blocking check's failures go
+        # through Dagster's own path, one by one, so they fail the step).
         assert any(types == {dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED} | {
-            dg.DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED} and n == 14 for types, n in batches), batches
+            dg.DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED} and n == 3 for types, n in batches), batches
         evaluation_batches = sorted(n for types, n in batches if types == {dg.DagsterEventType.ASSET_CHECK_EVALUATION})
         # soft_probe: 12 in 5 + 5 + 2; blocking_probe: its 10 passes in 5 + 5, its 2 failures alone.
         assert evaluation_batches == [2, 5, 5, 5, 5], batches
@@ -286,6 +301,64 @@ def test_a_range_runs_materializations_are_stored_a_batch_per_transaction_as_dag
         assert shown(pooled, ours.run_id)[0] == PROBE_WEDDINGS.get_partition_keys()
 
 
+@dg.asset(partitions_def=PROBE_WEDDINGS)
+def partly_failing_probe(context: dg.AssetExecutionContext):
+    """A range step as ours are: each wedding that succeeded recorded on its own, then the step fails naming
+    the rest."""
+    for key in context.partition_keys:
+        if key not in FAILING:
+            yield dg.AssetMaterialization(asset_key=context.asset_key, partition=key)
+    raise dg.Failure(description=f"failed for {sorted(FAILING)}")
+
+
+def _status_the_ui_shows(instance, asset_key):
+    """The asset's per-wedding status as the UI reads it (Dagster's asset status cache, made afresh)."""
+    from dagster._core.storage.partition_status_cache import get_and_update_asset_status_cache_value
+
+    value = get_and_update_asset_status_cache_value(instance, asset_key, PROBE_WEDDINGS)
+    return {status: sorted(subset.get_partition_keys()) for status, subset in (
+        ("materialized", value.deserialize_materialized_partition_subsets(PROBE_WEDDINGS)),
+        ("failed", value.deserialize_failed_partition_subsets(PROBE_WEDDINGS)),
+        ("in progress", value.deserialize_in_progress_partition_subsets(PROBE_WEDDINGS)))}
+
+
+def test_a_range_run_is_planned_in_one_event_per_asset_and_the_ui_shows_each_weddings_status_as_before(
+        tmp_path, make_database, monkeypatch):
+    """Our storage plans a range run with one event per asset naming its weddings (stock dagster-postgres, as by
+    default here: one event per wedding). What the UI shows per wedding is the same: a run not yet finished
+    shows its weddings in progress; a failed run's weddings that were not materialized show as failed, the
+    others as materialized; a later run that materializes a failed wedding clears it."""
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+    defs = dg.Definitions(assets=[partly_failing_probe, batch_probe])
+    job = dg.define_asset_job("partly_failing", selection=[partly_failing_probe]).resolve(
+        asset_graph=defs.resolve_asset_graph())
+    tags = {ASSET_PARTITION_RANGE_START_TAG: "w00", ASSET_PARTITION_RANGE_END_TAG: "w11"}
+    with _pooled_beside_stock(tmp_path, make_database, monkeypatch, 5, stock_plans_ranges=False) as (
+            pooled, stock, _):
+        key = partly_failing_probe.key
+        for instance in (pooled, stock):
+            instance.create_run_for_job(job, tags=tags)  # created, not launched: its weddings are in progress
+        assert _status_the_ui_shows(pooled, key) == _status_the_ui_shows(stock, key) == {
+            "materialized": [], "failed": [], "in progress": PROBE_WEDDINGS.get_partition_keys()}
+        planned = lambda instance: instance.fetch_planned_materializations(key, limit=100).records
+        assert len(planned(pooled)) == 1 and len(planned(stock)) == 12  # one naming the 12 weddings; 12
+        for instance in (pooled, stock):
+            for run in instance.get_runs():
+                instance.delete_run(run.run_id)
+        ours = job.execute_in_process(instance=pooled, raise_on_error=False, tags=tags)
+        theirs = job.execute_in_process(instance=stock, raise_on_error=False, tags=tags)
+        assert not ours.success and not theirs.success
+        shown = _status_the_ui_shows(pooled, key)
+        assert shown == _status_the_ui_shows(stock, key)
+        assert shown["failed"] == sorted(FAILING) and shown["in progress"] == []
+        assert shown["materialized"] == sorted(set(PROBE_WEDDINGS.get_partition_keys()) - FAILING)
+        for instance in (pooled, stock):  # a later single-wedding run materializes w03: it is failed no more
+            instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key, partition="w03"))
+        shown = _status_the_ui_shows(pooled, key)
+        assert shown == _status_the_ui_shows(stock, key) and shown["failed"] == ["w07"]
+
+
 # ------------------------------------------------- batches written behind by the helper process
 
 
@@ -325,19 +398,19 @@ def test_batches_of_a_helper_that_died_are_stored_by_this_process_once(tmp_path,
         ours = _run_range(pooled)
         storage = pooled.event_log_storage
         before = _run_log(pooled, ours.run_id)
-        planned = [r.event_log_entry for r in pooled.get_records_for_run(
-            ours.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED, limit=100).records]
+        stored = [r.event_log_entry for r in pooled.get_records_for_run(
+            ours.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION, limit=100).records]
         helper = storage._writer._process
         os.kill(helper.pid, signal.SIGSTOP)  # it takes nothing more in
-        storage.store_event_batch(planned[:6])
+        storage.store_event_batch(stored[:6])
         os.kill(helper.pid, signal.SIGKILL)
         helper.join(10)
         after = _run_log(pooled, ours.run_id)  # a read: waits, finds the helper gone, stores the batch here
         assert after == before + [(e.dagster_event_type, e.step_key, e.dagster_event.partition)
-                                               for e in planned[:6]]
-        storage.store_event_batch(planned[6:8])  # stored here while a new helper starts in the background
+                                               for e in stored[:6]]
+        storage.store_event_batch(stored[6:8])  # stored here while a new helper starts in the background
         assert len(_run_log(pooled, ours.run_id)) == len(after) + 2
         storage._starting.join(60)
         assert storage._writer is not None and storage._writer._process.pid != helper.pid
-        storage.store_event_batch(planned[8:10])  # by the new helper
+        storage.store_event_batch(stored[8:10])  # by the new helper
         assert len(_run_log(pooled, ours.run_id)) == len(after) + 4

@@ -28,8 +28,10 @@ from pathlib import Path
 
 from wedbackup_dagster.core.errors import StackError
 
-# Default ports, in one place. Each can be overridden with WEDBACKUP_<NAME>_PORT.
-DEFAULT_PORTS = {"postgres": 54320, "s3": 54321, "gcs": 54322, "azure": 54323, "dagster": 3000}
+# Default ports, in one place. Each can be overridden with WEDBACKUP_<NAME>_PORT. Below Linux's ephemeral range
+# (32768-60999 by default), where the kernel picks every outgoing connection's own port: a stand-in started
+# while a client connection happens to hold its port would fail to bind (it did, once, at 54322).
+DEFAULT_PORTS = {"postgres": 25320, "s3": 25321, "gcs": 25322, "azure": 25323, "dagster": 3000}
 SERVICES = ("postgres", "s3", "gcs", "azure")
 AZURITE_VERSION = "3.37.0"
 # Azurite's well-known development account: public, documented by Microsoft, not a secret.

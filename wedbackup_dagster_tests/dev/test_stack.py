@@ -129,3 +129,17 @@ def test_processes_restarting_a_stand_in_at_once_take_turns_and_leave_none_unrec
     finally:
         other.down()
     assert not port_open(int(os.environ["WEDBACKUP_S3_PORT"])), "a stand-in nobody recorded still answers"
+
+
+def test_default_ports_lie_outside_the_kernels_ephemeral_range():
+    """The kernel gives every outgoing connection a port from its ephemeral range: a stand-in whose default port
+    lay there could find it held by some client connection when it starts (EADDRINUSE)."""
+    from pathlib import Path
+
+    from wedbackup_dagster.dev.stack import DEFAULT_PORTS
+
+    configured = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low, high = map(int, configured.read_text().split()) if configured.exists() else (32768, 60999)
+    inside = {name: p for name, p in DEFAULT_PORTS.items() if low <= p <= high}
+    assert not inside, f"default ports inside the ephemeral range {low}-{high}: {inside}"
+    assert len(set(DEFAULT_PORTS.values())) == len(DEFAULT_PORTS)

@@ -10,6 +10,7 @@ import dagster as dg
 from ..instance.event_batches import check_evaluations_in_batches, log_check_evaluations
 from .constants import DB_DUMP, ENCRYPTED_ARCHIVE, REPLICA_KEYS, VERIFIED_RESTORE
 from .partitions import validated_keys, weddings_partitions
+from ..shared.metadata import metadata_table
 from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
 from wedbackup_dagster.core.policy import rules
 from ..core.engine import Engine
@@ -52,12 +53,6 @@ def _evaluate(wedbackup: WedbackupEngineResource, outcomes_of: Callable[[Engine]
 
 def _ts(value: datetime | None) -> str:
     return value.astimezone(timezone.utc).isoformat(timespec="seconds") if value else ""
-
-
-def metadata_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> dg.MetadataValue:
-    schema = dg.TableSchema(columns=[dg.TableColumn(name, type_) for name, type_ in columns])
-    return dg.MetadataValue.table(records=[dg.TableRecord({n: r.get(n) for n, _ in columns}) for r in rows],
-                                  schema=schema)
 
 
 ERROR, WARN = dg.AssetCheckSeverity.ERROR, dg.AssetCheckSeverity.WARN
@@ -196,9 +191,9 @@ def three_two_one_outcomes(engine: Engine, keys: list[str]) -> dict[str, Outcome
                  "verified": c.verified, "checksum_confirmed": _ts(c.confirmed_at), "restored": _ts(c.restored_at)}
                 for c in verdict.copies]
         metadata = {
-            "copies": metadata_table(rows, [("where", "string"), ("uri", "string"), ("media", "string"), ("offsite", "bool"),
-                                    ("present", "bool"), ("verified", "bool"), ("checksum_confirmed", "string"),
-                                    ("restored", "string")]),
+            "copies": metadata_table(rows, [("where", "string"), ("uri", "string"), ("media", "string"),
+                                    ("offsite", "bool"), ("present", "bool"), ("verified", "bool"),
+                                    ("checksum_confirmed", "string"), ("restored", "string")]),
             "verified_copies": verdict.verified_copies, "media_kinds": ", ".join(verdict.media_kinds),
             "offsite_copies": verdict.offsite_copies, "archive_sha256": ev.archive_sha256 or "",
         }

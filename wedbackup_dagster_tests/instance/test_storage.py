@@ -327,7 +327,7 @@ def test_a_range_run_is_planned_in_one_event_per_asset_and_the_ui_shows_each_wed
     """Our storage plans a range run with one event per asset naming its weddings (stock dagster-postgres, as by
     default here: one event per wedding). What the UI shows per wedding is the same: a run not yet finished
     shows its weddings in progress; a failed run's weddings that were not materialized show as failed, the
-    others as materialized; a later run that materializes a failed wedding clears it."""
+    others as materialized; a later materialization of a failed wedding clears it."""
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
     defs = dg.Definitions(assets=[partly_failing_probe, batch_probe])
@@ -353,7 +353,7 @@ def test_a_range_run_is_planned_in_one_event_per_asset_and_the_ui_shows_each_wed
         assert shown == _status_the_ui_shows(stock, key)
         assert shown["failed"] == sorted(FAILING) and shown["in progress"] == []
         assert shown["materialized"] == sorted(set(PROBE_WEDDINGS.get_partition_keys()) - FAILING)
-        for instance in (pooled, stock):  # a later single-wedding run materializes w03: it is failed no more
+        for instance in (pooled, stock):  # w03 materialized later: it is failed no more
             instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key, partition="w03"))
         shown = _status_the_ui_shows(pooled, key)
         assert shown == _status_the_ui_shows(stock, key) and shown["failed"] == ["w07"]

@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from .fresh_process import write_result
+from .restore_all import seal_copy_verify
 
 
 def run(*, weddings: int, jobs: int) -> dict[str, Any]:
@@ -35,17 +36,7 @@ def run(*, weddings: int, jobs: int) -> dict[str, Any]:
         s3, gcs = replica_for("s3", engine.settings, os.environ), replica_for("gcs", engine.settings, os.environ)
         with psycopg.connect(bench["source"]) as conn:
             partitions = ["platform", *(str(r[0]) for r in conn.execute("SELECT id FROM weddings ORDER BY id"))]
-        with engine.snapshot_session() as session:
-            for _, outcome in engine.back_up_each(partitions, session):
-                if isinstance(outcome, Exception):
-                    raise outcome
-        for replica in (s3, gcs):
-            for _, outcome in engine.replicate_each(partitions, replica):
-                if isinstance(outcome, Exception):
-                    raise outcome
-        for _, outcome in engine.verify_each(partitions, {"gcs": gcs}, provider="gcs"):
-            if isinstance(outcome, Exception):
-                raise outcome
+        seal_copy_verify(engine, {"s3": s3, "gcs": gcs}, partitions, verify_from="gcs")
         gone = replace(engine.settings, s3=replace(engine.settings.s3, endpoint_url="http://127.0.0.1:9"))
         lost = replica_for("s3", gone, os.environ)
         variants = (("with_copy_health", copy_health.CopyHealth),

@@ -32,24 +32,32 @@ def back_up_to_s3(engine: Any, replica: Any, partitions: list[str]) -> dict[str,
     restores: each partition's newest verified backup); then a key-store backup to S3."""
     from wedbackup_dagster.core.keys.backup import back_up_key_store
 
+    timings = seal_copy_verify(engine, {"s3": replica}, partitions, verify_from="s3")
+    back_up_key_store(engine.settings, engine.catalogue, {"s3": replica}, engine.keyring)
+    return timings
+
+
+def seal_copy_verify(engine: Any, replicas: dict[str, Any], partitions: list[str], *, verify_from: str
+                     ) -> dict[str, float]:
+    """Every partition sealed into the vault, copied to each of `replicas` and verified from `verify_from`;
+    any wedding's failure raises. Returns the seconds of each phase."""
+    def all_done(outcomes: Any) -> None:
+        for _, outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome
+
     timings = {}
     t0 = time.perf_counter()
     with engine.snapshot_session() as session:
-        for key, outcome in engine.back_up_each(partitions, session):
-            if isinstance(outcome, Exception):
-                raise outcome
+        all_done(engine.back_up_each(partitions, session))
     timings["backup_seconds"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
-    for key, outcome in engine.replicate_each(partitions, replica):
-        if isinstance(outcome, Exception):
-            raise outcome
+    for replica in replicas.values():
+        all_done(engine.replicate_each(partitions, replica))
     timings["upload_seconds"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
-    for key, outcome in engine.verify_each(partitions, {"s3": replica}, provider="s3"):
-        if isinstance(outcome, Exception):
-            raise outcome
+    all_done(engine.verify_each(partitions, {verify_from: replicas[verify_from]}, provider=verify_from))
     timings["verify_seconds"] = round(time.perf_counter() - t0, 1)
-    back_up_key_store(engine.settings, engine.catalogue, {"s3": replica}, engine.keyring)
     return timings
 
 

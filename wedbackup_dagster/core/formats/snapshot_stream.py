@@ -295,66 +295,96 @@ def _garbled(record: Record, problem: str) -> SnapshotFormatError:
 
 
 class CheckedHeader(dict):
-    """A header record's JSON as header_of checked it, with the bytes it was read from and where its partition
-    member (`"partition":"…"`) sits in them, when those bytes are the writer's own (json_payload) and the
-    member appears in them once."""
+    """A header record's JSON as header_of checked it, with the bytes it was read from and, when those bytes are
+    the writer's own (json_payload), where the value of each of its per-wedding members (_PER_WEDDING) sits in
+    them: `spans`, (name, start, end) in the order they appear, for each member whose spelling appears once."""
 
-    __slots__ = ("payload", "at", "end")
+    __slots__ = ("payload", "spans", "_segments")
 
 
-# A partition member as json_payload writes it: a plain string value, no escapes (partition names never need any).
-_PARTITION_MEMBER = re.compile(rb'"partition":"([^"\\]{1,200})"')
+# The members of a header that differ from one wedding's archive to the next: its partition and its own snapshot
+# (a wedding backed up alone, or in another shared transaction). A value as json_payload writes it: a plain string
+# (no escape, no control character) or a whole number that fits in 64 bits, read alike by every JSON parser.
+_PER_WEDDING = {"partition": str, "snapshot": str, "snapshot_time": str, "txid": int}
+_PLAIN_STRING = re.compile(rb'"([^"\\\x00-\x1f]{0,200})"')
+_PLAIN_INT = re.compile(rb"0|[1-9][0-9]{0,17}")
 
 
 def _as_checked(header: dict[str, Any], payload: bytes) -> CheckedHeader:
     checked = CheckedHeader(header)
-    checked.payload, checked.at, checked.end = payload, -1, -1
-    member = b'"partition":' + json_payload(header["partition"])
-    at = payload.find(member)
-    # Only bytes exactly as the writer writes them (sorted keys, no spaces) spell the top-level member so: in
-    # any other spelling the one occurrence found could be a nested member, and the top-level one elsewhere.
-    if at >= 0 and payload.find(member, at + 1) < 0 and json_payload(header) == payload:
-        checked.at, checked.end = at, at + len(member)
+    checked.payload, checked.spans, checked._segments = payload, (), None
+    # Only bytes exactly as the writer writes them (sorted keys, no spaces) spell each top-level member one way;
+    # a spelling found once is then the top-level member itself (a nested member spelled the same way would be a
+    # second occurrence). In any other spelling nothing is taken from the bytes.
+    if json_payload(header) != payload:
+        return checked
+    spans = []
+    for name, kind in _PER_WEDDING.items():
+        value = header.get(name)
+        if type(value) is not kind or (kind is str and not _PLAIN_STRING.fullmatch(json_payload(value))):
+            continue
+        member = json_payload(name) + b":" + json_payload(value)
+        at = payload.find(member)
+        if at >= 0 and payload.find(member, at + 1) < 0:
+            spans.append((name, at + len(member) - len(json_payload(value)), at + len(member)))
+    checked.spans = tuple(sorted(spans, key=lambda span: span[1]))
     return checked
 
 
-def _same_but_partition(payload: bytes, like: CheckedHeader) -> CheckedHeader | None:
-    """`like` for another partition, when `payload` is `like`'s bytes with only its partition member's value
-    changed; else None. Sound because `like`'s bytes are the writer's own spelling of it and hold the member
-    once, so it is the top-level one (a quote inside a JSON string is escaped, so it cannot hide in one); the
-    bytes before and after it
-    are the same, and the new member is one plain string: parsing `payload` would give `like` with that
-    partition, and every other field was checked when `like` was."""
-    if like.at < 0:
+def _same_but_per_wedding(payload: bytes, like: CheckedHeader) -> CheckedHeader | None:
+    """`like` with other per-wedding values (partition, snapshot, snapshot time, txid), when `payload` is `like`'s
+    bytes with only those members' values changed, each to a plain string or whole number; else None. Sound
+    because `like`'s bytes are the writer's own spelling and hold each of those members once, so each span is the
+    top-level member's value; every byte outside them is the same, and each new value is one plain JSON string or
+    number: parsing `payload` would give `like` with those values, and every other field was checked when `like`
+    was (and is shared, not copied)."""
+    if not like.spans:
         return None
-    tail = len(like.payload) - like.end
-    if len(payload) <= like.at + tail or not payload.startswith(like.payload[:like.at]) or \
-            not payload.endswith(like.payload[like.end:]):
+    if like._segments is None:  # the constant bytes before, between and after the spans
+        bounds = [0, *[x for _, start, end in like.spans for x in (start, end)], len(like.payload)]
+        like._segments = tuple(like.payload[bounds[i]:bounds[i + 1]] for i in range(0, len(bounds), 2))
+    segments = like._segments
+    pos = 0
+    values: dict[str, Any] = {}
+    spans = []
+    for (name, _, _), segment in zip(like.spans, segments):
+        if not payload.startswith(segment, pos):
+            return None
+        pos += len(segment)
+        if _PER_WEDDING[name] is int:
+            match = _PLAIN_INT.match(payload, pos)
+            if match is None:
+                return None
+            values[name] = int(match.group())
+        else:
+            match = _PLAIN_STRING.match(payload, pos)
+            if match is None:
+                return None
+            try:
+                values[name] = match.group(1).decode()
+            except UnicodeDecodeError:
+                return None
+        spans.append((name, pos, match.end()))
+        pos = match.end()
+    if len(payload) - pos != len(segments[-1]) or not payload.endswith(segments[-1]):
         return None
-    member = _PARTITION_MEMBER.fullmatch(payload, like.at, len(payload) - tail)
-    if member is None:
-        return None
-    try:
-        partition = member.group(1).decode()
-    except UnicodeDecodeError:
-        return None
-    if not is_partition(partition):
-        return None  # the full reading below names the fault
+    if "partition" in values and not is_partition(values["partition"]):
+        return None  # the full reading names the fault
     header = CheckedHeader(like)
-    header["partition"] = partition
-    header.payload, header.at, header.end = payload, like.at, len(payload) - tail
+    header.update(values)
+    header.payload, header.spans, header._segments = payload, tuple(spans), segments
     return header
 
 
 def header_of(record: Record, like: dict[str, Any] | None = None) -> dict[str, Any]:
     """The header record's JSON, with the fields a restore uses checked. `like`: a header this returned before
-    (the previous wedding's of a batch). The weddings of a batch have headers equal but for the partition (the
-    schema description, foreign keys and tenancy plan are the bulk of them): a header whose bytes differ from
-    `like`'s only in the partition's value is `like` with that partition, not parsed again
-    (_same_but_partition); else one whose large parts equal `like`'s (compared in C) is not walked again,
+    (the previous wedding's of a batch). The weddings of a batch have headers equal but for the partition and
+    their own snapshot (the schema description, foreign keys and tenancy plan are the bulk of them): a header
+    whose bytes differ from `like`'s only in those values is `like` with them, not parsed again
+    (_same_but_per_wedding); else one whose large parts equal `like`'s (compared in C) is not walked again,
     element by element. The header returned is a CheckedHeader: a shared copy, not to be changed."""
     if isinstance(like, CheckedHeader):
-        same = _same_but_partition(record.payload, like)
+        same = _same_but_per_wedding(record.payload, like)
         if same is not None:
             return same
     header = record.json()

@@ -143,7 +143,7 @@ def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int =
         compare_deferred: bool = False, compare_get: bool = False) -> dict[str, Any]:
     """`compare_deferred`: restore --all also with the platform's post-data built before the weddings (as before
     it was deferred), the two variants alternating (deferred, before, before, deferred), best of two each.
-    `compare_get`: also with S3 downloads through boto3's get_object instead of the lean GET (s3_get.py), the
+    `compare_get`: also with S3 downloads through boto3's get_object instead of the lean GET (s3_lean.py), the
     GETs alone and restore --all each (lean, boto3, boto3, lean), best of two each."""
     import psycopg
     from psycopg import sql
@@ -271,7 +271,7 @@ def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int =
         "peer_from_s3_seconds": round(min(peers_from_s3), 2),
         "peer_from_s3_runs": [round(p, 2) for p in peers_from_s3],
         "restore_all_variants": variants,
-        # With --compare-get: S3 downloads through boto3's get_object (before s3_get.py) in the same run
+        # With --compare-get: S3 downloads through boto3's get_object (before s3_lean.py) in the same run
         "restore_all_get_paths": get_variants,
         "load_average": os.getloadavg(),
         "estimate_100k": estimate(seconds, len(ids) + 1, jobs),

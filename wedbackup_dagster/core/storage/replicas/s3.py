@@ -22,10 +22,13 @@ from wedbackup_dagster.core.storage.replicas.base import (READ_BLOCK, DigestNeed
                                                           archive_key, canary_round, check_key, check_list_prefix,
                                                           digest_file, digests_for_upload, object_metadata,
                                                           parse_archive_key, provider_error, upload_key)
-from wedbackup_dagster.core.storage.replicas.s3_get import LeanGetter, credential_secrets, lean_getter
+from wedbackup_dagster.core.storage.replicas.s3_lean import LeanS3, RequestFailed, credential_secrets, lean_s3
 
 PROVIDER = "s3"
 DEFAULT_MULTIPART_THRESHOLD = 64 << 20
+# Single-request uploads up to this size go through s3_lean's PUT, the body read into memory once (most
+# weddings' archives are a few KB to a few MB); larger ones stream through boto3's put_object.
+LEAN_PUT_MAX = 8 << 20
 DEFAULT_PART_SIZE = 64 << 20
 def abandoned_uploads(uploads: list[dict[str, Any]], cutoff: datetime) -> list[dict[str, Any]]:
     """The multipart uploads (list_multipart_uploads' `Uploads`) started before `cutoff`; one without a
@@ -102,6 +105,8 @@ def _lock(head: dict[str, Any]) -> dict[str, Any]:
 
 # What a create-only PUT hears when something is already at the key (or a concurrent create-only PUT of the
 # same key won the race, or an S3-compatible store does not do conditional writes): look and compare instead.
+# The put_object arguments _lean_put_new spells as headers (anything else: put_object itself)
+_LEAN_PUT_ARGS = frozenset({"ChecksumAlgorithm", "Metadata", "ContentType", "StorageClass", "ServerSideEncryption"})
 _ALREADY_THERE = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "NotImplemented"})
 
 
@@ -114,12 +119,15 @@ class S3Replica:
 
     def __init__(self, client, target: S3Target, *, multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
                  part_size: int = DEFAULT_PART_SIZE, max_concurrency: int = 4,
-                 abandoned_after: float = ABANDONED_MULTIPART_SECONDS, lean_get: bool = True):
+                 abandoned_after: float = ABANDONED_MULTIPART_SECONDS, lean_get: bool = True,
+                 lean_put: bool = True):
         self.client = client
-        # Downloads through s3_get's lean GET (the client's signer, session and settings, not its event
-        # system) when the client allows it; False (or a client it cannot serve): boto3's get_object.
-        self._lean: LeanGetter | None = None
-        self._lean_wanted = lean_get
+        # Downloads, and single-request uploads of archives up to LEAN_PUT_MAX, through s3_lean's lean requests
+        # (the client's signer, session and settings, not its event system) when the client allows it; False
+        # (or a client they cannot serve): boto3's get_object and put_object.
+        self._lean: LeanS3 | None = None
+        self._lean_wanted = lean_get or lean_put
+        self._lean_get, self._lean_put = lean_get, lean_put
         self.abandoned_after = abandoned_after
         self.target = target
         self.prefix = target.prefix
@@ -220,11 +228,19 @@ class S3Replica:
         """A single PUT with `If-None-Match: *` and our SHA-256 (S3 rejects a body that does not match it):
         the record when S3 confirms it stored exactly this archive; None when an object is already at the
         key (the caller looks and compares). An answer without that checksum is confirmed by a look."""
+        lean = self._lean_s3() if self._lean_put and digests.size <= LEAN_PUT_MAX else None
         try:
-            with open(path, "rb") as raw:
-                answer = self.client.put_object(Bucket=self.target.bucket, Key=key, Body=ProgressReader(raw, progress),
-                                                ContentLength=digests.size, ChecksumSHA256=digests.sha256_b64,
-                                                IfNoneMatch="*", **self._put_args(meta, lock=False))
+            answer = self._lean_put_new(lean, path, key, meta, digests, progress) if lean is not None else None
+            if answer is None:
+                with open(path, "rb") as raw:
+                    answer = self.client.put_object(Bucket=self.target.bucket, Key=key,
+                                                    Body=ProgressReader(raw, progress), ContentLength=digests.size,
+                                                    ChecksumSHA256=digests.sha256_b64, IfNoneMatch="*",
+                                                    **self._put_args(meta, lock=False))
+        except RequestFailed as exc:
+            if exc.code in _ALREADY_THERE:
+                return None
+            raise ReplicaError(PROVIDER, key, f"upload failed: {exc}") from None
         except ClientError as exc:
             if _error_code(exc) in _ALREADY_THERE:
                 return None
@@ -236,6 +252,30 @@ class S3Replica:
         stored = {"VersionId": answer.get("VersionId"), "ContentLength": digests.size, "ETag": answer.get("ETag"),
                   "StorageClass": self.target.storage_class or "STANDARD"}
         return self._record(key, stored, digests, answer["ChecksumSHA256"], already_present=False)
+
+    def _lean_put_new(self, lean: LeanS3, path: Path, key: str, meta: dict[str, str], digests: FileDigests,
+                      progress: ProgressCallback | None) -> dict[str, Any] | None:
+        """The create-only PUT through the lean path, with the headers put_object sends for _put_args; None
+        when _put_args asks for something this does not spell (then put_object)."""
+        extra = self._put_args(meta, lock=False)
+        if not set(extra) <= _LEAN_PUT_ARGS:
+            return None
+        with open(path, "rb") as raw:
+            body = raw.read(digests.size + 1)  # at most LEAN_PUT_MAX (+1 to see a file that grew)
+        if len(body) != digests.size:
+            raise ReplicaError(PROVIDER, key, f"the archive {Path(path).name} has {len(body)} bytes, not the "
+                                              f"{digests.size} hashed: it changed during the upload")
+        headers = {"Content-Type": extra["ContentType"], "x-amz-checksum-sha256": digests.sha256_b64,
+                   "x-amz-sdk-checksum-algorithm": extra["ChecksumAlgorithm"]}
+        headers.update({f"x-amz-meta-{name}": value for name, value in extra["Metadata"].items()})
+        if "StorageClass" in extra:
+            headers["x-amz-storage-class"] = extra["StorageClass"]
+        if "ServerSideEncryption" in extra:
+            headers["x-amz-server-side-encryption"] = extra["ServerSideEncryption"]
+        answer = lean.put_new(key, body, headers)
+        if progress is not None:
+            progress(len(body))
+        return answer
 
     def _transfer(self, path: Path, key: str, meta: dict[str, str], part_size: int | None,
                   progress: ProgressCallback | None, *, lock: bool) -> None:
@@ -386,7 +426,7 @@ class S3Replica:
                  version_id: str | None = None) -> int:
         check_key(PROVIDER, self.prefix, key)
         out = HashingWriter(dest)
-        lean = self._lean_getter()
+        lean = self._lean_s3() if self._lean_get else None
         if lean is not None:
             lean.get(key, out.write, version_id=version_id)
             return self._checked(key, out, expected_sha256)
@@ -401,9 +441,9 @@ class S3Replica:
             raise self._fail(key, "download", exc) from None
         return self._checked(key, out, expected_sha256)
 
-    def _lean_getter(self) -> LeanGetter | None:
+    def _lean_s3(self) -> LeanS3 | None:  # made on first use (a presigned probe URL: botocore's endpoint rules)
         if self._lean_wanted and self._lean is None:
-            self._lean = lean_getter(self.client, self.target.bucket)
+            self._lean = lean_s3(self.client, self.target.bucket)
             self._lean_wanted = self._lean is not None
         return self._lean
 

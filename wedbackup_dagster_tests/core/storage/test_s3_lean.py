@@ -1,6 +1,7 @@
-"""The lean S3 GET (core/storage/replicas/s3_get.py): SigV4 signing against AWS's own published example, the
-bucket URL and settings taken from the boto3 client, and downloads against the real moto stand-in — through a
-real fault proxy for transient answers, answers cut short and a provider that stays down."""
+"""The lean S3 requests (core/storage/replicas/s3_lean.py): SigV4 signing against AWS's own published example,
+the bucket URL and settings taken from the boto3 client, and downloads and create-only uploads against the real
+moto stand-in — through a real fault proxy for transient answers, answers cut short or lost, and a provider
+that stays down."""
 from __future__ import annotations
 
 import datetime
@@ -17,10 +18,10 @@ from wedbackup_dagster.core.config import S3Target
 from wedbackup_dagster.core.errors import ReplicaChecksumMismatch, ReplicaError
 from wedbackup_dagster.core.storage.replicas import S3Replica, s3_client_from
 from wedbackup_dagster.core.storage.replicas.s3 import client_config
-from wedbackup_dagster.core.storage.replicas.s3_get import (
-    LeanGetter,
+from wedbackup_dagster.core.storage.replicas.s3_lean import (
+    LeanS3,
     error_of,
-    lean_getter,
+    lean_s3,
     total_attempts,
 )
 from wedbackup_dagster_tests.reliability.faultproxy import (
@@ -41,7 +42,7 @@ AWS_EXAMPLE_SIGNATURE = "f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c
 
 def test_signing_matches_aws_published_sigv4_example(monkeypatch):
     monkeypatch.setattr("botocore.auth.get_current_datetime", lambda *a, **k: datetime.datetime(2013, 5, 24))
-    getter = LeanGetter(base_url="https://examplebucket.s3.amazonaws.com/", region="us-east-1",
+    getter = LeanS3(base_url="https://examplebucket.s3.amazonaws.com/", region="us-east-1",
                         credentials=Credentials(AWS_ACCESS_KEY, AWS_SECRET_KEY), send=lambda r: None, attempts=1)
     request = getter.signed(getter.url("test.txt"), {"Range": "bytes=0-9"})
     auth = request.headers["Authorization"]
@@ -52,7 +53,7 @@ def test_signing_matches_aws_published_sigv4_example(monkeypatch):
 
 
 def test_a_session_token_is_signed_and_sent():
-    getter = LeanGetter(base_url="https://b.s3.amazonaws.com/", region="eu-west-1",
+    getter = LeanS3(base_url="https://b.s3.amazonaws.com/", region="eu-west-1",
                         credentials=Credentials("AKID", "secret", token="the-session-token"), send=lambda r: None,
                         attempts=1)
     request = getter.signed(getter.url("a/b.wbk", version_id="v 1"))
@@ -66,9 +67,9 @@ def _client(**kw):
 
 
 def test_the_bucket_url_is_botocores_for_each_addressing_style():
-    virtual = lean_getter(_client(region_name="eu-west-1", config=Config(s3={"addressing_style": "virtual"})), BUCKET)
-    path = lean_getter(_client(region_name="eu-west-1", config=Config(s3={"addressing_style": "path"})), BUCKET)
-    custom = lean_getter(_client(region_name="eu-west-1", endpoint_url="http://127.0.0.1:1234"), BUCKET)
+    virtual = lean_s3(_client(region_name="eu-west-1", config=Config(s3={"addressing_style": "virtual"})), BUCKET)
+    path = lean_s3(_client(region_name="eu-west-1", config=Config(s3={"addressing_style": "path"})), BUCKET)
+    custom = lean_s3(_client(region_name="eu-west-1", endpoint_url="http://127.0.0.1:1234"), BUCKET)
     assert virtual.base_url == "https://wedding-bk.s3.eu-west-1.amazonaws.com/"
     assert path.base_url == "https://s3.eu-west-1.amazonaws.com/wedding-bk/"
     assert custom.base_url == "http://127.0.0.1:1234/wedding-bk/"
@@ -78,8 +79,8 @@ def test_the_bucket_url_is_botocores_for_each_addressing_style():
 def test_clients_it_cannot_serve_keep_boto3():
     from botocore import UNSIGNED
 
-    assert lean_getter(_client(region_name="eu-west-1", config=Config(signature_version=UNSIGNED)), BUCKET) is None
-    assert lean_getter(object(), BUCKET) is None
+    assert lean_s3(_client(region_name="eu-west-1", config=Config(signature_version=UNSIGNED)), BUCKET) is None
+    assert lean_s3(object(), BUCKET) is None
 
 
 def test_attempts_and_errors_are_read_as_botocore_reads_them():
@@ -115,7 +116,7 @@ def _replica(stored, endpoint: str | None = None, max_attempts: int = 2) -> S3Re
     target = _target(stored["bucket"], stored["env"], endpoint)
     replica = S3Replica(s3_client_from(target, stored["env"], config=client_config(
         connect_timeout=1, read_timeout=2, max_attempts=max_attempts)), target)
-    assert replica._lean_getter() is not None  # noqa: SLF001 - these tests are about the lean path
+    assert replica._lean_s3() is not None  # noqa: SLF001 - these tests are about the lean path
     replica._lean.sleep = lambda s: None  # noqa: SLF001 - no backoff waits in tests
     return replica
 
@@ -203,7 +204,7 @@ def test_a_failed_local_write_is_not_blamed_on_the_provider(stored):
 def test_the_secrets_to_scrub_are_the_credentials_secret_key_and_token_and_none_when_unreadable():
     from botocore.credentials import Credentials
 
-    from wedbackup_dagster.core.storage.replicas.s3_get import credential_secrets
+    from wedbackup_dagster.core.storage.replicas.s3_lean import credential_secrets
 
     class Broken:
         def get_frozen_credentials(self):
@@ -212,3 +213,126 @@ def test_the_secrets_to_scrub_are_the_credentials_secret_key_and_token_and_none_
     assert credential_secrets(Credentials("AKIDEXAMPLE", "secret-key", "session-token")) == ["secret-key",
                                                                                               "session-token"]
     assert credential_secrets(None) == [] and credential_secrets(Broken()) == []
+
+
+# ------------------------------------------------------------------------------- the lean PUT
+
+
+@pytest.fixture
+def archive(tmp_path):
+    """A small archive-shaped file, uploaded by S3Replica.upload as a backup's copy would be."""
+    data = os.urandom(36_000)
+    path = tmp_path / "a.wbk"
+    path.write_bytes(data)
+    return {"path": path, "data": data, "sha": hashlib.sha256(data).hexdigest()}
+
+
+def _upload(replica: S3Replica, archive, partition: str = "7"):
+    return replica.upload(archive["path"], partition=partition, sha256=archive["sha"], size=len(archive["data"]),
+                          metadata={"key_id": "k-1"})
+
+
+def _stored_as(s3_client, bucket: str, key: str) -> dict:
+    head = s3_client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    body = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    versions = s3_client.list_object_versions(Bucket=bucket, Prefix=key).get("Versions", [])
+    return {"body": body, "versions": len(versions), "checksum": head.get("ChecksumSHA256"),
+            "metadata": head["Metadata"], "type": head["ContentType"], "class": head.get("StorageClass", "STANDARD")}
+
+
+@pytest.mark.stack
+def test_a_small_archive_goes_up_by_the_lean_put_stored_exactly_as_put_object_stores_it(stored, s3_client, archive,
+                                                                                          monkeypatch):
+    lean = _replica(stored)
+    boto = S3Replica(lean.client, lean.target, lean_put=False)
+    sent = []
+    monkeypatch.setattr(lean.client, "put_object", lambda **kw: sent.append(kw))  # the lean path never calls it
+    by_lean = _upload(lean, archive, "7")
+    monkeypatch.undo()
+    by_boto3 = _upload(boto, archive, "8")
+    assert not sent and not by_lean.already_present
+    a, b = (_stored_as(s3_client, stored["bucket"], r.key) for r in (by_lean, by_boto3))
+    assert a["body"] == archive["data"] and a["versions"] == 1
+    assert a["metadata"] == {**b["metadata"], "partition": "7"} and b["metadata"]["partition"] == "8"
+    assert (a["checksum"], a["type"], a["class"]) == (b["checksum"], b["type"], b["class"])
+    assert by_lean.provider_checksum == by_boto3.provider_checksum == a["checksum"]
+    assert by_lean.version_id and by_lean.version_id == s3_client.head_object(
+        Bucket=stored["bucket"], Key=by_lean.key)["VersionId"]
+
+
+@pytest.mark.stack
+def test_the_same_archive_uploaded_again_is_found_there_not_written_twice(stored, s3_client, archive):
+    replica = _replica(stored)
+    first = _upload(replica, archive)
+    again = _upload(replica, archive)
+    assert again.already_present and again.key == first.key
+    assert _stored_as(s3_client, stored["bucket"], first.key)["versions"] == 1
+
+
+@pytest.mark.stack
+def test_a_transient_answer_to_the_put_is_retried_and_the_archive_stored_once(stored, s3_client, archive):
+    with FaultProxy("s3", _upstream(stored["env"]),
+                    FaultSchedule(seed=3, rate=1.0, weights={"http_503": 1}, limit=1)) as proxy:
+        replica = _replica(stored, endpoint=f"http://{proxy.address}")
+        record = _upload(replica, archive)
+        assert proxy.counts["http_503"] == 1 and not record.already_present
+    assert _stored_as(s3_client, stored["bucket"], record.key)["versions"] == 1
+
+
+@pytest.mark.stack
+# reset: cut before S3 saw it (retried); truncate: S3 stored it and its answer was cut (confirmed by a look, or
+# found there by the retry's If-None-Match): either way one version, checked
+@pytest.mark.parametrize("fault", ["reset", "truncate"])
+def test_a_put_cut_off_is_retried_and_one_that_landed_unseen_is_found_never_written_twice(stored, s3_client, archive,
+                                                                                          fault):
+    with FaultProxy("s3", _upstream(stored["env"]),
+                    FaultSchedule(seed=3, rate=1.0, weights={fault: 1}, limit=1)) as proxy:
+        replica = _replica(stored, endpoint=f"http://{proxy.address}")
+        record = _upload(replica, archive)
+        assert proxy.counts[fault] == 1
+    after = _stored_as(s3_client, stored["bucket"], record.key)
+    assert after["body"] == archive["data"] and after["versions"] == 1
+    assert record.provider_checksum == after["checksum"]
+
+
+@pytest.mark.stack
+def test_a_provider_that_refuses_every_put_fails_the_upload_naming_the_key(stored, s3_client, archive):
+    with FailingAfter("s3", _upstream(stored["env"]), good=0, kind="http_503") as proxy:
+        replica = _replica(stored, endpoint=f"http://{proxy.address}", max_attempts=2)
+        with pytest.raises(ReplicaError, match="503") as caught:
+            _upload(replica, archive)
+        assert proxy.requests == 3 and "wedbackup/weddings/7/" in caught.value.key
+        assert stored["env"]["AWS_SECRET_ACCESS_KEY"] not in str(caught.value)
+
+
+def test_a_put_is_signed_with_its_checksum_and_only_if_absent():
+    getter = LeanS3(base_url="https://b.s3.amazonaws.com/", region="eu-west-1",
+                    credentials=Credentials("AKID", "secret"), send=lambda r: None, attempts=1)
+    request = getter.signed(getter.url("a/b.wbk"), {"If-None-Match": "*", "x-amz-checksum-sha256": "c2hh"},
+                            method="PUT", body=b"body")
+    signed = request.headers["Authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
+    assert request.method == "PUT" and {"if-none-match", "x-amz-checksum-sha256", "x-amz-content-sha256"} <= set(signed)
+    # botocore's S3 signer signs the body itself (its SHA-256) when the request carries no Content-MD5
+    assert request.headers["x-amz-content-sha256"] == hashlib.sha256(b"body").hexdigest()
+
+
+@pytest.mark.stack
+@pytest.mark.parametrize("answer", ["confirmed", "without", "other"])
+def test_the_lean_put_is_one_request_when_its_answer_confirms_the_checksum_else_checked_by_a_look(stored, s3_client,
+                                                                                                  archive, answer):
+    with FaultProxy("s3", _upstream(stored["env"]), FaultSchedule(seed=3, rate=0.0)) as proxy:
+        replica = _replica(stored, endpoint=f"http://{proxy.address}")
+        lean = replica._lean  # noqa: SLF001 - the answer S3 gave, tampered with as a faulty provider might
+        put_new = lean.put_new
+
+        def tampered(*args, **kwargs):
+            got = put_new(*args, **kwargs)
+            if answer != "confirmed":
+                got["ChecksumSHA256"] = None if answer == "without" else "A" * 43 + "="
+            return got
+
+        lean.put_new = tampered
+        record = _upload(replica, archive)
+        assert proxy.requests == (1 if answer == "confirmed" else 2)  # the PUT, and a HEAD when not confirmed
+    after = _stored_as(s3_client, stored["bucket"], record.key)
+    assert record.provider_checksum == after["checksum"] and after["versions"] == 1 and not record.already_present

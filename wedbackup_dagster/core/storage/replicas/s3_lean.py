@@ -1,15 +1,19 @@
-"""A lean S3 GET for downloads (restore --all fetches thousands of small archives): the request signed with
-botocore's own SigV4 signer and sent through the boto3 client's own HTTP session, without botocore's event
-system, response parsing and body wrapping (about 1.4 ms of CPU a GET, most of a restore's client-side cost).
+"""Lean S3 requests for the hot paths: the GET of a download (restore --all fetches thousands of small archives)
+and the create-only PUT of a small archive (every backup uploads one per wedding), each signed with botocore's
+own SigV4 signer and sent through the boto3 client's own HTTP session, without botocore's event system,
+endpoint rules, response parsing and body wrapping (about 1.4 ms of CPU a GET and 1.6 ms a PUT on this machine,
+most of the client-side cost of either).
 
-Everything the request depends on comes from the client itself, so it honours the same target settings: the
+Everything a request depends on comes from the client itself, so it honours the same target settings: the
 object URL is the one botocore's endpoint resolution builds (endpoint URL, region, path or virtual-host
 addressing; resolved once per client with a presigned probe URL), the credentials are the client's (read per
-request, so refreshed or session-token credentials work), and the HTTP session is the client's (CA bundle or
-verify, proxies, connect and read timeouts, pool size). Retries follow botocore's standard mode as the client
-is configured (attempts in all; connection errors, 5xx and throttling answers, exponential backoff with
-jitter). A client this path cannot serve the same way (unsigned or non-SigV4 signing, no credentials, not a
-botocore client) gets None from `lean_getter`, and its replica keeps boto3's get_object."""
+request, so refreshed or session-token credentials work), payload signing follows the client's `s3` config as
+botocore's S3 signer reads it, and the HTTP session is the client's (CA bundle or verify, proxies, connect and
+read timeouts, pool size). Retries follow botocore's standard mode as the client is configured (attempts in
+all; connection errors, 5xx and throttling answers, exponential backoff with jitter); a retried PUT stays
+create-only (If-None-Match), so an attempt that landed unseen is found by the caller, never written twice. A
+client this path cannot serve the same way (unsigned or non-SigV4 signing, no credentials, not a botocore
+client) gets None from `lean_s3`, and its replica keeps boto3's get_object and put_object."""
 from __future__ import annotations
 
 import random
@@ -44,8 +48,9 @@ _MESSAGE = re.compile(rb"<Message>([^<]{0,300})</Message>")
 _MAX_BACKOFF = 20.0
 
 
-class GetFailed(Exception):
-    """One attempt's failure: `transient` when botocore's standard mode would try again."""
+class RequestFailed(Exception):
+    """One attempt's failure, or the last one's: `transient` when botocore's standard mode would try again;
+    `code`, S3's error code (or the HTTP status) when S3 answered."""
 
     def __init__(self, text: str, *, transient: bool, status: int | None = None, code: str | None = None):
         super().__init__(text)
@@ -54,13 +59,13 @@ class GetFailed(Exception):
         self.code = code
 
 
-def error_of(status: int, body: bytes) -> GetFailed:
+def error_of(status: int, body: bytes) -> RequestFailed:
     """The failure an S3 error answer stands for: its <Code> and <Message>, and whether it is transient."""
     code_m, message_m = _CODE.search(body or b""), _MESSAGE.search(body or b"")
     code = code_m.group(1).decode("utf-8", "replace") if code_m else str(status)
     message = message_m.group(1).decode("utf-8", "replace") if message_m else ""
     transient = status in _TRANSIENT_STATUS or code in _TRANSIENT_CODES
-    return GetFailed(f"{code} (HTTP {status}){': ' + message if message else ''}", transient=transient,
+    return RequestFailed(f"{code} (HTTP {status}){': ' + message if message else ''}", transient=transient,
                      status=status, code=code)
 
 
@@ -81,14 +86,16 @@ def backoff(attempt: int) -> float:
 
 
 @dataclass
-class LeanGetter:
-    """GETs of one bucket's objects over the client's session, signed by botocore's SigV4 signer."""
+class LeanS3:
+    """GETs and create-only PUTs of one bucket's objects over the client's session, signed by botocore's SigV4
+    signer."""
 
     base_url: str  # the bucket's URL, ending in '/', as botocore's endpoint resolution builds it
     region: str
     credentials: Any  # botocore Credentials (get_frozen_credentials() per request)
     send: Callable[[Any], Any]  # the client's http_session.send
     attempts: int
+    client_config: Any = None  # the client's botocore Config: its `s3` payload_signing_enabled, as the signer reads it
     sleep: Callable[[float], None] = time.sleep
 
     def url(self, key: str, version_id: str | None = None) -> str:
@@ -96,30 +103,64 @@ class LeanGetter:
         url = self.base_url + quote(key, safe="/~")
         return url + "?versionId=" + quote(version_id, safe="") if version_id else url
 
-    def signed(self, url: str, headers: dict[str, str] | None = None) -> Any:
-        """The GET of `url` signed (SigV4, as botocore signs S3 requests) and prepared to stream its answer."""
-        request = AWSRequest(method="GET", url=url, headers=dict(headers or {}))
+    def signed(self, url: str, headers: dict[str, str] | None = None, *, method: str = "GET",
+               body: bytes | None = None) -> Any:
+        """The request signed (SigV4, as botocore signs S3 requests) and prepared; a GET to stream its answer."""
+        request = AWSRequest(method=method, url=url, headers=dict(headers or {}), data=body)
+        if self.client_config is not None:
+            request.context["client_config"] = self.client_config
         S3SigV4Auth(self.credentials.get_frozen_credentials(), "s3", self.region).add_auth(request)
         prepared = request.prepare()
-        prepared.stream_output = True
+        prepared.stream_output = method == "GET"
         return prepared
+
+    def put_new(self, key: str, body: bytes, headers: dict[str, str]) -> dict[str, str | None]:
+        """PUT `body` at `key` only if no object is there (If-None-Match: *), with `headers` (the checksum S3 is
+        to check the body against, metadata, storage class...). Returns what S3 answered: its ChecksumSHA256,
+        VersionId and ETag (None for any it did not send). RequestFailed when S3 refuses (its `code`: the
+        caller tells "already there" from a fault) or fails every attempt; the message carries no secret."""
+        url = self.url(key)
+        headers = {**headers, "If-None-Match": "*", "Content-Length": str(len(body))}
+        failure: RequestFailed | None = None
+        for attempt in range(self.attempts):
+            if attempt:
+                self.sleep(backoff(attempt))
+            try:
+                response = self.send(self.signed(url, headers, method="PUT", body=body))
+            except (BotoConnectionError, HTTPClientError) as exc:
+                failure = RequestFailed(f"{type(exc).__name__}: {exc}", transient=True)
+                continue
+            except BotoCoreError as exc:
+                failure = RequestFailed(f"{type(exc).__name__}: {exc}", transient=False)
+                break
+            if response.status_code >= 300:
+                failure = error_of(response.status_code, response.content[:64 << 10])
+                if failure.transient:
+                    continue
+                break
+            answer = response.headers
+            return {"ChecksumSHA256": answer.get("x-amz-checksum-sha256"), "VersionId": answer.get("x-amz-version-id"),
+                    "ETag": answer.get("etag")}
+        assert failure is not None
+        raise RequestFailed(scrub(str(failure), self._secrets()), transient=failure.transient,
+                            status=failure.status, code=failure.code)
 
     def get(self, key: str, write: Callable[[bytes], Any], version_id: str | None = None) -> int:
         """Stream the object at `key` into `write`; the bytes written. ReplicaError naming the key when the
         object is missing, refused, or the provider fails every attempt; an answer cut short is an error
         (never a short download passed on)."""
         url = self.url(key, version_id)
-        failure: GetFailed | None = None
+        failure: RequestFailed | None = None
         for attempt in range(self.attempts):
             if attempt:
                 self.sleep(backoff(attempt))
             try:
                 response = self.send(self.signed(url))
             except (BotoConnectionError, HTTPClientError) as exc:
-                failure = GetFailed(f"{type(exc).__name__}: {exc}", transient=True)
+                failure = RequestFailed(f"{type(exc).__name__}: {exc}", transient=True)
                 continue
             except BotoCoreError as exc:
-                failure = GetFailed(f"{type(exc).__name__}: {exc}", transient=False)
+                failure = RequestFailed(f"{type(exc).__name__}: {exc}", transient=False)
                 break
             raw = response.raw
             finished = False
@@ -179,9 +220,9 @@ class GetCut(Exception):
     """The body of an answer broke off: the download is incomplete (the caller retries from the start)."""
 
 
-def lean_getter(client: Any, bucket: str) -> LeanGetter | None:
-    """The lean GET for `bucket` over the boto3 `client`, or None when this client is not one it can serve
-    exactly as boto3 would (then the caller keeps get_object)."""
+def lean_s3(client: Any, bucket: str) -> LeanS3 | None:
+    """The lean requests for `bucket` over the boto3 `client`, or None when this client is not one it can serve
+    exactly as boto3 would (then the caller keeps get_object and put_object)."""
     try:
         config = client.meta.config
         if getattr(config, "signature_version", None) not in (None, "s3v4", "v4"):
@@ -201,9 +242,9 @@ def lean_getter(client: Any, bucket: str) -> LeanGetter | None:
     if not parts.path.endswith("/" + _PROBE):
         return None
     base = f"{parts.scheme}://{parts.netloc}{parts.path[: -len(_PROBE)]}"
-    return LeanGetter(base_url=base, region=region, credentials=credentials, send=send,
-                      attempts=total_attempts(getattr(config, "retries", None)))
+    return LeanS3(base_url=base, region=region, credentials=credentials, send=send,
+                  attempts=total_attempts(getattr(config, "retries", None)), client_config=config)
 
 
-__all__ = ["GetCut", "GetFailed", "LeanGetter", "backoff", "credential_secrets", "error_of", "lean_getter",
+__all__ = ["GetCut", "RequestFailed", "LeanS3", "backoff", "credential_secrets", "error_of", "lean_s3",
            "total_attempts"]

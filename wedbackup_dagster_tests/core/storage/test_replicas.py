@@ -718,14 +718,23 @@ def test_azure_writes_a_new_small_archive_in_one_request_confirmed_by_its_answer
         _empty(h.replica)
 
 
+@pytest.mark.parametrize("path", ["upload_blob", "lean"])
 def test_azure_answer_without_the_md5_is_checked_by_a_look(stack, azure_service, azure_container, archives,
-                                                           monkeypatch):
+                                                           monkeypatch, path):
     from azure.storage.blob import BlobClient
 
+    from wedbackup_dagster.core.storage.replicas.azure_lean import LeanPut
+
     h = _azure(stack, azure_service, azure_container)
-    real_upload = BlobClient.upload_blob
-    monkeypatch.setattr(BlobClient, "upload_blob",
-                        lambda self, *a, **k: {**real_upload(self, *a, **k), "content_md5": None})
+    if path == "lean":
+        assert h.replica._lean is not None  # noqa: SLF001
+        real_put = LeanPut.put_new
+        monkeypatch.setattr(LeanPut, "put_new", lambda self, *a, **k: {**real_put(self, *a, **k), "content_md5": None})
+    else:
+        h.replica._lean = None  # noqa: SLF001 - the SDK's upload_blob
+        real_upload = BlobClient.upload_blob
+        monkeypatch.setattr(BlobClient, "upload_blob",
+                            lambda self, *a, **k: {**real_upload(self, *a, **k), "content_md5": None})
     looks: list[str] = []
     real = AzureReplica._properties
     monkeypatch.setattr(AzureReplica, "_properties", lambda self, key: (looks.append(key), real(self, key))[1])

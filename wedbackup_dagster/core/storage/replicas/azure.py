@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
@@ -15,15 +15,34 @@ from azure.storage.blob import BlobBlock, BlobServiceClient, ContentSettings, Ex
 
 from wedbackup_dagster.core.config import AzureTarget
 from wedbackup_dagster.core.errors import ConfigError, ReplicaChecksumMismatch, ReplicaError
-
-from wedbackup_dagster.core.storage.replicas.base import (DigestNeeds, FileDigests, HashingWriter, ListedObject,
-                                                          ProgressCallback, ProgressReader, ReplicaRecord, archive_key,
-                                                          b64, canary_round, check_key, check_list_prefix,
-                                                          digests_for_upload, environment_http, object_metadata,
-                                                          parse_archive_key, provider_error, read_blocks, upload_key)
+from wedbackup_dagster.core.storage.replicas.azure_lean import LeanPut, PutFailed
+from wedbackup_dagster.core.storage.replicas.azure_lean import lean_put as lean_put_for
+from wedbackup_dagster.core.storage.replicas.base import (
+    DigestNeeds,
+    FileDigests,
+    HashingWriter,
+    ListedObject,
+    ProgressCallback,
+    ProgressReader,
+    ReplicaRecord,
+    archive_key,
+    b64,
+    canary_round,
+    check_key,
+    check_list_prefix,
+    digests_for_upload,
+    environment_http,
+    object_metadata,
+    parse_archive_key,
+    provider_error,
+    read_blocks,
+    scrub,
+    upload_key,
+)
 
 PROVIDER = "azure"
 DEFAULT_MAX_SINGLE_PUT_SIZE = 8 << 20
+LEAN_PUT_MAX = 8 << 20  # new archives up to this size go through azure_lean's Put Blob (read into memory once)
 DEFAULT_MAX_BLOCK_SIZE = 8 << 20
 DEFAULT_DOWNLOAD_RANGE_SIZE = 2 << 20
 
@@ -81,11 +100,15 @@ class AzureReplica:
 
     def __init__(self, service: BlobServiceClient, target: AzureTarget, *,
                  max_single_put_size: int = DEFAULT_MAX_SINGLE_PUT_SIZE, max_block_size: int = DEFAULT_MAX_BLOCK_SIZE,
-                 download_range_size: int = DEFAULT_DOWNLOAD_RANGE_SIZE):
+                 download_range_size: int = DEFAULT_DOWNLOAD_RANGE_SIZE, lean_put: bool = True):
         self.service = service
         self.target = target
         self.prefix = target.prefix
         self.container = service.get_container_client(target.container)
+        # New archives up to LEAN_PUT_MAX through azure_lean's Put Blob (the client's own signing policy and
+        # transport, not the SDK's pipeline) when the client allows it; False (or a client it cannot serve):
+        # upload_blob.
+        self._lean: LeanPut | None = lean_put_for(self.container) if lean_put else None
         self.max_single_put_size = max_single_put_size
         self.max_block_size = max_block_size
         self.download_range_size = download_range_size
@@ -94,9 +117,10 @@ class AzureReplica:
         return archive_key(PROVIDER, self.prefix, wedding_partition, sha256)
 
     def uri(self, key: str) -> str:
-        # A SAS credential rides in the URL's query: the recorded URI must never carry it.
-        parts = urlsplit(self.container.get_blob_client(key).url)
-        return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+        # A SAS credential rides in the URL's query: the recorded URI must never carry it. The blob's URL is the
+        # container's and the key quoted as BlobClient quotes it (without making a BlobClient for each).
+        parts = urlsplit(self.container.url)
+        return urlunsplit((parts.scheme, parts.netloc, f"{parts.path.rstrip('/')}/{quote(key, safe='~/')}", "", ""))
 
     def _fail(self, key: str | None, action: str, exc: BaseException) -> ReplicaError:
         return provider_error(PROVIDER, key, action, exc, _secrets(self.service, self.target))
@@ -135,7 +159,6 @@ class AzureReplica:
         meta = object_metadata(PROVIDER, partition, sha256, metadata)
         digests = digests_for_upload(Path(path), sha256, size, self.digests_needed(size), digests)
 
-        blob = self.container.get_blob_client(key)
         # Azure keeps whatever Content-MD5 the committer sends for a block blob (and Azurite none at all
         # after block uploads), so we send the MD5 of the whole archive ourselves.
         settings = ContentSettings(content_type="application/octet-stream", content_md5=bytearray(digests.md5 or b""))
@@ -149,14 +172,23 @@ class AzureReplica:
                     reader = ProgressReader(raw, progress)
                     if size <= self.max_single_put_size:
                         data = reader.read(size)  # bounded by max_single_put_size
+                        if self._lean is not None and size <= LEAN_PUT_MAX and "etag" not in conditions:
+                            return self._lean_put_new(key, data, digests, meta, tier)
+                        blob = self.container.get_blob_client(key)
                         # validate_content: Azure checks the body against its MD5 before storing it.
                         return blob.upload_blob(data, length=len(data), overwrite=True, content_settings=settings,
                                                 metadata=meta, standard_blob_tier=tier, validate_content=True,
                                                 **conditions)
-                    self._upload_blocks(blob, reader, size, settings, meta, tier, conditions)
+                    self._upload_blocks(self.container.get_blob_client(key), reader, size, settings, meta, tier,
+                                        conditions)
                     return {}  # a block list's answer says nothing of the whole blob's bytes: look below
             except (ResourceExistsError, ResourceModifiedError):
                 return None
+            except ReplicaError:
+                raise
+            except PutFailed as exc:
+                raise ReplicaError(PROVIDER, key, scrub(f"upload failed: {exc}", _secrets(self.service, self.target)
+                                                        )) from None
             except Exception as exc:  # noqa: BLE001 - staged blocks stay uncommitted and invisible (GC'd in 7 days)
                 raise self._fail(key, "upload", exc) from None
 
@@ -192,6 +224,17 @@ class AzureReplica:
                 PROVIDER, key, f"after upload Azure reports {props.size} bytes and Content-MD5 "
                                f"{b64(md5) if md5 else 'none'}, expected {b64(digests.md5 or b'')}")
         return self._record(key, props, digests, already_present=False, repaired=bool(note), note=note)
+
+    def _lean_put_new(self, key: str, data: bytes, digests: FileDigests, meta: dict[str, str],
+                      tier: StandardBlobTier) -> dict[str, Any] | None:
+        """The create-only single put through the lean path, with the headers upload_blob sends for it: the
+        answer (as upload_blob's), or None when a blob is already there."""
+        if len(data) != digests.size:
+            raise ReplicaError(PROVIDER, key, f"the archive has {len(data)} bytes, not the {digests.size} hashed: "
+                                              "it changed during the upload")
+        headers = {"x-ms-blob-content-type": "application/octet-stream", "x-ms-access-tier": tier.value,
+                   **{f"x-ms-meta-{name}": value for name, value in meta.items()}}
+        return self._lean.put_new(key, data, bytes(digests.md5 or b""), headers)
 
     def _upload_blocks(self, blob, reader: ProgressReader, size: int, settings: ContentSettings,
                        meta: dict[str, str], tier: StandardBlobTier, conditions: dict[str, Any]) -> None:

@@ -5,7 +5,6 @@ down; clients it cannot serve keep upload_blob."""
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import replace
 
 import pytest
@@ -38,19 +37,6 @@ def _replica(connection_string: str, container: str, *, lean: bool = True) -> Az
     return replica
 
 
-@pytest.fixture
-def archive(tmp_path):
-    data = os.urandom(36_000)
-    path = tmp_path / "a.wbk"
-    path.write_bytes(data)
-    return {"path": path, "data": data, "sha": hashlib.sha256(data).hexdigest()}
-
-
-def _upload(replica: AzureReplica, archive, partition: str = "7"):
-    return replica.upload(archive["path"], partition=partition, sha256=archive["sha"], size=len(archive["data"]),
-                          metadata={"key_id": "k-1"})
-
-
 def _stored_as(azure_service, container: str, key: str) -> dict:
     blob = azure_service.get_blob_client(container, key)
     props = blob.get_blob_properties()
@@ -72,11 +58,11 @@ def test_a_small_archive_goes_up_by_the_lean_put_stored_exactly_as_upload_blob_s
     from azure.storage.blob import BlobClient
 
     monkeypatch.setattr(BlobClient, "upload_blob", lambda *a, **k: pytest.fail("the lean path called upload_blob"))
-    by_lean = _upload(lean, archive, "7")
+    by_lean = archive.upload(lean, "7")
     monkeypatch.undo()
-    by_sdk = _upload(sdk, archive, "8")
+    by_sdk = archive.upload(sdk, "8")
     a, b = (_stored_as(azure["service"], azure["container"], r.key) for r in (by_lean, by_sdk))
-    assert a["body"] == archive["data"] and a["md5"] == hashlib.md5(archive["data"]).digest()
+    assert a["body"] == archive.data and a["md5"] == hashlib.md5(archive.data).digest()
     assert (a["md5"], a["type"], a["tier"]) == (b["md5"], b["type"], b["tier"])
     assert a["metadata"] == {**b["metadata"], "partition": "7"} and b["metadata"]["partition"] == "8"
     assert by_lean.provider_checksum == by_sdk.provider_checksum and not by_lean.already_present
@@ -86,8 +72,8 @@ def test_a_small_archive_goes_up_by_the_lean_put_stored_exactly_as_upload_blob_s
 @pytest.mark.stack
 def test_the_same_archive_uploaded_again_is_found_there_not_written_again(azure, archive):
     replica = _replica(azure["cs"], azure["container"])
-    first = _upload(replica, archive)
-    again = _upload(replica, archive)
+    first = archive.upload(replica)
+    again = archive.upload(replica)
     assert again.already_present and again.key == first.key
     assert _stored_as(azure["service"], azure["container"], first.key)["etag"] == first.etag  # not rewritten
 
@@ -106,10 +92,10 @@ def test_a_put_refused_or_cut_off_is_retried_and_one_that_landed_unseen_is_found
     with FaultProxy("azure", _upstream(azure["cs"]), FaultSchedule(seed=3, rate=1.0, weights={fault: 1},
                                                                    limit=1)) as proxy:
         replica = _replica(_through(azure["cs"], proxy.address), azure["container"])
-        record = _upload(replica, archive)
+        record = archive.upload(replica)
         assert proxy.counts[fault] == 1
     stored = _stored_as(azure["service"], azure["container"], record.key)
-    assert stored["body"] == archive["data"] and record.provider_checksum and record.etag == stored["etag"]
+    assert stored["body"] == archive.data and record.provider_checksum and record.etag == stored["etag"]
 
 
 @pytest.mark.stack
@@ -118,7 +104,7 @@ def test_a_provider_that_refuses_every_put_fails_the_upload_naming_the_key_witho
     with FailingAfter("azure", _upstream(azure["cs"]), good=0, kind="http_503") as proxy:
         replica = _replica(_through(azure["cs"], proxy.address), azure["container"])
         with pytest.raises(ReplicaError, match="503") as caught:
-            _upload(replica, archive)
+            archive.upload(replica)
         assert proxy.requests == 2 and "wedbackup/weddings/7/" in caught.value.key  # one retry, as configured
     assert account_key not in str(caught.value) and caught.value.__cause__ is None
 

@@ -218,20 +218,6 @@ def test_the_secrets_to_scrub_are_the_credentials_secret_key_and_token_and_none_
 # ------------------------------------------------------------------------------- the lean PUT
 
 
-@pytest.fixture
-def archive(tmp_path):
-    """A small archive-shaped file, uploaded by S3Replica.upload as a backup's copy would be."""
-    data = os.urandom(36_000)
-    path = tmp_path / "a.wbk"
-    path.write_bytes(data)
-    return {"path": path, "data": data, "sha": hashlib.sha256(data).hexdigest()}
-
-
-def _upload(replica: S3Replica, archive, partition: str = "7"):
-    return replica.upload(archive["path"], partition=partition, sha256=archive["sha"], size=len(archive["data"]),
-                          metadata={"key_id": "k-1"})
-
-
 def _stored_as(s3_client, bucket: str, key: str) -> dict:
     head = s3_client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
     body = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -247,12 +233,12 @@ def test_a_small_archive_goes_up_by_the_lean_put_stored_exactly_as_put_object_st
     boto = S3Replica(lean.client, lean.target, lean_put=False)
     sent = []
     monkeypatch.setattr(lean.client, "put_object", lambda **kw: sent.append(kw))  # the lean path never calls it
-    by_lean = _upload(lean, archive, "7")
+    by_lean = archive.upload(lean, "7")
     monkeypatch.undo()
-    by_boto3 = _upload(boto, archive, "8")
+    by_boto3 = archive.upload(boto, "8")
     assert not sent and not by_lean.already_present
     a, b = (_stored_as(s3_client, stored["bucket"], r.key) for r in (by_lean, by_boto3))
-    assert a["body"] == archive["data"] and a["versions"] == 1
+    assert a["body"] == archive.data and a["versions"] == 1
     assert a["metadata"] == {**b["metadata"], "partition": "7"} and b["metadata"]["partition"] == "8"
     assert (a["checksum"], a["type"], a["class"]) == (b["checksum"], b["type"], b["class"])
     assert by_lean.provider_checksum == by_boto3.provider_checksum == a["checksum"]
@@ -263,8 +249,8 @@ def test_a_small_archive_goes_up_by_the_lean_put_stored_exactly_as_put_object_st
 @pytest.mark.stack
 def test_the_same_archive_uploaded_again_is_found_there_not_written_twice(stored, s3_client, archive):
     replica = _replica(stored)
-    first = _upload(replica, archive)
-    again = _upload(replica, archive)
+    first = archive.upload(replica)
+    again = archive.upload(replica)
     assert again.already_present and again.key == first.key
     assert _stored_as(s3_client, stored["bucket"], first.key)["versions"] == 1
 
@@ -274,7 +260,7 @@ def test_a_transient_answer_to_the_put_is_retried_and_the_archive_stored_once(st
     with FaultProxy("s3", _upstream(stored["env"]),
                     FaultSchedule(seed=3, rate=1.0, weights={"http_503": 1}, limit=1)) as proxy:
         replica = _replica(stored, endpoint=f"http://{proxy.address}")
-        record = _upload(replica, archive)
+        record = archive.upload(replica)
         assert proxy.counts["http_503"] == 1 and not record.already_present
     assert _stored_as(s3_client, stored["bucket"], record.key)["versions"] == 1
 
@@ -288,10 +274,10 @@ def test_a_put_cut_off_is_retried_and_one_that_landed_unseen_is_found_never_writ
     with FaultProxy("s3", _upstream(stored["env"]),
                     FaultSchedule(seed=3, rate=1.0, weights={fault: 1}, limit=1)) as proxy:
         replica = _replica(stored, endpoint=f"http://{proxy.address}")
-        record = _upload(replica, archive)
+        record = archive.upload(replica)
         assert proxy.counts[fault] == 1
     after = _stored_as(s3_client, stored["bucket"], record.key)
-    assert after["body"] == archive["data"] and after["versions"] == 1
+    assert after["body"] == archive.data and after["versions"] == 1
     assert record.provider_checksum == after["checksum"]
 
 
@@ -300,7 +286,7 @@ def test_a_provider_that_refuses_every_put_fails_the_upload_naming_the_key(store
     with FailingAfter("s3", _upstream(stored["env"]), good=0, kind="http_503") as proxy:
         replica = _replica(stored, endpoint=f"http://{proxy.address}", max_attempts=2)
         with pytest.raises(ReplicaError, match="503") as caught:
-            _upload(replica, archive)
+            archive.upload(replica)
         assert proxy.requests == 3 and "wedbackup/weddings/7/" in caught.value.key
         assert stored["env"]["AWS_SECRET_ACCESS_KEY"] not in str(caught.value)
 
@@ -332,7 +318,7 @@ def test_the_lean_put_is_one_request_when_its_answer_confirms_the_checksum_else_
             return got
 
         lean.put_new = tampered
-        record = _upload(replica, archive)
+        record = archive.upload(replica)
         assert proxy.requests == (1 if answer == "confirmed" else 2)  # the PUT, and a HEAD when not confirmed
     after = _stored_as(s3_client, stored["bucket"], record.key)
     assert record.provider_checksum == after["checksum"] and after["versions"] == 1 and not record.already_present

@@ -114,6 +114,16 @@ class LeanS3:
         prepared.stream_output = method == "GET"
         return prepared
 
+    def _sent(self, request: Any) -> Any:
+        """The answer to one attempt; RequestFailed, transient or not as botocore's standard mode would see it,
+        when none came."""
+        try:
+            return self.send(request)
+        except (BotoConnectionError, HTTPClientError) as exc:
+            raise RequestFailed(f"{type(exc).__name__}: {exc}", transient=True) from None
+        except BotoCoreError as exc:
+            raise RequestFailed(f"{type(exc).__name__}: {exc}", transient=False) from None
+
     def put_new(self, key: str, body: bytes, headers: dict[str, str]) -> dict[str, str | None]:
         """PUT `body` at `key` only if no object is there (If-None-Match: *), with `headers` (the checksum S3 is
         to check the body against, metadata, storage class...). Returns what S3 answered: its ChecksumSHA256,
@@ -126,12 +136,11 @@ class LeanS3:
             if attempt:
                 self.sleep(backoff(attempt))
             try:
-                response = self.send(self.signed(url, headers, method="PUT", body=body))
-            except (BotoConnectionError, HTTPClientError) as exc:
-                failure = RequestFailed(f"{type(exc).__name__}: {exc}", transient=True)
-                continue
-            except BotoCoreError as exc:
-                failure = RequestFailed(f"{type(exc).__name__}: {exc}", transient=False)
+                response = self._sent(self.signed(url, headers, method="PUT", body=body))
+            except RequestFailed as exc:
+                failure = exc
+                if exc.transient:
+                    continue
                 break
             if response.status_code >= 300:
                 failure = error_of(response.status_code, response.content[:64 << 10])
@@ -155,12 +164,11 @@ class LeanS3:
             if attempt:
                 self.sleep(backoff(attempt))
             try:
-                response = self.send(self.signed(url))
-            except (BotoConnectionError, HTTPClientError) as exc:
-                failure = RequestFailed(f"{type(exc).__name__}: {exc}", transient=True)
-                continue
-            except BotoCoreError as exc:
-                failure = RequestFailed(f"{type(exc).__name__}: {exc}", transient=False)
+                response = self._sent(self.signed(url))
+            except RequestFailed as exc:
+                failure = exc
+                if exc.transient:
+                    continue
                 break
             raw = response.raw
             finished = False

@@ -17,32 +17,15 @@ from wedbackup_dagster.core.config import AzureTarget
 from wedbackup_dagster.core.errors import ConfigError, ReplicaChecksumMismatch, ReplicaError
 from wedbackup_dagster.core.storage.replicas.azure_lean import LeanPut, PutFailed
 from wedbackup_dagster.core.storage.replicas.azure_lean import lean_put as lean_put_for
-from wedbackup_dagster.core.storage.replicas.base import (
-    DigestNeeds,
-    FileDigests,
-    HashingWriter,
-    ListedObject,
-    ProgressCallback,
-    ProgressReader,
-    ReplicaRecord,
-    archive_key,
-    b64,
-    canary_round,
-    check_key,
-    check_list_prefix,
-    digests_for_upload,
-    environment_http,
-    object_metadata,
-    parse_archive_key,
-    provider_error,
-    read_blocks,
-    scrub,
-    upload_key,
-)
+from wedbackup_dagster.core.storage.replicas.base import (DigestNeeds, FileDigests, HashingWriter, ListedObject,
+                                                          ProgressCallback, ProgressReader, ReplicaRecord, archive_key,
+                                                          b64, canary_round, check_key, check_list_prefix,
+                                                          digests_for_upload, environment_http, object_metadata,
+                                                          parse_archive_key, provider_error, read_blocks, scrub,
+                                                          upload_key)
 
 PROVIDER = "azure"
 DEFAULT_MAX_SINGLE_PUT_SIZE = 8 << 20
-LEAN_PUT_MAX = 8 << 20  # new archives up to this size go through azure_lean's Put Blob (read into memory once)
 DEFAULT_MAX_BLOCK_SIZE = 8 << 20
 DEFAULT_DOWNLOAD_RANGE_SIZE = 2 << 20
 
@@ -105,9 +88,9 @@ class AzureReplica:
         self.target = target
         self.prefix = target.prefix
         self.container = service.get_container_client(target.container)
-        # New archives up to LEAN_PUT_MAX through azure_lean's Put Blob (the client's own signing policy and
-        # transport, not the SDK's pipeline) when the client allows it; False (or a client it cannot serve):
-        # upload_blob.
+        # New archives small enough for a single put (max_single_put_size) through azure_lean's Put Blob (the
+        # client's own signing policy and transport, not the SDK's pipeline) when the client allows it; False (or
+        # a client it cannot serve): upload_blob.
         self._lean: LeanPut | None = lean_put_for(self.container) if lean_put else None
         self.max_single_put_size = max_single_put_size
         self.max_block_size = max_block_size
@@ -172,7 +155,7 @@ class AzureReplica:
                     reader = ProgressReader(raw, progress)
                     if size <= self.max_single_put_size:
                         data = reader.read(size)  # bounded by max_single_put_size
-                        if self._lean is not None and size <= LEAN_PUT_MAX and "etag" not in conditions:
+                        if self._lean is not None and "etag" not in conditions:
                             return self._lean_put_new(key, data, digests, meta, tier)
                         blob = self.container.get_blob_client(key)
                         # validate_content: Azure checks the body against its MD5 before storing it.

@@ -9,7 +9,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from wedbackup_dagster.core.catalogue.store import Catalogue
+# The upload steps' retries pause 0.1 s, not 1 s (then doubling): tests of a refused or down provider retry the step
+# three times, and the pauses were most of their time. Set before the Dagster definitions are imported; a test
+# that sets its own value keeps it.
+os.environ.setdefault("WEDBACKUP_UPLOAD_RETRY_DELAY", "0.1")
+
+from wedbackup_dagster.core.catalogue.store import Catalogue  # noqa: E402 - after the setting above
 from wedbackup_dagster.dev.stack import Stack
 
 # After the session, nothing the suite wrote may hold a secret of the stack (see secrets_guard.py).

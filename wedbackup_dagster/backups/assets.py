@@ -13,6 +13,7 @@ from ..core.errors import WedbackupError
 from ..shared.metadata import archive_metadata, dump_metadata, log_key_backup, replica_metadata, verify_metadata
 from wedbackup_dagster.core.progress import Progress
 from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
+from ..shared.retry import UPLOAD_RETRY
 from ..shared.wedding_outcomes import WeddingOutcomes, finish_providers
 from .constants import (
     DB_DUMP,
@@ -28,9 +29,6 @@ from .constants import (
 from .partitions import validated_keys, weddings_partitions
 
 BATCHED = dg.BackfillPolicy.single_run()
-# A provider hiccup is retried with growing pauses; uploads are content-addressed, so a retry after a
-# partial success is a no-op for the weddings already uploaded.
-UPLOAD_RETRY = dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 
 @dg.multi_asset(
     specs=[

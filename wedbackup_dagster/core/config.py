@@ -49,6 +49,9 @@ VARIABLES: dict[str, tuple[str, str, bool]] = {
     "WEDBACKUP_PROVIDER_TIMEOUT": ("seconds one S3 / GCS / Azure request may wait on the network (connect, and "
                                    "each read of the answer) before the SDK retries or the upload fails", "60",
                                    False),
+    "WEDBACKUP_UPLOAD_RETRY_DELAY": ("seconds before an upload step's first retry (Dagster retries a failed "
+                                     "upload step 3 times, the pause doubling each time, with jitter)", "1",
+                                     False),
     "WEDBACKUP_UPLOAD_CONCURRENCY": ("archives one replica step uploads to its provider at once (1-64); each "
                                      "provider's step has its own threads", "8", False),
     "WEDBACKUP_S3_UPLOAD_CONCURRENCY": ("archives the S3 step uploads at once (1-64); empty: "
@@ -365,6 +368,11 @@ def provider_timeout_from(environ: Mapping[str, str] | None = None) -> float:
     """WEDBACKUP_PROVIDER_TIMEOUT: without it a provider that accepts a connection and then says nothing
     holds an upload step for the SDKs' own read timeouts (60 s per attempt), retries included."""
     return _seconds_setting(environ, "WEDBACKUP_PROVIDER_TIMEOUT", 0.5, 600)
+
+
+def upload_retry_delay_from(environ: Mapping[str, str] | None = None) -> float:
+    """WEDBACKUP_UPLOAD_RETRY_DELAY: the pause before an upload step's first retry (0.01 s to 5 min)."""
+    return _seconds_setting(environ, "WEDBACKUP_UPLOAD_RETRY_DELAY", 0.01, 300)
 
 
 def snapshot_lock_timeout_from(environ: Mapping[str, str] | None = None) -> float:

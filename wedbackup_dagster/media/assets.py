@@ -11,11 +11,11 @@ from ..backups.partitions import validated_keys, weddings_partitions
 from ..core.errors import WedbackupError
 from ..core.progress import Progress
 from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
+from ..shared.retry import UPLOAD_RETRY
 from ..shared.wedding_outcomes import WeddingOutcomes
 from .constants import GROUP, MEDIA_POOL, MEDIA_REPLICA_KEYS, MEDIA_SNAPSHOT, OWNERS, VERIFIED_MEDIA
 
 BATCHED = dg.BackfillPolicy.single_run()
-UPLOAD_RETRY = dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 
 
 def media_service(wedbackup: WedbackupEngineResource, replicas: ProviderReplicasResource) -> Any:

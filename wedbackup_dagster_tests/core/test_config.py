@@ -79,3 +79,18 @@ def test_provider_timeout_reaches_the_pipelines_s3_and_azure_clients(monkeypatch
     service = AzureBlobResource(connection_string="DefaultEndpointsProtocol=http;AccountName=a;AccountKey=YQ==;"
                                                   "BlobEndpoint=http://127.0.0.1:9/a;").get_service()
     assert service._pipeline._transport.connection_config.read_timeout == 2.5
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "301", "nan"])
+def test_upload_retry_delay_out_of_range_names_the_variable(value):
+    from wedbackup_dagster.core.config import upload_retry_delay_from
+
+    with pytest.raises(ConfigError, match="WEDBACKUP_UPLOAD_RETRY_DELAY"):
+        upload_retry_delay_from({"WEDBACKUP_UPLOAD_RETRY_DELAY": value})
+
+
+def test_upload_retry_delay_defaults_to_a_second():
+    from wedbackup_dagster.core.config import upload_retry_delay_from
+
+    assert upload_retry_delay_from({}) == 1.0
+    assert upload_retry_delay_from({"WEDBACKUP_UPLOAD_RETRY_DELAY": "2.5"}) == 2.5

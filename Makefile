@@ -44,7 +44,7 @@ validate: install
 # Debian's docker-compose validates deployments/docker-compose (`config` needs no Docker engine).
 test: install validate
 	@command -v docker-compose >/dev/null || { apt-get update -q && apt-get install -y -q docker-compose; }
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 bench: stack-up
 	@command -v age >/dev/null || { apt-get update -q && apt-get install -y -q age zstd; }

@@ -21,6 +21,31 @@ from wedbackup_dagster.dev.stack import Stack
 pytest_plugins = ["wedbackup_dagster_tests.secrets_guard", "pytester"]
 
 
+# Under pytest-xdist (`make test` runs two workers) the controller brings the stack up once, before the workers
+# start, and stops it after they have all finished if it started it: each worker then finds it up and leaves it,
+# where a worker stopping a stack it had started would pull it from under the other.
+_STARTED_FOR_WORKERS: list[Stack] = []
+
+
+def _xdist_controller(config: pytest.Config) -> bool:
+    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if _xdist_controller(session.config):
+        st = Stack.default()
+        if not st.is_up():
+            st.up()
+            if not os.environ.get("WEDBACKUP_KEEP_STACK"):
+                _STARTED_FOR_WORKERS.append(st)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # After pytest_sessionfinish, where the secrets guard has scanned the running database server.
+    while _STARTED_FOR_WORKERS:
+        _STARTED_FOR_WORKERS.pop().down()
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     """The running local stack. Reused when already up; stopped at the end only if this session started it."""

@@ -174,8 +174,25 @@ def final_scan(session: pytest.Session) -> None:
     GUARD.tree(Path(stack.log_dir), "the local stack's logs")
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist's controller, as a worker ends: what the worker's guard found and counted (the Dagster
+    instances and outputs it scanned) joins this session's, reported and failing the run below."""
+    shipped = getattr(node, "workeroutput", {}).get("secrets_guard")
+    if shipped:
+        GUARD.findings.update(shipped["findings"])
+        for what, n in shipped["counts"].items():
+            GUARD.counts[what] = GUARD.counts.get(what, 0) + n
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a pytest-xdist worker: the controller scans the server and the files, and reports
+        if enabled():
+            workeroutput["secrets_guard"] = {"findings": [str(f) for f in GUARD.findings],
+                                             "counts": dict(GUARD.counts)}
+        return
     if not enabled() or GUARD.scanner is None:
         return
     final_scan(session)

@@ -144,6 +144,29 @@ def test_a_session_that_leaks_a_stack_secret_fails_and_says_where(stack, pyteste
     assert "secrets scan: 0 secrets found" in clean.stdout.str()
 
 
+def test_under_xdist_a_leak_only_a_worker_saw_fails_the_session(stack, pytester, monkeypatch):
+    """`make test` runs two pytest-xdist workers: output a test read with capsys is scanned in its worker, never
+    reaches the controller's reports, and must still fail the whole session, named."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    pytester.makepyfile(test_leaky=textwrap.dedent("""
+        from wedbackup_dagster.dev.stack import Stack
+
+        def test_reads_the_database_password(capsys):
+            print("connecting as", Stack.default().local_secrets()["db_password"])
+            assert "connecting as" in capsys.readouterr().out
+
+        def test_quiet():
+            print("nothing secret")
+    """))
+    args = ["-p", "wedbackup_dagster_tests.secrets_guard", "-p", "no:cacheprovider", "-q", "-n", "2"]
+    leaky = pytester.runpytest_subprocess(*args, timeout=300)
+    out = leaky.stdout.str()
+    assert leaky.ret == 1, out
+    assert "2 passed" in out and "SECRETS FOUND: 1" in out, out
+    assert "test_leaky.py::test_reads_the_database_password" in out
+    assert stack.local_secrets()["db_password"] not in out
+
+
 def test_the_guard_reads_every_dagster_test_instance_before_it_is_deleted(stack):
     import dagster as dg
 

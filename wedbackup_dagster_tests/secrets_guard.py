@@ -36,6 +36,7 @@ class Guard:
         self._loaded = False
         self.current_test = "the session"
         self.server_scanned = False
+        self.in_worker = False  # a pytest-xdist worker: its test reports are scanned by the controller
         self._lock = threading.Lock()
 
     @property
@@ -125,6 +126,7 @@ def _wrap_readouterr() -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    GUARD.in_worker = hasattr(config, "workerinput")
     if enabled():
         _wrap_instance_for_test()
         _wrap_readouterr()
@@ -135,7 +137,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if not enabled():
+    if not enabled() or GUARD.in_worker:  # the controller receives the same report and scans it once
         return
     for name, content in (("stdout", report.capstdout), ("stderr", report.capstderr), ("log", report.caplog)):
         GUARD.text(f"captured {name} of {report.nodeid}", content)  # each phase repeats the earlier ones

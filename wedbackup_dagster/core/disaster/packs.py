@@ -45,6 +45,7 @@ KEEP = 2  # packs kept at each provider: the newest and the one before it
 SEGMENT_BYTES = 8 << 20  # a segment ends once it holds about this much …
 SEGMENT_WEDDINGS = 128  # … or this many archives …
 BOUNDARY_EVERY = 32  # … or after a wedding whose id hashes to 0 modulo this (about 32 weddings a segment)
+INDEX_MAX_BYTES = 64 << 20  # an index is read whole: a larger one (about 600,000 weddings) is refused, not read
 YOUNG = timedelta(hours=1)  # an unreferenced segment younger than this may belong to a build still running
 
 _INDEX_NAME = re.compile(r"(\d{8}T\d{12}Z)-([0-9a-f]{64})\.json")
@@ -313,11 +314,15 @@ def _publish(replica: Any, written: list[tuple[Path, Segment]], report: PackRepo
 
 def _indexes(replica: Any) -> list[tuple[str, str, str]]:
     """(stamp, sha256, key) of every index at the provider, newest first."""
+    return [(stamp, sha, key) for stamp, sha, key, _ in _listed_indexes(replica)]
+
+
+def _listed_indexes(replica: Any) -> list[tuple[str, str, str, int]]:
     found = []
     for listed in replica.list(f"{PACK_DIR}/{INDEX_DIR}/"):
         m = _INDEX_NAME.fullmatch(listed.key.rsplit("/", 1)[-1])
         if m:
-            found.append((m.group(1), m.group(2), listed.key))
+            found.append((m.group(1), m.group(2), listed.key, int(listed.size)))
     return sorted(found, reverse=True)
 
 
@@ -360,10 +365,14 @@ def newest_pack(replica: Any) -> tuple[Pack | None, list[str]]:
     notes when it has none). Listing failures are notes too: restore goes on without a pack."""
     notes: list[str] = []
     try:
-        indexes = _indexes(replica)
+        indexes = _listed_indexes(replica)
     except WedbackupError as exc:
         return None, [f"{replica.provider}: DR packs could not be listed: {str(exc)[:300]}"]
-    for _, sha, key in indexes:
+    for _, sha, key, size in indexes:
+        if size > INDEX_MAX_BYTES:
+            notes.append(f"{replica.provider}: DR pack not used: its index {key} has {size:,} bytes, more than "
+                         f"the {INDEX_MAX_BYTES:,} an index may have")
+            continue
         try:
             return _read_index(replica, key, sha), notes
         except WedbackupError as exc:

@@ -193,3 +193,12 @@ def test_an_index_document_round_trips_through_its_checks(platform):
     _put(s3, key, overlapping)
     pack, notes = packs.newest_pack(s3)
     assert pack is None and "outside its segment or overlaps another" in notes[0], notes
+
+
+def test_an_index_larger_than_an_index_may_be_is_not_read(platform, monkeypatch):
+    engine, s3 = platform["engine"], platform["replicas"]["s3"]
+    built = packs.build_pack(engine, {"s3": s3})
+    size = len(_get(s3, built.published["s3"]))
+    monkeypatch.setattr(packs, "INDEX_MAX_BYTES", size - 1)
+    pack, notes = packs.newest_pack(s3)
+    assert pack is None and f"has {size:,} bytes, more than the {size - 1:,}" in notes[0], notes

@@ -197,6 +197,7 @@ def drill(engine: Any, replicas: Mapping[str, Any], provider: str, *, jobs: int 
         "provider": provider, "started_at": result.started_at, "rto_seconds": rto, "complete": result.complete,
         "rpo_seconds": result.rpo_seconds, "partitions": report.partitions_total, "phases": report.phases,
         "throughput": throughput, "failed": sorted(report.failed)[:50], "stopped": report.stopped,
+        "dr_pack": report.pack or None, "from_pack": report.from_pack,
         "catalogue_rebuilt": rebuilt or None})
     return result
 

@@ -1,14 +1,15 @@
 """The whole platform brought back, side by side on the same database: the demo database (`demo-data --weddings
 2000`, as benchmarks/whole_job.py builds it) backed up by wedbackup (every partition sealed, copied to S3,
-verified) and by the peer (`pg_dump -Fp | zstd -3 | age`); then the source dropped and the vault deleted, and
-`restore --all --from s3` into a new database timed against the peer's restore of its whole dump (`age -d |
-zstd -d | psql`). The peer runs before and after wedbackup (drift on a shared machine hits both); its best run
-is the reference. Both restored databases are compared table by table with the source (counts and ordered
-checksums). Also timed: every archive fetched from S3 once and nothing else (the floor the S3 service's
-per-request cost sets); the like-for-like case, the source lost with the vault intact (`restore --all --from
-vault`, local files as the peer's); and the peer's own S3 path (its dump downloaded from S3, then restored).
-From the measured seconds per wedding: an estimate for a 100,000-wedding platform on N workers against the
-4-hour objective. Prints JSON."""
+verified, then the nightly DR pack built: core/disaster/packs.py) and by the peer (`pg_dump -Fp | zstd -3 |
+age`); then the source dropped and the vault deleted, and `restore --all --from s3` into a new database — with
+the pack (the default), and without it (every wedding from its own object), alternating — timed against the
+peer's restore of its whole dump (`age -d | zstd -d | psql`). The peer runs before and after wedbackup (drift on
+a shared machine hits both); its best run is the reference. Both restored databases are compared table by table
+with the source (counts and ordered checksums). Also timed: every archive fetched from S3 once and nothing else
+(the floor the S3 service's per-request cost sets without a pack); the like-for-like case, the source lost with
+the vault intact (`restore --all --from vault`, local files as the peer's); and the peer's own S3 path (its dump
+downloaded from S3, then restored). From the measured seconds per wedding: an estimate for a 100,000-wedding
+platform on N workers against the 4-hour objective. Prints JSON."""
 from __future__ import annotations
 
 import argparse
@@ -150,6 +151,7 @@ def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int =
     from psycopg.conninfo import conninfo_to_dict
 
     from wedbackup_dagster.core import disaster
+    from wedbackup_dagster.core.disaster import packs
     from wedbackup_dagster.core.engine import Engine
     from wedbackup_dagster.core.storage.replicas import S3Replica
     from wedbackup_dagster.core.storage.providers import ensure_targets
@@ -168,6 +170,13 @@ def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int =
             with psycopg.connect(bench["source"]) as conn:
                 ids = [str(r[0]) for r in conn.execute("SELECT id FROM weddings ORDER BY id")]
             setup = back_up_to_s3(engine, s3, ["platform", *ids])
+            # The nightly DR pack (core/disaster/packs.py): every wedding's newest verified archive in a few
+            # objects, read by restore --all from S3 in tens of requests instead of one per wedding.
+            t0 = time.perf_counter()
+            pack = packs.build_pack(engine, {"s3": s3})
+            setup["dr_pack_seconds"] = round(time.perf_counter() - t0, 2)
+            setup["dr_pack"] = {"weddings": pack.weddings, "segments": pack.segments, "bytes": pack.bytes,
+                                "ok": pack.ok}
             expected = table_sums(bench["source"])
             dumped = baseline_pg_dump_zstd_age(bench["source"], work)
             dump = work / "baseline.sql.zst.age"
@@ -181,7 +190,8 @@ def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int =
                 conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))  # dropped by the env
 
-            def restore_once(defer: bool, copy_from: str = "s3", replica: Any = s3) -> tuple[float, Any, bool]:
+            def restore_once(defer: bool, copy_from: str = "s3", replica: Any = s3,
+                             use_packs: bool = True) -> tuple[float, Any, bool]:
                 target_name = f"bench_restore_all_target_{time.time_ns()}"
                 with psycopg.connect(stack.dsn("postgres"), autocommit=True) as conn:
                     conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target_name)))
@@ -189,7 +199,8 @@ def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int =
                     started = time.perf_counter()
                     report = disaster.restore_all(engine, {"s3": replica}, stack.dsn(target_name),
                                                   disaster.RestoreAllOptions(providers=disaster.copy_order(copy_from),
-                                                                             jobs=jobs, defer_post_data=defer))
+                                                                             jobs=jobs, defer_post_data=defer,
+                                                                             packs=use_packs))
                     seconds = time.perf_counter() - started
                     return seconds, report, table_sums(stack.dsn(target_name)) == expected
                 finally:
@@ -207,6 +218,10 @@ def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int =
             runs: dict[bool, list[tuple[float, Any, bool]]] = {True: [], False: []}
             for defer in ((True, False, False, True) if compare_deferred else (True,)):
                 runs[defer].append(restore_once(defer))
+            # Without the pack, every wedding from its own object (as before packs), alternating with the pack.
+            without_pack = [restore_once(True, use_packs=False)]
+            runs[True].append(restore_once(True))
+            without_pack.append(restore_once(True, use_packs=False))
             by_get: dict[str, Any] = {}
             if compare_get:  # the same client and target, downloads through boto3's get_object
                 boto3_get = S3Replica(s3.client, engine.settings.s3, lean_get=False)
@@ -219,6 +234,7 @@ def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int =
                 by_get["boto3_restores"] = [restore_once(True, replica=boto3_get) for _ in range(2)]
                 runs[True].append(restore_once(True))
             seconds, report, equal = min(runs[True], key=lambda r: r[0])
+            loose_seconds, loose_report, _ = min(without_pack, key=lambda r: r[0])
             peers.append(peer_restore(bench, work, dump))
             peers_from_s3.append(peer_from_s3(bench, work, dump, bench["s3"], bench["bucket"]))
             peer_equal = bench.get("peer_sums") == expected
@@ -258,6 +274,14 @@ def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int =
         "peer_runs": [round(p, 2) for p in peers],
         "peer_tables_equal_source": peer_equal,
         "restore_all_ratio_vs_peer": round(seconds / best, 2),
+        "restore_all_runs": [round(r[0], 2) for r in runs[True]],
+        "restore_all_from_pack": report.from_pack,
+        # The same restore with packs=False: every wedding's archive from its own object (one GET each)
+        "restore_all_without_pack_seconds": round(loose_seconds, 2),
+        "restore_all_without_pack_runs": [round(r[0], 2) for r in without_pack],
+        "restore_all_without_pack_ratio_vs_peer": round(loose_seconds / best, 2),
+        "restore_all_without_pack_complete_and_equal": all(r[1].complete and r[2] for r in without_pack),
+        "restore_all_without_pack_phases": loose_report.phases,
         # Every archive fetched from S3 once and nothing else (s3_get_only): the floor the S3 service sets
         "s3_get_only_seconds": round(get_only, 2),
         "s3_get_only_ratio_vs_peer": round(get_only / best, 2),

@@ -24,6 +24,7 @@ import psycopg
 from psycopg import sql
 
 from wedbackup_dagster.core.disaster.copy_health import CopyHealth
+from wedbackup_dagster.core.disaster.packs import Entry, Pack, Segment, archive_from, download_segment, plan
 from wedbackup_dagster.core.formats.archive import open_archive
 from wedbackup_dagster.core.errors import WedbackupError
 from wedbackup_dagster.core.postgres.restore_wedding import RecoveryPoint
@@ -73,6 +74,7 @@ class Decoded:
     attempts: list[str]
     phases: dict[str, float]
     seconds: float
+    packed: bool = False  # read from a DR pack (packs.py), not the wedding's own object
 
 
 @dataclass
@@ -121,11 +123,13 @@ def _fetched(engine: Any, backup: Any, copy: Any, replicas: Mapping[str, Any]) -
 
 def decode(engine: Any, replicas: Mapping[str, Any], point: RecoveryPoint, order: tuple[str, ...],
            copy_faults: tuple[type[BaseException], ...], known: Known | None = None,
-           health: CopyHealth | None = None) -> Decoded | Failed:
+           health: CopyHealth | None = None, packed: tuple[str, Any, Entry] | None = None) -> Decoded | Failed:
     """The wedding's chosen backup from the first copy in `order` that downloads, matches its SHA-256,
     decrypts and reads through with every table matching its table-end record and the manifest. `known`:
     its catalogue rows, read with other weddings' (known_for); read here when not given. `health`: the run's
-    memory of failing locations (copy_health.py), which tries them last."""
+    memory of failing locations (copy_health.py), which tries them last. `packed`: (provider, its downloaded
+    DR pack segment, where the archive lies in it), tried first; a pack entry that is stale or damaged is
+    noted and the copies follow (it says nothing of the provider's health: a pack is a hint)."""
     started = time.perf_counter()
     known = known or known_for(engine, [point])
     backup = known.backups.get(point.archive_sha256)
@@ -138,11 +142,18 @@ def decode(engine: Any, replicas: Mapping[str, Any], point: RecoveryPoint, order
 
     usable = [c for c in order if c in held and (c == "vault" or c in replicas)]
     usable, attempts = health.order(usable) if health is not None else (usable, [])
-    for copy in usable:
+    # (where it is read from, its copy location, the archive checked against the catalogue's SHA-256)
+    sources: list[tuple[str, str, Callable[[], Any]]] = []
+    if packed is not None:
+        provider, segment_file, entry = packed
+        sources.append((f"{provider} DR pack", provider, lambda: archive_from(
+            segment_file, entry, backup.archive_sha256, engine.archive_name(backup, provider) + " (DR pack)")))
+    sources += [(c, c, lambda c=c: _fetched(engine, backup, held[c], replicas)) for c in usable]
+    for label, copy, fetch in sources:
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
         t0 = time.perf_counter()
         try:
-            with _fetched(engine, backup, held[copy], replicas) as tmp:
+            with fetch() as tmp:
                 download = time.perf_counter() - t0
                 t1 = time.perf_counter()
                 name = engine.archive_name(backup, copy)
@@ -151,8 +162,8 @@ def decode(engine: Any, replicas: Mapping[str, Any], point: RecoveryPoint, order
                 read = time.perf_counter() - t1
         except copy_faults as exc:
             spool.close()
-            attempts.append(f"{copy}: {str(exc)[:300]}")
-            if health is not None:
+            attempts.append(f"{label}: {str(exc)[:300]}")
+            if health is not None and label == copy:
                 health.failed(copy, str(exc))
             continue
         except WedbackupError as exc:
@@ -161,10 +172,10 @@ def decode(engine: Any, replicas: Mapping[str, Any], point: RecoveryPoint, order
         except BaseException:
             spool.close()
             raise
-        if health is not None:
+        if health is not None and label == copy:
             health.succeeded(copy)
         return Decoded(point, copy, spool, tables, rows, nbytes, fingerprint, attempts,
-                       {"download": download, "decrypt": read}, time.perf_counter() - started)
+                       {"download": download, "decrypt": read}, time.perf_counter() - started, label != copy)
     return Failed(point, "; ".join(attempts) or "no usable copy", attempts)
 
 
@@ -275,13 +286,16 @@ def run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo:
                 on_done: Callable[[Decoded, float], None], on_batch: Callable[[float], None],
                 on_retry: Callable[[RecoveryPoint, str], None],
                 should_stop: Callable[[], str], progress: Callable[[str], None],
-                expected_fingerprint: str | None = None, health: CopyHealth | None = None) -> str:
+                expected_fingerprint: str | None = None, health: CopyHealth | None = None,
+                pack: Pack | None = None) -> str:
     """Every point of `todo` through the batch path on `jobs` loaders and FETCHERS_PER_LOADER × `jobs`
     fetchers. `on_done(wedding, batch seconds)` for each committed wedding and `on_batch(seconds)` for each
     batch; `on_retry(point, why)` for each to restore again alone (its batch failed, or no copy read
     through); `should_stop()` returns why to stop early ('' to go on): no batch starts after it does.
     Returns why it stopped, or ''. `expected_fingerprint`: the schema the archives must have (the target's
-    own when None; given while the target's post-data waits, see restore_snapshot's defer_post_data)."""
+    own when None; given while the target's post-data waits, see restore_snapshot's defer_post_data).
+    `pack`: a DR pack at one of `replicas` (packs.py): a fetcher takes one of its segments at a time — one
+    download for the weddings whose chosen archives it holds — and the other weddings in chunks as before."""
     fingerprint_conn = connect()
     try:
         with fingerprint_conn.transaction():
@@ -299,10 +313,15 @@ def run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo:
     stop = threading.Event()
     stopped = [""]
     lock = threading.Lock()
-    pending = list(reversed(todo))
-
     fetchers_n = jobs * FETCHERS_PER_LOADER
-    chunk_size = max(1, min(FETCH_CHUNK, math.ceil(len(todo) / fetchers_n)))
+    segments, loose = plan(pack, todo) if pack is not None else ([], todo)
+    chunk_size = max(1, min(FETCH_CHUNK, math.ceil(len(loose) / fetchers_n)))
+    # Work units, taken from the end: a pack segment with the points it serves, or a chunk of loose points.
+    units: list[tuple[Segment | None, list[RecoveryPoint], list[Entry | None]]] = [
+        (segment, [p for p, _ in served], [e for _, e in served]) for segment, served in segments]
+    units += [(None, loose[i:i + chunk_size], [None] * len(loose[i:i + chunk_size]))
+              for i in range(0, len(loose), chunk_size)]
+    pending = list(reversed(units))
 
     def hand_over(items: list[Decoded | Failed]) -> bool:
         """`items` to the loaders; False (their spools closed) when the run stops first."""
@@ -320,31 +339,45 @@ def run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo:
             with lock:
                 if not pending:
                     return
-                chunk = pending[-chunk_size:][::-1]
-                del pending[-chunk_size:]
-            try:
-                known: Known | None = known_for(worker_engine(), chunk)
-            except Exception:  # noqa: BLE001 - then each wedding reads its own rows, and says what failed
-                known = None
-            held: list[Decoded | Failed] = []
-            for point in chunk:
-                if stop.is_set():
-                    close_spools(held)
-                    return
+                segment, chunk, entries = pending.pop()
+            with contextlib.ExitStack() as closing:
+                shared = 0.0  # the chunk's catalogue reads and its segment's download, shared by its weddings
                 try:
-                    item: Decoded | Failed = decode(worker_engine(), replicas, point, order, copy_faults, known,
-                                                   health)
-                except Exception as exc:  # noqa: BLE001 - one wedding's surprise must not stop the others
-                    item = Failed(point, f"{type(exc).__name__}: {str(exc)[:300]}")
-                if isinstance(item, Decoded) and known is not None:  # its share of the chunk's catalogue reads
-                    item.phases["download"] += known.seconds / len(chunk)
-                held.append(item)
-                if len(held) >= HANDOFF:
-                    if not hand_over(held):
+                    known: Known | None = known_for(worker_engine(), chunk)
+                    shared += known.seconds
+                except Exception:  # noqa: BLE001 - then each wedding reads its own rows, and says what failed
+                    known = None
+                segment_file = None
+                if segment is not None:
+                    t0 = time.perf_counter()
+                    segment_file = closing.enter_context(tempfile.SpooledTemporaryFile(max_size=DOWNLOAD_IN_MEMORY))
+                    try:
+                        download_segment(replicas[pack.provider], segment, segment_file)
+                    except Exception as exc:  # noqa: BLE001 - its weddings are read from their own objects
+                        progress(f"DR pack segment {segment.sha256[:12]}… at {pack.provider} not used "
+                                 f"({len(chunk)} wedding(s) read from their own objects): {str(exc)[:200]}")
+                        segment_file = None
+                    shared += time.perf_counter() - t0
+                held: list[Decoded | Failed] = []
+                for point, entry in zip(chunk, entries):
+                    if stop.is_set():
+                        close_spools(held)
                         return
-                    held = []
-            if held and not hand_over(held):
-                return
+                    packed = (pack.provider, segment_file, entry) if segment_file is not None else None
+                    try:
+                        item: Decoded | Failed = decode(worker_engine(), replicas, point, order, copy_faults, known,
+                                                       health, packed)
+                    except Exception as exc:  # noqa: BLE001 - one wedding's surprise must not stop the others
+                        item = Failed(point, f"{type(exc).__name__}: {str(exc)[:300]}")
+                    if isinstance(item, Decoded):
+                        item.phases["download"] += shared / len(chunk)
+                    held.append(item)
+                    if len(held) >= HANDOFF:
+                        if not hand_over(held):
+                            return
+                        held = []
+                if held and not hand_over(held):
+                    return
 
     def loader() -> None:
         conn = None

@@ -111,6 +111,9 @@ class DrillReport:
                f"- achieved RPO: oldest recovery point {r.oldest_point or '-'} ({self.rpo_seconds / 3600:.1f} h "
                f"before the drill), newest {r.newest_point or '-'}",
                f"- slowest partition: {r.slowest.get('partition', '-')} ({r.slowest.get('seconds', 0)} s)",
+               "- DR pack: " + (f"{r.pack}, {r.from_pack} wedding(s) read from it (each checked against the "
+                                 f"catalogue's SHA-256), the others from their own objects" if r.pack else
+                                 "none at the provider: every wedding read from its own object"),
                f"- weddings: {'every wedding' if self.sampled is None else f'a sample of {self.sampled}'}"
                f" plus the platform partition"]
         if self.catalogue_rebuilt:
@@ -194,6 +197,7 @@ def drill(engine: Any, replicas: Mapping[str, Any], provider: str, *, jobs: int 
         "provider": provider, "started_at": result.started_at, "rto_seconds": rto, "complete": result.complete,
         "rpo_seconds": result.rpo_seconds, "partitions": report.partitions_total, "phases": report.phases,
         "throughput": throughput, "failed": sorted(report.failed)[:50], "stopped": report.stopped,
+        "dr_pack": report.pack or None, "from_pack": report.from_pack,
         "catalogue_rebuilt": rebuilt or None})
     return result
 

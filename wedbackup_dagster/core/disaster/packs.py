@@ -12,16 +12,18 @@ Layout at a provider, under its prefix:
 
 Nothing read from a pack is trusted: each archive's bytes are checked against the SHA-256 the catalogue recorded
 when it was backed up (an independent path), every segment against the SHA-256 in its key, every index against
-the one in its name. A pack is built from the vault's copies (each checked against the catalogue as it is read);
-segments are content-addressed and end at weddings chosen by a hash of their id, so a wedding added or changed
-changes the segments around it and not the others, and a rebuild uploads only what changed. Each build keeps
-the newest KEEP packs at each provider and deletes what no kept pack references."""
+the one in its name. A pack is built from the vault's copies (a provider's where the vault lacks one), each
+checked against the catalogue as it is read. Segments are content-addressed and end at weddings chosen by a hash
+of their id, so a wedding added or changed changes the segments around it and not the others, and a rebuild
+uploads only what changed. Each build keeps the newest KEEP packs at each provider and deletes what no kept
+pack references."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -43,6 +45,7 @@ KEEP = 2  # packs kept at each provider: the newest and the one before it
 SEGMENT_BYTES = 8 << 20  # a segment ends once it holds about this much …
 SEGMENT_WEDDINGS = 128  # … or this many archives …
 BOUNDARY_EVERY = 32  # … or after a wedding whose id hashes to 0 modulo this (about 32 weddings a segment)
+INDEX_MAX_BYTES = 64 << 20  # an index is read whole: a larger one (about 600,000 weddings) is refused, not read
 YOUNG = timedelta(hours=1)  # an unreferenced segment younger than this may belong to a build still running
 
 _INDEX_NAME = re.compile(r"(\d{8}T\d{12}Z)-([0-9a-f]{64})\.json")
@@ -172,10 +175,39 @@ def chosen_points(engine: Any, as_of: datetime) -> tuple[list[Any], dict[str, st
     return points, left_out
 
 
-def _write_segments(engine: Any, points: list[Any], folder: Path, report: PackReport,
-                    progress: Progress) -> list[tuple[Path, Segment]]:
-    """The chosen archives from the vault into segment files in `folder`, each archive checked against the
-    catalogue's SHA-256 as it is copied (a damaged vault copy is left out, never packed)."""
+def _copy_archive(engine: Any, backup: Any, replicas: Mapping[str, Any], out: BinaryIO) -> None:
+    """The archive appended to `out`, checked against the catalogue's SHA-256: the vault's copy, or (the vault
+    lost, or its copy damaged) the first provider's that downloads and matches."""
+    problems = []
+    if engine.vault.get(backup.partition, backup.archive_sha256) is not None:
+        start = out.tell()
+        try:
+            engine.copy_from_vault(backup, out)  # checked on the bytes written
+            return
+        except (WedbackupError, OSError) as exc:
+            out.seek(start)
+            out.truncate()
+            problems.append(f"vault: {str(exc)[:200]}")
+    for copy in engine.catalogue.copies(backup.id):
+        if copy.provider not in replicas:
+            continue
+        with tempfile.SpooledTemporaryFile(max_size=4 << 20) as tmp:
+            try:
+                engine.download_copy(replicas[copy.provider], copy.object_key, tmp, backup)
+            except (WedbackupError, OSError) as exc:
+                problems.append(f"{copy.provider}: {str(exc)[:200]}")
+                continue
+            tmp.seek(0)
+            shutil.copyfileobj(tmp, out, 1 << 20)
+            return
+    raise WedbackupError("no copy could be packed: " + ("; ".join(problems) or "none in the vault or at "
+                                                         + (", ".join(sorted(replicas)) or "any provider")))
+
+
+def _write_segments(engine: Any, points: list[Any], replicas: Mapping[str, Any], folder: Path,
+                    report: PackReport, progress: Progress) -> list[tuple[Path, Segment]]:
+    """The chosen archives into segment files in `folder`, each checked against the catalogue's SHA-256 as it
+    is copied (an archive no copy of which matches is left out, never packed)."""
     backups = engine.catalogue.backups_by_sha([p.archive_sha256 for p in points], manifests=False)
     written: list[tuple[Path, Segment]] = []
     entries: list[Entry] = []
@@ -201,16 +233,13 @@ def _write_segments(engine: Any, points: list[Any], folder: Path, report: PackRe
             if backup is None:
                 report.left_out[point.partition] = "its backup left the catalogue while the pack was built"
                 continue
-            if engine.vault.get(point.partition, point.archive_sha256) is None:
-                report.left_out[point.partition] = "its newest verified archive is not in the vault"
-                continue
             offset = out.tell()
             try:
-                engine.copy_from_vault(backup, out)  # checked against the catalogue on the bytes written
+                _copy_archive(engine, backup, replicas, out)
             except (WedbackupError, OSError) as exc:
                 out.seek(offset)
                 out.truncate()
-                report.left_out[point.partition] = f"its vault copy could not be packed: {str(exc)[:200]}"
+                report.left_out[point.partition] = str(exc)[:300]
                 continue
             entries.append(Entry(point.partition, point.archive_sha256, offset, out.tell() - offset))
             if len(entries) >= SEGMENT_WEDDINGS or out.tell() >= SEGMENT_BYTES or ends_segment(point.partition):
@@ -231,16 +260,16 @@ def _index_document(created_at: str, segments: list[Segment]) -> bytes:
 def build_pack(engine: Any, replicas: Mapping[str, Any], *, as_of: datetime | None = None,
                progress: Progress = quiet) -> PackReport:
     """Build a pack of every wedding's newest verified archive (at or before `as_of`, default now) from the
-    vault, and publish it at every provider of `replicas`: its segments first, its index last; then the
-    provider's older packs beyond the newest KEEP deleted. A provider that fails gets no new index (its older
-    packs stay as they were); the others are published."""
+    vault (a provider's copy where the vault has none that matches), and publish it at every provider of
+    `replicas`: its segments first, its index last; then the provider's packs beyond the newest KEEP deleted.
+    A provider that fails gets no new index (its older packs stay as they were); the others are published."""
     started = time.perf_counter()
     when = as_of or datetime.now(timezone.utc)
     report = PackReport(when.isoformat())
     points, report.left_out = chosen_points(engine, when)
     folder = engine.vault.root if engine.vault.root.exists() else None
     with tempfile.TemporaryDirectory(prefix="wedbackup-dr-pack-", dir=folder) as work:
-        written = _write_segments(engine, points, Path(work), report, progress)
+        written = _write_segments(engine, points, replicas, Path(work), report, progress)
         report.weddings = sum(len(s.entries) for _, s in written)
         report.segments = len(written)
         report.bytes = sum(s.size for _, s in written)
@@ -285,11 +314,15 @@ def _publish(replica: Any, written: list[tuple[Path, Segment]], report: PackRepo
 
 def _indexes(replica: Any) -> list[tuple[str, str, str]]:
     """(stamp, sha256, key) of every index at the provider, newest first."""
+    return [(stamp, sha, key) for stamp, sha, key, _ in _listed_indexes(replica)]
+
+
+def _listed_indexes(replica: Any) -> list[tuple[str, str, str, int]]:
     found = []
     for listed in replica.list(f"{PACK_DIR}/{INDEX_DIR}/"):
         m = _INDEX_NAME.fullmatch(listed.key.rsplit("/", 1)[-1])
         if m:
-            found.append((m.group(1), m.group(2), listed.key))
+            found.append((m.group(1), m.group(2), listed.key, int(listed.size)))
     return sorted(found, reverse=True)
 
 
@@ -332,10 +365,14 @@ def newest_pack(replica: Any) -> tuple[Pack | None, list[str]]:
     notes when it has none). Listing failures are notes too: restore goes on without a pack."""
     notes: list[str] = []
     try:
-        indexes = _indexes(replica)
+        indexes = _listed_indexes(replica)
     except WedbackupError as exc:
         return None, [f"{replica.provider}: DR packs could not be listed: {str(exc)[:300]}"]
-    for _, sha, key in indexes:
+    for _, sha, key, size in indexes:
+        if size > INDEX_MAX_BYTES:
+            notes.append(f"{replica.provider}: DR pack not used: its index {key} has {size:,} bytes, more than "
+                         f"the {INDEX_MAX_BYTES:,} an index may have")
+            continue
         try:
             return _read_index(replica, key, sha), notes
         except WedbackupError as exc:

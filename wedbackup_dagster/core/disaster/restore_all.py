@@ -97,6 +97,7 @@ class PartitionResult:
     error: str = ""
     deferred_post_data: str = field(default="", repr=False)  # the platform's, when its restore deferred some
     schema_fingerprint: str = ""  # the archive's
+    packed: bool = False  # read from a DR pack (packs.py) at `copy`, not from the wedding's own object
 
 
 @dataclass
@@ -113,6 +114,9 @@ class PlatformReport:
     newest_point: str = ""
     oldest_point: str = ""
     copies_used: dict[str, int] = field(default_factory=dict)
+    pack: str = ""  # the DR pack used (its index at its provider), if any
+    from_pack: int = 0  # weddings this run read from it (counted in copies_used under its provider too)
+    pack_notes: list[str] = field(default_factory=list)  # packs passed over (unreadable, or not listable)
     per_copy: dict[str, dict[str, float]] = field(default_factory=dict)  # location -> bytes, seconds (this run)
     slowest: dict[str, Any] = field(default_factory=dict)  # this run's slowest partition and its seconds
     fallbacks: list[str] = field(default_factory=list)  # "wedding 7: s3 failed (…), restored from gcs"
@@ -146,6 +150,9 @@ class PlatformReport:
                "  phases (s, summed over workers): " + ", ".join(f"{k} {v:.2f}" for k, v in self.phases.items()),
                f"  recovery points used: newest {self.newest_point or '-'}, oldest {self.oldest_point or '-'}",
                "  copies used: " + (", ".join(f"{k} {v}" for k, v in sorted(self.copies_used.items())) or "-")]
+        if self.pack:
+            out.append(f"  DR pack: {self.pack}, {self.from_pack} wedding(s) read from it")
+        out += [f"  DR pack: {line}" for line in self.pack_notes]
         out += [f"  tried last: {line}" for line in self.tried_last]
         out += [f"  fell back: {line}" for line in self.fallbacks]
         out += [f"  erased, not restored: wedding {p}" for p in self.erased]
@@ -169,6 +176,8 @@ class RestoreAllOptions:
     batches: bool = True  # many weddings per transaction (core/disaster/batches.py); False: one per transaction
     # With batches: the platform's secondary indexes, foreign keys and triggers built after every wedding is loaded
     defer_post_data: bool = True
+    # With batches, from a provider: read the weddings its newest DR pack holds from the pack (core/disaster/packs.py)
+    packs: bool = True
 
 
 def copy_order(first: str | None) -> tuple[str, ...]:
@@ -466,9 +475,10 @@ def restore_all(engine: Any, replicas: Mapping[str, Any], target_dsn: str,
             stopped = _run_weddings(engine, replicas, target_dsn, todo, order, jobs, options.stop_after, deadline,
                                     report, ticker, hold_triggers=bool(inserting), health=health)
         else:
+            pack = _newest_pack(replicas, order, report, progress) if options.packs else None
             stopped = _run_batches(engine, replicas, target_dsn, todo, order, jobs, options.stop_after, deadline,
                                    report, ticker, progress, expected_fingerprint=deferred.fingerprint or None,
-                                   before_alone=build_deferred, health=health)
+                                   before_alone=build_deferred, health=health, pack=pack)
         report.tried_last = health.lines()
         build_deferred()  # stopped early too: a target stopped on purpose has its whole schema
         if stopped:
@@ -523,6 +533,27 @@ def inserting_triggers(script: str) -> list[str]:
     return out
 
 
+def _newest_pack(replicas: Mapping[str, Any], order: tuple[str, ...], report: PlatformReport,
+                 progress: Progress) -> Any:
+    """The newest usable DR pack at the first copy location, when that is a provider (the vault is read
+    directly: a pack would only add a copy), or None. Anything wrong with a pack is a note, never a stop."""
+    from .packs import newest_pack
+
+    first = order[0] if order else "vault"
+    if first == "vault" or first not in replicas:
+        return None
+    pack, notes = newest_pack(replicas[first])
+    for note in notes:
+        progress(note)
+    report.pack_notes += notes
+    if pack is not None:
+        report.pack = f"{first}:{pack.index_key}"
+        progress(f"DR pack of {pack.created_at} at {first}: {sum(len(s.entries) for s in pack.segments)} "
+                 f"archive(s) in {len(pack.segments)} segment(s); the weddings it does not hold as chosen are "
+                 f"read from their own objects")
+    return pack
+
+
 def _post_data_pending(coord) -> bool:
     return bool(coord.execute(sql.SQL("SELECT post_data_pending FROM {}").format(
         sql.Identifier(RESTORE_PROGRESS_SCHEMA, "run"))).fetchone()[0])
@@ -573,6 +604,7 @@ def _account(report: PlatformReport, result: PartitionResult) -> None:
     if result.ok:
         report.restored_now += 1
         report.copies_used[result.copy] = report.copies_used.get(result.copy, 0) + 1
+        report.from_pack += result.packed
         spent = report.per_copy.setdefault(result.copy, {"bytes": 0, "seconds": 0.0})
         spent["bytes"] += result.bytes
         spent["seconds"] += result.seconds
@@ -662,7 +694,7 @@ def _run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo
                  order: tuple[str, ...], jobs: int, stop_after: int | None, deadline: float | None,
                  report: PlatformReport, ticker: Counter, progress: Progress, *,
                  expected_fingerprint: str | None = None, before_alone: Callable[[], bool] = lambda: False,
-                 health: CopyHealth | None = None) -> str:
+                 health: CopyHealth | None = None, pack: Any = None) -> str:
     """The weddings through the batch path (core/disaster/batches.py); those it hands back — no copy read
     through, or their batch failed to load — again alone through `_run_weddings`, which reports each one
     that fails again by name with its reason, once `before_alone()` has completed the target's schema (it
@@ -681,7 +713,7 @@ def _run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo
         result = PartitionResult(d.point.partition, True, d.point.archive_sha256, d.point.snapshot_time.isoformat(),
                                  copy=d.copy, rows=d.rows, bytes=d.point.size,
                                  seconds=round(d.seconds + batch_seconds, 6), attempts=list(d.attempts),
-                                 phases={**d.phases, "load": 0.0})
+                                 phases={**d.phases, "load": 0.0}, packed=d.packed)
         with lock:
             _account(report, result)
             restored[0] += 1
@@ -708,7 +740,7 @@ def _run_batches(engine: Any, replicas: Mapping[str, Any], target_dsn: str, todo
                               connect=lambda: connect_target(target_dsn, f"the target, {target}", "wedbackup-restore-all"),
                               worker_engine=worker_engine, on_done=on_done, on_batch=on_batch, on_retry=on_retry,
                               should_stop=should_stop, progress=progress, expected_fingerprint=expected_fingerprint,
-                              health=health)
+                              health=health, pack=pack)
     finally:
         for e in engines:
             e.catalogue.close()

@@ -1,0 +1,219 @@
+"""DR packs on the real stack (core/disaster/packs.py): built from the providers' copies once the vault is lost,
+read by restore --all from S3 with every table equal to the source — even with a wedding's own object gone;
+nothing in a pack trusted (a forged index pointing a wedding at another's bytes, a segment overwritten, an index
+that is not JSON or does not match its name: each wedding still restored, from its own object); pruning keeps
+the newest two packs and spares young segments; an erased wedding's packs forgotten. `plan` unit-tested."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
+
+import pytest
+
+from wedbackup_dagster.core import disaster
+from wedbackup_dagster.core.disaster import packs
+from wedbackup_dagster.dev.compare import table_sums
+from wedbackup_dagster_tests.core.disaster.test_restore_all import WEDDINGS, platform, s3_only  # noqa: F401
+
+pytestmark = pytest.mark.stack
+
+
+def _put(replica, key: str, body: bytes) -> None:
+    replica.client.put_object(Bucket=replica.target.bucket, Key=key, Body=body)
+
+
+def _get(replica, key: str) -> bytes:
+    out = io.BytesIO()
+    replica.download(key, out)
+    return out.getvalue()
+
+
+def _index_keys(replica) -> list[str]:
+    return [k for _, _, k in packs._indexes(replica)]
+
+
+def test_restore_all_from_s3_reads_the_pack_and_equals_the_source(platform, make_database):
+    engine, s3 = platform["engine"], platform["replicas"]["s3"]
+    built = packs.build_pack(engine, {"s3": s3})
+    assert built.ok and built.weddings == WEDDINGS and not built.left_out, built.lines()
+    assert built.uploaded["s3"] == built.segments >= 1 and built.published["s3"] in _index_keys(s3)
+    # A rebuild of the same archives finds every segment in place and uploads only a new index.
+    again = packs.build_pack(engine, {"s3": s3})
+    assert again.ok and again.already_there["s3"] == built.segments and "s3" not in again.uploaded
+    assert len(_index_keys(s3)) == 2
+    built = again
+    # A wedding's own object lost at S3: the pack still holds its archive, checked against the catalogue.
+    own = next(c for c in engine.catalogue.copies(engine.catalogue.latest_backup("3").id) if c.provider == "s3")
+    s3.delete(own.object_key)
+    target = make_database()
+    report = disaster.restore_all(engine, platform["replicas"], target, s3_only())
+    assert report.complete, report.lines()
+    assert report.from_pack == WEDDINGS and report.pack == "s3:" + built.published["s3"]
+    assert report.copies_used == {"s3": WEDDINGS + 1} and not report.fallbacks
+    assert any(line.startswith("  DR pack: s3:") for line in report.lines())
+    assert table_sums(target) == platform["expected"]
+
+
+def test_nothing_in_a_pack_is_trusted(platform, make_database):
+    """A forged index (newest, well-formed, its name matching its bytes) points wedding 3's archive at wedding
+    2's bytes, and a segment of the older pack is overwritten: every wedding is still restored exactly — 3 from
+    its own object, with the pack's refusal in the report."""
+    engine, s3 = platform["engine"], platform["replicas"]["s3"]
+    built = packs.build_pack(engine, {"s3": s3})
+    assert built.ok, built.lines()
+    pack, notes = packs.newest_pack(s3)
+    assert pack is not None and not notes
+    where = pack.locate()
+    sha3 = engine.catalogue.latest_backup("3").archive_sha256
+    sha2 = engine.catalogue.latest_backup("2").archive_sha256
+    seg2, e2 = where[sha2]
+    segments = []
+    for s in pack.segments:
+        entries = [e for e in s.entries if e.partition != "3"]  # wedding 3's true entry gone …
+        if s.sha256 == seg2.sha256:  # … and wedding 2's entry relabelled as wedding 3's archive
+            entries = [packs.Entry("3", sha3, e.offset, e.size) if e == e2 else e for e in entries]
+        segments.append(packs.Segment(s.key, s.sha256, s.size, tuple(entries)))
+    assert any(e.partition == "3" and e.archive_sha256 == sha3 for s in segments for e in s.entries)
+    forged = packs._index_document(datetime.now(timezone.utc).isoformat(), segments)
+    _put(s3, packs.index_key(s3, packs.stamp_of(datetime.now(timezone.utc) + timedelta(seconds=5)),
+                             hashlib.sha256(forged).hexdigest()), forged)
+    target = make_database()
+    report = disaster.restore_all(engine, platform["replicas"], target, s3_only())
+    assert report.complete, report.lines()
+    assert table_sums(target) == platform["expected"]
+    assert any("wedding 3" in line and "DR pack" in line and "do not match the catalogue" in line
+               for line in report.fallbacks), report.fallbacks
+    # The segment holding wedding 1 overwritten with other bytes: its download fails its SHA-256, its weddings
+    # are read from their own objects.
+    seg1, _ = where[engine.catalogue.latest_backup("1").archive_sha256]
+    _put(s3, seg1.key, b"not the segment" * 100)
+    lines: list[str] = []
+    target2 = make_database()
+    report2 = disaster.restore_all(engine, platform["replicas"], target2, s3_only(), progress=lines.append)
+    assert report2.complete, report2.lines()
+    assert table_sums(target2) == platform["expected"]
+    assert report2.from_pack < WEDDINGS
+    assert any(f"DR pack segment {seg1.sha256[:12]}" in line and "not used" in line for line in lines), lines
+
+
+def test_an_index_that_is_not_json_or_not_its_name_is_passed_over(platform, make_database):
+    engine, s3 = platform["engine"], platform["replicas"]["s3"]
+    built = packs.build_pack(engine, {"s3": s3})
+    later = datetime.now(timezone.utc) + timedelta(minutes=1)
+    garbage = b"{not json"
+    _put(s3, packs.index_key(s3, packs.stamp_of(later), hashlib.sha256(garbage).hexdigest()), garbage)
+    _put(s3, packs.index_key(s3, packs.stamp_of(later + timedelta(seconds=1)), "0" * 64), b'{"format": 1}')
+    pack, notes = packs.newest_pack(s3)
+    assert pack is not None and pack.index_key == built.published["s3"]
+    assert len(notes) == 2 and "not JSON" in notes[1] and "sha256" in notes[0].lower(), notes
+    target = make_database()
+    report = disaster.restore_all(engine, platform["replicas"], target, s3_only())
+    assert report.complete and report.from_pack == WEDDINGS, report.lines()
+    assert sum("DR pack not used" in line for line in report.pack_notes) == 2 and not report.fallbacks
+    assert table_sums(target) == platform["expected"]
+    # Packs off: every wedding from its own object.
+    target2 = make_database()
+    plain = disaster.restore_all(engine, platform["replicas"], target2, s3_only(packs=False))
+    assert plain.complete and plain.from_pack == 0 and not plain.pack
+
+
+def test_pruning_keeps_the_newest_two_and_spares_young_segments(platform):
+    engine, s3 = platform["engine"], platform["replicas"]["s3"]
+    for _ in range(3):
+        assert packs.build_pack(engine, {"s3": s3}).ok
+    assert len(_index_keys(s3)) == 2  # each build pruned beyond the newest two
+    stray = packs.segment_key(s3, "a" * 64)  # a dead build's segment: referenced by no index
+    _put(s3, stray, b"left by a build that died")
+    assert packs.prune(s3) == 0 and _get(s3, stray)  # young: a build may still be writing its index
+    assert packs.prune(s3, now=datetime.now(timezone.utc) + timedelta(hours=2)) == 1
+    assert stray not in {o.key for o in s3.list(f"{packs.PACK_DIR}/")}
+    pack, _ = packs.newest_pack(s3)
+    listed = {o.key for o in s3.list(f"{packs.PACK_DIR}/{packs.SEGMENT_DIR}/")}
+    assert {s.key for s in pack.segments} <= listed
+
+
+def test_an_erased_weddings_packs_are_forgotten(platform, make_database):
+    engine, s3 = platform["engine"], platform["replicas"]["s3"]
+    packs.build_pack(engine, {"s3": s3})
+    pack, _ = packs.newest_pack(s3)
+    holding = [s.key for s in pack.segments if any(e.partition == "4" for e in s.entries)]
+    deleted = packs.forget_wedding(s3, "4")
+    assert pack.index_key in deleted and set(holding) <= set(deleted)
+    left = {o.key for o in s3.list(f"{packs.PACK_DIR}/")}
+    assert not (set(deleted) & left)
+    assert packs.newest_pack(s3) == (None, [])
+    target = make_database()
+    report = disaster.restore_all(engine, platform["replicas"], target, s3_only())
+    assert report.complete and report.from_pack == 0, report.lines()
+
+
+def test_a_pack_built_without_a_usable_copy_leaves_the_wedding_to_its_own_objects(platform):
+    engine, s3 = platform["engine"], platform["replicas"]["s3"]
+    backup = engine.catalogue.latest_backup("5")  # on S3 only, and the vault is lost
+    own = next(c for c in engine.catalogue.copies(backup.id) if c.provider == "s3")
+    _put(s3, own.object_key, b"damaged")
+    built = packs.build_pack(engine, {"s3": s3})
+    assert built.ok and built.weddings == WEDDINGS - 1 and set(built.left_out) == {"5"}
+    assert "no copy could be packed" in built.left_out["5"] and "s3" in built.left_out["5"]
+    assert any("left to its own objects: wedding 5" in line for line in built.lines())
+
+
+def test_a_catalogue_lost_drill_reads_the_pack_checked_against_the_rebuilt_catalogue(platform):
+    """The drill's catalogue-lost scenario: the catalogue rebuilt from S3's own objects alone, the weddings
+    read from the pack — each archive checked against the SHA-256 the rebuilt catalogue took from S3's
+    content-addressed keys, not from anything in the pack."""
+    from wedbackup_dagster.core.keys.backup import back_up_key_store
+
+    engine, s3 = platform["engine"], platform["replicas"]["s3"]
+    back_up_key_store(engine.settings, engine.catalogue, {"s3": s3}, engine.keyring)
+    assert packs.build_pack(engine, {"s3": s3}).ok
+    result = disaster.drill(engine, platform["replicas"], "s3", jobs=2, catalogue_lost=True)
+    assert result.complete and result.catalogue_rebuilt, result.restore.lines()
+    assert result.restore.from_pack == WEDDINGS and result.restore.pack.startswith("s3:")
+    assert f"- DR pack: {result.restore.pack}, {WEDDINGS} wedding(s) read from it" in result.markdown()
+
+
+def _point(partition: str, sha: str):
+    return SimpleNamespace(partition=partition, archive_sha256=sha)
+
+
+def test_plan_serves_a_wedding_only_the_archive_it_chose():
+    a, b, c = "a" * 64, "b" * 64, "c" * 64
+    seg = packs.Segment("k", "d" * 64, 30, (packs.Entry("1", a, 0, 10), packs.Entry("2", b, 10, 10),
+                                            packs.Entry("3", c, 20, 10)))
+    pack = packs.Pack("s3", "i", "now", (seg,))
+    points = [_point("1", a), _point("2", "e" * 64), _point("9", c), _point("4", "f" * 64)]
+    segments, rest = packs.plan(pack, points)
+    assert [(s.sha256, [p.partition for p, _ in served]) for s, served in segments] == [("d" * 64, ["1"])]
+    assert [p.partition for p in rest] == ["2", "9", "4"]  # newer archive; another wedding's entry; not packed
+
+
+def test_segment_boundaries_depend_on_the_wedding_alone():
+    ends = [w for w in map(str, range(1, 2001)) if packs.ends_segment(w)]
+    assert 30 <= len(ends) <= 110  # about one wedding in BOUNDARY_EVERY (32)
+    assert ends == [w for w in map(str, range(1, 2001)) if packs.ends_segment(w)]
+
+
+def test_an_index_document_round_trips_through_its_checks(platform):
+    s3 = platform["replicas"]["s3"]
+    seg = packs.Segment(packs.segment_key(s3, "d" * 64), "d" * 64, 20,
+                        (packs.Entry("1", "a" * 64, 0, 10), packs.Entry("2", "b" * 64, 10, 10)))
+    doc = packs._index_document("now", [seg])
+    assert json.loads(doc)["segments"][0]["entries"][1] == ["2", "b" * 64, 10, 10]
+    overlapping = doc.replace(b'"b' + b"b" * 63 + b'",10', b'"b' + b"b" * 63 + b'",5')
+    key = packs.index_key(s3, packs.stamp_of(datetime.now(timezone.utc)), hashlib.sha256(overlapping).hexdigest())
+    _put(s3, key, overlapping)
+    pack, notes = packs.newest_pack(s3)
+    assert pack is None and "outside its segment or overlaps another" in notes[0], notes
+
+
+def test_an_index_larger_than_an_index_may_be_is_not_read(platform, monkeypatch):
+    engine, s3 = platform["engine"], platform["replicas"]["s3"]
+    built = packs.build_pack(engine, {"s3": s3})
+    size = len(_get(s3, built.published["s3"]))
+    monkeypatch.setattr(packs, "INDEX_MAX_BYTES", size - 1)
+    pack, notes = packs.newest_pack(s3)
+    assert pack is None and f"has {size:,} bytes, more than the {size - 1:,}" in notes[0], notes

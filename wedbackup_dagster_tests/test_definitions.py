@@ -37,9 +37,9 @@ def test_the_providers_upload_in_one_subsettable_step_in_the_upload_pool():
 
 def test_automation_and_checks_are_registered():
     assert {s.name for s in defs.schedules} == {"backup_schedule", "retention_sweep", "key_store_backup_schedule",
-                                                "dr_drill_schedule", "media_schedule", "check_weddings_daily",
-                                                "reconcile_inventory_daily", "rolling_reverification",
-                                                "reverification_status_daily"}
+                                                "dr_drill_schedule", "dr_pack_schedule", "media_schedule",
+                                                "check_weddings_daily", "reconcile_inventory_daily",
+                                                "rolling_reverification", "reverification_status_daily"}
     assert {s.name for s in defs.sensors} == {"wedding_discovery", "wedding_change_capture", "provider_health",
                                               "run_failure_alerts", "key_store_backup_after_backups",
                                               "wedding_backfill_consolidation", "change_feed_sensor"}
@@ -47,8 +47,8 @@ def test_automation_and_checks_are_registered():
                                            "reverify_wedding_list",
                                            "restore_wedding", "check_weddings", "reconcile_inventory",
                                            "erase_wedding", "retention_sweep", "key_store_backup", "rotate_keys",
-                                           "acknowledge_shrinkage", "restore_platform", "dr_drill", "change_feed_drain",
-                                           "backup_media"}
+                                           "acknowledge_shrinkage", "restore_platform", "dr_drill", "dr_pack",
+                                           "change_feed_drain", "backup_media"}
     checks = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
     assert checks == {"archive_integrity", "replica_checksum", "three_two_one", "restore_matches_manifest",
                       "freshness", "inventory_consistent", "shrinkage", "drill_complete",

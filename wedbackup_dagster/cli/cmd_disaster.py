@@ -1,6 +1,7 @@
 """`wedbackup restore --all` (the whole platform into an empty database, through the `restore_platform` Dagster
-job, resumable), `wedbackup dr plan` (the runbook of a disaster scenario from the catalogue's state) and
-`wedbackup dr kit` (the master-key recovery kit's sheet, and a check of a kit's key file; never a key)."""
+job, resumable), `wedbackup dr plan` (the runbook of a disaster scenario from the catalogue's state),
+`wedbackup dr kit` (the master-key recovery kit's sheet, and a check of a kit's key file; never a key) and
+`wedbackup dr pack` (a DR pack built from the vault and published at the providers, core/disaster/packs.py)."""
 from __future__ import annotations
 
 import argparse
@@ -120,8 +121,29 @@ def cmd_dr_kit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dr_pack(args: argparse.Namespace) -> int:
+    from ..core.config import Settings, redact
+    from ..core.disaster import packs
+    from ..core.engine import Engine
+    from ..core.storage.providers import PROVIDERS, replica_for
+    from wedbackup_dagster.core.keys.keyring import load_master_keyring
+
+    settings = Settings.from_env()
+    wanted = set(args.to or PROVIDERS)
+    engine = Engine(settings, load_master_keyring(os.environ))
+    try:
+        replicas = {p: replica_for(p, settings) for p in PROVIDERS if p in wanted}
+        # Progress on stderr as the build goes; the report on stdout.
+        report = packs.build_pack(engine, replicas, progress=lambda line: print(redact(line), file=sys.stderr))
+    finally:
+        engine.catalogue.close()
+    print(redact(json.dumps(report.to_dict(), indent=2, default=str) if args.json else "\n".join(report.lines())))
+    return 0 if report.ok else 1
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    dr = sub.add_parser("dr", help="disaster recovery: runbooks per scenario (the restore is `restore --all`)")
+    dr = sub.add_parser("dr", help="disaster recovery: runbooks per scenario, the recovery kit, DR packs (the "
+                                   "restore is `restore --all`)")
     verbs = dr.add_subparsers(dest="verb", required=True)
     plan = verbs.add_parser("plan", help="the runbook of a disaster scenario, from the catalogue's actual state")
     plan.add_argument("--scenario", required=True, metavar="SCENARIO",
@@ -136,3 +158,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="with --check: the provider whose newest key-store backup it must open")
     kit.add_argument("--json", action="store_true")
     kit.set_defaults(func=cmd_dr_kit)
+    pack = verbs.add_parser("pack", help="build a DR pack (every wedding's newest verified archive, a few large "
+                                         "objects per provider) from the vault and publish it; exit 1 when a "
+                                         "provider did not get it")
+    pack.add_argument("--to", action="append", choices=["s3", "gcs", "azure"], metavar="PROVIDER",
+                      help="s3, gcs or azure; repeat for several (default: every provider)")
+    pack.add_argument("--json", action="store_true")
+    pack.set_defaults(func=cmd_dr_pack)

@@ -44,7 +44,8 @@ def _run_job(job_name: str, op_name: str, config: dict[str, Any], what: str):
     from ..definitions import defs
 
     result = execute_in_process(
-        defs.resolve_job_def(job_name), instance=dagster_instance(), raise_on_error=False, run_config={**QUIET, "ops": {op_name: {"config": config}}})
+        defs.resolve_job_def(job_name), instance=dagster_instance(), raise_on_error=False,
+        run_config={**QUIET, "ops": {op_name: {"config": config}}})
     if not result.success:
         _print_failures(result, what)
         return None
@@ -61,8 +62,8 @@ def cmd_erase(args: argparse.Namespace) -> int:
     preview = erasure_preview(catalogue, args.wedding)
     copies = ", ".join(f"{p} {n}" for p, n in sorted(preview["copies"].items())) or "none"
     print(f"wedding {args.wedding}: destroys {preview['live_keys']} live key(s); deletes {preview['backups']} "
-          f"backup(s), copies: {copies}; any stray object under the wedding's folder at every provider; its "
-          f"Dagster partition. Copies under Object Lock stay, unreadable.")
+          f"backup(s), copies: {copies}; any stray object under the wedding's folder at every provider; every "
+          f"DR pack naming it; its Dagster partition. Copies under Object Lock stay, unreadable.")
     if preview["already_erased_at"]:
         print(f"  already erased at {preview['already_erased_at']:%Y-%m-%d %H:%M}: running again completes it")
     if not args.confirm:
@@ -75,6 +76,9 @@ def cmd_erase(args: argparse.Namespace) -> int:
     result, meta = ran
     print(f"erased wedding {args.wedding} (run {result.run_id[:8]}): {meta.get('keys_shredded')} key(s) destroyed, "
           f"{meta.get('copies_deleted')} copies deleted, {meta.get('copies_locked')} locked")
+    if meta.get("dr_pack_objects_deleted"):
+        print(f"  DR pack objects naming it deleted: {meta['dr_pack_objects_deleted']} (speed copies, not counted "
+              f"as copies; the next pack holds the other weddings again)")
     for line in meta.get("locked") or []:
         print(f"  locked, unreadable (key destroyed): {line}")
     return 0

@@ -26,12 +26,14 @@ def erase_wedding_backups(context: dg.OpExecutionContext, config: EraseConfig, w
               + (f"until {c['locked_until']:%Y-%m-%d}" if c["locked_until"] else "legal hold, no end date")
               for c in report.locked]
     context.log.info(f"wedding {partition}: {report.keys_shredded} key(s) destroyed, {report.copies_deleted} "
-                     f"copies deleted, {len(locked)} locked (unreadable)")
+                     f"copies deleted, {len(locked)} locked (unreadable), {len(report.dr_pack_deleted)} DR pack "
+                     f"object(s) naming it deleted")
     metadata = {
         "partition": partition,
         "keys_shredded": dg.MetadataValue.int(report.keys_shredded),
         "copies_deleted": dg.MetadataValue.int(report.copies_deleted),
         "copies_locked": dg.MetadataValue.int(len(locked)),
+        "dr_pack_objects_deleted": dg.MetadataValue.int(len(report.dr_pack_deleted)),
         "locked": dg.MetadataValue.json(locked),
         "complete": report.complete,
     }

@@ -1,6 +1,7 @@
-"""`wedbackup restore --all` (through the `restore_platform` job) and `wedbackup dr plan`, against the real stack
-and a throw-away Dagster home (the `cli_env` fixture of cli/test_app.py): the whole demo platform from S3 alone
-with the vault gone, a run killed with SIGKILL part-way and resumed, and the runbooks of each scenario."""
+"""`wedbackup restore --all` (through the `restore_platform` job), `wedbackup dr plan`, `dr kit` and `dr pack`,
+against the real stack and a throw-away Dagster home (the `cli_env` fixture of cli/test_app.py): the whole demo
+platform from S3 alone with the vault gone, a run killed with SIGKILL part-way and resumed, the runbooks of each
+scenario, the master-key recovery kit, and DR packs published at the providers and read back."""
 from __future__ import annotations
 
 import json
@@ -181,3 +182,69 @@ def test_the_master_key_file_lost_on_the_machine_comes_back_from_the_recovery_ki
     finally:  # no key file may outlive the test (the secrets guard scans pytest's temporary files)
         for path in (machine, kit, tmp_path / "wrong.key"):
             path.unlink(missing_ok=True)
+
+
+def test_dr_pack_publishes_every_weddings_newest_verified_archive_at_each_provider(backed_up, monkeypatch, capsys):
+    """`dr pack`: a pack at every provider holding each wedding's newest verified archive (read back from the
+    provider); a rebuild to one provider writes no segment again; a wedding without a verified backup is left to
+    its own objects and named; a provider that cannot take the pack is named and the exit code is 1."""
+    from wedbackup_dagster.core import disaster
+    from wedbackup_dagster.core.config import Settings
+    from wedbackup_dagster.core.disaster import packs
+    from wedbackup_dagster.core.storage.providers import PROVIDERS, replica_for
+
+    catalogue = Catalogue(os.environ["WEDBACKUP_CATALOGUE_DSN"])
+    try:
+        weddings = set(disaster.planned_partitions(catalogue)[0])  # every wedding, without the platform
+        newest = {p: catalogue.latest_backup(p).archive_sha256 for p in weddings}
+    finally:
+        catalogue.close()
+    assert weddings == {"1", "2", "3", "4", "5"}
+
+    assert main(["dr", "pack", "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["weddings"] == 5 and report["segments"] >= 1 and report["bytes"] > 0
+    assert set(report["published"]) == set(PROVIDERS) and report["failed"] == {}
+    assert report["left_out_count"] == 0 and report["uploaded"] == {p: report["segments"] for p in PROVIDERS}
+    assert "DR pack: segment 1" in captured.err  # progress on stderr
+    settings = Settings.from_env()
+    for provider in PROVIDERS:
+        pack, notes = packs.newest_pack(replica_for(provider, settings))
+        assert notes == [] and pack.index_key == report["published"][provider]
+        assert {e.partition: e.archive_sha256 for s in pack.segments for e in s.entries} == newest
+
+    # Built again for S3 alone: nothing changed, so no segment is written again; only the new index is.
+    assert main(["dr", "pack", "--to", "s3", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert set(again["published"]) == {"s3"} and again["published"]["s3"] != report["published"]["s3"]
+    assert again["uploaded"] == {} and again["already_there"] == {"s3": report["segments"]}
+
+    # Wedding 2's newest backup made unverified: the next pack leaves it to its own objects, naming it.
+    catalogue = Catalogue(os.environ["WEDBACKUP_CATALOGUE_DSN"])
+    try:
+        with catalogue.connect() as conn:
+            conn.execute("DELETE FROM wedbackup.restores WHERE backup_id = %s", (catalogue.latest_backup("2").id,))
+            conn.execute("UPDATE wedbackup.copies SET verified_at = NULL WHERE backup_id = %s",
+                         (catalogue.latest_backup("2").id,))
+    finally:
+        catalogue.close()
+    assert main(["dr", "pack", "--to", "s3"]) == 0
+    out = capsys.readouterr().out
+    assert "DR pack " in out and ": 4 wedding archive(s) in " in out and "  s3: published " in out
+    assert "gcs" not in out and "azure" not in out
+    [left] = [line for line in out.splitlines() if "left to its own objects" in line]
+    assert left.startswith("  left to its own objects: wedding 2: ") and "no verified backup" in left
+    pack, _ = packs.newest_pack(replica_for("s3", settings))
+    assert {e.partition for s in pack.segments for e in s.entries} == weddings - {"2"}
+
+    # A provider that cannot take it (its container does not exist): named, the others published, exit 1.
+    monkeypatch.setenv("WEDBACKUP_AZURE_CONTAINER", "no-such-container-for-dr-packs")
+    assert main(["dr", "pack", "--to", "azure", "--to", "gcs"]) == 1
+    out = capsys.readouterr().out
+    assert "  gcs: published " in out and "  azure: NOT PUBLISHED: " in out and "s3" not in out
+    assert backed_up["source"].split("@")[0].split(":")[-1] not in out  # no password printed
+    with pytest.raises(SystemExit) as refused:
+        main(["dr", "pack", "--to", "vault"])
+    assert refused.value.code == 2
+    assert "invalid choice: 'vault'" in capsys.readouterr().err

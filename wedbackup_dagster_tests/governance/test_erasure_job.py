@@ -42,6 +42,7 @@ def test_erase_job_removes_copies_and_the_partition_and_discovery_keeps_it_out(m
     [output] = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
     meta = output.event_specific_data.metadata
     assert meta["copies_deleted"].value == 4 and meta["copies_locked"].value == 0 and meta["complete"].value
+    assert meta["dr_pack_objects_deleted"].value == 0  # no DR pack was built
     assert "2" not in instance.get_dynamic_partitions("weddings")
     assert [e["partition"] for e in cat.erasures()] == ["2"]
     assert cat.backups_with_copies("2") == []

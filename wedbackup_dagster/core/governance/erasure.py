@@ -1,8 +1,9 @@
 """GDPR erasure of a wedding's backups by crypto-shredding: the wedding's keys are destroyed first (from
 then on no copy anywhere can be decrypted), then every archive and every version of it is deleted on
-every provider and in the vault where retention allows. A copy under Object Lock stays, recorded as
-"locked until X, unreadable because the key is destroyed". The erasure is recorded in the catalogue
-(wedbackup.erasures) and the audit trail, and is idempotent: running it again completes a partial one.
+every provider and in the vault where retention allows, and every DR pack naming it. A copy under Object
+Lock stays, recorded as "locked until X, unreadable because the key is destroyed". The erasure is recorded
+in the catalogue (wedbackup.erasures) and the audit trail, and is idempotent: running it again completes a
+partial one.
 
 `reapply_erasures` removes erased weddings' rows from a database restored from the platform partition
 (whose archives are sealed with the platform key, not the wedding's, so they still name erased weddings).
@@ -41,6 +42,8 @@ class ErasureReport:
     deletions: list[CopyDeletion] = field(default_factory=list)
     stray_deleted: list[str] = field(default_factory=list)  # objects the catalogue did not know, deleted
     stray_locked: dict[str, datetime | None] = field(default_factory=dict)  # uri -> locked until
+    # DR pack objects naming the wedding, deleted ("provider:key"): speed copies, never counted as copies
+    dr_pack_deleted: list[str] = field(default_factory=list)
     vault_deleted: int = 0
     failed: list[str] = field(default_factory=list)
     key_backup: str | None = None  # sha256 of the key-store backup written without the destroyed key
@@ -66,7 +69,8 @@ class ErasureReport:
         return {"keys_shredded": self.keys_shredded, "backups": len(self.deletions), "key_backup": self.key_backup,
                 "locked": [{**c, "locked_until": str(c["locked_until"]),
                             "note": "unreadable because the key is destroyed"} for c in self.locked],
-                "stray_deleted": self.stray_deleted[:50], "vault_deleted": self.vault_deleted,
+                "stray_deleted": self.stray_deleted[:50], "dr_pack_deleted": self.dr_pack_deleted[:50],
+                "vault_deleted": self.vault_deleted,
                 "inspection": self.inspection[:50],
                 "failed": (self.failed + [f"{p}: {e}" for d in self.deletions for p, e in d.failed.items()])[:50]}
 
@@ -154,6 +158,15 @@ def erase_wedding(catalogue: Any, vault: Any, replicas: Mapping[str, Any], parti
                 report.stray_locked[f"{provider}:{key}"] = exc.locked_until
             except WedbackupError as exc:
                 report.failed.append(str(exc)[:300])
+    # DR packs (core/disaster/packs.py) naming the wedding: each such pack's index, then its segments holding the
+    # wedding's archives. The other weddings in them go back to their own objects until the next pack is built.
+    from ..disaster import packs
+
+    for provider, replica in replicas.items():
+        try:
+            report.dr_pack_deleted += [f"{provider}:{key}" for key in packs.forget_wedding(replica, partition)]
+        except WedbackupError as exc:
+            report.failed.append(f"{provider}: DR packs naming the wedding were not all deleted: {str(exc)[:300]}")
     folder = vault.root / partition
     if folder.is_dir():
         for entry in list(vault.entries(partition)):

@@ -17,7 +17,8 @@ from wedbackup_dagster.core.errors import ConfigError
 from wedbackup_dagster.core.partitions import PLATFORM
 from wedbackup_dagster.core.storage.providers import PROVIDERS
 
-CRITICAL, HIGH, NORMAL, RECENT, ARCHIVED = "critical", "high", "normal", "recent", "archived"  # and PLATFORM, its own tier
+# and PLATFORM, its own tier
+CRITICAL, HIGH, NORMAL, RECENT, ARCHIVED = "critical", "high", "normal", "recent", "archived"
 TIERS = (CRITICAL, HIGH, NORMAL, RECENT, ARCHIVED, PLATFORM)
 POLICY_FILE_VARIABLE = "WEDBACKUP_POLICY_FILE"
 
@@ -122,6 +123,16 @@ class DrillRule:
 
 
 @dataclass(frozen=True)
+class PackRule:
+    """The DR pack (disaster/pack_job.py, core/disaster/packs.py): when `dr_pack_schedule` builds one, and whether
+    the schedule is on. Daily off-peak by default: after the night's re-verification, before the weekly drill."""
+
+    cron: str = "0 3 * * *"  # daily 03:00: after rolling_reverification (02:00), before Sunday's drill (04:00)
+    timezone: str = "Europe/London"
+    enabled: bool = True  # false: the schedule starts stopped (`wedbackup dr pack` and the job still work)
+
+
+@dataclass(frozen=True)
 class Band:
     """The weddings dated lo..hi (inclusive; None = open) and their tier and effective RPO today."""
 
@@ -151,6 +162,7 @@ class Policy:
     shrinkage: ShrinkageRule = field(default_factory=ShrinkageRule)
     standing: StandingRule = field(default_factory=StandingRule)
     drill: DrillRule = field(default_factory=DrillRule)
+    dr_pack: PackRule = field(default_factory=PackRule)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -223,10 +235,11 @@ class Policy:
         if not isinstance(data, Mapping):
             raise ConfigError(source, "must be a mapping of policy settings")
         known = {"tiers", "critical_days", "wedding_day_rpo", "high_days", "recent_days", "season", "timezone",
-                 "cron", "max_extra_per_gap", "retention", "shrinkage", "standing", "drill"}
+                 "cron", "max_extra_per_gap", "retention", "shrinkage", "standing", "drill", "dr_pack"}
         unknown = sorted(set(data) - known, key=repr)  # YAML keys may be numbers or null, not only text
         if unknown:
-            raise ConfigError(f"{source}.{_name(unknown[0])}", f"is not a policy setting (known: {', '.join(sorted(known))})")
+            raise ConfigError(f"{source}.{_name(unknown[0])}",
+                              f"is not a policy setting (known: {', '.join(sorted(known))})")
         base = cls()
         tiers = dict(base.tiers)
         overrides = data.get("tiers") or {}
@@ -290,6 +303,8 @@ class Policy:
             kwargs["standing"] = _standing(data["standing"], f"{source}.standing")
         if "drill" in data:
             kwargs["drill"] = _drill(data["drill"], f"{source}.drill")
+        if "dr_pack" in data:
+            kwargs["dr_pack"] = _dr_pack(data["dr_pack"], f"{source}.dr_pack")
         try:
             return replace(base, **kwargs)
         except ConfigError as exc:
@@ -475,6 +490,24 @@ def _drill(data: Any, where: str) -> DrillRule:
                                       f"{where}.critical_rto_target"),
         window=_duration(data.get("window", base.window), f"{where}.window"),
         jobs=_int(data.get("jobs", base.jobs), f"{where}.jobs", lo=1, hi=256))
+
+
+_PACK_KEYS = ("cron", "timezone", "enabled")
+
+
+def _dr_pack(data: Any, where: str) -> PackRule:
+    """`dr_pack: {cron: '0 3 * * *', timezone: Europe/London, enabled: true}` (every key optional)."""
+    data = _settings(data, where, _PACK_KEYS, "DR pack")
+    base = PackRule()
+    zone = data.get("timezone", base.timezone)
+    try:
+        ZoneInfo(zone if isinstance(zone, str) else "")
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{where}.timezone", "is not a known IANA time zone (e.g. Europe/London)") from None
+    enabled = data.get("enabled", base.enabled)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{where}.enabled", "must be true or false (whether dr_pack_schedule starts running)")
+    return PackRule(cron=_cron(data.get("cron", base.cron), f"{where}.cron"), timezone=zone, enabled=enabled)
 
 
 def _duration(value: Any, where: str, *, allow_zero: bool = False) -> timedelta:

@@ -1,7 +1,8 @@
 """GDPR erasure on the real stack: after erase_wedding no copy of the wedding is left on any provider or
 in the vault (every S3 version and stray objects included), its keys are destroyed, the erasure is
 recorded, re-running completes it, other weddings are untouched, a copy under Object Lock stays but no
-key the catalogue holds opens it, and a platform restore re-applies recorded erasures."""
+key the catalogue holds opens it, a platform restore re-applies recorded erasures, and no DR pack naming
+the wedding is left (index and the segments holding it), the packs not naming it untouched."""
 from __future__ import annotations
 
 import io
@@ -33,7 +34,7 @@ def stored(fleet: dict, partition: str) -> dict[str, list]:
 def test_erasure_destroys_keys_and_every_copy_and_version(make_governance_fleet):
     fleet = make_governance_fleet()
     cat, engine, replicas = fleet["catalogue"], fleet["engine"], fleet["replicas"]
-    first, second = back_up(fleet, "2"), back_up(fleet, "2")
+    first, _ = back_up(fleet, "2"), back_up(fleet, "2")
     other = back_up(fleet, "3")
     # A second S3 version of one archive, and a stray object the catalogue does not know of (GCS, Azure).
     row = next(r for r in cat.backups_with_copies("2") if r["id"] == first)
@@ -203,3 +204,85 @@ def test_a_platform_restore_reapplies_recorded_erasures(make_governance_fleet, m
         assert conn.execute(query).fetchone() == src.execute(query).fetchone()
     assert any(line.startswith("public.guests:") for line in lines)
     assert any(line.startswith("public.weddings: 1 row") for line in lines)
+
+
+def pack_indexes(replica) -> dict[str, dict[str, set[str]]]:
+    """Every DR pack index at the provider, read as stored (JSON, not through packs' reader) -> its segment keys
+    -> the weddings each holds."""
+    import json
+
+    from wedbackup_dagster.core.disaster import packs
+
+    out = {}
+    for listed in replica.list(f"{packs.PACK_DIR}/{packs.INDEX_DIR}/"):
+        body = io.BytesIO()
+        replica.download(listed.key, body)
+        out[listed.key] = {s["key"]: {e[0] for e in s["entries"]} for s in json.loads(body.getvalue())["segments"]}
+    return out
+
+
+def named(indexes: dict[str, dict[str, set[str]]]) -> dict[str, set[str]]:
+    """index key -> every wedding the pack holds."""
+    return {key: set().union(*segments.values()) for key, segments in indexes.items()}
+
+
+def test_erasure_deletes_every_dr_pack_naming_the_wedding_and_its_segments(make_governance_fleet):
+    """Two packs at each provider, the older naming wedding 2, the newer not (2 was unverified when it was built):
+    the erasure deletes the older pack's index and the segments holding wedding 2's archive, leaves the newer
+    pack whole, records what it deleted apart from the copies, and a provider that cannot be reached makes it
+    incomplete, naming it, until a re-run finishes it."""
+    import dataclasses
+
+    from wedbackup_dagster.core.disaster import packs
+    from wedbackup_dagster.core.storage.providers import replica_for
+
+    fleet = make_governance_fleet()
+    cat, engine, replicas = fleet["catalogue"], fleet["engine"], fleet["replicas"]
+    for partition in ("1", "2", "3"):
+        back_up(fleet, partition)
+        engine.verify(partition, replicas, provider="s3")
+    first = packs.build_pack(engine, replicas)
+    assert first.ok and first.weddings == 3
+    with cat.connect() as conn:  # wedding 2 unverified: the next pack leaves it to its own objects
+        conn.execute("DELETE FROM wedbackup.restores WHERE backup_id = %s", (cat.latest_backup("2").id,))
+        conn.execute("UPDATE wedbackup.copies SET verified_at = NULL WHERE backup_id = %s",
+                     (cat.latest_backup("2").id,))
+    second = packs.build_pack(engine, replicas)
+    assert second.ok and second.weddings == 2 and set(second.left_out) >= {"2"}
+    holding: dict[str, set[str]] = {}  # provider -> the first pack's segments holding wedding 2
+    for provider, replica in replicas.items():
+        indexes = pack_indexes(replica)
+        assert named(indexes) == {first.published[provider]: {"1", "2", "3"}, second.published[provider]: {"1", "3"}}
+        holding[provider] = {k for k, weddings in indexes[first.published[provider]].items() if "2" in weddings}
+        assert holding[provider]
+
+    # Azure unreachable (a container that is not there): its packs stay, the erasure is incomplete and says why.
+    lost = dataclasses.replace(engine.settings, azure=dataclasses.replace(engine.settings.azure,
+                                                                          container="no-such-container"))
+    partial = erase_wedding(cat, engine.vault, {**replicas, "azure": replica_for("azure", lost)}, "2",
+                            requested_by="dpo")
+    assert not partial.complete
+    assert any(f.startswith("azure: DR packs naming the wedding were not all deleted: ") for f in partial.failed)
+    assert first.published["azure"] in pack_indexes(replicas["azure"])
+    assert sorted(partial.dr_pack_deleted) == sorted([f"{p}:{first.published[p]}" for p in ("s3", "gcs")]
+                                                     + [f"{p}:{k}" for p in ("s3", "gcs") for k in holding[p]])
+    for provider in ("s3", "gcs"):
+        assert named(pack_indexes(replicas[provider])) == {second.published[provider]: {"1", "3"}}
+
+    done = erase_wedding(cat, engine.vault, replicas, "2", requested_by="dpo")
+    assert done.complete
+    assert sorted(done.dr_pack_deleted) == sorted([f"azure:{first.published['azure']}"]
+                                                  + [f"azure:{k}" for k in holding["azure"]])
+    for provider, replica in replicas.items():
+        # No pack index names wedding 2; the segments that held it are gone; the newer pack is whole and used.
+        assert named(pack_indexes(replica)) == {second.published[provider]: {"1", "3"}}
+        left = {o.key for o in replica.list(f"{packs.PACK_DIR}/{packs.SEGMENT_DIR}/")}
+        assert not holding[provider] & left
+        pack, notes = packs.newest_pack(replica)
+        assert notes == [] and pack.index_key == second.published[provider]
+        assert {s.key for s in pack.segments} <= left
+    # Pack objects are speed copies, not copies: the copy count is the archive's four, they are listed apart.
+    [erasure] = cat.erasures()
+    assert erasure["copies_deleted"] == 4 and erasure["detail"]["dr_pack_deleted"]
+    again = erase_wedding(cat, engine.vault, replicas, "2", requested_by="dpo")
+    assert again.complete and again.dr_pack_deleted == []

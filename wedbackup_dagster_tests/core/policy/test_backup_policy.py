@@ -163,3 +163,32 @@ def test_bad_drill_or_standing_setting_is_an_error_naming_it(data, field, says):
     with pytest.raises(ConfigError, match=says) as info:
         Policy.from_mapping(data, source="policy.yaml")
     assert info.value.variable == f"policy.yaml.{field}"
+
+
+def test_dr_pack_settings_from_a_file(tmp_path):
+    """The DR pack's schedule: daily at 03:00 London time and on unless the policy file says otherwise."""
+    default = Policy().dr_pack
+    assert (default.cron, default.timezone, default.enabled) == ("0 3 * * *", "Europe/London", True)
+    path = tmp_path / "policy.yaml"
+    path.write_text("dr_pack:\n  cron: '30 2 * * *'\n  timezone: America/New_York\n  enabled: false\n")
+    rule = Policy.from_file(path).dr_pack
+    assert (rule.cron, rule.timezone, rule.enabled) == ("30 2 * * *", "America/New_York", False)
+    assert Policy.from_mapping({"dr_pack": {"enabled": False}}).dr_pack.cron == "0 3 * * *"  # the rest default
+    assert Policy.from_mapping({"dr_pack": {}}).dr_pack == default
+
+
+@pytest.mark.parametrize("data, field, says", [
+    ({"dr_pack": {"cron": "nightly"}}, "dr_pack.cron", "five-field cron"),
+    ({"dr_pack": {"cron": 3}}, "dr_pack.cron", "five-field cron"),
+    ({"dr_pack": {"timezone": "Mars/Olympus"}}, "dr_pack.timezone", "time zone"),
+    ({"dr_pack": {"timezone": 1}}, "dr_pack.timezone", "time zone"),
+    ({"dr_pack": {"enabled": "yes"}}, "dr_pack.enabled", "true or false"),
+    ({"dr_pack": {"enabled": 1}}, "dr_pack.enabled", "true or false"),
+    ({"dr_pack": {"keep": 3}}, "dr_pack.keep", "not a DR pack setting"),
+    ({"dr_pack": "daily"}, "dr_pack", "mapping"),
+    ({"dr_packs": {}}, "dr_packs", "not a policy setting"),
+])
+def test_bad_dr_pack_setting_is_an_error_naming_it(data, field, says):
+    with pytest.raises(ConfigError, match=says) as info:
+        Policy.from_mapping(data, source="policy.yaml")
+    assert info.value.variable == f"policy.yaml.{field}"

@@ -151,7 +151,7 @@ def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int =
     from psycopg.conninfo import conninfo_to_dict
 
     from wedbackup_dagster.core import disaster
-    from wedbackup_dagster.core.disaster import packs
+    from wedbackup_dagster.core.disaster import pack_build
     from wedbackup_dagster.core.engine import Engine
     from wedbackup_dagster.core.storage.replicas import S3Replica
     from wedbackup_dagster.core.storage.providers import ensure_targets
@@ -173,7 +173,7 @@ def run(*, weddings: int, seed: int = 7, document_bytes: int = 4096, jobs: int =
             # The nightly DR pack (core/disaster/packs.py): every wedding's newest verified archive in a few
             # objects, read by restore --all from S3 in tens of requests instead of one per wedding.
             t0 = time.perf_counter()
-            pack = packs.build_pack(engine, {"s3": s3})
+            pack = pack_build.build_pack(engine, {"s3": s3})
             setup["dr_pack_seconds"] = round(time.perf_counter() - t0, 2)
             setup["dr_pack"] = {"weddings": pack.weddings, "segments": pack.segments, "bytes": pack.bytes,
                                 "ok": pack.ok}

@@ -19,16 +19,7 @@ CORE = f"{PACKAGE}.core"
 
 # Known exceptions. Each entry would have to still exist, so the lists can only shrink.
 KNOWN_PRIVATE_IMPORTS: set[tuple[str, str, str]] = set()
-KNOWN_CYCLES: list[list[str]] = [
-    # DR packs: building one chooses each wedding's point with the restore code (packs.chosen_points ->
-    # restore_all, restore_wedding), which reads packs (restore_all -> packs.newest_pack, batches -> packs) and
-    # re-applies erasures (-> erasure.reapply_erasures), and an erasure deletes the packs naming the wedding
-    # (erasure -> packs.forget_wedding). Goes when packs' build part (chosen_points, build_pack) lives apart from
-    # what the restore and the erasure read of it (keys, index, plan, prune, forget_wedding).
-    ["wedbackup_dagster.core.disaster.batches", "wedbackup_dagster.core.disaster.packs",
-     "wedbackup_dagster.core.disaster.restore_all", "wedbackup_dagster.core.governance.erasure",
-     "wedbackup_dagster.core.postgres.restore_wedding"],
-]
+KNOWN_CYCLES: list[list[str]] = []
 
 
 @dataclass(frozen=True)

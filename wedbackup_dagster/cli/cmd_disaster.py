@@ -1,7 +1,7 @@
 """`wedbackup restore --all` (the whole platform into an empty database, through the `restore_platform` Dagster
 job, resumable), `wedbackup dr plan` (the runbook of a disaster scenario from the catalogue's state),
 `wedbackup dr kit` (the master-key recovery kit's sheet, and a check of a kit's key file; never a key) and
-`wedbackup dr pack` (a DR pack built from the vault and published at the providers, core/disaster/packs.py)."""
+`wedbackup dr pack` (a DR pack built from the vault and published at the providers, core/disaster/pack_build.py)."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,8 @@ def cmd_restore_all(args: argparse.Namespace) -> int:
         config["as_of"] = args.as_of
     if args.source:
         config["copy_from"] = args.source
+    if args.no_packs:
+        config["packs"] = False
     os.environ[TARGET_DSN_VARIABLE] = args.target_dsn  # read by the op; never put in the run config
     from ..backups.launch import execute_in_process
     from ..definitions import defs
@@ -123,7 +125,7 @@ def cmd_dr_kit(args: argparse.Namespace) -> int:
 
 def cmd_dr_pack(args: argparse.Namespace) -> int:
     from ..core.config import Settings, redact
-    from ..core.disaster import packs
+    from ..core.disaster import pack_build
     from ..core.engine import Engine
     from ..core.storage.providers import PROVIDERS, replica_for
     from wedbackup_dagster.core.keys.keyring import load_master_keyring
@@ -134,7 +136,7 @@ def cmd_dr_pack(args: argparse.Namespace) -> int:
     try:
         replicas = {p: replica_for(p, settings) for p in PROVIDERS if p in wanted}
         # Progress on stderr as the build goes; the report on stdout.
-        report = packs.build_pack(engine, replicas, progress=lambda line: print(redact(line), file=sys.stderr))
+        report = pack_build.build_pack(engine, replicas, progress=lambda line: print(redact(line), file=sys.stderr))
     finally:
         engine.catalogue.close()
     print(redact(json.dumps(report.to_dict(), indent=2, default=str) if args.json else "\n".join(report.lines())))

@@ -156,6 +156,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="disaster recovery: the platform and every wedding into an empty --target-dsn "
                             "(see cli/cmd_disaster.py: --jobs, --resume)")
     restore.add_argument("--jobs", type=int, default=4, metavar="N", help="--all: weddings restored at once")
+    restore.add_argument("--no-packs", action="store_true",
+                         help="--all: read every wedding from its own object, not from the provider's DR pack")
     restore.add_argument("--resume", action="store_true",
                          help="--all: finish an interrupted restore --all in the same target")
     restore.add_argument("--as-of", metavar="TIME",

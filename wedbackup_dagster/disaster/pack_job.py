@@ -1,13 +1,13 @@
 """The `dr_pack` job and its daily `dr_pack_schedule`: a DR pack (every wedding's newest verified archive, a few
 large objects per provider) built from the vault and published at every provider, older packs pruned. Thin wiring
-over core/disaster/packs.build_pack; its metadata says what a person checks in the UI: weddings packed, segments,
+over core/disaster/pack_build.build_pack; its metadata says what a person checks in the UI: weddings packed, segments,
 bytes, per provider what was published or why not, and how many weddings were left to their own objects. A pack is
 a speed copy for `restore --all`, never a counted copy. The schedule's time, zone and whether it starts on come from
 the policy file's `dr_pack` settings."""
 import dagster as dg
 
 from ..core.config import redact
-from ..core.disaster import packs
+from ..core.disaster import pack_build
 from ..shared.metadata import metadata_table
 from ..shared.resources import ProviderReplicasResource, WedbackupEngineResource
 from wedbackup_dagster.core.policy.backup_policy import Policy
@@ -16,7 +16,7 @@ PROVIDER_COLUMNS = [("provider", "string"), ("published", "string"), ("failed", 
                     ("segments_written", "int"), ("segments_already_there", "int"), ("older_objects_deleted", "int")]
 
 
-def pack_metadata(report: packs.PackReport) -> dict:
+def pack_metadata(report: pack_build.PackReport) -> dict:
     providers = sorted(set(report.published) | set(report.failed))
     return {
         "summary": dg.MetadataValue.md(redact("\n".join(f"- {line.strip()}" for line in report.lines()))),
@@ -38,7 +38,7 @@ def pack_metadata(report: packs.PackReport) -> dict:
 @dg.op(tags={"kind": "disaster"})
 def build_dr_pack(context: dg.OpExecutionContext, wedbackup: WedbackupEngineResource,
                   replicas: ProviderReplicasResource) -> dg.Output:
-    report = packs.build_pack(wedbackup.engine(), replicas.all(), progress=lambda m: context.log.info(redact(m)))
+    report = pack_build.build_pack(wedbackup.engine(), replicas.all(), progress=lambda m: context.log.info(redact(m)))
     metadata = pack_metadata(report)
     if not report.ok:
         why = "; ".join(f"{p}: {e}" for p, e in sorted(report.failed.items())) or "no provider to publish at"

@@ -21,6 +21,7 @@ class RestorePlatformConfig(dg.Config):
     jobs: int = 4  # weddings restored at once, each in its own transaction
     resume: bool = False  # finish an interrupted restore --all in the same target
     include_unverified: bool = False  # also consider backups no restore has verified yet
+    packs: bool = True  # from a provider: read the weddings its newest DR pack holds from the pack
     target_dsn_env: str = TARGET_DSN_VARIABLE  # the variable holding the target's DSN (never the DSN itself)
 
 
@@ -48,7 +49,7 @@ def restore_all_partitions(context: dg.OpExecutionContext, config: RestorePlatfo
         options = disaster.RestoreAllOptions(
             as_of=recovery.parse_as_of(config.as_of) if config.as_of else None,
             providers=disaster.copy_order(config.copy_from), jobs=config.jobs, resume=config.resume,
-            include_unverified=config.include_unverified)
+            include_unverified=config.include_unverified, packs=config.packs)
         engine = wedbackup.engine()
         report = disaster.restore_all(engine, replicas.all(), target, options,
                                       progress=progress)

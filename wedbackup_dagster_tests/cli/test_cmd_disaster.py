@@ -184,6 +184,22 @@ def test_the_master_key_file_lost_on_the_machine_comes_back_from_the_recovery_ki
             path.unlink(missing_ok=True)
 
 
+def test_restore_all_from_s3_reads_the_dr_pack_unless_told_not_to(backed_up, make_database, capsys):
+    assert main(["dr", "pack", "--to", "s3", "--json"]) == 0
+    published = json.loads(capsys.readouterr().out)["published"]["s3"]
+    shutil.rmtree(os.environ["WEDBACKUP_VAULT_DIR"])
+    target = make_database()
+    assert main(["restore", "--all", "--target-dsn", target, "--from", "s3", "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"  DR pack: s3:{published}, 5 wedding(s) read from it" in out, out
+    assert table_sums(target) == backed_up["expected"]
+    target = make_database()
+    assert main(["restore", "--all", "--target-dsn", target, "--from", "s3", "--no-packs", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["complete"] and report["from_pack"] == 0 and report["pack"] == ""
+    assert table_sums(target) == backed_up["expected"]
+
+
 def test_dr_pack_publishes_every_weddings_newest_verified_archive_at_each_provider(backed_up, monkeypatch, capsys):
     """`dr pack`: a pack at every provider holding each wedding's newest verified archive (read back from the
     provider); a rebuild to one provider writes no segment again; a wedding without a verified backup is left to

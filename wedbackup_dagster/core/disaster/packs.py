@@ -12,29 +12,26 @@ Layout at a provider, under its prefix:
 
 Nothing read from a pack is trusted: each archive's bytes are checked against the SHA-256 the catalogue recorded
 when it was backed up (an independent path), every segment against the SHA-256 in its key, every index against
-the one in its name. A pack is built from the vault's copies (a provider's where the vault lacks one), each
-checked against the catalogue as it is read. Segments are content-addressed and end at weddings chosen by a hash
-of their id, so a wedding added or changed changes the segments around it and not the others, and a rebuild
-uploads only what changed. Each build keeps the newest KEEP packs at each provider and deletes what no kept
-pack references."""
+the one in its name. A pack is built (pack_build.py) from the vault's copies (a provider's where the vault lacks
+one), each checked against the catalogue as it is read. Segments are content-addressed and end at weddings
+chosen by a hash of their id, so a wedding added or changed changes the segments around it and not the others,
+and a rebuild uploads only what changed. Each build keeps the newest KEEP packs at each provider and deletes
+what no kept pack references. This module is the format and how restore --all, pruning and erasure read it."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
 import re
-import shutil
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any, BinaryIO
 
 from wedbackup_dagster.core.errors import WedbackupError
-from wedbackup_dagster.core.partitions import PLATFORM, is_partition
-from wedbackup_dagster.core.storage.replicas.base import check_key, digest_file
+from wedbackup_dagster.core.partitions import is_partition
+from wedbackup_dagster.core.storage.replicas.base import check_key
 
 PACK_DIR = "dr-packs"
 SEGMENT_DIR = "segments"
@@ -91,49 +88,6 @@ class Pack:
         return {e.archive_sha256: (s, e) for s in self.segments for e in s.entries}
 
 
-@dataclass
-class PackReport:
-    """What a build did: archives packed, what was left to its own objects and why, per provider."""
-
-    created_at: str
-    weddings: int = 0
-    segments: int = 0
-    bytes: int = 0
-    left_out: dict[str, str] = field(default_factory=dict)  # partition -> why it is not in the pack
-    uploaded: dict[str, int] = field(default_factory=dict)  # provider -> segments written now
-    already_there: dict[str, int] = field(default_factory=dict)  # provider -> segments a rebuild found in place
-    published: dict[str, str] = field(default_factory=dict)  # provider -> the new index's key
-    failed: dict[str, str] = field(default_factory=dict)  # provider -> why its pack was not published
-    pruned: dict[str, int] = field(default_factory=dict)  # provider -> older objects deleted
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed and bool(self.published)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"created_at": self.created_at, "weddings": self.weddings, "segments": self.segments,
-                "bytes": self.bytes, "left_out": dict(list(sorted(self.left_out.items()))[:50]),
-                "left_out_count": len(self.left_out), "uploaded": self.uploaded, "already_there": self.already_there,
-                "published": self.published, "failed": self.failed, "pruned": self.pruned, "seconds": self.seconds}
-
-    def lines(self) -> list[str]:
-        out = [f"DR pack {self.created_at}: {self.weddings} wedding archive(s) in {self.segments} segment(s), "
-               f"{self.bytes:,} bytes, {self.seconds:.1f} s"]
-        for provider in sorted(set(self.published) | set(self.failed)):
-            if provider in self.published:
-                out.append(f"  {provider}: published {self.published[provider]} ({self.uploaded.get(provider, 0)} "
-                           f"segment(s) written, {self.already_there.get(provider, 0)} already there; "
-                           f"{self.pruned.get(provider, 0)} older object(s) deleted)")
-            else:
-                out.append(f"  {provider}: NOT PUBLISHED: {self.failed[provider]}")
-        for partition, why in list(sorted(self.left_out.items()))[:20]:
-            out.append(f"  left to its own objects: wedding {partition}: {why}")
-        if len(self.left_out) > 20:
-            out.append(f"  … and {len(self.left_out) - 20} more wedding(s) left to their own objects")
-        return out
-
-
 # --- keys ---------------------------------------------------------------------------------------------
 
 def segment_key(replica: Any, sha256: str) -> str:
@@ -156,158 +110,13 @@ def ends_segment(partition: str) -> bool:
     return int(hashlib.sha256(partition.encode()).hexdigest()[:8], 16) % BOUNDARY_EVERY == 0
 
 
-# --- building -----------------------------------------------------------------------------------------
+# --- the index ----------------------------------------------------------------------------------------
 
-def chosen_points(engine: Any, as_of: datetime) -> tuple[list[Any], dict[str, str]]:
-    """(each wedding's newest verified recovery point at or before `as_of`, in restore order; weddings without
-    one, with why) — what restore --all would choose."""
-    from .restore_all import all_recovery_points, planned_partitions
-    from wedbackup_dagster.core.postgres.restore_wedding import NoRecoveryPointError, choose_point
-
-    weddings, _ = planned_partitions(engine.catalogue)
-    every = all_recovery_points(engine.catalogue)
-    points, left_out = [], {}
-    for wedding in weddings:
-        try:
-            points.append(choose_point(every.get(wedding, []), wedding, as_of))
-        except NoRecoveryPointError as exc:
-            left_out[wedding] = str(exc)
-    return points, left_out
-
-
-def _copy_archive(engine: Any, backup: Any, replicas: Mapping[str, Any], out: BinaryIO) -> None:
-    """The archive appended to `out`, checked against the catalogue's SHA-256: the vault's copy, or (the vault
-    lost, or its copy damaged) the first provider's that downloads and matches."""
-    problems = []
-    if engine.vault.get(backup.partition, backup.archive_sha256) is not None:
-        start = out.tell()
-        try:
-            engine.copy_from_vault(backup, out)  # checked on the bytes written
-            return
-        except (WedbackupError, OSError) as exc:
-            out.seek(start)
-            out.truncate()
-            problems.append(f"vault: {str(exc)[:200]}")
-    for copy in engine.catalogue.copies(backup.id):
-        if copy.provider not in replicas:
-            continue
-        with tempfile.SpooledTemporaryFile(max_size=4 << 20) as tmp:
-            try:
-                engine.download_copy(replicas[copy.provider], copy.object_key, tmp, backup)
-            except (WedbackupError, OSError) as exc:
-                problems.append(f"{copy.provider}: {str(exc)[:200]}")
-                continue
-            tmp.seek(0)
-            shutil.copyfileobj(tmp, out, 1 << 20)
-            return
-    raise WedbackupError("no copy could be packed: " + ("; ".join(problems) or "none in the vault or at "
-                                                         + (", ".join(sorted(replicas)) or "any provider")))
-
-
-def _write_segments(engine: Any, points: list[Any], replicas: Mapping[str, Any], folder: Path,
-                    report: PackReport, progress: Progress) -> list[tuple[Path, Segment]]:
-    """The chosen archives into segment files in `folder`, each checked against the catalogue's SHA-256 as it
-    is copied (an archive no copy of which matches is left out, never packed)."""
-    backups = engine.catalogue.backups_by_sha([p.archive_sha256 for p in points], manifests=False)
-    written: list[tuple[Path, Segment]] = []
-    entries: list[Entry] = []
-    path = folder / f"segment-{len(written)}"
-    out = open(path, "wb")
-
-    def close() -> None:
-        nonlocal out, entries, path
-        out.close()
-        if entries:
-            sha = digest_file(path).sha256
-            written.append((path, Segment("", sha, path.stat().st_size, tuple(entries))))
-            progress(f"DR pack: segment {len(written)}, {len(entries)} archive(s), {path.stat().st_size:,} bytes")
-        else:
-            path.unlink()
-        entries = []
-        path = folder / f"segment-{len(written)}"
-        out = open(path, "wb")
-
-    try:
-        for point in points:
-            backup = backups.get(point.archive_sha256)
-            if backup is None:
-                report.left_out[point.partition] = "its backup left the catalogue while the pack was built"
-                continue
-            offset = out.tell()
-            try:
-                _copy_archive(engine, backup, replicas, out)
-            except (WedbackupError, OSError) as exc:
-                out.seek(offset)
-                out.truncate()
-                report.left_out[point.partition] = str(exc)[:300]
-                continue
-            entries.append(Entry(point.partition, point.archive_sha256, offset, out.tell() - offset))
-            if len(entries) >= SEGMENT_WEDDINGS or out.tell() >= SEGMENT_BYTES or ends_segment(point.partition):
-                close()
-        close()
-    finally:
-        out.close()
-    return written
-
-
-def _index_document(created_at: str, segments: list[Segment]) -> bytes:
+def index_document(created_at: str, segments: list[Segment]) -> bytes:
     return json.dumps({"format": FORMAT, "created_at": created_at, "segments": [
         {"key": s.key, "sha256": s.sha256, "size": s.size,
          "entries": [[e.partition, e.archive_sha256, e.offset, e.size] for e in s.entries]}
         for s in segments]}, separators=(",", ":")).encode()
-
-
-def build_pack(engine: Any, replicas: Mapping[str, Any], *, as_of: datetime | None = None,
-               progress: Progress = quiet) -> PackReport:
-    """Build a pack of every wedding's newest verified archive (at or before `as_of`, default now) from the
-    vault (a provider's copy where the vault has none that matches), and publish it at every provider of
-    `replicas`: its segments first, its index last; then the provider's packs beyond the newest KEEP deleted.
-    A provider that fails gets no new index (its older packs stay as they were); the others are published."""
-    started = time.perf_counter()
-    when = as_of or datetime.now(timezone.utc)
-    report = PackReport(when.isoformat())
-    points, report.left_out = chosen_points(engine, when)
-    folder = engine.vault.root if engine.vault.root.exists() else None
-    with tempfile.TemporaryDirectory(prefix="wedbackup-dr-pack-", dir=folder) as work:
-        written = _write_segments(engine, points, replicas, Path(work), report, progress)
-        report.weddings = sum(len(s.entries) for _, s in written)
-        report.segments = len(written)
-        report.bytes = sum(s.size for _, s in written)
-        for provider, replica in sorted(replicas.items()):
-            try:
-                report.published[provider] = _publish(replica, written, report, when, Path(work))
-            except WedbackupError as exc:
-                report.failed[provider] = str(exc)[:300]
-                progress(f"DR pack: {provider}: not published: {str(exc)[:300]}")
-                continue
-            try:
-                report.pruned[provider] = prune(replica)
-            except WedbackupError as exc:
-                progress(f"DR pack: {provider}: older packs not pruned: {str(exc)[:300]}")
-    report.seconds = round(time.perf_counter() - started, 3)
-    engine.catalogue.audit("dr-pack", PLATFORM, {k: v for k, v in report.to_dict().items() if k != "left_out"})
-    return report
-
-
-def _publish(replica: Any, written: list[tuple[Path, Segment]], report: PackReport, when: datetime,
-             work: Path) -> str:
-    provider = replica.provider
-    segments = []
-    for path, segment in written:
-        key = segment_key(replica, segment.sha256)
-        record = replica.upload(path, partition=PACK_PARTITION, sha256=segment.sha256, size=segment.size,
-                                metadata={"kind": "wedbackup-dr-pack"}, key=key)
-        counter = report.already_there if record.already_present else report.uploaded
-        counter[provider] = counter.get(provider, 0) + 1
-        segments.append(Segment(key, segment.sha256, segment.size, segment.entries))
-    document = _index_document(when.isoformat(), segments)
-    sha = hashlib.sha256(document).hexdigest()
-    path = work / f"index-{provider}.json"
-    path.write_bytes(document)
-    key = index_key(replica, stamp_of(when), sha)
-    replica.upload(path, partition=PACK_PARTITION, sha256=sha, size=len(document),
-                   metadata={"kind": "wedbackup-dr-pack-index"}, key=key)
-    return key
 
 
 # --- reading ------------------------------------------------------------------------------------------
@@ -440,7 +249,7 @@ def prune(replica: Any, *, keep: int = KEEP, now: datetime | None = None) -> int
         try:
             referenced |= {s.key for s in _read_index(replica, key, sha).segments}
         except WedbackupError:
-            continue  # an unreadable index protects nothing
+            return deleted  # what a kept index references is unknown (maybe only for now): delete no segment
     for listed in replica.list(f"{PACK_DIR}/{SEGMENT_DIR}/"):
         if listed.key in referenced or not _SEGMENT_NAME.fullmatch(listed.key.rsplit("/", 1)[-1]):
             continue
@@ -453,10 +262,14 @@ def prune(replica: Any, *, keep: int = KEEP, now: datetime | None = None) -> int
 
 def forget_wedding(replica: Any, partition: str) -> list[str]:
     """An erasure: every pack at the provider naming the wedding deleted — its index, then the segments
-    holding the wedding's archives (sealed with a key already destroyed, but not left behind). The other
-    weddings' archives in those packs go back to their own objects until the next build. Returns what was
-    deleted (an index that cannot be read is deleted too: it may name the wedding)."""
+    holding the wedding's archives (sealed with a key already destroyed, but not left behind). An index that
+    cannot be read is deleted too (it may name the wedding), and so is every segment no remaining index
+    references, whatever its age (a crashed build's, an unreadable index's: either may hold the wedding; a
+    build still uploading loses them, and its pack then serves fewer weddings, read from their own objects).
+    The other weddings of those packs are read from their own objects until the next build. Returns what
+    was deleted."""
     deleted = []
+    referenced: set[str] = set()
     for _, sha, key in _indexes(replica):
         try:
             pack = _read_index(replica, key, sha)
@@ -464,12 +277,13 @@ def forget_wedding(replica: Any, partition: str) -> list[str]:
             replica.delete(key)
             deleted.append(key)
             continue
-        holding = [s for s in pack.segments if any(e.partition == partition for e in s.entries)]
-        if not holding:
-            continue
-        replica.delete(key)
-        deleted.append(key)
-        for segment in holding:
-            replica.delete(segment.key)
-            deleted.append(segment.key)
+        if any(e.partition == partition for s in pack.segments for e in s.entries):
+            replica.delete(key)
+            deleted.append(key)
+        else:
+            referenced |= {s.key for s in pack.segments}
+    for listed in replica.list(f"{PACK_DIR}/{SEGMENT_DIR}/"):
+        if listed.key not in referenced and _SEGMENT_NAME.fullmatch(listed.key.rsplit("/", 1)[-1]):
+            replica.delete(listed.key)
+            deleted.append(listed.key)
     return deleted

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from wedbackup_dagster.core import disaster
-from wedbackup_dagster.core.disaster import packs
+from wedbackup_dagster.core.disaster import pack_build, packs
 from wedbackup_dagster.dev.compare import table_sums
 from wedbackup_dagster_tests.core.disaster.test_restore_all import WEDDINGS, platform, s3_only  # noqa: F401
 
@@ -37,11 +37,11 @@ def _index_keys(replica) -> list[str]:
 
 def test_restore_all_from_s3_reads_the_pack_and_equals_the_source(platform, make_database):
     engine, s3 = platform["engine"], platform["replicas"]["s3"]
-    built = packs.build_pack(engine, {"s3": s3})
+    built = pack_build.build_pack(engine, {"s3": s3})
     assert built.ok and built.weddings == WEDDINGS and not built.left_out, built.lines()
     assert built.uploaded["s3"] == built.segments >= 1 and built.published["s3"] in _index_keys(s3)
     # A rebuild of the same archives finds every segment in place and uploads only a new index.
-    again = packs.build_pack(engine, {"s3": s3})
+    again = pack_build.build_pack(engine, {"s3": s3})
     assert again.ok and again.already_there["s3"] == built.segments and "s3" not in again.uploaded
     assert len(_index_keys(s3)) == 2
     built = again
@@ -62,7 +62,7 @@ def test_nothing_in_a_pack_is_trusted(platform, make_database):
     2's bytes, and a segment of the older pack is overwritten: every wedding is still restored exactly — 3 from
     its own object, with the pack's refusal in the report."""
     engine, s3 = platform["engine"], platform["replicas"]["s3"]
-    built = packs.build_pack(engine, {"s3": s3})
+    built = pack_build.build_pack(engine, {"s3": s3})
     assert built.ok, built.lines()
     pack, notes = packs.newest_pack(s3)
     assert pack is not None and not notes
@@ -77,7 +77,7 @@ def test_nothing_in_a_pack_is_trusted(platform, make_database):
             entries = [packs.Entry("3", sha3, e.offset, e.size) if e == e2 else e for e in entries]
         segments.append(packs.Segment(s.key, s.sha256, s.size, tuple(entries)))
     assert any(e.partition == "3" and e.archive_sha256 == sha3 for s in segments for e in s.entries)
-    forged = packs._index_document(datetime.now(timezone.utc).isoformat(), segments)
+    forged = packs.index_document(datetime.now(timezone.utc).isoformat(), segments)
     _put(s3, packs.index_key(s3, packs.stamp_of(datetime.now(timezone.utc) + timedelta(seconds=5)),
                              hashlib.sha256(forged).hexdigest()), forged)
     target = make_database()
@@ -101,7 +101,7 @@ def test_nothing_in_a_pack_is_trusted(platform, make_database):
 
 def test_an_index_that_is_not_json_or_not_its_name_is_passed_over(platform, make_database):
     engine, s3 = platform["engine"], platform["replicas"]["s3"]
-    built = packs.build_pack(engine, {"s3": s3})
+    built = pack_build.build_pack(engine, {"s3": s3})
     later = datetime.now(timezone.utc) + timedelta(minutes=1)
     garbage = b"{not json"
     _put(s3, packs.index_key(s3, packs.stamp_of(later), hashlib.sha256(garbage).hexdigest()), garbage)
@@ -123,7 +123,7 @@ def test_an_index_that_is_not_json_or_not_its_name_is_passed_over(platform, make
 def test_pruning_keeps_the_newest_two_and_spares_young_segments(platform):
     engine, s3 = platform["engine"], platform["replicas"]["s3"]
     for _ in range(3):
-        assert packs.build_pack(engine, {"s3": s3}).ok
+        assert pack_build.build_pack(engine, {"s3": s3}).ok
     assert len(_index_keys(s3)) == 2  # each build pruned beyond the newest two
     stray = packs.segment_key(s3, "a" * 64)  # a dead build's segment: referenced by no index
     _put(s3, stray, b"left by a build that died")
@@ -137,7 +137,7 @@ def test_pruning_keeps_the_newest_two_and_spares_young_segments(platform):
 
 def test_an_erased_weddings_packs_are_forgotten(platform, make_database):
     engine, s3 = platform["engine"], platform["replicas"]["s3"]
-    packs.build_pack(engine, {"s3": s3})
+    pack_build.build_pack(engine, {"s3": s3})
     pack, _ = packs.newest_pack(s3)
     holding = [s.key for s in pack.segments if any(e.partition == "4" for e in s.entries)]
     deleted = packs.forget_wedding(s3, "4")
@@ -155,7 +155,7 @@ def test_a_pack_built_without_a_usable_copy_leaves_the_wedding_to_its_own_object
     backup = engine.catalogue.latest_backup("5")  # on S3 only, and the vault is lost
     own = next(c for c in engine.catalogue.copies(backup.id) if c.provider == "s3")
     _put(s3, own.object_key, b"damaged")
-    built = packs.build_pack(engine, {"s3": s3})
+    built = pack_build.build_pack(engine, {"s3": s3})
     assert built.ok and built.weddings == WEDDINGS - 1 and set(built.left_out) == {"5"}
     assert "no copy could be packed" in built.left_out["5"] and "s3" in built.left_out["5"]
     assert any("left to its own objects: wedding 5" in line for line in built.lines())
@@ -169,11 +169,63 @@ def test_a_catalogue_lost_drill_reads_the_pack_checked_against_the_rebuilt_catal
 
     engine, s3 = platform["engine"], platform["replicas"]["s3"]
     back_up_key_store(engine.settings, engine.catalogue, {"s3": s3}, engine.keyring)
-    assert packs.build_pack(engine, {"s3": s3}).ok
+    assert pack_build.build_pack(engine, {"s3": s3}).ok
     result = disaster.drill(engine, platform["replicas"], "s3", jobs=2, catalogue_lost=True)
     assert result.complete and result.catalogue_rebuilt, result.restore.lines()
     assert result.restore.from_pack == WEDDINGS and result.restore.pack.startswith("s3:")
     assert f"- DR pack: {result.restore.pack}, {WEDDINGS} wedding(s) read from it" in result.markdown()
+
+
+def test_a_pack_of_an_earlier_time_is_named_by_when_it_was_built(platform):
+    """Archives chosen as of a time before two newer packs: the index is still named by the build's own time,
+    so pruning keeps it (the newest) and the report's key is there."""
+    engine, s3 = platform["engine"], platform["replicas"]["s3"]
+    for _ in range(2):
+        assert pack_build.build_pack(engine, {"s3": s3}).ok
+    earlier = datetime.now(timezone.utc) + timedelta(seconds=1)  # every backup is older: same archives
+    built = pack_build.build_pack(engine, {"s3": s3}, as_of=earlier - timedelta(days=0))
+    assert built.ok and built.as_of == earlier.isoformat() and built.created_at != built.as_of
+    assert built.published["s3"] in _index_keys(s3) and len(_index_keys(s3)) == 2
+    pack, _ = packs.newest_pack(s3)
+    assert pack.index_key == built.published["s3"] and pack.created_at == built.as_of
+
+
+def test_a_wedding_erased_while_a_pack_is_built_never_appears_in_it(platform, monkeypatch):
+    engine, s3 = platform["engine"], platform["replicas"]["s3"]
+    real = engine.catalogue.erased_partitions
+    calls = []
+
+    def erased_after_choosing():  # the first call chooses the weddings; wedding 3 is erased after that
+        calls.append(1)
+        return real() | ({"3"} if len(calls) > 1 else set())
+
+    monkeypatch.setattr(engine.catalogue, "erased_partitions", erased_after_choosing)
+    built = pack_build.build_pack(engine, {"s3": s3})
+    assert not built.ok and "wedding(s) 3 erased while the pack was built" in built.failed["s3"], built.lines()
+    assert _index_keys(s3) == []
+    # the segment that held wedding 3 is gone; the others stay (a later build finds them in place)
+    assert len(list(s3.list(f"{packs.PACK_DIR}/{packs.SEGMENT_DIR}/"))) == built.segments - 1
+
+
+def test_pruning_deletes_no_segment_while_a_kept_index_cannot_be_read(platform):
+    engine, s3 = platform["engine"], platform["replicas"]["s3"]
+    assert pack_build.build_pack(engine, {"s3": s3}).ok
+    garbage = b"{not json"
+    _put(s3, packs.index_key(s3, packs.stamp_of(datetime.now(timezone.utc) + timedelta(minutes=1)),
+                             hashlib.sha256(garbage).hexdigest()), garbage)
+    stray = packs.segment_key(s3, "b" * 64)
+    _put(s3, stray, b"old")
+    later = datetime.now(timezone.utc) + timedelta(hours=2)
+    assert packs.prune(s3, now=later) == 0 and _get(s3, stray)
+
+
+def test_forgetting_a_wedding_deletes_every_segment_no_index_references(platform):
+    engine, s3 = platform["engine"], platform["replicas"]["s3"]
+    assert pack_build.build_pack(engine, {"s3": s3}).ok
+    stray = packs.segment_key(s3, "c" * 64)  # a crashed build's segment, young: it may hold the wedding
+    _put(s3, stray, b"a crashed build's")
+    deleted = packs.forget_wedding(s3, "4")
+    assert stray in deleted and not {o.key for o in s3.list(f"{packs.PACK_DIR}/")}
 
 
 def _point(partition: str, sha: str):
@@ -201,7 +253,7 @@ def test_an_index_document_round_trips_through_its_checks(platform):
     s3 = platform["replicas"]["s3"]
     seg = packs.Segment(packs.segment_key(s3, "d" * 64), "d" * 64, 20,
                         (packs.Entry("1", "a" * 64, 0, 10), packs.Entry("2", "b" * 64, 10, 10)))
-    doc = packs._index_document("now", [seg])
+    doc = packs.index_document("now", [seg])
     assert json.loads(doc)["segments"][0]["entries"][1] == ["2", "b" * 64, 10, 10]
     overlapping = doc.replace(b'"b' + b"b" * 63 + b'",10', b'"b' + b"b" * 63 + b'",5')
     key = packs.index_key(s3, packs.stamp_of(datetime.now(timezone.utc)), hashlib.sha256(overlapping).hexdigest())
@@ -212,7 +264,7 @@ def test_an_index_document_round_trips_through_its_checks(platform):
 
 def test_an_index_larger_than_an_index_may_be_is_not_read(platform, monkeypatch):
     engine, s3 = platform["engine"], platform["replicas"]["s3"]
-    built = packs.build_pack(engine, {"s3": s3})
+    built = pack_build.build_pack(engine, {"s3": s3})
     size = len(_get(s3, built.published["s3"]))
     monkeypatch.setattr(packs, "INDEX_MAX_BYTES", size - 1)
     pack, notes = packs.newest_pack(s3)

@@ -233,7 +233,7 @@ def test_erasure_deletes_every_dr_pack_naming_the_wedding_and_its_segments(make_
     incomplete, naming it, until a re-run finishes it."""
     import dataclasses
 
-    from wedbackup_dagster.core.disaster import packs
+    from wedbackup_dagster.core.disaster import pack_build, packs
     from wedbackup_dagster.core.storage.providers import replica_for
 
     fleet = make_governance_fleet()
@@ -241,13 +241,13 @@ def test_erasure_deletes_every_dr_pack_naming_the_wedding_and_its_segments(make_
     for partition in ("1", "2", "3"):
         back_up(fleet, partition)
         engine.verify(partition, replicas, provider="s3")
-    first = packs.build_pack(engine, replicas)
+    first = pack_build.build_pack(engine, replicas)
     assert first.ok and first.weddings == 3
     with cat.connect() as conn:  # wedding 2 unverified: the next pack leaves it to its own objects
         conn.execute("DELETE FROM wedbackup.restores WHERE backup_id = %s", (cat.latest_backup("2").id,))
         conn.execute("UPDATE wedbackup.copies SET verified_at = NULL WHERE backup_id = %s",
                      (cat.latest_backup("2").id,))
-    second = packs.build_pack(engine, replicas)
+    second = pack_build.build_pack(engine, replicas)
     assert second.ok and second.weddings == 2 and set(second.left_out) >= {"2"}
     holding: dict[str, set[str]] = {}  # provider -> the first pack's segments holding wedding 2
     for provider, replica in replicas.items():

@@ -1,19 +1,23 @@
 """Building a DR pack (the format, and how restore --all and erasure read it: packs.py): each wedding's newest
 verified archive at or before a time — what restore --all would choose — copied from the vault (a provider's copy
 where the vault has none that matches, each checked against the catalogue's SHA-256 as it is copied) into
-segments, uploaded to every provider, the index last, named by the build's time; then each provider's packs
-beyond the newest KEEP pruned. The `dr_pack` job and `wedbackup dr pack` call build_pack."""
+segments, each uploaded to every provider as soon as it is written (one segment on local disk at a time), the
+index last, named by the build's time; then each provider's packs beyond the newest KEEP pruned. One build at
+a time (a catalogue advisory lock). The `dr_pack` job and `wedbackup dr pack` call build_pack."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import psycopg
 
 from wedbackup_dagster.core.errors import WedbackupError
 from wedbackup_dagster.core.partitions import PLATFORM, partition_label
@@ -116,26 +120,28 @@ def _copy_archive(engine: Any, backup: Any, replicas: Mapping[str, Any], out: Bi
 
 
 def _write_segments(engine: Any, points: list[Any], replicas: Mapping[str, Any], folder: Path,
-                    report: PackReport, progress: Progress) -> list[tuple[Path, Segment]]:
-    """The chosen archives into segment files in `folder`, each checked against the catalogue's SHA-256 as it
-    is copied (an archive no copy of which matches is left out, never packed)."""
+                    report: PackReport, progress: Progress,
+                    on_segment: Callable[[Path, Segment], None]) -> None:
+    """The chosen archives into segment files in `folder`, each archive checked against the catalogue's SHA-256
+    as it is copied (one no copy of which matches is left out, never packed); `on_segment(path, segment)` for
+    each segment once it is closed (it uploads it), after which its file is deleted: one segment on disk at a
+    time, whatever the platform's size."""
     backups = engine.catalogue.backups_by_sha([p.archive_sha256 for p in points], manifests=False)
-    written: list[tuple[Path, Segment]] = []
     entries: list[Entry] = []
-    path = folder / f"segment-{len(written)}"
+    path = folder / "segment"
     out = open(path, "wb")
 
-    def close() -> None:
-        nonlocal out, entries, path
+    def close_segment() -> None:
+        nonlocal out, entries
         out.close()
-        if entries:
-            sha = digest_file(path).sha256
-            written.append((path, Segment("", sha, path.stat().st_size, tuple(entries))))
-            progress(f"DR pack: segment {len(written)}, {len(entries)} archive(s), {path.stat().st_size:,} bytes")
-        else:
-            path.unlink()
+        size = path.stat().st_size
+        segment = Segment("", digest_file(path).sha256, size, tuple(entries))
+        report.weddings += len(entries)
+        report.segments += 1
+        report.bytes += size
+        progress(f"DR pack: segment {report.segments}, {len(entries)} archive(s), {size:,} bytes")
+        on_segment(path, segment)
         entries = []
-        path = folder / f"segment-{len(written)}"
         out = open(path, "wb")
 
     try:
@@ -154,73 +160,111 @@ def _write_segments(engine: Any, points: list[Any], replicas: Mapping[str, Any],
                 continue
             entries.append(Entry(point.partition, point.archive_sha256, offset, out.tell() - offset))
             if len(entries) >= SEGMENT_WEDDINGS or out.tell() >= SEGMENT_BYTES or ends_segment(point.partition):
-                close()
-        close()
+                close_segment()
+        if entries:
+            close_segment()
     finally:
         out.close()
-    return written
+
+
+@contextlib.contextmanager
+def _build_lock(settings: Any) -> Iterator[None]:
+    """One build at a time across every machine sharing the catalogue (two at once could each prune a segment
+    the other found already in place, before publishing): a session advisory lock on a connection of its own,
+    released when the build ends or its process dies."""
+    with psycopg.connect(settings.catalogue_dsn, autocommit=True, application_name="wedbackup-dr-pack") as conn:
+        if not conn.execute("SELECT pg_try_advisory_lock(hashtext('wedbackup-dr-pack'))").fetchone()[0]:
+            raise WedbackupError("another DR pack build is running (the catalogue's wedbackup-dr-pack lock is held); "
+                                 "let it finish")
+        yield
 
 
 def build_pack(engine: Any, replicas: Mapping[str, Any], *, as_of: datetime | None = None,
                progress: Progress = quiet) -> PackReport:
     """Build a pack of every wedding's newest verified archive (at or before `as_of`, default now) from the
     vault (a provider's copy where the vault has none that matches), and publish it at every provider of
-    `replicas`: its segments first, its index last; then the provider's packs beyond the newest KEEP deleted.
-    A provider that fails gets no new index (its older packs stay as they were); the others are published."""
+    `replicas`: each segment uploaded everywhere as soon as it is written, the index last, named by the build's
+    time; then the provider's packs beyond the newest KEEP deleted. A provider that fails gets no new index
+    (its older packs stay as they were); the others are published. One build at a time (_build_lock)."""
     started = time.perf_counter()
     now = datetime.now(timezone.utc)
     when = as_of or now
     report = PackReport(now.isoformat(), when.isoformat())
-    points, report.left_out = chosen_points(engine, when)
-    folder = engine.vault.root if engine.vault.root.exists() else None
-    # The dot keeps the folder from being taken for a partition's (as keys.d and changes.d) if it outlives a crash
-    with tempfile.TemporaryDirectory(prefix="dr-pack.tmp-", dir=folder) as work:
-        written = _write_segments(engine, points, replicas, Path(work), report, progress)
-        report.weddings = sum(len(s.entries) for _, s in written)
-        report.segments = len(written)
-        report.bytes = sum(s.size for _, s in written)
-        for provider, replica in sorted(replicas.items()):
-            try:
-                report.published[provider] = _publish(engine, replica, written, report, now, Path(work))
-            except WedbackupError as exc:
-                report.failed[provider] = str(exc)[:300]
-                progress(f"DR pack: {provider}: not published: {str(exc)[:300]}")
-                continue
-            try:
-                report.pruned[provider] = prune(replica)
-            except WedbackupError as exc:
-                progress(f"DR pack: {provider}: older packs not pruned: {str(exc)[:300]}")
+    with _build_lock(engine.settings):
+        points, report.left_out = chosen_points(engine, when)
+        uploaded: dict[str, list[Segment]] = {provider: [] for provider in replicas}
+
+        def upload(path: Path, segment: Segment) -> None:
+            for provider, replica in sorted(replicas.items()):
+                if provider in report.failed:
+                    continue
+                try:
+                    key = segment_key(replica, segment.sha256)
+                    record = replica.upload(path, partition=PACK_PARTITION, sha256=segment.sha256, size=segment.size,
+                                            metadata={"kind": "wedbackup-dr-pack"}, key=key)
+                except WedbackupError as exc:
+                    report.failed[provider] = str(exc)[:300]
+                    progress(f"DR pack: {provider}: not published: {str(exc)[:300]}")
+                    continue
+                counter = report.already_there if record.already_present else report.uploaded
+                counter[provider] = counter.get(provider, 0) + 1
+                uploaded[provider].append(Segment(key, segment.sha256, segment.size, segment.entries))
+
+        folder = engine.vault.root if engine.vault.root.exists() else None
+        # The dot keeps the folder from being taken for a partition's (as keys.d, changes.d) if it outlives a crash
+        with tempfile.TemporaryDirectory(prefix="dr-pack.tmp-", dir=folder) as work:
+            _write_segments(engine, points, replicas, Path(work), report, progress, upload)
+            for provider, replica in sorted(replicas.items()):
+                if provider in report.failed:
+                    continue
+                try:
+                    report.published[provider] = _publish(engine, replica, uploaded[provider], report, now,
+                                                          Path(work))
+                except WedbackupError as exc:
+                    report.failed[provider] = str(exc)[:300]
+                    progress(f"DR pack: {provider}: not published: {str(exc)[:300]}")
+                    continue
+                try:
+                    report.pruned[provider] = prune(replica, published=report.published[provider])
+                except WedbackupError as exc:
+                    progress(f"DR pack: {provider}: older packs not pruned: {str(exc)[:300]}")
     report.seconds = round(time.perf_counter() - started, 3)
     engine.catalogue.audit("dr-pack", PLATFORM, {k: v for k, v in report.to_dict().items() if k != "left_out"})
     return report
 
 
-def _publish(engine: Any, replica: Any, written: list[tuple[Path, Segment]], report: PackReport, now: datetime,
+def _erased_in(engine: Any, segments: list[Segment]) -> set[str]:
+    return {e.partition for s in segments for e in s.entries} & set(engine.catalogue.erased_partitions())
+
+
+def _drop(replica: Any, segments: list[Segment], erased: set[str], index: str | None = None) -> None:
+    if index is not None:
+        replica.delete(index)
+    for segment in segments:
+        if any(e.partition in erased for e in segment.entries):
+            replica.delete(segment.key)
+
+
+def _publish(engine: Any, replica: Any, segments: list[Segment], report: PackReport, now: datetime,
              work: Path) -> str:
-    """The segments, then (no wedding of them erased meanwhile) the index, named by the build's time."""
-    provider = replica.provider
-    segments = []
-    for path, segment in written:
-        key = segment_key(replica, segment.sha256)
-        record = replica.upload(path, partition=PACK_PARTITION, sha256=segment.sha256, size=segment.size,
-                                metadata={"kind": "wedbackup-dr-pack"}, key=key)
-        counter = report.already_there if record.already_present else report.uploaded
-        counter[provider] = counter.get(provider, 0) + 1
-        segments.append(Segment(key, segment.sha256, segment.size, segment.entries))
-    # A wedding erased while the pack was built (after its archive was chosen): its erasure has already
-    # forgotten the packs naming it, so this one must not appear naming it.
-    erased = {e.partition for s in segments for e in s.entries} & set(engine.catalogue.erased_partitions())
-    if erased:
-        for segment in segments:
-            if any(e.partition in erased for e in segment.entries):
-                replica.delete(segment.key)
-        raise WedbackupError(f"wedding(s) {', '.join(sorted(erased, key=partition_order))} erased while the pack "
-                             f"was built: not published, the segments holding them deleted; build it again")
-    document = index_document(report.as_of, segments)
-    sha = hashlib.sha256(document).hexdigest()
-    path = work / f"index-{provider}.json"
-    path.write_bytes(document)
-    key = index_key(replica, stamp_of(now), sha)
-    replica.upload(path, partition=PACK_PARTITION, sha256=sha, size=len(document),
-                   metadata={"kind": "wedbackup-dr-pack-index"}, key=key)
-    return key
+    """The index of the segments uploaded to `replica`, named by the build's time — unless a wedding of them
+    was erased meanwhile (its erasure has already forgotten, or is forgetting, the packs naming it): checked
+    before the index is written and again after, so that an erasure between the two sees the index (it lists
+    after marking the wedding erased) or this build sees the erasure; either way the index goes."""
+    erased = _erased_in(engine, segments)
+    if not erased:
+        document = index_document(report.as_of, segments)
+        sha = hashlib.sha256(document).hexdigest()
+        path = work / f"index-{replica.provider}.json"
+        path.write_bytes(document)
+        key = index_key(replica, stamp_of(now), sha)
+        replica.upload(path, partition=PACK_PARTITION, sha256=sha, size=len(document),
+                       metadata={"kind": "wedbackup-dr-pack-index"}, key=key)
+        erased = _erased_in(engine, segments)
+        if not erased:
+            return key
+        _drop(replica, segments, erased, key)
+    else:
+        _drop(replica, segments, erased)
+    raise WedbackupError(f"wedding(s) {', '.join(sorted(erased, key=partition_order))} erased while the pack was "
+                         f"built: not published, the segments holding them deleted; build it again")

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, BinaryIO
 
-from wedbackup_dagster.core.errors import WedbackupError
+from wedbackup_dagster.core.errors import (ArchiveError, ReplicaChecksumMismatch, ReplicaError,
+                                           WedbackupError)
 from wedbackup_dagster.core.partitions import is_partition
 from wedbackup_dagster.core.storage.replicas.base import check_key
 
@@ -135,38 +136,72 @@ def _listed_indexes(replica: Any) -> list[tuple[str, str, str, int]]:
     return sorted(found, reverse=True)
 
 
-def _read_index(replica: Any, key: str, sha256: str) -> Pack:
-    """The index at `key`, its bytes checked against the SHA-256 in its name and its shape checked entry by
-    entry (a pack is a hint: anything odd in it makes it unusable, never a restore wrong)."""
-    with tempfile.SpooledTemporaryFile(max_size=16 << 20) as tmp:
-        replica.download(key, tmp, expected_sha256=sha256)
-        tmp.seek(0)
-        try:
-            doc = json.load(tmp)
-        except ValueError as exc:
-            raise WedbackupError(f"DR pack index {key}: not JSON ({exc})") from None
+class PackIndexError(WedbackupError):
+    """An index that is not a well-formed index of ours (damaged, hostile, or of another format): unusable."""
+
+
+_MAX_INT = 1 << 62  # offsets and sizes above this are no segment's
+
+
+def _count(value: Any, what: str) -> int:
+    if type(value) is not int or not 0 <= value < _MAX_INT:  # not a bool, a float, a string, or out of range
+        raise ValueError(f"{what} {str(value)[:40]!r} is not a byte count")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number an index holds")
+
+
+def parse_index(replica: Any, key: str, data: bytes) -> Pack:
+    """An index's bytes as a Pack, its shape checked throughout: any value of the wrong type or range, an
+    entry outside its segment or overlapping another, a segment key that is not its content address, is a
+    PackIndexError naming the index (a pack is a hint: anything odd makes it unusable, never a restore wrong)."""
     try:
-        if doc.get("format") != FORMAT:
-            raise ValueError(f"format {doc.get('format')!r}, not {FORMAT}")
-        segments = []
+        doc = json.loads(data, parse_constant=_no_constant)
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        if type(doc.get("format")) is not int or doc["format"] != FORMAT:
+            raise ValueError(f"format {str(doc.get('format'))[:20]!r}, not {FORMAT}")
+        if not isinstance(doc.get("segments"), list) or not isinstance(doc.get("created_at"), str):
+            raise ValueError("no list of segments, or no time it was made")
+        segments, seen = [], set()
         for s in doc["segments"]:
-            skey, ssha, size = s["key"], s["sha256"], int(s["size"])
+            skey, ssha, size = s["key"], s["sha256"], _count(s["size"], "segment size")
             if not (isinstance(ssha, str) and _SHA256.fullmatch(ssha)) or skey != segment_key(replica, ssha):
                 raise ValueError(f"segment key {str(skey)[:80]!r} is not the content address of {str(ssha)[:64]!r}")
+            if ssha in seen:
+                raise ValueError(f"segment {ssha[:12]}… is listed twice")
+            seen.add(ssha)
             entries, end = [], 0
             for partition, sha, offset, length in s["entries"]:
                 if not (isinstance(partition, str) and is_partition(partition) and isinstance(sha, str)
                         and _SHA256.fullmatch(sha)):
                     raise ValueError(f"entry {str(partition)[:70]!r} / {str(sha)[:70]!r} is malformed")
-                if not (isinstance(offset, int) and isinstance(length, int) and end <= offset
-                        and length > 0 and offset + length <= size):
+                offset, length = _count(offset, "offset"), _count(length, "length")
+                if not (end <= offset and length > 0 and offset + length <= size):
                     raise ValueError(f"entry of wedding {partition} lies outside its segment or overlaps another")
                 end = offset + length
                 entries.append(Entry(partition, sha, offset, length))
             segments.append(Segment(skey, ssha, size, tuple(entries)))
-        return Pack(replica.provider, key, str(doc["created_at"]), tuple(segments))
-    except (KeyError, TypeError, ValueError, AttributeError, WedbackupError) as exc:
-        raise WedbackupError(f"DR pack index {key}: {str(exc)[:200]}") from None
+        return Pack(replica.provider, key, doc["created_at"][:64], tuple(segments))
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError, WedbackupError) as exc:
+        raise PackIndexError(f"DR pack index {key}: {str(exc)[:200] or type(exc).__name__}") from None
+
+
+def _read_index(replica: Any, key: str, sha256: str) -> Pack:
+    """The index at `key`, its bytes checked against the SHA-256 in its name (a provider's failure raises as
+    the provider's error), then parsed (parse_index: a PackIndexError)."""
+    with tempfile.SpooledTemporaryFile(max_size=16 << 20) as tmp:
+        try:
+            replica.download(key, tmp, expected_sha256=sha256)
+        except ReplicaChecksumMismatch as exc:
+            raise PackIndexError(f"DR pack index {key}: {str(exc)[:200]}") from None
+        tmp.seek(0)
+        data = tmp.read(INDEX_MAX_BYTES + 1)
+    if len(data) > INDEX_MAX_BYTES:
+        raise PackIndexError(f"DR pack index {key}: more than the {INDEX_MAX_BYTES:,} bytes an index may have")
+    return parse_index(replica, key, data)
 
 
 def newest_pack(replica: Any) -> tuple[Pack | None, list[str]]:
@@ -175,7 +210,7 @@ def newest_pack(replica: Any) -> tuple[Pack | None, list[str]]:
     notes: list[str] = []
     try:
         indexes = _listed_indexes(replica)
-    except WedbackupError as exc:
+    except Exception as exc:  # noqa: BLE001 - as above
         return None, [f"{replica.provider}: DR packs could not be listed: {str(exc)[:300]}"]
     for _, sha, key, size in indexes:
         if size > INDEX_MAX_BYTES:
@@ -184,8 +219,8 @@ def newest_pack(replica: Any) -> tuple[Pack | None, list[str]]:
             continue
         try:
             return _read_index(replica, key, sha), notes
-        except WedbackupError as exc:
-            notes.append(f"{replica.provider}: DR pack not used: {str(exc)[:300]}")
+        except Exception as exc:  # noqa: BLE001 - a pack is a hint: whatever is wrong with it, restore goes on
+            notes.append(f"{replica.provider}: DR pack not used: {str(exc)[:300] or type(exc).__name__}")
     return None, notes
 
 
@@ -214,11 +249,12 @@ def download_segment(replica: Any, segment: Segment, dest: BinaryIO) -> None:
 def archive_from(segment_file: BinaryIO, entry: Entry, expected_sha256: str, name: str) -> Iterator[Any]:
     """One archive cut from a downloaded segment into a temporary file, checked against `expected_sha256` (the
     catalogue's): a stale or damaged entry raises ArchiveError, and the caller reads the wedding's own object."""
-    from wedbackup_dagster.core.errors import ArchiveError
-
     with tempfile.SpooledTemporaryFile(max_size=4 << 20) as tmp:
         digest = hashlib.sha256()
-        segment_file.seek(entry.offset)
+        try:
+            segment_file.seek(entry.offset)
+        except (OSError, OverflowError, ValueError) as exc:
+            raise ArchiveError(name, f"its place in the DR pack segment cannot be read ({exc})") from None
         left = entry.size
         while left > 0:
             block = segment_file.read(min(1 << 20, left))
@@ -235,21 +271,28 @@ def archive_from(segment_file: BinaryIO, entry: Entry, expected_sha256: str, nam
 
 # --- pruning and erasure ------------------------------------------------------------------------------
 
-def prune(replica: Any, *, keep: int = KEEP, now: datetime | None = None) -> int:
-    """Delete the provider's indexes beyond the newest `keep`, then every segment no kept index references
-    (but none younger than YOUNG: a build may be uploading it). Returns objects deleted."""
+def prune(replica: Any, *, keep: int = KEEP, now: datetime | None = None, published: str | None = None) -> int:
+    """Delete the provider's indexes beyond the newest `keep` readable ones (never `published`, the index a build
+    just wrote, whatever other stamps there are), and damaged ones; then every segment no kept index references,
+    but none younger than YOUNG (a build may be uploading it). When an index cannot be read for the provider's
+    sake (not for its content), nothing is deleted this time. Returns objects deleted."""
     now = now or datetime.now(timezone.utc)
-    indexes = _indexes(replica)
-    deleted = 0
-    for _, _, key in indexes[keep:]:
-        replica.delete(key)
-        deleted += 1
-    referenced: set[str] = set()
-    for _, sha, key in indexes[:keep]:
+    kept: list[Pack] = []
+    doomed: list[str] = []
+    for _, sha, key in _indexes(replica):
         try:
-            referenced |= {s.key for s in _read_index(replica, key, sha).segments}
-        except WedbackupError:
-            return deleted  # what a kept index references is unknown (maybe only for now): delete no segment
+            pack = _read_index(replica, key, sha)
+        except PackIndexError:
+            doomed.append(key)
+            continue
+        if len(kept) < keep or key == published:
+            kept.append(pack)
+        else:
+            doomed.append(key)
+    for key in doomed:
+        replica.delete(key)
+    referenced = {s.key for pack in kept for s in pack.segments}
+    deleted = len(doomed)
     for listed in replica.list(f"{PACK_DIR}/{SEGMENT_DIR}/"):
         if listed.key in referenced or not _SEGMENT_NAME.fullmatch(listed.key.rsplit("/", 1)[-1]):
             continue
@@ -262,28 +305,40 @@ def prune(replica: Any, *, keep: int = KEEP, now: datetime | None = None) -> int
 
 def forget_wedding(replica: Any, partition: str) -> list[str]:
     """An erasure: every pack at the provider naming the wedding deleted — its index, then the segments
-    holding the wedding's archives (sealed with a key already destroyed, but not left behind). An index that
-    cannot be read is deleted too (it may name the wedding), and so is every segment no remaining index
-    references, whatever its age (a crashed build's, an unreadable index's: either may hold the wedding; a
-    build still uploading loses them, and its pack then serves fewer weddings, read from their own objects).
-    The other weddings of those packs are read from their own objects until the next build. Returns what
-    was deleted."""
+    holding the wedding's archives (sealed with a key already destroyed, but not left behind). A damaged index
+    is deleted too (it may name the wedding), and so is every segment no remaining index references, whatever
+    its age (a crashed build's, a damaged index's: either may hold the wedding; a build still uploading loses
+    them, and its pack then serves fewer weddings, read from their own objects). Keys are listed with their
+    old versions where the provider keeps them. A provider that fails raises (the erasure reports it and a
+    re-run finishes). The other weddings of those packs are read from their own objects until the next build.
+    Returns what was deleted."""
+    lister = getattr(replica, "version_keys", None)
+
+    def keys(folder: str) -> list[str]:
+        where = f"{PACK_DIR}/{folder}/"
+        return sorted(lister(where)) if lister is not None else sorted(o.key for o in replica.list(where))
+
     deleted = []
     referenced: set[str] = set()
-    for _, sha, key in _indexes(replica):
-        try:
-            pack = _read_index(replica, key, sha)
-        except WedbackupError:
-            replica.delete(key)
-            deleted.append(key)
+    for key in sorted(keys(INDEX_DIR), reverse=True):
+        m = _INDEX_NAME.fullmatch(key.rsplit("/", 1)[-1])
+        if m is None:
             continue
-        if any(e.partition == partition for s in pack.segments for e in s.entries):
+        try:
+            pack = _read_index(replica, key, m.group(2))
+        except PackIndexError:
+            pack = None
+        except ReplicaError:
+            if replica.head(key) is not None:
+                raise  # there, and not readable now: try again later
+            pack = None  # only older versions under a delete marker: nothing to read, delete them
+        if pack is None or any(e.partition == partition for s in pack.segments for e in s.entries):
             replica.delete(key)
             deleted.append(key)
         else:
             referenced |= {s.key for s in pack.segments}
-    for listed in replica.list(f"{PACK_DIR}/{SEGMENT_DIR}/"):
-        if listed.key not in referenced and _SEGMENT_NAME.fullmatch(listed.key.rsplit("/", 1)[-1]):
-            replica.delete(listed.key)
-            deleted.append(listed.key)
+    for key in keys(SEGMENT_DIR):
+        if key not in referenced and _SEGMENT_NAME.fullmatch(key.rsplit("/", 1)[-1]):
+            replica.delete(key)
+            deleted.append(key)
     return deleted

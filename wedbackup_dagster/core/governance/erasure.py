@@ -158,15 +158,16 @@ def erase_wedding(catalogue: Any, vault: Any, replicas: Mapping[str, Any], parti
                 report.stray_locked[f"{provider}:{key}"] = exc.locked_until
             except WedbackupError as exc:
                 report.failed.append(str(exc)[:300])
-    # DR packs (core/disaster/packs.py) naming the wedding: each such pack's index, then its segments holding the
-    # wedding's archives. The other weddings in them go back to their own objects until the next pack is built.
+    # DR packs (core/disaster/packs.py) naming the wedding: each such pack's index, then every segment no remaining
+    # index references. The other weddings in them go back to their own objects until the next pack is built.
     from ..disaster import packs
 
     for provider, replica in replicas.items():
         try:
             report.dr_pack_deleted += [f"{provider}:{key}" for key in packs.forget_wedding(replica, partition)]
-        except WedbackupError as exc:
-            report.failed.append(f"{provider}: DR packs naming the wedding were not all deleted: {str(exc)[:300]}")
+        except Exception as exc:  # noqa: BLE001 - reported; the rest of the erasure (vault, media) must still run
+            report.failed.append(f"{provider}: DR packs naming the wedding were not all deleted: "
+                                 f"{str(exc)[:300] or type(exc).__name__}")
     folder = vault.root / partition
     if folder.is_dir():
         for entry in list(vault.entries(partition)):

@@ -9,12 +9,12 @@ import hashlib
 import io
 import json
 from datetime import datetime, timedelta, timezone
-from types import SimpleNamespace
 
 import pytest
 
 from wedbackup_dagster.core import disaster
 from wedbackup_dagster.core.disaster import pack_build, packs
+from wedbackup_dagster.core.errors import WedbackupError
 from wedbackup_dagster.dev.compare import table_sums
 from wedbackup_dagster_tests.core.disaster.test_restore_all import WEDDINGS, platform, s3_only  # noqa: F401
 
@@ -108,7 +108,7 @@ def test_an_index_that_is_not_json_or_not_its_name_is_passed_over(platform, make
     _put(s3, packs.index_key(s3, packs.stamp_of(later + timedelta(seconds=1)), "0" * 64), b'{"format": 1}')
     pack, notes = packs.newest_pack(s3)
     assert pack is not None and pack.index_key == built.published["s3"]
-    assert len(notes) == 2 and "not JSON" in notes[1] and "sha256" in notes[0].lower(), notes
+    assert len(notes) == 2 and "Expecting property name" in notes[1] and "sha256" in notes[0].lower(), notes
     target = make_database()
     report = disaster.restore_all(engine, platform["replicas"], target, s3_only())
     assert report.complete and report.from_pack == WEDDINGS, report.lines()
@@ -177,29 +177,57 @@ def test_a_catalogue_lost_drill_reads_the_pack_checked_against_the_rebuilt_catal
 
 
 def test_a_pack_of_an_earlier_time_is_named_by_when_it_was_built(platform):
-    """Archives chosen as of a time before two newer packs: the index is still named by the build's own time,
-    so pruning keeps it (the newest) and the report's key is there."""
+    """Archives chosen as of a time before two newer packs were built: the index is named by the build's own
+    time, so it is the newest and pruning keeps it (named by `as_of`, it sorted oldest and was pruned at once)."""
     engine, s3 = platform["engine"], platform["replicas"]["s3"]
+    newest_backup = max(engine.catalogue.latest_backup(w).snapshot_time for w in platform["weddings"])
+    as_of = newest_backup + timedelta(microseconds=1)  # every wedding's archive, at a time before the packs below
     for _ in range(2):
         assert pack_build.build_pack(engine, {"s3": s3}).ok
-    earlier = datetime.now(timezone.utc) + timedelta(seconds=1)  # every backup is older: same archives
-    built = pack_build.build_pack(engine, {"s3": s3}, as_of=earlier - timedelta(days=0))
-    assert built.ok and built.as_of == earlier.isoformat() and built.created_at != built.as_of
-    assert built.published["s3"] in _index_keys(s3) and len(_index_keys(s3)) == 2
+    built = pack_build.build_pack(engine, {"s3": s3}, as_of=as_of)
+    assert built.ok and built.weddings == WEDDINGS and built.as_of == as_of.isoformat(), built.lines()
+    assert built.created_at > built.as_of and built.published["s3"] in _index_keys(s3) and len(_index_keys(s3)) == 2
     pack, _ = packs.newest_pack(s3)
     assert pack.index_key == built.published["s3"] and pack.created_at == built.as_of
 
 
-def test_a_wedding_erased_while_a_pack_is_built_never_appears_in_it(platform, monkeypatch):
+def test_indexes_stamped_in_the_future_never_prune_the_one_just_published(platform):
+    """Two indexes stamped a century ahead (a clock gone wrong, or planted): the build's own index is kept."""
     engine, s3 = platform["engine"], platform["replicas"]["s3"]
-    real = engine.catalogue.erased_partitions
-    calls = []
+    first = pack_build.build_pack(engine, {"s3": s3})
+    document = _get(s3, first.published["s3"])
+    for year in (2098, 2099):
+        _put(s3, packs.index_key(s3, packs.stamp_of(datetime(year, 1, 1, tzinfo=timezone.utc)),
+                                 hashlib.sha256(document).hexdigest()), document)
+    built = pack_build.build_pack(engine, {"s3": s3})
+    assert built.ok and built.published["s3"] in _index_keys(s3), (built.lines(), _index_keys(s3))
 
-    def erased_after_choosing():  # the first call chooses the weddings; wedding 3 is erased after that
-        calls.append(1)
-        return real() | ({"3"} if len(calls) > 1 else set())
 
-    monkeypatch.setattr(engine.catalogue, "erased_partitions", erased_after_choosing)
+def test_one_build_at_a_time(platform):
+    import psycopg
+
+    engine, s3 = platform["engine"], platform["replicas"]["s3"]
+    with psycopg.connect(engine.settings.catalogue_dsn, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(hashtext('wedbackup-dr-pack'))")
+        with pytest.raises(WedbackupError, match="another DR pack build is running"):
+            pack_build.build_pack(engine, {"s3": s3})
+    assert _index_keys(s3) == [] and pack_build.build_pack(engine, {"s3": s3}).ok
+
+
+def test_a_wedding_erased_while_a_pack_is_built_never_appears_in_it(platform, monkeypatch):
+    """Wedding 3 erased after the build chose its archive: the pack is not published (checked before the index
+    is written), the segment holding it deleted."""
+    engine, s3 = platform["engine"], platform["replicas"]["s3"]
+    real, chosen = engine.catalogue.erased_partitions, []
+    real_choose = pack_build.chosen_points
+
+    def choose(*args, **kwargs):
+        out = real_choose(*args, **kwargs)
+        chosen.append(True)
+        return out
+
+    monkeypatch.setattr(pack_build, "chosen_points", choose)
+    monkeypatch.setattr(engine.catalogue, "erased_partitions", lambda: real() | ({"3"} if chosen else set()))
     built = pack_build.build_pack(engine, {"s3": s3})
     assert not built.ok and "wedding(s) 3 erased while the pack was built" in built.failed["s3"], built.lines()
     assert _index_keys(s3) == []
@@ -207,16 +235,44 @@ def test_a_wedding_erased_while_a_pack_is_built_never_appears_in_it(platform, mo
     assert len(list(s3.list(f"{packs.PACK_DIR}/{packs.SEGMENT_DIR}/"))) == built.segments - 1
 
 
-def test_pruning_deletes_no_segment_while_a_kept_index_cannot_be_read(platform):
+def test_a_wedding_erased_as_the_index_is_written_takes_the_index_with_it(platform, monkeypatch):
+    """The erasure lands between the check before the index is written and the one after: the index goes."""
     engine, s3 = platform["engine"], platform["replicas"]["s3"]
-    assert pack_build.build_pack(engine, {"s3": s3}).ok
-    garbage = b"{not json"
-    _put(s3, packs.index_key(s3, packs.stamp_of(datetime.now(timezone.utc) + timedelta(minutes=1)),
-                             hashlib.sha256(garbage).hexdigest()), garbage)
+    answers = iter([set(), {"3"}])
+    monkeypatch.setattr(pack_build, "_erased_in", lambda engine, segments: next(answers))
+    built = pack_build.build_pack(engine, {"s3": s3})
+    assert not built.ok and "wedding(s) 3 erased while the pack was built" in built.failed["s3"]
+    assert _index_keys(s3) == [] and packs.newest_pack(s3) == (None, [])
+
+
+def test_pruning_deletes_a_damaged_index_and_nothing_while_the_provider_fails_to_answer(platform, monkeypatch):
+    from wedbackup_dagster.core.errors import ReplicaError
+
+    engine, s3 = platform["engine"], platform["replicas"]["s3"]
+    built = pack_build.build_pack(engine, {"s3": s3})
     stray = packs.segment_key(s3, "b" * 64)
     _put(s3, stray, b"old")
     later = datetime.now(timezone.utc) + timedelta(hours=2)
-    assert packs.prune(s3, now=later) == 0 and _get(s3, stray)
+    # The provider fails to answer for an index: what the kept packs reference is unknown, nothing is deleted.
+    real = s3.download
+
+    def failing(key, dest, **kw):
+        if "/index/" in key:
+            raise ReplicaError("s3", key, "connection reset")
+        return real(key, dest, **kw)
+
+    monkeypatch.setattr(s3, "download", failing)
+    with pytest.raises(ReplicaError, match="connection reset"):
+        packs.prune(s3, now=later)
+    monkeypatch.setattr(s3, "download", real)
+    assert _get(s3, stray) and _index_keys(s3) == [built.published["s3"]]
+    # A damaged index (its bytes not JSON, its name their SHA-256) is deleted, and the old stray segment with it.
+    garbage = b"{not json"
+    damaged = packs.index_key(s3, packs.stamp_of(datetime.now(timezone.utc) + timedelta(minutes=1)),
+                              hashlib.sha256(garbage).hexdigest())
+    _put(s3, damaged, garbage)
+    assert packs.prune(s3, now=later) == 2
+    assert _index_keys(s3) == [built.published["s3"]] and stray not in {o.key for o in s3.list(f"{packs.PACK_DIR}/")}
 
 
 def test_forgetting_a_wedding_deletes_every_segment_no_index_references(platform):
@@ -226,27 +282,6 @@ def test_forgetting_a_wedding_deletes_every_segment_no_index_references(platform
     _put(s3, stray, b"a crashed build's")
     deleted = packs.forget_wedding(s3, "4")
     assert stray in deleted and not {o.key for o in s3.list(f"{packs.PACK_DIR}/")}
-
-
-def _point(partition: str, sha: str):
-    return SimpleNamespace(partition=partition, archive_sha256=sha)
-
-
-def test_plan_serves_a_wedding_only_the_archive_it_chose():
-    a, b, c = "a" * 64, "b" * 64, "c" * 64
-    seg = packs.Segment("k", "d" * 64, 30, (packs.Entry("1", a, 0, 10), packs.Entry("2", b, 10, 10),
-                                            packs.Entry("3", c, 20, 10)))
-    pack = packs.Pack("s3", "i", "now", (seg,))
-    points = [_point("1", a), _point("2", "e" * 64), _point("9", c), _point("4", "f" * 64)]
-    segments, rest = packs.plan(pack, points)
-    assert [(s.sha256, [p.partition for p, _ in served]) for s, served in segments] == [("d" * 64, ["1"])]
-    assert [p.partition for p in rest] == ["2", "9", "4"]  # newer archive; another wedding's entry; not packed
-
-
-def test_segment_boundaries_depend_on_the_wedding_alone():
-    ends = [w for w in map(str, range(1, 2001)) if packs.ends_segment(w)]
-    assert 30 <= len(ends) <= 110  # about one wedding in BOUNDARY_EVERY (32)
-    assert ends == [w for w in map(str, range(1, 2001)) if packs.ends_segment(w)]
 
 
 def test_an_index_document_round_trips_through_its_checks(platform):

@@ -459,6 +459,15 @@ def _standing(data: Any, where: str) -> StandingRule:
         reverify_window=_duration(data.get("reverify_window", base.reverify_window), f"{where}.reverify_window"))
 
 
+def _zone(value: Any, where: str) -> str:
+    """An IANA time zone name, or a ConfigError naming `where`."""
+    try:
+        ZoneInfo(value if isinstance(value, str) else "")
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(where, "is not a known IANA time zone (e.g. Europe/London)") from None
+    return value
+
+
 _DRILL_KEYS = ("cron", "timezone", "sample", "provider", "catalogue_lost", "rto_target", "critical_rto_target",
                "window", "jobs")
 
@@ -468,11 +477,7 @@ def _drill(data: Any, where: str) -> DrillRule:
     catalogue_lost: monthly | always, rto_target: 4h, critical_rto_target: 1m, window: 4h, jobs: 4}`."""
     data = _settings(data, where, _DRILL_KEYS, "drill")
     base = DrillRule()
-    zone = data.get("timezone", base.timezone)
-    try:
-        ZoneInfo(zone if isinstance(zone, str) else "")
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(f"{where}.timezone", "is not a known IANA time zone (e.g. Europe/London)") from None
+    zone = _zone(data.get("timezone", base.timezone), f"{where}.timezone")
     sample = data.get("sample", "all")
     sample = None if sample in ("all", None) else _int(sample, f"{where}.sample", lo=1, hi=10_000_000)
     provider = data.get("provider", base.provider)
@@ -499,11 +504,7 @@ def _dr_pack(data: Any, where: str) -> PackRule:
     """`dr_pack: {cron: '0 3 * * *', timezone: Europe/London, enabled: true}` (every key optional)."""
     data = _settings(data, where, _PACK_KEYS, "DR pack")
     base = PackRule()
-    zone = data.get("timezone", base.timezone)
-    try:
-        ZoneInfo(zone if isinstance(zone, str) else "")
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(f"{where}.timezone", "is not a known IANA time zone (e.g. Europe/London)") from None
+    zone = _zone(data.get("timezone", base.timezone), f"{where}.timezone")
     enabled = data.get("enabled", base.enabled)
     if not isinstance(enabled, bool):
         raise ConfigError(f"{where}.enabled", "must be true or false (whether dr_pack_schedule starts running)")

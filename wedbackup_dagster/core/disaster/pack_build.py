@@ -75,7 +75,6 @@ class PackReport:
         return out
 
 
-
 def chosen_points(engine: Any, as_of: datetime) -> tuple[list[Any], dict[str, str]]:
     """(each wedding's newest verified recovery point at or before `as_of`, in restore order; weddings without
     one, with why) — what restore --all would choose."""
@@ -124,8 +123,8 @@ def _write_segments(engine: Any, points: list[Any], replicas: Mapping[str, Any],
                     on_segment: Callable[[Path, Segment], None]) -> None:
     """The chosen archives into segment files in `folder`, each archive checked against the catalogue's SHA-256
     as it is copied (one no copy of which matches is left out, never packed); `on_segment(path, segment)` for
-    each segment once it is closed (it uploads it), after which its file is deleted: one segment on disk at a
-    time, whatever the platform's size."""
+    each segment once it is closed (it uploads it), after which the same file is emptied for the next: one
+    segment on disk at a time, whatever the platform's size."""
     backups = engine.catalogue.backups_by_sha([p.archive_sha256 for p in points], manifests=False)
     entries: list[Entry] = []
     path = folder / "segment"

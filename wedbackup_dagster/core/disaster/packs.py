@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 from wedbackup_dagster.core.errors import (ArchiveError, ReplicaChecksumMismatch, ReplicaError,
                                            WedbackupError)
 from wedbackup_dagster.core.partitions import is_partition
-from wedbackup_dagster.core.storage.replicas.base import check_key
+from wedbackup_dagster.core.storage.replicas.base import HashingWriter, check_key, stored_keys
 
 PACK_DIR = "dr-packs"
 SEGMENT_DIR = "segments"
@@ -250,7 +250,7 @@ def archive_from(segment_file: BinaryIO, entry: Entry, expected_sha256: str, nam
     """One archive cut from a downloaded segment into a temporary file, checked against `expected_sha256` (the
     catalogue's): a stale or damaged entry raises ArchiveError, and the caller reads the wedding's own object."""
     with tempfile.SpooledTemporaryFile(max_size=4 << 20) as tmp:
-        digest = hashlib.sha256()
+        out = HashingWriter(tmp)
         try:
             segment_file.seek(entry.offset)
         except (OSError, OverflowError, ValueError) as exc:
@@ -260,10 +260,9 @@ def archive_from(segment_file: BinaryIO, entry: Entry, expected_sha256: str, nam
             block = segment_file.read(min(1 << 20, left))
             if not block:
                 raise ArchiveError(name, "its DR pack segment ended before the archive did")
-            digest.update(block)
-            tmp.write(block)
+            out.write(block)
             left -= len(block)
-        if digest.hexdigest() != expected_sha256:
+        if out.hexdigest() != expected_sha256:
             raise ArchiveError(name, "its bytes in the DR pack do not match the catalogue's SHA-256")
         tmp.seek(0)
         yield tmp
@@ -312,15 +311,9 @@ def forget_wedding(replica: Any, partition: str) -> list[str]:
     old versions where the provider keeps them. A provider that fails raises (the erasure reports it and a
     re-run finishes). The other weddings of those packs are read from their own objects until the next build.
     Returns what was deleted."""
-    lister = getattr(replica, "version_keys", None)
-
-    def keys(folder: str) -> list[str]:
-        where = f"{PACK_DIR}/{folder}/"
-        return sorted(lister(where)) if lister is not None else sorted(o.key for o in replica.list(where))
-
     deleted = []
     referenced: set[str] = set()
-    for key in sorted(keys(INDEX_DIR), reverse=True):
+    for key in sorted(stored_keys(replica, f"{PACK_DIR}/{INDEX_DIR}/"), reverse=True):
         m = _INDEX_NAME.fullmatch(key.rsplit("/", 1)[-1])
         if m is None:
             continue
@@ -337,7 +330,7 @@ def forget_wedding(replica: Any, partition: str) -> list[str]:
             deleted.append(key)
         else:
             referenced |= {s.key for s in pack.segments}
-    for key in keys(SEGMENT_DIR):
+    for key in sorted(stored_keys(replica, f"{PACK_DIR}/{SEGMENT_DIR}/")):
         if key not in referenced and _SEGMENT_NAME.fullmatch(key.rsplit("/", 1)[-1]):
             replica.delete(key)
             deleted.append(key)

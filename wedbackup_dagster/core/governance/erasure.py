@@ -23,6 +23,7 @@ from wedbackup_dagster.core.errors import ReplicaLocked, WedbackupError
 from wedbackup_dagster.core.governance.retention import CopyDeletion, delete_backup_copies
 from wedbackup_dagster.core.postgres.snapshot import database_label
 from wedbackup_dagster.core.postgres.tenancy import INSPECTION_MARKER, TableName, discover
+from wedbackup_dagster.core.storage.replicas.base import stored_keys
 from wedbackup_dagster.core.partitions import check_partition
 from wedbackup_dagster.core.partitions import PLATFORM
 
@@ -100,13 +101,8 @@ def erasure_preview(catalogue: Any, partition: str) -> dict[str, Any]:
 
 
 def _stored_keys(replica: Any, partition: str) -> set[str]:
-    """Every object key the provider holds under the wedding's folder, noncurrent versions included
-    where the replica can list them (`version_keys`: S3, GCS, Azure); else the live objects."""
-    sub = f"weddings/{partition}/"
-    lister = getattr(replica, "version_keys", None)
-    if lister is not None:
-        return set(lister(sub))
-    return {o.key for o in replica.list(sub)}
+    """Every object key the provider holds under the wedding's folder (stored_keys)."""
+    return stored_keys(replica, f"weddings/{partition}/")
 
 
 def erase_wedding(catalogue: Any, vault: Any, replicas: Mapping[str, Any], partition: str, *,

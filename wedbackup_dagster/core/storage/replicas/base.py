@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import google_crc32c
 
@@ -340,6 +340,16 @@ def check_archive_file(path: Path, digests: FileDigests, sha256: str, size: int)
         raise ArchiveError(str(path), f"vault file has {digests.size} bytes, expected {size}")
     if digests.sha256 != sha256:
         raise ArchiveError(str(path), f"vault file's sha256 is {digests.sha256}, expected {sha256}")
+
+
+def stored_keys(replica: Any, sub: str) -> set[str]:
+    """Every object key the provider holds under `sub` (relative to its prefix), noncurrent versions and keys
+    under a delete marker included where the replica can list them (`version_keys`: S3, GCS, Azure); else the
+    live objects. What an erasure must find."""
+    lister = getattr(replica, "version_keys", None)
+    if lister is not None:
+        return set(lister(sub))
+    return {o.key for o in replica.list(sub)}
 
 
 class HashingWriter:
